@@ -1,0 +1,342 @@
+//! The envelope every Courier message travels in, and the one bounded decoder.
+//!
+//! A frame is `MAGIC (4) | VERSION (1) | FLAGS (1) | BODY`. The body is
+//! MessagePack with named fields, zstd-compressed when `FLAG_ZSTD` is set.
+//! Both the frame (compressed) size and the body (decompressed) size are
+//! bounded by [`Limits`], at encode and at decode. Decompression happens in
+//! exactly one function, [`decompress_capped`], which never allocates past the
+//! limit, whatever the zstd frame header claims (clippy.toml bans the other
+//! zstd decoders).
+
+use std::borrow::Cow;
+use std::fmt;
+use std::io::Read;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Length of the fixed header: magic, version byte, flags byte.
+pub const HEADER_LEN: usize = 6;
+/// Flags bit: the body is a zstd frame.
+pub const FLAG_ZSTD: u8 = 0b0000_0001;
+/// Every flag bit this build understands.
+const KNOWN_FLAGS: u8 = FLAG_ZSTD;
+/// Bodies shorter than this are stored uncompressed: zstd would only add bytes.
+const COMPRESS_FROM: usize = 256;
+/// zstd level for encoding: level 3 is zstd's default, a good size/speed balance.
+const ZSTD_LEVEL: i32 = 3;
+
+/// Default bound on a whole frame as it travels (compressed): 1 MiB.
+pub const DEFAULT_MAX_COMPRESSED: usize = 1024 * 1024;
+/// Default bound on a decoded body (decompressed): 8 MiB.
+pub const DEFAULT_MAX_DECOMPRESSED: usize = 8 * 1024 * 1024;
+
+/// A message type that travels in a frame.
+pub trait Frame: Serialize + DeserializeOwned {
+    /// Human name used in errors ("snapshot", "task", "result").
+    const KIND: &'static str;
+    /// Four magic bytes identifying the message type.
+    const MAGIC: [u8; 4];
+    /// The version this build writes.
+    const VERSION: u8;
+    /// The oldest version this build still reads.
+    const MIN_VERSION: u8;
+}
+
+/// Size bounds applied when encoding and decoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Maximum size of the whole frame in bytes (header + compressed body).
+    pub max_compressed: usize,
+    /// Maximum size of the decompressed MessagePack body in bytes.
+    pub max_decompressed: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_compressed: DEFAULT_MAX_COMPRESSED,
+            max_decompressed: DEFAULT_MAX_DECOMPRESSED,
+        }
+    }
+}
+
+/// Which of the two sizes went over its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeKind {
+    /// The frame as it travels.
+    Compressed,
+    /// The body after decompression.
+    Decompressed,
+}
+
+impl fmt::Display for SizeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SizeKind::Compressed => "compressed",
+            SizeKind::Decompressed => "decompressed",
+        })
+    }
+}
+
+/// Everything that can be wrong with a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// Fewer bytes than the fixed header.
+    #[error("{kind} frame too short: {len} bytes, a frame has at least {HEADER_LEN}")]
+    TooShort { kind: &'static str, len: usize },
+    /// The first four bytes are not this message type's magic.
+    #[error("not a {kind} frame: magic bytes {found:02x?}, expected {expected:02x?}")]
+    BadMagic {
+        kind: &'static str,
+        found: [u8; 4],
+        expected: [u8; 4],
+    },
+    /// A version byte outside what this build reads.
+    #[error("unsupported {kind} format version {version}: this build reads versions {min} to {max}")]
+    UnsupportedVersion {
+        kind: &'static str,
+        version: u8,
+        min: u8,
+        max: u8,
+    },
+    /// Flag bits this build does not understand.
+    #[error("{kind} frame has unknown flags {flags:#04x}")]
+    UnknownFlags { kind: &'static str, flags: u8 },
+    /// A size over its configured limit.
+    #[error("{kind} too large: {size} size exceeds the limit of {limit} bytes")]
+    TooLarge {
+        kind: &'static str,
+        size: SizeKind,
+        limit: usize,
+    },
+    /// The zstd body could not be decompressed.
+    #[error("corrupt {kind} compression: {detail}")]
+    Corrupt { kind: &'static str, detail: String },
+    /// The body decompressed but is not a valid message of this type.
+    #[error("undecodable {kind} body: {detail}")]
+    Undecodable { kind: &'static str, detail: String },
+    /// The value could not be serialized (never expected for Courier's types).
+    #[error("cannot encode {kind}: {detail}")]
+    Encode { kind: &'static str, detail: String },
+}
+
+/// What a decoder learned about a frame besides its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameInfo {
+    /// The frame's version byte.
+    pub version: u8,
+    /// The frame's flags byte.
+    pub flags: u8,
+    /// Size of the whole frame in bytes.
+    pub compressed_len: usize,
+    /// Size of the MessagePack body in bytes.
+    pub decompressed_len: usize,
+}
+
+/// Encode `value` as a frame of the current version.
+///
+/// The output is deterministic: the same value gives the same bytes.
+///
+/// # Errors
+/// [`WireError::TooLarge`] when the body or the frame exceeds `limits`;
+/// [`WireError::Encode`] if serialization fails.
+pub fn encode<T: Frame>(value: &T, limits: &Limits) -> Result<Vec<u8>, WireError> {
+    let body = rmp_serde::to_vec_named(value).map_err(|e| WireError::Encode {
+        kind: T::KIND,
+        detail: e.to_string(),
+    })?;
+    if body.len() > limits.max_decompressed {
+        return Err(too_large::<T>(SizeKind::Decompressed, limits.max_decompressed));
+    }
+    let compress = body.len() >= COMPRESS_FROM;
+    let mut frame = Vec::with_capacity(HEADER_LEN + if compress { body.len() / 2 } else { body.len() });
+    frame.extend_from_slice(&T::MAGIC);
+    frame.push(T::VERSION);
+    if compress {
+        frame.push(FLAG_ZSTD);
+        let compressed = zstd::bulk::compress(&body, ZSTD_LEVEL).map_err(|e| WireError::Encode {
+            kind: T::KIND,
+            detail: e.to_string(),
+        })?;
+        frame.extend_from_slice(&compressed);
+    } else {
+        frame.push(0);
+        frame.extend_from_slice(&body);
+    }
+    if frame.len() > limits.max_compressed {
+        return Err(too_large::<T>(SizeKind::Compressed, limits.max_compressed));
+    }
+    Ok(frame)
+}
+
+/// Decode a frame, accepting every version from `T::MIN_VERSION` to `T::VERSION`.
+///
+/// # Errors
+/// A typed [`WireError`] for each way the input can be wrong; never panics and
+/// never allocates more than `limits.max_decompressed` (+1 byte) for the body.
+pub fn decode<T: Frame>(frame: &[u8], limits: &Limits) -> Result<T, WireError> {
+    decode_with_info(frame, limits).map(|(value, _)| value)
+}
+
+/// [`decode`], also returning what the frame header and sizes were.
+///
+/// # Errors
+/// As [`decode`].
+pub fn decode_with_info<T: Frame>(frame: &[u8], limits: &Limits) -> Result<(T, FrameInfo), WireError> {
+    let (version, flags) = read_header::<T>(frame)?;
+    if frame.len() > limits.max_compressed {
+        return Err(too_large::<T>(SizeKind::Compressed, limits.max_compressed));
+    }
+    let raw = &frame[HEADER_LEN..];
+    let body: Cow<'_, [u8]> = if flags & FLAG_ZSTD != 0 {
+        Cow::Owned(decompress_capped::<T>(raw, limits.max_decompressed)?)
+    } else if raw.len() > limits.max_decompressed {
+        return Err(too_large::<T>(SizeKind::Decompressed, limits.max_decompressed));
+    } else {
+        Cow::Borrowed(raw)
+    };
+    // Every supported version shares the v1 body layout; a future version that
+    // changes it dispatches on `version` here.
+    let value = rmp_serde::from_slice(&body).map_err(|e| WireError::Undecodable {
+        kind: T::KIND,
+        detail: e.to_string(),
+    })?;
+    let info = FrameInfo {
+        version,
+        flags,
+        compressed_len: frame.len(),
+        decompressed_len: body.len(),
+    };
+    Ok((value, info))
+}
+
+/// Check magic, version and flags; return the version and flags.
+fn read_header<T: Frame>(frame: &[u8]) -> Result<(u8, u8), WireError> {
+    let Some(header) = frame.get(..HEADER_LEN) else {
+        return Err(WireError::TooShort {
+            kind: T::KIND,
+            len: frame.len(),
+        });
+    };
+    let found = [header[0], header[1], header[2], header[3]];
+    if found != T::MAGIC {
+        return Err(WireError::BadMagic {
+            kind: T::KIND,
+            found,
+            expected: T::MAGIC,
+        });
+    }
+    let (version, flags) = (header[4], header[5]);
+    if !(T::MIN_VERSION..=T::VERSION).contains(&version) {
+        return Err(WireError::UnsupportedVersion {
+            kind: T::KIND,
+            version,
+            min: T::MIN_VERSION,
+            max: T::VERSION,
+        });
+    }
+    if flags & !KNOWN_FLAGS != 0 {
+        return Err(WireError::UnknownFlags { kind: T::KIND, flags });
+    }
+    Ok((version, flags))
+}
+
+/// The only zstd decompression in Courier.
+///
+/// Reads through a buffer that grows by doubling but never past `limit + 1`
+/// bytes, and caps the zstd window so a hostile frame header cannot make the
+/// decoder reserve a large window either. The frame's declared content size is
+/// never used for allocation.
+#[allow(clippy::disallowed_methods)] // this is the one allowed place
+fn decompress_capped<T: Frame>(input: &[u8], limit: usize) -> Result<Vec<u8>, WireError> {
+    let corrupt = |e: std::io::Error| WireError::Corrupt {
+        kind: T::KIND,
+        detail: e.to_string(),
+    };
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(input).map_err(corrupt)?;
+    decoder.window_log_max(window_log_for(limit)).map_err(corrupt)?;
+    let cap = limit.saturating_add(1);
+    let mut out = vec![0u8; cap.min(input.len().saturating_mul(4).max(4096))];
+    let mut filled = 0;
+    loop {
+        if filled == out.len() {
+            if filled >= cap {
+                return Err(too_large::<T>(SizeKind::Decompressed, limit));
+            }
+            let grown = out.len().saturating_mul(2).min(cap);
+            out.reserve_exact(grown - out.len());
+            out.resize(grown, 0);
+        }
+        match decoder.read(&mut out[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(corrupt(e)),
+        }
+    }
+    if filled > limit {
+        return Err(too_large::<T>(SizeKind::Decompressed, limit));
+    }
+    out.truncate(filled);
+    Ok(out)
+}
+
+/// The smallest zstd window log that can hold `limit` bytes, within zstd's range.
+fn window_log_for(limit: usize) -> u32 {
+    const ZSTD_WINDOWLOG_MIN: u32 = 10;
+    const ZSTD_WINDOWLOG_MAX: u32 = 31;
+    let bits = usize::BITS - limit.saturating_sub(1).leading_zeros();
+    bits.clamp(ZSTD_WINDOWLOG_MIN, ZSTD_WINDOWLOG_MAX)
+}
+
+fn too_large<T: Frame>(size: SizeKind, limit: usize) -> WireError {
+    WireError::TooLarge {
+        kind: T::KIND,
+        size,
+        limit,
+    }
+}
+
+/// BLAKE3 digest of a frame's bytes: the content hash workers cache by.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ContentHash(pub [u8; 32]);
+
+impl ContentHash {
+    /// Hash a frame's bytes.
+    pub fn of(frame: &[u8]) -> Self {
+        Self(*blake3::hash(frame).as_bytes())
+    }
+
+    /// Lower-case hex, 64 characters.
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+}
+
+impl fmt::Display for ContentHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for ContentHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ContentHash({})", self.to_hex())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_log_covers_the_limit() {
+        assert_eq!(window_log_for(0), 10);
+        assert_eq!(window_log_for(1024), 10);
+        assert_eq!(window_log_for(1025), 11);
+        assert_eq!(window_log_for(DEFAULT_MAX_DECOMPRESSED), 23);
+        assert_eq!(window_log_for(DEFAULT_MAX_DECOMPRESSED + 1), 24);
+        assert_eq!(window_log_for(usize::MAX), 31);
+    }
+}

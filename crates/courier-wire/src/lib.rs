@@ -1,0 +1,23 @@
+//! Courier's wire formats: the snapshot, task and result frames, and the one
+//! bounded codec they all go through.
+//!
+//! **Architecture invariant:** this crate does no I/O. It turns values into
+//! bytes and bytes into values, within [`Limits`], and names every way the
+//! bytes can be wrong ([`WireError`]).
+
+mod frame;
+mod snapshot;
+mod task;
+
+pub use frame::{
+    ContentHash, DEFAULT_MAX_COMPRESSED, DEFAULT_MAX_DECOMPRESSED, FLAG_ZSTD, Frame, FrameInfo,
+    HEADER_LEN, Limits, SizeKind, WireError, decode, decode_with_info, encode,
+};
+pub use snapshot::{
+    AgentConfig, Memory, ModelDef, Provider, SNAPSHOT_VERSION, ScriptedReply, ScriptedToolCall,
+    Skill, Snapshot, Soul, ToolPolicy,
+};
+pub use task::{
+    AgentSpec, ChatMessage, MemoryTarget, MemoryUpdate, RESULT_VERSION, StepRun, StepSpec,
+    TASK_VERSION, Task, TaskResult, TaskStatus,
+};

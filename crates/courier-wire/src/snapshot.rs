@@ -1,0 +1,180 @@
+//! The snapshot: everything one step needs from the agent resources, and nothing else.
+//!
+//! These types are also what the scheduler parses its resource files into, so
+//! a resource means the same thing on disk and on the wire. Collections are
+//! `BTreeMap`s so encoding is deterministic. Every field added after version 1
+//! must carry `#[serde(default)]`; unknown fields are ignored by the decoder.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame::Frame;
+
+/// Snapshot format version written by this build.
+pub const SNAPSHOT_VERSION: u8 = 1;
+
+/// The resources one step needs, embedded in its task.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The workflow the step belongs to (names its memory section).
+    pub workflow: String,
+    /// Agent configuration; absent for command steps, which need none.
+    #[serde(default)]
+    pub agent: Option<AgentConfig>,
+    /// The models the step uses, by ID.
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelDef>,
+    /// The step's skills, by ID.
+    #[serde(default)]
+    pub skills: BTreeMap<String, Skill>,
+    /// The step's soul, if it names one.
+    #[serde(default)]
+    pub soul: Option<Soul>,
+    /// Memory, present only when the step enables it.
+    #[serde(default)]
+    pub memory: Option<Memory>,
+}
+
+impl Frame for Snapshot {
+    const KIND: &'static str = "snapshot";
+    const MAGIC: [u8; 4] = *b"CSNP";
+    const VERSION: u8 = SNAPSHOT_VERSION;
+    const MIN_VERSION: u8 = 1;
+}
+
+/// `config/agents/config.yaml`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentConfig {
+    /// Model used by agent steps that name none.
+    pub default_model: String,
+    /// Which tools steps may enable.
+    #[serde(default)]
+    pub tools: ToolPolicy,
+}
+
+/// The tools agent steps may enable; a step enables a subset.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolPolicy {
+    /// Tool names steps may enable.
+    #[serde(default)]
+    pub allowed: Vec<String>,
+}
+
+/// An LLM provider protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Provider {
+    /// OpenAI chat completions and compatible servers (vLLM, llama.cpp, LM Studio).
+    OpenaiCompatible,
+    /// Anthropic Messages API.
+    Anthropic,
+    /// Ollama, through its OpenAI-compatible `/v1` endpoint.
+    Ollama,
+    /// Replies listed in the model file: for tests and offline demos.
+    Scripted,
+}
+
+impl Provider {
+    /// The name used in model files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::OpenaiCompatible => "openai-compatible",
+            Provider::Anthropic => "anthropic",
+            Provider::Ollama => "ollama",
+            Provider::Scripted => "scripted",
+        }
+    }
+}
+
+/// `config/agents/models/<id>.yaml`. Holds the NAME of the environment variable
+/// with the API key, never a key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelDef {
+    /// Provider protocol.
+    pub provider: Provider,
+    /// Model name as the provider knows it.
+    pub model: String,
+    /// Provider endpoint.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// Name of the worker environment variable holding the API key.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Maximum tokens to generate per request.
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature.
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    /// Timeout of one provider request.
+    #[serde(default, with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    /// Replies of the `scripted` provider, in order.
+    #[serde(default)]
+    pub script: Vec<ScriptedReply>,
+}
+
+/// One reply of the `scripted` provider.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScriptedReply {
+    /// Assistant text.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// Tool calls, in order.
+    #[serde(default)]
+    pub tool_calls: Vec<ScriptedToolCall>,
+}
+
+/// A tool call in a scripted reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScriptedToolCall {
+    /// Tool name.
+    pub name: String,
+    /// Tool arguments.
+    #[serde(default)]
+    pub arguments: serde_json::Value,
+}
+
+/// `config/agents/skills/<id>/SKILL.md`: front matter plus Markdown body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skill {
+    /// Display name.
+    pub name: String,
+    /// One-line description shown to the model up front.
+    pub description: String,
+    /// Search tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Markdown body, read through a tool.
+    #[serde(default)]
+    pub body: String,
+}
+
+/// `config/agents/souls/<id>.md`: front matter plus Markdown body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Soul {
+    /// The soul's ID.
+    #[serde(default)]
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Short description.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Markdown body: the persona, placed first in the prompt.
+    #[serde(default)]
+    pub body: String,
+}
+
+/// Memory sections carried when a step enables memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Memory {
+    /// `memory/MEMORY.md`.
+    #[serde(default)]
+    pub global: Option<String>,
+    /// `memory/workflows/<workflow>/MEMORY.md`.
+    #[serde(default)]
+    pub workflow: Option<String>,
+}

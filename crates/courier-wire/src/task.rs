@@ -1,0 +1,194 @@
+//! Task and result messages: what the scheduler publishes and what workers answer.
+//!
+//! Same rules as the snapshot: named MessagePack fields, new fields get
+//! `#[serde(default)]`, unknown fields are ignored.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::frame::Frame;
+
+/// Task format version written by this build.
+pub const TASK_VERSION: u8 = 1;
+/// Result format version written by this build.
+pub const RESULT_VERSION: u8 = 1;
+
+/// One attempt of one step, self-contained.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    /// UUIDv7, also the AMQP `message_id`.
+    pub task_id: Uuid,
+    /// The run, also the AMQP `correlation_id`.
+    pub run_id: Uuid,
+    /// Workflow name.
+    pub workflow: String,
+    /// Step name.
+    pub step: String,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// The step with params and upstream outputs substituted.
+    pub spec: StepSpec,
+    /// Outputs of the steps this one depends on, by step name.
+    #[serde(default)]
+    pub upstream: BTreeMap<String, String>,
+    /// Deadline as milliseconds since the Unix epoch.
+    pub deadline_unix_ms: u64,
+    /// The encoded snapshot frame.
+    #[serde(with = "serde_bytes")]
+    pub snapshot: Vec<u8>,
+}
+
+impl Frame for Task {
+    const KIND: &'static str = "task";
+    const MAGIC: [u8; 4] = *b"CTSK";
+    const VERSION: u8 = TASK_VERSION;
+    const MIN_VERSION: u8 = 1;
+}
+
+/// A resolved step: what to run and for how long.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepSpec {
+    /// The step's time budget.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// What to run.
+    pub run: StepRun,
+}
+
+/// What a step runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepRun {
+    /// A process: argv, extra environment.
+    Command {
+        /// Program and arguments.
+        argv: Vec<String>,
+        /// Extra environment variables.
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+    },
+    /// An LLM loop with tools over the snapshot.
+    Agent(AgentSpec),
+}
+
+/// A resolved agent step.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentSpec {
+    /// Model ID; `None` means the agent config's default model.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Soul ID.
+    #[serde(default)]
+    pub soul: Option<String>,
+    /// Skill IDs.
+    #[serde(default)]
+    pub skills: Vec<String>,
+    /// Whether memory is in the snapshot and the prompt.
+    #[serde(default)]
+    pub memory: bool,
+    /// The step's prompt.
+    #[serde(default)]
+    pub prompt: String,
+    /// Extra messages after the prompt.
+    #[serde(default)]
+    pub messages: Vec<ChatMessage>,
+    /// Tools enabled for this step.
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// Bound on model round trips.
+    pub max_iterations: u32,
+}
+
+/// A chat message given in a workflow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// Message text.
+    pub content: String,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    /// The step ran and succeeded.
+    Succeeded,
+    /// The step ran and failed.
+    Failed,
+    /// The step ran past its timeout and was killed.
+    TimedOut,
+    /// The task was refused before running (corrupt, oversized, badly signed).
+    Rejected,
+}
+
+impl TaskStatus {
+    /// The name used in results, the database and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Succeeded => "succeeded",
+            TaskStatus::Failed => "failed",
+            TaskStatus::TimedOut => "timed_out",
+            TaskStatus::Rejected => "rejected",
+        }
+    }
+}
+
+/// A worker's answer for one task attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    /// The task answered.
+    pub task_id: Uuid,
+    /// Its run.
+    pub run_id: Uuid,
+    /// Its step.
+    pub step: String,
+    /// Its attempt.
+    pub attempt: u32,
+    /// How it ended.
+    pub status: TaskStatus,
+    /// The step's output (stdout, or the agent's output).
+    #[serde(default)]
+    pub output: String,
+    /// Why it failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// When the worker started it, ms since the Unix epoch.
+    pub started_unix_ms: u64,
+    /// When it finished, ms since the Unix epoch.
+    pub finished_unix_ms: u64,
+    /// Which worker ran it.
+    pub worker_id: String,
+    /// Memory changes the step proposes; the scheduler applies them.
+    #[serde(default)]
+    pub memory_updates: Vec<MemoryUpdate>,
+}
+
+impl Frame for TaskResult {
+    const KIND: &'static str = "result";
+    const MAGIC: [u8; 4] = *b"CRES";
+    const VERSION: u8 = RESULT_VERSION;
+    const MIN_VERSION: u8 = 1;
+}
+
+/// Which memory file an update targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryTarget {
+    /// `memory/MEMORY.md`.
+    Global,
+    /// `memory/workflows/<workflow>/MEMORY.md` of the task's workflow.
+    Workflow,
+}
+
+/// A proposed memory change: text appended to a memory file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryUpdate {
+    /// Which file.
+    pub target: MemoryTarget,
+    /// Markdown to append.
+    pub append: String,
+}
