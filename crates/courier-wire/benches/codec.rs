@@ -6,39 +6,113 @@
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::io::{Read, Write};
+use std::io::Read;
+use std::io::Write as _;
 use std::time::Duration;
 
 use courier_wire::{
-    AgentConfig, Limits, Memory, ModelDef, Provider, Skill, Snapshot, Soul, ToolPolicy, decode,
-    encode,
+    AgentConfig, Limits, Memory, ModelDef, Provider, Skill, Snapshot, Soul, ToolPolicy, decode, encode,
 };
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use flate2::Compression;
 
-const WORDS: &[&str] = &[
-    "agent", "queue", "worker", "message", "research", "summary", "source", "claim", "evidence",
-    "the", "a", "of", "and", "to", "in", "is", "that", "for", "with", "when", "step", "output",
-    "cite", "check", "every", "never", "always", "model", "prompt", "tool", "memory", "skill",
-    "report", "draft", "review", "latency", "throughput", "broker", "retry", "backoff", "dead",
-    "letter", "user", "question", "answer", "context", "window", "token", "budget", "plan",
-];
+/// A tiny deterministic PRNG (PCG-style LCG), so every run sees the same text.
+struct Lcg(u64);
 
-/// Deterministic pseudo-prose: Markdown-ish lines of words from a small vocabulary.
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A vocabulary of 4,000 pronounceable words, shorter ones more frequent.
+fn vocabulary() -> Vec<String> {
+    const SYLLABLES: &[&str] = &[
+        "a", "ka", "to", "ri", "en", "sta", "mo", "lu", "per", "con", "tion", "de", "in", "pro", "ver", "sa", "ne",
+        "li", "com", "ex", "re", "ti", "na", "for", "ma", "ble", "ment", "ous", "ly", "ing", "er", "ed", "al", "ist",
+    ];
+    let mut rng = Lcg(42);
+    let mut words: Vec<String> = (0..4000)
+        .map(|i| {
+            let syllables = 1 + (i / 600).min(4) + rng.below(2) as usize;
+            (0..syllables)
+                .map(|_| SYLLABLES[rng.below(SYLLABLES.len() as u64) as usize])
+                .collect()
+        })
+        .collect();
+    words.dedup();
+    words
+}
+
+/// Deterministic Markdown-like prose whose word frequencies follow Zipf's
+/// law, as natural language does: sentences, paragraphs, headings, bullets.
 fn prose(seed: u64, bytes: usize) -> String {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    let mut out = String::with_capacity(bytes + 64);
-    let mut line = 0usize;
+    let vocab = vocabulary();
+    // Cumulative Zipf weights (s = 1) for inverse-CDF sampling.
+    let mut cumulative = Vec::with_capacity(vocab.len());
+    let mut total = 0.0;
+    for rank in 1..=vocab.len() {
+        total += 1.0 / rank as f64;
+        cumulative.push(total);
+    }
+    let mut rng = Lcg(seed.wrapping_add(7));
+    let word = |rng: &mut Lcg| {
+        let x = (rng.next() as f64 / (1u64 << 31) as f64) * total;
+        &vocab[cumulative.partition_point(|&c| c < x).min(vocab.len() - 1)]
+    };
+    let mut out = String::with_capacity(bytes + 256);
     while out.len() < bytes {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let word = WORDS[(state >> 33) as usize % WORDS.len()];
-        out.push_str(word);
-        line += word.len() + 1;
-        if line > 72 {
-            out.push_str(if (state >> 20) % 5 == 0 { ".\n\n- " } else { ".\n" });
-            line = 0;
-        } else {
-            out.push(' ');
+        match rng.below(12) {
+            0 => {
+                out.push_str("## ");
+                for _ in 0..2 + rng.below(3) {
+                    let w = word(&mut rng);
+                    out.push_str(&w[..1].to_uppercase());
+                    out.push_str(&w[1..]);
+                    out.push(' ');
+                }
+                out.push_str("\n\n");
+            }
+            1 | 2 => {
+                for _ in 0..2 + rng.below(4) {
+                    out.push_str("- ");
+                    for _ in 0..3 + rng.below(8) {
+                        out.push_str(word(&mut rng));
+                        out.push(' ');
+                    }
+                    out.push('\n');
+                }
+                out.push('\n');
+            }
+            _ => {
+                for _ in 0..2 + rng.below(4) {
+                    let n = 6 + rng.below(16);
+                    for i in 0..n {
+                        let w = word(&mut rng);
+                        if i == 0 {
+                            out.push_str(&w[..1].to_uppercase());
+                            out.push_str(&w[1..]);
+                        } else {
+                            out.push_str(w);
+                        }
+                        out.push_str(if i + 1 == n {
+                            ". "
+                        } else if rng.below(9) == 0 {
+                            ", "
+                        } else {
+                            " "
+                        });
+                    }
+                }
+                out.push_str("\n\n");
+            }
         }
     }
     out
@@ -101,7 +175,9 @@ fn json_gzip_encode(snapshot: &Snapshot) -> Vec<u8> {
 
 fn json_gzip_decode(bytes: &[u8]) -> Snapshot {
     let mut json = Vec::new();
-    flate2::read::GzDecoder::new(bytes).read_to_end(&mut json).expect("gunzip");
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_end(&mut json)
+        .expect("gunzip");
     serde_json::from_slice(&json).expect("json")
 }
 
@@ -121,6 +197,12 @@ fn bench_codec(c: &mut Criterion) {
             json_gz.len(),
             100.0 * courier.len() as f64 / json_gz.len() as f64
         );
+        let body = rmp_serde::to_vec_named(&snapshot).expect("msgpack");
+        let sweep: Vec<String> = [1, 3, 6, 9, 12, 19]
+            .iter()
+            .map(|&level| format!("L{level}={}", zstd::bulk::compress(&body, level).expect("zstd").len()))
+            .collect();
+        eprintln!("  zstd level sweep of the body (bytes): {}", sweep.join(" "));
         let mut group = c.benchmark_group(format!("snapshot-{label}"));
         group.throughput(Throughput::Bytes(raw as u64));
         group.bench_function(BenchmarkId::new("encode", "courier"), |b| {

@@ -9,6 +9,7 @@
 //! zstd decoders).
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::fmt;
 use std::io::Read;
 
@@ -23,8 +24,8 @@ pub const FLAG_ZSTD: u8 = 0b0000_0001;
 const KNOWN_FLAGS: u8 = FLAG_ZSTD;
 /// Bodies shorter than this are stored uncompressed: zstd would only add bytes.
 const COMPRESS_FROM: usize = 256;
-/// zstd level for encoding: level 3 is zstd's default, a good size/speed balance.
-const ZSTD_LEVEL: i32 = 3;
+/// zstd's own default level: a good size/speed balance.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 
 /// Default bound on a whole frame as it travels (compressed): 1 MiB.
 pub const DEFAULT_MAX_COMPRESSED: usize = 1024 * 1024;
@@ -41,6 +42,12 @@ pub trait Frame: Serialize + DeserializeOwned {
     const VERSION: u8;
     /// The oldest version this build still reads.
     const MIN_VERSION: u8;
+
+    /// zstd level for a body of `body_len` bytes. The level only costs at
+    /// encode time: decoding speed barely depends on it.
+    fn zstd_level(_body_len: usize) -> i32 {
+        DEFAULT_ZSTD_LEVEL
+    }
 }
 
 /// Size bounds applied when encoding and decoding.
@@ -149,13 +156,13 @@ pub fn encode<T: Frame>(value: &T, limits: &Limits) -> Result<Vec<u8>, WireError
     if body.len() > limits.max_decompressed {
         return Err(too_large::<T>(SizeKind::Decompressed, limits.max_decompressed));
     }
-    let compress = body.len() >= COMPRESS_FROM;
-    let mut frame = Vec::with_capacity(HEADER_LEN + if compress { body.len() / 2 } else { body.len() });
+    let compressed_body = body.len() >= COMPRESS_FROM;
+    let mut frame = Vec::with_capacity(HEADER_LEN + if compressed_body { body.len() / 2 } else { body.len() });
     frame.extend_from_slice(&T::MAGIC);
     frame.push(T::VERSION);
-    if compress {
+    if compressed_body {
         frame.push(FLAG_ZSTD);
-        let compressed = zstd::bulk::compress(&body, ZSTD_LEVEL).map_err(|e| WireError::Encode {
+        let compressed = compress(&body, T::zstd_level(body.len())).map_err(|e| WireError::Encode {
             kind: T::KIND,
             detail: e.to_string(),
         })?;
@@ -244,16 +251,38 @@ fn read_header<T: Frame>(frame: &[u8]) -> Result<(u8, u8), WireError> {
 
 /// The only zstd decompression in Courier.
 ///
-/// Reads through a buffer that grows by doubling but never past `limit + 1`
-/// bytes, and caps the zstd window so a hostile frame header cannot make the
-/// decoder reserve a large window either. The frame's declared content size is
-/// never used for allocation.
+/// A frame that declares its content size (every frame Courier writes) is
+/// refused at once when the declaration is over `limit`; otherwise it is
+/// decoded in one shot into a buffer of exactly the declared size, which zstd
+/// never writes past, so a frame that lies about its size fails instead of
+/// growing anything. A frame that declares nothing is streamed through a buffer
+/// that grows by doubling but never past `limit + 1` bytes. Both paths cap the
+/// zstd window, so a hostile header cannot make the decoder reserve a large
+/// window either. Decoder contexts are reused per thread.
 #[allow(clippy::disallowed_methods)] // this is the one allowed place
 fn decompress_capped<T: Frame>(input: &[u8], limit: usize) -> Result<Vec<u8>, WireError> {
     let corrupt = |e: std::io::Error| WireError::Corrupt {
         kind: T::KIND,
         detail: e.to_string(),
     };
+    let window = zstd::zstd_safe::DParameter::WindowLogMax(window_log_for(limit));
+    if let Ok(Some(declared)) = zstd::zstd_safe::get_frame_content_size(input) {
+        if declared > limit as u64 {
+            return Err(too_large::<T>(SizeKind::Decompressed, limit));
+        }
+        // `declared <= limit`, so the conversion cannot truncate.
+        let mut out = Vec::with_capacity(declared as usize);
+        return DECOMPRESSOR.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let decompressor = match slot.as_mut() {
+                Some(d) => d,
+                None => slot.insert(zstd::bulk::Decompressor::new().map_err(corrupt)?),
+            };
+            decompressor.set_parameter(window).map_err(corrupt)?;
+            decompressor.decompress_to_buffer(input, &mut out).map_err(corrupt)?;
+            Ok(out)
+        });
+    }
     let mut decoder = zstd::stream::read::Decoder::with_buffer(input).map_err(corrupt)?;
     decoder.window_log_max(window_log_for(limit)).map_err(corrupt)?;
     let cap = limit.saturating_add(1);
@@ -280,6 +309,26 @@ fn decompress_capped<T: Frame>(input: &[u8], limit: usize) -> Result<Vec<u8>, Wi
     }
     out.truncate(filled);
     Ok(out)
+}
+
+thread_local! {
+    /// One reusable zstd decompression context per thread.
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+    /// One reusable zstd compression context per thread.
+    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// Compress `body` at `level` with this thread's reusable context.
+fn compress(body: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let compressor = match slot.as_mut() {
+            Some(c) => c,
+            None => slot.insert(zstd::bulk::Compressor::new(level)?),
+        };
+        compressor.set_compression_level(level)?;
+        compressor.compress(body)
+    })
 }
 
 /// The smallest zstd window log that can hold `limit` bytes, within zstd's range.

@@ -10,14 +10,14 @@ mod snapshot;
 mod task;
 
 pub use frame::{
-    ContentHash, DEFAULT_MAX_COMPRESSED, DEFAULT_MAX_DECOMPRESSED, FLAG_ZSTD, Frame, FrameInfo,
+    ContentHash, DEFAULT_MAX_COMPRESSED, DEFAULT_MAX_DECOMPRESSED, DEFAULT_ZSTD_LEVEL, FLAG_ZSTD, Frame, FrameInfo,
     HEADER_LEN, Limits, SizeKind, WireError, decode, decode_with_info, encode,
 };
 pub use snapshot::{
-    AgentConfig, Memory, ModelDef, Provider, SNAPSHOT_VERSION, ScriptedReply, ScriptedToolCall,
-    Skill, Snapshot, Soul, ToolPolicy,
+    AgentConfig, Memory, ModelDef, Provider, SNAPSHOT_VERSION, ScriptedReply, ScriptedToolCall, Skill, Snapshot, Soul,
+    ToolPolicy,
 };
 pub use task::{
-    AgentSpec, ChatMessage, MemoryTarget, MemoryUpdate, RESULT_VERSION, StepRun, StepSpec,
-    TASK_VERSION, Task, TaskResult, TaskStatus,
+    AgentSpec, ChatMessage, MemoryTarget, MemoryUpdate, RESULT_VERSION, StepRun, StepSpec, TASK_VERSION, Task,
+    TaskResult, TaskStatus,
 };

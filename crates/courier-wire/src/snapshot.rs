@@ -42,6 +42,14 @@ impl Frame for Snapshot {
     const MAGIC: [u8; 4] = *b"CSNP";
     const VERSION: u8 = SNAPSHOT_VERSION;
     const MIN_VERSION: u8 = 1;
+
+    /// Snapshots are built once per step and cached, then decoded by every
+    /// task: spend encode time on size. Level 19 up to 128 KiB (about 1 ms per
+    /// 4 KiB), level 9 above (about 20 MB/s). `cargo bench -p courier-wire`
+    /// prints the level sweep behind this choice.
+    fn zstd_level(body_len: usize) -> i32 {
+        if body_len <= 128 * 1024 { 19 } else { 9 }
+    }
 }
 
 /// `config/agents/config.yaml`.

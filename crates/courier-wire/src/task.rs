@@ -46,6 +46,12 @@ impl Frame for Task {
     const MAGIC: [u8; 4] = *b"CTSK";
     const VERSION: u8 = TASK_VERSION;
     const MIN_VERSION: u8 = 1;
+
+    /// Tasks are encoded per dispatch and carry an already-compressed
+    /// snapshot: the fastest level.
+    fn zstd_level(_body_len: usize) -> i32 {
+        1
+    }
 }
 
 /// A resolved step: what to run and for how long.

@@ -47,6 +47,18 @@ fn decompression_bombs_stay_within_the_allocation_budget() {
     std::io::copy(&mut std::io::repeat(b'y').take(4 << 20), &mut wide).expect("copy");
     let wide = frame(&wide.finish().expect("finish"));
 
+    // Declares 16 bytes, then a second frame produces 512 MiB.
+    let mut liar = zstd::bulk::compress(&[1u8; 16], 1).expect("compress");
+    liar.extend(zstd::bulk::compress(&vec![0u8; 512 << 20], 1).expect("compress"));
+    let liar = frame(&liar);
+    // The one-shot path keeps a decoder context per thread: create it before
+    // measuring so it is not counted as a leak.
+    let small = frame(&zstd::bulk::compress(&[0u8; 16], 1).expect("compress"));
+    assert!(
+        decode::<Snapshot>(&small, &limits).is_err(),
+        "16 zero bytes are not a snapshot"
+    );
+
     let too_large = WireError::TooLarge {
         kind: "snapshot",
         size: SizeKind::Decompressed,
@@ -60,6 +72,14 @@ fn decompression_bombs_stay_within_the_allocation_budget() {
         ("declared", &declared, &too_large),
         ("streamed", &streamed, &too_large),
         ("wide-window", &wide, &too_wide),
+        (
+            "liar",
+            &liar,
+            &WireError::Corrupt {
+                kind: "snapshot",
+                detail: "Destination buffer is too small".into(),
+            },
+        ),
     ] {
         let before = ALLOCATOR.allocated();
         ALLOCATOR
@@ -71,4 +91,3 @@ fn decompression_bombs_stay_within_the_allocation_budget() {
         assert!(ALLOCATOR.allocated() <= before + 64, "{name} bomb leaked memory");
     }
 }
-

@@ -1,16 +1,17 @@
 //! Behaviour of the frame codec: round trips, determinism, golden fixtures,
 //! forward compatibility and hostile input.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use courier_wire::{
-    AgentConfig, AgentSpec, ChatMessage, ContentHash, FLAG_ZSTD, Frame, HEADER_LEN, Limits,
-    Memory, MemoryTarget, MemoryUpdate, ModelDef, Provider, ScriptedReply, ScriptedToolCall,
-    SizeKind, Skill, Snapshot, Soul, StepRun, StepSpec, Task, TaskResult, TaskStatus, ToolPolicy,
-    WireError, decode, decode_with_info, encode,
+    AgentConfig, AgentSpec, ChatMessage, ContentHash, FLAG_ZSTD, Frame, HEADER_LEN, Limits, Memory, MemoryTarget,
+    MemoryUpdate, ModelDef, Provider, ScriptedReply, ScriptedToolCall, SizeKind, Skill, Snapshot, Soul, StepRun,
+    StepSpec, Task, TaskResult, TaskStatus, ToolPolicy, WireError, decode, decode_with_info, encode,
 };
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -50,8 +51,7 @@ fn fixture_snapshot() -> Snapshot {
                 name: "Summarize".into(),
                 description: "Condense a source into five bullet points".into(),
                 tags: vec!["writing".into()],
-                body: "# Summarize\n\nRead the source twice. Keep claims with their citations.\n"
-                    .repeat(4),
+                body: "# Summarize\n\nRead the source twice. Keep claims with their citations.\n".repeat(4),
             },
         )]),
         soul: Some(Soul {
@@ -92,7 +92,9 @@ fn fixture_task() -> Task {
         },
         upstream: BTreeMap::from([("gather".into(), "three sources".into())]),
         deadline_unix_ms: 1_764_000_000_000,
-        snapshot: encode(&fixture_snapshot(), &Limits::default()).expect("snapshot"),
+        // The committed frame, not a fresh encoding: golden values must not
+        // depend on today's encoder (its zstd level may change).
+        snapshot: std::fs::read(fixture_path("snapshot-v1.bin")).expect("snapshot fixture"),
     }
 }
 
@@ -105,14 +107,7 @@ fn fixture_command_task() -> Task {
                 env: BTreeMap::from([("LANG".into(), "C".into())]),
             },
         },
-        snapshot: encode(
-            &Snapshot {
-                workflow: "fanout".into(),
-                ..Snapshot::default()
-            },
-            &Limits::default(),
-        )
-        .expect("snapshot"),
+        snapshot: std::fs::read(fixture_path("snapshot-v1-empty.bin")).expect("snapshot fixture"),
         ..fixture_task()
     }
 }
@@ -137,7 +132,9 @@ fn fixture_result() -> TaskResult {
 }
 
 fn fixture_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// Golden frames of every released version. They were written once by this
@@ -156,10 +153,13 @@ fn golden<T: Frame + PartialEq + std::fmt::Debug>(name: &str, expected: &T) {
 #[test]
 fn golden_v1_fixtures_decode() {
     golden("snapshot-v1.bin", &fixture_snapshot());
-    golden("snapshot-v1-empty.bin", &Snapshot {
-        workflow: "fanout".into(),
-        ..Snapshot::default()
-    });
+    golden(
+        "snapshot-v1-empty.bin",
+        &Snapshot {
+            workflow: "fanout".into(),
+            ..Snapshot::default()
+        },
+    );
     golden("task-v1.bin", &fixture_task());
     golden("task-v1-command.bin", &fixture_command_task());
     golden("result-v1.bin", &fixture_result());
@@ -260,18 +260,15 @@ fn decode_ignores_unknown_fields() {
 
 #[test]
 fn decode_defaults_missing_optional_fields() {
-    let frame = encode(
-        &SnapshotMinimal {
-            workflow: "old".into(),
-        },
-        &Limits::default(),
-    )
-    .unwrap();
+    let frame = encode(&SnapshotMinimal { workflow: "old".into() }, &Limits::default()).unwrap();
     let decoded: Snapshot = decode(&frame, &Limits::default()).unwrap();
-    assert_eq!(decoded, Snapshot {
-        workflow: "old".into(),
-        ..Snapshot::default()
-    });
+    assert_eq!(
+        decoded,
+        Snapshot {
+            workflow: "old".into(),
+            ..Snapshot::default()
+        }
+    );
 }
 
 // --- hostile input -----------------------------------------------------------
@@ -280,10 +277,7 @@ fn decode_defaults_missing_optional_fields() {
 fn decode_rejects_short_input() {
     for len in 0..HEADER_LEN {
         let err = decode::<Snapshot>(&b"CSNP\x01\x01"[..len], &Limits::default()).unwrap_err();
-        assert_eq!(err, WireError::TooShort {
-            kind: "snapshot",
-            len
-        });
+        assert_eq!(err, WireError::TooShort { kind: "snapshot", len });
     }
 }
 
@@ -291,11 +285,14 @@ fn decode_rejects_short_input() {
 fn decode_rejects_wrong_magic() {
     let frame = encode(&fixture_result(), &Limits::default()).unwrap();
     let err = decode::<Snapshot>(&frame, &Limits::default()).unwrap_err();
-    assert_eq!(err, WireError::BadMagic {
-        kind: "snapshot",
-        found: *b"CRES",
-        expected: *b"CSNP",
-    });
+    assert_eq!(
+        err,
+        WireError::BadMagic {
+            kind: "snapshot",
+            found: *b"CRES",
+            expected: *b"CSNP",
+        }
+    );
     assert_eq!(
         err.to_string(),
         "not a snapshot frame: magic bytes [43, 52, 45, 53], expected [43, 53, 4e, 50]"
@@ -308,12 +305,15 @@ fn decode_rejects_unknown_version() {
     for version in [0u8, 2, 255] {
         frame[4] = version;
         let err = decode::<Snapshot>(&frame, &Limits::default()).unwrap_err();
-        assert_eq!(err, WireError::UnsupportedVersion {
-            kind: "snapshot",
-            version,
-            min: 1,
-            max: 1,
-        });
+        assert_eq!(
+            err,
+            WireError::UnsupportedVersion {
+                kind: "snapshot",
+                version,
+                min: 1,
+                max: 1,
+            }
+        );
     }
     frame[4] = 7;
     assert_eq!(
@@ -327,10 +327,13 @@ fn decode_rejects_unknown_flags() {
     let mut frame = encode(&fixture_snapshot(), &Limits::default()).unwrap();
     frame[5] |= 0b1000_0000;
     let err = decode::<Snapshot>(&frame, &Limits::default()).unwrap_err();
-    assert_eq!(err, WireError::UnknownFlags {
-        kind: "snapshot",
-        flags: 0x81
-    });
+    assert_eq!(
+        err,
+        WireError::UnknownFlags {
+            kind: "snapshot",
+            flags: 0x81
+        }
+    );
 }
 
 #[test]
@@ -357,7 +360,10 @@ fn every_truncation_of_an_uncompressed_result_is_a_typed_error() {
     assert_eq!(frame[5], 0, "a small result travels uncompressed");
     for cut in HEADER_LEN..frame.len() {
         let err = decode::<TaskResult>(&frame[..cut], &Limits::default()).unwrap_err();
-        assert!(matches!(err, WireError::Undecodable { kind: "result", .. }), "cut {cut}: {err:?}");
+        assert!(
+            matches!(err, WireError::Undecodable { kind: "result", .. }),
+            "cut {cut}: {err:?}"
+        );
     }
 }
 
@@ -368,12 +374,18 @@ fn encode_refuses_a_body_over_the_decompressed_limit() {
         max_decompressed: 100,
     };
     let err = encode(&fixture_snapshot(), &limits).unwrap_err();
-    assert_eq!(err, WireError::TooLarge {
-        kind: "snapshot",
-        size: SizeKind::Decompressed,
-        limit: 100
-    });
-    assert_eq!(err.to_string(), "snapshot too large: decompressed size exceeds the limit of 100 bytes");
+    assert_eq!(
+        err,
+        WireError::TooLarge {
+            kind: "snapshot",
+            size: SizeKind::Decompressed,
+            limit: 100
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "snapshot too large: decompressed size exceeds the limit of 100 bytes"
+    );
 }
 
 #[test]
@@ -383,11 +395,14 @@ fn encode_refuses_a_frame_over_the_compressed_limit() {
         max_decompressed: 1 << 20,
     };
     let err = encode(&fixture_snapshot(), &limits).unwrap_err();
-    assert_eq!(err, WireError::TooLarge {
-        kind: "snapshot",
-        size: SizeKind::Compressed,
-        limit: 64
-    });
+    assert_eq!(
+        err,
+        WireError::TooLarge {
+            kind: "snapshot",
+            size: SizeKind::Compressed,
+            limit: 64
+        }
+    );
 }
 
 #[test]
@@ -398,11 +413,14 @@ fn decode_refuses_a_frame_over_the_compressed_limit() {
         ..Limits::default()
     };
     let err = decode::<Snapshot>(&frame, &limits).unwrap_err();
-    assert_eq!(err, WireError::TooLarge {
-        kind: "snapshot",
-        size: SizeKind::Compressed,
-        limit: frame.len() - 1
-    });
+    assert_eq!(
+        err,
+        WireError::TooLarge {
+            kind: "snapshot",
+            size: SizeKind::Compressed,
+            limit: frame.len() - 1
+        }
+    );
 }
 
 #[test]
@@ -413,11 +431,14 @@ fn decode_refuses_a_body_over_the_decompressed_limit() {
         max_decompressed: body_len - 1,
         ..Limits::default()
     };
-    assert_eq!(decode::<Snapshot>(&frame, &limits).unwrap_err(), WireError::TooLarge {
-        kind: "snapshot",
-        size: SizeKind::Decompressed,
-        limit: body_len - 1
-    });
+    assert_eq!(
+        decode::<Snapshot>(&frame, &limits).unwrap_err(),
+        WireError::TooLarge {
+            kind: "snapshot",
+            size: SizeKind::Decompressed,
+            limit: body_len - 1
+        }
+    );
     // Exactly at the limit is fine.
     let limits = Limits {
         max_decompressed: body_len,
@@ -439,11 +460,29 @@ fn zstd_bomb_is_refused_at_the_limit() {
     let bomb = zstd::bulk::compress(&vec![0u8; 256 << 20], 19).unwrap();
     assert!(bomb.len() < 64 << 10);
     let err = decode::<Snapshot>(&frame_around(FLAG_ZSTD, &bomb), &Limits::default()).unwrap_err();
-    assert_eq!(err, WireError::TooLarge {
-        kind: "snapshot",
-        size: SizeKind::Decompressed,
-        limit: 8 << 20
-    });
+    assert_eq!(
+        err,
+        WireError::TooLarge {
+            kind: "snapshot",
+            size: SizeKind::Decompressed,
+            limit: 8 << 20
+        }
+    );
+}
+
+#[test]
+fn zstd_frame_that_lies_about_its_size_fails_without_growing() {
+    // The first frame declares 10 bytes; a second frame follows with 1 MiB.
+    let mut body = zstd::bulk::compress(&[1u8; 10], 3).unwrap();
+    body.extend(zstd::bulk::compress(&vec![2u8; 1 << 20], 3).unwrap());
+    let err = decode::<Snapshot>(&frame_around(FLAG_ZSTD, &body), &Limits::default()).unwrap_err();
+    assert_eq!(
+        err,
+        WireError::Corrupt {
+            kind: "snapshot",
+            detail: "Destination buffer is too small".into()
+        }
+    );
 }
 
 #[test]
@@ -466,8 +505,7 @@ fn zstd_frame_demanding_a_huge_window_is_refused() {
 
 #[test]
 fn garbage_after_a_valid_header_is_corrupt_compression() {
-    let err = decode::<Snapshot>(&frame_around(FLAG_ZSTD, b"definitely not zstd"), &Limits::default())
-        .unwrap_err();
+    let err = decode::<Snapshot>(&frame_around(FLAG_ZSTD, b"definitely not zstd"), &Limits::default()).unwrap_err();
     assert!(matches!(err, WireError::Corrupt { kind: "snapshot", .. }), "{err:?}");
 }
 
@@ -475,12 +513,12 @@ fn garbage_after_a_valid_header_is_corrupt_compression() {
 fn valid_msgpack_of_the_wrong_shape_is_undecodable() {
     let body = rmp_serde::to_vec_named(&vec![1u32, 2, 3]).unwrap();
     let err = decode::<Snapshot>(&frame_around(0, &body), &Limits::default()).unwrap_err();
-    assert!(matches!(err, WireError::Undecodable { kind: "snapshot", .. }), "{err:?}");
+    assert!(
+        matches!(err, WireError::Undecodable { kind: "snapshot", .. }),
+        "{err:?}"
+    );
     // A task missing required fields is undecodable too, naming the field.
-    let body = rmp_serde::to_vec_named(&SnapshotMinimal {
-        workflow: "x".into(),
-    })
-    .unwrap();
+    let body = rmp_serde::to_vec_named(&SnapshotMinimal { workflow: "x".into() }).unwrap();
     let mut frame = b"CTSK\x01\x00".to_vec();
     frame.extend_from_slice(&body);
     let err = decode::<Task>(&frame, &Limits::default()).unwrap_err();

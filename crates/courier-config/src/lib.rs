@@ -1,0 +1,24 @@
+//! Courier's config folder: workflows and agent resources, loaded and validated
+//! at start so nothing fails for a config reason on a worker; the stores over
+//! the resources (the scheduler's on disk, the worker's read-only over a
+//! snapshot); and the builder that puts exactly what a step needs into its
+//! snapshot.
+//!
+//! **Architecture invariant:** workers use only [`SnapshotStore`]; nothing a
+//! worker runs reads the config folder.
+
+mod config;
+mod error;
+mod snapshot;
+mod store;
+pub mod template;
+mod workflow;
+mod yaml;
+
+pub use config::Config;
+pub use error::{ConfigError, ConfigErrors};
+pub use snapshot::build_snapshot;
+pub use store::{AgentStore, FsStore, KNOWN_TOOLS, MAX_ID_LEN, MemoryScope, SnapshotStore, StoreError, is_slug};
+pub use workflow::{
+    DEFAULT_MAX_ITERATIONS, DEFAULT_QUEUE, DEFAULT_TIMEOUT, ParamError, RetryPolicy, Schedule, Step, Workflow,
+};

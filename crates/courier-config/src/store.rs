@@ -1,0 +1,546 @@
+//! The agent-resource stores: the scheduler's filesystem store and the
+//! worker's read-only store over a decoded snapshot, behind one trait.
+//!
+//! **Invariant:** a [`SnapshotStore`] refuses every write. Memory changes
+//! travel back as proposals in a result; only the scheduler's [`FsStore`]
+//! writes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use courier_wire::{AgentConfig, ModelDef, Provider, Skill, Snapshot, Soul};
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+use crate::yaml;
+
+/// Tools an agent step can enable. The agent runtime implements exactly these.
+pub const KNOWN_TOOLS: &[&str] = &[
+    "read_skill",
+    "search_skills",
+    "read_memory",
+    "output",
+    "propose_memory_update",
+];
+
+/// Longest allowed resource or workflow ID.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Whether `id` is a slug: `^[a-z0-9]+(-[a-z0-9]+)*$`, at most 128 characters.
+/// No slug can name a path outside its folder.
+pub fn is_slug(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && !id.starts_with('-')
+        && !id.ends_with('-')
+        && !id.contains("--")
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Why an ID is not a slug, for error messages.
+pub(crate) fn slug_error(id: &str) -> String {
+    format!(
+        "\"{id}\" is not a valid ID: use lower-case letters, digits and single hyphens (at most {MAX_ID_LEN} characters)"
+    )
+}
+
+/// Which memory file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryScope<'a> {
+    /// `memory/MEMORY.md`.
+    Global,
+    /// `memory/workflows/<workflow>/MEMORY.md`.
+    Workflow(&'a str),
+}
+
+impl std::fmt::Display for MemoryScope<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MemoryScope::Global => f.write_str("global memory"),
+            MemoryScope::Workflow(w) => write!(f, "memory of workflow \"{w}\""),
+        }
+    }
+}
+
+/// What a store access can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No resource of that kind and ID.
+    #[error("unknown {kind} \"{id}\"")]
+    Missing { kind: &'static str, id: String },
+    /// The resource exists but this step's snapshot does not carry it.
+    #[error("{kind} \"{id}\" is not in this step's snapshot")]
+    NotInSnapshot { kind: &'static str, id: String },
+    /// A write to a read-only store.
+    #[error(
+        "read-only store: cannot write {what}; stores mounted from a snapshot are read-only \
+         (propose a memory update instead: the scheduler applies it after the step succeeds)"
+    )]
+    ReadOnly { what: String },
+    /// A filesystem failure in the scheduler's store.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Read access to agent resources, and the one write Courier makes: memory.
+pub trait AgentStore: Send + Sync {
+    /// The agent configuration.
+    ///
+    /// # Errors
+    /// [`StoreError::Missing`] when there is none (a command step's snapshot).
+    fn agent_config(&self) -> Result<AgentConfig, StoreError>;
+    /// A model by ID.
+    ///
+    /// # Errors
+    /// [`StoreError::Missing`] or [`StoreError::NotInSnapshot`].
+    fn model(&self, id: &str) -> Result<ModelDef, StoreError>;
+    /// A skill by ID.
+    ///
+    /// # Errors
+    /// [`StoreError::Missing`] or [`StoreError::NotInSnapshot`].
+    fn skill(&self, id: &str) -> Result<Skill, StoreError>;
+    /// IDs of every skill in the store, sorted.
+    fn skill_ids(&self) -> Vec<String>;
+    /// A soul by ID.
+    ///
+    /// # Errors
+    /// [`StoreError::Missing`] or [`StoreError::NotInSnapshot`].
+    fn soul(&self, id: &str) -> Result<Soul, StoreError>;
+    /// A memory file's text; `None` when the file is empty or absent.
+    ///
+    /// # Errors
+    /// [`StoreError::NotInSnapshot`] when the step did not enable memory.
+    fn memory(&self, scope: MemoryScope<'_>) -> Result<Option<String>, StoreError>;
+    /// Append Markdown to a memory file.
+    ///
+    /// # Errors
+    /// [`StoreError::ReadOnly`] on a snapshot store; [`StoreError::Io`] on disk failure.
+    fn append_memory(&self, scope: MemoryScope<'_>, text: &str) -> Result<(), StoreError>;
+}
+
+/// The scheduler's store over `config/agents/`, loaded and validated at start.
+///
+/// Resources are held in memory; memory files are written through to disk.
+#[derive(Debug)]
+pub struct FsStore {
+    root: PathBuf,
+    agent: AgentConfig,
+    models: BTreeMap<String, ModelDef>,
+    skills: BTreeMap<String, Skill>,
+    souls: BTreeMap<String, Soul>,
+    memory: RwLock<MemoryFiles>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryFiles {
+    global: Option<String>,
+    workflows: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct SkillFront {
+    name: String,
+    description: String,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct SoulFront {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+impl FsStore {
+    /// Load every resource under `root` (the `agents` folder).
+    ///
+    /// # Errors
+    /// Every problem found, each naming its file and field.
+    pub fn load(root: &Path) -> Result<Self, Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        let config_file = root.join("config.yaml");
+        let agent = read(&config_file, &mut errors)
+            .and_then(|text| collect(yaml::parse_strict::<AgentConfig>(&config_file, &text), &mut errors));
+        let models = load_models(&root.join("models"), &mut errors);
+        let skills = load_skills(&root.join("skills"), &mut errors);
+        let souls = load_souls(&root.join("souls"), &mut errors);
+        let memory = load_memory(&root.join("memory"), &mut errors);
+
+        if let Some(agent) = &agent {
+            if !models.contains_key(&agent.default_model) {
+                errors.push(
+                    ConfigError::file(&config_file, format!("unknown model \"{}\"", agent.default_model))
+                        .field("default_model"),
+                );
+            }
+            for (i, tool) in agent.tools.allowed.iter().enumerate() {
+                if !KNOWN_TOOLS.contains(&tool.as_str()) {
+                    errors.push(
+                        ConfigError::file(
+                            &config_file,
+                            format!("unknown tool \"{tool}\"; known tools: {}", KNOWN_TOOLS.join(", ")),
+                        )
+                        .field(format!("tools.allowed.{i}")),
+                    );
+                }
+            }
+        }
+        match agent {
+            Some(agent) if errors.is_empty() => Ok(Self {
+                root: root.to_path_buf(),
+                agent,
+                models,
+                skills,
+                souls,
+                memory: RwLock::new(memory),
+            }),
+            _ => Err(errors),
+        }
+    }
+
+    /// IDs of every model, sorted.
+    pub fn model_ids(&self) -> impl Iterator<Item = &str> {
+        self.models.keys().map(String::as_str)
+    }
+
+    /// IDs of every soul, sorted.
+    pub fn soul_ids(&self) -> impl Iterator<Item = &str> {
+        self.souls.keys().map(String::as_str)
+    }
+
+    fn memory_path(&self, scope: MemoryScope<'_>) -> PathBuf {
+        match scope {
+            MemoryScope::Global => self.root.join("memory/MEMORY.md"),
+            MemoryScope::Workflow(w) => self.root.join("memory/workflows").join(w).join("MEMORY.md"),
+        }
+    }
+}
+
+impl AgentStore for FsStore {
+    fn agent_config(&self) -> Result<AgentConfig, StoreError> {
+        Ok(self.agent.clone())
+    }
+
+    fn model(&self, id: &str) -> Result<ModelDef, StoreError> {
+        self.models.get(id).cloned().ok_or_else(|| missing("model", id))
+    }
+
+    fn skill(&self, id: &str) -> Result<Skill, StoreError> {
+        self.skills.get(id).cloned().ok_or_else(|| missing("skill", id))
+    }
+
+    fn skill_ids(&self) -> Vec<String> {
+        self.skills.keys().cloned().collect()
+    }
+
+    fn soul(&self, id: &str) -> Result<Soul, StoreError> {
+        self.souls.get(id).cloned().ok_or_else(|| missing("soul", id))
+    }
+
+    fn memory(&self, scope: MemoryScope<'_>) -> Result<Option<String>, StoreError> {
+        let files = self.memory.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(match scope {
+            MemoryScope::Global => files.global.clone(),
+            MemoryScope::Workflow(w) => files.workflows.get(w).cloned(),
+        })
+    }
+
+    fn append_memory(&self, scope: MemoryScope<'_>, text: &str) -> Result<(), StoreError> {
+        if let MemoryScope::Workflow(w) = scope
+            && !is_slug(w)
+        {
+            return Err(missing("workflow", w));
+        }
+        let path = self.memory_path(scope);
+        let mut files = self.memory.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let current = match scope {
+            MemoryScope::Global => files.global.clone(),
+            MemoryScope::Workflow(w) => files.workflows.get(w).cloned(),
+        };
+        let mut next = current.unwrap_or_default();
+        if !next.is_empty() && !next.ends_with('\n') {
+            next.push('\n');
+        }
+        next.push_str(text);
+        write_atomically(&path, &next)?;
+        match scope {
+            MemoryScope::Global => files.global = Some(next),
+            MemoryScope::Workflow(w) => {
+                files.workflows.insert(w.to_string(), next);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The worker's store: reads come from one step's snapshot, writes are refused.
+#[derive(Debug, Clone)]
+pub struct SnapshotStore {
+    snapshot: Snapshot,
+}
+
+impl SnapshotStore {
+    /// Mount a decoded snapshot.
+    pub fn new(snapshot: Snapshot) -> Self {
+        Self { snapshot }
+    }
+
+    /// The mounted snapshot.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+}
+
+impl AgentStore for SnapshotStore {
+    fn agent_config(&self) -> Result<AgentConfig, StoreError> {
+        self.snapshot
+            .agent
+            .clone()
+            .ok_or_else(|| not_in_snapshot("agent config", "config.yaml"))
+    }
+
+    fn model(&self, id: &str) -> Result<ModelDef, StoreError> {
+        self.snapshot
+            .models
+            .get(id)
+            .cloned()
+            .ok_or_else(|| not_in_snapshot("model", id))
+    }
+
+    fn skill(&self, id: &str) -> Result<Skill, StoreError> {
+        self.snapshot
+            .skills
+            .get(id)
+            .cloned()
+            .ok_or_else(|| not_in_snapshot("skill", id))
+    }
+
+    fn skill_ids(&self) -> Vec<String> {
+        self.snapshot.skills.keys().cloned().collect()
+    }
+
+    fn soul(&self, id: &str) -> Result<Soul, StoreError> {
+        match &self.snapshot.soul {
+            Some(soul) if soul.id == id => Ok(soul.clone()),
+            _ => Err(not_in_snapshot("soul", id)),
+        }
+    }
+
+    fn memory(&self, scope: MemoryScope<'_>) -> Result<Option<String>, StoreError> {
+        let memory = self
+            .snapshot
+            .memory
+            .as_ref()
+            .ok_or_else(|| not_in_snapshot("memory", "MEMORY.md"))?;
+        match scope {
+            MemoryScope::Global => Ok(memory.global.clone()),
+            MemoryScope::Workflow(w) if w == self.snapshot.workflow => Ok(memory.workflow.clone()),
+            MemoryScope::Workflow(w) => Err(not_in_snapshot("workflow memory", w)),
+        }
+    }
+
+    fn append_memory(&self, scope: MemoryScope<'_>, _text: &str) -> Result<(), StoreError> {
+        Err(StoreError::ReadOnly {
+            what: scope.to_string(),
+        })
+    }
+}
+
+fn missing(kind: &'static str, id: &str) -> StoreError {
+    StoreError::Missing {
+        kind,
+        id: id.to_string(),
+    }
+}
+
+fn not_in_snapshot(kind: &'static str, id: &str) -> StoreError {
+    StoreError::NotInSnapshot {
+        kind,
+        id: id.to_string(),
+    }
+}
+
+fn write_atomically(path: &Path, text: &str) -> Result<(), StoreError> {
+    let io = |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let tmp = path.with_extension("md.tmp");
+    std::fs::write(&tmp, text).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+fn read(path: &Path, errors: &mut Vec<ConfigError>) -> Option<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Some(text),
+        Err(e) => {
+            errors.push(ConfigError::file(path, format!("cannot read: {e}")));
+            None
+        }
+    }
+}
+
+fn collect<T>(result: Result<T, Vec<ConfigError>>, errors: &mut Vec<ConfigError>) -> Option<T> {
+    result.map_err(|e| errors.extend(e)).ok()
+}
+
+/// Entries of `dir` whose name ends with `suffix`, as (id, path), sorted.
+/// A missing folder has no entries.
+fn entries(dir: &Path, suffix: &str, want_dirs: bool, errors: &mut Vec<ConfigError>) -> Vec<(String, PathBuf)> {
+    let Ok(read_dir) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in read_dir.flatten() {
+        let path = entry.path();
+        if path.is_dir() != want_dirs {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_suffix(suffix) else { continue };
+        if is_slug(id) {
+            out.push((id.to_string(), path));
+        } else {
+            errors.push(ConfigError::file(&path, slug_error(id)));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn load_models(dir: &Path, errors: &mut Vec<ConfigError>) -> BTreeMap<String, ModelDef> {
+    let mut models = BTreeMap::new();
+    for (id, path) in entries(dir, ".yaml", false, errors) {
+        let Some(text) = read(&path, errors) else { continue };
+        let Some(model) = collect(yaml::parse_strict::<ModelDef>(&path, &text), errors) else {
+            continue;
+        };
+        if let Some(var) = &model.api_key_env
+            && !is_env_name(var)
+        {
+            errors.push(
+                ConfigError::file(
+                    &path,
+                    format!("\"{var}\" is not an environment variable name (expected e.g. OPENAI_API_KEY)"),
+                )
+                .field("api_key_env"),
+            );
+        }
+        if model.provider == Provider::Scripted && model.script.is_empty() {
+            errors.push(ConfigError::file(&path, "a scripted model needs at least one reply").field("script"));
+        }
+        if model.provider != Provider::Scripted && !model.script.is_empty() {
+            errors.push(ConfigError::file(&path, "only the scripted provider takes a script").field("script"));
+        }
+        models.insert(id, model);
+    }
+    models
+}
+
+fn is_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes.next().is_some_and(|b| b.is_ascii_uppercase() || b == b'_')
+        && bytes.all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+}
+
+fn load_skills(dir: &Path, errors: &mut Vec<ConfigError>) -> BTreeMap<String, Skill> {
+    let mut skills = BTreeMap::new();
+    for (id, folder) in entries(dir, "", true, errors) {
+        let path = folder.join("SKILL.md");
+        let Some(text) = read(&path, errors) else { continue };
+        let Some((front, body)) = yaml::front_matter(&text) else {
+            errors.push(ConfigError::file(
+                &path,
+                "missing YAML front matter (--- name, description ---)",
+            ));
+            continue;
+        };
+        if let Some(f) = collect(yaml::parse_strict::<SkillFront>(&path, front), errors) {
+            let skill = Skill {
+                name: f.name,
+                description: f.description,
+                tags: f.tags,
+                body: body.to_string(),
+            };
+            skills.insert(id, skill);
+        }
+    }
+    skills
+}
+
+fn load_souls(dir: &Path, errors: &mut Vec<ConfigError>) -> BTreeMap<String, Soul> {
+    let mut souls = BTreeMap::new();
+    for (id, path) in entries(dir, ".md", false, errors) {
+        let Some(text) = read(&path, errors) else { continue };
+        let Some((front, body)) = yaml::front_matter(&text) else {
+            errors.push(ConfigError::file(&path, "missing YAML front matter (--- name ---)"));
+            continue;
+        };
+        if let Some(f) = collect(yaml::parse_strict::<SoulFront>(&path, front), errors) {
+            let soul = Soul {
+                id: id.clone(),
+                name: f.name,
+                description: f.description,
+                body: body.to_string(),
+            };
+            souls.insert(id, soul);
+        }
+    }
+    souls
+}
+
+fn load_memory(dir: &Path, errors: &mut Vec<ConfigError>) -> MemoryFiles {
+    let optional = |path: PathBuf, errors: &mut Vec<ConfigError>| match std::fs::read_to_string(&path) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            errors.push(ConfigError::file(&path, format!("cannot read: {e}")));
+            None
+        }
+    };
+    let global = optional(dir.join("MEMORY.md"), errors);
+    let mut workflows = BTreeMap::new();
+    for (id, folder) in entries(&dir.join("workflows"), "", true, errors) {
+        if let Some(text) = optional(folder.join("MEMORY.md"), errors) {
+            workflows.insert(id, text);
+        }
+    }
+    MemoryFiles { global, workflows }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_slug;
+
+    #[test]
+    fn slugs_are_lowercase_words_joined_by_single_hyphens() {
+        for ok in ["a", "web-search", "gpt-4o", "x1-2-3", &"a".repeat(128)] {
+            assert!(is_slug(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "a--b",
+            "A",
+            "a_b",
+            "a.b",
+            "../etc",
+            "a/b",
+            &"a".repeat(129),
+        ] {
+            assert!(!is_slug(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,630 @@
+//! Workflows: `config/workflows/NAME.yaml`, parsed and validated at load so
+//! nothing can fail for a config reason on a worker.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use courier_wire::{AgentSpec, ChatMessage, StepRun, StepSpec};
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+use crate::store::{AgentStore, FsStore, KNOWN_TOOLS, is_slug, slug_error};
+use crate::template::{self, Ref};
+use crate::yaml;
+
+/// Queue used when neither the workflow nor the step names one.
+pub const DEFAULT_QUEUE: &str = "default";
+/// Step timeout when the step gives none.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Agent loop bound when the step gives none.
+pub const DEFAULT_MAX_ITERATIONS: u32 = 8;
+/// Most attempts a retry policy may ask for.
+pub const MAX_RETRY_LIMIT: u32 = 100;
+
+/// A validated workflow.
+#[derive(Debug, Clone)]
+pub struct Workflow {
+    /// Name, equal to the file stem.
+    pub name: String,
+    /// The file it came from.
+    pub file: PathBuf,
+    /// Free text.
+    pub description: Option<String>,
+    /// Parameters and their defaults; `None` means required at submit.
+    pub params: BTreeMap<String, Option<String>>,
+    /// Cron schedule (5 fields, or 6 with seconds).
+    pub schedule: Option<Schedule>,
+    /// Steps in file order.
+    pub steps: Vec<Step>,
+}
+
+/// A parsed cron schedule with its source text.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// The text as written.
+    pub pattern: String,
+    /// The parsed expression.
+    pub cron: croner::Cron,
+}
+
+/// A validated step; its templates are resolved at dispatch by [`Step::resolve`].
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// Name, unique in the workflow.
+    pub name: String,
+    /// Steps that must succeed first.
+    pub depends: Vec<String>,
+    /// Time budget of one attempt.
+    pub timeout: Duration,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// Worker pool (the step's, else the workflow's, else `default`).
+    pub queue: String,
+    /// What to run, with `${...}` templates still in place.
+    pub run: StepRun,
+}
+
+/// How often and how far apart a failed step is tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct RetryPolicy {
+    /// Further attempts after the first (0 = no retry).
+    #[serde(default)]
+    pub limit: u32,
+    /// Delay before the first retry; doubles each time.
+    #[serde(default = "default_backoff", with = "humantime_serde")]
+    pub backoff: Duration,
+    /// Upper bound on the delay.
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            limit: 0,
+            backoff: default_backoff(),
+            max_backoff: default_max_backoff(),
+        }
+    }
+}
+
+fn default_backoff() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(60)
+}
+
+#[derive(Deserialize)]
+struct WorkflowFile {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    params: BTreeMap<String, serde_yaml_ng::Value>,
+    #[serde(default)]
+    schedule: Option<String>,
+    #[serde(default)]
+    queue: Option<String>,
+    steps: Vec<StepFile>,
+}
+
+#[derive(Deserialize)]
+struct StepFile {
+    name: String,
+    #[serde(default)]
+    depends: Vec<String>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    #[serde(default)]
+    retry: RetryPolicy,
+    #[serde(default)]
+    queue: Option<String>,
+    #[serde(default)]
+    command: Option<Vec<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    agent: Option<AgentFile>,
+}
+
+#[derive(Deserialize)]
+struct AgentFile {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    soul: Option<String>,
+    #[serde(default)]
+    skills: Vec<String>,
+    #[serde(default)]
+    memory: MemoryFile,
+    #[serde(default)]
+    prompt: String,
+    #[serde(default)]
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    tools: Vec<String>,
+    #[serde(default = "default_max_iterations")]
+    max_iterations: u32,
+}
+
+#[derive(Default, Deserialize)]
+struct MemoryFile {
+    #[serde(default)]
+    enabled: bool,
+}
+
+fn default_max_iterations() -> u32 {
+    DEFAULT_MAX_ITERATIONS
+}
+
+/// Why a submit was refused before anything was published.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParamError {
+    /// A parameter the workflow does not declare.
+    #[error("workflow \"{workflow}\" has no parameter \"{param}\" (it has: {declared})")]
+    Unknown {
+        workflow: String,
+        param: String,
+        declared: String,
+    },
+    /// A required parameter was not given.
+    #[error("workflow \"{workflow}\" needs parameter \"{param}\": pass --param {param}=VALUE")]
+    Missing { workflow: String, param: String },
+}
+
+impl Workflow {
+    /// Parse and validate one workflow file against the agent resources.
+    ///
+    /// # Errors
+    /// Every problem found, each naming the file, the step and the field.
+    pub fn load(path: &Path, store: &FsStore) -> Result<Self, Vec<ConfigError>> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| vec![ConfigError::file(path, format!("cannot read: {e}"))])?;
+        Self::parse(path, &text, store)
+    }
+
+    /// Parse and validate workflow text; `path` names it in errors and gives its name.
+    ///
+    /// # Errors
+    /// Every problem found, each naming the file, the step and the field.
+    pub fn parse(path: &Path, text: &str, store: &FsStore) -> Result<Self, Vec<ConfigError>> {
+        let (file, unknown): (WorkflowFile, _) = yaml::parse(path, text).map_err(|e| vec![e])?;
+        let mut errors: Vec<ConfigError> = unknown
+            .into_iter()
+            .map(
+                |field| match field.strip_prefix("steps.").and_then(|r| r.split_once('.')) {
+                    Some((i, rest)) => {
+                        let step = i
+                            .parse::<usize>()
+                            .ok()
+                            .and_then(|i| file.steps.get(i))
+                            .map(|s| s.name.clone());
+                        let err = yaml::unknown_field(path, rest.to_string());
+                        match step {
+                            Some(step) => err.step(step),
+                            None => err,
+                        }
+                    }
+                    None => yaml::unknown_field(path, field),
+                },
+            )
+            .collect();
+        let err = |message: String| ConfigError::file(path, message);
+
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let name = file.name.clone().unwrap_or_else(|| stem.clone());
+        if !is_slug(&name) {
+            errors.push(err(slug_error(&name)).field("name"));
+        } else if name != stem {
+            errors.push(err(format!("name \"{name}\" must match the file name \"{stem}.yaml\"")).field("name"));
+        }
+
+        let mut params = BTreeMap::new();
+        for (key, value) in &file.params {
+            let default = match value {
+                serde_yaml_ng::Value::Null => None,
+                serde_yaml_ng::Value::String(s) => Some(s.clone()),
+                serde_yaml_ng::Value::Number(n) => Some(n.to_string()),
+                serde_yaml_ng::Value::Bool(b) => Some(b.to_string()),
+                _ => {
+                    errors.push(
+                        err("a default must be a string, number or boolean (or ~ for required)".into())
+                            .field(format!("params.{key}")),
+                    );
+                    None
+                }
+            };
+            if !is_param_name(key) {
+                errors.push(
+                    err(format!("\"{key}\" is not a parameter name: use letters, digits and _"))
+                        .field(format!("params.{key}")),
+                );
+            }
+            params.insert(key.clone(), default);
+        }
+
+        let schedule = file
+            .schedule
+            .as_ref()
+            .and_then(|pattern| match croner::Cron::from_str(pattern) {
+                Ok(cron) => Some(Schedule {
+                    pattern: pattern.clone(),
+                    cron,
+                }),
+                Err(e) => {
+                    errors.push(err(format!("bad cron expression \"{pattern}\": {e}")).field("schedule"));
+                    None
+                }
+            });
+
+        let workflow_queue = file.queue.clone().unwrap_or_else(|| DEFAULT_QUEUE.to_string());
+        if !is_slug(&workflow_queue) {
+            errors.push(err(slug_error(&workflow_queue)).field("queue"));
+        }
+        if file.steps.is_empty() {
+            errors.push(err("a workflow needs at least one step".into()).field("steps"));
+        }
+
+        let agent = store.agent_config().ok();
+        let mut seen = BTreeSet::new();
+        let mut steps = Vec::new();
+        for s in &file.steps {
+            let step_err = |field: &str, message: String| err(message).step(&s.name).field(field);
+            if !is_slug(&s.name) {
+                errors.push(step_err("name", slug_error(&s.name)));
+            }
+            if !seen.insert(s.name.as_str()) {
+                errors.push(step_err("name", format!("duplicate step name \"{}\"", s.name)));
+            }
+            let queue = s.queue.clone().unwrap_or_else(|| workflow_queue.clone());
+            if s.queue.is_some() && !is_slug(&queue) {
+                errors.push(step_err("queue", slug_error(&queue)));
+            }
+            let timeout = s.timeout.unwrap_or(DEFAULT_TIMEOUT);
+            if timeout.is_zero() {
+                errors.push(step_err("timeout", "a timeout must be greater than zero".into()));
+            }
+            if s.retry.limit > MAX_RETRY_LIMIT {
+                errors.push(step_err("retry.limit", format!("at most {MAX_RETRY_LIMIT} retries")));
+            }
+            if s.retry.backoff > s.retry.max_backoff {
+                errors.push(step_err("retry.backoff", "backoff is longer than max_backoff".into()));
+            }
+            let run = match (&s.command, &s.agent) {
+                (Some(_), Some(_)) | (None, None) => {
+                    errors.push(step_err(
+                        "command",
+                        "a step has exactly one of `command` and `agent`".into(),
+                    ));
+                    continue;
+                }
+                (Some(argv), None) => {
+                    if argv.is_empty() || argv[0].is_empty() {
+                        errors.push(step_err(
+                            "command",
+                            "the command is empty: give a program and its arguments".into(),
+                        ));
+                    }
+                    StepRun::Command {
+                        argv: argv.clone(),
+                        env: s.env.clone(),
+                    }
+                }
+                (None, Some(a)) => {
+                    if !s.env.is_empty() {
+                        errors.push(step_err("env", "`env` applies to command steps only".into()));
+                    }
+                    check_agent(a, agent.as_ref(), store, &mut |field, message| {
+                        errors.push(step_err(field, message))
+                    });
+                    StepRun::Agent(AgentSpec {
+                        model: a.model.clone(),
+                        soul: a.soul.clone(),
+                        skills: a.skills.clone(),
+                        memory: a.memory.enabled,
+                        prompt: a.prompt.clone(),
+                        messages: a.messages.clone(),
+                        tools: a.tools.clone(),
+                        max_iterations: a.max_iterations,
+                    })
+                }
+            };
+            steps.push(Step {
+                name: s.name.clone(),
+                depends: s.depends.clone(),
+                timeout,
+                retry: s.retry,
+                queue,
+                run,
+            });
+        }
+
+        check_graph(path, &steps, &params, &mut errors);
+
+        if errors.is_empty() {
+            Ok(Self {
+                name,
+                file: path.to_path_buf(),
+                description: file.description,
+                params,
+                schedule,
+                steps,
+            })
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// A step by name.
+    pub fn step(&self, name: &str) -> Option<&Step> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+
+    /// Merge submitted parameters over the defaults.
+    ///
+    /// # Errors
+    /// An unknown parameter, or a required one not given.
+    pub fn resolve_params(&self, given: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>, ParamError> {
+        if let Some(unknown) = given.keys().find(|k| !self.params.contains_key(*k)) {
+            let declared = self.params.keys().cloned().collect::<Vec<_>>().join(", ");
+            return Err(ParamError::Unknown {
+                workflow: self.name.clone(),
+                param: unknown.clone(),
+                declared: if declared.is_empty() { "none".into() } else { declared },
+            });
+        }
+        self.params
+            .iter()
+            .map(|(k, default)| match given.get(k).or(default.as_ref()) {
+                Some(v) => Ok((k.clone(), v.clone())),
+                None => Err(ParamError::Missing {
+                    workflow: self.name.clone(),
+                    param: k.clone(),
+                }),
+            })
+            .collect()
+    }
+}
+
+impl Step {
+    /// The step with params and upstream outputs substituted, ready for a task.
+    ///
+    /// # Errors
+    /// A message naming a value that was not given (load-time validation makes
+    /// this impossible when `params` came from [`Workflow::resolve_params`] and
+    /// `outputs` holds every dependency's output).
+    pub fn resolve(
+        &self,
+        params: &BTreeMap<String, String>,
+        outputs: &BTreeMap<String, String>,
+    ) -> Result<StepSpec, String> {
+        let r = |s: &String| template::render(s, params, outputs);
+        let run = match &self.run {
+            StepRun::Command { argv, env } => StepRun::Command {
+                argv: argv.iter().map(r).collect::<Result<_, _>>()?,
+                env: env
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), r(v)?)))
+                    .collect::<Result<_, String>>()?,
+            },
+            StepRun::Agent(a) => StepRun::Agent(AgentSpec {
+                prompt: r(&a.prompt)?,
+                messages: a
+                    .messages
+                    .iter()
+                    .map(|m| {
+                        Ok(ChatMessage {
+                            role: m.role.clone(),
+                            content: r(&m.content)?,
+                        })
+                    })
+                    .collect::<Result<_, String>>()?,
+                ..a.clone()
+            }),
+        };
+        Ok(StepSpec {
+            timeout: self.timeout,
+            run,
+        })
+    }
+
+    /// Every template string of the step, with the field it sits in.
+    fn templates(&self) -> Vec<(String, &str)> {
+        match &self.run {
+            StepRun::Command { argv, env } => argv
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (format!("command.{i}"), a.as_str()))
+                .chain(env.iter().map(|(k, v)| (format!("env.{k}"), v.as_str())))
+                .collect(),
+            StepRun::Agent(a) => std::iter::once(("agent.prompt".to_string(), a.prompt.as_str()))
+                .chain(
+                    a.messages
+                        .iter()
+                        .enumerate()
+                        .map(|(i, m)| (format!("agent.messages.{i}.content"), m.content.as_str())),
+                )
+                .collect(),
+        }
+    }
+}
+
+fn is_param_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn check_agent(
+    a: &AgentFile,
+    agent: Option<&courier_wire::AgentConfig>,
+    store: &FsStore,
+    report: &mut dyn FnMut(&str, String),
+) {
+    if let Some(model) = &a.model
+        && store.model(model).is_err()
+    {
+        report("agent.model", format!("unknown model \"{model}\""));
+    }
+    if let Some(soul) = &a.soul
+        && store.soul(soul).is_err()
+    {
+        report("agent.soul", format!("unknown soul \"{soul}\""));
+    }
+    for (i, skill) in a.skills.iter().enumerate() {
+        if store.skill(skill).is_err() {
+            report(&format!("agent.skills.{i}"), format!("unknown skill \"{skill}\""));
+        }
+    }
+    let allowed: Vec<&str> = agent
+        .map(|c| c.tools.allowed.iter().map(String::as_str).collect())
+        .unwrap_or_default();
+    for (i, tool) in a.tools.iter().enumerate() {
+        if !KNOWN_TOOLS.contains(&tool.as_str()) {
+            report(
+                &format!("agent.tools.{i}"),
+                format!("unknown tool \"{tool}\"; known tools: {}", KNOWN_TOOLS.join(", ")),
+            );
+        } else if !allowed.contains(&tool.as_str()) {
+            report(
+                &format!("agent.tools.{i}"),
+                format!("tool \"{tool}\" is not allowed by the agent config's tool policy"),
+            );
+        }
+    }
+    if a.max_iterations == 0 {
+        report("agent.max_iterations", "must be at least 1".into());
+    }
+    if a.prompt.trim().is_empty() && a.messages.is_empty() {
+        report("agent.prompt", "an agent step needs a prompt or messages".into());
+    }
+    for (i, m) in a.messages.iter().enumerate() {
+        if !["system", "user", "assistant"].contains(&m.role.as_str()) {
+            report(
+                &format!("agent.messages.{i}.role"),
+                format!("unknown role \"{}\": use system, user or assistant", m.role),
+            );
+        }
+    }
+}
+
+/// Dependencies exist, form no cycle, and templates only name declared params
+/// and upstream steps.
+fn check_graph(path: &Path, steps: &[Step], params: &BTreeMap<String, Option<String>>, errors: &mut Vec<ConfigError>) {
+    let index: BTreeMap<&str, usize> = steps.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+    let mut graph_ok = true;
+    for s in steps {
+        for (i, dep) in s.depends.iter().enumerate() {
+            let e = |m: String| ConfigError::file(path, m).step(&s.name).field(format!("depends.{i}"));
+            if dep == &s.name {
+                errors.push(e("a step cannot depend on itself".into()));
+                graph_ok = false;
+            } else if !index.contains_key(dep.as_str()) {
+                errors.push(e(format!("unknown step \"{dep}\"")));
+                graph_ok = false;
+            }
+        }
+    }
+    if !graph_ok {
+        return;
+    }
+    if let Some(cycle) = find_cycle(steps, &index) {
+        errors.push(
+            ConfigError::file(path, format!("dependency cycle: {}", cycle.join(" -> ")))
+                .step(&cycle[0])
+                .field("depends"),
+        );
+        return;
+    }
+    for s in steps {
+        let upstream = ancestors(s, steps, &index);
+        for (field, text) in s.templates() {
+            let e = |m: String| ConfigError::file(path, m).step(&s.name).field(field.clone());
+            match template::refs(text) {
+                Err(m) => errors.push(e(m)),
+                Ok(refs) => {
+                    for r in refs {
+                        match r {
+                            Ref::Param(p) if !params.contains_key(p) => {
+                                errors.push(e(format!("unknown parameter \"{p}\" in \"${{{p}}}\"")))
+                            }
+                            Ref::Output(o) if !upstream.contains(o) => errors.push(e(format!(
+                                "\"${{{o}.output}}\" names a step that is not upstream of \"{}\" (add it to depends)",
+                                s.name
+                            ))),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn find_cycle(steps: &[Step], index: &BTreeMap<&str, usize>) -> Option<Vec<String>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Open,
+        Done,
+    }
+    fn visit(
+        n: usize,
+        steps: &[Step],
+        index: &BTreeMap<&str, usize>,
+        marks: &mut [Mark],
+        stack: &mut Vec<usize>,
+    ) -> Option<Vec<String>> {
+        marks[n] = Mark::Open;
+        stack.push(n);
+        for dep in &steps[n].depends {
+            let d = index[dep.as_str()];
+            match marks[d] {
+                Mark::Open => {
+                    let start = stack.iter().position(|&x| x == d).unwrap_or(0);
+                    let mut cycle: Vec<String> = stack[start..].iter().map(|&i| steps[i].name.clone()).collect();
+                    cycle.push(steps[d].name.clone());
+                    return Some(cycle);
+                }
+                Mark::New => {
+                    if let Some(c) = visit(d, steps, index, marks, stack) {
+                        return Some(c);
+                    }
+                }
+                Mark::Done => {}
+            }
+        }
+        stack.pop();
+        marks[n] = Mark::Done;
+        None
+    }
+    let mut marks = vec![Mark::New; steps.len()];
+    (0..steps.len()).find_map(|n| {
+        if marks[n] == Mark::New {
+            visit(n, steps, index, &mut marks, &mut Vec::new())
+        } else {
+            None
+        }
+    })
+}
+
+fn ancestors<'a>(step: &Step, steps: &'a [Step], index: &BTreeMap<&str, usize>) -> BTreeSet<&'a str> {
+    let mut seen = BTreeSet::new();
+    let mut todo: Vec<&str> = step.depends.iter().map(String::as_str).collect();
+    while let Some(name) = todo.pop() {
+        let s = &steps[index[name]];
+        if seen.insert(s.name.as_str()) {
+            todo.extend(s.depends.iter().map(String::as_str));
+        }
+    }
+    seen
+}

@@ -1,0 +1,527 @@
+//! Loading and validating config folders, building snapshots, and the stores.
+//!
+//! Each test copies the repository's example `config/` into a temporary folder
+//! and changes what it needs.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use courier_config::{
+    AgentStore, Config, ConfigError, FsStore, MemoryScope, ParamError, SnapshotStore, StoreError, build_snapshot,
+};
+use courier_wire::{AgentSpec, Limits, Snapshot, StepRun, decode, encode};
+use tempfile::TempDir;
+
+fn example_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A copy of the example config folder.
+fn fixture() -> TempDir {
+    let dir = TempDir::new().unwrap();
+    copy_dir(&example_dir(), dir.path());
+    dir
+}
+
+/// Drop the example workflows, leaving the agent resources.
+fn without_workflows(dir: &TempDir) {
+    std::fs::remove_dir_all(dir.path().join("workflows")).unwrap();
+    std::fs::create_dir(dir.path().join("workflows")).unwrap();
+}
+
+fn write(dir: &TempDir, rel: &str, text: &str) -> PathBuf {
+    let path = dir.path().join(rel);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Load and return the error messages, each as displayed.
+fn errors(dir: &TempDir) -> Vec<String> {
+    match Config::load(dir.path()) {
+        Ok(_) => panic!("expected the config to be rejected"),
+        Err(e) => {
+            e.0.iter()
+                .map(|e| e.to_string().replace(&dir.path().display().to_string(), ""))
+                .collect()
+        }
+    }
+}
+
+/// A workflow file with the given steps and an error expected in it.
+fn workflow_errors(steps_yaml: &str) -> Vec<String> {
+    let dir = fixture();
+    write(
+        &dir,
+        "workflows/t.yaml",
+        &format!("params:\n  topic: x\nsteps:\n{steps_yaml}"),
+    );
+    errors(&dir)
+}
+
+#[test]
+fn example_config_loads() {
+    let config = Config::load(&example_dir()).unwrap();
+    assert_eq!(
+        config.workflows.keys().collect::<Vec<_>>(),
+        ["digest", "fanout", "research"]
+    );
+    let research = &config.workflows["research"];
+    assert_eq!(research.params, BTreeMap::from([("topic".to_string(), None)]));
+    assert_eq!(
+        config.workflows["digest"].schedule.as_ref().unwrap().pattern,
+        "0 7 * * *"
+    );
+}
+
+#[test]
+fn unknown_dependency_is_named() {
+    let e = workflow_errors("  - name: a\n    command: [echo]\n    depends: [ghost]\n");
+    assert_eq!(
+        e,
+        ["/workflows/t.yaml: step \"a\": field \"depends.0\": unknown step \"ghost\""]
+    );
+}
+
+#[test]
+fn dependency_cycle_is_shown_as_a_path() {
+    let e = workflow_errors(
+        "  - name: a\n    command: [echo]\n    depends: [c]\n  - name: b\n    command: [echo]\n    depends: [a]\n  - name: c\n    command: [echo]\n    depends: [b]\n",
+    );
+    assert_eq!(
+        e,
+        ["/workflows/t.yaml: step \"a\": field \"depends\": dependency cycle: a -> c -> b -> a"]
+    );
+}
+
+#[test]
+fn self_dependency_is_refused() {
+    let e = workflow_errors("  - name: a\n    command: [echo]\n    depends: [a]\n");
+    assert_eq!(
+        e,
+        ["/workflows/t.yaml: step \"a\": field \"depends.0\": a step cannot depend on itself"]
+    );
+}
+
+#[test]
+fn duplicate_step_names_are_refused() {
+    let e = workflow_errors("  - name: a\n    command: [echo]\n  - name: a\n    command: [echo]\n");
+    assert_eq!(
+        e,
+        ["/workflows/t.yaml: step \"a\": field \"name\": duplicate step name \"a\""]
+    );
+}
+
+#[test]
+fn unknown_model_soul_and_skill_are_named() {
+    let e = workflow_errors(
+        "  - name: a\n    agent:\n      model: gpt-9\n      soul: pirate\n      skills: [summarize, juggling]\n      prompt: hi\n",
+    );
+    assert_eq!(
+        e,
+        [
+            "/workflows/t.yaml: step \"a\": field \"agent.model\": unknown model \"gpt-9\"",
+            "/workflows/t.yaml: step \"a\": field \"agent.soul\": unknown soul \"pirate\"",
+            "/workflows/t.yaml: step \"a\": field \"agent.skills.1\": unknown skill \"juggling\"",
+        ]
+    );
+}
+
+#[test]
+fn bad_cron_is_refused() {
+    let dir = fixture();
+    write(
+        &dir,
+        "workflows/t.yaml",
+        "schedule: \"61 * * * *\"\nsteps:\n  - name: a\n    command: [echo]\n",
+    );
+    let e = errors(&dir);
+    assert_eq!(e.len(), 1);
+    assert!(
+        e[0].starts_with("/workflows/t.yaml: field \"schedule\": bad cron expression \"61 * * * *\""),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn bad_duration_is_refused_with_its_line() {
+    let e = workflow_errors("  - name: a\n    command: [echo]\n    timeout: soon\n");
+    assert_eq!(e.len(), 1);
+    assert!(e[0].starts_with("/workflows/t.yaml:6: steps[0].timeout: "), "{e:?}");
+    assert!(e[0].contains("line 6"), "{e:?}");
+}
+
+#[test]
+fn yaml_syntax_error_gives_the_line() {
+    let dir = fixture();
+    write(
+        &dir,
+        "workflows/t.yaml",
+        "steps:\n  - name: a\n    command: [echo\n  - name: b\n",
+    );
+    let e = errors(&dir);
+    assert_eq!(e.len(), 1);
+    assert!(e[0].starts_with("/workflows/t.yaml:4: "), "{e:?}");
+}
+
+#[test]
+fn bad_ids_are_refused() {
+    let e = workflow_errors("  - name: Fetch_Data\n    command: [echo]\n    queue: GPU\n");
+    assert_eq!(
+        e,
+        [
+            "/workflows/t.yaml: step \"Fetch_Data\": field \"name\": \"Fetch_Data\" is not a valid ID: use lower-case letters, digits and single hyphens (at most 128 characters)",
+            "/workflows/t.yaml: step \"Fetch_Data\": field \"queue\": \"GPU\" is not a valid ID: use lower-case letters, digits and single hyphens (at most 128 characters)",
+        ]
+    );
+    let dir = fixture();
+    write(&dir, "agents/souls/Bad..Soul.md", "---\nname: x\n---\n");
+    assert_eq!(
+        errors(&dir),
+        [
+            "/agents/souls/Bad..Soul.md: \"Bad..Soul\" is not a valid ID: use lower-case letters, digits and single hyphens (at most 128 characters)"
+        ]
+    );
+}
+
+#[test]
+fn workflow_name_must_match_its_file() {
+    let dir = fixture();
+    write(
+        &dir,
+        "workflows/t.yaml",
+        "name: other\nsteps:\n  - name: a\n    command: [echo]\n",
+    );
+    assert_eq!(
+        errors(&dir),
+        ["/workflows/t.yaml: field \"name\": name \"other\" must match the file name \"t.yaml\""]
+    );
+}
+
+#[test]
+fn unknown_field_names_its_step() {
+    let e = workflow_errors("  - name: a\n    command: [echo]\n    retries: 3\n");
+    assert_eq!(e, ["/workflows/t.yaml: step \"a\": field \"retries\": unknown field"]);
+}
+
+#[test]
+fn a_step_needs_exactly_one_of_command_and_agent() {
+    let e = workflow_errors("  - name: a\n    timeout: 1s\n");
+    assert_eq!(
+        e,
+        ["/workflows/t.yaml: step \"a\": field \"command\": a step has exactly one of `command` and `agent`"]
+    );
+    let e = workflow_errors("  - name: a\n    command: [echo]\n    agent: {prompt: hi}\n");
+    assert_eq!(
+        e,
+        ["/workflows/t.yaml: step \"a\": field \"command\": a step has exactly one of `command` and `agent`"]
+    );
+}
+
+#[test]
+fn templates_must_name_declared_params_and_upstream_steps() {
+    let e = workflow_errors(
+        "  - name: a\n    command: [echo, \"${nope}\"]\n  - name: b\n    command: [echo, \"${a.output}\", \"${c.output}\"]\n  - name: c\n    command: [echo]\n",
+    );
+    assert_eq!(
+        e,
+        [
+            "/workflows/t.yaml: step \"a\": field \"command.1\": unknown parameter \"nope\" in \"${nope}\"",
+            "/workflows/t.yaml: step \"b\": field \"command.1\": \"${a.output}\" names a step that is not upstream of \"b\" (add it to depends)",
+            "/workflows/t.yaml: step \"b\": field \"command.2\": \"${c.output}\" names a step that is not upstream of \"b\" (add it to depends)",
+        ]
+    );
+}
+
+#[test]
+fn tools_must_be_allowed_by_the_policy() {
+    let dir = fixture();
+    without_workflows(&dir);
+    write(
+        &dir,
+        "agents/config.yaml",
+        "default_model: local\ntools:\n  allowed: [output]\n",
+    );
+    write(
+        &dir,
+        "workflows/t.yaml",
+        "steps:\n  - name: a\n    agent:\n      prompt: hi\n      tools: [output, read_memory, shell]\n",
+    );
+    assert_eq!(
+        errors(&dir),
+        [
+            "/workflows/t.yaml: step \"a\": field \"agent.tools.1\": tool \"read_memory\" is not allowed by the agent config's tool policy",
+            "/workflows/t.yaml: step \"a\": field \"agent.tools.2\": unknown tool \"shell\"; known tools: read_skill, search_skills, read_memory, output, propose_memory_update",
+        ]
+    );
+}
+
+#[test]
+fn an_api_key_in_a_model_file_is_refused() {
+    let dir = fixture();
+    write(
+        &dir,
+        "agents/models/openai.yaml",
+        "provider: openai-compatible\nmodel: gpt-4o\napi_key: sk-live-123\n",
+    );
+    assert_eq!(
+        errors(&dir),
+        [
+            "/agents/models/openai.yaml: field \"api_key\": API keys never go in files: set `api_key_env` to the NAME of an environment variable"
+        ]
+    );
+}
+
+#[test]
+fn api_key_env_must_be_a_variable_name() {
+    let dir = fixture();
+    write(
+        &dir,
+        "agents/models/openai.yaml",
+        "provider: openai-compatible\nmodel: gpt-4o\napi_key_env: sk-live-123\n",
+    );
+    assert_eq!(
+        errors(&dir),
+        [
+            "/agents/models/openai.yaml: field \"api_key_env\": \"sk-live-123\" is not an environment variable name (expected e.g. OPENAI_API_KEY)"
+        ]
+    );
+}
+
+#[test]
+fn skill_without_front_matter_is_refused() {
+    let dir = fixture();
+    write(&dir, "agents/skills/summarize/SKILL.md", "# Just a body\n");
+    assert_eq!(
+        errors(&dir),
+        ["/agents/skills/summarize/SKILL.md: missing YAML front matter (--- name, description ---)"]
+    );
+}
+
+#[test]
+fn unknown_default_model_is_named() {
+    let dir = fixture();
+    write(&dir, "agents/config.yaml", "default_model: gpt-9\n");
+    assert_eq!(
+        errors(&dir),
+        ["/agents/config.yaml: field \"default_model\": unknown model \"gpt-9\""]
+    );
+}
+
+#[test]
+fn every_error_is_reported_at_once() {
+    let dir = fixture();
+    write(
+        &dir,
+        "workflows/t1.yaml",
+        "steps:\n  - name: a\n    command: [echo]\n    depends: [x]\n",
+    );
+    write(&dir, "workflows/t2.yaml", "steps:\n  - name: a\n    command: []\n");
+    let e = errors(&dir);
+    assert_eq!(e.len(), 2, "{e:?}");
+}
+
+#[test]
+fn params_merge_defaults_and_refuse_unknown_or_missing() {
+    let config = Config::load(&example_dir()).unwrap();
+    let research = &config.workflows["research"];
+    let given = BTreeMap::from([("topic".to_string(), "queues".to_string())]);
+    assert_eq!(research.resolve_params(&given).unwrap(), given);
+    assert_eq!(
+        research.resolve_params(&BTreeMap::new()).unwrap_err(),
+        ParamError::Missing {
+            workflow: "research".into(),
+            param: "topic".into()
+        }
+    );
+    let err = research
+        .resolve_params(&BTreeMap::from([("topik".to_string(), "x".to_string())]))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "workflow \"research\" has no parameter \"topik\" (it has: topic)"
+    );
+}
+
+#[test]
+fn resolve_substitutes_params_and_upstream_outputs() {
+    let config = Config::load(&example_dir()).unwrap();
+    let research = &config.workflows["research"];
+    let params = BTreeMap::from([("topic".to_string(), "queues".to_string())]);
+    let outputs = BTreeMap::from([("gather".to_string(), "NOTES".to_string())]);
+    let spec = research.step("analyze").unwrap().resolve(&params, &outputs).unwrap();
+    let StepRun::Agent(agent) = spec.run else {
+        panic!("agent step")
+    };
+    assert_eq!(agent.prompt, "Research \"queues\". Start from these notes:\nNOTES\n");
+}
+
+// --- snapshots ---------------------------------------------------------------
+
+fn step_run(config: &Config, workflow: &str, step: &str) -> StepRun {
+    config.workflows[workflow].step(step).unwrap().run.clone()
+}
+
+#[test]
+fn snapshot_holds_only_what_the_step_references() {
+    let config = Config::load(&example_dir()).unwrap();
+    // research/write: soul editor, skill outline, default model, no memory.
+    let s = build_snapshot(&config.store, "research", &step_run(&config, "research", "write")).unwrap();
+    assert_eq!(s.models.keys().collect::<Vec<_>>(), ["local"]);
+    assert_eq!(s.skills.keys().collect::<Vec<_>>(), ["outline"]);
+    assert_eq!(s.soul.as_ref().unwrap().id, "editor");
+    assert_eq!(s.memory, None);
+    // research/analyze enables memory: global plus this workflow's only.
+    let s = build_snapshot(&config.store, "research", &step_run(&config, "research", "analyze")).unwrap();
+    let memory = s.memory.unwrap();
+    assert!(memory.global.unwrap().contains("short answers"));
+    assert!(memory.workflow.unwrap().contains("quorum queues"));
+    assert_eq!(s.soul.unwrap().id, "researcher");
+    assert_eq!(s.skills.keys().collect::<Vec<_>>(), ["cite-sources", "summarize"]);
+    // A command step carries nothing.
+    let s = build_snapshot(&config.store, "fanout", &step_run(&config, "fanout", "split")).unwrap();
+    assert_eq!(
+        s,
+        Snapshot {
+            workflow: "fanout".into(),
+            ..Snapshot::default()
+        }
+    );
+}
+
+#[test]
+fn snapshot_of_a_missing_resource_names_it() {
+    let config = Config::load(&example_dir()).unwrap();
+    for (spec, expected) in [
+        (
+            AgentSpec {
+                model: Some("gone".into()),
+                ..AgentSpec::default()
+            },
+            "unknown model \"gone\"",
+        ),
+        (
+            AgentSpec {
+                soul: Some("gone".into()),
+                ..AgentSpec::default()
+            },
+            "unknown soul \"gone\"",
+        ),
+        (
+            AgentSpec {
+                skills: vec!["summarize".into(), "gone".into()],
+                ..AgentSpec::default()
+            },
+            "unknown skill \"gone\"",
+        ),
+    ] {
+        let err = build_snapshot(&config.store, "research", &StepRun::Agent(spec)).unwrap_err();
+        assert_eq!(err.to_string(), expected);
+    }
+}
+
+#[test]
+fn snapshot_rebuilds_are_byte_identical() {
+    let a = Config::load(&example_dir()).unwrap();
+    let b = Config::load(fixture().path()).unwrap();
+    let run = step_run(&a, "research", "analyze");
+    let bytes_a = encode(&build_snapshot(&a.store, "research", &run).unwrap(), &Limits::default()).unwrap();
+    let bytes_b = encode(&build_snapshot(&b.store, "research", &run).unwrap(), &Limits::default()).unwrap();
+    assert_eq!(bytes_a, bytes_b);
+}
+
+#[test]
+fn a_model_travels_with_the_name_of_its_key_variable_only() {
+    // The process-level proof (key set in the environment, bytes scanned) is
+    // tests/it/cli.rs; here: the model definition holds a name, not a value.
+    let dir = fixture();
+    without_workflows(&dir);
+    write(
+        &dir,
+        "agents/config.yaml",
+        "default_model: openai\ntools:\n  allowed: [output]\n",
+    );
+    let config = Config::load(dir.path()).unwrap();
+    let run = StepRun::Agent(AgentSpec {
+        max_iterations: 1,
+        ..AgentSpec::default()
+    });
+    let snapshot = build_snapshot(&config.store, "research", &run).unwrap();
+    assert_eq!(snapshot.models["openai"].api_key_env.as_deref(), Some("OPENAI_API_KEY"));
+    let decoded: Snapshot = decode(&encode(&snapshot, &Limits::default()).unwrap(), &Limits::default()).unwrap();
+    assert_eq!(decoded, snapshot);
+}
+
+// --- stores ------------------------------------------------------------------
+
+#[test]
+fn snapshot_store_reads_and_refuses_every_write() {
+    let config = Config::load(&example_dir()).unwrap();
+    let snapshot = build_snapshot(&config.store, "research", &step_run(&config, "research", "analyze")).unwrap();
+    let store = SnapshotStore::new(snapshot);
+    assert_eq!(store.skill("summarize").unwrap().name, "Summarize");
+    assert_eq!(store.soul("researcher").unwrap().name, "Researcher");
+    assert!(store.memory(MemoryScope::Workflow("research")).unwrap().is_some());
+    assert_eq!(
+        store.skill("outline").unwrap_err().to_string(),
+        "skill \"outline\" is not in this step's snapshot"
+    );
+    for scope in [MemoryScope::Global, MemoryScope::Workflow("research")] {
+        let err = store.append_memory(scope, "- new fact\n").unwrap_err();
+        assert!(matches!(err, StoreError::ReadOnly { .. }));
+        assert!(err.to_string().starts_with("read-only store: cannot write "), "{err}");
+    }
+}
+
+#[test]
+fn snapshot_store_without_memory_says_so() {
+    let config = Config::load(&example_dir()).unwrap();
+    let snapshot = build_snapshot(&config.store, "research", &step_run(&config, "research", "write")).unwrap();
+    let store = SnapshotStore::new(snapshot);
+    assert_eq!(
+        store.memory(MemoryScope::Global).unwrap_err().to_string(),
+        "memory \"MEMORY.md\" is not in this step's snapshot"
+    );
+}
+
+#[test]
+fn fs_store_appends_memory_to_disk() {
+    let dir = fixture();
+    let store = FsStore::load(&dir.path().join("agents")).unwrap();
+    store
+        .append_memory(MemoryScope::Workflow("fanout"), "- counted words\n")
+        .unwrap();
+    store.append_memory(MemoryScope::Global, "- learned\n").unwrap();
+    let on_disk = std::fs::read_to_string(dir.path().join("agents/memory/workflows/fanout/MEMORY.md")).unwrap();
+    assert_eq!(on_disk, "- counted words\n");
+    let global = std::fs::read_to_string(dir.path().join("agents/memory/MEMORY.md")).unwrap();
+    assert!(global.ends_with("short answers with sources.\n- learned\n"), "{global}");
+    assert_eq!(store.memory(MemoryScope::Global).unwrap().unwrap(), global);
+}
+
+#[test]
+fn config_error_display_names_file_line_step_and_field() {
+    let e = ConfigError {
+        file: "w.yaml".into(),
+        line: Some(3),
+        step: Some("a".into()),
+        field: Some("timeout".into()),
+        message: "bad".into(),
+    };
+    assert_eq!(e.to_string(), "w.yaml:3: step \"a\": field \"timeout\": bad");
+}

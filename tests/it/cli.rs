@@ -1,0 +1,196 @@
+//! The offline CLI: `validate` and `snapshot build|inspect`.
+
+use crate::support::{copy_dir, courier, example_config, run};
+
+#[test]
+fn validate_accepts_the_example_config() {
+    let (out, stdout, _) = run(courier().args(["validate", "--config-dir"]).arg(example_config()));
+    assert!(out.status.success());
+    assert!(
+        stdout.ends_with(": ok (3 workflows, 9 steps, 3 models, 3 skills, 2 souls)\n"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn validate_lists_every_error_and_exits_non_zero() {
+    let dir = tempfile::TempDir::new().unwrap();
+    copy_dir(&example_config(), dir.path());
+    std::fs::write(
+        dir.path().join("workflows/broken.yaml"),
+        "steps:\n  - name: a\n    command: [echo]\n    depends: [nope]\n  - name: b\n    agent: {soul: ghost, prompt: hi}\n",
+    )
+    .unwrap();
+    let (out, _, stderr) = run(courier().args(["validate", "--config-dir"]).arg(dir.path()));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.starts_with("2 errors in the configuration:\n"), "{stderr}");
+    assert!(
+        stderr.contains("broken.yaml: step \"a\": field \"depends.0\": unknown step \"nope\""),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("broken.yaml: step \"b\": field \"agent.soul\": unknown soul \"ghost\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn snapshot_build_then_inspect_shows_what_the_step_carries() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let file = dir.path().join("analyze.snap");
+    let (out, stdout, stderr) = run(courier()
+        .args(["snapshot", "build", "research", "--step", "analyze", "--config-dir"])
+        .arg(example_config())
+        .arg("-o")
+        .arg(&file));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("blake3:"), "{stdout}");
+
+    let (out, stdout, _) = run(courier().args(["snapshot", "inspect"]).arg(&file));
+    assert!(out.status.success());
+    assert!(stdout.contains("format version: 1\n"), "{stdout}");
+    assert!(
+        stdout.contains("models:         local (ollama qwen2.5:0.5b)\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("skills:         cite-sources, summarize\n"), "{stdout}");
+    assert!(stdout.contains("soul:           researcher\n"), "{stdout}");
+    assert!(
+        stdout.contains("memory:         global 81 bytes, workflow 97 bytes\n"),
+        "{stdout}"
+    );
+
+    let (out, stdout, _) = run(courier().args(["snapshot", "inspect", "--json"]).arg(&file));
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["version"], 1);
+    assert_eq!(json["soul"], "researcher");
+    assert_eq!(json["skills"], serde_json::json!(["cite-sources", "summarize"]));
+    assert_eq!(
+        json["compressed_bytes"].as_u64().unwrap(),
+        std::fs::metadata(&file).unwrap().len()
+    );
+    assert!(json["content_hash"].as_str().unwrap().starts_with("blake3:"));
+}
+
+#[test]
+fn snapshot_build_is_reproducible() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let mut hashes = Vec::new();
+    for name in ["a.snap", "b.snap"] {
+        let file = dir.path().join(name);
+        let (out, _, _) = run(courier()
+            .args(["snapshot", "build", "digest", "--step", "digest", "--config-dir"])
+            .arg(example_config())
+            .arg("-o")
+            .arg(&file));
+        assert!(out.status.success());
+        hashes.push(std::fs::read(&file).unwrap());
+    }
+    assert_eq!(hashes[0], hashes[1]);
+}
+
+#[test]
+fn snapshot_inspect_of_corrupt_input_fails_with_the_typed_error() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let good = dir.path().join("good.snap");
+    let (out, _, _) = run(courier()
+        .args(["snapshot", "build", "research", "--step", "analyze", "--config-dir"])
+        .arg(example_config())
+        .arg("-o")
+        .arg(&good));
+    assert!(out.status.success());
+    let bytes = std::fs::read(&good).unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("short", bytes[..3].to_vec(), "snapshot frame too short: 3 bytes"),
+        (
+            "magic",
+            [b"JSON".as_slice(), &bytes[4..]].concat(),
+            "not a snapshot frame: magic bytes",
+        ),
+        (
+            "version",
+            [&bytes[..4], &[9u8], &bytes[5..]].concat(),
+            "unsupported snapshot format version 9: this build reads versions 1 to 1",
+        ),
+        (
+            "truncated",
+            bytes[..bytes.len() / 2].to_vec(),
+            "corrupt snapshot compression",
+        ),
+    ];
+    for (name, content, expected) in cases {
+        let file = dir.path().join(format!("{name}.snap"));
+        std::fs::write(&file, content).unwrap();
+        let (out, _, stderr) = run(courier().args(["snapshot", "inspect"]).arg(&file));
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{name}: {stderr}");
+    }
+    // A size limit below the snapshot's is enforced when reading too.
+    let (out, _, stderr) = run(courier()
+        .args(["snapshot", "inspect", "--max-decompressed", "100"])
+        .arg(&good));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("snapshot too large: decompressed size exceeds the limit of 100 bytes"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn snapshot_build_of_an_oversized_step_fails_naming_the_limit() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let (out, _, stderr) = run(courier()
+        .args([
+            "snapshot",
+            "build",
+            "research",
+            "--step",
+            "analyze",
+            "--max-compressed",
+            "200",
+            "--config-dir",
+        ])
+        .arg(example_config())
+        .arg("-o")
+        .arg(dir.path().join("x.snap")));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("snapshot too large: compressed size exceeds the limit of 200 bytes"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("x.snap").exists());
+}
+
+#[test]
+fn an_api_key_in_the_environment_never_reaches_the_snapshot() {
+    const SECRET: &str = "sk-test-4f9d2c81e7b3a6059d1c";
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = dir.path().join("config");
+    copy_dir(&example_config(), &config);
+    std::fs::write(config.join("agents/config.yaml"), "default_model: openai\ntools:\n  allowed: [read_skill, search_skills, read_memory, output, propose_memory_update]\n").unwrap();
+    let file = dir.path().join("s.snap");
+    let (out, _, stderr) = run(courier()
+        .env("OPENAI_API_KEY", SECRET)
+        .args(["snapshot", "build", "research", "--step", "write", "--config-dir"])
+        .arg(&config)
+        .arg("-o")
+        .arg(&file));
+    assert!(out.status.success(), "{stderr}");
+    let (_, inspect, _) = run(courier().args(["snapshot", "inspect", "--json"]).arg(&file));
+    assert!(inspect.contains("\"id\": \"openai\""), "{inspect}");
+    // Neither the frame nor anything decoded from it holds the key.
+    let frame = std::fs::read(&file).unwrap();
+    let body = decoded_as_json(&frame);
+    for bytes in [&frame, &body] {
+        assert!(!bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()));
+    }
+    assert!(body.windows(14).any(|w| w == b"OPENAI_API_KEY"));
+}
+
+/// Everything a frame holds, decompressed and written out as JSON.
+fn decoded_as_json(frame: &[u8]) -> Vec<u8> {
+    let snapshot: courier_wire::Snapshot = courier_wire::decode(frame, &courier_wire::Limits::default()).unwrap();
+    serde_json::to_vec(&snapshot).unwrap()
+}

@@ -1,0 +1,7 @@
+//! Courier's integration tests: the real `courier` binary, real files, and
+//! (from the dispatch issue on) the real RabbitMQ.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod cli;
+mod support;
