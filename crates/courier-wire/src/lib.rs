@@ -6,6 +6,7 @@
 //! bytes can be wrong ([`WireError`]).
 
 mod frame;
+pub mod headers;
 mod snapshot;
 mod task;
 

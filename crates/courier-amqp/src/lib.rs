@@ -1,0 +1,534 @@
+//! Courier's only AMQP code: connecting (with retry and lapin's automatic
+//! recovery), declaring the topology, publishing with confirms, consuming.
+//!
+//! **Architecture invariant:** this is the only crate that uses lapin, and it
+//! moves bytes and headers: it never sees task or result types.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::Semaphore;
+
+/// Default number of unconfirmed publishes a [`Publisher`] allows at once.
+pub const DEFAULT_PUBLISH_WINDOW: usize = 1024;
+/// Default redeliveries a task queue allows before dead-lettering a message.
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 5;
+
+/// What can go wrong talking to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    /// A lapin error (connection, channel or protocol).
+    #[error("AMQP: {0}")]
+    Lapin(#[from] lapin::Error),
+    /// The broker refused a publish (negative confirm).
+    #[error("the broker refused the message to {exchange}/{routing_key}")]
+    Nacked { exchange: String, routing_key: String },
+    /// The publisher was shut down.
+    #[error("the publisher is closed")]
+    Closed,
+    /// A mandatory publish matched no queue.
+    #[error("no queue is bound to {exchange} with routing key \"{routing_key}\"")]
+    Unroutable { exchange: String, routing_key: String },
+}
+
+/// Names of every exchange and queue, under one namespace prefix so that
+/// several Courier deployments (or tests) can share one broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    namespace: String,
+}
+
+impl Names {
+    /// Names under `namespace` (`courier` in production).
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+        }
+    }
+
+    /// The namespace prefix.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Direct exchange tasks are published to, routed by pool name.
+    pub fn tasks_exchange(&self) -> String {
+        format!("{}.tasks", self.namespace)
+    }
+
+    /// Quorum queue of one worker pool.
+    pub fn task_queue(&self, pool: &str) -> String {
+        format!("{}.tasks.{pool}", self.namespace)
+    }
+
+    /// Exchange results are published to.
+    pub fn results_exchange(&self) -> String {
+        format!("{}.results", self.namespace)
+    }
+
+    /// Queue the scheduler consumes results from.
+    pub fn results_queue(&self) -> String {
+        format!("{}.results", self.namespace)
+    }
+
+    /// Dead-letter exchange and queue.
+    pub fn dead(&self) -> String {
+        format!("{}.dead", self.namespace)
+    }
+}
+
+/// A header value: the two kinds Courier uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Header {
+    /// A string (or bytes that are UTF-8).
+    Str(String),
+    /// An integer.
+    Int(i64),
+}
+
+/// A message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing<'a> {
+    /// Exchange name.
+    pub exchange: &'a str,
+    /// Routing key.
+    pub routing_key: &'a str,
+    /// Body bytes.
+    pub body: &'a [u8],
+    /// AMQP `message_id`.
+    pub message_id: &'a str,
+    /// AMQP `correlation_id`.
+    pub correlation_id: &'a str,
+    /// Application headers.
+    pub headers: Vec<(&'static str, Header)>,
+}
+
+/// A connection to the broker.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    connection: Arc<Connection>,
+    names: Names,
+}
+
+impl Broker {
+    /// Connect once, with lapin's automatic recovery enabled.
+    ///
+    /// # Errors
+    /// The connection error.
+    pub async fn connect(url: &str, names: Names, connection_name: &str) -> Result<Self, AmqpError> {
+        let properties = ConnectionProperties::default()
+            .with_connection_name(connection_name.into())
+            .enable_auto_recover();
+        let connection = Connection::connect(url, properties).await?;
+        Ok(Self {
+            connection: Arc::new(connection),
+            names,
+        })
+    }
+
+    /// Connect, retrying with exponential backoff (100 ms doubling to 5 s)
+    /// until it succeeds or `give_up` elapses.
+    ///
+    /// # Errors
+    /// The last connection error once `give_up` has elapsed.
+    pub async fn connect_with_retry(
+        url: &str,
+        names: Names,
+        connection_name: &str,
+        give_up: Duration,
+    ) -> Result<Self, AmqpError> {
+        let started = tokio::time::Instant::now();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match Self::connect(url, names.clone(), connection_name).await {
+                Ok(broker) => return Ok(broker),
+                Err(e) if started.elapsed() + delay < give_up => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "cannot reach the broker; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The names this broker connection uses.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    /// Whether the connection is usable now.
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected()
+    }
+
+    /// Declare every exchange and queue Courier needs, idempotently: task
+    /// exchange and one quorum queue per pool (explicit delivery limit,
+    /// dead-lettering), results queue (single active consumer), dead letters.
+    ///
+    /// # Errors
+    /// A declaration the broker refuses (for example a queue that exists with
+    /// other arguments).
+    pub async fn declare_topology(&self, pools: &[String], delivery_limit: u32) -> Result<(), AmqpError> {
+        let channel = self.connection.create_channel().await?;
+        let names = &self.names;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let queue_opts = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        for (exchange, kind) in [
+            (names.tasks_exchange(), ExchangeKind::Direct),
+            (names.results_exchange(), ExchangeKind::Direct),
+            (names.dead(), ExchangeKind::Fanout),
+        ] {
+            channel
+                .exchange_declare(exchange.as_str().into(), kind, durable, FieldTable::default())
+                .await?;
+        }
+        let mut dead_args = FieldTable::default();
+        dead_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        channel
+            .queue_declare(names.dead().as_str().into(), queue_opts, dead_args)
+            .await?;
+        channel
+            .queue_bind(
+                names.dead().as_str().into(),
+                names.dead().as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+
+        let mut results_args = FieldTable::default();
+        results_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        results_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        channel
+            .queue_declare(names.results_queue().as_str().into(), queue_opts, results_args)
+            .await?;
+        channel
+            .queue_bind(
+                names.results_queue().as_str().into(),
+                names.results_exchange().as_str().into(),
+                "results".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+
+        for pool in pools {
+            let mut args = FieldTable::default();
+            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongInt(delivery_limit.min(i32::MAX as u32) as i32),
+            );
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(names.dead().as_str().into()),
+            );
+            let queue = names.task_queue(pool);
+            channel.queue_declare(queue.as_str().into(), queue_opts, args).await?;
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    names.tasks_exchange().as_str().into(),
+                    pool.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        channel.close(200, "topology declared".into()).await?;
+        Ok(())
+    }
+
+    /// Delete every queue and exchange of this namespace for the given pools
+    /// (tests and `courier` maintenance).
+    ///
+    /// # Errors
+    /// A deletion the broker refuses.
+    pub async fn delete_topology(&self, pools: &[String]) -> Result<(), AmqpError> {
+        let channel = self.connection.create_channel().await?;
+        let names = &self.names;
+        let mut queues = vec![names.results_queue(), names.dead()];
+        queues.extend(pools.iter().map(|p| names.task_queue(p)));
+        for queue in queues {
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        for exchange in [names.tasks_exchange(), names.results_exchange(), names.dead()] {
+            channel
+                .exchange_delete(
+                    exchange.as_str().into(),
+                    lapin::options::ExchangeDeleteOptions::default(),
+                )
+                .await?;
+        }
+        channel.close(200, "topology deleted".into()).await?;
+        Ok(())
+    }
+
+    /// A publisher on its own confirm-mode channel, allowing `window`
+    /// unconfirmed messages at once.
+    ///
+    /// # Errors
+    /// The channel could not be opened.
+    pub async fn publisher(&self, window: usize) -> Result<Publisher, AmqpError> {
+        let channel = self.connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Publisher {
+            channel,
+            window: Arc::new(Semaphore::new(window.max(1))),
+        })
+    }
+
+    /// A consumer of `queue` on its own channel, with at most `prefetch`
+    /// unacknowledged deliveries.
+    ///
+    /// # Errors
+    /// The channel or the consumer could not be set up.
+    pub async fn consumer(&self, queue: &str, prefetch: u16, tag: &str) -> Result<Consumer, AmqpError> {
+        let channel = self.connection.create_channel().await?;
+        channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Consumer { channel, consumer })
+    }
+
+    /// Close the connection.
+    ///
+    /// # Errors
+    /// The close handshake failed (the connection is gone either way).
+    pub async fn close(&self) -> Result<(), AmqpError> {
+        self.connection.close(200, "bye".into()).await?;
+        Ok(())
+    }
+}
+
+/// Publishes with confirms, mandatory routing and a bounded in-flight window.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    channel: Channel,
+    window: Arc<Semaphore>,
+}
+
+impl Publisher {
+    /// Publish a persistent message and wait until the broker confirms it.
+    ///
+    /// # Errors
+    /// [`AmqpError::Unroutable`] when no queue is bound for the routing key,
+    /// [`AmqpError::Nacked`] when the broker refuses it, or a channel error.
+    pub async fn publish(&self, msg: Outgoing<'_>) -> Result<(), AmqpError> {
+        let _permit = self.window.acquire().await.map_err(|_| AmqpError::Closed)?;
+        let mut headers = FieldTable::default();
+        for (key, value) in msg.headers {
+            let value = match value {
+                Header::Str(s) => AMQPValue::LongString(LongString::from(s)),
+                Header::Int(i) => AMQPValue::LongLongInt(i),
+            };
+            headers.insert(key.into(), value);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let properties = BasicProperties::default()
+            .with_message_id(ShortString::from(msg.message_id))
+            .with_correlation_id(ShortString::from(msg.correlation_id))
+            .with_delivery_mode(2)
+            .with_timestamp(now)
+            .with_headers(headers);
+        let confirm = self
+            .channel
+            .basic_publish(
+                msg.exchange.into(),
+                msg.routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                msg.body,
+                properties,
+            )
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(AmqpError::Unroutable {
+                exchange: msg.exchange.to_string(),
+                routing_key: msg.routing_key.to_string(),
+            }),
+            Confirmation::Nack(_) => Err(AmqpError::Nacked {
+                exchange: msg.exchange.to_string(),
+                routing_key: msg.routing_key.to_string(),
+            }),
+        }
+    }
+}
+
+/// Deliveries from one queue.
+#[derive(Debug)]
+pub struct Consumer {
+    channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+impl Consumer {
+    /// The next delivery. After a recoverable connection error this waits for
+    /// lapin's recovery and goes on; `None` means the consumer ended.
+    ///
+    /// # Errors
+    /// An error recovery cannot fix: the caller reconnects from scratch.
+    pub async fn next(&mut self) -> Option<Result<Delivery, AmqpError>> {
+        loop {
+            match self.consumer.next().await? {
+                Ok(delivery) => return Some(Ok(Delivery::from(delivery))),
+                Err(error) => {
+                    tracing::warn!(%error, "consumer interrupted; waiting for recovery");
+                    if let Err(error) = self.channel.wait_for_recovery(error).await {
+                        return Some(Err(error.into()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stop receiving new deliveries; unacknowledged ones stay ackable.
+    ///
+    /// # Errors
+    /// The cancel failed (the channel is gone).
+    pub async fn cancel(&self) -> Result<(), AmqpError> {
+        self.channel
+            .basic_cancel(self.consumer.tag(), lapin::options::BasicCancelOptions::default())
+            .await?;
+        Ok(())
+    }
+
+    /// Close the consumer's channel (unacknowledged deliveries are requeued).
+    ///
+    /// # Errors
+    /// The close failed (the channel is gone either way).
+    pub async fn close(&self) -> Result<(), AmqpError> {
+        self.channel.close(200, "consumer closed".into()).await?;
+        Ok(())
+    }
+}
+
+/// One received message.
+#[derive(Debug)]
+pub struct Delivery {
+    /// Body bytes.
+    pub body: Vec<u8>,
+    /// AMQP `message_id`.
+    pub message_id: Option<String>,
+    /// AMQP `correlation_id`.
+    pub correlation_id: Option<String>,
+    /// Application headers (string and integer values).
+    pub headers: BTreeMap<String, Header>,
+    /// Whether the broker delivered it before.
+    pub redelivered: bool,
+    acker: lapin::Acker,
+}
+
+impl From<lapin::message::Delivery> for Delivery {
+    fn from(d: lapin::message::Delivery) -> Self {
+        let headers = d
+            .properties
+            .headers()
+            .as_ref()
+            .map(|table| {
+                table
+                    .inner()
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        let value = match v {
+                            AMQPValue::LongString(s) => Header::Str(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+                            AMQPValue::ShortString(s) => Header::Str(s.as_str().to_string()),
+                            AMQPValue::LongLongInt(i) => Header::Int(*i),
+                            AMQPValue::LongInt(i) => Header::Int(i64::from(*i)),
+                            AMQPValue::LongUInt(i) => Header::Int(i64::from(*i)),
+                            AMQPValue::ShortInt(i) => Header::Int(i64::from(*i)),
+                            AMQPValue::ShortUInt(i) => Header::Int(i64::from(*i)),
+                            AMQPValue::ShortShortInt(i) => Header::Int(i64::from(*i)),
+                            AMQPValue::ShortShortUInt(i) => Header::Int(i64::from(*i)),
+                            _ => return None,
+                        };
+                        Some((k.as_str().to_string(), value))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            body: d.data,
+            message_id: d.properties.message_id().as_ref().map(|s| s.as_str().to_string()),
+            correlation_id: d.properties.correlation_id().as_ref().map(|s| s.as_str().to_string()),
+            headers,
+            redelivered: d.redelivered,
+            acker: d.acker,
+        }
+    }
+}
+
+impl Delivery {
+    /// A string header.
+    pub fn header_str(&self, key: &str) -> Option<&str> {
+        match self.headers.get(key) {
+            Some(Header::Str(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// An integer header.
+    pub fn header_int(&self, key: &str) -> Option<i64> {
+        match self.headers.get(key) {
+            Some(Header::Int(i)) => Some(*i),
+            _ => None,
+        }
+    }
+
+    /// Acknowledge: the broker forgets the message.
+    ///
+    /// # Errors
+    /// The channel is gone; the broker will redeliver the message.
+    pub async fn ack(&self) -> Result<(), AmqpError> {
+        self.acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+
+    /// Reject without requeue: the message is dead-lettered.
+    ///
+    /// # Errors
+    /// The channel is gone; the broker will redeliver the message.
+    pub async fn reject(&self) -> Result<(), AmqpError> {
+        self.acker.reject(BasicRejectOptions { requeue: false }).await?;
+        Ok(())
+    }
+
+    /// Reject with requeue: the message goes back to its queue.
+    ///
+    /// # Errors
+    /// The channel is gone; the broker will redeliver the message.
+    pub async fn requeue(&self) -> Result<(), AmqpError> {
+        self.acker.reject(BasicRejectOptions { requeue: true }).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,127 @@
+//! Against the real RabbitMQ at `COURIER_AMQP_URL` (default 127.0.0.1:5672).
+//! Each test uses its own namespace, so tests run in parallel.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::time::Duration;
+
+use courier_amqp::{AmqpError, Broker, Header, Names, Outgoing};
+
+fn url() -> String {
+    std::env::var("COURIER_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+async fn broker() -> Broker {
+    let names = Names::new(format!("t-{}", uuid::Uuid::now_v7()));
+    Broker::connect(&url(), names, "courier-amqp-test")
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "RabbitMQ is not reachable at {} ({e}); start it with `rabbitmq-server -detached`",
+                url()
+            )
+        })
+}
+
+#[tokio::test]
+async fn publish_confirmed_then_consume_with_headers_and_ack() {
+    let broker = broker().await;
+    let pools = vec!["default".to_string()];
+    broker.declare_topology(&pools, 5).await.unwrap();
+    // Declaring twice is harmless.
+    broker.declare_topology(&pools, 5).await.unwrap();
+    let names = broker.names().clone();
+    let publisher = broker.publisher(16).await.unwrap();
+    publisher
+        .publish(Outgoing {
+            exchange: &names.tasks_exchange(),
+            routing_key: "default",
+            body: b"frame-bytes",
+            message_id: "m-1",
+            correlation_id: "run-1",
+            headers: vec![("x-attempt", Header::Int(2)), ("x-hash", Header::Str("abc".into()))],
+        })
+        .await
+        .unwrap();
+    let mut consumer = broker.consumer(&names.task_queue("default"), 4, "t").await.unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.body, b"frame-bytes");
+    assert_eq!(delivery.message_id.as_deref(), Some("m-1"));
+    assert_eq!(delivery.correlation_id.as_deref(), Some("run-1"));
+    assert_eq!(delivery.header_int("x-attempt"), Some(2));
+    assert_eq!(delivery.header_str("x-hash"), Some("abc"));
+    assert!(!delivery.redelivered);
+    delivery.ack().await.unwrap();
+    consumer.close().await.unwrap();
+    broker.delete_topology(&pools).await.unwrap();
+}
+
+#[tokio::test]
+async fn publishing_to_a_pool_without_a_queue_is_unroutable() {
+    let broker = broker().await;
+    let pools = vec!["default".to_string()];
+    broker.declare_topology(&pools, 5).await.unwrap();
+    let names = broker.names().clone();
+    let publisher = broker.publisher(16).await.unwrap();
+    let err = publisher
+        .publish(Outgoing {
+            exchange: &names.tasks_exchange(),
+            routing_key: "gpu",
+            body: b"x",
+            message_id: "m",
+            correlation_id: "r",
+            headers: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AmqpError::Unroutable { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "no queue is bound to {} with routing key \"gpu\"",
+            names.tasks_exchange()
+        )
+    );
+    broker.delete_topology(&pools).await.unwrap();
+}
+
+#[tokio::test]
+async fn rejected_messages_are_dead_lettered() {
+    let broker = broker().await;
+    let pools = vec!["default".to_string()];
+    broker.declare_topology(&pools, 5).await.unwrap();
+    let names = broker.names().clone();
+    let publisher = broker.publisher(16).await.unwrap();
+    publisher
+        .publish(Outgoing {
+            exchange: &names.tasks_exchange(),
+            routing_key: "default",
+            body: b"poison",
+            message_id: "p-1",
+            correlation_id: "r",
+            headers: vec![],
+        })
+        .await
+        .unwrap();
+    let mut tasks = broker.consumer(&names.task_queue("default"), 1, "t").await.unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(10), tasks.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    delivery.reject().await.unwrap();
+    let mut dead = broker.consumer(&names.dead(), 1, "d").await.unwrap();
+    let dead_letter = tokio::time::timeout(Duration::from_secs(10), dead.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(dead_letter.body, b"poison");
+    assert_eq!(dead_letter.message_id.as_deref(), Some("p-1"));
+    dead_letter.ack().await.unwrap();
+    broker.delete_topology(&pools).await.unwrap();
+}

@@ -1,0 +1,12 @@
+//! AMQP header names of the task and result contract (DESIGN.md, "Tasks and results").
+//!
+//! Properties carry the rest: `message_id` = task id, `correlation_id` = run id.
+
+/// The attempt number, from 1 (integer).
+pub const ATTEMPT: &str = "x-courier-attempt";
+/// Hex BLAKE3 of the task's snapshot frame (string).
+pub const SNAPSHOT_HASH: &str = "x-courier-snapshot-hash";
+/// Hex HMAC-SHA256 of the message body, when a signing key is configured (string).
+pub const SIGNATURE: &str = "x-courier-signature";
+/// Why a message was dead-lettered (string).
+pub const DEAD_REASON: &str = "x-courier-dead-reason";
