@@ -1,0 +1,224 @@
+//! Running a command step: its own process group, a timeout that kills the
+//! whole group, and bounded capture of stdout and stderr.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::Command;
+
+/// Bounds on what a command may print.
+#[derive(Debug, Clone, Copy)]
+pub struct CaptureLimits {
+    /// Bytes of stdout kept (the step's output).
+    pub stdout: usize,
+    /// Bytes of stderr kept (shown in failures).
+    pub stderr: usize,
+}
+
+impl Default for CaptureLimits {
+    fn default() -> Self {
+        Self {
+            stdout: 1024 * 1024,
+            stderr: 64 * 1024,
+        }
+    }
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// Exit status 0.
+    Success,
+    /// A non-zero status, or a signal.
+    Failure(String),
+    /// Killed at the timeout.
+    TimedOut(Duration),
+    /// It could not be started.
+    NotStarted(String),
+}
+
+/// What a command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// How it ended.
+    pub exit: Exit,
+    /// Captured stdout, up to the limit.
+    pub stdout: String,
+    /// Captured stderr, up to the limit.
+    pub stderr: String,
+    /// Whether stdout was cut at the limit.
+    pub stdout_truncated: bool,
+}
+
+/// Run `argv` with `env` added to the worker's environment.
+pub async fn run(argv: &[String], env: &BTreeMap<String, String>, timeout: Duration, limits: CaptureLimits) -> Outcome {
+    let not_started = |why: String| Outcome {
+        exit: Exit::NotStarted(why),
+        stdout: String::new(),
+        stderr: String::new(),
+        stdout_truncated: false,
+    };
+    let Some((program, args)) = argv.split_first() else {
+        return not_started("empty command".into());
+    };
+    let mut child = match Command::new(program)
+        .args(args)
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) => return not_started(format!("cannot start \"{program}\": {e}")),
+    };
+    let group = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
+    let stdout = tokio::spawn(capture(child.stdout.take(), limits.stdout));
+    let stderr = tokio::spawn(capture(child.stderr.take(), limits.stderr));
+
+    let exit = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) if status.success() => Exit::Success,
+        Ok(Ok(status)) => Exit::Failure(match status.code() {
+            Some(code) => format!("exit status {code}"),
+            None => format!("killed by {status}"),
+        }),
+        Ok(Err(e)) => Exit::Failure(format!("waiting for the process failed: {e}")),
+        Err(_) => Exit::TimedOut(timeout),
+    };
+    // Kill what is left of the group: after a timeout, the whole tree; after a
+    // normal exit, any background process that would hold the pipes open.
+    if let Some(group) = group {
+        let _ = killpg(group, Signal::SIGKILL);
+    }
+    let _ = child.wait().await;
+    let (stdout, stdout_truncated) = stdout.await.unwrap_or_default();
+    let (stderr, _) = stderr.await.unwrap_or_default();
+    Outcome {
+        exit,
+        stdout,
+        stderr,
+        stdout_truncated,
+    }
+}
+
+/// Read a pipe to its end, keeping at most `limit` bytes.
+async fn capture(pipe: Option<impl AsyncRead + Unpin>, limit: usize) -> (String, bool) {
+    let Some(mut pipe) = pipe else {
+        return (String::new(), false);
+    };
+    let mut kept = Vec::new();
+    let mut truncated = false;
+    let mut buf = [0u8; 8192];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = limit.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+                truncated |= n > room;
+            }
+        }
+    }
+    (String::from_utf8_lossy(&kept).into_owned(), truncated)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(args: &[&str]) -> Vec<String> {
+        args.iter().map(|s| (*s).to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn captures_stdout_and_env() {
+        let env = BTreeMap::from([("GREETING".to_string(), "hi".to_string())]);
+        let out = run(
+            &argv(&["sh", "-c", "echo $GREETING there"]),
+            &env,
+            Duration::from_secs(5),
+            CaptureLimits::default(),
+        )
+        .await;
+        assert_eq!(out.exit, Exit::Success);
+        assert_eq!(out.stdout, "hi there\n");
+    }
+
+    #[tokio::test]
+    async fn non_zero_exit_keeps_stderr() {
+        let out = run(
+            &argv(&["sh", "-c", "echo boom >&2; exit 3"]),
+            &BTreeMap::new(),
+            Duration::from_secs(5),
+            CaptureLimits::default(),
+        )
+        .await;
+        assert_eq!(out.exit, Exit::Failure("exit status 3".into()));
+        assert_eq!(out.stderr, "boom\n");
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_process_tree() {
+        let dir = std::env::temp_dir().join(format!("courier-tree-{}", std::process::id()));
+        let marker = dir.with_extension("alive");
+        let _ = std::fs::remove_file(&marker);
+        // A grandchild that would touch the marker after 2 s if it survived.
+        let script = format!("(sleep 2; touch {}) & sleep 30", marker.display());
+        let started = std::time::Instant::now();
+        let out = run(
+            &argv(&["sh", "-c", &script]),
+            &BTreeMap::new(),
+            Duration::from_millis(300),
+            CaptureLimits::default(),
+        )
+        .await;
+        assert_eq!(out.exit, Exit::TimedOut(Duration::from_millis(300)));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(!marker.exists(), "a grandchild outlived the timeout");
+    }
+
+    #[tokio::test]
+    async fn output_is_bounded() {
+        let limits = CaptureLimits {
+            stdout: 1000,
+            stderr: 10,
+        };
+        let out = run(
+            &argv(&[
+                "sh",
+                "-c",
+                "head -c 100000 /dev/zero | tr '\\0' x; head -c 50 /dev/zero | tr '\\0' y >&2",
+            ]),
+            &BTreeMap::new(),
+            Duration::from_secs(5),
+            limits,
+        )
+        .await;
+        assert_eq!(out.exit, Exit::Success);
+        assert_eq!(out.stdout.len(), 1000);
+        assert!(out.stdout_truncated);
+        assert_eq!(out.stderr, "yyyyyyyyyy");
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_named() {
+        let out = run(
+            &argv(&["/nonexistent/tool"]),
+            &BTreeMap::new(),
+            Duration::from_secs(5),
+            CaptureLimits::default(),
+        )
+        .await;
+        assert!(
+            matches!(&out.exit, Exit::NotStarted(m) if m.starts_with("cannot start \"/nonexistent/tool\"")),
+            "{out:?}"
+        );
+    }
+}

@@ -1,0 +1,387 @@
+//! Courier's worker: consume tasks, verify and decode them, mount the snapshot
+//! as a read-only store, run the step, publish the result (confirmed), and
+//! only then acknowledge the task.
+//!
+//! **Architecture invariant:** everything a worker knows comes in the task; it
+//! never reads the scheduler's files or database.
+//!
+//! **Architecture invariant:** a task is acked only after the broker confirmed
+//! its result. When publishing fails the task is left unacked and the broker
+//! redelivers it; the scheduler applies a result once per task id.
+
+pub mod command;
+
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use courier_amqp::{Broker, Delivery, Header, Names, Outgoing, Publisher};
+use courier_config::SnapshotStore;
+use courier_wire::{ContentHash, Limits, Snapshot, StepRun, Task, TaskResult, TaskStatus, decode, encode, headers};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, info, info_span, warn};
+use uuid::Uuid;
+
+use crate::command::{CaptureLimits, Exit};
+
+/// Everything a worker is told at start.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Broker URL.
+    pub amqp_url: String,
+    /// Exchange and queue names.
+    pub names: Names,
+    /// Worker pools (queues) to consume.
+    pub pools: Vec<String>,
+    /// Steps run at once; also the prefetch of each queue.
+    pub concurrency: usize,
+    /// This worker's name in results and logs.
+    pub worker_id: String,
+    /// Bounds on task frames.
+    pub task_limits: Limits,
+    /// Bounds on snapshot frames.
+    pub snapshot_limits: Limits,
+    /// Bounds on captured output.
+    pub capture: CaptureLimits,
+    /// Redeliveries a task queue allows (declared with the topology).
+    pub delivery_limit: u32,
+    /// How long in-flight steps may take to finish after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// How long to keep trying to reach the broker before giving up.
+    pub connect_timeout: Duration,
+}
+
+/// Decoded snapshots by content hash.
+type SnapshotCache = Mutex<lru::LruCache<ContentHash, Arc<Snapshot>>>;
+
+/// Decoded snapshots kept per worker.
+const SNAPSHOT_CACHE_ENTRIES: usize = 256;
+
+/// Run until `shutdown` is cancelled, reconnecting when the broker goes away.
+///
+/// # Errors
+/// The broker stayed unreachable past `connect_timeout`.
+pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<(), courier_amqp::AmqpError> {
+    let config = Arc::new(config);
+    let cache: Arc<SnapshotCache> = Arc::new(Mutex::new(lru::LruCache::new(
+        NonZeroUsize::new(SNAPSHOT_CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN),
+    )));
+    let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let tracker = TaskTracker::new();
+    info!(worker = %config.worker_id, pools = ?config.pools, concurrency = config.concurrency, "worker starting");
+    while !shutdown.is_cancelled() {
+        let broker = tokio::select! {
+            b = Broker::connect_with_retry(&config.amqp_url, config.names.clone(), &config.worker_id, config.connect_timeout) => b?,
+            () = shutdown.cancelled() => break,
+        };
+        match serve(&broker, &config, &cache, &slots, &tracker, &shutdown).await {
+            Ok(()) => {
+                drain(&tracker, config.shutdown_grace).await;
+                let _ = broker.close().await;
+            }
+            Err(e) => {
+                warn!(error = %e, "lost the broker; reconnecting");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    drain(&tracker, config.shutdown_grace).await;
+    info!(worker = %config.worker_id, "worker stopped");
+    Ok(())
+}
+
+/// Wait for in-flight steps, at most `grace`.
+async fn drain(tracker: &TaskTracker, grace: Duration) {
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!(
+            in_flight = tracker.len(),
+            "shutdown grace period over; abandoning in-flight steps (they will be redelivered)"
+        );
+    }
+    tracker.reopen();
+}
+
+/// Consume every pool on one connection until shutdown (`Ok`) or a broker
+/// failure recovery cannot fix (`Err`).
+async fn serve(
+    broker: &Broker,
+    config: &Arc<WorkerConfig>,
+    cache: &Arc<SnapshotCache>,
+    slots: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<(), courier_amqp::AmqpError> {
+    broker.declare_topology(&config.pools, config.delivery_limit).await?;
+    let publisher = broker.publisher(courier_amqp::DEFAULT_PUBLISH_WINDOW).await?;
+    let prefetch = u16::try_from(config.concurrency).unwrap_or(u16::MAX);
+    let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel(1);
+    let mut consumers = Vec::new();
+    for pool in &config.pools {
+        let queue = broker.names().task_queue(pool);
+        let mut consumer = broker
+            .consumer(&queue, prefetch, &format!("{}:{pool}", config.worker_id))
+            .await?;
+        let (config, cache, slots, tracker, publisher, shutdown, failed_tx) = (
+            config.clone(),
+            cache.clone(),
+            slots.clone(),
+            tracker.clone(),
+            publisher.clone(),
+            shutdown.clone(),
+            failed_tx.clone(),
+        );
+        consumers.push(tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = consumer.next() => next,
+                    () = shutdown.cancelled() => break,
+                };
+                let delivery = match next {
+                    Some(Ok(delivery)) => delivery,
+                    Some(Err(e)) => {
+                        let _ = failed_tx.send(e).await;
+                        return;
+                    }
+                    None => {
+                        let _ = failed_tx.send(courier_amqp::AmqpError::Closed).await;
+                        return;
+                    }
+                };
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    break;
+                };
+                let (config, cache, publisher) = (config.clone(), cache.clone(), publisher.clone());
+                tracker.spawn(async move {
+                    handle(delivery, &config, &cache, &publisher).await;
+                    drop(permit);
+                });
+            }
+            // Stop intake; deliveries already received finish and are acked.
+            let _ = consumer.cancel().await;
+        }));
+    }
+    drop(failed_tx);
+    info!(queues = ?config.pools.iter().map(|p| broker.names().task_queue(p)).collect::<Vec<_>>(), "consuming");
+    let result = tokio::select! {
+        () = shutdown.cancelled() => Ok(()),
+        Some(e) = failed_rx.recv() => Err(e),
+    };
+    for consumer in consumers {
+        let _ = consumer.await;
+    }
+    result
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Why a task was refused before running.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("{0}")]
+    Frame(#[from] courier_wire::WireError),
+    #[error("snapshot hash mismatch: header says {header}, snapshot is {actual}")]
+    HashMismatch { header: String, actual: String },
+    #[error("task has no snapshot hash header ({})", headers::SNAPSHOT_HASH)]
+    NoHash,
+}
+
+/// One delivery, from decode to ack.
+async fn handle(delivery: Delivery, config: &WorkerConfig, cache: &SnapshotCache, publisher: &Publisher) {
+    let started = now_ms();
+    let task = match decode::<Task>(&delivery.body, &config.task_limits) {
+        Ok(task) => task,
+        Err(e) => return refuse(delivery, None, Refusal::Frame(e), started, config, publisher).await,
+    };
+    let span = info_span!("task", run = %task.run_id, step = %task.step, task = %task.task_id, attempt = task.attempt);
+    async {
+        let store = match mount(&delivery, &task, config, cache) {
+            Ok(store) => store,
+            Err(refusal) => return refuse(delivery, Some(&task), refusal, started, config, publisher).await,
+        };
+        info!(redelivered = delivery.redelivered, "running step");
+        let (status, output, error) = execute(&task, &store, config).await;
+        let result = TaskResult {
+            task_id: task.task_id,
+            run_id: task.run_id,
+            step: task.step.clone(),
+            attempt: task.attempt,
+            status,
+            output,
+            error,
+            started_unix_ms: started,
+            finished_unix_ms: now_ms(),
+            worker_id: config.worker_id.clone(),
+            memory_updates: Vec::new(),
+        };
+        info!(status = status.as_str(), ms = result.finished_unix_ms.saturating_sub(started), "step finished");
+        if publish_result(&result, config, publisher).await {
+            if let Err(e) = delivery.ack().await {
+                warn!(error = %e, "ack failed after the result was confirmed; the task will be redelivered and its result applied once");
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Verify the snapshot and mount it read-only, decoding once per content hash.
+fn mount(
+    delivery: &Delivery,
+    task: &Task,
+    config: &WorkerConfig,
+    cache: &SnapshotCache,
+) -> Result<SnapshotStore, Refusal> {
+    let hash = ContentHash::of(&task.snapshot);
+    let header = delivery.header_str(headers::SNAPSHOT_HASH).ok_or(Refusal::NoHash)?;
+    if header != hash.to_hex() {
+        return Err(Refusal::HashMismatch {
+            header: header.to_string(),
+            actual: hash.to_hex(),
+        });
+    }
+    let cached = cache
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&hash)
+        .cloned();
+    let snapshot = match cached {
+        Some(snapshot) => snapshot,
+        None => {
+            let snapshot = Arc::new(decode::<Snapshot>(&task.snapshot, &config.snapshot_limits)?);
+            cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .put(hash, snapshot.clone());
+            snapshot
+        }
+    };
+    Ok(SnapshotStore::new(Arc::unwrap_or_clone(snapshot)))
+}
+
+/// Run the step; returns status, output and error text.
+async fn execute(task: &Task, _store: &SnapshotStore, config: &WorkerConfig) -> (TaskStatus, String, Option<String>) {
+    match &task.spec.run {
+        StepRun::Command { argv, env } => {
+            let out = command::run(argv, env, task.spec.timeout, config.capture).await;
+            let output = out.stdout.trim_end_matches(['\n', '\r']).to_string();
+            let stderr = out.stderr.trim_end();
+            let with_stderr = |what: String| {
+                if stderr.is_empty() {
+                    what
+                } else {
+                    format!("{what}: {stderr}")
+                }
+            };
+            match out.exit {
+                Exit::Success => (TaskStatus::Succeeded, output, None),
+                Exit::Failure(why) => (TaskStatus::Failed, output, Some(with_stderr(why))),
+                Exit::TimedOut(after) => (
+                    TaskStatus::TimedOut,
+                    output,
+                    Some(with_stderr(format!("timed out after {}", humanize(after)))),
+                ),
+                Exit::NotStarted(why) => (TaskStatus::Failed, String::new(), Some(why)),
+            }
+        }
+        StepRun::Agent(_) => (
+            TaskStatus::Failed,
+            String::new(),
+            Some("agent steps are not supported by this worker build yet".into()),
+        ),
+    }
+}
+
+fn humanize(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// Refuse a task that cannot run: report it (when its ids are known) and
+/// dead-letter it, so nothing is lost and the worker keeps serving.
+async fn refuse(
+    delivery: Delivery,
+    task: Option<&Task>,
+    refusal: Refusal,
+    started: u64,
+    config: &WorkerConfig,
+    publisher: &Publisher,
+) {
+    let reason = refusal.to_string();
+    let ids = match task {
+        Some(t) => Some((t.task_id, t.run_id, t.step.clone(), t.attempt)),
+        None => {
+            let parse = |s: &Option<String>| s.as_deref().and_then(|s| Uuid::parse_str(s).ok());
+            match (parse(&delivery.message_id), parse(&delivery.correlation_id)) {
+                (Some(task_id), Some(run_id)) => Some((
+                    task_id,
+                    run_id,
+                    String::new(),
+                    u32::try_from(delivery.header_int(headers::ATTEMPT).unwrap_or(1)).unwrap_or(1),
+                )),
+                _ => None,
+            }
+        }
+    };
+    error!(%reason, message_id = ?delivery.message_id, "refusing task; dead-lettering it");
+    if let Some((task_id, run_id, step, attempt)) = ids {
+        let result = TaskResult {
+            task_id,
+            run_id,
+            step,
+            attempt,
+            status: TaskStatus::Rejected,
+            output: String::new(),
+            error: Some(format!("task rejected: {reason}")),
+            started_unix_ms: started,
+            finished_unix_ms: now_ms(),
+            worker_id: config.worker_id.clone(),
+            memory_updates: Vec::new(),
+        };
+        if !publish_result(&result, config, publisher).await {
+            return;
+        }
+    }
+    if let Err(e) = delivery.reject().await {
+        warn!(error = %e, "dead-lettering failed; the broker will redeliver the task");
+    }
+}
+
+/// Publish a result and wait for the broker's confirm; `true` once confirmed.
+async fn publish_result(result: &TaskResult, config: &WorkerConfig, publisher: &Publisher) -> bool {
+    let body = match encode(result, &config.task_limits) {
+        Ok(body) => body,
+        Err(e) => {
+            error!(error = %e, "cannot encode the result");
+            return false;
+        }
+    };
+    let exchange = config.names.results_exchange();
+    let (task_id, run_id) = (result.task_id.to_string(), result.run_id.to_string());
+    let outcome = publisher
+        .publish(Outgoing {
+            exchange: &exchange,
+            routing_key: "results",
+            body: &body,
+            message_id: &task_id,
+            correlation_id: &run_id,
+            headers: vec![(headers::ATTEMPT, Header::Int(i64::from(result.attempt)))],
+        })
+        .await;
+    match outcome {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %e, "result not confirmed; leaving the task unacked for redelivery");
+            false
+        }
+    }
+}
