@@ -282,6 +282,26 @@ impl Broker {
         Ok(())
     }
 
+    /// Messages ready in `queue` and consumers attached to it.
+    ///
+    /// # Errors
+    /// The queue does not exist, or the channel failed.
+    pub async fn queue_depth(&self, queue: &str) -> Result<(u32, u32), AmqpError> {
+        let channel = self.connection.create_channel().await?;
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let _ = channel.close(200, "depth read".into()).await;
+        Ok((declared.message_count(), declared.consumer_count()))
+    }
+
     /// A publisher on its own confirm-mode channel, allowing `window`
     /// unconfirmed messages at once.
     ///

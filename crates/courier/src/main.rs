@@ -1,12 +1,18 @@
 //! `courier`: one binary for the scheduler, the workers and the CLI.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
+mod client;
+mod service;
+mod settings;
 mod snapshot_cmd;
 mod validate;
+
+use settings::{Flags, Settings};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -15,12 +21,83 @@ mod validate;
     about = "Dispatch agent workflows to shared-nothing workers over RabbitMQ"
 )]
 struct Cli {
+    #[command(flatten)]
+    global: Global,
     #[command(subcommand)]
     command: Command,
 }
 
+/// Settings any command may override (see `courier.toml` and `COURIER_*`).
+#[derive(Debug, Args)]
+struct Global {
+    /// Broker URL [env: COURIER_AMQP_URL].
+    #[arg(long, global = true)]
+    amqp_url: Option<String>,
+    /// Prefix of every exchange and queue name [env: COURIER_NAMESPACE].
+    #[arg(long, global = true)]
+    namespace: Option<String>,
+    /// The scheduler's HTTP API, for the CLI [env: COURIER_API_URL].
+    #[arg(long, global = true)]
+    api_url: Option<String>,
+    /// Log format: text or json [env: COURIER_LOG_FORMAT].
+    #[arg(long, global = true)]
+    log_format: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the scheduler: HTTP API, dispatch, results, cron.
+    Scheduler {
+        /// The config folder [env: COURIER_CONFIG_DIR].
+        #[arg(long)]
+        config_dir: Option<PathBuf>,
+        /// The data folder [env: COURIER_DATA_DIR].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Listen address of the HTTP API [env: COURIER_API_LISTEN].
+        #[arg(long)]
+        api_listen: Option<SocketAddr>,
+    },
+    /// Run a worker.
+    Worker {
+        /// Queue (pool) to consume; repeat for several [env: COURIER_WORKER_QUEUES, comma-separated].
+        #[arg(long = "queue")]
+        queues: Vec<String>,
+        /// Steps run at once [env: COURIER_WORKER_CONCURRENCY].
+        #[arg(long)]
+        concurrency: Option<usize>,
+        /// Name in results and logs [env: COURIER_WORKER_ID].
+        #[arg(long)]
+        worker_id: Option<String>,
+    },
+    /// Start a run of a workflow.
+    Submit {
+        /// Workflow name.
+        workflow: String,
+        /// Parameter as KEY=VALUE; repeat for several.
+        #[arg(long = "param", short = 'p')]
+        params: Vec<String>,
+        /// Follow the run, print its outputs, exit 0 only if it succeeded.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List runs, or show one with its steps.
+    Runs {
+        /// A run ID.
+        run_id: Option<String>,
+        /// Only runs of this workflow.
+        #[arg(long)]
+        workflow: Option<String>,
+        /// Only runs in this status (running, succeeded, failed).
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many runs.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a config folder: every workflow and agent resource, all errors at once.
     Validate {
         /// The config folder (holding workflows/ and agents/).
@@ -34,15 +111,81 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Validate { config_dir } => validate::run(&config_dir),
-        Command::Snapshot(cmd) => snapshot_cmd::run(cmd),
-    };
-    match result {
+    match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut flags = Flags::default();
+    flags
+        .set("amqp_url", cli.global.amqp_url)
+        .set("namespace", cli.global.namespace)
+        .set("api_url", cli.global.api_url)
+        .set("log_format", cli.global.log_format);
+    match cli.command {
+        Command::Validate { config_dir } => validate::run(&config_dir),
+        Command::Snapshot(cmd) => snapshot_cmd::run(cmd),
+        Command::Scheduler {
+            config_dir,
+            data_dir,
+            api_listen,
+        } => {
+            flags
+                .set("config_dir", config_dir)
+                .set("data_dir", data_dir)
+                .set("api_listen", api_listen);
+            match Settings::load(flags.0) {
+                Ok(settings) => service::scheduler(settings),
+                Err(e) => config_error(e),
+            }
+        }
+        Command::Worker {
+            queues,
+            concurrency,
+            worker_id,
+        } => {
+            flags
+                .set("worker_queues", (!queues.is_empty()).then(|| queues.join(",")))
+                .set("worker_concurrency", concurrency)
+                .set("worker_id", worker_id);
+            match Settings::load(flags.0) {
+                Ok(settings) => service::worker(settings),
+                Err(e) => config_error(e),
+            }
+        }
+        Command::Submit { workflow, params, wait } => {
+            let settings = Settings::load(flags.0)?;
+            let params = client::parse_params(&params)?;
+            runtime()?.block_on(client::submit(&settings.api_url, &workflow, params, wait))
+        }
+        Command::Runs {
+            run_id,
+            workflow,
+            status,
+            limit,
+            json,
+        } => {
+            let settings = Settings::load(flags.0)?;
+            let filters = [
+                ("workflow", workflow),
+                ("status", status),
+                ("limit", limit.map(|l| l.to_string())),
+            ];
+            runtime()?.block_on(client::runs(&settings.api_url, run_id.as_deref(), json, &filters))
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+fn config_error(e: anyhow::Error) -> anyhow::Result<ExitCode> {
+    eprintln!("error: {e:#}");
+    Ok(ExitCode::from(service::EXIT_CONFIG))
 }

@@ -1,0 +1,149 @@
+//! The scheduler's HTTP API: submit runs, read runs, health, metrics.
+//!
+//! ```text
+//! POST /api/runs            {"workflow": "...", "params": {...}}  -> 201 run
+//! GET  /api/runs            ?workflow=&status=&limit=             -> [run]
+//! GET  /api/runs/{id}                                            -> run with steps
+//! GET  /api/workflows                                            -> [{name, params, steps, schedule}]
+//! GET  /healthz                                                  -> {"status": "ok", "broker": bool}
+//! GET  /metrics                                                  -> Prometheus text
+//! ```
+//! Errors are `{"error": "..."}` with 400 (bad input), 404 (unknown) or 500.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use crate::Shared;
+use crate::engine::SubmitError;
+
+/// The API router.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/api/runs", get(list_runs).post(submit))
+        .route("/api/runs/{id}", get(get_run))
+        .route("/api/workflows", get(workflows))
+        .route("/healthz", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(shared)
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+#[derive(Deserialize)]
+struct SubmitBody {
+    workflow: String,
+    #[serde(default)]
+    params: BTreeMap<String, String>,
+}
+
+async fn submit(State(shared): State<Arc<Shared>>, Json(body): Json<SubmitBody>) -> Result<Response, ApiError> {
+    let engine = shared.engine.clone();
+    let result = tokio::task::spawn_blocking(move || engine.submit(&body.workflow, &body.params))
+        .await
+        .map_err(internal)?;
+    match result {
+        Ok(run) => {
+            shared.metrics.runs_submitted.inc();
+            shared.outbox.notify_one();
+            tracing::info!(run = %run.id, workflow = %run.workflow, "run submitted");
+            Ok((StatusCode::CREATED, Json(run)).into_response())
+        }
+        Err(e @ SubmitError::UnknownWorkflow { .. }) => Err(ApiError(StatusCode::NOT_FOUND, e.to_string())),
+        Err(e @ SubmitError::Db(_)) => Err(internal(e)),
+        Err(e) => Err(ApiError(StatusCode::BAD_REQUEST, e.to_string())),
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    workflow: Option<String>,
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_runs(State(shared): State<Arc<Shared>>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
+    let limit = q.limit.unwrap_or(50).min(1000);
+    let runs = shared
+        .engine
+        .with_db(|db| db.runs(q.workflow.as_deref(), q.status.as_deref(), limit))
+        .map_err(internal)?;
+    Ok(Json(runs).into_response())
+}
+
+async fn get_run(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    match shared.engine.with_db(|db| db.run(&id)).map_err(internal)? {
+        Some(run) => Ok(Json(run).into_response()),
+        None => Err(ApiError(StatusCode::NOT_FOUND, format!("no run \"{id}\""))),
+    }
+}
+
+async fn workflows(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let list: Vec<serde_json::Value> = shared
+        .engine
+        .config()
+        .workflows
+        .values()
+        .map(|w| {
+            serde_json::json!({
+                "name": w.name,
+                "description": w.description,
+                "params": w.params,
+                "schedule": w.schedule.as_ref().map(|s| &s.pattern),
+                "steps": w.steps.iter().map(|s| &s.name).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Json(serde_json::Value::Array(list))
+}
+
+async fn health(State(shared): State<Arc<Shared>>) -> Response {
+    let broker = shared.broker_connected.load(std::sync::atomic::Ordering::Relaxed);
+    let status = if broker {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(serde_json::json!({ "status": if broker { "ok" } else { "degraded" }, "broker": broker })),
+    )
+        .into_response()
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
+    let counts = shared.engine.with_db(|db| db.run_counts()).map_err(internal)?;
+    for (status, n) in counts {
+        shared
+            .metrics
+            .runs
+            .get_or_create(&crate::metrics::Status { status })
+            .set(n);
+    }
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &shared.registry).map_err(internal)?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}

@@ -1,0 +1,440 @@
+//! Run, step and task state in SQLite: the scheduler's durable memory.
+//!
+//! The `tasks` table is also the outbox: a task row is written in the same
+//! transaction that decides to dispatch it, and published afterwards; rows not
+//! yet confirmed by the broker are published again after a restart.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde::Serialize;
+
+pub use rusqlite::Error as DbError;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS runs (
+    id          TEXT PRIMARY KEY,
+    workflow    TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    params      TEXT NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    finished_ms INTEGER,
+    error       TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_by_workflow ON runs (workflow, created_ms);
+CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, created_ms);
+CREATE TABLE IF NOT EXISTS steps (
+    run_id      TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    position    INTEGER NOT NULL,
+    queue       TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    output      TEXT,
+    error       TEXT,
+    worker      TEXT,
+    started_ms  INTEGER,
+    finished_ms INTEGER,
+    PRIMARY KEY (run_id, name)
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id       TEXT PRIMARY KEY,
+    run_id        TEXT NOT NULL,
+    step          TEXT NOT NULL,
+    attempt       INTEGER NOT NULL,
+    queue         TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    snapshot_hash TEXT NOT NULL,
+    body          BLOB,
+    published     INTEGER NOT NULL DEFAULT 0,
+    not_before_ms INTEGER NOT NULL,
+    created_ms    INTEGER NOT NULL,
+    finished_ms   INTEGER
+);
+CREATE INDEX IF NOT EXISTS tasks_unpublished ON tasks (published, not_before_ms) WHERE published = 0;
+";
+
+/// Status of a run.
+pub mod run_status {
+    pub const RUNNING: &str = "running";
+    pub const SUCCEEDED: &str = "succeeded";
+    pub const FAILED: &str = "failed";
+}
+
+/// Status of a step.
+pub mod step_status {
+    pub const PENDING: &str = "pending";
+    pub const RUNNING: &str = "running";
+    pub const SUCCEEDED: &str = "succeeded";
+    pub const FAILED: &str = "failed";
+    pub const SKIPPED: &str = "skipped";
+}
+
+/// The scheduler's database.
+#[derive(Debug)]
+pub struct Db {
+    conn: Connection,
+}
+
+/// A run as the API shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RunView {
+    pub id: String,
+    pub workflow: String,
+    pub status: String,
+    pub params: serde_json::Value,
+    pub created_ms: i64,
+    pub finished_ms: Option<i64>,
+    pub error: Option<String>,
+    pub steps: Vec<StepView>,
+}
+
+/// A step as the API shows it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct StepView {
+    pub name: String,
+    pub queue: String,
+    pub status: String,
+    pub attempts: i64,
+    pub output: Option<String>,
+    pub error: Option<String>,
+    pub worker: Option<String>,
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+}
+
+/// A task row to publish.
+#[derive(Debug, Clone)]
+pub struct OutboxTask {
+    pub task_id: String,
+    pub run_id: String,
+    pub queue: String,
+    pub attempt: u32,
+    pub snapshot_hash: String,
+    pub body: Vec<u8>,
+}
+
+/// What a task row says about an attempt.
+#[derive(Debug, Clone)]
+pub struct TaskRow {
+    pub run_id: String,
+    pub step: String,
+    pub attempt: u32,
+    pub status: String,
+}
+
+/// A step row inside a transaction.
+#[derive(Debug, Clone)]
+pub struct StepRow {
+    pub name: String,
+    pub status: String,
+    pub attempts: u32,
+    pub output: Option<String>,
+}
+
+impl Db {
+    /// Open (creating if needed) the database at `path`.
+    ///
+    /// # Errors
+    /// SQLite could not open or migrate the file.
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn })
+    }
+
+    /// Run `f` in one transaction, committed when it returns `Ok`.
+    ///
+    /// # Errors
+    /// `f`'s error, or SQLite's.
+    pub fn transaction<T, E: From<DbError>>(
+        &mut self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let tx = self.conn.transaction()?;
+        let value = f(&tx)?;
+        tx.commit()?;
+        Ok(value)
+    }
+
+    /// Tasks not yet confirmed by the broker whose time has come.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn due_tasks(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxTask>, DbError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT task_id, run_id, queue, attempt, snapshot_hash, body FROM tasks
+             WHERE published = 0 AND not_before_ms <= ?1 ORDER BY not_before_ms LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
+            Ok(OutboxTask {
+                task_id: r.get(0)?,
+                run_id: r.get(1)?,
+                queue: r.get(2)?,
+                attempt: r.get(3)?,
+                snapshot_hash: r.get(4)?,
+                body: r.get::<_, Option<Vec<u8>>>(5)?.unwrap_or_default(),
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// When the next unpublished task becomes due, if any.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn next_due_ms(&self) -> Result<Option<i64>, DbError> {
+        self.conn
+            .query_row("SELECT MIN(not_before_ms) FROM tasks WHERE published = 0", [], |r| {
+                r.get(0)
+            })
+    }
+
+    /// Mark tasks as confirmed by the broker, dropping their stored bodies.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn mark_published(&mut self, task_ids: &[String]) -> Result<(), DbError> {
+        self.transaction(|tx| {
+            let mut stmt = tx.prepare_cached("UPDATE tasks SET published = 1, body = NULL WHERE task_id = ?1")?;
+            for id in task_ids {
+                stmt.execute([id])?;
+            }
+            Ok::<_, DbError>(())
+        })
+    }
+
+    /// One run with its steps.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn run(&self, id: &str) -> Result<Option<RunView>, DbError> {
+        let run = self
+            .conn
+            .query_row(
+                "SELECT id, workflow, status, params, created_ms, finished_ms, error FROM runs WHERE id = ?1",
+                [id],
+                run_from_row,
+            )
+            .optional()?;
+        let Some(mut run) = run else { return Ok(None) };
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT name, queue, status, attempts, output, error, worker, started_ms, finished_ms
+             FROM steps WHERE run_id = ?1 ORDER BY position",
+        )?;
+        run.steps = stmt
+            .query_map([id], |r| {
+                Ok(StepView {
+                    name: r.get(0)?,
+                    queue: r.get(1)?,
+                    status: r.get(2)?,
+                    attempts: r.get(3)?,
+                    output: r.get(4)?,
+                    error: r.get(5)?,
+                    worker: r.get(6)?,
+                    started_ms: r.get(7)?,
+                    finished_ms: r.get(8)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(Some(run))
+    }
+
+    /// Runs, newest first, optionally filtered.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn runs(&self, workflow: Option<&str>, status: Option<&str>, limit: usize) -> Result<Vec<RunView>, DbError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, workflow, status, params, created_ms, finished_ms, error FROM runs
+             WHERE (?1 IS NULL OR workflow = ?1) AND (?2 IS NULL OR status = ?2)
+             ORDER BY created_ms DESC, id DESC LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![workflow, status, limit as i64], run_from_row)?;
+        rows.collect()
+    }
+
+    /// Runs by status, for metrics.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn run_counts(&self) -> Result<Vec<(String, i64)>, DbError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT status, COUNT(*) FROM runs GROUP BY status")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect()
+    }
+}
+
+fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunView> {
+    let params: String = r.get(3)?;
+    Ok(RunView {
+        id: r.get(0)?,
+        workflow: r.get(1)?,
+        status: r.get(2)?,
+        params: serde_json::from_str(&params).unwrap_or(serde_json::Value::Null),
+        created_ms: r.get(4)?,
+        finished_ms: r.get(5)?,
+        error: r.get(6)?,
+        steps: Vec::new(),
+    })
+}
+
+/// Statements used inside the engine's transactions.
+pub mod tx {
+    use super::{DbError, OptionalExtension, StepRow, TaskRow, Transaction, params};
+
+    /// Insert a run.
+    pub fn insert_run(
+        tx: &Transaction<'_>,
+        id: &str,
+        workflow: &str,
+        params_json: &str,
+        now: i64,
+    ) -> Result<(), DbError> {
+        tx.execute(
+            "INSERT INTO runs (id, workflow, status, params, created_ms) VALUES (?1, ?2, 'running', ?3, ?4)",
+            params![id, workflow, params_json, now],
+        )?;
+        Ok(())
+    }
+
+    /// Insert a pending step.
+    pub fn insert_step(
+        tx: &Transaction<'_>,
+        run: &str,
+        name: &str,
+        position: usize,
+        queue: &str,
+    ) -> Result<(), DbError> {
+        tx.prepare_cached(
+            "INSERT INTO steps (run_id, name, position, queue, status) VALUES (?1, ?2, ?3, ?4, 'pending')",
+        )?
+        .execute(params![run, name, position as i64, queue])?;
+        Ok(())
+    }
+
+    /// Insert a task into the outbox.
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert_task(
+        tx: &Transaction<'_>,
+        task_id: &str,
+        run: &str,
+        step: &str,
+        attempt: u32,
+        queue: &str,
+        snapshot_hash: &str,
+        body: &[u8],
+        not_before_ms: i64,
+        now: i64,
+    ) -> Result<(), DbError> {
+        tx.prepare_cached(
+            "INSERT INTO tasks (task_id, run_id, step, attempt, queue, status, snapshot_hash, body, not_before_ms, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'dispatched', ?6, ?7, ?8, ?9)",
+        )?
+        .execute(params![task_id, run, step, attempt, queue, snapshot_hash, body, not_before_ms, now])?;
+        Ok(())
+    }
+
+    /// A task row by id.
+    pub fn task(tx: &Transaction<'_>, task_id: &str) -> Result<Option<TaskRow>, DbError> {
+        tx.prepare_cached("SELECT run_id, step, attempt, status FROM tasks WHERE task_id = ?1")?
+            .query_row([task_id], |r| {
+                Ok(TaskRow {
+                    run_id: r.get(0)?,
+                    step: r.get(1)?,
+                    attempt: r.get(2)?,
+                    status: r.get(3)?,
+                })
+            })
+            .optional()
+    }
+
+    /// Record how a task attempt ended.
+    pub fn finish_task(tx: &Transaction<'_>, task_id: &str, status: &str, now: i64) -> Result<(), DbError> {
+        tx.prepare_cached("UPDATE tasks SET status = ?2, finished_ms = ?3 WHERE task_id = ?1")?
+            .execute(params![task_id, status, now])?;
+        Ok(())
+    }
+
+    /// The run's workflow name, params JSON and status.
+    pub fn run(tx: &Transaction<'_>, run: &str) -> Result<Option<(String, String, String)>, DbError> {
+        tx.prepare_cached("SELECT workflow, params, status FROM runs WHERE id = ?1")?
+            .query_row([run], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()
+    }
+
+    /// Every step of a run.
+    pub fn steps(tx: &Transaction<'_>, run: &str) -> Result<Vec<StepRow>, DbError> {
+        let mut stmt = tx.prepare_cached("SELECT name, status, attempts, output FROM steps WHERE run_id = ?1")?;
+        let rows = stmt.query_map([run], |r| {
+            Ok(StepRow {
+                name: r.get(0)?,
+                status: r.get(1)?,
+                attempts: r.get(2)?,
+                output: r.get(3)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// A step is dispatched for `attempt`.
+    pub fn start_step(tx: &Transaction<'_>, run: &str, name: &str, attempt: u32, now: i64) -> Result<(), DbError> {
+        tx.prepare_cached(
+            "UPDATE steps SET status = 'running', attempts = ?3, started_ms = COALESCE(started_ms, ?4), error = NULL
+             WHERE run_id = ?1 AND name = ?2",
+        )?
+        .execute(params![run, name, attempt, now])?;
+        Ok(())
+    }
+
+    /// A step reached a final state.
+    #[allow(clippy::too_many_arguments)]
+    pub fn finish_step(
+        tx: &Transaction<'_>,
+        run: &str,
+        name: &str,
+        status: &str,
+        output: Option<&str>,
+        error: Option<&str>,
+        worker: Option<&str>,
+        now: i64,
+    ) -> Result<(), DbError> {
+        tx.prepare_cached(
+            "UPDATE steps SET status = ?3, output = ?4, error = ?5, worker = COALESCE(?6, worker), finished_ms = ?7
+             WHERE run_id = ?1 AND name = ?2",
+        )?
+        .execute(params![run, name, status, output, error, worker, now])?;
+        Ok(())
+    }
+
+    /// Record the latest failure of a step that will be retried.
+    pub fn note_step_error(
+        tx: &Transaction<'_>,
+        run: &str,
+        name: &str,
+        error: &str,
+        worker: &str,
+    ) -> Result<(), DbError> {
+        tx.prepare_cached("UPDATE steps SET error = ?3, worker = ?4 WHERE run_id = ?1 AND name = ?2")?
+            .execute(params![run, name, error, worker])?;
+        Ok(())
+    }
+
+    /// A run reached a final state.
+    pub fn finish_run(
+        tx: &Transaction<'_>,
+        run: &str,
+        status: &str,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<(), DbError> {
+        tx.prepare_cached("UPDATE runs SET status = ?2, error = ?3, finished_ms = ?4 WHERE id = ?1")?
+            .execute(params![run, status, error, now])?;
+        Ok(())
+    }
+}

@@ -1,0 +1,374 @@
+//! Courier's scheduler: runs workflows as DAGs of tasks over RabbitMQ.
+//!
+//! It publishes ready steps as tasks (each with its snapshot), consumes
+//! results and applies each exactly once, keeps run, step and task state in
+//! SQLite, fires cron schedules, and serves the HTTP API.
+//!
+//! **Invariant:** state changes and the tasks they dispatch are written in one
+//! transaction (the `tasks` table is the outbox); publishing happens after, and
+//! a task is marked published only once the broker confirmed it. A restart
+//! republishes what was not confirmed, so no task is lost; a task published
+//! twice yields a duplicate result, which is ignored.
+
+pub mod api;
+pub mod db;
+pub mod engine;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use courier_amqp::{AmqpError, Broker, Consumer, Header, Names, Outgoing, Publisher};
+use courier_config::Config;
+use courier_wire::{Limits, TaskResult, decode, headers};
+use prometheus_client::registry::Registry;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::db::Db;
+use crate::engine::{Engine, EngineLimits, now_ms};
+use crate::metrics::Metrics;
+
+/// Everything the scheduler is told at start besides the config folder.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Broker URL.
+    pub amqp_url: String,
+    /// Exchange and queue names.
+    pub names: Names,
+    /// Folder of the SQLite database (and `api.addr`).
+    pub data_dir: PathBuf,
+    /// Address the HTTP API listens on (port 0 picks one; see `api.addr`).
+    pub api_listen: SocketAddr,
+    /// Size bounds on snapshots and tasks.
+    pub limits: EngineLimits,
+    /// Bounds on result frames.
+    pub result_limits: Limits,
+    /// Redeliveries a task queue allows.
+    pub delivery_limit: u32,
+    /// How long to keep trying to reach the broker before giving up.
+    pub connect_timeout: Duration,
+}
+
+/// Results applied per transaction at most.
+const RESULT_BATCH: usize = 512;
+/// Outbox rows published per round at most.
+const OUTBOX_BATCH: usize = 2048;
+
+/// State shared by the API and the loops.
+#[derive(Debug)]
+pub struct Shared {
+    engine: Arc<Engine>,
+    metrics: Metrics,
+    registry: Registry,
+    broker_connected: AtomicBool,
+    outbox: Notify,
+}
+
+/// Errors that stop the scheduler.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// The data folder or database could not be used.
+    #[error("database {path}: {source}")]
+    Db {
+        path: PathBuf,
+        #[source]
+        source: db::DbError,
+    },
+    /// A file in the data folder could not be written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The API address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The broker stayed unreachable.
+    #[error(transparent)]
+    Broker(#[from] AmqpError),
+}
+
+/// Run until `shutdown` is cancelled.
+///
+/// # Errors
+/// [`SchedulerError`]: the database, the API address, or a broker that stays
+/// unreachable past `connect_timeout`.
+pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToken) -> Result<(), SchedulerError> {
+    let io = |path: PathBuf| move |source| SchedulerError::Io { path, source };
+    std::fs::create_dir_all(&sc.data_dir).map_err(io(sc.data_dir.clone()))?;
+    let db_path = sc.data_dir.join("courier.db");
+    let db = Db::open(&db_path).map_err(|source| SchedulerError::Db {
+        path: db_path.clone(),
+        source,
+    })?;
+    let engine = Arc::new(Engine::new(config, db, sc.limits));
+    let metrics = Metrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let shared = Arc::new(Shared {
+        engine,
+        metrics,
+        registry,
+        broker_connected: AtomicBool::new(false),
+        outbox: Notify::new(),
+    });
+
+    let listener = tokio::net::TcpListener::bind(sc.api_listen)
+        .await
+        .map_err(|source| SchedulerError::Listen {
+            addr: sc.api_listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| SchedulerError::Listen {
+        addr: sc.api_listen,
+        source,
+    })?;
+    let addr_file = sc.data_dir.join("api.addr");
+    std::fs::write(&addr_file, addr.to_string()).map_err(io(addr_file))?;
+    info!(%addr, "HTTP API listening");
+    let api = tokio::spawn({
+        let shutdown = shutdown.clone();
+        let router = api::router(shared.clone());
+        async move {
+            if let Err(e) = axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+            {
+                error!(error = %e, "HTTP API stopped");
+            }
+        }
+    });
+    let mut cron = JoinSet::new();
+    for wf in shared.engine.config().workflows.values() {
+        if let Some(schedule) = &wf.schedule {
+            cron.spawn(cron_loop(
+                shared.clone(),
+                wf.name.clone(),
+                schedule.cron.clone(),
+                shutdown.clone(),
+            ));
+        }
+    }
+
+    let pools = shared.engine.pools();
+    let mut outcome = Ok(());
+    while !shutdown.is_cancelled() {
+        let broker = tokio::select! {
+            b = Broker::connect_with_retry(&sc.amqp_url, sc.names.clone(), "courier-scheduler", sc.connect_timeout) => b,
+            () = shutdown.cancelled() => break,
+        };
+        let broker = match broker {
+            Ok(b) => b,
+            Err(e) => {
+                outcome = Err(e.into());
+                shutdown.cancel();
+                break;
+            }
+        };
+        match serve(&broker, &shared, &pools, &sc, &shutdown).await {
+            Ok(()) => {}
+            Err(e) => {
+                warn!(error = %e, "lost the broker; reconnecting");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        shared.broker_connected.store(false, Ordering::Relaxed);
+        let _ = broker.close().await;
+    }
+    cron.shutdown().await;
+    let _ = api.await;
+    info!("scheduler stopped");
+    outcome
+}
+
+/// Publish the outbox and apply results on one connection until shutdown
+/// (`Ok`) or a broker failure (`Err`).
+async fn serve(
+    broker: &Broker,
+    shared: &Arc<Shared>,
+    pools: &[String],
+    sc: &SchedulerConfig,
+    shutdown: &CancellationToken,
+) -> Result<(), AmqpError> {
+    broker.declare_topology(pools, sc.delivery_limit).await?;
+    let publisher = broker.publisher(courier_amqp::DEFAULT_PUBLISH_WINDOW).await?;
+    let prefetch = u16::try_from(RESULT_BATCH).unwrap_or(u16::MAX);
+    let mut consumer = broker
+        .consumer(&broker.names().results_queue(), prefetch, "courier-scheduler")
+        .await?;
+    shared.broker_connected.store(true, Ordering::Relaxed);
+    info!(pools = ?pools, "connected to the broker; resuming open runs");
+    shared.outbox.notify_one();
+    let names = broker.names().clone();
+    let result = tokio::select! {
+        r = outbox_loop(shared, &publisher, &names) => r,
+        r = results_loop(shared, &mut consumer, sc.result_limits) => r,
+        () = shutdown.cancelled() => Ok(()),
+    };
+    let _ = consumer.close().await;
+    result
+}
+
+/// Publish due outbox tasks, confirmed, then mark them published.
+async fn outbox_loop(shared: &Arc<Shared>, publisher: &Publisher, names: &Names) -> Result<(), AmqpError> {
+    let exchange = Arc::new(names.tasks_exchange());
+    loop {
+        let now = now_ms();
+        let due = match shared.engine.with_db(|db| db.due_tasks(now, OUTBOX_BATCH)) {
+            Ok(due) => due,
+            Err(e) => {
+                error!(error = %e, "cannot read the outbox");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if due.is_empty() {
+            shared.metrics.outbox_pending.set(0);
+            let next = shared.engine.with_db(|db| db.next_due_ms()).ok().flatten();
+            let wait = next.map_or(1000, |at| (at - now).clamp(1, 1000));
+            tokio::select! {
+                () = shared.outbox.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(u64::try_from(wait).unwrap_or(1000))) => {}
+            }
+            continue;
+        }
+        shared
+            .metrics
+            .outbox_pending
+            .set(i64::try_from(due.len()).unwrap_or(i64::MAX));
+        let mut publishing = JoinSet::new();
+        for task in due {
+            let (publisher, exchange) = (publisher.clone(), exchange.clone());
+            publishing.spawn(async move {
+                let outcome = publisher
+                    .publish(Outgoing {
+                        exchange: &exchange,
+                        routing_key: &task.queue,
+                        body: &task.body,
+                        message_id: &task.task_id,
+                        correlation_id: &task.run_id,
+                        headers: vec![
+                            (headers::ATTEMPT, Header::Int(i64::from(task.attempt))),
+                            (headers::SNAPSHOT_HASH, Header::Str(task.snapshot_hash.clone())),
+                        ],
+                    })
+                    .await;
+                (task.task_id, outcome)
+            });
+        }
+        let mut confirmed = Vec::new();
+        let mut failure = None;
+        while let Some(joined) = publishing.join_next().await {
+            match joined {
+                Ok((id, Ok(()))) => confirmed.push(id),
+                Ok((id, Err(e))) => {
+                    warn!(task = %id, error = %e, "task not confirmed; it stays in the outbox");
+                    failure = Some(e);
+                }
+                Err(e) => error!(error = %e, "publish task panicked"),
+            }
+        }
+        if let Err(e) = shared.engine.with_db(|db| db.mark_published(&confirmed)) {
+            error!(error = %e, "cannot mark tasks published; they will be published again");
+        }
+        shared.metrics.tasks_published.inc_by(confirmed.len() as u64);
+        if let Some(e) = failure {
+            return Err(e);
+        }
+    }
+}
+
+/// Apply results in batches: decode, one transaction, wake the outbox, ack.
+async fn results_loop(shared: &Arc<Shared>, consumer: &mut Consumer, limits: Limits) -> Result<(), AmqpError> {
+    loop {
+        let first = consumer.next().await.ok_or(AmqpError::Closed)??;
+        let mut batch = vec![first];
+        while batch.len() < RESULT_BATCH {
+            match futures_lite::future::poll_once(consumer.next()).await {
+                Some(Some(Ok(delivery))) => batch.push(delivery),
+                Some(Some(Err(e))) => return Err(e),
+                _ => break,
+            }
+        }
+        let mut results = Vec::with_capacity(batch.len());
+        let mut good = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            match decode::<TaskResult>(&delivery.body, &limits) {
+                Ok(result) => {
+                    results.push(result);
+                    good.push(delivery);
+                }
+                Err(e) => {
+                    error!(error = %e, message_id = ?delivery.message_id, "undecodable result; dead-lettering it");
+                    delivery.reject().await?;
+                }
+            }
+        }
+        let statuses: Vec<&'static str> = results.iter().map(|r| r.status.as_str()).collect();
+        let engine = shared.engine.clone();
+        let applied = tokio::task::spawn_blocking(move || engine.apply(&results))
+            .await
+            .map_err(|_| AmqpError::Closed)?;
+        match applied {
+            Ok(applied) => {
+                for status in statuses {
+                    shared
+                        .metrics
+                        .results_applied
+                        .get_or_create(&metrics::Status { status: status.into() })
+                        .inc();
+                }
+                shared.metrics.results_duplicate.inc_by(applied.duplicates as u64);
+                shared.metrics.tasks_retried.inc_by(applied.retried as u64);
+                shared.metrics.runs_finished.inc_by(applied.finished_runs as u64);
+                shared.outbox.notify_one();
+                for delivery in good {
+                    delivery.ack().await?;
+                }
+            }
+            Err(e) => {
+                // Not applied: leave unacked; the broker redelivers after reconnect.
+                error!(error = %e, "cannot apply results; reconnecting to get them again");
+                return Err(AmqpError::Closed);
+            }
+        }
+    }
+}
+
+/// Fire `workflow` at every occurrence of its schedule.
+async fn cron_loop(shared: Arc<Shared>, workflow: String, cron: croner::Cron, shutdown: CancellationToken) {
+    loop {
+        let now = chrono::Utc::now();
+        let Ok(next) = cron.find_next_occurrence(&now, false) else {
+            warn!(%workflow, "schedule has no next occurrence");
+            return;
+        };
+        let wait = (next - now).to_std().unwrap_or(Duration::ZERO);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let engine = shared.engine.clone();
+        let wf = workflow.clone();
+        match tokio::task::spawn_blocking(move || engine.submit(&wf, &Default::default())).await {
+            Ok(Ok(run)) => {
+                shared.metrics.runs_submitted.inc();
+                shared.outbox.notify_one();
+                info!(%workflow, run = %run.id, "scheduled run started");
+            }
+            Ok(Err(e)) => error!(%workflow, error = %e, "scheduled run refused"),
+            Err(e) => error!(%workflow, error = %e, "scheduled submit panicked"),
+        }
+    }
+}

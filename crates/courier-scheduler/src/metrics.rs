@@ -1,0 +1,64 @@
+//! The scheduler's Prometheus metrics: names and help text in one place.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Label for a status (task result status or run status): low cardinality.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Status {
+    pub status: String,
+}
+
+/// Every metric the scheduler exports.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub tasks_published: Counter,
+    pub results_applied: Family<Status, Counter>,
+    pub results_duplicate: Counter,
+    pub tasks_retried: Counter,
+    pub runs_submitted: Counter,
+    pub runs_finished: Counter,
+    pub outbox_pending: Gauge,
+    pub runs: Family<Status, Gauge>,
+}
+
+impl Metrics {
+    /// Register every metric under the `courier_` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "courier_tasks_published",
+            "Tasks confirmed by the broker",
+            self.tasks_published.clone(),
+        );
+        registry.register(
+            "courier_results_applied",
+            "Results applied, by status",
+            self.results_applied.clone(),
+        );
+        registry.register(
+            "courier_results_duplicate",
+            "Duplicate results ignored",
+            self.results_duplicate.clone(),
+        );
+        registry.register(
+            "courier_tasks_retried",
+            "Failed attempts scheduled again",
+            self.tasks_retried.clone(),
+        );
+        registry.register("courier_runs_submitted", "Runs started", self.runs_submitted.clone());
+        registry.register(
+            "courier_runs_finished",
+            "Runs that reached a final state",
+            self.runs_finished.clone(),
+        );
+        registry.register(
+            "courier_outbox_pending",
+            "Tasks written but not yet confirmed by the broker",
+            self.outbox_pending.clone(),
+        );
+        registry.register("courier_runs", "Runs in the database, by status", self.runs.clone());
+    }
+}

@@ -1,0 +1,202 @@
+//! `courier submit` and `courier runs`: the scheduler's HTTP API from a terminal.
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+struct Run {
+    id: String,
+    workflow: String,
+    status: String,
+    created_ms: i64,
+    finished_ms: Option<i64>,
+    error: Option<String>,
+    #[serde(default)]
+    steps: Vec<Step>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Step {
+    name: String,
+    status: String,
+    attempts: i64,
+    output: Option<String>,
+    error: Option<String>,
+    worker: Option<String>,
+    started_ms: Option<i64>,
+    finished_ms: Option<i64>,
+}
+
+fn client() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .context("building the HTTP client")
+}
+
+/// Turn an API response into a value or the API's error message.
+async fn read<T: serde::de::DeserializeOwned>(
+    api: &str,
+    response: reqwest::Result<reqwest::Response>,
+) -> anyhow::Result<T> {
+    let response =
+        response.with_context(|| format!("cannot reach the scheduler at {api} (is `courier scheduler` running?)"))?;
+    let status = response.status();
+    let body = response.text().await.context("reading the scheduler's answer")?;
+    if !status.is_success() {
+        let message = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(String::from))
+            .unwrap_or(body);
+        bail!("{message}");
+    }
+    serde_json::from_str(&body).with_context(|| format!("unexpected answer from {api}"))
+}
+
+/// Parse `k=v` parameters.
+pub fn parse_params(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    raw.iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+                .ok_or_else(|| anyhow!("--param takes KEY=VALUE, not \"{p}\""))
+        })
+        .collect()
+}
+
+pub async fn submit(
+    api: &str,
+    workflow: &str,
+    params: BTreeMap<String, String>,
+    wait: bool,
+) -> anyhow::Result<ExitCode> {
+    let client = client()?;
+    let body = serde_json::json!({ "workflow": workflow, "params": params });
+    let run: Run = read(api, client.post(format!("{api}/api/runs")).json(&body).send().await).await?;
+    println!("run {} ({}) submitted", run.id, run.workflow);
+    if !wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let started = Instant::now();
+    let mut seen: HashMap<String, String> = HashMap::new();
+    let run = loop {
+        let run: Run = read(api, client.get(format!("{api}/api/runs/{}", run.id)).send().await).await?;
+        for step in &run.steps {
+            if seen.get(&step.name) != Some(&step.status) {
+                let attempt = if step.attempts > 1 {
+                    format!(" (attempt {})", step.attempts)
+                } else {
+                    String::new()
+                };
+                println!("  {:<9} {}{attempt}", step.status, step.name);
+                seen.insert(step.name.clone(), step.status.clone());
+            }
+        }
+        if run.status != "running" {
+            break run;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!(
+        "run {} {} in {:.1}s",
+        run.id,
+        run.status,
+        started.elapsed().as_secs_f64()
+    );
+    for step in &run.steps {
+        match (&step.output, &step.error) {
+            (Some(output), _) if step.status == "succeeded" => println!("\n[{}]\n{output}", step.name),
+            (_, Some(error)) => println!("\n[{}] {}: {error}", step.name, step.status),
+            _ => {}
+        }
+    }
+    Ok(if run.status == "succeeded" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+pub async fn runs(
+    api: &str,
+    id: Option<&str>,
+    json: bool,
+    filters: &[(&str, Option<String>)],
+) -> anyhow::Result<ExitCode> {
+    let client = client()?;
+    if let Some(id) = id {
+        let value: serde_json::Value = read(api, client.get(format!("{api}/api/runs/{id}")).send().await).await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&value)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        let run: Run = serde_json::from_value(value)?;
+        println!("run       {}", run.id);
+        println!("workflow  {}", run.workflow);
+        println!("status    {}", run.status);
+        println!("duration  {}", duration(Some(run.created_ms), run.finished_ms));
+        if let Some(error) = &run.error {
+            println!("error     {error}");
+        }
+        println!(
+            "\n{:<24} {:<10} {:>8} {:>9}  {:<20} OUTPUT / ERROR",
+            "STEP", "STATUS", "ATTEMPTS", "DURATION", "WORKER"
+        );
+        for s in &run.steps {
+            let detail = s.error.as_deref().or(s.output.as_deref()).unwrap_or("");
+            println!(
+                "{:<24} {:<10} {:>8} {:>9}  {:<20} {}",
+                s.name,
+                s.status,
+                s.attempts,
+                duration(s.started_ms, s.finished_ms),
+                s.worker.as_deref().unwrap_or("-"),
+                one_line(detail, 80)
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let query: Vec<(&str, String)> = filters.iter().filter_map(|(k, v)| v.clone().map(|v| (*k, v))).collect();
+    let value: serde_json::Value = read(api, client.get(format!("{api}/api/runs")).query(&query).send().await).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let runs: Vec<Run> = serde_json::from_value(value)?;
+    println!(
+        "{:<38} {:<20} {:<10} {:>9}  ERROR",
+        "RUN", "WORKFLOW", "STATUS", "DURATION"
+    );
+    for r in runs {
+        println!(
+            "{:<38} {:<20} {:<10} {:>9}  {}",
+            r.id,
+            r.workflow,
+            r.status,
+            duration(Some(r.created_ms), r.finished_ms),
+            one_line(r.error.as_deref().unwrap_or(""), 60)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn duration(start: Option<i64>, end: Option<i64>) -> String {
+    match (start, end) {
+        (Some(s), Some(e)) => format!("{:.2}s", (e - s) as f64 / 1000.0),
+        (Some(_), None) => "…".into(),
+        _ => "-".into(),
+    }
+}
+
+fn one_line(text: &str, max: usize) -> String {
+    let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() > max {
+        format!("{}…", flat.chars().take(max).collect::<String>())
+    } else {
+        flat
+    }
+}

@@ -1,0 +1,128 @@
+//! `courier scheduler` and `courier worker`: settings, logs, signals, then the
+//! library's `run`, bounded by the shutdown grace period.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use courier_config::Config;
+use tokio_util::sync::CancellationToken;
+
+use crate::settings::Settings;
+
+/// Logs to stderr, `RUST_LOG`-style filter (default `info`), text or JSON.
+pub fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn,amq_protocol=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().flatten_event(true).with_current_span(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+/// A token cancelled on SIGTERM or SIGINT.
+fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        }
+        cancel.cancel();
+    });
+    token
+}
+
+/// Exit code for a configuration that cannot be used (EX_CONFIG).
+pub const EXIT_CONFIG: u8 = 78;
+
+pub fn scheduler(settings: Settings) -> anyhow::Result<ExitCode> {
+    init_logging(&settings.log_format);
+    let config = match Config::load(settings.config_dir()) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprint!("{errors}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let sc = courier_scheduler::SchedulerConfig {
+        amqp_url: settings.amqp_url.clone(),
+        names: settings.names(),
+        data_dir: settings.data_dir.clone(),
+        api_listen: settings.api_listen,
+        limits: courier_scheduler::engine::EngineLimits {
+            snapshot: settings.snapshot_limits(),
+            task: settings.task_limits(),
+        },
+        result_limits: settings.task_limits(),
+        delivery_limit: settings.delivery_limit,
+        connect_timeout: Duration::from_secs(settings.connect_timeout_secs),
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = shutdown_on_signals();
+        courier_scheduler::run(config, sc, shutdown).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn worker(settings: Settings) -> anyhow::Result<ExitCode> {
+    init_logging(&settings.log_format);
+    let pools: Vec<String> = settings
+        .worker_queues
+        .split(',')
+        .map(str::trim)
+        .filter(|q| !q.is_empty())
+        .map(String::from)
+        .collect();
+    if let Some(bad) = pools.iter().find(|q| !courier_config::is_slug(q)) {
+        anyhow::bail!("\"{bad}\" is not a queue name (lower-case letters, digits and single hyphens)");
+    }
+    if pools.is_empty() || settings.worker_concurrency == 0 {
+        anyhow::bail!("a worker needs at least one queue and a concurrency of at least 1");
+    }
+    let worker_id = settings.worker_id.clone().unwrap_or_else(default_worker_id);
+    let config = courier_worker::WorkerConfig {
+        amqp_url: settings.amqp_url.clone(),
+        names: settings.names(),
+        pools,
+        concurrency: settings.worker_concurrency,
+        worker_id,
+        task_limits: settings.task_limits(),
+        snapshot_limits: settings.snapshot_limits(),
+        capture: courier_worker::command::CaptureLimits {
+            stdout: settings.output_max_bytes,
+            ..Default::default()
+        },
+        delivery_limit: settings.delivery_limit,
+        shutdown_grace: Duration::from_secs(settings.shutdown_grace_secs),
+        connect_timeout: Duration::from_secs(settings.connect_timeout_secs),
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = shutdown_on_signals();
+        courier_worker::run(config, shutdown).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    format!("{host}-{}", std::process::id())
+}

@@ -1,0 +1,172 @@
+//! Runtime settings, layered: built-in defaults < `<config-dir>/courier.toml`
+//! < `COURIER_*` environment variables < command-line flags.
+//!
+//! Unknown keys in `courier.toml` are errors. Every key can be set in the
+//! environment as `COURIER_<KEY>` (for example `COURIER_AMQP_URL`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Every runtime setting, with its built-in default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Broker URL.
+    pub amqp_url: String,
+    /// Prefix of every exchange and queue name.
+    pub namespace: String,
+    /// The config folder (workflows/ and agents/).
+    pub config_dir: PathBuf,
+    /// The scheduler's data folder (SQLite database).
+    pub data_dir: PathBuf,
+    /// Where the scheduler's HTTP API listens.
+    pub api_listen: SocketAddr,
+    /// Where the CLI finds the scheduler's HTTP API.
+    pub api_url: String,
+    /// Steps a worker runs at once.
+    pub worker_concurrency: usize,
+    /// Pools a worker consumes, comma-separated.
+    pub worker_queues: String,
+    /// A worker's name (default: hostname and process id).
+    pub worker_id: Option<String>,
+    /// Redeliveries a task queue allows before dead-lettering.
+    pub delivery_limit: u32,
+    /// Largest snapshot frame, bytes.
+    pub snapshot_max_compressed: usize,
+    /// Largest decoded snapshot, bytes.
+    pub snapshot_max_decompressed: usize,
+    /// Largest task or result frame, bytes.
+    pub task_max_compressed: usize,
+    /// Largest decoded task or result, bytes.
+    pub task_max_decompressed: usize,
+    /// Bytes of a command's stdout kept as its output.
+    pub output_max_bytes: usize,
+    /// Seconds in-flight steps get to finish after SIGTERM.
+    pub shutdown_grace_secs: u64,
+    /// Seconds to keep trying to reach the broker.
+    pub connect_timeout_secs: u64,
+    /// Log format: `text` or `json`.
+    pub log_format: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            namespace: "courier".into(),
+            config_dir: "config".into(),
+            data_dir: "data".into(),
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            api_url: "http://127.0.0.1:8080".into(),
+            worker_concurrency: 4,
+            worker_queues: courier_config::DEFAULT_QUEUE.into(),
+            worker_id: None,
+            delivery_limit: courier_amqp::DEFAULT_DELIVERY_LIMIT,
+            snapshot_max_compressed: courier_wire::DEFAULT_MAX_COMPRESSED,
+            snapshot_max_decompressed: courier_wire::DEFAULT_MAX_DECOMPRESSED,
+            task_max_compressed: 4 * 1024 * 1024,
+            task_max_decompressed: 16 * 1024 * 1024,
+            output_max_bytes: 1024 * 1024,
+            shutdown_grace_secs: 30,
+            connect_timeout_secs: 60,
+            log_format: "text".into(),
+        }
+    }
+}
+
+/// Keys accepted from the environment (as `COURIER_<KEY>`).
+const ENV_KEYS: &[&str] = &[
+    "amqp_url",
+    "namespace",
+    "config_dir",
+    "data_dir",
+    "api_listen",
+    "api_url",
+    "worker_concurrency",
+    "worker_queues",
+    "worker_id",
+    "delivery_limit",
+    "snapshot_max_compressed",
+    "snapshot_max_decompressed",
+    "task_max_compressed",
+    "task_max_decompressed",
+    "output_max_bytes",
+    "shutdown_grace_secs",
+    "connect_timeout_secs",
+    "log_format",
+];
+
+impl Settings {
+    /// Load the layers. `flags` holds only the flags given on the command line.
+    ///
+    /// # Errors
+    /// A bad `courier.toml` (syntax, unknown key, wrong type) or a bad value.
+    pub fn load(flags: serde_json::Map<String, serde_json::Value>) -> anyhow::Result<Self> {
+        let env = || Env::prefixed("COURIER_").filter(|k| ENV_KEYS.contains(&k.as_str()));
+        // The config folder decides where courier.toml is, so resolve it first.
+        let config_dir: PathBuf = Figment::from(Serialized::defaults(Settings::default()))
+            .merge(env())
+            .merge(Serialized::defaults(&flags))
+            .extract_inner("config_dir")
+            .context("config_dir")?;
+        let file = config_dir.join("courier.toml");
+        let settings: Settings = Figment::from(Serialized::defaults(Settings::default()))
+            .merge(Toml::file(&file))
+            .merge(env())
+            .merge(Serialized::defaults(&flags))
+            .extract()
+            .with_context(|| format!("settings (defaults < {} < COURIER_* < flags)", file.display()))?;
+        if !matches!(settings.log_format.as_str(), "text" | "json") {
+            anyhow::bail!(
+                "log_format must be \"text\" or \"json\", not \"{}\"",
+                settings.log_format
+            );
+        }
+        Ok(settings)
+    }
+
+    /// Exchange and queue names.
+    pub fn names(&self) -> courier_amqp::Names {
+        courier_amqp::Names::new(self.namespace.clone())
+    }
+
+    /// Snapshot size bounds.
+    pub fn snapshot_limits(&self) -> courier_wire::Limits {
+        courier_wire::Limits {
+            max_compressed: self.snapshot_max_compressed,
+            max_decompressed: self.snapshot_max_decompressed,
+        }
+    }
+
+    /// Task and result size bounds.
+    pub fn task_limits(&self) -> courier_wire::Limits {
+        courier_wire::Limits {
+            max_compressed: self.task_max_compressed,
+            max_decompressed: self.task_max_decompressed,
+        }
+    }
+
+    /// The config folder, for messages.
+    pub fn config_dir(&self) -> &Path {
+        &self.config_dir
+    }
+}
+
+/// Collect flags that were given into a map for the top layer.
+#[derive(Debug, Default)]
+pub struct Flags(pub serde_json::Map<String, serde_json::Value>);
+
+impl Flags {
+    /// Set `key` when the flag was given.
+    pub fn set<T: Serialize>(&mut self, key: &str, value: Option<T>) -> &mut Self {
+        if let Some(v) = value.and_then(|v| serde_json::to_value(v).ok()) {
+            self.0.insert(key.to_string(), v);
+        }
+        self
+    }
+}
