@@ -4,4 +4,6 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod cli;
+mod cluster;
+mod dispatch;
 mod support;

@@ -31,6 +31,10 @@ pub enum AmqpError {
     /// The broker refused a publish (negative confirm).
     #[error("the broker refused the message to {exchange}/{routing_key}")]
     Nacked { exchange: String, routing_key: String },
+    /// An ack or reject could not be sent: the delivery's channel is gone, so
+    /// the broker will redeliver the message.
+    #[error("the delivery's channel is closed; the broker will redeliver the message")]
+    NotSettled,
     /// The publisher was shut down.
     #[error("the publisher is closed")]
     Closed,
@@ -421,7 +425,7 @@ impl Consumer {
     pub async fn next(&mut self) -> Option<Result<Delivery, AmqpError>> {
         loop {
             match self.consumer.next().await? {
-                Ok(delivery) => return Some(Ok(Delivery::from(delivery))),
+                Ok(delivery) => return Some(Ok(Delivery::new(delivery, self.channel.clone()))),
                 Err(error) => {
                     tracing::warn!(%error, "consumer interrupted; waiting for recovery");
                     if let Err(error) = self.channel.wait_for_recovery(error).await {
@@ -467,10 +471,13 @@ pub struct Delivery {
     /// Whether the broker delivered it before.
     pub redelivered: bool,
     acker: lapin::Acker,
+    /// lapin closes a channel when its last handle is dropped, which would
+    /// requeue this delivery: keep the channel open while it can be acked.
+    _channel: Channel,
 }
 
-impl From<lapin::message::Delivery> for Delivery {
-    fn from(d: lapin::message::Delivery) -> Self {
+impl Delivery {
+    fn new(d: lapin::message::Delivery, channel: Channel) -> Self {
         let headers = d
             .properties
             .headers()
@@ -504,11 +511,10 @@ impl From<lapin::message::Delivery> for Delivery {
             headers,
             redelivered: d.redelivered,
             acker: d.acker,
+            _channel: channel,
         }
     }
-}
 
-impl Delivery {
     /// A string header.
     pub fn header_str(&self, key: &str) -> Option<&str> {
         match self.headers.get(key) {
@@ -530,8 +536,7 @@ impl Delivery {
     /// # Errors
     /// The channel is gone; the broker will redeliver the message.
     pub async fn ack(&self) -> Result<(), AmqpError> {
-        self.acker.ack(BasicAckOptions::default()).await?;
-        Ok(())
+        settled(self.acker.ack(BasicAckOptions::default()).await?)
     }
 
     /// Reject without requeue: the message is dead-lettered.
@@ -539,8 +544,7 @@ impl Delivery {
     /// # Errors
     /// The channel is gone; the broker will redeliver the message.
     pub async fn reject(&self) -> Result<(), AmqpError> {
-        self.acker.reject(BasicRejectOptions { requeue: false }).await?;
-        Ok(())
+        settled(self.acker.reject(BasicRejectOptions { requeue: false }).await?)
     }
 
     /// Reject with requeue: the message goes back to its queue.
@@ -548,7 +552,12 @@ impl Delivery {
     /// # Errors
     /// The channel is gone; the broker will redeliver the message.
     pub async fn requeue(&self) -> Result<(), AmqpError> {
-        self.acker.reject(BasicRejectOptions { requeue: true }).await?;
-        Ok(())
+        settled(self.acker.reject(BasicRejectOptions { requeue: true }).await?)
     }
+}
+
+/// lapin reports `false` when the delivery's channel is gone or it was
+/// already settled: the broker will redeliver it, so say so.
+fn settled(done: bool) -> Result<(), AmqpError> {
+    if done { Ok(()) } else { Err(AmqpError::NotSettled) }
 }

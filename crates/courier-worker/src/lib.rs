@@ -221,10 +221,10 @@ async fn handle(delivery: Delivery, config: &WorkerConfig, cache: &SnapshotCache
             memory_updates: Vec::new(),
         };
         info!(status = status.as_str(), ms = result.finished_unix_ms.saturating_sub(started), "step finished");
-        if publish_result(&result, config, publisher).await {
-            if let Err(e) = delivery.ack().await {
-                warn!(error = %e, "ack failed after the result was confirmed; the task will be redelivered and its result applied once");
-            }
+        if publish_result(&result, config, publisher).await
+            && let Err(e) = delivery.ack().await
+        {
+            warn!(error = %e, "ack failed after the result was confirmed; the task will be redelivered and its result applied once");
         }
     }
     .instrument(span)

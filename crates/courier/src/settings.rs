@@ -107,7 +107,7 @@ impl Settings {
     /// # Errors
     /// A bad `courier.toml` (syntax, unknown key, wrong type) or a bad value.
     pub fn load(flags: serde_json::Map<String, serde_json::Value>) -> anyhow::Result<Self> {
-        let env = || Env::prefixed("COURIER_").filter(|k| ENV_KEYS.contains(&k.as_str()));
+        let env = || Env::prefixed("COURIER_").only(ENV_KEYS);
         // The config folder decides where courier.toml is, so resolve it first.
         let config_dir: PathBuf = Figment::from(Serialized::defaults(Settings::default()))
             .merge(env())

@@ -1,0 +1,290 @@
+//! A Courier deployment as plain processes: one scheduler and N workers of the
+//! real `courier` binary against the real RabbitMQ, in a namespace of its own
+//! so tests run in parallel. Dropping it kills the processes and deletes the
+//! namespace's queues and exchanges.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::support::{copy_dir, example_config};
+
+pub fn amqp_url() -> String {
+    std::env::var("COURIER_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Builds a [`Cluster`].
+pub struct Builder {
+    workflows: Vec<(String, String)>,
+    workers: usize,
+    concurrency: usize,
+    pools: Vec<String>,
+}
+
+impl Builder {
+    /// Add (or replace) `workflows/NAME.yaml`.
+    pub fn workflow(mut self, name: &str, yaml: &str) -> Self {
+        self.workflows.push((name.into(), yaml.into()));
+        self
+    }
+
+    /// How many workers to start (default 3).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// Steps each worker runs at once (default 4).
+    #[allow(dead_code)] // used by the benchmark-style tests of later issues
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    pub fn start(self) -> Cluster {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let config_dir = dir.path().join("config");
+        copy_dir(&example_config(), &config_dir);
+        for (name, yaml) in &self.workflows {
+            std::fs::write(config_dir.join("workflows").join(format!("{name}.yaml")), yaml).expect("write workflow");
+        }
+        let mut cluster = Cluster {
+            namespace: format!("it-{}", uuid::Uuid::now_v7()),
+            data_dir: dir.path().join("data"),
+            config_dir,
+            dir,
+            scheduler: None,
+            workers: Vec::new(),
+            api: String::new(),
+            pools: self.pools,
+            log_seq: 0,
+        };
+        cluster.start_scheduler();
+        for i in 0..self.workers {
+            cluster.start_worker(&format!("w{}", i + 1), self.concurrency);
+        }
+        cluster
+    }
+}
+
+pub struct Cluster {
+    pub namespace: String,
+    pub config_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub dir: tempfile::TempDir,
+    scheduler: Option<Child>,
+    pub workers: Vec<(String, Child)>,
+    pub api: String,
+    pools: Vec<String>,
+    log_seq: usize,
+}
+
+impl Cluster {
+    pub fn builder() -> Builder {
+        Builder {
+            workflows: Vec::new(),
+            workers: 3,
+            concurrency: 4,
+            pools: vec!["default".into()],
+        }
+    }
+
+    /// A `courier` command set up for this cluster (namespace, folders, API).
+    pub fn courier(&self) -> Command {
+        let mut cmd = crate::support::courier();
+        cmd.env("COURIER_AMQP_URL", amqp_url())
+            .env("COURIER_NAMESPACE", &self.namespace)
+            .env("COURIER_CONFIG_DIR", &self.config_dir)
+            .env("COURIER_DATA_DIR", &self.data_dir)
+            .env("COURIER_API_LISTEN", "127.0.0.1:0")
+            .env("COURIER_API_URL", &self.api)
+            .env("COURIER_CONNECT_TIMEOUT_SECS", "30")
+            .env("COURIER_SHUTDOWN_GRACE_SECS", "20");
+        cmd
+    }
+
+    fn log_file(&mut self, name: &str) -> std::fs::File {
+        self.log_seq += 1;
+        let path = self.dir.path().join(format!("{:02}-{name}.log", self.log_seq));
+        std::fs::File::create(path).expect("log file")
+    }
+
+    /// Start the scheduler and wait until its API answers.
+    pub fn start_scheduler(&mut self) {
+        let addr_file = self.data_dir.join("api.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = self.log_file("scheduler");
+        let child = self
+            .courier()
+            .arg("scheduler")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start scheduler");
+        self.scheduler = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(addr) = std::fs::read_to_string(&addr_file)
+                && !addr.is_empty()
+            {
+                self.api = format!("http://{addr}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "scheduler did not start:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Wait until it is connected to the broker.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while reqwest::blocking::get(format!("{}/healthz", self.api)).map_or(true, |r| !r.status().is_success()) {
+            assert!(
+                Instant::now() < deadline,
+                "scheduler never reached the broker:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL the scheduler.
+    pub fn kill_scheduler(&mut self) {
+        if let Some(mut child) = self.scheduler.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start a worker named `id`.
+    pub fn start_worker(&mut self, id: &str, concurrency: usize) {
+        let log = self.log_file(&format!("worker-{id}"));
+        let child = self
+            .courier()
+            .args(["worker", "--worker-id", id, "--concurrency", &concurrency.to_string()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start worker");
+        self.workers.push((id.to_string(), child));
+    }
+
+    /// Send SIGTERM to worker `id` and wait for its exit status.
+    pub fn terminate_worker(&mut self, id: &str) -> std::process::ExitStatus {
+        let i = self.workers.iter().position(|(w, _)| w == id).expect("no such worker");
+        let (_, mut child) = self.workers.remove(i);
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+        child.wait().expect("wait worker")
+    }
+
+    /// POST a run; `Err` holds the API's error message.
+    pub fn submit(&self, workflow: &str, params: &[(&str, &str)]) -> Result<String, String> {
+        let params: serde_json::Map<String, Value> =
+            params.iter().map(|(k, v)| ((*k).into(), Value::from(*v))).collect();
+        let response = reqwest::blocking::Client::new()
+            .post(format!("{}/api/runs", self.api))
+            .json(&serde_json::json!({ "workflow": workflow, "params": params }))
+            .send()
+            .expect("POST /api/runs");
+        let ok = response.status().is_success();
+        let body: Value = response.json().expect("JSON answer");
+        if ok {
+            Ok(body["id"].as_str().expect("run id").to_string())
+        } else {
+            Err(body["error"].as_str().unwrap_or_default().to_string())
+        }
+    }
+
+    /// GET a run.
+    pub fn run(&self, id: &str) -> Value {
+        reqwest::blocking::get(format!("{}/api/runs/{id}", self.api))
+            .and_then(|r| r.json())
+            .expect("GET /api/runs/{id}")
+    }
+
+    /// Wait until a run leaves `running`.
+    pub fn wait_run(&self, id: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let run = self.run(id);
+            if run["status"] != "running" {
+                return run;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "run {id} still running after {timeout:?}: {run:#}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Messages ready in a pool's task queue.
+    pub fn queue_depth(&self, pool: &str) -> u32 {
+        let names = courier_amqp::Names::new(self.namespace.clone());
+        block_on(async {
+            let broker = courier_amqp::Broker::connect(&amqp_url(), names.clone(), "courier-it")
+                .await
+                .expect("connect");
+            let (depth, _) = broker.queue_depth(&names.task_queue(pool)).await.expect("queue depth");
+            let _ = broker.close().await;
+            depth
+        })
+    }
+
+    /// Every process's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut files: Vec<_> = std::fs::read_dir(self.dir.path())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "log"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files
+            .iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(p).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                format!(
+                    "--- {} ---\n{}",
+                    p.file_name().unwrap_or_default().to_string_lossy(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        self.kill_scheduler();
+        for (_, child) in &mut self.workers {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let names = courier_amqp::Names::new(self.namespace.clone());
+        let pools = self.pools.clone();
+        block_on(async {
+            if let Ok(broker) = courier_amqp::Broker::connect(&amqp_url(), names, "courier-it-cleanup").await {
+                let _ = broker.delete_topology(&pools).await;
+                let _ = broker.close().await;
+            }
+        });
+    }
+}

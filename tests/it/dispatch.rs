@@ -1,0 +1,237 @@
+//! The dispatch path end to end: one scheduler and three workers as real
+//! processes against the real RabbitMQ.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::cluster::Cluster;
+use crate::support::run;
+
+fn step<'a>(run: &'a Value, name: &str) -> &'a Value {
+    run["steps"]
+        .as_array()
+        .and_then(|steps| steps.iter().find(|s| s["name"] == name))
+        .unwrap_or_else(|| panic!("no step {name} in {run:#}"))
+}
+
+#[test]
+fn fan_out_fan_in_completes_with_outputs_passed_downstream() {
+    let cluster = Cluster::builder().start();
+    let id = cluster
+        .submit("fanout", &[("text", "one two three four five six seven")])
+        .unwrap();
+    let run = cluster.wait_run(&id, Duration::from_secs(60));
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(step(&run, "split")["output"], "7");
+    assert_eq!(step(&run, "count-a")["output"], "2");
+    assert_eq!(step(&run, "count-c")["output"], "3");
+    assert_eq!(step(&run, "merge")["output"], "7");
+    for s in run["steps"].as_array().unwrap() {
+        assert_eq!(s["status"], "succeeded");
+        assert_eq!(s["attempts"], 1);
+    }
+}
+
+#[test]
+fn two_hundred_parallel_steps_spread_over_all_three_workers() {
+    let mut yaml = String::from("steps:\n");
+    for i in 0..200 {
+        yaml.push_str(&format!(
+            "  - name: s{i}\n    command: [\"sh\", \"-c\", \"sleep 0.05; echo {i}\"]\n    timeout: 30s\n"
+        ));
+    }
+    let cluster = Cluster::builder().workflow("wide", &yaml).start();
+    let id = cluster.submit("wide", &[]).unwrap();
+    let run = cluster.wait_run(&id, Duration::from_secs(120));
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let mut per_worker: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, s) in run["steps"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(s["status"], "succeeded");
+        assert_eq!(s["output"], i.to_string());
+        *per_worker.entry(s["worker"].as_str().unwrap().to_string()).or_default() += 1;
+    }
+    assert_eq!(
+        per_worker.keys().collect::<Vec<_>>(),
+        ["w1", "w2", "w3"],
+        "{per_worker:?}"
+    );
+    assert_eq!(per_worker.values().sum::<usize>(), 200);
+}
+
+#[test]
+fn a_failing_step_fails_the_run_with_its_stderr_and_skips_dependents() {
+    let yaml = r#"
+steps:
+  - name: ok
+    command: ["echo", "fine"]
+  - name: broken
+    command: ["sh", "-c", "echo 'disk on fire' >&2; exit 2"]
+  - name: after
+    depends: [broken]
+    command: ["echo", "never"]
+  - name: after-after
+    depends: [after, ok]
+    command: ["echo", "never"]
+"#;
+    let cluster = Cluster::builder().workflow("fails", yaml).start();
+    let id = cluster.submit("fails", &[]).unwrap();
+    let run = cluster.wait_run(&id, Duration::from_secs(60));
+    assert_eq!(run["status"], "failed");
+    assert_eq!(run["error"], "step(s) failed: broken");
+    assert_eq!(step(&run, "ok")["status"], "succeeded");
+    assert_eq!(step(&run, "broken")["status"], "failed");
+    assert_eq!(step(&run, "broken")["error"], "exit status 2: disk on fire");
+    assert_eq!(step(&run, "after")["status"], "skipped");
+    assert_eq!(step(&run, "after")["error"], "upstream step \"broken\" failed");
+    assert_eq!(step(&run, "after-after")["status"], "skipped");
+}
+
+#[test]
+fn a_timed_out_step_is_killed_and_reported() {
+    let yaml = r#"
+steps:
+  - name: slow
+    command: ["sleep", "30"]
+    timeout: 500ms
+"#;
+    let cluster = Cluster::builder().workers(1).workflow("slow", yaml).start();
+    let id = cluster.submit("slow", &[]).unwrap();
+    let run = cluster.wait_run(&id, Duration::from_secs(30));
+    assert_eq!(run["status"], "failed");
+    assert_eq!(step(&run, "slow")["error"], "timed out after 500ms");
+}
+
+#[test]
+fn a_retry_policy_runs_the_step_again() {
+    // Fails on the first two attempts (a counter file), succeeds on the third.
+    let cluster_dir = tempfile::TempDir::new().unwrap();
+    let counter = cluster_dir.path().join("count");
+    let yaml = format!(
+        r#"
+steps:
+  - name: flaky
+    command: ["sh", "-c", "n=$(cat {c} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {c}; [ $n -ge 3 ] && echo third-time-lucky || exit 1"]
+    retry: {{limit: 2, backoff: 100ms, max_backoff: 1s}}
+"#,
+        c = counter.display()
+    );
+    let cluster = Cluster::builder().workers(1).workflow("flaky", &yaml).start();
+    let id = cluster.submit("flaky", &[]).unwrap();
+    let run = cluster.wait_run(&id, Duration::from_secs(30));
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(step(&run, "flaky")["attempts"], 3);
+    assert_eq!(step(&run, "flaky")["output"], "third-time-lucky");
+}
+
+#[test]
+fn a_run_survives_a_scheduler_restart() {
+    let yaml = r#"
+steps:
+  - name: first
+    command: ["sh", "-c", "sleep 1.5; echo one"]
+  - name: second
+    depends: [first]
+    command: ["sh", "-c", "echo \"$0 two\"", "${first.output}"]
+"#;
+    let mut cluster = Cluster::builder().workers(2).workflow("restart", yaml).start();
+    let id = cluster.submit("restart", &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    cluster.kill_scheduler();
+    // The first step finishes while no scheduler runs; its result waits in the queue.
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.start_scheduler();
+    let run = cluster.wait_run(&id, Duration::from_secs(60));
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(step(&run, "second")["output"], "one two");
+}
+
+#[test]
+fn submit_errors_are_clear_and_publish_nothing() {
+    let cluster = Cluster::builder().workers(0).start();
+    assert_eq!(
+        cluster.submit("nope", &[]).unwrap_err(),
+        "unknown workflow \"nope\" (known: digest, fanout, research)"
+    );
+    assert_eq!(
+        cluster.submit("research", &[]).unwrap_err(),
+        "workflow \"research\" needs parameter \"topic\": pass --param topic=VALUE"
+    );
+    assert_eq!(
+        cluster
+            .submit("research", &[("topic", "x"), ("colour", "red")])
+            .unwrap_err(),
+        "workflow \"research\" has no parameter \"colour\" (it has: topic)"
+    );
+    // The CLI shows the same message and exits non-zero.
+    let (out, _, stderr) = run(cluster.courier().args(["submit", "research", "--wait"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr,
+        "error: workflow \"research\" needs parameter \"topic\": pass --param topic=VALUE\n"
+    );
+    // Nothing was published and no run was recorded.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(cluster.queue_depth("default"), 0);
+    let runs: Value = reqwest::blocking::get(format!("{}/api/runs", cluster.api))
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(runs, serde_json::json!([]));
+}
+
+#[test]
+fn submit_wait_prints_progress_and_outputs_and_runs_shows_history() {
+    let cluster = Cluster::builder().workers(1).start();
+    let (out, stdout, stderr) = run(cluster
+        .courier()
+        .args(["submit", "fanout", "--wait", "-p", "text=a b c d e f"]));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("succeeded merge\n"), "{stdout}");
+    assert!(stdout.contains("\n[merge]\n6\n"), "{stdout}");
+    let id = stdout.split_whitespace().nth(1).unwrap().to_string();
+
+    let (out, stdout, _) = run(cluster.courier().args(["runs"]));
+    assert!(out.status.success());
+    assert!(
+        stdout.contains(&id) && stdout.contains("fanout") && stdout.contains("succeeded"),
+        "{stdout}"
+    );
+
+    let (out, stdout, _) = run(cluster.courier().args(["runs", &id]));
+    assert!(out.status.success());
+    assert!(stdout.contains("status    succeeded"), "{stdout}");
+    assert!(stdout.contains("merge"), "{stdout}");
+
+    let (out, stdout, _) = run(cluster.courier().args(["runs", "--json", "--status", "succeeded"]));
+    assert!(out.status.success());
+    let runs: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(runs.as_array().unwrap().len(), 1);
+
+    // A failed run makes `submit --wait` exit non-zero.
+    std::fs::write(cluster.config_dir.join("workflows/fanout.yaml"), "unused").unwrap();
+    let (out, _, stderr) = run(cluster.courier().args(["runs", "no-such-run"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr, "error: no run \"no-such-run\"\n");
+}
+
+#[test]
+fn a_worker_given_sigterm_finishes_its_step_and_exits_zero() {
+    let yaml = r#"
+steps:
+  - name: long
+    command: ["sh", "-c", "sleep 1.5; echo done"]
+"#;
+    let mut cluster = Cluster::builder().workers(1).workflow("long", yaml).start();
+    let id = cluster.submit("long", &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let status = cluster.terminate_worker("w1");
+    assert_eq!(status.code(), Some(0), "{}", cluster.logs());
+    // Its result was published and acked before it exited: the run completes
+    // with no worker left, and nothing waits for redelivery.
+    let run = cluster.wait_run(&id, Duration::from_secs(10));
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(step(&run, "long")["attempts"], 1);
+    assert_eq!(cluster.queue_depth("default"), 0, "{}", cluster.logs());
+}
