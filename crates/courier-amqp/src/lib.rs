@@ -539,6 +539,15 @@ impl Delivery {
         settled(self.acker.ack(BasicAckOptions::default()).await?)
     }
 
+    /// Acknowledge this delivery and every earlier unacknowledged one on its
+    /// channel, in one frame.
+    ///
+    /// # Errors
+    /// The channel is gone; the broker will redeliver the messages.
+    pub async fn ack_all_up_to(&self) -> Result<(), AmqpError> {
+        settled(self.acker.ack(BasicAckOptions { multiple: true }).await?)
+    }
+
     /// Reject without requeue: the message is dead-lettered.
     ///
     /// # Errors

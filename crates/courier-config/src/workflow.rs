@@ -130,6 +130,8 @@ struct StepFile {
     env: BTreeMap<String, String>,
     #[serde(default)]
     agent: Option<AgentFile>,
+    #[serde(default)]
+    echo: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -298,15 +300,21 @@ impl Workflow {
             if s.retry.backoff > s.retry.max_backoff {
                 errors.push(step_err("retry.backoff", "backoff is longer than max_backoff".into()));
             }
-            let run = match (&s.command, &s.agent) {
-                (Some(_), Some(_)) | (None, None) => {
-                    errors.push(step_err(
-                        "command",
-                        "a step has exactly one of `command` and `agent`".into(),
-                    ));
-                    continue;
-                }
-                (Some(argv), None) => {
+            let kinds =
+                usize::from(s.command.is_some()) + usize::from(s.agent.is_some()) + usize::from(s.echo.is_some());
+            if kinds != 1 {
+                errors.push(step_err(
+                    "command",
+                    "a step has exactly one of `command`, `agent` and `echo`".into(),
+                ));
+                continue;
+            }
+            if s.echo.is_some() && !s.env.is_empty() {
+                errors.push(step_err("env", "`env` applies to command steps only".into()));
+            }
+            let run = match (&s.command, &s.agent, &s.echo) {
+                (_, _, Some(text)) => StepRun::Echo { text: text.clone() },
+                (Some(argv), _, None) => {
                     if argv.is_empty() || argv[0].is_empty() {
                         errors.push(step_err(
                             "command",
@@ -318,7 +326,7 @@ impl Workflow {
                         env: s.env.clone(),
                     }
                 }
-                (None, Some(a)) => {
+                (None, Some(a), None) => {
                     if !s.env.is_empty() {
                         errors.push(step_err("env", "`env` applies to command steps only".into()));
                     }
@@ -336,6 +344,7 @@ impl Workflow {
                         max_iterations: a.max_iterations,
                     })
                 }
+                (None, None, None) => continue,
             };
             steps.push(Step {
                 name: s.name.clone(),
@@ -429,6 +438,7 @@ impl Step {
                     .collect::<Result<_, String>>()?,
                 ..a.clone()
             }),
+            StepRun::Echo { text } => StepRun::Echo { text: r(text)? },
         };
         Ok(StepSpec {
             timeout: self.timeout,
@@ -453,6 +463,7 @@ impl Step {
                         .map(|(i, m)| (format!("agent.messages.{i}.content"), m.content.as_str())),
                 )
                 .collect(),
+            StepRun::Echo { text } => vec![("echo".to_string(), text.as_str())],
         }
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! The `tasks` table is also the outbox: a task row is written in the same
 //! transaction that decides to dispatch it, and published afterwards; rows not
-//! yet confirmed by the broker are published again after a restart.
+//! yet confirmed by the broker are published again after a restart. Rows hold
+//! no task bodies: a task is rebuilt from its row, the run's params and the
+//! upstream outputs, so the database only stores what is needed for that.
 
 use std::path::Path;
 
@@ -45,7 +47,6 @@ CREATE TABLE IF NOT EXISTS tasks (
     queue         TEXT NOT NULL,
     status        TEXT NOT NULL,
     snapshot_hash TEXT NOT NULL,
-    body          BLOB,
     published     INTEGER NOT NULL DEFAULT 0,
     not_before_ms INTEGER NOT NULL,
     created_ms    INTEGER NOT NULL,
@@ -108,10 +109,10 @@ pub struct StepView {
 pub struct OutboxTask {
     pub task_id: String,
     pub run_id: String,
+    pub step: String,
     pub queue: String,
     pub attempt: u32,
     pub snapshot_hash: String,
-    pub body: Vec<u8>,
 }
 
 /// What a task row says about an attempt.
@@ -121,15 +122,6 @@ pub struct TaskRow {
     pub step: String,
     pub attempt: u32,
     pub status: String,
-}
-
-/// A step row inside a transaction.
-#[derive(Debug, Clone)]
-pub struct StepRow {
-    pub name: String,
-    pub status: String,
-    pub attempts: u32,
-    pub output: Option<String>,
 }
 
 impl Db {
@@ -142,6 +134,8 @@ impl Db {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // Checkpoint less often: pages rewritten in between are copied once.
+        conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
         conn.execute_batch(SCHEMA)?;
         Ok(Self { conn })
     }
@@ -166,17 +160,17 @@ impl Db {
     /// SQLite's.
     pub fn due_tasks(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxTask>, DbError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT task_id, run_id, queue, attempt, snapshot_hash, body FROM tasks
-             WHERE published = 0 AND not_before_ms <= ?1 ORDER BY not_before_ms LIMIT ?2",
+            "SELECT task_id, run_id, step, queue, attempt, snapshot_hash FROM tasks
+             WHERE published = 0 AND status = 'dispatched' AND not_before_ms <= ?1 ORDER BY not_before_ms LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
             Ok(OutboxTask {
                 task_id: r.get(0)?,
                 run_id: r.get(1)?,
-                queue: r.get(2)?,
-                attempt: r.get(3)?,
-                snapshot_hash: r.get(4)?,
-                body: r.get::<_, Option<Vec<u8>>>(5)?.unwrap_or_default(),
+                step: r.get(2)?,
+                queue: r.get(3)?,
+                attempt: r.get(4)?,
+                snapshot_hash: r.get(5)?,
             })
         })?;
         rows.collect()
@@ -187,19 +181,20 @@ impl Db {
     /// # Errors
     /// SQLite's.
     pub fn next_due_ms(&self) -> Result<Option<i64>, DbError> {
-        self.conn
-            .query_row("SELECT MIN(not_before_ms) FROM tasks WHERE published = 0", [], |r| {
-                r.get(0)
-            })
+        self.conn.query_row(
+            "SELECT MIN(not_before_ms) FROM tasks WHERE published = 0 AND status = 'dispatched'",
+            [],
+            |r| r.get(0),
+        )
     }
 
-    /// Mark tasks as confirmed by the broker, dropping their stored bodies.
+    /// Mark tasks as confirmed by the broker.
     ///
     /// # Errors
     /// SQLite's.
     pub fn mark_published(&mut self, task_ids: &[String]) -> Result<(), DbError> {
         self.transaction(|tx| {
-            let mut stmt = tx.prepare_cached("UPDATE tasks SET published = 1, body = NULL WHERE task_id = ?1")?;
+            let mut stmt = tx.prepare_cached("UPDATE tasks SET published = 1 WHERE task_id = ?1")?;
             for id in task_ids {
                 stmt.execute([id])?;
             }
@@ -257,6 +252,19 @@ impl Db {
         rows.collect()
     }
 
+    /// Milliseconds from each task's dispatch (outbox write) to its result
+    /// being applied, for every finished task, sorted.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn task_latencies_ms(&self) -> Result<Vec<i64>, DbError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT finished_ms - created_ms FROM tasks WHERE finished_ms IS NOT NULL ORDER BY 1")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect()
+    }
+
     /// Runs by status, for metrics.
     ///
     /// # Errors
@@ -286,7 +294,7 @@ fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunView> {
 
 /// Statements used inside the engine's transactions.
 pub mod tx {
-    use super::{DbError, OptionalExtension, StepRow, TaskRow, Transaction, params};
+    use super::{DbError, OptionalExtension, TaskRow, Transaction, params};
 
     /// Insert a run.
     pub fn insert_run(
@@ -328,15 +336,14 @@ pub mod tx {
         attempt: u32,
         queue: &str,
         snapshot_hash: &str,
-        body: &[u8],
         not_before_ms: i64,
         now: i64,
     ) -> Result<(), DbError> {
         tx.prepare_cached(
-            "INSERT INTO tasks (task_id, run_id, step, attempt, queue, status, snapshot_hash, body, not_before_ms, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'dispatched', ?6, ?7, ?8, ?9)",
+            "INSERT INTO tasks (task_id, run_id, step, attempt, queue, status, snapshot_hash, not_before_ms, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'dispatched', ?6, ?7, ?8)",
         )?
-        .execute(params![task_id, run, step, attempt, queue, snapshot_hash, body, not_before_ms, now])?;
+        .execute(params![task_id, run, step, attempt, queue, snapshot_hash, not_before_ms, now])?;
         Ok(())
     }
 
@@ -361,25 +368,46 @@ pub mod tx {
         Ok(())
     }
 
-    /// The run's workflow name, params JSON and status.
-    pub fn run(tx: &Transaction<'_>, run: &str) -> Result<Option<(String, String, String)>, DbError> {
-        tx.prepare_cached("SELECT workflow, params, status FROM runs WHERE id = ?1")?
-            .query_row([run], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+    /// The run's workflow name and status.
+    pub fn run(tx: &Transaction<'_>, run: &str) -> Result<Option<(String, String)>, DbError> {
+        tx.prepare_cached("SELECT workflow, status FROM runs WHERE id = ?1")?
+            .query_row([run], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()
     }
 
-    /// Every step of a run.
-    pub fn steps(tx: &Transaction<'_>, run: &str) -> Result<Vec<StepRow>, DbError> {
-        let mut stmt = tx.prepare_cached("SELECT name, status, attempts, output FROM steps WHERE run_id = ?1")?;
-        let rows = stmt.query_map([run], |r| {
-            Ok(StepRow {
-                name: r.get(0)?,
-                status: r.get(1)?,
-                attempts: r.get(2)?,
-                output: r.get(3)?,
-            })
-        })?;
+    /// The run's params as JSON.
+    pub fn run_params(tx: &Transaction<'_>, run: &str) -> Result<String, DbError> {
+        tx.prepare_cached("SELECT params FROM runs WHERE id = ?1")?
+            .query_row([run], |r| r.get(0))
+    }
+
+    /// One step's status.
+    pub fn step_status(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option<String>, DbError> {
+        tx.prepare_cached("SELECT status FROM steps WHERE run_id = ?1 AND name = ?2")?
+            .query_row([run, name], |r| r.get(0))
+            .optional()
+    }
+
+    /// How many steps of the run are pending or running.
+    pub fn open_steps(tx: &Transaction<'_>, run: &str) -> Result<i64, DbError> {
+        tx.prepare_cached("SELECT COUNT(*) FROM steps WHERE run_id = ?1 AND status IN ('pending', 'running')")?
+            .query_row([run], |r| r.get(0))
+    }
+
+    /// Names of the run's failed steps, in workflow order.
+    pub fn failed_steps(tx: &Transaction<'_>, run: &str) -> Result<Vec<String>, DbError> {
+        let mut stmt =
+            tx.prepare_cached("SELECT name FROM steps WHERE run_id = ?1 AND status = 'failed' ORDER BY position")?;
+        let rows = stmt.query_map([run], |r| r.get(0))?;
         rows.collect()
+    }
+
+    /// The output of one step of a run, if it has one.
+    pub fn step_output(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option<String>, DbError> {
+        tx.prepare_cached("SELECT output FROM steps WHERE run_id = ?1 AND name = ?2 AND status = 'succeeded'")?
+            .query_row([run, name], |r| r.get(0))
+            .optional()
+            .map(Option::flatten)
     }
 
     /// A step is dispatched for `attempt`.

@@ -13,7 +13,7 @@ use courier_wire::{ContentHash, Limits, Task, TaskResult, TaskStatus, WireError,
 use rusqlite::Transaction;
 use uuid::Uuid;
 
-use crate::db::{Db, DbError, RunView, run_status, step_status, tx};
+use crate::db::{Db, DbError, OutboxTask, RunView, run_status, step_status, tx};
 
 /// Why a submission was refused; nothing was stored or published.
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +84,18 @@ pub struct Engine {
     db: Mutex<Db>,
     limits: EngineLimits,
     snapshots: Mutex<HashMap<(String, String), Arc<EncodedSnapshot>>>,
+    /// Encoded tasks committed to the outbox and not yet published, by task
+    /// id, with their total size (bounded by [`MAX_KEPT_BODY_BYTES`]).
+    bodies: Mutex<(HashMap<String, Vec<u8>>, usize)>,
 }
+
+/// Memory for encoded tasks waiting to be published; past it, the outbox
+/// rebuilds tasks from the database instead, so a burst of submissions cannot
+/// grow the scheduler without bound.
+pub const MAX_KEPT_BODY_BYTES: usize = 64 * 1024 * 1024;
+
+/// Tasks written in the current transaction: (task id, encoded body).
+type Written = Vec<(String, Vec<u8>)>;
 
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
@@ -100,7 +111,73 @@ impl Engine {
             db: Mutex::new(db),
             limits,
             snapshots: Mutex::new(HashMap::new()),
+            bodies: Mutex::new((HashMap::new(), 0)),
         }
+    }
+
+    /// Keep the bodies of committed tasks for the outbox, within the budget.
+    fn stash(&self, written: Written) {
+        let mut kept = self.bodies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (id, body) in written {
+            if kept.1 + body.len() > MAX_KEPT_BODY_BYTES {
+                break;
+            }
+            kept.1 += body.len();
+            kept.0.insert(id, body);
+        }
+    }
+
+    /// The encoded task and its snapshot hash for an outbox row: the body kept
+    /// since commit, or, after a restart, the task rebuilt with the same id and
+    /// attempt from the run's params and upstream outputs.
+    ///
+    /// # Errors
+    /// The run, workflow or step is gone, or the task cannot be built any more.
+    pub fn task_body(&self, row: &OutboxTask) -> Result<(Vec<u8>, String), SubmitError> {
+        let kept = {
+            let mut kept = self.bodies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let body = kept.0.remove(&row.task_id);
+            kept.1 -= body.as_ref().map_or(0, Vec::len);
+            body
+        };
+        if let Some(body) = kept {
+            return Ok((body, row.snapshot_hash.clone()));
+        }
+        self.with_db(|db| {
+            db.transaction(|t| {
+                let gone = |what: String| SubmitError::Template {
+                    step: row.step.clone(),
+                    message: what,
+                };
+                let (workflow, _) =
+                    tx::run(t, &row.run_id)?.ok_or_else(|| gone(format!("run {} is gone", row.run_id)))?;
+                let wf = self
+                    .config
+                    .workflows
+                    .get(&workflow)
+                    .ok_or_else(|| SubmitError::UnknownWorkflow {
+                        name: workflow.clone(),
+                        known: self.config.workflows.keys().cloned().collect::<Vec<_>>().join(", "),
+                    })?;
+                let step = wf
+                    .step(&row.step)
+                    .ok_or_else(|| gone(format!("no longer in workflow \"{workflow}\"")))?;
+                let params: BTreeMap<String, String> =
+                    serde_json::from_str(&tx::run_params(t, &row.run_id)?).unwrap_or_default();
+                let upstream = outputs(t, &row.run_id, wf, step)?;
+                let task_id = parse_uuid(&row.task_id);
+                let task = self.plan_task(
+                    wf,
+                    step,
+                    parse_uuid(&row.run_id),
+                    row.attempt,
+                    &params,
+                    &upstream,
+                    task_id,
+                )?;
+                Ok((task.body, task.snapshot_hash))
+            })
+        })
     }
 
     /// The loaded configuration.
@@ -148,23 +225,31 @@ impl Engine {
             .steps
             .iter()
             .filter(|s| s.depends.is_empty())
-            .map(|s| Ok((s, self.plan_task(wf, s, run_id, 1, &params, &BTreeMap::new())?)))
+            .map(|s| {
+                Ok((
+                    s,
+                    self.plan_task(wf, s, run_id, 1, &params, &BTreeMap::new(), Uuid::now_v7())?,
+                ))
+            })
             .collect::<Result<_, SubmitError>>()?;
         let params_json = serde_json::to_string(&params).unwrap_or_else(|_| "{}".into());
         let run = run_id.to_string();
-        self.with_db(|db| {
-            db.transaction(|t| {
+        let view = self.with_db(|db| {
+            let written = db.transaction(|t| {
                 tx::insert_run(t, &run, &wf.name, &params_json, now)?;
                 for (i, s) in wf.steps.iter().enumerate() {
                     tx::insert_step(t, &run, &s.name, i, &s.queue)?;
                 }
-                for (step, task) in &first {
-                    write_task(t, &run, step, task, now, now)?;
+                let mut written = Written::new();
+                for (step, task) in first {
+                    write_task(t, &run, step, task, now, now, &mut written)?;
                 }
-                Ok::<_, DbError>(())
+                Ok::<_, DbError>(written)
             })?;
-            Ok(db.run(&run)?.ok_or(DbError::QueryReturnedNoRows)?)
-        })
+            self.stash(written);
+            db.run(&run)?.ok_or(DbError::QueryReturnedNoRows)
+        })?;
+        Ok(view)
     }
 
     /// Apply a batch of results in one transaction.
@@ -173,18 +258,28 @@ impl Engine {
     /// The database failed; nothing of the batch was applied.
     pub fn apply(&self, results: &[TaskResult]) -> Result<Applied, DbError> {
         let now = now_ms();
-        self.with_db(|db| {
+        let (applied, written) = self.with_db(|db| {
             db.transaction(|t| {
                 let mut applied = Applied::default();
+                let mut written = Written::new();
                 for result in results {
-                    self.apply_one(t, result, now, &mut applied)?;
+                    self.apply_one(t, result, now, &mut applied, &mut written)?;
                 }
-                Ok(applied)
+                Ok::<_, DbError>((applied, written))
             })
-        })
+        })?;
+        self.stash(written);
+        Ok(applied)
     }
 
-    fn apply_one(&self, t: &Transaction<'_>, r: &TaskResult, now: i64, applied: &mut Applied) -> Result<(), DbError> {
+    fn apply_one(
+        &self,
+        t: &Transaction<'_>,
+        r: &TaskResult,
+        now: i64,
+        applied: &mut Applied,
+        written: &mut Written,
+    ) -> Result<(), DbError> {
         let task_id = r.task_id.to_string();
         let Some(row) = tx::task(t, &task_id)? else {
             tracing::warn!(task = %task_id, "result for an unknown task; ignored");
@@ -199,35 +294,35 @@ impl Engine {
         applied.applied += 1;
         tx::finish_task(t, &task_id, r.status.as_str(), now)?;
         let run = row.run_id.clone();
-        let Some((workflow, params_json, run_state)) = tx::run(t, &run)? else {
+        let Some((workflow, run_state)) = tx::run(t, &run)? else {
             return Ok(());
         };
         if run_state != run_status::RUNNING {
             return Ok(());
         }
-        let steps = tx::steps(t, &run)?;
         let Some(wf) = self.config.workflows.get(&workflow) else {
-            tx::finish_run(
-                t,
-                &run,
-                run_status::FAILED,
-                Some(&format!("workflow \"{workflow}\" is no longer configured")),
-                now,
-            )?;
+            let error = format!("workflow \"{workflow}\" is no longer configured");
+            tx::finish_run(t, &run, run_status::FAILED, Some(&error), now)?;
             applied.finished_runs += 1;
             return Ok(());
         };
         let Some(step) = wf.step(&row.step) else {
             return Ok(());
         };
-        let params: BTreeMap<String, String> = serde_json::from_str(&params_json).unwrap_or_default();
-        let mut states: BTreeMap<String, (String, Option<String>)> = steps
-            .iter()
-            .map(|s| (s.name.clone(), (s.status.clone(), s.output.clone())))
-            .collect();
+        let run_uuid = parse_uuid(&run);
+        // Params are parsed only when a task has to be planned.
+        let mut params: Option<BTreeMap<String, String>> = None;
+        let mut params = |t: &Transaction<'_>| -> Result<BTreeMap<String, String>, DbError> {
+            if params.is_none() {
+                params = Some(serde_json::from_str(&tx::run_params(t, &run)?).unwrap_or_default());
+            }
+            Ok(params.clone().unwrap_or_default())
+        };
+        let mut states = Statuses::new(&run);
 
         match r.status {
             TaskStatus::Succeeded => {
+                let worker = Some(r.worker_id.as_str());
                 tx::finish_step(
                     t,
                     &run,
@@ -235,13 +330,32 @@ impl Engine {
                     step_status::SUCCEEDED,
                     Some(&r.output),
                     None,
-                    Some(&r.worker_id),
+                    worker,
                     now,
                 )?;
-                states.insert(
-                    step.name.clone(),
-                    (step_status::SUCCEEDED.into(), Some(r.output.clone())),
-                );
+                states.set(&step.name, step_status::SUCCEEDED);
+                // Dispatch every dependent whose dependencies all succeeded.
+                for s in wf.steps.iter().filter(|s| s.depends.contains(&step.name)) {
+                    if states.get(t, &s.name)? != step_status::PENDING {
+                        continue;
+                    }
+                    let mut ready = true;
+                    for d in &s.depends {
+                        ready &= states.get(t, d)? == step_status::SUCCEEDED;
+                    }
+                    if !ready {
+                        continue;
+                    }
+                    let upstream = outputs(t, &run, wf, s)?;
+                    match self.plan_task(wf, s, run_uuid, 1, &params(t)?, &upstream, Uuid::now_v7()) {
+                        Ok(task) => {
+                            write_task(t, &run, s, task, now, now, written)?;
+                            states.set(&s.name, step_status::RUNNING);
+                            applied.dispatched += 1;
+                        }
+                        Err(e) => fail_step(t, wf, &run, &s.name, &e.to_string(), "scheduler", now, &mut states)?,
+                    }
+                }
             }
             failed => {
                 let error = r.error.clone().unwrap_or_else(|| failed.as_str().to_string());
@@ -249,24 +363,12 @@ impl Engine {
                 if retryable && row.attempt <= step.retry.limit {
                     let attempt = row.attempt + 1;
                     let delay = backoff(step, row.attempt);
-                    match self.plan_task(
-                        wf,
-                        step,
-                        parse_uuid(&run),
-                        attempt,
-                        &params,
-                        &outputs(wf, step, &states),
-                    ) {
+                    let upstream = outputs(t, &run, wf, step)?;
+                    match self.plan_task(wf, step, run_uuid, attempt, &params(t)?, &upstream, Uuid::now_v7()) {
                         Ok(task) => {
                             tx::note_step_error(t, &run, &step.name, &error, &r.worker_id)?;
-                            write_task(
-                                t,
-                                &run,
-                                step,
-                                &task,
-                                now,
-                                now + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
-                            )?;
+                            let due = now + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+                            write_task(t, &run, step, task, now, due, written)?;
                             applied.retried += 1;
                             tracing::info!(run = %run, step = %step.name, attempt, delay_ms = delay.as_millis() as u64, %error, "retrying step");
                             return Ok(());
@@ -282,48 +384,14 @@ impl Engine {
             }
         }
 
-        // Dispatch every step whose dependencies all succeeded.
-        let run_uuid = parse_uuid(&run);
-        for s in &wf.steps {
-            let pending = states.get(&s.name).is_some_and(|(st, _)| st == step_status::PENDING);
-            let ready = s
-                .depends
-                .iter()
-                .all(|d| states.get(d).is_some_and(|(st, _)| st == step_status::SUCCEEDED));
-            if !(pending && ready) {
-                continue;
-            }
-            match self.plan_task(wf, s, run_uuid, 1, &params, &outputs(wf, s, &states)) {
-                Ok(task) => {
-                    write_task(t, &run, s, &task, now, now)?;
-                    states.insert(s.name.clone(), (step_status::RUNNING.into(), None));
-                    applied.dispatched += 1;
-                }
-                Err(e) => fail_step(t, wf, &run, &s.name, &e.to_string(), "scheduler", now, &mut states)?,
-            }
-        }
-
         // Finish the run when nothing is pending or running.
-        let open = states
-            .values()
-            .any(|(st, _)| st == step_status::PENDING || st == step_status::RUNNING);
-        if !open {
-            let failed: Vec<&String> = states
-                .iter()
-                .filter(|(_, (st, _))| st == step_status::FAILED)
-                .map(|(name, _)| name)
-                .collect();
+        if tx::open_steps(t, &run)? == 0 {
+            let failed = tx::failed_steps(t, &run)?;
             if failed.is_empty() {
                 tx::finish_run(t, &run, run_status::SUCCEEDED, None, now)?;
             } else {
-                let names = failed.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
-                tx::finish_run(
-                    t,
-                    &run,
-                    run_status::FAILED,
-                    Some(&format!("step(s) failed: {names}")),
-                    now,
-                )?;
+                let error = format!("step(s) failed: {}", failed.join(", "));
+                tx::finish_run(t, &run, run_status::FAILED, Some(&error), now)?;
             }
             applied.finished_runs += 1;
         }
@@ -331,6 +399,7 @@ impl Engine {
     }
 
     /// Resolve a step and encode its task, with the cached snapshot.
+    #[allow(clippy::too_many_arguments)]
     fn plan_task(
         &self,
         wf: &Workflow,
@@ -339,6 +408,7 @@ impl Engine {
         attempt: u32,
         params: &BTreeMap<String, String>,
         upstream: &BTreeMap<String, String>,
+        task_id: Uuid,
     ) -> Result<PlannedTask, SubmitError> {
         let spec = step
             .resolve(params, upstream)
@@ -347,7 +417,6 @@ impl Engine {
                 message,
             })?;
         let snapshot = self.snapshot(wf, step)?;
-        let task_id = Uuid::now_v7();
         let task = Task {
             task_id,
             run_id,
@@ -425,9 +494,10 @@ fn write_task(
     t: &Transaction<'_>,
     run: &str,
     step: &Step,
-    task: &PlannedTask,
+    task: PlannedTask,
     now: i64,
     not_before: i64,
+    written: &mut Written,
 ) -> Result<(), DbError> {
     tx::insert_task(
         t,
@@ -437,11 +507,12 @@ fn write_task(
         task.attempt,
         &step.queue,
         &task.snapshot_hash,
-        &task.body,
         not_before,
         now,
     )?;
-    tx::start_step(t, run, &step.name, task.attempt, now)
+    tx::start_step(t, run, &step.name, task.attempt, now)?;
+    written.push((task.task_id, task.body));
+    Ok(())
 }
 
 /// Fail a step and skip everything downstream of it.
@@ -454,17 +525,17 @@ fn fail_step(
     error: &str,
     worker: &str,
     now: i64,
-    states: &mut BTreeMap<String, (String, Option<String>)>,
+    states: &mut Statuses<'_>,
 ) -> Result<(), DbError> {
     tx::finish_step(t, run, name, step_status::FAILED, None, Some(error), Some(worker), now)?;
-    states.insert(name.to_string(), (step_status::FAILED.into(), None));
+    states.set(name, step_status::FAILED);
     let mut failed = vec![name.to_string()];
     while let Some(up) = failed.pop() {
         for s in wf.steps.iter().filter(|s| s.depends.contains(&up)) {
-            if states.get(&s.name).is_some_and(|(st, _)| st == step_status::PENDING) {
+            if states.get(t, &s.name)? == step_status::PENDING {
                 let why = format!("upstream step \"{up}\" failed");
                 tx::finish_step(t, run, &s.name, step_status::SKIPPED, None, Some(&why), None, now)?;
-                states.insert(s.name.clone(), (step_status::SKIPPED.into(), None));
+                states.set(&s.name, step_status::SKIPPED);
                 failed.push(s.name.clone());
             }
         }
@@ -472,26 +543,51 @@ fn fail_step(
     Ok(())
 }
 
-/// Outputs of every succeeded ancestor of `step`.
-fn outputs(
-    wf: &Workflow,
-    step: &Step,
-    states: &BTreeMap<String, (String, Option<String>)>,
-) -> BTreeMap<String, String> {
+/// Step statuses of one run, read on first use and kept up to date.
+struct Statuses<'a> {
+    run: &'a str,
+    known: BTreeMap<String, String>,
+}
+
+impl<'a> Statuses<'a> {
+    fn new(run: &'a str) -> Self {
+        Self {
+            run,
+            known: BTreeMap::new(),
+        }
+    }
+
+    fn get(&mut self, t: &Transaction<'_>, name: &str) -> Result<String, DbError> {
+        if let Some(status) = self.known.get(name) {
+            return Ok(status.clone());
+        }
+        let status = tx::step_status(t, self.run, name)?.unwrap_or_default();
+        self.known.insert(name.to_string(), status.clone());
+        Ok(status)
+    }
+
+    fn set(&mut self, name: &str, status: &str) {
+        self.known.insert(name.to_string(), status.to_string());
+    }
+}
+
+/// Outputs of every succeeded ancestor of `step`, read from the database.
+fn outputs(t: &Transaction<'_>, run: &str, wf: &Workflow, step: &Step) -> Result<BTreeMap<String, String>, DbError> {
     let mut out = BTreeMap::new();
+    let mut seen = BTreeSet::new();
     let mut todo: Vec<&str> = step.depends.iter().map(String::as_str).collect();
     while let Some(name) = todo.pop() {
-        if out.contains_key(name) {
+        if !seen.insert(name) {
             continue;
         }
-        if let Some((_, Some(output))) = states.get(name) {
-            out.insert(name.to_string(), output.clone());
+        if let Some(output) = tx::step_output(t, run, name)? {
+            out.insert(name.to_string(), output);
         }
         if let Some(s) = wf.step(name) {
             todo.extend(s.depends.iter().map(String::as_str));
         }
     }
-    out
+    Ok(out)
 }
 
 /// Delay before attempt `failed_attempt + 1`: `backoff * 2^(n-1)`, at most

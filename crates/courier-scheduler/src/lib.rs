@@ -211,12 +211,30 @@ async fn serve(
     info!(pools = ?pools, "connected to the broker; resuming open runs");
     shared.outbox.notify_one();
     let names = broker.names().clone();
+    // Separate tasks, so publishing and applying results proceed in parallel.
+    let mut outbox = tokio::spawn({
+        let shared = shared.clone();
+        async move { outbox_loop(&shared, &publisher, &names).await }
+    });
+    let limits = sc.result_limits;
+    let mut results = tokio::spawn({
+        let shared = shared.clone();
+        async move {
+            let r = results_loop(&shared, &mut consumer, limits).await;
+            let _ = consumer.close().await;
+            r
+        }
+    });
+    let joined = |r: Result<Result<(), AmqpError>, tokio::task::JoinError>| r.unwrap_or(Err(AmqpError::Closed));
     let result = tokio::select! {
-        r = outbox_loop(shared, &publisher, &names) => r,
-        r = results_loop(shared, &mut consumer, sc.result_limits) => r,
+        r = &mut outbox => joined(r),
+        r = &mut results => joined(r),
         () = shutdown.cancelled() => Ok(()),
     };
-    let _ = consumer.close().await;
+    outbox.abort();
+    results.abort();
+    let _ = outbox.await;
+    let _ = results.await;
     result
 }
 
@@ -225,7 +243,14 @@ async fn outbox_loop(shared: &Arc<Shared>, publisher: &Publisher, names: &Names)
     let exchange = Arc::new(names.tasks_exchange());
     loop {
         let now = now_ms();
-        let due = match shared.engine.with_db(|db| db.due_tasks(now, OUTBOX_BATCH)) {
+        let engine = shared.engine.clone();
+        let due = tokio::task::spawn_blocking(move || {
+            let rows = engine.with_db(|db| db.due_tasks(now, OUTBOX_BATCH))?;
+            Ok::<_, db::DbError>(with_bodies(&engine, rows))
+        })
+        .await
+        .map_err(|_| AmqpError::Closed)?;
+        let due = match due {
             Ok(due) => due,
             Err(e) => {
                 error!(error = %e, "cannot read the outbox");
@@ -248,19 +273,19 @@ async fn outbox_loop(shared: &Arc<Shared>, publisher: &Publisher, names: &Names)
             .outbox_pending
             .set(i64::try_from(due.len()).unwrap_or(i64::MAX));
         let mut publishing = JoinSet::new();
-        for task in due {
+        for (task, body, snapshot_hash) in due {
             let (publisher, exchange) = (publisher.clone(), exchange.clone());
             publishing.spawn(async move {
                 let outcome = publisher
                     .publish(Outgoing {
                         exchange: &exchange,
                         routing_key: &task.queue,
-                        body: &task.body,
+                        body: &body,
                         message_id: &task.task_id,
                         correlation_id: &task.run_id,
                         headers: vec![
                             (headers::ATTEMPT, Header::Int(i64::from(task.attempt))),
-                            (headers::SNAPSHOT_HASH, Header::Str(task.snapshot_hash.clone())),
+                            (headers::SNAPSHOT_HASH, Header::Str(snapshot_hash)),
                         ],
                     })
                     .await;
@@ -279,14 +304,54 @@ async fn outbox_loop(shared: &Arc<Shared>, publisher: &Publisher, names: &Names)
                 Err(e) => error!(error = %e, "publish task panicked"),
             }
         }
-        if let Err(e) = shared.engine.with_db(|db| db.mark_published(&confirmed)) {
-            error!(error = %e, "cannot mark tasks published; they will be published again");
+        let published = confirmed.len() as u64;
+        let engine = shared.engine.clone();
+        match tokio::task::spawn_blocking(move || engine.with_db(|db| db.mark_published(&confirmed))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!(error = %e, "cannot mark tasks published; they will be published again"),
+            Err(e) => error!(error = %e, "marking tasks published panicked"),
         }
-        shared.metrics.tasks_published.inc_by(confirmed.len() as u64);
+        shared.metrics.tasks_published.inc_by(published);
         if let Some(e) = failure {
             return Err(e);
         }
     }
+}
+
+/// Pair outbox rows with their encoded tasks. A task that cannot be built any
+/// more (its workflow or step was removed from the config before a restart)
+/// fails its step through the normal result path, so the run ends.
+fn with_bodies(engine: &Engine, rows: Vec<db::OutboxTask>) -> Vec<(db::OutboxTask, Vec<u8>, String)> {
+    let mut ready = Vec::with_capacity(rows.len());
+    let mut failed = Vec::new();
+    for row in rows {
+        match engine.task_body(&row) {
+            Ok((body, hash)) => ready.push((row, body, hash)),
+            Err(e) => {
+                error!(task = %row.task_id, step = %row.step, error = %e, "cannot rebuild task; failing its step");
+                let now = u64::try_from(now_ms()).unwrap_or(0);
+                failed.push(TaskResult {
+                    task_id: uuid::Uuid::parse_str(&row.task_id).unwrap_or_default(),
+                    run_id: uuid::Uuid::parse_str(&row.run_id).unwrap_or_default(),
+                    step: row.step.clone(),
+                    attempt: row.attempt,
+                    status: courier_wire::TaskStatus::Rejected,
+                    output: String::new(),
+                    error: Some(format!("cannot dispatch: {e}")),
+                    started_unix_ms: now,
+                    finished_unix_ms: now,
+                    worker_id: "scheduler".into(),
+                    memory_updates: Vec::new(),
+                });
+            }
+        }
+    }
+    if !failed.is_empty()
+        && let Err(e) = engine.apply(&failed)
+    {
+        error!(error = %e, "cannot record undispatchable tasks");
+    }
+    ready
 }
 
 /// Apply results in batches: decode, one transaction, wake the outbox, ack.
@@ -333,8 +398,10 @@ async fn results_loop(shared: &Arc<Shared>, consumer: &mut Consumer, limits: Lim
                 shared.metrics.tasks_retried.inc_by(applied.retried as u64);
                 shared.metrics.runs_finished.inc_by(applied.finished_runs as u64);
                 shared.outbox.notify_one();
-                for delivery in good {
-                    delivery.ack().await?;
+                // Results arrive in order on one channel: one multiple-ack
+                // settles the whole batch (rejected ones are settled already).
+                if let Some(last) = good.last() {
+                    last.ack_all_up_to().await?;
                 }
             }
             Err(e) => {

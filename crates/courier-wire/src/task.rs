@@ -78,6 +78,12 @@ pub enum StepRun {
     },
     /// An LLM loop with tools over the snapshot.
     Agent(AgentSpec),
+    /// No process, no model: the output is the text. For benchmarks and for
+    /// passing values between steps.
+    Echo {
+        /// The step's output.
+        text: String,
+    },
 }
 
 /// A resolved agent step.

@@ -290,6 +290,7 @@ async fn execute(task: &Task, _store: &SnapshotStore, config: &WorkerConfig) -> 
                 Exit::NotStarted(why) => (TaskStatus::Failed, String::new(), Some(why)),
             }
         }
+        StepRun::Echo { text } => (TaskStatus::Succeeded, text.clone(), None),
         StepRun::Agent(_) => (
             TaskStatus::Failed,
             String::new(),

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod bench;
 mod client;
 mod service;
 mod settings;
@@ -98,6 +99,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure Courier's end-to-end rate against the raw AMQP ceiling.
+    Bench(bench::BenchArgs),
     /// Check a config folder: every workflow and agent resource, all errors at once.
     Validate {
         /// The config folder (holding workflows/ and agents/).
@@ -157,6 +160,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(settings) => service::worker(settings),
                 Err(e) => config_error(e),
             }
+        }
+        Command::Bench(args) => {
+            let settings = Settings::load(flags.0)?;
+            bench::run(&settings, &args)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Submit { workflow, params, wait } => {
             let settings = Settings::load(flags.0)?;

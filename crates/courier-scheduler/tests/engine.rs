@@ -1,0 +1,218 @@
+//! The run engine over a real SQLite file, without a broker.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use courier_config::Config;
+use courier_scheduler::db::Db;
+use courier_scheduler::engine::{Engine, EngineLimits};
+use courier_wire::{Limits, StepRun, Task, TaskResult, TaskStatus, decode};
+use uuid::Uuid;
+
+fn example() -> Config {
+    Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config")).unwrap()
+}
+
+fn engine(db: &Path) -> Engine {
+    Engine::new(example(), Db::open(db).unwrap(), EngineLimits::default())
+}
+
+fn result(task: &Task, status: TaskStatus, output: &str) -> TaskResult {
+    TaskResult {
+        task_id: task.task_id,
+        run_id: task.run_id,
+        step: task.step.clone(),
+        attempt: task.attempt,
+        status,
+        output: output.into(),
+        error: (status != TaskStatus::Succeeded).then(|| "boom".to_string()),
+        started_unix_ms: 1,
+        finished_unix_ms: 2,
+        worker_id: "w".into(),
+        memory_updates: Vec::new(),
+    }
+}
+
+/// The due outbox tasks, decoded.
+fn due(engine: &Engine) -> Vec<(Task, String)> {
+    let rows = engine.with_db(|db| db.due_tasks(i64::MAX, 100)).unwrap();
+    rows.iter()
+        .map(|row| {
+            let (body, hash) = engine.task_body(row).unwrap();
+            (
+                decode::<Task>(
+                    &body,
+                    &Limits {
+                        max_compressed: 1 << 24,
+                        max_decompressed: 1 << 24,
+                    },
+                )
+                .unwrap(),
+                hash,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn an_unpublished_task_is_rebuilt_identically_after_a_restart() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let db = dir.path().join("courier.db");
+    let params = BTreeMap::from([("text".to_string(), "a b c".to_string())]);
+    let before = {
+        let engine = engine(&db);
+        engine.submit("fanout", &params).unwrap();
+        due(&engine)
+    };
+    // A new engine over the same database has no kept bodies: it rebuilds.
+    let after = due(&engine(&db));
+    assert_eq!(before.len(), 1);
+    let ((a, hash_a), (b, hash_b)) = (&before[0], &after[0]);
+    assert_eq!(a.task_id, b.task_id);
+    assert_eq!(a.attempt, b.attempt);
+    assert_eq!(a.spec, b.spec);
+    assert_eq!(a.snapshot, b.snapshot);
+    assert_eq!(hash_a, hash_b);
+    let StepRun::Command { argv, .. } = &b.spec.run else {
+        panic!("command step")
+    };
+    assert_eq!(argv[3], "a b c");
+}
+
+#[test]
+fn a_duplicate_result_is_applied_once() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine(&dir.path().join("courier.db"));
+    let run = engine.submit("fanout", &BTreeMap::new()).unwrap();
+    let (split, _) = due(&engine).remove(0);
+    engine
+        .with_db(|db| db.mark_published(&[split.task_id.to_string()]))
+        .unwrap();
+    let first = engine.apply(&[result(&split, TaskStatus::Succeeded, "9")]).unwrap();
+    assert_eq!((first.applied, first.duplicates, first.dispatched), (1, 0, 3));
+    // The same result again, and again in one batch: nothing changes.
+    let again = engine
+        .apply(&[
+            result(&split, TaskStatus::Succeeded, "9"),
+            result(&split, TaskStatus::Failed, ""),
+        ])
+        .unwrap();
+    assert_eq!((again.applied, again.duplicates, again.dispatched), (0, 2, 0));
+    let view = engine.with_db(|db| db.run(&run.id)).unwrap().unwrap();
+    let split_view = view.steps.iter().find(|s| s.name == "split").unwrap();
+    assert_eq!(
+        (
+            split_view.status.as_str(),
+            split_view.attempts,
+            split_view.output.as_deref()
+        ),
+        ("succeeded", 1, Some("9"))
+    );
+    // The three counters were dispatched once each, with the output substituted.
+    let next = due(&engine);
+    assert_eq!(next.len(), 3);
+    for (task, _) in next {
+        let StepRun::Command { argv, .. } = &task.spec.run else {
+            panic!("command step")
+        };
+        assert_eq!(argv[3], "9");
+    }
+}
+
+#[test]
+fn a_result_for_an_unknown_task_is_ignored() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine(&dir.path().join("courier.db"));
+    let stray = TaskResult {
+        task_id: Uuid::now_v7(),
+        run_id: Uuid::now_v7(),
+        step: "x".into(),
+        attempt: 1,
+        status: TaskStatus::Succeeded,
+        output: String::new(),
+        error: None,
+        started_unix_ms: 0,
+        finished_unix_ms: 0,
+        worker_id: "w".into(),
+        memory_updates: Vec::new(),
+    };
+    let applied = engine.apply(&[stray]).unwrap();
+    assert_eq!((applied.applied, applied.duplicates), (0, 1));
+}
+
+#[test]
+fn a_rejected_task_is_not_retried_even_with_a_retry_policy() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine(&dir.path().join("courier.db"));
+    let run = engine
+        .submit("research", &BTreeMap::from([("topic".to_string(), "q".to_string())]))
+        .unwrap();
+    let (gather, _) = due(&engine).remove(0);
+    engine
+        .with_db(|db| db.mark_published(&[gather.task_id.to_string()]))
+        .unwrap();
+    engine
+        .apply(&[result(&gather, TaskStatus::Succeeded, "notes")])
+        .unwrap();
+    // `analyze` has retry {limit: 2}; a rejected task is not retried.
+    let (analyze, _) = due(&engine).remove(0);
+    assert_eq!(analyze.step, "analyze");
+    engine
+        .with_db(|db| db.mark_published(&[analyze.task_id.to_string()]))
+        .unwrap();
+    let applied = engine.apply(&[result(&analyze, TaskStatus::Rejected, "")]).unwrap();
+    assert_eq!((applied.retried, applied.finished_runs), (0, 1));
+    let view = engine.with_db(|db| db.run(&run.id)).unwrap().unwrap();
+    assert_eq!(view.status, "failed");
+    let statuses: Vec<(&str, &str)> = view
+        .steps
+        .iter()
+        .map(|s| (s.name.as_str(), s.status.as_str()))
+        .collect();
+    assert_eq!(
+        statuses,
+        [("gather", "succeeded"), ("analyze", "failed"), ("write", "skipped")]
+    );
+}
+
+#[test]
+fn a_failed_attempt_with_retries_left_is_scheduled_later() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine(&dir.path().join("courier.db"));
+    engine
+        .submit("research", &BTreeMap::from([("topic".to_string(), "q".to_string())]))
+        .unwrap();
+    let (gather, _) = due(&engine).remove(0);
+    engine
+        .with_db(|db| db.mark_published(&[gather.task_id.to_string()]))
+        .unwrap();
+    engine
+        .apply(&[result(&gather, TaskStatus::Succeeded, "notes")])
+        .unwrap();
+    let (analyze, _) = due(&engine).remove(0);
+    engine
+        .with_db(|db| db.mark_published(&[analyze.task_id.to_string()]))
+        .unwrap();
+    let applied = engine.apply(&[result(&analyze, TaskStatus::Failed, "")]).unwrap();
+    assert_eq!(applied.retried, 1);
+    // Backoff 2s (minus at most 20% jitter): not due now, due within 2 s.
+    let now = courier_now();
+    assert!(engine.with_db(|db| db.due_tasks(now, 10)).unwrap().is_empty());
+    let later = engine.with_db(|db| db.due_tasks(now + 2_001, 10)).unwrap();
+    assert_eq!(
+        (later.len(), later[0].attempt, later[0].step.as_str()),
+        (1, 2, "analyze")
+    );
+}
+
+fn courier_now() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}

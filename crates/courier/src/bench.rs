@@ -1,0 +1,398 @@
+//! `courier bench`: Courier's end-to-end rate against the raw AMQP ceiling,
+//! measured in one run against the same broker.
+//!
+//! (a) Raw ceiling: a publisher with confirms, workers that publish a
+//!     confirmed reply and then ack, a collector; messages of `--size` bytes.
+//! (b) Courier: a real scheduler and `--workers` worker processes (this same
+//!     binary) running `echo` steps whose tasks carry `--size` bytes of
+//!     payload; rate from the first dispatch to the last result applied.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use courier_amqp::{Broker, Names, Outgoing};
+use tokio::sync::Mutex;
+
+use crate::settings::Settings;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Tasks per measurement.
+    #[arg(long, default_value_t = 20_000)]
+    tasks: usize,
+    /// Message (raw) and task payload (Courier) size in bytes.
+    #[arg(long, default_value_t = 4096)]
+    size: usize,
+    /// Worker processes (Courier) and worker connections (raw).
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Steps in flight per worker (Courier) and prefetch per worker (raw).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Steps per run (Courier submits tasks / this runs).
+    #[arg(long, default_value_t = 100)]
+    steps_per_run: usize,
+}
+
+struct Report {
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+pub fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
+    if args.tasks == 0 || args.workers == 0 || args.concurrency == 0 || args.steps_per_run == 0 {
+        bail!("--tasks, --workers, --concurrency and --steps-per-run must be at least 1");
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    println!(
+        "courier bench: {} tasks of {} B, {} workers x {} in flight, broker {}",
+        args.tasks, args.size, args.workers, args.concurrency, settings.amqp_url
+    );
+    let raw = runtime.block_on(raw_ceiling(&settings.amqp_url, args))?;
+    println!(
+        "raw ceiling   {:>8.0} tasks/s   p50 {:>7.1} ms   p99 {:>7.1} ms",
+        raw.rate, raw.p50_ms, raw.p99_ms
+    );
+    let (courier, rss) = courier_end_to_end(settings, args, &runtime)?;
+    println!(
+        "courier       {:>8.0} tasks/s   p50 {:>7.1} ms   p99 {:>7.1} ms   (dispatch to result applied)",
+        courier.rate, courier.p50_ms, courier.p99_ms
+    );
+    println!(
+        "ratio         {:>8.1} % of the raw ceiling",
+        100.0 * courier.rate / raw.rate
+    );
+    println!("peak RSS      {rss}");
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Pseudo-random printable payload: compresses about as well as real text
+/// does not, so neither side gains from compression.
+fn payload(size: usize) -> String {
+    let mut rng = fastrand::Rng::with_seed(7);
+    (0..size).map(|_| rng.alphanumeric()).collect()
+}
+
+async fn raw_ceiling(url: &str, args: &BenchArgs) -> anyhow::Result<Report> {
+    let names = Names::new(format!("bench-raw-{}", uuid::Uuid::now_v7()));
+    let pools = vec!["default".to_string()];
+    let admin = Broker::connect(url, names.clone(), "bench-admin").await?;
+    admin.declare_topology(&pools, 5).await?;
+    let started = Instant::now();
+    let body = payload(args.size.max(8));
+    let prefetch = u16::try_from(args.concurrency).unwrap_or(u16::MAX);
+
+    // Workers: reply (confirmed), then ack.
+    let mut workers = Vec::new();
+    for i in 0..args.workers {
+        let broker = Broker::connect(url, names.clone(), &format!("bench-worker-{i}")).await?;
+        let publisher = broker.publisher(args.concurrency * 2).await?;
+        let mut consumer = broker
+            .consumer(&names.task_queue("default"), prefetch, &format!("w{i}"))
+            .await?;
+        let exchange = names.results_exchange();
+        workers.push(tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let (publisher, exchange) = (publisher.clone(), exchange.clone());
+                tokio::spawn(async move {
+                    let id = delivery.message_id.clone().unwrap_or_default();
+                    let reply = Outgoing {
+                        exchange: &exchange,
+                        routing_key: "results",
+                        body: &delivery.body,
+                        message_id: &id,
+                        correlation_id: &id,
+                        headers: Vec::new(),
+                    };
+                    if publisher.publish(reply).await.is_ok() {
+                        let _ = delivery.ack().await;
+                    }
+                });
+            }
+            drop(broker);
+        }));
+    }
+
+    // Collector: latency from the send time carried in the message id.
+    let collector_broker = Broker::connect(url, names.clone(), "bench-collector").await?;
+    let mut results = collector_broker
+        .consumer(&names.results_queue(), 1000, "collector")
+        .await?;
+    let total = args.tasks;
+    let collector = tokio::spawn(async move {
+        let mut latencies = Vec::with_capacity(total);
+        while latencies.len() < total {
+            let Some(Ok(delivery)) = results.next().await else {
+                break;
+            };
+            let sent: f64 = delivery
+                .message_id
+                .as_deref()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0.0);
+            latencies.push(started.elapsed().as_secs_f64() * 1000.0 - sent);
+            let _ = delivery.ack().await;
+        }
+        (latencies, started.elapsed())
+    });
+
+    // Publisher: confirmed, up to 1024 in flight.
+    let publish_broker = Broker::connect(url, names.clone(), "bench-publisher").await?;
+    let publisher = publish_broker.publisher(1024).await?;
+    let exchange = Arc::new(names.tasks_exchange());
+    let body = Arc::new(body);
+    let t0 = started.elapsed();
+    let mut sends = tokio::task::JoinSet::new();
+    for _ in 0..total {
+        let (publisher, exchange, body) = (publisher.clone(), exchange.clone(), body.clone());
+        sends.spawn(async move {
+            let sent = format!("{:.3}", started.elapsed().as_secs_f64() * 1000.0);
+            publisher
+                .publish(Outgoing {
+                    exchange: &exchange,
+                    routing_key: "default",
+                    body: body.as_bytes(),
+                    message_id: &sent,
+                    correlation_id: "bench",
+                    headers: Vec::new(),
+                })
+                .await
+        });
+        while sends.len() >= 1024 {
+            if let Some(r) = sends.join_next().await {
+                r??;
+            }
+        }
+    }
+    while let Some(r) = sends.join_next().await {
+        r??;
+    }
+    let (mut latencies, t_end) = collector.await?;
+    for w in workers {
+        w.abort();
+    }
+    admin.delete_topology(&pools).await?;
+    latencies.sort_by(f64::total_cmp);
+    if latencies.len() < total {
+        bail!("raw run collected {} of {total} replies", latencies.len());
+    }
+    Ok(Report {
+        rate: total as f64 / (t_end - t0).as_secs_f64(),
+        p50_ms: percentile(&latencies, 0.50),
+        p99_ms: percentile(&latencies, 0.99),
+    })
+}
+
+/// Kills the processes it holds when dropped.
+struct Processes(Vec<(String, Child)>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// User plus system CPU seconds a process has used so far.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn courier_end_to_end(
+    settings: &Settings,
+    args: &BenchArgs,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<(Report, String)> {
+    let dir = std::env::temp_dir().join(format!("courier-bench-{}", uuid::Uuid::now_v7()));
+    let config_dir = dir.join("config");
+    write_bench_config(&config_dir, args.steps_per_run)?;
+    let namespace = format!("bench-{}", uuid::Uuid::now_v7());
+    let exe = std::env::current_exe().context("locating the courier binary")?;
+    let command = |what: &str| {
+        let mut cmd = Command::new(&exe);
+        cmd.arg(what)
+            .env("COURIER_AMQP_URL", &settings.amqp_url)
+            .env("COURIER_NAMESPACE", &namespace)
+            .env("COURIER_CONFIG_DIR", &config_dir)
+            .env("COURIER_DATA_DIR", dir.join("data"))
+            .env("COURIER_API_LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        cmd
+    };
+    let mut procs = Processes(Vec::new());
+    procs.0.push(("scheduler".into(), command("scheduler").spawn()?));
+    let addr_file = dir.join("data/api.addr");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let api = loop {
+        if let Ok(addr) = std::fs::read_to_string(&addr_file)
+            && !addr.is_empty()
+        {
+            break format!("http://{addr}");
+        }
+        if Instant::now() > deadline {
+            bail!("the benchmark scheduler did not start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for i in 0..args.workers {
+        let child = command("worker")
+            .args([
+                "--worker-id",
+                &format!("bench-{i}"),
+                "--concurrency",
+                &args.concurrency.to_string(),
+            ])
+            .spawn()?;
+        procs.0.push((format!("worker {i}"), child));
+    }
+    let runs = args.tasks.div_ceil(args.steps_per_run);
+    let text = payload(args.size);
+    runtime.block_on(async {
+        let client = reqwest::Client::new();
+        // Wait for the scheduler to reach the broker, and give workers a moment to attach.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !client
+            .get(format!("{api}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            if Instant::now() > deadline {
+                bail!("the benchmark scheduler never reached the broker");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let submitted = Arc::new(AtomicUsize::new(0));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let mut submitters = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let (client, api, text, submitted, errors) = (
+                client.clone(),
+                api.clone(),
+                text.clone(),
+                submitted.clone(),
+                errors.clone(),
+            );
+            submitters.spawn(async move {
+                while submitted.fetch_add(1, Ordering::Relaxed) < runs {
+                    let body = serde_json::json!({"workflow": "bench", "params": {"payload": text}});
+                    match client.post(format!("{api}/api/runs")).json(&body).send().await {
+                        Ok(r) if r.status().is_success() => {}
+                        Ok(r) => errors.lock().await.push(r.text().await.unwrap_or_default()),
+                        Err(e) => errors.lock().await.push(e.to_string()),
+                    }
+                }
+            });
+        }
+        while submitters.join_next().await.is_some() {}
+        if let Some(e) = errors.lock().await.first() {
+            bail!("submitting a benchmark run failed: {e}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let running: serde_json::Value = client
+                .get(format!("{api}/api/runs?status=running&limit=1"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            if running.as_array().is_some_and(Vec::is_empty) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("benchmark runs still running after 10 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let failed: serde_json::Value = client
+            .get(format!("{api}/api/runs?status=failed&limit=1"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if failed.as_array().is_some_and(|a| !a.is_empty()) {
+            bail!("a benchmark run failed: {failed}");
+        }
+        Ok(())
+    })?;
+    let rss: Vec<String> = procs
+        .0
+        .iter()
+        .map(|(name, child)| {
+            format!(
+                "{name} {:.1} MiB ({:.1} CPU-s)",
+                peak_rss_mib(child.id()).unwrap_or(f64::NAN),
+                cpu_seconds(child.id()).unwrap_or(f64::NAN)
+            )
+        })
+        .collect();
+    drop(procs);
+    // Rate and latency from the scheduler's own records.
+    let db = courier_scheduler::db::Db::open(&dir.join("data/courier.db"))?;
+    let latencies = db.task_latencies_ms()?;
+    let runs = db.runs(Some("bench"), None, usize::MAX)?;
+    let first = runs.iter().map(|r| r.created_ms).min().unwrap_or(0);
+    let last = runs.iter().filter_map(|r| r.finished_ms).max().unwrap_or(first);
+    let tasks = latencies.len();
+    let sorted: Vec<f64> = latencies.iter().map(|&l| l as f64).collect();
+    let report = Report {
+        rate: tasks as f64 / ((last - first).max(1) as f64 / 1000.0),
+        p50_ms: percentile(&sorted, 0.50),
+        p99_ms: percentile(&sorted, 0.99),
+    };
+    runtime.block_on(async {
+        let names = Names::new(namespace.clone());
+        if let Ok(broker) = Broker::connect(&settings.amqp_url, names, "bench-cleanup").await {
+            let _ = broker.delete_topology(&["default".to_string()]).await;
+        }
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((report, rss.join(", ")))
+}
+
+fn write_bench_config(dir: &Path, steps: usize) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir.join("agents/models"))?;
+    std::fs::create_dir_all(dir.join("workflows"))?;
+    std::fs::write(dir.join("agents/config.yaml"), "default_model: none\n")?;
+    std::fs::write(
+        dir.join("agents/models/none.yaml"),
+        "provider: scripted\nmodel: none\nscript:\n  - text: unused\n",
+    )?;
+    let mut yaml = String::from("params:\n  payload: ~\nsteps:\n");
+    for i in 0..steps {
+        yaml.push_str(&format!("  - name: s{i}\n    echo: \"${{payload}}\"\n"));
+    }
+    std::fs::write(dir.join("workflows/bench.yaml"), yaml)?;
+    Ok(())
+}
