@@ -235,3 +235,61 @@ steps:
     assert_eq!(step(&run, "long")["attempts"], 1);
     assert_eq!(cluster.queue_depth("default"), 0, "{}", cluster.logs());
 }
+
+#[test]
+fn a_cron_schedule_fires_runs() {
+    // Every second (croner's optional seconds field).
+    let yaml = "schedule: \"* * * * * *\"\nsteps:\n  - name: tick\n    echo: tock\n";
+    let cluster = Cluster::builder().workers(1).workflow("tick", yaml).start();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let runs: Value = reqwest::blocking::get(format!("{}/api/runs?workflow=tick&status=succeeded", cluster.api))
+            .unwrap()
+            .json()
+            .unwrap();
+        if runs.as_array().unwrap().len() >= 2 {
+            assert_eq!(
+                step(&cluster.run(runs[0]["id"].as_str().unwrap()), "tick")["output"],
+                "tock"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scheduled runs: {runs:#}\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn settings_layer_file_then_environment_then_flags() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = dir.path().join("config");
+    crate::support::copy_dir(&crate::support::example_config(), &config);
+    std::fs::write(config.join("courier.toml"), "api_url = \"http://127.0.0.1:9\"\n").unwrap();
+    let cli = || {
+        let mut cmd = crate::support::courier();
+        cmd.env("COURIER_CONFIG_DIR", &config).arg("runs");
+        cmd
+    };
+    let (_, _, stderr) = run(&mut cli());
+    assert!(
+        stderr.contains("cannot reach the scheduler at http://127.0.0.1:9 "),
+        "{stderr}"
+    );
+    let (_, _, stderr) = run(cli().env("COURIER_API_URL", "http://127.0.0.1:10"));
+    assert!(stderr.contains("at http://127.0.0.1:10 "), "{stderr}");
+    let (_, _, stderr) = run(cli()
+        .env("COURIER_API_URL", "http://127.0.0.1:10")
+        .args(["--api-url", "http://127.0.0.1:11"]));
+    assert!(stderr.contains("at http://127.0.0.1:11 "), "{stderr}");
+    // Unknown keys in courier.toml are errors; services exit with EX_CONFIG.
+    std::fs::write(config.join("courier.toml"), "amqp_uri = \"amqp://x\"\n").unwrap();
+    let mut worker = crate::support::courier();
+    worker.env("COURIER_CONFIG_DIR", &config).arg("worker");
+    let (out, _, stderr) = run(&mut worker);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("unknown field: found `amqp_uri`"), "{stderr}");
+}

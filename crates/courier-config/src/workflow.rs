@@ -267,6 +267,17 @@ impl Workflow {
                 }
             });
 
+        if schedule.is_some()
+            && let Some((missing, _)) = params.iter().find(|(_, default)| default.is_none())
+        {
+            errors.push(
+                err(format!(
+                    "a scheduled run has no one to pass parameters: give \"{missing}\" a default"
+                ))
+                .field("schedule"),
+            );
+        }
+
         let workflow_queue = file.queue.clone().unwrap_or_else(|| DEFAULT_QUEUE.to_string());
         if !is_slug(&workflow_queue) {
             errors.push(err(slug_error(&workflow_queue)).field("queue"));

@@ -159,6 +159,22 @@ fn bad_cron_is_refused() {
 }
 
 #[test]
+fn a_scheduled_workflow_needs_defaults_for_every_param() {
+    let dir = fixture();
+    write(
+        &dir,
+        "workflows/t.yaml",
+        "schedule: \"0 * * * *\"\nparams:\n  who: ~\nsteps:\n  - name: a\n    echo: hi\n",
+    );
+    assert_eq!(
+        errors(&dir),
+        [
+            "/workflows/t.yaml: field \"schedule\": a scheduled run has no one to pass parameters: give \"who\" a default"
+        ]
+    );
+}
+
+#[test]
 fn bad_duration_is_refused_with_its_line() {
     let e = workflow_errors("  - name: a\n    command: [echo]\n    timeout: soon\n");
     assert_eq!(e.len(), 1);
