@@ -37,6 +37,10 @@ CREATE TABLE IF NOT EXISTS steps (
     worker      TEXT,
     started_ms  INTEGER,
     finished_ms INTEGER,
+    model         TEXT,
+    input_tokens  INTEGER,
+    output_tokens INTEGER,
+    transcript    TEXT,
     PRIMARY KEY (run_id, name)
 );
 CREATE TABLE IF NOT EXISTS tasks (
@@ -102,6 +106,14 @@ pub struct StepView {
     pub worker: Option<String>,
     pub started_ms: Option<i64>,
     pub finished_ms: Option<i64>,
+    /// Agent steps: `provider/model`.
+    pub model: Option<String>,
+    /// Agent steps: prompt tokens.
+    pub input_tokens: Option<i64>,
+    /// Agent steps: completion tokens.
+    pub output_tokens: Option<i64>,
+    /// Agent steps: the conversation (`[{role, content}]`).
+    pub transcript: Option<serde_json::Value>,
 }
 
 /// A task row to publish.
@@ -217,7 +229,8 @@ impl Db {
             .optional()?;
         let Some(mut run) = run else { return Ok(None) };
         let mut stmt = self.conn.prepare_cached(
-            "SELECT name, queue, status, attempts, output, error, worker, started_ms, finished_ms
+            "SELECT name, queue, status, attempts, output, error, worker, started_ms, finished_ms,
+                    model, input_tokens, output_tokens, transcript
              FROM steps WHERE run_id = ?1 ORDER BY position",
         )?;
         run.steps = stmt
@@ -232,6 +245,12 @@ impl Db {
                     worker: r.get(6)?,
                     started_ms: r.get(7)?,
                     finished_ms: r.get(8)?,
+                    model: r.get(9)?,
+                    input_tokens: r.get(10)?,
+                    output_tokens: r.get(11)?,
+                    transcript: r
+                        .get::<_, Option<String>>(12)?
+                        .and_then(|t| serde_json::from_str(&t).ok()),
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -437,6 +456,31 @@ pub mod tx {
              WHERE run_id = ?1 AND name = ?2",
         )?
         .execute(params![run, name, status, output, error, worker, now])?;
+        Ok(())
+    }
+
+    /// Record what an agent step's model did (latest attempt).
+    pub fn record_agent(
+        tx: &Transaction<'_>,
+        run: &str,
+        name: &str,
+        model: &str,
+        usage: (u64, u64),
+        transcript_json: &str,
+    ) -> Result<(), DbError> {
+        tx.prepare_cached(
+            "UPDATE steps SET model = ?3, input_tokens = COALESCE(input_tokens, 0) + ?4,
+                              output_tokens = COALESCE(output_tokens, 0) + ?5, transcript = ?6
+             WHERE run_id = ?1 AND name = ?2",
+        )?
+        .execute(params![
+            run,
+            name,
+            model,
+            usage.0 as i64,
+            usage.1 as i64,
+            transcript_json
+        ])?;
         Ok(())
     }
 

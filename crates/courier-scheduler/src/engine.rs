@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use courier_config::{Config, ParamError, Step, StoreError, Workflow, build_snapshot};
-use courier_wire::{ContentHash, Limits, Task, TaskResult, TaskStatus, WireError, encode};
+use courier_config::{AgentStore, Config, MemoryScope, ParamError, Step, StoreError, Workflow, build_snapshot};
+use courier_wire::{ContentHash, Limits, MemoryTarget, MemoryUpdate, Task, TaskResult, TaskStatus, WireError, encode};
 use rusqlite::Transaction;
 use uuid::Uuid;
 
@@ -94,8 +94,14 @@ pub struct Engine {
 /// grow the scheduler without bound.
 pub const MAX_KEPT_BODY_BYTES: usize = 64 * 1024 * 1024;
 
-/// Tasks written in the current transaction: (task id, encoded body).
-type Written = Vec<(String, Vec<u8>)>;
+/// What a transaction produced that is acted on after it commits.
+#[derive(Debug, Default)]
+struct Effects {
+    /// Tasks written: (task id, encoded body).
+    written: Vec<(String, Vec<u8>)>,
+    /// Memory proposals of succeeded steps: (workflow, update).
+    memory: Vec<(String, MemoryUpdate)>,
+}
 
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
@@ -115,10 +121,25 @@ impl Engine {
         }
     }
 
-    /// Keep the bodies of committed tasks for the outbox, within the budget.
-    fn stash(&self, written: Written) {
+    /// Act on a committed transaction: keep task bodies for the outbox
+    /// (within the budget) and apply memory proposals to the store.
+    fn after_commit(&self, effects: Effects) {
+        if !effects.memory.is_empty() {
+            for (workflow, update) in &effects.memory {
+                let scope = match update.target {
+                    MemoryTarget::Global => MemoryScope::Global,
+                    MemoryTarget::Workflow => MemoryScope::Workflow(workflow),
+                };
+                match self.config.store.append_memory(scope, &update.append) {
+                    Ok(()) => tracing::info!(%workflow, ?update.target, "memory updated"),
+                    Err(e) => tracing::error!(%workflow, error = %e, "cannot apply a memory update"),
+                }
+            }
+            // Later snapshots must carry the new memory.
+            self.invalidate_snapshots();
+        }
         let mut kept = self.bodies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (id, body) in written {
+        for (id, body) in effects.written {
             if kept.1 + body.len() > MAX_KEPT_BODY_BYTES {
                 break;
             }
@@ -235,18 +256,18 @@ impl Engine {
         let params_json = serde_json::to_string(&params).unwrap_or_else(|_| "{}".into());
         let run = run_id.to_string();
         let view = self.with_db(|db| {
-            let written = db.transaction(|t| {
+            let effects = db.transaction(|t| {
                 tx::insert_run(t, &run, &wf.name, &params_json, now)?;
                 for (i, s) in wf.steps.iter().enumerate() {
                     tx::insert_step(t, &run, &s.name, i, &s.queue)?;
                 }
-                let mut written = Written::new();
+                let mut effects = Effects::default();
                 for (step, task) in first {
-                    write_task(t, &run, step, task, now, now, &mut written)?;
+                    write_task(t, &run, step, task, now, now, &mut effects)?;
                 }
-                Ok::<_, DbError>(written)
+                Ok::<_, DbError>(effects)
             })?;
-            self.stash(written);
+            self.after_commit(effects);
             db.run(&run)?.ok_or(DbError::QueryReturnedNoRows)
         })?;
         Ok(view)
@@ -258,17 +279,17 @@ impl Engine {
     /// The database failed; nothing of the batch was applied.
     pub fn apply(&self, results: &[TaskResult]) -> Result<Applied, DbError> {
         let now = now_ms();
-        let (applied, written) = self.with_db(|db| {
+        let (applied, effects) = self.with_db(|db| {
             db.transaction(|t| {
                 let mut applied = Applied::default();
-                let mut written = Written::new();
+                let mut effects = Effects::default();
                 for result in results {
-                    self.apply_one(t, result, now, &mut applied, &mut written)?;
+                    self.apply_one(t, result, now, &mut applied, &mut effects)?;
                 }
-                Ok::<_, DbError>((applied, written))
+                Ok::<_, DbError>((applied, effects))
             })
         })?;
-        self.stash(written);
+        self.after_commit(effects);
         Ok(applied)
     }
 
@@ -278,7 +299,7 @@ impl Engine {
         r: &TaskResult,
         now: i64,
         applied: &mut Applied,
-        written: &mut Written,
+        effects: &mut Effects,
     ) -> Result<(), DbError> {
         let task_id = r.task_id.to_string();
         let Some(row) = tx::task(t, &task_id)? else {
@@ -319,6 +340,18 @@ impl Engine {
             Ok(params.clone().unwrap_or_default())
         };
         let mut states = Statuses::new(&run);
+        if let Some(model) = &r.model {
+            let usage = r.usage.unwrap_or_default();
+            let transcript = serde_json::to_string(&r.transcript).unwrap_or_else(|_| "[]".into());
+            tx::record_agent(
+                t,
+                &run,
+                &step.name,
+                model,
+                (usage.input_tokens, usage.output_tokens),
+                &transcript,
+            )?;
+        }
 
         match r.status {
             TaskStatus::Succeeded => {
@@ -334,6 +367,9 @@ impl Engine {
                     now,
                 )?;
                 states.set(&step.name, step_status::SUCCEEDED);
+                effects
+                    .memory
+                    .extend(r.memory_updates.iter().map(|u| (workflow.clone(), u.clone())));
                 // Dispatch every dependent whose dependencies all succeeded.
                 for s in wf.steps.iter().filter(|s| s.depends.contains(&step.name)) {
                     if states.get(t, &s.name)? != step_status::PENDING {
@@ -349,7 +385,7 @@ impl Engine {
                     let upstream = outputs(t, &run, wf, s)?;
                     match self.plan_task(wf, s, run_uuid, 1, &params(t)?, &upstream, Uuid::now_v7()) {
                         Ok(task) => {
-                            write_task(t, &run, s, task, now, now, written)?;
+                            write_task(t, &run, s, task, now, now, effects)?;
                             states.set(&s.name, step_status::RUNNING);
                             applied.dispatched += 1;
                         }
@@ -368,7 +404,7 @@ impl Engine {
                         Ok(task) => {
                             tx::note_step_error(t, &run, &step.name, &error, &r.worker_id)?;
                             let due = now + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-                            write_task(t, &run, step, task, now, due, written)?;
+                            write_task(t, &run, step, task, now, due, effects)?;
                             applied.retried += 1;
                             tracing::info!(run = %run, step = %step.name, attempt, delay_ms = delay.as_millis() as u64, %error, "retrying step");
                             return Ok(());
@@ -497,7 +533,7 @@ fn write_task(
     task: PlannedTask,
     now: i64,
     not_before: i64,
-    written: &mut Written,
+    effects: &mut Effects,
 ) -> Result<(), DbError> {
     tx::insert_task(
         t,
@@ -511,7 +547,7 @@ fn write_task(
         now,
     )?;
     tx::start_step(t, run, &step.name, task.attempt, now)?;
-    written.push((task.task_id, task.body));
+    effects.written.push((task.task_id, task.body));
     Ok(())
 }
 

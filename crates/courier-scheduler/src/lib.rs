@@ -342,6 +342,9 @@ fn with_bodies(engine: &Engine, rows: Vec<db::OutboxTask>) -> Vec<(db::OutboxTas
                     finished_unix_ms: now,
                     worker_id: "scheduler".into(),
                     memory_updates: Vec::new(),
+                    model: None,
+                    usage: None,
+                    transcript: Vec::new(),
                 });
             }
         }

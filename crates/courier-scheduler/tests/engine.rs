@@ -32,6 +32,9 @@ fn result(task: &Task, status: TaskStatus, output: &str) -> TaskResult {
         finished_unix_ms: 2,
         worker_id: "w".into(),
         memory_updates: Vec::new(),
+        model: None,
+        usage: None,
+        transcript: Vec::new(),
     }
 }
 
@@ -137,6 +140,9 @@ fn a_result_for_an_unknown_task_is_ignored() {
         finished_unix_ms: 0,
         worker_id: "w".into(),
         memory_updates: Vec::new(),
+        model: None,
+        usage: None,
+        transcript: Vec::new(),
     };
     let applied = engine.apply(&[stray]).unwrap();
     assert_eq!((applied.applied, applied.duplicates), (0, 1));

@@ -20,5 +20,5 @@ pub use snapshot::{
 };
 pub use task::{
     AgentSpec, ChatMessage, MemoryTarget, MemoryUpdate, RESULT_VERSION, StepRun, StepSpec, TASK_VERSION, Task,
-    TaskResult, TaskStatus,
+    TaskResult, TaskStatus, TokenUsage, TranscriptEntry,
 };

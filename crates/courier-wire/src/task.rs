@@ -177,6 +177,33 @@ pub struct TaskResult {
     /// Memory changes the step proposes; the scheduler applies them.
     #[serde(default)]
     pub memory_updates: Vec<MemoryUpdate>,
+    /// Agent steps: `provider/model` that answered.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Agent steps: tokens used.
+    #[serde(default)]
+    pub usage: Option<TokenUsage>,
+    /// Agent steps: the conversation, bounded in size.
+    #[serde(default)]
+    pub transcript: Vec<TranscriptEntry>,
+}
+
+/// Tokens an agent step used, as the provider reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenUsage {
+    /// Prompt (input) tokens.
+    pub input_tokens: u64,
+    /// Completion (output) tokens.
+    pub output_tokens: u64,
+}
+
+/// One turn of an agent step's conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TranscriptEntry {
+    /// `assistant`, `tool` (a tool's answer) or `call` (a tool call).
+    pub role: String,
+    /// What was said, or the tool call as `name(arguments)`.
+    pub content: String,
 }
 
 impl Frame for TaskResult {

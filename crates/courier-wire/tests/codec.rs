@@ -128,6 +128,9 @@ fn fixture_result() -> TaskResult {
             target: MemoryTarget::Workflow,
             append: "- Learned: prefer quorum queues.\n".into(),
         }],
+        model: None,
+        usage: None,
+        transcript: Vec::new(),
     }
 }
 
@@ -354,6 +357,9 @@ fn every_truncation_of_an_uncompressed_result_is_a_typed_error() {
     let small = TaskResult {
         output: "ok".into(),
         memory_updates: Vec::new(),
+        model: None,
+        usage: None,
+        transcript: Vec::new(),
         ..fixture_result()
     };
     let frame = encode(&small, &Limits::default()).unwrap();

@@ -206,21 +206,8 @@ async fn handle(delivery: Delivery, config: &WorkerConfig, cache: &SnapshotCache
             Err(refusal) => return refuse(delivery, Some(&task), refusal, started, config, publisher).await,
         };
         info!(redelivered = delivery.redelivered, "running step");
-        let (status, output, error) = execute(&task, &store, config).await;
-        let result = TaskResult {
-            task_id: task.task_id,
-            run_id: task.run_id,
-            step: task.step.clone(),
-            attempt: task.attempt,
-            status,
-            output,
-            error,
-            started_unix_ms: started,
-            finished_unix_ms: now_ms(),
-            worker_id: config.worker_id.clone(),
-            memory_updates: Vec::new(),
-        };
-        info!(status = status.as_str(), ms = result.finished_unix_ms.saturating_sub(started), "step finished");
+        let result = execute(&task, &store, config, started).await;
+        info!(status = result.status.as_str(), ms = result.finished_unix_ms.saturating_sub(started), "step finished");
         if publish_result(&result, config, publisher).await
             && let Err(e) = delivery.ack().await
         {
@@ -265,12 +252,28 @@ fn mount(
     Ok(SnapshotStore::new(Arc::unwrap_or_clone(snapshot)))
 }
 
-/// Run the step; returns status, output and error text.
-async fn execute(task: &Task, _store: &SnapshotStore, config: &WorkerConfig) -> (TaskStatus, String, Option<String>) {
+/// Run the step and describe how it ended.
+async fn execute(task: &Task, store: &SnapshotStore, config: &WorkerConfig, started: u64) -> TaskResult {
+    let mut result = TaskResult {
+        task_id: task.task_id,
+        run_id: task.run_id,
+        step: task.step.clone(),
+        attempt: task.attempt,
+        status: TaskStatus::Failed,
+        output: String::new(),
+        error: None,
+        started_unix_ms: started,
+        finished_unix_ms: 0,
+        worker_id: config.worker_id.clone(),
+        memory_updates: Vec::new(),
+        model: None,
+        usage: None,
+        transcript: Vec::new(),
+    };
     match &task.spec.run {
         StepRun::Command { argv, env } => {
             let out = command::run(argv, env, task.spec.timeout, config.capture).await;
-            let output = out.stdout.trim_end_matches(['\n', '\r']).to_string();
+            result.output = out.stdout.trim_end_matches(['\n', '\r']).to_string();
             let stderr = out.stderr.trim_end();
             let with_stderr = |what: String| {
                 if stderr.is_empty() {
@@ -279,24 +282,33 @@ async fn execute(task: &Task, _store: &SnapshotStore, config: &WorkerConfig) -> 
                     format!("{what}: {stderr}")
                 }
             };
-            match out.exit {
-                Exit::Success => (TaskStatus::Succeeded, output, None),
-                Exit::Failure(why) => (TaskStatus::Failed, output, Some(with_stderr(why))),
+            (result.status, result.error) = match out.exit {
+                Exit::Success => (TaskStatus::Succeeded, None),
+                Exit::Failure(why) => (TaskStatus::Failed, Some(with_stderr(why))),
                 Exit::TimedOut(after) => (
                     TaskStatus::TimedOut,
-                    output,
                     Some(with_stderr(format!("timed out after {}", humanize(after)))),
                 ),
-                Exit::NotStarted(why) => (TaskStatus::Failed, String::new(), Some(why)),
-            }
+                Exit::NotStarted(why) => (TaskStatus::Failed, Some(why)),
+            };
         }
-        StepRun::Echo { text } => (TaskStatus::Succeeded, text.clone(), None),
-        StepRun::Agent(_) => (
-            TaskStatus::Failed,
-            String::new(),
-            Some("agent steps are not supported by this worker build yet".into()),
-        ),
+        StepRun::Echo { text } => {
+            result.status = TaskStatus::Succeeded;
+            result.output = text.clone();
+        }
+        StepRun::Agent(spec) => {
+            let outcome = courier_agent::run_step(spec, store, task.spec.timeout).await;
+            result.status = outcome.status;
+            result.output = outcome.output;
+            result.error = outcome.error;
+            result.model = outcome.model;
+            result.usage = Some(outcome.usage);
+            result.transcript = outcome.transcript;
+            result.memory_updates = outcome.memory_updates;
+        }
     }
+    result.finished_unix_ms = now_ms();
+    result
 }
 
 fn humanize(d: Duration) -> String {
@@ -347,6 +359,9 @@ async fn refuse(
             finished_unix_ms: now_ms(),
             worker_id: config.worker_id.clone(),
             memory_updates: Vec::new(),
+            model: None,
+            usage: None,
+            transcript: Vec::new(),
         };
         if !publish_result(&result, config, publisher).await {
             return;

@@ -29,6 +29,12 @@ struct Step {
     worker: Option<String>,
     started_ms: Option<i64>,
     finished_ms: Option<i64>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    input_tokens: Option<i64>,
+    #[serde(default)]
+    output_tokens: Option<i64>,
 }
 
 fn client() -> anyhow::Result<reqwest::Client> {
@@ -156,6 +162,16 @@ pub async fn runs(
                 duration(s.started_ms, s.finished_ms),
                 s.worker.as_deref().unwrap_or("-"),
                 one_line(detail, 80)
+            );
+        }
+        for s in run.steps.iter().filter(|s| s.model.is_some()) {
+            println!(
+                "\n{}: model {}, {} input + {} output tokens (transcript: courier runs {} --json)",
+                s.name,
+                s.model.as_deref().unwrap_or("-"),
+                s.input_tokens.unwrap_or(0),
+                s.output_tokens.unwrap_or(0),
+                run.id
             );
         }
         return Ok(ExitCode::SUCCESS);

@@ -1,0 +1,488 @@
+//! LLM providers behind one trait: OpenAI-compatible chat completions
+//! (OpenAI, vLLM, llama.cpp, LM Studio, Ollama's `/v1`), the Anthropic
+//! Messages API, and `scripted` replies listed in the model file.
+//!
+//! HTTP providers retry 429 and 5xx (honouring `Retry-After`), fail at once on
+//! other 4xx with the provider's error text, and name malformed answers.
+
+use std::time::Duration;
+
+use courier_wire::{ModelDef, Provider as ProviderKind, ScriptedReply, TokenUsage};
+use serde_json::{Value, json};
+
+/// Default timeout of one provider request.
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Retries of one request after 429 or 5xx.
+const MAX_RETRIES: u32 = 3;
+/// Longest `Retry-After` honoured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// A message of the conversation, provider-neutral.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// The user (the step's prompt and messages).
+    User(String),
+    /// The model's turn: text and tool calls.
+    Assistant { text: Option<String>, calls: Vec<ToolCall> },
+    /// A tool's answer to one call.
+    Tool {
+        call_id: String,
+        name: String,
+        content: String,
+    },
+}
+
+/// A tool call requested by the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    /// Provider-assigned id, echoed back with the result.
+    pub id: String,
+    /// Tool name.
+    pub name: String,
+    /// Arguments (a JSON object).
+    pub arguments: Value,
+}
+
+/// A tool offered to the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolSpec {
+    /// Tool name.
+    pub name: &'static str,
+    /// What it does.
+    pub description: &'static str,
+    /// JSON schema of its arguments.
+    pub parameters: Value,
+}
+
+/// One request to the model.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    /// System prompt.
+    pub system: String,
+    /// The conversation so far.
+    pub messages: Vec<Message>,
+    /// Tools the model may call.
+    pub tools: Vec<ToolSpec>,
+}
+
+/// The model's answer.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Reply {
+    /// Text, if any.
+    pub text: Option<String>,
+    /// Tool calls, in order.
+    pub calls: Vec<ToolCall>,
+    /// Tokens used by this request.
+    pub usage: TokenUsage,
+}
+
+/// Why a provider request failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    /// The API key variable named by the model is not set on this worker.
+    #[error("environment variable {var} (api_key_env of model \"{model}\") is not set on this worker")]
+    MissingKey { var: String, model: String },
+    /// The provider refused the request (4xx other than 429).
+    #[error("{provider} returned HTTP {status}: {message}")]
+    Refused {
+        provider: &'static str,
+        status: u16,
+        message: String,
+    },
+    /// Still failing after the retries (429, 5xx or network errors).
+    #[error("{provider} failed after {attempts} attempts: {last}")]
+    Exhausted {
+        provider: &'static str,
+        attempts: u32,
+        last: String,
+    },
+    /// The answer was not what the protocol says.
+    #[error("{provider} sent a malformed answer: {detail}")]
+    Malformed { provider: &'static str, detail: String },
+    /// The scripted model ran out of replies.
+    #[error("the scripted model has no reply left (it lists {0})")]
+    ScriptExhausted(usize),
+}
+
+/// A chat model.
+pub trait ChatModel: Send {
+    /// One round trip.
+    fn complete(&mut self, request: &ChatRequest) -> impl Future<Output = Result<Reply, ProviderError>> + Send;
+}
+
+/// The provider for a model definition, with its key read now from this
+/// worker's environment.
+///
+/// # Errors
+/// [`ProviderError::MissingKey`] when `api_key_env` names an unset variable.
+pub fn connect(model_id: &str, def: &ModelDef) -> Result<AnyModel, ProviderError> {
+    let key = match &def.api_key_env {
+        Some(var) => Some(std::env::var(var).map_err(|_| ProviderError::MissingKey {
+            var: var.clone(),
+            model: model_id.to_string(),
+        })?),
+        None => None,
+    };
+    let timeout = def.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT);
+    let http = || {
+        reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| ProviderError::Malformed {
+                provider: "http",
+                detail: e.to_string(),
+            })
+    };
+    Ok(match def.provider {
+        ProviderKind::OpenaiCompatible | ProviderKind::Ollama => AnyModel::OpenAi(OpenAi {
+            http: http()?,
+            base_url: def
+                .base_url
+                .clone()
+                .unwrap_or_else(|| default_base_url(def.provider).to_string()),
+            key,
+            def: def.clone(),
+        }),
+        ProviderKind::Anthropic => AnyModel::Anthropic(Anthropic {
+            http: http()?,
+            base_url: def
+                .base_url
+                .clone()
+                .unwrap_or_else(|| default_base_url(def.provider).to_string()),
+            key,
+            def: def.clone(),
+        }),
+        ProviderKind::Scripted => AnyModel::Scripted(Scripted {
+            replies: def.script.clone(),
+            next: 0,
+        }),
+    })
+}
+
+fn default_base_url(kind: ProviderKind) -> &'static str {
+    match kind {
+        ProviderKind::OpenaiCompatible => "https://api.openai.com/v1",
+        ProviderKind::Ollama => "http://localhost:11434/v1",
+        ProviderKind::Anthropic => "https://api.anthropic.com",
+        ProviderKind::Scripted => "",
+    }
+}
+
+/// Any of the providers.
+#[derive(Debug)]
+pub enum AnyModel {
+    /// OpenAI-compatible chat completions.
+    OpenAi(OpenAi),
+    /// Anthropic Messages.
+    Anthropic(Anthropic),
+    /// Scripted replies.
+    Scripted(Scripted),
+}
+
+impl ChatModel for AnyModel {
+    async fn complete(&mut self, request: &ChatRequest) -> Result<Reply, ProviderError> {
+        match self {
+            AnyModel::OpenAi(m) => m.complete(request).await,
+            AnyModel::Anthropic(m) => m.complete(request).await,
+            AnyModel::Scripted(m) => m.complete(request).await,
+        }
+    }
+}
+
+/// POST JSON, retrying 429/5xx and network errors; the answer's JSON.
+async fn post(
+    provider: &'static str,
+    http: &reqwest::Client,
+    url: &str,
+    headers: &[(&str, String)],
+    body: &Value,
+) -> Result<Value, ProviderError> {
+    let mut last = String::new();
+    for attempt in 0..=MAX_RETRIES {
+        let mut request = http.post(url).json(body);
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let backoff = Duration::from_millis(500 * 2u64.pow(attempt));
+        match request.send().await {
+            Err(e) => {
+                last = e.to_string();
+                tracing::warn!(provider, error = %last, attempt = attempt + 1, "provider request failed; retrying");
+                tokio::time::sleep(backoff).await;
+            }
+            Ok(response) => {
+                let status = response.status();
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .map(|s| Duration::from_secs_f64(s.max(0.0)).min(MAX_RETRY_AFTER));
+                let text = response.text().await.map_err(|e| ProviderError::Malformed {
+                    provider,
+                    detail: e.to_string(),
+                })?;
+                if status.is_success() {
+                    return serde_json::from_str(&text).map_err(|e| ProviderError::Malformed {
+                        provider,
+                        detail: format!("{e} in {}", excerpt(&text)),
+                    });
+                }
+                let message = error_message(&text);
+                if status.as_u16() == 429 || status.is_server_error() {
+                    last = format!("HTTP {}: {message}", status.as_u16());
+                    let wait = retry_after.unwrap_or(backoff);
+                    tracing::warn!(
+                        provider,
+                        status = status.as_u16(),
+                        wait_ms = wait.as_millis() as u64,
+                        "provider busy; retrying"
+                    );
+                    tokio::time::sleep(wait).await;
+                } else {
+                    return Err(ProviderError::Refused {
+                        provider,
+                        status: status.as_u16(),
+                        message,
+                    });
+                }
+            }
+        }
+    }
+    Err(ProviderError::Exhausted {
+        provider,
+        attempts: MAX_RETRIES + 1,
+        last,
+    })
+}
+
+/// The provider's own error text (`{"error": {"message": ...}}` in both
+/// protocols), else the body.
+fn error_message(body: &str) -> String {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(String::from))
+        .unwrap_or_else(|| excerpt(body))
+}
+
+fn excerpt(text: &str) -> String {
+    let mut s: String = text.chars().take(200).collect();
+    if text.chars().count() > 200 {
+        s.push('…');
+    }
+    format!("\"{s}\"")
+}
+
+fn malformed(provider: &'static str, detail: impl Into<String>) -> ProviderError {
+    ProviderError::Malformed {
+        provider,
+        detail: detail.into(),
+    }
+}
+
+/// OpenAI-compatible chat completions.
+#[derive(Debug)]
+pub struct OpenAi {
+    http: reqwest::Client,
+    base_url: String,
+    key: Option<String>,
+    def: ModelDef,
+}
+
+impl ChatModel for OpenAi {
+    async fn complete(&mut self, request: &ChatRequest) -> Result<Reply, ProviderError> {
+        const P: &str = "openai-compatible";
+        let mut messages = vec![json!({"role": "system", "content": request.system})];
+        for m in &request.messages {
+            messages.push(match m {
+                Message::User(text) => json!({"role": "user", "content": text}),
+                Message::Assistant { text, calls } => {
+                    let mut msg = json!({"role": "assistant", "content": text});
+                    if !calls.is_empty() {
+                        msg["tool_calls"] = calls
+                            .iter()
+                            .map(|c| {
+                                json!({"id": c.id, "type": "function",
+                                       "function": {"name": c.name, "arguments": c.arguments.to_string()}})
+                            })
+                            .collect();
+                    }
+                    msg
+                }
+                Message::Tool { call_id, content, .. } => {
+                    json!({"role": "tool", "tool_call_id": call_id, "content": content})
+                }
+            });
+        }
+        let mut body = json!({"model": self.def.model, "messages": messages});
+        if !request.tools.is_empty() {
+            body["tools"] = request
+                .tools
+                .iter()
+                .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}))
+                .collect();
+        }
+        if let Some(max) = self.def.max_tokens {
+            body["max_tokens"] = json!(max);
+        }
+        if let Some(t) = self.def.temperature {
+            body["temperature"] = json!(t);
+        }
+        let headers: Vec<(&str, String)> = self
+            .key
+            .iter()
+            .map(|k| ("authorization", format!("Bearer {k}")))
+            .collect();
+        let url = format!("{}/chat/completions", self.base_url.trim_end_matches('/'));
+        let answer = post(P, &self.http, &url, &headers, &body).await?;
+        let message = &answer["choices"][0]["message"];
+        if !message.is_object() {
+            return Err(malformed(P, "no choices[0].message"));
+        }
+        let mut calls = Vec::new();
+        for c in message["tool_calls"].as_array().into_iter().flatten() {
+            let name = c["function"]["name"]
+                .as_str()
+                .ok_or_else(|| malformed(P, "a tool call without a name"))?;
+            let raw = c["function"]["arguments"].as_str().unwrap_or("{}");
+            let arguments = serde_json::from_str(raw).unwrap_or_else(|_| json!({"_unparsed": raw}));
+            calls.push(ToolCall {
+                id: c["id"].as_str().unwrap_or(name).to_string(),
+                name: name.to_string(),
+                arguments,
+            });
+        }
+        Ok(Reply {
+            text: message["content"].as_str().filter(|s| !s.is_empty()).map(String::from),
+            calls,
+            usage: TokenUsage {
+                input_tokens: answer["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+                output_tokens: answer["usage"]["completion_tokens"].as_u64().unwrap_or(0),
+            },
+        })
+    }
+}
+
+/// The Anthropic Messages API.
+#[derive(Debug)]
+pub struct Anthropic {
+    http: reqwest::Client,
+    base_url: String,
+    key: Option<String>,
+    def: ModelDef,
+}
+
+impl ChatModel for Anthropic {
+    async fn complete(&mut self, request: &ChatRequest) -> Result<Reply, ProviderError> {
+        const P: &str = "anthropic";
+        let mut messages: Vec<Value> = Vec::new();
+        for m in &request.messages {
+            let (role, block) = match m {
+                Message::User(text) => ("user", vec![json!({"type": "text", "text": text})]),
+                Message::Assistant { text, calls } => {
+                    let mut blocks: Vec<Value> = text.iter().map(|t| json!({"type": "text", "text": t})).collect();
+                    blocks.extend(
+                        calls
+                            .iter()
+                            .map(|c| json!({"type": "tool_use", "id": c.id, "name": c.name, "input": c.arguments})),
+                    );
+                    ("assistant", blocks)
+                }
+                Message::Tool { call_id, content, .. } => (
+                    "user",
+                    vec![json!({"type": "tool_result", "tool_use_id": call_id, "content": content})],
+                ),
+            };
+            // Consecutive turns of one role merge (tool results of one reply).
+            match messages.last_mut() {
+                Some(last) if last["role"] == role => {
+                    if let Some(content) = last["content"].as_array_mut() {
+                        content.extend(block);
+                    }
+                }
+                _ => messages.push(json!({"role": role, "content": block})),
+            }
+        }
+        let mut body = json!({
+            "model": self.def.model,
+            "max_tokens": self.def.max_tokens.unwrap_or(1024),
+            "system": request.system,
+            "messages": messages,
+        });
+        if !request.tools.is_empty() {
+            body["tools"] = request
+                .tools
+                .iter()
+                .map(|t| json!({"name": t.name, "description": t.description, "input_schema": t.parameters}))
+                .collect();
+        }
+        if let Some(t) = self.def.temperature {
+            body["temperature"] = json!(t);
+        }
+        let mut headers = vec![("anthropic-version", "2023-06-01".to_string())];
+        if let Some(k) = &self.key {
+            headers.push(("x-api-key", k.clone()));
+        }
+        let url = format!("{}/v1/messages", self.base_url.trim_end_matches('/'));
+        let answer = post(P, &self.http, &url, &headers, &body).await?;
+        let content = answer["content"]
+            .as_array()
+            .ok_or_else(|| malformed(P, "no content array"))?;
+        let mut text = String::new();
+        let mut calls = Vec::new();
+        for block in content {
+            match block["type"].as_str() {
+                Some("text") => text.push_str(block["text"].as_str().unwrap_or_default()),
+                Some("tool_use") => calls.push(ToolCall {
+                    id: block["id"].as_str().unwrap_or_default().to_string(),
+                    name: block["name"]
+                        .as_str()
+                        .ok_or_else(|| malformed(P, "a tool_use block without a name"))?
+                        .to_string(),
+                    arguments: block["input"].clone(),
+                }),
+                _ => {}
+            }
+        }
+        Ok(Reply {
+            text: (!text.is_empty()).then_some(text),
+            calls,
+            usage: TokenUsage {
+                input_tokens: answer["usage"]["input_tokens"].as_u64().unwrap_or(0),
+                output_tokens: answer["usage"]["output_tokens"].as_u64().unwrap_or(0),
+            },
+        })
+    }
+}
+
+/// Replies listed in the model file, in order: for tests and offline demos.
+#[derive(Debug)]
+pub struct Scripted {
+    replies: Vec<ScriptedReply>,
+    next: usize,
+}
+
+impl ChatModel for Scripted {
+    async fn complete(&mut self, _request: &ChatRequest) -> Result<Reply, ProviderError> {
+        let reply = self
+            .replies
+            .get(self.next)
+            .ok_or(ProviderError::ScriptExhausted(self.replies.len()))?;
+        let n = self.next;
+        self.next += 1;
+        Ok(Reply {
+            text: reply.text.clone(),
+            calls: reply
+                .tool_calls
+                .iter()
+                .enumerate()
+                .map(|(i, c)| ToolCall {
+                    id: format!("scripted-{n}-{i}"),
+                    name: c.name.clone(),
+                    arguments: c.arguments.clone(),
+                })
+                .collect(),
+            usage: TokenUsage::default(),
+        })
+    }
+}

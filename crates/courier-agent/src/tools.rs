@@ -1,0 +1,178 @@
+//! The agent's tools, over the read-only store mounted from the snapshot.
+//!
+//! Tools are offered per step (within the agent config's policy, checked at
+//! load). Any attempt to write through the store is refused with the store's
+//! read-only error, which the model sees as the tool's answer.
+
+use courier_config::{AgentStore, MemoryScope, SnapshotStore};
+use courier_wire::{MemoryTarget, MemoryUpdate};
+use serde_json::{Value, json};
+
+use crate::provider::{ToolCall, ToolSpec};
+
+/// Largest tool answer handed back to the model.
+const MAX_ANSWER: usize = 32 * 1024;
+
+/// The specs of the tools enabled for a step, in the order given.
+pub fn specs(enabled: &[String]) -> Vec<ToolSpec> {
+    enabled.iter().filter_map(|name| spec(name)).collect()
+}
+
+fn spec(name: &str) -> Option<ToolSpec> {
+    let scope = json!({"type": "string", "enum": ["global", "workflow"]});
+    Some(match name {
+        "read_skill" => ToolSpec {
+            name: "read_skill",
+            description: "Read the full text of one of your skills.",
+            parameters: json!({"type": "object", "properties": {"id": {"type": "string", "description": "the skill's id"}}, "required": ["id"]}),
+        },
+        "search_skills" => ToolSpec {
+            name: "search_skills",
+            description: "Find skills whose name, description, tags or text match the query.",
+            parameters: json!({"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}),
+        },
+        "read_memory" => ToolSpec {
+            name: "read_memory",
+            description: "Read memory (read-only): global, this workflow's, or both when no scope is given.",
+            parameters: json!({"type": "object", "properties": {"scope": scope}}),
+        },
+        "output" => ToolSpec {
+            name: "output",
+            description: "Give your final answer. This ends the step.",
+            parameters: json!({"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}),
+        },
+        "propose_memory_update" => ToolSpec {
+            name: "propose_memory_update",
+            description: "Propose text to append to memory. Applied by the scheduler only after this step succeeds.",
+            parameters: json!({"type": "object", "properties": {"scope": scope, "text": {"type": "string"}}, "required": ["scope", "text"]}),
+        },
+        _ => return None,
+    })
+}
+
+/// What a tool call did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Text for the model.
+    Text(String),
+    /// The step's final output.
+    Output(String),
+}
+
+/// Run one tool call.
+pub fn call(call: &ToolCall, enabled: &[String], store: &SnapshotStore, proposals: &mut Vec<MemoryUpdate>) -> Answer {
+    let arg = |key: &str| call.arguments.get(key).and_then(Value::as_str).map(str::trim);
+    let workflow = store.snapshot().workflow.clone();
+    let scope = |s: Option<&str>| match s {
+        Some("global") => Some((MemoryTarget::Global, MemoryScope::Global)),
+        Some("workflow") => Some((MemoryTarget::Workflow, MemoryScope::Workflow(workflow.as_str()))),
+        _ => None,
+    };
+    // Writes are refused by the store itself, whatever the tool is called.
+    if is_write(&call.name) {
+        let target = scope(arg("scope")).map_or(MemoryScope::Global, |(_, s)| s);
+        return Answer::Text(match store.append_memory(target, arg("text").unwrap_or_default()) {
+            Err(e) => format!("error: {e}"),
+            Ok(()) => "written".into(),
+        });
+    }
+    if !enabled.iter().any(|t| t == &call.name) {
+        return Answer::Text(format!(
+            "error: tool \"{}\" is not available in this step (available: {})",
+            call.name,
+            enabled.join(", ")
+        ));
+    }
+    let text = match call.name.as_str() {
+        "read_skill" => match arg("id") {
+            None => "error: read_skill needs an \"id\"".into(),
+            Some(id) => match store.skill(id) {
+                Ok(skill) => format!("# {} ({id})\n{}\n\n{}", skill.name, skill.description, skill.body),
+                Err(e) => format!("error: {e}; your skills are: {}", store.skill_ids().join(", ")),
+            },
+        },
+        "search_skills" => search(store, arg("query").unwrap_or_default()),
+        "read_memory" => {
+            let scopes: Vec<(&str, MemoryScope<'_>)> = match arg("scope") {
+                Some("global") => vec![("global", MemoryScope::Global)],
+                Some("workflow") => vec![("workflow", MemoryScope::Workflow(&workflow))],
+                _ => vec![
+                    ("global", MemoryScope::Global),
+                    ("workflow", MemoryScope::Workflow(&workflow)),
+                ],
+            };
+            let mut text = String::new();
+            for (name, s) in scopes {
+                match store.memory(s) {
+                    Ok(m) => text.push_str(&format!(
+                        "## {name} memory (read-only)\n{}\n",
+                        m.as_deref().unwrap_or("(empty)")
+                    )),
+                    Err(e) => text.push_str(&format!("error: {e}\n")),
+                }
+            }
+            text
+        }
+        "output" => return Answer::Output(arg("text").unwrap_or_default().to_string()),
+        "propose_memory_update" => match (scope(arg("scope")), arg("text")) {
+            (Some((target, _)), Some(text)) if !text.is_empty() => {
+                proposals.push(MemoryUpdate {
+                    target,
+                    append: format!("{text}\n"),
+                });
+                "proposal recorded: the scheduler appends it to memory after this step succeeds".into()
+            }
+            _ => "error: propose_memory_update needs \"scope\" (global or workflow) and non-empty \"text\"".into(),
+        },
+        other => format!("error: unknown tool \"{other}\""),
+    };
+    Answer::Text(bounded(text))
+}
+
+/// Tool names that try to change the store.
+fn is_write(name: &str) -> bool {
+    ["write_", "update_", "append_", "save_", "delete_", "edit_"]
+        .iter()
+        .any(|p| name.starts_with(p))
+        && name != "propose_memory_update"
+}
+
+fn search(store: &SnapshotStore, query: &str) -> String {
+    let words: Vec<String> = query.split_whitespace().map(str::to_lowercase).collect();
+    let mut hits: Vec<(usize, String)> = store
+        .skill_ids()
+        .into_iter()
+        .filter_map(|id| {
+            let skill = store.skill(&id).ok()?;
+            let hay = format!(
+                "{id} {} {} {} {}",
+                skill.name,
+                skill.description,
+                skill.tags.join(" "),
+                skill.body
+            )
+            .to_lowercase();
+            let score = words.iter().filter(|w| hay.contains(w.as_str())).count();
+            (score > 0 || words.is_empty())
+                .then(|| (score, format!("- `{id}`: {} — {}", skill.name, skill.description)))
+        })
+        .collect();
+    hits.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    if hits.is_empty() {
+        format!("no skill matches \"{query}\"")
+    } else {
+        hits.into_iter().map(|(_, line)| line).collect::<Vec<_>>().join("\n")
+    }
+}
+
+fn bounded(mut text: String) -> String {
+    if text.len() > MAX_ANSWER {
+        let mut cut = MAX_ANSWER;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str("\n(truncated)");
+    }
+    text
+}
