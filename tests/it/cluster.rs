@@ -20,6 +20,9 @@ pub fn amqp_url() -> String {
 /// Builds a [`Cluster`].
 pub struct Builder {
     workflows: Vec<(String, String)>,
+    files: Vec<(String, String)>,
+    env: Vec<(String, String)>,
+    tap: bool,
     workers: usize,
     concurrency: usize,
     pools: Vec<String>,
@@ -29,6 +32,24 @@ impl Builder {
     /// Add (or replace) `workflows/NAME.yaml`.
     pub fn workflow(mut self, name: &str, yaml: &str) -> Self {
         self.workflows.push((name.into(), yaml.into()));
+        self
+    }
+
+    /// Replace any file of the config folder (path relative to it).
+    pub fn file(mut self, path: &str, text: &str) -> Self {
+        self.files.push((path.into(), text.into()));
+        self
+    }
+
+    /// Set an environment variable for every process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Copy every task and result into a tap queue (see [`Cluster::tapped`]).
+    pub fn tap(mut self) -> Self {
+        self.tap = true;
         self
     }
 
@@ -52,7 +73,12 @@ impl Builder {
         for (name, yaml) in &self.workflows {
             std::fs::write(config_dir.join("workflows").join(format!("{name}.yaml")), yaml).expect("write workflow");
         }
+        for (path, text) in &self.files {
+            std::fs::write(config_dir.join(path), text).expect("write config file");
+        }
         let mut cluster = Cluster {
+            env: self.env,
+            has_tap: self.tap,
             namespace: format!("it-{}", uuid::Uuid::now_v7()),
             data_dir: dir.path().join("data"),
             config_dir,
@@ -63,6 +89,21 @@ impl Builder {
             pools: self.pools,
             log_seq: 0,
         };
+        if cluster.has_tap {
+            let names = courier_amqp::Names::new(cluster.namespace.clone());
+            let pools = cluster.pools.clone();
+            block_on(async {
+                let broker = courier_amqp::Broker::connect(&amqp_url(), names.clone(), "courier-it-tap")
+                    .await
+                    .expect("connect");
+                broker.declare_topology(&pools, 5).await.expect("topology");
+                broker
+                    .declare_tap(&format!("{}.tap", names.namespace()), &pools)
+                    .await
+                    .expect("tap");
+                let _ = broker.close().await;
+            });
+        }
         cluster.start_scheduler();
         for i in 0..self.workers {
             cluster.start_worker(&format!("w{}", i + 1), self.concurrency);
@@ -81,12 +122,17 @@ pub struct Cluster {
     pub api: String,
     pools: Vec<String>,
     log_seq: usize,
+    env: Vec<(String, String)>,
+    has_tap: bool,
 }
 
 impl Cluster {
     pub fn builder() -> Builder {
         Builder {
             workflows: Vec::new(),
+            files: Vec::new(),
+            env: Vec::new(),
+            tap: false,
             workers: 3,
             concurrency: 4,
             pools: vec!["default".into()],
@@ -104,7 +150,32 @@ impl Cluster {
             .env("COURIER_API_URL", &self.api)
             .env("COURIER_CONNECT_TIMEOUT_SECS", "30")
             .env("COURIER_SHUTDOWN_GRACE_SECS", "20");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
         cmd
+    }
+
+    /// Every message the tap received so far (bodies).
+    pub fn tapped(&self) -> Vec<Vec<u8>> {
+        assert!(self.has_tap, "the cluster was built without .tap()");
+        let names = courier_amqp::Names::new(self.namespace.clone());
+        block_on(async {
+            let broker = courier_amqp::Broker::connect(&amqp_url(), names.clone(), "courier-it-tap")
+                .await
+                .expect("connect");
+            let mut consumer = broker
+                .consumer(&format!("{}.tap", names.namespace()), 1000, "tap")
+                .await
+                .expect("consume tap");
+            let mut bodies = Vec::new();
+            while let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await {
+                bodies.push(delivery.body.clone());
+                delivery.ack().await.expect("ack");
+            }
+            let _ = broker.close().await;
+            bodies
+        })
     }
 
     fn log_file(&mut self, name: &str) -> std::fs::File {
@@ -280,8 +351,12 @@ impl Drop for Cluster {
         }
         let names = courier_amqp::Names::new(self.namespace.clone());
         let pools = self.pools.clone();
+        let tapped = self.has_tap;
         block_on(async {
-            if let Ok(broker) = courier_amqp::Broker::connect(&amqp_url(), names, "courier-it-cleanup").await {
+            if let Ok(broker) = courier_amqp::Broker::connect(&amqp_url(), names.clone(), "courier-it-cleanup").await {
+                if tapped {
+                    let _ = broker.delete_queue(&format!("{}.tap", names.namespace())).await;
+                }
                 let _ = broker.delete_topology(&pools).await;
                 let _ = broker.close().await;
             }

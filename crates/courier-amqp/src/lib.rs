@@ -286,6 +286,47 @@ impl Broker {
         Ok(())
     }
 
+    /// Declare a tap: a queue that receives a copy of every task (of `pools`)
+    /// and every result, for inspection (tests, debugging).
+    ///
+    /// # Errors
+    /// A declaration the broker refuses.
+    pub async fn declare_tap(&self, queue: &str, pools: &[String]) -> Result<(), AmqpError> {
+        let channel = self.connection.create_channel().await?;
+        channel
+            .queue_declare(queue.into(), QueueDeclareOptions::default(), FieldTable::default())
+            .await?;
+        let mut routes: Vec<(String, String)> =
+            pools.iter().map(|p| (self.names.tasks_exchange(), p.clone())).collect();
+        routes.push((self.names.results_exchange(), "results".into()));
+        for (exchange, key) in routes {
+            channel
+                .queue_bind(
+                    queue.into(),
+                    exchange.as_str().into(),
+                    key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        let _ = channel.close(200, "tap declared".into()).await;
+        Ok(())
+    }
+
+    /// Delete a queue (a tap).
+    ///
+    /// # Errors
+    /// The broker refuses.
+    pub async fn delete_queue(&self, queue: &str) -> Result<(), AmqpError> {
+        let channel = self.connection.create_channel().await?;
+        channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await?;
+        let _ = channel.close(200, "queue deleted".into()).await;
+        Ok(())
+    }
+
     /// Messages ready in `queue` and consumers attached to it.
     ///
     /// # Errors
