@@ -241,6 +241,80 @@ impl Cluster {
         self.workers.push((id.to_string(), child));
     }
 
+    /// SIGKILL worker `id`.
+    pub fn kill_worker(&mut self, id: &str) {
+        let i = self.workers.iter().position(|(w, _)| w == id).expect("no such worker");
+        let (_, mut child) = self.workers.remove(i);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Peak resident memory of worker `id`, in MiB.
+    pub fn worker_peak_rss_mib(&self, id: &str) -> f64 {
+        let (_, child) = self.workers.iter().find(|(w, _)| w == id).expect("no such worker");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).expect("proc status");
+        let kib: f64 = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .expect("VmHWM");
+        kib / 1024.0
+    }
+
+    /// The log of worker `id` so far.
+    pub fn worker_log(&self, id: &str) -> String {
+        std::fs::read_dir(self.dir.path())
+            .expect("dir")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().ends_with(&format!("-worker-{id}.log")))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    /// Publish raw bytes to a pool's task queue, as a misbehaving producer would.
+    pub fn publish_raw(
+        &self,
+        pool: &str,
+        body: &[u8],
+        message_id: &str,
+        headers: Vec<(&'static str, courier_amqp::Header)>,
+    ) {
+        let names = courier_amqp::Names::new(self.namespace.clone());
+        block_on(async {
+            let broker = courier_amqp::Broker::connect(&amqp_url(), names.clone(), "courier-it-raw")
+                .await
+                .expect("connect");
+            let publisher = broker.publisher(8).await.expect("publisher");
+            publisher
+                .publish(courier_amqp::Outgoing {
+                    exchange: &names.tasks_exchange(),
+                    routing_key: pool,
+                    body,
+                    message_id,
+                    correlation_id: "not-a-run",
+                    headers,
+                })
+                .await
+                .expect("publish");
+            let _ = broker.close().await;
+        });
+    }
+
+    /// Messages ready in the dead-letter queue.
+    pub fn dead_depth(&self) -> u32 {
+        let names = courier_amqp::Names::new(self.namespace.clone());
+        block_on(async {
+            let broker = courier_amqp::Broker::connect(&amqp_url(), names.clone(), "courier-it")
+                .await
+                .expect("connect");
+            let (depth, _) = broker.queue_depth(&names.dead()).await.expect("queue depth");
+            let _ = broker.close().await;
+            depth
+        })
+    }
+
     /// Send SIGTERM to worker `id` and wait for its exit status.
     pub fn terminate_worker(&mut self, id: &str) -> std::process::ExitStatus {
         let i = self.workers.iter().position(|(w, _)| w == id).expect("no such worker");

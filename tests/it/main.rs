@@ -7,4 +7,5 @@ mod agent;
 mod cli;
 mod cluster;
 mod dispatch;
+mod reliability;
 mod support;

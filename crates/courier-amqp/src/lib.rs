@@ -511,6 +511,8 @@ pub struct Delivery {
     pub headers: BTreeMap<String, Header>,
     /// Whether the broker delivered it before.
     pub redelivered: bool,
+    /// The routing key it was published with (the pool, for tasks).
+    pub routing_key: String,
     acker: lapin::Acker,
     /// lapin closes a channel when its last handle is dropped, which would
     /// requeue this delivery: keep the channel open while it can be acked.
@@ -551,6 +553,7 @@ impl Delivery {
             correlation_id: d.properties.correlation_id().as_ref().map(|s| s.as_str().to_string()),
             headers,
             redelivered: d.redelivered,
+            routing_key: d.routing_key.as_str().to_string(),
             acker: d.acker,
             _channel: channel,
         }

@@ -53,6 +53,8 @@ pub struct SchedulerConfig {
     pub delivery_limit: u32,
     /// How long to keep trying to reach the broker before giving up.
     pub connect_timeout: Duration,
+    /// When set, every task is signed with it.
+    pub signing_key: Option<courier_wire::SigningKey>,
 }
 
 /// Results applied per transaction at most.
@@ -214,7 +216,8 @@ async fn serve(
     // Separate tasks, so publishing and applying results proceed in parallel.
     let mut outbox = tokio::spawn({
         let shared = shared.clone();
-        async move { outbox_loop(&shared, &publisher, &names).await }
+        let key = sc.signing_key.clone();
+        async move { outbox_loop(&shared, &publisher, &names, key).await }
     });
     let limits = sc.result_limits;
     let mut results = tokio::spawn({
@@ -239,7 +242,12 @@ async fn serve(
 }
 
 /// Publish due outbox tasks, confirmed, then mark them published.
-async fn outbox_loop(shared: &Arc<Shared>, publisher: &Publisher, names: &Names) -> Result<(), AmqpError> {
+async fn outbox_loop(
+    shared: &Arc<Shared>,
+    publisher: &Publisher,
+    names: &Names,
+    signing_key: Option<courier_wire::SigningKey>,
+) -> Result<(), AmqpError> {
     let exchange = Arc::new(names.tasks_exchange());
     loop {
         let now = now_ms();
@@ -275,7 +283,15 @@ async fn outbox_loop(shared: &Arc<Shared>, publisher: &Publisher, names: &Names)
         let mut publishing = JoinSet::new();
         for (task, body, snapshot_hash) in due {
             let (publisher, exchange) = (publisher.clone(), exchange.clone());
+            let signature = signing_key.as_ref().map(|k| k.sign(&body));
             publishing.spawn(async move {
+                let mut headers = vec![
+                    (headers::ATTEMPT, Header::Int(i64::from(task.attempt))),
+                    (headers::SNAPSHOT_HASH, Header::Str(snapshot_hash)),
+                ];
+                if let Some(signature) = signature {
+                    headers.push((headers::SIGNATURE, Header::Str(signature)));
+                }
                 let outcome = publisher
                     .publish(Outgoing {
                         exchange: &exchange,
@@ -283,10 +299,7 @@ async fn outbox_loop(shared: &Arc<Shared>, publisher: &Publisher, names: &Names)
                         body: &body,
                         message_id: &task.task_id,
                         correlation_id: &task.run_id,
-                        headers: vec![
-                            (headers::ATTEMPT, Header::Int(i64::from(task.attempt))),
-                            (headers::SNAPSHOT_HASH, Header::Str(snapshot_hash)),
-                        ],
+                        headers,
                     })
                     .await;
                 (task.task_id, outcome)

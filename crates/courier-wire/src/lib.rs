@@ -2,11 +2,12 @@
 //! bounded codec they all go through.
 //!
 //! **Architecture invariant:** this crate does no I/O. It turns values into
-//! bytes and bytes into values, within [`Limits`], and names every way the
-//! bytes can be wrong ([`WireError`]).
+//! bytes and bytes into values, within [`Limits`], names every way the bytes
+//! can be wrong ([`WireError`]), and signs and verifies bodies ([`SigningKey`]).
 
 mod frame;
 pub mod headers;
+mod signature;
 mod snapshot;
 mod task;
 
@@ -14,6 +15,7 @@ pub use frame::{
     ContentHash, DEFAULT_MAX_COMPRESSED, DEFAULT_MAX_DECOMPRESSED, DEFAULT_ZSTD_LEVEL, FLAG_ZSTD, Frame, FrameInfo,
     HEADER_LEN, Limits, SizeKind, WireError, decode, decode_with_info, encode,
 };
+pub use signature::{SignatureError, SigningKey};
 pub use snapshot::{
     AgentConfig, Memory, ModelDef, Provider, SNAPSHOT_VERSION, ScriptedReply, ScriptedToolCall, Skill, Snapshot, Soul,
     ToolPolicy,

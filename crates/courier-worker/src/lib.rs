@@ -17,7 +17,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use courier_amqp::{Broker, Delivery, Header, Names, Outgoing, Publisher};
 use courier_config::SnapshotStore;
-use courier_wire::{ContentHash, Limits, Snapshot, StepRun, Task, TaskResult, TaskStatus, decode, encode, headers};
+use courier_wire::{
+    ContentHash, Limits, SigningKey, Snapshot, StepRun, Task, TaskResult, TaskStatus, decode, encode, headers,
+};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -51,6 +53,8 @@ pub struct WorkerConfig {
     pub shutdown_grace: Duration,
     /// How long to keep trying to reach the broker before giving up.
     pub connect_timeout: Duration,
+    /// When set, only tasks signed with this key are run.
+    pub signing_key: Option<SigningKey>,
 }
 
 /// Decoded snapshots by content hash.
@@ -71,6 +75,9 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let tracker = TaskTracker::new();
     info!(worker = %config.worker_id, pools = ?config.pools, concurrency = config.concurrency, "worker starting");
+    if config.signing_key.is_none() {
+        warn!("COURIER_SIGNING_KEY is not set: tasks are not authenticated");
+    }
     while !shutdown.is_cancelled() {
         let broker = tokio::select! {
             b = Broker::connect_with_retry(&config.amqp_url, config.names.clone(), &config.worker_id, config.connect_timeout) => b?,
@@ -190,11 +197,18 @@ enum Refusal {
     HashMismatch { header: String, actual: String },
     #[error("task has no snapshot hash header ({})", headers::SNAPSHOT_HASH)]
     NoHash,
+    #[error("{0}")]
+    Signature(#[from] courier_wire::SignatureError),
 }
 
 /// One delivery, from decode to ack.
 async fn handle(delivery: Delivery, config: &WorkerConfig, cache: &SnapshotCache, publisher: &Publisher) {
     let started = now_ms();
+    if let Some(key) = &config.signing_key
+        && let Err(e) = key.verify(&delivery.body, delivery.header_str(headers::SIGNATURE))
+    {
+        return refuse(delivery, None, Refusal::Signature(e), started, config, publisher).await;
+    }
     let task = match decode::<Task>(&delivery.body, &config.task_limits) {
         Ok(task) => task,
         Err(e) => return refuse(delivery, None, Refusal::Frame(e), started, config, publisher).await,
@@ -320,7 +334,8 @@ fn humanize(d: Duration) -> String {
 }
 
 /// Refuse a task that cannot run: report it (when its ids are known) and
-/// dead-letter it, so nothing is lost and the worker keeps serving.
+/// dead-letter it with the reason in its headers, so nothing is lost and the
+/// worker keeps serving.
 async fn refuse(
     delivery: Delivery,
     task: Option<&Task>,
@@ -367,7 +382,36 @@ async fn refuse(
             return;
         }
     }
-    if let Err(e) = delivery.reject().await {
+    // Our own dead-lettering, so the reason travels in the headers; the broker's
+    // (reject) would only say "rejected".
+    let mut kept: Vec<(&'static str, Header)> = vec![
+        (headers::DEAD_REASON, Header::Str(reason)),
+        (headers::POOL, Header::Str(delivery.routing_key.clone())),
+    ];
+    for name in [headers::ATTEMPT, headers::SNAPSHOT_HASH, headers::SIGNATURE] {
+        if let Some(value) = delivery.headers.get(name) {
+            kept.push((name, value.clone()));
+        }
+    }
+    let dead = config.names.dead();
+    let outcome = publisher
+        .publish(Outgoing {
+            exchange: &dead,
+            routing_key: &delivery.routing_key,
+            body: &delivery.body,
+            message_id: delivery.message_id.as_deref().unwrap_or_default(),
+            correlation_id: delivery.correlation_id.as_deref().unwrap_or_default(),
+            headers: kept,
+        })
+        .await;
+    let settled = match outcome {
+        Ok(()) => delivery.ack().await,
+        Err(e) => {
+            warn!(error = %e, "cannot publish to the dead-letter queue; rejecting instead");
+            delivery.reject().await
+        }
+    };
+    if let Err(e) = settled {
         warn!(error = %e, "dead-lettering failed; the broker will redeliver the task");
     }
 }

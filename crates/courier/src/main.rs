@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod bench;
 mod client;
+mod dead;
 mod service;
 mod settings;
 mod snapshot_cmd;
@@ -99,6 +100,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Inspect and replay dead-lettered tasks.
+    #[command(subcommand)]
+    Dead(dead::DeadCommand),
     /// Measure Courier's end-to-end rate against the raw AMQP ceiling.
     Bench(bench::BenchArgs),
     /// Check a config folder: every workflow and agent resource, all errors at once.
@@ -160,6 +164,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(settings) => service::worker(settings),
                 Err(e) => config_error(e),
             }
+        }
+        Command::Dead(cmd) => {
+            let settings = Settings::load(flags.0)?;
+            runtime()?.block_on(dead::run(&settings, cmd))
         }
         Command::Bench(args) => {
             let settings = Settings::load(flags.0)?;

@@ -69,6 +69,7 @@ pub fn scheduler(settings: Settings) -> anyhow::Result<ExitCode> {
         result_limits: settings.task_limits(),
         delivery_limit: settings.delivery_limit,
         connect_timeout: Duration::from_secs(settings.connect_timeout_secs),
+        signing_key: settings.signing_key(),
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
@@ -109,6 +110,7 @@ pub fn worker(settings: Settings) -> anyhow::Result<ExitCode> {
         delivery_limit: settings.delivery_limit,
         shutdown_grace: Duration::from_secs(settings.shutdown_grace_secs),
         connect_timeout: Duration::from_secs(settings.connect_timeout_secs),
+        signing_key: settings.signing_key(),
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {

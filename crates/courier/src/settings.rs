@@ -13,7 +13,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 /// Every runtime setting, with its built-in default.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// Broker URL.
@@ -52,6 +52,25 @@ pub struct Settings {
     pub connect_timeout_secs: u64,
     /// Log format: `text` or `json`.
     pub log_format: String,
+    /// HMAC key: the scheduler signs tasks, workers refuse unsigned ones.
+    pub signing_key: Option<String>,
+    /// ID of the signing key, carried in the signature (for rotation).
+    pub signing_key_id: String,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Everything but the signing key.
+        let mut shown = self.clone();
+        shown.signing_key = shown.signing_key.map(|_| "<redacted>".into());
+        f.debug_struct("Settings")
+            .field("amqp_url", &shown.amqp_url)
+            .field("namespace", &shown.namespace)
+            .field("config_dir", &shown.config_dir)
+            .field("data_dir", &shown.data_dir)
+            .field("signing_key", &shown.signing_key)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Settings {
@@ -75,6 +94,8 @@ impl Default for Settings {
             shutdown_grace_secs: 30,
             connect_timeout_secs: 60,
             log_format: "text".into(),
+            signing_key: None,
+            signing_key_id: "default".into(),
         }
     }
 }
@@ -99,6 +120,8 @@ const ENV_KEYS: &[&str] = &[
     "shutdown_grace_secs",
     "connect_timeout_secs",
     "log_format",
+    "signing_key",
+    "signing_key_id",
 ];
 
 impl Settings {
@@ -149,6 +172,14 @@ impl Settings {
             max_compressed: self.task_max_compressed,
             max_decompressed: self.task_max_decompressed,
         }
+    }
+
+    /// The signing key, when one is configured.
+    pub fn signing_key(&self) -> Option<courier_wire::SigningKey> {
+        self.signing_key
+            .as_ref()
+            .filter(|k| !k.is_empty())
+            .map(|k| courier_wire::SigningKey::new(self.signing_key_id.clone(), k.as_bytes().to_vec()))
     }
 
     /// The config folder, for messages.

@@ -1,0 +1,248 @@
+//! Faults caused for real: poison messages, bad signatures, killed workers.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use courier_amqp::Header;
+use courier_wire::{Limits, Snapshot, StepRun, StepSpec, Task, encode, headers};
+use serde_json::Value;
+
+use crate::cluster::Cluster;
+use crate::support::run;
+
+/// A valid task frame for the `fanout` workflow, with the hash header it needs.
+fn valid_task() -> (Vec<u8>, String) {
+    let snapshot = encode(
+        &Snapshot {
+            workflow: "fanout".into(),
+            ..Snapshot::default()
+        },
+        &Limits::default(),
+    )
+    .unwrap();
+    let hash = courier_wire::ContentHash::of(&snapshot).to_hex();
+    let task = Task {
+        task_id: uuid::Uuid::now_v7(),
+        run_id: uuid::Uuid::now_v7(),
+        workflow: "fanout".into(),
+        step: "split".into(),
+        attempt: 1,
+        spec: StepSpec {
+            timeout: Duration::from_secs(5),
+            run: StepRun::Echo { text: "x".repeat(400) },
+        },
+        upstream: BTreeMap::new(),
+        deadline_unix_ms: 0,
+        snapshot,
+    };
+    (encode(&task, &Limits::default()).unwrap(), hash)
+}
+
+fn frame(flags: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = b"CTSK\x01".to_vec();
+    f.push(flags);
+    f.extend_from_slice(body);
+    f
+}
+
+/// `courier dead list --json`, keyed by task id.
+fn dead_reasons(cluster: &Cluster) -> BTreeMap<String, String> {
+    let (out, stdout, stderr) = run(cluster.courier().args(["dead", "list", "--json"]));
+    assert!(out.status.success(), "{stderr}");
+    let list: Value = serde_json::from_str(&stdout).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["task_id"].as_str().unwrap().to_string(),
+                d["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn wait_dead(cluster: &Cluster, n: u32) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.dead_depth() < n {
+        assert!(
+            Instant::now() < deadline,
+            "dead letters: {} of {n}\n{}",
+            cluster.dead_depth(),
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn poison_tasks_are_dead_lettered_with_their_reason_and_the_worker_keeps_serving() {
+    let cluster = Cluster::builder().workers(1).start();
+    let (good, hash) = valid_task();
+    let bomb = {
+        // 256 MiB of zeros, streamed (no declared size): meets the 16 MiB cap.
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        for _ in 0..256 {
+            enc.write_all(&chunk).unwrap();
+        }
+        frame(courier_wire::FLAG_ZSTD, &enc.finish().unwrap())
+    };
+    let oversized = frame(0, &vec![7u8; 5 << 20]);
+    let missing_fields = frame(0, &rmp_serde_named_workflow_only());
+    let mut unknown_version = good.clone();
+    unknown_version[4] = 9;
+    let hash_header = |h: &str| vec![(headers::SNAPSHOT_HASH, Header::Str(h.to_string()))];
+    let poisons: Vec<(&str, Vec<u8>, Vec<(&'static str, Header)>, &str)> = vec![
+        ("short", b"hey".to_vec(), vec![], "task frame too short: 3 bytes"),
+        (
+            "magic",
+            b"{\"json\": true}".to_vec(),
+            vec![],
+            "not a task frame: magic bytes",
+        ),
+        (
+            "truncated",
+            good[..good.len() / 2].to_vec(),
+            hash_header(&hash),
+            "corrupt task compression",
+        ),
+        (
+            "version",
+            unknown_version,
+            hash_header(&hash),
+            "unsupported task format version 9: this build reads versions 1 to 1",
+        ),
+        ("fields", missing_fields, vec![], "undecodable task body: missing field"),
+        (
+            "bomb",
+            bomb,
+            vec![],
+            "task too large: decompressed size exceeds the limit of 16777216 bytes",
+        ),
+        (
+            "oversized",
+            oversized,
+            vec![],
+            "task too large: compressed size exceeds the limit of 4194304 bytes",
+        ),
+        (
+            "hash",
+            good.clone(),
+            hash_header(&"0".repeat(64)),
+            "snapshot hash mismatch: header says 0000",
+        ),
+    ];
+    for (id, body, headers, _) in &poisons {
+        cluster.publish_raw("default", body, id, headers.clone());
+    }
+    wait_dead(&cluster, poisons.len() as u32);
+    let reasons = dead_reasons(&cluster);
+    for (id, _, _, expected) in &poisons {
+        let reason = reasons
+            .get(*id)
+            .unwrap_or_else(|| panic!("{id} not dead-lettered: {reasons:?}"));
+        assert!(reason.contains(expected), "{id}: {reason}");
+    }
+    // Listing did not consume them.
+    assert_eq!(cluster.dead_depth(), poisons.len() as u32);
+
+    // The worker still serves, and the bomb did not blow up its memory.
+    let id = cluster.submit("fanout", &[]).unwrap();
+    assert_eq!(cluster.wait_run(&id, Duration::from_secs(30))["status"], "succeeded");
+    let rss = cluster.worker_peak_rss_mib("w1");
+    assert!(rss < 96.0, "worker peak RSS {rss:.1} MiB after a 256 MiB bomb");
+    assert!(
+        cluster
+            .worker_log("w1")
+            .contains("COURIER_SIGNING_KEY is not set: tasks are not authenticated")
+    );
+
+    // Replaying one sends it back through the worker, which refuses it again.
+    let (out, stdout, _) = run(cluster.courier().args(["dead", "requeue", "version"]));
+    assert!(out.status.success());
+    assert_eq!(stdout, "requeued 1 task(s)\n");
+    std::thread::sleep(Duration::from_millis(500));
+    wait_dead(&cluster, poisons.len() as u32);
+    let (out, _, stderr) = run(cluster.courier().args(["dead", "requeue", "no-such-task"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr, "error: no dead-lettered task with id \"no-such-task\"\n");
+}
+
+/// MessagePack of `{"workflow": "x"}`: a task missing every other field.
+fn rmp_serde_named_workflow_only() -> Vec<u8> {
+    // fixmap(1), fixstr(8) "workflow", fixstr(1) "x"
+    let mut v = vec![0x81, 0xa8];
+    v.extend_from_slice(b"workflow");
+    v.extend_from_slice(&[0xa1, b'x']);
+    v
+}
+
+#[test]
+fn with_a_signing_key_unsigned_and_badly_signed_tasks_are_refused() {
+    let cluster = Cluster::builder()
+        .workers(1)
+        .env("COURIER_SIGNING_KEY", "it-signing-secret")
+        .start();
+    // The scheduler signs: a normal run works.
+    let id = cluster.submit("fanout", &[]).unwrap();
+    assert_eq!(cluster.wait_run(&id, Duration::from_secs(30))["status"], "succeeded");
+    let (good, hash) = valid_task();
+    let forged = courier_wire::SigningKey::new("default", b"wrong-secret".to_vec()).sign(&good);
+    cluster.publish_raw(
+        "default",
+        &good,
+        "unsigned",
+        vec![(headers::SNAPSHOT_HASH, Header::Str(hash.clone()))],
+    );
+    cluster.publish_raw(
+        "default",
+        &good,
+        "forged",
+        vec![
+            (headers::SNAPSHOT_HASH, Header::Str(hash)),
+            (headers::SIGNATURE, Header::Str(forged)),
+        ],
+    );
+    wait_dead(&cluster, 2);
+    let reasons = dead_reasons(&cluster);
+    assert_eq!(
+        reasons["unsigned"],
+        "the task is not signed, and this worker requires signed tasks"
+    );
+    assert_eq!(
+        reasons["forged"],
+        "the task signature does not match its body (key \"default\")"
+    );
+    assert!(!cluster.worker_log("w1").contains("tasks are not authenticated"));
+}
+
+#[test]
+fn a_worker_killed_mid_step_loses_nothing() {
+    let yaml = "steps:\n  - name: slow\n    command: [\"sh\", \"-c\", \"sleep 2; echo finished\"]\n";
+    let mut cluster = Cluster::builder().workers(2).workflow("slow", yaml).start();
+    let id = cluster.submit("slow", &[]).unwrap();
+    // Find the worker running it, and kill it outright.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let victim = loop {
+        if let Some(w) = ["w1", "w2"]
+            .into_iter()
+            .find(|w| cluster.worker_log(w).contains("running step"))
+        {
+            break w;
+        }
+        assert!(Instant::now() < deadline, "nobody started the step\n{}", cluster.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    cluster.kill_worker(victim);
+    let run = cluster.wait_run(&id, Duration::from_secs(60));
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let step = &run["steps"][0];
+    assert_eq!(step["output"], "finished");
+    assert_ne!(step["worker"], victim, "the survivor ran it");
+    assert_eq!(
+        step["attempts"], 1,
+        "a redelivery, not a retry: the result was applied once"
+    );
+}
