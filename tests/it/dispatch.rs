@@ -104,18 +104,19 @@ steps:
 }
 
 #[test]
-fn a_retry_policy_runs_the_step_again() {
-    // Fails on the first two attempts (a counter file), succeeds on the third.
+fn a_retry_policy_runs_the_step_again_after_its_backoff_through_a_delay_queue() {
+    // Fails on the first two attempts (a file counts them, with the time of
+    // each), succeeds on the third.
     let cluster_dir = tempfile::TempDir::new().unwrap();
-    let counter = cluster_dir.path().join("count");
+    let log = cluster_dir.path().join("attempts");
     let yaml = format!(
         r#"
 steps:
   - name: flaky
-    command: ["sh", "-c", "n=$(cat {c} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {c}; [ $n -ge 3 ] && echo third-time-lucky || exit 1"]
-    retry: {{limit: 2, backoff: 100ms, max_backoff: 1s}}
+    command: ["sh", "-c", "date +%s%3N >> {l}; [ $(wc -l < {l}) -ge 3 ] && echo third-time-lucky || exit 1"]
+    retry: {{limit: 2, backoff: 600ms, max_backoff: 10s}}
 "#,
-        c = counter.display()
+        l = log.display()
     );
     let cluster = Cluster::builder().workers(1).workflow("flaky", &yaml).start();
     let id = cluster.submit("flaky", &[]).unwrap();
@@ -123,6 +124,33 @@ steps:
     assert_eq!(run["status"], "succeeded", "{run:#}");
     assert_eq!(step(&run, "flaky")["attempts"], 3);
     assert_eq!(step(&run, "flaky")["output"], "third-time-lucky");
+    // Backoff 600 ms then 1200 ms, each minus at most 20% jitter.
+    let times: Vec<i64> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    let (first_gap, second_gap) = (times[1] - times[0], times[2] - times[1]);
+    assert!((480..3_000).contains(&first_gap), "first retry after {first_gap} ms");
+    assert!((960..4_000).contains(&second_gap), "second retry after {second_gap} ms");
+    assert!(cluster.worker_log("w1").matches("running step").count() == 3);
+}
+
+#[test]
+fn a_task_over_the_size_limit_is_refused_at_submit_and_nothing_is_published() {
+    let yaml = "steps:\n  - name: big\n    echo: hi\n    retry: {limit: 3, backoff: 100ms}\n";
+    let cluster = Cluster::builder()
+        .workers(1)
+        .workflow("nonretry", yaml)
+        .env("COURIER_TASK_MAX_DECOMPRESSED", "64")
+        .start();
+    let id = cluster.submit("nonretry", &[]);
+    let error = id.unwrap_err();
+    assert!(
+        error.starts_with("step \"big\": task too large: decompressed size exceeds the limit of 64 bytes"),
+        "{error}"
+    );
+    assert_eq!(cluster.queue_depth("default"), 0);
 }
 
 #[test]

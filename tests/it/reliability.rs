@@ -94,7 +94,7 @@ fn poison_tasks_are_dead_lettered_with_their_reason_and_the_worker_keeps_serving
     let mut unknown_version = good.clone();
     unknown_version[4] = 9;
     let hash_header = |h: &str| vec![(headers::SNAPSHOT_HASH, Header::Str(h.to_string()))];
-    let poisons: Vec<(&str, Vec<u8>, Vec<(&'static str, Header)>, &str)> = vec![
+    let poisons: Vec<Poison> = vec![
         ("short", b"hey".to_vec(), vec![], "task frame too short: 3 bytes"),
         (
             "magic",
@@ -169,6 +169,9 @@ fn poison_tasks_are_dead_lettered_with_their_reason_and_the_worker_keeps_serving
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(stderr, "error: no dead-lettered task with id \"no-such-task\"\n");
 }
+
+/// A poison message: its id, body, headers, and the reason expected for it.
+type Poison = (&'static str, Vec<u8>, Vec<(&'static str, Header)>, &'static str);
 
 /// MessagePack of `{"workflow": "x"}`: a task missing every other field.
 fn rmp_serde_named_workflow_only() -> Vec<u8> {

@@ -83,6 +83,12 @@ impl Names {
         format!("{}.results", self.namespace)
     }
 
+    /// Delay queue of one pool for one delay: messages wait `delay_ms`, then
+    /// go to the pool's task queue.
+    pub fn delay_queue(&self, pool: &str, delay_ms: u64) -> String {
+        format!("{}.delay.{pool}.{delay_ms}", self.namespace)
+    }
+
     /// Dead-letter exchange and queue.
     pub fn dead(&self) -> String {
         format!("{}.dead", self.namespace)
@@ -284,6 +290,42 @@ impl Broker {
         }
         channel.close(200, "topology deleted".into()).await?;
         Ok(())
+    }
+
+    /// Declare (idempotently) the delay queue for `pool` and `delay_ms` and
+    /// return its name. Every message in it has the same TTL (no head-of-line
+    /// blocking); when it expires, the broker dead-letters it to the task
+    /// exchange with the pool as routing key. Classic queues with TTL and
+    /// dead-lettering behave the same on RabbitMQ 3.10 and 4.x. The queue
+    /// deletes itself a minute after its last declaration plus its delay, by
+    /// which time every message in it has moved on; declare it before each use.
+    ///
+    /// # Errors
+    /// A declaration the broker refuses.
+    pub async fn declare_delay(&self, pool: &str, delay_ms: u64) -> Result<String, AmqpError> {
+        let queue = self.names.delay_queue(pool, delay_ms);
+        let ttl = i64::try_from(delay_ms).unwrap_or(i64::MAX);
+        let mut args = FieldTable::default();
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(ttl.saturating_add(60_000)));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(self.names.tasks_exchange().as_str().into()),
+        );
+        args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(pool.into()));
+        let channel = self.connection.create_channel().await?;
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await?;
+        let _ = channel.close(200, "delay queue declared".into()).await;
+        Ok(queue)
     }
 
     /// Declare a tap: a queue that receives a copy of every task (of `pools`)

@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     created_ms    INTEGER NOT NULL,
     finished_ms   INTEGER
 );
-CREATE INDEX IF NOT EXISTS tasks_unpublished ON tasks (published, not_before_ms) WHERE published = 0;
+CREATE INDEX IF NOT EXISTS tasks_unpublished ON tasks (not_before_ms) WHERE published = 0;
 ";
 
 /// Status of a run.
@@ -125,6 +125,9 @@ pub struct OutboxTask {
     pub queue: String,
     pub attempt: u32,
     pub snapshot_hash: String,
+    /// Not to run before this time (ms since the epoch): retries wait in a
+    /// delay queue until then.
+    pub not_before_ms: i64,
 }
 
 /// What a task row says about an attempt.
@@ -166,16 +169,16 @@ impl Db {
         Ok(value)
     }
 
-    /// Tasks not yet confirmed by the broker whose time has come.
+    /// Tasks not yet confirmed by the broker, soonest first.
     ///
     /// # Errors
     /// SQLite's.
-    pub fn due_tasks(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxTask>, DbError> {
+    pub fn unpublished_tasks(&self, limit: usize) -> Result<Vec<OutboxTask>, DbError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT task_id, run_id, step, queue, attempt, snapshot_hash FROM tasks
-             WHERE published = 0 AND status = 'dispatched' AND not_before_ms <= ?1 ORDER BY not_before_ms LIMIT ?2",
+            "SELECT task_id, run_id, step, queue, attempt, snapshot_hash, not_before_ms FROM tasks
+             WHERE published = 0 AND status = 'dispatched' ORDER BY not_before_ms LIMIT ?1",
         )?;
-        let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
+        let rows = stmt.query_map(params![limit as i64], |r| {
             Ok(OutboxTask {
                 task_id: r.get(0)?,
                 run_id: r.get(1)?,
@@ -183,21 +186,10 @@ impl Db {
                 queue: r.get(3)?,
                 attempt: r.get(4)?,
                 snapshot_hash: r.get(5)?,
+                not_before_ms: r.get(6)?,
             })
         })?;
         rows.collect()
-    }
-
-    /// When the next unpublished task becomes due, if any.
-    ///
-    /// # Errors
-    /// SQLite's.
-    pub fn next_due_ms(&self) -> Result<Option<i64>, DbError> {
-        self.conn.query_row(
-            "SELECT MIN(not_before_ms) FROM tasks WHERE published = 0 AND status = 'dispatched'",
-            [],
-            |r| r.get(0),
-        )
     }
 
     /// Mark tasks as confirmed by the broker.

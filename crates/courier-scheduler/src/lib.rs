@@ -61,6 +61,11 @@ pub struct SchedulerConfig {
 const RESULT_BATCH: usize = 512;
 /// Outbox rows published per round at most.
 const OUTBOX_BATCH: usize = 2048;
+/// Retry delays are rounded up to this grain, which bounds the number of
+/// delay queues.
+const DELAY_GRAIN_MS: i64 = 100;
+/// A delay queue is declared again after this long (it expires when unused).
+const DELAY_REDECLARE: Duration = Duration::from_secs(20);
 
 /// State shared by the API and the loops.
 #[derive(Debug)]
@@ -217,7 +222,8 @@ async fn serve(
     let mut outbox = tokio::spawn({
         let shared = shared.clone();
         let key = sc.signing_key.clone();
-        async move { outbox_loop(&shared, &publisher, &names, key).await }
+        let broker = broker.clone();
+        async move { outbox_loop(&shared, &broker, &publisher, &names, key).await }
     });
     let limits = sc.result_limits;
     let mut results = tokio::spawn({
@@ -241,19 +247,22 @@ async fn serve(
     result
 }
 
-/// Publish due outbox tasks, confirmed, then mark them published.
+/// Publish outbox tasks, confirmed, then mark them published: tasks due now
+/// to their pool, retries not yet due to a delay queue for the time left.
 async fn outbox_loop(
     shared: &Arc<Shared>,
+    broker: &Broker,
     publisher: &Publisher,
     names: &Names,
     signing_key: Option<courier_wire::SigningKey>,
 ) -> Result<(), AmqpError> {
     let exchange = Arc::new(names.tasks_exchange());
+    let mut delay_queues: std::collections::HashMap<(String, i64), tokio::time::Instant> = Default::default();
     loop {
         let now = now_ms();
         let engine = shared.engine.clone();
         let due = tokio::task::spawn_blocking(move || {
-            let rows = engine.with_db(|db| db.due_tasks(now, OUTBOX_BATCH))?;
+            let rows = engine.with_db(|db| db.unpublished_tasks(OUTBOX_BATCH))?;
             Ok::<_, db::DbError>(with_bodies(&engine, rows))
         })
         .await
@@ -268,11 +277,9 @@ async fn outbox_loop(
         };
         if due.is_empty() {
             shared.metrics.outbox_pending.set(0);
-            let next = shared.engine.with_db(|db| db.next_due_ms()).ok().flatten();
-            let wait = next.map_or(1000, |at| (at - now).clamp(1, 1000));
             tokio::select! {
                 () = shared.outbox.notified() => {}
-                () = tokio::time::sleep(Duration::from_millis(u64::try_from(wait).unwrap_or(1000))) => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             continue;
         }
@@ -282,7 +289,26 @@ async fn outbox_loop(
             .set(i64::try_from(due.len()).unwrap_or(i64::MAX));
         let mut publishing = JoinSet::new();
         for (task, body, snapshot_hash) in due {
-            let (publisher, exchange) = (publisher.clone(), exchange.clone());
+            let wait = task.not_before_ms - now;
+            let (exchange, routing_key) = if wait >= DELAY_GRAIN_MS {
+                let delay = (wait + DELAY_GRAIN_MS - 1) / DELAY_GRAIN_MS * DELAY_GRAIN_MS;
+                let key = (task.queue.clone(), delay);
+                let fresh = delay_queues.get(&key).is_some_and(|at| at.elapsed() < DELAY_REDECLARE);
+                if !fresh {
+                    broker
+                        .declare_delay(&task.queue, u64::try_from(delay).unwrap_or(0))
+                        .await?;
+                    delay_queues.insert(key, tokio::time::Instant::now());
+                }
+                // The default exchange routes to the queue of that name.
+                (
+                    Arc::new(String::new()),
+                    names.delay_queue(&task.queue, u64::try_from(delay).unwrap_or(0)),
+                )
+            } else {
+                (exchange.clone(), task.queue.clone())
+            };
+            let publisher = publisher.clone();
             let signature = signing_key.as_ref().map(|k| k.sign(&body));
             publishing.spawn(async move {
                 let mut headers = vec![
@@ -295,7 +321,7 @@ async fn outbox_loop(
                 let outcome = publisher
                     .publish(Outgoing {
                         exchange: &exchange,
-                        routing_key: &task.queue,
+                        routing_key: &routing_key,
                         body: &body,
                         message_id: &task.task_id,
                         correlation_id: &task.run_id,

@@ -40,7 +40,7 @@ fn result(task: &Task, status: TaskStatus, output: &str) -> TaskResult {
 
 /// The due outbox tasks, decoded.
 fn due(engine: &Engine) -> Vec<(Task, String)> {
-    let rows = engine.with_db(|db| db.due_tasks(i64::MAX, 100)).unwrap();
+    let rows = engine.with_db(|db| db.unpublished_tasks(100)).unwrap();
     rows.iter()
         .map(|row| {
             let (body, hash) = engine.task_body(row).unwrap();
@@ -203,14 +203,15 @@ fn a_failed_attempt_with_retries_left_is_scheduled_later() {
         .unwrap();
     let applied = engine.apply(&[result(&analyze, TaskStatus::Failed, "")]).unwrap();
     assert_eq!(applied.retried, 1);
-    // Backoff 2s (minus at most 20% jitter): not due now, due within 2 s.
+    // Backoff 2s (minus at most 20% jitter): the new attempt waits 1.6 to 2 s.
     let now = courier_now();
-    assert!(engine.with_db(|db| db.due_tasks(now, 10)).unwrap().is_empty());
-    let later = engine.with_db(|db| db.due_tasks(now + 2_001, 10)).unwrap();
+    let later = engine.with_db(|db| db.unpublished_tasks(10)).unwrap();
     assert_eq!(
         (later.len(), later[0].attempt, later[0].step.as_str()),
         (1, 2, "analyze")
     );
+    let wait = later[0].not_before_ms - now;
+    assert!((1_500..=2_000).contains(&wait), "retry waits {wait} ms");
 }
 
 fn courier_now() -> i64 {
