@@ -13,6 +13,15 @@ use serde_json::Value;
 
 use crate::support::{copy_dir, example_config};
 
+/// Tests share one broker: ordinary clusters hold a read guard; a test that
+/// restarts the broker holds the write guard, so it runs alone.
+static BROKER: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Exclusive use of the broker (for tests that stop it).
+pub fn exclusive_broker() -> std::sync::RwLockWriteGuard<'static, ()> {
+    BROKER.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub fn amqp_url() -> String {
     std::env::var("COURIER_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
@@ -23,6 +32,7 @@ pub struct Builder {
     files: Vec<(String, String)>,
     env: Vec<(String, String)>,
     tap: bool,
+    exclusive: bool,
     workers: usize,
     concurrency: usize,
     pools: Vec<String>,
@@ -53,6 +63,12 @@ impl Builder {
         self
     }
 
+    /// The caller holds [`exclusive_broker`]; take no shared guard.
+    pub fn exclusive(mut self) -> Self {
+        self.exclusive = true;
+        self
+    }
+
     /// How many workers to start (default 3).
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n;
@@ -67,6 +83,7 @@ impl Builder {
     }
 
     pub fn start(self) -> Cluster {
+        let guard = (!self.exclusive).then(|| BROKER.read().unwrap_or_else(std::sync::PoisonError::into_inner));
         let dir = tempfile::TempDir::new().expect("tempdir");
         let config_dir = dir.path().join("config");
         copy_dir(&example_config(), &config_dir);
@@ -77,6 +94,7 @@ impl Builder {
             std::fs::write(config_dir.join(path), text).expect("write config file");
         }
         let mut cluster = Cluster {
+            _broker: guard,
             env: self.env,
             has_tap: self.tap,
             namespace: format!("it-{}", uuid::Uuid::now_v7()),
@@ -124,6 +142,7 @@ pub struct Cluster {
     log_seq: usize,
     env: Vec<(String, String)>,
     has_tap: bool,
+    _broker: Option<std::sync::RwLockReadGuard<'static, ()>>,
 }
 
 impl Cluster {
@@ -133,6 +152,7 @@ impl Cluster {
             files: Vec::new(),
             env: Vec::new(),
             tap: false,
+            exclusive: false,
             workers: 3,
             concurrency: 4,
             pools: vec!["default".into()],

@@ -249,3 +249,70 @@ fn a_worker_killed_mid_step_loses_nothing() {
         "a redelivery, not a retry: the result was applied once"
     );
 }
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl (run as root)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_broker_restart_mid_run_loses_nothing_and_applies_each_result_once() {
+    let _alone = crate::cluster::exclusive_broker();
+    let mut yaml = String::from("steps:\n");
+    for i in 0..500 {
+        yaml.push_str(&format!(
+            "  - name: s{i}\n    command: [\"sh\", \"-c\", \"sleep 0.03; echo {i}\"]\n"
+        ));
+    }
+    let cluster = Cluster::builder()
+        .exclusive()
+        .workers(3)
+        .concurrency(2)
+        .workflow("many", &yaml)
+        .start();
+    let id = cluster.submit("many", &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    let done_before = cluster.run(&id)["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == "succeeded")
+        .count();
+    assert!(done_before < 500, "the run finished before the restart");
+    rabbitmqctl(&["stop_app"]);
+    std::thread::sleep(Duration::from_secs(3));
+    rabbitmqctl(&["start_app"]);
+    let run = cluster.wait_run(&id, Duration::from_secs(180));
+    assert_eq!(run["status"], "succeeded", "{}", cluster.logs());
+    for (i, step) in run["steps"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(step["status"], "succeeded");
+        assert_eq!(step["output"], i.to_string());
+        assert_eq!(step["attempts"], 1, "step s{i} was retried instead of redelivered");
+    }
+    // Each result was applied once; any duplicate delivery was counted and ignored.
+    let metrics = reqwest::blocking::get(format!("{}/metrics", cluster.api))
+        .unwrap()
+        .text()
+        .unwrap();
+    let received: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("courier_results_received_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    let duplicates: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("courier_results_duplicate_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    eprintln!(
+        "broker restart: {done_before} of 500 done before; results received {received}, duplicates ignored {duplicates}"
+    );
+    assert_eq!(received - duplicates, 500);
+}

@@ -218,15 +218,17 @@ async fn serve(
     info!(pools = ?pools, "connected to the broker; resuming open runs");
     shared.outbox.notify_one();
     let names = broker.names().clone();
-    // Separate tasks, so publishing and applying results proceed in parallel.
-    let mut outbox = tokio::spawn({
+    // Separate tasks, so publishing and applying results proceed in parallel;
+    // the first to stop (a broker failure) stops the other.
+    let mut loops = JoinSet::new();
+    loops.spawn({
         let shared = shared.clone();
         let key = sc.signing_key.clone();
         let broker = broker.clone();
         async move { outbox_loop(&shared, &broker, &publisher, &names, key).await }
     });
     let limits = sc.result_limits;
-    let mut results = tokio::spawn({
+    loops.spawn({
         let shared = shared.clone();
         async move {
             let r = results_loop(&shared, &mut consumer, limits).await;
@@ -234,16 +236,11 @@ async fn serve(
             r
         }
     });
-    let joined = |r: Result<Result<(), AmqpError>, tokio::task::JoinError>| r.unwrap_or(Err(AmqpError::Closed));
     let result = tokio::select! {
-        r = &mut outbox => joined(r),
-        r = &mut results => joined(r),
+        Some(joined) = loops.join_next() => joined.unwrap_or(Err(AmqpError::Closed)),
         () = shutdown.cancelled() => Ok(()),
     };
-    outbox.abort();
-    results.abort();
-    let _ = outbox.await;
-    let _ = results.await;
+    loops.shutdown().await;
     result
 }
 
@@ -432,7 +429,7 @@ async fn results_loop(shared: &Arc<Shared>, consumer: &mut Consumer, limits: Lim
                 for status in statuses {
                     shared
                         .metrics
-                        .results_applied
+                        .results_received
                         .get_or_create(&metrics::Status { status: status.into() })
                         .inc();
                 }

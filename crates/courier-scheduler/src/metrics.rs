@@ -16,7 +16,7 @@ pub struct Status {
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub tasks_published: Counter,
-    pub results_applied: Family<Status, Counter>,
+    pub results_received: Family<Status, Counter>,
     pub results_duplicate: Counter,
     pub tasks_retried: Counter,
     pub runs_submitted: Counter,
@@ -34,9 +34,9 @@ impl Metrics {
             self.tasks_published.clone(),
         );
         registry.register(
-            "courier_results_applied",
-            "Results applied, by status",
-            self.results_applied.clone(),
+            "courier_results_received",
+            "Results received, by status (duplicates included)",
+            self.results_received.clone(),
         );
         registry.register(
             "courier_results_duplicate",
