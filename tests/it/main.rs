@@ -7,5 +7,6 @@ mod agent;
 mod cli;
 mod cluster;
 mod dispatch;
+mod operations;
 mod reliability;
 mod support;

@@ -10,6 +10,7 @@
 //! redelivers it; the scheduler applies a result once per task id.
 
 pub mod command;
+pub mod metrics;
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
@@ -55,6 +56,8 @@ pub struct WorkerConfig {
     pub connect_timeout: Duration,
     /// When set, only tasks signed with this key are run.
     pub signing_key: Option<SigningKey>,
+    /// Where `/metrics` and `/healthz` listen, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Decoded snapshots by content hash.
@@ -74,6 +77,14 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     )));
     let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let tracker = TaskTracker::new();
+    let metrics = Arc::new(metrics::Metrics::default());
+    let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(listen) = config.metrics_listen {
+        match metrics::serve(listen, &metrics, connected.clone()).await {
+            Ok(addr) => info!(%addr, "metrics listening"),
+            Err(e) => warn!(%listen, error = %e, "cannot serve metrics"),
+        }
+    }
     info!(worker = %config.worker_id, pools = ?config.pools, concurrency = config.concurrency, "worker starting");
     if config.signing_key.is_none() {
         warn!("COURIER_SIGNING_KEY is not set: tasks are not authenticated");
@@ -83,7 +94,12 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
             b = Broker::connect_with_retry(&config.amqp_url, config.names.clone(), &config.worker_id, config.connect_timeout) => b?,
             () = shutdown.cancelled() => break,
         };
-        match serve(&broker, &config, &cache, &slots, &tracker, &shutdown).await {
+        let served = serve(
+            &broker, &config, &cache, &slots, &tracker, &shutdown, &metrics, &connected,
+        )
+        .await;
+        connected.store(false, std::sync::atomic::Ordering::Relaxed);
+        match served {
             Ok(()) => {
                 drain(&tracker, config.shutdown_grace).await;
                 let _ = broker.close().await;
@@ -113,6 +129,7 @@ async fn drain(tracker: &TaskTracker, grace: Duration) {
 
 /// Consume every pool on one connection until shutdown (`Ok`) or a broker
 /// failure recovery cannot fix (`Err`).
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     broker: &Broker,
     config: &Arc<WorkerConfig>,
@@ -120,6 +137,8 @@ async fn serve(
     slots: &Arc<Semaphore>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
+    metrics: &Arc<metrics::Metrics>,
+    connected: &Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<(), courier_amqp::AmqpError> {
     broker.declare_topology(&config.pools, config.delivery_limit).await?;
     let publisher = broker.publisher(courier_amqp::DEFAULT_PUBLISH_WINDOW).await?;
@@ -131,7 +150,7 @@ async fn serve(
         let mut consumer = broker
             .consumer(&queue, prefetch, &format!("{}:{pool}", config.worker_id))
             .await?;
-        let (config, cache, slots, tracker, publisher, shutdown, failed_tx) = (
+        let (config, cache, slots, tracker, publisher, shutdown, failed_tx, metrics) = (
             config.clone(),
             cache.clone(),
             slots.clone(),
@@ -139,6 +158,7 @@ async fn serve(
             publisher.clone(),
             shutdown.clone(),
             failed_tx.clone(),
+            metrics.clone(),
         );
         consumers.push(tokio::spawn(async move {
             loop {
@@ -160,9 +180,12 @@ async fn serve(
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     break;
                 };
-                let (config, cache, publisher) = (config.clone(), cache.clone(), publisher.clone());
+                let (config, cache, publisher, metrics) =
+                    (config.clone(), cache.clone(), publisher.clone(), metrics.clone());
                 tracker.spawn(async move {
-                    handle(delivery, &config, &cache, &publisher).await;
+                    metrics.in_flight.inc();
+                    handle(delivery, &config, &cache, &publisher, &metrics).await;
+                    metrics.in_flight.dec();
                     drop(permit);
                 });
             }
@@ -171,6 +194,7 @@ async fn serve(
         }));
     }
     drop(failed_tx);
+    connected.store(true, std::sync::atomic::Ordering::Relaxed);
     info!(queues = ?config.pools.iter().map(|p| broker.names().task_queue(p)).collect::<Vec<_>>(), "consuming");
     let result = tokio::select! {
         () = shutdown.cancelled() => Ok(()),
@@ -202,27 +226,67 @@ enum Refusal {
 }
 
 /// One delivery, from decode to ack.
-async fn handle(delivery: Delivery, config: &WorkerConfig, cache: &SnapshotCache, publisher: &Publisher) {
+async fn handle(
+    delivery: Delivery,
+    config: &WorkerConfig,
+    cache: &SnapshotCache,
+    publisher: &Publisher,
+    metrics: &metrics::Metrics,
+) {
     let started = now_ms();
+    metrics.tasks_consumed.inc();
+    if delivery.redelivered {
+        metrics.redeliveries.inc();
+    }
     if let Some(key) = &config.signing_key
         && let Err(e) = key.verify(&delivery.body, delivery.header_str(headers::SIGNATURE))
     {
-        return refuse(delivery, None, Refusal::Signature(e), started, config, publisher).await;
+        return refuse(
+            delivery,
+            None,
+            Refusal::Signature(e),
+            started,
+            config,
+            publisher,
+            metrics,
+        )
+        .await;
     }
     let task = match decode::<Task>(&delivery.body, &config.task_limits) {
         Ok(task) => task,
-        Err(e) => return refuse(delivery, None, Refusal::Frame(e), started, config, publisher).await,
+        Err(e) => return refuse(delivery, None, Refusal::Frame(e), started, config, publisher, metrics).await,
     };
     let span = info_span!("task", run = %task.run_id, step = %task.step, task = %task.task_id, attempt = task.attempt);
     async {
-        let store = match mount(&delivery, &task, config, cache) {
+        let store = match mount(&delivery, &task, config, cache, metrics) {
             Ok(store) => store,
-            Err(refusal) => return refuse(delivery, Some(&task), refusal, started, config, publisher).await,
+            Err(refusal) => return refuse(delivery, Some(&task), refusal, started, config, publisher, metrics).await,
         };
         info!(redelivered = delivery.redelivered, "running step");
+        let clock = std::time::Instant::now();
         let result = execute(&task, &store, config, started).await;
+        let kind = match &task.spec.run {
+            StepRun::Command { .. } => "command",
+            StepRun::Agent(_) => "agent",
+            StepRun::Echo { .. } => "echo",
+        };
+        metrics
+            .step_duration
+            .get_or_create(&metrics::Kind { kind: kind.into() })
+            .observe(clock.elapsed().as_secs_f64());
+        if let (Some(model), Some(usage)) = (&result.model, &result.usage) {
+            for (direction, n) in [("input", usage.input_tokens), ("output", usage.output_tokens)] {
+                metrics
+                    .llm_tokens
+                    .get_or_create(&metrics::Tokens {
+                        model: model.clone(),
+                        direction: direction.into(),
+                    })
+                    .inc_by(n);
+            }
+        }
         info!(status = result.status.as_str(), ms = result.finished_unix_ms.saturating_sub(started), "step finished");
-        if publish_result(&result, config, publisher).await
+        if publish_result(&result, config, publisher, metrics).await
             && let Err(e) = delivery.ack().await
         {
             warn!(error = %e, "ack failed after the result was confirmed; the task will be redelivered and its result applied once");
@@ -238,7 +302,9 @@ fn mount(
     task: &Task,
     config: &WorkerConfig,
     cache: &SnapshotCache,
+    metrics: &metrics::Metrics,
 ) -> Result<SnapshotStore, Refusal> {
+    metrics.snapshot_bytes.observe(task.snapshot.len() as f64);
     let hash = ContentHash::of(&task.snapshot);
     let header = delivery.header_str(headers::SNAPSHOT_HASH).ok_or(Refusal::NoHash)?;
     if header != hash.to_hex() {
@@ -255,7 +321,9 @@ fn mount(
     let snapshot = match cached {
         Some(snapshot) => snapshot,
         None => {
+            let clock = std::time::Instant::now();
             let snapshot = Arc::new(decode::<Snapshot>(&task.snapshot, &config.snapshot_limits)?);
+            metrics.snapshot_decode.observe(clock.elapsed().as_secs_f64());
             cache
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -343,6 +411,7 @@ async fn refuse(
     started: u64,
     config: &WorkerConfig,
     publisher: &Publisher,
+    metrics: &metrics::Metrics,
 ) {
     let reason = refusal.to_string();
     let ids = match task {
@@ -378,7 +447,7 @@ async fn refuse(
             usage: None,
             transcript: Vec::new(),
         };
-        if !publish_result(&result, config, publisher).await {
+        if !publish_result(&result, config, publisher, metrics).await {
             return;
         }
     }
@@ -405,7 +474,10 @@ async fn refuse(
         })
         .await;
     let settled = match outcome {
-        Ok(()) => delivery.ack().await,
+        Ok(()) => {
+            metrics.dead_lettered.inc();
+            delivery.ack().await
+        }
         Err(e) => {
             warn!(error = %e, "cannot publish to the dead-letter queue; rejecting instead");
             delivery.reject().await
@@ -417,7 +489,12 @@ async fn refuse(
 }
 
 /// Publish a result and wait for the broker's confirm; `true` once confirmed.
-async fn publish_result(result: &TaskResult, config: &WorkerConfig, publisher: &Publisher) -> bool {
+async fn publish_result(
+    result: &TaskResult,
+    config: &WorkerConfig,
+    publisher: &Publisher,
+    metrics: &metrics::Metrics,
+) -> bool {
     let body = match encode(result, &config.task_limits) {
         Ok(body) => body,
         Err(e) => {
@@ -438,7 +515,15 @@ async fn publish_result(result: &TaskResult, config: &WorkerConfig, publisher: &
         })
         .await;
     match outcome {
-        Ok(()) => true,
+        Ok(()) => {
+            metrics
+                .results
+                .get_or_create(&metrics::Status {
+                    status: result.status.as_str().into(),
+                })
+                .inc();
+            true
+        }
         Err(e) => {
             warn!(error = %e, "result not confirmed; leaving the task unacked for redelivery");
             false

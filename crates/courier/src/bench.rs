@@ -68,7 +68,7 @@ pub fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
         "ratio         {:>8.1} % of the raw ceiling",
         100.0 * courier.rate / raw.rate
     );
-    println!("peak RSS      {rss}");
+    println!("memory        {rss}");
     Ok(())
 }
 
@@ -219,6 +219,57 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Samples the resident memory of processes every 500 ms until stopped.
+struct RssSampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<Vec<f64>>>,
+}
+
+impl RssSampler {
+    fn start(pids: Vec<u32>) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut samples = vec![Vec::new(); pids.len()];
+            while !flag.load(Ordering::Relaxed) {
+                for (i, pid) in pids.iter().enumerate() {
+                    if let Some(mib) = rss_mib(*pid) {
+                        samples[i].push(mib);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            samples
+        });
+        Self { stop, handle }
+    }
+
+    /// Per process: RSS at a quarter of the run, at the end, and the peak.
+    fn finish(self) -> Vec<(f64, f64, f64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle
+            .join()
+            .unwrap_or_default()
+            .iter()
+            .map(|s| {
+                let at = |f: f64| {
+                    s.get(((s.len() as f64 - 1.0) * f) as usize)
+                        .copied()
+                        .unwrap_or(f64::NAN)
+                };
+                (at(0.25), at(1.0), s.iter().copied().fold(f64::NAN, f64::max))
+            })
+            .collect()
+    }
+}
+
 fn peak_rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -277,6 +328,7 @@ fn courier_end_to_end(
     }
     let runs = args.tasks.div_ceil(args.steps_per_run);
     let text = payload(args.size);
+    let sampler = RssSampler::start(procs.0.iter().map(|(_, c)| c.id()).collect());
     runtime.block_on(async {
         let client = reqwest::Client::new();
         // Wait for the scheduler to reach the broker, and give workers a moment to attach.
@@ -346,13 +398,15 @@ fn courier_end_to_end(
         }
         Ok(())
     })?;
+    let samples = sampler.finish();
     let rss: Vec<String> = procs
         .0
         .iter()
-        .map(|(name, child)| {
+        .zip(samples)
+        .map(|((name, child), (quarter, end, peak))| {
             format!(
-                "{name} {:.1} MiB ({:.1} CPU-s)",
-                peak_rss_mib(child.id()).unwrap_or(f64::NAN),
+                "\n  {name:<10} RSS {quarter:.1} MiB at 25% of the run, {end:.1} MiB at the end, peak {:.1} MiB; {:.1} CPU-s",
+                peak_rss_mib(child.id()).unwrap_or(peak),
                 cpu_seconds(child.id()).unwrap_or(f64::NAN)
             )
         })
@@ -378,7 +432,7 @@ fn courier_end_to_end(
         }
     });
     let _ = std::fs::remove_dir_all(&dir);
-    Ok((report, rss.join(", ")))
+    Ok((report, rss.concat()))
 }
 
 fn write_bench_config(dir: &Path, steps: usize) -> anyhow::Result<()> {

@@ -14,9 +14,12 @@ use crate::settings::Settings;
 pub fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn,amq_protocol=warn"));
+    // Colours only on a terminal: log files and collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     if format == "json" {
         builder.json().flatten_event(true).with_current_span(true).init();
     } else {
@@ -111,6 +114,7 @@ pub fn worker(settings: Settings) -> anyhow::Result<ExitCode> {
         shutdown_grace: Duration::from_secs(settings.shutdown_grace_secs),
         connect_timeout: Duration::from_secs(settings.connect_timeout_secs),
         signing_key: settings.signing_key(),
+        metrics_listen: settings.worker_metrics_listen,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {

@@ -34,6 +34,8 @@ pub struct Settings {
     pub worker_queues: String,
     /// A worker's name (default: hostname and process id).
     pub worker_id: Option<String>,
+    /// Where a worker serves `/metrics` and `/healthz` (off when unset).
+    pub worker_metrics_listen: Option<SocketAddr>,
     /// Redeliveries a task queue allows before dead-lettering.
     pub delivery_limit: u32,
     /// Largest snapshot frame, bytes.
@@ -85,6 +87,7 @@ impl Default for Settings {
             worker_concurrency: 4,
             worker_queues: courier_config::DEFAULT_QUEUE.into(),
             worker_id: None,
+            worker_metrics_listen: None,
             delivery_limit: courier_amqp::DEFAULT_DELIVERY_LIMIT,
             snapshot_max_compressed: courier_wire::DEFAULT_MAX_COMPRESSED,
             snapshot_max_decompressed: courier_wire::DEFAULT_MAX_DECOMPRESSED,
@@ -111,6 +114,7 @@ const ENV_KEYS: &[&str] = &[
     "worker_concurrency",
     "worker_queues",
     "worker_id",
+    "worker_metrics_listen",
     "delivery_limit",
     "snapshot_max_compressed",
     "snapshot_max_decompressed",

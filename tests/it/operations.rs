@@ -1,0 +1,213 @@
+//! Operations: the compose file, the Dockerfile, metrics and the dashboard.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::cluster::Cluster;
+
+fn repo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+#[test]
+fn the_compose_file_validates_and_names_every_service() {
+    let out = std::process::Command::new("docker-compose")
+        .args(["config", "-q"])
+        .current_dir(repo())
+        .output()
+        .expect("docker-compose is needed: apt-get install docker-compose");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("docker-compose")
+        .args(["config", "--services"])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    let services: BTreeSet<String> = String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
+    for s in [
+        "rabbitmq",
+        "scheduler",
+        "worker",
+        "prometheus",
+        "grafana",
+        "ollama",
+        "ollama-pull",
+    ] {
+        assert!(services.contains(s), "no {s} service in {services:?}");
+    }
+    let compose = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
+    for file in [
+        "config/rabbitmq/enabled_plugins",
+        "config/rabbitmq/rabbitmq.conf",
+        "config/prometheus/prometheus.yml",
+        "config/grafana/provisioning",
+        "config/grafana/dashboards",
+    ] {
+        assert!(compose.contains(&format!("./{file}")), "compose does not mount {file}");
+        assert!(repo().join(file).exists(), "{file} is missing");
+    }
+}
+
+#[test]
+fn the_dockerfile_names_binaries_and_paths_that_exist() {
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let toolchain = std::fs::read_to_string(repo().join("rust-toolchain.toml")).unwrap();
+    let channel = toolchain
+        .lines()
+        .find_map(|l| l.strip_prefix("channel = "))
+        .map(|c| c.trim_matches('"'))
+        .unwrap();
+    let minor: String = channel.split('.').take(2).collect::<Vec<_>>().join(".");
+    assert!(
+        dockerfile.contains(&format!("FROM rust:{minor}-")),
+        "build stage must use the pinned toolchain {channel}"
+    );
+    // The package and binary it builds exist.
+    assert!(dockerfile.contains("cargo build --release --locked -p courier"));
+    assert!(dockerfile.contains("target/release/courier"));
+    assert_eq!(env!("CARGO_PKG_NAME"), "courier");
+    assert!(Path::new(env!("CARGO_BIN_EXE_courier")).ends_with("courier"));
+    // What it copies exists, and the runtime stage runs as a non-root user.
+    assert!(dockerfile.contains("COPY --chown=courier config /config"));
+    assert!(repo().join("config/workflows").is_dir() && repo().join("config/agents").is_dir());
+    assert!(dockerfile.contains("USER courier"));
+    assert!(dockerfile.contains("ENTRYPOINT [\"courier\"]"));
+}
+
+/// Metric names in an exposition: sample names and `# TYPE` names, with the
+/// `_total`, `_bucket`, `_sum`, `_count` suffixes also stripped.
+fn exported(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in text.lines() {
+        let name = match line.strip_prefix("# TYPE ") {
+            Some(rest) => rest.split_whitespace().next(),
+            None if line.starts_with('#') => None,
+            None => line.split(['{', ' ']).next(),
+        };
+        if let Some(name) = name.filter(|n| !n.is_empty()) {
+            names.insert(name.to_string());
+            for suffix in ["_total", "_bucket", "_sum", "_count"] {
+                if let Some(base) = name.strip_suffix(suffix) {
+                    names.insert(base.to_string());
+                }
+            }
+        }
+    }
+    names
+}
+
+fn get(url: &str) -> String {
+    reqwest::blocking::get(url)
+        .and_then(|r| r.text())
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+/// A metric value (sum over label sets matching `filter`).
+fn value(text: &str, name: &str, filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l.as_bytes().get(name.len()) == Some(&b'{') || l.as_bytes().get(name.len()) == Some(&b' '))
+        })
+        .filter(|l| l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn metrics_move_across_a_clean_run_and_cover_the_dashboard() {
+    // An agent step on the scripted model too, so token metrics have samples.
+    let offline = "steps:\n  - name: a\n    agent:\n      model: offline\n      prompt: hi\n      tools: [output]\n";
+    let cluster = Cluster::builder()
+        .workers(1)
+        .workflow("offline", offline)
+        .env("COURIER_WORKER_METRICS_LISTEN", "127.0.0.1:0")
+        .start();
+    let id = cluster.submit("fanout", &[]).unwrap();
+    assert_eq!(cluster.wait_run(&id, Duration::from_secs(30))["status"], "succeeded");
+    let id = cluster.submit("offline", &[]).unwrap();
+    assert_eq!(cluster.wait_run(&id, Duration::from_secs(30))["status"], "succeeded");
+    let worker_addr = cluster
+        .worker_log("w1")
+        .lines()
+        .find_map(|l| {
+            l.split("metrics listening addr=")
+                .nth(1)
+                .map(|a| a.split_whitespace().next().unwrap().to_string())
+        })
+        .expect("the worker logs its metrics address");
+    let health = reqwest::blocking::get(format!("http://{worker_addr}/healthz")).unwrap();
+    assert_eq!(health.status(), 200);
+
+    let scheduler = get(&format!("{}/metrics", cluster.api));
+    let worker = get(&format!("http://{worker_addr}/metrics"));
+    // Clean runs of 5 + 1 steps: published = consumed = succeeded = 6.
+    assert_eq!(
+        value(&scheduler, "courier_tasks_published_total", ""),
+        6.0,
+        "{scheduler}"
+    );
+    assert_eq!(
+        value(&scheduler, "courier_results_received_total", "status=\"succeeded\""),
+        6.0
+    );
+    assert_eq!(value(&scheduler, "courier_results_duplicate_total", ""), 0.0);
+    assert_eq!(value(&scheduler, "courier_runs", "status=\"succeeded\""), 2.0);
+    assert_eq!(
+        value(&worker, "courier_worker_tasks_consumed_total", ""),
+        6.0,
+        "{worker}"
+    );
+    assert_eq!(
+        value(&worker, "courier_worker_results_total", "status=\"succeeded\""),
+        6.0
+    );
+    assert_eq!(
+        value(
+            &worker,
+            "courier_worker_step_duration_seconds_count",
+            "kind=\"command\""
+        ),
+        5.0
+    );
+    assert_eq!(
+        value(&worker, "courier_worker_step_duration_seconds_count", "kind=\"agent\""),
+        1.0
+    );
+    assert_eq!(
+        value(&worker, "courier_llm_tokens_total", "model=\"scripted/offline-demo\""),
+        0.0
+    );
+    assert_eq!(value(&worker, "courier_worker_steps_in_flight", ""), 0.0);
+
+    // Every metric the dashboard queries is exported by Courier or by
+    // RabbitMQ's Prometheus plugin (enabled by .ci/run).
+    let mut known = exported(&scheduler);
+    known.extend(exported(&worker));
+    let broker = format!(
+        "{}\n{}",
+        get("http://127.0.0.1:15692/metrics"),
+        get("http://127.0.0.1:15692/metrics/per-object")
+    );
+    known.extend(exported(&broker));
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("config/grafana/dashboards/courier.json")).unwrap())
+            .unwrap();
+    let mut queried = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for token in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if token.starts_with("courier_") || token.starts_with("rabbitmq_") {
+                    queried.insert(token.to_string());
+                }
+            }
+        }
+    }
+    assert!(queried.len() >= 15, "{queried:?}");
+    let missing: Vec<&String> = queried.iter().filter(|m| !known.contains(*m)).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics nobody exports: {missing:?}"
+    );
+}
