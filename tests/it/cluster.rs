@@ -413,7 +413,7 @@ impl Cluster {
             .iter()
             .map(|p| {
                 let text = std::fs::read_to_string(p).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                let tail: Vec<&str> = text.lines().rev().take(120).collect();
                 format!(
                     "--- {} ---\n{}",
                     p.file_name().unwrap_or_default().to_string_lossy(),

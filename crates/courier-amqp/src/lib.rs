@@ -1,5 +1,10 @@
-//! Courier's only AMQP code: connecting (with retry and lapin's automatic
-//! recovery), declaring the topology, publishing with confirms, consuming.
+//! Courier's only AMQP code: connecting (with retry), declaring the topology,
+//! publishing with confirms, consuming.
+//!
+//! A lost connection is not recovered in place: every operation on it fails,
+//! and the caller (scheduler, worker) reconnects from scratch and re-declares
+//! what it needs. Unacknowledged deliveries go back to their queue on the
+//! broker's side, so nothing is lost and there is one recovery path to test.
 //!
 //! **Architecture invariant:** this is the only crate that uses lapin, and it
 //! moves bytes and headers: it never sees task or result types.
@@ -19,6 +24,17 @@ use tokio::sync::Semaphore;
 
 /// Default number of unconfirmed publishes a [`Publisher`] allows at once.
 pub const DEFAULT_PUBLISH_WINDOW: usize = 1024;
+/// Longest wait for the broker's confirm of one publish. Past it the publish
+/// counts as failed (the caller keeps the message and retries): a confirm that
+/// never comes must not stall a publisher forever.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for an ack, multiple-ack or reject to be handed to the
+/// connection. lapin 4.12 drops (never resolves) a settlement queued just as
+/// the connection dies (`InternalRPC::run` skips commands for a channel it no
+/// longer knows), which left the scheduler waiting forever across a broker
+/// restart; past this the settlement counts as failed and the broker
+/// redelivers the message.
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default redeliveries a task queue allows before dead-lettering a message.
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 5;
 
@@ -35,6 +51,9 @@ pub enum AmqpError {
     /// the broker will redeliver the message.
     #[error("the delivery's channel is closed; the broker will redeliver the message")]
     NotSettled,
+    /// No confirm arrived within [`CONFIRM_TIMEOUT`].
+    #[error("the broker did not confirm the message to {exchange}/{routing_key} within {CONFIRM_TIMEOUT:?}")]
+    ConfirmTimeout { exchange: String, routing_key: String },
     /// The publisher was shut down.
     #[error("the publisher is closed")]
     Closed,
@@ -129,14 +148,12 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Connect once, with lapin's automatic recovery enabled.
+    /// Connect once.
     ///
     /// # Errors
     /// The connection error.
     pub async fn connect(url: &str, names: Names, connection_name: &str) -> Result<Self, AmqpError> {
-        let properties = ConnectionProperties::default()
-            .with_connection_name(connection_name.into())
-            .enable_auto_recover();
+        let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
         let connection = Connection::connect(url, properties).await?;
         Ok(Self {
             connection: Arc::new(connection),
@@ -173,11 +190,6 @@ impl Broker {
     /// The names this broker connection uses.
     pub fn names(&self) -> &Names {
         &self.names
-    }
-
-    /// Whether the connection is usable now.
-    pub fn is_connected(&self) -> bool {
-        self.connection.status().connected()
     }
 
     /// Declare every exchange and queue Courier needs, idempotently: task
@@ -464,20 +476,28 @@ impl Publisher {
             .with_delivery_mode(2)
             .with_timestamp(now)
             .with_headers(headers);
-        let confirm = self
-            .channel
-            .basic_publish(
-                msg.exchange.into(),
-                msg.routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                msg.body,
-                properties,
-            )
-            .await?
-            .await?;
+        let publish = async {
+            self.channel
+                .basic_publish(
+                    msg.exchange.into(),
+                    msg.routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    msg.body,
+                    properties,
+                )
+                .await?
+                .await
+        };
+        let confirm =
+            tokio::time::timeout(CONFIRM_TIMEOUT, publish)
+                .await
+                .map_err(|_| AmqpError::ConfirmTimeout {
+                    exchange: msg.exchange.to_string(),
+                    routing_key: msg.routing_key.to_string(),
+                })??;
         match confirm {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(_)) => Err(AmqpError::Unroutable {
@@ -500,22 +520,15 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    /// The next delivery. After a recoverable connection error this waits for
-    /// lapin's recovery and goes on; `None` means the consumer ended.
+    /// The next delivery; `None` means the consumer ended (cancelled, or its
+    /// channel closed).
     ///
     /// # Errors
-    /// An error recovery cannot fix: the caller reconnects from scratch.
+    /// The channel or connection failed: the caller reconnects from scratch.
     pub async fn next(&mut self) -> Option<Result<Delivery, AmqpError>> {
-        loop {
-            match self.consumer.next().await? {
-                Ok(delivery) => return Some(Ok(Delivery::new(delivery, self.channel.clone()))),
-                Err(error) => {
-                    tracing::warn!(%error, "consumer interrupted; waiting for recovery");
-                    if let Err(error) = self.channel.wait_for_recovery(error).await {
-                        return Some(Err(error.into()));
-                    }
-                }
-            }
+        match self.consumer.next().await? {
+            Ok(delivery) => Some(Ok(Delivery::new(delivery, self.channel.clone()))),
+            Err(error) => Some(Err(error.into())),
         }
     }
 
@@ -622,7 +635,7 @@ impl Delivery {
     /// # Errors
     /// The channel is gone; the broker will redeliver the message.
     pub async fn ack(&self) -> Result<(), AmqpError> {
-        settled(self.acker.ack(BasicAckOptions::default()).await?)
+        settled(self.acker.ack(BasicAckOptions::default())).await
     }
 
     /// Acknowledge this delivery and every earlier unacknowledged one on its
@@ -631,7 +644,7 @@ impl Delivery {
     /// # Errors
     /// The channel is gone; the broker will redeliver the messages.
     pub async fn ack_all_up_to(&self) -> Result<(), AmqpError> {
-        settled(self.acker.ack(BasicAckOptions { multiple: true }).await?)
+        settled(self.acker.ack(BasicAckOptions { multiple: true })).await
     }
 
     /// Reject without requeue: the message is dead-lettered.
@@ -639,7 +652,7 @@ impl Delivery {
     /// # Errors
     /// The channel is gone; the broker will redeliver the message.
     pub async fn reject(&self) -> Result<(), AmqpError> {
-        settled(self.acker.reject(BasicRejectOptions { requeue: false }).await?)
+        settled(self.acker.reject(BasicRejectOptions { requeue: false })).await
     }
 
     /// Reject with requeue: the message goes back to its queue.
@@ -647,12 +660,17 @@ impl Delivery {
     /// # Errors
     /// The channel is gone; the broker will redeliver the message.
     pub async fn requeue(&self) -> Result<(), AmqpError> {
-        settled(self.acker.reject(BasicRejectOptions { requeue: true }).await?)
+        settled(self.acker.reject(BasicRejectOptions { requeue: true })).await
     }
 }
 
-/// lapin reports `false` when the delivery's channel is gone or it was
-/// already settled: the broker will redeliver it, so say so.
-fn settled(done: bool) -> Result<(), AmqpError> {
-    if done { Ok(()) } else { Err(AmqpError::NotSettled) }
+/// Wait for a settlement, at most [`SETTLE_TIMEOUT`]. lapin reports `false`
+/// when the delivery's channel is gone or it was already settled: either way
+/// (or on timeout) the broker will redeliver it, so say so.
+async fn settled(settle: impl std::future::Future<Output = lapin::Result<bool>>) -> Result<(), AmqpError> {
+    match tokio::time::timeout(SETTLE_TIMEOUT, settle).await {
+        Ok(Ok(true)) => Ok(()),
+        Ok(Ok(false)) | Err(_) => Err(AmqpError::NotSettled),
+        Ok(Err(e)) => Err(e.into()),
+    }
 }

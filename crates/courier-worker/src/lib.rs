@@ -128,7 +128,7 @@ async fn drain(tracker: &TaskTracker, grace: Duration) {
 }
 
 /// Consume every pool on one connection until shutdown (`Ok`) or a broker
-/// failure recovery cannot fix (`Err`).
+/// failure (`Err`: the caller reconnects).
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     broker: &Broker,
@@ -201,6 +201,10 @@ async fn serve(
         Some(e) = failed_rx.recv() => Err(e),
     };
     for consumer in consumers {
+        if result.is_err() {
+            // A broken connection: do not wait for consumers stuck on it.
+            consumer.abort();
+        }
         let _ = consumer.await;
     }
     result
