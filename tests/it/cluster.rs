@@ -284,11 +284,21 @@ impl Cluster {
 
     /// The log of worker `id` so far.
     pub fn worker_log(&self, id: &str) -> String {
-        std::fs::read_dir(self.dir.path())
+        self.log(&format!("worker-{id}"))
+    }
+
+    /// The log so far of one process: `scheduler` or `worker-<id>` (the
+    /// latest, when it was restarted).
+    pub fn log(&self, process: &str) -> String {
+        let mut files: Vec<_> = std::fs::read_dir(self.dir.path())
             .expect("dir")
             .flatten()
             .map(|e| e.path())
-            .find(|p| p.to_string_lossy().ends_with(&format!("-worker-{id}.log")))
+            .filter(|p| p.to_string_lossy().ends_with(&format!("-{process}.log")))
+            .collect();
+        files.sort();
+        files
+            .last()
             .and_then(|p| std::fs::read_to_string(p).ok())
             .unwrap_or_default()
     }

@@ -211,3 +211,53 @@ fn metrics_move_across_a_clean_run_and_cover_the_dashboard() {
         "the dashboard queries metrics nobody exports: {missing:?}"
     );
 }
+
+#[test]
+fn a_steps_worker_logs_join_the_schedulers_trace() {
+    let cluster = Cluster::builder().workers(2).env("COURIER_LOG_FORMAT", "json").start();
+    let id = cluster.submit("fanout", &[]).unwrap();
+    let run = cluster.wait_run(&id, Duration::from_secs(30));
+    assert_eq!(run["status"], "succeeded");
+
+    let json_lines = |log: &str| -> Vec<serde_json::Value> {
+        log.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
+            .collect()
+    };
+    // The scheduler names the run's trace when it accepts and finishes it.
+    let scheduler = json_lines(&cluster.log("scheduler"));
+    let trace_of = |message: &str| {
+        scheduler
+            .iter()
+            .find(|l| l["message"] == message && l["run"] == id.as_str())
+            .and_then(|l| l["trace_id"].as_str())
+            .unwrap_or_else(|| panic!("no \"{message}\" line with a trace_id for run {id}"))
+            .to_string()
+    };
+    let trace_id = trace_of("run submitted");
+    assert_eq!(trace_id.len(), 32);
+    assert_eq!(trace_of("run finished"), trace_id);
+
+    // Every step's lines on the workers carry that trace ID (from the task's
+    // traceparent header) in their span, with the task as parent span.
+    let mut steps_seen = BTreeSet::new();
+    for worker in ["w1", "w2"] {
+        for line in json_lines(&cluster.worker_log(worker)) {
+            let Some(span) = line.get("span").filter(|s| s["name"] == "task") else {
+                continue;
+            };
+            assert_eq!(span["run"], id.as_str(), "{line}");
+            assert_eq!(span["trace_id"], trace_id.as_str(), "{line}");
+            let task = span["task"].as_str().unwrap().replace('-', "");
+            assert_eq!(span["parent_span"].as_str().unwrap(), &task[16..], "{line}");
+            steps_seen.insert(span["step"].as_str().unwrap().to_string());
+        }
+    }
+    let steps: BTreeSet<String> = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(steps_seen, steps, "every step logged under the run's trace");
+}

@@ -62,7 +62,7 @@ async fn submit(State(shared): State<Arc<Shared>>, Json(body): Json<SubmitBody>)
         Ok(run) => {
             shared.metrics.runs_submitted.inc();
             shared.outbox.notify_one();
-            tracing::info!(run = %run.id, workflow = %run.workflow, "run submitted");
+            tracing::info!(run = %run.id, trace_id = %crate::engine::trace_id(&run.id), workflow = %run.workflow, "run submitted");
             Ok((StatusCode::CREATED, Json(run)).into_response())
         }
         Err(e @ SubmitError::UnknownWorkflow { .. }) => Err(ApiError(StatusCode::NOT_FOUND, e.to_string())),

@@ -406,7 +406,7 @@ impl Engine {
                             let due = now + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
                             write_task(t, &run, step, task, now, due, effects)?;
                             applied.retried += 1;
-                            tracing::info!(run = %run, step = %step.name, attempt, delay_ms = delay.as_millis() as u64, %error, "retrying step");
+                            tracing::info!(run = %run, trace_id = %trace_id(&run), step = %step.name, attempt, delay_ms = delay.as_millis() as u64, %error, "retrying step");
                             return Ok(());
                         }
                         Err(e) => {
@@ -425,9 +425,11 @@ impl Engine {
             let failed = tx::failed_steps(t, &run)?;
             if failed.is_empty() {
                 tx::finish_run(t, &run, run_status::SUCCEEDED, None, now)?;
+                tracing::info!(run = %run, trace_id = %trace_id(&run), status = run_status::SUCCEEDED, "run finished");
             } else {
                 let error = format!("step(s) failed: {}", failed.join(", "));
                 tx::finish_run(t, &run, run_status::FAILED, Some(&error), now)?;
+                tracing::info!(run = %run, trace_id = %trace_id(&run), status = run_status::FAILED, %error, "run finished");
             }
             applied.finished_runs += 1;
         }
@@ -637,6 +639,11 @@ fn backoff(step: &Step, failed_attempt: u32) -> Duration {
     let capped = exp.min(step.retry.max_backoff);
     let jitter = fastrand::u32(0..=20); // percent
     capped.saturating_sub(capped * jitter / 100)
+}
+
+/// The W3C trace ID of a run (its tasks carry it in `traceparent`), for logs.
+pub(crate) fn trace_id(run: &str) -> String {
+    courier_wire::TraceParent::run_trace_id(parse_uuid(run))
 }
 
 fn parse_uuid(s: &str) -> Uuid {

@@ -315,6 +315,7 @@ async fn outbox_loop(
                 if let Some(signature) = signature {
                     headers.push((headers::SIGNATURE, Header::Str(signature)));
                 }
+                headers.push((headers::TRACEPARENT, Header::Str(traceparent(&task))));
                 let outcome = publisher
                     .publish(Outgoing {
                         exchange: &exchange,
@@ -352,6 +353,12 @@ async fn outbox_loop(
             return Err(e);
         }
     }
+}
+
+/// The task's W3C trace context: the run's trace, the task as parent span.
+fn traceparent(task: &db::OutboxTask) -> String {
+    let id = |s: &str| uuid::Uuid::parse_str(s).unwrap_or_default();
+    courier_wire::TraceParent::for_task(id(&task.run_id), id(&task.task_id)).to_string()
 }
 
 /// Pair outbox rows with their encoded tasks. A task that cannot be built any
@@ -471,7 +478,7 @@ async fn cron_loop(shared: Arc<Shared>, workflow: String, cron: croner::Cron, sh
             Ok(Ok(run)) => {
                 shared.metrics.runs_submitted.inc();
                 shared.outbox.notify_one();
-                info!(%workflow, run = %run.id, "scheduled run started");
+                info!(%workflow, run = %run.id, trace_id = %engine::trace_id(&run.id), "scheduled run started");
             }
             Ok(Err(e)) => error!(%workflow, error = %e, "scheduled run refused"),
             Err(e) => error!(%workflow, error = %e, "scheduled submit panicked"),

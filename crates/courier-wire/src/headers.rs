@@ -15,3 +15,6 @@ pub const POOL: &str = "x-courier-pool";
 /// Set by RabbitMQ when it dead-letters a message itself (for example at the
 /// delivery limit): why it did (string).
 pub const BROKER_DEATH_REASON: &str = "x-first-death-reason";
+/// W3C trace context of the task (string, `00-<trace-id>-<parent-id>-<flags>`;
+/// see [`crate::TraceParent`]).
+pub const TRACEPARENT: &str = "traceparent";

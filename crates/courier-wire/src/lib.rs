@@ -10,6 +10,7 @@ pub mod headers;
 mod signature;
 mod snapshot;
 mod task;
+mod trace;
 
 pub use frame::{
     ContentHash, DEFAULT_MAX_COMPRESSED, DEFAULT_MAX_DECOMPRESSED, DEFAULT_ZSTD_LEVEL, FLAG_ZSTD, Frame, FrameInfo,
@@ -24,3 +25,4 @@ pub use task::{
     AgentSpec, ChatMessage, MemoryTarget, MemoryUpdate, RESULT_VERSION, StepRun, StepSpec, TASK_VERSION, Task,
     TaskResult, TaskStatus, TokenUsage, TranscriptEntry,
 };
+pub use trace::{TraceParent, TraceParentError};

@@ -19,7 +19,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use courier_amqp::{Broker, Delivery, Header, Names, Outgoing, Publisher};
 use courier_config::SnapshotStore;
 use courier_wire::{
-    ContentHash, Limits, SigningKey, Snapshot, StepRun, Task, TaskResult, TaskStatus, decode, encode, headers,
+    ContentHash, Limits, SigningKey, Snapshot, StepRun, Task, TaskResult, TaskStatus, TraceParent, decode, encode,
+    headers,
 };
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -260,7 +261,26 @@ async fn handle(
         Ok(task) => task,
         Err(e) => return refuse(delivery, None, Refusal::Frame(e), started, config, publisher, metrics).await,
     };
-    let span = info_span!("task", run = %task.run_id, step = %task.step, task = %task.task_id, attempt = task.attempt);
+    // Join the run's trace (W3C trace context from the scheduler). A missing
+    // or malformed header costs the trace link, never the task.
+    let trace = delivery.header_str(headers::TRACEPARENT).map(TraceParent::parse);
+    let span = info_span!(
+        "task",
+        run = %task.run_id,
+        step = %task.step,
+        task = %task.task_id,
+        attempt = task.attempt,
+        trace_id = tracing::field::Empty,
+        parent_span = tracing::field::Empty,
+    );
+    match &trace {
+        Some(Ok(tp)) => {
+            span.record("trace_id", tp.trace_id_hex());
+            span.record("parent_span", tp.parent_id_hex());
+        }
+        Some(Err(e)) => warn!(parent: &span, error = %e, "ignoring the task's trace context"),
+        None => {}
+    }
     async {
         let store = match mount(&delivery, &task, config, cache, metrics) {
             Ok(store) => store,
