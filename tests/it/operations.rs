@@ -261,3 +261,73 @@ fn a_steps_worker_logs_join_the_schedulers_trace() {
         .collect();
     assert_eq!(steps_seen, steps, "every step logged under the run's trace");
 }
+
+#[test]
+fn status_shows_this_deployments_queues_and_recent_runs() {
+    let cluster = Cluster::builder().workers(2).start();
+    let id = cluster.submit("fanout", &[]).unwrap();
+    assert_eq!(cluster.wait_run(&id, Duration::from_secs(30))["status"], "succeeded");
+    let tasks = format!("{}.tasks.default", cluster.namespace);
+    let results = format!("{}.results", cluster.namespace);
+    let dead = format!("{}.dead", cluster.namespace);
+
+    // The management API samples every few seconds: wait for both workers.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let out = cluster.courier().args(["status", "--json"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let consumers = status["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["name"] == tasks.as_str())
+            .map(|q| q["consumers"].clone());
+        if consumers == Some(2.into()) {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never saw 2 consumers: {status:#}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let queues = status["queues"].as_array().unwrap();
+    let names: BTreeSet<&str> = queues.iter().map(|q| q["name"].as_str().unwrap()).collect();
+    assert_eq!(names, BTreeSet::from([tasks.as_str(), results.as_str(), dead.as_str()]));
+    for q in queues {
+        assert_eq!(q["ready"], 0, "{q}");
+        assert_eq!(q["unacked"], 0, "{q}");
+        assert!(q["publish_rate"].as_f64().is_some(), "{q}");
+    }
+    let results_queue = queues.iter().find(|q| q["name"] == results.as_str()).unwrap();
+    assert_eq!(results_queue["consumers"], 1, "the scheduler consumes results");
+    assert_eq!(status["runs"][0]["id"], id.as_str());
+    assert_eq!(status["runs"][0]["status"], "succeeded");
+
+    // The table a person reads.
+    let out = cluster.courier().arg("status").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("CONSUMERS") && text.contains(&tasks) && text.contains(&id),
+        "{text}"
+    );
+
+    // An unreachable management API: said plainly (without the password),
+    // runs still shown, exit non-zero.
+    let out = cluster
+        .courier()
+        .arg("status")
+        .env("COURIER_MANAGEMENT_URL", "http://guest:hunter2@127.0.0.1:1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("cannot reach RabbitMQ's management API at http://guest@127.0.0.1:1/"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(text.contains(&id), "{text}");
+}

@@ -177,12 +177,27 @@ pub async fn runs(
         return Ok(ExitCode::SUCCESS);
     }
     let query: Vec<(&str, String)> = filters.iter().filter_map(|(k, v)| v.clone().map(|v| (*k, v))).collect();
-    let value: serde_json::Value = read(api, client.get(format!("{api}/api/runs")).query(&query).send().await).await?;
+    let runs = list_runs(api, &query).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(ExitCode::SUCCESS);
+        println!("{}", serde_json::to_string_pretty(&runs)?);
+    } else {
+        print_runs(&runs)?;
     }
-    let runs: Vec<Run> = serde_json::from_value(value)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs, newest first, filtered by `query` (`workflow`, `status`, `limit`),
+/// as the API returns them (for `--json`).
+pub async fn list_runs(api: &str, query: &[(&str, String)]) -> anyhow::Result<serde_json::Value> {
+    read(api, client()?.get(format!("{api}/api/runs")).query(query).send().await).await
+}
+
+/// A table of the runs [`list_runs`] returned, one line each.
+///
+/// # Errors
+/// The API returned something that is not a list of runs.
+pub fn print_runs(runs: &serde_json::Value) -> anyhow::Result<()> {
+    let runs: Vec<Run> = serde_json::from_value(runs.clone()).context("unexpected list of runs")?;
     println!(
         "{:<38} {:<20} {:<10} {:>9}  ERROR",
         "RUN", "WORKFLOW", "STATUS", "DURATION"
@@ -197,7 +212,7 @@ pub async fn runs(
             one_line(r.error.as_deref().unwrap_or(""), 60)
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 fn duration(start: Option<i64>, end: Option<i64>) -> String {

@@ -12,6 +12,7 @@ mod dead;
 mod service;
 mod settings;
 mod snapshot_cmd;
+mod status;
 mod validate;
 
 use settings::{Flags, Settings};
@@ -100,6 +101,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Queues (depth, rates, consumers) and recent runs.
+    Status {
+        /// Recent runs shown.
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect and replay dead-lettered tasks.
     #[command(subcommand)]
     Dead(dead::DeadCommand),
@@ -164,6 +174,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(settings) => service::worker(settings),
                 Err(e) => config_error(e),
             }
+        }
+        Command::Status { limit, json } => {
+            let settings = Settings::load(flags.0)?;
+            runtime()?.block_on(status::run(&settings, limit, json))
         }
         Command::Dead(cmd) => {
             let settings = Settings::load(flags.0)?;

@@ -28,6 +28,8 @@ pub struct Settings {
     pub api_listen: SocketAddr,
     /// Where the CLI finds the scheduler's HTTP API.
     pub api_url: String,
+    /// RabbitMQ's management API, for `courier status` (credentials in the URL).
+    pub management_url: String,
     /// Steps a worker runs at once.
     pub worker_concurrency: usize,
     /// Pools a worker consumes, comma-separated.
@@ -84,6 +86,7 @@ impl Default for Settings {
             data_dir: "data".into(),
             api_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_url: "http://127.0.0.1:8080".into(),
+            management_url: "http://guest:guest@127.0.0.1:15672".into(),
             worker_concurrency: 4,
             worker_queues: courier_config::DEFAULT_QUEUE.into(),
             worker_id: None,
@@ -111,6 +114,7 @@ const ENV_KEYS: &[&str] = &[
     "data_dir",
     "api_listen",
     "api_url",
+    "management_url",
     "worker_concurrency",
     "worker_queues",
     "worker_id",
