@@ -211,7 +211,10 @@ fn submit_errors_are_clear_and_publish_nothing() {
 
 #[test]
 fn submit_wait_prints_progress_and_outputs_and_runs_shows_history() {
-    let cluster = Cluster::builder().workers(1).start();
+    let cluster = Cluster::builder()
+        .workers(1)
+        .workflow("broken", "steps:\n  - name: fail\n    command: [\"false\"]\n")
+        .start();
     let (out, stdout, stderr) = run(cluster
         .courier()
         .args(["submit", "fanout", "--wait", "-p", "text=a b c d e f"]));
@@ -237,11 +240,50 @@ fn submit_wait_prints_progress_and_outputs_and_runs_shows_history() {
     let runs: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(runs.as_array().unwrap().len(), 1);
 
-    // A failed run makes `submit --wait` exit non-zero.
-    std::fs::write(cluster.config_dir.join("workflows/fanout.yaml"), "unused").unwrap();
+    // An unknown run is a clear error.
     let (out, _, stderr) = run(cluster.courier().args(["runs", "no-such-run"]));
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(stderr, "error: no run \"no-such-run\"\n");
+
+    // A failed run makes `submit --wait` exit non-zero, naming the error.
+    let (out, stdout, stderr) = run(cluster.courier().args(["submit", "broken", "--wait"]));
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains(" failed in "), "{stdout}");
+    assert!(stdout.contains("[fail] failed: "), "{stdout}");
+    // Off a terminal there is no live line: nothing is redrawn.
+    assert!(!stderr.contains('\r') && !stderr.contains("done ·"), "{stderr:?}");
+}
+
+#[test]
+fn submit_wait_on_a_terminal_redraws_a_live_progress_line() {
+    let cluster = Cluster::builder().workers(1).start();
+    // `script` runs the command on a pseudo-terminal, as a person would.
+    let courier = cluster.courier();
+    let mut on_tty = std::process::Command::new("script");
+    for (key, value) in courier.get_envs() {
+        if let Some(value) = value {
+            on_tty.env(key, value);
+        }
+    }
+    let line = format!(
+        "{} submit fanout --wait -p 'text=a b c'",
+        courier.get_program().to_string_lossy()
+    );
+    let out = on_tty
+        .args(["-qec", &line, "/dev/null"])
+        .env("TERM", "xterm")
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n");
+    assert!(out.status.success(), "{screen}");
+    assert!(
+        screen.contains("\x1b[2K"),
+        "the live line is erased and redrawn in place: {screen:?}"
+    );
+    assert!(screen.contains("done · "), "{screen:?}");
+    assert!(screen.contains("running · "), "{screen:?}");
+    assert!(screen.contains("succeeded merge"), "{screen:?}");
+    assert!(screen.contains("\n[merge]\n3"), "{screen:?}");
 }
 
 #[test]

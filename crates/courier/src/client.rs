@@ -88,6 +88,15 @@ pub async fn submit(
         return Ok(ExitCode::SUCCESS);
     }
     let started = Instant::now();
+    // On a terminal, a live line (done/running/failed, elapsed) stays under
+    // the step transitions; elsewhere it is hidden and only the lines print.
+    let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} [{bar:30}] {pos}/{len} done · {msg}")
+            .context("progress template")?
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(100));
     let mut seen: HashMap<String, String> = HashMap::new();
     let run = loop {
         let run: Run = read(api, client.get(format!("{api}/api/runs/{}", run.id)).send().await).await?;
@@ -98,15 +107,24 @@ pub async fn submit(
                 } else {
                     String::new()
                 };
-                println!("  {:<9} {}{attempt}", step.status, step.name);
+                bar.suspend(|| println!("  {:<9} {}{attempt}", step.status, step.name));
                 seen.insert(step.name.clone(), step.status.clone());
             }
         }
+        let count = |status: &str| run.steps.iter().filter(|s| s.status == status).count();
+        let (failed, skipped) = (count("failed"), count("skipped"));
+        bar.set_length(run.steps.len() as u64);
+        bar.set_position((count("succeeded") + failed + skipped) as u64);
+        bar.set_message(format!(
+            "{} running · {failed} failed · {skipped} skipped",
+            count("running")
+        ));
         if run.status != "running" {
             break run;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    bar.finish_and_clear();
     println!(
         "run {} {} in {:.1}s",
         run.id,
