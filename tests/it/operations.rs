@@ -331,3 +331,42 @@ fn status_shows_this_deployments_queues_and_recent_runs() {
     assert!(!text.contains("hunter2"), "{text}");
     assert!(text.contains(&id), "{text}");
 }
+
+#[test]
+fn workers_ask_the_broker_to_wait_for_the_longest_step() {
+    let cluster = Cluster::builder().workers(1).start();
+    let tasks = format!("{}.tasks.default", cluster.namespace);
+    // Each task consumer carries x-consumer-timeout = the longest allowed
+    // step (24 h) plus 10 minutes, so no valid step is cut by the broker
+    // (RabbitMQ 3.12+ honours it; older brokers use rabbitmq.conf's global).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let consumers: serde_json::Value = reqwest::blocking::Client::new()
+            .get("http://127.0.0.1:15672/api/consumers/%2F")
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let mine: Vec<&serde_json::Value> = consumers
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["queue"]["name"] == tasks.as_str())
+            .collect();
+        if let [consumer] = mine.as_slice() {
+            assert_eq!(
+                consumer["arguments"]["x-consumer-timeout"],
+                (24 * 3600 + 600) * 1000,
+                "{consumer}"
+            );
+            assert_eq!(consumer["consumer_tag"], "w1:default");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no consumer on {tasks}: {consumers}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

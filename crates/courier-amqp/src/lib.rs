@@ -421,15 +421,34 @@ impl Broker {
     /// # Errors
     /// The channel or the consumer could not be set up.
     pub async fn consumer(&self, queue: &str, prefetch: u16, tag: &str) -> Result<Consumer, AmqpError> {
+        self.consume(queue, prefetch, tag, FieldTable::default()).await
+    }
+
+    /// Like [`Broker::consumer`], and the broker lets each delivery stay
+    /// unacknowledged for `ack_timeout` before it closes the channel
+    /// (`x-consumer-timeout`, RabbitMQ 3.12+; older brokers ignore it and
+    /// apply their global `consumer_timeout`).
+    ///
+    /// # Errors
+    /// The channel or the consumer could not be set up.
+    pub async fn consumer_with_ack_timeout(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        tag: &str,
+        ack_timeout: Duration,
+    ) -> Result<Consumer, AmqpError> {
+        let mut args = FieldTable::default();
+        let ms = i64::try_from(ack_timeout.as_millis()).unwrap_or(i64::MAX);
+        args.insert("x-consumer-timeout".into(), AMQPValue::LongLongInt(ms));
+        self.consume(queue, prefetch, tag, args).await
+    }
+
+    async fn consume(&self, queue: &str, prefetch: u16, tag: &str, args: FieldTable) -> Result<Consumer, AmqpError> {
         let channel = self.connection.create_channel().await?;
         channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
         let consumer = channel
-            .basic_consume(
-                queue.into(),
-                tag.into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+            .basic_consume(queue.into(), tag.into(), BasicConsumeOptions::default(), args)
             .await?;
         Ok(Consumer { channel, consumer })
     }

@@ -18,6 +18,10 @@ use crate::yaml;
 pub const DEFAULT_QUEUE: &str = "default";
 /// Step timeout when the step gives none.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest step timeout a workflow may set. Workers ask the broker to let a
+/// delivery stay unacknowledged this long plus a margin (a task is acked only
+/// after its step), so no valid step is ever cut by the consumer timeout.
+pub const MAX_STEP_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Agent loop bound when the step gives none.
 pub const DEFAULT_MAX_ITERATIONS: u32 = 8;
 /// Most attempts a retry policy may ask for.
@@ -304,6 +308,15 @@ impl Workflow {
             let timeout = s.timeout.unwrap_or(DEFAULT_TIMEOUT);
             if timeout.is_zero() {
                 errors.push(step_err("timeout", "a timeout must be greater than zero".into()));
+            }
+            if timeout > MAX_STEP_TIMEOUT {
+                errors.push(step_err(
+                    "timeout",
+                    format!(
+                        "a timeout may be at most {}h (workers hold the task unacknowledged while it runs)",
+                        MAX_STEP_TIMEOUT.as_secs() / 3600
+                    ),
+                ));
             }
             if s.retry.limit > MAX_RETRY_LIMIT {
                 errors.push(step_err("retry.limit", format!("at most {MAX_RETRY_LIMIT} retries")));

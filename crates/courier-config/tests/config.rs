@@ -183,6 +183,21 @@ fn bad_duration_is_refused_with_its_line() {
 }
 
 #[test]
+fn a_timeout_beyond_the_maximum_is_refused() {
+    let e = workflow_errors("  - name: a\n    command: [echo]\n    timeout: 25h\n");
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].ends_with(
+            "step \"a\": field \"timeout\": a timeout may be at most 24h (workers hold the task unacknowledged while it runs)"
+        ),
+        "{e:?}"
+    );
+    let dir = fixture();
+    write(&dir, "workflows/t.yaml", "steps:\n  - name: a\n    command: [echo]\n    timeout: 24h\n");
+    assert!(Config::load(dir.path()).is_ok(), "24h is allowed");
+}
+
+#[test]
 fn yaml_syntax_error_gives_the_line() {
     let dir = fixture();
     write(

@@ -64,6 +64,10 @@ pub struct WorkerConfig {
 /// Decoded snapshots by content hash.
 type SnapshotCache = Mutex<lru::LruCache<ContentHash, Arc<Snapshot>>>;
 
+/// How long the broker lets a delivery stay unacknowledged: the longest
+/// step a workflow may have, plus a margin for publishing its result.
+const ACK_TIMEOUT: Duration = Duration::from_secs(courier_config::MAX_STEP_TIMEOUT.as_secs() + 600);
+
 /// Decoded snapshots kept per worker.
 const SNAPSHOT_CACHE_ENTRIES: usize = 256;
 
@@ -149,7 +153,7 @@ async fn serve(
     for pool in &config.pools {
         let queue = broker.names().task_queue(pool);
         let mut consumer = broker
-            .consumer(&queue, prefetch, &format!("{}:{pool}", config.worker_id))
+            .consumer_with_ack_timeout(&queue, prefetch, &format!("{}:{pool}", config.worker_id), ACK_TIMEOUT)
             .await?;
         let (config, cache, slots, tracker, publisher, shutdown, failed_tx, metrics) = (
             config.clone(),
