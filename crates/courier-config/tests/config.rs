@@ -193,7 +193,11 @@ fn a_timeout_beyond_the_maximum_is_refused() {
         "{e:?}"
     );
     let dir = fixture();
-    write(&dir, "workflows/t.yaml", "steps:\n  - name: a\n    command: [echo]\n    timeout: 24h\n");
+    write(
+        &dir,
+        "workflows/t.yaml",
+        "steps:\n  - name: a\n    command: [echo]\n    timeout: 24h\n",
+    );
     assert!(Config::load(dir.path()).is_ok(), "24h is allowed");
 }
 
