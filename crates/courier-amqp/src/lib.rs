@@ -529,6 +529,15 @@ impl Publisher {
             }),
         }
     }
+
+    /// Close the channel every clone of this publisher shares.
+    ///
+    /// # Errors
+    /// The close failed (the channel is gone either way).
+    pub async fn close(&self) -> Result<(), AmqpError> {
+        self.channel.close(200, "publisher closed".into()).await?;
+        Ok(())
+    }
 }
 
 /// Deliveries from one queue.

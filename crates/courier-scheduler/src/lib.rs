@@ -221,17 +221,22 @@ async fn serve(
     // Separate tasks, so publishing and applying results proceed in parallel;
     // the first to stop (a broker failure) stops the other.
     let mut loops = JoinSet::new();
-    loops.spawn({
+    let outbox = loops.spawn({
         let shared = shared.clone();
         let key = sc.signing_key.clone();
         let broker = broker.clone();
+        let publisher = publisher.clone();
         async move { outbox_loop(&shared, &broker, &publisher, &names, key).await }
     });
     let limits = sc.result_limits;
     loops.spawn({
         let shared = shared.clone();
+        let shutdown = shutdown.clone();
         async move {
-            let r = results_loop(&shared, &mut consumer, limits).await;
+            let r = tokio::select! {
+                r = results_loop(&shared, &mut consumer, limits) => r,
+                () = shutdown.cancelled() => Ok(()),
+            };
             let _ = consumer.close().await;
             r
         }
@@ -240,7 +245,15 @@ async fn serve(
         Some(joined) = loops.join_next() => joined.unwrap_or(Err(AmqpError::Closed)),
         () = shutdown.cancelled() => Ok(()),
     };
-    loops.shutdown().await;
+    outbox.abort();
+    if result.is_err() {
+        loops.abort_all();
+    }
+    // On shutdown the results loop stops by itself and closes its channel;
+    // close the publisher's too, before the caller closes the connection (a
+    // channel closed by its last handle being dropped would race that close).
+    while loops.join_next().await.is_some() {}
+    let _ = publisher.close().await;
     result
 }
 

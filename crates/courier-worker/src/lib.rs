@@ -106,7 +106,6 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         connected.store(false, std::sync::atomic::Ordering::Relaxed);
         match served {
             Ok(()) => {
-                drain(&tracker, config.shutdown_grace).await;
                 let _ = broker.close().await;
             }
             Err(e) => {
@@ -132,8 +131,9 @@ async fn drain(tracker: &TaskTracker, grace: Duration) {
     tracker.reopen();
 }
 
-/// Consume every pool on one connection until shutdown (`Ok`) or a broker
-/// failure (`Err`: the caller reconnects).
+/// Consume every pool on one connection until shutdown (`Ok`, once in-flight
+/// steps are drained and the channels closed) or a broker failure (`Err`: the
+/// caller reconnects).
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     broker: &Broker,
@@ -175,11 +175,11 @@ async fn serve(
                     Some(Ok(delivery)) => delivery,
                     Some(Err(e)) => {
                         let _ = failed_tx.send(e).await;
-                        return;
+                        return consumer;
                     }
                     None => {
                         let _ = failed_tx.send(courier_amqp::AmqpError::Closed).await;
-                        return;
+                        return consumer;
                     }
                 };
                 let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -196,6 +196,7 @@ async fn serve(
             }
             // Stop intake; deliveries already received finish and are acked.
             let _ = consumer.cancel().await;
+            consumer
         }));
     }
     drop(failed_tx);
@@ -205,13 +206,22 @@ async fn serve(
         () = shutdown.cancelled() => Ok(()),
         Some(e) = failed_rx.recv() => Err(e),
     };
-    for consumer in consumers {
-        if result.is_err() {
-            // A broken connection: do not wait for consumers stuck on it.
-            consumer.abort();
-        }
-        let _ = consumer.await;
+    if result.is_err() {
+        // A broken connection: do not wait for consumers stuck on it.
+        consumers.iter().for_each(tokio::task::JoinHandle::abort);
+        return result;
     }
+    let mut stopped = Vec::new();
+    for consumer in consumers {
+        stopped.extend(consumer.await.ok());
+    }
+    drain(tracker, config.shutdown_grace).await;
+    // Close the channels before the connection: a channel closed by its last
+    // handle being dropped would race the connection's close.
+    for consumer in stopped {
+        let _ = consumer.close().await;
+    }
+    let _ = publisher.close().await;
     result
 }
 
