@@ -37,7 +37,8 @@ struct Step {
     output_tokens: Option<i64>,
 }
 
-fn client() -> anyhow::Result<reqwest::Client> {
+/// The HTTP client of every CLI command (30 s timeout).
+pub fn client() -> anyhow::Result<reqwest::Client> {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
@@ -151,9 +152,8 @@ pub async fn runs(
     json: bool,
     filters: &[(&str, Option<String>)],
 ) -> anyhow::Result<ExitCode> {
-    let client = client()?;
     if let Some(id) = id {
-        let value: serde_json::Value = read(api, client.get(format!("{api}/api/runs/{id}")).send().await).await?;
+        let value: serde_json::Value = read(api, client()?.get(format!("{api}/api/runs/{id}")).send().await).await?;
         if json {
             println!("{}", serde_json::to_string_pretty(&value)?);
             return Ok(ExitCode::SUCCESS);

@@ -2,7 +2,6 @@
 //! API) and its recent runs (from the scheduler's API), on one screen.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -78,9 +77,7 @@ async fn queues(settings: &Settings) -> anyhow::Result<Vec<QueueStatus>> {
             u.to_string()
         },
     );
-    let response = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()?
+    let response = client::client()?
         .get(&url)
         .send()
         .await
