@@ -553,24 +553,19 @@ fn check_agent(
 }
 
 /// Dependencies exist, form no cycle, and templates only name declared params
-/// and upstream steps.
+/// and upstream steps. Every problem is reported: a cycle is searched for
+/// among the known dependencies even when others are unknown.
 fn check_graph(path: &Path, steps: &[Step], params: &BTreeMap<String, Option<String>>, errors: &mut Vec<ConfigError>) {
     let index: BTreeMap<&str, usize> = steps.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
-    let mut graph_ok = true;
     for s in steps {
         for (i, dep) in s.depends.iter().enumerate() {
             let e = |m: String| ConfigError::file(path, m).step(&s.name).field(format!("depends.{i}"));
             if dep == &s.name {
                 errors.push(e("a step cannot depend on itself".into()));
-                graph_ok = false;
             } else if !index.contains_key(dep.as_str()) {
                 errors.push(e(format!("unknown step \"{dep}\"")));
-                graph_ok = false;
             }
         }
-    }
-    if !graph_ok {
-        return;
     }
     if let Some(cycle) = find_cycle(steps, &index) {
         errors.push(
@@ -578,7 +573,6 @@ fn check_graph(path: &Path, steps: &[Step], params: &BTreeMap<String, Option<Str
                 .step(&cycle[0])
                 .field("depends"),
         );
-        return;
     }
     for s in steps {
         let upstream = ancestors(s, steps, &index);
@@ -621,8 +615,15 @@ fn find_cycle(steps: &[Step], index: &BTreeMap<&str, usize>) -> Option<Vec<Strin
     ) -> Option<Vec<String>> {
         marks[n] = Mark::Open;
         stack.push(n);
-        for dep in &steps[n].depends {
-            let d = index[dep.as_str()];
+        // Self and unknown dependencies are reported by `check_graph` itself.
+        for d in steps[n]
+            .depends
+            .iter()
+            .filter_map(|dep| index.get(dep.as_str()).copied())
+        {
+            if d == n {
+                continue;
+            }
             match marks[d] {
                 Mark::Open => {
                     let start = stack.iter().position(|&x| x == d).unwrap_or(0);
@@ -656,7 +657,8 @@ fn ancestors<'a>(step: &Step, steps: &'a [Step], index: &BTreeMap<&str, usize>) 
     let mut seen = BTreeSet::new();
     let mut todo: Vec<&str> = step.depends.iter().map(String::as_str).collect();
     while let Some(name) = todo.pop() {
-        let s = &steps[index[name]];
+        let Some(&i) = index.get(name) else { continue };
+        let s = &steps[i];
         if seen.insert(s.name.as_str()) {
             todo.extend(s.depends.iter().map(String::as_str));
         }

@@ -110,6 +110,23 @@ fn dependency_cycle_is_shown_as_a_path() {
 }
 
 #[test]
+fn a_cycle_is_reported_alongside_unknown_dependencies_and_templates() {
+    let e = workflow_errors(
+        "  - name: a\n    command: [echo, \"${c.output}\"]\n    depends: [b, ghost]\n  - name: b\n    command: [echo, \"${nope}\"]\n    depends: [a]\n  - name: c\n    command: [echo]\n    depends: [c]\n",
+    );
+    assert_eq!(
+        e,
+        [
+            "/workflows/t.yaml: step \"a\": field \"depends.1\": unknown step \"ghost\"",
+            "/workflows/t.yaml: step \"c\": field \"depends.0\": a step cannot depend on itself",
+            "/workflows/t.yaml: step \"a\": field \"depends\": dependency cycle: a -> b -> a",
+            "/workflows/t.yaml: step \"a\": field \"command.1\": \"${c.output}\" names a step that is not upstream of \"a\" (add it to depends)",
+            "/workflows/t.yaml: step \"b\": field \"command.1\": unknown parameter \"nope\" in \"${nope}\"",
+        ]
+    );
+}
+
+#[test]
 fn self_dependency_is_refused() {
     let e = workflow_errors("  - name: a\n    command: [echo]\n    depends: [a]\n");
     assert_eq!(
