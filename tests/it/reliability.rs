@@ -90,6 +90,16 @@ fn poison_tasks_are_dead_lettered_with_their_reason_and_the_worker_keeps_serving
         frame(courier_wire::FLAG_ZSTD, &enc.finish().unwrap())
     };
     let oversized = frame(0, &vec![7u8; 5 << 20]);
+    let tiny_values = {
+        // 2 million empty arguments: 2 MB of body, 48 MB of `String`s decoded.
+        let mut task: Task = courier_wire::decode(&good, &Limits::default()).unwrap();
+        task.spec.run = StepRun::Command {
+            argv: vec![String::new(); 2_000_000],
+            env: BTreeMap::new(),
+        };
+        let body = rmp_serde::to_vec_named(&task).unwrap();
+        frame(courier_wire::FLAG_ZSTD, &zstd::bulk::compress(&body, 3).unwrap())
+    };
     let missing_fields = frame(0, &rmp_serde_named_workflow_only());
     let mut unknown_version = good.clone();
     unknown_version[4] = 9;
@@ -120,6 +130,12 @@ fn poison_tasks_are_dead_lettered_with_their_reason_and_the_worker_keeps_serving
             bomb,
             vec![],
             "task too large: decompressed size exceeds the limit of 16777216 bytes",
+        ),
+        (
+            "tiny-values",
+            tiny_values,
+            vec![],
+            "task too large: decoded size exceeds the limit of 16777216 bytes",
         ),
         (
             "oversized",

@@ -6,7 +6,8 @@
 //! bounded by [`Limits`], at encode and at decode. Decompression happens in
 //! exactly one function, [`decompress_capped`], which never allocates past the
 //! limit, whatever the zstd frame header claims (clippy.toml bans the other
-//! zstd decoders).
+//! zstd decoders); and the body reaches serde only once [`budget::check`]
+//! has bounded the value it decodes into.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -14,6 +15,8 @@ use std::fmt;
 use std::io::Read;
 
 use serde::Serialize;
+
+use crate::budget::{self, MAX_DEPTH, OverBudget};
 use serde::de::DeserializeOwned;
 
 /// Length of the fixed header: magic, version byte, flags byte.
@@ -75,6 +78,9 @@ pub enum SizeKind {
     Compressed,
     /// The body after decompression.
     Decompressed,
+    /// The value the body decodes into: its string and binary bytes plus
+    /// 128 bytes per value (see the `budget` module).
+    Decoded,
 }
 
 impl fmt::Display for SizeKind {
@@ -82,6 +88,7 @@ impl fmt::Display for SizeKind {
         f.write_str(match self {
             SizeKind::Compressed => "compressed",
             SizeKind::Decompressed => "decompressed",
+            SizeKind::Decoded => "decoded",
         })
     }
 }
@@ -146,8 +153,9 @@ pub struct FrameInfo {
 /// The output is deterministic: the same value gives the same bytes.
 ///
 /// # Errors
-/// [`WireError::TooLarge`] when the body or the frame exceeds `limits`;
-/// [`WireError::Encode`] if serialization fails.
+/// [`WireError::TooLarge`] when the body, its decoded size or the frame
+/// exceeds `limits`; [`WireError::Encode`] if serialization fails or the value
+/// nests deeper than a decoder accepts.
 pub fn encode<T: Frame>(value: &T, limits: &Limits) -> Result<Vec<u8>, WireError> {
     let body = rmp_serde::to_vec_named(value).map_err(|e| WireError::Encode {
         kind: T::KIND,
@@ -156,6 +164,7 @@ pub fn encode<T: Frame>(value: &T, limits: &Limits) -> Result<Vec<u8>, WireError
     if body.len() > limits.max_decompressed {
         return Err(too_large::<T>(SizeKind::Decompressed, limits.max_decompressed));
     }
+    within_budget::<T>(&body, limits, true)?;
     let compressed_body = body.len() >= COMPRESS_FROM;
     let mut frame = Vec::with_capacity(HEADER_LEN + if compressed_body { body.len() / 2 } else { body.len() });
     frame.extend_from_slice(&T::MAGIC);
@@ -180,8 +189,10 @@ pub fn encode<T: Frame>(value: &T, limits: &Limits) -> Result<Vec<u8>, WireError
 /// Decode a frame, accepting every version from `T::MIN_VERSION` to `T::VERSION`.
 ///
 /// # Errors
-/// A typed [`WireError`] for each way the input can be wrong; never panics and
-/// never allocates more than `limits.max_decompressed` (+1 byte) for the body.
+/// A typed [`WireError`] for each way the input can be wrong; never panics,
+/// never allocates more than `limits.max_decompressed` (+1 byte) for the body,
+/// and refuses a body whose decoded size (see [`SizeKind::Decoded`]) is over
+/// that limit before decoding it.
 pub fn decode<T: Frame>(frame: &[u8], limits: &Limits) -> Result<T, WireError> {
     decode_with_info(frame, limits).map(|(value, _)| value)
 }
@@ -203,6 +214,7 @@ pub fn decode_with_info<T: Frame>(frame: &[u8], limits: &Limits) -> Result<(T, F
     } else {
         Cow::Borrowed(raw)
     };
+    within_budget::<T>(&body, limits, false)?;
     // Every supported version shares the v1 body layout; a future version that
     // changes it dispatches on `version` here.
     let value = rmp_serde::from_slice(&body).map_err(|e| WireError::Undecodable {
@@ -216,6 +228,22 @@ pub fn decode_with_info<T: Frame>(frame: &[u8], limits: &Limits) -> Result<(T, F
         decompressed_len: body.len(),
     };
     Ok((value, info))
+}
+
+/// The decoded-size budget, checked the same way at encode and at decode.
+fn within_budget<T: Frame>(body: &[u8], limits: &Limits, encoding: bool) -> Result<(), WireError> {
+    match budget::check(body, limits.max_decompressed) {
+        Ok(()) => Ok(()),
+        Err(OverBudget::Size) => Err(too_large::<T>(SizeKind::Decoded, limits.max_decompressed)),
+        Err(OverBudget::Depth) => {
+            let detail = format!("arrays and maps nested deeper than {MAX_DEPTH} levels");
+            Err(if encoding {
+                WireError::Encode { kind: T::KIND, detail }
+            } else {
+                WireError::Undecodable { kind: T::KIND, detail }
+            })
+        }
+    }
 }
 
 /// Check magic, version and flags; return the version and flags.

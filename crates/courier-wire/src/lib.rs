@@ -5,6 +5,7 @@
 //! bytes and bytes into values, within [`Limits`], names every way the bytes
 //! can be wrong ([`WireError`]), and signs and verifies bodies ([`SigningKey`]).
 
+mod budget;
 mod frame;
 pub mod headers;
 mod signature;

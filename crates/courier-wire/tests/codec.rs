@@ -445,12 +445,117 @@ fn decode_refuses_a_body_over_the_decompressed_limit() {
             limit: body_len - 1
         }
     );
-    // Exactly at the limit is fine.
+    // At exactly the body's size it decompresses, and then the decoded-size
+    // budget (string bytes plus 128 bytes a value) refuses it.
     let limits = Limits {
         max_decompressed: body_len,
         ..Limits::default()
     };
-    assert!(decode::<Snapshot>(&frame, &limits).is_ok());
+    assert_eq!(
+        decode::<Snapshot>(&frame, &limits).unwrap_err(),
+        WireError::TooLarge {
+            kind: "snapshot",
+            size: SizeKind::Decoded,
+            limit: body_len
+        }
+    );
+}
+
+/// A snapshot body: `{workflow: "w", agent: {default_model: "m", tools: {allowed: [n × ""]}}}`.
+fn empty_strings_body(n: u32) -> Vec<u8> {
+    let mut body = rmp_serde::to_vec_named(&Snapshot {
+        workflow: "w".into(),
+        agent: Some(AgentConfig {
+            default_model: "m".into(),
+            tools: ToolPolicy { allowed: vec![] },
+        }),
+        ..Snapshot::default()
+    })
+    .unwrap();
+    // Replace the trailing fields after `allowed` with an array32 of n empty
+    // strings; `allowed: []` (0x90) is followed by models/skills/soul/memory.
+    let at = body.windows(8).position(|w| w == b"allowed\x90").unwrap() + 7;
+    let tail = body.split_off(at + 1);
+    body.pop();
+    body.push(0xdd);
+    body.extend(n.to_be_bytes());
+    body.extend(std::iter::repeat_n(0xa0, n as usize));
+    body.extend(tail);
+    body
+}
+
+#[test]
+fn many_small_values_are_refused_by_their_decoded_size() {
+    // 8 million empty strings: 8 MB of body (under the limit), 322 bytes of
+    // frame, and 190 MiB of `String`s had it been decoded.
+    let frame = frame_around(
+        FLAG_ZSTD,
+        &zstd::bulk::compress(&empty_strings_body(8_000_000), 19).unwrap(),
+    );
+    assert!(frame.len() < 1024, "{}", frame.len());
+    let err = decode::<Snapshot>(&frame, &Limits::default()).unwrap_err();
+    assert_eq!(
+        err,
+        WireError::TooLarge {
+            kind: "snapshot",
+            size: SizeKind::Decoded,
+            limit: 8 << 20
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "snapshot too large: decoded size exceeds the limit of 8388608 bytes"
+    );
+    // The same shape with a few values decodes.
+    let small = decode::<Snapshot>(&frame_around(0, &empty_strings_body(3)), &Limits::default()).unwrap();
+    assert_eq!(small.agent.unwrap().tools.allowed, ["", "", ""]);
+}
+
+#[test]
+fn encode_refuses_what_decode_would_refuse() {
+    let mut task = fixture_task();
+    task.upstream = (0..40_000).map(|i| (i.to_string(), String::new())).collect();
+    let err = encode(&task, &Limits::default()).unwrap_err();
+    assert_eq!(
+        err,
+        WireError::TooLarge {
+            kind: "task",
+            size: SizeKind::Decoded,
+            limit: 8 << 20
+        }
+    );
+}
+
+#[test]
+fn nesting_past_64_levels_is_undecodable() {
+    // Tool-call arguments are JSON: the one place a sender chooses the depth.
+    let nested = (0..100).fold(serde_json::json!(1), |inner, _| serde_json::json!([inner]));
+    let mut snapshot = fixture_snapshot();
+    let model = snapshot.models.values_mut().next().unwrap();
+    model.script = vec![ScriptedReply {
+        text: None,
+        tool_calls: vec![ScriptedToolCall {
+            name: "output".into(),
+            arguments: nested,
+        }],
+    }];
+    let body = rmp_serde::to_vec_named(&snapshot).unwrap();
+    let err = decode::<Snapshot>(
+        &frame_around(FLAG_ZSTD, &zstd::bulk::compress(&body, 3).unwrap()),
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        WireError::Undecodable {
+            kind: "snapshot",
+            detail: "arrays and maps nested deeper than 64 levels".into()
+        }
+    );
+    assert_eq!(
+        encode(&snapshot, &Limits::default()).unwrap_err().to_string(),
+        "cannot encode snapshot: arrays and maps nested deeper than 64 levels"
+    );
 }
 
 fn frame_around(flags: u8, body: &[u8]) -> Vec<u8> {
