@@ -6,10 +6,47 @@ use crate::support::{copy_dir, courier, example_config, run};
 fn validate_accepts_the_example_config() {
     let (out, stdout, _) = run(courier().args(["validate", "--config-dir"]).arg(example_config()));
     assert!(out.status.success());
+    let (summary, largest) = stdout.split_once('\n').unwrap();
     assert!(
-        stdout.ends_with(": ok (3 workflows, 9 steps, 3 models, 3 skills, 2 souls)\n"),
+        summary.ends_with(": ok (3 workflows, 9 steps, 3 models, 3 skills, 2 souls)"),
         "{stdout}"
     );
+    assert!(
+        largest.starts_with("largest snapshot: research/analyze, ") && largest.ends_with(" bytes (limit 1048576)\n"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn validate_builds_every_snapshot_within_the_schedulers_limits() {
+    let dir = tempfile::TempDir::new().unwrap();
+    copy_dir(&example_config(), dir.path());
+    // The limit the scheduler would use, from courier.toml: agent steps' snapshots
+    // (several hundred bytes) do not fit, command steps' (tens of bytes) do.
+    std::fs::write(dir.path().join("courier.toml"), "snapshot_max_compressed = 300\n").unwrap();
+    let (out, stdout, stderr) = run(courier().args(["validate", "--config-dir"]).arg(dir.path()));
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let too_large = |file: &str, step: &str| {
+        format!(
+            "{}/workflows/{file}: step \"{step}\": snapshot too large: compressed size exceeds the limit of 300 bytes\n",
+            dir.path().display()
+        )
+    };
+    assert_eq!(
+        stderr,
+        format!(
+            "3 errors in the configuration:\n  {}  {}  {}",
+            too_large("digest.yaml", "digest"),
+            too_large("research.yaml", "analyze"),
+            too_large("research.yaml", "write"),
+        )
+    );
+    // A flag overrides the file, as it does for the scheduler.
+    let (out, stdout, _) = run(courier()
+        .args(["validate", "--max-compressed", "4096", "--config-dir"])
+        .arg(dir.path()));
+    assert!(out.status.success());
+    assert!(stdout.ends_with(" bytes (limit 4096)\n"), "{stdout}");
 }
 
 #[test]

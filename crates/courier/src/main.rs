@@ -117,9 +117,12 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Check a config folder: every workflow and agent resource, all errors at once.
     Validate {
-        /// The config folder (holding workflows/ and agents/).
-        #[arg(long, env = "COURIER_CONFIG_DIR", default_value = "config")]
-        config_dir: PathBuf,
+        /// The config folder, holding workflows/ and agents/ [env: COURIER_CONFIG_DIR] [default: config].
+        #[arg(long)]
+        config_dir: Option<PathBuf>,
+        /// Every step's snapshot must fit these.
+        #[command(flatten)]
+        limits: snapshot_cmd::LimitArgs,
     },
     /// Build and inspect step snapshots.
     #[command(subcommand)]
@@ -145,8 +148,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         .set("api_url", cli.global.api_url)
         .set("log_format", cli.global.log_format);
     match cli.command {
-        Command::Validate { config_dir } => validate::run(&config_dir),
-        Command::Snapshot(cmd) => snapshot_cmd::run(cmd),
+        Command::Validate { config_dir, limits } => {
+            limits.set(flags.set("config_dir", config_dir));
+            let settings = Settings::load(flags.0)?;
+            validate::run(&settings.config_dir, settings.snapshot_limits())
+        }
+        Command::Snapshot(cmd) => snapshot_cmd::run(cmd, flags),
         Command::Scheduler {
             config_dir,
             data_dir,

@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use anyhow::{Context, anyhow};
 use clap::{Args, Subcommand};
 use courier_config::{Config, build_snapshot};
-use courier_wire::{
-    ContentHash, DEFAULT_MAX_COMPRESSED, DEFAULT_MAX_DECOMPRESSED, Limits, Snapshot, decode_with_info, encode,
-};
+use courier_wire::{ContentHash, Snapshot, decode_with_info, encode};
 use serde::Serialize;
+
+use crate::settings::{Flags, Settings};
 
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
@@ -20,9 +20,9 @@ pub enum SnapshotCommand {
         /// Step name.
         #[arg(long)]
         step: String,
-        /// The config folder.
-        #[arg(long, env = "COURIER_CONFIG_DIR", default_value = "config")]
-        config_dir: PathBuf,
+        /// The config folder [env: COURIER_CONFIG_DIR] [default: config].
+        #[arg(long)]
+        config_dir: Option<PathBuf>,
         /// Output file.
         #[arg(short, long)]
         output: PathBuf,
@@ -41,27 +41,29 @@ pub enum SnapshotCommand {
     },
 }
 
-/// Snapshot size bounds.
+/// Snapshot size bounds, over the scheduler's settings (`courier.toml`,
+/// `COURIER_*`), so that these commands judge a snapshot as the scheduler and
+/// workers will.
 #[derive(Debug, Clone, Copy, Args)]
 pub struct LimitArgs {
-    /// Maximum snapshot size as it travels, in bytes.
-    #[arg(long, env = "COURIER_SNAPSHOT_MAX_COMPRESSED", default_value_t = DEFAULT_MAX_COMPRESSED)]
-    max_compressed: usize,
-    /// Maximum decompressed snapshot size, in bytes.
-    #[arg(long, env = "COURIER_SNAPSHOT_MAX_DECOMPRESSED", default_value_t = DEFAULT_MAX_DECOMPRESSED)]
-    max_decompressed: usize,
+    /// Maximum snapshot size as it travels, in bytes [env: COURIER_SNAPSHOT_MAX_COMPRESSED] [default: 1048576].
+    #[arg(long)]
+    max_compressed: Option<usize>,
+    /// Maximum decompressed (and decoded) snapshot size, in bytes [env: COURIER_SNAPSHOT_MAX_DECOMPRESSED] [default: 8388608].
+    #[arg(long)]
+    max_decompressed: Option<usize>,
 }
 
-impl From<LimitArgs> for Limits {
-    fn from(a: LimitArgs) -> Self {
-        Limits {
-            max_compressed: a.max_compressed,
-            max_decompressed: a.max_decompressed,
-        }
+impl LimitArgs {
+    /// Put the limits given on the command line in the settings' top layer.
+    pub fn set(self, flags: &mut Flags) -> &mut Flags {
+        flags
+            .set("snapshot_max_compressed", self.max_compressed)
+            .set("snapshot_max_decompressed", self.max_decompressed)
     }
 }
 
-pub fn run(cmd: SnapshotCommand) -> anyhow::Result<ExitCode> {
+pub fn run(cmd: SnapshotCommand, mut flags: Flags) -> anyhow::Result<ExitCode> {
     match cmd {
         SnapshotCommand::Build {
             workflow,
@@ -70,6 +72,9 @@ pub fn run(cmd: SnapshotCommand) -> anyhow::Result<ExitCode> {
             output,
             limits,
         } => {
+            limits.set(flags.set("config_dir", config_dir));
+            let settings = Settings::load(flags.0)?;
+            let config_dir = settings.config_dir.clone();
             let config = Config::load(&config_dir).map_err(|e| anyhow!("{e}"))?;
             let wf = config
                 .workflows
@@ -80,7 +85,7 @@ pub fn run(cmd: SnapshotCommand) -> anyhow::Result<ExitCode> {
                 .ok_or_else(|| anyhow!("workflow \"{workflow}\" has no step \"{step}\""))?;
             let snapshot = build_snapshot(&config.store, &workflow, &st.run)
                 .with_context(|| format!("building the snapshot of {workflow}/{step}"))?;
-            let bytes = encode(&snapshot, &limits.into())
+            let bytes = encode(&snapshot, &settings.snapshot_limits())
                 .with_context(|| format!("encoding the snapshot of {workflow}/{step}"))?;
             std::fs::write(&output, &bytes).with_context(|| format!("writing {}", output.display()))?;
             println!(
@@ -92,9 +97,11 @@ pub fn run(cmd: SnapshotCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         SnapshotCommand::Inspect { file, json, limits } => {
+            limits.set(&mut flags);
+            let limits = Settings::load(flags.0)?.snapshot_limits();
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let (snapshot, info) =
-                decode_with_info::<Snapshot>(&bytes, &limits.into()).with_context(|| file.display().to_string())?;
+                decode_with_info::<Snapshot>(&bytes, &limits).with_context(|| file.display().to_string())?;
             let report = Inspection {
                 version: info.version,
                 content_hash: format!("blake3:{}", ContentHash::of(&bytes)),
