@@ -3,8 +3,8 @@
 //! expand into a large value (8 MiB of empty strings is 8 million `String`s,
 //! 190 MiB in memory).
 //!
-//! The decoded size of a body is counted as its string and binary bytes plus
-//! [`VALUE_COST`] bytes for every value (map keys included); it is bounded by
+//! The decoded size of a body is counted as its string, binary and extension
+//! bytes plus [`VALUE_COST`] bytes for every value (map keys included); it is bounded by
 //! the decompressed limit, at encode and at decode, so the value a decoder
 //! builds stays within that limit too.
 
@@ -94,7 +94,10 @@ fn walk(body: &[u8], limit: usize) -> Result<(), Stop> {
             return Err(Stop::Malformed);
         }
         pos += data;
-        cost = cost.saturating_add(VALUE_COST + data);
+        // A number's bytes become a field of its value: only strings,
+        // binaries and extensions bring data of their own.
+        let own = if is_number(Marker::from_u8(byte)) { 0 } else { data };
+        cost = cost.saturating_add(VALUE_COST + own);
         if cost > limit {
             return Err(Stop::Over(OverBudget::Size));
         }
@@ -109,6 +112,22 @@ fn walk(body: &[u8], limit: usize) -> Result<(), Stop> {
     Ok(())
 }
 
+fn is_number(marker: Marker) -> bool {
+    matches!(
+        marker,
+        Marker::U8
+            | Marker::U16
+            | Marker::U32
+            | Marker::U64
+            | Marker::I8
+            | Marker::I16
+            | Marker::I32
+            | Marker::I64
+            | Marker::F32
+            | Marker::F64
+    )
+}
+
 /// Read a big-endian length of `width` bytes at `pos`, moving past it.
 fn length(body: &[u8], pos: &mut usize, width: usize) -> Result<usize, Stop> {
     let bytes = body.get(*pos..*pos + width).ok_or(Stop::Malformed)?;
@@ -118,7 +137,54 @@ fn length(body: &[u8], pos: &mut usize, width: usize) -> Result<usize, Stop> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
     use super::*;
+
+    /// The decoded size of a JSON value by the rule, computed from the value.
+    fn decoded_size(value: &Value) -> usize {
+        VALUE_COST
+            + match value {
+                Value::String(s) => s.len(),
+                Value::Array(items) => items.iter().map(decoded_size).sum(),
+                Value::Object(map) => map.iter().map(|(k, v)| VALUE_COST + k.len() + decoded_size(v)).sum(),
+                Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+            }
+    }
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            ".{0,300}".prop_map(Value::from),
+        ];
+        // Up to 20 items, so arrays and maps take both their fix and 16-bit forms.
+        leaf.prop_recursive(5, 300, 20, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..20).prop_map(Value::Array),
+                proptest::collection::btree_map(".{0,20}", inner, 0..20)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// The walk agrees with the encoder on every shape: a value costs
+        /// exactly its decoded size, one byte less is over the budget.
+        #[test]
+        fn the_walk_counts_exactly_what_the_encoder_wrote(value in json()) {
+            let b = body(&value);
+            let size = decoded_size(&value);
+            prop_assert_eq!(check(&b, size), Ok(()));
+            prop_assert_eq!(check(&b, size - 1), Err(OverBudget::Size));
+        }
+    }
 
     fn body<T: serde::Serialize>(value: &T) -> Vec<u8> {
         rmp_serde::to_vec_named(value).expect("encode")
