@@ -526,6 +526,27 @@ async fn refuse(
     }
 }
 
+/// Encode a result, with the status it travels with. Each part of a result is
+/// bounded, but not how many parts an agent step makes: a result over the task
+/// limits becomes a failure that says why, so the task is answered all the same.
+fn encodable(result: &TaskResult, limits: &Limits) -> Result<(Vec<u8>, TaskStatus), courier_wire::WireError> {
+    match encode(result, limits) {
+        Ok(body) => Ok((body, result.status)),
+        Err(e) => {
+            warn!(error = %e, "the result is too large to send; sending a failure instead");
+            let failure = TaskResult {
+                status: TaskStatus::Failed,
+                output: String::new(),
+                error: Some(format!("the step's result could not be sent: {e}")),
+                memory_updates: Vec::new(),
+                transcript: Vec::new(),
+                ..result.clone()
+            };
+            Ok((encode(&failure, limits)?, TaskStatus::Failed))
+        }
+    }
+}
+
 /// Publish a result and wait for the broker's confirm; `true` once confirmed.
 async fn publish_result(
     result: &TaskResult,
@@ -533,8 +554,8 @@ async fn publish_result(
     publisher: &Publisher,
     metrics: &metrics::Metrics,
 ) -> bool {
-    let body = match encode(result, &config.task_limits) {
-        Ok(body) => body,
+    let (body, status) = match encodable(result, &config.task_limits) {
+        Ok(encoded) => encoded,
         Err(e) => {
             error!(error = %e, "cannot encode the result");
             return false;
@@ -557,7 +578,7 @@ async fn publish_result(
             metrics
                 .results
                 .get_or_create(&metrics::Status {
-                    status: result.status.as_str().into(),
+                    status: status.as_str().into(),
                 })
                 .inc();
             true
@@ -566,5 +587,69 @@ async fn publish_result(
             warn!(error = %e, "result not confirmed; leaving the task unacked for redelivery");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use courier_wire::{SizeKind, TranscriptEntry};
+
+    use super::*;
+
+    fn result() -> TaskResult {
+        TaskResult {
+            task_id: Uuid::nil(),
+            run_id: Uuid::nil(),
+            step: "s".into(),
+            attempt: 1,
+            status: TaskStatus::Succeeded,
+            output: "done".into(),
+            error: None,
+            started_unix_ms: 1,
+            finished_unix_ms: 2,
+            worker_id: "w".into(),
+            memory_updates: Vec::new(),
+            model: Some("scripted/demo".into()),
+            usage: None,
+            transcript: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_result_within_the_limits_travels_as_it_is() {
+        let (body, status) = encodable(&result(), &Limits::default()).unwrap();
+        assert_eq!(status, TaskStatus::Succeeded);
+        assert_eq!(decode::<TaskResult>(&body, &Limits::default()).unwrap(), result());
+    }
+
+    #[test]
+    fn a_result_over_the_limits_becomes_a_failure_that_says_why() {
+        // 100,000 tool calls' worth of transcript: small parts, too many of them.
+        let mut big = result();
+        big.transcript = vec![
+            TranscriptEntry {
+                role: "call".into(),
+                content: "output({})".into(),
+            };
+            100_000
+        ];
+        let (body, status) = encodable(&big, &Limits::default()).unwrap();
+        assert_eq!(status, TaskStatus::Failed);
+        let sent = decode::<TaskResult>(&body, &Limits::default()).unwrap();
+        let too_large = courier_wire::WireError::TooLarge {
+            kind: "result",
+            size: SizeKind::Decoded,
+            limit: Limits::default().max_decompressed,
+        };
+        assert_eq!(
+            sent.error.as_deref(),
+            Some(format!("the step's result could not be sent: {too_large}").as_str())
+        );
+        assert_eq!(sent.status, TaskStatus::Failed);
+        assert!(sent.transcript.is_empty() && sent.output.is_empty());
+        assert_eq!(
+            (sent.task_id, sent.attempt, sent.worker_id.as_str()),
+            (big.task_id, 1, "w")
+        );
     }
 }
