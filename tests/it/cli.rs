@@ -36,9 +36,9 @@ fn validate_builds_every_snapshot_within_the_schedulers_limits() {
         stderr,
         format!(
             "3 errors in the configuration:\n  {}  {}  {}",
-            too_large("digest.yaml", "digest"),
-            too_large("research.yaml", "analyze"),
-            too_large("research.yaml", "write"),
+            too_large("digest.yaml:7", "digest"),
+            too_large("research.yaml:9", "analyze"),
+            too_large("research.yaml:22", "write"),
         )
     );
     // A flag overrides the file, as it does for the scheduler.
@@ -62,11 +62,11 @@ fn validate_lists_every_error_and_exits_non_zero() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr.starts_with("2 errors in the configuration:\n"), "{stderr}");
     assert!(
-        stderr.contains("broken.yaml: step \"a\": field \"depends.0\": unknown step \"nope\""),
+        stderr.contains("broken.yaml:4: step \"a\": field \"depends.0\": unknown step \"nope\""),
         "{stderr}"
     );
     assert!(
-        stderr.contains("broken.yaml: step \"b\": field \"agent.soul\": unknown soul \"ghost\""),
+        stderr.contains("broken.yaml:6: step \"b\": field \"agent.soul\": unknown soul \"ghost\""),
         "{stderr}"
     );
 }

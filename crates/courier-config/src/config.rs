@@ -25,7 +25,7 @@ impl Config {
     /// # Errors
     /// All problems found, each naming its file, step and field.
     pub fn load(dir: &Path) -> Result<Self, ConfigErrors> {
-        let store = FsStore::load(&dir.join("agents")).map_err(ConfigErrors)?;
+        let store = FsStore::load(&dir.join("agents")).map_err(ConfigErrors::located)?;
         let workflows_dir = dir.join("workflows");
         let mut files: Vec<PathBuf> = match std::fs::read_dir(&workflows_dir) {
             Ok(entries) => entries
@@ -58,7 +58,7 @@ impl Config {
                 workflows,
             })
         } else {
-            Err(ConfigErrors(errors))
+            Err(ConfigErrors::located(errors))
         }
     }
 }

@@ -68,6 +68,15 @@ impl std::error::Error for ConfigError {}
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
+impl ConfigErrors {
+    /// The errors, each given the line of the step and field it names where
+    /// the YAML parser did not give one.
+    pub fn located(mut errors: Vec<ConfigError>) -> Self {
+        crate::yaml::add_lines(&mut errors);
+        Self(errors)
+    }
+}
+
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0.len();

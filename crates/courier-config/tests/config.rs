@@ -94,7 +94,7 @@ fn unknown_dependency_is_named() {
     let e = workflow_errors("  - name: a\n    command: [echo]\n    depends: [ghost]\n");
     assert_eq!(
         e,
-        ["/workflows/t.yaml: step \"a\": field \"depends.0\": unknown step \"ghost\""]
+        ["/workflows/t.yaml:6: step \"a\": field \"depends.0\": unknown step \"ghost\""]
     );
 }
 
@@ -105,7 +105,7 @@ fn dependency_cycle_is_shown_as_a_path() {
     );
     assert_eq!(
         e,
-        ["/workflows/t.yaml: step \"a\": field \"depends\": dependency cycle: a -> c -> b -> a"]
+        ["/workflows/t.yaml:6: step \"a\": field \"depends\": dependency cycle: a -> c -> b -> a"]
     );
 }
 
@@ -117,11 +117,11 @@ fn a_cycle_is_reported_alongside_unknown_dependencies_and_templates() {
     assert_eq!(
         e,
         [
-            "/workflows/t.yaml: step \"a\": field \"depends.1\": unknown step \"ghost\"",
-            "/workflows/t.yaml: step \"c\": field \"depends.0\": a step cannot depend on itself",
-            "/workflows/t.yaml: step \"a\": field \"depends\": dependency cycle: a -> b -> a",
-            "/workflows/t.yaml: step \"a\": field \"command.1\": \"${c.output}\" names a step that is not upstream of \"a\" (add it to depends)",
-            "/workflows/t.yaml: step \"b\": field \"command.1\": unknown parameter \"nope\" in \"${nope}\"",
+            "/workflows/t.yaml:6: step \"a\": field \"depends.1\": unknown step \"ghost\"",
+            "/workflows/t.yaml:12: step \"c\": field \"depends.0\": a step cannot depend on itself",
+            "/workflows/t.yaml:6: step \"a\": field \"depends\": dependency cycle: a -> b -> a",
+            "/workflows/t.yaml:5: step \"a\": field \"command.1\": \"${c.output}\" names a step that is not upstream of \"a\" (add it to depends)",
+            "/workflows/t.yaml:8: step \"b\": field \"command.1\": unknown parameter \"nope\" in \"${nope}\"",
         ]
     );
 }
@@ -131,7 +131,7 @@ fn self_dependency_is_refused() {
     let e = workflow_errors("  - name: a\n    command: [echo]\n    depends: [a]\n");
     assert_eq!(
         e,
-        ["/workflows/t.yaml: step \"a\": field \"depends.0\": a step cannot depend on itself"]
+        ["/workflows/t.yaml:6: step \"a\": field \"depends.0\": a step cannot depend on itself"]
     );
 }
 
@@ -140,7 +140,7 @@ fn duplicate_step_names_are_refused() {
     let e = workflow_errors("  - name: a\n    command: [echo]\n  - name: a\n    command: [echo]\n");
     assert_eq!(
         e,
-        ["/workflows/t.yaml: step \"a\": field \"name\": duplicate step name \"a\""]
+        ["/workflows/t.yaml:6: step \"a\": field \"name\": duplicate step name \"a\""]
     );
 }
 
@@ -152,9 +152,9 @@ fn unknown_model_soul_and_skill_are_named() {
     assert_eq!(
         e,
         [
-            "/workflows/t.yaml: step \"a\": field \"agent.model\": unknown model \"gpt-9\"",
-            "/workflows/t.yaml: step \"a\": field \"agent.soul\": unknown soul \"pirate\"",
-            "/workflows/t.yaml: step \"a\": field \"agent.skills.1\": unknown skill \"juggling\"",
+            "/workflows/t.yaml:6: step \"a\": field \"agent.model\": unknown model \"gpt-9\"",
+            "/workflows/t.yaml:7: step \"a\": field \"agent.soul\": unknown soul \"pirate\"",
+            "/workflows/t.yaml:8: step \"a\": field \"agent.skills.1\": unknown skill \"juggling\"",
         ]
     );
 }
@@ -170,7 +170,7 @@ fn bad_cron_is_refused() {
     let e = errors(&dir);
     assert_eq!(e.len(), 1);
     assert!(
-        e[0].starts_with("/workflows/t.yaml: field \"schedule\": bad cron expression \"61 * * * *\""),
+        e[0].starts_with("/workflows/t.yaml:1: field \"schedule\": bad cron expression \"61 * * * *\""),
         "{e:?}"
     );
 }
@@ -186,7 +186,7 @@ fn a_scheduled_workflow_needs_defaults_for_every_param() {
     assert_eq!(
         errors(&dir),
         [
-            "/workflows/t.yaml: field \"schedule\": a scheduled run has no one to pass parameters: give \"who\" a default"
+            "/workflows/t.yaml:1: field \"schedule\": a scheduled run has no one to pass parameters: give \"who\" a default"
         ]
     );
 }
@@ -237,8 +237,8 @@ fn bad_ids_are_refused() {
     assert_eq!(
         e,
         [
-            "/workflows/t.yaml: step \"Fetch_Data\": field \"name\": \"Fetch_Data\" is not a valid ID: use lower-case letters, digits and single hyphens (at most 128 characters)",
-            "/workflows/t.yaml: step \"Fetch_Data\": field \"queue\": \"GPU\" is not a valid ID: use lower-case letters, digits and single hyphens (at most 128 characters)",
+            "/workflows/t.yaml:4: step \"Fetch_Data\": field \"name\": \"Fetch_Data\" is not a valid ID: use lower-case letters, digits and single hyphens (at most 128 characters)",
+            "/workflows/t.yaml:6: step \"Fetch_Data\": field \"queue\": \"GPU\" is not a valid ID: use lower-case letters, digits and single hyphens (at most 128 characters)",
         ]
     );
     let dir = fixture();
@@ -261,27 +261,28 @@ fn workflow_name_must_match_its_file() {
     );
     assert_eq!(
         errors(&dir),
-        ["/workflows/t.yaml: field \"name\": name \"other\" must match the file name \"t.yaml\""]
+        ["/workflows/t.yaml:1: field \"name\": name \"other\" must match the file name \"t.yaml\""]
     );
 }
 
 #[test]
 fn unknown_field_names_its_step() {
     let e = workflow_errors("  - name: a\n    command: [echo]\n    retries: 3\n");
-    assert_eq!(e, ["/workflows/t.yaml: step \"a\": field \"retries\": unknown field"]);
+    assert_eq!(e, ["/workflows/t.yaml:6: step \"a\": field \"retries\": unknown field"]);
 }
 
 #[test]
 fn a_step_needs_exactly_one_of_command_and_agent() {
+    // Neither: the line is the step's, as there is no field to point at.
     let e = workflow_errors("  - name: a\n    timeout: 1s\n");
     assert_eq!(
         e,
-        ["/workflows/t.yaml: step \"a\": field \"command\": a step has exactly one of `command`, `agent` and `echo`"]
+        ["/workflows/t.yaml:4: step \"a\": field \"command\": a step has exactly one of `command`, `agent` and `echo`"]
     );
     let e = workflow_errors("  - name: a\n    command: [echo]\n    agent: {prompt: hi}\n");
     assert_eq!(
         e,
-        ["/workflows/t.yaml: step \"a\": field \"command\": a step has exactly one of `command`, `agent` and `echo`"]
+        ["/workflows/t.yaml:5: step \"a\": field \"command\": a step has exactly one of `command`, `agent` and `echo`"]
     );
 }
 
@@ -293,9 +294,9 @@ fn templates_must_name_declared_params_and_upstream_steps() {
     assert_eq!(
         e,
         [
-            "/workflows/t.yaml: step \"a\": field \"command.1\": unknown parameter \"nope\" in \"${nope}\"",
-            "/workflows/t.yaml: step \"b\": field \"command.1\": \"${a.output}\" names a step that is not upstream of \"b\" (add it to depends)",
-            "/workflows/t.yaml: step \"b\": field \"command.2\": \"${c.output}\" names a step that is not upstream of \"b\" (add it to depends)",
+            "/workflows/t.yaml:5: step \"a\": field \"command.1\": unknown parameter \"nope\" in \"${nope}\"",
+            "/workflows/t.yaml:7: step \"b\": field \"command.1\": \"${a.output}\" names a step that is not upstream of \"b\" (add it to depends)",
+            "/workflows/t.yaml:7: step \"b\": field \"command.2\": \"${c.output}\" names a step that is not upstream of \"b\" (add it to depends)",
         ]
     );
 }
@@ -317,8 +318,8 @@ fn tools_must_be_allowed_by_the_policy() {
     assert_eq!(
         errors(&dir),
         [
-            "/workflows/t.yaml: step \"a\": field \"agent.tools.1\": tool \"read_memory\" is not allowed by the agent config's tool policy",
-            "/workflows/t.yaml: step \"a\": field \"agent.tools.2\": unknown tool \"shell\"; known tools: read_skill, search_skills, read_memory, output, propose_memory_update",
+            "/workflows/t.yaml:5: step \"a\": field \"agent.tools.1\": tool \"read_memory\" is not allowed by the agent config's tool policy",
+            "/workflows/t.yaml:5: step \"a\": field \"agent.tools.2\": unknown tool \"shell\"; known tools: read_skill, search_skills, read_memory, output, propose_memory_update",
         ]
     );
 }
@@ -334,7 +335,7 @@ fn an_api_key_in_a_model_file_is_refused() {
     assert_eq!(
         errors(&dir),
         [
-            "/agents/models/openai.yaml: field \"api_key\": API keys never go in files: set `api_key_env` to the NAME of an environment variable"
+            "/agents/models/openai.yaml:3: field \"api_key\": API keys never go in files: set `api_key_env` to the NAME of an environment variable"
         ]
     );
 }
@@ -350,7 +351,7 @@ fn api_key_env_must_be_a_variable_name() {
     assert_eq!(
         errors(&dir),
         [
-            "/agents/models/openai.yaml: field \"api_key_env\": \"sk-live-123\" is not an environment variable name (expected e.g. OPENAI_API_KEY)"
+            "/agents/models/openai.yaml:3: field \"api_key_env\": \"sk-live-123\" is not an environment variable name (expected e.g. OPENAI_API_KEY)"
         ]
     );
 }
@@ -371,7 +372,7 @@ fn unknown_default_model_is_named() {
     write(&dir, "agents/config.yaml", "default_model: gpt-9\n");
     assert_eq!(
         errors(&dir),
-        ["/agents/config.yaml: field \"default_model\": unknown model \"gpt-9\""]
+        ["/agents/config.yaml:1: field \"default_model\": unknown model \"gpt-9\""]
     );
 }
 

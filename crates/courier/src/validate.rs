@@ -33,7 +33,7 @@ pub fn run(dir: &Path, limits: Limits) -> anyhow::Result<ExitCode> {
         }
     }
     if !errors.is_empty() {
-        eprint!("{}", ConfigErrors(errors));
+        eprint!("{}", ConfigErrors::located(errors));
         return Ok(ExitCode::FAILURE);
     }
     let steps: usize = config.workflows.values().map(|w| w.steps.len()).sum();
