@@ -25,7 +25,12 @@ impl Config {
     /// # Errors
     /// All problems found, each naming its file, step and field.
     pub fn load(dir: &Path) -> Result<Self, ConfigErrors> {
-        let store = FsStore::load(&dir.join("agents")).map_err(ConfigErrors::located)?;
+        // Workflows are checked even when resources have errors: all in one pass.
+        let (store, catalog) = FsStore::load_with_catalog(&dir.join("agents"));
+        let (store, mut errors) = match store {
+            Ok(store) => (Some(store), Vec::new()),
+            Err(errors) => (None, errors),
+        };
         let workflows_dir = dir.join("workflows");
         let mut files: Vec<PathBuf> = match std::fs::read_dir(&workflows_dir) {
             Ok(entries) => entries
@@ -34,31 +39,27 @@ impl Config {
                 .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
                 .collect(),
             Err(e) => {
-                return Err(ConfigErrors(vec![ConfigError::file(
-                    &workflows_dir,
-                    format!("cannot read folder: {e}"),
-                )]));
+                errors.push(ConfigError::file(&workflows_dir, format!("cannot read folder: {e}")));
+                Vec::new()
             }
         };
         files.sort();
-        let mut errors = Vec::new();
         let mut workflows = BTreeMap::new();
         for file in files {
-            match Workflow::load(&file, &store) {
+            match Workflow::load(&file, &catalog) {
                 Ok(w) => {
                     workflows.insert(w.name.clone(), w);
                 }
                 Err(e) => errors.extend(e),
             }
         }
-        if errors.is_empty() {
-            Ok(Self {
+        match store {
+            Some(store) if errors.is_empty() => Ok(Self {
                 dir: dir.to_path_buf(),
                 store,
                 workflows,
-            })
-        } else {
-            Err(ConfigErrors::located(errors))
+            }),
+            _ => Err(ConfigErrors::located(errors)),
         }
     }
 }

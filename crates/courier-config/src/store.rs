@@ -5,7 +5,7 @@
 //! travel back as proposals in a result; only the scheduler's [`FsStore`]
 //! writes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
@@ -159,12 +159,34 @@ struct SoulFront {
     description: Option<String>,
 }
 
+/// What workflows are checked against: the resource IDs present in an
+/// `agents/` folder and its tool policy. Built even when some resource files
+/// have errors of their own, so that workflows are checked in the same pass
+/// (a broken resource is present: referring to it is not a second error).
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    /// Model IDs.
+    pub models: BTreeSet<String>,
+    /// Skill IDs.
+    pub skills: BTreeSet<String>,
+    /// Soul IDs.
+    pub souls: BTreeSet<String>,
+    /// Tools steps may enable; `None` when `config.yaml` did not load, and
+    /// then tools are checked only against the known ones.
+    pub tools_allowed: Option<Vec<String>>,
+}
+
 impl FsStore {
     /// Load every resource under `root` (the `agents` folder).
     ///
     /// # Errors
     /// Every problem found, each naming its file and field.
     pub fn load(root: &Path) -> Result<Self, Vec<ConfigError>> {
+        Self::load_with_catalog(root).0
+    }
+
+    /// [`FsStore::load`], and the [`Catalog`] of the folder either way.
+    pub fn load_with_catalog(root: &Path) -> (Result<Self, Vec<ConfigError>>, Catalog) {
         let mut errors = Vec::new();
         let config_file = root.join("config.yaml");
         let agent = read(&config_file, &mut errors)
@@ -193,7 +215,20 @@ impl FsStore {
                 }
             }
         }
-        match agent {
+        // Every ID on disk, loaded or not (listing errors were reported above).
+        let ids = |dir: &str, suffix: &str, want_dirs: bool| -> BTreeSet<String> {
+            entries(&root.join(dir), suffix, want_dirs, &mut Vec::new())
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect()
+        };
+        let catalog = Catalog {
+            models: ids("models", ".yaml", false),
+            skills: ids("skills", "", true),
+            souls: ids("souls", ".md", false),
+            tools_allowed: agent.as_ref().map(|a| a.tools.allowed.clone()),
+        };
+        let store = match agent {
             Some(agent) if errors.is_empty() => Ok(Self {
                 root: root.to_path_buf(),
                 agent,
@@ -203,7 +238,8 @@ impl FsStore {
                 memory: RwLock::new(memory),
             }),
             _ => Err(errors),
-        }
+        };
+        (store, catalog)
     }
 
     /// IDs of every model, sorted.

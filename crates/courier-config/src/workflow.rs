@@ -10,7 +10,7 @@ use courier_wire::{AgentSpec, ChatMessage, StepRun, StepSpec};
 use serde::Deserialize;
 
 use crate::error::ConfigError;
-use crate::store::{AgentStore, FsStore, KNOWN_TOOLS, is_slug, slug_error};
+use crate::store::{Catalog, KNOWN_TOOLS, is_slug, slug_error};
 use crate::template::{self, Ref};
 use crate::yaml;
 
@@ -188,17 +188,17 @@ impl Workflow {
     ///
     /// # Errors
     /// Every problem found, each naming the file, the step and the field.
-    pub fn load(path: &Path, store: &FsStore) -> Result<Self, Vec<ConfigError>> {
+    pub fn load(path: &Path, catalog: &Catalog) -> Result<Self, Vec<ConfigError>> {
         let text =
             std::fs::read_to_string(path).map_err(|e| vec![ConfigError::file(path, format!("cannot read: {e}"))])?;
-        Self::parse(path, &text, store)
+        Self::parse(path, &text, catalog)
     }
 
     /// Parse and validate workflow text; `path` names it in errors and gives its name.
     ///
     /// # Errors
     /// Every problem found, each naming the file, the step and the field.
-    pub fn parse(path: &Path, text: &str, store: &FsStore) -> Result<Self, Vec<ConfigError>> {
+    pub fn parse(path: &Path, text: &str, catalog: &Catalog) -> Result<Self, Vec<ConfigError>> {
         let (file, unknown): (WorkflowFile, _) = yaml::parse(path, text).map_err(|e| vec![e])?;
         let mut errors: Vec<ConfigError> = unknown
             .into_iter()
@@ -290,7 +290,6 @@ impl Workflow {
             errors.push(err("a workflow needs at least one step".into()).field("steps"));
         }
 
-        let agent = store.agent_config().ok();
         let mut seen = BTreeSet::new();
         let mut steps = Vec::new();
         for s in &file.steps {
@@ -354,9 +353,7 @@ impl Workflow {
                     if !s.env.is_empty() {
                         errors.push(step_err("env", "`env` applies to command steps only".into()));
                     }
-                    check_agent(a, agent.as_ref(), store, &mut |field, message| {
-                        errors.push(step_err(field, message))
-                    });
+                    check_agent(a, catalog, &mut |field, message| errors.push(step_err(field, message)));
                     StepRun::Agent(AgentSpec {
                         model: a.model.clone(),
                         soul: a.soul.clone(),
@@ -499,37 +496,31 @@ fn is_param_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn check_agent(
-    a: &AgentFile,
-    agent: Option<&courier_wire::AgentConfig>,
-    store: &FsStore,
-    report: &mut dyn FnMut(&str, String),
-) {
+fn check_agent(a: &AgentFile, catalog: &Catalog, report: &mut dyn FnMut(&str, String)) {
     if let Some(model) = &a.model
-        && store.model(model).is_err()
+        && !catalog.models.contains(model)
     {
         report("agent.model", format!("unknown model \"{model}\""));
     }
     if let Some(soul) = &a.soul
-        && store.soul(soul).is_err()
+        && !catalog.souls.contains(soul)
     {
         report("agent.soul", format!("unknown soul \"{soul}\""));
     }
     for (i, skill) in a.skills.iter().enumerate() {
-        if store.skill(skill).is_err() {
+        if !catalog.skills.contains(skill) {
             report(&format!("agent.skills.{i}"), format!("unknown skill \"{skill}\""));
         }
     }
-    let allowed: Vec<&str> = agent
-        .map(|c| c.tools.allowed.iter().map(String::as_str).collect())
-        .unwrap_or_default();
     for (i, tool) in a.tools.iter().enumerate() {
         if !KNOWN_TOOLS.contains(&tool.as_str()) {
             report(
                 &format!("agent.tools.{i}"),
                 format!("unknown tool \"{tool}\"; known tools: {}", KNOWN_TOOLS.join(", ")),
             );
-        } else if !allowed.contains(&tool.as_str()) {
+        } else if let Some(allowed) = &catalog.tools_allowed
+            && !allowed.contains(tool)
+        {
             report(
                 &format!("agent.tools.{i}"),
                 format!("tool \"{tool}\" is not allowed by the agent config's tool policy"),

@@ -369,10 +369,57 @@ fn skill_without_front_matter_is_refused() {
 #[test]
 fn unknown_default_model_is_named() {
     let dir = fixture();
-    write(&dir, "agents/config.yaml", "default_model: gpt-9\n");
+    let example = std::fs::read_to_string(example_dir().join("agents/config.yaml")).unwrap();
+    write(
+        &dir,
+        "agents/config.yaml",
+        &example.replace("default_model: local", "default_model: gpt-9"),
+    );
     assert_eq!(
         errors(&dir),
-        ["/agents/config.yaml:1: field \"default_model\": unknown model \"gpt-9\""]
+        ["/agents/config.yaml:3: field \"default_model\": unknown model \"gpt-9\""]
+    );
+}
+
+#[test]
+fn resource_and_workflow_errors_are_reported_in_one_pass() {
+    let dir = fixture();
+    // A broken soul the research workflow refers to, and a broken workflow.
+    write(
+        &dir,
+        "agents/souls/editor.md",
+        "---\nname: Editor\nmood: grumpy\n---\nBody\n",
+    );
+    write(
+        &dir,
+        "workflows/t.yaml",
+        "steps:\n  - name: a\n    agent: {soul: editor, skills: [ghost], prompt: hi}\n",
+    );
+    assert_eq!(
+        errors(&dir),
+        [
+            "/agents/souls/editor.md:3: field \"mood\": unknown field",
+            // No "unknown soul \"editor\"": it is there, only broken.
+            "/workflows/t.yaml:3: step \"a\": field \"agent.skills.0\": unknown skill \"ghost\"",
+        ]
+    );
+    // A config.yaml that does not load: tools are checked only against the known ones.
+    write(&dir, "agents/config.yaml", "default_model: [not, a, string]\n");
+    write(&dir, "agents/souls/editor.md", "---\nname: Editor\n---\nBody\n");
+    write(
+        &dir,
+        "workflows/t.yaml",
+        "steps:\n  - name: a\n    agent: {tools: [output, shell], prompt: hi}\n",
+    );
+    let e = errors(&dir);
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(
+        e[0].starts_with("/agents/config.yaml:1: default_model: invalid type"),
+        "{e:?}"
+    );
+    assert!(
+        e[1].starts_with("/workflows/t.yaml:3: step \"a\": field \"agent.tools.1\": unknown tool \"shell\""),
+        "{e:?}"
     );
 }
 
