@@ -59,6 +59,30 @@ fn due(engine: &Engine) -> Vec<(Task, String)> {
         .collect()
 }
 
+/// Take the next due task and mark it published, as the outbox would.
+fn publish_next(engine: &Engine) -> Task {
+    let (task, _) = due(engine).remove(0);
+    engine
+        .with_db(|db| db.mark_published(&[task.task_id.to_string()]))
+        .unwrap();
+    task
+}
+
+/// Submit a research run and let `gather` succeed; the run's ID and its
+/// published `analyze` task (retry {limit: 2}).
+fn research_at_analyze(engine: &Engine) -> (String, Task) {
+    let run = engine
+        .submit("research", &BTreeMap::from([("topic".to_string(), "q".to_string())]))
+        .unwrap();
+    let gather = publish_next(engine);
+    engine
+        .apply(&[result(&gather, TaskStatus::Succeeded, "notes")])
+        .unwrap();
+    let analyze = publish_next(engine);
+    assert_eq!(analyze.step, "analyze");
+    (run.id, analyze)
+}
+
 #[test]
 fn an_unpublished_task_is_rebuilt_identically_after_a_restart() {
     let dir = tempfile::TempDir::new().unwrap();
@@ -89,10 +113,7 @@ fn a_duplicate_result_is_applied_once() {
     let dir = tempfile::TempDir::new().unwrap();
     let engine = engine(&dir.path().join("courier.db"));
     let run = engine.submit("fanout", &BTreeMap::new()).unwrap();
-    let (split, _) = due(&engine).remove(0);
-    engine
-        .with_db(|db| db.mark_published(&[split.task_id.to_string()]))
-        .unwrap();
+    let split = publish_next(&engine);
     let first = engine.apply(&[result(&split, TaskStatus::Succeeded, "9")]).unwrap();
     assert_eq!((first.applied, first.duplicates, first.dispatched), (1, 0, 3));
     // The same result again, and again in one batch: nothing changes.
@@ -152,25 +173,11 @@ fn a_result_for_an_unknown_task_is_ignored() {
 fn a_rejected_task_is_not_retried_even_with_a_retry_policy() {
     let dir = tempfile::TempDir::new().unwrap();
     let engine = engine(&dir.path().join("courier.db"));
-    let run = engine
-        .submit("research", &BTreeMap::from([("topic".to_string(), "q".to_string())]))
-        .unwrap();
-    let (gather, _) = due(&engine).remove(0);
-    engine
-        .with_db(|db| db.mark_published(&[gather.task_id.to_string()]))
-        .unwrap();
-    engine
-        .apply(&[result(&gather, TaskStatus::Succeeded, "notes")])
-        .unwrap();
     // `analyze` has retry {limit: 2}; a rejected task is not retried.
-    let (analyze, _) = due(&engine).remove(0);
-    assert_eq!(analyze.step, "analyze");
-    engine
-        .with_db(|db| db.mark_published(&[analyze.task_id.to_string()]))
-        .unwrap();
+    let (run, analyze) = research_at_analyze(&engine);
     let applied = engine.apply(&[result(&analyze, TaskStatus::Rejected, "")]).unwrap();
     assert_eq!((applied.retried, applied.finished_runs), (0, 1));
-    let view = engine.with_db(|db| db.run(&run.id)).unwrap().unwrap();
+    let view = engine.with_db(|db| db.run(&run)).unwrap().unwrap();
     assert_eq!(view.status, "failed");
     let statuses: Vec<(&str, &str)> = view
         .steps
@@ -187,20 +194,7 @@ fn a_rejected_task_is_not_retried_even_with_a_retry_policy() {
 fn a_failed_attempt_with_retries_left_is_scheduled_later() {
     let dir = tempfile::TempDir::new().unwrap();
     let engine = engine(&dir.path().join("courier.db"));
-    engine
-        .submit("research", &BTreeMap::from([("topic".to_string(), "q".to_string())]))
-        .unwrap();
-    let (gather, _) = due(&engine).remove(0);
-    engine
-        .with_db(|db| db.mark_published(&[gather.task_id.to_string()]))
-        .unwrap();
-    engine
-        .apply(&[result(&gather, TaskStatus::Succeeded, "notes")])
-        .unwrap();
-    let (analyze, _) = due(&engine).remove(0);
-    engine
-        .with_db(|db| db.mark_published(&[analyze.task_id.to_string()]))
-        .unwrap();
+    let (_, analyze) = research_at_analyze(&engine);
     let applied = engine.apply(&[result(&analyze, TaskStatus::Failed, "")]).unwrap();
     assert_eq!(applied.retried, 1);
     // Backoff 2s (minus at most 20% jitter): the new attempt waits 1.6 to 2 s.
