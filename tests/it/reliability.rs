@@ -228,7 +228,7 @@ fn with_a_signing_key_unsigned_and_badly_signed_tasks_are_refused() {
     let reasons = dead_reasons(&cluster);
     assert_eq!(
         reasons["unsigned"],
-        "the task is not signed, and this worker requires signed tasks"
+        "the task is not signed, and a signing key is set: every task must be signed"
     );
     assert_eq!(
         reasons["forged"],

@@ -9,6 +9,7 @@ pub mod prompt;
 pub mod provider;
 pub mod tools;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use courier_config::{AgentStore, SnapshotStore};
@@ -76,8 +77,14 @@ impl State {
     }
 }
 
-/// Run an agent step within `timeout`.
-pub async fn run_step(spec: &AgentSpec, store: &SnapshotStore, timeout: Duration) -> Outcome {
+/// Run an agent step within `timeout`; API keys are read from `worker_env`
+/// (see [`provider::connect`]).
+pub async fn run_step(
+    spec: &AgentSpec,
+    store: &SnapshotStore,
+    timeout: Duration,
+    worker_env: &BTreeMap<String, String>,
+) -> Outcome {
     let failed = |error: String, model: Option<String>| Outcome {
         status: TaskStatus::Failed,
         output: String::new(),
@@ -97,12 +104,13 @@ pub async fn run_step(spec: &AgentSpec, store: &SnapshotStore, timeout: Duration
         Err(e) => return failed(e.to_string(), None),
     };
     let label = format!("{}/{}", def.provider.as_str(), def.model);
-    let mut model = match provider::connect(&model_id, &def) {
+    let mut model = match provider::connect(&model_id, &def, worker_env) {
         Ok(m) => m,
         Err(e) => return failed(e.to_string(), Some(label)),
     };
     let mut state = State::default();
-    let ended = tokio::time::timeout(timeout, run_loop(&mut model, spec, store, &mut state)).await;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let ended = tokio::time::timeout_at(deadline, run_loop(&mut model, spec, store, &mut state, deadline)).await;
     let (status, error) = match ended {
         Ok(Ok(())) => (TaskStatus::Succeeded, None),
         Ok(Err(e)) => (TaskStatus::Failed, Some(e)),
@@ -128,6 +136,7 @@ async fn run_loop<M: ChatModel>(
     spec: &AgentSpec,
     store: &SnapshotStore,
     state: &mut State,
+    deadline: tokio::time::Instant,
 ) -> Result<(), String> {
     let mut system = prompt::system(store, spec);
     let mut messages = Vec::new();
@@ -148,11 +157,14 @@ async fn run_loop<M: ChatModel>(
         }
     }
     let tools = tools::specs(&spec.tools);
+    // Why the last `output` call was refused, for the error if none succeeds.
+    let mut refused_output: Option<String> = None;
     for _ in 0..spec.max_iterations {
         let request = ChatRequest {
             system: system.clone(),
             messages: messages.clone(),
             tools: tools.clone(),
+            deadline,
         };
         let reply = model.complete(&request).await.map_err(|e| e.to_string())?;
         state.usage.input_tokens += reply.usage.input_tokens;
@@ -161,27 +173,39 @@ async fn run_loop<M: ChatModel>(
             state.note("assistant", text);
         }
         if reply.calls.is_empty() {
+            if reply.truncated {
+                return Err(
+                    "the model's answer was cut off at its token limit (max_tokens): refusing half an answer".into(),
+                );
+            }
             // A plain answer is the final answer.
             return match reply.text {
-                Some(text) => {
+                Some(text) if !text.trim().is_empty() => {
                     state.output = Some(text);
                     Ok(())
                 }
-                None => Err("the model answered with neither text nor a tool call".into()),
+                _ => Err("the model answered with neither text nor a tool call".into()),
             };
         }
+        // Cut off with tool calls: a call whose arguments were cut gets an
+        // error answer below, and the model can make it again.
         messages.push(Message::Assistant {
             text: reply.text.clone(),
             calls: reply.calls.clone(),
         });
         for call in &reply.calls {
-            state.note("call", &format!("{}({})", call.name, call.arguments));
+            state.note("call", &format!("{}({})", call.name, call.sent));
             let content = match tools::call(call, &spec.tools, store, &mut state.proposals) {
                 Answer::Output(text) => {
                     state.output = Some(text);
                     "output recorded".to_string()
                 }
-                Answer::Text(text) => text,
+                Answer::Text(text) => {
+                    if call.name == tools::OUTPUT {
+                        refused_output = Some(text.clone());
+                    }
+                    text
+                }
             };
             state.note("tool", &content);
             messages.push(Message::Tool {
@@ -194,10 +218,16 @@ async fn run_loop<M: ChatModel>(
             return Ok(());
         }
     }
-    Err(format!(
-        "the agent did not finish within max_iterations ({}): it never called output",
-        spec.max_iterations
-    ))
+    Err(match refused_output {
+        Some(why) => format!(
+            "the agent did not finish within max_iterations ({}): its last output call was refused ({why})",
+            spec.max_iterations
+        ),
+        None => format!(
+            "the agent did not finish within max_iterations ({}): it never called output",
+            spec.max_iterations
+        ),
+    })
 }
 
 fn humanize(d: Duration) -> String {

@@ -2,9 +2,15 @@
 //! (OpenAI, vLLM, llama.cpp, LM Studio, Ollama's `/v1`), the Anthropic
 //! Messages API, and `scripted` replies listed in the model file.
 //!
-//! HTTP providers retry 429 and 5xx (honouring `Retry-After`), fail at once on
-//! other 4xx with the provider's error text, and name malformed answers.
+//! HTTP providers retry 429 and 5xx (honouring `Retry-After`, in seconds or as
+//! an HTTP date, as long as the step has that much time left), fail at once on
+//! other 4xx with the provider's error text, and name malformed answers. Every
+//! error names the provider as the model file does (`ollama`, not
+//! `openai-compatible`), carries its cause chain ("timed out after 60s", the
+//! DNS failure with the host), and has the API key masked if the provider
+//! echoed it.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use courier_wire::{ModelDef, Provider as ProviderKind, ScriptedReply, TokenUsage};
@@ -14,8 +20,6 @@ use serde_json::{Value, json};
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Retries of one request after 429 or 5xx.
 const MAX_RETRIES: u32 = 3;
-/// Longest `Retry-After` honoured.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// A message of the conversation, provider-neutral.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,8 +43,34 @@ pub struct ToolCall {
     pub id: String,
     /// Tool name.
     pub name: String,
-    /// Arguments (a JSON object).
+    /// Arguments, parsed; `Value::Null` when what was sent is not JSON.
     pub arguments: Value,
+    /// The arguments as the model sent them (a JSON string's text, or an
+    /// object's JSON), for the transcript and the next request.
+    pub sent: String,
+}
+
+impl ToolCall {
+    /// A call whose arguments came as text (OpenAI's protocol), parsed here.
+    pub fn from_text(id: String, name: String, sent: String) -> Self {
+        let arguments = serde_json::from_str(&sent).unwrap_or(Value::Null);
+        Self {
+            id,
+            name,
+            arguments,
+            sent,
+        }
+    }
+
+    /// A call whose arguments came as a JSON value.
+    pub fn from_value(id: String, name: String, arguments: Value) -> Self {
+        Self {
+            id,
+            name,
+            sent: arguments.to_string(),
+            arguments,
+        }
+    }
 }
 
 /// A tool offered to the model.
@@ -63,6 +93,8 @@ pub struct ChatRequest {
     pub messages: Vec<Message>,
     /// Tools the model may call.
     pub tools: Vec<ToolSpec>,
+    /// When the step's time is up: no request or retry wait goes past it.
+    pub deadline: tokio::time::Instant,
 }
 
 /// The model's answer.
@@ -74,6 +106,9 @@ pub struct Reply {
     pub calls: Vec<ToolCall>,
     /// Tokens used by this request.
     pub usage: TokenUsage,
+    /// The answer was cut off at the token limit (`finish_reason: length`,
+    /// `stop_reason: max_tokens`).
+    pub truncated: bool,
 }
 
 /// Why a provider request failed.
@@ -82,6 +117,13 @@ pub enum ProviderError {
     /// The API key variable named by the model is not set on this worker.
     #[error("environment variable {var} (api_key_env of model \"{model}\") is not set on this worker")]
     MissingKey { var: String, model: String },
+    /// The provider asked to wait longer than the step has left.
+    #[error("{provider} asked to retry after {wait}, but the step has only {left} left")]
+    NoTimeToRetry {
+        provider: &'static str,
+        wait: String,
+        left: String,
+    },
     /// The provider refused the request (4xx other than 429).
     #[error("{provider} returned HTTP {status}: {message}")]
     Refused {
@@ -110,46 +152,53 @@ pub trait ChatModel: Send {
     fn complete(&mut self, request: &ChatRequest) -> impl Future<Output = Result<Reply, ProviderError>> + Send;
 }
 
-/// The provider for a model definition, with its key read now from this
-/// worker's environment.
+/// The provider for a model definition, with its key read now from the
+/// worker's environment as it started (`worker_env`: the worker keeps it in
+/// memory, out of its process environment, so steps cannot read it).
 ///
 /// # Errors
 /// [`ProviderError::MissingKey`] when `api_key_env` names an unset variable.
-pub fn connect(model_id: &str, def: &ModelDef) -> Result<AnyModel, ProviderError> {
+pub fn connect(
+    model_id: &str,
+    def: &ModelDef,
+    worker_env: &BTreeMap<String, String>,
+) -> Result<AnyModel, ProviderError> {
     let key = match &def.api_key_env {
-        Some(var) => Some(std::env::var(var).map_err(|_| ProviderError::MissingKey {
+        Some(var) => Some(worker_env.get(var).cloned().ok_or_else(|| ProviderError::MissingKey {
             var: var.clone(),
             model: model_id.to_string(),
         })?),
         None => None,
     };
-    let timeout = def.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT);
     let http = || {
         reqwest::Client::builder()
-            .timeout(timeout)
             .build()
             .map_err(|e| ProviderError::Malformed {
-                provider: "http",
+                provider: def.provider.as_str(),
                 detail: e.to_string(),
             })
     };
+    let endpoint = |key| {
+        Ok::<_, ProviderError>(Endpoint {
+            provider: def.provider.as_str(),
+            http: http()?,
+            key,
+            request_timeout: def.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT),
+        })
+    };
+    let base_url = def
+        .base_url
+        .clone()
+        .unwrap_or_else(|| default_base_url(def.provider).to_string());
     Ok(match def.provider {
         ProviderKind::OpenaiCompatible | ProviderKind::Ollama => AnyModel::OpenAi(OpenAi {
-            http: http()?,
-            base_url: def
-                .base_url
-                .clone()
-                .unwrap_or_else(|| default_base_url(def.provider).to_string()),
-            key,
+            endpoint: endpoint(key)?,
+            base_url,
             def: def.clone(),
         }),
         ProviderKind::Anthropic => AnyModel::Anthropic(Anthropic {
-            http: http()?,
-            base_url: def
-                .base_url
-                .clone()
-                .unwrap_or_else(|| default_base_url(def.provider).to_string()),
-            key,
+            endpoint: endpoint(key)?,
+            base_url,
             def: def.clone(),
         }),
         ProviderKind::Scripted => AnyModel::Scripted(Scripted {
@@ -189,71 +238,143 @@ impl ChatModel for AnyModel {
     }
 }
 
-/// POST JSON, retrying 429/5xx and network errors; the answer's JSON.
-async fn post(
+/// An HTTP provider's connection: client, endpoint, key, and how long one
+/// request may take.
+#[derive(Debug)]
+struct Endpoint {
     provider: &'static str,
-    http: &reqwest::Client,
-    url: &str,
-    headers: &[(&str, String)],
-    body: &Value,
-) -> Result<Value, ProviderError> {
-    let mut last = String::new();
-    for attempt in 0..=MAX_RETRIES {
-        let mut request = http.post(url).json(body);
-        for (name, value) in headers {
-            request = request.header(*name, value);
-        }
-        let backoff = Duration::from_millis(500 * 2u64.pow(attempt));
-        match request.send().await {
-            Err(e) => {
-                last = e.to_string();
-                tracing::warn!(provider, error = %last, attempt = attempt + 1, "provider request failed; retrying");
-                tokio::time::sleep(backoff).await;
+    http: reqwest::Client,
+    key: Option<String>,
+    request_timeout: Duration,
+}
+
+impl Endpoint {
+    /// POST JSON, retrying 429/5xx and network errors within the step's
+    /// deadline; the answer's JSON.
+    async fn post(
+        &self,
+        url: &str,
+        headers: &[(&str, String)],
+        body: &Value,
+        deadline: tokio::time::Instant,
+    ) -> Result<Value, ProviderError> {
+        let provider = self.provider;
+        let mut last = String::new();
+        for attempt in 0..=MAX_RETRIES {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let timeout = self.request_timeout.min(left);
+            let mut request = self.http.post(url).json(body).timeout(timeout);
+            for (name, value) in headers {
+                request = request.header(*name, value);
             }
-            Ok(response) => {
-                let status = response.status();
-                let retry_after = response
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-                    .map(|s| Duration::from_secs_f64(s.max(0.0)).min(MAX_RETRY_AFTER));
-                let text = response.text().await.map_err(|e| ProviderError::Malformed {
-                    provider,
-                    detail: e.to_string(),
-                })?;
-                if status.is_success() {
-                    return serde_json::from_str(&text).map_err(|e| ProviderError::Malformed {
-                        provider,
-                        detail: format!("{e} in {}", excerpt(&text)),
-                    });
+            let backoff = Duration::from_millis(500 * 2u64.pow(attempt));
+            let wait = match request.send().await {
+                Err(e) => {
+                    last = self.mask(&describe(&e, timeout));
+                    backoff
                 }
-                let message = error_message(&text);
-                if status.as_u16() == 429 || status.is_server_error() {
+                Ok(response) => {
+                    let status = response.status();
+                    let retry_after = response
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(retry_after);
+                    let text = response.text().await.map_err(|e| ProviderError::Malformed {
+                        provider,
+                        detail: self.mask(&describe(&e, timeout)),
+                    })?;
+                    if status.is_success() {
+                        return serde_json::from_str(&text).map_err(|e| ProviderError::Malformed {
+                            provider,
+                            detail: self.mask(&format!("{e} in {}", excerpt(&text))),
+                        });
+                    }
+                    let message = self.mask(&error_message(&text));
+                    if status.as_u16() != 429 && !status.is_server_error() {
+                        return Err(ProviderError::Refused {
+                            provider,
+                            status: status.as_u16(),
+                            message,
+                        });
+                    }
                     last = format!("HTTP {}: {message}", status.as_u16());
-                    let wait = retry_after.unwrap_or(backoff);
-                    tracing::warn!(
-                        provider,
-                        status = status.as_u16(),
-                        wait_ms = wait.as_millis() as u64,
-                        "provider busy; retrying"
-                    );
-                    tokio::time::sleep(wait).await;
-                } else {
-                    return Err(ProviderError::Refused {
-                        provider,
-                        status: status.as_u16(),
-                        message,
-                    });
+                    match retry_after {
+                        Some(wait) => {
+                            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                            if wait > left {
+                                return Err(ProviderError::NoTimeToRetry {
+                                    provider,
+                                    wait: humanize(wait),
+                                    left: humanize(left),
+                                });
+                            }
+                            wait
+                        }
+                        None => backoff,
+                    }
                 }
+            };
+            if attempt == MAX_RETRIES {
+                break;
             }
+            tracing::warn!(provider, error = %last, attempt = attempt + 1, wait_ms = wait.as_millis() as u64, "provider request failed; retrying");
+            tokio::time::sleep_until((tokio::time::Instant::now() + wait).min(deadline)).await;
+        }
+        Err(ProviderError::Exhausted {
+            provider,
+            attempts: MAX_RETRIES + 1,
+            last,
+        })
+    }
+
+    /// `text` with the API key replaced, should the provider have echoed it.
+    fn mask(&self, text: &str) -> String {
+        match &self.key {
+            Some(key) if key.len() >= 4 => text.replace(key.as_str(), "***"),
+            _ => text.to_string(),
         }
     }
-    Err(ProviderError::Exhausted {
-        provider,
-        attempts: MAX_RETRIES + 1,
-        last,
-    })
+}
+
+/// `Retry-After`: seconds, or an HTTP date.
+fn retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<f64>() {
+        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds.min(1e9)));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// A request error with its cause chain: "timed out after 60s", or what the
+/// connection failed on (the DNS failure naming the host, a refused port).
+fn describe(e: &reqwest::Error, timeout: Duration) -> String {
+    if e.is_timeout() {
+        return format!("timed out after {}", humanize(timeout));
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+fn humanize(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
 }
 
 /// The provider's own error text (`{"error": {"message": ...}}` in both
@@ -283,15 +404,14 @@ fn malformed(provider: &'static str, detail: impl Into<String>) -> ProviderError
 /// OpenAI-compatible chat completions.
 #[derive(Debug)]
 pub struct OpenAi {
-    http: reqwest::Client,
+    endpoint: Endpoint,
     base_url: String,
-    key: Option<String>,
     def: ModelDef,
 }
 
 impl ChatModel for OpenAi {
     async fn complete(&mut self, request: &ChatRequest) -> Result<Reply, ProviderError> {
-        const P: &str = "openai-compatible";
+        let p = self.endpoint.provider;
         let mut messages = vec![json!({"role": "system", "content": request.system})];
         for m in &request.messages {
             messages.push(match m {
@@ -303,7 +423,7 @@ impl ChatModel for OpenAi {
                             .iter()
                             .map(|c| {
                                 json!({"id": c.id, "type": "function",
-                                       "function": {"name": c.name, "arguments": c.arguments.to_string()}})
+                                       "function": {"name": c.name, "arguments": c.sent}})
                             })
                             .collect();
                     }
@@ -323,33 +443,35 @@ impl ChatModel for OpenAi {
                 .collect();
         }
         if let Some(max) = self.def.max_tokens {
-            body["max_tokens"] = json!(max);
+            body[self.def.max_tokens_field.as_str()] = json!(max);
         }
         if let Some(t) = self.def.temperature {
             body["temperature"] = json!(t);
         }
         let headers: Vec<(&str, String)> = self
+            .endpoint
             .key
             .iter()
             .map(|k| ("authorization", format!("Bearer {k}")))
             .collect();
         let url = format!("{}/chat/completions", self.base_url.trim_end_matches('/'));
-        let answer = post(P, &self.http, &url, &headers, &body).await?;
-        let message = &answer["choices"][0]["message"];
+        let answer = self.endpoint.post(&url, &headers, &body, request.deadline).await?;
+        let choice = &answer["choices"][0];
+        let message = &choice["message"];
         if !message.is_object() {
-            return Err(malformed(P, "no choices[0].message"));
+            return Err(malformed(p, "no choices[0].message"));
         }
         let mut calls = Vec::new();
         for c in message["tool_calls"].as_array().into_iter().flatten() {
             let name = c["function"]["name"]
                 .as_str()
-                .ok_or_else(|| malformed(P, "a tool call without a name"))?;
-            let raw = c["function"]["arguments"].as_str().unwrap_or("{}");
-            let arguments = serde_json::from_str(raw).unwrap_or_else(|_| json!({"_unparsed": raw}));
-            calls.push(ToolCall {
-                id: c["id"].as_str().unwrap_or(name).to_string(),
-                name: name.to_string(),
-                arguments,
+                .ok_or_else(|| malformed(p, "a tool call without a name"))?;
+            let id = c["id"].as_str().unwrap_or(name).to_string();
+            // The protocol says a JSON string; some servers send the object.
+            calls.push(match &c["function"]["arguments"] {
+                Value::String(text) => ToolCall::from_text(id, name.to_string(), text.clone()),
+                Value::Null => ToolCall::from_value(id, name.to_string(), json!({})),
+                value => ToolCall::from_value(id, name.to_string(), value.clone()),
             });
         }
         Ok(Reply {
@@ -359,6 +481,7 @@ impl ChatModel for OpenAi {
                 input_tokens: answer["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
                 output_tokens: answer["usage"]["completion_tokens"].as_u64().unwrap_or(0),
             },
+            truncated: choice["finish_reason"] == "length",
         })
     }
 }
@@ -366,15 +489,14 @@ impl ChatModel for OpenAi {
 /// The Anthropic Messages API.
 #[derive(Debug)]
 pub struct Anthropic {
-    http: reqwest::Client,
+    endpoint: Endpoint,
     base_url: String,
-    key: Option<String>,
     def: ModelDef,
 }
 
 impl ChatModel for Anthropic {
     async fn complete(&mut self, request: &ChatRequest) -> Result<Reply, ProviderError> {
-        const P: &str = "anthropic";
+        let p = self.endpoint.provider;
         let mut messages: Vec<Value> = Vec::new();
         for m in &request.messages {
             let (role, block) = match m {
@@ -420,27 +542,27 @@ impl ChatModel for Anthropic {
             body["temperature"] = json!(t);
         }
         let mut headers = vec![("anthropic-version", "2023-06-01".to_string())];
-        if let Some(k) = &self.key {
+        if let Some(k) = &self.endpoint.key {
             headers.push(("x-api-key", k.clone()));
         }
         let url = format!("{}/v1/messages", self.base_url.trim_end_matches('/'));
-        let answer = post(P, &self.http, &url, &headers, &body).await?;
+        let answer = self.endpoint.post(&url, &headers, &body, request.deadline).await?;
         let content = answer["content"]
             .as_array()
-            .ok_or_else(|| malformed(P, "no content array"))?;
+            .ok_or_else(|| malformed(p, "no content array"))?;
         let mut text = String::new();
         let mut calls = Vec::new();
         for block in content {
             match block["type"].as_str() {
                 Some("text") => text.push_str(block["text"].as_str().unwrap_or_default()),
-                Some("tool_use") => calls.push(ToolCall {
-                    id: block["id"].as_str().unwrap_or_default().to_string(),
-                    name: block["name"]
+                Some("tool_use") => calls.push(ToolCall::from_value(
+                    block["id"].as_str().unwrap_or_default().to_string(),
+                    block["name"]
                         .as_str()
-                        .ok_or_else(|| malformed(P, "a tool_use block without a name"))?
+                        .ok_or_else(|| malformed(p, "a tool_use block without a name"))?
                         .to_string(),
-                    arguments: block["input"].clone(),
-                }),
+                    block["input"].clone(),
+                )),
                 _ => {}
             }
         }
@@ -451,6 +573,7 @@ impl ChatModel for Anthropic {
                 input_tokens: answer["usage"]["input_tokens"].as_u64().unwrap_or(0),
                 output_tokens: answer["usage"]["output_tokens"].as_u64().unwrap_or(0),
             },
+            truncated: answer["stop_reason"] == "max_tokens",
         })
     }
 }
@@ -476,13 +599,10 @@ impl ChatModel for Scripted {
                 .tool_calls
                 .iter()
                 .enumerate()
-                .map(|(i, c)| ToolCall {
-                    id: format!("scripted-{n}-{i}"),
-                    name: c.name.clone(),
-                    arguments: c.arguments.clone(),
-                })
+                .map(|(i, c)| ToolCall::from_value(format!("scripted-{n}-{i}"), c.name.clone(), c.arguments.clone()))
                 .collect(),
             usage: TokenUsage::default(),
+            truncated: false,
         })
     }
 }

@@ -13,6 +13,9 @@ use crate::provider::{ToolCall, ToolSpec};
 /// Largest tool answer handed back to the model.
 const MAX_ANSWER: usize = 32 * 1024;
 
+/// The tool that gives the final answer.
+pub const OUTPUT: &str = "output";
+
 /// The specs of the tools enabled for a step, in the order given.
 pub fn specs(enabled: &[String]) -> Vec<ToolSpec> {
     enabled.iter().filter_map(|name| spec(name)).collect()
@@ -76,6 +79,16 @@ pub fn call(call: &ToolCall, enabled: &[String], store: &SnapshotStore, proposal
             Ok(()) => "written".into(),
         });
     }
+    if !call.arguments.is_object() {
+        let mut sent: String = call.sent.chars().take(200).collect();
+        if call.sent.chars().count() > 200 {
+            sent.push('…');
+        }
+        return Answer::Text(format!(
+            "error: the arguments of {} must be a JSON object; you sent: {sent}",
+            call.name
+        ));
+    }
     if !enabled.iter().any(|t| t == &call.name) {
         return Answer::Text(format!(
             "error: tool \"{}\" is not available in this step (available: {})",
@@ -113,7 +126,12 @@ pub fn call(call: &ToolCall, enabled: &[String], store: &SnapshotStore, proposal
             }
             text
         }
-        "output" => return Answer::Output(arg("text").unwrap_or_default().to_string()),
+        OUTPUT => match call.arguments.get("text") {
+            Some(Value::String(text)) if !text.trim().is_empty() => return Answer::Output(text.clone()),
+            Some(Value::String(_)) => "error: output needs a non-empty \"text\"; nothing was recorded".into(),
+            Some(other) => format!("error: output's \"text\" must be a string, not {other}; nothing was recorded"),
+            None => "error: output needs \"text\" (your final answer, a string); nothing was recorded".into(),
+        },
         "propose_memory_update" => match (scope(arg("scope")), arg("text")) {
             (Some((target, _)), Some(text)) if !text.is_empty() => {
                 proposals.push(MemoryUpdate {

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -106,6 +106,11 @@ fn anthropic(text: Option<&str>, calls: &[(&str, Value)]) -> Answer {
     )
 }
 
+/// The worker's environment as a worker hands it to agent steps.
+fn env() -> BTreeMap<String, String> {
+    std::env::vars().collect()
+}
+
 fn example() -> Config {
     Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config")).unwrap()
 }
@@ -140,7 +145,7 @@ async fn the_request_holds_soul_skills_memory_and_the_read_only_notice_and_nothi
         &with_base(Provider::OpenaiCompatible, &base),
         None,
     );
-    let outcome = run_step(&spec, &store, Duration::from_secs(10)).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
     assert_eq!(outcome.status, TaskStatus::Succeeded, "{outcome:?}");
     let (_, body) = mock.requests().remove(0);
     let system = body["messages"][0]["content"].as_str().unwrap();
@@ -224,7 +229,7 @@ async fn search_then_read_then_output_runs_to_the_right_output() {
         ])
         .await;
         let (spec, store) = research_analyze(provider, &with_base(provider, &base), None);
-        let outcome = run_step(&spec, &store, Duration::from_secs(10)).await;
+        let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
         assert_eq!(outcome.status, TaskStatus::Succeeded, "{provider:?}: {outcome:?}");
         assert_eq!(
             outcome.output,
@@ -287,7 +292,7 @@ async fn a_write_attempt_is_refused_and_the_model_sees_the_refusal() {
         &with_base(Provider::OpenaiCompatible, &base),
         None,
     );
-    let outcome = run_step(&spec, &store, Duration::from_secs(10)).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
     assert_eq!(outcome.status, TaskStatus::Succeeded);
     let second = &mock.requests()[1].1;
     let refusal = second["messages"].as_array().unwrap().last().unwrap();
@@ -324,7 +329,7 @@ async fn max_iterations_stops_a_model_that_never_finishes() {
         None,
     );
     spec.max_iterations = 3;
-    let outcome = run_step(&spec, &store, Duration::from_secs(10)).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
     assert_eq!(outcome.status, TaskStatus::Failed);
     assert_eq!(
         outcome.error.as_deref(),
@@ -343,7 +348,7 @@ async fn the_step_timeout_stops_a_slow_model() {
         None,
     );
     let started = Instant::now();
-    let outcome = run_step(&spec, &store, Duration::from_millis(400)).await;
+    let outcome = run_step(&spec, &store, Duration::from_millis(400), &env()).await;
     assert_eq!(outcome.status, TaskStatus::TimedOut);
     assert_eq!(outcome.error.as_deref(), Some("timed out after 400ms"));
     assert!(started.elapsed() < Duration::from_secs(2));
@@ -362,7 +367,7 @@ async fn http_429_with_retry_after_is_retried() {
         None,
     );
     let started = Instant::now();
-    let outcome = run_step(&spec, &store, Duration::from_secs(20)).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(20), &env()).await;
     assert_eq!(outcome.status, TaskStatus::Succeeded, "{outcome:?}");
     assert_eq!(outcome.output, "fine now");
     assert_eq!(mock.requests().len(), 2);
@@ -382,7 +387,7 @@ async fn http_401_fails_at_once_with_the_providers_message() {
         )])
         .await;
         let (spec, store) = research_analyze(provider, &with_base(provider, &base), None);
-        let outcome = run_step(&spec, &store, Duration::from_secs(10)).await;
+        let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
         assert_eq!(outcome.status, TaskStatus::Failed);
         assert_eq!(
             outcome.error.unwrap(),
@@ -400,7 +405,7 @@ async fn malformed_json_from_the_provider_fails_the_step_clearly() {
         &with_base(Provider::OpenaiCompatible, &base),
         None,
     );
-    let outcome = run_step(&spec, &store, Duration::from_secs(10)).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
     assert_eq!(outcome.status, TaskStatus::Failed);
     let error = outcome.error.unwrap();
     assert!(
@@ -421,12 +426,12 @@ async fn the_api_key_comes_from_the_workers_environment_variable() {
         Some("HOME"),
     );
     assert_eq!(
-        run_step(&spec, &store, Duration::from_secs(10)).await.status,
+        run_step(&spec, &store, Duration::from_secs(10), &env()).await.status,
         TaskStatus::Succeeded
     );
     let (spec, store) = research_analyze(Provider::Anthropic, &base, Some("HOME"));
     assert_eq!(
-        run_step(&spec, &store, Duration::from_secs(10)).await.status,
+        run_step(&spec, &store, Duration::from_secs(10), &env()).await.status,
         TaskStatus::Succeeded
     );
     let requests = mock.requests();
@@ -438,7 +443,7 @@ async fn the_api_key_comes_from_the_workers_environment_variable() {
 async fn a_missing_key_variable_fails_the_step_naming_it() {
     let (mock, base) = Mock::start(vec![]).await;
     let (spec, store) = research_analyze(Provider::OpenaiCompatible, &base, Some("COURIER_TEST_UNSET_KEY_6F1D"));
-    let outcome = run_step(&spec, &store, Duration::from_secs(10)).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
     assert_eq!(outcome.status, TaskStatus::Failed);
     assert_eq!(
         outcome.error.as_deref(),
@@ -470,7 +475,7 @@ async fn the_scripted_provider_plays_its_replies() {
         max_iterations: 2,
         ..AgentSpec::default()
     };
-    let outcome = run_step(&spec, &SnapshotStore::new(snapshot), Duration::from_secs(5)).await;
+    let outcome = run_step(&spec, &SnapshotStore::new(snapshot), Duration::from_secs(5), &env()).await;
     assert_eq!(outcome.status, TaskStatus::Succeeded, "{outcome:?}");
     assert_eq!(
         outcome.output,

@@ -19,7 +19,8 @@ pub use config::Config;
 pub use error::{ConfigError, ConfigErrors};
 pub use snapshot::build_snapshot;
 pub use store::{
-    AgentStore, Catalog, FsStore, KNOWN_TOOLS, MAX_ID_LEN, MemoryScope, SnapshotStore, StoreError, is_slug,
+    AgentStore, Catalog, FsStore, KNOWN_TOOLS, MAX_ID_LEN, MemoryScope, PROPOSE_MEMORY_TOOL, SnapshotStore, StoreError,
+    is_slug,
 };
 pub use workflow::{
     DEFAULT_MAX_ITERATIONS, DEFAULT_QUEUE, DEFAULT_TIMEOUT, MAX_STEP_TIMEOUT, ParamError, RetryPolicy, Schedule, Step,

@@ -15,13 +15,17 @@ use serde::Deserialize;
 use crate::error::ConfigError;
 use crate::yaml;
 
+/// The one tool through which an agent step proposes memory updates; the
+/// scheduler accepts proposals only from steps that enable it.
+pub const PROPOSE_MEMORY_TOOL: &str = "propose_memory_update";
+
 /// Tools an agent step can enable. The agent runtime implements exactly these.
 pub const KNOWN_TOOLS: &[&str] = &[
     "read_skill",
     "search_skills",
     "read_memory",
     "output",
-    "propose_memory_update",
+    PROPOSE_MEMORY_TOOL,
 ];
 
 /// Longest allowed resource or workflow ID.

@@ -8,30 +8,94 @@
 //! GET  /healthz                                                  -> {"status": "ok", "broker": bool}
 //! GET  /metrics                                                  -> Prometheus text
 //! ```
-//! Errors are `{"error": "..."}` with 400 (bad input), 404 (unknown) or 500.
+//! Every answer but `/metrics` is JSON; errors are `{"error": "..."}` with
+//! 400 (bad input), 401 (no or wrong token), 404 (unknown), 405, 415 (not
+//! JSON) or 500.
+//!
+//! With a token set, `/api/...` and `/metrics` need `Authorization: Bearer
+//! <token>`, compared in constant time; `/healthz` stays open.
+//! [`metrics_router`] serves `/metrics` and `/healthz` without the token, for
+//! a listener that only Prometheus reaches.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
+use subtle::ConstantTimeEq;
 
 use crate::Shared;
 use crate::engine::SubmitError;
 
-/// The API router.
-pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+/// The API router; `token`, when set, guards everything but `/healthz`.
+pub fn router(shared: Arc<Shared>, token: Option<String>) -> Router {
+    let guarded = Router::new()
         .route("/api/runs", get(list_runs).post(submit))
         .route("/api/runs/{id}", get(get_run))
         .route("/api/workflows", get(workflows))
-        .route("/healthz", get(health))
         .route("/metrics", get(metrics))
+        // An empty token would let an empty header in: it counts as none.
+        .route_layer(middleware::from_fn_with_state(
+            Arc::new(token.filter(|t| !t.is_empty())),
+            require_token,
+        ));
+    Router::new()
+        .merge(guarded)
+        .route("/healthz", get(health))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(shared)
+}
+
+/// `/metrics` and `/healthz` alone, unauthenticated.
+pub fn metrics_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(health))
+        .fallback(not_found)
+        .with_state(shared)
+}
+
+async fn require_token(State(token): State<Arc<Option<String>>>, request: Request, next: Next) -> Response {
+    let Some(token) = token.as_deref() else {
+        return next.run(request).await;
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+        return next.run(request).await;
+    }
+    let mut response = ApiError(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong API token: send Authorization: Bearer <token> (the CLI sends api_token / COURIER_API_TOKEN)"
+            .into(),
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    response
+}
+
+async fn not_found() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "no such endpoint".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this endpoint".into(),
+    )
 }
 
 struct ApiError(StatusCode, String);
@@ -46,6 +110,18 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError(e.status(), e.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        ApiError(e.status(), e.body_text())
+    }
+}
+
 #[derive(Deserialize)]
 struct SubmitBody {
     workflow: String,
@@ -53,7 +129,11 @@ struct SubmitBody {
     params: BTreeMap<String, String>,
 }
 
-async fn submit(State(shared): State<Arc<Shared>>, Json(body): Json<SubmitBody>) -> Result<Response, ApiError> {
+async fn submit(
+    State(shared): State<Arc<Shared>>,
+    body: Result<Json<SubmitBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body?;
     let engine = shared.engine.clone();
     let result = tokio::task::spawn_blocking(move || engine.submit(&body.workflow, &body.params))
         .await
@@ -78,7 +158,11 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-async fn list_runs(State(shared): State<Arc<Shared>>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
+async fn list_runs(
+    State(shared): State<Arc<Shared>>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q?;
     let limit = q.limit.unwrap_or(50).min(1000);
     let runs = shared
         .engine

@@ -8,12 +8,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use courier_config::{AgentStore, Config, MemoryScope, ParamError, Step, StoreError, Workflow, build_snapshot};
-use courier_wire::{ContentHash, Limits, MemoryTarget, MemoryUpdate, Task, TaskResult, TaskStatus, WireError, encode};
+use courier_config::{
+    AgentStore, Config, MemoryScope, PROPOSE_MEMORY_TOOL, ParamError, Step, StoreError, Workflow, build_snapshot,
+};
+use courier_wire::{
+    ContentHash, Limits, MemoryTarget, MemoryUpdate, StepRun, Task, TaskResult, TaskStatus, WireError, encode,
+};
 use rusqlite::Transaction;
 use uuid::Uuid;
 
-use crate::db::{Db, DbError, OutboxTask, RunView, run_status, step_status, tx};
+use crate::db::{Db, DbError, OutboxTask, RunView, TaskRow, run_status, step_status, tx};
 
 /// Why a submission was refused; nothing was stored or published.
 #[derive(Debug, thiserror::Error)]
@@ -47,8 +51,11 @@ pub enum SubmitError {
 }
 
 /// Counts from applying a batch of results.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Applied {
+    /// Results refused as impossible for their task (index in the batch, and
+    /// why): they changed nothing. A real worker never sends one.
+    pub refused: Vec<(usize, Refused)>,
     /// Results that changed state.
     pub applied: usize,
     /// Results already applied (or for unknown tasks): ignored.
@@ -59,6 +66,33 @@ pub struct Applied {
     pub retried: usize,
     /// Runs that finished.
     pub finished_runs: usize,
+}
+
+/// Why a result was refused: it cannot be the answer to the task it names.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// Its run, step or attempt is not the task's.
+    #[error("the result does not match task {task}: it names {claimed}, the task is {actual}")]
+    Mismatch {
+        task: String,
+        claimed: String,
+        actual: String,
+    },
+    /// It proposes memory updates, but its step cannot.
+    #[error(
+        "the result of task {task} proposes memory updates, but step \"{step}\" is not an agent step with the propose_memory_update tool"
+    )]
+    MemoryNotAllowed { task: String, step: String },
+}
+
+impl Refused {
+    /// A low-cardinality label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refused::Mismatch { .. } => "mismatch",
+            Refused::MemoryNotAllowed { .. } => "memory_not_allowed",
+        }
+    }
 }
 
 /// Size bounds the engine enforces before anything is published.
@@ -283,8 +317,11 @@ impl Engine {
             db.transaction(|t| {
                 let mut applied = Applied::default();
                 let mut effects = Effects::default();
-                for result in results {
-                    self.apply_one(t, result, now, &mut applied, &mut effects)?;
+                for (i, result) in results.iter().enumerate() {
+                    if let Err(refused) = self.apply_one(t, result, now, &mut applied, &mut effects)? {
+                        tracing::warn!(task = %result.task_id, error = %refused, "result refused; nothing changed");
+                        applied.refused.push((i, refused));
+                    }
                 }
                 Ok::<_, DbError>((applied, effects))
             })
@@ -293,6 +330,7 @@ impl Engine {
         Ok(applied)
     }
 
+    /// Apply one result: `Ok(Err(_))` when it was refused (nothing changed).
     fn apply_one(
         &self,
         t: &Transaction<'_>,
@@ -300,18 +338,70 @@ impl Engine {
         now: i64,
         applied: &mut Applied,
         effects: &mut Effects,
-    ) -> Result<(), DbError> {
+    ) -> Result<Result<(), Refused>, DbError> {
         let task_id = r.task_id.to_string();
         let Some(row) = tx::task(t, &task_id)? else {
             tracing::warn!(task = %task_id, "result for an unknown task; ignored");
             applied.duplicates += 1;
-            return Ok(());
+            return Ok(Ok(()));
         };
+        if let Err(refused) = self.check(t, &task_id, &row, r)? {
+            return Ok(Err(refused));
+        }
         if row.status != "dispatched" {
             tracing::debug!(task = %task_id, "duplicate result; ignored");
             applied.duplicates += 1;
-            return Ok(());
+            return Ok(Ok(()));
         }
+        self.apply_to_run(t, r, &row, now, applied, effects)?;
+        Ok(Ok(()))
+    }
+
+    /// Whether `r` can be the answer to the task `row`: the same run, step
+    /// and attempt, and memory proposals only from an agent step that may make them.
+    fn check(
+        &self,
+        t: &Transaction<'_>,
+        task_id: &str,
+        row: &TaskRow,
+        r: &TaskResult,
+    ) -> Result<Result<(), Refused>, DbError> {
+        let claimed = (r.run_id.to_string(), r.step.as_str(), r.attempt);
+        if claimed != (row.run_id.clone(), row.step.as_str(), row.attempt) {
+            return Ok(Err(Refused::Mismatch {
+                task: task_id.to_string(),
+                claimed: format!("run {} step \"{}\" attempt {}", claimed.0, claimed.1, claimed.2),
+                actual: format!("run {} step \"{}\" attempt {}", row.run_id, row.step, row.attempt),
+            }));
+        }
+        if !r.memory_updates.is_empty() {
+            let workflow = tx::run(t, &row.run_id)?.map(|(workflow, _)| workflow);
+            let step = workflow
+                .as_ref()
+                .and_then(|w| self.config.workflows.get(w)?.step(&row.step));
+            let may_propose = step.is_some_and(
+                |s| matches!(&s.run, StepRun::Agent(a) if a.tools.iter().any(|t| t == PROPOSE_MEMORY_TOOL)),
+            );
+            if !may_propose {
+                return Ok(Err(Refused::MemoryNotAllowed {
+                    task: task_id.to_string(),
+                    step: row.step.clone(),
+                }));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    fn apply_to_run(
+        &self,
+        t: &Transaction<'_>,
+        r: &TaskResult,
+        row: &TaskRow,
+        now: i64,
+        applied: &mut Applied,
+        effects: &mut Effects,
+    ) -> Result<(), DbError> {
+        let task_id = r.task_id.to_string();
         applied.applied += 1;
         tx::finish_task(t, &task_id, r.status.as_str(), now)?;
         let run = row.run_id.clone();
@@ -340,7 +430,8 @@ impl Engine {
             Ok(params.clone().unwrap_or_default())
         };
         let mut states = Statuses::new(&run);
-        if let Some(model) = &r.model {
+        // Only an agent step has a model, tokens and a transcript to record.
+        if let (Some(model), StepRun::Agent(_)) = (&r.model, &step.run) {
             let usage = r.usage.unwrap_or_default();
             let transcript = serde_json::to_string(&r.transcript).unwrap_or_else(|_| "[]".into());
             tx::record_agent(

@@ -53,8 +53,12 @@ pub struct SchedulerConfig {
     pub delivery_limit: u32,
     /// How long to keep trying to reach the broker before giving up.
     pub connect_timeout: Duration,
-    /// When set, every task is signed with it.
+    /// When set, every task is signed with it and every result must be.
     pub signing_key: Option<courier_wire::SigningKey>,
+    /// When set, `/api/...` and `/metrics` need it as a bearer token.
+    pub api_token: Option<String>,
+    /// Where `/metrics` and `/healthz` are also served without the token.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Results applied per transaction at most.
@@ -104,6 +108,11 @@ pub enum SchedulerError {
     /// The broker stayed unreachable.
     #[error(transparent)]
     Broker(#[from] AmqpError),
+    /// The database file was deleted or replaced under the running scheduler.
+    #[error(
+        "the database {path} was deleted or replaced while the scheduler ran; stopping instead of serving from a file nobody can open again (restore it, or restart to start afresh)"
+    )]
+    DataGone { path: PathBuf },
 }
 
 /// Run until `shutdown` is cancelled.
@@ -131,31 +140,30 @@ pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToke
         outbox: Notify::new(),
     });
 
-    let listener = tokio::net::TcpListener::bind(sc.api_listen)
-        .await
-        .map_err(|source| SchedulerError::Listen {
-            addr: sc.api_listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| SchedulerError::Listen {
-        addr: sc.api_listen,
-        source,
-    })?;
+    let (listener, addr) = bind(sc.api_listen).await?;
     let addr_file = sc.data_dir.join("api.addr");
     std::fs::write(&addr_file, addr.to_string()).map_err(io(addr_file))?;
-    info!(%addr, "HTTP API listening");
-    let api = tokio::spawn({
-        let shutdown = shutdown.clone();
-        let router = api::router(shared.clone());
-        async move {
-            if let Err(e) = axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-            {
-                error!(error = %e, "HTTP API stopped");
-            }
-        }
-    });
+    info!(%addr, authenticated = sc.api_token.is_some(), "HTTP API listening");
+    let bounds = courier_http::Bounds::default();
+    let mut servers = JoinSet::new();
+    servers.spawn(courier_http::serve(
+        listener,
+        api::router(shared.clone(), sc.api_token.clone()),
+        bounds,
+        shutdown.clone(),
+    ));
+    if let Some(listen) = sc.metrics_listen {
+        let (listener, addr) = bind(listen).await?;
+        info!(%addr, "metrics listening (no token)");
+        servers.spawn(courier_http::serve(
+            listener,
+            api::metrics_router(shared.clone()),
+            bounds,
+            shutdown.clone(),
+        ));
+    }
+    let gone = Arc::new(std::sync::Mutex::new(None));
+    let watchdog = tokio::spawn(watch_database(db_path, shutdown.clone(), gone.clone()));
     let mut cron = JoinSet::new();
     for wf in shared.engine.config().workflows.values() {
         if let Some(schedule) = &wf.schedule {
@@ -194,9 +202,48 @@ pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToke
         let _ = broker.close().await;
     }
     cron.shutdown().await;
-    let _ = api.await;
+    watchdog.abort();
+    while servers.join_next().await.is_some() {}
     info!("scheduler stopped");
+    if let Some(gone) = gone.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+        return Err(gone);
+    }
     outcome
+}
+
+async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), SchedulerError> {
+    let listen = |source| SchedulerError::Listen { addr, source };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(listen)?;
+    let local = listener.local_addr().map_err(listen)?;
+    Ok((listener, local))
+}
+
+/// Stop the scheduler when its database file disappears or is replaced (the
+/// data folder deleted under it): SQLite would go on writing to a file no
+/// restart can open, and every run would be lost.
+async fn watch_database(
+    path: PathBuf,
+    shutdown: CancellationToken,
+    gone: Arc<std::sync::Mutex<Option<SchedulerError>>>,
+) {
+    use std::os::unix::fs::MetadataExt;
+    let identity = |path: &std::path::Path| std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+    let Some(original) = identity(&path) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = shutdown.cancelled() => return,
+        }
+        if identity(&path) != Some(original) {
+            let error = SchedulerError::DataGone { path: path.clone() };
+            error!(error = %error, "database gone");
+            *gone.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
+            shutdown.cancel();
+            return;
+        }
+    }
 }
 
 /// Publish the outbox and apply results on one connection until shutdown
@@ -228,13 +275,18 @@ async fn serve(
         let publisher = publisher.clone();
         async move { outbox_loop(&shared, &broker, &publisher, &names, key).await }
     });
-    let limits = sc.result_limits;
+    let intake = ResultIntake {
+        limits: sc.result_limits,
+        signing_key: sc.signing_key.clone(),
+        publisher: publisher.clone(),
+        names: broker.names().clone(),
+    };
     loops.spawn({
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         async move {
             let r = tokio::select! {
-                r = results_loop(&shared, &mut consumer, limits) => r,
+                r = results_loop(&shared, &mut consumer, &intake) => r,
                 () = shutdown.cancelled() => Ok(()),
             };
             let _ = consumer.close().await;
@@ -413,8 +465,73 @@ fn with_bodies(engine: &Engine, rows: Vec<db::OutboxTask>) -> Vec<(db::OutboxTas
     ready
 }
 
-/// Apply results in batches: decode, one transaction, wake the outbox, ack.
-async fn results_loop(shared: &Arc<Shared>, consumer: &mut Consumer, limits: Limits) -> Result<(), AmqpError> {
+/// What the results loop needs besides the engine.
+struct ResultIntake {
+    limits: Limits,
+    signing_key: Option<courier_wire::SigningKey>,
+    publisher: Publisher,
+    names: Names,
+}
+
+impl ResultIntake {
+    /// Verify (with a key) and decode one result; the refusal's metric label
+    /// and reason otherwise.
+    fn open(&self, delivery: &courier_amqp::Delivery) -> Result<TaskResult, (&'static str, String)> {
+        if let Some(key) = &self.signing_key
+            && let Err(e) = key.verify("result", &delivery.body, delivery.header_str(headers::SIGNATURE))
+        {
+            let label = match e {
+                courier_wire::SignatureError::Missing { .. } => "unsigned",
+                _ => "forged",
+            };
+            return Err((label, e.to_string()));
+        }
+        decode::<TaskResult>(&delivery.body, &self.limits).map_err(|e| ("undecodable", e.to_string()))
+    }
+
+    /// Move a refused result to the dead-letter queue with its reason (it is
+    /// settled by the batch's ack afterwards).
+    async fn dead_letter(
+        &self,
+        shared: &Shared,
+        delivery: &courier_amqp::Delivery,
+        label: &'static str,
+        reason: String,
+    ) -> Result<(), AmqpError> {
+        error!(%reason, message_id = ?delivery.message_id, "result refused; dead-lettering it");
+        shared
+            .metrics
+            .results_refused
+            .get_or_create(&metrics::Reason { reason: label.into() })
+            .inc();
+        let mut kept = vec![
+            (headers::DEAD_REASON, Header::Str(reason)),
+            (headers::KIND, Header::Str("result".into())),
+        ];
+        for name in [headers::ATTEMPT, headers::SIGNATURE] {
+            if let Some(value) = delivery.headers.get(name) {
+                kept.push((name, value.clone()));
+            }
+        }
+        let dead = self.names.dead();
+        self.publisher
+            .publish(Outgoing {
+                exchange: &dead,
+                routing_key: "results",
+                body: &delivery.body,
+                message_id: delivery.message_id.as_deref().unwrap_or_default(),
+                correlation_id: delivery.correlation_id.as_deref().unwrap_or_default(),
+                headers: kept,
+            })
+            .await
+    }
+}
+
+/// Apply results in batches: verify and decode, one transaction, wake the
+/// outbox, ack. A result that is unsigned or forged (with a key set),
+/// undecodable, or impossible for its task changes nothing and is
+/// dead-lettered with the reason.
+async fn results_loop(shared: &Arc<Shared>, consumer: &mut Consumer, intake: &ResultIntake) -> Result<(), AmqpError> {
     loop {
         let first = consumer.next().await.ok_or(AmqpError::Closed)??;
         let mut batch = vec![first];
@@ -426,17 +543,14 @@ async fn results_loop(shared: &Arc<Shared>, consumer: &mut Consumer, limits: Lim
             }
         }
         let mut results = Vec::with_capacity(batch.len());
-        let mut good = Vec::with_capacity(batch.len());
-        for delivery in batch {
-            match decode::<TaskResult>(&delivery.body, &limits) {
+        let mut opened = Vec::with_capacity(batch.len());
+        for delivery in &batch {
+            match intake.open(delivery) {
                 Ok(result) => {
                     results.push(result);
-                    good.push(delivery);
+                    opened.push(delivery);
                 }
-                Err(e) => {
-                    error!(error = %e, message_id = ?delivery.message_id, "undecodable result; dead-lettering it");
-                    delivery.reject().await?;
-                }
+                Err((label, reason)) => intake.dead_letter(shared, delivery, label, reason).await?,
             }
         }
         let statuses: Vec<&'static str> = results.iter().map(|r| r.status.as_str()).collect();
@@ -446,6 +560,11 @@ async fn results_loop(shared: &Arc<Shared>, consumer: &mut Consumer, limits: Lim
             .map_err(|_| AmqpError::Closed)?;
         match applied {
             Ok(applied) => {
+                for (i, refused) in &applied.refused {
+                    intake
+                        .dead_letter(shared, opened[*i], refused.label(), refused.to_string())
+                        .await?;
+                }
                 for status in statuses {
                     shared
                         .metrics
@@ -458,8 +577,8 @@ async fn results_loop(shared: &Arc<Shared>, consumer: &mut Consumer, limits: Lim
                 shared.metrics.runs_finished.inc_by(applied.finished_runs as u64);
                 shared.outbox.notify_one();
                 // Results arrive in order on one channel: one multiple-ack
-                // settles the whole batch (rejected ones are settled already).
-                if let Some(last) = good.last() {
+                // settles the whole batch, dead-lettered copies included.
+                if let Some(last) = batch.last() {
                     last.ack_all_up_to().await?;
                 }
             }

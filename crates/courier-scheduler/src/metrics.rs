@@ -12,12 +12,19 @@ pub struct Status {
     pub status: String,
 }
 
+/// Label for why a result was refused: low cardinality.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: String,
+}
+
 /// Every metric the scheduler exports.
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub tasks_published: Counter,
     pub results_received: Family<Status, Counter>,
     pub results_duplicate: Counter,
+    pub results_refused: Family<Reason, Counter>,
     pub tasks_retried: Counter,
     pub runs_submitted: Counter,
     pub runs_finished: Counter,
@@ -42,6 +49,11 @@ impl Metrics {
             "courier_results_duplicate",
             "Duplicate results ignored",
             self.results_duplicate.clone(),
+        );
+        registry.register(
+            "courier_results_refused",
+            "Results refused and dead-lettered, by reason (unsigned, forged, undecodable, mismatch, memory_not_allowed)",
+            self.results_refused.clone(),
         );
         registry.register(
             "courier_tasks_retried",

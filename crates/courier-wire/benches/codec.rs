@@ -11,7 +11,7 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use courier_wire::{
-    AgentConfig, Limits, Memory, ModelDef, Provider, Skill, Snapshot, Soul, ToolPolicy, decode, encode,
+    AgentConfig, Limits, MaxTokensField, Memory, ModelDef, Provider, Skill, Snapshot, Soul, ToolPolicy, decode, encode,
 };
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use flate2::Compression;
@@ -142,6 +142,7 @@ fn realistic(target: usize) -> Snapshot {
         temperature: Some(0.2),
         request_timeout: Some(Duration::from_secs(60)),
         script: Vec::new(),
+        max_tokens_field: MaxTokensField::MaxTokens,
     };
     Snapshot {
         workflow: "research".into(),

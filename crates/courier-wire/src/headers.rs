@@ -10,6 +10,8 @@ pub const SNAPSHOT_HASH: &str = "x-courier-snapshot-hash";
 pub const SIGNATURE: &str = "x-courier-signature";
 /// Why a message was dead-lettered (string).
 pub const DEAD_REASON: &str = "x-courier-dead-reason";
+/// What a dead-lettered message is when it is not a task: `result` (string).
+pub const KIND: &str = "x-courier-kind";
 /// The pool (task queue) a dead-lettered task came from (string).
 pub const POOL: &str = "x-courier-pool";
 /// Set by RabbitMQ when it dead-letters a message itself (for example at the

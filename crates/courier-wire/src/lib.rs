@@ -19,8 +19,8 @@ pub use frame::{
 };
 pub use signature::{SignatureError, SigningKey};
 pub use snapshot::{
-    AgentConfig, Memory, ModelDef, Provider, SNAPSHOT_VERSION, ScriptedReply, ScriptedToolCall, Skill, Snapshot, Soul,
-    ToolPolicy,
+    AgentConfig, MaxTokensField, Memory, ModelDef, Provider, SNAPSHOT_VERSION, ScriptedReply, ScriptedToolCall, Skill,
+    Snapshot, Soul, ToolPolicy,
 };
 pub use task::{
     AgentSpec, ChatMessage, MemoryTarget, MemoryUpdate, RESULT_VERSION, StepRun, StepSpec, TASK_VERSION, Task,

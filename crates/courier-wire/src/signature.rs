@@ -21,21 +21,21 @@ impl std::fmt::Debug for SigningKey {
     }
 }
 
-/// Why a signature was refused.
+/// Why a signature was refused. `kind` names what was signed (`task`, `result`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
     /// No signature header.
-    #[error("the task is not signed, and this worker requires signed tasks")]
-    Missing,
+    #[error("the {kind} is not signed, and a signing key is set: every {kind} must be signed")]
+    Missing { kind: &'static str },
     /// Not `<key-id>:<hex>`.
-    #[error("the task signature is malformed")]
-    Malformed,
-    /// Signed with a key this worker does not have.
-    #[error("the task is signed with key \"{0}\", which this worker does not have")]
-    UnknownKey(String),
+    #[error("the {kind} signature is malformed")]
+    Malformed { kind: &'static str },
+    /// Signed with a key this process does not have.
+    #[error("the {kind} is signed with key \"{id}\", which is not the key set here")]
+    UnknownKey { kind: &'static str, id: String },
     /// The digest does not match the body.
-    #[error("the task signature does not match its body (key \"{0}\")")]
-    Mismatch(String),
+    #[error("the {kind} signature does not match its body (key \"{id}\")")]
+    Mismatch { kind: &'static str, id: String },
 }
 
 impl SigningKey {
@@ -59,21 +59,27 @@ impl SigningKey {
         format!("{}:{}", self.id, hex::encode(mac.finalize().into_bytes()))
     }
 
-    /// Check a header value against `body`, in constant time.
+    /// Check a header value against the body of a `kind` (`task`, `result`),
+    /// in constant time.
     ///
     /// # Errors
     /// [`SignatureError`] saying what is wrong.
-    pub fn verify(&self, body: &[u8], header: Option<&str>) -> Result<(), SignatureError> {
-        let header = header.ok_or(SignatureError::Missing)?;
-        let (id, digest) = header.split_once(':').ok_or(SignatureError::Malformed)?;
+    pub fn verify(&self, kind: &'static str, body: &[u8], header: Option<&str>) -> Result<(), SignatureError> {
+        let header = header.ok_or(SignatureError::Missing { kind })?;
+        let (id, digest) = header.split_once(':').ok_or(SignatureError::Malformed { kind })?;
         if id != self.id {
-            return Err(SignatureError::UnknownKey(id.to_string()));
+            return Err(SignatureError::UnknownKey {
+                kind,
+                id: id.to_string(),
+            });
         }
-        let digest = hex::decode(digest).map_err(|_| SignatureError::Malformed)?;
+        let digest = hex::decode(digest).map_err(|_| SignatureError::Malformed { kind })?;
         let mut mac = self.mac();
         mac.update(body);
-        mac.verify_slice(&digest)
-            .map_err(|_| SignatureError::Mismatch(id.to_string()))
+        mac.verify_slice(&digest).map_err(|_| SignatureError::Mismatch {
+            kind,
+            id: id.to_string(),
+        })
     }
 }
 
@@ -86,23 +92,33 @@ mod tests {
         let key = SigningKey::new("k1", b"secret".to_vec());
         let sig = key.sign(b"body");
         assert!(sig.starts_with("k1:") && sig.len() == 3 + 64);
-        assert_eq!(key.verify(b"body", Some(&sig)), Ok(()));
+        assert_eq!(key.verify("task", b"body", Some(&sig)), Ok(()));
         assert_eq!(
-            key.verify(b"other", Some(&sig)),
-            Err(SignatureError::Mismatch("k1".into()))
+            key.verify("task", b"other", Some(&sig)),
+            Err(SignatureError::Mismatch {
+                kind: "task",
+                id: "k1".into()
+            })
         );
-        assert_eq!(key.verify(b"body", None), Err(SignatureError::Missing));
-        assert_eq!(key.verify(b"body", Some("nonsense")), Err(SignatureError::Malformed));
-        assert_eq!(key.verify(b"body", Some("k1:zz")), Err(SignatureError::Malformed));
+        let kind = "result";
+        assert_eq!(key.verify(kind, b"body", None), Err(SignatureError::Missing { kind }));
+        assert_eq!(
+            key.verify(kind, b"body", Some("nonsense")),
+            Err(SignatureError::Malformed { kind })
+        );
+        assert_eq!(
+            key.verify(kind, b"body", Some("k1:zz")),
+            Err(SignatureError::Malformed { kind })
+        );
         let other = SigningKey::new("k2", b"secret".to_vec());
         assert_eq!(
-            other.verify(b"body", Some(&sig)),
-            Err(SignatureError::UnknownKey("k1".into()))
+            other.verify(kind, b"body", Some(&sig)),
+            Err(SignatureError::UnknownKey { kind, id: "k1".into() })
         );
         let wrong = SigningKey::new("k1", b"guess".to_vec());
         assert_eq!(
-            wrong.verify(b"body", Some(&sig)),
-            Err(SignatureError::Mismatch("k1".into()))
+            wrong.verify(kind, b"body", Some(&sig)),
+            Err(SignatureError::Mismatch { kind, id: "k1".into() })
         );
         assert_eq!(format!("{key:?}"), "SigningKey(k1, <redacted>)");
     }

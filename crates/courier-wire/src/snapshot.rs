@@ -122,6 +122,31 @@ pub struct ModelDef {
     /// Replies of the `scripted` provider, in order.
     #[serde(default)]
     pub script: Vec<ScriptedReply>,
+    /// The request field that carries `max_tokens` (OpenAI-compatible
+    /// providers): OpenAI's reasoning models take `max_completion_tokens`.
+    #[serde(default)]
+    pub max_tokens_field: MaxTokensField,
+}
+
+/// Which request field carries a model's token limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaxTokensField {
+    /// `max_tokens`: most servers, and OpenAI's older models.
+    #[default]
+    MaxTokens,
+    /// `max_completion_tokens`: OpenAI's reasoning models refuse `max_tokens`.
+    MaxCompletionTokens,
+}
+
+impl MaxTokensField {
+    /// The field's name in a request.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MaxTokensField::MaxTokens => "max_tokens",
+            MaxTokensField::MaxCompletionTokens => "max_completion_tokens",
+        }
+    }
 }
 
 /// One reply of the `scripted` provider.

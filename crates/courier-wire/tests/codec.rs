@@ -9,9 +9,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use courier_wire::{
-    AgentConfig, AgentSpec, ChatMessage, ContentHash, FLAG_ZSTD, Frame, HEADER_LEN, Limits, Memory, MemoryTarget,
-    MemoryUpdate, ModelDef, Provider, ScriptedReply, ScriptedToolCall, SizeKind, Skill, Snapshot, Soul, StepRun,
-    StepSpec, Task, TaskResult, TaskStatus, ToolPolicy, WireError, decode, decode_with_info, encode,
+    AgentConfig, AgentSpec, ChatMessage, ContentHash, FLAG_ZSTD, Frame, HEADER_LEN, Limits, MaxTokensField, Memory,
+    MemoryTarget, MemoryUpdate, ModelDef, Provider, ScriptedReply, ScriptedToolCall, SizeKind, Skill, Snapshot, Soul,
+    StepRun, StepSpec, Task, TaskResult, TaskStatus, ToolPolicy, WireError, decode, decode_with_info, encode,
 };
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -43,6 +43,7 @@ fn fixture_snapshot() -> Snapshot {
                         arguments: serde_json::json!({"text": "done"}),
                     }],
                 }],
+                max_tokens_field: MaxTokensField::MaxTokens,
             },
         )]),
         skills: BTreeMap::from([(

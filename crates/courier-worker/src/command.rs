@@ -1,5 +1,6 @@
-//! Running a command step: its own process group, a timeout that kills the
-//! whole group, and bounded capture of stdout and stderr.
+//! Running a command step: least privilege (an environment built from
+//! nothing, optionally another user), its own process group, a timeout that
+//! kills the whole group, and bounded capture of stdout and stderr.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -54,8 +55,24 @@ pub struct Outcome {
     pub stdout_truncated: bool,
 }
 
-/// Run `argv` with `env` added to the worker's environment.
-pub async fn run(argv: &[String], env: &BTreeMap<String, String>, timeout: Duration, limits: CaptureLimits) -> Outcome {
+/// What a step's process starts from: never the worker's own environment.
+#[derive(Debug, Clone, Default)]
+pub struct Sandbox {
+    /// The whole environment a step starts with (the documented base and the
+    /// worker's `worker_env_passthrough` names); the step's own `env` is added.
+    pub env: BTreeMap<String, String>,
+    /// Run steps as this user and group instead of the worker's.
+    pub user: Option<(u32, u32)>,
+}
+
+/// Run `argv` in `sandbox`'s environment plus the step's `env`.
+pub async fn run(
+    argv: &[String],
+    env: &BTreeMap<String, String>,
+    timeout: Duration,
+    limits: CaptureLimits,
+    sandbox: &Sandbox,
+) -> Outcome {
     let not_started = |why: String| Outcome {
         exit: Exit::NotStarted(why),
         stdout: String::new(),
@@ -65,16 +82,22 @@ pub async fn run(argv: &[String], env: &BTreeMap<String, String>, timeout: Durat
     let Some((program, args)) = argv.split_first() else {
         return not_started("empty command".into());
     };
-    let mut child = match Command::new(program)
+    let mut command = Command::new(program);
+    command
         .args(args)
+        .env_clear()
+        .envs(&sandbox.env)
         .envs(env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-    {
+        .kill_on_drop(true);
+    if let Some((uid, gid)) = sandbox.user {
+        // std drops supplementary groups when root changes the uid.
+        command.uid(uid).gid(gid);
+    }
+    let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => return not_started(format!("cannot start \"{program}\": {e}")),
     };
@@ -82,21 +105,43 @@ pub async fn run(argv: &[String], env: &BTreeMap<String, String>, timeout: Durat
     let stdout = tokio::spawn(capture(child.stdout.take(), limits.stdout));
     let stderr = tokio::spawn(capture(child.stderr.take(), limits.stderr));
 
-    let exit = match tokio::time::timeout(timeout, child.wait()).await {
-        Ok(Ok(status)) if status.success() => Exit::Success,
-        Ok(Ok(status)) => Exit::Failure(match status.code() {
+    let waited = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(waited) => waited,
+        // The timer fired, but the worker may have been stopped (SIGSTOP, a
+        // paused VM) while the child finished in time: ask before blaming it.
+        Err(_) => match child.try_wait() {
+            Ok(Some(status)) => Ok(status),
+            _ => {
+                if let Some(group) = group {
+                    let _ = killpg(group, Signal::SIGKILL);
+                }
+                let _ = child.wait().await;
+                return finish(Exit::TimedOut(timeout), stdout, stderr).await;
+            }
+        },
+    };
+    let exit = match waited {
+        Ok(status) if status.success() => Exit::Success,
+        Ok(status) => Exit::Failure(match status.code() {
             Some(code) => format!("exit status {code}"),
             None => format!("killed by {status}"),
         }),
-        Ok(Err(e)) => Exit::Failure(format!("waiting for the process failed: {e}")),
-        Err(_) => Exit::TimedOut(timeout),
+        Err(e) => Exit::Failure(format!("waiting for the process failed: {e}")),
     };
-    // Kill what is left of the group: after a timeout, the whole tree; after a
-    // normal exit, any background process that would hold the pipes open.
+    // Kill what is left of the group: any background process that would hold
+    // the pipes open.
     if let Some(group) = group {
         let _ = killpg(group, Signal::SIGKILL);
     }
     let _ = child.wait().await;
+    finish(exit, stdout, stderr).await
+}
+
+async fn finish(
+    exit: Exit,
+    stdout: tokio::task::JoinHandle<(String, bool)>,
+    stderr: tokio::task::JoinHandle<(String, bool)>,
+) -> Outcome {
     let (stdout, stdout_truncated) = stdout.await.unwrap_or_default();
     let (stderr, _) = stderr.await.unwrap_or_default();
     Outcome {
@@ -136,6 +181,31 @@ mod tests {
         args.iter().map(|s| (*s).to_string()).collect()
     }
 
+    fn sandbox() -> Sandbox {
+        Sandbox {
+            env: BTreeMap::from([("PATH".to_string(), "/usr/bin:/bin".to_string())]),
+            user: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_step_sees_only_the_sandbox_and_its_own_env() {
+        // HOME and CARGO_* are in the test's environment; the step sees none of them.
+        let env = BTreeMap::from([("GREETING".to_string(), "hi".to_string())]);
+        let out = run(
+            &argv(&["env"]),
+            &env,
+            Duration::from_secs(5),
+            CaptureLimits::default(),
+            &sandbox(),
+        )
+        .await;
+        assert_eq!(out.exit, Exit::Success);
+        let mut lines: Vec<&str> = out.stdout.lines().collect();
+        lines.sort_unstable();
+        assert_eq!(lines, ["GREETING=hi", "PATH=/usr/bin:/bin"]);
+    }
+
     #[tokio::test]
     async fn captures_stdout_and_env() {
         let env = BTreeMap::from([("GREETING".to_string(), "hi".to_string())]);
@@ -144,6 +214,7 @@ mod tests {
             &env,
             Duration::from_secs(5),
             CaptureLimits::default(),
+            &sandbox(),
         )
         .await;
         assert_eq!(out.exit, Exit::Success);
@@ -157,6 +228,7 @@ mod tests {
             &BTreeMap::new(),
             Duration::from_secs(5),
             CaptureLimits::default(),
+            &sandbox(),
         )
         .await;
         assert_eq!(out.exit, Exit::Failure("exit status 3".into()));
@@ -176,6 +248,7 @@ mod tests {
             &BTreeMap::new(),
             Duration::from_millis(300),
             CaptureLimits::default(),
+            &sandbox(),
         )
         .await;
         assert_eq!(out.exit, Exit::TimedOut(Duration::from_millis(300)));
@@ -199,6 +272,7 @@ mod tests {
             &BTreeMap::new(),
             Duration::from_secs(5),
             limits,
+            &sandbox(),
         )
         .await;
         assert_eq!(out.exit, Exit::Success);
@@ -214,6 +288,7 @@ mod tests {
             &BTreeMap::new(),
             Duration::from_secs(5),
             CaptureLimits::default(),
+            &sandbox(),
         )
         .await;
         assert!(

@@ -12,10 +12,12 @@
 pub mod command;
 pub mod metrics;
 
+use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::command::{CaptureLimits, Exit};
 use courier_amqp::{Broker, Delivery, Header, Names, Outgoing, Publisher};
 use courier_config::SnapshotStore;
 use courier_wire::{
@@ -26,9 +28,6 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
-use uuid::Uuid;
-
-use crate::command::{CaptureLimits, Exit};
 
 /// Everything a worker is told at start.
 #[derive(Debug, Clone)]
@@ -55,8 +54,14 @@ pub struct WorkerConfig {
     pub shutdown_grace: Duration,
     /// How long to keep trying to reach the broker before giving up.
     pub connect_timeout: Duration,
-    /// When set, only tasks signed with this key are run.
+    /// When set, only tasks signed with this key are run, and results are
+    /// signed with it.
     pub signing_key: Option<SigningKey>,
+    /// What command steps start from (never the worker's own environment).
+    pub sandbox: command::Sandbox,
+    /// The worker's environment as it started, held in memory: agent steps
+    /// read API keys from it. Never given to a step.
+    pub worker_env: Arc<BTreeMap<String, String>>,
     /// Where `/metrics` and `/healthz` listen, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
@@ -242,6 +247,8 @@ enum Refusal {
     NoHash,
     #[error("{0}")]
     Signature(#[from] courier_wire::SignatureError),
+    #[error("the task expired: its deadline ({deadline_unix_ms} ms since the epoch) passed {late_ms} ms ago")]
+    Expired { deadline_unix_ms: u64, late_ms: u64 },
 }
 
 /// One delivery, from decode to ack.
@@ -258,7 +265,7 @@ async fn handle(
         metrics.redeliveries.inc();
     }
     if let Some(key) = &config.signing_key
-        && let Err(e) = key.verify(&delivery.body, delivery.header_str(headers::SIGNATURE))
+        && let Err(e) = key.verify("task", &delivery.body, delivery.header_str(headers::SIGNATURE))
     {
         return refuse(
             delivery,
@@ -296,6 +303,14 @@ async fn handle(
         None => {}
     }
     async {
+        let now = now_ms();
+        if now > task.deadline_unix_ms {
+            let refusal = Refusal::Expired {
+                deadline_unix_ms: task.deadline_unix_ms,
+                late_ms: now - task.deadline_unix_ms,
+            };
+            return refuse(delivery, Some(&task), refusal, started, config, publisher, metrics).await;
+        }
         let store = match mount(&delivery, &task, config, cache, metrics) {
             Ok(store) => store,
             Err(refusal) => return refuse(delivery, Some(&task), refusal, started, config, publisher, metrics).await,
@@ -390,9 +405,12 @@ async fn execute(task: &Task, store: &SnapshotStore, config: &WorkerConfig, star
         usage: None,
         transcript: Vec::new(),
     };
+    // A step never runs past its task's deadline.
+    let left = Duration::from_millis(task.deadline_unix_ms.saturating_sub(now_ms()));
+    let timeout = task.spec.timeout.min(left);
     match &task.spec.run {
         StepRun::Command { argv, env } => {
-            let out = command::run(argv, env, task.spec.timeout, config.capture).await;
+            let out = command::run(argv, env, timeout, config.capture, &config.sandbox).await;
             result.output = out.stdout.trim_end_matches(['\n', '\r']).to_string();
             let stderr = out.stderr.trim_end();
             let with_stderr = |what: String| {
@@ -417,7 +435,7 @@ async fn execute(task: &Task, store: &SnapshotStore, config: &WorkerConfig, star
             result.output = text.clone();
         }
         StepRun::Agent(spec) => {
-            let outcome = courier_agent::run_step(spec, store, task.spec.timeout).await;
+            let outcome = courier_agent::run_step(spec, store, timeout, &config.worker_env).await;
             result.status = outcome.status;
             result.output = outcome.output;
             result.error = outcome.error;
@@ -452,28 +470,16 @@ async fn refuse(
     metrics: &metrics::Metrics,
 ) {
     let reason = refusal.to_string();
-    let ids = match task {
-        Some(t) => Some((t.task_id, t.run_id, t.step.clone(), t.attempt)),
-        None => {
-            let parse = |s: &Option<String>| s.as_deref().and_then(|s| Uuid::parse_str(s).ok());
-            match (parse(&delivery.message_id), parse(&delivery.correlation_id)) {
-                (Some(task_id), Some(run_id)) => Some((
-                    task_id,
-                    run_id,
-                    String::new(),
-                    u32::try_from(delivery.header_int(headers::ATTEMPT).unwrap_or(1)).unwrap_or(1),
-                )),
-                _ => None,
-            }
-        }
-    };
     error!(%reason, message_id = ?delivery.message_id, "refusing task; dead-lettering it");
-    if let Some((task_id, run_id, step, attempt)) = ids {
+    // Only a task whose body was decoded (and, with a key, verified) is
+    // answered: the message's AMQP ids are anyone's to write, and a refusal
+    // must never speak for a task it could not authenticate.
+    if let Some(task) = task {
         let result = TaskResult {
-            task_id,
-            run_id,
-            step,
-            attempt,
+            task_id: task.task_id,
+            run_id: task.run_id,
+            step: task.step.clone(),
+            attempt: task.attempt,
             status: TaskStatus::Rejected,
             output: String::new(),
             error: Some(format!("task rejected: {reason}")),
@@ -563,6 +569,10 @@ async fn publish_result(
     };
     let exchange = config.names.results_exchange();
     let (task_id, run_id) = (result.task_id.to_string(), result.run_id.to_string());
+    let mut sent_headers = vec![(headers::ATTEMPT, Header::Int(i64::from(result.attempt)))];
+    if let Some(key) = &config.signing_key {
+        sent_headers.push((headers::SIGNATURE, Header::Str(key.sign(&body))));
+    }
     let outcome = publisher
         .publish(Outgoing {
             exchange: &exchange,
@@ -570,7 +580,7 @@ async fn publish_result(
             body: &body,
             message_id: &task_id,
             correlation_id: &run_id,
-            headers: vec![(headers::ATTEMPT, Header::Int(i64::from(result.attempt)))],
+            headers: sent_headers,
         })
         .await;
     match outcome {
@@ -593,6 +603,7 @@ async fn publish_result(
 #[cfg(test)]
 mod tests {
     use courier_wire::{SizeKind, TranscriptEntry};
+    use uuid::Uuid;
 
     use super::*;
 

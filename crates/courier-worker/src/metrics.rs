@@ -152,11 +152,13 @@ pub async fn serve(listen: SocketAddr, metrics: &Metrics, connected: Arc<AtomicB
         .route("/metrics", get(render))
         .route("/healthz", get(health))
         .with_state(endpoint);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics endpoint stopped");
-        }
-    });
+    // Served for the worker's whole life.
+    tokio::spawn(courier_http::serve(
+        listener,
+        app,
+        courier_http::Bounds::default(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
     Ok(addr)
 }
 

@@ -45,23 +45,61 @@ pub fn client() -> anyhow::Result<reqwest::Client> {
         .context("building the HTTP client")
 }
 
-/// Turn an API response into a value or the API's error message.
-async fn read<T: serde::de::DeserializeOwned>(
-    api: &str,
-    response: reqwest::Result<reqwest::Response>,
-) -> anyhow::Result<T> {
-    let response =
-        response.with_context(|| format!("cannot reach the scheduler at {api} (is `courier scheduler` running?)"))?;
-    let status = response.status();
-    let body = response.text().await.context("reading the scheduler's answer")?;
-    if !status.is_success() {
-        let message = serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(String::from))
-            .unwrap_or(body);
-        bail!("{message}");
+/// The scheduler's API as the CLI reaches it: its URL, the token it sends
+/// (`api_token`), one HTTP client.
+#[derive(Debug)]
+pub struct Api {
+    url: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Api {
+    /// The API of `api_url`, with `api_token` when set.
+    ///
+    /// # Errors
+    /// The HTTP client could not be built.
+    pub fn new(settings: &crate::settings::Settings) -> anyhow::Result<Self> {
+        Ok(Self {
+            url: settings.api_url.trim_end_matches('/').to_string(),
+            token: settings.api_token().map(String::from),
+            http: client()?,
+        })
     }
-    serde_json::from_str(&body).with_context(|| format!("unexpected answer from {api}"))
+
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.with_token(self.http.get(format!("{}{path}", self.url)))
+    }
+
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.with_token(self.http.post(format!("{}{path}", self.url)))
+    }
+
+    fn with_token(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    /// Send a request; its answer as a value, or the API's error message.
+    async fn read<T: serde::de::DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        let api = &self.url;
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the scheduler at {api} (is `courier scheduler` running?)"))?;
+        let status = response.status();
+        let body = response.text().await.context("reading the scheduler's answer")?;
+        if !status.is_success() {
+            let message = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(String::from))
+                .unwrap_or(body);
+            bail!("{message}");
+        }
+        serde_json::from_str(&body).with_context(|| format!("unexpected answer from {api}"))
+    }
 }
 
 /// Parse `k=v` parameters.
@@ -76,14 +114,13 @@ pub fn parse_params(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> 
 }
 
 pub async fn submit(
-    api: &str,
+    api: &Api,
     workflow: &str,
     params: BTreeMap<String, String>,
     wait: bool,
 ) -> anyhow::Result<ExitCode> {
-    let client = client()?;
     let body = serde_json::json!({ "workflow": workflow, "params": params });
-    let run: Run = read(api, client.post(format!("{api}/api/runs")).json(&body).send().await).await?;
+    let run: Run = api.read(api.post("/api/runs").json(&body)).await?;
     println!("run {} ({}) submitted", run.id, run.workflow);
     if !wait {
         return Ok(ExitCode::SUCCESS);
@@ -100,7 +137,7 @@ pub async fn submit(
     bar.enable_steady_tick(Duration::from_millis(100));
     let mut seen: HashMap<String, String> = HashMap::new();
     let run = loop {
-        let run: Run = read(api, client.get(format!("{api}/api/runs/{}", run.id)).send().await).await?;
+        let run: Run = api.read(api.get(&format!("/api/runs/{}", run.id))).await?;
         for step in &run.steps {
             if seen.get(&step.name) != Some(&step.status) {
                 let attempt = if step.attempts > 1 {
@@ -147,13 +184,13 @@ pub async fn submit(
 }
 
 pub async fn runs(
-    api: &str,
+    api: &Api,
     id: Option<&str>,
     json: bool,
     filters: &[(&str, Option<String>)],
 ) -> anyhow::Result<ExitCode> {
     if let Some(id) = id {
-        let value: serde_json::Value = read(api, client()?.get(format!("{api}/api/runs/{id}")).send().await).await?;
+        let value: serde_json::Value = api.read(api.get(&format!("/api/runs/{id}"))).await?;
         if json {
             println!("{}", serde_json::to_string_pretty(&value)?);
             return Ok(ExitCode::SUCCESS);
@@ -206,8 +243,8 @@ pub async fn runs(
 
 /// Runs, newest first, filtered by `query` (`workflow`, `status`, `limit`),
 /// as the API returns them (for `--json`).
-pub async fn list_runs(api: &str, query: &[(&str, String)]) -> anyhow::Result<serde_json::Value> {
-    read(api, client()?.get(format!("{api}/api/runs")).query(query).send().await).await
+pub async fn list_runs(api: &Api, query: &[(&str, String)]) -> anyhow::Result<serde_json::Value> {
+    api.read(api.get("/api/runs").query(query)).await
 }
 
 /// A table of the runs [`list_runs`] returned, one line each.

@@ -43,9 +43,17 @@ impl Dead {
     }
 
     fn pool(&self) -> &str {
+        if self.is_result() {
+            return "(result)";
+        }
         self.delivery
             .header_str(headers::POOL)
             .unwrap_or(&self.delivery.routing_key)
+    }
+
+    /// A result the scheduler refused: kept to be read, never requeued.
+    fn is_result(&self) -> bool {
+        self.delivery.header_str(headers::KIND) == Some("result")
     }
 
     fn reason(&self) -> String {
@@ -122,6 +130,12 @@ pub async fn run(settings: &Settings, cmd: DeadCommand) -> anyhow::Result<ExitCo
             let exchange = broker.names().tasks_exchange();
             let mut requeued = 0;
             for d in dead.iter().filter(|d| all || id.as_deref() == Some(d.id())) {
+                if d.is_result() {
+                    if !all {
+                        bail!("\"{}\" is a refused result, not a task: it cannot be requeued", d.id());
+                    }
+                    continue;
+                }
                 let mut kept: Vec<(&'static str, Header)> = Vec::new();
                 for name in [headers::ATTEMPT, headers::SNAPSHOT_HASH, headers::SIGNATURE] {
                     if let Some(v) = d.delivery.headers.get(name) {

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 mod bench;
 mod client;
 mod dead;
+mod seal;
 mod service;
 mod settings;
 mod snapshot_cmd;
@@ -173,12 +174,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             concurrency,
             worker_id,
         } => {
+            if let Some(sealed) = seal::unseal()? {
+                return service::worker(sealed.settings, sealed.env);
+            }
             flags
                 .set("worker_queues", (!queues.is_empty()).then(|| queues.join(",")))
                 .set("worker_concurrency", concurrency)
                 .set("worker_id", worker_id);
             match Settings::load(flags.0) {
-                Ok(settings) => service::worker(settings),
+                // Start again without secrets in the environment (see `seal`).
+                Ok(settings) => match seal::reexec(settings)? {},
                 Err(e) => config_error(e),
             }
         }
@@ -198,7 +203,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Submit { workflow, params, wait } => {
             let settings = Settings::load(flags.0)?;
             let params = client::parse_params(&params)?;
-            runtime()?.block_on(client::submit(&settings.api_url, &workflow, params, wait))
+            let api = client::Api::new(&settings)?;
+            runtime()?.block_on(client::submit(&api, &workflow, params, wait))
         }
         Command::Runs {
             run_id,
@@ -213,7 +219,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 ("status", status),
                 ("limit", limit.map(|l| l.to_string())),
             ];
-            runtime()?.block_on(client::runs(&settings.api_url, run_id.as_deref(), json, &filters))
+            let api = client::Api::new(&settings)?;
+            runtime()?.block_on(client::runs(&api, run_id.as_deref(), json, &filters))
         }
     }
 }

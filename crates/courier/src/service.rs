@@ -1,6 +1,7 @@
 //! `courier scheduler` and `courier worker`: settings, logs, signals, then the
 //! library's `run`, bounded by the shutdown grace period.
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -53,6 +54,14 @@ pub const EXIT_CONFIG: u8 = 78;
 
 pub fn scheduler(settings: Settings) -> anyhow::Result<ExitCode> {
     init_logging(&settings.log_format);
+    if !settings.api_listen.ip().is_loopback() && settings.api_token().is_none() && !settings.api_allow_anonymous {
+        eprintln!(
+            "error: the API would listen on {} without a token: anyone who can reach it could submit runs. \
+             Set api_token (COURIER_API_TOKEN), listen on 127.0.0.1, or set api_allow_anonymous = true to accept that.",
+            settings.api_listen
+        );
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
     let config = match Config::load(settings.config_dir()) {
         Ok(config) => config,
         Err(errors) => {
@@ -73,6 +82,8 @@ pub fn scheduler(settings: Settings) -> anyhow::Result<ExitCode> {
         delivery_limit: settings.delivery_limit,
         connect_timeout: Duration::from_secs(settings.connect_timeout_secs),
         signing_key: settings.signing_key(),
+        api_token: settings.api_token().map(String::from),
+        metrics_listen: settings.scheduler_metrics_listen,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
@@ -82,8 +93,11 @@ pub fn scheduler(settings: Settings) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn worker(settings: Settings) -> anyhow::Result<ExitCode> {
+/// Run a worker. `env` is the environment it was started with (kept in
+/// memory only: see `seal`).
+pub fn worker(settings: Settings, env: BTreeMap<String, String>) -> anyhow::Result<ExitCode> {
     init_logging(&settings.log_format);
+    let sandbox = sandbox(&settings, &env)?;
     let pools: Vec<String> = settings
         .worker_queues
         .split(',')
@@ -115,6 +129,8 @@ pub fn worker(settings: Settings) -> anyhow::Result<ExitCode> {
         connect_timeout: Duration::from_secs(settings.connect_timeout_secs),
         signing_key: settings.signing_key(),
         metrics_listen: settings.worker_metrics_listen,
+        sandbox,
+        worker_env: std::sync::Arc::new(env),
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
@@ -131,4 +147,66 @@ fn default_worker_id() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "worker".into());
     format!("{host}-{}", std::process::id())
+}
+
+/// Variables a command step gets from the worker's environment when they are
+/// set there: the base every program expects, none of them a secret.
+pub const STEP_BASE_ENV: &[&str] = &["PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR"];
+
+/// `PATH` for steps when the worker has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What command steps start from: [`STEP_BASE_ENV`], `HOME` (and `USER`,
+/// `LOGNAME` with `step_user`), and the `worker_env_passthrough` names.
+fn sandbox(settings: &Settings, env: &BTreeMap<String, String>) -> anyhow::Result<courier_worker::command::Sandbox> {
+    let mut step_env: BTreeMap<String, String> = STEP_BASE_ENV
+        .iter()
+        .filter_map(|k| env.get(*k).map(|v| ((*k).to_string(), v.clone())))
+        .collect();
+    step_env.entry("PATH".into()).or_insert_with(|| DEFAULT_PATH.into());
+    if let Some(home) = env.get("HOME") {
+        step_env.insert("HOME".into(), home.clone());
+    }
+    for name in settings
+        .worker_env_passthrough
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+    {
+        if name.starts_with("COURIER_") {
+            anyhow::bail!(
+                "worker_env_passthrough: {name} is Courier's own setting; COURIER_* variables never reach a step"
+            );
+        }
+        if let Some(value) = env.get(name) {
+            step_env.insert(name.to_string(), value.clone());
+        }
+    }
+    let user = match settings.step_user.as_deref().filter(|u| !u.is_empty()) {
+        None => {
+            if nix::unistd::geteuid().is_root() {
+                tracing::warn!(
+                    "the worker runs as root and step_user is not set: steps run as root and can read the worker's memory"
+                );
+            }
+            None
+        }
+        Some(name) => {
+            let found = match name.parse::<u32>() {
+                Ok(uid) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)),
+                Err(_) => nix::unistd::User::from_name(name),
+            }
+            .with_context(|| format!("step_user: looking up \"{name}\""))?
+            .with_context(|| format!("step_user: no user \"{name}\" on this machine"))?;
+            let me = nix::unistd::geteuid();
+            if !me.is_root() && me != found.uid {
+                anyhow::bail!("step_user = \"{name}\" needs a worker running as root (this one runs as uid {me})");
+            }
+            step_env.insert("HOME".into(), found.dir.to_string_lossy().into_owned());
+            step_env.insert("USER".into(), found.name.clone());
+            step_env.insert("LOGNAME".into(), found.name.clone());
+            Some((found.uid.as_raw(), found.gid.as_raw()))
+        }
+    };
+    Ok(courier_worker::command::Sandbox { env: step_env, user })
 }

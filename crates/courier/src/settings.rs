@@ -60,19 +60,29 @@ pub struct Settings {
     pub signing_key: Option<String>,
     /// ID of the signing key, carried in the signature (for rotation).
     pub signing_key_id: String,
+    /// Bearer token every `/api/...` request must carry (and the CLI sends).
+    pub api_token: Option<String>,
+    /// Let the API listen beyond loopback without a token.
+    pub api_allow_anonymous: bool,
+    /// Where the scheduler also serves `/metrics` and `/healthz` without the
+    /// token (for Prometheus inside a private network; off when unset).
+    pub scheduler_metrics_listen: Option<SocketAddr>,
+    /// Worker environment variables passed on to command steps, comma-separated.
+    pub worker_env_passthrough: String,
+    /// Run command steps as this user (name or numeric uid) instead of the worker's.
+    pub step_user: Option<String>,
 }
 
 impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Everything but the signing key.
-        let mut shown = self.clone();
-        shown.signing_key = shown.signing_key.map(|_| "<redacted>".into());
+        let redacted = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
         f.debug_struct("Settings")
-            .field("amqp_url", &shown.amqp_url)
-            .field("namespace", &shown.namespace)
-            .field("config_dir", &shown.config_dir)
-            .field("data_dir", &shown.data_dir)
-            .field("signing_key", &shown.signing_key)
+            .field("namespace", &self.namespace)
+            .field("config_dir", &self.config_dir)
+            .field("data_dir", &self.data_dir)
+            .field("signing_key", &redacted(&self.signing_key))
+            .field("api_token", &redacted(&self.api_token))
             .finish_non_exhaustive()
     }
 }
@@ -102,6 +112,11 @@ impl Default for Settings {
             log_format: "text".into(),
             signing_key: None,
             signing_key_id: "default".into(),
+            api_token: None,
+            api_allow_anonymous: false,
+            scheduler_metrics_listen: None,
+            worker_env_passthrough: String::new(),
+            step_user: None,
         }
     }
 }
@@ -130,6 +145,11 @@ const ENV_KEYS: &[&str] = &[
     "log_format",
     "signing_key",
     "signing_key_id",
+    "api_token",
+    "api_allow_anonymous",
+    "scheduler_metrics_listen",
+    "worker_env_passthrough",
+    "step_user",
 ];
 
 impl Settings {
@@ -188,6 +208,11 @@ impl Settings {
             .as_ref()
             .filter(|k| !k.is_empty())
             .map(|k| courier_wire::SigningKey::new(self.signing_key_id.clone(), k.as_bytes().to_vec()))
+    }
+
+    /// The API token, when one is configured (an empty value is none).
+    pub fn api_token(&self) -> Option<&str> {
+        self.api_token.as_deref().filter(|t| !t.is_empty())
     }
 
     /// The config folder, for messages.

@@ -104,7 +104,8 @@ async fn queues(settings: &Settings) -> anyhow::Result<Vec<QueueStatus>> {
 /// source could not be read (what could be read is still shown).
 pub async fn run(settings: &Settings, limit: usize, json: bool) -> anyhow::Result<ExitCode> {
     let query = [("limit", limit.to_string())];
-    let (queues, runs) = tokio::join!(queues(settings), client::list_runs(&settings.api_url, &query));
+    let api = client::Api::new(settings)?;
+    let (queues, runs) = tokio::join!(queues(settings), client::list_runs(&api, &query));
     if json {
         let value = serde_json::json!({
             "queues": queues.as_ref().ok(),

@@ -1,0 +1,104 @@
+//! A worker's secrets leave its process environment before any step runs.
+//!
+//! `/proc/<pid>/environ` and `/proc/<pid>/cmdline` show what a process was
+//! started with, for as long as it lives, to anyone allowed to read them (the
+//! same user, or root). So `courier worker` re-executes itself once at start:
+//! the resolved settings and its environment travel to the new image through
+//! an anonymous memory file on its standard input (emptied once read), and the
+//! new image starts with only a harmless base environment and no flags. It then
+//! marks itself non-dumpable, which also closes its `/proc/<pid>/mem` and
+//! `environ` to processes of the same user. What it started with stays in its
+//! memory: provider keys for agent steps, the names in `worker_env_passthrough`
+//! for command steps. Steps themselves start from nothing (see
+//! `courier_worker::command::Sandbox`).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, Write};
+use std::os::unix::process::CommandExt;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::settings::Settings;
+
+/// Set in the re-executed worker's environment: its settings are on stdin.
+const SEALED: &str = "COURIER_WORKER_SEALED";
+
+/// Variables the worker process itself keeps: none of them is a secret, and
+/// logging, locale and time zone depend on them.
+const KEPT: &[&str] = &[
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+    "NO_COLOR",
+];
+
+/// What a sealed worker received from the image that started it.
+#[derive(Serialize, Deserialize)]
+pub struct Sealed {
+    /// Settings, resolved from every layer before the re-exec.
+    pub settings: Settings,
+    /// The environment the worker was started with.
+    pub env: BTreeMap<String, String>,
+}
+
+/// Re-execute this binary as a sealed worker. Returns only on failure.
+///
+/// # Errors
+/// The memory file could not be made or the binary could not be executed.
+pub fn reexec(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
+    let env: BTreeMap<String, String> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    let kept: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, _)| KEPT.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let blob = serde_json::to_vec(&Sealed { settings, env }).context("encoding the worker's settings")?;
+    let fd = nix::sys::memfd::memfd_create(c"courier-worker", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .context("creating the memory file that carries the worker's settings")?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(&blob)
+        .and_then(|()| file.rewind())
+        .context("writing the worker's settings")?;
+    let exe = std::env::current_exe().context("finding the courier executable")?;
+    let error = std::process::Command::new(&exe)
+        .arg("worker")
+        .env_clear()
+        .envs(kept)
+        .env(SEALED, "1")
+        .stdin(file)
+        .exec();
+    Err(error).with_context(|| format!("re-executing {} without secrets in its environment", exe.display()))
+}
+
+/// In a re-executed worker: read and erase the settings on stdin, and make the
+/// process non-dumpable. `None` in a worker started by hand.
+///
+/// # Errors
+/// The marker is set but stdin does not carry the settings.
+pub fn unseal() -> anyhow::Result<Option<Sealed>> {
+    if std::env::var_os(SEALED).is_none() {
+        return Ok(None);
+    }
+    // Opening /proc/self/fd/0 gives a file of our own on the memory file, so it
+    // can be truncated: once read, nothing of it stays reachable through fd 0.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/proc/self/fd/0")
+        .with_context(|| format!("{SEALED} is set, but stdin is not the worker's settings"))?;
+    let mut blob = Vec::new();
+    file.read_to_end(&mut blob).context("reading the worker's settings")?;
+    file.set_len(0).context("erasing the worker's settings")?;
+    nix::sys::prctl::set_dumpable(false).context("making the worker non-dumpable")?;
+    let sealed: Sealed = serde_json::from_slice(&blob).context("decoding the worker's settings")?;
+    Ok(Some(sealed))
+}
