@@ -311,6 +311,20 @@ impl Cluster {
         message_id: &str,
         headers: Vec<(&'static str, courier_amqp::Header)>,
     ) {
+        let exchange = courier_amqp::Names::new(self.namespace.clone()).tasks_exchange();
+        self.publish(&exchange, pool, body, (message_id, "not-a-run"), headers);
+    }
+
+    /// Publish a message with these ids (message id, correlation id), as
+    /// anyone who can reach the broker could.
+    pub fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        (message_id, correlation_id): (&str, &str),
+        headers: Vec<(&'static str, courier_amqp::Header)>,
+    ) {
         let names = courier_amqp::Names::new(self.namespace.clone());
         block_on(async {
             let broker = courier_amqp::Broker::connect(&amqp_url(), names.clone(), "courier-it-raw")
@@ -319,11 +333,11 @@ impl Cluster {
             let publisher = broker.publisher(8).await.expect("publisher");
             publisher
                 .publish(courier_amqp::Outgoing {
-                    exchange: &names.tasks_exchange(),
-                    routing_key: pool,
+                    exchange,
+                    routing_key,
                     body,
                     message_id,
-                    correlation_id: "not-a-run",
+                    correlation_id,
                     headers,
                 })
                 .await
@@ -357,8 +371,8 @@ impl Cluster {
     pub fn submit(&self, workflow: &str, params: &[(&str, &str)]) -> Result<String, String> {
         let params: serde_json::Map<String, Value> =
             params.iter().map(|(k, v)| ((*k).into(), Value::from(*v))).collect();
-        let response = reqwest::blocking::Client::new()
-            .post(format!("{}/api/runs", self.api))
+        let response = self
+            .http(reqwest::Method::POST, "/api/runs")
             .json(&serde_json::json!({ "workflow": workflow, "params": params }))
             .send()
             .expect("POST /api/runs");
@@ -373,9 +387,47 @@ impl Cluster {
 
     /// GET a run.
     pub fn run(&self, id: &str) -> Value {
-        reqwest::blocking::get(format!("{}/api/runs/{id}", self.api))
+        self.http(reqwest::Method::GET, &format!("/api/runs/{id}"))
+            .send()
             .and_then(|r| r.json())
             .expect("GET /api/runs/{id}")
+    }
+
+    /// A request to the scheduler's API, with the cluster's token if it has one.
+    pub fn http(&self, method: reqwest::Method, path: &str) -> reqwest::blocking::RequestBuilder {
+        let request = reqwest::blocking::Client::new().request(method, format!("{}{path}", self.api));
+        match self.env.iter().find(|(k, _)| k == "COURIER_API_TOKEN") {
+            Some((_, token)) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    /// The scheduler's `/metrics` text.
+    pub fn scheduler_metrics(&self) -> String {
+        self.http(reqwest::Method::GET, "/metrics")
+            .send()
+            .and_then(|r| r.text())
+            .expect("GET /metrics")
+    }
+
+    /// Wait for the scheduler to exit by itself; its exit status.
+    pub fn wait_scheduler_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let child = self.scheduler.as_mut().expect("no scheduler");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.scheduler = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the scheduler is still running");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The pid of worker `id`.
+    pub fn worker_pid(&self, id: &str) -> Pid {
+        let (_, child) = self.workers.iter().find(|(w, _)| w == id).expect("no such worker");
+        Pid::from_raw(i32::try_from(child.id()).expect("pid"))
     }
 
     /// Wait until a run leaves `running`.

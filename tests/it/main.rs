@@ -7,6 +7,7 @@ mod agent;
 mod cli;
 mod cluster;
 mod dispatch;
+mod hardening;
 mod operations;
 mod reliability;
 mod support;

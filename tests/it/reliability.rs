@@ -12,7 +12,7 @@ use crate::cluster::Cluster;
 use crate::support::run;
 
 /// A valid task frame for the `fanout` workflow, with the hash header it needs.
-fn valid_task() -> (Vec<u8>, String) {
+pub fn valid_task() -> (Vec<u8>, String) {
     let snapshot = encode(
         &Snapshot {
             workflow: "fanout".into(),
@@ -33,10 +33,21 @@ fn valid_task() -> (Vec<u8>, String) {
             run: StepRun::Echo { text: "x".repeat(400) },
         },
         upstream: BTreeMap::new(),
-        deadline_unix_ms: 0,
+        deadline_unix_ms: now_ms() + 3_600_000,
         snapshot,
     };
     (encode(&task, &Limits::default()).unwrap(), hash)
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
 }
 
 fn frame(flags: u8, body: &[u8]) -> Vec<u8> {
@@ -47,7 +58,7 @@ fn frame(flags: u8, body: &[u8]) -> Vec<u8> {
 }
 
 /// `courier dead list --json`, keyed by task id.
-fn dead_reasons(cluster: &Cluster) -> BTreeMap<String, String> {
+pub fn dead_reasons(cluster: &Cluster) -> BTreeMap<String, String> {
     let (out, stdout, stderr) = run(cluster.courier().args(["dead", "list", "--json"]));
     assert!(out.status.success(), "{stderr}");
     let list: Value = serde_json::from_str(&stdout).unwrap();
@@ -63,7 +74,7 @@ fn dead_reasons(cluster: &Cluster) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn wait_dead(cluster: &Cluster, n: u32) {
+pub fn wait_dead(cluster: &Cluster, n: u32) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while cluster.dead_depth() < n {
         assert!(
@@ -266,7 +277,7 @@ fn a_worker_killed_mid_step_loses_nothing() {
     );
 }
 
-fn rabbitmqctl(args: &[&str]) {
+pub fn rabbitmqctl(args: &[&str]) {
     let out = std::process::Command::new("rabbitmqctl")
         .args(args)
         .output()

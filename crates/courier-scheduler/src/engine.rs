@@ -95,14 +95,30 @@ impl Refused {
     }
 }
 
-/// Size bounds the engine enforces before anything is published.
-#[derive(Debug, Clone, Copy, Default)]
+/// Bounds the engine puts on what it publishes.
+#[derive(Debug, Clone, Copy)]
 pub struct EngineLimits {
     /// Snapshot frames.
     pub snapshot: Limits,
     /// Task frames (which embed the snapshot).
     pub task: Limits,
+    /// The longest a task may wait for a worker once due; it expires after
+    /// that (plus its step's timeout).
+    pub max_queue_wait: Duration,
 }
+
+impl Default for EngineLimits {
+    fn default() -> Self {
+        Self {
+            snapshot: Limits::default(),
+            task: Limits::default(),
+            max_queue_wait: DEFAULT_MAX_QUEUE_WAIT,
+        }
+    }
+}
+
+/// How long a task may wait for a worker by default: a day.
+pub const DEFAULT_MAX_QUEUE_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 /// An encoded snapshot and its hash, cached per (workflow, step).
 #[derive(Debug)]
@@ -220,16 +236,12 @@ impl Engine {
                 let params: BTreeMap<String, String> =
                     serde_json::from_str(&tx::run_params(t, &row.run_id)?).unwrap_or_default();
                 let upstream = outputs(t, &row.run_id, wf, step)?;
-                let task_id = parse_uuid(&row.task_id);
-                let task = self.plan_task(
-                    wf,
-                    step,
-                    parse_uuid(&row.run_id),
-                    row.attempt,
-                    &params,
-                    &upstream,
-                    task_id,
-                )?;
+                let attempt = Attempt {
+                    task_id: parse_uuid(&row.task_id),
+                    number: row.attempt,
+                    due_ms: row.not_before_ms,
+                };
+                let task = self.plan_task(wf, step, parse_uuid(&row.run_id), attempt, &params, &upstream)?;
                 Ok((task.body, task.snapshot_hash))
             })
         })
@@ -283,7 +295,7 @@ impl Engine {
             .map(|s| {
                 Ok((
                     s,
-                    self.plan_task(wf, s, run_id, 1, &params, &BTreeMap::new(), Uuid::now_v7())?,
+                    self.plan_task(wf, s, run_id, Attempt::first(now), &params, &BTreeMap::new())?,
                 ))
             })
             .collect::<Result<_, SubmitError>>()?;
@@ -297,7 +309,7 @@ impl Engine {
                 }
                 let mut effects = Effects::default();
                 for (step, task) in first {
-                    write_task(t, &run, step, task, now, now, &mut effects)?;
+                    write_task(t, &run, step, task, now, &mut effects)?;
                 }
                 Ok::<_, DbError>(effects)
             })?;
@@ -474,9 +486,9 @@ impl Engine {
                         continue;
                     }
                     let upstream = outputs(t, &run, wf, s)?;
-                    match self.plan_task(wf, s, run_uuid, 1, &params(t)?, &upstream, Uuid::now_v7()) {
+                    match self.plan_task(wf, s, run_uuid, Attempt::first(now), &params(t)?, &upstream) {
                         Ok(task) => {
-                            write_task(t, &run, s, task, now, now, effects)?;
+                            write_task(t, &run, s, task, now, effects)?;
                             states.set(&s.name, step_status::RUNNING);
                             applied.dispatched += 1;
                         }
@@ -491,11 +503,15 @@ impl Engine {
                     let attempt = row.attempt + 1;
                     let delay = backoff(step, row.attempt);
                     let upstream = outputs(t, &run, wf, step)?;
-                    match self.plan_task(wf, step, run_uuid, attempt, &params(t)?, &upstream, Uuid::now_v7()) {
+                    let next = Attempt {
+                        task_id: Uuid::now_v7(),
+                        number: attempt,
+                        due_ms: now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+                    };
+                    match self.plan_task(wf, step, run_uuid, next, &params(t)?, &upstream) {
                         Ok(task) => {
                             tx::note_step_error(t, &run, &step.name, &error, &r.worker_id)?;
-                            let due = now + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-                            write_task(t, &run, step, task, now, due, effects)?;
+                            write_task(t, &run, step, task, now, effects)?;
                             applied.retried += 1;
                             tracing::info!(run = %run, trace_id = %trace_id(&run), step = %step.name, attempt, delay_ms = delay.as_millis() as u64, %error, "retrying step");
                             return Ok(());
@@ -527,17 +543,18 @@ impl Engine {
         Ok(())
     }
 
-    /// Resolve a step and encode its task, with the cached snapshot.
-    #[allow(clippy::too_many_arguments)]
+    /// Resolve a step and encode its task, with the cached snapshot. The
+    /// task's deadline is its due time, plus the longest it may wait for a
+    /// worker, plus the step's timeout: a worker refuses it after that (so a
+    /// replayed task is refused too).
     fn plan_task(
         &self,
         wf: &Workflow,
         step: &Step,
         run_id: Uuid,
-        attempt: u32,
+        attempt: Attempt,
         params: &BTreeMap<String, String>,
         upstream: &BTreeMap<String, String>,
-        task_id: Uuid,
     ) -> Result<PlannedTask, SubmitError> {
         let spec = step
             .resolve(params, upstream)
@@ -546,14 +563,17 @@ impl Engine {
                 message,
             })?;
         let snapshot = self.snapshot(wf, step)?;
+        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let task = Task {
-            task_id,
+            task_id: attempt.task_id,
             run_id,
             workflow: wf.name.clone(),
             step: step.name.clone(),
-            attempt,
-            deadline_unix_ms: u64::try_from(now_ms()).unwrap_or(0)
-                + u64::try_from(spec.timeout.as_millis()).unwrap_or(u64::MAX),
+            attempt: attempt.number,
+            deadline_unix_ms: u64::try_from(attempt.due_ms)
+                .unwrap_or(0)
+                .saturating_add(millis(self.limits.max_queue_wait))
+                .saturating_add(millis(spec.timeout)),
             spec,
             upstream: upstream.clone(),
             snapshot: snapshot.bytes.clone(),
@@ -563,8 +583,9 @@ impl Engine {
             source,
         })?;
         Ok(PlannedTask {
-            task_id: task_id.to_string(),
-            attempt,
+            task_id: attempt.task_id.to_string(),
+            attempt: attempt.number,
+            due_ms: attempt.due_ms,
             snapshot_hash: snapshot.hash.clone(),
             body,
         })
@@ -610,11 +631,31 @@ impl Engine {
     }
 }
 
+/// Which attempt a task is, and when it is due.
+#[derive(Debug, Clone, Copy)]
+struct Attempt {
+    task_id: Uuid,
+    number: u32,
+    due_ms: i64,
+}
+
+impl Attempt {
+    /// A step's first attempt, due now.
+    fn first(now: i64) -> Self {
+        Self {
+            task_id: Uuid::now_v7(),
+            number: 1,
+            due_ms: now,
+        }
+    }
+}
+
 /// An encoded task ready for the outbox.
 #[derive(Debug)]
 struct PlannedTask {
     task_id: String,
     attempt: u32,
+    due_ms: i64,
     snapshot_hash: String,
     body: Vec<u8>,
 }
@@ -625,7 +666,6 @@ fn write_task(
     step: &Step,
     task: PlannedTask,
     now: i64,
-    not_before: i64,
     effects: &mut Effects,
 ) -> Result<(), DbError> {
     tx::insert_task(
@@ -636,7 +676,7 @@ fn write_task(
         task.attempt,
         &step.queue,
         &task.snapshot_hash,
-        not_before,
+        task.due_ms,
         now,
     )?;
     tx::start_step(t, run, &step.name, task.attempt, now)?;

@@ -73,6 +73,9 @@ enum Command {
         /// Name in results and logs [env: COURIER_WORKER_ID].
         #[arg(long)]
         worker_id: Option<String>,
+        /// Internal: this worker was re-executed with its settings on stdin.
+        #[arg(long, hide = true)]
+        sealed: bool,
     },
     /// Start a run of a workflow.
     Submit {
@@ -131,6 +134,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    exit_quietly_on_closed_output();
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(code) => code,
@@ -173,8 +177,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             queues,
             concurrency,
             worker_id,
+            sealed,
         } => {
-            if let Some(sealed) = seal::unseal()? {
+            if sealed {
+                let sealed = seal::unseal()?;
                 return service::worker(sealed.settings, sealed.env);
             }
             flags
@@ -223,6 +229,26 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(client::runs(&api, run_id.as_deref(), json, &filters))
         }
     }
+}
+
+/// `courier dead list --json | head -5`: when the reader goes away, Rust's
+/// `println!` panics on the broken pipe (Rust ignores SIGPIPE, and restoring
+/// it would take `unsafe`). The command's output is no longer wanted: exit
+/// quietly, as a program killed by SIGPIPE would, instead of a panic message.
+fn exit_quietly_on_closed_output() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to std") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::settings::Settings;
 
-/// Set in the re-executed worker's environment: its settings are on stdin.
-const SEALED: &str = "COURIER_WORKER_SEALED";
+/// The hidden flag of a re-executed worker: its settings are on stdin.
+pub const SEALED_FLAG: &str = "--sealed";
 
 /// Variables the worker process itself keeps: none of them is a secret, and
 /// logging, locale and time zone depend on them.
@@ -70,35 +70,30 @@ pub fn reexec(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         .context("writing the worker's settings")?;
     let exe = std::env::current_exe().context("finding the courier executable")?;
     let error = std::process::Command::new(&exe)
-        .arg("worker")
+        .args(["worker", SEALED_FLAG])
         .env_clear()
         .envs(kept)
-        .env(SEALED, "1")
         .stdin(file)
         .exec();
     Err(error).with_context(|| format!("re-executing {} without secrets in its environment", exe.display()))
 }
 
-/// In a re-executed worker: read and erase the settings on stdin, and make the
-/// process non-dumpable. `None` in a worker started by hand.
+/// In a re-executed worker (started with [`SEALED_FLAG`]): read and erase the
+/// settings on stdin, and make the process non-dumpable.
 ///
 /// # Errors
-/// The marker is set but stdin does not carry the settings.
-pub fn unseal() -> anyhow::Result<Option<Sealed>> {
-    if std::env::var_os(SEALED).is_none() {
-        return Ok(None);
-    }
+/// Stdin does not carry the settings.
+pub fn unseal() -> anyhow::Result<Sealed> {
     // Opening /proc/self/fd/0 gives a file of our own on the memory file, so it
     // can be truncated: once read, nothing of it stays reachable through fd 0.
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/proc/self/fd/0")
-        .with_context(|| format!("{SEALED} is set, but stdin is not the worker's settings"))?;
+        .with_context(|| format!("{SEALED_FLAG} is given, but stdin is not the worker's settings"))?;
     let mut blob = Vec::new();
     file.read_to_end(&mut blob).context("reading the worker's settings")?;
     file.set_len(0).context("erasing the worker's settings")?;
     nix::sys::prctl::set_dumpable(false).context("making the worker non-dumpable")?;
-    let sealed: Sealed = serde_json::from_slice(&blob).context("decoding the worker's settings")?;
-    Ok(Some(sealed))
+    serde_json::from_slice(&blob).context("decoding the worker's settings")
 }

@@ -77,6 +77,7 @@ pub fn scheduler(settings: Settings) -> anyhow::Result<ExitCode> {
         limits: courier_scheduler::engine::EngineLimits {
             snapshot: settings.snapshot_limits(),
             task: settings.task_limits(),
+            max_queue_wait: Duration::from_secs(settings.task_max_wait_secs),
         },
         result_limits: settings.task_limits(),
         delivery_limit: settings.delivery_limit,

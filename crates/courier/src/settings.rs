@@ -48,6 +48,9 @@ pub struct Settings {
     pub task_max_compressed: usize,
     /// Largest decoded task or result, bytes.
     pub task_max_decompressed: usize,
+    /// Seconds a due task may wait for a worker before it expires (workers
+    /// refuse a task after that plus its step's timeout).
+    pub task_max_wait_secs: u64,
     /// Bytes of a command's stdout kept as its output.
     pub output_max_bytes: usize,
     /// Seconds in-flight steps get to finish after SIGTERM.
@@ -106,6 +109,7 @@ impl Default for Settings {
             snapshot_max_decompressed: courier_wire::DEFAULT_MAX_DECOMPRESSED,
             task_max_compressed: 4 * 1024 * 1024,
             task_max_decompressed: 16 * 1024 * 1024,
+            task_max_wait_secs: courier_scheduler::engine::DEFAULT_MAX_QUEUE_WAIT.as_secs(),
             output_max_bytes: 1024 * 1024,
             shutdown_grace_secs: 30,
             connect_timeout_secs: 60,
@@ -139,6 +143,7 @@ const ENV_KEYS: &[&str] = &[
     "snapshot_max_decompressed",
     "task_max_compressed",
     "task_max_decompressed",
+    "task_max_wait_secs",
     "output_max_bytes",
     "shutdown_grace_secs",
     "connect_timeout_secs",

@@ -1,0 +1,552 @@
+//! The trust model, attacked from outside: secrets a step could read, forged
+//! and replayed messages, junk carrying real ids, an unauthenticated API, and
+//! the faults the outside testing of the first wave found.
+
+use std::time::{Duration, Instant};
+
+use courier_amqp::{Header, Names};
+use courier_wire::{
+    Limits, MemoryTarget, MemoryUpdate, SigningKey, Task, TaskResult, TaskStatus, decode, encode, headers,
+};
+use nix::sys::signal::{Signal, kill};
+use serde_json::Value;
+
+use crate::cluster::Cluster;
+use crate::reliability::{dead_reasons, now_ms, rabbitmqctl, wait_dead};
+use crate::support::{courier, run};
+
+const KEY: &str = "it-hardening-signing-key-5b2e";
+
+/// A RabbitMQ user with a distinctive password, deleted on drop.
+struct BrokerUser {
+    name: String,
+    password: String,
+}
+
+impl BrokerUser {
+    fn new() -> Self {
+        let name = format!("it-{}", uuid::Uuid::now_v7().simple());
+        let password = format!("pw-{}", uuid::Uuid::now_v7().simple());
+        rabbitmqctl(&["add_user", &name, &password]);
+        rabbitmqctl(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"]);
+        Self { name, password }
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.password)
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_user", &self.name])
+            .output();
+    }
+}
+
+/// The first task the tap saw for `step`.
+fn tapped_task(cluster: &Cluster, step: &str) -> (Task, Vec<u8>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for body in cluster.tapped() {
+            if body.starts_with(b"CTSK")
+                && let Ok(task) = decode::<Task>(&body, &Limits::default())
+                && task.step == step
+            {
+                return (task, body);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no task for {step} tapped\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+const PEEK: &str = r#"steps:
+  - name: peek
+    command:
+      - sh
+      - -c
+      - |
+        env
+        echo ---environ---
+        tr '\0' '\n' < /proc/$$PPID/environ 2>&1
+        echo ---cmdline---
+        tr '\0' ' ' < /proc/$$PPID/cmdline 2>&1
+        echo
+        echo ---stdin---
+        head -c 100000 /proc/$$PPID/fd/0 2>&1
+        true
+"#;
+
+#[test]
+fn a_command_step_sees_none_of_the_workers_secrets() {
+    let user = BrokerUser::new();
+    let api_key = "sk-it-provider-key-81f3";
+    let cluster = Cluster::builder()
+        .workers(1)
+        .workflow("peek", PEEK)
+        .env("COURIER_AMQP_URL", &user.url())
+        .env("COURIER_SIGNING_KEY", KEY)
+        .env("OPENAI_API_KEY", api_key)
+        .env("IT_PASSED", "passed-through")
+        .env("IT_NOT_PASSED", "kept-back")
+        .env("COURIER_WORKER_ENV_PASSTHROUGH", "IT_PASSED")
+        .start();
+    let id = cluster.submit("peek", &[]).unwrap();
+    let run = cluster.wait_run(&id, Duration::from_secs(30));
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let output = run["steps"][0]["output"].as_str().unwrap();
+    for secret in [KEY, api_key, user.password.as_str()] {
+        assert!(!output.contains(secret), "a secret reached the step:\n{output}");
+    }
+    assert!(!output.contains("COURIER_"), "{output}");
+    assert!(!output.contains("amqp://"), "{output}");
+    assert!(!output.contains("kept-back"), "{output}");
+    let env: Vec<&str> = output.split("---environ---").next().unwrap().lines().collect();
+    let names: Vec<&str> = env.iter().filter_map(|l| l.split('=').next()).collect();
+    assert!(env.contains(&"IT_PASSED=passed-through"), "{output}");
+    for name in &names {
+        assert!(
+            [
+                "PATH",
+                "HOME",
+                "LANG",
+                "LC_ALL",
+                "LC_CTYPE",
+                "TZ",
+                "TMPDIR",
+                "IT_PASSED",
+                "PWD",
+                "SHLVL",
+                "_"
+            ]
+            .contains(name),
+            "unexpected variable {name} in the step's environment:\n{output}"
+        );
+    }
+    // What the worker's /proc entries show: no flags, a harmless environment.
+    let cmdline = output.split("---cmdline---").nth(1).unwrap();
+    let (cmdline, stdin) = cmdline.split_once("---stdin---").unwrap();
+    assert!(cmdline.trim().ends_with("/courier worker --sealed"), "{cmdline}");
+    // The settings it was re-executed with were erased once read.
+    assert_eq!(stdin, "");
+}
+
+#[test]
+fn with_step_user_a_step_runs_unprivileged_and_cannot_read_the_worker() {
+    let yaml = r#"steps:
+  - name: who
+    command:
+      - sh
+      - -c
+      - |
+        id -un
+        cat /proc/$$PPID/environ > /dev/null 2>&1 && echo environ-readable || echo environ-denied
+        cat /proc/$$PPID/maps > /dev/null 2>&1 && echo memory-readable || echo memory-denied
+        echo "home=$$HOME"
+"#;
+    let cluster = Cluster::builder()
+        .workers(1)
+        .workflow("who", yaml)
+        .env("COURIER_SIGNING_KEY", KEY)
+        .env("COURIER_STEP_USER", "nobody")
+        .start();
+    let id = cluster.submit("who", &[]).unwrap();
+    let run = cluster.wait_run(&id, Duration::from_secs(30));
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(
+        run["steps"][0]["output"],
+        "nobody\nenviron-denied\nmemory-denied\nhome=/nonexistent"
+    );
+    assert!(!cluster.worker_log("w1").contains("step_user is not set"));
+}
+
+#[test]
+fn a_step_user_that_does_not_exist_stops_the_worker_at_start() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let (out, _, stderr) = run(courier()
+        .args(["worker", "--worker-id", "x"])
+        .env("COURIER_STEP_USER", "no-such-user-e4c1")
+        .env("COURIER_WORKER_ENV_PASSTHROUGH", "IT_A")
+        .env("COURIER_DATA_DIR", dir.path()));
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("step_user: no user \"no-such-user-e4c1\" on this machine"),
+        "{stderr}"
+    );
+    let (out, _, stderr) = run(courier()
+        .args(["worker"])
+        .env("COURIER_WORKER_ENV_PASSTHROUGH", "IT_A, COURIER_SIGNING_KEY"));
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "worker_env_passthrough: COURIER_SIGNING_KEY is Courier's own setting; COURIER_* variables never reach a step"
+        ),
+        "{stderr}"
+    );
+}
+
+/// A result for `task`, as a worker would send it.
+fn result_for(task: &Task, output: &str) -> TaskResult {
+    TaskResult {
+        task_id: task.task_id,
+        run_id: task.run_id,
+        step: task.step.clone(),
+        attempt: task.attempt,
+        status: TaskStatus::Succeeded,
+        output: output.into(),
+        error: None,
+        started_unix_ms: 1,
+        finished_unix_ms: 2,
+        worker_id: "mallory".into(),
+        memory_updates: Vec::new(),
+        model: None,
+        usage: None,
+        transcript: Vec::new(),
+    }
+}
+
+/// The value of a counter in Prometheus text, 0 when absent.
+fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn forged_results_change_nothing_and_are_dead_lettered_with_their_reason() {
+    let yaml = "steps:\n  - name: only\n    command: [\"sh\", \"-c\", \"echo real\"]\n";
+    // No worker yet: the task waits in its queue while results are forged.
+    let mut cluster = Cluster::builder()
+        .workers(0)
+        .tap()
+        .workflow("plain", yaml)
+        .env("COURIER_SIGNING_KEY", KEY)
+        .start();
+    let memory = cluster.config_dir.join("agents/memory/MEMORY.md");
+    let memory_before = std::fs::read_to_string(&memory).unwrap();
+    let id = cluster.submit("plain", &[]).unwrap();
+    let (task, _) = tapped_task(&cluster, "only");
+    let key = SigningKey::new("default", KEY.as_bytes().to_vec());
+    let exchange = Names::new(cluster.namespace.clone()).results_exchange();
+    let ids = (task.task_id.to_string(), task.run_id.to_string());
+    let publish = |result: &TaskResult, signature: Option<String>| {
+        let body = encode(result, &Limits::default()).unwrap();
+        let mut sent = vec![(headers::ATTEMPT, Header::Int(1))];
+        if let Some(signature) = signature {
+            sent.push((headers::SIGNATURE, Header::Str(signature)));
+        }
+        cluster.publish(&exchange, "results", &body, (&ids.0, &ids.1), sent);
+    };
+    let forged = result_for(&task, "FORGED");
+    let forged_body = encode(&forged, &Limits::default()).unwrap();
+    // Unsigned; signed with another key; signed but for another attempt;
+    // signed, but a command step proposing memory.
+    publish(&forged, None);
+    publish(
+        &forged,
+        Some(SigningKey::new("default", b"guess".to_vec()).sign(&forged_body)),
+    );
+    let other_attempt = TaskResult {
+        attempt: 2,
+        ..forged.clone()
+    };
+    publish(
+        &other_attempt,
+        Some(key.sign(&encode(&other_attempt, &Limits::default()).unwrap())),
+    );
+    let with_memory = TaskResult {
+        memory_updates: vec![MemoryUpdate {
+            target: MemoryTarget::Global,
+            append: "- forged fact\n".into(),
+        }],
+        ..forged.clone()
+    };
+    publish(
+        &with_memory,
+        Some(key.sign(&encode(&with_memory, &Limits::default()).unwrap())),
+    );
+    wait_dead(&cluster, 4);
+
+    let run = cluster.run(&id);
+    assert_eq!(run["status"], "running", "{run:#}");
+    assert_eq!(run["steps"][0]["status"], "running", "{run:#}");
+    let metrics = cluster.scheduler_metrics();
+    for reason in ["unsigned", "forged", "mismatch", "memory_not_allowed"] {
+        let name = format!("courier_results_refused_total{{reason=\"{reason}\"}}");
+        assert_eq!(counter(&metrics, &name), 1.0, "{name}\n{metrics}");
+    }
+    let (out, stdout, _) = run_cli(&cluster, &["dead", "list"]);
+    assert!(out.status.success());
+    let lines: Vec<&str> = stdout.lines().filter(|l| l.contains("(result)")).collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    let all = stdout.as_str();
+    for reason in [
+        "the result is not signed, and a signing key is set: every result must be signed",
+        "the result signature does not match its body (key \"default\")",
+        "it names run",
+        "proposes memory updates, but step \"only\" is not an agent step with the propose_memory_update tool",
+    ] {
+        assert!(all.contains(reason), "{reason} missing from:\n{all}");
+    }
+    let (out, _, stderr) = run_cli(&cluster, &["dead", "requeue", &ids.0]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("is a refused result, not a task: it cannot be requeued"),
+        "{stderr}"
+    );
+
+    // The real worker's signed result is applied; nothing forged ever was.
+    cluster.start_worker("w1", 2);
+    let run = cluster.wait_run(&id, Duration::from_secs(30));
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(run["steps"][0]["output"], "real");
+    assert_eq!(run["steps"][0]["worker"], "w1");
+    assert_eq!(std::fs::read_to_string(&memory).unwrap(), memory_before);
+}
+
+fn run_cli(cluster: &Cluster, args: &[&str]) -> (std::process::Output, String, String) {
+    run(cluster.courier().args(args))
+}
+
+#[test]
+fn junk_carrying_a_running_tasks_ids_speaks_for_no_task() {
+    let yaml = "steps:\n  - name: slow\n    command: [\"sh\", \"-c\", \"sleep 1; echo real\"]\n";
+    let cluster = Cluster::builder().workers(1).tap().workflow("slow", yaml).start();
+    let id = cluster.submit("slow", &[]).unwrap();
+    let (task, _) = tapped_task(&cluster, "slow");
+    let exchange = Names::new(cluster.namespace.clone()).tasks_exchange();
+    let ids = (task.task_id.to_string(), task.run_id.to_string());
+    cluster.publish(
+        &exchange,
+        "default",
+        b"junk",
+        (&ids.0, &ids.1),
+        vec![(headers::ATTEMPT, Header::Int(1))],
+    );
+    wait_dead(&cluster, 1);
+    let run = cluster.wait_run(&id, Duration::from_secs(30));
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(run["steps"][0]["output"], "real");
+    assert_eq!(run["steps"][0]["attempts"], 1);
+}
+
+#[test]
+fn a_replayed_task_changes_nothing_and_an_expired_one_is_refused() {
+    let yaml = "steps:\n  - name: once\n    command: [\"sh\", \"-c\", \"echo ran\"]\n";
+    let cluster = Cluster::builder()
+        .workers(1)
+        .tap()
+        .workflow("once", yaml)
+        .env("COURIER_SIGNING_KEY", KEY)
+        .start();
+    let id = cluster.submit("once", &[]).unwrap();
+    let (task, body) = tapped_task(&cluster, "once");
+    let run = cluster.wait_run(&id, Duration::from_secs(30));
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let key = SigningKey::new("default", KEY.as_bytes().to_vec());
+    let exchange = Names::new(cluster.namespace.clone()).tasks_exchange();
+    let ids = (task.task_id.to_string(), task.run_id.to_string());
+    let hash = courier_wire::ContentHash::of(&task.snapshot).to_hex();
+    let signed = |body: &[u8]| {
+        vec![
+            (headers::SNAPSHOT_HASH, Header::Str(hash.clone())),
+            (headers::SIGNATURE, Header::Str(key.sign(body))),
+        ]
+    };
+    // A replay within the deadline runs again (at least once), and its result
+    // is a duplicate: the run does not change.
+    let duplicates = counter(&cluster.scheduler_metrics(), "courier_results_duplicate_total");
+    cluster.publish(&exchange, "default", &body, (&ids.0, &ids.1), signed(&body));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counter(&cluster.scheduler_metrics(), "courier_results_duplicate_total") <= duplicates {
+        assert!(
+            Instant::now() < deadline,
+            "the replay's result never arrived\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(cluster.run(&id), run);
+    // Past its deadline, a task is refused before it runs.
+    let expired = Task {
+        deadline_unix_ms: now_ms() - 1_000,
+        ..task.clone()
+    };
+    let expired_body = encode(&expired, &Limits::default()).unwrap();
+    cluster.publish(
+        &exchange,
+        "default",
+        &expired_body,
+        (&ids.0, &ids.1),
+        signed(&expired_body),
+    );
+    wait_dead(&cluster, 1);
+    let reasons = dead_reasons(&cluster);
+    assert!(
+        reasons[&ids.0].starts_with("the task expired: its deadline"),
+        "{reasons:?}"
+    );
+    assert_eq!(cluster.run(&id), run);
+    assert_eq!(cluster.worker_log("w1").matches("running step").count(), 2);
+}
+
+#[test]
+fn a_worker_stopped_past_a_steps_timeout_does_not_blame_the_step() {
+    let yaml = "steps:\n  - name: quick\n    timeout: 2s\n    command: [\"sh\", \"-c\", \"sleep 1; echo done\"]\n";
+    let cluster = Cluster::builder().workers(1).workflow("quick", yaml).start();
+    let id = cluster.submit("quick", &[]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cluster.worker_log("w1").contains("running step") {
+        assert!(Instant::now() < deadline, "the step never started\n{}", cluster.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let worker = cluster.worker_pid("w1");
+    kill(worker, Signal::SIGSTOP).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    kill(worker, Signal::SIGCONT).unwrap();
+    let run = cluster.wait_run(&id, Duration::from_secs(30));
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(run["steps"][0]["output"], "done");
+}
+
+#[test]
+fn deleting_the_data_folder_stops_the_scheduler_with_a_clear_error() {
+    let mut cluster = Cluster::builder().workers(0).start();
+    std::fs::remove_dir_all(&cluster.data_dir).unwrap();
+    let status = cluster.wait_scheduler_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1));
+    let log = cluster.log("scheduler");
+    assert!(
+        log.contains("was deleted or replaced while the scheduler ran; stopping"),
+        "{log}"
+    );
+}
+
+#[test]
+fn the_api_needs_its_token_and_answers_errors_in_json() {
+    let token = "it-api-token-0c9d";
+    let cluster = Cluster::builder().workers(1).env("COURIER_API_TOKEN", token).start();
+    let http = reqwest::blocking::Client::new();
+    let url = |path: &str| format!("{}{path}", cluster.api);
+    let json = |r: reqwest::blocking::Response| -> (u16, Value) {
+        let status = r.status().as_u16();
+        let content_type = r.headers()["content-type"].to_str().unwrap().to_string();
+        assert_eq!(content_type, "application/json", "{status}");
+        (status, r.json().unwrap())
+    };
+    let unauthorized =
+        "missing or wrong API token: send Authorization: Bearer <token> (the CLI sends api_token / COURIER_API_TOKEN)";
+    for path in ["/api/runs", "/api/workflows", "/metrics"] {
+        let none = http.get(url(path)).send().unwrap();
+        assert_eq!(none.headers()["www-authenticate"], "Bearer");
+        assert_eq!(
+            json(none),
+            (401, serde_json::json!({ "error": unauthorized })),
+            "{path}"
+        );
+        let wrong = http.get(url(path)).bearer_auth("it-api-token-0c9e").send().unwrap();
+        assert_eq!(wrong.status().as_u16(), 401, "{path}");
+        let right = http.get(url(path)).bearer_auth(token).send().unwrap();
+        assert_eq!(right.status().as_u16(), 200, "{path}");
+    }
+    let submit = http
+        .post(url("/api/runs"))
+        .json(&serde_json::json!({"workflow": "fanout"}));
+    assert_eq!(submit.send().unwrap().status().as_u16(), 401);
+    assert_eq!(http.get(url("/healthz")).send().unwrap().status().as_u16(), 200);
+
+    // Bad input gets JSON errors too.
+    let authed = |m: reqwest::Method, path: &str| http.request(m, url(path)).bearer_auth(token);
+    let (status, body) = json(
+        authed(reqwest::Method::POST, "/api/runs")
+            .header("content-type", "application/json")
+            .body("{\"workflow\": ")
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("Failed to parse the request body as JSON"),
+        "{body}"
+    );
+    let (status, body) = json(
+        authed(reqwest::Method::POST, "/api/runs")
+            .body("workflow=fanout")
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(status, 415);
+    assert!(body["error"].as_str().unwrap().contains("Content-Type"), "{body}");
+    let (status, _) = json(authed(reqwest::Method::GET, "/api/runs?limit=many").send().unwrap());
+    assert_eq!(status, 400);
+    let (status, _) = json(authed(reqwest::Method::GET, "/api/nothing").send().unwrap());
+    assert_eq!(status, 404);
+    let (status, _) = json(authed(reqwest::Method::DELETE, "/api/runs").send().unwrap());
+    assert_eq!(status, 405);
+
+    // The CLI sends the token from the same setting; without it, the API's message.
+    let (out, stdout, stderr) = run(cluster.courier().args(["submit", "fanout", "--wait"]));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("succeeded"), "{stdout}");
+    let (out, _, stderr) = run(cluster.courier().env_remove("COURIER_API_TOKEN").args(["runs"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr, format!("error: {unauthorized}\n"));
+}
+
+#[test]
+fn a_scheduler_listening_beyond_loopback_needs_a_token() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let scheduler = |extra: &[(&str, &str)]| {
+        let mut cmd = courier();
+        cmd.arg("scheduler")
+            .env("COURIER_API_LISTEN", "0.0.0.0:0")
+            .env("COURIER_DATA_DIR", dir.path().join("data"))
+            .env("COURIER_CONFIG_DIR", crate::support::example_config())
+            .env("COURIER_CONNECT_TIMEOUT_SECS", "1")
+            .env("COURIER_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        run(&mut cmd)
+    };
+    let (out, _, stderr) = scheduler(&[]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        stderr.starts_with("error: the API would listen on 0.0.0.0:0 without a token"),
+        "{stderr}"
+    );
+    // With a token, or with anonymous access accepted, it starts (and then
+    // gives up on the unreachable broker).
+    for extra in [("COURIER_API_TOKEN", "t"), ("COURIER_API_ALLOW_ANONYMOUS", "true")] {
+        let (out, _, stderr) = scheduler(&[extra]);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("HTTP API listening"), "{stderr}");
+    }
+}
+
+#[test]
+fn every_command_exits_quietly_when_its_output_is_closed() {
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    let out = courier()
+        .args(["validate", "--config-dir"])
+        .arg(crate::support::example_config())
+        .stdout(std::process::Stdio::from(write))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(stderr, "");
+}
