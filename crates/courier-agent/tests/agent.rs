@@ -483,3 +483,261 @@ async fn the_scripted_provider_plays_its_replies() {
     );
     assert_eq!(outcome.model.as_deref(), Some("scripted/offline-demo"));
 }
+
+/// `research/analyze` with its model changed by `edit`.
+fn research_analyze_with(
+    provider: Provider,
+    base_url: &str,
+    edit: impl FnOnce(&mut courier_wire::ModelDef),
+) -> (AgentSpec, SnapshotStore) {
+    let (spec, store) = research_analyze(provider, base_url, None);
+    let mut snapshot = store.snapshot().clone();
+    edit(snapshot.models.get_mut("local").unwrap());
+    (spec, SnapshotStore::new(snapshot))
+}
+
+fn openai_base(base: &str) -> String {
+    with_base(Provider::OpenaiCompatible, base)
+}
+
+#[tokio::test]
+async fn an_output_call_without_valid_text_is_an_error_the_model_sees() {
+    // Missing text, a number, an empty string, unparseable arguments: each is
+    // answered with an error, and the step fails saying why.
+    let calls = [
+        json!({}).to_string(),
+        json!({"text": 42}).to_string(),
+        json!({"text": "  "}).to_string(),
+        "{\"text\": \"cut".to_string(),
+    ];
+    let answers: Vec<Answer> = calls
+        .iter()
+        .map(|args| {
+            Answer::Json(
+                json!({"choices": [{"message": {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "output", "arguments": args}}]},
+                "finish_reason": "tool_calls"}]}),
+            )
+        })
+        .collect();
+    let (mock, base) = Mock::start(answers).await;
+    let (mut spec, store) = research_analyze(Provider::OpenaiCompatible, &openai_base(&base), None);
+    spec.max_iterations = 4;
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
+    assert_eq!(outcome.status, TaskStatus::Failed);
+    assert_eq!(outcome.output, "");
+    assert_eq!(
+        outcome.error.as_deref(),
+        Some(
+            "the agent did not finish within max_iterations (4): its last output call was refused (error: the arguments of output must be a JSON object; you sent: {\"text\": \"cut)"
+        )
+    );
+    let answers: Vec<String> = outcome
+        .transcript
+        .iter()
+        .filter(|e| e.role == "tool")
+        .map(|e| e.content.clone())
+        .collect();
+    assert_eq!(
+        answers,
+        [
+            "error: output needs \"text\" (your final answer, a string); nothing was recorded",
+            "error: output's \"text\" must be a string, not 42; nothing was recorded",
+            "error: output needs a non-empty \"text\"; nothing was recorded",
+            "error: the arguments of output must be a JSON object; you sent: {\"text\": \"cut",
+        ]
+    );
+    // The model saw each refusal as the tool's answer.
+    let last = &mock.requests()[3].1["messages"];
+    let tool = last
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|m| m["role"] == "tool")
+        .unwrap();
+    assert_eq!(tool["content"], answers[2]);
+}
+
+#[tokio::test]
+async fn an_answer_cut_off_at_the_token_limit_fails_the_step() {
+    let cut_openai = Answer::Json(
+        json!({"choices": [{"message": {"role": "assistant", "content": "Message queues are a way to"},
+        "finish_reason": "length"}], "usage": {"prompt_tokens": 10, "completion_tokens": 8}}),
+    );
+    let cut_anthropic = Answer::Json(
+        json!({"content": [{"type": "text", "text": "Message queues are a way to"}],
+        "stop_reason": "max_tokens", "usage": {"input_tokens": 10, "output_tokens": 8}}),
+    );
+    for (provider, answer) in [
+        (Provider::OpenaiCompatible, cut_openai),
+        (Provider::Anthropic, cut_anthropic),
+    ] {
+        let (_mock, base) = Mock::start(vec![answer]).await;
+        let (spec, store) = research_analyze(provider, &with_base(provider, &base), None);
+        let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
+        assert_eq!(outcome.status, TaskStatus::Failed, "{provider:?}");
+        assert_eq!(
+            outcome.error.as_deref(),
+            Some("the model's answer was cut off at its token limit (max_tokens): refusing half an answer")
+        );
+        assert_eq!(outcome.output, "");
+    }
+}
+
+#[tokio::test]
+async fn a_cut_off_tool_call_is_answered_with_an_error_and_the_loop_goes_on() {
+    let cut = Answer::Json(
+        json!({"choices": [{"message": {"role": "assistant", "content": null, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "output", "arguments": "{\"text\": \"half"}}]},
+        "finish_reason": "length"}]}),
+    );
+    let (_mock, base) = Mock::start(vec![cut, openai(None, &[("output", json!({"text": "whole"}))])]).await;
+    let (spec, store) = research_analyze(Provider::OpenaiCompatible, &openai_base(&base), None);
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
+    assert_eq!(outcome.status, TaskStatus::Succeeded, "{outcome:?}");
+    assert_eq!(outcome.output, "whole");
+}
+
+#[tokio::test]
+async fn tool_arguments_sent_as_an_object_are_accepted_and_kept_as_sent() {
+    let object_args = Answer::Json(
+        json!({"choices": [{"message": {"role": "assistant", "content": null, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "output", "arguments": {"text": "from an object"}}}]},
+        "finish_reason": "tool_calls"}]}),
+    );
+    let (_mock, base) = Mock::start(vec![object_args]).await;
+    let (spec, store) = research_analyze(Provider::OpenaiCompatible, &openai_base(&base), None);
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
+    assert_eq!(outcome.status, TaskStatus::Succeeded, "{outcome:?}");
+    assert_eq!(outcome.output, "from an object");
+    let call = outcome.transcript.iter().find(|e| e.role == "call").unwrap();
+    assert_eq!(call.content, "output({\"text\":\"from an object\"})");
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured_up_to_the_steps_remaining_time() {
+    let busy = || Answer::Status(429, json!({"error": {"message": "slow down"}}), Some("45"));
+    // Below: the step has 40 s; waiting 45 s is pointless, so it fails at once.
+    let (mock, base) = Mock::start(vec![busy()]).await;
+    let (spec, store) = research_analyze(Provider::OpenaiCompatible, &openai_base(&base), None);
+    let started = Instant::now();
+    let outcome = run_step(&spec, &store, Duration::from_secs(40), &env()).await;
+    assert_eq!(outcome.status, TaskStatus::Failed);
+    let error = outcome.error.unwrap();
+    assert!(
+        error.starts_with("openai-compatible asked to retry after 45s, but the step has only 39"),
+        "{error}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(mock.requests().len(), 1);
+    // Above: 45 s are waited in full (not cut to 30 s), then it succeeds.
+    let (mock, base) = Mock::start(vec![busy(), openai(Some("after the wait"), &[])]).await;
+    let (spec, store) = research_analyze(Provider::OpenaiCompatible, &openai_base(&base), None);
+    let started = Instant::now();
+    let outcome = run_step(&spec, &store, Duration::from_secs(60), &env()).await;
+    assert_eq!(outcome.status, TaskStatus::Succeeded, "{outcome:?}");
+    assert_eq!(outcome.output, "after the wait");
+    assert!(started.elapsed() >= Duration::from_secs(45), "{:?}", started.elapsed());
+    assert_eq!(mock.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn retry_after_as_an_http_date_is_honoured_and_the_last_attempt_does_not_sleep() {
+    let at = std::time::SystemTime::now() + Duration::from_secs(2);
+    let date: &'static str = Box::leak(httpdate::fmt_http_date(at).into_boxed_str());
+    let (mock, base) = Mock::start(vec![
+        Answer::Status(503, json!({"error": {"message": "overloaded"}}), Some(date)),
+        openai(Some("ok"), &[]),
+    ])
+    .await;
+    let (spec, store) = research_analyze(Provider::OpenaiCompatible, &openai_base(&base), None);
+    let started = Instant::now();
+    let outcome = run_step(&spec, &store, Duration::from_secs(20), &env()).await;
+    assert_eq!(outcome.status, TaskStatus::Succeeded, "{outcome:?}");
+    // HTTP dates have whole seconds: the wait is between 1 and 2 s.
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(mock.requests().len(), 2);
+
+    // Four 503s with Retry-After: 1: three waits, none after the last.
+    let busy = || Answer::Status(503, json!({"error": {"message": "overloaded"}}), Some("1"));
+    let (mock, base) = Mock::start(vec![busy(), busy(), busy(), busy()]).await;
+    let (spec, store) = research_analyze(Provider::OpenaiCompatible, &openai_base(&base), None);
+    let started = Instant::now();
+    let outcome = run_step(&spec, &store, Duration::from_secs(20), &env()).await;
+    let elapsed = started.elapsed();
+    assert_eq!(
+        outcome.error.as_deref(),
+        Some("openai-compatible failed after 4 attempts: HTTP 503: overloaded")
+    );
+    assert_eq!(mock.requests().len(), 4);
+    assert!(
+        elapsed >= Duration::from_secs(3) && elapsed < Duration::from_millis(3800),
+        "{elapsed:?}"
+    );
+}
+
+#[tokio::test]
+async fn errors_say_what_timed_out_or_failed_and_which_provider() {
+    // A request timeout, on a model of the `ollama` provider.
+    let (_mock, base) = Mock::start(vec![]).await;
+    *_mock.forever.lock().unwrap() = Some(Answer::Slow(Duration::from_secs(5), json!({})));
+    let (spec, store) = research_analyze_with(Provider::Ollama, &openai_base(&base), |m| {
+        m.request_timeout = Some(Duration::from_millis(300));
+    });
+    let outcome = run_step(&spec, &store, Duration::from_secs(20), &env()).await;
+    assert_eq!(
+        outcome.error.as_deref(),
+        Some("ollama failed after 4 attempts: timed out after 300ms")
+    );
+    // A host that does not resolve is named, with the resolver's answer.
+    let (spec, store) = research_analyze(Provider::Anthropic, "http://courier-no-such-host.invalid", None);
+    let outcome = run_step(&spec, &store, Duration::from_secs(20), &env()).await;
+    let error = outcome.error.unwrap();
+    assert!(error.starts_with("anthropic failed after 4 attempts: "), "{error}");
+    assert!(error.contains("courier-no-such-host.invalid"), "{error}");
+    assert!(error.contains("dns error"), "{error}");
+}
+
+#[tokio::test]
+async fn an_api_key_echoed_by_the_provider_is_masked() {
+    let key = "sk-it-echoed-7f2a9c";
+    let (_mock, base) = Mock::start(vec![Answer::Status(
+        401,
+        json!({"error": {"message": format!("Incorrect API key provided: {key}. Check it.")}}),
+        None,
+    )])
+    .await;
+    let (spec, store) = research_analyze(Provider::OpenaiCompatible, &openai_base(&base), Some("IT_ECHO_KEY"));
+    let env = BTreeMap::from([("IT_ECHO_KEY".to_string(), key.to_string())]);
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env).await;
+    assert_eq!(
+        outcome.error.as_deref(),
+        Some("openai-compatible returned HTTP 401: Incorrect API key provided: ***. Check it.")
+    );
+}
+
+#[tokio::test]
+async fn a_model_file_can_ask_for_max_completion_tokens() {
+    let (mock, base) = Mock::start(vec![openai(Some("a"), &[]), openai(Some("b"), &[])]).await;
+    for field in [
+        courier_wire::MaxTokensField::MaxCompletionTokens,
+        courier_wire::MaxTokensField::MaxTokens,
+    ] {
+        let (spec, store) = research_analyze_with(Provider::OpenaiCompatible, &openai_base(&base), |m| {
+            m.max_tokens = Some(300);
+            m.max_tokens_field = field;
+        });
+        let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
+        assert_eq!(outcome.status, TaskStatus::Succeeded, "{outcome:?}");
+    }
+    let requests = mock.requests();
+    assert_eq!(requests[0].1["max_completion_tokens"], 300);
+    assert!(requests[0].1.get("max_tokens").is_none());
+    assert_eq!(requests[1].1["max_tokens"], 300);
+    assert!(requests[1].1.get("max_completion_tokens").is_none());
+}
