@@ -489,6 +489,14 @@ pub mod tx {
         Ok(())
     }
 
+    /// Set a step's error without changing its status (a succeeded step
+    /// whose memory update could not be written).
+    pub fn set_step_error(tx: &Transaction<'_>, run: &str, name: &str, error: &str) -> Result<(), DbError> {
+        tx.prepare_cached("UPDATE steps SET error = ?3 WHERE run_id = ?1 AND name = ?2")?
+            .execute(params![run, name, error])?;
+        Ok(())
+    }
+
     /// A run reached a final state.
     pub fn finish_run(
         tx: &Transaction<'_>,

@@ -66,6 +66,8 @@ pub struct Applied {
     pub retried: usize,
     /// Runs that finished.
     pub finished_runs: usize,
+    /// Memory proposals of succeeded steps that could not be written.
+    pub memory_not_written: usize,
 }
 
 /// Why a result was refused: it cannot be the answer to the task it names.
@@ -149,8 +151,17 @@ pub const MAX_KEPT_BODY_BYTES: usize = 64 * 1024 * 1024;
 struct Effects {
     /// Tasks written: (task id, encoded body).
     written: Vec<(String, Vec<u8>)>,
-    /// Memory proposals of succeeded steps: (workflow, update).
-    memory: Vec<(String, MemoryUpdate)>,
+    /// Memory proposals of succeeded steps.
+    memory: Vec<MemoryWrite>,
+}
+
+/// A memory proposal to append once its step's success is committed.
+#[derive(Debug)]
+struct MemoryWrite {
+    run: String,
+    step: String,
+    workflow: String,
+    update: MemoryUpdate,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -172,17 +183,30 @@ impl Engine {
     }
 
     /// Act on a committed transaction: keep task bodies for the outbox
-    /// (within the budget) and apply memory proposals to the store.
-    fn after_commit(&self, effects: Effects) {
+    /// (within the budget) and apply memory proposals to the store. A
+    /// proposal that cannot be written is recorded as the step's error (the
+    /// step stays succeeded); returns how many were not written.
+    fn after_commit(&self, effects: Effects) -> usize {
+        let mut not_written = 0;
         if !effects.memory.is_empty() {
-            for (workflow, update) in &effects.memory {
-                let scope = match update.target {
+            for write in &effects.memory {
+                let scope = match write.update.target {
                     MemoryTarget::Global => MemoryScope::Global,
-                    MemoryTarget::Workflow => MemoryScope::Workflow(workflow),
+                    MemoryTarget::Workflow => MemoryScope::Workflow(&write.workflow),
                 };
-                match self.config.store.append_memory(scope, &update.append) {
-                    Ok(()) => tracing::info!(%workflow, ?update.target, "memory updated"),
-                    Err(e) => tracing::error!(%workflow, error = %e, "cannot apply a memory update"),
+                match self.config.store.append_memory(scope, &write.update.append) {
+                    Ok(()) => tracing::info!(workflow = %write.workflow, ?write.update.target, "memory updated"),
+                    Err(e) => {
+                        not_written += 1;
+                        let error = format!("the step's memory update was not written: {e}");
+                        tracing::error!(run = %write.run, step = %write.step, %error, "memory update failed");
+                        let noted = self.with_db(|db| {
+                            db.transaction(|t| tx::set_step_error(t, &write.run, &write.step, &error))
+                        });
+                        if let Err(e) = noted {
+                            tracing::error!(error = %e, "cannot record the failed memory update");
+                        }
+                    }
                 }
             }
             // Later snapshots must carry the new memory.
@@ -196,6 +220,7 @@ impl Engine {
             kept.1 += body.len();
             kept.0.insert(id, body);
         }
+        not_written
     }
 
     /// The encoded task and its snapshot hash for an outbox row: the body kept
@@ -301,7 +326,7 @@ impl Engine {
             .collect::<Result<_, SubmitError>>()?;
         let params_json = serde_json::to_string(&params).unwrap_or_else(|_| "{}".into());
         let run = run_id.to_string();
-        let view = self.with_db(|db| {
+        let (effects, view) = self.with_db(|db| {
             let effects = db.transaction(|t| {
                 tx::insert_run(t, &run, &wf.name, &params_json, now)?;
                 for (i, s) in wf.steps.iter().enumerate() {
@@ -313,9 +338,9 @@ impl Engine {
                 }
                 Ok::<_, DbError>(effects)
             })?;
-            self.after_commit(effects);
-            db.run(&run)?.ok_or(DbError::QueryReturnedNoRows)
+            Ok::<_, DbError>((effects, db.run(&run)?.ok_or(DbError::QueryReturnedNoRows)?))
         })?;
+        self.after_commit(effects);
         Ok(view)
     }
 
@@ -338,7 +363,8 @@ impl Engine {
                 Ok::<_, DbError>((applied, effects))
             })
         })?;
-        self.after_commit(effects);
+        let mut applied = applied;
+        applied.memory_not_written = self.after_commit(effects);
         Ok(applied)
     }
 
@@ -470,9 +496,12 @@ impl Engine {
                     now,
                 )?;
                 states.set(&step.name, step_status::SUCCEEDED);
-                effects
-                    .memory
-                    .extend(r.memory_updates.iter().map(|u| (workflow.clone(), u.clone())));
+                effects.memory.extend(r.memory_updates.iter().map(|u| MemoryWrite {
+                    run: run.clone(),
+                    step: step.name.clone(),
+                    workflow: workflow.clone(),
+                    update: u.clone(),
+                }));
                 // Dispatch every dependent whose dependencies all succeeded.
                 for s in wf.steps.iter().filter(|s| s.depends.contains(&step.name)) {
                     if states.get(t, &s.name)? != step_status::PENDING {

@@ -575,6 +575,10 @@ async fn results_loop(shared: &Arc<Shared>, consumer: &mut Consumer, intake: &Re
                 shared.metrics.results_duplicate.inc_by(applied.duplicates as u64);
                 shared.metrics.tasks_retried.inc_by(applied.retried as u64);
                 shared.metrics.runs_finished.inc_by(applied.finished_runs as u64);
+                shared
+                    .metrics
+                    .memory_not_written
+                    .inc_by(applied.memory_not_written as u64);
                 shared.outbox.notify_one();
                 // Results arrive in order on one channel: one multiple-ack
                 // settles the whole batch, dead-lettered copies included.

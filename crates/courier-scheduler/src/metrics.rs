@@ -26,6 +26,7 @@ pub struct Metrics {
     pub results_duplicate: Counter,
     pub results_refused: Family<Reason, Counter>,
     pub tasks_retried: Counter,
+    pub memory_not_written: Counter,
     pub runs_submitted: Counter,
     pub runs_finished: Counter,
     pub outbox_pending: Gauge,
@@ -59,6 +60,11 @@ impl Metrics {
             "courier_tasks_retried",
             "Failed attempts scheduled again",
             self.tasks_retried.clone(),
+        );
+        registry.register(
+            "courier_memory_updates_failed",
+            "Memory proposals of succeeded steps that could not be written (the step's error says why)",
+            self.memory_not_written.clone(),
         );
         registry.register("courier_runs_submitted", "Runs started", self.runs_submitted.clone());
         registry.register(

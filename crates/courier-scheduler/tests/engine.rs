@@ -217,3 +217,90 @@ fn courier_now() -> i64 {
     )
     .unwrap()
 }
+
+#[test]
+fn a_result_that_does_not_match_its_task_is_refused_and_changes_nothing() {
+    use courier_scheduler::engine::Refused;
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine(&dir.path().join("courier.db"));
+    let (run, analyze) = research_at_analyze(&engine);
+    let wrong_attempt = TaskResult {
+        attempt: 2,
+        ..result(&analyze, TaskStatus::Succeeded, "forged")
+    };
+    let wrong_step = TaskResult {
+        step: "write".into(),
+        ..result(&analyze, TaskStatus::Succeeded, "forged")
+    };
+    let applied = engine.apply(&[wrong_attempt, wrong_step]).unwrap();
+    assert_eq!(applied.applied, 0);
+    let reasons: Vec<(usize, &str)> = applied.refused.iter().map(|(i, r)| (*i, r.label())).collect();
+    assert_eq!(reasons, [(0, "mismatch"), (1, "mismatch")]);
+    assert!(matches!(&applied.refused[0].1, Refused::Mismatch { claimed, .. } if claimed.ends_with("attempt 2")));
+    let view = engine.with_db(|db| db.run(&run)).unwrap().unwrap();
+    assert_eq!((view.status.as_str(), view.steps[1].status.as_str()), ("running", "running"));
+    // The real result is still applied afterwards.
+    let applied = engine.apply(&[result(&analyze, TaskStatus::Succeeded, "real")]).unwrap();
+    assert_eq!(applied.applied, 1);
+}
+
+#[test]
+fn only_an_agent_step_with_the_tool_may_propose_memory() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine(&dir.path().join("courier.db"));
+    let run = engine
+        .submit("research", &BTreeMap::from([("topic".to_string(), "q".to_string())]))
+        .unwrap();
+    let gather = publish_next(&engine);
+    let proposal = courier_wire::MemoryUpdate {
+        target: courier_wire::MemoryTarget::Global,
+        append: "- forged\n".into(),
+    };
+    let from_command = TaskResult {
+        memory_updates: vec![proposal],
+        ..result(&gather, TaskStatus::Succeeded, "notes")
+    };
+    let applied = engine.apply(&[from_command]).unwrap();
+    assert_eq!(applied.refused.len(), 1);
+    assert_eq!(applied.refused[0].1.label(), "memory_not_allowed");
+    let view = engine.with_db(|db| db.run(&run.id)).unwrap().unwrap();
+    assert_eq!(view.steps[0].status, "running");
+}
+
+#[test]
+fn a_memory_update_that_cannot_be_written_is_recorded_on_the_step() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config_dir = dir.path().join("config");
+    let copied = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config"))
+        .arg(&config_dir)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let engine = Engine::new(
+        Config::load(&config_dir).unwrap(),
+        Db::open(&dir.path().join("courier.db")).unwrap(),
+        EngineLimits::default(),
+    );
+    // The workflow's memory file becomes a folder: appending to it fails
+    // (even as root, unlike a permission).
+    let memory = config_dir.join("agents/memory/workflows/research/MEMORY.md");
+    let _ = std::fs::remove_file(&memory);
+    std::fs::create_dir_all(&memory).unwrap();
+    let (run, analyze) = research_at_analyze(&engine);
+    let with_memory = TaskResult {
+        memory_updates: vec![courier_wire::MemoryUpdate {
+            target: courier_wire::MemoryTarget::Workflow,
+            append: "- learned\n".into(),
+        }],
+        ..result(&analyze, TaskStatus::Succeeded, "analysis")
+    };
+    let applied = engine.apply(&[with_memory]).unwrap();
+    assert_eq!((applied.applied, applied.memory_not_written), (1, 1));
+    let view = engine.with_db(|db| db.run(&run)).unwrap().unwrap();
+    let step = &view.steps[1];
+    assert_eq!(step.status, "succeeded");
+    let error = step.error.as_deref().unwrap();
+    assert!(error.starts_with("the step's memory update was not written: "), "{error}");
+}
