@@ -550,3 +550,47 @@ fn every_command_exits_quietly_when_its_output_is_closed() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert_eq!(stderr, "");
 }
+
+#[test]
+fn a_message_over_the_shipped_size_limit_never_reaches_a_worker() {
+    // The shipped broker config's limit, applied to the test broker (new
+    // channels read it).
+    let conf = std::fs::read_to_string(crate::support::example_config().join("rabbitmq/rabbitmq.conf")).unwrap();
+    let limit: u64 = conf
+        .lines()
+        .find_map(|l| l.strip_prefix("max_message_size = "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("max_message_size in config/rabbitmq/rabbitmq.conf");
+    assert!(limit > 4 * 1024 * 1024, "below task_max_compressed: {limit}");
+    rabbitmqctl(&[
+        "eval",
+        &format!("application:set_env(rabbit, max_message_size, {limit})."),
+    ]);
+    let cluster = Cluster::builder().workers(1).start();
+    let names = Names::new(cluster.namespace.clone());
+    let refused = crate::cluster::block_on(async {
+        let broker = courier_amqp::Broker::connect(&crate::cluster::amqp_url(), names.clone(), "courier-it-big")
+            .await
+            .unwrap();
+        let publisher = broker.publisher(1).await.unwrap();
+        let body = vec![0u8; 100 * 1024 * 1024];
+        let sent = publisher
+            .publish(courier_amqp::Outgoing {
+                exchange: &names.tasks_exchange(),
+                routing_key: "default",
+                body: &body,
+                message_id: "huge",
+                correlation_id: "none",
+                headers: Vec::new(),
+            })
+            .await;
+        let _ = broker.close().await;
+        sent
+    });
+    let error = refused.expect_err("the broker accepted a 100 MB message").to_string();
+    assert!(error.contains("larger than configured max size"), "{error}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(cluster.dead_depth(), 0);
+    let rss = cluster.worker_peak_rss_mib("w1");
+    assert!(rss < 64.0, "worker peak RSS {rss:.1} MiB");
+}

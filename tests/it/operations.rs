@@ -10,19 +10,41 @@ fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
 }
 
+/// The secrets the compose file requires from `.env`.
+const COMPOSE_SECRETS: &[&str] = &[
+    "RABBITMQ_USER",
+    "RABBITMQ_PASSWORD",
+    "COURIER_SIGNING_KEY",
+    "COURIER_API_TOKEN",
+    "GRAFANA_ADMIN_PASSWORD",
+];
+
+/// `docker-compose <args>` on the shipped file with these variables only (an
+/// empty env file, so a developer's `.env` does not count).
+fn compose(args: &[&str], vars: &[(&str, &str)]) -> std::process::Output {
+    let empty = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = std::process::Command::new("docker-compose");
+    cmd.arg("--env-file").arg(empty.path()).args(args).current_dir(repo());
+    for name in COMPOSE_SECRETS
+        .iter()
+        .chain(["WORKER_CONCURRENCY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY"].iter())
+    {
+        cmd.env_remove(name);
+    }
+    cmd.envs(vars.iter().copied());
+    cmd.output()
+        .expect("docker-compose is needed: apt-get install docker-compose")
+}
+
+fn all_secrets() -> Vec<(&'static str, &'static str)> {
+    COMPOSE_SECRETS.iter().map(|k| (*k, "it-value")).collect()
+}
+
 #[test]
 fn the_compose_file_validates_and_names_every_service() {
-    let out = std::process::Command::new("docker-compose")
-        .args(["config", "-q"])
-        .current_dir(repo())
-        .output()
-        .expect("docker-compose is needed: apt-get install docker-compose");
+    let out = compose(&["config", "-q"], &all_secrets());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = std::process::Command::new("docker-compose")
-        .args(["config", "--services"])
-        .current_dir(repo())
-        .output()
-        .unwrap();
+    let out = compose(&["--profile", "local-llm", "config", "--services"], &all_secrets());
     let services: BTreeSet<String> = String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
     for s in [
         "rabbitmq",
@@ -45,6 +67,69 @@ fn the_compose_file_validates_and_names_every_service() {
     ] {
         assert!(compose.contains(&format!("./{file}")), "compose does not mount {file}");
         assert!(repo().join(file).exists(), "{file} is missing");
+    }
+}
+
+#[test]
+fn the_compose_file_refuses_to_start_without_its_secrets() {
+    for missing in COMPOSE_SECRETS {
+        let vars: Vec<(&str, &str)> = all_secrets().into_iter().filter(|(k, _)| k != missing).collect();
+        let out = compose(&["config", "-q"], &vars);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "compose accepted a missing {missing}");
+        assert!(
+            stderr.contains(&format!("set {missing} in .env (see .env.example)")),
+            "{missing}: {stderr}"
+        );
+    }
+    let ignored = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
+    assert!(ignored.lines().any(|l| l == ".env"), "{ignored}");
+}
+
+#[test]
+fn the_compose_file_publishes_only_on_loopback_and_keeps_the_broker_inside() {
+    let out = compose(&["--profile", "local-llm", "config"], &all_secrets());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let resolved: serde_yaml_ng::Value = serde_yaml_ng::from_slice(&out.stdout).unwrap();
+    let mut published = BTreeSet::new();
+    for (name, service) in resolved["services"].as_mapping().unwrap() {
+        let name = name.as_str().unwrap();
+        for port in service["ports"].as_sequence().into_iter().flatten() {
+            let port = port
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: long-form port {port:?}"));
+            assert!(
+                port.starts_with("127.0.0.1:"),
+                "{name} publishes {port} beyond loopback"
+            );
+            published.insert(format!("{name} {port}"));
+        }
+    }
+    assert_eq!(
+        published,
+        BTreeSet::from([
+            "grafana 127.0.0.1:3000:3000/tcp".to_string(),
+            "prometheus 127.0.0.1:9090:9090/tcp".to_string(),
+            "rabbitmq 127.0.0.1:15672:15672/tcp".to_string(),
+            "scheduler 127.0.0.1:8080:8080/tcp".to_string(),
+        ])
+    );
+    // Workers start without waiting for the model download.
+    let worker = &resolved["services"]["worker"];
+    let depends: Vec<&str> = match &worker["depends_on"] {
+        serde_yaml_ng::Value::Mapping(m) => m.keys().filter_map(|k| k.as_str()).collect(),
+        other => other
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str())
+            .collect(),
+    };
+    assert_eq!(depends, ["rabbitmq"]);
+    for service in ["scheduler", "worker"] {
+        let test = &resolved["services"][service]["healthcheck"]["test"];
+        assert_eq!(test[1], "courier", "{service}: {test:?}");
+        assert!(test[3].as_str().unwrap().ends_with("/healthz"), "{service}: {test:?}");
     }
 }
 

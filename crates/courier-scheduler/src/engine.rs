@@ -200,9 +200,8 @@ impl Engine {
                         not_written += 1;
                         let error = format!("the step's memory update was not written: {e}");
                         tracing::error!(run = %write.run, step = %write.step, %error, "memory update failed");
-                        let noted = self.with_db(|db| {
-                            db.transaction(|t| tx::set_step_error(t, &write.run, &write.step, &error))
-                        });
+                        let noted = self
+                            .with_db(|db| db.transaction(|t| tx::set_step_error(t, &write.run, &write.step, &error)));
                         if let Err(e) = noted {
                             tracing::error!(error = %e, "cannot record the failed memory update");
                         }

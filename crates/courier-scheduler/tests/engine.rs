@@ -238,9 +238,14 @@ fn a_result_that_does_not_match_its_task_is_refused_and_changes_nothing() {
     assert_eq!(reasons, [(0, "mismatch"), (1, "mismatch")]);
     assert!(matches!(&applied.refused[0].1, Refused::Mismatch { claimed, .. } if claimed.ends_with("attempt 2")));
     let view = engine.with_db(|db| db.run(&run)).unwrap().unwrap();
-    assert_eq!((view.status.as_str(), view.steps[1].status.as_str()), ("running", "running"));
+    assert_eq!(
+        (view.status.as_str(), view.steps[1].status.as_str()),
+        ("running", "running")
+    );
     // The real result is still applied afterwards.
-    let applied = engine.apply(&[result(&analyze, TaskStatus::Succeeded, "real")]).unwrap();
+    let applied = engine
+        .apply(&[result(&analyze, TaskStatus::Succeeded, "real")])
+        .unwrap();
     assert_eq!(applied.applied, 1);
 }
 
@@ -302,5 +307,8 @@ fn a_memory_update_that_cannot_be_written_is_recorded_on_the_step() {
     let step = &view.steps[1];
     assert_eq!(step.status, "succeeded");
     let error = step.error.as_deref().unwrap();
-    assert!(error.starts_with("the step's memory update was not written: "), "{error}");
+    assert!(
+        error.starts_with("the step's memory update was not written: "),
+        "{error}"
+    );
 }

@@ -131,6 +131,12 @@ enum Command {
     /// Build and inspect step snapshots.
     #[command(subcommand)]
     Snapshot(snapshot_cmd::SnapshotCommand),
+    /// Exit 0 if URL answers 2xx within 5 s (a container healthcheck: the
+    /// image has no curl).
+    Healthcheck {
+        /// A `/healthz` URL.
+        url: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -206,6 +212,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             bench::run(&settings, &args)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Healthcheck { url } => runtime()?.block_on(async {
+            let response = client::client()?
+                .get(&url)
+                .timeout(std::time::Duration::from_secs(5))
+                .send()
+                .await?;
+            if !response.status().is_success() {
+                anyhow::bail!("{url} answered {}", response.status());
+            }
+            Ok(ExitCode::SUCCESS)
+        }),
         Command::Submit { workflow, params, wait } => {
             let settings = Settings::load(flags.0)?;
             let params = client::parse_params(&params)?;
