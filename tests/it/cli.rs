@@ -50,6 +50,29 @@ fn validate_builds_every_snapshot_within_the_schedulers_limits() {
 }
 
 #[test]
+fn validate_checks_parameter_defaults_against_the_task_limits() {
+    let dir = tempfile::TempDir::new().unwrap();
+    copy_dir(&example_config(), dir.path());
+    // A 1.5 MB default used six times: a 9 MB task, over the 4 MiB limit set here.
+    let yaml = format!(
+        "params:\n  big: \"{}\"\nsteps:\n  - name: a\n    command: [echo{}]\n",
+        "x".repeat(1_500_000),
+        ", \"${big}\"".repeat(6)
+    );
+    std::fs::write(dir.path().join("workflows/big.yaml"), yaml).unwrap();
+    std::fs::write(dir.path().join("courier.toml"), "task_max_decompressed = 4194304\n").unwrap();
+    let (out, _, stderr) = run(courier().args(["validate", "--config-dir"]).arg(dir.path()));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr,
+        format!(
+            "1 error in the configuration:\n  {}/workflows/big.yaml:4: step \"a\": with its parameters' defaults, the step's task is over the task limits: task too large: decompressed size exceeds the limit of 4194304 bytes\n",
+            dir.path().display()
+        )
+    );
+}
+
+#[test]
 fn validate_lists_every_error_and_exits_non_zero() {
     let dir = tempfile::TempDir::new().unwrap();
     copy_dir(&example_config(), dir.path());

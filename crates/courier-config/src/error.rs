@@ -64,25 +64,34 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Every problem found in one pass over the config folder.
+/// Every problem found in one pass over the config folder: the first
+/// [`MAX_REPORTED`] of them, and how many more there were.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
+pub struct ConfigErrors(pub Vec<ConfigError>, pub usize);
+
+/// Errors reported (and located) at most; the rest are counted.
+pub const MAX_REPORTED: usize = 100;
 
 impl ConfigErrors {
-    /// The errors, each given the line of the step and field it names where
-    /// the YAML parser did not give one.
+    /// The first [`MAX_REPORTED`] errors, each given the line of the step and
+    /// field it names where the YAML parser did not give one.
     pub fn located(mut errors: Vec<ConfigError>) -> Self {
+        let more = errors.len().saturating_sub(MAX_REPORTED);
+        errors.truncate(MAX_REPORTED);
         crate::yaml::add_lines(&mut errors);
-        Self(errors)
+        Self(errors, more)
     }
 }
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.0.len();
+        let n = self.0.len() + self.1;
         writeln!(f, "{n} error{} in the configuration:", if n == 1 { "" } else { "s" })?;
         for e in &self.0 {
             writeln!(f, "  {e}")?;
+        }
+        if self.1 > 0 {
+            writeln!(f, "  ... and {} more (the first {MAX_REPORTED} are shown)", self.1)?;
         }
         Ok(())
     }

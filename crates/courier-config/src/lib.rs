@@ -9,6 +9,7 @@
 
 mod config;
 mod error;
+pub mod files;
 mod snapshot;
 mod store;
 pub mod template;

@@ -422,10 +422,10 @@ fn write_atomically(path: &Path, text: &str) -> Result<(), StoreError> {
 }
 
 fn read(path: &Path, errors: &mut Vec<ConfigError>) -> Option<String> {
-    match std::fs::read_to_string(path) {
+    match crate::files::read_text(path) {
         Ok(text) => Some(text),
         Err(e) => {
-            errors.push(ConfigError::file(path, format!("cannot read: {e}")));
+            errors.push(ConfigError::file(path, e.to_string()));
             None
         }
     }
@@ -477,6 +477,11 @@ fn load_models(dir: &Path, errors: &mut Vec<ConfigError>) -> BTreeMap<String, Mo
                 .field("api_key_env"),
             );
         }
+        if let Some(url) = &model.base_url
+            && let Err(why) = check_base_url(url)
+        {
+            errors.push(ConfigError::file(&path, why).field("base_url"));
+        }
         if model.provider == Provider::Scripted && model.script.is_empty() {
             errors.push(ConfigError::file(&path, "a scripted model needs at least one reply").field("script"));
         }
@@ -486,6 +491,22 @@ fn load_models(dir: &Path, errors: &mut Vec<ConfigError>) -> BTreeMap<String, Mo
         models.insert(id, model);
     }
     models
+}
+
+/// A model's endpoint: an http(s) URL that carries no credentials, since a
+/// snapshot (and so every task of the step) carries the URL.
+fn check_base_url(text: &str) -> Result<(), String> {
+    let url = url::Url::parse(text).map_err(|e| format!("\"{text}\" is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("\"{text}\" is not an http or https URL"));
+    }
+    if !url.username().is_empty() || url.password().is_some() || url.query().is_some() || url.fragment().is_some() {
+        return Err(
+            "a base_url must not carry credentials (user info, query or fragment): it travels in every snapshot; put the key in the variable api_key_env names"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 fn is_env_name(name: &str) -> bool {
@@ -541,11 +562,11 @@ fn load_souls(dir: &Path, errors: &mut Vec<ConfigError>) -> BTreeMap<String, Sou
 }
 
 fn load_memory(dir: &Path, errors: &mut Vec<ConfigError>) -> MemoryFiles {
-    let optional = |path: PathBuf, errors: &mut Vec<ConfigError>| match std::fs::read_to_string(&path) {
+    let optional = |path: PathBuf, errors: &mut Vec<ConfigError>| match crate::files::read_text(&path) {
         Ok(text) => Some(text),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(crate::files::ReadError::NotFound(_)) => None,
         Err(e) => {
-            errors.push(ConfigError::file(&path, format!("cannot read: {e}")));
+            errors.push(ConfigError::file(&path, e.to_string()));
             None
         }
     };

@@ -189,8 +189,7 @@ impl Workflow {
     /// # Errors
     /// Every problem found, each naming the file, the step and the field.
     pub fn load(path: &Path, catalog: &Catalog) -> Result<Self, Vec<ConfigError>> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| vec![ConfigError::file(path, format!("cannot read: {e}"))])?;
+        let text = crate::files::read_text(path).map_err(|e| vec![ConfigError::file(path, e.to_string())])?;
         Self::parse(path, &text, catalog)
     }
 

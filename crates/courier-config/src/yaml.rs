@@ -5,17 +5,17 @@
 //! ignored, so strictness for files comes from `serde_ignored` here rather than
 //! `deny_unknown_fields` on the types.
 
-use std::collections::BTreeMap;
-use std::fmt;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use serde::de::{self, DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::DeserializeOwned;
 
 use crate::error::ConfigError;
 
 /// Parse `text` as `T`. Returns the value and the dotted paths of keys `T`
 /// does not have, so the caller can name the step they belong to.
 pub(crate) fn parse<T: DeserializeOwned>(file: &Path, text: &str) -> Result<(T, Vec<String>), ConfigError> {
+    check_nesting(file, text)?;
     let mut unknown = Vec::new();
     let de = serde_yaml_ng::Deserializer::from_str(text);
     let value =
@@ -25,6 +25,51 @@ pub(crate) fn parse<T: DeserializeOwned>(file: &Path, text: &str) -> Result<(T, 
             err
         })?;
     Ok((value, unknown))
+}
+
+/// Deepest nesting of flow collections (`[`, `{`) a file may have: the parser
+/// slows down quadratically with depth, and no config needs more.
+pub const MAX_NESTING: usize = 64;
+
+/// Refuse text whose `[`/`{` nesting (outside quotes and comments) is deeper
+/// than [`MAX_NESTING`], before the parser sees it.
+fn check_nesting(file: &Path, text: &str) -> Result<(), ConfigError> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let mut quote: Option<char> = None;
+    let mut chars = text.chars().peekable();
+    let mut previous = '\n';
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (_, '\n') => {
+                line += 1;
+                if quote == Some('#') {
+                    quote = None;
+                }
+            }
+            (Some('"'), '\\') => {
+                chars.next();
+            }
+            (Some(q), c) if q == c && q != '#' => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '#') if previous.is_whitespace() => quote = Some('#'),
+            (None, '[' | '{') => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    let mut err = ConfigError::file(
+                        file,
+                        format!("nested deeper than {MAX_NESTING} levels of [ and {{: refusing to parse it"),
+                    );
+                    err.line = Some(line);
+                    return Err(err);
+                }
+            }
+            (None, ']' | '}') => depth = depth.saturating_sub(1),
+            (None, _) => {}
+        }
+        previous = c;
+    }
+    Ok(())
 }
 
 /// Parse `text` as `T`, with every unknown key reported as an error.
@@ -49,150 +94,200 @@ pub(crate) fn unknown_field(file: &Path, path: String) -> ConfigError {
 
 /// Give every error without a line the line of what it names: its field in
 /// its step (a prefix of the field when the field itself is absent, as a
-/// default is), or the step. Files are read again, once each.
+/// default is), or the step. Each file is read and walked once, whatever the
+/// number of its errors.
 pub(crate) fn add_lines(errors: &mut [ConfigError]) {
-    let mut texts: BTreeMap<PathBuf, Option<(String, usize)>> = BTreeMap::new();
-    for err in errors
-        .iter_mut()
-        .filter(|e| e.line.is_none() && (e.step.is_some() || e.field.is_some()))
-    {
-        let Some((yaml, offset)) = texts.entry(err.file.clone()).or_insert_with(|| yaml_of(&err.file)) else {
+    let mut by_file: BTreeMap<PathBuf, Vec<usize>> = BTreeMap::new();
+    for (i, err) in errors.iter().enumerate() {
+        if err.line.is_none() && (err.step.is_some() || err.field.is_some()) {
+            by_file.entry(err.file.clone()).or_default().push(i);
+        }
+    }
+    for (file, indexes) in by_file {
+        let Some(located) = Located::read(&file) else {
             continue;
         };
+        // Each error's candidate paths, most precise last.
+        let candidates: Vec<(usize, Vec<Vec<String>>)> = indexes
+            .into_iter()
+            .filter_map(|i| Some((i, located.candidates(&errors[i])?)))
+            .collect();
+        let wanted: BTreeSet<Vec<String>> = candidates.iter().flat_map(|(_, c)| c.iter().cloned()).collect();
+        let lines = lines_of(&located.yaml, &wanted);
+        for (i, paths) in candidates {
+            errors[i].line = paths
+                .iter()
+                .rev()
+                .find_map(|p| lines.get(p))
+                .map(|line| line + located.offset);
+        }
+    }
+}
+
+/// A file read once for locating its errors.
+struct Located {
+    /// Its YAML: a workflow or model file whole, a Markdown file's front matter.
+    yaml: String,
+    /// Lines before the YAML (the front matter's `---`).
+    offset: usize,
+    /// The names of a workflow's steps, in order.
+    steps: Vec<Option<String>>,
+}
+
+impl Located {
+    fn read(file: &Path) -> Option<Self> {
+        let text = crate::files::read_text(file).ok()?;
+        let (yaml, offset) = if file.extension().is_some_and(|e| e == "md") {
+            front_matter(&text).map(|(yaml, _)| (yaml.to_string(), 1))?
+        } else {
+            (text, 0)
+        };
+        let value: Option<serde_yaml_ng::Value> = serde_yaml_ng::from_str(&yaml).ok();
+        let steps = value
+            .as_ref()
+            .and_then(|v| v.get("steps")?.as_sequence().cloned())
+            .unwrap_or_default()
+            .iter()
+            .map(|s| s.get("name").and_then(|n| n.as_str()).map(String::from))
+            .collect();
+        Some(Self { yaml, offset, steps })
+    }
+
+    /// The paths an error may be placed at: its step, then ever longer
+    /// prefixes of its field.
+    fn candidates(&self, err: &ConfigError) -> Option<Vec<Vec<String>>> {
         let mut path: Vec<String> = Vec::new();
         if let Some(step) = &err.step {
             // An error about a step's name concerns the later of two steps so named.
-            let later = err.field.as_deref() == Some("name");
-            let Some(index) = step_index(yaml, step, later) else {
-                continue;
-            };
+            let named = |n: &Option<String>| n.as_deref() == Some(step.as_str());
+            let index = if err.field.as_deref() == Some("name") {
+                self.steps.iter().rposition(named)
+            } else {
+                self.steps.iter().position(named)
+            }?;
             path.extend(["steps".to_string(), index.to_string()]);
         }
         let base = path.len();
         path.extend(err.field.iter().flat_map(|f| f.split('.')).map(String::from));
-        err.line = (base.max(1)..=path.len())
-            .rev()
-            .find_map(|n| line_of(yaml, &path[..n]))
-            .map(|line| line + *offset);
+        Some((base.max(1)..=path.len()).map(|n| path[..n].to_vec()).collect())
     }
 }
 
-/// A file's YAML and the number of lines before it: a workflow or model file
-/// whole, a Markdown file's front matter (after its `---` line).
-fn yaml_of(file: &Path) -> Option<(String, usize)> {
-    let text = std::fs::read_to_string(file).ok()?;
-    if file.extension().is_some_and(|e| e == "md") {
-        front_matter(&text).map(|(yaml, _)| (yaml.to_string(), 1))
-    } else {
-        Some((text, 0))
-    }
+/// The line (1-based) where the value at each `wanted` path (map keys and
+/// sequence indexes) starts in `yaml`, in one pass over its events.
+fn lines_of(yaml: &str, wanted: &BTreeSet<Vec<String>>) -> BTreeMap<Vec<String>, usize> {
+    let mut walk = Walk {
+        wanted,
+        found: BTreeMap::new(),
+        frames: Vec::new(),
+        skipping: 0,
+    };
+    // A file the walker cannot read gets no lines; the error itself came from
+    // the real parser.
+    let _ = yaml_rust2::parser::Parser::new_from_str(yaml).load(&mut walk, false);
+    walk.found
 }
 
-/// Position of the first (or the last) step named `name` in a workflow's `steps`.
-fn step_index(yaml: &str, name: &str, last: bool) -> Option<usize> {
-    let file: serde_yaml_ng::Value = serde_yaml_ng::from_str(yaml).ok()?;
-    let steps = file.get("steps")?.as_sequence()?;
-    let named = |step: &serde_yaml_ng::Value| step.get("name").and_then(|n| n.as_str()) == Some(name);
-    if last {
-        steps.iter().rposition(named)
-    } else {
-        steps.iter().position(named)
-    }
+/// A collection being walked, and where in it the walk is.
+struct Frame {
+    /// A mapping (`key` is the key of the value being read, `None` while
+    /// reading a key) or a sequence (`index` of the item being read).
+    mapping: bool,
+    key: Option<String>,
+    index: usize,
 }
 
-/// The line (1-based) where the value at `path` (map keys and sequence
-/// indexes) starts in `yaml`.
-///
-/// The walk raises an error at the value, and the YAML deserializer stamps
-/// errors with the position of the value being read.
-fn line_of(yaml: &str, path: &[String]) -> Option<usize> {
-    let de = serde_yaml_ng::Deserializer::from_str(yaml);
-    match (Seek { path }).deserialize(de) {
-        Err(e) if e.to_string().contains(FOUND) => e.location().map(|l| l.line()),
-        _ => None,
-    }
+struct Walk<'w> {
+    wanted: &'w BTreeSet<Vec<String>>,
+    found: BTreeMap<Vec<String>, usize>,
+    frames: Vec<Frame>,
+    /// Depth inside a collection used as a mapping key (never sought).
+    skipping: usize,
 }
 
-const FOUND: &str = "found the value sought";
-
-/// Walks to the value at `path`, skipping everything else.
-struct Seek<'p> {
-    path: &'p [String],
-}
-
-impl<'de> DeserializeSeed<'de> for Seek<'_> {
-    type Value = ();
-
-    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Seek<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any YAML value")
+impl Walk<'_> {
+    fn reading_key(&self) -> bool {
+        self.frames.last().is_some_and(|f| f.mapping && f.key.is_none())
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let Some((first, rest)) = self.path.split_first() else {
-            return Err(de::Error::custom(FOUND));
-        };
-        while let Some(key) = map.next_key::<serde_yaml_ng::Value>()? {
-            if key.as_str() == Some(first.as_str()) {
-                return map.next_value_seed(Seek { path: rest });
-            }
-            map.next_value::<IgnoredAny>()?;
+    /// A value starts here: note its line if its path is wanted.
+    fn value_at(&mut self, line: usize) {
+        let path: Vec<String> = self
+            .frames
+            .iter()
+            .map(|f| {
+                if f.mapping {
+                    f.key.clone().unwrap_or_default()
+                } else {
+                    f.index.to_string()
+                }
+            })
+            .collect();
+        if self.wanted.contains(&path) {
+            self.found.entry(path).or_insert(line);
         }
-        Ok(())
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let Some((first, rest)) = self.path.split_first() else {
-            return Err(de::Error::custom(FOUND));
-        };
-        let Ok(index) = first.parse::<usize>() else {
-            return Ok(());
-        };
-        for _ in 0..index {
-            if seq.next_element::<IgnoredAny>()?.is_none() {
-                return Ok(());
+    /// A value ended: the next one is a key, or the next item.
+    fn advance(&mut self) {
+        if let Some(frame) = self.frames.last_mut() {
+            if frame.mapping {
+                frame.key = None;
+            } else {
+                frame.index += 1;
             }
         }
-        seq.next_element_seed(Seek { path: rest }).map(|_| ())
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        self.scalar()
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        self.scalar()
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        self.scalar()
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        self.scalar()
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        self.scalar()
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        self.scalar()
-    }
-    fn visit_none<E: de::Error>(self) -> Result<(), E> {
-        self.scalar()
     }
 }
 
-impl Seek<'_> {
-    /// A scalar is the value sought when the path ends here; nothing below it.
-    fn scalar<E: de::Error>(self) -> Result<(), E> {
-        if self.path.is_empty() {
-            Err(E::custom(FOUND))
-        } else {
-            Ok(())
+impl yaml_rust2::parser::MarkedEventReceiver for Walk<'_> {
+    fn on_event(&mut self, event: yaml_rust2::Event, mark: yaml_rust2::scanner::Marker) {
+        use yaml_rust2::Event;
+        let start = matches!(event, Event::SequenceStart(..) | Event::MappingStart(..));
+        let end = matches!(event, Event::SequenceEnd | Event::MappingEnd);
+        if self.skipping > 0 {
+            self.skipping = if start {
+                self.skipping + 1
+            } else {
+                self.skipping - usize::from(end)
+            };
+            if self.skipping == 0 {
+                // The complex key ended: its value is never sought.
+                if let Some(frame) = self.frames.last_mut() {
+                    frame.key = Some(String::new());
+                }
+            }
+            return;
+        }
+        match event {
+            Event::Scalar(text, ..) if self.reading_key() => {
+                if let Some(frame) = self.frames.last_mut() {
+                    frame.key = Some(text);
+                }
+            }
+            Event::Alias(_) if self.reading_key() => {
+                if let Some(frame) = self.frames.last_mut() {
+                    frame.key = Some(String::new());
+                }
+            }
+            Event::Scalar(..) | Event::Alias(_) => {
+                self.value_at(mark.line());
+                self.advance();
+            }
+            Event::SequenceStart(..) | Event::MappingStart(..) if self.reading_key() => self.skipping = 1,
+            Event::SequenceStart(..) | Event::MappingStart(..) => {
+                self.value_at(mark.line());
+                self.frames.push(Frame {
+                    mapping: matches!(event, Event::MappingStart(..)),
+                    key: None,
+                    index: 0,
+                });
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                self.frames.pop();
+                self.advance();
+            }
+            _ => {}
         }
     }
 }
@@ -213,12 +308,17 @@ pub(crate) fn front_matter(text: &str) -> Option<(&str, &str)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{front_matter, line_of};
+    use std::collections::BTreeSet;
+
+    use super::{front_matter, lines_of};
 
     #[test]
-    fn line_of_finds_keys_items_and_flow_items() {
-        let yaml = "name: x\nsteps:\n  - name: a\n    command: [echo]\n  - name: b\n    agent:\n      skills: [one,\n        two]\n      soul: s\n";
-        let line = |path: &[&str]| line_of(yaml, &path.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    fn lines_of_finds_keys_items_and_flow_items() {
+        let yaml = "name: x\nsteps:\n  - name: a\n    command: [echo]\n  - name: b\n    agent:\n      skills: [one,\n        two]\n      soul: s\n    ? [complex, key]\n    : value\n    after: 1\n";
+        let line = |path: &[&str]| {
+            let path: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+            lines_of(yaml, &BTreeSet::from([path.clone()])).get(&path).copied()
+        };
         assert_eq!(line(&["name"]), Some(1));
         assert_eq!(line(&["steps", "1"]), Some(5));
         assert_eq!(line(&["steps", "1", "agent", "soul"]), Some(9));
@@ -227,6 +327,7 @@ mod tests {
         assert_eq!(line(&["steps", "2"]), None);
         assert_eq!(line(&["steps", "0", "agent"]), None);
         assert_eq!(line(&["name", "deeper"]), None);
+        assert_eq!(line(&["steps", "1", "after"]), Some(12));
     }
 
     #[test]

@@ -625,3 +625,118 @@ fn config_error_display_names_file_line_step_and_field() {
     };
     assert_eq!(e.to_string(), "w.yaml:3: step \"a\": field \"timeout\": bad");
 }
+
+#[test]
+fn files_that_are_not_regular_or_too_large_are_refused_by_name() {
+    let dir = fixture();
+    std::os::unix::fs::symlink("/dev/zero", dir.path().join("workflows/zero.yaml")).unwrap();
+    let fifo = dir.path().join("workflows/fifo.yaml");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    write(
+        &dir,
+        "workflows/huge.yaml",
+        &"#".repeat(courier_config::files::MAX_FILE_BYTES as usize + 1),
+    );
+    std::os::unix::fs::symlink("/dev/zero", dir.path().join("agents/souls/zero.md")).unwrap();
+    assert_eq!(
+        errors(&dir),
+        [
+            "/agents/souls/zero.md: not a regular file (a device): refusing to read it",
+            "/workflows/fifo.yaml: not a regular file (a FIFO): refusing to read it",
+            "/workflows/huge.yaml: larger than 2097152 bytes: refusing to read it",
+            "/workflows/zero.yaml: not a regular file (a device): refusing to read it",
+        ]
+    );
+}
+
+#[test]
+fn deep_nesting_is_refused_before_parsing() {
+    let dir = fixture();
+    let deep = format!(
+        "steps:\n  - name: a\n    command: {}{}\n",
+        "[".repeat(200_000),
+        "]".repeat(200_000)
+    );
+    write(&dir, "workflows/deep.yaml", &deep);
+    // Brackets inside quotes and comments do not count.
+    let quoted = format!(
+        "steps:\n  - name: a  # {}\n    command: [\"{}\", '{}']\n",
+        "[".repeat(100),
+        "[".repeat(100),
+        "{".repeat(100)
+    );
+    write(&dir, "workflows/quoted.yaml", &quoted);
+    let started = std::time::Instant::now();
+    assert_eq!(
+        errors(&dir),
+        ["/workflows/deep.yaml:3: nested deeper than 64 levels of [ and {: refusing to parse it"]
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+}
+
+#[test]
+fn thousands_of_errors_are_counted_and_the_first_hundred_located_quickly() {
+    let dir = fixture();
+    let mut yaml = String::from("steps:\n");
+    for i in 0..4000 {
+        yaml.push_str(&format!(
+            "  - name: s{i}\n    depends: [nope{i}]\n    command: [echo]\n"
+        ));
+    }
+    write(&dir, "workflows/many.yaml", &yaml);
+    let started = std::time::Instant::now();
+    let Err(errors) = Config::load(dir.path()) else {
+        panic!("accepted")
+    };
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!((errors.0.len(), errors.1), (100, 3900));
+    assert_eq!(errors.0[99].line, Some(300));
+    let shown = errors.to_string();
+    assert!(shown.starts_with("4000 errors in the configuration:\n"), "{shown}");
+    assert!(
+        shown.ends_with("  ... and 3900 more (the first 100 are shown)\n"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn a_base_url_that_carries_credentials_is_refused() {
+    for (url, expected) in [
+        (
+            "http://user:sk-secret@example.com/v1",
+            "a base_url must not carry credentials",
+        ),
+        (
+            "https://example.com/v1?api_key=sk-secret",
+            "a base_url must not carry credentials",
+        ),
+        (
+            "ftp://example.com/v1",
+            "\"ftp://example.com/v1\" is not an http or https URL",
+        ),
+        ("not a url", "\"not a url\" is not a URL"),
+    ] {
+        let dir = fixture();
+        write(
+            &dir,
+            "agents/models/local.yaml",
+            &format!("provider: ollama\nmodel: qwen2.5:0.5b\nbase_url: \"{url}\"\n"),
+        );
+        let found = errors(&dir);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("/agents/models/local.yaml:3: field \"base_url\": ") && found[0].contains(expected),
+            "{url}: {found:?}"
+        );
+    }
+}

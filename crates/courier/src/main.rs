@@ -162,7 +162,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Validate { config_dir, limits } => {
             limits.set(flags.set("config_dir", config_dir));
             let settings = Settings::load(flags.0)?;
-            validate::run(&settings.config_dir, settings.snapshot_limits())
+            validate::run(&settings.config_dir, settings.snapshot_limits(), settings.task_limits())
         }
         Command::Snapshot(cmd) => snapshot_cmd::run(cmd, flags),
         Command::Scheduler {

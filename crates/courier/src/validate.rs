@@ -1,13 +1,15 @@
 //! `courier validate`: load a config folder and list every problem, including
-//! any step whose snapshot would not fit the size limits.
+//! any step whose snapshot, or whose task with the parameters' defaults,
+//! would not fit the size limits.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::ExitCode;
 
-use courier_config::{AgentStore, Config, ConfigError, ConfigErrors, build_snapshot};
-use courier_wire::{Limits, encode};
+use courier_config::{AgentStore, Config, ConfigError, ConfigErrors, Step, Workflow, build_snapshot};
+use courier_wire::{Limits, Task, encode};
 
-pub fn run(dir: &Path, limits: Limits) -> anyhow::Result<ExitCode> {
+pub fn run(dir: &Path, limits: Limits, task_limits: Limits) -> anyhow::Result<ExitCode> {
     let config = match Config::load(dir) {
         Ok(config) => config,
         Err(errors) => {
@@ -22,7 +24,8 @@ pub fn run(dir: &Path, limits: Limits) -> anyhow::Result<ExitCode> {
         for step in &wf.steps {
             let built = build_snapshot(&config.store, &wf.name, &step.run)
                 .map_err(|e| e.to_string())
-                .and_then(|snapshot| encode(&snapshot, &limits).map_err(|e| e.to_string()));
+                .and_then(|snapshot| encode(&snapshot, &limits).map_err(|e| e.to_string()))
+                .and_then(|bytes| task_with_defaults(wf, step, bytes, &task_limits));
             match built {
                 Ok(bytes) if largest.as_ref().is_none_or(|(n, _)| bytes.len() > *n) => {
                     largest = Some((bytes.len(), format!("{}/{}", wf.name, step.name)));
@@ -52,4 +55,35 @@ pub fn run(dir: &Path, limits: Limits) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Encode the step's task as a submit with every parameter's default would
+/// (required ones and upstream outputs empty), so a default too large for the
+/// task limits is found here rather than at every submit. The snapshot bytes
+/// pass through.
+fn task_with_defaults(wf: &Workflow, step: &Step, snapshot: Vec<u8>, limits: &Limits) -> Result<Vec<u8>, String> {
+    let params: BTreeMap<String, String> = wf
+        .params
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
+        .collect();
+    let outputs: BTreeMap<String, String> = wf.steps.iter().map(|s| (s.name.clone(), String::new())).collect();
+    let spec = step.resolve(&params, &outputs)?;
+    let task = Task {
+        task_id: uuid::Uuid::nil(),
+        run_id: uuid::Uuid::nil(),
+        workflow: wf.name.clone(),
+        step: step.name.clone(),
+        attempt: 1,
+        spec,
+        upstream: BTreeMap::new(),
+        deadline_unix_ms: 0,
+        snapshot,
+    };
+    match encode(&task, limits) {
+        Ok(_) => Ok(task.snapshot),
+        Err(e) => Err(format!(
+            "with its parameters' defaults, the step's task is over the task limits: {e}"
+        )),
+    }
 }
