@@ -264,6 +264,24 @@ async fn handle(
     if delivery.redelivered {
         metrics.redeliveries.inc();
     }
+    // Over the limit: refused before anything (the HMAC included) reads it.
+    if delivery.body.len() > config.task_limits.max_compressed {
+        let too_large = courier_wire::WireError::TooLarge {
+            kind: "task",
+            size: courier_wire::SizeKind::Compressed,
+            limit: config.task_limits.max_compressed,
+        };
+        return refuse(
+            delivery,
+            None,
+            Refusal::Frame(too_large),
+            started,
+            config,
+            publisher,
+            metrics,
+        )
+        .await;
+    }
     if let Some(key) = &config.signing_key
         && let Err(e) = key.verify("task", &delivery.body, delivery.header_str(headers::SIGNATURE))
     {

@@ -295,6 +295,8 @@ fn courier_end_to_end(
             .env("COURIER_CONFIG_DIR", &config_dir)
             .env("COURIER_DATA_DIR", dir.join("data"))
             .env("COURIER_API_LISTEN", "127.0.0.1:0")
+            // Loopback only, and the bench's client sends no token.
+            .env_remove("COURIER_API_TOKEN")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
