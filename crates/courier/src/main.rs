@@ -61,6 +61,9 @@ enum Command {
         /// Listen address of the HTTP API [env: COURIER_API_LISTEN].
         #[arg(long)]
         api_listen: Option<SocketAddr>,
+        /// Internal: re-executed with its settings on stdin (see `seal`).
+        #[arg(long, hide = true)]
+        sealed: bool,
     },
     /// Run a worker.
     Worker {
@@ -73,7 +76,7 @@ enum Command {
         /// Name in results and logs [env: COURIER_WORKER_ID].
         #[arg(long)]
         worker_id: Option<String>,
-        /// Internal: this worker was re-executed with its settings on stdin.
+        /// Internal: re-executed with its settings on stdin (see `seal`).
         #[arg(long, hide = true)]
         sealed: bool,
     },
@@ -169,13 +172,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             config_dir,
             data_dir,
             api_listen,
+            sealed,
         } => {
+            if sealed {
+                return service::scheduler(seal::unseal()?.settings);
+            }
             flags
                 .set("config_dir", config_dir)
                 .set("data_dir", data_dir)
                 .set("api_listen", api_listen);
             match Settings::load(flags.0) {
-                Ok(settings) => service::scheduler(settings),
+                // Start again without secrets in the environment (see `seal`).
+                Ok(settings) => match seal::reexec("scheduler", settings)? {},
                 Err(e) => config_error(e),
             }
         }
@@ -195,7 +203,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 .set("worker_id", worker_id);
             match Settings::load(flags.0) {
                 // Start again without secrets in the environment (see `seal`).
-                Ok(settings) => match seal::reexec(settings)? {},
+                Ok(settings) => match seal::reexec("worker", settings)? {},
                 Err(e) => config_error(e),
             }
         }

@@ -1,8 +1,10 @@
-//! A worker's secrets leave its process environment before any step runs.
+//! The services' secrets leave their process environment before any step runs.
 //!
 //! `/proc/<pid>/environ` and `/proc/<pid>/cmdline` show what a process was
 //! started with, for as long as it lives, to anyone allowed to read them (the
-//! same user, or root). So `courier worker` re-executes itself once at start:
+//! same user, or root), and a step may run as the same user on the same
+//! machine. So `courier worker` and `courier scheduler` re-execute themselves
+//! once at start:
 //! the resolved settings and its environment travel to the new image through
 //! an anonymous memory file on its standard input (emptied once read), and the
 //! new image starts with only a harmless base environment and no flags. It then
@@ -21,10 +23,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::settings::Settings;
 
-/// The hidden flag of a re-executed worker: its settings are on stdin.
+/// The hidden flag of a re-executed service: its settings are on stdin.
 pub const SEALED_FLAG: &str = "--sealed";
 
-/// Variables the worker process itself keeps: none of them is a secret, and
+/// Variables a sealed service keeps: none of them is a secret, and
 /// logging, locale and time zone depend on them.
 const KEPT: &[&str] = &[
     "PATH",
@@ -39,20 +41,21 @@ const KEPT: &[&str] = &[
     "NO_COLOR",
 ];
 
-/// What a sealed worker received from the image that started it.
+/// What a sealed service received from the image that started it.
 #[derive(Serialize, Deserialize)]
 pub struct Sealed {
     /// Settings, resolved from every layer before the re-exec.
     pub settings: Settings,
-    /// The environment the worker was started with.
+    /// The environment it was started with.
     pub env: BTreeMap<String, String>,
 }
 
-/// Re-execute this binary as a sealed worker. Returns only on failure.
+/// Re-execute this binary as a sealed `service` (`worker` or `scheduler`).
+/// Returns only on failure.
 ///
 /// # Errors
 /// The memory file could not be made or the binary could not be executed.
-pub fn reexec(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
+pub fn reexec(service: &str, settings: Settings) -> anyhow::Result<std::convert::Infallible> {
     let env: BTreeMap<String, String> = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .collect();
@@ -61,16 +64,16 @@ pub fn reexec(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
         .filter(|(k, _)| KEPT.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let blob = serde_json::to_vec(&Sealed { settings, env }).context("encoding the worker's settings")?;
-    let fd = nix::sys::memfd::memfd_create(c"courier-worker", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-        .context("creating the memory file that carries the worker's settings")?;
+    let blob = serde_json::to_vec(&Sealed { settings, env }).context("encoding the settings")?;
+    let fd = nix::sys::memfd::memfd_create(c"courier-settings", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .context("creating the memory file that carries the settings")?;
     let mut file = std::fs::File::from(fd);
     file.write_all(&blob)
         .and_then(|()| file.rewind())
-        .context("writing the worker's settings")?;
+        .context("writing the settings")?;
     let exe = std::env::current_exe().context("finding the courier executable")?;
     let error = std::process::Command::new(&exe)
-        .args(["worker", SEALED_FLAG])
+        .args([service, SEALED_FLAG])
         .env_clear()
         .envs(kept)
         .stdin(file)
@@ -78,8 +81,8 @@ pub fn reexec(settings: Settings) -> anyhow::Result<std::convert::Infallible> {
     Err(error).with_context(|| format!("re-executing {} without secrets in its environment", exe.display()))
 }
 
-/// In a re-executed worker (started with [`SEALED_FLAG`]): read and erase the
-/// settings on stdin, and make the process non-dumpable.
+/// In a re-executed service (started with [`SEALED_FLAG`]): read and erase
+/// the settings on stdin, and make the process non-dumpable.
 ///
 /// # Errors
 /// Stdin does not carry the settings.
@@ -90,10 +93,10 @@ pub fn unseal() -> anyhow::Result<Sealed> {
         .read(true)
         .write(true)
         .open("/proc/self/fd/0")
-        .with_context(|| format!("{SEALED_FLAG} is given, but stdin is not the worker's settings"))?;
+        .with_context(|| format!("{SEALED_FLAG} is given, but stdin is not the settings"))?;
     let mut blob = Vec::new();
-    file.read_to_end(&mut blob).context("reading the worker's settings")?;
-    file.set_len(0).context("erasing the worker's settings")?;
-    nix::sys::prctl::set_dumpable(false).context("making the worker non-dumpable")?;
-    serde_json::from_slice(&blob).context("decoding the worker's settings")
+    file.read_to_end(&mut blob).context("reading the settings")?;
+    file.set_len(0).context("erasing the settings")?;
+    nix::sys::prctl::set_dumpable(false).context("making the process non-dumpable")?;
+    serde_json::from_slice(&blob).context("decoding the settings")
 }
