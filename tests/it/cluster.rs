@@ -63,6 +63,14 @@ impl Builder {
         self
     }
 
+    /// Worker pools the cluster's topology has (default: `default`); workers
+    /// consume them all.
+    pub fn pools(mut self, pools: &[&str]) -> Self {
+        self.pools = pools.iter().map(|p| (*p).to_string()).collect();
+        self.env.push(("COURIER_WORKER_QUEUES".into(), self.pools.join(",")));
+        self
+    }
+
     /// The caller holds [`exclusive_broker`]; take no shared guard.
     pub fn exclusive(mut self) -> Self {
         self.exclusive = true;

@@ -188,16 +188,19 @@ fn a_step_user_that_does_not_exist_stops_the_worker_at_start() {
         stderr.contains("step_user: no user \"no-such-user-e4c1\" on this machine"),
         "{stderr}"
     );
-    let (out, _, stderr) = run(courier()
-        .args(["worker"])
-        .env("COURIER_WORKER_ENV_PASSTHROUGH", "IT_A, COURIER_SIGNING_KEY"));
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains(
-            "worker_env_passthrough: COURIER_SIGNING_KEY is Courier's own setting; COURIER_* variables never reach a step"
-        ),
-        "{stderr}"
-    );
+    // Settings are read whatever the case of their names: so is the refusal.
+    for name in ["COURIER_SIGNING_KEY", "courier_signing_key"] {
+        let (out, _, stderr) = run(courier()
+            .args(["worker"])
+            .env("COURIER_WORKER_ENV_PASSTHROUGH", format!("IT_A, {name}")));
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "worker_env_passthrough: {name} is Courier's own setting; COURIER_* variables never reach a step"
+            )),
+            "{stderr}"
+        );
+    }
 }
 
 /// A result for `task`, as a worker would send it.
@@ -471,6 +474,9 @@ fn the_api_needs_its_token_and_answers_errors_in_json() {
         .post(url("/api/runs"))
         .json(&serde_json::json!({"workflow": "fanout"}));
     assert_eq!(submit.send().unwrap().status().as_u16(), 401);
+    // Without the token, an unknown path cannot be told from a known one.
+    assert_eq!(json(http.get(url("/api/nothing")).send().unwrap()).0, 401);
+    assert_eq!(json(http.delete(url("/api/runs")).send().unwrap()).0, 401);
     assert_eq!(http.get(url("/healthz")).send().unwrap().status().as_u16(), 200);
 
     // Bad input gets JSON errors too.
@@ -602,4 +608,117 @@ fn a_message_over_the_shipped_size_limit_never_reaches_a_worker() {
     assert_eq!(cluster.dead_depth(), 0);
     let rss = cluster.worker_peak_rss_mib("w1");
     assert!(rss < 64.0, "worker peak RSS {rss:.1} MiB");
+}
+
+/// A counter of the worker's `/metrics`, 0 when absent.
+fn worker_counter(cluster: &Cluster, id: &str, name: &str) -> f64 {
+    let log = cluster.worker_log(id);
+    let addr = log
+        .lines()
+        .find_map(|l| l.split("metrics listening addr=").nth(1))
+        .map(|a| a.split_whitespace().next().unwrap().to_string())
+        .expect("the worker's metrics address");
+    counter(
+        &reqwest::blocking::get(format!("http://{addr}/metrics"))
+            .unwrap()
+            .text()
+            .unwrap(),
+        name,
+    )
+}
+
+#[test]
+fn copies_of_a_signed_task_with_a_wrong_header_or_in_another_pool_speak_for_no_task() {
+    let yaml = "steps:\n  - name: only\n    command: [\"sh\", \"-c\", \"echo real\"]\n";
+    let mut cluster = Cluster::builder()
+        .workers(0)
+        .tap()
+        .pools(&["default", "other"])
+        .workflow("plain", yaml)
+        .env("COURIER_SIGNING_KEY", KEY)
+        .env("COURIER_WORKER_METRICS_LISTEN", "127.0.0.1:0")
+        .start();
+    let id = cluster.submit("plain", &[]).unwrap();
+    let (task, body) = tapped_task(&cluster, "only");
+    assert_eq!(task.pool, "default");
+    let key = SigningKey::new("default", KEY.as_bytes().to_vec());
+    let exchange = Names::new(cluster.namespace.clone()).tasks_exchange();
+    let ids = (task.task_id.to_string(), task.run_id.to_string());
+    let hash = courier_wire::ContentHash::of(&task.snapshot).to_hex();
+    let signed = |hash: &str| {
+        vec![
+            (headers::SNAPSHOT_HASH, Header::Str(hash.to_string())),
+            (headers::SIGNATURE, Header::Str(key.sign(&body))),
+        ]
+    };
+    // The authentic body, signed, with a snapshot hash header that lies;
+    // and the authentic task moved to another pool's queue.
+    cluster.publish(&exchange, "default", &body, (&ids.0, &ids.1), signed(&"0".repeat(64)));
+    cluster.publish(&exchange, "other", &body, (&ids.0, &ids.1), signed(&hash));
+    cluster.start_worker("w1", 1);
+    wait_dead(&cluster, 2);
+    let run = cluster.wait_run(&id, Duration::from_secs(30));
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(run["steps"][0]["output"], "real");
+    // Neither copy was answered: the worker sent one result, a success.
+    let results = |status: &str| {
+        worker_counter(
+            &cluster,
+            "w1",
+            &format!("courier_worker_results_total{{status=\"{status}\"}}"),
+        )
+    };
+    assert_eq!((results("succeeded"), results("rejected")), (1.0, 0.0));
+    let reasons: Vec<String> = {
+        let (out, stdout, _) = run_cli(&cluster, &["dead", "list", "--json"]);
+        assert!(out.status.success());
+        let list: Value = serde_json::from_str(&stdout).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["reason"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(
+        reasons.iter().any(|r| r.starts_with("snapshot hash mismatch")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&"the task is for pool \"default\" but came from the queue of pool \"other\"".to_string()),
+        "{reasons:?}"
+    );
+}
+
+#[test]
+fn a_step_inherits_no_file_descriptor_from_the_worker() {
+    let yaml = r#"steps:
+  - name: fds
+    command: ["sh", "-c", "ls /proc/self/fd | tr '\\n' ' '; cat <&7 2>/dev/null || echo no-fd-7"]
+"#;
+    let cluster = Cluster::builder().workers(0).workflow("fds", yaml).start();
+    let secret = cluster.dir.path().join("secret");
+    std::fs::write(&secret, "inherited-secret").unwrap();
+    // A worker started by a shell that left fd 7 open on a secret file.
+    let courier = cluster.courier();
+    let mut shell = std::process::Command::new("sh");
+    shell
+        .args(["-c", "exec \"$0\" worker --worker-id w9 7<\"$1\""])
+        .arg(courier.get_program())
+        .arg(&secret)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in courier.get_envs() {
+        match v {
+            Some(v) => shell.env(k, v),
+            None => shell.env_remove(k),
+        };
+    }
+    let mut worker = shell.spawn().unwrap();
+    let id = cluster.submit("fds", &[]).unwrap();
+    let run = cluster.wait_run(&id, Duration::from_secs(30));
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    // stdin, stdout, stderr, and ls's own listing.
+    assert_eq!(run["steps"][0]["output"], "0 1 2 3 no-fd-7");
 }

@@ -35,6 +35,7 @@ pub fn valid_task() -> (Vec<u8>, String) {
         upstream: BTreeMap::new(),
         deadline_unix_ms: now_ms() + 3_600_000,
         snapshot,
+        pool: "default".into(),
     };
     (encode(&task, &Limits::default()).unwrap(), hash)
 }

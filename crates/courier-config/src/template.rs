@@ -76,28 +76,42 @@ pub fn refs(template: &str) -> Result<Vec<Ref<'_>>, String> {
         .collect())
 }
 
-/// Substitute params and upstream outputs into `template`.
+/// Substitute params and upstream outputs into `template`, spending at most
+/// `budget` bytes (what is left is written back): a template that would
+/// render larger fails before anything is allocated, so a short file that
+/// repeats a large value cannot expand without bound.
 ///
 /// # Errors
-/// A message naming a malformed reference or a value that was not given.
+/// A message naming a malformed reference, a value that was not given, or
+/// the budget.
 pub fn render(
     template: &str,
     params: &BTreeMap<String, String>,
     outputs: &BTreeMap<String, String>,
+    budget: &mut usize,
 ) -> Result<String, String> {
-    let mut out = String::with_capacity(template.len());
-    for piece in parse(template)? {
-        match piece {
-            Piece::Text(t) => out.push_str(t),
-            Piece::Ref(Ref::Param(p)) => {
-                out.push_str(params.get(p).ok_or_else(|| format!("no value for parameter \"{p}\""))?)
-            }
-            Piece::Ref(Ref::Output(s)) => {
-                out.push_str(outputs.get(s).ok_or_else(|| format!("no output from step \"{s}\""))?)
-            }
-        }
-    }
-    Ok(out)
+    let pieces: Vec<&str> = parse(template)?
+        .into_iter()
+        .map(|piece| match piece {
+            Piece::Text(t) => Ok(t),
+            Piece::Ref(Ref::Param(p)) => params
+                .get(p)
+                .map(String::as_str)
+                .ok_or_else(|| format!("no value for parameter \"{p}\"")),
+            Piece::Ref(Ref::Output(s)) => outputs
+                .get(s)
+                .map(String::as_str)
+                .ok_or_else(|| format!("no output from step \"{s}\"")),
+        })
+        .collect::<Result<_, String>>()?;
+    let len = pieces.iter().map(|p| p.len()).fold(0usize, usize::saturating_add);
+    *budget = budget.checked_sub(len).ok_or_else(|| {
+        format!(
+            "the step's fields, with their values substituted, exceed {} bytes",
+            *budget
+        )
+    })?;
+    Ok(pieces.concat())
 }
 
 #[cfg(test)]
@@ -126,13 +140,27 @@ mod tests {
     fn renders_values() {
         let params = BTreeMap::from([("topic".to_string(), "queues".to_string())]);
         let outputs = BTreeMap::from([("fetch".to_string(), "3 docs".to_string())]);
+        let mut budget = 1000;
         assert_eq!(
-            render("On ${topic}: ${fetch.output} ($$1)", &params, &outputs).unwrap(),
+            render("On ${topic}: ${fetch.output} ($$1)", &params, &outputs, &mut budget).unwrap(),
             "On queues: 3 docs ($1)"
         );
+        assert_eq!(budget, 1000 - 22);
         assert_eq!(
-            render("${nope}", &params, &outputs).unwrap_err(),
+            render("${nope}", &params, &outputs, &mut budget).unwrap_err(),
             "no value for parameter \"nope\""
+        );
+    }
+
+    #[test]
+    fn a_render_over_the_budget_fails_before_allocating() {
+        // 100,000 references to a 1 MB value would be 100 GB.
+        let params = BTreeMap::from([("p".to_string(), "x".repeat(1_000_000))]);
+        let template = "${p}".repeat(100_000);
+        let mut budget = 16 * 1024 * 1024;
+        assert_eq!(
+            render(&template, &params, &BTreeMap::new(), &mut budget).unwrap_err(),
+            "the step's fields, with their values substituted, exceed 16777216 bytes"
         );
     }
 }

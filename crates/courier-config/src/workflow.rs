@@ -424,18 +424,27 @@ impl Workflow {
 }
 
 impl Step {
-    /// The step with params and upstream outputs substituted, ready for a task.
+    /// The step with params and upstream outputs substituted, ready for a
+    /// task, its fields together at most `max_bytes` (the task's decoded size
+    /// limit: a task over it could not be sent anyway).
     ///
     /// # Errors
     /// A message naming a value that was not given (load-time validation makes
     /// this impossible when `params` came from [`Workflow::resolve_params`] and
-    /// `outputs` holds every dependency's output).
+    /// `outputs` holds every dependency's output), or the size limit.
     pub fn resolve(
         &self,
         params: &BTreeMap<String, String>,
         outputs: &BTreeMap<String, String>,
+        max_bytes: usize,
     ) -> Result<StepSpec, String> {
-        let r = |s: &String| template::render(s, params, outputs);
+        let budget = std::cell::Cell::new(max_bytes);
+        let r = |s: &String| {
+            let mut left = budget.get();
+            let rendered = template::render(s, params, outputs, &mut left);
+            budget.set(left);
+            rendered
+        };
         let run = match &self.run {
             StepRun::Command { argv, env } => StepRun::Command {
                 argv: argv.iter().map(r).collect::<Result<_, _>>()?,

@@ -27,49 +27,44 @@ pub(crate) fn parse<T: DeserializeOwned>(file: &Path, text: &str) -> Result<(T, 
     Ok((value, unknown))
 }
 
-/// Deepest nesting of flow collections (`[`, `{`) a file may have: the parser
-/// slows down quadratically with depth, and no config needs more.
+/// Deepest nesting of collections a file may have, block (`- - - x`) or flow
+/// (`[[[x]]]`): the YAML deserializer recurses per level (thousands of levels
+/// overflow its stack) and slows down quadratically, and no config needs more.
 pub const MAX_NESTING: usize = 64;
 
-/// Refuse text whose `[`/`{` nesting (outside quotes and comments) is deeper
-/// than [`MAX_NESTING`], before the parser sees it.
+/// Refuse text nested deeper than [`MAX_NESTING`] levels before the
+/// deserializer sees it, walking yaml-rust2's events (an iterative parser)
+/// only as deep as the limit. Text it cannot parse is left to the
+/// deserializer, whose error names the line.
 fn check_nesting(file: &Path, text: &str) -> Result<(), ConfigError> {
-    let (mut depth, mut line) = (0usize, 1usize);
-    let mut quote: Option<char> = None;
-    let mut chars = text.chars().peekable();
-    let mut previous = '\n';
-    while let Some(c) = chars.next() {
-        match (quote, c) {
-            (_, '\n') => {
-                line += 1;
-                if quote == Some('#') {
-                    quote = None;
-                }
-            }
-            (Some('"'), '\\') => {
-                chars.next();
-            }
-            (Some(q), c) if q == c && q != '#' => quote = None,
-            (Some(_), _) => {}
-            (None, '"' | '\'') => quote = Some(c),
-            (None, '#') if previous.is_whitespace() => quote = Some('#'),
-            (None, '[' | '{') => {
+    use yaml_rust2::Event;
+    let too_deep = |line: usize| {
+        let mut err = ConfigError::file(
+            file,
+            format!("nested deeper than {MAX_NESTING} levels: refusing to parse it"),
+        );
+        err.line = Some(line);
+        err
+    };
+    let mut parser = yaml_rust2::parser::Parser::new_from_str(text);
+    let mut depth = 0usize;
+    loop {
+        match parser.next_token() {
+            Ok((Event::SequenceStart(..) | Event::MappingStart(..), mark)) => {
                 depth += 1;
                 if depth > MAX_NESTING {
-                    let mut err = ConfigError::file(
-                        file,
-                        format!("nested deeper than {MAX_NESTING} levels of [ and {{: refusing to parse it"),
-                    );
-                    err.line = Some(line);
-                    return Err(err);
+                    return Err(too_deep(mark.line()));
                 }
             }
-            (None, ']' | '}') => depth = depth.saturating_sub(1),
-            (None, _) => {}
+            Ok((Event::SequenceEnd | Event::MappingEnd, _)) => depth = depth.saturating_sub(1),
+            Ok((Event::StreamEnd, _)) => return Ok(()),
+            Ok(_) => {}
+            // The scanner's own flow-depth limit (256) comes before ours
+            // would, as an error: it is the same refusal.
+            Err(e) if e.info().contains("recursion limit") => return Err(too_deep(e.marker().line())),
+            Err(_) => return Ok(()),
         }
-        previous = c;
     }
-    Ok(())
 }
 
 /// Parse `text` as `T`, with every unknown key reported as an error.

@@ -464,7 +464,11 @@ fn resolve_substitutes_params_and_upstream_outputs() {
     let research = &config.workflows["research"];
     let params = BTreeMap::from([("topic".to_string(), "queues".to_string())]);
     let outputs = BTreeMap::from([("gather".to_string(), "NOTES".to_string())]);
-    let spec = research.step("analyze").unwrap().resolve(&params, &outputs).unwrap();
+    let spec = research
+        .step("analyze")
+        .unwrap()
+        .resolve(&params, &outputs, 1 << 20)
+        .unwrap();
     let StepRun::Agent(agent) = spec.run else {
         panic!("agent step")
     };
@@ -658,13 +662,19 @@ fn files_that_are_not_regular_or_too_large_are_refused_by_name() {
 #[test]
 fn deep_nesting_is_refused_before_parsing() {
     let dir = fixture();
-    let deep = format!(
+    // Flow and block nesting, in a field and under an unknown key.
+    let flow = format!(
         "steps:\n  - name: a\n    command: {}{}\n",
         "[".repeat(200_000),
         "]".repeat(200_000)
     );
-    write(&dir, "workflows/deep.yaml", &deep);
-    // Brackets inside quotes and comments do not count.
+    write(&dir, "workflows/flow.yaml", &flow);
+    let block = format!(
+        "steps:\n  - name: a\n    echo: hi\n    extra:\n      {}x\n",
+        "- ".repeat(50_000)
+    );
+    write(&dir, "workflows/block.yaml", &block);
+    // Brackets inside quotes and comments are text, not nesting.
     let quoted = format!(
         "steps:\n  - name: a  # {}\n    command: [\"{}\", '{}']\n",
         "[".repeat(100),
@@ -675,7 +685,10 @@ fn deep_nesting_is_refused_before_parsing() {
     let started = std::time::Instant::now();
     assert_eq!(
         errors(&dir),
-        ["/workflows/deep.yaml:3: nested deeper than 64 levels of [ and {: refusing to parse it"]
+        [
+            "/workflows/block.yaml:5: nested deeper than 64 levels: refusing to parse it",
+            "/workflows/flow.yaml:3: nested deeper than 64 levels: refusing to parse it",
+        ]
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
 }

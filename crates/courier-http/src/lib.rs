@@ -2,13 +2,17 @@
 //! endpoint: a client that is slow to send its request head, or that holds an
 //! idle keep-alive connection, is cut off after [`Bounds::header_read`]; at
 //! most [`Bounds::max_connections`] connections are served at once (further
-//! ones wait in the kernel's backlog); shutdown stops accepting and gives open
-//! connections a short grace.
+//! ones wait in the kernel's backlog), and at most [`Bounds::max_per_peer`]
+//! from one address (more are closed at once), so one client cannot take
+//! every slot; shutdown stops accepting and gives open connections a short
+//! grace.
 //!
 //! `axum::serve` has no hook for either bound, so this is its accept loop with
 //! hyper's HTTP/1 connection builder.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -25,6 +29,8 @@ pub struct Bounds {
     pub header_read: Duration,
     /// Connections served at once.
     pub max_connections: usize,
+    /// Connections served at once from one IP address.
+    pub max_per_peer: usize,
     /// How long open connections get to finish after shutdown.
     pub shutdown_grace: Duration,
 }
@@ -34,6 +40,7 @@ impl Default for Bounds {
         Self {
             header_read: Duration::from_secs(10),
             max_connections: 512,
+            max_per_peer: 64,
             shutdown_grace: Duration::from_secs(5),
         }
     }
@@ -43,6 +50,7 @@ impl Default for Bounds {
 pub async fn serve(listener: TcpListener, router: axum::Router, bounds: Bounds, shutdown: CancellationToken) {
     let permits = Arc::new(Semaphore::new(bounds.max_connections.max(1)));
     let open = tokio_util::task::TaskTracker::new();
+    let peers: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     let stopping = CancellationToken::new();
     loop {
         let permit = tokio::select! {
@@ -52,9 +60,9 @@ pub async fn serve(listener: TcpListener, router: axum::Router, bounds: Bounds, 
             },
             () = shutdown.cancelled() => break,
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, peer)) => (stream, peer.ip()),
                 Err(e) => {
                     // Out of file descriptors and the like: back off, go on.
                     tracing::warn!(error = %e, "cannot accept a connection");
@@ -64,9 +72,14 @@ pub async fn serve(listener: TcpListener, router: axum::Router, bounds: Bounds, 
             },
             () = shutdown.cancelled() => break,
         };
+        let Some(share) = PeerShare::take(&peers, peer, bounds.max_per_peer) else {
+            // Over its share: closed at once, the slot freed for others.
+            continue;
+        };
         let service = TowerToHyperService::new(router.clone());
         let stopping = stopping.clone();
         open.spawn(async move {
+            let _share = share;
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(bounds.header_read)
@@ -90,6 +103,39 @@ pub async fn serve(listener: TcpListener, router: axum::Router, bounds: Bounds, 
             open = open.len(),
             "HTTP connections still open after the grace period; closing them"
         );
+    }
+}
+
+/// One connection counted against its peer's share; released on drop.
+struct PeerShare {
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    peer: IpAddr,
+}
+
+impl PeerShare {
+    fn take(peers: &Arc<Mutex<HashMap<IpAddr, usize>>>, peer: IpAddr, max: usize) -> Option<Self> {
+        let mut counts = peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = counts.entry(peer).or_insert(0);
+        if *count >= max.max(1) {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            peers: peers.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for PeerShare {
+    fn drop(&mut self) {
+        let mut counts = self.peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.peer);
+            }
+        }
     }
 }
 
@@ -141,6 +187,33 @@ mod tests {
         let n = idle.read(&mut buf).await.unwrap();
         assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200 OK"));
         assert!(closed_after(&mut idle).await < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn one_peer_cannot_take_more_than_its_share() {
+        let bounds = Bounds {
+            max_per_peer: 3,
+            ..Bounds::default()
+        };
+        let (addr, _shutdown) = start(bounds).await;
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The fourth from the same address is closed at once.
+        let mut fourth = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(closed_after(&mut fourth).await < Duration::from_millis(500));
+        // Once one is gone, there is room again.
+        drop(held.pop());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut next = tokio::net::TcpStream::connect(addr).await.unwrap();
+        next.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        next.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
     }
 
     #[tokio::test]

@@ -33,23 +33,24 @@ use subtle::ConstantTimeEq;
 use crate::Shared;
 use crate::engine::SubmitError;
 
-/// The API router; `token`, when set, guards everything but `/healthz`.
+/// The API router; `token`, when set, guards everything but `/healthz`,
+/// unknown paths included (so they cannot be told apart without it).
 pub fn router(shared: Arc<Shared>, token: Option<String>) -> Router {
     let guarded = Router::new()
         .route("/api/runs", get(list_runs).post(submit))
         .route("/api/runs/{id}", get(get_run))
         .route("/api/workflows", get(workflows))
         .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         // An empty token would let an empty header in: it counts as none.
-        .route_layer(middleware::from_fn_with_state(
+        .layer(middleware::from_fn_with_state(
             Arc::new(token.filter(|t| !t.is_empty())),
             require_token,
         ));
     Router::new()
-        .merge(guarded)
         .route("/healthz", get(health))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .merge(guarded)
         .with_state(shared)
 }
 

@@ -585,7 +585,7 @@ impl Engine {
         upstream: &BTreeMap<String, String>,
     ) -> Result<PlannedTask, SubmitError> {
         let spec = step
-            .resolve(params, upstream)
+            .resolve(params, upstream, self.limits.task.max_decompressed)
             .map_err(|message| SubmitError::Template {
                 step: step.name.clone(),
                 message,
@@ -605,6 +605,7 @@ impl Engine {
             spec,
             upstream: upstream.clone(),
             snapshot: snapshot.bytes.clone(),
+            pool: step.queue.clone(),
         };
         let body = encode(&task, &self.limits.task).map_err(|source| SubmitError::TooLarge {
             step: step.name.clone(),

@@ -39,6 +39,10 @@ pub struct Task {
     /// The encoded snapshot frame.
     #[serde(with = "serde_bytes")]
     pub snapshot: Vec<u8>,
+    /// The worker pool the task is for; a worker refuses it from any other
+    /// pool's queue (empty from schedulers older than the field).
+    #[serde(default)]
+    pub pool: String,
 }
 
 impl Frame for Task {

@@ -69,6 +69,7 @@ fn many_outputs(n: usize) -> Task {
             .collect::<BTreeMap<_, _>>(),
         deadline_unix_ms: 0,
         snapshot: Vec::new(),
+        pool: String::new(),
     }
 }
 

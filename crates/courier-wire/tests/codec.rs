@@ -96,6 +96,8 @@ fn fixture_task() -> Task {
         // The committed frame, not a fresh encoding: golden values must not
         // depend on today's encoder (its zstd level may change).
         snapshot: std::fs::read(fixture_path("snapshot-v1.bin")).expect("snapshot fixture"),
+        // Added after version 1: absent from the golden frame, so empty.
+        pool: String::new(),
     }
 }
 

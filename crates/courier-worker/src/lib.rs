@@ -160,6 +160,7 @@ async fn serve(
         let mut consumer = broker
             .consumer_with_ack_timeout(&queue, prefetch, &format!("{}:{pool}", config.worker_id), ACK_TIMEOUT)
             .await?;
+        let pool = pool.clone();
         let (config, cache, slots, tracker, publisher, shutdown, failed_tx, metrics) = (
             config.clone(),
             cache.clone(),
@@ -190,11 +191,16 @@ async fn serve(
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     break;
                 };
-                let (config, cache, publisher, metrics) =
-                    (config.clone(), cache.clone(), publisher.clone(), metrics.clone());
+                let (config, cache, publisher, metrics, pool) = (
+                    config.clone(),
+                    cache.clone(),
+                    publisher.clone(),
+                    metrics.clone(),
+                    pool.clone(),
+                );
                 tracker.spawn(async move {
                     metrics.in_flight.inc();
-                    handle(delivery, &config, &cache, &publisher, &metrics).await;
+                    handle(delivery, &pool, &config, &cache, &publisher, &metrics).await;
                     metrics.in_flight.dec();
                     drop(permit);
                 });
@@ -249,11 +255,29 @@ enum Refusal {
     Signature(#[from] courier_wire::SignatureError),
     #[error("the task expired: its deadline ({deadline_unix_ms} ms since the epoch) passed {late_ms} ms ago")]
     Expired { deadline_unix_ms: u64, late_ms: u64 },
+    #[error("the task is for pool \"{task}\" but came from the queue of pool \"{queue}\"")]
+    WrongPool { task: String, queue: String },
 }
 
-/// One delivery, from decode to ack.
+impl Refusal {
+    /// Whether the refusal may be reported as the task's result: only when
+    /// it is about the task's authenticated body. A wrong snapshot-hash header
+    /// or a task moved to another pool's queue says nothing about the task a
+    /// scheduler published (the header is not signed; the move is someone
+    /// else's doing), so with a key such a copy is dead-lettered unanswered.
+    fn speaks_for_the_task(&self, signed: bool) -> bool {
+        match self {
+            Refusal::HashMismatch { .. } | Refusal::NoHash => !signed,
+            Refusal::WrongPool { .. } => false,
+            Refusal::Frame(_) | Refusal::Signature(_) | Refusal::Expired { .. } => true,
+        }
+    }
+}
+
+/// One delivery from `pool`'s queue, from decode to ack.
 async fn handle(
     delivery: Delivery,
+    pool: &str,
     config: &WorkerConfig,
     cache: &SnapshotCache,
     publisher: &Publisher,
@@ -321,6 +345,13 @@ async fn handle(
         None => {}
     }
     async {
+        if !task.pool.is_empty() && task.pool != pool {
+            let refusal = Refusal::WrongPool {
+                task: task.pool.clone(),
+                queue: pool.to_string(),
+            };
+            return refuse(delivery, Some(&task), refusal, started, config, publisher, metrics).await;
+        }
         let now = now_ms();
         if now > task.deadline_unix_ms {
             let refusal = Refusal::Expired {
@@ -490,8 +521,10 @@ async fn refuse(
     let reason = refusal.to_string();
     error!(%reason, message_id = ?delivery.message_id, "refusing task; dead-lettering it");
     // Only a task whose body was decoded (and, with a key, verified) is
-    // answered: the message's AMQP ids are anyone's to write, and a refusal
-    // must never speak for a task it could not authenticate.
+    // answered, and only for a refusal about that body: the message's AMQP
+    // ids and headers are anyone's to write, and a refusal must never speak
+    // for a task it could not authenticate.
+    let task = task.filter(|_| refusal.speaks_for_the_task(config.signing_key.is_some()));
     if let Some(task) = task {
         let result = TaskResult {
             task_id: task.task_id,

@@ -143,6 +143,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    seal::at_start();
     exit_quietly_on_closed_output();
     let cli = Cli::parse();
     match dispatch(cli) {

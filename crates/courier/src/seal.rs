@@ -50,6 +50,30 @@ pub struct Sealed {
     pub env: BTreeMap<String, String>,
 }
 
+/// The first thing every `courier` process does: become non-dumpable (its
+/// `/proc/<pid>/environ`, `mem` and `fd` closed to other processes of the same
+/// user, until then open to them), and close every file descriptor inherited
+/// beyond stdin, stdout and stderr, so no step started later inherits one
+/// (a secret file a shell left open, the write end of a pipe).
+///
+/// A process is dumpable again after every `exec`, until this runs: the
+/// windows left are the microseconds from a start (and from the re-exec) to
+/// here, for steps of the same user. `step_user` closes them.
+pub fn at_start() {
+    let _ = nix::sys::prctl::set_dumpable(false);
+    let inherited: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    // The listing's own descriptor is closed by now: closing it again fails, harmlessly.
+    for fd in inherited.into_iter().filter(|fd| *fd > 2) {
+        let _ = nix::unistd::close(fd);
+    }
+}
+
 /// Re-execute this binary as a sealed `service` (`worker` or `scheduler`).
 /// Returns only on failure.
 ///
@@ -81,8 +105,8 @@ pub fn reexec(service: &str, settings: Settings) -> anyhow::Result<std::convert:
     Err(error).with_context(|| format!("re-executing {} without secrets in its environment", exe.display()))
 }
 
-/// In a re-executed service (started with [`SEALED_FLAG`]): read and erase
-/// the settings on stdin, and make the process non-dumpable.
+/// In a re-executed service (started with [`SEALED_FLAG`], non-dumpable since
+/// [`at_start`]): read and erase the settings on stdin.
 ///
 /// # Errors
 /// Stdin does not carry the settings.
@@ -97,6 +121,5 @@ pub fn unseal() -> anyhow::Result<Sealed> {
     let mut blob = Vec::new();
     file.read_to_end(&mut blob).context("reading the settings")?;
     file.set_len(0).context("erasing the settings")?;
-    nix::sys::prctl::set_dumpable(false).context("making the process non-dumpable")?;
     serde_json::from_slice(&blob).context("decoding the settings")
 }

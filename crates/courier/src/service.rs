@@ -174,7 +174,8 @@ fn sandbox(settings: &Settings, env: &BTreeMap<String, String>) -> anyhow::Resul
         .map(str::trim)
         .filter(|n| !n.is_empty())
     {
-        if name.starts_with("COURIER_") {
+        // Settings are read from the environment whatever the case of their names.
+        if name.to_ascii_uppercase().starts_with("COURIER_") {
             anyhow::bail!(
                 "worker_env_passthrough: {name} is Courier's own setting; COURIER_* variables never reach a step"
             );

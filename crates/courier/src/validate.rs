@@ -68,7 +68,9 @@ fn task_with_defaults(wf: &Workflow, step: &Step, snapshot: Vec<u8>, limits: &Li
         .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
         .collect();
     let outputs: BTreeMap<String, String> = wf.steps.iter().map(|s| (s.name.clone(), String::new())).collect();
-    let spec = step.resolve(&params, &outputs)?;
+    let spec = step
+        .resolve(&params, &outputs, limits.max_decompressed)
+        .map_err(|e| format!("with its parameters' defaults: {e}"))?;
     let task = Task {
         task_id: uuid::Uuid::nil(),
         run_id: uuid::Uuid::nil(),
@@ -79,6 +81,7 @@ fn task_with_defaults(wf: &Workflow, step: &Step, snapshot: Vec<u8>, limits: &Li
         upstream: BTreeMap::new(),
         deadline_unix_ms: 0,
         snapshot,
+        pool: step.queue.clone(),
     };
     match encode(&task, limits) {
         Ok(_) => Ok(task.snapshot),
