@@ -53,7 +53,8 @@ fn validate_builds_every_snapshot_within_the_schedulers_limits() {
 fn validate_checks_parameter_defaults_against_the_task_limits() {
     let dir = tempfile::TempDir::new().unwrap();
     copy_dir(&example_config(), dir.path());
-    // A 1.5 MB default used six times: a 9 MB task, over the 4 MiB limit set here.
+    // A 1.5 MB default used six times: 9 MB of fields, over the 4 MiB limit
+    // set here, found while rendering, before anything that large is built.
     let yaml = format!(
         "params:\n  big: \"{}\"\nsteps:\n  - name: a\n    command: [echo{}]\n",
         "x".repeat(1_500_000),
@@ -66,7 +67,7 @@ fn validate_checks_parameter_defaults_against_the_task_limits() {
     assert_eq!(
         stderr,
         format!(
-            "1 error in the configuration:\n  {}/workflows/big.yaml:4: step \"a\": with its parameters' defaults, the step's task is over the task limits: task too large: decompressed size exceeds the limit of 4194304 bytes\n",
+            "1 error in the configuration:\n  {}/workflows/big.yaml:4: step \"a\": with its parameters' defaults: the step's fields, with their values substituted, exceed 4194304 bytes\n",
             dir.path().display()
         )
     );

@@ -116,7 +116,7 @@ pub async fn run_step(
         Ok(Err(e)) => (TaskStatus::Failed, Some(e)),
         Err(_) => (
             TaskStatus::TimedOut,
-            Some(format!("timed out after {}", humanize(timeout))),
+            Some(format!("timed out after {}", courier_wire::humanize(timeout))),
         ),
     };
     let succeeded = status == TaskStatus::Succeeded;
@@ -228,12 +228,4 @@ async fn run_loop<M: ChatModel>(
             spec.max_iterations
         ),
     })
-}
-
-fn humanize(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
 }

@@ -305,8 +305,8 @@ impl Endpoint {
                             if wait > left {
                                 return Err(ProviderError::NoTimeToRetry {
                                     provider,
-                                    wait: humanize(wait),
-                                    left: humanize(left),
+                                    wait: courier_wire::humanize(wait),
+                                    left: courier_wire::humanize(left),
                                 });
                             }
                             wait
@@ -354,7 +354,7 @@ fn retry_after(value: &str) -> Option<Duration> {
 /// connection failed on (the DNS failure naming the host, a refused port).
 fn describe(e: &reqwest::Error, timeout: Duration) -> String {
     if e.is_timeout() {
-        return format!("timed out after {}", humanize(timeout));
+        return format!("timed out after {}", courier_wire::humanize(timeout));
     }
     let mut text = e.to_string();
     let mut source = std::error::Error::source(e);
@@ -367,14 +367,6 @@ fn describe(e: &reqwest::Error, timeout: Duration) -> String {
         source = cause.source();
     }
     text
-}
-
-fn humanize(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
 }
 
 /// The provider's own error text (`{"error": {"message": ...}}` in both

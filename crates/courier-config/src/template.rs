@@ -76,10 +76,26 @@ pub fn refs(template: &str) -> Result<Vec<Ref<'_>>, String> {
         .collect())
 }
 
-/// Substitute params and upstream outputs into `template`, spending at most
-/// `budget` bytes (what is left is written back): a template that would
-/// render larger fails before anything is allocated, so a short file that
-/// repeats a large value cannot expand without bound.
+/// Bytes a set of renderings may produce together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// The total allowed.
+    pub limit: usize,
+    /// What is left of it.
+    pub left: usize,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        Self { limit, left: limit }
+    }
+}
+
+/// Substitute params and upstream outputs into `template`, spending from
+/// `budget`: a template that would render past it fails before anything is
+/// allocated, so a short file that repeats a large value cannot expand
+/// without bound.
 ///
 /// # Errors
 /// A message naming a malformed reference, a value that was not given, or
@@ -88,7 +104,7 @@ pub fn render(
     template: &str,
     params: &BTreeMap<String, String>,
     outputs: &BTreeMap<String, String>,
-    budget: &mut usize,
+    budget: &mut Budget,
 ) -> Result<String, String> {
     let pieces: Vec<&str> = parse(template)?
         .into_iter()
@@ -105,10 +121,10 @@ pub fn render(
         })
         .collect::<Result<_, String>>()?;
     let len = pieces.iter().map(|p| p.len()).fold(0usize, usize::saturating_add);
-    *budget = budget.checked_sub(len).ok_or_else(|| {
+    budget.left = budget.left.checked_sub(len).ok_or_else(|| {
         format!(
             "the step's fields, with their values substituted, exceed {} bytes",
-            *budget
+            budget.limit
         )
     })?;
     Ok(pieces.concat())
@@ -140,12 +156,12 @@ mod tests {
     fn renders_values() {
         let params = BTreeMap::from([("topic".to_string(), "queues".to_string())]);
         let outputs = BTreeMap::from([("fetch".to_string(), "3 docs".to_string())]);
-        let mut budget = 1000;
+        let mut budget = Budget::new(1000);
         assert_eq!(
             render("On ${topic}: ${fetch.output} ($$1)", &params, &outputs, &mut budget).unwrap(),
             "On queues: 3 docs ($1)"
         );
-        assert_eq!(budget, 1000 - 22);
+        assert_eq!(budget.left, 1000 - 22);
         assert_eq!(
             render("${nope}", &params, &outputs, &mut budget).unwrap_err(),
             "no value for parameter \"nope\""
@@ -157,7 +173,7 @@ mod tests {
         // 100,000 references to a 1 MB value would be 100 GB.
         let params = BTreeMap::from([("p".to_string(), "x".repeat(1_000_000))]);
         let template = "${p}".repeat(100_000);
-        let mut budget = 16 * 1024 * 1024;
+        let mut budget = Budget::new(16 * 1024 * 1024);
         assert_eq!(
             render(&template, &params, &BTreeMap::new(), &mut budget).unwrap_err(),
             "the step's fields, with their values substituted, exceed 16777216 bytes"

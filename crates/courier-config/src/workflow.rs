@@ -438,7 +438,7 @@ impl Step {
         outputs: &BTreeMap<String, String>,
         max_bytes: usize,
     ) -> Result<StepSpec, String> {
-        let budget = std::cell::Cell::new(max_bytes);
+        let budget = std::cell::Cell::new(template::Budget::new(max_bytes));
         let r = |s: &String| {
             let mut left = budget.get();
             let rendered = template::render(s, params, outputs, &mut left);

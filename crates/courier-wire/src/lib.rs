@@ -27,3 +27,13 @@ pub use task::{
     TaskResult, TaskStatus, TokenUsage, TranscriptEntry,
 };
 pub use trace::{TraceParent, TraceParentError};
+
+/// A duration as messages show it: whole seconds (`60s`), else milliseconds
+/// (`300ms`).
+pub fn humanize(d: std::time::Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}

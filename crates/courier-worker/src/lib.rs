@@ -474,7 +474,10 @@ async fn execute(task: &Task, store: &SnapshotStore, config: &WorkerConfig, star
                 Exit::Failure(why) => (TaskStatus::Failed, Some(with_stderr(why))),
                 Exit::TimedOut(after) => (
                     TaskStatus::TimedOut,
-                    Some(with_stderr(format!("timed out after {}", humanize(after)))),
+                    Some(with_stderr(format!(
+                        "timed out after {}",
+                        courier_wire::humanize(after)
+                    ))),
                 ),
                 Exit::NotStarted(why) => (TaskStatus::Failed, Some(why)),
             };
@@ -496,14 +499,6 @@ async fn execute(task: &Task, store: &SnapshotStore, config: &WorkerConfig, star
     }
     result.finished_unix_ms = now_ms();
     result
-}
-
-fn humanize(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
 }
 
 /// Refuse a task that cannot run: report it (when its ids are known) and
