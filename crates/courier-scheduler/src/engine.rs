@@ -403,12 +403,13 @@ impl Engine {
         row: &TaskRow,
         r: &TaskResult,
     ) -> Result<Result<(), Refused>, DbError> {
-        let claimed = (r.run_id.to_string(), r.step.as_str(), r.attempt);
-        if claimed != (row.run_id.clone(), row.step.as_str(), row.attempt) {
+        let run = r.run_id.to_string();
+        if (run.as_str(), r.step.as_str(), r.attempt) != (row.run_id.as_str(), row.step.as_str(), row.attempt) {
+            let describe = |run: &str, step: &str, attempt: u32| format!("run {run} step \"{step}\" attempt {attempt}");
             return Ok(Err(Refused::Mismatch {
                 task: task_id.to_string(),
-                claimed: format!("run {} step \"{}\" attempt {}", claimed.0, claimed.1, claimed.2),
-                actual: format!("run {} step \"{}\" attempt {}", row.run_id, row.step, row.attempt),
+                claimed: describe(&run, &r.step, r.attempt),
+                actual: describe(&row.run_id, &row.step, row.attempt),
             }));
         }
         if !r.memory_updates.is_empty() {
