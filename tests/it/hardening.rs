@@ -220,6 +220,7 @@ fn result_for(task: &Task, output: &str) -> TaskResult {
         model: None,
         usage: None,
         transcript: Vec::new(),
+        rate_limited_ms: None,
     }
 }
 

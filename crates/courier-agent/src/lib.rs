@@ -40,6 +40,8 @@ pub struct Outcome {
     pub transcript: Vec<TranscriptEntry>,
     /// Memory the model proposed (kept only if the step succeeds).
     pub memory_updates: Vec<MemoryUpdate>,
+    /// The provider answered 429 and asked to wait this long.
+    pub rate_limited: Option<Duration>,
 }
 
 /// What the loop has gathered so far; survives a timeout.
@@ -50,6 +52,7 @@ struct State {
     transcript_bytes: usize,
     proposals: Vec<MemoryUpdate>,
     output: Option<String>,
+    rate_limited: Option<Duration>,
 }
 
 impl State {
@@ -77,13 +80,15 @@ impl State {
     }
 }
 
-/// Run an agent step within `timeout`; API keys are read from `worker_env`
-/// (see [`provider::connect`]).
+/// Run an agent step within `timeout`, or until `stop` completes (the step
+/// is cancelled: the loop is dropped, an HTTP request in flight included);
+/// API keys are read from `worker_env` (see [`provider::connect`]).
 pub async fn run_step(
     spec: &AgentSpec,
     store: &SnapshotStore,
     timeout: Duration,
     worker_env: &BTreeMap<String, String>,
+    stop: impl std::future::Future<Output = ()>,
 ) -> Outcome {
     let failed = |error: String, model: Option<String>| Outcome {
         status: TaskStatus::Failed,
@@ -93,6 +98,7 @@ pub async fn run_step(
         usage: TokenUsage::default(),
         transcript: Vec::new(),
         memory_updates: Vec::new(),
+        rate_limited: None,
     };
     let model_id = match (&spec.model, store.agent_config()) {
         (Some(id), _) => id.clone(),
@@ -110,14 +116,18 @@ pub async fn run_step(
     };
     let mut state = State::default();
     let deadline = tokio::time::Instant::now() + timeout;
-    let ended = tokio::time::timeout_at(deadline, run_loop(&mut model, spec, store, &mut state, deadline)).await;
+    let ended = tokio::select! {
+        ended = tokio::time::timeout_at(deadline, run_loop(&mut model, spec, store, &mut state, deadline)) => Some(ended),
+        () = stop => None,
+    };
     let (status, error) = match ended {
-        Ok(Ok(())) => (TaskStatus::Succeeded, None),
-        Ok(Err(e)) => (TaskStatus::Failed, Some(e)),
-        Err(_) => (
+        Some(Ok(Ok(()))) => (TaskStatus::Succeeded, None),
+        Some(Ok(Err(e))) => (TaskStatus::Failed, Some(e)),
+        Some(Err(_)) => (
             TaskStatus::TimedOut,
             Some(format!("timed out after {}", courier_wire::humanize(timeout))),
         ),
+        None => (TaskStatus::Cancelled, Some("cancelled".to_string())),
     };
     let succeeded = status == TaskStatus::Succeeded;
     Outcome {
@@ -128,6 +138,7 @@ pub async fn run_step(
         usage: state.usage,
         transcript: state.transcript,
         memory_updates: if succeeded { state.proposals } else { Vec::new() },
+        rate_limited: state.rate_limited,
     }
 }
 
@@ -166,7 +177,15 @@ async fn run_loop<M: ChatModel>(
             tools: tools.clone(),
             deadline,
         };
-        let reply = model.complete(&request).await.map_err(|e| e.to_string())?;
+        let reply = match model.complete(&request).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                if let provider::ProviderError::RateLimited { wait, .. } = &e {
+                    state.rate_limited = Some(*wait);
+                }
+                return Err(e.to_string());
+            }
+        };
         state.usage.input_tokens += reply.usage.input_tokens;
         state.usage.output_tokens += reply.usage.output_tokens;
         if let Some(text) = &reply.text {

@@ -2,9 +2,12 @@
 //! (OpenAI, vLLM, llama.cpp, LM Studio, Ollama's `/v1`), the Anthropic
 //! Messages API, and `scripted` replies listed in the model file.
 //!
-//! HTTP providers retry 429 and 5xx (honouring `Retry-After`, in seconds or as
-//! an HTTP date, as long as the step has that much time left), fail at once on
-//! other 4xx with the provider's error text, and name malformed answers. Every
+//! HTTP providers retry 5xx (honouring `Retry-After`, in seconds or as an HTTP
+//! date, as long as the step has that much time left), return a 429 at once
+//! with its `Retry-After` (the scheduler pauses the model for the whole fleet
+//! and retries the step: workers retrying on their own would burst together),
+//! fail at once on other 4xx with the provider's error text, and name
+//! malformed answers. Every
 //! error names the provider as the model file does (`ollama`, not
 //! `openai-compatible`), carries its cause chain ("timed out after 60s", the
 //! DNS failure with the host), and has the API key masked if the provider
@@ -18,7 +21,10 @@ use serde_json::{Value, json};
 
 /// Default timeout of one provider request.
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-/// Retries of one request after 429 or 5xx.
+/// How long a model is paused after a 429 that gives no `Retry-After`.
+pub const DEFAULT_RATE_LIMIT_PAUSE: Duration = Duration::from_secs(10);
+
+/// Retries of one request after 5xx or a network error.
 const MAX_RETRIES: u32 = 3;
 
 /// A message of the conversation, provider-neutral.
@@ -124,6 +130,14 @@ pub enum ProviderError {
         wait: String,
         left: String,
     },
+    /// The provider answered 429: the worker does not retry, the scheduler
+    /// pauses the model for the whole fleet for `wait` and retries the step.
+    #[error("{provider} answered HTTP 429 (rate limited; wait {}): {message}", courier_wire::humanize(*wait))]
+    RateLimited {
+        provider: &'static str,
+        wait: Duration,
+        message: String,
+    },
     /// The provider refused the request (4xx other than 429).
     #[error("{provider} returned HTTP {status}: {message}")]
     Refused {
@@ -131,7 +145,7 @@ pub enum ProviderError {
         status: u16,
         message: String,
     },
-    /// Still failing after the retries (429, 5xx or network errors).
+    /// Still failing after the retries (5xx or network errors).
     #[error("{provider} failed after {attempts} attempts: {last}")]
     Exhausted {
         provider: &'static str,
@@ -249,8 +263,9 @@ struct Endpoint {
 }
 
 impl Endpoint {
-    /// POST JSON, retrying 429/5xx and network errors within the step's
-    /// deadline; the answer's JSON.
+    /// POST JSON, retrying 5xx and network errors within the step's
+    /// deadline (a 429 returns at once: the scheduler paces the fleet); the
+    /// answer's JSON.
     async fn post(
         &self,
         url: &str,
@@ -291,7 +306,14 @@ impl Endpoint {
                         });
                     }
                     let message = self.mask(&error_message(&text));
-                    if status.as_u16() != 429 && !status.is_server_error() {
+                    if status.as_u16() == 429 {
+                        return Err(ProviderError::RateLimited {
+                            provider,
+                            wait: retry_after.unwrap_or(DEFAULT_RATE_LIMIT_PAUSE),
+                            message,
+                        });
+                    }
+                    if !status.is_server_error() {
                         return Err(ProviderError::Refused {
                             provider,
                             status: status.as_u16(),

@@ -145,7 +145,7 @@ async fn the_request_holds_soul_skills_memory_and_the_read_only_notice_and_nothi
         &with_base(Provider::OpenaiCompatible, &base),
         None,
     );
-    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env(), std::future::pending()).await;
     assert_eq!(outcome.status, TaskStatus::Succeeded, "{outcome:?}");
     let (_, body) = mock.requests().remove(0);
     let system = body["messages"][0]["content"].as_str().unwrap();
@@ -229,7 +229,7 @@ async fn search_then_read_then_output_runs_to_the_right_output() {
         ])
         .await;
         let (spec, store) = research_analyze(provider, &with_base(provider, &base), None);
-        let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
+        let outcome = run_step(&spec, &store, Duration::from_secs(10), &env(), std::future::pending()).await;
         assert_eq!(outcome.status, TaskStatus::Succeeded, "{provider:?}: {outcome:?}");
         assert_eq!(
             outcome.output,
@@ -292,7 +292,7 @@ async fn a_write_attempt_is_refused_and_the_model_sees_the_refusal() {
         &with_base(Provider::OpenaiCompatible, &base),
         None,
     );
-    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env(), std::future::pending()).await;
     assert_eq!(outcome.status, TaskStatus::Succeeded);
     let second = &mock.requests()[1].1;
     let refusal = second["messages"].as_array().unwrap().last().unwrap();
@@ -329,7 +329,7 @@ async fn max_iterations_stops_a_model_that_never_finishes() {
         None,
     );
     spec.max_iterations = 3;
-    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env(), std::future::pending()).await;
     assert_eq!(outcome.status, TaskStatus::Failed);
     assert_eq!(
         outcome.error.as_deref(),
@@ -348,17 +348,26 @@ async fn the_step_timeout_stops_a_slow_model() {
         None,
     );
     let started = Instant::now();
-    let outcome = run_step(&spec, &store, Duration::from_millis(400), &env()).await;
+    let outcome = run_step(
+        &spec,
+        &store,
+        Duration::from_millis(400),
+        &env(),
+        std::future::pending(),
+    )
+    .await;
     assert_eq!(outcome.status, TaskStatus::TimedOut);
     assert_eq!(outcome.error.as_deref(), Some("timed out after 400ms"));
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
 #[tokio::test]
-async fn http_429_with_retry_after_is_retried() {
+async fn http_429_returns_at_once_with_its_retry_after_for_the_scheduler() {
+    // The worker does not retry a 429: the scheduler pauses the model for the
+    // whole fleet and retries the step.
     let (mock, base) = Mock::start(vec![
-        Answer::Status(429, json!({"error": {"message": "Rate limit reached"}}), Some("1")),
-        openai(Some("fine now"), &[]),
+        Answer::Status(429, json!({"error": {"message": "Rate limit reached"}}), Some("7")),
+        openai(Some("never asked"), &[]),
     ])
     .await;
     let (spec, store) = research_analyze(
@@ -367,14 +376,38 @@ async fn http_429_with_retry_after_is_retried() {
         None,
     );
     let started = Instant::now();
-    let outcome = run_step(&spec, &store, Duration::from_secs(20), &env()).await;
-    assert_eq!(outcome.status, TaskStatus::Succeeded, "{outcome:?}");
-    assert_eq!(outcome.output, "fine now");
-    assert_eq!(mock.requests().len(), 2);
-    assert!(
-        started.elapsed() >= Duration::from_millis(950),
-        "Retry-After: 1 was honoured"
+    let outcome = run_step(&spec, &store, Duration::from_secs(20), &env(), std::future::pending()).await;
+    assert_eq!(outcome.status, TaskStatus::Failed, "{outcome:?}");
+    assert_eq!(outcome.rate_limited, Some(Duration::from_secs(7)));
+    assert_eq!(
+        outcome.error.as_deref(),
+        Some("openai-compatible answered HTTP 429 (rate limited; wait 7s): Rate limit reached")
     );
+    assert_eq!(mock.requests().len(), 1);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // Without Retry-After, the default pause.
+    let (_mock, base) = Mock::start(vec![Answer::Status(429, json!({}), None)]).await;
+    let (spec, store) = research_analyze(Provider::OpenaiCompatible, &openai_base(&base), None);
+    let outcome = run_step(&spec, &store, Duration::from_secs(20), &env(), std::future::pending()).await;
+    assert_eq!(
+        outcome.rate_limited,
+        Some(courier_agent::provider::DEFAULT_RATE_LIMIT_PAUSE)
+    );
+}
+
+#[tokio::test]
+async fn a_cancelled_step_is_aborted_mid_request() {
+    let (mock, base) = Mock::start(vec![]).await;
+    *mock.forever.lock().unwrap() = Some(Answer::Slow(Duration::from_secs(30), json!({})));
+    let (spec, store) = research_analyze(Provider::OpenaiCompatible, &openai_base(&base), None);
+    let started = Instant::now();
+    let stop = tokio::time::sleep(Duration::from_millis(500));
+    let outcome = run_step(&spec, &store, Duration::from_secs(60), &env(), stop).await;
+    assert_eq!(outcome.status, TaskStatus::Cancelled, "{outcome:?}");
+    assert_eq!(outcome.error.as_deref(), Some("cancelled"));
+    assert_eq!(mock.requests().len(), 1, "the request was in flight");
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
 }
 
 #[tokio::test]
@@ -387,7 +420,7 @@ async fn http_401_fails_at_once_with_the_providers_message() {
         )])
         .await;
         let (spec, store) = research_analyze(provider, &with_base(provider, &base), None);
-        let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
+        let outcome = run_step(&spec, &store, Duration::from_secs(10), &env(), std::future::pending()).await;
         assert_eq!(outcome.status, TaskStatus::Failed);
         assert_eq!(
             outcome.error.unwrap(),
@@ -405,7 +438,7 @@ async fn malformed_json_from_the_provider_fails_the_step_clearly() {
         &with_base(Provider::OpenaiCompatible, &base),
         None,
     );
-    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env(), std::future::pending()).await;
     assert_eq!(outcome.status, TaskStatus::Failed);
     let error = outcome.error.unwrap();
     assert!(
@@ -426,12 +459,16 @@ async fn the_api_key_comes_from_the_workers_environment_variable() {
         Some("HOME"),
     );
     assert_eq!(
-        run_step(&spec, &store, Duration::from_secs(10), &env()).await.status,
+        run_step(&spec, &store, Duration::from_secs(10), &env(), std::future::pending())
+            .await
+            .status,
         TaskStatus::Succeeded
     );
     let (spec, store) = research_analyze(Provider::Anthropic, &base, Some("HOME"));
     assert_eq!(
-        run_step(&spec, &store, Duration::from_secs(10), &env()).await.status,
+        run_step(&spec, &store, Duration::from_secs(10), &env(), std::future::pending())
+            .await
+            .status,
         TaskStatus::Succeeded
     );
     let requests = mock.requests();
@@ -443,7 +480,7 @@ async fn the_api_key_comes_from_the_workers_environment_variable() {
 async fn a_missing_key_variable_fails_the_step_naming_it() {
     let (mock, base) = Mock::start(vec![]).await;
     let (spec, store) = research_analyze(Provider::OpenaiCompatible, &base, Some("COURIER_TEST_UNSET_KEY_6F1D"));
-    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env(), std::future::pending()).await;
     assert_eq!(outcome.status, TaskStatus::Failed);
     assert_eq!(
         outcome.error.as_deref(),
@@ -475,7 +512,14 @@ async fn the_scripted_provider_plays_its_replies() {
         max_iterations: 2,
         ..AgentSpec::default()
     };
-    let outcome = run_step(&spec, &SnapshotStore::new(snapshot), Duration::from_secs(5), &env()).await;
+    let outcome = run_step(
+        &spec,
+        &SnapshotStore::new(snapshot),
+        Duration::from_secs(5),
+        &env(),
+        std::future::pending(),
+    )
+    .await;
     assert_eq!(outcome.status, TaskStatus::Succeeded, "{outcome:?}");
     assert_eq!(
         outcome.output,
@@ -523,7 +567,7 @@ async fn an_output_call_without_valid_text_is_an_error_the_model_sees() {
     let (mock, base) = Mock::start(answers).await;
     let (mut spec, store) = research_analyze(Provider::OpenaiCompatible, &openai_base(&base), None);
     spec.max_iterations = 4;
-    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env(), std::future::pending()).await;
     assert_eq!(outcome.status, TaskStatus::Failed);
     assert_eq!(outcome.output, "");
     assert_eq!(
@@ -575,7 +619,7 @@ async fn an_answer_cut_off_at_the_token_limit_fails_the_step() {
     ] {
         let (_mock, base) = Mock::start(vec![answer]).await;
         let (spec, store) = research_analyze(provider, &with_base(provider, &base), None);
-        let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
+        let outcome = run_step(&spec, &store, Duration::from_secs(10), &env(), std::future::pending()).await;
         assert_eq!(outcome.status, TaskStatus::Failed, "{provider:?}");
         assert_eq!(
             outcome.error.as_deref(),
@@ -594,7 +638,7 @@ async fn a_cut_off_tool_call_is_answered_with_an_error_and_the_loop_goes_on() {
     );
     let (_mock, base) = Mock::start(vec![cut, openai(None, &[("output", json!({"text": "whole"}))])]).await;
     let (spec, store) = research_analyze(Provider::OpenaiCompatible, &openai_base(&base), None);
-    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env(), std::future::pending()).await;
     assert_eq!(outcome.status, TaskStatus::Succeeded, "{outcome:?}");
     assert_eq!(outcome.output, "whole");
 }
@@ -608,7 +652,7 @@ async fn tool_arguments_sent_as_an_object_are_accepted_and_kept_as_sent() {
     );
     let (_mock, base) = Mock::start(vec![object_args]).await;
     let (spec, store) = research_analyze(Provider::OpenaiCompatible, &openai_base(&base), None);
-    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env(), std::future::pending()).await;
     assert_eq!(outcome.status, TaskStatus::Succeeded, "{outcome:?}");
     assert_eq!(outcome.output, "from an object");
     let call = outcome.transcript.iter().find(|e| e.role == "call").unwrap();
@@ -617,12 +661,12 @@ async fn tool_arguments_sent_as_an_object_are_accepted_and_kept_as_sent() {
 
 #[tokio::test]
 async fn retry_after_is_honoured_up_to_the_steps_remaining_time() {
-    let busy = || Answer::Status(429, json!({"error": {"message": "slow down"}}), Some("45"));
+    let busy = || Answer::Status(503, json!({"error": {"message": "slow down"}}), Some("45"));
     // Below: the step has 40 s; waiting 45 s is pointless, so it fails at once.
     let (mock, base) = Mock::start(vec![busy()]).await;
     let (spec, store) = research_analyze(Provider::OpenaiCompatible, &openai_base(&base), None);
     let started = Instant::now();
-    let outcome = run_step(&spec, &store, Duration::from_secs(40), &env()).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(40), &env(), std::future::pending()).await;
     assert_eq!(outcome.status, TaskStatus::Failed);
     let error = outcome.error.unwrap();
     assert!(
@@ -635,7 +679,7 @@ async fn retry_after_is_honoured_up_to_the_steps_remaining_time() {
     let (mock, base) = Mock::start(vec![busy(), openai(Some("after the wait"), &[])]).await;
     let (spec, store) = research_analyze(Provider::OpenaiCompatible, &openai_base(&base), None);
     let started = Instant::now();
-    let outcome = run_step(&spec, &store, Duration::from_secs(60), &env()).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(60), &env(), std::future::pending()).await;
     assert_eq!(outcome.status, TaskStatus::Succeeded, "{outcome:?}");
     assert_eq!(outcome.output, "after the wait");
     assert!(started.elapsed() >= Duration::from_secs(45), "{:?}", started.elapsed());
@@ -653,7 +697,7 @@ async fn retry_after_as_an_http_date_is_honoured_and_the_last_attempt_does_not_s
     .await;
     let (spec, store) = research_analyze(Provider::OpenaiCompatible, &openai_base(&base), None);
     let started = Instant::now();
-    let outcome = run_step(&spec, &store, Duration::from_secs(20), &env()).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(20), &env(), std::future::pending()).await;
     assert_eq!(outcome.status, TaskStatus::Succeeded, "{outcome:?}");
     // HTTP dates have whole seconds: the wait is between 1 and 2 s.
     assert!(
@@ -668,7 +712,7 @@ async fn retry_after_as_an_http_date_is_honoured_and_the_last_attempt_does_not_s
     let (mock, base) = Mock::start(vec![busy(), busy(), busy(), busy()]).await;
     let (spec, store) = research_analyze(Provider::OpenaiCompatible, &openai_base(&base), None);
     let started = Instant::now();
-    let outcome = run_step(&spec, &store, Duration::from_secs(20), &env()).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(20), &env(), std::future::pending()).await;
     let elapsed = started.elapsed();
     assert_eq!(
         outcome.error.as_deref(),
@@ -689,14 +733,14 @@ async fn errors_say_what_timed_out_or_failed_and_which_provider() {
     let (spec, store) = research_analyze_with(Provider::Ollama, &openai_base(&base), |m| {
         m.request_timeout = Some(Duration::from_millis(300));
     });
-    let outcome = run_step(&spec, &store, Duration::from_secs(20), &env()).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(20), &env(), std::future::pending()).await;
     assert_eq!(
         outcome.error.as_deref(),
         Some("ollama failed after 4 attempts: timed out after 300ms")
     );
     // A host that does not resolve is named, with the resolver's answer.
     let (spec, store) = research_analyze(Provider::Anthropic, "http://courier-no-such-host.invalid", None);
-    let outcome = run_step(&spec, &store, Duration::from_secs(20), &env()).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(20), &env(), std::future::pending()).await;
     let error = outcome.error.unwrap();
     assert!(error.starts_with("anthropic failed after 4 attempts: "), "{error}");
     assert!(error.contains("courier-no-such-host.invalid"), "{error}");
@@ -714,7 +758,7 @@ async fn an_api_key_echoed_by_the_provider_is_masked() {
     .await;
     let (spec, store) = research_analyze(Provider::OpenaiCompatible, &openai_base(&base), Some("IT_ECHO_KEY"));
     let env = BTreeMap::from([("IT_ECHO_KEY".to_string(), key.to_string())]);
-    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env).await;
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env, std::future::pending()).await;
     assert_eq!(
         outcome.error.as_deref(),
         Some("openai-compatible returned HTTP 401: Incorrect API key provided: ***. Check it.")
@@ -732,7 +776,7 @@ async fn a_model_file_can_ask_for_max_completion_tokens() {
             m.max_tokens = Some(300);
             m.max_tokens_field = field;
         });
-        let outcome = run_step(&spec, &store, Duration::from_secs(10), &env()).await;
+        let outcome = run_step(&spec, &store, Duration::from_secs(10), &env(), std::future::pending()).await;
         assert_eq!(outcome.status, TaskStatus::Succeeded, "{outcome:?}");
     }
     let requests = mock.requests();

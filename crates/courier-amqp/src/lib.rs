@@ -62,6 +62,16 @@ pub enum AmqpError {
     Unroutable { exchange: String, routing_key: String },
 }
 
+/// How long the control stream keeps a message: longer than a task may
+/// live (24 h of queueing plus a 24 h step at most).
+pub const CONTROL_MAX_AGE: &str = "3D";
+/// Bytes the control stream keeps at most (a cancellation is ~100 bytes).
+const CONTROL_MAX_BYTES: i64 = 256 * 1024 * 1024;
+/// Segment size of the control stream: retention drops whole segments.
+const CONTROL_SEGMENT_BYTES: i32 = 8 * 1024 * 1024;
+/// Control messages in flight to one reader.
+const CONTROL_PREFETCH: u16 = 1000;
+
 /// Names of every exchange and queue, under one namespace prefix so that
 /// several Courier deployments (or tests) can share one broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +116,11 @@ impl Names {
     /// go to the pool's task queue.
     pub fn delay_queue(&self, pool: &str, delay_ms: u64) -> String {
         format!("{}.delay.{pool}.{delay_ms}", self.namespace)
+    }
+
+    /// Stream every worker reads: cancellations (and workers' markers).
+    pub fn control(&self) -> String {
+        format!("{}.control", self.namespace)
     }
 
     /// Dead-letter exchange and queue.
@@ -234,6 +249,20 @@ impl Broker {
             )
             .await?;
 
+        // The control stream: kept `CONTROL_MAX_AGE` (longer than any task
+        // can live: its deadline comes first), bounded in bytes.
+        let mut control_args = FieldTable::default();
+        control_args.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
+        control_args.insert("x-max-age".into(), AMQPValue::LongString(CONTROL_MAX_AGE.into()));
+        control_args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(CONTROL_MAX_BYTES));
+        control_args.insert(
+            "x-stream-max-segment-size-bytes".into(),
+            AMQPValue::LongInt(CONTROL_SEGMENT_BYTES),
+        );
+        channel
+            .queue_declare(names.control().as_str().into(), queue_opts, control_args)
+            .await?;
+
         let mut results_args = FieldTable::default();
         results_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
         results_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
@@ -285,7 +314,7 @@ impl Broker {
     pub async fn delete_topology(&self, pools: &[String]) -> Result<(), AmqpError> {
         let channel = self.connection.create_channel().await?;
         let names = &self.names;
-        let mut queues = vec![names.results_queue(), names.dead()];
+        let mut queues = vec![names.results_queue(), names.dead(), names.control()];
         queues.extend(pools.iter().map(|p| names.task_queue(p)));
         for queue in queues {
             channel
@@ -444,6 +473,16 @@ impl Broker {
         self.consume(queue, prefetch, tag, args).await
     }
 
+    /// A consumer of the control stream from its first retained message.
+    ///
+    /// # Errors
+    /// The channel or the consumer could not be set up.
+    pub async fn control_consumer(&self, tag: &str) -> Result<Consumer, AmqpError> {
+        let mut args = FieldTable::default();
+        args.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
+        self.consume(&self.names.control(), CONTROL_PREFETCH, tag, args).await
+    }
+
     async fn consume(&self, queue: &str, prefetch: u16, tag: &str, args: FieldTable) -> Result<Consumer, AmqpError> {
         let channel = self.connection.create_channel().await?;
         channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
@@ -477,6 +516,17 @@ impl Publisher {
     /// [`AmqpError::Unroutable`] when no queue is bound for the routing key,
     /// [`AmqpError::Nacked`] when the broker refuses it, or a channel error.
     pub async fn publish(&self, msg: Outgoing<'_>) -> Result<(), AmqpError> {
+        self.publish_with_priority(msg, None).await
+    }
+
+    /// [`Publisher::publish`] with an AMQP priority (0–9): honoured by
+    /// classic queues declared with `x-max-priority` and by quorum queues
+    /// from RabbitMQ 4.0 (two levels: 5 and above before the rest); RabbitMQ
+    /// 3.x quorum queues ignore it.
+    ///
+    /// # Errors
+    /// As [`Publisher::publish`].
+    pub async fn publish_with_priority(&self, msg: Outgoing<'_>, priority: Option<u8>) -> Result<(), AmqpError> {
         let _permit = self.window.acquire().await.map_err(|_| AmqpError::Closed)?;
         let mut headers = FieldTable::default();
         for (key, value) in msg.headers {
@@ -495,6 +545,10 @@ impl Publisher {
             .with_delivery_mode(2)
             .with_timestamp(now)
             .with_headers(headers);
+        let properties = match priority {
+            Some(p) => properties.with_priority(p),
+            None => properties,
+        };
         let publish = async {
             self.channel
                 .basic_publish(

@@ -488,6 +488,32 @@ fn load_models(dir: &Path, errors: &mut Vec<ConfigError>) -> BTreeMap<String, Mo
         if model.provider != Provider::Scripted && !model.script.is_empty() {
             errors.push(ConfigError::file(&path, "only the scripted provider takes a script").field("script"));
         }
+        if let Some(p) = &model.pricing {
+            for (field, price) in [
+                ("input_per_mtok", p.input_per_mtok),
+                ("output_per_mtok", p.output_per_mtok),
+            ] {
+                if !(price >= 0.0 && price.is_finite()) {
+                    errors.push(
+                        ConfigError::file(&path, "a price must be a number of at least 0")
+                            .field(format!("pricing.{field}")),
+                    );
+                }
+            }
+        }
+        let l = &model.limits;
+        for (field, zero) in [
+            ("concurrency", l.concurrency == Some(0)),
+            ("requests_per_minute", l.requests_per_minute == Some(0)),
+            ("tokens_per_minute", l.tokens_per_minute == Some(0)),
+        ] {
+            if zero {
+                errors.push(
+                    ConfigError::file(&path, "a limit must be at least 1 (leave it out for none)")
+                        .field(format!("limits.{field}")),
+                );
+            }
+        }
         models.insert(id, model);
     }
     models

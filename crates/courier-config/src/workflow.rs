@@ -42,6 +42,26 @@ pub struct Workflow {
     pub schedule: Option<Schedule>,
     /// Steps in file order.
     pub steps: Vec<Step>,
+    /// The longest a run may take: past it, the run is cancelled.
+    pub timeout: Option<Duration>,
+    /// What a run may spend: past it, the run is cancelled.
+    pub budget: Budget,
+    /// Runs of this workflow dispatching at once; more wait.
+    pub max_active_runs: Option<u32>,
+    /// Steps of this workflow's runs dispatched at once; more wait.
+    pub max_active_steps: Option<u32>,
+}
+
+/// A run's spending limit; unset means unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// Input plus output tokens of every agent step.
+    #[serde(default)]
+    pub tokens: Option<u64>,
+    /// Cost of every agent step, from its model's `pricing`.
+    #[serde(default)]
+    pub cost: Option<f64>,
 }
 
 /// A parsed cron schedule with its source text.
@@ -114,6 +134,14 @@ struct WorkflowFile {
     schedule: Option<String>,
     #[serde(default)]
     queue: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    #[serde(default)]
+    budget: Budget,
+    #[serde(default)]
+    max_active_runs: Option<u32>,
+    #[serde(default)]
+    max_active_steps: Option<u32>,
     steps: Vec<StepFile>,
 }
 
@@ -288,6 +316,23 @@ impl Workflow {
         if file.steps.is_empty() {
             errors.push(err("a workflow needs at least one step".into()).field("steps"));
         }
+        if file.timeout.is_some_and(|t| t.is_zero()) {
+            errors.push(err("a timeout must be greater than zero".into()).field("timeout"));
+        }
+        if file.budget.tokens == Some(0) {
+            errors.push(err("a token budget must be greater than zero".into()).field("budget.tokens"));
+        }
+        if file.budget.cost.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
+            errors.push(err("a cost budget must be a positive number".into()).field("budget.cost"));
+        }
+        for (field, value) in [
+            ("max_active_runs", file.max_active_runs),
+            ("max_active_steps", file.max_active_steps),
+        ] {
+            if value == Some(0) {
+                errors.push(err("a limit must be at least 1 (leave it out for none)".into()).field(field));
+            }
+        }
 
         let mut seen = BTreeSet::new();
         let mut steps = Vec::new();
@@ -386,6 +431,10 @@ impl Workflow {
                 params,
                 schedule,
                 steps,
+                timeout: file.timeout,
+                budget: file.budget,
+                max_active_runs: file.max_active_runs,
+                max_active_steps: file.max_active_steps,
             })
         } else {
             Err(errors)

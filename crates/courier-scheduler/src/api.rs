@@ -1,16 +1,18 @@
 //! The scheduler's HTTP API: submit runs, read runs, health, metrics.
 //!
 //! ```text
-//! POST /api/runs            {"workflow": "...", "params": {...}}  -> 201 run
+//! POST /api/runs            {"workflow": "...", "params": {...}, "priority": 0-9}  -> 201 run
 //! GET  /api/runs            ?workflow=&status=&limit=             -> [run]
 //! GET  /api/runs/{id}                                            -> run with steps
+//! POST /api/runs/{id}/cancel {"step": "...", "reason": "...", "by": "..."} (all optional)
+//!                                                                -> 200 run; 404; 409 already ended
 //! GET  /api/workflows                                            -> [{name, params, steps, schedule}]
 //! GET  /healthz                                                  -> {"status": "ok", "broker": bool}
 //! GET  /metrics                                                  -> Prometheus text
 //! ```
 //! Every answer but `/metrics` is JSON; errors are `{"error": "..."}` with
-//! 400 (bad input), 401 (no or wrong token), 404 (unknown), 405, 415 (not
-//! JSON) or 500.
+//! 400 (bad input), 401 (no or wrong token), 404 (unknown), 405, 409
+//! (cancelling what already ended), 415 (not JSON) or 500.
 //!
 //! With a token set, `/api/...` and `/metrics` need `Authorization: Bearer
 //! <token>`, compared in constant time; `/healthz` stays open.
@@ -25,13 +27,14 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use crate::Shared;
-use crate::engine::SubmitError;
+use crate::db::RunStatus;
+use crate::engine::{CancelError, NORMAL_PRIORITY, SubmitError};
 
 /// The API router; `token`, when set, guards everything but `/healthz`,
 /// unknown paths included (so they cannot be told apart without it).
@@ -39,6 +42,7 @@ pub fn router(shared: Arc<Shared>, token: Option<String>) -> Router {
     let guarded = Router::new()
         .route("/api/runs", get(list_runs).post(submit))
         .route("/api/runs/{id}", get(get_run))
+        .route("/api/runs/{id}/cancel", post(cancel))
         .route("/api/workflows", get(workflows))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -128,6 +132,12 @@ struct SubmitBody {
     workflow: String,
     #[serde(default)]
     params: BTreeMap<String, String>,
+    #[serde(default = "normal")]
+    priority: u8,
+}
+
+fn normal() -> u8 {
+    NORMAL_PRIORITY
 }
 
 async fn submit(
@@ -136,7 +146,7 @@ async fn submit(
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
     let engine = shared.engine.clone();
-    let result = tokio::task::spawn_blocking(move || engine.submit(&body.workflow, &body.params))
+    let result = tokio::task::spawn_blocking(move || engine.submit(&body.workflow, &body.params, body.priority))
         .await
         .map_err(internal)?;
     match result {
@@ -165,9 +175,19 @@ async fn list_runs(
 ) -> Result<Response, ApiError> {
     let Query(q) = q?;
     let limit = q.limit.unwrap_or(50).min(1000);
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s) => Some(RunStatus::parse(s).ok_or_else(|| {
+            let known: Vec<&str> = RunStatus::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("unknown status \"{s}\" (known: {})", known.join(", ")),
+            )
+        })?),
+    };
     let runs = shared
         .engine
-        .with_db(|db| db.runs(q.workflow.as_deref(), q.status.as_deref(), limit))
+        .with_db(|db| db.runs(q.workflow.as_deref(), status, limit))
         .map_err(internal)?;
     Ok(Json(runs).into_response())
 }
@@ -176,6 +196,61 @@ async fn get_run(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> R
     match shared.engine.with_db(|db| db.run(&id)).map_err(internal)? {
         Some(run) => Ok(Json(run).into_response()),
         None => Err(ApiError(StatusCode::NOT_FOUND, format!("no run \"{id}\""))),
+    }
+}
+
+/// Longest `reason` or `by` a cancellation may carry.
+const MAX_CANCEL_TEXT: usize = 1024;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    #[serde(default)]
+    step: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    by: Option<String>,
+}
+
+async fn cancel(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    body: Result<Json<CancelBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    // An empty body is a cancellation with nothing to add.
+    let body = match body {
+        Ok(Json(body)) => body,
+        Err(JsonRejection::MissingJsonContentType(_)) => CancelBody::default(),
+        Err(e) => return Err(e.into()),
+    };
+    for (field, text) in [("reason", &body.reason), ("by", &body.by)] {
+        if text.as_ref().is_some_and(|t| t.len() > MAX_CANCEL_TEXT) {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("\"{field}\" is longer than {MAX_CANCEL_TEXT} bytes"),
+            ));
+        }
+    }
+    let by = format!("api:{}", body.by.as_deref().unwrap_or("anonymous"));
+    let reason = body.reason.unwrap_or_else(|| format!("cancelled by {by}"));
+    let engine = shared.engine.clone();
+    let result = tokio::task::spawn_blocking(move || engine.cancel(&id, body.step.as_deref(), &by, &reason))
+        .await
+        .map_err(internal)?;
+    match result {
+        Ok(run) => {
+            shared.metrics.runs_cancelled.inc();
+            shared.outbox.notify_one();
+            Ok(Json(run).into_response())
+        }
+        Err(e @ (CancelError::NotFound(_) | CancelError::NoStep { .. })) => {
+            Err(ApiError(StatusCode::NOT_FOUND, e.to_string()))
+        }
+        Err(e @ (CancelError::Finished { .. } | CancelError::StepFinished { .. })) => {
+            Err(ApiError(StatusCode::CONFLICT, e.to_string()))
+        }
+        Err(e @ CancelError::Db(_)) => Err(internal(e)),
     }
 }
 
@@ -218,7 +293,18 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError
         shared
             .metrics
             .runs
-            .get_or_create(&crate::metrics::Status { status })
+            .get_or_create(&crate::metrics::Status {
+                status: status.as_str().into(),
+            })
+            .set(n);
+    }
+    let waiting = shared.engine.with_db(|db| db.waiting_counts()).map_err(internal)?;
+    shared.metrics.steps_waiting.clear();
+    for (reason, n) in waiting {
+        shared
+            .metrics
+            .steps_waiting
+            .get_or_create(&crate::metrics::Reason { reason })
             .set(n);
     }
     let mut text = String::new();

@@ -13,7 +13,13 @@ use serde::Serialize;
 
 pub use rusqlite::Error as DbError;
 
-const SCHEMA: &str = "
+/// The schema, one migration per version: `MIGRATIONS[i]` takes a database
+/// from version `i` to `i + 1`. The version is SQLite's `user_version`; a
+/// database from before versioning (tables, version 0) takes migration 0
+/// harmlessly (`IF NOT EXISTS`).
+const MIGRATIONS: &[&str] = &[
+    // 1: runs, steps, tasks (the outbox).
+    "
 CREATE TABLE IF NOT EXISTS runs (
     id          TEXT PRIMARY KEY,
     workflow    TEXT NOT NULL,
@@ -57,22 +63,140 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished_ms   INTEGER
 );
 CREATE INDEX IF NOT EXISTS tasks_unpublished ON tasks (not_before_ms) WHERE published = 0;
-";
+",
+    // 2: run control: priorities, deadlines, cancellation, costs, limits.
+    "
+ALTER TABLE runs ADD COLUMN priority INTEGER NOT NULL DEFAULT 4;
+ALTER TABLE runs ADD COLUMN deadline_ms INTEGER;
+ALTER TABLE runs ADD COLUMN cancelled_by TEXT;
+ALTER TABLE runs ADD COLUMN admitted INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE steps ADD COLUMN waiting_on TEXT;
+ALTER TABLE steps ADD COLUMN cost REAL;
+ALTER TABLE tasks ADD COLUMN deadline_ms INTEGER;
+ALTER TABLE tasks ADD COLUMN model TEXT;
+ALTER TABLE tasks ADD COLUMN tokens INTEGER;
+CREATE INDEX tasks_in_flight ON tasks (queue) WHERE status = 'dispatched';
+CREATE INDEX tasks_by_model ON tasks (model, not_before_ms) WHERE model IS NOT NULL;
+CREATE INDEX steps_waiting ON steps (run_id) WHERE status = 'waiting';
+CREATE INDEX steps_running ON steps (run_id) WHERE status = 'running';
+CREATE TABLE model_pauses (
+    model    TEXT PRIMARY KEY,
+    until_ms INTEGER NOT NULL,
+    reason   TEXT NOT NULL
+);
+CREATE TABLE controls (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id     TEXT NOT NULL,
+    step       TEXT,
+    reason     TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    published  INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX controls_unpublished ON controls (id) WHERE published = 0;
+",
+];
 
-/// Status of a run.
-pub mod run_status {
-    pub const RUNNING: &str = "running";
-    pub const SUCCEEDED: &str = "succeeded";
-    pub const FAILED: &str = "failed";
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Declares a status enum stored as snake_case text, shown as the same text.
+macro_rules! status_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($(#[$vdoc])* $variant),+ }
+
+        impl $name {
+            /// Every status, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The stored and displayed name.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            /// The status of that name.
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($text => Some($name::$variant),)+ _ => None }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl rusqlite::ToSql for $name {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+
+        impl rusqlite::types::FromSql for $name {
+            fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+                let text = value.as_str()?;
+                $name::parse(text).ok_or_else(|| rusqlite::types::FromSqlError::Other(
+                    format!("unknown {} \"{text}\"", stringify!($name)).into(),
+                ))
+            }
+        }
+    };
 }
 
-/// Status of a step.
-pub mod step_status {
-    pub const PENDING: &str = "pending";
-    pub const RUNNING: &str = "running";
-    pub const SUCCEEDED: &str = "succeeded";
-    pub const FAILED: &str = "failed";
-    pub const SKIPPED: &str = "skipped";
+status_enum!(
+    /// Status of a run.
+    RunStatus {
+        /// Steps are pending, waiting or running.
+        Running => "running",
+        /// Every step succeeded.
+        Succeeded => "succeeded",
+        /// A step failed (the rest were skipped or finished).
+        Failed => "failed",
+        /// Cancelled by a person, its timeout or its budget.
+        Cancelled => "cancelled",
+    }
+);
+
+status_enum!(
+    /// Status of a step.
+    StepStatus {
+        /// Its dependencies have not all succeeded yet.
+        Pending => "pending",
+        /// Ready, held by a limit (`waiting_on` names it).
+        Waiting => "waiting",
+        /// A task of it is dispatched.
+        Running => "running",
+        /// Done.
+        Succeeded => "succeeded",
+        /// Failed for good (retries spent).
+        Failed => "failed",
+        /// Never ran: an upstream step failed or was cancelled.
+        Skipped => "skipped",
+        /// Cancelled before it finished.
+        Cancelled => "cancelled",
+    }
+);
+
+impl StepStatus {
+    /// Whether the step may still change (the run is not done while one is).
+    pub fn is_open(self) -> bool {
+        matches!(self, StepStatus::Pending | StepStatus::Waiting | StepStatus::Running)
+    }
+}
+
+/// Why a database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// SQLite failed.
+    #[error(transparent)]
+    Sqlite(#[from] DbError),
+    /// The file was written by a newer Courier.
+    #[error(
+        "the database has schema version {found}, newer than this build knows ({known}): it was written by a newer Courier; run that version, or point this one at another data folder"
+    )]
+    TooNew { found: i64, known: i64 },
 }
 
 /// The scheduler's database.
@@ -86,20 +210,34 @@ pub struct Db {
 pub struct RunView {
     pub id: String,
     pub workflow: String,
-    pub status: String,
+    pub status: RunStatus,
     pub params: serde_json::Value,
+    /// 0 (lowest) to 9; 4 is normal.
+    pub priority: u8,
     pub created_ms: i64,
     pub finished_ms: Option<i64>,
+    /// When the run's `timeout` stops it.
+    pub deadline_ms: Option<i64>,
     pub error: Option<String>,
+    /// Who cancelled it (`timeout` and `budget` for those).
+    pub cancelled_by: Option<String>,
+    /// Prompt tokens of every agent step.
+    pub input_tokens: i64,
+    /// Completion tokens of every agent step.
+    pub output_tokens: i64,
+    /// Cost of every agent step whose model has prices.
+    pub cost: f64,
     pub steps: Vec<StepView>,
 }
 
 /// A step as the API shows it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StepView {
     pub name: String,
     pub queue: String,
-    pub status: String,
+    pub status: StepStatus,
+    /// A waiting step: the limit that holds it.
+    pub waiting_on: Option<String>,
     pub attempts: i64,
     pub output: Option<String>,
     pub error: Option<String>,
@@ -112,6 +250,8 @@ pub struct StepView {
     pub input_tokens: Option<i64>,
     /// Agent steps: completion tokens.
     pub output_tokens: Option<i64>,
+    /// Agent steps whose model has prices: what the attempts cost.
+    pub cost: Option<f64>,
     /// Agent steps: the conversation (`[{role, content}]`).
     pub transcript: Option<serde_json::Value>,
 }
@@ -128,6 +268,8 @@ pub struct OutboxTask {
     /// Not to run before this time (ms since the epoch): retries wait in a
     /// delay queue until then.
     pub not_before_ms: i64,
+    /// The run's priority.
+    pub priority: u8,
 }
 
 /// What a task row says about an attempt.
@@ -136,23 +278,45 @@ pub struct TaskRow {
     pub run_id: String,
     pub step: String,
     pub attempt: u32,
-    pub status: String,
+    /// No result has been applied for it yet.
+    pub dispatched: bool,
 }
 
+/// A cancellation to broadcast to every worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlRow {
+    pub id: i64,
+    pub run_id: String,
+    pub step: Option<String>,
+    pub reason: String,
+}
+
+/// The status stored for a task with no result yet.
+pub const DISPATCHED: &str = "dispatched";
+
 impl Db {
-    /// Open (creating if needed) the database at `path`.
+    /// Open (creating if needed) the database at `path`, migrating it to
+    /// [`SCHEMA_VERSION`].
     ///
     /// # Errors
-    /// SQLite could not open or migrate the file.
-    pub fn open(path: &Path) -> Result<Self, DbError> {
-        let conn = Connection::open(path)?;
+    /// SQLite could not open or migrate the file, or it is newer than this build.
+    pub fn open(path: &Path) -> Result<Self, OpenError> {
+        let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         // Checkpoint less often: pages rewritten in between are copied once.
         conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
-        conn.execute_batch(SCHEMA)?;
+        migrate(&mut conn)?;
         Ok(Self { conn })
+    }
+
+    /// The schema version of the open database.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn schema_version(&self) -> Result<i64, DbError> {
+        self.conn.pragma_query_value(None, "user_version", |r| r.get(0))
     }
 
     /// Run `f` in one transaction, committed when it returns `Ok`.
@@ -175,10 +339,11 @@ impl Db {
     /// SQLite's.
     pub fn unpublished_tasks(&self, limit: usize) -> Result<Vec<OutboxTask>, DbError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT task_id, run_id, step, queue, attempt, snapshot_hash, not_before_ms FROM tasks
-             WHERE published = 0 AND status = 'dispatched' ORDER BY not_before_ms LIMIT ?1",
+            "SELECT t.task_id, t.run_id, t.step, t.queue, t.attempt, t.snapshot_hash, t.not_before_ms, r.priority
+             FROM tasks t JOIN runs r ON r.id = t.run_id
+             WHERE t.published = 0 AND t.status = ?1 ORDER BY t.not_before_ms LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![limit as i64], |r| {
+        let rows = stmt.query_map(params![DISPATCHED, limit as i64], |r| {
             Ok(OutboxTask {
                 task_id: r.get(0)?,
                 run_id: r.get(1)?,
@@ -187,6 +352,7 @@ impl Db {
                 attempt: r.get(4)?,
                 snapshot_hash: r.get(5)?,
                 not_before_ms: r.get(6)?,
+                priority: r.get(7)?,
             })
         })?;
         rows.collect()
@@ -206,6 +372,39 @@ impl Db {
         })
     }
 
+    /// Cancellations not yet confirmed by the broker, oldest first.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn unpublished_controls(&self, limit: usize) -> Result<Vec<ControlRow>, DbError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, run_id, step, reason FROM controls WHERE published = 0 ORDER BY id LIMIT ?1")?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok(ControlRow {
+                id: r.get(0)?,
+                run_id: r.get(1)?,
+                step: r.get(2)?,
+                reason: r.get(3)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// Mark cancellations as confirmed by the broker.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn mark_controls_published(&mut self, ids: &[i64]) -> Result<(), DbError> {
+        self.transaction(|tx| {
+            let mut stmt = tx.prepare_cached("UPDATE controls SET published = 1 WHERE id = ?1")?;
+            for id in ids {
+                stmt.execute([id])?;
+            }
+            Ok::<_, DbError>(())
+        })
+    }
+
     /// One run with its steps.
     ///
     /// # Errors
@@ -213,16 +412,13 @@ impl Db {
     pub fn run(&self, id: &str) -> Result<Option<RunView>, DbError> {
         let run = self
             .conn
-            .query_row(
-                "SELECT id, workflow, status, params, created_ms, finished_ms, error FROM runs WHERE id = ?1",
-                [id],
-                run_from_row,
-            )
+            .prepare_cached(&format!("{RUN_SELECT} WHERE r.id = ?1"))?
+            .query_row([id], run_from_row)
             .optional()?;
         let Some(mut run) = run else { return Ok(None) };
         let mut stmt = self.conn.prepare_cached(
             "SELECT name, queue, status, attempts, output, error, worker, started_ms, finished_ms,
-                    model, input_tokens, output_tokens, transcript
+                    model, input_tokens, output_tokens, transcript, waiting_on, cost
              FROM steps WHERE run_id = ?1 ORDER BY position",
         )?;
         run.steps = stmt
@@ -243,6 +439,8 @@ impl Db {
                     transcript: r
                         .get::<_, Option<String>>(12)?
                         .and_then(|t| serde_json::from_str(&t).ok()),
+                    waiting_on: r.get(13)?,
+                    cost: r.get(14)?,
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -253,12 +451,16 @@ impl Db {
     ///
     /// # Errors
     /// SQLite's.
-    pub fn runs(&self, workflow: Option<&str>, status: Option<&str>, limit: usize) -> Result<Vec<RunView>, DbError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT id, workflow, status, params, created_ms, finished_ms, error FROM runs
-             WHERE (?1 IS NULL OR workflow = ?1) AND (?2 IS NULL OR status = ?2)
-             ORDER BY created_ms DESC, id DESC LIMIT ?3",
-        )?;
+    pub fn runs(
+        &self,
+        workflow: Option<&str>,
+        status: Option<RunStatus>,
+        limit: usize,
+    ) -> Result<Vec<RunView>, DbError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "{RUN_SELECT} WHERE (?1 IS NULL OR r.workflow = ?1) AND (?2 IS NULL OR r.status = ?2)
+             ORDER BY r.created_ms DESC, r.id DESC LIMIT ?3"
+        ))?;
         let rows = stmt.query_map(params![workflow, status, limit as i64], run_from_row)?;
         rows.collect()
     }
@@ -280,14 +482,53 @@ impl Db {
     ///
     /// # Errors
     /// SQLite's.
-    pub fn run_counts(&self) -> Result<Vec<(String, i64)>, DbError> {
+    pub fn run_counts(&self) -> Result<Vec<(RunStatus, i64)>, DbError> {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT status, COUNT(*) FROM runs GROUP BY status")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         rows.collect()
     }
+
+    /// Steps waiting on a limit, by what holds them, for metrics.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn waiting_counts(&self) -> Result<Vec<(String, i64)>, DbError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT COALESCE(waiting_on, ''), COUNT(*) FROM steps WHERE status = ?1 GROUP BY 1")?;
+        let rows = stmt.query_map([StepStatus::Waiting], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect()
+    }
 }
+
+/// Bring the database to [`SCHEMA_VERSION`], one migration per transaction.
+fn migrate(conn: &mut Connection) -> Result<(), OpenError> {
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if found > SCHEMA_VERSION {
+        return Err(OpenError::TooNew {
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    for (version, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version as i64 + 1)?;
+        tx.commit()?;
+        tracing::info!(version = version + 1, "database schema migrated");
+    }
+    Ok(())
+}
+
+/// Runs with their token and cost totals.
+const RUN_SELECT: &str = "SELECT r.id, r.workflow, r.status, r.params, r.created_ms, r.finished_ms, r.error,
+        r.priority, r.deadline_ms, r.cancelled_by,
+        (SELECT COALESCE(SUM(input_tokens), 0) FROM steps WHERE run_id = r.id),
+        (SELECT COALESCE(SUM(output_tokens), 0) FROM steps WHERE run_id = r.id),
+        (SELECT COALESCE(SUM(cost), 0.0) FROM steps WHERE run_id = r.id)
+     FROM runs r";
 
 fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunView> {
     let params: String = r.get(3)?;
@@ -299,214 +540,15 @@ fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunView> {
         created_ms: r.get(4)?,
         finished_ms: r.get(5)?,
         error: r.get(6)?,
+        priority: r.get(7)?,
+        deadline_ms: r.get(8)?,
+        cancelled_by: r.get(9)?,
+        input_tokens: r.get(10)?,
+        output_tokens: r.get(11)?,
+        cost: r.get(12)?,
         steps: Vec::new(),
     })
 }
 
 /// Statements used inside the engine's transactions.
-pub mod tx {
-    use super::{DbError, OptionalExtension, TaskRow, Transaction, params};
-
-    /// Insert a run.
-    pub fn insert_run(
-        tx: &Transaction<'_>,
-        id: &str,
-        workflow: &str,
-        params_json: &str,
-        now: i64,
-    ) -> Result<(), DbError> {
-        tx.execute(
-            "INSERT INTO runs (id, workflow, status, params, created_ms) VALUES (?1, ?2, 'running', ?3, ?4)",
-            params![id, workflow, params_json, now],
-        )?;
-        Ok(())
-    }
-
-    /// Insert a pending step.
-    pub fn insert_step(
-        tx: &Transaction<'_>,
-        run: &str,
-        name: &str,
-        position: usize,
-        queue: &str,
-    ) -> Result<(), DbError> {
-        tx.prepare_cached(
-            "INSERT INTO steps (run_id, name, position, queue, status) VALUES (?1, ?2, ?3, ?4, 'pending')",
-        )?
-        .execute(params![run, name, position as i64, queue])?;
-        Ok(())
-    }
-
-    /// Insert a task into the outbox.
-    #[allow(clippy::too_many_arguments)]
-    pub fn insert_task(
-        tx: &Transaction<'_>,
-        task_id: &str,
-        run: &str,
-        step: &str,
-        attempt: u32,
-        queue: &str,
-        snapshot_hash: &str,
-        not_before_ms: i64,
-        now: i64,
-    ) -> Result<(), DbError> {
-        tx.prepare_cached(
-            "INSERT INTO tasks (task_id, run_id, step, attempt, queue, status, snapshot_hash, not_before_ms, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'dispatched', ?6, ?7, ?8)",
-        )?
-        .execute(params![task_id, run, step, attempt, queue, snapshot_hash, not_before_ms, now])?;
-        Ok(())
-    }
-
-    /// A task row by id.
-    pub fn task(tx: &Transaction<'_>, task_id: &str) -> Result<Option<TaskRow>, DbError> {
-        tx.prepare_cached("SELECT run_id, step, attempt, status FROM tasks WHERE task_id = ?1")?
-            .query_row([task_id], |r| {
-                Ok(TaskRow {
-                    run_id: r.get(0)?,
-                    step: r.get(1)?,
-                    attempt: r.get(2)?,
-                    status: r.get(3)?,
-                })
-            })
-            .optional()
-    }
-
-    /// Record how a task attempt ended.
-    pub fn finish_task(tx: &Transaction<'_>, task_id: &str, status: &str, now: i64) -> Result<(), DbError> {
-        tx.prepare_cached("UPDATE tasks SET status = ?2, finished_ms = ?3 WHERE task_id = ?1")?
-            .execute(params![task_id, status, now])?;
-        Ok(())
-    }
-
-    /// The run's workflow name and status.
-    pub fn run(tx: &Transaction<'_>, run: &str) -> Result<Option<(String, String)>, DbError> {
-        tx.prepare_cached("SELECT workflow, status FROM runs WHERE id = ?1")?
-            .query_row([run], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()
-    }
-
-    /// The run's params as JSON.
-    pub fn run_params(tx: &Transaction<'_>, run: &str) -> Result<String, DbError> {
-        tx.prepare_cached("SELECT params FROM runs WHERE id = ?1")?
-            .query_row([run], |r| r.get(0))
-    }
-
-    /// One step's status.
-    pub fn step_status(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option<String>, DbError> {
-        tx.prepare_cached("SELECT status FROM steps WHERE run_id = ?1 AND name = ?2")?
-            .query_row([run, name], |r| r.get(0))
-            .optional()
-    }
-
-    /// How many steps of the run are pending or running.
-    pub fn open_steps(tx: &Transaction<'_>, run: &str) -> Result<i64, DbError> {
-        tx.prepare_cached("SELECT COUNT(*) FROM steps WHERE run_id = ?1 AND status IN ('pending', 'running')")?
-            .query_row([run], |r| r.get(0))
-    }
-
-    /// Names of the run's failed steps, in workflow order.
-    pub fn failed_steps(tx: &Transaction<'_>, run: &str) -> Result<Vec<String>, DbError> {
-        let mut stmt =
-            tx.prepare_cached("SELECT name FROM steps WHERE run_id = ?1 AND status = 'failed' ORDER BY position")?;
-        let rows = stmt.query_map([run], |r| r.get(0))?;
-        rows.collect()
-    }
-
-    /// The output of one step of a run, if it has one.
-    pub fn step_output(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option<String>, DbError> {
-        tx.prepare_cached("SELECT output FROM steps WHERE run_id = ?1 AND name = ?2 AND status = 'succeeded'")?
-            .query_row([run, name], |r| r.get(0))
-            .optional()
-            .map(Option::flatten)
-    }
-
-    /// A step is dispatched for `attempt`.
-    pub fn start_step(tx: &Transaction<'_>, run: &str, name: &str, attempt: u32, now: i64) -> Result<(), DbError> {
-        tx.prepare_cached(
-            "UPDATE steps SET status = 'running', attempts = ?3, started_ms = COALESCE(started_ms, ?4), error = NULL
-             WHERE run_id = ?1 AND name = ?2",
-        )?
-        .execute(params![run, name, attempt, now])?;
-        Ok(())
-    }
-
-    /// A step reached a final state.
-    #[allow(clippy::too_many_arguments)]
-    pub fn finish_step(
-        tx: &Transaction<'_>,
-        run: &str,
-        name: &str,
-        status: &str,
-        output: Option<&str>,
-        error: Option<&str>,
-        worker: Option<&str>,
-        now: i64,
-    ) -> Result<(), DbError> {
-        tx.prepare_cached(
-            "UPDATE steps SET status = ?3, output = ?4, error = ?5, worker = COALESCE(?6, worker), finished_ms = ?7
-             WHERE run_id = ?1 AND name = ?2",
-        )?
-        .execute(params![run, name, status, output, error, worker, now])?;
-        Ok(())
-    }
-
-    /// Record what an agent step's model did (latest attempt).
-    pub fn record_agent(
-        tx: &Transaction<'_>,
-        run: &str,
-        name: &str,
-        model: &str,
-        usage: (u64, u64),
-        transcript_json: &str,
-    ) -> Result<(), DbError> {
-        tx.prepare_cached(
-            "UPDATE steps SET model = ?3, input_tokens = COALESCE(input_tokens, 0) + ?4,
-                              output_tokens = COALESCE(output_tokens, 0) + ?5, transcript = ?6
-             WHERE run_id = ?1 AND name = ?2",
-        )?
-        .execute(params![
-            run,
-            name,
-            model,
-            usage.0 as i64,
-            usage.1 as i64,
-            transcript_json
-        ])?;
-        Ok(())
-    }
-
-    /// Record the latest failure of a step that will be retried.
-    pub fn note_step_error(
-        tx: &Transaction<'_>,
-        run: &str,
-        name: &str,
-        error: &str,
-        worker: &str,
-    ) -> Result<(), DbError> {
-        tx.prepare_cached("UPDATE steps SET error = ?3, worker = ?4 WHERE run_id = ?1 AND name = ?2")?
-            .execute(params![run, name, error, worker])?;
-        Ok(())
-    }
-
-    /// Set a step's error without changing its status (a succeeded step
-    /// whose memory update could not be written).
-    pub fn set_step_error(tx: &Transaction<'_>, run: &str, name: &str, error: &str) -> Result<(), DbError> {
-        tx.prepare_cached("UPDATE steps SET error = ?3 WHERE run_id = ?1 AND name = ?2")?
-            .execute(params![run, name, error])?;
-        Ok(())
-    }
-
-    /// A run reached a final state.
-    pub fn finish_run(
-        tx: &Transaction<'_>,
-        run: &str,
-        status: &str,
-        error: Option<&str>,
-        now: i64,
-    ) -> Result<(), DbError> {
-        tx.prepare_cached("UPDATE runs SET status = ?2, error = ?3, finished_ms = ?4 WHERE id = ?1")?
-            .execute(params![run, status, error, now])?;
-        Ok(())
-    }
-}
+pub mod tx;

@@ -1,8 +1,15 @@
-//! The run engine: turns submissions and results into state changes and
-//! outbox tasks, each in one SQLite transaction.
+//! The run engine: turns submissions, results, cancellations and the clock
+//! into state changes and outbox tasks, each in one SQLite transaction.
 //!
 //! **Invariant:** a result is applied once. A result whose task row is no
-//! longer `dispatched` (already applied, or unknown) changes nothing.
+//! longer `dispatched` (already applied, or unknown) changes nothing; one for
+//! a cancelled run or step is recorded (its task row, its tokens and cost)
+//! and changes nothing else.
+//!
+//! **Invariant:** limits are enforced here, at dispatch, from counts in the
+//! database: a step that a limit holds is `waiting` (its `waiting_on` names
+//! the limit) and [`Engine::admit`] dispatches waiting steps, highest
+//! priority first, as the limits allow.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -12,12 +19,14 @@ use courier_config::{
     AgentStore, Config, MemoryScope, PROPOSE_MEMORY_TOOL, ParamError, Step, StoreError, Workflow, build_snapshot,
 };
 use courier_wire::{
-    ContentHash, Limits, MemoryTarget, MemoryUpdate, StepRun, Task, TaskResult, TaskStatus, WireError, encode,
+    ContentHash, Limits, MemoryTarget, MemoryUpdate, ModelLimits, Pricing, StepRun, Task, TaskResult, TaskStatus,
+    WireError, encode,
 };
 use rusqlite::Transaction;
 use uuid::Uuid;
 
-use crate::db::{Db, DbError, OutboxTask, RunView, TaskRow, run_status, step_status, tx};
+use crate::db::tx::{self, NewTask, RunRow};
+use crate::db::{Db, DbError, OutboxTask, RunStatus, RunView, StepStatus, TaskRow};
 
 /// Why a submission was refused; nothing was stored or published.
 #[derive(Debug, thiserror::Error)]
@@ -45,13 +54,45 @@ pub enum SubmitError {
     /// A step's templates could not be resolved.
     #[error("step \"{step}\": {message}")]
     Template { step: String, message: String },
+    /// The priority is out of range.
+    #[error("priority {0} is out of range: use 0 (lowest) to {MAX_PRIORITY} (highest); {NORMAL_PRIORITY} is normal")]
+    Priority(u8),
     /// The database failed.
     #[error("database: {0}")]
     Db(#[from] DbError),
 }
 
-/// Counts from applying a batch of results.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// Why a cancellation was refused; nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    /// No run of that id.
+    #[error("no run \"{0}\"")]
+    NotFound(String),
+    /// The run already ended.
+    #[error("run {run} already {status}: there is nothing to cancel")]
+    Finished { run: String, status: RunStatus },
+    /// The run has no step of that name.
+    #[error("run {run} has no step \"{step}\"")]
+    NoStep { run: String, step: String },
+    /// The step already ended.
+    #[error("step \"{step}\" of run {run} already {status}: there is nothing to cancel")]
+    StepFinished {
+        run: String,
+        step: String,
+        status: StepStatus,
+    },
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(#[from] DbError),
+}
+
+/// Lowest to highest priority: 0 to this.
+pub const MAX_PRIORITY: u8 = 9;
+/// The priority of a run that asks for none.
+pub const NORMAL_PRIORITY: u8 = 4;
+
+/// Counts from applying a batch of results (or a tick of the clock).
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Applied {
     /// Results refused as impossible for their task (index in the batch, and
     /// why): they changed nothing. A real worker never sends one.
@@ -66,8 +107,12 @@ pub struct Applied {
     pub retried: usize,
     /// Runs that finished.
     pub finished_runs: usize,
+    /// Runs cancelled (by their timeout or budget here).
+    pub cancelled_runs: usize,
     /// Memory proposals of succeeded steps that could not be written.
     pub memory_not_written: usize,
+    /// What agent steps spent: (model ID, input tokens, output tokens, cost).
+    pub spend: Vec<(String, u64, u64, Option<f64>)>,
 }
 
 /// Why a result was refused: it cannot be the answer to the task it names.
@@ -98,7 +143,7 @@ impl Refused {
 }
 
 /// Bounds the engine puts on what it publishes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EngineLimits {
     /// Snapshot frames.
     pub snapshot: Limits,
@@ -107,6 +152,8 @@ pub struct EngineLimits {
     /// The longest a task may wait for a worker once due; it expires after
     /// that (plus its step's timeout).
     pub max_queue_wait: Duration,
+    /// Tasks without a result per pool at most (`pools.<name>.max_in_flight`).
+    pub pool_in_flight: BTreeMap<String, u32>,
 }
 
 impl Default for EngineLimits {
@@ -115,12 +162,24 @@ impl Default for EngineLimits {
             snapshot: Limits::default(),
             task: Limits::default(),
             max_queue_wait: DEFAULT_MAX_QUEUE_WAIT,
+            pool_in_flight: BTreeMap::new(),
         }
     }
 }
 
 /// How long a task may wait for a worker by default: a day.
 pub const DEFAULT_MAX_QUEUE_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// A dispatched task with no result this long after its deadline is lost:
+/// its step is failed as timed out (the worker that had it died, or it was
+/// refused without an answer).
+pub const LOST_TASK_GRACE: Duration = Duration::from_secs(60);
+
+/// Waiting steps looked at per admission pass.
+const ADMIT_BATCH: usize = 1000;
+
+/// Tokens an agent request is assumed to produce when its model gives no `max_tokens`.
+const DEFAULT_OUTPUT_ESTIMATE: i64 = 1024;
 
 /// An encoded snapshot and its hash, cached per (workflow, step).
 #[derive(Debug)]
@@ -129,12 +188,23 @@ struct EncodedSnapshot {
     hash: String,
 }
 
+/// What the engine needs of a model: its prices and limits.
+#[derive(Debug, Clone)]
+struct ModelTerms {
+    pricing: Option<Pricing>,
+    limits: ModelLimits,
+    max_tokens: Option<u32>,
+}
+
 /// The engine: config, database, snapshot cache.
 #[derive(Debug)]
 pub struct Engine {
     config: Config,
     db: Mutex<Db>,
     limits: EngineLimits,
+    models: HashMap<String, ModelTerms>,
+    /// The agent config's default model, for agent steps that name none.
+    default_model: Option<String>,
     snapshots: Mutex<HashMap<(String, String), Arc<EncodedSnapshot>>>,
     /// Encoded tasks committed to the outbox and not yet published, by task
     /// id, with their total size (bounded by [`MAX_KEPT_BODY_BYTES`]).
@@ -153,6 +223,8 @@ struct Effects {
     written: Vec<(String, Vec<u8>)>,
     /// Memory proposals of succeeded steps.
     memory: Vec<MemoryWrite>,
+    /// Steps were put to wait, or slots were freed: run admission.
+    admit: bool,
 }
 
 /// A memory proposal to append once its step's success is committed.
@@ -170,13 +242,40 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// One transaction's context: the run being changed and what it produced.
+struct Change<'a, 't> {
+    t: &'a Transaction<'t>,
+    now: i64,
+    applied: &'a mut Applied,
+    effects: &'a mut Effects,
+}
+
 impl Engine {
     /// An engine over a loaded config and an open database.
     pub fn new(config: Config, db: Db, limits: EngineLimits) -> Self {
+        use courier_config::AgentStore as _;
+        let default_model = config.store.agent_config().ok().map(|a| a.default_model);
+        let models = config
+            .store
+            .model_ids()
+            .filter_map(|id| {
+                let def = config.store.model(id).ok()?;
+                Some((
+                    id.to_string(),
+                    ModelTerms {
+                        pricing: def.pricing,
+                        limits: def.limits,
+                        max_tokens: def.max_tokens,
+                    },
+                ))
+            })
+            .collect();
         Self {
             config,
             db: Mutex::new(db),
             limits,
+            models,
+            default_model,
             snapshots: Mutex::new(HashMap::new()),
             bodies: Mutex::new((HashMap::new(), 0)),
         }
@@ -244,31 +343,33 @@ impl Engine {
                     step: row.step.clone(),
                     message: what,
                 };
-                let (workflow, _) =
-                    tx::run(t, &row.run_id)?.ok_or_else(|| gone(format!("run {} is gone", row.run_id)))?;
-                let wf = self
-                    .config
-                    .workflows
-                    .get(&workflow)
-                    .ok_or_else(|| SubmitError::UnknownWorkflow {
-                        name: workflow.clone(),
-                        known: self.config.workflows.keys().cloned().collect::<Vec<_>>().join(", "),
-                    })?;
+                let run = tx::run(t, &row.run_id)?.ok_or_else(|| gone(format!("run {} is gone", row.run_id)))?;
+                let wf = self.workflow(&run.workflow)?;
                 let step = wf
                     .step(&row.step)
-                    .ok_or_else(|| gone(format!("no longer in workflow \"{workflow}\"")))?;
-                let params: BTreeMap<String, String> =
-                    serde_json::from_str(&tx::run_params(t, &row.run_id)?).unwrap_or_default();
+                    .ok_or_else(|| gone(format!("no longer in workflow \"{}\"", run.workflow)))?;
+                let params = run_params(t, &row.run_id)?;
                 let upstream = outputs(t, &row.run_id, wf, step)?;
                 let attempt = Attempt {
                     task_id: parse_uuid(&row.task_id),
                     number: row.attempt,
                     due_ms: row.not_before_ms,
+                    run_deadline_ms: run.deadline_ms,
                 };
                 let task = self.plan_task(wf, step, parse_uuid(&row.run_id), attempt, &params, &upstream)?;
                 Ok((task.body, task.snapshot_hash))
             })
         })
+    }
+
+    fn workflow(&self, name: &str) -> Result<&Workflow, SubmitError> {
+        self.config
+            .workflows
+            .get(name)
+            .ok_or_else(|| SubmitError::UnknownWorkflow {
+                name: name.to_string(),
+                known: self.config.workflows.keys().cloned().collect::<Vec<_>>().join(", "),
+            })
     }
 
     /// The loaded configuration.
@@ -294,22 +395,25 @@ impl Engine {
         pools.into_iter().collect()
     }
 
-    /// Start a run: validate, plan, and write the first tasks to the outbox.
+    /// Start a run at `priority` (0 to [`MAX_PRIORITY`]): validate, plan, and
+    /// write the first tasks to the outbox (or hold them, when a limit applies).
     ///
     /// # Errors
     /// [`SubmitError`]; on error nothing is stored or published.
-    pub fn submit(&self, workflow: &str, given: &BTreeMap<String, String>) -> Result<RunView, SubmitError> {
-        let wf = self
-            .config
-            .workflows
-            .get(workflow)
-            .ok_or_else(|| SubmitError::UnknownWorkflow {
-                name: workflow.to_string(),
-                known: self.config.workflows.keys().cloned().collect::<Vec<_>>().join(", "),
-            })?;
+    pub fn submit(
+        &self,
+        workflow: &str,
+        given: &BTreeMap<String, String>,
+        priority: u8,
+    ) -> Result<RunView, SubmitError> {
+        if priority > MAX_PRIORITY {
+            return Err(SubmitError::Priority(priority));
+        }
+        let wf = self.workflow(workflow)?;
         let params = wf.resolve_params(given)?;
         let run_id = Uuid::now_v7();
         let now = now_ms();
+        let deadline = wf.timeout.map(|t| now.saturating_add(millis(t)));
         // Build every first task before touching the database: a missing
         // resource or an oversized task fails the submit with nothing stored.
         let first: Vec<(&Step, PlannedTask)> = wf
@@ -317,23 +421,46 @@ impl Engine {
             .iter()
             .filter(|s| s.depends.is_empty())
             .map(|s| {
-                Ok((
-                    s,
-                    self.plan_task(wf, s, run_id, Attempt::first(now), &params, &BTreeMap::new())?,
-                ))
+                let attempt = Attempt::first(now, deadline);
+                Ok((s, self.plan_task(wf, s, run_id, attempt, &params, &BTreeMap::new())?))
             })
             .collect::<Result<_, SubmitError>>()?;
         let params_json = serde_json::to_string(&params).unwrap_or_else(|_| "{}".into());
         let run = run_id.to_string();
         let (effects, view) = self.with_db(|db| {
             let effects = db.transaction(|t| {
-                tx::insert_run(t, &run, &wf.name, &params_json, now)?;
+                let admitted = match wf.max_active_runs {
+                    Some(max) => tx::active_runs_by_workflow(t)?.get(&wf.name).copied().unwrap_or(0) < i64::from(max),
+                    None => true,
+                };
+                tx::insert_run(t, &run, &wf.name, &params_json, priority, deadline, admitted, now)?;
                 for (i, s) in wf.steps.iter().enumerate() {
                     tx::insert_step(t, &run, &s.name, i, &s.queue)?;
                 }
+                let mut applied = Applied::default();
                 let mut effects = Effects::default();
+                let mut c = Change {
+                    t,
+                    now,
+                    applied: &mut applied,
+                    effects: &mut effects,
+                };
+                let row = RunRow {
+                    workflow: wf.name.clone(),
+                    status: RunStatus::Running,
+                    admitted,
+                    deadline_ms: deadline,
+                };
                 for (step, task) in first {
-                    write_task(t, &run, step, task, now, &mut effects)?;
+                    if self.held(&mut c, wf, &row, step)? {
+                        tx::wait_step(t, &run, &step.name, None)?;
+                        c.effects.admit = true;
+                    } else {
+                        write_task(&mut c, &run, step, task)?;
+                    }
+                }
+                if c.effects.admit {
+                    self.admit_in(&mut c)?;
                 }
                 Ok::<_, DbError>(effects)
             })?;
@@ -343,7 +470,104 @@ impl Engine {
         Ok(view)
     }
 
-    /// Apply a batch of results in one transaction.
+    /// Cancel a run, or one step of it (its dependents are skipped): what
+    /// is not finished becomes `cancelled`, its unpublished tasks are never
+    /// published, and every worker is told (through the control stream) to
+    /// stop what it runs and to answer the rest as cancelled. `by` and
+    /// `reason` are recorded. Cancelling what is already cancelled changes
+    /// nothing and succeeds.
+    ///
+    /// # Errors
+    /// [`CancelError`]: unknown run or step, or it already ended otherwise.
+    pub fn cancel(&self, run: &str, step: Option<&str>, by: &str, reason: &str) -> Result<RunView, CancelError> {
+        let now = now_ms();
+        self.with_db(|db| {
+            db.transaction(|t| {
+                let row = tx::run(t, run)?.ok_or_else(|| CancelError::NotFound(run.to_string()))?;
+                let mut applied = Applied::default();
+                let mut effects = Effects::default();
+                let mut c = Change {
+                    t,
+                    now,
+                    applied: &mut applied,
+                    effects: &mut effects,
+                };
+                match step {
+                    None => match row.status {
+                        RunStatus::Running => self.cancel_run(&mut c, run, by, reason)?,
+                        RunStatus::Cancelled => {}
+                        status => {
+                            return Err(CancelError::Finished {
+                                run: run.to_string(),
+                                status,
+                            });
+                        }
+                    },
+                    Some(name) => {
+                        let status = tx::step_status(t, run, name)?.ok_or_else(|| CancelError::NoStep {
+                            run: run.to_string(),
+                            step: name.to_string(),
+                        })?;
+                        match status {
+                            s if s.is_open() => {
+                                let wf = self.config.workflows.get(&row.workflow);
+                                self.cancel_step(&mut c, wf, run, name, reason)?;
+                                finish_if_done(&mut c, run)?;
+                                self.admit_in(&mut c)?;
+                            }
+                            StepStatus::Cancelled => {}
+                            status => {
+                                return Err(CancelError::StepFinished {
+                                    run: run.to_string(),
+                                    step: name.to_string(),
+                                    status,
+                                });
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+            db.run(run)?.ok_or_else(|| CancelError::NotFound(run.to_string()))
+        })
+    }
+
+    /// Cancel a running run: open steps cancelled, unpublished tasks
+    /// dropped, workers told.
+    fn cancel_run(&self, c: &mut Change<'_, '_>, run: &str, by: &str, reason: &str) -> Result<(), DbError> {
+        for (name, _) in tx::open_steps(c.t, run)? {
+            tx::finish_step(c.t, run, &name, StepStatus::Cancelled, None, Some(reason), None, c.now)?;
+        }
+        tx::cancel_unpublished(c.t, run, None, c.now)?;
+        tx::finish_run(c.t, run, RunStatus::Cancelled, Some(reason), Some(by), c.now)?;
+        tx::insert_control(c.t, run, None, reason, c.now)?;
+        c.effects.admit = true;
+        c.applied.cancelled_runs += 1;
+        tracing::info!(%run, trace_id = %trace_id(run), %by, %reason, "run cancelled");
+        Ok(())
+    }
+
+    /// Cancel one open step and skip what depends on it.
+    fn cancel_step(
+        &self,
+        c: &mut Change<'_, '_>,
+        wf: Option<&Workflow>,
+        run: &str,
+        name: &str,
+        reason: &str,
+    ) -> Result<(), DbError> {
+        tx::finish_step(c.t, run, name, StepStatus::Cancelled, None, Some(reason), None, c.now)?;
+        tx::cancel_unpublished(c.t, run, Some(name), c.now)?;
+        tx::insert_control(c.t, run, Some(name), reason, c.now)?;
+        c.effects.admit = true;
+        if let Some(wf) = wf {
+            skip_downstream(c, wf, run, name, "was cancelled", &mut Statuses::new(run))?;
+        }
+        tracing::info!(%run, step = %name, %reason, "step cancelled");
+        Ok(())
+    }
+
+    /// Apply a batch of results in one transaction, then admit waiting steps.
     ///
     /// # Errors
     /// The database failed; nothing of the batch was applied.
@@ -353,11 +577,20 @@ impl Engine {
             db.transaction(|t| {
                 let mut applied = Applied::default();
                 let mut effects = Effects::default();
+                let mut c = Change {
+                    t,
+                    now,
+                    applied: &mut applied,
+                    effects: &mut effects,
+                };
                 for (i, result) in results.iter().enumerate() {
-                    if let Err(refused) = self.apply_one(t, result, now, &mut applied, &mut effects)? {
+                    if let Err(refused) = self.apply_one(&mut c, result)? {
                         tracing::warn!(task = %result.task_id, error = %refused, "result refused; nothing changed");
-                        applied.refused.push((i, refused));
+                        c.applied.refused.push((i, refused));
                     }
+                }
+                if c.applied.applied > 0 || c.effects.admit {
+                    self.admit_in(&mut c)?;
                 }
                 Ok::<_, DbError>((applied, effects))
             })
@@ -367,30 +600,112 @@ impl Engine {
         Ok(applied)
     }
 
+    /// What the clock decides: cancel runs past their timeout, fail the
+    /// steps of tasks lost past their deadline, and admit waiting steps
+    /// whose limits (a rolling minute, a provider's pause) have eased.
+    ///
+    /// # Errors
+    /// The database failed; nothing changed.
+    pub fn tick(&self) -> Result<Applied, DbError> {
+        let now = now_ms();
+        let (applied, effects) = self.with_db(|db| {
+            db.transaction(|t| {
+                let mut applied = Applied::default();
+                let mut effects = Effects::default();
+                let mut c = Change {
+                    t,
+                    now,
+                    applied: &mut applied,
+                    effects: &mut effects,
+                };
+                for (run, workflow) in tx::overdue_runs(t, now)? {
+                    let timeout = self
+                        .config
+                        .workflows
+                        .get(&workflow)
+                        .and_then(|w| w.timeout)
+                        .map_or_else(|| "its".to_string(), courier_wire::humanize);
+                    let reason = format!("the run's timeout ({timeout}) passed");
+                    self.cancel_run(&mut c, &run, "timeout", &reason)?;
+                }
+                let cutoff = now.saturating_sub(millis(LOST_TASK_GRACE));
+                for lost in tx::lost_tasks(t, cutoff)? {
+                    tracing::warn!(task = %lost.task_id, run = %lost.run, step = %lost.step, "no result by the task's deadline; failing the attempt");
+                    let at = u64::try_from(now).unwrap_or(0);
+                    let result = TaskResult {
+                        task_id: parse_uuid(&lost.task_id),
+                        run_id: parse_uuid(&lost.run),
+                        step: lost.step,
+                        attempt: lost.attempt,
+                        status: TaskStatus::TimedOut,
+                        output: String::new(),
+                        error: Some(format!(
+                            "no result by the task's deadline (plus {}): the worker that had it stopped, or refused it unanswered",
+                            courier_wire::humanize(LOST_TASK_GRACE)
+                        )),
+                        started_unix_ms: at,
+                        finished_unix_ms: at,
+                        worker_id: "scheduler".into(),
+                        memory_updates: Vec::new(),
+                        model: None,
+                        usage: None,
+                        transcript: Vec::new(),
+                        rate_limited_ms: None,
+                    };
+                    let _ = self.apply_one(&mut c, &result)?;
+                }
+                self.admit_in(&mut c)?;
+                Ok::<_, DbError>((applied, effects))
+            })
+        })?;
+        let mut applied = applied;
+        applied.memory_not_written = self.after_commit(effects);
+        Ok(applied)
+    }
+
+    /// Admit waiting steps now (the API's and tests' entry; results and the
+    /// clock admit on their own).
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn admit(&self) -> Result<usize, DbError> {
+        let now = now_ms();
+        let effects = self.with_db(|db| {
+            db.transaction(|t| {
+                let mut applied = Applied::default();
+                let mut effects = Effects::default();
+                let mut c = Change {
+                    t,
+                    now,
+                    applied: &mut applied,
+                    effects: &mut effects,
+                };
+                self.admit_in(&mut c)?;
+                Ok::<_, DbError>(effects)
+            })
+        })?;
+        let n = effects.written.len();
+        self.after_commit(effects);
+        Ok(n)
+    }
+
     /// Apply one result: `Ok(Err(_))` when it was refused (nothing changed).
-    fn apply_one(
-        &self,
-        t: &Transaction<'_>,
-        r: &TaskResult,
-        now: i64,
-        applied: &mut Applied,
-        effects: &mut Effects,
-    ) -> Result<Result<(), Refused>, DbError> {
+    fn apply_one(&self, c: &mut Change<'_, '_>, r: &TaskResult) -> Result<Result<(), Refused>, DbError> {
         let task_id = r.task_id.to_string();
-        let Some(row) = tx::task(t, &task_id)? else {
+        let Some(row) = tx::task(c.t, &task_id)? else {
             tracing::warn!(task = %task_id, "result for an unknown task; ignored");
-            applied.duplicates += 1;
+            c.applied.duplicates += 1;
             return Ok(Ok(()));
         };
-        if let Err(refused) = self.check(t, &task_id, &row, r)? {
+        if let Err(refused) = self.check(c.t, &task_id, &row, r)? {
             return Ok(Err(refused));
         }
-        if row.status != "dispatched" {
+        if !row.dispatched {
             tracing::debug!(task = %task_id, "duplicate result; ignored");
-            applied.duplicates += 1;
+            c.applied.duplicates += 1;
             return Ok(Ok(()));
         }
-        self.apply_to_run(t, r, &row, now, applied, effects)?;
+        self.apply_to_run(c, r, &row)?;
         Ok(Ok(()))
     }
 
@@ -413,7 +728,7 @@ impl Engine {
             }));
         }
         if !r.memory_updates.is_empty() {
-            let workflow = tx::run(t, &row.run_id)?.map(|(workflow, _)| workflow);
+            let workflow = tx::run(t, &row.run_id)?.map(|run| run.workflow);
             let step = workflow
                 .as_ref()
                 .and_then(|w| self.config.workflows.get(w)?.step(&row.step));
@@ -430,152 +745,363 @@ impl Engine {
         Ok(Ok(()))
     }
 
-    fn apply_to_run(
-        &self,
-        t: &Transaction<'_>,
-        r: &TaskResult,
-        row: &TaskRow,
-        now: i64,
-        applied: &mut Applied,
-        effects: &mut Effects,
-    ) -> Result<(), DbError> {
-        let task_id = r.task_id.to_string();
-        applied.applied += 1;
-        tx::finish_task(t, &task_id, r.status.as_str(), now)?;
-        let run = row.run_id.clone();
-        let Some((workflow, run_state)) = tx::run(t, &run)? else {
+    /// A result for a task still dispatched: record the attempt and what it
+    /// spent, then (if its run and step are still open) move the run on and
+    /// enforce the run's budget.
+    fn apply_to_run(&self, c: &mut Change<'_, '_>, r: &TaskResult, row: &TaskRow) -> Result<(), DbError> {
+        c.applied.applied += 1;
+        c.effects.admit = true;
+        let used = r
+            .usage
+            .map(|u| i64::try_from(u.input_tokens + u.output_tokens).unwrap_or(i64::MAX));
+        tx::finish_task(c.t, &r.task_id.to_string(), r.status, used, c.now)?;
+        let run = row.run_id.as_str();
+        let Some(run_row) = tx::run(c.t, run)? else {
             return Ok(());
         };
-        if run_state != run_status::RUNNING {
-            return Ok(());
-        }
-        let Some(wf) = self.config.workflows.get(&workflow) else {
-            let error = format!("workflow \"{workflow}\" is no longer configured");
-            tx::finish_run(t, &run, run_status::FAILED, Some(&error), now)?;
-            applied.finished_runs += 1;
+        let Some(wf) = self.config.workflows.get(&run_row.workflow) else {
+            if run_row.status == RunStatus::Running {
+                let error = format!("workflow \"{}\" is no longer configured", run_row.workflow);
+                tx::finish_run(c.t, run, RunStatus::Failed, Some(&error), None, c.now)?;
+                c.applied.finished_runs += 1;
+            }
             return Ok(());
         };
         let Some(step) = wf.step(&row.step) else {
             return Ok(());
         };
-        let run_uuid = parse_uuid(&run);
-        // Params are parsed only when a task has to be planned.
-        let mut params: Option<BTreeMap<String, String>> = None;
-        let mut params = |t: &Transaction<'_>| -> Result<BTreeMap<String, String>, DbError> {
-            if params.is_none() {
-                params = Some(serde_json::from_str(&tx::run_params(t, &run)?).unwrap_or_default());
-            }
-            Ok(params.clone().unwrap_or_default())
-        };
-        let mut states = Statuses::new(&run);
-        // Only an agent step has a model, tokens and a transcript to record.
-        if let (Some(model), StepRun::Agent(_)) = (&r.model, &step.run) {
-            let usage = r.usage.unwrap_or_default();
-            let transcript = serde_json::to_string(&r.transcript).unwrap_or_else(|_| "[]".into());
-            tx::record_agent(
-                t,
-                &run,
-                &step.name,
-                model,
-                (usage.input_tokens, usage.output_tokens),
-                &transcript,
-            )?;
+        // Money spent is recorded whatever became of the run.
+        self.record_spend(c, run, step, r)?;
+        if run_row.status != RunStatus::Running || tx::step_status(c.t, run, &step.name)? != Some(StepStatus::Running) {
+            tracing::debug!(%run, step = %step.name, "result for a cancelled run or step: recorded, nothing else");
+            return Ok(());
         }
-
+        if let (Some(ms), Some(model)) = (r.rate_limited_ms, self.step_model(step)) {
+            let until = c.now.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX));
+            let why = format!("the provider answered 429 for model \"{model}\"");
+            tx::pause_model(c.t, model, until, &why)?;
+            tracing::warn!(%model, pause_ms = ms, "model paused fleet-wide after a 429");
+        }
+        let mut states = Statuses::new(run);
         match r.status {
-            TaskStatus::Succeeded => {
-                let worker = Some(r.worker_id.as_str());
-                tx::finish_step(
-                    t,
-                    &run,
-                    &step.name,
-                    step_status::SUCCEEDED,
-                    Some(&r.output),
-                    None,
-                    worker,
-                    now,
-                )?;
-                states.set(&step.name, step_status::SUCCEEDED);
-                effects.memory.extend(r.memory_updates.iter().map(|u| MemoryWrite {
-                    run: run.clone(),
-                    step: step.name.clone(),
-                    workflow: workflow.clone(),
-                    update: u.clone(),
-                }));
-                // Dispatch every dependent whose dependencies all succeeded.
-                for s in wf.steps.iter().filter(|s| s.depends.contains(&step.name)) {
-                    if states.get(t, &s.name)? != step_status::PENDING {
-                        continue;
-                    }
-                    let mut ready = true;
-                    for d in &s.depends {
-                        ready &= states.get(t, d)? == step_status::SUCCEEDED;
-                    }
-                    if !ready {
-                        continue;
-                    }
-                    let upstream = outputs(t, &run, wf, s)?;
-                    match self.plan_task(wf, s, run_uuid, Attempt::first(now), &params(t)?, &upstream) {
-                        Ok(task) => {
-                            write_task(t, &run, s, task, now, effects)?;
-                            states.set(&s.name, step_status::RUNNING);
-                            applied.dispatched += 1;
-                        }
-                        Err(e) => fail_step(t, wf, &run, &s.name, &e.to_string(), "scheduler", now, &mut states)?,
-                    }
-                }
+            TaskStatus::Succeeded => self.succeed(c, wf, &run_row, step, r, &mut states)?,
+            TaskStatus::Cancelled => {
+                let reason = r.error.clone().unwrap_or_else(|| "cancelled".into());
+                self.cancel_step(c, Some(wf), run, &step.name, &reason)?;
             }
-            failed => {
-                let error = r.error.clone().unwrap_or_else(|| failed.as_str().to_string());
-                let retryable = failed != TaskStatus::Rejected;
-                if retryable && row.attempt <= step.retry.limit {
-                    let attempt = row.attempt + 1;
-                    let delay = backoff(step, row.attempt);
-                    let upstream = outputs(t, &run, wf, step)?;
-                    let next = Attempt {
-                        task_id: Uuid::now_v7(),
-                        number: attempt,
-                        due_ms: now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
-                    };
-                    match self.plan_task(wf, step, run_uuid, next, &params(t)?, &upstream) {
-                        Ok(task) => {
-                            tx::note_step_error(t, &run, &step.name, &error, &r.worker_id)?;
-                            write_task(t, &run, step, task, now, effects)?;
-                            applied.retried += 1;
-                            tracing::info!(run = %run, trace_id = %trace_id(&run), step = %step.name, attempt, delay_ms = delay.as_millis() as u64, %error, "retrying step");
-                            return Ok(());
-                        }
-                        Err(e) => {
-                            let error = format!("{error}; retry impossible: {e}");
-                            fail_step(t, wf, &run, &step.name, &error, &r.worker_id, now, &mut states)?;
-                        }
-                    }
-                } else {
-                    fail_step(t, wf, &run, &step.name, &error, &r.worker_id, now, &mut states)?;
-                }
-            }
+            _ => self.fail_or_retry(c, wf, &run_row, step, row, r, &mut states)?,
         }
-
-        // Finish the run when nothing is pending or running.
-        if tx::open_steps(t, &run)? == 0 {
-            let failed = tx::failed_steps(t, &run)?;
-            if failed.is_empty() {
-                tx::finish_run(t, &run, run_status::SUCCEEDED, None, now)?;
-                tracing::info!(run = %run, trace_id = %trace_id(&run), status = run_status::SUCCEEDED, "run finished");
-            } else {
-                let error = format!("step(s) failed: {}", failed.join(", "));
-                tx::finish_run(t, &run, run_status::FAILED, Some(&error), now)?;
-                tracing::info!(run = %run, trace_id = %trace_id(&run), status = run_status::FAILED, %error, "run finished");
-            }
-            applied.finished_runs += 1;
+        if !self.enforce_budget(c, run, wf)? {
+            finish_if_done(c, run)?;
         }
         Ok(())
     }
 
+    /// Record an agent step's model, tokens, cost and transcript.
+    fn record_spend(&self, c: &mut Change<'_, '_>, run: &str, step: &Step, r: &TaskResult) -> Result<(), DbError> {
+        let (Some(label), StepRun::Agent(_)) = (&r.model, &step.run) else {
+            return Ok(());
+        };
+        let usage = r.usage.unwrap_or_default();
+        let model = self.step_model(step).unwrap_or_default();
+        let cost = self
+            .models
+            .get(model)
+            .and_then(|m| m.pricing)
+            .map(|p| p.cost(usage.input_tokens, usage.output_tokens));
+        let transcript = serde_json::to_string(&r.transcript).unwrap_or_else(|_| "[]".into());
+        tx::record_agent(
+            c.t,
+            run,
+            &step.name,
+            label,
+            (usage.input_tokens, usage.output_tokens),
+            cost,
+            &transcript,
+        )?;
+        c.applied
+            .spend
+            .push((model.to_string(), usage.input_tokens, usage.output_tokens, cost));
+        Ok(())
+    }
+
+    /// Cancel the run when it has spent more than its budget; `true` if it did.
+    fn enforce_budget(&self, c: &mut Change<'_, '_>, run: &str, wf: &Workflow) -> Result<bool, DbError> {
+        if wf.budget.tokens.is_none() && wf.budget.cost.is_none() {
+            return Ok(false);
+        }
+        if tx::run(c.t, run)?.map(|r| r.status) != Some(RunStatus::Running) {
+            return Ok(false);
+        }
+        let (tokens, cost) = tx::run_spend(c.t, run)?;
+        let over = match (wf.budget.tokens, wf.budget.cost) {
+            (Some(max), _) if u64::try_from(tokens).unwrap_or(0) > max => {
+                Some(format!("budget exceeded: {tokens} tokens used, the budget is {max}"))
+            }
+            (_, Some(max)) if cost > max => Some(format!("budget exceeded: cost {cost:.4} spent, the budget is {max}")),
+            _ => None,
+        };
+        let Some(reason) = over else { return Ok(false) };
+        self.cancel_run(c, run, "budget", &reason)?;
+        Ok(true)
+    }
+
+    /// A step succeeded: record it and start (or hold) every dependent
+    /// whose dependencies all succeeded.
+    fn succeed(
+        &self,
+        c: &mut Change<'_, '_>,
+        wf: &Workflow,
+        run_row: &RunRow,
+        step: &Step,
+        r: &TaskResult,
+        states: &mut Statuses<'_>,
+    ) -> Result<(), DbError> {
+        let run = states.run;
+        let worker = Some(r.worker_id.as_str());
+        tx::finish_step(
+            c.t,
+            run,
+            &step.name,
+            StepStatus::Succeeded,
+            Some(&r.output),
+            None,
+            worker,
+            c.now,
+        )?;
+        states.set(&step.name, StepStatus::Succeeded);
+        c.effects.memory.extend(r.memory_updates.iter().map(|u| MemoryWrite {
+            run: run.to_string(),
+            step: step.name.clone(),
+            workflow: wf.name.clone(),
+            update: u.clone(),
+        }));
+        let mut params = None;
+        for s in wf.steps.iter().filter(|s| s.depends.contains(&step.name)) {
+            if states.get(c.t, &s.name)? != Some(StepStatus::Pending) {
+                continue;
+            }
+            let mut ready = true;
+            for d in &s.depends {
+                ready &= states.get(c.t, d)? == Some(StepStatus::Succeeded);
+            }
+            if !ready {
+                continue;
+            }
+            if self.held(c, wf, run_row, s)? {
+                tx::wait_step(c.t, run, &s.name, None)?;
+                states.set(&s.name, StepStatus::Waiting);
+                c.effects.admit = true;
+                continue;
+            }
+            if params.is_none() {
+                params = Some(run_params(c.t, run)?);
+            }
+            let upstream = outputs(c.t, run, wf, s)?;
+            let attempt = Attempt::first(c.now, run_row.deadline_ms);
+            let planned = self.plan_task(
+                wf,
+                s,
+                parse_uuid(run),
+                attempt,
+                params.as_ref().unwrap_or(&BTreeMap::new()),
+                &upstream,
+            );
+            match planned {
+                Ok(task) => {
+                    write_task(c, run, s, task)?;
+                    states.set(&s.name, StepStatus::Running);
+                }
+                Err(e) => fail_step(c, wf, run, &s.name, &e.to_string(), "scheduler", states)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// A step's attempt failed: schedule the next attempt after its backoff
+    /// (or after the provider's pause), or fail the step for good.
+    #[allow(clippy::too_many_arguments)]
+    fn fail_or_retry(
+        &self,
+        c: &mut Change<'_, '_>,
+        wf: &Workflow,
+        run_row: &RunRow,
+        step: &Step,
+        row: &TaskRow,
+        r: &TaskResult,
+        states: &mut Statuses<'_>,
+    ) -> Result<(), DbError> {
+        let run = states.run;
+        let error = r.error.clone().unwrap_or_else(|| r.status.as_str().to_string());
+        let retryable = r.status != TaskStatus::Rejected;
+        if !(retryable && row.attempt <= step.retry.limit) {
+            return fail_step(c, wf, run, &step.name, &error, &r.worker_id, states);
+        }
+        let attempt = row.attempt + 1;
+        let pause = Duration::from_millis(r.rate_limited_ms.unwrap_or(0));
+        let delay = backoff(step, row.attempt).max(pause);
+        let upstream = outputs(c.t, run, wf, step)?;
+        let next = Attempt {
+            task_id: Uuid::now_v7(),
+            number: attempt,
+            due_ms: c.now.saturating_add(millis(delay)),
+            run_deadline_ms: run_row.deadline_ms,
+        };
+        let params = run_params(c.t, run)?;
+        match self.plan_task(wf, step, parse_uuid(run), next, &params, &upstream) {
+            Ok(task) => {
+                tx::note_step_error(c.t, run, &step.name, &error, &r.worker_id)?;
+                write_task(c, run, step, task)?;
+                c.applied.retried += 1;
+                tracing::info!(run = %run, trace_id = %trace_id(run), step = %step.name, attempt, delay_ms = delay.as_millis() as u64, %error, "retrying step");
+                Ok(())
+            }
+            Err(e) => {
+                let error = format!("{error}; retry impossible: {e}");
+                fail_step(c, wf, run, &step.name, &error, &r.worker_id, states)
+            }
+        }
+    }
+
+    /// The model ID an agent step uses (its own, else the agent default).
+    fn step_model<'a>(&'a self, step: &'a Step) -> Option<&'a str> {
+        match &step.run {
+            StepRun::Agent(a) => a.model.as_deref().or(self.default_model.as_deref()),
+            _ => None,
+        }
+    }
+
+    /// Whether a ready step must wait for admission: a limit applies to it
+    /// (or its model is paused), or its run is not yet admitted.
+    fn held(&self, c: &mut Change<'_, '_>, wf: &Workflow, run: &RunRow, step: &Step) -> Result<bool, DbError> {
+        if !run.admitted || wf.max_active_steps.is_some() || self.limits.pool_in_flight.contains_key(&step.queue) {
+            return Ok(true);
+        }
+        let Some(model) = self.step_model(step) else {
+            return Ok(false);
+        };
+        if self.models.get(model).is_some_and(|m| m.limits.any()) {
+            return Ok(true);
+        }
+        Ok(tx::model_pause(c.t, model, c.now)?.is_some())
+    }
+
+    /// Dispatch waiting steps, highest priority first, as every limit allows;
+    /// a step still held gets the limit named in `waiting_on`.
+    fn admit_in(&self, c: &mut Change<'_, '_>) -> Result<(), DbError> {
+        let waiting = tx::waiting_steps(c.t, ADMIT_BATCH)?;
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let mut counts = Counts::read(c.t)?;
+        for w in waiting {
+            let Some(wf) = self.config.workflows.get(&w.workflow) else {
+                continue;
+            };
+            let Some(step) = wf.step(&w.step) else { continue };
+            let model = self.step_model(step);
+            let terms = model.and_then(|m| self.models.get(m));
+            let mut held = self.limit_reached(c, &mut counts, wf, &w, step, model, terms)?;
+            let mut planned = None;
+            if held.is_none() {
+                let Some(run_row) = tx::run(c.t, &w.run)? else { continue };
+                let params = run_params(c.t, &w.run)?;
+                let upstream = outputs(c.t, &w.run, wf, step)?;
+                let attempt = Attempt::first(c.now, run_row.deadline_ms);
+                match self.plan_task(wf, step, parse_uuid(&w.run), attempt, &params, &upstream) {
+                    Ok(task) => {
+                        if let (Some(model), Some(limit)) = (model, terms.and_then(|t| t.limits.tokens_per_minute)) {
+                            let (_, used) = counts.window(c.t, model, c.now)?;
+                            let want = task.tokens.unwrap_or(0);
+                            // One step larger than the whole limit still runs, alone in its minute.
+                            if used > 0 && used + want > i64::try_from(limit).unwrap_or(i64::MAX) {
+                                held = Some(format!("model \"{model}\" tokens_per_minute ({limit})"));
+                            }
+                        }
+                        planned = Some(task);
+                    }
+                    Err(e) => {
+                        let mut states = Statuses::new(&w.run);
+                        fail_step(c, wf, &w.run, &w.step, &e.to_string(), "scheduler", &mut states)?;
+                        finish_if_done(c, &w.run)?;
+                        continue;
+                    }
+                }
+            }
+            if let Some(reason) = held {
+                if w.waiting_on.as_deref() != Some(reason.as_str()) {
+                    tx::set_waiting_on(c.t, &w.run, &w.step, &reason)?;
+                }
+                continue;
+            }
+            let Some(task) = planned else { continue };
+            if !w.admitted {
+                tx::admit_run(c.t, &w.run)?;
+                *counts.runs.entry(wf.name.clone()).or_default() += 1;
+                counts.admitted_runs.insert(w.run.clone());
+            }
+            counts.took(&wf.name, &step.queue, model, &task);
+            write_task(c, &w.run, step, task)?;
+        }
+        Ok(())
+    }
+
+    /// The limit that holds a waiting step now, if any (all but the token
+    /// window, which needs the planned task).
+    #[allow(clippy::too_many_arguments)]
+    fn limit_reached(
+        &self,
+        c: &mut Change<'_, '_>,
+        counts: &mut Counts,
+        wf: &Workflow,
+        w: &tx::WaitingStep,
+        step: &Step,
+        model: Option<&str>,
+        terms: Option<&ModelTerms>,
+    ) -> Result<Option<String>, DbError> {
+        let count = |map: &HashMap<String, i64>, key: &str| map.get(key).copied().unwrap_or(0);
+        if !w.admitted
+            && !counts.admitted_runs.contains(&w.run)
+            && let Some(max) = wf.max_active_runs
+            && count(&counts.runs, &wf.name) >= i64::from(max)
+        {
+            return Ok(Some(format!("workflow \"{}\" max_active_runs ({max})", wf.name)));
+        }
+        if let Some(max) = wf.max_active_steps
+            && count(&counts.steps, &wf.name) >= i64::from(max)
+        {
+            return Ok(Some(format!("workflow \"{}\" max_active_steps ({max})", wf.name)));
+        }
+        if let Some(max) = self.limits.pool_in_flight.get(&step.queue)
+            && count(&counts.pools, &step.queue) >= i64::from(*max)
+        {
+            return Ok(Some(format!("pool \"{}\" max_in_flight ({max})", step.queue)));
+        }
+        let Some(model) = model else { return Ok(None) };
+        if let Some((until, why)) = tx::model_pause(c.t, model, c.now)? {
+            return Ok(Some(format!("{why}: paused for {} ms more", until - c.now)));
+        }
+        let Some(limits) = terms.map(|t| t.limits) else {
+            return Ok(None);
+        };
+        if let Some(max) = limits.concurrency
+            && count(&counts.models, model) >= i64::from(max)
+        {
+            return Ok(Some(format!("model \"{model}\" concurrency ({max})")));
+        }
+        if let Some(max) = limits.requests_per_minute {
+            let (requests, _) = counts.window(c.t, model, c.now)?;
+            if requests >= i64::from(max) {
+                return Ok(Some(format!("model \"{model}\" requests_per_minute ({max})")));
+            }
+        }
+        Ok(None)
+    }
+
     /// Resolve a step and encode its task, with the cached snapshot. The
     /// task's deadline is its due time, plus the longest it may wait for a
-    /// worker, plus the step's timeout: a worker refuses it after that (so a
-    /// replayed task is refused too).
+    /// worker, plus the step's timeout, and never after its run's deadline:
+    /// a worker refuses it after that (so a replayed task is refused too).
     fn plan_task(
         &self,
         wf: &Workflow,
@@ -592,17 +1118,35 @@ impl Engine {
                 message,
             })?;
         let snapshot = self.snapshot(wf, step)?;
-        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let mut deadline = attempt
+            .due_ms
+            .saturating_add(millis(self.limits.max_queue_wait))
+            .saturating_add(millis(spec.timeout));
+        if let Some(run_deadline) = attempt.run_deadline_ms {
+            deadline = deadline.min(run_deadline);
+        }
+        let model = self.step_model(step).map(str::to_string);
+        // A model request's tokens, estimated: the prompt (4 bytes a token)
+        // and the most the model may answer.
+        let tokens = match (&spec.run, &model) {
+            (StepRun::Agent(a), Some(m)) => {
+                let prompt: usize = a.prompt.len() + a.messages.iter().map(|m| m.content.len()).sum::<usize>();
+                let answer = self
+                    .models
+                    .get(m)
+                    .and_then(|t| t.max_tokens)
+                    .map_or(DEFAULT_OUTPUT_ESTIMATE, i64::from);
+                Some(i64::try_from(prompt / 4).unwrap_or(i64::MAX).saturating_add(answer))
+            }
+            _ => None,
+        };
         let task = Task {
             task_id: attempt.task_id,
             run_id,
             workflow: wf.name.clone(),
             step: step.name.clone(),
             attempt: attempt.number,
-            deadline_unix_ms: u64::try_from(attempt.due_ms)
-                .unwrap_or(0)
-                .saturating_add(millis(self.limits.max_queue_wait))
-                .saturating_add(millis(spec.timeout)),
+            deadline_unix_ms: u64::try_from(deadline).unwrap_or(0),
             spec,
             upstream: upstream.clone(),
             snapshot: snapshot.bytes.clone(),
@@ -616,6 +1160,9 @@ impl Engine {
             task_id: attempt.task_id.to_string(),
             attempt: attempt.number,
             due_ms: attempt.due_ms,
+            deadline_ms: deadline,
+            model,
+            tokens,
             snapshot_hash: snapshot.hash.clone(),
             body,
         })
@@ -661,21 +1208,73 @@ impl Engine {
     }
 }
 
+/// What admission counts, read once per pass and kept up to date as it dispatches.
+#[derive(Debug, Default)]
+struct Counts {
+    pools: HashMap<String, i64>,
+    models: HashMap<String, i64>,
+    steps: HashMap<String, i64>,
+    runs: HashMap<String, i64>,
+    /// Runs admitted during this pass.
+    admitted_runs: BTreeSet<String>,
+    /// Per model: tasks due in the last minute, and their tokens.
+    windows: HashMap<String, (i64, i64)>,
+}
+
+impl Counts {
+    fn read(t: &Transaction<'_>) -> Result<Self, DbError> {
+        Ok(Self {
+            pools: tx::in_flight_by_pool(t)?,
+            models: tx::in_flight_by_model(t)?,
+            steps: tx::running_steps_by_workflow(t)?,
+            runs: tx::active_runs_by_workflow(t)?,
+            admitted_runs: BTreeSet::new(),
+            windows: HashMap::new(),
+        })
+    }
+
+    /// A model's rolling minute: (tasks, tokens).
+    fn window(&mut self, t: &Transaction<'_>, model: &str, now: i64) -> Result<(i64, i64), DbError> {
+        if let Some(w) = self.windows.get(model) {
+            return Ok(*w);
+        }
+        let w = tx::model_window(t, model, now - 60_000)?;
+        self.windows.insert(model.to_string(), w);
+        Ok(w)
+    }
+
+    /// A task was dispatched: count it everywhere.
+    fn took(&mut self, workflow: &str, pool: &str, model: Option<&str>, task: &PlannedTask) {
+        *self.steps.entry(workflow.to_string()).or_default() += 1;
+        *self.pools.entry(pool.to_string()).or_default() += 1;
+        if let Some(model) = model {
+            *self.models.entry(model.to_string()).or_default() += 1;
+            if let Some(w) = self.windows.get_mut(model) {
+                w.0 += 1;
+                w.1 += task.tokens.unwrap_or(0);
+            }
+        }
+    }
+}
+
 /// Which attempt a task is, and when it is due.
 #[derive(Debug, Clone, Copy)]
 struct Attempt {
     task_id: Uuid,
     number: u32,
     due_ms: i64,
+    /// The run's deadline, which no task of it outlives.
+    run_deadline_ms: Option<i64>,
 }
 
 impl Attempt {
     /// A step's first attempt, due now.
-    fn first(now: i64) -> Self {
+    fn first(now: i64, run_deadline_ms: Option<i64>) -> Self {
         Self {
             task_id: Uuid::now_v7(),
             number: 1,
             due_ms: now,
+            run_deadline_ms,
         }
     }
 }
@@ -686,66 +1285,125 @@ struct PlannedTask {
     task_id: String,
     attempt: u32,
     due_ms: i64,
+    deadline_ms: i64,
+    model: Option<String>,
+    tokens: Option<i64>,
     snapshot_hash: String,
     body: Vec<u8>,
 }
 
-fn write_task(
-    t: &Transaction<'_>,
-    run: &str,
-    step: &Step,
-    task: PlannedTask,
-    now: i64,
-    effects: &mut Effects,
-) -> Result<(), DbError> {
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn run_params(t: &Transaction<'_>, run: &str) -> Result<BTreeMap<String, String>, DbError> {
+    Ok(serde_json::from_str(&tx::run_params(t, run)?).unwrap_or_default())
+}
+
+fn write_task(c: &mut Change<'_, '_>, run: &str, step: &Step, task: PlannedTask) -> Result<(), DbError> {
     tx::insert_task(
-        t,
-        &task.task_id,
-        run,
-        &step.name,
-        task.attempt,
-        &step.queue,
-        &task.snapshot_hash,
-        task.due_ms,
-        now,
+        c.t,
+        &NewTask {
+            task_id: &task.task_id,
+            run,
+            step: &step.name,
+            attempt: task.attempt,
+            queue: &step.queue,
+            snapshot_hash: &task.snapshot_hash,
+            not_before_ms: task.due_ms,
+            deadline_ms: task.deadline_ms,
+            model: task.model.as_deref(),
+            tokens: task.tokens,
+        },
+        c.now,
     )?;
-    tx::start_step(t, run, &step.name, task.attempt, now)?;
-    effects.written.push((task.task_id, task.body));
+    tx::start_step(c.t, run, &step.name, task.attempt, c.now)?;
+    c.effects.written.push((task.task_id, task.body));
+    c.applied.dispatched += 1;
     Ok(())
 }
 
 /// Fail a step and skip everything downstream of it.
-#[allow(clippy::too_many_arguments)]
 fn fail_step(
-    t: &Transaction<'_>,
+    c: &mut Change<'_, '_>,
     wf: &Workflow,
     run: &str,
     name: &str,
     error: &str,
     worker: &str,
-    now: i64,
     states: &mut Statuses<'_>,
 ) -> Result<(), DbError> {
-    tx::finish_step(t, run, name, step_status::FAILED, None, Some(error), Some(worker), now)?;
-    states.set(name, step_status::FAILED);
-    let mut failed = vec![name.to_string()];
-    while let Some(up) = failed.pop() {
+    tx::finish_step(
+        c.t,
+        run,
+        name,
+        StepStatus::Failed,
+        None,
+        Some(error),
+        Some(worker),
+        c.now,
+    )?;
+    states.set(name, StepStatus::Failed);
+    skip_downstream(c, wf, run, name, "failed", states)
+}
+
+/// Skip every pending or waiting step downstream of `name`.
+fn skip_downstream(
+    c: &mut Change<'_, '_>,
+    wf: &Workflow,
+    run: &str,
+    name: &str,
+    what: &str,
+    states: &mut Statuses<'_>,
+) -> Result<(), DbError> {
+    let mut ended = vec![name.to_string()];
+    while let Some(up) = ended.pop() {
         for s in wf.steps.iter().filter(|s| s.depends.contains(&up)) {
-            if states.get(t, &s.name)? == step_status::PENDING {
-                let why = format!("upstream step \"{up}\" failed");
-                tx::finish_step(t, run, &s.name, step_status::SKIPPED, None, Some(&why), None, now)?;
-                states.set(&s.name, step_status::SKIPPED);
-                failed.push(s.name.clone());
+            if matches!(
+                states.get(c.t, &s.name)?,
+                Some(StepStatus::Pending | StepStatus::Waiting)
+            ) {
+                let why = format!("upstream step \"{up}\" {what}");
+                tx::finish_step(c.t, run, &s.name, StepStatus::Skipped, None, Some(&why), None, c.now)?;
+                states.set(&s.name, StepStatus::Skipped);
+                ended.push(s.name.clone());
             }
         }
     }
     Ok(())
 }
 
+/// Finish the run when no step is open: failed if a step failed, else
+/// cancelled if a step was cancelled, else succeeded.
+fn finish_if_done(c: &mut Change<'_, '_>, run: &str) -> Result<(), DbError> {
+    if tx::run(c.t, run)?.map(|r| r.status) != Some(RunStatus::Running) || !tx::open_steps(c.t, run)?.is_empty() {
+        return Ok(());
+    }
+    let failed = tx::steps_with(c.t, run, StepStatus::Failed)?;
+    let cancelled = tx::steps_with(c.t, run, StepStatus::Cancelled)?;
+    let (status, error) = if !failed.is_empty() {
+        (
+            RunStatus::Failed,
+            Some(format!("step(s) failed: {}", failed.join(", "))),
+        )
+    } else if !cancelled.is_empty() {
+        (
+            RunStatus::Cancelled,
+            Some(format!("step(s) cancelled: {}", cancelled.join(", "))),
+        )
+    } else {
+        (RunStatus::Succeeded, None)
+    };
+    tx::finish_run(c.t, run, status, error.as_deref(), None, c.now)?;
+    tracing::info!(run = %run, trace_id = %trace_id(run), %status, error = error.as_deref().unwrap_or(""), "run finished");
+    c.applied.finished_runs += 1;
+    Ok(())
+}
+
 /// Step statuses of one run, read on first use and kept up to date.
 struct Statuses<'a> {
     run: &'a str,
-    known: BTreeMap<String, String>,
+    known: BTreeMap<String, Option<StepStatus>>,
 }
 
 impl<'a> Statuses<'a> {
@@ -756,17 +1414,17 @@ impl<'a> Statuses<'a> {
         }
     }
 
-    fn get(&mut self, t: &Transaction<'_>, name: &str) -> Result<String, DbError> {
+    fn get(&mut self, t: &Transaction<'_>, name: &str) -> Result<Option<StepStatus>, DbError> {
         if let Some(status) = self.known.get(name) {
-            return Ok(status.clone());
+            return Ok(*status);
         }
-        let status = tx::step_status(t, self.run, name)?.unwrap_or_default();
-        self.known.insert(name.to_string(), status.clone());
+        let status = tx::step_status(t, self.run, name)?;
+        self.known.insert(name.to_string(), status);
         Ok(status)
     }
 
-    fn set(&mut self, name: &str, status: &str) {
-        self.known.insert(name.to_string(), status.to_string());
+    fn set(&mut self, name: &str, status: StepStatus) {
+        self.known.insert(name.to_string(), Some(status));
     }
 }
 

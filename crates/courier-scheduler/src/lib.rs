@@ -81,6 +81,32 @@ pub struct Shared {
     outbox: Notify,
 }
 
+impl Shared {
+    /// Count what an engine pass did.
+    fn count(&self, applied: &engine::Applied) {
+        let m = &self.metrics;
+        m.tasks_retried.inc_by(applied.retried as u64);
+        m.runs_finished.inc_by(applied.finished_runs as u64);
+        m.runs_cancelled.inc_by(applied.cancelled_runs as u64);
+        m.memory_not_written.inc_by(applied.memory_not_written as u64);
+        for (model, input, output, cost) in &applied.spend {
+            for (direction, n) in [("input", *input), ("output", *output)] {
+                m.llm_tokens
+                    .get_or_create(&metrics::Tokens {
+                        model: model.clone(),
+                        direction: direction.into(),
+                    })
+                    .inc_by(n);
+            }
+            if let Some(cost) = cost {
+                m.llm_cost
+                    .get_or_create(&metrics::Model { model: model.clone() })
+                    .inc_by(*cost);
+            }
+        }
+    }
+}
+
 /// Errors that stop the scheduler.
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
@@ -89,7 +115,7 @@ pub enum SchedulerError {
     Db {
         path: PathBuf,
         #[source]
-        source: db::DbError,
+        source: db::OpenError,
     },
     /// A file in the data folder could not be written.
     #[error("{path}: {source}")]
@@ -128,7 +154,7 @@ pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToke
         path: db_path.clone(),
         source,
     })?;
-    let engine = Arc::new(Engine::new(config, db, sc.limits));
+    let engine = Arc::new(Engine::new(config, db, sc.limits.clone()));
     let metrics = Metrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
@@ -176,6 +202,7 @@ pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToke
         }
     }
 
+    let clock = tokio::spawn(clock_loop(shared.clone(), shutdown.clone()));
     let pools = shared.engine.pools();
     let mut outcome = Ok(());
     while !shutdown.is_cancelled() {
@@ -202,6 +229,7 @@ pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToke
         let _ = broker.close().await;
     }
     cron.shutdown().await;
+    clock.abort();
     watchdog.abort();
     while servers.join_next().await.is_some() {}
     info!("scheduler stopped");
@@ -321,6 +349,7 @@ async fn outbox_loop(
     let exchange = Arc::new(names.tasks_exchange());
     let mut delay_queues: std::collections::HashMap<(String, i64), tokio::time::Instant> = Default::default();
     loop {
+        publish_controls(shared, publisher, names, signing_key.as_ref()).await?;
         let now = now_ms();
         let engine = shared.engine.clone();
         let due = tokio::task::spawn_blocking(move || {
@@ -381,16 +410,15 @@ async fn outbox_loop(
                     headers.push((headers::SIGNATURE, Header::Str(signature)));
                 }
                 headers.push((headers::TRACEPARENT, Header::Str(traceparent(&task))));
-                let outcome = publisher
-                    .publish(Outgoing {
-                        exchange: &exchange,
-                        routing_key: &routing_key,
-                        body: &body,
-                        message_id: &task.task_id,
-                        correlation_id: &task.run_id,
-                        headers,
-                    })
-                    .await;
+                let outgoing = Outgoing {
+                    exchange: &exchange,
+                    routing_key: &routing_key,
+                    body: &body,
+                    message_id: &task.task_id,
+                    correlation_id: &task.run_id,
+                    headers,
+                };
+                let outcome = publisher.publish_with_priority(outgoing, Some(task.priority)).await;
                 (task.task_id, outcome)
             });
         }
@@ -416,6 +444,91 @@ async fn outbox_loop(
         shared.metrics.tasks_published.inc_by(published);
         if let Some(e) = failure {
             return Err(e);
+        }
+    }
+}
+
+/// Publish queued cancellations to the control stream (signed with the
+/// key), confirmed, then mark them published. Every worker reads the stream,
+/// including workers that start later.
+async fn publish_controls(
+    shared: &Arc<Shared>,
+    publisher: &Publisher,
+    names: &Names,
+    signing_key: Option<&courier_wire::SigningKey>,
+) -> Result<(), AmqpError> {
+    let engine = shared.engine.clone();
+    let rows = match tokio::task::spawn_blocking(move || engine.with_db(|db| db.unpublished_controls(256))).await {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(e)) => {
+            error!(error = %e, "cannot read queued cancellations");
+            return Ok(());
+        }
+        Err(_) => return Err(AmqpError::Closed),
+    };
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let stream = names.control();
+    let mut done = Vec::with_capacity(rows.len());
+    for row in rows {
+        let message = courier_wire::Control::Cancel {
+            run_id: uuid::Uuid::parse_str(&row.run_id).unwrap_or_default(),
+            step: row.step.clone(),
+            reason: row.reason.clone(),
+        };
+        let body = match courier_wire::encode(&message, &Limits::default()) {
+            Ok(body) => body,
+            Err(e) => {
+                error!(error = %e, run = %row.run_id, "cannot encode a cancellation; dropping it");
+                done.push(row.id);
+                continue;
+            }
+        };
+        let mut sent = Vec::new();
+        if let Some(key) = signing_key {
+            sent.push((headers::SIGNATURE, Header::Str(key.sign(&body))));
+        }
+        publisher
+            .publish(Outgoing {
+                exchange: "",
+                routing_key: &stream,
+                body: &body,
+                message_id: &format!("cancel-{}", row.id),
+                correlation_id: &row.run_id,
+                headers: sent,
+            })
+            .await?;
+        info!(run = %row.run_id, step = row.step.as_deref().unwrap_or(""), "cancellation sent to the workers");
+        done.push(row.id);
+    }
+    let engine = shared.engine.clone();
+    match tokio::task::spawn_blocking(move || engine.with_db(|db| db.mark_controls_published(&done))).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => error!(error = %e, "cannot mark cancellations sent; they will be sent again"),
+        Err(e) => error!(error = %e, "marking cancellations sent panicked"),
+    }
+    Ok(())
+}
+
+/// Every half second: run timeouts, lost tasks, and limits that ease with
+/// time (a rolling minute, a provider's pause).
+async fn clock_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let engine = shared.engine.clone();
+        match tokio::task::spawn_blocking(move || engine.tick()).await {
+            Ok(Ok(applied)) => {
+                shared.count(&applied);
+                if applied.dispatched > 0 || applied.cancelled_runs > 0 {
+                    shared.outbox.notify_one();
+                }
+            }
+            Ok(Err(e)) => error!(error = %e, "the clock's pass failed; trying again"),
+            Err(e) => error!(error = %e, "the clock's pass panicked"),
         }
     }
 }
@@ -453,6 +566,7 @@ fn with_bodies(engine: &Engine, rows: Vec<db::OutboxTask>) -> Vec<(db::OutboxTas
                     model: None,
                     usage: None,
                     transcript: Vec::new(),
+                    rate_limited_ms: None,
                 });
             }
         }
@@ -573,12 +687,7 @@ async fn results_loop(shared: &Arc<Shared>, consumer: &mut Consumer, intake: &Re
                         .inc();
                 }
                 shared.metrics.results_duplicate.inc_by(applied.duplicates as u64);
-                shared.metrics.tasks_retried.inc_by(applied.retried as u64);
-                shared.metrics.runs_finished.inc_by(applied.finished_runs as u64);
-                shared
-                    .metrics
-                    .memory_not_written
-                    .inc_by(applied.memory_not_written as u64);
+                shared.count(&applied);
                 shared.outbox.notify_one();
                 // Results arrive in order on one channel: one multiple-ack
                 // settles the whole batch, dead-lettered copies included.
@@ -610,7 +719,9 @@ async fn cron_loop(shared: Arc<Shared>, workflow: String, cron: croner::Cron, sh
         }
         let engine = shared.engine.clone();
         let wf = workflow.clone();
-        match tokio::task::spawn_blocking(move || engine.submit(&wf, &Default::default())).await {
+        match tokio::task::spawn_blocking(move || engine.submit(&wf, &Default::default(), engine::NORMAL_PRIORITY))
+            .await
+        {
             Ok(Ok(run)) => {
                 shared.metrics.runs_submitted.inc();
                 shared.outbox.notify_one();

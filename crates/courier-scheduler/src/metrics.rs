@@ -5,6 +5,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// Label for a status (task result status or run status): low cardinality.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -16,6 +17,19 @@ pub struct Status {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
     pub reason: String,
+}
+
+/// Labels for tokens: model ID and direction (input, output).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Tokens {
+    pub model: String,
+    pub direction: String,
+}
+
+/// Label for a model ID.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Model {
+    pub model: String,
 }
 
 /// Every metric the scheduler exports.
@@ -31,6 +45,10 @@ pub struct Metrics {
     pub runs_finished: Counter,
     pub outbox_pending: Gauge,
     pub runs: Family<Status, Gauge>,
+    pub runs_cancelled: Counter,
+    pub llm_tokens: Family<Tokens, Counter>,
+    pub llm_cost: Family<Model, Counter<f64, AtomicU64>>,
+    pub steps_waiting: Family<Reason, Gauge>,
 }
 
 impl Metrics {
@@ -78,5 +96,25 @@ impl Metrics {
             self.outbox_pending.clone(),
         );
         registry.register("courier_runs", "Runs in the database, by status", self.runs.clone());
+        registry.register(
+            "courier_runs_cancelled",
+            "Runs cancelled: by a person (API, CLI), their timeout or their budget",
+            self.runs_cancelled.clone(),
+        );
+        registry.register(
+            "courier_llm_tokens",
+            "Tokens agent steps used, by model ID and direction (input, output), from results",
+            self.llm_tokens.clone(),
+        );
+        registry.register(
+            "courier_llm_cost",
+            "What agent steps cost, by model ID, from the model's pricing",
+            self.llm_cost.clone(),
+        );
+        registry.register(
+            "courier_steps_waiting",
+            "Steps held by a limit, by the limit that holds them",
+            self.steps_waiting.clone(),
+        );
     }
 }

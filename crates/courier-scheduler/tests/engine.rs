@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use courier_config::Config;
-use courier_scheduler::db::Db;
-use courier_scheduler::engine::{Engine, EngineLimits};
+use courier_scheduler::db::{Db, RunStatus, StepStatus};
+use courier_scheduler::engine::{Engine, EngineLimits, NORMAL_PRIORITY};
 use courier_wire::{Limits, StepRun, Task, TaskResult, TaskStatus, decode};
 use uuid::Uuid;
 
@@ -35,6 +35,7 @@ fn result(task: &Task, status: TaskStatus, output: &str) -> TaskResult {
         model: None,
         usage: None,
         transcript: Vec::new(),
+        rate_limited_ms: None,
     }
 }
 
@@ -72,7 +73,11 @@ fn publish_next(engine: &Engine) -> Task {
 /// published `analyze` task (retry {limit: 2}).
 fn research_at_analyze(engine: &Engine) -> (String, Task) {
     let run = engine
-        .submit("research", &BTreeMap::from([("topic".to_string(), "q".to_string())]))
+        .submit(
+            "research",
+            &BTreeMap::from([("topic".to_string(), "q".to_string())]),
+            NORMAL_PRIORITY,
+        )
         .unwrap();
     let gather = publish_next(engine);
     engine
@@ -90,7 +95,7 @@ fn an_unpublished_task_is_rebuilt_identically_after_a_restart() {
     let params = BTreeMap::from([("text".to_string(), "a b c".to_string())]);
     let before = {
         let engine = engine(&db);
-        engine.submit("fanout", &params).unwrap();
+        engine.submit("fanout", &params, NORMAL_PRIORITY).unwrap();
         due(&engine)
     };
     // A new engine over the same database has no kept bodies: it rebuilds.
@@ -112,7 +117,7 @@ fn an_unpublished_task_is_rebuilt_identically_after_a_restart() {
 fn a_duplicate_result_is_applied_once() {
     let dir = tempfile::TempDir::new().unwrap();
     let engine = engine(&dir.path().join("courier.db"));
-    let run = engine.submit("fanout", &BTreeMap::new()).unwrap();
+    let run = engine.submit("fanout", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
     let split = publish_next(&engine);
     let first = engine.apply(&[result(&split, TaskStatus::Succeeded, "9")]).unwrap();
     assert_eq!((first.applied, first.duplicates, first.dispatched), (1, 0, 3));
@@ -164,6 +169,7 @@ fn a_result_for_an_unknown_task_is_ignored() {
         model: None,
         usage: None,
         transcript: Vec::new(),
+        rate_limited_ms: None,
     };
     let applied = engine.apply(&[stray]).unwrap();
     assert_eq!((applied.applied, applied.duplicates), (0, 1));
@@ -178,7 +184,7 @@ fn a_rejected_task_is_not_retried_even_with_a_retry_policy() {
     let applied = engine.apply(&[result(&analyze, TaskStatus::Rejected, "")]).unwrap();
     assert_eq!((applied.retried, applied.finished_runs), (0, 1));
     let view = engine.with_db(|db| db.run(&run)).unwrap().unwrap();
-    assert_eq!(view.status, "failed");
+    assert_eq!(view.status, RunStatus::Failed);
     let statuses: Vec<(&str, &str)> = view
         .steps
         .iter()
@@ -254,7 +260,11 @@ fn only_an_agent_step_with_the_tool_may_propose_memory() {
     let dir = tempfile::TempDir::new().unwrap();
     let engine = engine(&dir.path().join("courier.db"));
     let run = engine
-        .submit("research", &BTreeMap::from([("topic".to_string(), "q".to_string())]))
+        .submit(
+            "research",
+            &BTreeMap::from([("topic".to_string(), "q".to_string())]),
+            NORMAL_PRIORITY,
+        )
         .unwrap();
     let gather = publish_next(&engine);
     let proposal = courier_wire::MemoryUpdate {
@@ -269,7 +279,7 @@ fn only_an_agent_step_with_the_tool_may_propose_memory() {
     assert_eq!(applied.refused.len(), 1);
     assert_eq!(applied.refused[0].1.label(), "memory_not_allowed");
     let view = engine.with_db(|db| db.run(&run.id)).unwrap().unwrap();
-    assert_eq!(view.steps[0].status, "running");
+    assert_eq!(view.steps[0].status, StepStatus::Running);
 }
 
 #[test]
@@ -305,7 +315,7 @@ fn a_memory_update_that_cannot_be_written_is_recorded_on_the_step() {
     assert_eq!((applied.applied, applied.memory_not_written), (1, 1));
     let view = engine.with_db(|db| db.run(&run)).unwrap().unwrap();
     let step = &view.steps[1];
-    assert_eq!(step.status, "succeeded");
+    assert_eq!(step.status, StepStatus::Succeeded);
     let error = step.error.as_deref().unwrap();
     assert!(
         error.starts_with("the step's memory update was not written: "),

@@ -143,6 +143,8 @@ fn realistic(target: usize) -> Snapshot {
         request_timeout: Some(Duration::from_secs(60)),
         script: Vec::new(),
         max_tokens_field: MaxTokensField::MaxTokens,
+        pricing: None,
+        limits: Default::default(),
     };
     Snapshot {
         workflow: "research".into(),

@@ -6,6 +6,7 @@
 //! can be wrong ([`WireError`]), and signs and verifies bodies ([`SigningKey`]).
 
 mod budget;
+mod control;
 mod frame;
 pub mod headers;
 mod signature;
@@ -13,14 +14,15 @@ mod snapshot;
 mod task;
 mod trace;
 
+pub use control::Control;
 pub use frame::{
     ContentHash, DEFAULT_MAX_COMPRESSED, DEFAULT_MAX_DECOMPRESSED, DEFAULT_ZSTD_LEVEL, FLAG_ZSTD, Frame, FrameInfo,
     HEADER_LEN, Limits, SizeKind, WireError, decode, decode_with_info, encode,
 };
 pub use signature::{SignatureError, SigningKey};
 pub use snapshot::{
-    AgentConfig, MaxTokensField, Memory, ModelDef, Provider, SNAPSHOT_VERSION, ScriptedReply, ScriptedToolCall, Skill,
-    Snapshot, Soul, ToolPolicy,
+    AgentConfig, MaxTokensField, Memory, ModelDef, ModelLimits, Pricing, Provider, SNAPSHOT_VERSION, ScriptedReply,
+    ScriptedToolCall, Skill, Snapshot, Soul, ToolPolicy,
 };
 pub use task::{
     AgentSpec, ChatMessage, MemoryTarget, MemoryUpdate, RESULT_VERSION, StepRun, StepSpec, TASK_VERSION, Task,

@@ -126,6 +126,53 @@ pub struct ModelDef {
     /// providers): OpenAI's reasoning models take `max_completion_tokens`.
     #[serde(default)]
     pub max_tokens_field: MaxTokensField,
+    /// Prices, for the cost of each step and run (the scheduler's concern).
+    #[serde(default)]
+    pub pricing: Option<Pricing>,
+    /// Fleet-wide limits the scheduler enforces at dispatch.
+    #[serde(default)]
+    pub limits: ModelLimits,
+}
+
+/// What a model costs, in the currency of the user's choice, per million tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pricing {
+    /// Price of a million prompt (input) tokens.
+    #[serde(default)]
+    pub input_per_mtok: f64,
+    /// Price of a million completion (output) tokens.
+    #[serde(default)]
+    pub output_per_mtok: f64,
+}
+
+impl Pricing {
+    /// The cost of `input` prompt and `output` completion tokens.
+    pub fn cost(&self, input: u64, output: u64) -> f64 {
+        (input as f64 * self.input_per_mtok + output as f64 * self.output_per_mtok) / 1_000_000.0
+    }
+}
+
+/// Limits on a model that hold across the whole fleet; unset means unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelLimits {
+    /// Steps using the model at once.
+    #[serde(default)]
+    pub concurrency: Option<u32>,
+    /// Steps started per rolling minute.
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    /// Tokens (estimated at dispatch, corrected by results) per rolling minute.
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+}
+
+impl ModelLimits {
+    /// Whether any limit is set.
+    pub fn any(&self) -> bool {
+        self.concurrency.is_some() || self.requests_per_minute.is_some() || self.tokens_per_minute.is_some()
+    }
 }
 
 /// Which request field carries a model's token limit.

@@ -139,6 +139,8 @@ pub enum TaskStatus {
     TimedOut,
     /// The task was refused before running (corrupt, oversized, badly signed).
     Rejected,
+    /// The run or step was cancelled: the step was stopped, or never started.
+    Cancelled,
 }
 
 impl TaskStatus {
@@ -149,6 +151,7 @@ impl TaskStatus {
             TaskStatus::Failed => "failed",
             TaskStatus::TimedOut => "timed_out",
             TaskStatus::Rejected => "rejected",
+            TaskStatus::Cancelled => "cancelled",
         }
     }
 }
@@ -190,6 +193,11 @@ pub struct TaskResult {
     /// Agent steps: the conversation, bounded in size.
     #[serde(default)]
     pub transcript: Vec<TranscriptEntry>,
+    /// Agent steps: the provider answered 429 and asked to wait this long
+    /// (ms). The worker does not retry; the scheduler pauses the model for
+    /// the whole fleet and retries the step after the pause.
+    #[serde(default)]
+    pub rate_limited_ms: Option<u64>,
 }
 
 /// Tokens an agent step used, as the provider reported them.

@@ -44,6 +44,8 @@ fn fixture_snapshot() -> Snapshot {
                     }],
                 }],
                 max_tokens_field: MaxTokensField::MaxTokens,
+                pricing: None,
+                limits: Default::default(),
             },
         )]),
         skills: BTreeMap::from([(
@@ -134,6 +136,7 @@ fn fixture_result() -> TaskResult {
         model: None,
         usage: None,
         transcript: Vec::new(),
+        rate_limited_ms: None,
     }
 }
 
@@ -363,6 +366,7 @@ fn every_truncation_of_an_uncompressed_result_is_a_typed_error() {
         model: None,
         usage: None,
         transcript: Vec::new(),
+        rate_limited_ms: None,
         ..fixture_result()
     };
     let frame = encode(&small, &Limits::default()).unwrap();

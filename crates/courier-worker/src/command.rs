@@ -38,6 +38,8 @@ pub enum Exit {
     Failure(String),
     /// Killed at the timeout.
     TimedOut(Duration),
+    /// Stopped because its run or step was cancelled.
+    Cancelled,
     /// It could not be started.
     NotStarted(String),
 }
@@ -65,13 +67,19 @@ pub struct Sandbox {
     pub user: Option<(u32, u32)>,
 }
 
-/// Run `argv` in `sandbox`'s environment plus the step's `env`.
+/// How long a cancelled step's process group has between SIGTERM and SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// Run `argv` in `sandbox`'s environment plus the step's `env`, until it
+/// exits, its timeout passes (the group is killed) or `stop` completes (the
+/// group gets SIGTERM, then SIGKILL after [`STOP_GRACE`]).
 pub async fn run(
     argv: &[String],
     env: &BTreeMap<String, String>,
     timeout: Duration,
     limits: CaptureLimits,
     sandbox: &Sandbox,
+    stop: impl std::future::Future<Output = ()>,
 ) -> Outcome {
     let not_started = |why: String| Outcome {
         exit: Exit::NotStarted(why),
@@ -105,7 +113,22 @@ pub async fn run(
     let stdout = tokio::spawn(capture(child.stdout.take(), limits.stdout));
     let stderr = tokio::spawn(capture(child.stderr.take(), limits.stderr));
 
-    let waited = match tokio::time::timeout(timeout, child.wait()).await {
+    let waited = tokio::select! {
+        waited = tokio::time::timeout(timeout, child.wait()) => waited,
+        () = stop => {
+            if let Some(group) = group {
+                let _ = killpg(group, Signal::SIGTERM);
+                if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+                    let _ = killpg(group, Signal::SIGKILL);
+                }
+                // Whatever of the group outlived its leader.
+                let _ = killpg(group, Signal::SIGKILL);
+            }
+            let _ = child.wait().await;
+            return finish(Exit::Cancelled, stdout, stderr).await;
+        }
+    };
+    let waited = match waited {
         Ok(waited) => waited,
         // The timer fired, but the worker may have been stopped (SIGSTOP, a
         // paused VM) while the child finished in time: ask before blaming it.
@@ -198,6 +221,7 @@ mod tests {
             Duration::from_secs(5),
             CaptureLimits::default(),
             &sandbox(),
+            std::future::pending(),
         )
         .await;
         assert_eq!(out.exit, Exit::Success);
@@ -215,6 +239,7 @@ mod tests {
             Duration::from_secs(5),
             CaptureLimits::default(),
             &sandbox(),
+            std::future::pending(),
         )
         .await;
         assert_eq!(out.exit, Exit::Success);
@@ -229,6 +254,7 @@ mod tests {
             Duration::from_secs(5),
             CaptureLimits::default(),
             &sandbox(),
+            std::future::pending(),
         )
         .await;
         assert_eq!(out.exit, Exit::Failure("exit status 3".into()));
@@ -249,6 +275,7 @@ mod tests {
             Duration::from_millis(300),
             CaptureLimits::default(),
             &sandbox(),
+            std::future::pending(),
         )
         .await;
         assert_eq!(out.exit, Exit::TimedOut(Duration::from_millis(300)));
@@ -273,6 +300,7 @@ mod tests {
             Duration::from_secs(5),
             limits,
             &sandbox(),
+            std::future::pending(),
         )
         .await;
         assert_eq!(out.exit, Exit::Success);
@@ -289,11 +317,41 @@ mod tests {
             Duration::from_secs(5),
             CaptureLimits::default(),
             &sandbox(),
+            std::future::pending(),
         )
         .await;
         assert!(
             matches!(&out.exit, Exit::NotStarted(m) if m.starts_with("cannot start \"/nonexistent/tool\"")),
             "{out:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stopped_step_gets_sigterm_and_a_deaf_one_sigkill_after_the_grace() {
+        for (script, at_least, at_most) in [
+            // Dies on SIGTERM at once.
+            ("sleep 60", Duration::ZERO, Duration::from_millis(800)),
+            // Ignores SIGTERM: killed when the grace is over.
+            (
+                "trap '' TERM; sleep 60 & wait",
+                STOP_GRACE,
+                STOP_GRACE + Duration::from_millis(800),
+            ),
+        ] {
+            let started = std::time::Instant::now();
+            let stop = tokio::time::sleep(Duration::from_millis(200));
+            let out = run(
+                &argv(&["sh", "-c", script]),
+                &BTreeMap::new(),
+                Duration::from_secs(60),
+                CaptureLimits::default(),
+                &sandbox(),
+                stop,
+            )
+            .await;
+            let took = started.elapsed() - Duration::from_millis(200);
+            assert_eq!(out.exit, Exit::Cancelled, "{script}");
+            assert!(took >= at_least && took < at_most, "{script}: {took:?}");
+        }
     }
 }

@@ -10,6 +10,7 @@
 //! redelivers it; the scheduler applies a result once per task id.
 
 pub mod command;
+pub mod control;
 pub mod metrics;
 
 use std::collections::BTreeMap;
@@ -88,6 +89,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let tracker = TaskTracker::new();
     let metrics = Arc::new(metrics::Metrics::default());
+    let cancellations = Arc::new(control::Cancellations::default());
     let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(listen) = config.metrics_listen {
         match metrics::serve(listen, &metrics, connected.clone()).await {
@@ -104,10 +106,13 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
             b = Broker::connect_with_retry(&config.amqp_url, config.names.clone(), &config.worker_id, config.connect_timeout) => b?,
             () = shutdown.cancelled() => break,
         };
-        let served = serve(
-            &broker, &config, &cache, &slots, &tracker, &shutdown, &metrics, &connected,
-        )
-        .await;
+        let shared = Serving {
+            config: config.clone(),
+            cache: cache.clone(),
+            metrics: metrics.clone(),
+            cancellations: cancellations.clone(),
+        };
+        let served = serve(&broker, &shared, &slots, &tracker, &shutdown, &connected).await;
         connected.store(false, std::sync::atomic::Ordering::Relaxed);
         match served {
             Ok(()) => {
@@ -136,24 +141,64 @@ async fn drain(tracker: &TaskTracker, grace: Duration) {
     tracker.reopen();
 }
 
+/// What every task handler shares, across reconnections.
+#[derive(Debug, Clone)]
+struct Serving {
+    config: Arc<WorkerConfig>,
+    cache: Arc<SnapshotCache>,
+    metrics: Arc<metrics::Metrics>,
+    cancellations: Arc<control::Cancellations>,
+}
+
 /// Consume every pool on one connection until shutdown (`Ok`, once in-flight
 /// steps are drained and the channels closed) or a broker failure (`Err`: the
-/// caller reconnects).
-#[allow(clippy::too_many_arguments)]
+/// caller reconnects). Tasks are taken only once the control stream has been
+/// read up to now, so no task of a run cancelled before is started.
 async fn serve(
     broker: &Broker,
-    config: &Arc<WorkerConfig>,
-    cache: &Arc<SnapshotCache>,
+    shared: &Serving,
     slots: &Arc<Semaphore>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
-    metrics: &Arc<metrics::Metrics>,
     connected: &Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<(), courier_amqp::AmqpError> {
+    let config = &shared.config;
     broker.declare_topology(&config.pools, config.delivery_limit).await?;
     let publisher = broker.publisher(courier_amqp::DEFAULT_PUBLISH_WINDOW).await?;
     let prefetch = u16::try_from(config.concurrency).unwrap_or(u16::MAX);
     let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel(1);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let follower = tokio::spawn({
+        let (broker, publisher, shared, failed_tx) =
+            (broker.clone(), publisher.clone(), shared.clone(), failed_tx.clone());
+        async move {
+            let config = &shared.config;
+            let followed = control::follow(
+                &broker,
+                &publisher,
+                &config.worker_id,
+                config.signing_key.as_ref(),
+                &shared.cancellations,
+                ready_tx,
+            )
+            .await;
+            let _ = failed_tx
+                .send(followed.err().unwrap_or(courier_amqp::AmqpError::Closed))
+                .await;
+        }
+    });
+    tokio::select! {
+        caught_up = ready_rx => if caught_up.is_err() {
+            // The follower failed before catching up; its error is in the channel.
+            let e = failed_rx.recv().await.unwrap_or(courier_amqp::AmqpError::Closed);
+            return Err(e);
+        },
+        () = shutdown.cancelled() => {
+            follower.abort();
+            let _ = publisher.close().await;
+            return Ok(());
+        }
+    }
     let mut consumers = Vec::new();
     for pool in &config.pools {
         let queue = broker.names().task_queue(pool);
@@ -161,15 +206,13 @@ async fn serve(
             .consumer_with_ack_timeout(&queue, prefetch, &format!("{}:{pool}", config.worker_id), ACK_TIMEOUT)
             .await?;
         let pool = pool.clone();
-        let (config, cache, slots, tracker, publisher, shutdown, failed_tx, metrics) = (
-            config.clone(),
-            cache.clone(),
+        let (shared, slots, tracker, publisher, shutdown, failed_tx) = (
+            shared.clone(),
             slots.clone(),
             tracker.clone(),
             publisher.clone(),
             shutdown.clone(),
             failed_tx.clone(),
-            metrics.clone(),
         );
         consumers.push(tokio::spawn(async move {
             loop {
@@ -191,17 +234,11 @@ async fn serve(
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     break;
                 };
-                let (config, cache, publisher, metrics, pool) = (
-                    config.clone(),
-                    cache.clone(),
-                    publisher.clone(),
-                    metrics.clone(),
-                    pool.clone(),
-                );
+                let (shared, publisher, pool) = (shared.clone(), publisher.clone(), pool.clone());
                 tracker.spawn(async move {
-                    metrics.in_flight.inc();
-                    handle(delivery, &pool, &config, &cache, &publisher, &metrics).await;
-                    metrics.in_flight.dec();
+                    shared.metrics.in_flight.inc();
+                    handle(delivery, &pool, &shared, &publisher).await;
+                    shared.metrics.in_flight.dec();
                     drop(permit);
                 });
             }
@@ -217,6 +254,7 @@ async fn serve(
         () = shutdown.cancelled() => Ok(()),
         Some(e) = failed_rx.recv() => Err(e),
     };
+    follower.abort();
     if result.is_err() {
         // A broken connection: do not wait for consumers stuck on it.
         consumers.iter().for_each(tokio::task::JoinHandle::abort);
@@ -275,14 +313,8 @@ impl Refusal {
 }
 
 /// One delivery from `pool`'s queue, from decode to ack.
-async fn handle(
-    delivery: Delivery,
-    pool: &str,
-    config: &WorkerConfig,
-    cache: &SnapshotCache,
-    publisher: &Publisher,
-    metrics: &metrics::Metrics,
-) {
+async fn handle(delivery: Delivery, pool: &str, shared: &Serving, publisher: &Publisher) {
+    let (config, cache, metrics) = (&*shared.config, &*shared.cache, &*shared.metrics);
     let started = now_ms();
     metrics.tasks_consumed.inc();
     if delivery.redelivered {
@@ -360,13 +392,29 @@ async fn handle(
             };
             return refuse(delivery, Some(&task), refusal, started, config, publisher, metrics).await;
         }
+        let guard = match shared.cancellations.start(&task) {
+            Ok(guard) => guard,
+            Err(reason) => {
+                info!(%reason, "the task's run or step is cancelled; answering without running it");
+                let mut result = answer(&task, config, started);
+                result.status = TaskStatus::Cancelled;
+                result.error = Some(format!("cancelled before it started: {reason}"));
+                if publish_result(&result, config, publisher, metrics).await
+                    && let Err(e) = delivery.ack().await
+                {
+                    warn!(error = %e, "ack failed after the result was confirmed");
+                }
+                return;
+            }
+        };
         let store = match mount(&delivery, &task, config, cache, metrics) {
             Ok(store) => store,
             Err(refusal) => return refuse(delivery, Some(&task), refusal, started, config, publisher, metrics).await,
         };
         info!(redelivered = delivery.redelivered, "running step");
         let clock = std::time::Instant::now();
-        let result = execute(&task, &store, config, started).await;
+        let result = execute(&task, &store, config, started, &guard).await;
+        drop(guard);
         let kind = match &task.spec.run {
             StepRun::Command { .. } => "command",
             StepRun::Agent(_) => "agent",
@@ -436,9 +484,9 @@ fn mount(
     Ok(SnapshotStore::new(Arc::unwrap_or_clone(snapshot)))
 }
 
-/// Run the step and describe how it ended.
-async fn execute(task: &Task, store: &SnapshotStore, config: &WorkerConfig, started: u64) -> TaskResult {
-    let mut result = TaskResult {
+/// A failed result for `task`, to fill in.
+fn answer(task: &Task, config: &WorkerConfig, started: u64) -> TaskResult {
+    TaskResult {
         task_id: task.task_id,
         run_id: task.run_id,
         step: task.step.clone(),
@@ -447,19 +495,40 @@ async fn execute(task: &Task, store: &SnapshotStore, config: &WorkerConfig, star
         output: String::new(),
         error: None,
         started_unix_ms: started,
-        finished_unix_ms: 0,
+        finished_unix_ms: now_ms(),
         worker_id: config.worker_id.clone(),
         memory_updates: Vec::new(),
         model: None,
         usage: None,
         transcript: Vec::new(),
-    };
+        rate_limited_ms: None,
+    }
+}
+
+/// Run the step and describe how it ended; `guard.stop` cancels it.
+async fn execute(
+    task: &Task,
+    store: &SnapshotStore,
+    config: &WorkerConfig,
+    started: u64,
+    guard: &control::Guard<'_>,
+) -> TaskResult {
+    let mut result = answer(task, config, started);
+    let cancelled = || format!("cancelled while running: {}", guard.reason());
     // A step never runs past its task's deadline.
     let left = Duration::from_millis(task.deadline_unix_ms.saturating_sub(now_ms()));
     let timeout = task.spec.timeout.min(left);
     match &task.spec.run {
         StepRun::Command { argv, env } => {
-            let out = command::run(argv, env, timeout, config.capture, &config.sandbox).await;
+            let out = command::run(
+                argv,
+                env,
+                timeout,
+                config.capture,
+                &config.sandbox,
+                guard.stop.cancelled(),
+            )
+            .await;
             result.output = out.stdout.trim_end_matches(['\n', '\r']).to_string();
             let stderr = out.stderr.trim_end();
             let with_stderr = |what: String| {
@@ -480,6 +549,7 @@ async fn execute(task: &Task, store: &SnapshotStore, config: &WorkerConfig, star
                     ))),
                 ),
                 Exit::NotStarted(why) => (TaskStatus::Failed, Some(why)),
+                Exit::Cancelled => (TaskStatus::Cancelled, Some(cancelled())),
             };
         }
         StepRun::Echo { text } => {
@@ -487,10 +557,17 @@ async fn execute(task: &Task, store: &SnapshotStore, config: &WorkerConfig, star
             result.output = text.clone();
         }
         StepRun::Agent(spec) => {
-            let outcome = courier_agent::run_step(spec, store, timeout, &config.worker_env).await;
+            let outcome =
+                courier_agent::run_step(spec, store, timeout, &config.worker_env, guard.stop.cancelled()).await;
             result.status = outcome.status;
             result.output = outcome.output;
-            result.error = outcome.error;
+            result.error = match outcome.status {
+                TaskStatus::Cancelled => Some(cancelled()),
+                _ => outcome.error,
+            };
+            result.rate_limited_ms = outcome
+                .rate_limited
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
             result.model = outcome.model;
             result.usage = Some(outcome.usage);
             result.transcript = outcome.transcript;
@@ -536,6 +613,7 @@ async fn refuse(
             model: None,
             usage: None,
             transcript: Vec::new(),
+            rate_limited_ms: None,
         };
         if !publish_result(&result, config, publisher, metrics).await {
             return;
@@ -592,6 +670,7 @@ fn encodable(result: &TaskResult, limits: &Limits) -> Result<(Vec<u8>, TaskStatu
                 error: Some(format!("the step's result could not be sent: {e}")),
                 memory_updates: Vec::new(),
                 transcript: Vec::new(),
+                rate_limited_ms: None,
                 ..result.clone()
             };
             Ok((encode(&failure, limits)?, TaskStatus::Failed))
@@ -669,6 +748,7 @@ mod tests {
             model: Some("scripted/demo".into()),
             usage: None,
             transcript: Vec::new(),
+            rate_limited_ms: None,
         }
     }
 

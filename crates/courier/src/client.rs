@@ -1,4 +1,5 @@
-//! `courier submit` and `courier runs`: the scheduler's HTTP API from a terminal.
+//! `courier submit`, `courier cancel` and `courier runs`: the scheduler's
+//! HTTP API from a terminal.
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::ExitCode;
@@ -15,6 +16,14 @@ struct Run {
     created_ms: i64,
     finished_ms: Option<i64>,
     error: Option<String>,
+    #[serde(default)]
+    cancelled_by: Option<String>,
+    #[serde(default)]
+    input_tokens: i64,
+    #[serde(default)]
+    output_tokens: i64,
+    #[serde(default)]
+    cost: f64,
     #[serde(default)]
     steps: Vec<Step>,
 }
@@ -35,6 +44,10 @@ struct Step {
     input_tokens: Option<i64>,
     #[serde(default)]
     output_tokens: Option<i64>,
+    #[serde(default)]
+    cost: Option<f64>,
+    #[serde(default)]
+    waiting_on: Option<String>,
 }
 
 /// The HTTP client of every CLI command (30 s timeout).
@@ -117,9 +130,13 @@ pub async fn submit(
     api: &Api,
     workflow: &str,
     params: BTreeMap<String, String>,
+    priority: Option<u8>,
     wait: bool,
 ) -> anyhow::Result<ExitCode> {
-    let body = serde_json::json!({ "workflow": workflow, "params": params });
+    let mut body = serde_json::json!({ "workflow": workflow, "params": params });
+    if let Some(priority) = priority {
+        body["priority"] = priority.into();
+    }
     let run: Run = api.read(api.post("/api/runs").json(&body)).await?;
     println!("run {} ({}) submitted", run.id, run.workflow);
     if !wait {
@@ -160,6 +177,9 @@ pub async fn submit(
         if run.status != "running" {
             break run;
         }
+        if let Some(waiting) = run.steps.iter().find_map(|s| s.waiting_on.as_deref()) {
+            bar.set_message(format!("waiting on {waiting}"));
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     bar.finish_and_clear();
@@ -183,6 +203,38 @@ pub async fn submit(
     })
 }
 
+/// Cancel a run, or one step of it; says what became of it.
+pub async fn cancel(api: &Api, run: &str, step: Option<&str>, reason: Option<&str>) -> anyhow::Result<ExitCode> {
+    let by = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+    let mut body = serde_json::json!({ "by": by });
+    if let Some(step) = step {
+        body["step"] = step.into();
+    }
+    if let Some(reason) = reason {
+        body["reason"] = reason.into();
+    }
+    let run: Run = api
+        .read(api.post(&format!("/api/runs/{run}/cancel")).json(&body))
+        .await?;
+    match step {
+        Some(step) => {
+            let status = run
+                .steps
+                .iter()
+                .find(|s| s.name == step)
+                .map_or("?", |s| s.status.as_str());
+            println!("step {step} of run {} {status}; the run is {}", run.id, run.status);
+        }
+        None => println!(
+            "run {} {} by {}",
+            run.id,
+            run.status,
+            run.cancelled_by.as_deref().unwrap_or("?")
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn runs(
     api: &Api,
     id: Option<&str>,
@@ -203,12 +255,26 @@ pub async fn runs(
         if let Some(error) = &run.error {
             println!("error     {error}");
         }
+        if let Some(by) = &run.cancelled_by {
+            println!("cancelled by {by}");
+        }
+        if run.input_tokens + run.output_tokens > 0 {
+            println!(
+                "tokens    {} input + {} output, cost {:.4}",
+                run.input_tokens, run.output_tokens, run.cost
+            );
+        }
         println!(
             "\n{:<24} {:<10} {:>8} {:>9}  {:<20} OUTPUT / ERROR",
             "STEP", "STATUS", "ATTEMPTS", "DURATION", "WORKER"
         );
         for s in &run.steps {
-            let detail = s.error.as_deref().or(s.output.as_deref()).unwrap_or("");
+            let waiting = s.waiting_on.as_ref().map(|w| format!("waiting on {w}"));
+            let detail = waiting
+                .as_deref()
+                .or(s.error.as_deref())
+                .or(s.output.as_deref())
+                .unwrap_or("");
             println!(
                 "{:<24} {:<10} {:>8} {:>9}  {:<20} {}",
                 s.name,
@@ -221,11 +287,12 @@ pub async fn runs(
         }
         for s in run.steps.iter().filter(|s| s.model.is_some()) {
             println!(
-                "\n{}: model {}, {} input + {} output tokens (transcript: courier runs {} --json)",
+                "\n{}: model {}, {} input + {} output tokens{} (transcript: courier runs {} --json)",
                 s.name,
                 s.model.as_deref().unwrap_or("-"),
                 s.input_tokens.unwrap_or(0),
                 s.output_tokens.unwrap_or(0),
+                s.cost.map(|c| format!(", cost {c:.4}")).unwrap_or_default(),
                 run.id
             );
         }
@@ -254,16 +321,18 @@ pub async fn list_runs(api: &Api, query: &[(&str, String)]) -> anyhow::Result<se
 pub fn print_runs(runs: &serde_json::Value) -> anyhow::Result<()> {
     let runs: Vec<Run> = serde_json::from_value(runs.clone()).context("unexpected list of runs")?;
     println!(
-        "{:<38} {:<20} {:<10} {:>9}  ERROR",
-        "RUN", "WORKFLOW", "STATUS", "DURATION"
+        "{:<38} {:<20} {:<10} {:>9} {:>9} {:>9}  ERROR",
+        "RUN", "WORKFLOW", "STATUS", "DURATION", "TOKENS", "COST"
     );
     for r in runs {
         println!(
-            "{:<38} {:<20} {:<10} {:>9}  {}",
+            "{:<38} {:<20} {:<10} {:>9} {:>9} {:>9.4}  {}",
             r.id,
             r.workflow,
             r.status,
             duration(Some(r.created_ms), r.finished_ms),
+            r.input_tokens + r.output_tokens,
+            r.cost,
             one_line(r.error.as_deref().unwrap_or(""), 60)
         );
     }

@@ -90,6 +90,22 @@ enum Command {
         /// Follow the run, print its outputs, exit 0 only if it succeeded.
         #[arg(long)]
         wait: bool,
+        /// 0 (lowest) to 9 (highest); among steps held by a limit, higher
+        /// priorities are dispatched first [default: 4].
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=9))]
+        priority: Option<u8>,
+    },
+    /// Cancel a run (or one step of it): running steps are stopped within
+    /// seconds, the rest never start.
+    Cancel {
+        /// The run ID.
+        run_id: String,
+        /// Cancel only this step (its dependents are skipped).
+        #[arg(long)]
+        step: Option<String>,
+        /// Why, recorded with the run.
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// List runs, or show one with its steps.
     Runs {
@@ -98,7 +114,7 @@ enum Command {
         /// Only runs of this workflow.
         #[arg(long)]
         workflow: Option<String>,
-        /// Only runs in this status (running, succeeded, failed).
+        /// Only runs in this status (running, succeeded, failed, cancelled).
         #[arg(long)]
         status: Option<String>,
         /// At most this many runs.
@@ -232,11 +248,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }),
-        Command::Submit { workflow, params, wait } => {
+        Command::Submit {
+            workflow,
+            params,
+            wait,
+            priority,
+        } => {
             let settings = Settings::load(flags.0)?;
             let params = client::parse_params(&params)?;
             let api = client::Api::new(&settings)?;
-            runtime()?.block_on(client::submit(&api, &workflow, params, wait))
+            runtime()?.block_on(client::submit(&api, &workflow, params, priority, wait))
+        }
+        Command::Cancel { run_id, step, reason } => {
+            let settings = Settings::load(flags.0)?;
+            let api = client::Api::new(&settings)?;
+            runtime()?.block_on(client::cancel(&api, &run_id, step.as_deref(), reason.as_deref()))
         }
         Command::Runs {
             run_id,

@@ -78,6 +78,11 @@ pub fn scheduler(settings: Settings) -> anyhow::Result<ExitCode> {
             snapshot: settings.snapshot_limits(),
             task: settings.task_limits(),
             max_queue_wait: Duration::from_secs(settings.task_max_wait_secs),
+            pool_in_flight: settings
+                .pools
+                .iter()
+                .filter_map(|(pool, p)| Some((pool.clone(), p.max_in_flight?)))
+                .collect(),
         },
         result_limits: settings.task_limits(),
         delivery_limit: settings.delivery_limit,

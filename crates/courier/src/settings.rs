@@ -74,6 +74,17 @@ pub struct Settings {
     pub worker_env_passthrough: String,
     /// Run command steps as this user (name or numeric uid) instead of the worker's.
     pub step_user: Option<String>,
+    /// Per-pool limits the scheduler enforces (`[pools.<name>]` in courier.toml).
+    #[serde(default)]
+    pub pools: std::collections::BTreeMap<String, PoolSettings>,
+}
+
+/// `[pools.<name>]`: limits on one worker pool, whatever the number of workers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSettings {
+    /// Tasks of the pool dispatched and without a result at most; more steps wait.
+    pub max_in_flight: Option<u32>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -121,6 +132,7 @@ impl Default for Settings {
             scheduler_metrics_listen: None,
             worker_env_passthrough: String::new(),
             step_user: None,
+            pools: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -182,6 +194,9 @@ impl Settings {
                 "log_format must be \"text\" or \"json\", not \"{}\"",
                 settings.log_format
             );
+        }
+        if let Some((pool, _)) = settings.pools.iter().find(|(_, p)| p.max_in_flight == Some(0)) {
+            anyhow::bail!("pools.{pool}.max_in_flight must be at least 1 (leave it out for none)");
         }
         Ok(settings)
     }

@@ -1,0 +1,457 @@
+//! Statements used inside the engine's transactions.
+
+use std::collections::HashMap;
+
+use courier_wire::TaskStatus;
+use rusqlite::{OptionalExtension, Transaction, params};
+
+use super::{DISPATCHED, DbError, RunStatus, StepStatus, TaskRow};
+
+/// A run as the engine needs it.
+#[derive(Debug, Clone)]
+pub struct RunRow {
+    pub workflow: String,
+    pub status: RunStatus,
+    /// Counted against its workflow's `max_active_runs`.
+    pub admitted: bool,
+    /// When its timeout stops it.
+    pub deadline_ms: Option<i64>,
+}
+
+/// A task to write to the outbox.
+#[derive(Debug, Clone)]
+pub struct NewTask<'a> {
+    pub task_id: &'a str,
+    pub run: &'a str,
+    pub step: &'a str,
+    pub attempt: u32,
+    pub queue: &'a str,
+    pub snapshot_hash: &'a str,
+    pub not_before_ms: i64,
+    pub deadline_ms: i64,
+    /// Agent steps: the model ID, for its limits.
+    pub model: Option<&'a str>,
+    /// Agent steps: estimated tokens, corrected by the result.
+    pub tokens: Option<i64>,
+}
+
+/// A step held by a limit, as admission sees it.
+#[derive(Debug, Clone)]
+pub struct WaitingStep {
+    pub run: String,
+    pub workflow: String,
+    pub step: String,
+    pub admitted: bool,
+    pub waiting_on: Option<String>,
+}
+
+/// A dispatched task whose deadline has passed without a result.
+#[derive(Debug, Clone)]
+pub struct LostTask {
+    pub task_id: String,
+    pub run: String,
+    pub step: String,
+    pub attempt: u32,
+}
+
+/// Insert a run.
+#[allow(clippy::too_many_arguments)]
+pub fn insert_run(
+    tx: &Transaction<'_>,
+    id: &str,
+    workflow: &str,
+    params_json: &str,
+    priority: u8,
+    deadline_ms: Option<i64>,
+    admitted: bool,
+    now: i64,
+) -> Result<(), DbError> {
+    tx.prepare_cached(
+        "INSERT INTO runs (id, workflow, status, params, created_ms, priority, deadline_ms, admitted)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        id,
+        workflow,
+        RunStatus::Running,
+        params_json,
+        now,
+        priority,
+        deadline_ms,
+        admitted
+    ])?;
+    Ok(())
+}
+
+/// Insert a pending step.
+pub fn insert_step(tx: &Transaction<'_>, run: &str, name: &str, position: usize, queue: &str) -> Result<(), DbError> {
+    tx.prepare_cached("INSERT INTO steps (run_id, name, position, queue, status) VALUES (?1, ?2, ?3, ?4, ?5)")?
+        .execute(params![run, name, position as i64, queue, StepStatus::Pending])?;
+    Ok(())
+}
+
+/// Insert a task into the outbox.
+pub fn insert_task(tx: &Transaction<'_>, task: &NewTask<'_>, now: i64) -> Result<(), DbError> {
+    tx.prepare_cached(
+        "INSERT INTO tasks (task_id, run_id, step, attempt, queue, status, snapshot_hash, not_before_ms, created_ms,
+                            deadline_ms, model, tokens)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?
+    .execute(params![
+        task.task_id,
+        task.run,
+        task.step,
+        task.attempt,
+        task.queue,
+        DISPATCHED,
+        task.snapshot_hash,
+        task.not_before_ms,
+        now,
+        task.deadline_ms,
+        task.model,
+        task.tokens
+    ])?;
+    Ok(())
+}
+
+/// A task row by id.
+pub fn task(tx: &Transaction<'_>, task_id: &str) -> Result<Option<TaskRow>, DbError> {
+    tx.prepare_cached("SELECT run_id, step, attempt, status FROM tasks WHERE task_id = ?1")?
+        .query_row([task_id], |r| {
+            Ok(TaskRow {
+                run_id: r.get(0)?,
+                step: r.get(1)?,
+                attempt: r.get(2)?,
+                dispatched: r.get::<_, String>(3)? == DISPATCHED,
+            })
+        })
+        .optional()
+}
+
+/// Record how a task attempt ended, with the tokens it really used.
+pub fn finish_task(
+    tx: &Transaction<'_>,
+    task_id: &str,
+    status: TaskStatus,
+    tokens: Option<i64>,
+    now: i64,
+) -> Result<(), DbError> {
+    tx.prepare_cached(
+        "UPDATE tasks SET status = ?2, finished_ms = ?3, tokens = COALESCE(?4, tokens) WHERE task_id = ?1",
+    )?
+    .execute(params![task_id, status.as_str(), now, tokens])?;
+    Ok(())
+}
+
+/// Tasks of a run (or of one step) not yet published: never published now.
+pub fn cancel_unpublished(tx: &Transaction<'_>, run: &str, step: Option<&str>, now: i64) -> Result<usize, DbError> {
+    tx.prepare_cached(
+        "UPDATE tasks SET status = ?4, finished_ms = ?5
+         WHERE run_id = ?1 AND (?2 IS NULL OR step = ?2) AND published = 0 AND status = ?3",
+    )?
+    .execute(params![run, step, DISPATCHED, TaskStatus::Cancelled.as_str(), now])
+}
+
+/// The run's workflow, status and admission.
+pub fn run(tx: &Transaction<'_>, run: &str) -> Result<Option<RunRow>, DbError> {
+    tx.prepare_cached("SELECT workflow, status, admitted, deadline_ms FROM runs WHERE id = ?1")?
+        .query_row([run], |r| {
+            Ok(RunRow {
+                workflow: r.get(0)?,
+                status: r.get(1)?,
+                admitted: r.get(2)?,
+                deadline_ms: r.get(3)?,
+            })
+        })
+        .optional()
+}
+
+/// The run's params as JSON.
+pub fn run_params(tx: &Transaction<'_>, run: &str) -> Result<String, DbError> {
+    tx.prepare_cached("SELECT params FROM runs WHERE id = ?1")?
+        .query_row([run], |r| r.get(0))
+}
+
+/// The run counts against its workflow's `max_active_runs` from now on.
+pub fn admit_run(tx: &Transaction<'_>, run: &str) -> Result<(), DbError> {
+    tx.prepare_cached("UPDATE runs SET admitted = 1 WHERE id = ?1")?
+        .execute([run])?;
+    Ok(())
+}
+
+/// One step's status.
+pub fn step_status(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option<StepStatus>, DbError> {
+    tx.prepare_cached("SELECT status FROM steps WHERE run_id = ?1 AND name = ?2")?
+        .query_row([run, name], |r| r.get(0))
+        .optional()
+}
+
+/// The run's steps that may still change, with their status.
+pub fn open_steps(tx: &Transaction<'_>, run: &str) -> Result<Vec<(String, StepStatus)>, DbError> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT name, status FROM steps WHERE run_id = ?1 AND status IN (?2, ?3, ?4) ORDER BY position",
+    )?;
+    let rows = stmt.query_map(
+        params![run, StepStatus::Pending, StepStatus::Waiting, StepStatus::Running],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    rows.collect()
+}
+
+/// Names of the run's steps with `status`, in workflow order.
+pub fn steps_with(tx: &Transaction<'_>, run: &str, status: StepStatus) -> Result<Vec<String>, DbError> {
+    let mut stmt = tx.prepare_cached("SELECT name FROM steps WHERE run_id = ?1 AND status = ?2 ORDER BY position")?;
+    let rows = stmt.query_map(params![run, status], |r| r.get(0))?;
+    rows.collect()
+}
+
+/// The output of one step of a run, if it has one.
+pub fn step_output(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option<String>, DbError> {
+    tx.prepare_cached("SELECT output FROM steps WHERE run_id = ?1 AND name = ?2 AND status = ?3")?
+        .query_row(params![run, name, StepStatus::Succeeded], |r| r.get(0))
+        .optional()
+        .map(Option::flatten)
+}
+
+/// A step is dispatched for `attempt`.
+pub fn start_step(tx: &Transaction<'_>, run: &str, name: &str, attempt: u32, now: i64) -> Result<(), DbError> {
+    tx.prepare_cached(
+        "UPDATE steps SET status = ?5, attempts = ?3, started_ms = COALESCE(started_ms, ?4), error = NULL,
+                          waiting_on = NULL
+         WHERE run_id = ?1 AND name = ?2",
+    )?
+    .execute(params![run, name, attempt, now, StepStatus::Running])?;
+    Ok(())
+}
+
+/// A step is ready but held by a limit (named by `reason`, once known).
+pub fn wait_step(tx: &Transaction<'_>, run: &str, name: &str, reason: Option<&str>) -> Result<(), DbError> {
+    tx.prepare_cached("UPDATE steps SET status = ?3, waiting_on = ?4 WHERE run_id = ?1 AND name = ?2")?
+        .execute(params![run, name, StepStatus::Waiting, reason])?;
+    Ok(())
+}
+
+/// A step reached a final state.
+#[allow(clippy::too_many_arguments)]
+pub fn finish_step(
+    tx: &Transaction<'_>,
+    run: &str,
+    name: &str,
+    status: StepStatus,
+    output: Option<&str>,
+    error: Option<&str>,
+    worker: Option<&str>,
+    now: i64,
+) -> Result<(), DbError> {
+    tx.prepare_cached(
+        "UPDATE steps SET status = ?3, output = ?4, error = ?5, worker = COALESCE(?6, worker), finished_ms = ?7,
+                          waiting_on = NULL
+         WHERE run_id = ?1 AND name = ?2",
+    )?
+    .execute(params![run, name, status, output, error, worker, now])?;
+    Ok(())
+}
+
+/// Record what an agent step's model did (latest attempt), adding its
+/// tokens and cost to the step's.
+pub fn record_agent(
+    tx: &Transaction<'_>,
+    run: &str,
+    name: &str,
+    model: &str,
+    usage: (u64, u64),
+    cost: Option<f64>,
+    transcript_json: &str,
+) -> Result<(), DbError> {
+    tx.prepare_cached(
+        "UPDATE steps SET model = ?3, input_tokens = COALESCE(input_tokens, 0) + ?4,
+                          output_tokens = COALESCE(output_tokens, 0) + ?5, transcript = ?6,
+                          cost = CASE WHEN ?7 IS NULL THEN cost ELSE COALESCE(cost, 0.0) + ?7 END
+         WHERE run_id = ?1 AND name = ?2",
+    )?
+    .execute(params![
+        run,
+        name,
+        model,
+        usage.0 as i64,
+        usage.1 as i64,
+        transcript_json,
+        cost
+    ])?;
+    Ok(())
+}
+
+/// A run's tokens (input + output) and cost so far.
+pub fn run_spend(tx: &Transaction<'_>, run: &str) -> Result<(i64, f64), DbError> {
+    tx.prepare_cached(
+        "SELECT COALESCE(SUM(COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0)), 0), COALESCE(SUM(cost), 0.0)
+         FROM steps WHERE run_id = ?1",
+    )?
+    .query_row([run], |r| Ok((r.get(0)?, r.get(1)?)))
+}
+
+/// Record the latest failure of a step that will be retried.
+pub fn note_step_error(tx: &Transaction<'_>, run: &str, name: &str, error: &str, worker: &str) -> Result<(), DbError> {
+    tx.prepare_cached("UPDATE steps SET error = ?3, worker = ?4 WHERE run_id = ?1 AND name = ?2")?
+        .execute(params![run, name, error, worker])?;
+    Ok(())
+}
+
+/// Set a step's error without changing its status (a succeeded step
+/// whose memory update could not be written).
+pub fn set_step_error(tx: &Transaction<'_>, run: &str, name: &str, error: &str) -> Result<(), DbError> {
+    tx.prepare_cached("UPDATE steps SET error = ?3 WHERE run_id = ?1 AND name = ?2")?
+        .execute(params![run, name, error])?;
+    Ok(())
+}
+
+/// A run reached a final state.
+pub fn finish_run(
+    tx: &Transaction<'_>,
+    run: &str,
+    status: RunStatus,
+    error: Option<&str>,
+    cancelled_by: Option<&str>,
+    now: i64,
+) -> Result<(), DbError> {
+    tx.prepare_cached("UPDATE runs SET status = ?2, error = ?3, finished_ms = ?4, cancelled_by = ?5 WHERE id = ?1")?
+        .execute(params![run, status, error, now, cancelled_by])?;
+    Ok(())
+}
+
+/// Queue a cancellation for every worker.
+pub fn insert_control(
+    tx: &Transaction<'_>,
+    run: &str,
+    step: Option<&str>,
+    reason: &str,
+    now: i64,
+) -> Result<(), DbError> {
+    tx.prepare_cached("INSERT INTO controls (run_id, step, reason, created_ms) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![run, step, reason, now])?;
+    Ok(())
+}
+
+/// Steps held by a limit, highest priority first, then oldest run.
+pub fn waiting_steps(tx: &Transaction<'_>, limit: usize) -> Result<Vec<WaitingStep>, DbError> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT s.run_id, r.workflow, s.name, r.admitted, s.waiting_on
+         FROM steps s JOIN runs r ON r.id = s.run_id
+         WHERE s.status = ?1
+         ORDER BY r.priority DESC, r.created_ms, r.id, s.position LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![StepStatus::Waiting, limit as i64], |r| {
+        Ok(WaitingStep {
+            run: r.get(0)?,
+            workflow: r.get(1)?,
+            step: r.get(2)?,
+            admitted: r.get(3)?,
+            waiting_on: r.get(4)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// Name the limit that holds a waiting step.
+pub fn set_waiting_on(tx: &Transaction<'_>, run: &str, name: &str, reason: &str) -> Result<(), DbError> {
+    tx.prepare_cached("UPDATE steps SET waiting_on = ?3 WHERE run_id = ?1 AND name = ?2")?
+        .execute(params![run, name, reason])?;
+    Ok(())
+}
+
+fn counts(tx: &Transaction<'_>, sql: &str, params: impl rusqlite::Params) -> Result<HashMap<String, i64>, DbError> {
+    let mut stmt = tx.prepare_cached(sql)?;
+    let rows = stmt.query_map(params, |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// Tasks without a result, by pool.
+pub fn in_flight_by_pool(tx: &Transaction<'_>) -> Result<HashMap<String, i64>, DbError> {
+    counts(
+        tx,
+        "SELECT queue, COUNT(*) FROM tasks WHERE status = 'dispatched' GROUP BY queue",
+        [],
+    )
+}
+
+/// Tasks without a result, by model.
+pub fn in_flight_by_model(tx: &Transaction<'_>) -> Result<HashMap<String, i64>, DbError> {
+    counts(
+        tx,
+        "SELECT model, COUNT(*) FROM tasks WHERE status = 'dispatched' AND model IS NOT NULL GROUP BY model",
+        [],
+    )
+}
+
+/// A model's tasks due since `since` (ms) and their tokens.
+pub fn model_window(tx: &Transaction<'_>, model: &str, since: i64) -> Result<(i64, i64), DbError> {
+    tx.prepare_cached(
+        "SELECT COUNT(*), COALESCE(SUM(tokens), 0) FROM tasks
+         WHERE model = ?1 AND not_before_ms > ?2 AND status != ?3",
+    )?
+    .query_row(params![model, since, TaskStatus::Cancelled.as_str()], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
+}
+
+/// Running steps, by workflow.
+pub fn running_steps_by_workflow(tx: &Transaction<'_>) -> Result<HashMap<String, i64>, DbError> {
+    counts(
+        tx,
+        "SELECT r.workflow, COUNT(*) FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.status = ?1 GROUP BY 1",
+        [StepStatus::Running],
+    )
+}
+
+/// Admitted running runs, by workflow.
+pub fn active_runs_by_workflow(tx: &Transaction<'_>) -> Result<HashMap<String, i64>, DbError> {
+    counts(
+        tx,
+        "SELECT workflow, COUNT(*) FROM runs WHERE status = ?1 AND admitted = 1 GROUP BY 1",
+        [RunStatus::Running],
+    )
+}
+
+/// Until when (ms) and why a model is paused, if it is after `now`.
+pub fn model_pause(tx: &Transaction<'_>, model: &str, now: i64) -> Result<Option<(i64, String)>, DbError> {
+    tx.prepare_cached("SELECT until_ms, reason FROM model_pauses WHERE model = ?1 AND until_ms > ?2")?
+        .query_row(params![model, now], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+}
+
+/// Pause a model until `until` (ms), keeping a later pause if there is one.
+pub fn pause_model(tx: &Transaction<'_>, model: &str, until: i64, reason: &str) -> Result<(), DbError> {
+    tx.prepare_cached(
+        "INSERT INTO model_pauses (model, until_ms, reason) VALUES (?1, ?2, ?3)
+         ON CONFLICT (model) DO UPDATE SET until_ms = excluded.until_ms, reason = excluded.reason
+         WHERE excluded.until_ms > model_pauses.until_ms",
+    )?
+    .execute(params![model, until, reason])?;
+    Ok(())
+}
+
+/// Running runs whose deadline passed before `now`.
+pub fn overdue_runs(tx: &Transaction<'_>, now: i64) -> Result<Vec<(String, String)>, DbError> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT id, workflow FROM runs WHERE status = ?1 AND deadline_ms IS NOT NULL AND deadline_ms < ?2 LIMIT 1000",
+    )?;
+    let rows = stmt.query_map(params![RunStatus::Running, now], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// Published tasks still without a result whose deadline passed before `cutoff`.
+pub fn lost_tasks(tx: &Transaction<'_>, cutoff: i64) -> Result<Vec<LostTask>, DbError> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT task_id, run_id, step, attempt FROM tasks
+         WHERE status = 'dispatched' AND published = 1 AND deadline_ms < ?1 LIMIT 1000",
+    )?;
+    let rows = stmt.query_map([cutoff], |r| {
+        Ok(LostTask {
+            task_id: r.get(0)?,
+            run: r.get(1)?,
+            step: r.get(2)?,
+            attempt: r.get(3)?,
+        })
+    })?;
+    rows.collect()
+}
