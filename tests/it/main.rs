@@ -6,6 +6,7 @@
 mod agent;
 mod cli;
 mod cluster;
+mod control;
 mod dispatch;
 mod hardening;
 mod operations;

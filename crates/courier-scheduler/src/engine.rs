@@ -154,6 +154,8 @@ pub struct EngineLimits {
     pub max_queue_wait: Duration,
     /// Tasks without a result per pool at most (`pools.<name>.max_in_flight`).
     pub pool_in_flight: BTreeMap<String, u32>,
+    /// How long after its deadline a task without a result counts as lost.
+    pub lost_task_grace: Duration,
 }
 
 impl Default for EngineLimits {
@@ -163,6 +165,7 @@ impl Default for EngineLimits {
             task: Limits::default(),
             max_queue_wait: DEFAULT_MAX_QUEUE_WAIT,
             pool_in_flight: BTreeMap::new(),
+            lost_task_grace: LOST_TASK_GRACE,
         }
     }
 }
@@ -619,16 +622,11 @@ impl Engine {
                     effects: &mut effects,
                 };
                 for (run, workflow) in tx::overdue_runs(t, now)? {
-                    let timeout = self
-                        .config
-                        .workflows
-                        .get(&workflow)
-                        .and_then(|w| w.timeout)
-                        .map_or_else(|| "its".to_string(), courier_wire::humanize);
-                    let reason = format!("the run's timeout ({timeout}) passed");
+                    let reason = timeout_reason(self.config.workflows.get(&workflow));
                     self.cancel_run(&mut c, &run, "timeout", &reason)?;
                 }
-                let cutoff = now.saturating_sub(millis(LOST_TASK_GRACE));
+                let grace = self.limits.lost_task_grace;
+                let cutoff = now.saturating_sub(millis(grace));
                 for lost in tx::lost_tasks(t, cutoff)? {
                     tracing::warn!(task = %lost.task_id, run = %lost.run, step = %lost.step, "no result by the task's deadline; failing the attempt");
                     let at = u64::try_from(now).unwrap_or(0);
@@ -641,7 +639,7 @@ impl Engine {
                         output: String::new(),
                         error: Some(format!(
                             "no result by the task's deadline (plus {}): the worker that had it stopped, or refused it unanswered",
-                            courier_wire::humanize(LOST_TASK_GRACE)
+                            courier_wire::humanize(grace)
                         )),
                         started_unix_ms: at,
                         finished_unix_ms: at,
@@ -778,9 +776,15 @@ impl Engine {
         }
         if let (Some(ms), Some(model)) = (r.rate_limited_ms, self.step_model(step)) {
             let until = c.now.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX));
-            let why = format!("the provider answered 429 for model \"{model}\"");
+            let why = "the provider answered 429".to_string();
             tx::pause_model(c.t, model, until, &why)?;
             tracing::warn!(%model, pause_ms = ms, "model paused fleet-wide after a 429");
+        }
+        // Past the run's timeout, the run is cancelled whatever this says
+        // (a step stopped at its task's deadline, which is the run's).
+        if run_row.deadline_ms.is_some_and(|d| c.now >= d) {
+            self.cancel_run(c, run, "timeout", &timeout_reason(Some(wf)))?;
+            return Ok(());
         }
         let mut states = Statuses::new(run);
         match r.status {
@@ -950,8 +954,9 @@ impl Engine {
         let params = run_params(c.t, run)?;
         match self.plan_task(wf, step, parse_uuid(run), next, &params, &upstream) {
             Ok(task) => {
-                tx::note_step_error(c.t, run, &step.name, &error, &r.worker_id)?;
                 write_task(c, run, step, task)?;
+                // After the write, which clears the error of a step it starts.
+                tx::note_step_error(c.t, run, &step.name, &error, &r.worker_id)?;
                 c.applied.retried += 1;
                 tracing::info!(run = %run, trace_id = %trace_id(run), step = %step.name, attempt, delay_ms = delay.as_millis() as u64, %error, "retrying step");
                 Ok(())
@@ -1015,7 +1020,7 @@ impl Engine {
                             let want = task.tokens.unwrap_or(0);
                             // One step larger than the whole limit still runs, alone in its minute.
                             if used > 0 && used + want > i64::try_from(limit).unwrap_or(i64::MAX) {
-                                held = Some(format!("model \"{model}\" tokens_per_minute ({limit})"));
+                                held = Some(format!("model {model} tokens_per_minute ({limit})"));
                             }
                         }
                         planned = Some(task);
@@ -1065,21 +1070,25 @@ impl Engine {
             && let Some(max) = wf.max_active_runs
             && count(&counts.runs, &wf.name) >= i64::from(max)
         {
-            return Ok(Some(format!("workflow \"{}\" max_active_runs ({max})", wf.name)));
+            return Ok(Some(format!("workflow {} max_active_runs ({max})", wf.name)));
         }
         if let Some(max) = wf.max_active_steps
             && count(&counts.steps, &wf.name) >= i64::from(max)
         {
-            return Ok(Some(format!("workflow \"{}\" max_active_steps ({max})", wf.name)));
+            return Ok(Some(format!("workflow {} max_active_steps ({max})", wf.name)));
         }
         if let Some(max) = self.limits.pool_in_flight.get(&step.queue)
             && count(&counts.pools, &step.queue) >= i64::from(*max)
         {
-            return Ok(Some(format!("pool \"{}\" max_in_flight ({max})", step.queue)));
+            return Ok(Some(format!("pool {} max_in_flight ({max})", step.queue)));
         }
         let Some(model) = model else { return Ok(None) };
         if let Some((until, why)) = tx::model_pause(c.t, model, c.now)? {
-            return Ok(Some(format!("{why}: paused for {} ms more", until - c.now)));
+            let until = chrono::DateTime::from_timestamp_millis(until).map_or_else(
+                || until.to_string(),
+                |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            );
+            return Ok(Some(format!("model {model} paused until {until} ({why})")));
         }
         let Some(limits) = terms.map(|t| t.limits) else {
             return Ok(None);
@@ -1087,12 +1096,12 @@ impl Engine {
         if let Some(max) = limits.concurrency
             && count(&counts.models, model) >= i64::from(max)
         {
-            return Ok(Some(format!("model \"{model}\" concurrency ({max})")));
+            return Ok(Some(format!("model {model} concurrency ({max})")));
         }
         if let Some(max) = limits.requests_per_minute {
             let (requests, _) = counts.window(c.t, model, c.now)?;
             if requests >= i64::from(max) {
-                return Ok(Some(format!("model \"{model}\" requests_per_minute ({max})")));
+                return Ok(Some(format!("model {model} requests_per_minute ({max})")));
             }
         }
         Ok(None)
@@ -1290,6 +1299,14 @@ struct PlannedTask {
     tokens: Option<i64>,
     snapshot_hash: String,
     body: Vec<u8>,
+}
+
+/// Why a run past its deadline is cancelled.
+fn timeout_reason(wf: Option<&Workflow>) -> String {
+    let timeout = wf
+        .and_then(|w| w.timeout)
+        .map_or_else(|| "its".to_string(), courier_wire::humanize);
+    format!("the run's timeout ({timeout}) passed")
 }
 
 fn millis(d: Duration) -> i64 {

@@ -322,3 +322,236 @@ fn a_memory_update_that_cannot_be_written_is_recorded_on_the_step() {
         "{error}"
     );
 }
+
+/// The example config with extra workflows, in a folder of its own.
+fn config_with(dir: &Path, workflows: &[(&str, &str)]) -> Config {
+    let config_dir = dir.join("config");
+    let copied = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config"))
+        .arg(&config_dir)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    for (name, yaml) in workflows {
+        std::fs::write(config_dir.join("workflows").join(format!("{name}.yaml")), yaml).unwrap();
+    }
+    Config::load(&config_dir).unwrap()
+}
+
+#[test]
+fn an_old_database_is_upgraded_and_a_newer_one_is_refused() {
+    use courier_scheduler::db::{OpenError, SCHEMA_VERSION};
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("courier.db");
+    // A database written before schema versions: version 0, the first tables, one run.
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE runs (id TEXT PRIMARY KEY, workflow TEXT NOT NULL, status TEXT NOT NULL,
+                 params TEXT NOT NULL, created_ms INTEGER NOT NULL, finished_ms INTEGER, error TEXT);
+             CREATE TABLE steps (run_id TEXT NOT NULL, name TEXT NOT NULL, position INTEGER NOT NULL,
+                 queue TEXT NOT NULL, status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, output TEXT,
+                 error TEXT, worker TEXT, started_ms INTEGER, finished_ms INTEGER, model TEXT,
+                 input_tokens INTEGER, output_tokens INTEGER, transcript TEXT, PRIMARY KEY (run_id, name));
+             CREATE TABLE tasks (task_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, step TEXT NOT NULL,
+                 attempt INTEGER NOT NULL, queue TEXT NOT NULL, status TEXT NOT NULL, snapshot_hash TEXT NOT NULL,
+                 published INTEGER NOT NULL DEFAULT 0, not_before_ms INTEGER NOT NULL, created_ms INTEGER NOT NULL,
+                 finished_ms INTEGER);
+             INSERT INTO runs VALUES ('old-run', 'fanout', 'succeeded', '{}', 1, 2, NULL);",
+        )
+        .unwrap();
+    }
+    let db = Db::open(&path).unwrap();
+    assert_eq!(db.schema_version().unwrap(), SCHEMA_VERSION);
+    let old = db.run("old-run").unwrap().unwrap();
+    assert_eq!(
+        (old.status, old.priority, old.cost),
+        (RunStatus::Succeeded, NORMAL_PRIORITY, 0.0)
+    );
+    drop(db);
+    // Written by a newer Courier: refused, with what to do.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+        .unwrap();
+    let error = Db::open(&path).unwrap_err();
+    assert!(matches!(error, OpenError::TooNew { .. }));
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "the database has schema version {}, newer than this build knows ({SCHEMA_VERSION}): it was written by a newer Courier; run that version, or point this one at another data folder",
+            SCHEMA_VERSION + 1
+        )
+    );
+}
+
+#[test]
+fn a_result_after_a_cancel_is_recorded_and_changes_nothing() {
+    use courier_scheduler::engine::CancelError;
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine(&dir.path().join("courier.db"));
+    let (run, analyze) = research_at_analyze(&engine);
+    let view = engine.cancel(&run, None, "api:ana", "stop").unwrap();
+    assert_eq!(view.status, RunStatus::Cancelled);
+    assert_eq!(view.cancelled_by.as_deref(), Some("api:ana"));
+    let statuses: Vec<StepStatus> = view.steps.iter().map(|s| s.status).collect();
+    assert_eq!(
+        statuses,
+        [StepStatus::Succeeded, StepStatus::Cancelled, StepStatus::Cancelled]
+    );
+    // The workers are told, once.
+    let controls = engine.with_db(|db| db.unpublished_controls(10)).unwrap();
+    assert_eq!(controls.len(), 1);
+    assert_eq!(
+        (controls[0].step.as_deref(), controls[0].reason.as_str()),
+        (None, "stop")
+    );
+    // The step's late success is recorded, and starts nothing.
+    let applied = engine
+        .apply(&[result(&analyze, TaskStatus::Succeeded, "late")])
+        .unwrap();
+    assert_eq!((applied.applied, applied.dispatched, applied.finished_runs), (1, 0, 0));
+    let view = engine.with_db(|db| db.run(&run)).unwrap().unwrap();
+    assert_eq!(
+        (view.status, view.steps[1].status),
+        (RunStatus::Cancelled, StepStatus::Cancelled)
+    );
+    assert!(engine.with_db(|db| db.unpublished_tasks(10)).unwrap().is_empty());
+    // Again: the same answer; an unknown run or step, or a finished one, is refused.
+    assert_eq!(
+        engine
+            .cancel(&run, None, "api:bob", "again")
+            .unwrap()
+            .cancelled_by
+            .as_deref(),
+        Some("api:ana")
+    );
+    assert!(matches!(
+        engine.cancel("nope", None, "x", "y"),
+        Err(CancelError::NotFound(_))
+    ));
+    let other = engine.submit("fanout", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    assert!(matches!(
+        engine.cancel(&other.id, Some("nope"), "x", "y"),
+        Err(CancelError::NoStep { .. })
+    ));
+    let split = publish_next(&engine);
+    engine.apply(&[result(&split, TaskStatus::Succeeded, "1")]).unwrap();
+    let refused = engine.cancel(&other.id, Some("split"), "x", "y").unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        format!(
+            "step \"split\" of run {} already succeeded: there is nothing to cancel",
+            other.id
+        )
+    );
+}
+
+#[test]
+fn an_unpublished_task_of_a_cancelled_run_is_never_published() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine(&dir.path().join("courier.db"));
+    let run = engine.submit("fanout", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    assert_eq!(due(&engine).len(), 1);
+    engine.cancel(&run.id, None, "x", "stop").unwrap();
+    assert!(due(&engine).is_empty());
+}
+
+#[test]
+fn a_task_lost_past_its_deadline_fails_its_step_and_a_run_past_its_timeout_is_cancelled() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = config_with(
+        dir.path(),
+        &[
+            ("tiny", "steps:\n  - name: quick\n    timeout: 1s\n    echo: hi\n"),
+            (
+                "bounded",
+                "timeout: 1s\nsteps:\n  - name: long\n    timeout: 1h\n    echo: hi\n",
+            ),
+        ],
+    );
+    let limits = EngineLimits {
+        max_queue_wait: std::time::Duration::ZERO,
+        lost_task_grace: std::time::Duration::ZERO,
+        ..EngineLimits::default()
+    };
+    let engine = Engine::new(config, Db::open(&dir.path().join("courier.db")).unwrap(), limits);
+    let tiny = engine.submit("tiny", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    let bounded = engine.submit("bounded", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    for _ in 0..2 {
+        publish_next(&engine);
+    }
+    // Each task carries its deadline: the step's timeout, or the run's, whichever comes first.
+    assert_eq!(engine.tick().unwrap().applied, 0, "nothing is late yet");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let ticked = engine.tick().unwrap();
+    assert_eq!(ticked.cancelled_runs, 1);
+    let tiny = engine.with_db(|db| db.run(&tiny.id)).unwrap().unwrap();
+    assert_eq!(
+        (tiny.status, tiny.steps[0].status),
+        (RunStatus::Failed, StepStatus::Failed)
+    );
+    assert!(
+        tiny.steps[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .starts_with("no result by the task's deadline"),
+        "{tiny:?}"
+    );
+    let bounded = engine.with_db(|db| db.run(&bounded.id)).unwrap().unwrap();
+    assert_eq!(bounded.status, RunStatus::Cancelled);
+    assert_eq!(bounded.cancelled_by.as_deref(), Some("timeout"));
+    assert_eq!(bounded.error.as_deref(), Some("the run's timeout (1s) passed"));
+}
+
+#[test]
+fn limits_hold_steps_as_waiting_and_admit_them_by_priority() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = config_with(
+        dir.path(),
+        &[(
+            "capped",
+            "max_active_runs: 1\nmax_active_steps: 2\nsteps:\n  - name: a\n    echo: a\n  - name: b\n    echo: b\n  - name: c\n    echo: c\n",
+        )],
+    );
+    let engine = Engine::new(
+        config,
+        Db::open(&dir.path().join("courier.db")).unwrap(),
+        EngineLimits::default(),
+    );
+    let first = engine.submit("capped", &BTreeMap::new(), 0).unwrap();
+    let waiting_on = |run: &courier_scheduler::db::RunView| -> Vec<Option<String>> {
+        run.steps.iter().map(|s| s.waiting_on.clone()).collect()
+    };
+    assert_eq!(
+        waiting_on(&first),
+        [None, None, Some("workflow capped max_active_steps (2)".to_string())]
+    );
+    let low = engine.submit("capped", &BTreeMap::new(), 0).unwrap();
+    let high = engine.submit("capped", &BTreeMap::new(), 9).unwrap();
+    assert!(low.steps.iter().all(|s| s.status == StepStatus::Waiting));
+    assert_eq!(
+        high.steps[0].waiting_on.as_deref(),
+        Some("workflow capped max_active_runs (1)")
+    );
+    // Finish the first run: the high-priority run is admitted before the older low one.
+    while let Some((task, _)) = due(&engine).into_iter().next() {
+        engine
+            .with_db(|db| db.mark_published(&[task.task_id.to_string()]))
+            .unwrap();
+        if task.run_id.to_string() != first.id {
+            break;
+        }
+        engine.apply(&[result(&task, TaskStatus::Succeeded, "x")]).unwrap();
+    }
+    let high = engine.with_db(|db| db.run(&high.id)).unwrap().unwrap();
+    let low = engine.with_db(|db| db.run(&low.id)).unwrap().unwrap();
+    assert_eq!(
+        engine.with_db(|db| db.run(&first.id)).unwrap().unwrap().status,
+        RunStatus::Succeeded
+    );
+    assert_eq!(high.steps.iter().filter(|s| s.status == StepStatus::Running).count(), 2);
+    assert!(low.steps.iter().all(|s| s.status == StepStatus::Waiting));
+}

@@ -83,6 +83,7 @@ pub fn scheduler(settings: Settings) -> anyhow::Result<ExitCode> {
                 .iter()
                 .filter_map(|(pool, p)| Some((pool.clone(), p.max_in_flight?)))
                 .collect(),
+            ..courier_scheduler::engine::EngineLimits::default()
         },
         result_limits: settings.task_limits(),
         delivery_limit: settings.delivery_limit,
