@@ -76,6 +76,8 @@ ALTER TABLE tasks ADD COLUMN deadline_ms INTEGER;
 ALTER TABLE tasks ADD COLUMN model TEXT;
 ALTER TABLE tasks ADD COLUMN tokens INTEGER;
 CREATE INDEX tasks_in_flight ON tasks (queue) WHERE status = 'dispatched';
+CREATE INDEX tasks_by_deadline ON tasks (deadline_ms) WHERE status = 'dispatched';
+CREATE INDEX runs_by_deadline ON runs (deadline_ms) WHERE status = 'running' AND deadline_ms IS NOT NULL;
 CREATE INDEX tasks_by_model ON tasks (model, not_before_ms) WHERE model IS NOT NULL;
 CREATE INDEX steps_waiting ON steps (run_id) WHERE status = 'waiting';
 CREATE INDEX steps_running ON steps (run_id) WHERE status = 'running';
@@ -95,6 +97,10 @@ CREATE TABLE controls (
 CREATE INDEX controls_unpublished ON controls (id) WHERE published = 0;
 ",
 ];
+
+// Statuses are bound as parameters, except where a partial index covers the
+// predicate: SQLite uses a partial index only when the query's WHERE holds
+// the index's own literal ('waiting', 'running', 'dispatched').
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -337,10 +337,10 @@ pub fn waiting_steps(tx: &Transaction<'_>, limit: usize) -> Result<Vec<WaitingSt
     let mut stmt = tx.prepare_cached(
         "SELECT s.run_id, r.workflow, s.name, r.admitted, s.waiting_on
          FROM steps s JOIN runs r ON r.id = s.run_id
-         WHERE s.status = ?1
-         ORDER BY r.priority DESC, r.created_ms, r.id, s.position LIMIT ?2",
+         WHERE s.status = 'waiting'
+         ORDER BY r.priority DESC, r.created_ms, r.id, s.position LIMIT ?1",
     )?;
-    let rows = stmt.query_map(params![StepStatus::Waiting, limit as i64], |r| {
+    let rows = stmt.query_map(params![limit as i64], |r| {
         Ok(WaitingStep {
             run: r.get(0)?,
             workflow: r.get(1)?,
@@ -376,11 +376,14 @@ pub fn in_flight_by_pool(tx: &Transaction<'_>) -> Result<HashMap<String, i64>, D
 
 /// Tasks without a result, by model.
 pub fn in_flight_by_model(tx: &Transaction<'_>) -> Result<HashMap<String, i64>, DbError> {
-    counts(
+    // Over the in-flight tasks only (a partial index), not every agent task ever.
+    let mut by_model = counts(
         tx,
-        "SELECT model, COUNT(*) FROM tasks WHERE status = 'dispatched' AND model IS NOT NULL GROUP BY model",
+        "SELECT COALESCE(model, ''), COUNT(*) FROM tasks WHERE status = 'dispatched' GROUP BY 1",
         [],
-    )
+    )?;
+    by_model.remove("");
+    Ok(by_model)
 }
 
 /// A model's tasks due since `since` (ms) and their tokens.
@@ -398,8 +401,8 @@ pub fn model_window(tx: &Transaction<'_>, model: &str, since: i64) -> Result<(i6
 pub fn running_steps_by_workflow(tx: &Transaction<'_>) -> Result<HashMap<String, i64>, DbError> {
     counts(
         tx,
-        "SELECT r.workflow, COUNT(*) FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.status = ?1 GROUP BY 1",
-        [StepStatus::Running],
+        "SELECT r.workflow, COUNT(*) FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.status = 'running' GROUP BY 1",
+        [],
     )
 }
 
@@ -433,9 +436,10 @@ pub fn pause_model(tx: &Transaction<'_>, model: &str, until: i64, reason: &str) 
 /// Running runs whose deadline passed before `now`.
 pub fn overdue_runs(tx: &Transaction<'_>, now: i64) -> Result<Vec<(String, String)>, DbError> {
     let mut stmt = tx.prepare_cached(
-        "SELECT id, workflow FROM runs WHERE status = ?1 AND deadline_ms IS NOT NULL AND deadline_ms < ?2 LIMIT 1000",
+        "SELECT id, workflow FROM runs WHERE status = 'running' AND deadline_ms IS NOT NULL AND deadline_ms < ?1
+         LIMIT 1000",
     )?;
-    let rows = stmt.query_map(params![RunStatus::Running, now], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let rows = stmt.query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?;
     rows.collect()
 }
 
