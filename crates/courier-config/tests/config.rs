@@ -753,3 +753,85 @@ fn a_base_url_that_carries_credentials_is_refused() {
         );
     }
 }
+
+#[test]
+fn run_control_fields_are_checked_and_named() {
+    let dir = fixture();
+    without_workflows(&dir);
+    write(
+        &dir,
+        "workflows/t.yaml",
+        "timeout: 0s\nbudget: {tokens: 0, cost: -1}\nmax_active_runs: 0\nmax_active_steps: 0\nsteps:\n  - name: a\n    echo: hi\n",
+    );
+    write(
+        &dir,
+        "agents/models/openai.yaml",
+        "provider: openai-compatible\nmodel: gpt-4o\npricing: {input_per_mtok: -0.5, output_per_mtok: .nan}\nlimits: {concurrency: 0, requests_per_minute: 0, tokens_per_minute: 0}\n",
+    );
+    let errors = errors(&dir);
+    let mut fields: Vec<&str> = errors
+        .iter()
+        .map(|e| e.split("field \"").nth(1).and_then(|r| r.split('"').next()).unwrap_or(e))
+        .collect();
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        [
+            "budget.cost",
+            "budget.tokens",
+            "limits.concurrency",
+            "limits.requests_per_minute",
+            "limits.tokens_per_minute",
+            "max_active_runs",
+            "max_active_steps",
+            "pricing.input_per_mtok",
+            "pricing.output_per_mtok",
+            "timeout",
+        ],
+        "{errors:#?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.ends_with("field \"max_active_runs\": a limit must be at least 1 (leave it out for none)")),
+        "{errors:#?}"
+    );
+    // Unknown keys inside the new maps are refused too.
+    let dir = fixture();
+    without_workflows(&dir);
+    write(
+        &dir,
+        "workflows/t.yaml",
+        "budget: {dollars: 3}\nsteps:\n  - name: a\n    echo: hi\n",
+    );
+    let unknown = self::errors(&dir);
+    assert!(unknown.iter().any(|e| e.contains("dollars")), "{unknown:#?}");
+}
+
+#[test]
+fn run_control_fields_load() {
+    let dir = fixture();
+    without_workflows(&dir);
+    write(
+        &dir,
+        "workflows/t.yaml",
+        "timeout: 10m\nbudget: {tokens: 5000, cost: 0.25}\nmax_active_runs: 2\nmax_active_steps: 8\nsteps:\n  - name: a\n    echo: hi\n",
+    );
+    write(
+        &dir,
+        "agents/models/openai.yaml",
+        "provider: openai-compatible\nmodel: gpt-4o\npricing: {input_per_mtok: 2.5, output_per_mtok: 10}\nlimits: {concurrency: 4, tokens_per_minute: 30000}\n",
+    );
+    let config = Config::load(dir.path()).unwrap();
+    let wf = &config.workflows["t"];
+    assert_eq!(wf.timeout, Some(std::time::Duration::from_secs(600)));
+    assert_eq!((wf.budget.tokens, wf.budget.cost), (Some(5000), Some(0.25)));
+    assert_eq!((wf.max_active_runs, wf.max_active_steps), (Some(2), Some(8)));
+    use courier_config::AgentStore as _;
+    let model = config.store.model("openai").unwrap();
+    assert_eq!(model.pricing.unwrap().cost(1_000_000, 100_000), 3.5);
+    assert_eq!(
+        (model.limits.concurrency, model.limits.requests_per_minute, model.limits.tokens_per_minute),
+        (Some(4), None, Some(30000))
+    );
+}
