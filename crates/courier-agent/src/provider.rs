@@ -309,7 +309,9 @@ impl Endpoint {
                     if status.as_u16() == 429 {
                         return Err(ProviderError::RateLimited {
                             provider,
-                            wait: retry_after.unwrap_or(DEFAULT_RATE_LIMIT_PAUSE),
+                            wait: retry_after
+                                .unwrap_or(DEFAULT_RATE_LIMIT_PAUSE)
+                                .min(courier_wire::MAX_RATE_LIMIT_PAUSE),
                             message,
                         });
                     }

@@ -24,6 +24,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 pub const MAX_STEP_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Agent loop bound when the step gives none.
 pub const DEFAULT_MAX_ITERATIONS: u32 = 8;
+/// Longest delay between attempts a retry policy may ask for.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(24 * 3600);
 /// Most attempts a retry policy may ask for.
 pub const MAX_RETRY_LIMIT: u32 = 100;
 
@@ -363,6 +365,9 @@ impl Workflow {
             }
             if s.retry.limit > MAX_RETRY_LIMIT {
                 errors.push(step_err("retry.limit", format!("at most {MAX_RETRY_LIMIT} retries")));
+            }
+            if s.retry.max_backoff > MAX_BACKOFF {
+                errors.push(step_err("retry.max_backoff", "max_backoff may be at most 24h".into()));
             }
             if s.retry.backoff > s.retry.max_backoff {
                 errors.push(step_err("retry.backoff", "backoff is longer than max_backoff".into()));

@@ -771,7 +771,12 @@ fn run_control_fields_are_checked_and_named() {
     let errors = errors(&dir);
     let mut fields: Vec<&str> = errors
         .iter()
-        .map(|e| e.split("field \"").nth(1).and_then(|r| r.split('"').next()).unwrap_or(e))
+        .map(|e| {
+            e.split("field \"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or(e)
+        })
         .collect();
     fields.sort_unstable();
     assert_eq!(
@@ -831,7 +836,11 @@ fn run_control_fields_load() {
     let model = config.store.model("openai").unwrap();
     assert_eq!(model.pricing.unwrap().cost(1_000_000, 100_000), 3.5);
     assert_eq!(
-        (model.limits.concurrency, model.limits.requests_per_minute, model.limits.tokens_per_minute),
+        (
+            model.limits.concurrency,
+            model.limits.requests_per_minute,
+            model.limits.tokens_per_minute
+        ),
         (Some(4), None, Some(30000))
     );
 }

@@ -241,7 +241,7 @@ async fn cancel(
     match result {
         Ok(run) => {
             shared.metrics.runs_cancelled.inc();
-            shared.outbox.notify_one();
+            shared.controls.notify_one();
             Ok(Json(run).into_response())
         }
         Err(e @ (CancelError::NotFound(_) | CancelError::NoStep { .. })) => {
@@ -288,7 +288,13 @@ async fn health(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
-    let counts = shared.engine.with_db(|db| db.run_counts()).map_err(internal)?;
+    let engine = shared.engine.clone();
+    let (counts, waiting) = tokio::task::spawn_blocking(move || {
+        engine.with_db(|db| Ok::<_, crate::db::DbError>((db.run_counts()?, db.waiting_counts()?)))
+    })
+    .await
+    .map_err(internal)?
+    .map_err(internal)?;
     for (status, n) in counts {
         shared
             .metrics
@@ -298,7 +304,6 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError
             })
             .set(n);
     }
-    let waiting = shared.engine.with_db(|db| db.waiting_counts()).map_err(internal)?;
     shared.metrics.steps_waiting.clear();
     for (reason, n) in waiting {
         shared

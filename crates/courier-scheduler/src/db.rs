@@ -72,12 +72,16 @@ ALTER TABLE runs ADD COLUMN cancelled_by TEXT;
 ALTER TABLE runs ADD COLUMN admitted INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE steps ADD COLUMN waiting_on TEXT;
 ALTER TABLE steps ADD COLUMN cost REAL;
+ALTER TABLE steps ADD COLUMN not_before_ms INTEGER;
 ALTER TABLE tasks ADD COLUMN deadline_ms INTEGER;
 ALTER TABLE tasks ADD COLUMN model TEXT;
 ALTER TABLE tasks ADD COLUMN tokens INTEGER;
 CREATE INDEX tasks_in_flight ON tasks (queue) WHERE status = 'dispatched';
 CREATE INDEX tasks_by_deadline ON tasks (deadline_ms) WHERE status = 'dispatched';
 CREATE INDEX runs_by_deadline ON runs (deadline_ms) WHERE status = 'running' AND deadline_ms IS NOT NULL;
+CREATE INDEX runs_unadmitted ON runs (workflow) WHERE status = 'running' AND admitted = 0;
+DROP INDEX tasks_unpublished;
+CREATE INDEX tasks_unpublished ON tasks (not_before_ms) WHERE published = 0 AND status = 'dispatched';
 CREATE INDEX tasks_by_model ON tasks (model, not_before_ms) WHERE model IS NOT NULL;
 CREATE INDEX steps_waiting ON steps (run_id) WHERE status = 'waiting';
 CREATE INDEX steps_running ON steps (run_id) WHERE status = 'running';
@@ -347,9 +351,9 @@ impl Db {
         let mut stmt = self.conn.prepare_cached(
             "SELECT t.task_id, t.run_id, t.step, t.queue, t.attempt, t.snapshot_hash, t.not_before_ms, r.priority
              FROM tasks t JOIN runs r ON r.id = t.run_id
-             WHERE t.published = 0 AND t.status = ?1 ORDER BY t.not_before_ms LIMIT ?2",
+             WHERE t.published = 0 AND t.status = 'dispatched' ORDER BY t.not_before_ms LIMIT ?1",
         )?;
-        let rows = stmt.query_map(params![DISPATCHED, limit as i64], |r| {
+        let rows = stmt.query_map(params![limit as i64], |r| {
             Ok(OutboxTask {
                 task_id: r.get(0)?,
                 run_id: r.get(1)?,

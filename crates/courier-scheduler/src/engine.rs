@@ -179,7 +179,7 @@ pub const DEFAULT_MAX_QUEUE_WAIT: Duration = Duration::from_secs(24 * 3600);
 pub const LOST_TASK_GRACE: Duration = Duration::from_secs(60);
 
 /// Waiting steps looked at per admission pass.
-const ADMIT_BATCH: usize = 1000;
+const ADMIT_BATCH: usize = 10_000;
 
 /// Tokens an agent request is assumed to produce when its model gives no `max_tokens`.
 const DEFAULT_OUTPUT_ESTIMATE: i64 = 1024;
@@ -228,6 +228,8 @@ struct Effects {
     memory: Vec<MemoryWrite>,
     /// Steps were put to wait, or slots were freed: run admission.
     admit: bool,
+    /// Tasks cancelled before they were published: their kept bodies go.
+    dropped: Vec<String>,
 }
 
 /// A memory proposal to append once its step's success is committed.
@@ -314,6 +316,11 @@ impl Engine {
             self.invalidate_snapshots();
         }
         let mut kept = self.bodies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for id in &effects.dropped {
+            if let Some(body) = kept.0.remove(id) {
+                kept.1 -= body.len();
+            }
+        }
         for (id, body) in effects.written {
             if kept.1 + body.len() > MAX_KEPT_BODY_BYTES {
                 break;
@@ -432,8 +439,12 @@ impl Engine {
         let run = run_id.to_string();
         let (effects, view) = self.with_db(|db| {
             let effects = db.transaction(|t| {
+                // Admitted at once only with room and nobody already waiting to be.
                 let admitted = match wf.max_active_runs {
-                    Some(max) => tx::active_runs_by_workflow(t)?.get(&wf.name).copied().unwrap_or(0) < i64::from(max),
+                    Some(max) => {
+                        tx::active_runs_by_workflow(t)?.get(&wf.name).copied().unwrap_or(0) < i64::from(max)
+                            && !tx::unadmitted_runs(t, &wf.name)?
+                    }
                     None => true,
                 };
                 tx::insert_run(t, &run, &wf.name, &params_json, priority, deadline, admitted, now)?;
@@ -456,7 +467,7 @@ impl Engine {
                 };
                 for (step, task) in first {
                     if self.held(&mut c, wf, &row, step)? {
-                        tx::wait_step(t, &run, &step.name, None)?;
+                        tx::wait_step(t, &run, &step.name, None, None)?;
                         c.effects.admit = true;
                     } else {
                         write_task(&mut c, &run, step, task)?;
@@ -541,7 +552,8 @@ impl Engine {
         for (name, _) in tx::open_steps(c.t, run)? {
             tx::finish_step(c.t, run, &name, StepStatus::Cancelled, None, Some(reason), None, c.now)?;
         }
-        tx::cancel_unpublished(c.t, run, None, c.now)?;
+        let dropped = tx::cancel_unpublished(c.t, run, None, c.now)?;
+        c.effects.dropped.extend(dropped);
         tx::finish_run(c.t, run, RunStatus::Cancelled, Some(reason), Some(by), c.now)?;
         tx::insert_control(c.t, run, None, reason, c.now)?;
         c.effects.admit = true;
@@ -560,7 +572,8 @@ impl Engine {
         reason: &str,
     ) -> Result<(), DbError> {
         tx::finish_step(c.t, run, name, StepStatus::Cancelled, None, Some(reason), None, c.now)?;
-        tx::cancel_unpublished(c.t, run, Some(name), c.now)?;
+        let dropped = tx::cancel_unpublished(c.t, run, Some(name), c.now)?;
+        c.effects.dropped.extend(dropped);
         tx::insert_control(c.t, run, Some(name), reason, c.now)?;
         c.effects.admit = true;
         if let Some(wf) = wf {
@@ -603,13 +616,14 @@ impl Engine {
         Ok(applied)
     }
 
-    /// What the clock decides: cancel runs past their timeout, fail the
-    /// steps of tasks lost past their deadline, and admit waiting steps
+    /// What the clock decides: cancel runs past their timeout and fail the
+    /// steps of tasks lost past their deadline (when `expire`: only once the
+    /// results already waiting have been applied), and admit waiting steps
     /// whose limits (a rolling minute, a provider's pause) have eased.
     ///
     /// # Errors
     /// The database failed; nothing changed.
-    pub fn tick(&self) -> Result<Applied, DbError> {
+    pub fn tick(&self, expire: bool) -> Result<Applied, DbError> {
         let now = now_ms();
         let (applied, effects) = self.with_db(|db| {
             db.transaction(|t| {
@@ -621,13 +635,15 @@ impl Engine {
                     applied: &mut applied,
                     effects: &mut effects,
                 };
-                for (run, workflow) in tx::overdue_runs(t, now)? {
+                let overdue = if expire { tx::overdue_runs(t, now)? } else { Vec::new() };
+                for (run, workflow) in overdue {
                     let reason = timeout_reason(self.config.workflows.get(&workflow));
                     self.cancel_run(&mut c, &run, "timeout", &reason)?;
                 }
                 let grace = self.limits.lost_task_grace;
                 let cutoff = now.saturating_sub(millis(grace));
-                for lost in tx::lost_tasks(t, cutoff)? {
+                let lost = if expire { tx::lost_tasks(t, cutoff)? } else { Vec::new() };
+                for lost in lost {
                     tracing::warn!(task = %lost.task_id, run = %lost.run, step = %lost.step, "no result by the task's deadline; failing the attempt");
                     let at = u64::try_from(now).unwrap_or(0);
                     let result = TaskResult {
@@ -749,9 +765,10 @@ impl Engine {
     fn apply_to_run(&self, c: &mut Change<'_, '_>, r: &TaskResult, row: &TaskRow) -> Result<(), DbError> {
         c.applied.applied += 1;
         c.effects.admit = true;
-        let used = r
-            .usage
-            .map(|u| i64::try_from(u.input_tokens + u.output_tokens).unwrap_or(i64::MAX));
+        let used = r.usage.map(|u| {
+            let (input, output) = reported(u);
+            i64::try_from(input + output).unwrap_or(i64::MAX)
+        });
         tx::finish_task(c.t, &r.task_id.to_string(), r.status, used, c.now)?;
         let run = row.run_id.as_str();
         let Some(run_row) = tx::run(c.t, run)? else {
@@ -775,14 +792,18 @@ impl Engine {
             return Ok(());
         }
         if let (Some(ms), Some(model)) = (r.rate_limited_ms, self.step_model(step)) {
+            let ms = ms.min(millis(courier_wire::MAX_RATE_LIMIT_PAUSE).unsigned_abs());
             let until = c.now.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX));
             let why = "the provider answered 429".to_string();
             tx::pause_model(c.t, model, until, &why)?;
             tracing::warn!(%model, pause_ms = ms, "model paused fleet-wide after a 429");
         }
-        // Past the run's timeout, the run is cancelled whatever this says
-        // (a step stopped at its task's deadline, which is the run's).
-        if run_row.deadline_ms.is_some_and(|d| c.now >= d) {
+        // A step that ended past the run's timeout (by the worker's clock: a
+        // result applied late after an outage still counts when it ended)
+        // cancels the run whatever it says: it was stopped at its task's
+        // deadline, which is the run's.
+        let finished = i64::try_from(r.finished_unix_ms).unwrap_or(i64::MAX);
+        if run_row.deadline_ms.is_some_and(|d| finished >= d) {
             self.cancel_run(c, run, "timeout", &timeout_reason(Some(wf)))?;
             return Ok(());
         }
@@ -806,26 +827,16 @@ impl Engine {
         let (Some(label), StepRun::Agent(_)) = (&r.model, &step.run) else {
             return Ok(());
         };
-        let usage = r.usage.unwrap_or_default();
+        let (input, output) = reported(r.usage.unwrap_or_default());
         let model = self.step_model(step).unwrap_or_default();
         let cost = self
             .models
             .get(model)
             .and_then(|m| m.pricing)
-            .map(|p| p.cost(usage.input_tokens, usage.output_tokens));
+            .map(|p| p.cost(input, output));
         let transcript = serde_json::to_string(&r.transcript).unwrap_or_else(|_| "[]".into());
-        tx::record_agent(
-            c.t,
-            run,
-            &step.name,
-            label,
-            (usage.input_tokens, usage.output_tokens),
-            cost,
-            &transcript,
-        )?;
-        c.applied
-            .spend
-            .push((model.to_string(), usage.input_tokens, usage.output_tokens, cost));
+        tx::record_agent(c.t, run, &step.name, label, (input, output), cost, &transcript)?;
+        c.applied.spend.push((model.to_string(), input, output, cost));
         Ok(())
     }
 
@@ -893,7 +904,7 @@ impl Engine {
                 continue;
             }
             if self.held(c, wf, run_row, s)? {
-                tx::wait_step(c.t, run, &s.name, None)?;
+                tx::wait_step(c.t, run, &s.name, None, None)?;
                 states.set(&s.name, StepStatus::Waiting);
                 c.effects.admit = true;
                 continue;
@@ -942,13 +953,25 @@ impl Engine {
             return fail_step(c, wf, run, &step.name, &error, &r.worker_id, states);
         }
         let attempt = row.attempt + 1;
-        let pause = Duration::from_millis(r.rate_limited_ms.unwrap_or(0));
+        let pause = Duration::from_millis(r.rate_limited_ms.unwrap_or(0)).min(courier_wire::MAX_RATE_LIMIT_PAUSE);
         let delay = backoff(step, row.attempt).max(pause);
+        let due = c.now.saturating_add(millis(delay));
+        // A step under limits (or on a paused model) retries through
+        // admission, which applies them all, priorities included.
+        if self.held(c, wf, run_row, step)? {
+            let why = format!("retry after {}", courier_wire::humanize(delay));
+            tx::wait_step(c.t, run, &step.name, Some(&why), Some(due))?;
+            tx::note_step_error(c.t, run, &step.name, &error, &r.worker_id)?;
+            c.applied.retried += 1;
+            c.effects.admit = true;
+            tracing::info!(run = %run, step = %step.name, attempt, delay_ms = delay.as_millis() as u64, %error, "retrying step through admission");
+            return Ok(());
+        }
         let upstream = outputs(c.t, run, wf, step)?;
         let next = Attempt {
             task_id: Uuid::now_v7(),
             number: attempt,
-            due_ms: c.now.saturating_add(millis(delay)),
+            due_ms: due,
             run_deadline_ms: run_row.deadline_ms,
         };
         let params = run_params(c.t, run)?;
@@ -992,18 +1015,28 @@ impl Engine {
     }
 
     /// Dispatch waiting steps, highest priority first, as every limit allows;
-    /// a step still held gets the limit named in `waiting_on`.
+    /// a step still held gets the limit named in `waiting_on`. A step whose
+    /// workflow or step left the config fails its run.
     fn admit_in(&self, c: &mut Change<'_, '_>) -> Result<(), DbError> {
-        let waiting = tx::waiting_steps(c.t, ADMIT_BATCH)?;
+        let waiting = tx::waiting_steps(c.t, c.now, ADMIT_BATCH)?;
         if waiting.is_empty() {
             return Ok(());
         }
         let mut counts = Counts::read(c.t)?;
         for w in waiting {
-            let Some(wf) = self.config.workflows.get(&w.workflow) else {
+            let Some((wf, step)) = self
+                .config
+                .workflows
+                .get(&w.workflow)
+                .and_then(|wf| Some((wf, wf.step(&w.step)?)))
+            else {
+                let error = format!(
+                    "step \"{}\" of workflow \"{}\" is no longer configured",
+                    w.step, w.workflow
+                );
+                fail_run(c, &w.run, &error)?;
                 continue;
             };
-            let Some(step) = wf.step(&w.step) else { continue };
             let model = self.step_model(step);
             let terms = model.and_then(|m| self.models.get(m));
             let mut held = self.limit_reached(c, &mut counts, wf, &w, step, model, terms)?;
@@ -1012,15 +1045,21 @@ impl Engine {
                 let Some(run_row) = tx::run(c.t, &w.run)? else { continue };
                 let params = run_params(c.t, &w.run)?;
                 let upstream = outputs(c.t, &w.run, wf, step)?;
-                let attempt = Attempt::first(c.now, run_row.deadline_ms);
+                let attempt = Attempt {
+                    number: w.attempts + 1,
+                    ..Attempt::first(c.now, run_row.deadline_ms)
+                };
                 match self.plan_task(wf, step, parse_uuid(&w.run), attempt, &params, &upstream) {
                     Ok(task) => {
                         if let (Some(model), Some(limit)) = (model, terms.and_then(|t| t.limits.tokens_per_minute)) {
                             let (_, used) = counts.window(c.t, model, c.now)?;
                             let want = task.tokens.unwrap_or(0);
                             // One step larger than the whole limit still runs, alone in its minute.
-                            if used > 0 && used + want > i64::try_from(limit).unwrap_or(i64::MAX) {
-                                held = Some(format!("model {model} tokens_per_minute ({limit})"));
+                            if used > 0 && used.saturating_add(want) > i64::try_from(limit).unwrap_or(i64::MAX) {
+                                let reason = format!("model {model} tokens_per_minute ({limit})");
+                                // Smaller, lower-priority steps do not pass it in this pass.
+                                counts.blocked.insert(model.to_string(), reason.clone());
+                                held = Some(reason);
                             }
                         }
                         planned = Some(task);
@@ -1083,7 +1122,10 @@ impl Engine {
             return Ok(Some(format!("pool {} max_in_flight ({max})", step.queue)));
         }
         let Some(model) = model else { return Ok(None) };
-        if let Some((until, why)) = tx::model_pause(c.t, model, c.now)? {
+        if let Some(reason) = counts.blocked.get(model) {
+            return Ok(Some(reason.clone()));
+        }
+        if let Some((until, why)) = counts.pause(c.t, model, c.now)? {
             let until = chrono::DateTime::from_timestamp_millis(until).map_or_else(
                 || until.to_string(),
                 |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
@@ -1228,6 +1270,10 @@ struct Counts {
     admitted_runs: BTreeSet<String>,
     /// Per model: tasks due in the last minute, and their tokens.
     windows: HashMap<String, (i64, i64)>,
+    /// Per model: its pause, if any (read once per pass).
+    pauses: HashMap<String, Option<(i64, String)>>,
+    /// Models a higher-priority step is held on by the token window.
+    blocked: HashMap<String, String>,
 }
 
 impl Counts {
@@ -1239,7 +1285,19 @@ impl Counts {
             runs: tx::active_runs_by_workflow(t)?,
             admitted_runs: BTreeSet::new(),
             windows: HashMap::new(),
+            pauses: HashMap::new(),
+            blocked: HashMap::new(),
         })
+    }
+
+    /// A model's pause: until when, and why.
+    fn pause(&mut self, t: &Transaction<'_>, model: &str, now: i64) -> Result<Option<(i64, String)>, DbError> {
+        if let Some(p) = self.pauses.get(model) {
+            return Ok(p.clone());
+        }
+        let p = tx::model_pause(t, model, now)?;
+        self.pauses.insert(model.to_string(), p.clone());
+        Ok(p)
     }
 
     /// A model's rolling minute: (tasks, tokens).
@@ -1301,6 +1359,18 @@ struct PlannedTask {
     body: Vec<u8>,
 }
 
+/// Tokens a result may report per direction at most: more is a lie (or a
+/// bug) that would overflow the sums budgets are checked against.
+pub const MAX_REPORTED_TOKENS: u64 = 1_000_000_000_000;
+
+/// A result's token usage, each direction capped at [`MAX_REPORTED_TOKENS`].
+fn reported(usage: courier_wire::TokenUsage) -> (u64, u64) {
+    (
+        usage.input_tokens.min(MAX_REPORTED_TOKENS),
+        usage.output_tokens.min(MAX_REPORTED_TOKENS),
+    )
+}
+
 /// Why a run past its deadline is cancelled.
 fn timeout_reason(wf: Option<&Workflow>) -> String {
     let timeout = wf
@@ -1337,6 +1407,18 @@ fn write_task(c: &mut Change<'_, '_>, run: &str, step: &Step, task: PlannedTask)
     tx::start_step(c.t, run, &step.name, task.attempt, c.now)?;
     c.effects.written.push((task.task_id, task.body));
     c.applied.dispatched += 1;
+    Ok(())
+}
+
+/// Fail a run whose workflow or step left the config: its open steps are
+/// skipped with the reason.
+fn fail_run(c: &mut Change<'_, '_>, run: &str, error: &str) -> Result<(), DbError> {
+    for (name, _) in tx::open_steps(c.t, run)? {
+        tx::finish_step(c.t, run, &name, StepStatus::Skipped, None, Some(error), None, c.now)?;
+    }
+    tx::finish_run(c.t, run, RunStatus::Failed, Some(error), None, c.now)?;
+    c.applied.finished_runs += 1;
+    tracing::error!(%run, %error, "run failed");
     Ok(())
 }
 

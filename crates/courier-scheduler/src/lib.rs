@@ -68,6 +68,9 @@ const OUTBOX_BATCH: usize = 2048;
 /// Retry delays are rounded up to this grain, which bounds the number of
 /// delay queues.
 const DELAY_GRAIN_MS: i64 = 100;
+/// The longest delay a task is published with (a day and an hour: more than
+/// any backoff or provider pause).
+const MAX_DELAY_MS: i64 = 25 * 3600 * 1000;
 /// A delay queue is declared again after this long (it expires when unused).
 const DELAY_REDECLARE: Duration = Duration::from_secs(20);
 
@@ -79,6 +82,11 @@ pub struct Shared {
     registry: Registry,
     broker_connected: AtomicBool,
     outbox: Notify,
+    /// Wakes the control publisher (a cancellation was committed).
+    controls: Notify,
+    /// The results queue was read to its end since the last connection:
+    /// only then may the clock judge deadlines (results may be waiting).
+    results_drained: AtomicBool,
 }
 
 impl Shared {
@@ -164,6 +172,8 @@ pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToke
         registry,
         broker_connected: AtomicBool::new(false),
         outbox: Notify::new(),
+        controls: Notify::new(),
+        results_drained: AtomicBool::new(false),
     });
 
     let (listener, addr) = bind(sc.api_listen).await?;
@@ -290,6 +300,7 @@ async fn serve(
         .consumer(&broker.names().results_queue(), prefetch, "courier-scheduler")
         .await?;
     shared.broker_connected.store(true, Ordering::Relaxed);
+    shared.results_drained.store(false, Ordering::Relaxed);
     info!(pools = ?pools, "connected to the broker; resuming open runs");
     shared.outbox.notify_one();
     let names = broker.names().clone();
@@ -302,6 +313,21 @@ async fn serve(
         let broker = broker.clone();
         let publisher = publisher.clone();
         async move { outbox_loop(&shared, &broker, &publisher, &names, key).await }
+    });
+    loops.spawn({
+        let shared = shared.clone();
+        let key = sc.signing_key.clone();
+        let publisher = publisher.clone();
+        let names = broker.names().clone();
+        async move {
+            loop {
+                publish_controls(&shared, &publisher, &names, key.as_ref()).await?;
+                tokio::select! {
+                    () = shared.controls.notified() => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
     });
     let intake = ResultIntake {
         limits: sc.result_limits,
@@ -349,7 +375,6 @@ async fn outbox_loop(
     let exchange = Arc::new(names.tasks_exchange());
     let mut delay_queues: std::collections::HashMap<(String, i64), tokio::time::Instant> = Default::default();
     loop {
-        publish_controls(shared, publisher, names, signing_key.as_ref()).await?;
         let now = now_ms();
         let engine = shared.engine.clone();
         let due = tokio::task::spawn_blocking(move || {
@@ -379,16 +404,26 @@ async fn outbox_loop(
             .outbox_pending
             .set(i64::try_from(due.len()).unwrap_or(i64::MAX));
         let mut publishing = JoinSet::new();
+        let mut failure = None;
         for (task, body, snapshot_hash) in due {
-            let wait = task.not_before_ms - now;
+            // Delays are bounded by the workflow's max_backoff (at most a day)
+            // and the provider pause cap; RabbitMQ refuses a TTL of 2^32 ms.
+            let wait = (task.not_before_ms - now).min(MAX_DELAY_MS);
             let (exchange, routing_key) = if wait >= DELAY_GRAIN_MS {
                 let delay = (wait + DELAY_GRAIN_MS - 1) / DELAY_GRAIN_MS * DELAY_GRAIN_MS;
                 let key = (task.queue.clone(), delay);
                 let fresh = delay_queues.get(&key).is_some_and(|at| at.elapsed() < DELAY_REDECLARE);
                 if !fresh {
-                    broker
+                    // A refused declaration leaves this task in the outbox;
+                    // the others of the batch are still published and marked.
+                    if let Err(e) = broker
                         .declare_delay(&task.queue, u64::try_from(delay).unwrap_or(0))
-                        .await?;
+                        .await
+                    {
+                        warn!(task = %task.task_id, error = %e, "cannot declare the delay queue; the task stays in the outbox");
+                        failure = Some(e);
+                        continue;
+                    }
                     delay_queues.insert(key, tokio::time::Instant::now());
                 }
                 // The default exchange routes to the queue of that name.
@@ -423,7 +458,6 @@ async fn outbox_loop(
             });
         }
         let mut confirmed = Vec::new();
-        let mut failure = None;
         while let Some(joined) = publishing.join_next().await {
             match joined {
                 Ok((id, Ok(()))) => confirmed.push(id),
@@ -520,11 +554,17 @@ async fn clock_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
         }
         let engine = shared.engine.clone();
-        match tokio::task::spawn_blocking(move || engine.tick()).await {
+        // Deadlines are judged only once the results waiting in the queue
+        // (after a restart or an outage) have been applied.
+        let expire = shared.results_drained.load(Ordering::Relaxed);
+        match tokio::task::spawn_blocking(move || engine.tick(expire)).await {
             Ok(Ok(applied)) => {
                 shared.count(&applied);
-                if applied.dispatched > 0 || applied.cancelled_runs > 0 {
+                if applied.dispatched > 0 {
                     shared.outbox.notify_one();
+                }
+                if applied.cancelled_runs > 0 {
+                    shared.controls.notify_one();
                 }
             }
             Ok(Err(e)) => error!(error = %e, "the clock's pass failed; trying again"),
@@ -647,13 +687,25 @@ impl ResultIntake {
 /// dead-lettered with the reason.
 async fn results_loop(shared: &Arc<Shared>, consumer: &mut Consumer, intake: &ResultIntake) -> Result<(), AmqpError> {
     loop {
-        let first = consumer.next().await.ok_or(AmqpError::Closed)??;
+        // A quiet queue is a drained one (the broker delivers what it holds
+        // within moments of the consumer starting).
+        let first = match tokio::time::timeout(Duration::from_secs(1), consumer.next()).await {
+            Ok(next) => next.ok_or(AmqpError::Closed)??,
+            Err(_) => {
+                shared.results_drained.store(true, Ordering::Relaxed);
+                continue;
+            }
+        };
         let mut batch = vec![first];
+        let mut drained = false;
         while batch.len() < RESULT_BATCH {
             match futures_lite::future::poll_once(consumer.next()).await {
                 Some(Some(Ok(delivery))) => batch.push(delivery),
                 Some(Some(Err(e))) => return Err(e),
-                _ => break,
+                _ => {
+                    drained = true;
+                    break;
+                }
             }
         }
         let mut results = Vec::with_capacity(batch.len());
@@ -689,6 +741,12 @@ async fn results_loop(shared: &Arc<Shared>, consumer: &mut Consumer, intake: &Re
                 shared.metrics.results_duplicate.inc_by(applied.duplicates as u64);
                 shared.count(&applied);
                 shared.outbox.notify_one();
+                if applied.cancelled_runs > 0 {
+                    shared.controls.notify_one();
+                }
+                if drained {
+                    shared.results_drained.store(true, Ordering::Relaxed);
+                }
                 // Results arrive in order on one channel: one multiple-ack
                 // settles the whole batch, dead-lettered copies included.
                 if let Some(last) = batch.last() {

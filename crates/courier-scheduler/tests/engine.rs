@@ -325,6 +325,11 @@ fn a_memory_update_that_cannot_be_written_is_recorded_on_the_step() {
 
 /// The example config with extra workflows, in a folder of its own.
 fn config_with(dir: &Path, workflows: &[(&str, &str)]) -> Config {
+    config_with_files(dir, workflows, &[])
+}
+
+/// The example config with extra workflows and files (paths relative to the folder).
+fn config_with_files(dir: &Path, workflows: &[(&str, &str)], files: &[(&str, &str)]) -> Config {
     let config_dir = dir.join("config");
     let copied = std::process::Command::new("cp")
         .arg("-r")
@@ -335,6 +340,9 @@ fn config_with(dir: &Path, workflows: &[(&str, &str)]) -> Config {
     assert!(copied.success());
     for (name, yaml) in workflows {
         std::fs::write(config_dir.join("workflows").join(format!("{name}.yaml")), yaml).unwrap();
+    }
+    for (path, text) in files {
+        std::fs::write(config_dir.join(path), text).unwrap();
     }
     Config::load(&config_dir).unwrap()
 }
@@ -483,9 +491,9 @@ fn a_task_lost_past_its_deadline_fails_its_step_and_a_run_past_its_timeout_is_ca
         publish_next(&engine);
     }
     // Each task carries its deadline: the step's timeout, or the run's, whichever comes first.
-    assert_eq!(engine.tick().unwrap().applied, 0, "nothing is late yet");
+    assert_eq!(engine.tick(true).unwrap().applied, 0, "nothing is late yet");
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    let ticked = engine.tick().unwrap();
+    let ticked = engine.tick(true).unwrap();
     assert_eq!(ticked.cancelled_runs, 1);
     let tiny = engine.with_db(|db| db.run(&tiny.id)).unwrap().unwrap();
     assert_eq!(
@@ -554,4 +562,146 @@ fn limits_hold_steps_as_waiting_and_admit_them_by_priority() {
     );
     assert_eq!(high.steps.iter().filter(|s| s.status == StepStatus::Running).count(), 2);
     assert!(low.steps.iter().all(|s| s.status == StepStatus::Waiting));
+}
+
+#[test]
+fn a_token_window_holds_steps_and_real_usage_corrects_it() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let step = |name: &str| {
+        format!(
+            "  - name: {name}\n    agent: {{model: metered, prompt: \"{name}\", tools: [output], max_iterations: 1}}\n"
+        )
+    };
+    let config = config_with_files(
+        dir.path(),
+        &[("metered", &format!("steps:\n{}{}{}", step("a"), step("b"), step("c")))],
+        &[(
+            "agents/models/metered.yaml",
+            "provider: scripted\nmodel: m\nmax_tokens: 1000\nlimits: {tokens_per_minute: 1500}\nscript:\n  - text: hi\n",
+        )],
+    );
+    let engine = Engine::new(
+        config,
+        Db::open(&dir.path().join("courier.db")).unwrap(),
+        EngineLimits::default(),
+    );
+    // Each step is estimated at 1000 tokens (max_tokens) plus its prompt: one fits the minute.
+    let run = engine.submit("metered", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    let waiting: Vec<Option<&str>> = run.steps.iter().map(|s| s.waiting_on.as_deref()).collect();
+    assert_eq!(
+        waiting,
+        [
+            None,
+            Some("model metered tokens_per_minute (1500)"),
+            Some("model metered tokens_per_minute (1500)")
+        ]
+    );
+    // The first used only 100 tokens: the window is corrected, and one more fits.
+    let first = publish_next(&engine);
+    let used = TaskResult {
+        model: Some("scripted/m".into()),
+        usage: Some(courier_wire::TokenUsage {
+            input_tokens: 60,
+            output_tokens: 40,
+        }),
+        ..result(&first, TaskStatus::Succeeded, "ok")
+    };
+    let applied = engine.apply(&[used]).unwrap();
+    assert_eq!(applied.dispatched, 1);
+    let run = engine.with_db(|db| db.run(&run.id)).unwrap().unwrap();
+    let statuses: Vec<StepStatus> = run.steps.iter().map(|s| s.status).collect();
+    assert_eq!(
+        statuses,
+        [StepStatus::Succeeded, StepStatus::Running, StepStatus::Waiting]
+    );
+    assert_eq!((run.input_tokens, run.output_tokens), (60, 40));
+}
+
+/// An engine over `config` and the database at `db`.
+fn engine_over(config: Config, db: &Path) -> Engine {
+    Engine::new(config, Db::open(db).unwrap(), EngineLimits::default())
+}
+
+/// A workflow of one agent step on model `limited` (concurrency 1), retried.
+const LIMITED_MODEL: &str = "provider: scripted\nmodel: m\nlimits: {concurrency: 1}\nscript:\n  - text: hi\n";
+
+fn limited_step(name: &str) -> String {
+    format!(
+        "steps:\n  - name: {name}\n    retry: {{limit: 3, backoff: 200ms, max_backoff: 200ms}}\n    agent: {{model: limited, prompt: p, tools: [output], max_iterations: 1}}\n"
+    )
+}
+
+#[test]
+fn a_held_step_retries_through_admission_and_a_hostile_429_or_usage_is_capped() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = config_with_files(
+        dir.path(),
+        &[("one", &limited_step("a")), ("two", &limited_step("b"))],
+        &[("agents/models/limited.yaml", LIMITED_MODEL)],
+    );
+    let engine = engine_over(config, &dir.path().join("courier.db"));
+    let one = engine.submit("one", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    let two = engine.submit("two", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    assert_eq!(
+        two.steps[0].waiting_on.as_deref(),
+        Some("model limited concurrency (1)")
+    );
+    // The attempt fails with a 429 asking for a century, and reports absurd usage.
+    let first = publish_next(&engine);
+    let limited = TaskResult {
+        rate_limited_ms: Some(u64::MAX),
+        model: Some("scripted/m".into()),
+        usage: Some(courier_wire::TokenUsage {
+            input_tokens: u64::MAX,
+            output_tokens: u64::MAX,
+        }),
+        ..result(&first, TaskStatus::Failed, "")
+    };
+    let applied = engine.apply(&[limited]).unwrap();
+    assert_eq!(applied.retried, 1);
+    // The retry waits at admission, not in a delay queue; the model pause is
+    // cut to 15 minutes, which also holds the other run's step.
+    let view = engine.with_db(|db| db.run(&one.id)).unwrap().unwrap();
+    assert_eq!(view.steps[0].status, StepStatus::Waiting);
+    assert_eq!(view.steps[0].waiting_on.as_deref(), Some("retry after 900s"));
+    assert_eq!(view.steps[0].error.as_deref(), Some("boom"));
+    let (cap, max) = (courier_scheduler::engine::MAX_REPORTED_TOKENS, i64::MAX);
+    assert_eq!(view.input_tokens, i64::try_from(cap).unwrap_or(max));
+    assert!(engine.with_db(|db| db.unpublished_tasks(10)).unwrap().is_empty());
+    engine.admit().unwrap();
+    let other = engine.with_db(|db| db.run(&two.id)).unwrap().unwrap();
+    let reason = other.steps[0].waiting_on.as_deref().unwrap();
+    assert!(reason.starts_with("model limited paused until "), "{reason}");
+    let until = reason.split_whitespace().nth(4).unwrap();
+    let until = chrono::DateTime::parse_from_rfc3339(until).unwrap().timestamp_millis();
+    let left = until - courier_now();
+    assert!(left > 890_000 && left <= 900_000, "paused for {left} ms");
+}
+
+#[test]
+fn a_waiting_step_whose_workflow_left_the_config_fails_its_run() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let db = dir.path().join("courier.db");
+    let with = config_with_files(
+        dir.path(),
+        &[("one", &limited_step("a")), ("two", &limited_step("b"))],
+        &[("agents/models/limited.yaml", LIMITED_MODEL)],
+    );
+    let engine = engine_over(with, &db);
+    engine.submit("one", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    let two = engine.submit("two", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    drop(engine);
+    // Restarted without workflow "two": its waiting step cannot be admitted.
+    std::fs::remove_file(dir.path().join("config/workflows/two.yaml")).unwrap();
+    let engine = engine_over(Config::load(&dir.path().join("config")).unwrap(), &db);
+    engine.admit().unwrap();
+    let two = engine.with_db(|db| db.run(&two.id)).unwrap().unwrap();
+    assert_eq!(
+        (two.status, two.steps[0].status),
+        (RunStatus::Failed, StepStatus::Skipped)
+    );
+    assert_eq!(
+        two.error.as_deref(),
+        Some("step \"b\" of workflow \"two\" is no longer configured")
+    );
 }

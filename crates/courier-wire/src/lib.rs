@@ -25,8 +25,8 @@ pub use snapshot::{
     ScriptedToolCall, Skill, Snapshot, Soul, ToolPolicy,
 };
 pub use task::{
-    AgentSpec, ChatMessage, MemoryTarget, MemoryUpdate, RESULT_VERSION, StepRun, StepSpec, TASK_VERSION, Task,
-    TaskResult, TaskStatus, TokenUsage, TranscriptEntry,
+    AgentSpec, ChatMessage, MAX_RATE_LIMIT_PAUSE, MemoryTarget, MemoryUpdate, RESULT_VERSION, StepRun, StepSpec,
+    TASK_VERSION, Task, TaskResult, TaskStatus, TokenUsage, TranscriptEntry,
 };
 pub use trace::{TraceParent, TraceParentError};
 

@@ -16,6 +16,10 @@ pub const TASK_VERSION: u8 = 1;
 /// Result format version written by this build.
 pub const RESULT_VERSION: u8 = 1;
 
+/// The longest a provider's `Retry-After` pauses a model: a longer (or
+/// hostile) value is cut to this.
+pub const MAX_RATE_LIMIT_PAUSE: Duration = Duration::from_secs(15 * 60);
+
 /// One attempt of one step, self-contained.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Task {
@@ -194,8 +198,9 @@ pub struct TaskResult {
     #[serde(default)]
     pub transcript: Vec<TranscriptEntry>,
     /// Agent steps: the provider answered 429 and asked to wait this long
-    /// (ms). The worker does not retry; the scheduler pauses the model for
-    /// the whole fleet and retries the step after the pause.
+    /// (ms, at most [`MAX_RATE_LIMIT_PAUSE`]). The worker does not retry; the
+    /// scheduler pauses the model for the whole fleet and retries the step
+    /// after the pause.
     #[serde(default)]
     pub rate_limited_ms: Option<u64>,
 }

@@ -21,9 +21,10 @@ use uuid::Uuid;
 /// forgotten (their tasks have long expired: the stream keeps 3 days).
 const MAX_REMEMBERED: usize = 200_000;
 
-/// How long a worker waits to read its own marker back before it gives up
-/// on the connection (and reconnects).
-const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a worker catching up on the stream waits for the next message
+/// before it gives up on the connection (and reconnects). Counted per
+/// message, not in total: a long stream takes as long as it takes.
+const CATCH_UP_IDLE: Duration = Duration::from_secs(30);
 
 /// Bounds on a control message: a run id, a step name and a reason.
 const CONTROL_LIMITS: Limits = Limits {
@@ -198,13 +199,12 @@ pub async fn follow(
         })
         .await?;
     let mut ready = Some(ready);
-    let caught_up_by = tokio::time::Instant::now() + CATCH_UP_TIMEOUT;
     loop {
         let next = if ready.is_some() {
-            match tokio::time::timeout_at(caught_up_by, consumer.next()).await {
+            match tokio::time::timeout(CATCH_UP_IDLE, consumer.next()).await {
                 Ok(next) => next,
                 Err(_) => {
-                    warn!("did not read this worker's marker back from the control stream in time; reconnecting");
+                    warn!("the control stream went quiet before this worker's marker came back; reconnecting");
                     return Err(AmqpError::Closed);
                 }
             }

@@ -43,6 +43,8 @@ pub struct WaitingStep {
     pub step: String,
     pub admitted: bool,
     pub waiting_on: Option<String>,
+    /// Attempts dispatched so far (the next is this plus one).
+    pub attempts: u32,
 }
 
 /// A dispatched task whose deadline has passed without a result.
@@ -144,12 +146,25 @@ pub fn finish_task(
 }
 
 /// Tasks of a run (or of one step) not yet published: never published now.
-pub fn cancel_unpublished(tx: &Transaction<'_>, run: &str, step: Option<&str>, now: i64) -> Result<usize, DbError> {
-    tx.prepare_cached(
-        "UPDATE tasks SET status = ?4, finished_ms = ?5
-         WHERE run_id = ?1 AND (?2 IS NULL OR step = ?2) AND published = 0 AND status = ?3",
-    )?
-    .execute(params![run, step, DISPATCHED, TaskStatus::Cancelled.as_str(), now])
+/// Their ids.
+pub fn cancel_unpublished(
+    tx: &Transaction<'_>,
+    run: &str,
+    step: Option<&str>,
+    now: i64,
+) -> Result<Vec<String>, DbError> {
+    let ids: Vec<String> = tx
+        .prepare_cached(
+            "SELECT task_id FROM tasks WHERE run_id = ?1 AND (?2 IS NULL OR step = ?2) AND published = 0
+             AND status = ?3",
+        )?
+        .query_map(params![run, step, DISPATCHED], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut update = tx.prepare_cached("UPDATE tasks SET status = ?2, finished_ms = ?3 WHERE task_id = ?1")?;
+    for id in &ids {
+        update.execute(params![id, TaskStatus::Cancelled.as_str(), now])?;
+    }
+    Ok(ids)
 }
 
 /// The run's workflow, status and admission.
@@ -217,18 +232,33 @@ pub fn step_output(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option
 pub fn start_step(tx: &Transaction<'_>, run: &str, name: &str, attempt: u32, now: i64) -> Result<(), DbError> {
     tx.prepare_cached(
         "UPDATE steps SET status = ?5, attempts = ?3, started_ms = COALESCE(started_ms, ?4), error = NULL,
-                          waiting_on = NULL
+                          waiting_on = NULL, not_before_ms = NULL
          WHERE run_id = ?1 AND name = ?2",
     )?
     .execute(params![run, name, attempt, now, StepStatus::Running])?;
     Ok(())
 }
 
-/// A step is ready but held by a limit (named by `reason`, once known).
-pub fn wait_step(tx: &Transaction<'_>, run: &str, name: &str, reason: Option<&str>) -> Result<(), DbError> {
-    tx.prepare_cached("UPDATE steps SET status = ?3, waiting_on = ?4 WHERE run_id = ?1 AND name = ?2")?
-        .execute(params![run, name, StepStatus::Waiting, reason])?;
+/// A step is ready but held by a limit (named by `reason`, once known), or
+/// (a retry) not before `not_before_ms`.
+pub fn wait_step(
+    tx: &Transaction<'_>,
+    run: &str,
+    name: &str,
+    reason: Option<&str>,
+    not_before_ms: Option<i64>,
+) -> Result<(), DbError> {
+    tx.prepare_cached(
+        "UPDATE steps SET status = ?3, waiting_on = ?4, not_before_ms = ?5 WHERE run_id = ?1 AND name = ?2",
+    )?
+    .execute(params![run, name, StepStatus::Waiting, reason, not_before_ms])?;
     Ok(())
+}
+
+/// Whether a running run of `workflow` waits to be admitted.
+pub fn unadmitted_runs(tx: &Transaction<'_>, workflow: &str) -> Result<bool, DbError> {
+    tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'running' AND admitted = 0 AND workflow = ?1)")?
+        .query_row([workflow], |r| r.get(0))
 }
 
 /// A step reached a final state.
@@ -273,8 +303,8 @@ pub fn record_agent(
         run,
         name,
         model,
-        usage.0 as i64,
-        usage.1 as i64,
+        i64::try_from(usage.0).unwrap_or(i64::MAX),
+        i64::try_from(usage.1).unwrap_or(i64::MAX),
         transcript_json,
         cost
     ])?;
@@ -332,21 +362,22 @@ pub fn insert_control(
     Ok(())
 }
 
-/// Steps held by a limit, highest priority first, then oldest run.
-pub fn waiting_steps(tx: &Transaction<'_>, limit: usize) -> Result<Vec<WaitingStep>, DbError> {
+/// Steps held by a limit and due by `now`, highest priority first, then oldest run.
+pub fn waiting_steps(tx: &Transaction<'_>, now: i64, limit: usize) -> Result<Vec<WaitingStep>, DbError> {
     let mut stmt = tx.prepare_cached(
-        "SELECT s.run_id, r.workflow, s.name, r.admitted, s.waiting_on
+        "SELECT s.run_id, r.workflow, s.name, r.admitted, s.waiting_on, s.attempts
          FROM steps s JOIN runs r ON r.id = s.run_id
-         WHERE s.status = 'waiting'
-         ORDER BY r.priority DESC, r.created_ms, r.id, s.position LIMIT ?1",
+         WHERE s.status = 'waiting' AND (s.not_before_ms IS NULL OR s.not_before_ms <= ?1)
+         ORDER BY r.priority DESC, r.created_ms, r.id, s.position LIMIT ?2",
     )?;
-    let rows = stmt.query_map(params![limit as i64], |r| {
+    let rows = stmt.query_map(params![now, limit as i64], |r| {
         Ok(WaitingStep {
             run: r.get(0)?,
             workflow: r.get(1)?,
             step: r.get(2)?,
             admitted: r.get(3)?,
             waiting_on: r.get(4)?,
+            attempts: r.get(5)?,
         })
     })?;
     rows.collect()
