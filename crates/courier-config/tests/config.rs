@@ -844,3 +844,12 @@ fn run_control_fields_load() {
         (Some(4), None, Some(30000))
     );
 }
+
+#[test]
+fn a_retry_backoff_over_a_day_is_refused() {
+    let errors = workflow_errors("  - name: a\n    retry: {limit: 1, backoff: 1s, max_backoff: 48h}\n    echo: hi\n");
+    assert_eq!(
+        errors,
+        ["/workflows/t.yaml:5: step \"a\": field \"retry.max_backoff\": max_backoff may be at most 24h"]
+    );
+}

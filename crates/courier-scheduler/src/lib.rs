@@ -314,7 +314,7 @@ async fn serve(
         let publisher = publisher.clone();
         async move { outbox_loop(&shared, &broker, &publisher, &names, key).await }
     });
-    loops.spawn({
+    let controls = loops.spawn({
         let shared = shared.clone();
         let key = sc.signing_key.clone();
         let publisher = publisher.clone();
@@ -352,6 +352,7 @@ async fn serve(
         () = shutdown.cancelled() => Ok(()),
     };
     outbox.abort();
+    controls.abort();
     if result.is_err() {
         loops.abort_all();
     }
