@@ -512,7 +512,7 @@ fn requests_per_minute_hold_and_a_429_pauses_the_model_fleet_wide() {
     assert_eq!(waiting[0]["waiting_on"], "model fleet requests_per_minute (3)");
     let metrics = cluster.scheduler_metrics();
     assert!(
-        metrics.contains("courier_steps_waiting{reason=\"model fleet requests_per_minute (3)\"} 2"),
+        metrics.contains("courier_steps_waiting{scope=\"model\",name=\"fleet\",limit=\"requests_per_minute\"} 2"),
         "{metrics}"
     );
     assert_eq!(cancel(&cluster, &id, json!({})).0, StatusCode::OK);

@@ -239,10 +239,13 @@ async fn cancel(
         .await
         .map_err(internal)?;
     match result {
-        Ok(run) => {
-            shared.metrics.runs_cancelled.inc();
+        Ok(done) => {
+            shared.metrics.runs_cancelled.inc_by(done.cancelled_runs as u64);
             shared.controls.notify_one();
-            Ok(Json(run).into_response())
+            if done.dispatched > 0 {
+                shared.outbox.notify_one();
+            }
+            Ok(Json(done.run).into_response())
         }
         Err(e @ (CancelError::NotFound(_) | CancelError::NoStep { .. })) => {
             Err(ApiError(StatusCode::NOT_FOUND, e.to_string()))
@@ -304,13 +307,21 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError
             })
             .set(n);
     }
-    shared.metrics.steps_waiting.clear();
+    // By limit (scope, name, kind): `waiting_on` texts carry times.
+    let mut by_limit: std::collections::HashMap<crate::metrics::Limit, i64> = std::collections::HashMap::new();
     for (reason, n) in waiting {
-        shared
-            .metrics
-            .steps_waiting
-            .get_or_create(&crate::metrics::Reason { reason })
-            .set(n);
+        let (scope, name, limit) = crate::engine::waiting_labels(&reason);
+        *by_limit
+            .entry(crate::metrics::Limit {
+                scope: scope.into(),
+                name,
+                limit,
+            })
+            .or_default() += n;
+    }
+    shared.metrics.steps_waiting.clear();
+    for (labels, n) in by_limit {
+        shared.metrics.steps_waiting.get_or_create(&labels).set(n);
     }
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &shared.registry).map_err(internal)?;

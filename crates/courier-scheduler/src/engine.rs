@@ -86,6 +86,17 @@ pub enum CancelError {
     Db(#[from] DbError),
 }
 
+/// What a cancellation did.
+#[derive(Debug, Clone)]
+pub struct Cancelled {
+    /// The run as it is now.
+    pub run: RunView,
+    /// Runs it cancelled (0 when it was already cancelled, or for one step).
+    pub cancelled_runs: usize,
+    /// Waiting steps it let go (their slots were freed).
+    pub dispatched: usize,
+}
+
 /// Lowest to highest priority: 0 to this.
 pub const MAX_PRIORITY: u8 = 9;
 /// The priority of a run that asks for none.
@@ -493,10 +504,10 @@ impl Engine {
     ///
     /// # Errors
     /// [`CancelError`]: unknown run or step, or it already ended otherwise.
-    pub fn cancel(&self, run: &str, step: Option<&str>, by: &str, reason: &str) -> Result<RunView, CancelError> {
+    pub fn cancel(&self, run: &str, step: Option<&str>, by: &str, reason: &str) -> Result<Cancelled, CancelError> {
         let now = now_ms();
-        self.with_db(|db| {
-            db.transaction(|t| {
+        let (applied, effects, view) = self.with_db(|db| {
+            let (applied, effects) = db.transaction(|t| {
                 let row = tx::run(t, run)?.ok_or_else(|| CancelError::NotFound(run.to_string()))?;
                 let mut applied = Applied::default();
                 let mut effects = Effects::default();
@@ -527,7 +538,6 @@ impl Engine {
                                 let wf = self.config.workflows.get(&row.workflow);
                                 self.cancel_step(&mut c, wf, run, name, reason)?;
                                 finish_if_done(&mut c, run)?;
-                                self.admit_in(&mut c)?;
                             }
                             StepStatus::Cancelled => {}
                             status => {
@@ -540,9 +550,21 @@ impl Engine {
                         }
                     }
                 }
-                Ok(())
+                // Slots were freed: steps held by limits may go.
+                if c.effects.admit {
+                    self.admit_in(&mut c)?;
+                }
+                Ok::<_, CancelError>((applied, effects))
             })?;
-            db.run(run)?.ok_or_else(|| CancelError::NotFound(run.to_string()))
+            let view = db.run(run)?.ok_or_else(|| CancelError::NotFound(run.to_string()))?;
+            Ok::<_, CancelError>((applied, effects, view))
+        })?;
+        let dispatched = effects.written.len();
+        self.after_commit(effects);
+        Ok(Cancelled {
+            run: view,
+            cancelled_runs: applied.cancelled_runs,
+            dispatched,
         })
     }
 
@@ -774,15 +796,19 @@ impl Engine {
         let Some(run_row) = tx::run(c.t, run)? else {
             return Ok(());
         };
-        let Some(wf) = self.config.workflows.get(&run_row.workflow) else {
+        let Some((wf, step)) = self
+            .config
+            .workflows
+            .get(&run_row.workflow)
+            .and_then(|wf| Some((wf, wf.step(&row.step)?)))
+        else {
             if run_row.status == RunStatus::Running {
-                let error = format!("workflow \"{}\" is no longer configured", run_row.workflow);
-                tx::finish_run(c.t, run, RunStatus::Failed, Some(&error), None, c.now)?;
-                c.applied.finished_runs += 1;
+                let error = format!(
+                    "step \"{}\" of workflow \"{}\" is no longer configured",
+                    row.step, run_row.workflow
+                );
+                fail_run(c, run, &error)?;
             }
-            return Ok(());
-        };
-        let Some(step) = wf.step(&row.step) else {
             return Ok(());
         };
         // Money spent is recorded whatever became of the run.
@@ -991,6 +1017,19 @@ impl Engine {
         }
     }
 
+    /// A model request's tokens, estimated: the prompt (4 bytes a token) and
+    /// the most the model may answer.
+    fn estimate_tokens(&self, prompt_bytes: usize, model: &str) -> i64 {
+        let answer = self
+            .models
+            .get(model)
+            .and_then(|t| t.max_tokens)
+            .map_or(DEFAULT_OUTPUT_ESTIMATE, i64::from);
+        i64::try_from(prompt_bytes / 4)
+            .unwrap_or(i64::MAX)
+            .saturating_add(answer)
+    }
+
     /// The model ID an agent step uses (its own, else the agent default).
     fn step_model<'a>(&'a self, step: &'a Step) -> Option<&'a str> {
         match &step.run {
@@ -1040,9 +1079,24 @@ impl Engine {
             let model = self.step_model(step);
             let terms = model.and_then(|m| self.models.get(m));
             let mut held = self.limit_reached(c, &mut counts, wf, &w, step, model, terms)?;
+            // The token window, first from the step's template (no planning
+            // for a step that clearly does not fit), then from its task.
+            if held.is_none()
+                && let (Some(model), Some(limit)) = (model, terms.and_then(|t| t.limits.tokens_per_minute))
+            {
+                let (_, used) = counts.window(c.t, model, c.now)?;
+                let want = self.estimate_tokens(step_prompt_len(step), model);
+                if used > 0 && used.saturating_add(want) > i64::try_from(limit).unwrap_or(i64::MAX) {
+                    let reason = format!("model {model} tokens_per_minute ({limit})");
+                    counts.blocked.insert(model.to_string(), reason.clone());
+                    held = Some(reason);
+                }
+            }
             let mut planned = None;
             if held.is_none() {
-                let Some(run_row) = tx::run(c.t, &w.run)? else { continue };
+                let Some(run_row) = tx::run(c.t, &w.run)?.filter(|r| r.status == RunStatus::Running) else {
+                    continue;
+                };
                 let params = run_params(c.t, &w.run)?;
                 let upstream = outputs(c.t, &w.run, wf, step)?;
                 let attempt = Attempt {
@@ -1177,18 +1231,8 @@ impl Engine {
             deadline = deadline.min(run_deadline);
         }
         let model = self.step_model(step).map(str::to_string);
-        // A model request's tokens, estimated: the prompt (4 bytes a token)
-        // and the most the model may answer.
         let tokens = match (&spec.run, &model) {
-            (StepRun::Agent(a), Some(m)) => {
-                let prompt: usize = a.prompt.len() + a.messages.iter().map(|m| m.content.len()).sum::<usize>();
-                let answer = self
-                    .models
-                    .get(m)
-                    .and_then(|t| t.max_tokens)
-                    .map_or(DEFAULT_OUTPUT_ESTIMATE, i64::from);
-                Some(i64::try_from(prompt / 4).unwrap_or(i64::MAX).saturating_add(answer))
-            }
+            (StepRun::Agent(a), Some(m)) => Some(self.estimate_tokens(prompt_len(a), m)),
             _ => None,
         };
         let task = Task {
@@ -1359,6 +1403,19 @@ struct PlannedTask {
     body: Vec<u8>,
 }
 
+/// Bytes of an agent step's prompt and messages.
+fn prompt_len(a: &courier_wire::AgentSpec) -> usize {
+    a.prompt.len() + a.messages.iter().map(|m| m.content.len()).sum::<usize>()
+}
+
+/// Bytes of a step's prompt as written (templates unresolved); 0 for other steps.
+fn step_prompt_len(step: &Step) -> usize {
+    match &step.run {
+        StepRun::Agent(a) => prompt_len(a),
+        _ => 0,
+    }
+}
+
 /// Tokens a result may report per direction at most: more is a lie (or a
 /// bug) that would overflow the sums budgets are checked against.
 pub const MAX_REPORTED_TOKENS: u64 = 1_000_000_000_000;
@@ -1369,6 +1426,25 @@ fn reported(usage: courier_wire::TokenUsage) -> (u64, u64) {
         usage.input_tokens.min(MAX_REPORTED_TOKENS),
         usage.output_tokens.min(MAX_REPORTED_TOKENS),
     )
+}
+
+/// The limit a `waiting_on` text names, as low-cardinality metric labels:
+/// (scope, name, limit), e.g. ("model", "openai", "concurrency"); a retry
+/// waiting out its backoff is ("step", "", "retry_backoff").
+pub fn waiting_labels(reason: &str) -> (&'static str, String, String) {
+    let mut words = reason.split_whitespace();
+    match (words.next(), words.next(), words.next()) {
+        (Some("retry"), _, _) => ("step", String::new(), "retry_backoff".into()),
+        (Some(scope @ ("workflow" | "pool" | "model")), Some(name), Some(limit)) => {
+            let scope = match scope {
+                "workflow" => "workflow",
+                "pool" => "pool",
+                _ => "model",
+            };
+            (scope, name.to_string(), limit.to_string())
+        }
+        _ => ("", String::new(), String::new()),
+    }
 }
 
 /// Why a run past its deadline is cancelled.

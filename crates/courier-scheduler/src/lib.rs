@@ -71,6 +71,8 @@ const DELAY_GRAIN_MS: i64 = 100;
 /// The longest delay a task is published with (a day and an hour: more than
 /// any backoff or provider pause).
 const MAX_DELAY_MS: i64 = 25 * 3600 * 1000;
+/// A delay queue the broker refused is tried again after this long.
+const DELAY_RETRY: Duration = Duration::from_secs(10);
 /// A delay queue is declared again after this long (it expires when unused).
 const DELAY_REDECLARE: Duration = Duration::from_secs(20);
 
@@ -236,6 +238,7 @@ pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToke
             }
         }
         shared.broker_connected.store(false, Ordering::Relaxed);
+        shared.results_drained.store(false, Ordering::Relaxed);
         let _ = broker.close().await;
     }
     cron.shutdown().await;
@@ -338,9 +341,10 @@ async fn serve(
     loops.spawn({
         let shared = shared.clone();
         let shutdown = shutdown.clone();
+        let broker = broker.clone();
         async move {
             let r = tokio::select! {
-                r = results_loop(&shared, &mut consumer, &intake) => r,
+                r = results_loop(&shared, &broker, &mut consumer, &intake) => r,
                 () = shutdown.cancelled() => Ok(()),
             };
             let _ = consumer.close().await;
@@ -375,6 +379,7 @@ async fn outbox_loop(
 ) -> Result<(), AmqpError> {
     let exchange = Arc::new(names.tasks_exchange());
     let mut delay_queues: std::collections::HashMap<(String, i64), tokio::time::Instant> = Default::default();
+    let mut refused_delays: std::collections::HashMap<(String, i64), tokio::time::Instant> = Default::default();
     loop {
         let now = now_ms();
         let engine = shared.engine.clone();
@@ -415,14 +420,17 @@ async fn outbox_loop(
                 let key = (task.queue.clone(), delay);
                 let fresh = delay_queues.get(&key).is_some_and(|at| at.elapsed() < DELAY_REDECLARE);
                 if !fresh {
-                    // A refused declaration leaves this task in the outbox;
-                    // the others of the batch are still published and marked.
+                    // A refused declaration leaves the task in the outbox (tried
+                    // again after a while); the rest of the batch goes on.
+                    if refused_delays.get(&key).is_some_and(|at| at.elapsed() < DELAY_RETRY) {
+                        continue;
+                    }
                     if let Err(e) = broker
                         .declare_delay(&task.queue, u64::try_from(delay).unwrap_or(0))
                         .await
                     {
-                        warn!(task = %task.task_id, error = %e, "cannot declare the delay queue; the task stays in the outbox");
-                        failure = Some(e);
+                        error!(task = %task.task_id, error = %e, "cannot declare the delay queue; the task stays in the outbox");
+                        refused_delays.insert(key, tokio::time::Instant::now());
                         continue;
                     }
                     delay_queues.insert(key, tokio::time::Instant::now());
@@ -479,6 +487,13 @@ async fn outbox_loop(
         shared.metrics.tasks_published.inc_by(published);
         if let Some(e) = failure {
             return Err(e);
+        }
+        if published == 0 {
+            // Everything due waits on a refused delay queue: do not spin.
+            tokio::select! {
+                () = shared.outbox.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
         }
     }
 }
@@ -557,7 +572,7 @@ async fn clock_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
         let engine = shared.engine.clone();
         // Deadlines are judged only once the results waiting in the queue
         // (after a restart or an outage) have been applied.
-        let expire = shared.results_drained.load(Ordering::Relaxed);
+        let expire = shared.broker_connected.load(Ordering::Relaxed) && shared.results_drained.load(Ordering::Relaxed);
         match tokio::task::spawn_blocking(move || engine.tick(expire)).await {
             Ok(Ok(applied)) => {
                 shared.count(&applied);
@@ -686,7 +701,13 @@ impl ResultIntake {
 /// outbox, ack. A result that is unsigned or forged (with a key set),
 /// undecodable, or impossible for its task changes nothing and is
 /// dead-lettered with the reason.
-async fn results_loop(shared: &Arc<Shared>, consumer: &mut Consumer, intake: &ResultIntake) -> Result<(), AmqpError> {
+async fn results_loop(
+    shared: &Arc<Shared>,
+    broker: &Broker,
+    consumer: &mut Consumer,
+    intake: &ResultIntake,
+) -> Result<(), AmqpError> {
+    let mut last_depth_check = std::time::Instant::now();
     loop {
         // A quiet queue is a drained one (the broker delivers what it holds
         // within moments of the consumer starting).
@@ -698,13 +719,13 @@ async fn results_loop(shared: &Arc<Shared>, consumer: &mut Consumer, intake: &Re
             }
         };
         let mut batch = vec![first];
-        let mut drained = false;
+        let mut buffer_empty = false;
         while batch.len() < RESULT_BATCH {
             match futures_lite::future::poll_once(consumer.next()).await {
                 Some(Some(Ok(delivery))) => batch.push(delivery),
                 Some(Some(Err(e))) => return Err(e),
                 _ => {
-                    drained = true;
+                    buffer_empty = true;
                     break;
                 }
             }
@@ -745,8 +766,16 @@ async fn results_loop(shared: &Arc<Shared>, consumer: &mut Consumer, intake: &Re
                 if applied.cancelled_runs > 0 {
                     shared.controls.notify_one();
                 }
-                if drained {
-                    shared.results_drained.store(true, Ordering::Relaxed);
+                // Nothing left here nor at the broker: every result sent
+                // before now is applied (asked at most once a second).
+                if buffer_empty
+                    && !shared.results_drained.load(Ordering::Relaxed)
+                    && last_depth_check.elapsed() >= Duration::from_secs(1)
+                {
+                    last_depth_check = std::time::Instant::now();
+                    if let Ok((0, _)) = broker.queue_depth(&broker.names().results_queue()).await {
+                        shared.results_drained.store(true, Ordering::Relaxed);
+                    }
                 }
                 // Results arrive in order on one channel: one multiple-ack
                 // settles the whole batch, dead-lettered copies included.

@@ -26,6 +26,15 @@ pub struct Tokens {
     pub direction: String,
 }
 
+/// Labels for a limit holding steps: scope (model, pool, workflow, step),
+/// name (empty for a step's retry backoff) and the limit.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Limit {
+    pub scope: String,
+    pub name: String,
+    pub limit: String,
+}
+
 /// Label for a model ID.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Model {
@@ -48,7 +57,7 @@ pub struct Metrics {
     pub runs_cancelled: Counter,
     pub llm_tokens: Family<Tokens, Counter>,
     pub llm_cost: Family<Model, Counter<f64, AtomicU64>>,
-    pub steps_waiting: Family<Reason, Gauge>,
+    pub steps_waiting: Family<Limit, Gauge>,
 }
 
 impl Metrics {
@@ -113,7 +122,7 @@ impl Metrics {
         );
         registry.register(
             "courier_steps_waiting",
-            "Steps held by a limit, by the limit that holds them",
+            "Steps waiting, by what holds them (scope: model, pool, workflow, or step for a retry's backoff; name; limit)",
             self.steps_waiting.clone(),
         );
     }

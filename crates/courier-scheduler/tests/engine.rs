@@ -400,7 +400,9 @@ fn a_result_after_a_cancel_is_recorded_and_changes_nothing() {
     let dir = tempfile::TempDir::new().unwrap();
     let engine = engine(&dir.path().join("courier.db"));
     let (run, analyze) = research_at_analyze(&engine);
-    let view = engine.cancel(&run, None, "api:ana", "stop").unwrap();
+    let done = engine.cancel(&run, None, "api:ana", "stop").unwrap();
+    assert_eq!(done.cancelled_runs, 1);
+    let view = done.run;
     assert_eq!(view.status, RunStatus::Cancelled);
     assert_eq!(view.cancelled_by.as_deref(), Some("api:ana"));
     let statuses: Vec<StepStatus> = view.steps.iter().map(|s| s.status).collect();
@@ -427,13 +429,10 @@ fn a_result_after_a_cancel_is_recorded_and_changes_nothing() {
     );
     assert!(engine.with_db(|db| db.unpublished_tasks(10)).unwrap().is_empty());
     // Again: the same answer; an unknown run or step, or a finished one, is refused.
+    let again = engine.cancel(&run, None, "api:bob", "again").unwrap();
     assert_eq!(
-        engine
-            .cancel(&run, None, "api:bob", "again")
-            .unwrap()
-            .cancelled_by
-            .as_deref(),
-        Some("api:ana")
+        (again.run.cancelled_by.as_deref(), again.cancelled_runs),
+        (Some("api:ana"), 0)
     );
     assert!(matches!(
         engine.cancel("nope", None, "x", "y"),
