@@ -77,14 +77,12 @@ ALTER TABLE tasks ADD COLUMN deadline_ms INTEGER;
 ALTER TABLE tasks ADD COLUMN model TEXT;
 ALTER TABLE tasks ADD COLUMN tokens INTEGER;
 CREATE INDEX tasks_in_flight ON tasks (queue) WHERE status = 'dispatched';
-CREATE INDEX tasks_by_deadline ON tasks (deadline_ms) WHERE status = 'dispatched';
 CREATE INDEX runs_by_deadline ON runs (deadline_ms) WHERE status = 'running' AND deadline_ms IS NOT NULL;
 CREATE INDEX runs_unadmitted ON runs (workflow) WHERE status = 'running' AND admitted = 0;
 DROP INDEX tasks_unpublished;
 CREATE INDEX tasks_unpublished ON tasks (not_before_ms) WHERE published = 0 AND status = 'dispatched';
 CREATE INDEX tasks_by_model ON tasks (model, not_before_ms) WHERE model IS NOT NULL;
 CREATE INDEX steps_waiting ON steps (run_id) WHERE status = 'waiting';
-CREATE INDEX steps_running ON steps (run_id) WHERE status = 'running';
 CREATE TABLE model_pauses (
     model    TEXT PRIMARY KEY,
     until_ms INTEGER NOT NULL,

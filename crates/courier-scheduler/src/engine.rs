@@ -12,6 +12,7 @@
 //! priority first, as the limits allow.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -189,6 +190,10 @@ pub const DEFAULT_MAX_QUEUE_WAIT: Duration = Duration::from_secs(24 * 3600);
 /// refused without an answer).
 pub const LOST_TASK_GRACE: Duration = Duration::from_secs(60);
 
+/// How often the tasks in flight are scanned for lost ones (more often when
+/// the grace is shorter).
+const LOST_TASK_SCAN: Duration = Duration::from_secs(10);
+
 /// Waiting steps looked at per admission pass.
 const ADMIT_BATCH: usize = 10_000;
 
@@ -219,6 +224,8 @@ pub struct Engine {
     models: HashMap<String, ModelTerms>,
     /// The agent config's default model, for agent steps that name none.
     default_model: Option<String>,
+    /// When the tasks in flight were last scanned for lost ones (ms).
+    lost_scan: AtomicI64,
     snapshots: Mutex<HashMap<(String, String), Arc<EncodedSnapshot>>>,
     /// Encoded tasks committed to the outbox and not yet published, by task
     /// id, with their total size (bounded by [`MAX_KEPT_BODY_BYTES`]).
@@ -292,6 +299,7 @@ impl Engine {
             limits,
             models,
             default_model,
+            lost_scan: AtomicI64::new(0),
             snapshots: Mutex::new(HashMap::new()),
             bodies: Mutex::new((HashMap::new(), 0)),
         }
@@ -664,7 +672,15 @@ impl Engine {
                 }
                 let grace = self.limits.lost_task_grace;
                 let cutoff = now.saturating_sub(millis(grace));
-                let lost = if expire { tx::lost_tasks(t, cutoff)? } else { Vec::new() };
+                // Over the tasks in flight: every LOST_TASK_SCAN, not every tick.
+                let every = millis(LOST_TASK_SCAN.min(grace));
+                let scan = expire && now - self.lost_scan.load(Ordering::Relaxed) >= every;
+                let lost = if scan {
+                    self.lost_scan.store(now, Ordering::Relaxed);
+                    tx::lost_tasks(t, cutoff)?
+                } else {
+                    Vec::new()
+                };
                 for lost in lost {
                     tracing::warn!(task = %lost.task_id, run = %lost.run, step = %lost.step, "no result by the task's deadline; failing the attempt");
                     let at = u64::try_from(now).unwrap_or(0);
@@ -793,7 +809,7 @@ impl Engine {
         });
         tx::finish_task(c.t, &r.task_id.to_string(), r.status, used, c.now)?;
         let run = row.run_id.as_str();
-        let Some(run_row) = tx::run(c.t, run)? else {
+        let Some((run_row, step_status)) = tx::run_and_step(c.t, run, &row.step)? else {
             return Ok(());
         };
         let Some((wf, step)) = self
@@ -813,7 +829,7 @@ impl Engine {
         };
         // Money spent is recorded whatever became of the run.
         self.record_spend(c, run, step, r)?;
-        if run_row.status != RunStatus::Running || tx::step_status(c.t, run, &step.name)? != Some(StepStatus::Running) {
+        if run_row.status != RunStatus::Running || step_status != Some(StepStatus::Running) {
             tracing::debug!(%run, step = %step.name, "result for a cancelled run or step: recorded, nothing else");
             return Ok(());
         }
@@ -1551,7 +1567,7 @@ fn skip_downstream(
 /// Finish the run when no step is open: failed if a step failed, else
 /// cancelled if a step was cancelled, else succeeded.
 fn finish_if_done(c: &mut Change<'_, '_>, run: &str) -> Result<(), DbError> {
-    if tx::run(c.t, run)?.map(|r| r.status) != Some(RunStatus::Running) || !tx::open_steps(c.t, run)?.is_empty() {
+    if tx::open_step_count(c.t, run)? > 0 || tx::run(c.t, run)?.map(|r| r.status) != Some(RunStatus::Running) {
         return Ok(());
     }
     let failed = tx::steps_with(c.t, run, StepStatus::Failed)?;

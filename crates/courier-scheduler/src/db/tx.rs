@@ -181,6 +181,31 @@ pub fn run(tx: &Transaction<'_>, run: &str) -> Result<Option<RunRow>, DbError> {
         .optional()
 }
 
+/// The run, and the status of one of its steps, in one statement (the
+/// result path's).
+pub fn run_and_step(
+    tx: &Transaction<'_>,
+    run: &str,
+    step: &str,
+) -> Result<Option<(RunRow, Option<StepStatus>)>, DbError> {
+    tx.prepare_cached(
+        "SELECT r.workflow, r.status, r.admitted, r.deadline_ms, s.status
+         FROM runs r LEFT JOIN steps s ON s.run_id = r.id AND s.name = ?2 WHERE r.id = ?1",
+    )?
+    .query_row([run, step], |r| {
+        Ok((
+            RunRow {
+                workflow: r.get(0)?,
+                status: r.get(1)?,
+                admitted: r.get(2)?,
+                deadline_ms: r.get(3)?,
+            },
+            r.get(4)?,
+        ))
+    })
+    .optional()
+}
+
 /// The run's params as JSON.
 pub fn run_params(tx: &Transaction<'_>, run: &str) -> Result<String, DbError> {
     tx.prepare_cached("SELECT params FROM runs WHERE id = ?1")?
@@ -211,6 +236,15 @@ pub fn open_steps(tx: &Transaction<'_>, run: &str) -> Result<Vec<(String, StepSt
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     rows.collect()
+}
+
+/// How many of the run's steps may still change.
+pub fn open_step_count(tx: &Transaction<'_>, run: &str) -> Result<i64, DbError> {
+    tx.prepare_cached("SELECT COUNT(*) FROM steps WHERE run_id = ?1 AND status IN (?2, ?3, ?4)")?
+        .query_row(
+            params![run, StepStatus::Pending, StepStatus::Waiting, StepStatus::Running],
+            |r| r.get(0),
+        )
 }
 
 /// Names of the run's steps with `status`, in workflow order.
@@ -428,11 +462,12 @@ pub fn model_window(tx: &Transaction<'_>, model: &str, since: i64) -> Result<(i6
     })
 }
 
-/// Running steps, by workflow.
+/// Running steps (tasks without a result), by workflow.
 pub fn running_steps_by_workflow(tx: &Transaction<'_>) -> Result<HashMap<String, i64>, DbError> {
     counts(
         tx,
-        "SELECT r.workflow, COUNT(*) FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.status = 'running' GROUP BY 1",
+        "SELECT r.workflow, COUNT(*) FROM tasks t JOIN runs r ON r.id = t.run_id WHERE t.status = 'dispatched'
+         GROUP BY 1",
         [],
     )
 }
