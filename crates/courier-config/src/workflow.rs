@@ -52,6 +52,32 @@ pub struct Workflow {
     pub max_active_runs: Option<u32>,
     /// Steps of this workflow's runs dispatched at once; more wait.
     pub max_active_steps: Option<u32>,
+    /// Position of each step by name, and the positions of the steps that
+    /// depend on it: so a result costs the same in a run of any width.
+    graph: Graph,
+}
+
+/// Lookups over the steps, built once at load.
+#[derive(Debug, Clone, Default)]
+struct Graph {
+    by_name: std::collections::HashMap<String, usize>,
+    dependents: Vec<Vec<usize>>,
+}
+
+impl Graph {
+    fn new(steps: &[Step]) -> Self {
+        let by_name: std::collections::HashMap<String, usize> =
+            steps.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+        let mut dependents = vec![Vec::new(); steps.len()];
+        for (i, s) in steps.iter().enumerate() {
+            for d in &s.depends {
+                if let Some(&up) = by_name.get(d) {
+                    dependents[up].push(i);
+                }
+            }
+        }
+        Self { by_name, dependents }
+    }
 }
 
 /// A run's spending limit; unset means unlimited.
@@ -435,11 +461,12 @@ impl Workflow {
                 description: file.description,
                 params,
                 schedule,
-                steps,
                 timeout: file.timeout,
                 budget: file.budget,
                 max_active_runs: file.max_active_runs,
                 max_active_steps: file.max_active_steps,
+                graph: Graph::new(&steps),
+                steps,
             })
         } else {
             Err(errors)
@@ -448,7 +475,17 @@ impl Workflow {
 
     /// A step by name.
     pub fn step(&self, name: &str) -> Option<&Step> {
-        self.steps.iter().find(|s| s.name == name)
+        self.graph.by_name.get(name).map(|&i| &self.steps[i])
+    }
+
+    /// The steps that depend on `name` directly, in file order.
+    pub fn dependents(&self, name: &str) -> impl Iterator<Item = &Step> {
+        let positions = self
+            .graph
+            .by_name
+            .get(name)
+            .map_or(&[][..], |&i| &self.graph.dependents[i]);
+        positions.iter().map(|&i| &self.steps[i])
     }
 
     /// Merge submitted parameters over the defaults.

@@ -98,6 +98,16 @@ CREATE TABLE controls (
 );
 CREATE INDEX controls_unpublished ON controls (id) WHERE published = 0;
 ",
+    // 3: counters, so a result costs the same in a run of any width: the
+    // run's open steps, and each step's dependencies not yet succeeded
+    // (NULL for steps of runs started before: they are counted the old way).
+    "
+ALTER TABLE runs ADD COLUMN open_steps INTEGER;
+ALTER TABLE steps ADD COLUMN pending_deps INTEGER;
+UPDATE runs SET open_steps = (SELECT COUNT(*) FROM steps
+    WHERE steps.run_id = runs.id AND steps.status IN ('pending', 'waiting', 'running'))
+WHERE status = 'running';
+",
 ];
 
 // Statuses are bound as parameters, except where a partial index covers the

@@ -468,7 +468,7 @@ impl Engine {
                 };
                 tx::insert_run(t, &run, &wf.name, &params_json, priority, deadline, admitted, now)?;
                 for (i, s) in wf.steps.iter().enumerate() {
-                    tx::insert_step(t, &run, &s.name, i, &s.queue)?;
+                    tx::insert_step(t, &run, &s.name, i, &s.queue, s.depends.len())?;
                 }
                 let mut applied = Applied::default();
                 let mut effects = Effects::default();
@@ -934,14 +934,26 @@ impl Engine {
             update: u.clone(),
         }));
         let mut params = None;
-        for s in wf.steps.iter().filter(|s| s.depends.contains(&step.name)) {
-            if states.get(c.t, &s.name)? != Some(StepStatus::Pending) {
+        // Each dependent counts down its dependencies still to succeed: a
+        // result costs the same whatever the run's width.
+        for s in wf.dependents(&step.name) {
+            let Some((status, pending)) = tx::dependency_done(c.t, run, &s.name)? else {
+                continue;
+            };
+            if status != StepStatus::Pending {
                 continue;
             }
-            let mut ready = true;
-            for d in &s.depends {
-                ready &= states.get(c.t, d)? == Some(StepStatus::Succeeded);
-            }
+            let ready = match pending {
+                Some(left) => left == 0,
+                // A step of a run started before the counters: look.
+                None => {
+                    let mut ready = true;
+                    for d in &s.depends {
+                        ready &= states.get(c.t, d)? == Some(StepStatus::Succeeded);
+                    }
+                    ready
+                }
+            };
             if !ready {
                 continue;
             }
@@ -1549,7 +1561,7 @@ fn skip_downstream(
 ) -> Result<(), DbError> {
     let mut ended = vec![name.to_string()];
     while let Some(up) = ended.pop() {
-        for s in wf.steps.iter().filter(|s| s.depends.contains(&up)) {
+        for s in wf.dependents(&up) {
             if matches!(
                 states.get(c.t, &s.name)?,
                 Some(StepStatus::Pending | StepStatus::Waiting)

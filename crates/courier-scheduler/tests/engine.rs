@@ -41,7 +41,7 @@ fn result(task: &Task, status: TaskStatus, output: &str) -> TaskResult {
 
 /// The due outbox tasks, decoded.
 fn due(engine: &Engine) -> Vec<(Task, String)> {
-    let rows = engine.with_db(|db| db.unpublished_tasks(100)).unwrap();
+    let rows = engine.with_db(|db| db.unpublished_tasks(10_000)).unwrap();
     rows.iter()
         .map(|row| {
             let (body, hash) = engine.task_body(row).unwrap();
@@ -703,4 +703,139 @@ fn a_waiting_step_whose_workflow_left_the_config_fails_its_run() {
         two.error.as_deref(),
         Some("step \"b\" of workflow \"two\" is no longer configured")
     );
+}
+
+/// A fan-out of `width` echo children of `root`, fanned in again by `join`;
+/// the child `c7` may fail once (retry).
+fn wide(width: usize) -> String {
+    let mut yaml = String::from("steps:\n  - name: root\n    echo: r\n");
+    for i in 0..width {
+        yaml.push_str(&format!(
+            "  - name: c{i}\n    depends: [root]\n    retry: {{limit: 1, backoff: 1ms, max_backoff: 1ms}}\n    echo: c\n"
+        ));
+    }
+    let all: Vec<String> = (0..width).map(|i| format!("c{i}")).collect();
+    yaml.push_str(&format!(
+        "  - name: join\n    depends: [{}]\n    echo: j\n",
+        all.join(", ")
+    ));
+    yaml
+}
+
+/// Publish every due task and answer each with `answer`, until none is
+/// due (waiting out retry delays); how many tasks were answered.
+fn drive(engine: &Engine, mut answer: impl FnMut(&Task) -> TaskStatus) -> usize {
+    let mut answered = 0;
+    for _ in 0..1000 {
+        let due = due(engine);
+        if due.is_empty() {
+            if engine.with_db(|db| db.unpublished_tasks(1)).unwrap().is_empty() {
+                return answered;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            continue;
+        }
+        let ids: Vec<String> = due.iter().map(|(t, _)| t.task_id.to_string()).collect();
+        engine.with_db(|db| db.mark_published(&ids)).unwrap();
+        let results: Vec<TaskResult> = due.iter().map(|(t, _)| result(t, answer(t), "out")).collect();
+        answered += results.len();
+        engine.apply(&results).unwrap();
+    }
+    panic!("the run never settled");
+}
+
+#[test]
+fn readiness_is_counted_not_rescanned_through_fan_out_fan_in_retries_and_a_restart() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let db = dir.path().join("courier.db");
+    let config = || config_with(dir.path(), &[("wide", &wide(300))]);
+    let engine = engine_over(config(), &db);
+    let run = engine.submit("wide", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    // The root, then every child but the last, c7 failing once.
+    let mut failed_once = false;
+    let root = publish_next(&engine);
+    engine.apply(&[result(&root, TaskStatus::Succeeded, "r")]).unwrap();
+    let children = due(&engine);
+    assert_eq!(children.len(), 300);
+    let (last, rest) = children.split_last().unwrap();
+    // All published; the last one's result comes only after a restart.
+    let ids: Vec<String> = children.iter().map(|(t, _)| t.task_id.to_string()).collect();
+    engine.with_db(|db| db.mark_published(&ids)).unwrap();
+    let results: Vec<TaskResult> = rest
+        .iter()
+        .map(|(t, _)| {
+            let status = if t.step == "c7" && !failed_once {
+                failed_once = true;
+                TaskStatus::Failed
+            } else {
+                TaskStatus::Succeeded
+            };
+            result(t, status, "c")
+        })
+        .collect();
+    let applied = engine.apply(&results).unwrap();
+    assert_eq!((applied.retried, applied.dispatched), (1, 1), "c7's retry only");
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    drive(&engine, |t| {
+        assert_ne!(t.step, "join", "join waits for every child");
+        TaskStatus::Succeeded
+    });
+    // Restarted before the last child's result: the counters are in the database.
+    drop(engine);
+    let engine = engine_over(config(), &db);
+    let applied = engine.apply(&[result(&last.0, TaskStatus::Succeeded, "c")]).unwrap();
+    assert_eq!(applied.dispatched, 1, "join starts with the last child");
+    let join = publish_next(&engine);
+    assert_eq!((join.step.as_str(), join.upstream.len()), ("join", 301));
+    let applied = engine.apply(&[result(&join, TaskStatus::Succeeded, "j")]).unwrap();
+    assert_eq!(applied.finished_runs, 1);
+    let view = engine.with_db(|db| db.run(&run.id)).unwrap().unwrap();
+    assert_eq!(view.status, RunStatus::Succeeded);
+    assert!(view.steps.iter().all(|s| s.status == StepStatus::Succeeded));
+}
+
+#[test]
+fn a_failed_child_skips_the_fan_in_once_and_the_run_ends_when_the_rest_do() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine_over(
+        config_with(dir.path(), &[("wide", &wide(50))]),
+        &dir.path().join("courier.db"),
+    );
+    let run = engine.submit("wide", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    // c3 and c4 fail twice each (retries spent); everything else succeeds.
+    let answered = drive(&engine, |t| {
+        if t.step == "c3" || t.step == "c4" {
+            TaskStatus::Failed
+        } else {
+            TaskStatus::Succeeded
+        }
+    });
+    assert_eq!(answered, 1 + 50 + 2, "root, 50 children, two retries; join never");
+    let view = engine.with_db(|db| db.run(&run.id)).unwrap().unwrap();
+    assert_eq!(view.status, RunStatus::Failed);
+    assert_eq!(view.error.as_deref(), Some("step(s) failed: c3, c4"));
+    let join = view.steps.iter().find(|s| s.name == "join").unwrap();
+    assert_eq!(join.status, StepStatus::Skipped);
+    assert_eq!(join.error.as_deref(), Some("upstream step \"c3\" failed"));
+}
+
+#[test]
+fn a_run_started_before_the_counters_finishes_the_old_way() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let db = dir.path().join("courier.db");
+    let engine = engine_over(config_with(dir.path(), &[("wide", &wide(20))]), &db);
+    let run = engine.submit("wide", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    // As migration 3 leaves a run started before it: no dependency counts;
+    // its open steps counted by the migration (here: left NULL, counted live).
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch(&format!(
+            "UPDATE steps SET pending_deps = NULL WHERE run_id = '{0}'; UPDATE runs SET open_steps = NULL WHERE id = '{0}';",
+            run.id
+        ))
+        .unwrap();
+    let answered = drive(&engine, |_| TaskStatus::Succeeded);
+    assert_eq!(answered, 22);
+    let view = engine.with_db(|db| db.run(&run.id)).unwrap().unwrap();
+    assert_eq!(view.status, RunStatus::Succeeded);
 }

@@ -37,6 +37,9 @@ pub struct BenchArgs {
     /// Steps per run (Courier submits tasks / this runs).
     #[arg(long, default_value_t = 100)]
     steps_per_run: usize,
+    /// Make each run's last step depend on all the others (a fan-in).
+    #[arg(long)]
+    fan_in: bool,
 }
 
 struct Report {
@@ -48,6 +51,9 @@ struct Report {
 pub fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
     if args.tasks == 0 || args.workers == 0 || args.concurrency == 0 || args.steps_per_run == 0 {
         bail!("--tasks, --workers, --concurrency and --steps-per-run must be at least 1");
+    }
+    if args.fan_in && args.steps_per_run < 2 {
+        bail!("--fan-in needs at least 2 steps per run");
     }
     let runtime = tokio::runtime::Runtime::new()?;
     println!(
@@ -284,7 +290,7 @@ fn courier_end_to_end(
 ) -> anyhow::Result<(Report, String)> {
     let dir = std::env::temp_dir().join(format!("courier-bench-{}", uuid::Uuid::now_v7()));
     let config_dir = dir.join("config");
-    write_bench_config(&config_dir, args.steps_per_run)?;
+    write_bench_config(&config_dir, args.steps_per_run, args.fan_in)?;
     let namespace = format!("bench-{}", uuid::Uuid::now_v7());
     let exe = std::env::current_exe().context("locating the courier binary")?;
     let command = |what: &str| {
@@ -437,7 +443,7 @@ fn courier_end_to_end(
     Ok((report, rss.concat()))
 }
 
-fn write_bench_config(dir: &Path, steps: usize) -> anyhow::Result<()> {
+fn write_bench_config(dir: &Path, steps: usize, fan_in: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("agents/models"))?;
     std::fs::create_dir_all(dir.join("workflows"))?;
     std::fs::write(dir.join("agents/config.yaml"), "default_model: none\n")?;
@@ -446,8 +452,16 @@ fn write_bench_config(dir: &Path, steps: usize) -> anyhow::Result<()> {
         "provider: scripted\nmodel: none\nscript:\n  - text: unused\n",
     )?;
     let mut yaml = String::from("params:\n  payload: ~\nsteps:\n");
-    for i in 0..steps {
+    let independent = if fan_in { steps - 1 } else { steps };
+    for i in 0..independent {
         yaml.push_str(&format!("  - name: s{i}\n    echo: \"${{payload}}\"\n"));
+    }
+    if fan_in && independent > 0 {
+        let all: Vec<String> = (0..independent).map(|i| format!("s{i}")).collect();
+        yaml.push_str(&format!(
+            "  - name: join\n    depends: [{}]\n    echo: joined\n",
+            all.join(", ")
+        ));
     }
     std::fs::write(dir.join("workflows/bench.yaml"), yaml)?;
     Ok(())

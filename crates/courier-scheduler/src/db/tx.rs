@@ -69,8 +69,8 @@ pub fn insert_run(
     now: i64,
 ) -> Result<(), DbError> {
     tx.prepare_cached(
-        "INSERT INTO runs (id, workflow, status, params, created_ms, priority, deadline_ms, admitted)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO runs (id, workflow, status, params, created_ms, priority, deadline_ms, admitted, open_steps)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0)",
     )?
     .execute(params![
         id,
@@ -85,11 +85,45 @@ pub fn insert_run(
     Ok(())
 }
 
-/// Insert a pending step.
-pub fn insert_step(tx: &Transaction<'_>, run: &str, name: &str, position: usize, queue: &str) -> Result<(), DbError> {
-    tx.prepare_cached("INSERT INTO steps (run_id, name, position, queue, status) VALUES (?1, ?2, ?3, ?4, ?5)")?
-        .execute(params![run, name, position as i64, queue, StepStatus::Pending])?;
+/// Insert a pending step with `depends` dependencies, counted as open in its run.
+pub fn insert_step(
+    tx: &Transaction<'_>,
+    run: &str,
+    name: &str,
+    position: usize,
+    queue: &str,
+    depends: usize,
+) -> Result<(), DbError> {
+    tx.prepare_cached(
+        "INSERT INTO steps (run_id, name, position, queue, status, pending_deps) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        run,
+        name,
+        position as i64,
+        queue,
+        StepStatus::Pending,
+        depends as i64
+    ])?;
+    tx.prepare_cached("UPDATE runs SET open_steps = open_steps + 1 WHERE id = ?1")?
+        .execute([run])?;
     Ok(())
+}
+
+/// A dependency of step `name` succeeded: its status, and how many of its
+/// dependencies are still to succeed (`None` for a step counted the old way).
+pub fn dependency_done(
+    tx: &Transaction<'_>,
+    run: &str,
+    name: &str,
+) -> Result<Option<(StepStatus, Option<i64>)>, DbError> {
+    tx.prepare_cached(
+        "UPDATE steps SET pending_deps = pending_deps - 1 WHERE run_id = ?1 AND name = ?2 AND pending_deps > 0",
+    )?
+    .execute([run, name])?;
+    tx.prepare_cached("SELECT status, pending_deps FROM steps WHERE run_id = ?1 AND name = ?2")?
+        .query_row([run, name], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
 }
 
 /// Insert a task into the outbox.
@@ -238,13 +272,17 @@ pub fn open_steps(tx: &Transaction<'_>, run: &str) -> Result<Vec<(String, StepSt
     rows.collect()
 }
 
-/// How many of the run's steps may still change.
+/// How many of the run's steps may still change: its counter (counted for
+/// runs started before the counter existed).
 pub fn open_step_count(tx: &Transaction<'_>, run: &str) -> Result<i64, DbError> {
-    tx.prepare_cached("SELECT COUNT(*) FROM steps WHERE run_id = ?1 AND status IN (?2, ?3, ?4)")?
-        .query_row(
-            params![run, StepStatus::Pending, StepStatus::Waiting, StepStatus::Running],
-            |r| r.get(0),
-        )
+    tx.prepare_cached(
+        "SELECT COALESCE(open_steps, (SELECT COUNT(*) FROM steps WHERE run_id = ?1 AND status IN (?2, ?3, ?4)))
+         FROM runs WHERE id = ?1",
+    )?
+    .query_row(
+        params![run, StepStatus::Pending, StepStatus::Waiting, StepStatus::Running],
+        |r| r.get(0),
+    )
 }
 
 /// Names of the run's steps with `status`, in workflow order.
@@ -295,7 +333,8 @@ pub fn unadmitted_runs(tx: &Transaction<'_>, workflow: &str) -> Result<bool, DbE
         .query_row([workflow], |r| r.get(0))
 }
 
-/// A step reached a final state.
+/// An open step reached a final state (a step already final is left as it
+/// is); its run has one open step less.
 #[allow(clippy::too_many_arguments)]
 pub fn finish_step(
     tx: &Transaction<'_>,
@@ -307,12 +346,28 @@ pub fn finish_step(
     worker: Option<&str>,
     now: i64,
 ) -> Result<(), DbError> {
-    tx.prepare_cached(
-        "UPDATE steps SET status = ?3, output = ?4, error = ?5, worker = COALESCE(?6, worker), finished_ms = ?7,
-                          waiting_on = NULL
-         WHERE run_id = ?1 AND name = ?2",
-    )?
-    .execute(params![run, name, status, output, error, worker, now])?;
+    let changed = tx
+        .prepare_cached(
+            "UPDATE steps SET status = ?3, output = ?4, error = ?5, worker = COALESCE(?6, worker), finished_ms = ?7,
+                              waiting_on = NULL
+             WHERE run_id = ?1 AND name = ?2 AND status IN (?8, ?9, ?10)",
+        )?
+        .execute(params![
+            run,
+            name,
+            status,
+            output,
+            error,
+            worker,
+            now,
+            StepStatus::Pending,
+            StepStatus::Waiting,
+            StepStatus::Running
+        ])?;
+    if changed > 0 {
+        tx.prepare_cached("UPDATE runs SET open_steps = open_steps - 1 WHERE id = ?1 AND open_steps IS NOT NULL")?
+            .execute([run])?;
+    }
     Ok(())
 }
 
