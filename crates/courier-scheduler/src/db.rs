@@ -108,6 +108,17 @@ UPDATE runs SET open_steps = (SELECT COUNT(*) FROM steps
     WHERE steps.run_id = runs.id AND steps.status IN ('pending', 'waiting', 'running'))
 WHERE status = 'running';
 ",
+    // 4: a run's params in a table of their own. SQLite reads a row's columns
+    // in order, so with params (often kilobytes, on overflow pages) inside
+    // `runs`, every read of a column after them walked the overflow chain.
+    "
+CREATE TABLE run_params (
+    run_id TEXT PRIMARY KEY,
+    params TEXT NOT NULL
+);
+INSERT INTO run_params (run_id, params) SELECT id, params FROM runs;
+UPDATE runs SET params = '';
+",
 ];
 
 // Statuses are bound as parameters, except where a partial index covers the
@@ -541,7 +552,8 @@ fn migrate(conn: &mut Connection) -> Result<(), OpenError> {
 }
 
 /// Runs with their token and cost totals.
-const RUN_SELECT: &str = "SELECT r.id, r.workflow, r.status, r.params, r.created_ms, r.finished_ms, r.error,
+const RUN_SELECT: &str = "SELECT r.id, r.workflow, r.status,
+        (SELECT params FROM run_params WHERE run_id = r.id), r.created_ms, r.finished_ms, r.error,
         r.priority, r.deadline_ms, r.cancelled_by,
         (SELECT COALESCE(SUM(input_tokens), 0) FROM steps WHERE run_id = r.id),
         (SELECT COALESCE(SUM(output_tokens), 0) FROM steps WHERE run_id = r.id),

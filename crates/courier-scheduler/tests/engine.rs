@@ -377,6 +377,7 @@ fn an_old_database_is_upgraded_and_a_newer_one_is_refused() {
         (old.status, old.priority, old.cost),
         (RunStatus::Succeeded, NORMAL_PRIORITY, 0.0)
     );
+    assert_eq!(old.params, serde_json::json!({}), "params moved to their own table");
     drop(db);
     // Written by a newer Courier: refused, with what to do.
     rusqlite::Connection::open(&path)

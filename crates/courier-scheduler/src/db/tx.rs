@@ -70,18 +70,19 @@ pub fn insert_run(
 ) -> Result<(), DbError> {
     tx.prepare_cached(
         "INSERT INTO runs (id, workflow, status, params, created_ms, priority, deadline_ms, admitted, open_steps)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0)",
+         VALUES (?1, ?2, ?3, '', ?4, ?5, ?6, ?7, 0)",
     )?
     .execute(params![
         id,
         workflow,
         RunStatus::Running,
-        params_json,
         now,
         priority,
         deadline_ms,
         admitted
     ])?;
+    tx.prepare_cached("INSERT INTO run_params (run_id, params) VALUES (?1, ?2)")?
+        .execute([id, params_json])?;
     Ok(())
 }
 
@@ -242,7 +243,7 @@ pub fn run_and_step(
 
 /// The run's params as JSON.
 pub fn run_params(tx: &Transaction<'_>, run: &str) -> Result<String, DbError> {
-    tx.prepare_cached("SELECT params FROM runs WHERE id = ?1")?
+    tx.prepare_cached("SELECT params FROM run_params WHERE run_id = ?1")?
         .query_row([run], |r| r.get(0))
 }
 
