@@ -40,12 +40,29 @@ pub struct BenchArgs {
     /// Make each run's last step depend on all the others (a fan-in).
     #[arg(long)]
     fan_in: bool,
+    /// Open loop: submit one-step runs at this many per second (whatever
+    /// the answers' pace) for `--duration` seconds, and report the latency
+    /// from submit to result applied (no raw ceiling).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds of open-loop submission.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
 }
 
 struct Report {
     rate: f64,
     p50_ms: f64,
     p99_ms: f64,
+}
+
+/// Latencies of an open-loop measurement.
+struct Latency {
+    runs: usize,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
 }
 
 pub fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
@@ -56,6 +73,22 @@ pub fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
         bail!("--fan-in needs at least 2 steps per run");
     }
     let runtime = tokio::runtime::Runtime::new()?;
+    if let Some(rate) = args.rate {
+        if !(rate > 0.0 && rate <= 100_000.0) || args.duration == 0 {
+            bail!("--rate must be above 0 (at most 100000) and --duration at least 1");
+        }
+        println!(
+            "courier bench (open loop): one-step runs of {} B at {rate}/s for {} s, {} workers x {} in flight",
+            args.size, args.duration, args.workers, args.concurrency
+        );
+        let (latency, rss) = open_loop(settings, args, rate, &runtime)?;
+        println!(
+            "latency       {} runs   p50 {:.1} ms   p90 {:.1} ms   p99 {:.1} ms   max {:.1} ms   (submit to result applied)",
+            latency.runs, latency.p50_ms, latency.p90_ms, latency.p99_ms, latency.max_ms
+        );
+        println!("memory        {rss}");
+        return Ok(());
+    }
     println!(
         "courier bench: {} tasks of {} B, {} workers x {} in flight, broker {}",
         args.tasks, args.size, args.workers, args.concurrency, settings.amqp_url
@@ -283,66 +316,76 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-fn courier_end_to_end(
-    settings: &Settings,
-    args: &BenchArgs,
-    runtime: &tokio::runtime::Runtime,
-) -> anyhow::Result<(Report, String)> {
-    let dir = std::env::temp_dir().join(format!("courier-bench-{}", uuid::Uuid::now_v7()));
-    let config_dir = dir.join("config");
-    write_bench_config(&config_dir, args.steps_per_run, args.fan_in)?;
-    let namespace = format!("bench-{}", uuid::Uuid::now_v7());
-    let exe = std::env::current_exe().context("locating the courier binary")?;
-    let command = |what: &str| {
-        let mut cmd = Command::new(&exe);
-        cmd.arg(what)
-            .env("COURIER_AMQP_URL", &settings.amqp_url)
-            .env("COURIER_NAMESPACE", &namespace)
-            .env("COURIER_CONFIG_DIR", &config_dir)
-            .env("COURIER_DATA_DIR", dir.join("data"))
-            .env("COURIER_API_LISTEN", "127.0.0.1:0")
-            // Loopback only, and the bench's client sends no token.
-            .env_remove("COURIER_API_TOKEN")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        cmd
-    };
-    let mut procs = Processes(Vec::new());
-    procs.0.push(("scheduler".into(), command("scheduler").spawn()?));
-    let addr_file = dir.join("data/api.addr");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let api = loop {
-        if let Ok(addr) = std::fs::read_to_string(&addr_file)
-            && !addr.is_empty()
-        {
-            break format!("http://{addr}");
+/// A scheduler and workers of this binary in a namespace and folder of
+/// their own, removed when dropped (processes) and by [`Stack::clean_up`].
+struct Stack {
+    dir: std::path::PathBuf,
+    namespace: String,
+    api: String,
+    procs: Processes,
+}
+
+impl Stack {
+    fn start(settings: &Settings, args: &BenchArgs, steps_per_run: usize) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("courier-bench-{}", uuid::Uuid::now_v7()));
+        let config_dir = dir.join("config");
+        write_bench_config(&config_dir, steps_per_run, args.fan_in)?;
+        let namespace = format!("bench-{}", uuid::Uuid::now_v7());
+        let exe = std::env::current_exe().context("locating the courier binary")?;
+        let command = |what: &str| {
+            let mut cmd = Command::new(&exe);
+            cmd.arg(what)
+                .env("COURIER_AMQP_URL", &settings.amqp_url)
+                .env("COURIER_NAMESPACE", &namespace)
+                .env("COURIER_CONFIG_DIR", &config_dir)
+                .env("COURIER_DATA_DIR", dir.join("data"))
+                .env("COURIER_API_LISTEN", "127.0.0.1:0")
+                // Loopback only, and the bench's client sends no token.
+                .env_remove("COURIER_API_TOKEN")
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit());
+            cmd
+        };
+        let mut procs = Processes(Vec::new());
+        procs.0.push(("scheduler".into(), command("scheduler").spawn()?));
+        let addr_file = dir.join("data/api.addr");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let api = loop {
+            if let Ok(addr) = std::fs::read_to_string(&addr_file)
+                && !addr.is_empty()
+            {
+                break format!("http://{addr}");
+            }
+            if Instant::now() > deadline {
+                bail!("the benchmark scheduler did not start");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        for i in 0..args.workers {
+            let child = command("worker")
+                .args([
+                    "--worker-id",
+                    &format!("bench-{i}"),
+                    "--concurrency",
+                    &args.concurrency.to_string(),
+                ])
+                .spawn()?;
+            procs.0.push((format!("worker {i}"), child));
         }
-        if Instant::now() > deadline {
-            bail!("the benchmark scheduler did not start");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    for i in 0..args.workers {
-        let child = command("worker")
-            .args([
-                "--worker-id",
-                &format!("bench-{i}"),
-                "--concurrency",
-                &args.concurrency.to_string(),
-            ])
-            .spawn()?;
-        procs.0.push((format!("worker {i}"), child));
+        Ok(Self {
+            dir,
+            namespace,
+            api,
+            procs,
+        })
     }
-    let runs = args.tasks.div_ceil(args.steps_per_run);
-    let text = payload(args.size);
-    let sampler = RssSampler::start(procs.0.iter().map(|(_, c)| c.id()).collect());
-    runtime.block_on(async {
-        let client = reqwest::Client::new();
-        // Wait for the scheduler to reach the broker, and give workers a moment to attach.
+
+    /// Wait for the scheduler to reach the broker, and give workers a moment to attach.
+    async fn ready(&self, client: &reqwest::Client) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !client
-            .get(format!("{api}/healthz"))
+            .get(format!("{}/healthz", self.api))
             .send()
             .await
             .is_ok_and(|r| r.status().is_success())
@@ -353,32 +396,12 @@ fn courier_end_to_end(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let submitted = Arc::new(AtomicUsize::new(0));
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let mut submitters = tokio::task::JoinSet::new();
-        for _ in 0..4 {
-            let (client, api, text, submitted, errors) = (
-                client.clone(),
-                api.clone(),
-                text.clone(),
-                submitted.clone(),
-                errors.clone(),
-            );
-            submitters.spawn(async move {
-                while submitted.fetch_add(1, Ordering::Relaxed) < runs {
-                    let body = serde_json::json!({"workflow": "bench", "params": {"payload": text}});
-                    match client.post(format!("{api}/api/runs")).json(&body).send().await {
-                        Ok(r) if r.status().is_success() => {}
-                        Ok(r) => errors.lock().await.push(r.text().await.unwrap_or_default()),
-                        Err(e) => errors.lock().await.push(e.to_string()),
-                    }
-                }
-            });
-        }
-        while submitters.join_next().await.is_some() {}
-        if let Some(e) = errors.lock().await.first() {
-            bail!("submitting a benchmark run failed: {e}");
-        }
+        Ok(())
+    }
+
+    /// Wait until no run is running; fail if one failed.
+    async fn finished(&self, client: &reqwest::Client) -> anyhow::Result<()> {
+        let api = &self.api;
         let deadline = Instant::now() + Duration::from_secs(600);
         loop {
             let running: serde_json::Value = client
@@ -405,25 +428,88 @@ fn courier_end_to_end(
             bail!("a benchmark run failed: {failed}");
         }
         Ok(())
+    }
+
+    /// Memory and CPU of each process, as a report's lines.
+    fn usage(&self, samples: Vec<(f64, f64, f64)>) -> String {
+        self.procs
+            .0
+            .iter()
+            .zip(samples)
+            .map(|((name, child), (quarter, end, peak))| {
+                format!(
+                    "\n  {name:<10} RSS {quarter:.1} MiB at 25% of the run, {end:.1} MiB at the end, peak {:.1} MiB; {:.1} CPU-s",
+                    peak_rss_mib(child.id()).unwrap_or(peak),
+                    cpu_seconds(child.id()).unwrap_or(f64::NAN)
+                )
+            })
+            .collect()
+    }
+
+    /// Stop the processes; the scheduler's database (read after they stopped).
+    fn stop(&mut self) -> anyhow::Result<courier_scheduler::db::Db> {
+        self.procs = Processes(Vec::new());
+        Ok(courier_scheduler::db::Db::open(&self.dir.join("data/courier.db"))?)
+    }
+
+    /// Delete the namespace's queues and the folder.
+    fn clean_up(self, settings: &Settings, runtime: &tokio::runtime::Runtime) {
+        runtime.block_on(async {
+            let names = Names::new(self.namespace.clone());
+            if let Ok(broker) = Broker::connect(&settings.amqp_url, names, "bench-cleanup").await {
+                let _ = broker.delete_topology(&["default".to_string()]).await;
+            }
+        });
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn courier_end_to_end(
+    settings: &Settings,
+    args: &BenchArgs,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<(Report, String)> {
+    let mut stack = Stack::start(settings, args, args.steps_per_run)?;
+    let runs = args.tasks.div_ceil(args.steps_per_run);
+    let text = payload(args.size);
+    let sampler = RssSampler::start(stack.procs.0.iter().map(|(_, c)| c.id()).collect());
+    runtime.block_on(async {
+        let client = reqwest::Client::new();
+        stack.ready(&client).await?;
+        let submitted = Arc::new(AtomicUsize::new(0));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let mut submitters = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let (client, api, text, submitted, errors) = (
+                client.clone(),
+                stack.api.clone(),
+                text.clone(),
+                submitted.clone(),
+                errors.clone(),
+            );
+            submitters.spawn(async move {
+                while submitted.fetch_add(1, Ordering::Relaxed) < runs {
+                    let body = serde_json::json!({"workflow": "bench", "params": {"payload": text}});
+                    match client.post(format!("{api}/api/runs")).json(&body).send().await {
+                        Ok(r) if r.status().is_success() => {}
+                        Ok(r) => errors.lock().await.push(r.text().await.unwrap_or_default()),
+                        Err(e) => errors.lock().await.push(e.to_string()),
+                    }
+                }
+            });
+        }
+        while submitters.join_next().await.is_some() {}
+        if let Some(e) = errors.lock().await.first() {
+            bail!("submitting a benchmark run failed: {e}");
+        }
+        stack.finished(&client).await
     })?;
-    let samples = sampler.finish();
-    let rss: Vec<String> = procs
-        .0
-        .iter()
-        .zip(samples)
-        .map(|((name, child), (quarter, end, peak))| {
-            format!(
-                "\n  {name:<10} RSS {quarter:.1} MiB at 25% of the run, {end:.1} MiB at the end, peak {:.1} MiB; {:.1} CPU-s",
-                peak_rss_mib(child.id()).unwrap_or(peak),
-                cpu_seconds(child.id()).unwrap_or(f64::NAN)
-            )
-        })
-        .collect();
-    drop(procs);
+    let usage = stack.usage(sampler.finish());
     // Rate and latency from the scheduler's own records.
-    let db = courier_scheduler::db::Db::open(&dir.join("data/courier.db"))?;
+    let db = stack.stop()?;
     let latencies = db.task_latencies_ms()?;
     let runs = db.runs(Some("bench"), None, usize::MAX)?;
+    drop(db);
     let first = runs.iter().map(|r| r.created_ms).min().unwrap_or(0);
     let last = runs.iter().filter_map(|r| r.finished_ms).max().unwrap_or(first);
     let tasks = latencies.len();
@@ -433,14 +519,76 @@ fn courier_end_to_end(
         p50_ms: percentile(&sorted, 0.50),
         p99_ms: percentile(&sorted, 0.99),
     };
-    runtime.block_on(async {
-        let names = Names::new(namespace.clone());
-        if let Ok(broker) = Broker::connect(&settings.amqp_url, names, "bench-cleanup").await {
-            let _ = broker.delete_topology(&["default".to_string()]).await;
+    stack.clean_up(settings, runtime);
+    Ok((report, usage))
+}
+
+/// Submit one-step runs at `rate` per second for `--duration` seconds, each
+/// request on its own (a slow answer does not slow the submissions), then
+/// report each run's latency from its submission to its result applied, from
+/// the scheduler's records.
+fn open_loop(
+    settings: &Settings,
+    args: &BenchArgs,
+    rate: f64,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<(Latency, String)> {
+    let mut stack = Stack::start(settings, args, 1)?;
+    let text = payload(args.size);
+    let total = (rate * args.duration as f64).round() as usize;
+    let sampler = RssSampler::start(stack.procs.0.iter().map(|(_, c)| c.id()).collect());
+    let late = runtime.block_on(async {
+        let client = reqwest::Client::new();
+        stack.ready(&client).await?;
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let mut requests = tokio::task::JoinSet::new();
+        let start = tokio::time::Instant::now();
+        let mut late = Duration::ZERO;
+        for i in 0..total {
+            let at = start + Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(at).await;
+            late = late.max(at.elapsed());
+            let (client, api, text, errors) = (client.clone(), stack.api.clone(), text.clone(), errors.clone());
+            requests.spawn(async move {
+                let body = serde_json::json!({"workflow": "bench", "params": {"payload": text}});
+                match client.post(format!("{api}/api/runs")).json(&body).send().await {
+                    Ok(r) if r.status().is_success() => {}
+                    Ok(r) => errors.lock().await.push(r.text().await.unwrap_or_default()),
+                    Err(e) => errors.lock().await.push(e.to_string()),
+                }
+            });
         }
-    });
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok((report, rss.concat()))
+        while requests.join_next().await.is_some() {}
+        if let Some(e) = errors.lock().await.first() {
+            bail!("submitting a benchmark run failed: {e}");
+        }
+        stack.finished(&client).await?;
+        Ok(late)
+    })?;
+    if late > Duration::from_millis(50) {
+        println!(
+            "note          the submitter fell {} ms behind its schedule at worst",
+            late.as_millis()
+        );
+    }
+    let usage = stack.usage(sampler.finish());
+    let db = stack.stop()?;
+    let runs = db.runs(Some("bench"), None, usize::MAX)?;
+    drop(db);
+    let mut latencies: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| Some((r.finished_ms? - r.created_ms) as f64))
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let latency = Latency {
+        runs: latencies.len(),
+        p50_ms: percentile(&latencies, 0.50),
+        p90_ms: percentile(&latencies, 0.90),
+        p99_ms: percentile(&latencies, 0.99),
+        max_ms: latencies.last().copied().unwrap_or(0.0),
+    };
+    stack.clean_up(settings, runtime);
+    Ok((latency, usage))
 }
 
 fn write_bench_config(dir: &Path, steps: usize, fan_in: bool) -> anyhow::Result<()> {

@@ -191,9 +191,9 @@ pub fn cancel_unpublished(
     let ids: Vec<String> = tx
         .prepare_cached(
             "SELECT task_id FROM tasks WHERE run_id = ?1 AND (?2 IS NULL OR step = ?2) AND published = 0
-             AND status = ?3",
+             AND status = 'dispatched'",
         )?
-        .query_map(params![run, step, DISPATCHED], |r| r.get(0))?
+        .query_map(params![run, step], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     let mut update = tx.prepare_cached("UPDATE tasks SET status = ?2, finished_ms = ?3 WHERE task_id = ?1")?;
     for id in &ids {
@@ -264,12 +264,10 @@ pub fn step_status(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option
 /// The run's steps that may still change, with their status.
 pub fn open_steps(tx: &Transaction<'_>, run: &str) -> Result<Vec<(String, StepStatus)>, DbError> {
     let mut stmt = tx.prepare_cached(
-        "SELECT name, status FROM steps WHERE run_id = ?1 AND status IN (?2, ?3, ?4) ORDER BY position",
+        "SELECT name, status FROM steps WHERE run_id = ?1 AND status IN ('pending', 'waiting', 'running')
+         ORDER BY position",
     )?;
-    let rows = stmt.query_map(
-        params![run, StepStatus::Pending, StepStatus::Waiting, StepStatus::Running],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
+    let rows = stmt.query_map([run], |r| Ok((r.get(0)?, r.get(1)?)))?;
     rows.collect()
 }
 
@@ -277,26 +275,28 @@ pub fn open_steps(tx: &Transaction<'_>, run: &str) -> Result<Vec<(String, StepSt
 /// runs started before the counter existed).
 pub fn open_step_count(tx: &Transaction<'_>, run: &str) -> Result<i64, DbError> {
     tx.prepare_cached(
-        "SELECT COALESCE(open_steps, (SELECT COUNT(*) FROM steps WHERE run_id = ?1 AND status IN (?2, ?3, ?4)))
+        "SELECT COALESCE(open_steps, (SELECT COUNT(*) FROM steps
+                                      WHERE run_id = ?1 AND status IN ('pending', 'waiting', 'running')))
          FROM runs WHERE id = ?1",
     )?
-    .query_row(
-        params![run, StepStatus::Pending, StepStatus::Waiting, StepStatus::Running],
-        |r| r.get(0),
-    )
+    .query_row([run], |r| r.get(0))
 }
 
 /// Names of the run's steps with `status`, in workflow order.
 pub fn steps_with(tx: &Transaction<'_>, run: &str, status: StepStatus) -> Result<Vec<String>, DbError> {
-    let mut stmt = tx.prepare_cached("SELECT name FROM steps WHERE run_id = ?1 AND status = ?2 ORDER BY position")?;
-    let rows = stmt.query_map(params![run, status], |r| r.get(0))?;
+    // The status as a literal (see the note above `MIGRATIONS`): one of the enum's own names.
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT name FROM steps WHERE run_id = ?1 AND status = '{}' ORDER BY position",
+        status.as_str()
+    ))?;
+    let rows = stmt.query_map([run], |r| r.get(0))?;
     rows.collect()
 }
 
 /// The output of one step of a run, if it has one.
 pub fn step_output(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option<String>, DbError> {
-    tx.prepare_cached("SELECT output FROM steps WHERE run_id = ?1 AND name = ?2 AND status = ?3")?
-        .query_row(params![run, name, StepStatus::Succeeded], |r| r.get(0))
+    tx.prepare_cached("SELECT output FROM steps WHERE run_id = ?1 AND name = ?2 AND status = 'succeeded'")?
+        .query_row([run, name], |r| r.get(0))
         .optional()
         .map(Option::flatten)
 }
@@ -351,20 +351,9 @@ pub fn finish_step(
         .prepare_cached(
             "UPDATE steps SET status = ?3, output = ?4, error = ?5, worker = COALESCE(?6, worker), finished_ms = ?7,
                               waiting_on = NULL
-             WHERE run_id = ?1 AND name = ?2 AND status IN (?8, ?9, ?10)",
+             WHERE run_id = ?1 AND name = ?2 AND status IN ('pending', 'waiting', 'running')",
         )?
-        .execute(params![
-            run,
-            name,
-            status,
-            output,
-            error,
-            worker,
-            now,
-            StepStatus::Pending,
-            StepStatus::Waiting,
-            StepStatus::Running
-        ])?;
+        .execute(params![run, name, status, output, error, worker, now])?;
     if changed > 0 {
         tx.prepare_cached("UPDATE runs SET open_steps = open_steps - 1 WHERE id = ?1 AND open_steps IS NOT NULL")?
             .execute([run])?;
@@ -454,13 +443,14 @@ pub fn insert_control(
 
 /// Steps held by a limit and due by `now`, highest priority first, then oldest run.
 pub fn waiting_steps(tx: &Transaction<'_>, now: i64, limit: usize) -> Result<Vec<WaitingStep>, DbError> {
-    let mut stmt = tx.prepare_cached(
+    // A literal limit (see `Db::unpublished_tasks`).
+    let mut stmt = tx.prepare_cached(&format!(
         "SELECT s.run_id, r.workflow, s.name, r.admitted, s.waiting_on, s.attempts
          FROM steps s JOIN runs r ON r.id = s.run_id
          WHERE s.status = 'waiting' AND (s.not_before_ms IS NULL OR s.not_before_ms <= ?1)
-         ORDER BY r.priority DESC, r.created_ms, r.id, s.position LIMIT ?2",
-    )?;
-    let rows = stmt.query_map(params![now, limit as i64], |r| {
+         ORDER BY r.priority DESC, r.created_ms, r.id, s.position LIMIT {limit}"
+    ))?;
+    let rows = stmt.query_map(params![now], |r| {
         Ok(WaitingStep {
             run: r.get(0)?,
             workflow: r.get(1)?,
@@ -511,11 +501,9 @@ pub fn in_flight_by_model(tx: &Transaction<'_>) -> Result<HashMap<String, i64>, 
 pub fn model_window(tx: &Transaction<'_>, model: &str, since: i64) -> Result<(i64, i64), DbError> {
     tx.prepare_cached(
         "SELECT COUNT(*), COALESCE(SUM(tokens), 0) FROM tasks
-         WHERE model = ?1 AND not_before_ms > ?2 AND status != ?3",
+         WHERE model = ?1 AND not_before_ms > ?2 AND status != 'cancelled'",
     )?
-    .query_row(params![model, since, TaskStatus::Cancelled.as_str()], |r| {
-        Ok((r.get(0)?, r.get(1)?))
-    })
+    .query_row(params![model, since], |r| Ok((r.get(0)?, r.get(1)?)))
 }
 
 /// Running steps (tasks without a result), by workflow.
@@ -532,8 +520,8 @@ pub fn running_steps_by_workflow(tx: &Transaction<'_>) -> Result<HashMap<String,
 pub fn active_runs_by_workflow(tx: &Transaction<'_>) -> Result<HashMap<String, i64>, DbError> {
     counts(
         tx,
-        "SELECT workflow, COUNT(*) FROM runs WHERE status = ?1 AND admitted = 1 GROUP BY 1",
-        [RunStatus::Running],
+        "SELECT workflow, COUNT(*) FROM runs WHERE status = 'running' AND admitted = 1 GROUP BY 1",
+        [],
     )
 }
 
