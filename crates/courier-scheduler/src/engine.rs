@@ -466,7 +466,17 @@ impl Engine {
                     }
                     None => true,
                 };
-                tx::insert_run(t, &run, &wf.name, &params_json, priority, deadline, admitted, now)?;
+                tx::insert_run(
+                    t,
+                    &run,
+                    &wf.name,
+                    &params_json,
+                    priority,
+                    deadline,
+                    admitted,
+                    wf.steps.len(),
+                    now,
+                )?;
                 for (i, s) in wf.steps.iter().enumerate() {
                     tx::insert_step(t, &run, &s.name, i, &s.queue, s.depends.len())?;
                 }

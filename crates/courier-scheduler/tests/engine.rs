@@ -817,7 +817,12 @@ fn a_failed_child_skips_the_fan_in_once_and_the_run_ends_when_the_rest_do() {
     assert_eq!(view.error.as_deref(), Some("step(s) failed: c3, c4"));
     let join = view.steps.iter().find(|s| s.name == "join").unwrap();
     assert_eq!(join.status, StepStatus::Skipped);
-    assert_eq!(join.error.as_deref(), Some("upstream step \"c3\" failed"));
+    // Whichever of the two failed for good first (their retries race) skipped it.
+    let error = join.error.as_deref().unwrap();
+    assert!(
+        error == "upstream step \"c3\" failed" || error == "upstream step \"c4\" failed",
+        "{error}"
+    );
 }
 
 #[test]

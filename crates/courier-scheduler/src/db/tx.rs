@@ -66,11 +66,12 @@ pub fn insert_run(
     priority: u8,
     deadline_ms: Option<i64>,
     admitted: bool,
+    steps: usize,
     now: i64,
 ) -> Result<(), DbError> {
     tx.prepare_cached(
         "INSERT INTO runs (id, workflow, status, params, created_ms, priority, deadline_ms, admitted, open_steps)
-         VALUES (?1, ?2, ?3, '', ?4, ?5, ?6, ?7, 0)",
+         VALUES (?1, ?2, ?3, '', ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
         id,
@@ -79,14 +80,16 @@ pub fn insert_run(
         now,
         priority,
         deadline_ms,
-        admitted
+        admitted,
+        steps as i64
     ])?;
     tx.prepare_cached("INSERT INTO run_params (run_id, params) VALUES (?1, ?2)")?
         .execute([id, params_json])?;
     Ok(())
 }
 
-/// Insert a pending step with `depends` dependencies, counted as open in its run.
+/// Insert a pending step with `depends` dependencies (its run counted it
+/// among its open steps when it was inserted).
 pub fn insert_step(
     tx: &Transaction<'_>,
     run: &str,
@@ -106,8 +109,6 @@ pub fn insert_step(
         StepStatus::Pending,
         depends as i64
     ])?;
-    tx.prepare_cached("UPDATE runs SET open_steps = open_steps + 1 WHERE id = ?1")?
-        .execute([run])?;
     Ok(())
 }
 
