@@ -42,8 +42,9 @@ pub struct Workflow {
     pub params: BTreeMap<String, Option<String>>,
     /// Cron schedule (5 fields, or 6 with seconds).
     pub schedule: Option<Schedule>,
-    /// Steps in file order.
-    pub steps: Vec<Step>,
+    /// Steps in file order (read through [`Workflow::steps`]: the index
+    /// over them is built once, at load).
+    steps: Vec<Step>,
     /// The longest a run may take: past it, the run is cancelled.
     pub timeout: Option<Duration>,
     /// What a run may spend: past it, the run is cancelled.
@@ -471,6 +472,11 @@ impl Workflow {
         } else {
             Err(errors)
         }
+    }
+
+    /// The steps, in file order.
+    pub fn steps(&self) -> &[Step] {
+        &self.steps
     }
 
     /// A step by name.

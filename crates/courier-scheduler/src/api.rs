@@ -269,7 +269,7 @@ async fn workflows(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value>
                 "description": w.description,
                 "params": w.params,
                 "schedule": w.schedule.as_ref().map(|s| &s.pattern),
-                "steps": w.steps.iter().map(|s| &s.name).collect::<Vec<_>>(),
+                "steps": w.steps().iter().map(|s| &s.name).collect::<Vec<_>>(),
             })
         })
         .collect();

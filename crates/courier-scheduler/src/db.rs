@@ -99,11 +99,19 @@ CREATE TABLE controls (
 CREATE INDEX controls_unpublished ON controls (id) WHERE published = 0;
 ",
     // 3: counters, so a result costs the same in a run of any width: the
-    // run's open steps, and each step's dependencies not yet succeeded
-    // (NULL for steps of runs started before: they are counted the old way).
+    // run's open steps and spending, and each step's dependencies not yet
+    // succeeded (NULL for steps of runs started before: they are counted the
+    // old way, and recounted by `Engine::reconcile` at start).
     "
 ALTER TABLE runs ADD COLUMN open_steps INTEGER;
+ALTER TABLE runs ADD COLUMN spent_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN spent_cost REAL NOT NULL DEFAULT 0.0;
 ALTER TABLE steps ADD COLUMN pending_deps INTEGER;
+UPDATE runs SET
+    spent_tokens = (SELECT COALESCE(SUM(COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0)), 0)
+                    FROM steps WHERE steps.run_id = runs.id),
+    spent_cost = (SELECT COALESCE(SUM(cost), 0.0) FROM steps WHERE steps.run_id = runs.id)
+WHERE status = 'running';
 UPDATE runs SET open_steps = (SELECT COUNT(*) FROM steps
     WHERE steps.run_id = runs.id AND steps.status IN ('pending', 'waiting', 'running'))
 WHERE status = 'running';

@@ -412,13 +412,37 @@ impl Engine {
         f(&mut db)
     }
 
+    /// Run `f` in one transaction with a fresh [`Change`] at `now`, then act
+    /// on what it produced ([`Engine::after_commit`]); `f`'s value and the counts.
+    fn change<T, E: From<DbError>>(
+        &self,
+        now: i64,
+        f: impl FnOnce(&mut Change<'_, '_>) -> Result<T, E>,
+    ) -> Result<(T, Applied), E> {
+        let (value, mut applied, effects) = self.with_db(|db| {
+            db.transaction(|t| {
+                let mut applied = Applied::default();
+                let mut effects = Effects::default();
+                let value = f(&mut Change {
+                    t,
+                    now,
+                    applied: &mut applied,
+                    effects: &mut effects,
+                })?;
+                Ok::<_, E>((value, applied, effects))
+            })
+        })?;
+        applied.memory_not_written = self.after_commit(effects);
+        Ok((value, applied))
+    }
+
     /// Every worker pool some step uses.
     pub fn pools(&self) -> Vec<String> {
         let pools: BTreeSet<String> = self
             .config
             .workflows
             .values()
-            .flat_map(|w| w.steps.iter().map(|s| s.queue.clone()))
+            .flat_map(|w| w.steps().iter().map(|s| s.queue.clone()))
             .chain(std::iter::once(courier_config::DEFAULT_QUEUE.to_string()))
             .collect();
         pools.into_iter().collect()
@@ -446,7 +470,7 @@ impl Engine {
         // Build every first task before touching the database: a missing
         // resource or an oversized task fails the submit with nothing stored.
         let first: Vec<(&Step, PlannedTask)> = wf
-            .steps
+            .steps()
             .iter()
             .filter(|s| s.depends.is_empty())
             .map(|s| {
@@ -456,61 +480,50 @@ impl Engine {
             .collect::<Result<_, SubmitError>>()?;
         let params_json = serde_json::to_string(&params).unwrap_or_else(|_| "{}".into());
         let run = run_id.to_string();
-        let (effects, view) = self.with_db(|db| {
-            let effects = db.transaction(|t| {
-                // Admitted at once only with room and nobody already waiting to be.
-                let admitted = match wf.max_active_runs {
-                    Some(max) => {
-                        tx::active_runs_by_workflow(t)?.get(&wf.name).copied().unwrap_or(0) < i64::from(max)
-                            && !tx::unadmitted_runs(t, &wf.name)?
-                    }
-                    None => true,
-                };
-                tx::insert_run(
-                    t,
-                    &run,
-                    &wf.name,
-                    &params_json,
-                    priority,
-                    deadline,
-                    admitted,
-                    wf.steps.len(),
-                    now,
-                )?;
-                for (i, s) in wf.steps.iter().enumerate() {
-                    tx::insert_step(t, &run, &s.name, i, &s.queue, s.depends.len())?;
+        self.change(now, |c| {
+            let t = c.t;
+            // Admitted at once only with room and nobody already waiting to be.
+            let admitted = match wf.max_active_runs {
+                Some(max) => {
+                    tx::active_runs_by_workflow(t)?.get(&wf.name).copied().unwrap_or(0) < i64::from(max)
+                        && !tx::unadmitted_runs(t, &wf.name)?
                 }
-                let mut applied = Applied::default();
-                let mut effects = Effects::default();
-                let mut c = Change {
-                    t,
-                    now,
-                    applied: &mut applied,
-                    effects: &mut effects,
-                };
-                let row = RunRow {
-                    workflow: wf.name.clone(),
-                    status: RunStatus::Running,
-                    admitted,
-                    deadline_ms: deadline,
-                };
-                for (step, task) in first {
-                    if self.held(&mut c, wf, &row, step)? {
-                        tx::wait_step(t, &run, &step.name, None, None)?;
-                        c.effects.admit = true;
-                    } else {
-                        write_task(&mut c, &run, step, task)?;
-                    }
+                None => true,
+            };
+            tx::insert_run(
+                t,
+                &run,
+                &wf.name,
+                &params_json,
+                priority,
+                deadline,
+                admitted,
+                wf.steps().len(),
+                now,
+            )?;
+            for (i, s) in wf.steps().iter().enumerate() {
+                tx::insert_step(t, &run, &s.name, i, &s.queue, s.depends.len())?;
+            }
+            let row = RunRow {
+                workflow: wf.name.clone(),
+                status: RunStatus::Running,
+                admitted,
+                deadline_ms: deadline,
+            };
+            for (step, task) in first {
+                if self.held(c, wf, &row, step)? {
+                    tx::wait_step(t, &run, &step.name, None, None)?;
+                    c.effects.admit = true;
+                } else {
+                    write_task(c, &run, step, task)?;
                 }
-                if c.effects.admit {
-                    self.admit_in(&mut c)?;
-                }
-                Ok::<_, DbError>(effects)
-            })?;
-            Ok::<_, DbError>((effects, db.run(&run)?.ok_or(DbError::QueryReturnedNoRows)?))
+            }
+            if c.effects.admit {
+                self.admit_in(c)?;
+            }
+            Ok::<_, DbError>(())
         })?;
-        self.after_commit(effects);
-        Ok(view)
+        Ok(self.with_db(|db| db.run(&run))?.ok_or(DbError::QueryReturnedNoRows)?)
     }
 
     /// Cancel a run, or one step of it (its dependents are skipped): what
@@ -523,66 +536,54 @@ impl Engine {
     /// # Errors
     /// [`CancelError`]: unknown run or step, or it already ended otherwise.
     pub fn cancel(&self, run: &str, step: Option<&str>, by: &str, reason: &str) -> Result<Cancelled, CancelError> {
-        let now = now_ms();
-        let (applied, effects, view) = self.with_db(|db| {
-            let (applied, effects) = db.transaction(|t| {
-                let row = tx::run(t, run)?.ok_or_else(|| CancelError::NotFound(run.to_string()))?;
-                let mut applied = Applied::default();
-                let mut effects = Effects::default();
-                let mut c = Change {
-                    t,
-                    now,
-                    applied: &mut applied,
-                    effects: &mut effects,
-                };
-                match step {
-                    None => match row.status {
-                        RunStatus::Running => self.cancel_run(&mut c, run, by, reason)?,
-                        RunStatus::Cancelled => {}
+        let ((), applied) = self.change(now_ms(), |c| {
+            let row = tx::run(c.t, run)?.ok_or_else(|| CancelError::NotFound(run.to_string()))?;
+            match step {
+                None => match row.status {
+                    RunStatus::Running => self.cancel_run(c, run, by, reason)?,
+                    RunStatus::Cancelled => {}
+                    status => {
+                        return Err(CancelError::Finished {
+                            run: run.to_string(),
+                            status,
+                        });
+                    }
+                },
+                Some(name) => {
+                    let status = tx::step_status(c.t, run, name)?.ok_or_else(|| CancelError::NoStep {
+                        run: run.to_string(),
+                        step: name.to_string(),
+                    })?;
+                    match status {
+                        s if s.is_open() => {
+                            let wf = self.config.workflows.get(&row.workflow);
+                            self.cancel_step(c, wf, run, name, reason)?;
+                            finish_if_done(c, run)?;
+                        }
+                        StepStatus::Cancelled => {}
                         status => {
-                            return Err(CancelError::Finished {
+                            return Err(CancelError::StepFinished {
                                 run: run.to_string(),
+                                step: name.to_string(),
                                 status,
                             });
                         }
-                    },
-                    Some(name) => {
-                        let status = tx::step_status(t, run, name)?.ok_or_else(|| CancelError::NoStep {
-                            run: run.to_string(),
-                            step: name.to_string(),
-                        })?;
-                        match status {
-                            s if s.is_open() => {
-                                let wf = self.config.workflows.get(&row.workflow);
-                                self.cancel_step(&mut c, wf, run, name, reason)?;
-                                finish_if_done(&mut c, run)?;
-                            }
-                            StepStatus::Cancelled => {}
-                            status => {
-                                return Err(CancelError::StepFinished {
-                                    run: run.to_string(),
-                                    step: name.to_string(),
-                                    status,
-                                });
-                            }
-                        }
                     }
                 }
-                // Slots were freed: steps held by limits may go.
-                if c.effects.admit {
-                    self.admit_in(&mut c)?;
-                }
-                Ok::<_, CancelError>((applied, effects))
-            })?;
-            let view = db.run(run)?.ok_or_else(|| CancelError::NotFound(run.to_string()))?;
-            Ok::<_, CancelError>((applied, effects, view))
+            }
+            // Slots were freed: steps held by limits may go.
+            if c.effects.admit {
+                self.admit_in(c)?;
+            }
+            Ok(())
         })?;
-        let dispatched = effects.written.len();
-        self.after_commit(effects);
+        let view = self
+            .with_db(|db| db.run(run))?
+            .ok_or_else(|| CancelError::NotFound(run.to_string()))?;
         Ok(Cancelled {
             run: view,
             cancelled_runs: applied.cancelled_runs,
-            dispatched,
+            dispatched: applied.dispatched,
         })
     }
 
@@ -628,31 +629,20 @@ impl Engine {
     /// # Errors
     /// The database failed; nothing of the batch was applied.
     pub fn apply(&self, results: &[TaskResult]) -> Result<Applied, DbError> {
-        let now = now_ms();
-        let (applied, effects) = self.with_db(|db| {
-            db.transaction(|t| {
-                let mut applied = Applied::default();
-                let mut effects = Effects::default();
-                let mut c = Change {
-                    t,
-                    now,
-                    applied: &mut applied,
-                    effects: &mut effects,
-                };
-                for (i, result) in results.iter().enumerate() {
-                    if let Err(refused) = self.apply_one(&mut c, result)? {
-                        tracing::warn!(task = %result.task_id, error = %refused, "result refused; nothing changed");
-                        c.applied.refused.push((i, refused));
-                    }
+        let (refused, mut applied) = self.change(now_ms(), |c| {
+            let mut refused = Vec::new();
+            for (i, result) in results.iter().enumerate() {
+                if let Err(why) = self.apply_one(c, result)? {
+                    tracing::warn!(task = %result.task_id, error = %why, "result refused; nothing changed");
+                    refused.push((i, why));
                 }
-                if c.applied.applied > 0 || c.effects.admit {
-                    self.admit_in(&mut c)?;
-                }
-                Ok::<_, DbError>((applied, effects))
-            })
+            }
+            if c.applied.applied > 0 || c.effects.admit {
+                self.admit_in(c)?;
+            }
+            Ok::<_, DbError>(refused)
         })?;
-        let mut applied = applied;
-        applied.memory_not_written = self.after_commit(effects);
+        applied.refused = refused;
         Ok(applied)
     }
 
@@ -665,64 +655,80 @@ impl Engine {
     /// The database failed; nothing changed.
     pub fn tick(&self, expire: bool) -> Result<Applied, DbError> {
         let now = now_ms();
-        let (applied, effects) = self.with_db(|db| {
-            db.transaction(|t| {
-                let mut applied = Applied::default();
-                let mut effects = Effects::default();
-                let mut c = Change {
-                    t,
-                    now,
-                    applied: &mut applied,
-                    effects: &mut effects,
-                };
-                let overdue = if expire { tx::overdue_runs(t, now)? } else { Vec::new() };
-                for (run, workflow) in overdue {
-                    let reason = timeout_reason(self.config.workflows.get(&workflow));
-                    self.cancel_run(&mut c, &run, "timeout", &reason)?;
-                }
-                let grace = self.limits.lost_task_grace;
-                let cutoff = now.saturating_sub(millis(grace));
-                // Over the tasks in flight: every LOST_TASK_SCAN, not every tick.
-                let every = millis(LOST_TASK_SCAN.min(grace));
-                let scan = expire && now - self.lost_scan.load(Ordering::Relaxed) >= every;
-                let lost = if scan {
-                    self.lost_scan.store(now, Ordering::Relaxed);
-                    tx::lost_tasks(t, cutoff)?
-                } else {
-                    Vec::new()
-                };
-                for lost in lost {
-                    tracing::warn!(task = %lost.task_id, run = %lost.run, step = %lost.step, "no result by the task's deadline; failing the attempt");
-                    let at = u64::try_from(now).unwrap_or(0);
-                    let result = TaskResult {
-                        task_id: parse_uuid(&lost.task_id),
-                        run_id: parse_uuid(&lost.run),
-                        step: lost.step,
-                        attempt: lost.attempt,
-                        status: TaskStatus::TimedOut,
-                        output: String::new(),
-                        error: Some(format!(
-                            "no result by the task's deadline (plus {}): the worker that had it stopped, or refused it unanswered",
-                            courier_wire::humanize(grace)
-                        )),
-                        started_unix_ms: at,
-                        finished_unix_ms: at,
-                        worker_id: "scheduler".into(),
-                        memory_updates: Vec::new(),
-                        model: None,
-                        usage: None,
-                        transcript: Vec::new(),
-                        rate_limited_ms: None,
-                    };
-                    let _ = self.apply_one(&mut c, &result)?;
-                }
-                self.admit_in(&mut c)?;
-                Ok::<_, DbError>((applied, effects))
-            })
+        let ((), applied) = self.change(now, |c| {
+            let overdue = if expire { tx::overdue_runs(c.t, now)? } else { Vec::new() };
+            for (run, workflow) in overdue {
+                let reason = timeout_reason(self.config.workflows.get(&workflow));
+                self.cancel_run(c, &run, "timeout", &reason)?;
+            }
+            let grace = self.limits.lost_task_grace;
+            let cutoff = now.saturating_sub(millis(grace));
+            // Over the tasks in flight: every LOST_TASK_SCAN, not every tick.
+            let every = millis(LOST_TASK_SCAN.min(grace));
+            let scan = expire && now - self.lost_scan.load(Ordering::Relaxed) >= every;
+            let lost = if scan {
+                self.lost_scan.store(now, Ordering::Relaxed);
+                tx::lost_tasks(c.t, cutoff)?
+            } else {
+                Vec::new()
+            };
+            for lost in lost {
+                tracing::warn!(task = %lost.task_id, run = %lost.run, step = %lost.step, "no result by the task's deadline; failing the attempt");
+                let error = format!(
+                    "no result by the task's deadline (plus {}): the worker that had it stopped, or refused it unanswered",
+                    courier_wire::humanize(grace)
+                );
+                let result = scheduler_result(
+                    parse_uuid(&lost.task_id),
+                    parse_uuid(&lost.run),
+                    lost.step,
+                    lost.attempt,
+                    TaskStatus::TimedOut,
+                    error,
+                );
+                let _ = self.apply_one(c, &result)?;
+            }
+            self.admit_in(c)
         })?;
-        let mut applied = applied;
-        applied.memory_not_written = self.after_commit(effects);
         Ok(applied)
+    }
+
+    /// Count again the dependencies still to succeed of every pending step
+    /// of every open run, from the workflows as loaded now (they were
+    /// counted from the config of their submit, which may have changed
+    /// since), and start the steps that are ready. Run once at start; costs
+    /// one pass over the open runs' open steps. How many tasks it dispatched.
+    ///
+    /// # Errors
+    /// The database failed; nothing changed.
+    pub fn reconcile(&self) -> Result<usize, DbError> {
+        let ((), applied) = self.change(now_ms(), |c| {
+            for (run, workflow) in tx::running_runs(c.t)? {
+                let (Some(wf), Some(run_row)) = (self.config.workflows.get(&workflow), tx::run(c.t, &run)?) else {
+                    continue;
+                };
+                let mut states = Statuses::new(&run);
+                let mut params = None;
+                for (name, status) in tx::open_steps(c.t, &run)? {
+                    let Some(step) = wf.step(&name).filter(|_| status == StepStatus::Pending) else {
+                        continue;
+                    };
+                    let mut left = 0;
+                    for d in &step.depends {
+                        if states.get(c.t, d)? != Some(StepStatus::Succeeded) {
+                            left += 1;
+                        }
+                    }
+                    tx::set_pending_deps(c.t, &run, &name, left)?;
+                    if left == 0 {
+                        self.start(c, wf, &run_row, step, &mut states, &mut params)?;
+                    }
+                }
+                finish_if_done(c, &run)?;
+            }
+            Ok::<_, DbError>(())
+        })?;
+        Ok(applied.dispatched)
     }
 
     /// Admit waiting steps now (the API's and tests' entry; results and the
@@ -731,24 +737,8 @@ impl Engine {
     /// # Errors
     /// The database failed.
     pub fn admit(&self) -> Result<usize, DbError> {
-        let now = now_ms();
-        let effects = self.with_db(|db| {
-            db.transaction(|t| {
-                let mut applied = Applied::default();
-                let mut effects = Effects::default();
-                let mut c = Change {
-                    t,
-                    now,
-                    applied: &mut applied,
-                    effects: &mut effects,
-                };
-                self.admit_in(&mut c)?;
-                Ok::<_, DbError>(effects)
-            })
-        })?;
-        let n = effects.written.len();
-        self.after_commit(effects);
-        Ok(n)
+        let ((), applied) = self.change(now_ms(), |c| self.admit_in(c))?;
+        Ok(applied.dispatched)
     }
 
     /// Apply one result: `Ok(Err(_))` when it was refused (nothing changed).
@@ -964,37 +954,53 @@ impl Engine {
                     ready
                 }
             };
-            if !ready {
-                continue;
-            }
-            if self.held(c, wf, run_row, s)? {
-                tx::wait_step(c.t, run, &s.name, None, None)?;
-                states.set(&s.name, StepStatus::Waiting);
-                c.effects.admit = true;
-                continue;
-            }
-            if params.is_none() {
-                params = Some(run_params(c.t, run)?);
-            }
-            let upstream = outputs(c.t, run, wf, s)?;
-            let attempt = Attempt::first(c.now, run_row.deadline_ms);
-            let planned = self.plan_task(
-                wf,
-                s,
-                parse_uuid(run),
-                attempt,
-                params.as_ref().unwrap_or(&BTreeMap::new()),
-                &upstream,
-            );
-            match planned {
-                Ok(task) => {
-                    write_task(c, run, s, task)?;
-                    states.set(&s.name, StepStatus::Running);
-                }
-                Err(e) => fail_step(c, wf, run, &s.name, &e.to_string(), "scheduler", states)?,
+            if ready {
+                self.start(c, wf, run_row, s, states, &mut params)?;
             }
         }
         Ok(())
+    }
+
+    /// Start a step whose dependencies all succeeded: dispatch its first
+    /// attempt, or hold it when a limit applies; a step whose task cannot be
+    /// built fails. `params` caches the run's params across calls.
+    fn start(
+        &self,
+        c: &mut Change<'_, '_>,
+        wf: &Workflow,
+        run_row: &RunRow,
+        s: &Step,
+        states: &mut Statuses<'_>,
+        params: &mut Option<BTreeMap<String, String>>,
+    ) -> Result<(), DbError> {
+        let run = states.run;
+        if self.held(c, wf, run_row, s)? {
+            tx::wait_step(c.t, run, &s.name, None, None)?;
+            states.set(&s.name, StepStatus::Waiting);
+            c.effects.admit = true;
+            return Ok(());
+        }
+        if params.is_none() {
+            *params = Some(run_params(c.t, run)?);
+        }
+        let upstream = outputs(c.t, run, wf, s)?;
+        let attempt = Attempt::first(c.now, run_row.deadline_ms);
+        let planned = self.plan_task(
+            wf,
+            s,
+            parse_uuid(run),
+            attempt,
+            params.as_ref().unwrap_or(&BTreeMap::new()),
+            &upstream,
+        );
+        match planned {
+            Ok(task) => {
+                write_task(c, run, s, task)?;
+                states.set(&s.name, StepStatus::Running);
+                Ok(())
+            }
+            Err(e) => fail_step(c, wf, run, &s.name, &e.to_string(), "scheduler", states),
+        }
     }
 
     /// A step's attempt failed: schedule the next attempt after its backoff
@@ -1439,6 +1445,36 @@ struct PlannedTask {
     tokens: Option<i64>,
     snapshot_hash: String,
     body: Vec<u8>,
+}
+
+/// A result the scheduler writes for a task itself (lost past its deadline,
+/// or impossible to dispatch), as if from a worker named `scheduler`.
+pub fn scheduler_result(
+    task_id: Uuid,
+    run_id: Uuid,
+    step: String,
+    attempt: u32,
+    status: TaskStatus,
+    error: String,
+) -> TaskResult {
+    let now = u64::try_from(now_ms()).unwrap_or(0);
+    TaskResult {
+        task_id,
+        run_id,
+        step,
+        attempt,
+        status,
+        output: String::new(),
+        error: Some(error),
+        started_unix_ms: now,
+        finished_unix_ms: now,
+        worker_id: "scheduler".into(),
+        memory_updates: Vec::new(),
+        model: None,
+        usage: None,
+        transcript: Vec::new(),
+        rate_limited_ms: None,
+    }
 }
 
 /// Bytes of an agent step's prompt and messages.

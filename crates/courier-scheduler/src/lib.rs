@@ -165,6 +165,17 @@ pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToke
         source,
     })?;
     let engine = Arc::new(Engine::new(config, db, sc.limits.clone()));
+    // Dependency counts were taken from the config of each run's submit.
+    match engine.reconcile() {
+        Ok(0) => {}
+        Ok(n) => info!(dispatched = n, "steps made ready by the current config started"),
+        Err(source) => {
+            return Err(SchedulerError::Db {
+                path: db_path.clone(),
+                source: db::OpenError::Sqlite(source),
+            });
+        }
+    }
     let metrics = Metrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
@@ -606,24 +617,14 @@ fn with_bodies(engine: &Engine, rows: Vec<db::OutboxTask>) -> Vec<(db::OutboxTas
             Ok((body, hash)) => ready.push((row, body, hash)),
             Err(e) => {
                 error!(task = %row.task_id, step = %row.step, error = %e, "cannot rebuild task; failing its step");
-                let now = u64::try_from(now_ms()).unwrap_or(0);
-                failed.push(TaskResult {
-                    task_id: uuid::Uuid::parse_str(&row.task_id).unwrap_or_default(),
-                    run_id: uuid::Uuid::parse_str(&row.run_id).unwrap_or_default(),
-                    step: row.step.clone(),
-                    attempt: row.attempt,
-                    status: courier_wire::TaskStatus::Rejected,
-                    output: String::new(),
-                    error: Some(format!("cannot dispatch: {e}")),
-                    started_unix_ms: now,
-                    finished_unix_ms: now,
-                    worker_id: "scheduler".into(),
-                    memory_updates: Vec::new(),
-                    model: None,
-                    usage: None,
-                    transcript: Vec::new(),
-                    rate_limited_ms: None,
-                });
+                failed.push(engine::scheduler_result(
+                    uuid::Uuid::parse_str(&row.task_id).unwrap_or_default(),
+                    uuid::Uuid::parse_str(&row.run_id).unwrap_or_default(),
+                    row.step.clone(),
+                    row.attempt,
+                    courier_wire::TaskStatus::Rejected,
+                    format!("cannot dispatch: {e}"),
+                ));
             }
         }
     }

@@ -845,3 +845,66 @@ fn a_run_started_before_the_counters_finishes_the_old_way() {
     let view = engine.with_db(|db| db.run(&run.id)).unwrap().unwrap();
     assert_eq!(view.status, RunStatus::Succeeded);
 }
+
+#[test]
+fn dependency_counts_follow_a_config_changed_across_a_restart() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let db = dir.path().join("courier.db");
+    let yaml = |b_depends: &str| {
+        format!(
+            "steps:\n  - name: a\n    echo: a\n  - name: c\n    echo: c\n  - name: b\n    depends: [{b_depends}]\n    echo: b\n"
+        )
+    };
+    // Submitted with b after [a, c] (fewer) and with b after [a] (more).
+    let engine = engine_over(
+        config_with(dir.path(), &[("fewer", &yaml("a, c")), ("more", &yaml("a"))]),
+        &db,
+    );
+    let fewer = engine.submit("fewer", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    let more = engine.submit("more", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    let tasks: Vec<Task> = due(&engine).into_iter().map(|(t, _)| t).collect();
+    let ids: Vec<String> = tasks.iter().map(|t| t.task_id.to_string()).collect();
+    engine.with_db(|db| db.mark_published(&ids)).unwrap();
+    drop(engine);
+    // Restarted with the dependencies swapped: b after [a] in "fewer", after [a, c] in "more".
+    std::fs::write(dir.path().join("config/workflows/fewer.yaml"), yaml("a")).unwrap();
+    std::fs::write(dir.path().join("config/workflows/more.yaml"), yaml("a, c")).unwrap();
+    let engine = engine_over(Config::load(&dir.path().join("config")).unwrap(), &db);
+    assert_eq!(engine.reconcile().unwrap(), 0, "nothing is ready yet");
+    let task = |run: &str, step: &str| {
+        tasks
+            .iter()
+            .find(|t| t.run_id.to_string() == run && t.step == step)
+            .unwrap()
+            .clone()
+    };
+    // a succeeds in both: "fewer"'s b is ready now; "more"'s b still waits for c.
+    let applied = engine
+        .apply(&[
+            result(&task(&fewer.id, "a"), TaskStatus::Succeeded, "a"),
+            result(&task(&more.id, "a"), TaskStatus::Succeeded, "a"),
+        ])
+        .unwrap();
+    assert_eq!(applied.dispatched, 1);
+    let b = publish_next(&engine);
+    assert_eq!((b.run_id.to_string(), b.step.as_str()), (fewer.id.clone(), "b"));
+    let applied = engine
+        .apply(&[
+            result(&task(&fewer.id, "c"), TaskStatus::Succeeded, "c"),
+            result(&task(&more.id, "c"), TaskStatus::Succeeded, "c"),
+            result(&b, TaskStatus::Succeeded, "b"),
+        ])
+        .unwrap();
+    assert_eq!(
+        (applied.dispatched, applied.finished_runs),
+        (1, 1),
+        "more's b starts; fewer ends"
+    );
+    let b = publish_next(&engine);
+    assert_eq!((b.run_id.to_string(), b.step.as_str()), (more.id.clone(), "b"));
+    engine.apply(&[result(&b, TaskStatus::Succeeded, "b")]).unwrap();
+    for run in [&fewer.id, &more.id] {
+        let view = engine.with_db(|db| db.run(run)).unwrap().unwrap();
+        assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
+    }
+}

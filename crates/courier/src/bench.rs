@@ -69,8 +69,8 @@ pub fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
     if args.tasks == 0 || args.workers == 0 || args.concurrency == 0 || args.steps_per_run == 0 {
         bail!("--tasks, --workers, --concurrency and --steps-per-run must be at least 1");
     }
-    if args.fan_in && args.steps_per_run < 2 {
-        bail!("--fan-in needs at least 2 steps per run");
+    if args.fan_in && (args.steps_per_run < 2 || args.rate.is_some()) {
+        bail!("--fan-in needs at least 2 steps per run, and is not for --rate (one-step runs)");
     }
     let runtime = tokio::runtime::Runtime::new()?;
     if let Some(rate) = args.rate {
@@ -452,7 +452,7 @@ impl Stack {
         Ok(courier_scheduler::db::Db::open(&self.dir.join("data/courier.db"))?)
     }
 
-    /// Delete the namespace's queues and the folder.
+    /// Delete the namespace's queues (the folder goes when dropped).
     fn clean_up(self, settings: &Settings, runtime: &tokio::runtime::Runtime) {
         runtime.block_on(async {
             let names = Names::new(self.namespace.clone());
@@ -460,6 +460,14 @@ impl Stack {
                 let _ = broker.delete_topology(&["default".to_string()]).await;
             }
         });
+    }
+}
+
+impl Drop for Stack {
+    /// On every path, errors included: the processes stop (their own
+    /// drop), then the folder goes.
+    fn drop(&mut self) {
+        self.procs = Processes(Vec::new());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

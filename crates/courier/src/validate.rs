@@ -21,7 +21,7 @@ pub fn run(dir: &Path, limits: Limits, task_limits: Limits) -> anyhow::Result<Ex
     let mut errors = Vec::new();
     let mut largest: Option<(usize, String)> = None;
     for wf in config.workflows.values() {
-        for step in &wf.steps {
+        for step in wf.steps() {
             let built = build_snapshot(&config.store, &wf.name, &step.run)
                 .map_err(|e| e.to_string())
                 .and_then(|snapshot| encode(&snapshot, &limits).map_err(|e| e.to_string()))
@@ -39,7 +39,7 @@ pub fn run(dir: &Path, limits: Limits, task_limits: Limits) -> anyhow::Result<Ex
         eprint!("{}", ConfigErrors::located(errors));
         return Ok(ExitCode::FAILURE);
     }
-    let steps: usize = config.workflows.values().map(|w| w.steps.len()).sum();
+    let steps: usize = config.workflows.values().map(|w| w.steps().len()).sum();
     println!(
         "{}: ok ({} workflows, {steps} steps, {} models, {} skills, {} souls)",
         dir.display(),
@@ -67,7 +67,7 @@ fn task_with_defaults(wf: &Workflow, step: &Step, snapshot: Vec<u8>, limits: &Li
         .iter()
         .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
         .collect();
-    let outputs: BTreeMap<String, String> = wf.steps.iter().map(|s| (s.name.clone(), String::new())).collect();
+    let outputs: BTreeMap<String, String> = wf.steps().iter().map(|s| (s.name.clone(), String::new())).collect();
     let spec = step
         .resolve(&params, &outputs, limits.max_decompressed)
         .map_err(|e| format!("with its parameters' defaults: {e}"))?;

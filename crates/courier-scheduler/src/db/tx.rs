@@ -112,6 +112,20 @@ pub fn insert_step(
     Ok(())
 }
 
+/// Set how many of a step's dependencies are still to succeed.
+pub fn set_pending_deps(tx: &Transaction<'_>, run: &str, name: &str, left: i64) -> Result<(), DbError> {
+    tx.prepare_cached("UPDATE steps SET pending_deps = ?3 WHERE run_id = ?1 AND name = ?2")?
+        .execute(params![run, name, left])?;
+    Ok(())
+}
+
+/// Every running run: (id, workflow).
+pub fn running_runs(tx: &Transaction<'_>) -> Result<Vec<(String, String)>, DbError> {
+    let mut stmt = tx.prepare_cached("SELECT id, workflow FROM runs WHERE status = 'running'")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
 /// A dependency of step `name` succeeded: its status, and how many of its
 /// dependencies are still to succeed (`None` for a step counted the old way).
 pub fn dependency_done(
@@ -374,6 +388,16 @@ pub fn record_agent(
     transcript_json: &str,
 ) -> Result<(), DbError> {
     tx.prepare_cached(
+        "UPDATE runs SET spent_tokens = spent_tokens + ?2 + ?3, spent_cost = spent_cost + COALESCE(?4, 0.0)
+         WHERE id = ?1",
+    )?
+    .execute(params![
+        run,
+        i64::try_from(usage.0).unwrap_or(i64::MAX),
+        i64::try_from(usage.1).unwrap_or(i64::MAX),
+        cost
+    ])?;
+    tx.prepare_cached(
         "UPDATE steps SET model = ?3, input_tokens = COALESCE(input_tokens, 0) + ?4,
                           output_tokens = COALESCE(output_tokens, 0) + ?5, transcript = ?6,
                           cost = CASE WHEN ?7 IS NULL THEN cost ELSE COALESCE(cost, 0.0) + ?7 END
@@ -391,13 +415,12 @@ pub fn record_agent(
     Ok(())
 }
 
-/// A run's tokens (input + output) and cost so far.
+/// A run's tokens (input + output) and cost so far: its counters, kept by
+/// [`record_agent`] (not a sum over its steps: a result costs the same in a
+/// run of any width).
 pub fn run_spend(tx: &Transaction<'_>, run: &str) -> Result<(i64, f64), DbError> {
-    tx.prepare_cached(
-        "SELECT COALESCE(SUM(COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0)), 0), COALESCE(SUM(cost), 0.0)
-         FROM steps WHERE run_id = ?1",
-    )?
-    .query_row([run], |r| Ok((r.get(0)?, r.get(1)?)))
+    tx.prepare_cached("SELECT spent_tokens, spent_cost FROM runs WHERE id = ?1")?
+        .query_row([run], |r| Ok((r.get(0)?, r.get(1)?)))
 }
 
 /// Record the latest failure of a step that will be retried.
