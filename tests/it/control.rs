@@ -604,3 +604,63 @@ fn a_high_priority_run_is_dispatched_before_a_low_priority_backlog() {
         "priority 10 is out of range: use 0 (lowest) to 9 (highest); 4 is normal"
     );
 }
+
+#[test]
+fn an_approval_step_waits_for_a_person_through_the_api_and_the_cli() {
+    let gated = "steps:\n  - name: plan\n    echo: the plan\n  - name: gate\n    depends: [plan]\n    approval: {message: \"ship ${plan.output}?\", timeout: 1h}\n  - name: ship\n    depends: [gate]\n    echo: \"shipped (${gate.output})\"\n";
+    let token = "it-approval-token";
+    let cluster = Cluster::builder()
+        .workers(1)
+        .env("COURIER_API_TOKEN", token)
+        .workflow("gated", gated)
+        .start();
+    let waiting = |id: &str| {
+        wait_for("the approval", Duration::from_secs(20), || {
+            cluster.run(id)["steps"][1]["status"] == "waiting_approval"
+        });
+        cluster.run(id)
+    };
+    // Approved over the API (with the token): the run goes on with the comment.
+    let id = cluster.submit("gated", &[]).unwrap();
+    let run = waiting(&id);
+    assert_eq!(run["steps"][1]["waiting_on"], "approval: ship the plan?");
+    let unauthenticated = reqwest::blocking::Client::new()
+        .post(format!("{}/api/runs/{id}/steps/gate/approve", cluster.api))
+        .send()
+        .unwrap();
+    assert_eq!(unauthenticated.status(), 401);
+    let response = cluster
+        .http(reqwest::Method::POST, &format!("/api/runs/{id}/steps/gate/approve"))
+        .json(&json!({"comment": "go", "by": "ana"}))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let run = cluster.wait_run(&id, Duration::from_secs(20));
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(run["steps"][1]["worker"], "api:ana");
+    assert_eq!(run["steps"][2]["output"], "shipped (go)");
+    // Again: a conflict.
+    let again = cluster
+        .http(reqwest::Method::POST, &format!("/api/runs/{id}/steps/gate/reject"))
+        .send()
+        .unwrap();
+    assert_eq!(again.status(), 409);
+    // Rejected with the CLI: the run fails, ship never runs.
+    let id = cluster.submit("gated", &[]).unwrap();
+    waiting(&id);
+    let (out, stdout, stderr) =
+        crate::support::run(
+            cluster
+                .courier()
+                .args(["reject", &id, "gate", "--comment", "not today"]),
+        );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("step gate of run"), "{stdout}");
+    let run = cluster.wait_run(&id, Duration::from_secs(20));
+    assert_eq!(run["status"], "failed");
+    assert!(
+        run["steps"][1]["error"].as_str().unwrap().ends_with(": not today"),
+        "{run:#}"
+    );
+    assert_eq!(run["steps"][2]["status"], "skipped");
+}

@@ -24,6 +24,6 @@ pub use store::{
     is_slug,
 };
 pub use workflow::{
-    Budget, DEFAULT_MAX_ITERATIONS, DEFAULT_QUEUE, DEFAULT_TIMEOUT, MAX_STEP_TIMEOUT, ParamError, RetryPolicy,
-    Schedule, Step, Workflow,
+    Approval, Budget, DEFAULT_APPROVAL_TIMEOUT, DEFAULT_MAX_ITERATIONS, DEFAULT_QUEUE, DEFAULT_TIMEOUT,
+    MAX_STEP_TIMEOUT, ParamError, RetryPolicy, Schedule, Step, Workflow,
 };

@@ -115,8 +115,33 @@ pub struct Step {
     pub retry: RetryPolicy,
     /// Worker pool (the step's, else the workflow's, else `default`).
     pub queue: String,
-    /// What to run, with `${...}` templates still in place.
+    /// What to run, with `${...}` templates still in place. For an approval
+    /// step: the message (`Echo`), shown while it waits, never dispatched.
     pub run: StepRun,
+    /// Set for a step that waits for a person's approval instead of running.
+    pub approval: Option<Approval>,
+}
+
+/// `approval: {message, timeout}`: the step waits until `courier approve`
+/// (it succeeds, the comment as its output) or `courier reject` (it fails),
+/// or fails at its timeout. No worker is involved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Approval {
+    /// How long the step waits for a decision.
+    pub timeout: Duration,
+}
+
+/// How long an approval waits when its step gives no timeout.
+pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Longest an approval may wait.
+pub const MAX_APPROVAL_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApprovalFile {
+    message: String,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
 }
 
 /// How often and how far apart a failed step is tried again.
@@ -193,6 +218,8 @@ struct StepFile {
     agent: Option<AgentFile>,
     #[serde(default)]
     echo: Option<String>,
+    #[serde(default)]
+    approval: Option<ApprovalFile>,
 }
 
 #[derive(Deserialize)]
@@ -399,19 +426,38 @@ impl Workflow {
             if s.retry.backoff > s.retry.max_backoff {
                 errors.push(step_err("retry.backoff", "backoff is longer than max_backoff".into()));
             }
-            let kinds =
-                usize::from(s.command.is_some()) + usize::from(s.agent.is_some()) + usize::from(s.echo.is_some());
+            let kinds = usize::from(s.command.is_some())
+                + usize::from(s.agent.is_some())
+                + usize::from(s.echo.is_some())
+                + usize::from(s.approval.is_some());
             if kinds != 1 {
                 errors.push(step_err(
                     "command",
-                    "a step has exactly one of `command`, `agent` and `echo`".into(),
+                    "a step has exactly one of `command`, `agent`, `echo` and `approval`".into(),
                 ));
                 continue;
             }
-            if s.echo.is_some() && !s.env.is_empty() {
+            if (s.echo.is_some() || s.approval.is_some()) && !s.env.is_empty() {
                 errors.push(step_err("env", "`env` applies to command steps only".into()));
             }
+            let approval = s.approval.as_ref().map(|a| Approval {
+                timeout: a.timeout.unwrap_or(DEFAULT_APPROVAL_TIMEOUT),
+            });
+            if let Some(a) = &approval {
+                if a.timeout.is_zero() || a.timeout > MAX_APPROVAL_TIMEOUT {
+                    errors.push(step_err(
+                        "approval.timeout",
+                        "an approval's timeout must be above zero and at most 30 days".into(),
+                    ));
+                }
+                if s.retry.limit > 0 {
+                    errors.push(step_err("retry", "an approval step is decided once: no retry".into()));
+                }
+            }
             let run = match (&s.command, &s.agent, &s.echo) {
+                _ if s.approval.is_some() => StepRun::Echo {
+                    text: s.approval.as_ref().map(|a| a.message.clone()).unwrap_or_default(),
+                },
                 (_, _, Some(text)) => StepRun::Echo { text: text.clone() },
                 (Some(argv), _, None) => {
                     if argv.is_empty() || argv[0].is_empty() {
@@ -450,6 +496,7 @@ impl Workflow {
                 retry: s.retry,
                 queue,
                 run,
+                approval,
             });
         }
 

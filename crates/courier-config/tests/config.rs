@@ -853,3 +853,32 @@ fn a_retry_backoff_over_a_day_is_refused() {
         ["/workflows/t.yaml:5: step \"a\": field \"retry.max_backoff\": max_backoff may be at most 24h"]
     );
 }
+
+#[test]
+fn an_approval_step_is_checked() {
+    let errors = workflow_errors(
+        "  - name: a\n    approval: {message: ok?, timeout: 0s}\n    retry: {limit: 1}\n  - name: b\n    approval: {message: ok?}\n    echo: also\n  - name: c\n    approval: {message: \"ship ${nope.output}?\"}\n",
+    );
+    assert!(
+        errors.iter().any(|e| e.contains(
+            "step \"a\": field \"approval.timeout\": an approval's timeout must be above zero and at most 30 days"
+        )),
+        "{errors:#?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("step \"a\": field \"retry\": an approval step is decided once: no retry")),
+        "{errors:#?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains(
+            "step \"b\": field \"command\": a step has exactly one of `command`, `agent`, `echo` and `approval`"
+        )),
+        "{errors:#?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("step \"c\"") && e.contains("nope")),
+        "{errors:#?}"
+    );
+}

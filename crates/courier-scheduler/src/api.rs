@@ -6,6 +6,9 @@
 //! GET  /api/runs/{id}                                            -> run with steps
 //! POST /api/runs/{id}/cancel {"step": "...", "reason": "...", "by": "..."} (all optional)
 //!                                                                -> 200 run; 404; 409 already ended
+//! POST /api/runs/{id}/steps/{step}/approve {"comment": "...", "by": "..."} (optional)
+//! POST /api/runs/{id}/steps/{step}/reject  {"comment": "...", "by": "..."}
+//!                                                                -> 200 run; 404; 409 not waiting
 //! GET  /api/workflows                                            -> [{name, params, steps, schedule}]
 //! GET  /healthz                                                  -> {"status": "ok", "broker": bool}
 //! GET  /metrics                                                  -> Prometheus text
@@ -34,7 +37,7 @@ use subtle::ConstantTimeEq;
 
 use crate::Shared;
 use crate::db::RunStatus;
-use crate::engine::{CancelError, NORMAL_PRIORITY, SubmitError};
+use crate::engine::{CancelError, DecideError, NORMAL_PRIORITY, SubmitError};
 
 /// The API router; `token`, when set, guards everything but `/healthz`,
 /// unknown paths included (so they cannot be told apart without it).
@@ -43,6 +46,8 @@ pub fn router(shared: Arc<Shared>, token: Option<String>) -> Router {
         .route("/api/runs", get(list_runs).post(submit))
         .route("/api/runs/{id}", get(get_run))
         .route("/api/runs/{id}/cancel", post(cancel))
+        .route("/api/runs/{id}/steps/{step}/approve", post(approve))
+        .route("/api/runs/{id}/steps/{step}/reject", post(reject))
         .route("/api/workflows", get(workflows))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -254,6 +259,79 @@ async fn cancel(
             Err(ApiError(StatusCode::CONFLICT, e.to_string()))
         }
         Err(e @ CancelError::Db(_)) => Err(internal(e)),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DecideBody {
+    #[serde(default)]
+    comment: Option<String>,
+    #[serde(default)]
+    by: Option<String>,
+}
+
+async fn approve(
+    State(shared): State<Arc<Shared>>,
+    Path((id, step)): Path<(String, String)>,
+    body: Result<Json<DecideBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    decide(shared, id, step, true, body).await
+}
+
+async fn reject(
+    State(shared): State<Arc<Shared>>,
+    Path((id, step)): Path<(String, String)>,
+    body: Result<Json<DecideBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    decide(shared, id, step, false, body).await
+}
+
+/// Longest comment an approval decision may carry (it becomes the step's output).
+const MAX_COMMENT: usize = 64 * 1024;
+
+async fn decide(
+    shared: Arc<Shared>,
+    id: String,
+    step: String,
+    approve: bool,
+    body: Result<Json<DecideBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let body = match body {
+        Ok(Json(body)) => body,
+        Err(JsonRejection::MissingJsonContentType(_)) => DecideBody::default(),
+        Err(e) => return Err(e.into()),
+    };
+    if body.comment.as_ref().is_some_and(|c| c.len() > MAX_COMMENT) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("\"comment\" is longer than {MAX_COMMENT} bytes"),
+        ));
+    }
+    if body.by.as_ref().is_some_and(|b| b.len() > MAX_CANCEL_TEXT) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("\"by\" is longer than {MAX_CANCEL_TEXT} bytes"),
+        ));
+    }
+    let by = format!("api:{}", body.by.as_deref().unwrap_or("anonymous"));
+    let comment = body
+        .comment
+        .unwrap_or_else(|| if approve { "approved" } else { "rejected" }.to_string());
+    let engine = shared.engine.clone();
+    let result = tokio::task::spawn_blocking(move || engine.decide(&id, &step, approve, &by, &comment))
+        .await
+        .map_err(internal)?;
+    match result {
+        Ok(run) => {
+            shared.outbox.notify_one();
+            Ok(Json(run).into_response())
+        }
+        Err(e @ (DecideError::NotFound(_) | DecideError::NoStep { .. })) => {
+            Err(ApiError(StatusCode::NOT_FOUND, e.to_string()))
+        }
+        Err(e @ DecideError::NotWaiting { .. }) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
+        Err(e @ DecideError::Db(_)) => Err(internal(e)),
     }
 }
 

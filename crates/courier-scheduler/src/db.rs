@@ -83,6 +83,7 @@ DROP INDEX tasks_unpublished;
 CREATE INDEX tasks_unpublished ON tasks (not_before_ms) WHERE published = 0 AND status = 'dispatched';
 CREATE INDEX tasks_by_model ON tasks (model, not_before_ms) WHERE model IS NOT NULL;
 CREATE INDEX steps_waiting ON steps (run_id) WHERE status = 'waiting';
+CREATE INDEX steps_awaiting_approval ON steps (not_before_ms) WHERE status = 'waiting_approval';
 CREATE TABLE model_pauses (
     model    TEXT PRIMARY KEY,
     until_ms INTEGER NOT NULL,
@@ -209,6 +210,8 @@ status_enum!(
         Waiting => "waiting",
         /// A task of it is dispatched.
         Running => "running",
+        /// An approval step: waits for `courier approve` or `reject`.
+        WaitingApproval => "waiting_approval",
         /// Done.
         Succeeded => "succeeded",
         /// Failed for good (retries spent).
@@ -223,7 +226,10 @@ status_enum!(
 impl StepStatus {
     /// Whether the step may still change (the run is not done while one is).
     pub fn is_open(self) -> bool {
-        matches!(self, StepStatus::Pending | StepStatus::Waiting | StepStatus::Running)
+        matches!(
+            self,
+            StepStatus::Pending | StepStatus::Waiting | StepStatus::Running | StepStatus::WaitingApproval
+        )
     }
 }
 
@@ -613,6 +619,7 @@ mod tests {
             "pending",
             "waiting",
             "running",
+            "waiting_approval",
             "succeeded",
             "failed",
             "skipped",

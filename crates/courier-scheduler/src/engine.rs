@@ -87,6 +87,27 @@ pub enum CancelError {
     Db(#[from] DbError),
 }
 
+/// Why an approval decision was refused; nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum DecideError {
+    /// No run of that id.
+    #[error("no run \"{0}\"")]
+    NotFound(String),
+    /// The run has no step of that name.
+    #[error("run {run} has no step \"{step}\"")]
+    NoStep { run: String, step: String },
+    /// The step is not waiting for approval (or its run ended).
+    #[error("step \"{step}\" of run {run} is {status}, not waiting for approval")]
+    NotWaiting {
+        run: String,
+        step: String,
+        status: StepStatus,
+    },
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(#[from] DbError),
+}
+
 /// What a cancellation did.
 #[derive(Debug, Clone)]
 pub struct Cancelled {
@@ -511,6 +532,12 @@ impl Engine {
                 deadline_ms: deadline,
             };
             for (step, task) in first {
+                if let Some(approval) = &step.approval {
+                    let message = self.approval_message(step, &params, &BTreeMap::new());
+                    let deadline = now.saturating_add(millis(approval.timeout));
+                    tx::await_approval(t, &run, &step.name, &message, deadline, now)?;
+                    continue;
+                }
                 if self.held(c, wf, &row, step)? {
                     tx::wait_step(t, &run, &step.name, None, None)?;
                     c.effects.admit = true;
@@ -661,6 +688,19 @@ impl Engine {
                 let reason = timeout_reason(self.config.workflows.get(&workflow));
                 self.cancel_run(c, &run, "timeout", &reason)?;
             }
+            for (run, name) in tx::approvals_overdue(c.t, now)? {
+                let Some(run_row) = tx::run(c.t, &run)? else { continue };
+                let Some(wf) = self.config.workflows.get(&run_row.workflow) else {
+                    continue;
+                };
+                let timeout = wf
+                    .step(&name)
+                    .and_then(|s| s.approval)
+                    .map_or_else(|| "its".to_string(), |a| courier_wire::humanize(a.timeout));
+                let error = format!("no decision within the approval's timeout ({timeout})");
+                fail_step(c, wf, &run, &name, &error, "scheduler", &mut Statuses::new(&run))?;
+                finish_if_done(c, &run)?;
+            }
             let grace = self.limits.lost_task_grace;
             let cutoff = now.saturating_sub(millis(grace));
             // Over the tasks in flight: every LOST_TASK_SCAN, not every tick.
@@ -691,6 +731,87 @@ impl Engine {
             self.admit_in(c)
         })?;
         Ok(applied)
+    }
+
+    /// Approve (`approve`) or reject a step waiting for approval: approved,
+    /// it succeeds with the comment as its output and its dependents start;
+    /// rejected, it fails with the comment and what depends on it is
+    /// skipped. `by` and the time are recorded (the step's worker and end).
+    ///
+    /// # Errors
+    /// [`DecideError`]: unknown run or step, or a step not waiting for approval.
+    pub fn decide(
+        &self,
+        run: &str,
+        step: &str,
+        approve: bool,
+        by: &str,
+        comment: &str,
+    ) -> Result<RunView, DecideError> {
+        let ((), _) = self.change(now_ms(), |c| {
+            let row = tx::run(c.t, run)?.ok_or_else(|| DecideError::NotFound(run.to_string()))?;
+            let status = tx::step_status(c.t, run, step)?.ok_or_else(|| DecideError::NoStep {
+                run: run.to_string(),
+                step: step.to_string(),
+            })?;
+            let wf = self.config.workflows.get(&row.workflow);
+            let Some((wf, s)) = wf
+                .and_then(|wf| Some((wf, wf.step(step)?)))
+                .filter(|_| status == StepStatus::WaitingApproval && row.status == RunStatus::Running)
+            else {
+                return Err(DecideError::NotWaiting {
+                    run: run.to_string(),
+                    step: step.to_string(),
+                    status,
+                });
+            };
+            let mut states = Statuses::new(run);
+            if approve {
+                let decision = scheduler_result(
+                    Uuid::nil(),
+                    parse_uuid(run),
+                    step.to_string(),
+                    0,
+                    TaskStatus::Succeeded,
+                    String::new(),
+                );
+                let decision = TaskResult {
+                    output: comment.to_string(),
+                    error: None,
+                    worker_id: by.to_string(),
+                    ..decision
+                };
+                self.succeed(c, wf, &row, s, &decision, &mut states)?;
+            } else {
+                let error = format!("rejected by {by}: {comment}");
+                fail_step(c, wf, run, step, &error, by, &mut states)?;
+            }
+            finish_if_done(c, run)?;
+            tracing::info!(%run, %step, approve, %by, "approval decided");
+            Ok(())
+        })?;
+        self.with_db(|db| db.run(run))?
+            .ok_or_else(|| DecideError::NotFound(run.to_string()))
+    }
+
+    /// An approval step's message with the run's params and upstream outputs
+    /// substituted (as written, if that fails: it only shows).
+    fn approval_message(
+        &self,
+        step: &Step,
+        params: &BTreeMap<String, String>,
+        upstream: &BTreeMap<String, String>,
+    ) -> String {
+        match step.resolve(params, upstream, self.limits.task.max_decompressed) {
+            Ok(spec) => match spec.run {
+                StepRun::Echo { text } => text,
+                _ => String::new(),
+            },
+            Err(_) => match &step.run {
+                StepRun::Echo { text } => text.clone(),
+                _ => String::new(),
+            },
+        }
     }
 
     /// Count again the dependencies still to succeed of every pending step
@@ -974,14 +1095,22 @@ impl Engine {
         params: &mut Option<BTreeMap<String, String>>,
     ) -> Result<(), DbError> {
         let run = states.run;
+        if params.is_none() {
+            *params = Some(run_params(c.t, run)?);
+        }
+        if let Some(approval) = &s.approval {
+            let upstream = outputs(c.t, run, wf, s)?;
+            let message = self.approval_message(s, params.as_ref().unwrap_or(&BTreeMap::new()), &upstream);
+            let deadline = c.now.saturating_add(millis(approval.timeout));
+            tx::await_approval(c.t, run, &s.name, &message, deadline, c.now)?;
+            states.set(&s.name, StepStatus::WaitingApproval);
+            return Ok(());
+        }
         if self.held(c, wf, run_row, s)? {
             tx::wait_step(c.t, run, &s.name, None, None)?;
             states.set(&s.name, StepStatus::Waiting);
             c.effects.admit = true;
             return Ok(());
-        }
-        if params.is_none() {
-            *params = Some(run_params(c.t, run)?);
         }
         let upstream = outputs(c.t, run, wf, s)?;
         let attempt = Attempt::first(c.now, run_row.deadline_ms);

@@ -908,3 +908,92 @@ fn dependency_counts_follow_a_config_changed_across_a_restart() {
         assert_eq!(view.status, RunStatus::Succeeded, "{view:?}");
     }
 }
+
+const GATED: &str = "params: {what: ~}\nsteps:\n  - name: plan\n    echo: \"plan for ${what}\"\n  - name: gate\n    depends: [plan]\n    approval: {message: \"ship ${plan.output}?\", timeout: 1h}\n  - name: ship\n    depends: [gate]\n    echo: \"shipped: ${gate.output}\"\n";
+
+#[test]
+fn an_approval_waits_through_a_restart_then_approve_starts_what_depends_on_it() {
+    use courier_scheduler::engine::DecideError;
+    let dir = tempfile::TempDir::new().unwrap();
+    let db = dir.path().join("courier.db");
+    let config = || config_with(dir.path(), &[("gated", GATED)]);
+    let engine = engine_over(config(), &db);
+    let params = BTreeMap::from([("what".to_string(), "v2".to_string())]);
+    let run = engine.submit("gated", &params, NORMAL_PRIORITY).unwrap();
+    let plan = publish_next(&engine);
+    engine
+        .apply(&[result(&plan, TaskStatus::Succeeded, "plan for v2")])
+        .unwrap();
+    // Waiting: no task, no worker; the message names what to decide.
+    assert!(due(&engine).is_empty());
+    let view = engine.with_db(|db| db.run(&run.id)).unwrap().unwrap();
+    assert_eq!(view.steps[1].status, StepStatus::WaitingApproval);
+    assert_eq!(view.steps[1].waiting_on.as_deref(), Some("approval: ship plan for v2?"));
+    // Deciding too early, or on a step that is not waiting, is refused.
+    assert!(matches!(
+        engine.decide(&run.id, "ship", true, "api:ana", "ok"),
+        Err(DecideError::NotWaiting { .. })
+    ));
+    drop(engine);
+    let engine = engine_over(config(), &db);
+    engine.reconcile().unwrap();
+    assert_eq!(engine.tick(true).unwrap().finished_runs, 0, "the approval has an hour");
+    let view = engine.decide(&run.id, "gate", true, "api:ana", "looks good").unwrap();
+    let gate = &view.steps[1];
+    assert_eq!(
+        (gate.status, gate.output.as_deref(), gate.worker.as_deref()),
+        (StepStatus::Succeeded, Some("looks good"), Some("api:ana"))
+    );
+    let ship = publish_next(&engine);
+    let StepRun::Echo { text } = &ship.spec.run else {
+        panic!("echo")
+    };
+    assert_eq!(text, "shipped: looks good");
+    engine
+        .apply(&[result(&ship, TaskStatus::Succeeded, "shipped")])
+        .unwrap();
+    let view = engine.with_db(|db| db.run(&run.id)).unwrap().unwrap();
+    assert_eq!(view.status, RunStatus::Succeeded);
+    // Decided once.
+    assert!(matches!(
+        engine.decide(&run.id, "gate", false, "api:bob", "no"),
+        Err(DecideError::NotWaiting { .. })
+    ));
+}
+
+#[test]
+fn a_rejected_or_expired_approval_fails_its_run_and_a_cancel_ends_the_wait() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let quick = GATED.replace("timeout: 1h", "timeout: 50ms");
+    let engine = engine_over(
+        config_with(dir.path(), &[("gated", GATED), ("quick", &quick)]),
+        &dir.path().join("courier.db"),
+    );
+    let params = BTreeMap::from([("what".to_string(), "x".to_string())]);
+    let waiting = |name: &str| {
+        let run = engine.submit(name, &params, NORMAL_PRIORITY).unwrap();
+        let plan = publish_next(&engine);
+        engine.apply(&[result(&plan, TaskStatus::Succeeded, "p")]).unwrap();
+        run.id
+    };
+    let rejected = waiting("gated");
+    let view = engine.decide(&rejected, "gate", false, "api:bob", "not now").unwrap();
+    assert_eq!(view.status, RunStatus::Failed);
+    assert_eq!(view.steps[1].error.as_deref(), Some("rejected by api:bob: not now"));
+    assert_eq!(view.steps[2].status, StepStatus::Skipped);
+    let expired = waiting("quick");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    engine.tick(true).unwrap();
+    let view = engine.with_db(|db| db.run(&expired)).unwrap().unwrap();
+    assert_eq!(view.status, RunStatus::Failed);
+    assert_eq!(
+        view.steps[1].error.as_deref(),
+        Some("no decision within the approval's timeout (50ms)")
+    );
+    let cancelled = waiting("gated");
+    let done = engine.cancel(&cancelled, None, "api:ana", "stop").unwrap();
+    assert_eq!(
+        (done.run.status, done.run.steps[1].status),
+        (RunStatus::Cancelled, StepStatus::Cancelled)
+    );
+}

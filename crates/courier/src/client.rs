@@ -203,6 +203,32 @@ pub async fn submit(
     })
 }
 
+/// Approve or reject a step waiting for approval; says what became of it.
+pub async fn decide(
+    api: &Api,
+    run: &str,
+    step: &str,
+    approve: bool,
+    comment: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let by = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+    let mut body = serde_json::json!({ "by": by });
+    if let Some(comment) = comment {
+        body["comment"] = comment.into();
+    }
+    let verb = if approve { "approve" } else { "reject" };
+    let run: Run = api
+        .read(api.post(&format!("/api/runs/{run}/steps/{step}/{verb}")).json(&body))
+        .await?;
+    let status = run
+        .steps
+        .iter()
+        .find(|s| s.name == step)
+        .map_or("?", |s| s.status.as_str());
+    println!("step {step} of run {} {status}; the run is {}", run.id, run.status);
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Cancel a run, or one step of it; says what became of it.
 pub async fn cancel(api: &Api, run: &str, step: Option<&str>, reason: Option<&str>) -> anyhow::Result<ExitCode> {
     let by = std::env::var("USER").unwrap_or_else(|_| "cli".into());

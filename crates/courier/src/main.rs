@@ -95,6 +95,27 @@ enum Command {
         #[arg(long, value_parser = clap::value_parser!(u8).range(0..=9))]
         priority: Option<u8>,
     },
+    /// Approve a step waiting for approval: it succeeds with the comment as
+    /// its output, and the run goes on.
+    Approve {
+        /// The run ID.
+        run_id: String,
+        /// The approval step.
+        step: String,
+        /// Recorded as the step's output.
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Reject a step waiting for approval: it fails, and what depends on it is skipped.
+    Reject {
+        /// The run ID.
+        run_id: String,
+        /// The approval step.
+        step: String,
+        /// Recorded in the step's error.
+        #[arg(long)]
+        comment: Option<String>,
+    },
     /// Cancel a run (or one step of it): running steps are stopped within
     /// seconds, the rest never start.
     Cancel {
@@ -258,6 +279,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let params = client::parse_params(&params)?;
             let api = client::Api::new(&settings)?;
             runtime()?.block_on(client::submit(&api, &workflow, params, priority, wait))
+        }
+        Command::Approve { run_id, step, comment } => {
+            let settings = Settings::load(flags.0)?;
+            let api = client::Api::new(&settings)?;
+            runtime()?.block_on(client::decide(&api, &run_id, &step, true, comment.as_deref()))
+        }
+        Command::Reject { run_id, step, comment } => {
+            let settings = Settings::load(flags.0)?;
+            let api = client::Api::new(&settings)?;
+            runtime()?.block_on(client::decide(&api, &run_id, &step, false, comment.as_deref()))
         }
         Command::Cancel { run_id, step, reason } => {
             let settings = Settings::load(flags.0)?;

@@ -279,7 +279,7 @@ pub fn step_status(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option
 /// The run's steps that may still change, with their status.
 pub fn open_steps(tx: &Transaction<'_>, run: &str) -> Result<Vec<(String, StepStatus)>, DbError> {
     let mut stmt = tx.prepare_cached(
-        "SELECT name, status FROM steps WHERE run_id = ?1 AND status IN ('pending', 'waiting', 'running')
+        "SELECT name, status FROM steps WHERE run_id = ?1 AND status IN ('pending', 'waiting', 'running', 'waiting_approval')
          ORDER BY position",
     )?;
     let rows = stmt.query_map([run], |r| Ok((r.get(0)?, r.get(1)?)))?;
@@ -291,7 +291,7 @@ pub fn open_steps(tx: &Transaction<'_>, run: &str) -> Result<Vec<(String, StepSt
 pub fn open_step_count(tx: &Transaction<'_>, run: &str) -> Result<i64, DbError> {
     tx.prepare_cached(
         "SELECT COALESCE(open_steps, (SELECT COUNT(*) FROM steps
-                                      WHERE run_id = ?1 AND status IN ('pending', 'waiting', 'running')))
+                                      WHERE run_id = ?1 AND status IN ('pending', 'waiting', 'running', 'waiting_approval')))
          FROM runs WHERE id = ?1",
     )?
     .query_row([run], |r| r.get(0))
@@ -343,6 +343,40 @@ pub fn wait_step(
     Ok(())
 }
 
+/// An approval step waits for a decision until `deadline_ms`; `message`
+/// (resolved) is what it shows.
+pub fn await_approval(
+    tx: &Transaction<'_>,
+    run: &str,
+    name: &str,
+    message: &str,
+    deadline_ms: i64,
+    now: i64,
+) -> Result<(), DbError> {
+    tx.prepare_cached(
+        "UPDATE steps SET status = ?3, waiting_on = ?4, not_before_ms = ?5, started_ms = ?6
+         WHERE run_id = ?1 AND name = ?2",
+    )?
+    .execute(params![
+        run,
+        name,
+        StepStatus::WaitingApproval,
+        format!("approval: {message}"),
+        deadline_ms,
+        now
+    ])?;
+    Ok(())
+}
+
+/// Approval steps whose wait ended before `now`: (run, step).
+pub fn approvals_overdue(tx: &Transaction<'_>, now: i64) -> Result<Vec<(String, String)>, DbError> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT run_id, name FROM steps WHERE status = 'waiting_approval' AND not_before_ms < ?1 LIMIT 1000",
+    )?;
+    let rows = stmt.query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
 /// Whether a running run of `workflow` waits to be admitted.
 pub fn unadmitted_runs(tx: &Transaction<'_>, workflow: &str) -> Result<bool, DbError> {
     tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'running' AND admitted = 0 AND workflow = ?1)")?
@@ -366,7 +400,7 @@ pub fn finish_step(
         .prepare_cached(
             "UPDATE steps SET status = ?3, output = ?4, error = ?5, worker = COALESCE(?6, worker), finished_ms = ?7,
                               waiting_on = NULL
-             WHERE run_id = ?1 AND name = ?2 AND status IN ('pending', 'waiting', 'running')",
+             WHERE run_id = ?1 AND name = ?2 AND status IN ('pending', 'waiting', 'running', 'waiting_approval')",
         )?
         .execute(params![run, name, status, output, error, worker, now])?;
     if changed > 0 {
