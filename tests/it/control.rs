@@ -624,6 +624,11 @@ fn an_approval_step_waits_for_a_person_through_the_api_and_the_cli() {
     let id = cluster.submit("gated", &[]).unwrap();
     let run = waiting(&id);
     assert_eq!(run["steps"][1]["waiting_on"], "approval: ship the plan?");
+    let metrics = cluster.scheduler_metrics();
+    assert!(
+        metrics.contains("courier_steps_waiting{scope=\"step\",name=\"\",limit=\"approval\"} 1"),
+        "{metrics}"
+    );
     let unauthenticated = reqwest::blocking::Client::new()
         .post(format!("{}/api/runs/{id}/steps/gate/approve", cluster.api))
         .send()

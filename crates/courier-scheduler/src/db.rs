@@ -544,13 +544,15 @@ impl Db {
         rows.collect()
     }
 
-    /// Steps waiting on a limit, by what holds them, for metrics.
+    /// Steps waiting on a limit, by what holds them, and steps waiting for
+    /// approval (as `approval`), for metrics.
     ///
     /// # Errors
     /// SQLite's.
     pub fn waiting_counts(&self) -> Result<Vec<(String, i64)>, DbError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT COALESCE(waiting_on, ''), COUNT(*) FROM steps WHERE status = 'waiting' GROUP BY 1",
+            "SELECT COALESCE(waiting_on, ''), COUNT(*) FROM steps WHERE status = 'waiting' GROUP BY 1
+             UNION ALL SELECT 'approval', COUNT(*) FROM steps WHERE status = 'waiting_approval'",
         )?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         rows.collect()

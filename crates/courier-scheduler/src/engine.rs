@@ -1633,11 +1633,13 @@ fn reported(usage: courier_wire::TokenUsage) -> (u64, u64) {
 
 /// The limit a `waiting_on` text names, as low-cardinality metric labels:
 /// (scope, name, limit), e.g. ("model", "openai", "concurrency"); a retry
-/// waiting out its backoff is ("step", "", "retry_backoff").
+/// waiting out its backoff is ("step", "", "retry_backoff"), a step waiting
+/// for approval ("step", "", "approval").
 pub fn waiting_labels(reason: &str) -> (&'static str, String, String) {
     let mut words = reason.split_whitespace();
     match (words.next(), words.next(), words.next()) {
         (Some("retry"), _, _) => ("step", String::new(), "retry_backoff".into()),
+        (Some("approval"), _, _) => ("step", String::new(), "approval".into()),
         (Some(scope @ ("workflow" | "pool" | "model")), Some(name), Some(limit)) => {
             let scope = match scope {
                 "workflow" => "workflow",
