@@ -636,6 +636,7 @@ impl Step {
                         .map(|(i, m)| (format!("agent.messages.{i}.content"), m.content.as_str())),
                 )
                 .collect(),
+            StepRun::Echo { text } if self.approval.is_some() => vec![("approval.message".to_string(), text.as_str())],
             StepRun::Echo { text } => vec![("echo".to_string(), text.as_str())],
         }
     }

@@ -323,8 +323,12 @@ async fn decide(
         .await
         .map_err(internal)?;
     match result {
-        Ok(run) => {
+        Ok((run, applied)) => {
+            shared.count(&applied);
             shared.outbox.notify_one();
+            if applied.cancelled_runs > 0 {
+                shared.controls.notify_one();
+            }
             Ok(Json(run).into_response())
         }
         Err(e @ (DecideError::NotFound(_) | DecideError::NoStep { .. })) => {

@@ -395,9 +395,12 @@ impl Engine {
                 };
                 let run = tx::run(t, &row.run_id)?.ok_or_else(|| gone(format!("run {} is gone", row.run_id)))?;
                 let wf = self.workflow(&run.workflow)?;
-                let step = wf
-                    .step(&row.step)
-                    .ok_or_else(|| gone(format!("no longer in workflow \"{}\"", run.workflow)))?;
+                let step = wf.step(&row.step).filter(|s| s.approval.is_none()).ok_or_else(|| {
+                    gone(format!(
+                        "no longer a step to run in workflow \"{}\" (gone, or now an approval)",
+                        run.workflow
+                    ))
+                })?;
                 let params = run_params(t, &row.run_id)?;
                 let upstream = outputs(t, &row.run_id, wf, step)?;
                 let attempt = Attempt {
@@ -534,6 +537,7 @@ impl Engine {
             for (step, task) in first {
                 if let Some(approval) = &step.approval {
                     let message = self.approval_message(step, &params, &BTreeMap::new());
+                    let message = shown(&message);
                     let deadline = now.saturating_add(millis(approval.timeout));
                     tx::await_approval(t, &run, &step.name, &message, deadline, now)?;
                     continue;
@@ -688,9 +692,12 @@ impl Engine {
                 let reason = timeout_reason(self.config.workflows.get(&workflow));
                 self.cancel_run(c, &run, "timeout", &reason)?;
             }
-            for (run, name) in tx::approvals_overdue(c.t, now)? {
+            let overdue = if expire { tx::approvals_overdue(c.t, now)? } else { Vec::new() };
+            for (run, name) in overdue {
                 let Some(run_row) = tx::run(c.t, &run)? else { continue };
                 let Some(wf) = self.config.workflows.get(&run_row.workflow) else {
+                    let error = format!("workflow \"{}\" is no longer configured", run_row.workflow);
+                    fail_run(c, &run, &error)?;
                     continue;
                 };
                 let timeout = wf
@@ -747,9 +754,15 @@ impl Engine {
         approve: bool,
         by: &str,
         comment: &str,
-    ) -> Result<RunView, DecideError> {
-        let ((), _) = self.change(now_ms(), |c| {
+    ) -> Result<(RunView, Applied), DecideError> {
+        let ((), applied) = self.change(now_ms(), |c| {
             let row = tx::run(c.t, run)?.ok_or_else(|| DecideError::NotFound(run.to_string()))?;
+            // Past the run's timeout the run ends, whatever the decision.
+            if row.status == RunStatus::Running && row.deadline_ms.is_some_and(|d| c.now >= d) {
+                let wf = self.config.workflows.get(&row.workflow);
+                self.cancel_run(c, run, "timeout", &timeout_reason(wf))?;
+                return Ok(());
+            }
             let status = tx::step_status(c.t, run, step)?.ok_or_else(|| DecideError::NoStep {
                 run: run.to_string(),
                 step: step.to_string(),
@@ -787,11 +800,16 @@ impl Engine {
                 fail_step(c, wf, run, step, &error, by, &mut states)?;
             }
             finish_if_done(c, run)?;
+            if c.effects.admit {
+                self.admit_in(c)?;
+            }
             tracing::info!(%run, %step, approve, %by, "approval decided");
             Ok(())
         })?;
-        self.with_db(|db| db.run(run))?
-            .ok_or_else(|| DecideError::NotFound(run.to_string()))
+        let view = self
+            .with_db(|db| db.run(run))?
+            .ok_or_else(|| DecideError::NotFound(run.to_string()))?;
+        Ok((view, applied))
     }
 
     /// An approval step's message with the run's params and upstream outputs
@@ -1101,6 +1119,7 @@ impl Engine {
         if let Some(approval) = &s.approval {
             let upstream = outputs(c.t, run, wf, s)?;
             let message = self.approval_message(s, params.as_ref().unwrap_or(&BTreeMap::new()), &upstream);
+            let message = shown(&message);
             let deadline = c.now.saturating_add(millis(approval.timeout));
             tx::await_approval(c.t, run, &s.name, &message, deadline, c.now)?;
             states.set(&s.name, StepStatus::WaitingApproval);
@@ -1249,6 +1268,14 @@ impl Engine {
                 fail_run(c, &w.run, &error)?;
                 continue;
             };
+            if step.approval.is_some() {
+                // The config made it an approval since it started waiting.
+                let Some(run_row) = tx::run(c.t, &w.run)?.filter(|r| r.status == RunStatus::Running) else {
+                    continue;
+                };
+                self.start(c, wf, &run_row, step, &mut Statuses::new(&w.run), &mut None)?;
+                continue;
+            }
             let model = self.step_model(step);
             let terms = model.and_then(|m| self.models.get(m));
             let mut held = self.limit_reached(c, &mut counts, wf, &w, step, model, terms)?;
@@ -1574,6 +1601,21 @@ struct PlannedTask {
     tokens: Option<i64>,
     snapshot_hash: String,
     body: Vec<u8>,
+}
+
+/// Bytes of an approval's message kept for display.
+const MAX_SHOWN_MESSAGE: usize = 4096;
+
+/// `text`, cut at [`MAX_SHOWN_MESSAGE`] bytes (on a character boundary).
+fn shown(text: &str) -> String {
+    if text.len() <= MAX_SHOWN_MESSAGE {
+        return text.to_string();
+    }
+    let mut cut = MAX_SHOWN_MESSAGE;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…", &text[..cut])
 }
 
 /// A result the scheduler writes for a task itself (lost past its deadline,

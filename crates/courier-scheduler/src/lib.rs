@@ -93,7 +93,7 @@ pub struct Shared {
 
 impl Shared {
     /// Count what an engine pass did.
-    fn count(&self, applied: &engine::Applied) {
+    pub(crate) fn count(&self, applied: &engine::Applied) {
         let m = &self.metrics;
         m.tasks_retried.inc_by(applied.retried as u64);
         m.runs_finished.inc_by(applied.finished_runs as u64);

@@ -938,7 +938,7 @@ fn an_approval_waits_through_a_restart_then_approve_starts_what_depends_on_it() 
     let engine = engine_over(config(), &db);
     engine.reconcile().unwrap();
     assert_eq!(engine.tick(true).unwrap().finished_runs, 0, "the approval has an hour");
-    let view = engine.decide(&run.id, "gate", true, "api:ana", "looks good").unwrap();
+    let (view, _) = engine.decide(&run.id, "gate", true, "api:ana", "looks good").unwrap();
     let gate = &view.steps[1];
     assert_eq!(
         (gate.status, gate.output.as_deref(), gate.worker.as_deref()),
@@ -977,7 +977,8 @@ fn a_rejected_or_expired_approval_fails_its_run_and_a_cancel_ends_the_wait() {
         run.id
     };
     let rejected = waiting("gated");
-    let view = engine.decide(&rejected, "gate", false, "api:bob", "not now").unwrap();
+    let (view, applied) = engine.decide(&rejected, "gate", false, "api:bob", "not now").unwrap();
+    assert_eq!(applied.finished_runs, 1);
     assert_eq!(view.status, RunStatus::Failed);
     assert_eq!(view.steps[1].error.as_deref(), Some("rejected by api:bob: not now"));
     assert_eq!(view.steps[2].status, StepStatus::Skipped);
@@ -996,4 +997,27 @@ fn a_rejected_or_expired_approval_fails_its_run_and_a_cancel_ends_the_wait() {
         (done.run.status, done.run.steps[1].status),
         (RunStatus::Cancelled, StepStatus::Cancelled)
     );
+}
+
+#[test]
+fn a_step_that_became_an_approval_is_never_sent_to_a_worker() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let db = dir.path().join("courier.db");
+    let v1 = "max_active_steps: 1\nsteps:\n  - name: x\n    echo: x\n";
+    let engine = engine_over(config_with(dir.path(), &[("flip", v1)]), &db);
+    let first = engine.submit("flip", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    let second = engine.submit("flip", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    assert_eq!(second.steps[0].status, StepStatus::Waiting);
+    drop(engine);
+    // Restarted with x an approval: the waiting one is parked, the unpublished task is not sent.
+    let v2 = "max_active_steps: 1\nsteps:\n  - name: x\n    approval: {message: ok?}\n";
+    std::fs::write(dir.path().join("config/workflows/flip.yaml"), v2).unwrap();
+    let engine = engine_over(Config::load(&dir.path().join("config")).unwrap(), &db);
+    engine.admit().unwrap();
+    let second = engine.with_db(|db| db.run(&second.id)).unwrap().unwrap();
+    assert_eq!(second.steps[0].status, StepStatus::WaitingApproval);
+    let row = engine.with_db(|db| db.unpublished_tasks(10)).unwrap().remove(0);
+    assert_eq!(row.run_id, first.id);
+    let refused = engine.task_body(&row).unwrap_err().to_string();
+    assert!(refused.contains("now an approval"), "{refused}");
 }
