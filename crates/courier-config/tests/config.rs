@@ -277,12 +277,16 @@ fn a_step_needs_exactly_one_of_command_and_agent() {
     let e = workflow_errors("  - name: a\n    timeout: 1s\n");
     assert_eq!(
         e,
-        ["/workflows/t.yaml:4: step \"a\": field \"command\": a step has exactly one of `command`, `agent`, `echo` and `approval`"]
+        [
+            "/workflows/t.yaml:4: step \"a\": field \"command\": a step has exactly one of `command`, `agent`, `echo` and `approval`"
+        ]
     );
     let e = workflow_errors("  - name: a\n    command: [echo]\n    agent: {prompt: hi}\n");
     assert_eq!(
         e,
-        ["/workflows/t.yaml:5: step \"a\": field \"command\": a step has exactly one of `command`, `agent`, `echo` and `approval`"]
+        [
+            "/workflows/t.yaml:5: step \"a\": field \"command\": a step has exactly one of `command`, `agent`, `echo` and `approval`"
+        ]
     );
 }
 
