@@ -870,8 +870,8 @@ impl Engine {
         Ok(applied.dispatched)
     }
 
-    /// Admit waiting steps now (the API's and tests' entry; results and the
-    /// clock admit on their own).
+    /// Admit waiting steps now (for tests and tools; results, cancellations,
+    /// decisions and the clock admit on their own); how many were dispatched.
     ///
     /// # Errors
     /// The database failed.

@@ -211,8 +211,7 @@ pub async fn decide(
     approve: bool,
     comment: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
-    let by = std::env::var("USER").unwrap_or_else(|_| "cli".into());
-    let mut body = serde_json::json!({ "by": by });
+    let mut body = serde_json::json!({ "by": who() });
     if let Some(comment) = comment {
         body["comment"] = comment.into();
     }
@@ -220,19 +219,28 @@ pub async fn decide(
     let run: Run = api
         .read(api.post(&format!("/api/runs/{run}/steps/{step}/{verb}")).json(&body))
         .await?;
+    print_step(&run, step);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Who the CLI says acts (`by`, recorded with cancels and decisions).
+fn who() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "cli".into())
+}
+
+/// What became of one step of a run, and of the run.
+fn print_step(run: &Run, step: &str) {
     let status = run
         .steps
         .iter()
         .find(|s| s.name == step)
         .map_or("?", |s| s.status.as_str());
     println!("step {step} of run {} {status}; the run is {}", run.id, run.status);
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Cancel a run, or one step of it; says what became of it.
 pub async fn cancel(api: &Api, run: &str, step: Option<&str>, reason: Option<&str>) -> anyhow::Result<ExitCode> {
-    let by = std::env::var("USER").unwrap_or_else(|_| "cli".into());
-    let mut body = serde_json::json!({ "by": by });
+    let mut body = serde_json::json!({ "by": who() });
     if let Some(step) = step {
         body["step"] = step.into();
     }
@@ -243,14 +251,7 @@ pub async fn cancel(api: &Api, run: &str, step: Option<&str>, reason: Option<&st
         .read(api.post(&format!("/api/runs/{run}/cancel")).json(&body))
         .await?;
     match step {
-        Some(step) => {
-            let status = run
-                .steps
-                .iter()
-                .find(|s| s.name == step)
-                .map_or("?", |s| s.status.as_str());
-            println!("step {step} of run {} {status}; the run is {}", run.id, run.status);
-        }
+        Some(step) => print_step(&run, step),
         None => println!(
             "run {} {} by {}",
             run.id,
