@@ -7,6 +7,7 @@
 //! **Architecture invariant:** workers use only [`SnapshotStore`]; nothing a
 //! worker runs reads the config folder.
 
+mod condition;
 mod config;
 mod error;
 pub mod files;
@@ -16,6 +17,7 @@ pub mod template;
 mod workflow;
 mod yaml;
 
+pub use condition::{Condition, MAX_CONDITION_LEN};
 pub use config::Config;
 pub use error::{ConfigError, ConfigErrors};
 pub use snapshot::build_snapshot;
@@ -24,6 +26,7 @@ pub use store::{
     is_slug,
 };
 pub use workflow::{
-    Approval, Budget, DEFAULT_APPROVAL_TIMEOUT, DEFAULT_MAX_ITERATIONS, DEFAULT_QUEUE, DEFAULT_TIMEOUT,
-    MAX_STEP_TIMEOUT, ParamError, RetryPolicy, Schedule, Step, Workflow,
+    Approval, Budget, DEFAULT_APPROVAL_TIMEOUT, DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_ITEMS, DEFAULT_MAX_ITERATIONS,
+    DEFAULT_QUEUE, DEFAULT_TIMEOUT, Foreach, MAX_ITEMS, MAX_STEP_TIMEOUT, OnSkipped, ParamError, RetryPolicy, Schedule,
+    Step, Workflow,
 };

@@ -9,6 +9,7 @@ use std::time::Duration;
 use courier_wire::{AgentSpec, ChatMessage, StepRun, StepSpec};
 use serde::Deserialize;
 
+use crate::condition::Condition;
 use crate::error::ConfigError;
 use crate::store::{Catalog, KNOWN_TOOLS, is_slug, slug_error};
 use crate::template::{self, Ref};
@@ -120,6 +121,49 @@ pub struct Step {
     pub run: StepRun,
     /// Set for a step that waits for a person's approval instead of running.
     pub approval: Option<Approval>,
+    /// Set for a step that runs once per item of a JSON array.
+    pub foreach: Option<Foreach>,
+    /// Run the step only when this is true (else it is skipped).
+    pub when: Option<Condition>,
+    /// What a skipped dependency does to this step.
+    pub on_skipped: OnSkipped,
+}
+
+/// `foreach: "${plan.json.files}"`: the step runs once per item of the JSON
+/// array the template renders to, each item its own task (`step[index]`),
+/// at most `max_concurrent` at a time; its output is the array of the
+/// items' outputs, in item order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Foreach {
+    /// The template that renders to the array.
+    pub items: String,
+    /// Items running at once.
+    pub max_concurrent: u32,
+    /// Most items accepted: a longer array fails the step.
+    pub max_items: u32,
+    /// A failed item leaves `null` in the output instead of failing the step.
+    pub continue_on_failure: bool,
+}
+
+/// Items of a `foreach` running at once when the step gives no `max_concurrent`.
+pub const DEFAULT_MAX_CONCURRENT: u32 = 10;
+/// Items a `foreach` accepts when the step gives no `max_items`.
+pub const DEFAULT_MAX_ITEMS: u32 = 10_000;
+/// The most `max_items` may be.
+pub const MAX_ITEMS: u32 = 100_000;
+/// The most `max_concurrent` may be.
+pub const MAX_CONCURRENT: u32 = 10_000;
+
+/// `depends_on_skipped`: what a step does when a dependency was skipped
+/// (its `when` was false, or it was itself skipped).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnSkipped {
+    /// Skip this step too (the default): skips propagate downstream.
+    #[default]
+    Skip,
+    /// Run anyway, as if the skipped dependency had succeeded with an empty output.
+    Run,
 }
 
 /// `approval: {message, timeout}`: the step waits until `courier approve`
@@ -220,6 +264,18 @@ struct StepFile {
     echo: Option<String>,
     #[serde(default)]
     approval: Option<ApprovalFile>,
+    #[serde(default)]
+    foreach: Option<String>,
+    #[serde(default)]
+    max_concurrent: Option<u32>,
+    #[serde(default)]
+    max_items: Option<u32>,
+    #[serde(default)]
+    continue_on_failure: bool,
+    #[serde(default)]
+    when: Option<String>,
+    #[serde(default)]
+    depends_on_skipped: OnSkipped,
 }
 
 #[derive(Deserialize)]
@@ -454,6 +510,20 @@ impl Workflow {
                     errors.push(step_err("retry", "an approval step is decided once: no retry".into()));
                 }
             }
+            let foreach = check_foreach(s, &mut |field, message| errors.push(step_err(field, message)));
+            let when = s.when.as_ref().and_then(|w| match Condition::parse(w) {
+                Ok(c) => Some(c),
+                Err(m) => {
+                    errors.push(step_err("when", m));
+                    None
+                }
+            });
+            if [template::ITEM, template::INDEX].contains(&s.name.as_str()) {
+                errors.push(step_err(
+                    "name",
+                    format!("\"{}\" is reserved for foreach items", s.name),
+                ));
+            }
             let run = match (&s.command, &s.agent, &s.echo) {
                 _ if s.approval.is_some() => StepRun::Echo {
                     text: s.approval.as_ref().map(|a| a.message.clone()).unwrap_or_default(),
@@ -497,10 +567,26 @@ impl Workflow {
                 queue,
                 run,
                 approval,
+                foreach,
+                when,
+                on_skipped: s.depends_on_skipped,
             });
         }
 
         check_graph(path, &steps, &params, &mut errors);
+        if steps.iter().any(|s| s.foreach.is_some()) {
+            for p in [template::ITEM, template::INDEX]
+                .into_iter()
+                .filter(|p| params.contains_key(*p))
+            {
+                errors.push(
+                    err(format!(
+                        "\"{p}\" means the current item in a foreach step: rename the parameter"
+                    ))
+                    .field(format!("params.{p}")),
+                );
+            }
+        }
 
         if errors.is_empty() {
             Ok(Self {
@@ -568,24 +654,57 @@ impl Workflow {
 }
 
 impl Step {
-    /// The step with params and upstream outputs substituted, ready for a
-    /// task, its fields together at most `max_bytes` (the task's decoded size
-    /// limit: a task over it could not be sent anyway).
+    /// The items of a `foreach` step, from its template rendered with the
+    /// run's params and upstream outputs (at most `max_bytes` of text).
     ///
     /// # Errors
-    /// A message naming a value that was not given (load-time validation makes
-    /// this impossible when `params` came from [`Workflow::resolve_params`] and
-    /// `outputs` holds every dependency's output), or the size limit.
-    pub fn resolve(
+    /// A message: the step is no foreach, the text is not a JSON array, or
+    /// it has more than `max_items` items.
+    pub fn items(
         &self,
         params: &BTreeMap<String, String>,
         outputs: &BTreeMap<String, String>,
         max_bytes: usize,
-    ) -> Result<StepSpec, String> {
+    ) -> Result<Vec<serde_json::Value>, String> {
+        let f = self.foreach.as_ref().ok_or("not a foreach step")?;
+        let values = template::Values::new(params, outputs, None);
+        let text = template::render(&f.items, &values, &mut template::Budget::new(max_bytes))?;
+        let shown = |t: &str| {
+            let mut cut: String = t.chars().take(80).collect();
+            if cut.len() < t.len() {
+                cut.push('…');
+            }
+            cut
+        };
+        match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(serde_json::Value::Array(items)) if items.len() > f.max_items as usize => Err(format!(
+                "foreach: {} items, more than max_items ({})",
+                items.len(),
+                f.max_items
+            )),
+            Ok(serde_json::Value::Array(items)) => Ok(items),
+            Ok(_) | Err(_) => Err(format!(
+                "foreach: \"{}\" gave {:?}, which is not a JSON array",
+                f.items,
+                shown(&text)
+            )),
+        }
+    }
+
+    /// The step with params, upstream outputs (and its item, in a foreach)
+    /// substituted, ready for a task, its fields together at most `max_bytes`
+    /// (the task's decoded size limit: a task over it could not be sent anyway).
+    ///
+    /// # Errors
+    /// A message naming a value that was not given (load-time validation makes
+    /// this impossible when the params came from [`Workflow::resolve_params`]
+    /// and the outputs hold every dependency's output), a `.json` reference
+    /// into an output that is not JSON, or the size limit.
+    pub fn resolve(&self, values: &template::Values<'_>, max_bytes: usize) -> Result<StepSpec, String> {
         let budget = std::cell::Cell::new(template::Budget::new(max_bytes));
         let r = |s: &String| {
             let mut left = budget.get();
-            let rendered = template::render(s, params, outputs, &mut left);
+            let rendered = template::render(s, values, &mut left);
             budget.set(left);
             rendered
         };
@@ -619,8 +738,17 @@ impl Step {
         })
     }
 
-    /// Every template string of the step, with the field it sits in.
+    /// Every template string of the step, with the field it sits in
+    /// (`foreach` last).
     fn templates(&self) -> Vec<(String, &str)> {
+        let mut all = self.run_templates();
+        if let Some(f) = &self.foreach {
+            all.push(("foreach".to_string(), f.items.as_str()));
+        }
+        all
+    }
+
+    fn run_templates(&self) -> Vec<(String, &str)> {
         match &self.run {
             StepRun::Command { argv, env } => argv
                 .iter()
@@ -640,6 +768,46 @@ impl Step {
             StepRun::Echo { text } => vec![("echo".to_string(), text.as_str())],
         }
     }
+}
+
+/// The `foreach` fields of a step, checked; `None` (and an error for any
+/// of its companion fields) when the step has no `foreach`.
+fn check_foreach(s: &StepFile, report: &mut dyn FnMut(&str, String)) -> Option<Foreach> {
+    let Some(items) = &s.foreach else {
+        for (field, set) in [
+            ("max_concurrent", s.max_concurrent.is_some()),
+            ("max_items", s.max_items.is_some()),
+            ("continue_on_failure", s.continue_on_failure),
+        ] {
+            if set {
+                report(field, "applies to foreach steps only".into());
+            }
+        }
+        return None;
+    };
+    if s.approval.is_some() {
+        report("foreach", "an approval step cannot be a foreach".into());
+    }
+    let max_concurrent = s.max_concurrent.unwrap_or(DEFAULT_MAX_CONCURRENT);
+    if !(1..=MAX_CONCURRENT).contains(&max_concurrent) {
+        report("max_concurrent", format!("must be from 1 to {MAX_CONCURRENT}"));
+    }
+    let max_items = s.max_items.unwrap_or(DEFAULT_MAX_ITEMS);
+    if !(1..=MAX_ITEMS).contains(&max_items) {
+        report("max_items", format!("must be from 1 to {MAX_ITEMS}"));
+    }
+    if items.trim().is_empty() {
+        report(
+            "foreach",
+            "give the array to go over, e.g. \"${plan.json.files}\"".into(),
+        );
+    }
+    Some(Foreach {
+        items: items.clone(),
+        max_concurrent,
+        max_items,
+        continue_on_failure: s.continue_on_failure,
+    })
 }
 
 fn is_param_name(name: &str) -> bool {
@@ -720,20 +888,50 @@ fn check_graph(path: &Path, steps: &[Step], params: &BTreeMap<String, Option<Str
     }
     for s in steps {
         let upstream = ancestors(s, steps, &index);
+        if let Some(c) = &s.when {
+            let e = |m: String| ConfigError::file(path, m).step(&s.name).field("when");
+            for p in c.params.iter().filter(|p| !params.contains_key(*p)) {
+                errors.push(e(format!("unknown parameter \"{p}\" in params.{p}")));
+            }
+            for o in c.steps.iter().filter(|o| !upstream.contains(o.as_str())) {
+                errors.push(e(format!(
+                    "steps.{o} names a step that is not upstream of \"{}\" (add it to depends)",
+                    s.name
+                )));
+            }
+        }
         for (field, text) in s.templates() {
             let e = |m: String| ConfigError::file(path, m).step(&s.name).field(field.clone());
             match template::refs(text) {
                 Err(m) => errors.push(e(m)),
                 Ok(refs) => {
+                    // `${item}` and `${index}` mean the item in a foreach
+                    // step's fields, not in the array it goes over.
+                    let in_item = s.foreach.is_some() && field != "foreach";
                     for r in refs {
                         match r {
+                            Ref::Param(p) if in_item && [template::ITEM, template::INDEX].contains(&p) => {}
                             Ref::Param(p) if !params.contains_key(p) => {
                                 errors.push(e(format!("unknown parameter \"{p}\" in \"${{{p}}}\"")))
+                            }
+                            Ref::Item(_) if !in_item => {
+                                errors.push(e("\"${item...}\" is only known in the fields of a foreach step".into()))
                             }
                             Ref::Output(o) if !upstream.contains(o) => errors.push(e(format!(
                                 "\"${{{o}.output}}\" names a step that is not upstream of \"{}\" (add it to depends)",
                                 s.name
                             ))),
+                            Ref::Json(o, path) if !upstream.contains(o) => {
+                                let path = if path.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(".{path}")
+                                };
+                                errors.push(e(format!(
+                                    "\"${{{o}.json{path}}}\" names a step that is not upstream of \"{}\" (add it to depends)",
+                                    s.name
+                                )))
+                            }
                             _ => {}
                         }
                     }

@@ -471,7 +471,7 @@ fn resolve_substitutes_params_and_upstream_outputs() {
     let spec = research
         .step("analyze")
         .unwrap()
-        .resolve(&params, &outputs, 1 << 20)
+        .resolve(&courier_config::template::Values::new(&params, &outputs, None), 1 << 20)
         .unwrap();
     let StepRun::Agent(agent) = spec.run else {
         panic!("agent step")
@@ -885,4 +885,59 @@ fn an_approval_step_is_checked() {
         errors.iter().any(|e| e.contains("step \"c\"") && e.contains("nope")),
         "{errors:#?}"
     );
+}
+
+#[test]
+fn foreach_fields_are_checked() {
+    let errors = workflow_errors(
+        "  - name: plan\n    echo: '[1]'\n  - name: a\n    depends: [plan]\n    foreach: '${plan.json.files}'\n    max_concurrent: 0\n    max_items: 200000\n    echo: '${item.path} ${index}'\n  - name: b\n    max_concurrent: 2\n    echo: '${item}'\n  - name: c\n    foreach: '${other.json}'\n    echo: x\n  - name: item\n    echo: x\n  - name: d\n    foreach: '[1]'\n    approval: {message: ok?}\n",
+    );
+    for expected in [
+        "/workflows/t.yaml:9: step \"a\": field \"max_concurrent\": must be from 1 to 10000",
+        "/workflows/t.yaml:10: step \"a\": field \"max_items\": must be from 1 to 100000",
+        "/workflows/t.yaml:13: step \"b\": field \"max_concurrent\": applies to foreach steps only",
+        "/workflows/t.yaml:14: step \"b\": field \"echo\": unknown parameter \"item\" in \"${item}\"",
+        "/workflows/t.yaml:16: step \"c\": field \"foreach\": \"${other.json}\" names a step that is not upstream of \"c\" (add it to depends)",
+        "/workflows/t.yaml:18: step \"item\": field \"name\": \"item\" is reserved for foreach items",
+        "/workflows/t.yaml:21: step \"d\": field \"foreach\": an approval step cannot be a foreach",
+    ] {
+        assert!(
+            errors.iter().any(|e| e == expected),
+            "missing {expected}\nin {errors:#?}"
+        );
+    }
+    assert!(
+        !errors.iter().any(|e| e.contains("step \"a\": field \"echo\"")),
+        "{errors:#?}"
+    );
+}
+
+#[test]
+fn when_conditions_are_parsed_and_checked_at_load() {
+    let errors = workflow_errors(
+        "  - name: plan\n    echo: x\n  - name: a\n    depends: [plan]\n    when: steps.plan.json.n >\n    echo: x\n  - name: b\n    when: steps.plan.output == 'x'\n    echo: x\n  - name: c\n    when: params.nope == 'x' || env.HOME == ''\n    echo: x\n  - name: d\n    depends: [plan]\n    when: params.topic == 'x' && steps.plan.json.n > 1\n    depends_on_skipped: run\n    echo: x\n",
+    );
+    let has = |prefix: &str, text: &str| errors.iter().any(|e| e.starts_with(prefix) && e.contains(text));
+    assert!(
+        has(
+            "/workflows/t.yaml:8: step \"a\": field \"when\": ",
+            "not a CEL expression: 1:20: Syntax error"
+        ),
+        "{errors:#?}"
+    );
+    assert!(
+        has(
+            "/workflows/t.yaml:11: step \"b\": field \"when\": ",
+            "steps.plan names a step that is not upstream of \"b\" (add it to depends)"
+        ),
+        "{errors:#?}"
+    );
+    assert!(
+        has(
+            "/workflows/t.yaml:14: step \"c\": field \"when\": ",
+            "unknown name \"env\""
+        ),
+        "{errors:#?}"
+    );
+    assert!(!errors.iter().any(|e| e.contains("step \"d\"")), "{errors:#?}");
 }

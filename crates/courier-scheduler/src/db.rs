@@ -128,6 +128,19 @@ CREATE TABLE run_params (
 INSERT INTO run_params (run_id, params) SELECT id, params FROM runs;
 UPDATE runs SET params = '';
 ",
+    // 5: foreach. Each item is a step row of its own (`name[index]`, its
+    // value in `item`, its step in `parent`); the foreach step counts its
+    // items: how many, how many started, how many not yet ended, failed.
+    "
+ALTER TABLE steps ADD COLUMN parent TEXT;
+ALTER TABLE steps ADD COLUMN item_index INTEGER;
+ALTER TABLE steps ADD COLUMN item TEXT;
+ALTER TABLE steps ADD COLUMN items_total INTEGER;
+ALTER TABLE steps ADD COLUMN items_next INTEGER;
+ALTER TABLE steps ADD COLUMN items_left INTEGER;
+ALTER TABLE steps ADD COLUMN items_failed INTEGER;
+CREATE INDEX steps_items ON steps (run_id, parent, item_index) WHERE parent IS NOT NULL;
+",
 ];
 
 // Statuses are written as values from the enums, but filtered on as
@@ -473,7 +486,7 @@ impl Db {
         let mut stmt = self.conn.prepare_cached(
             "SELECT name, queue, status, attempts, output, error, worker, started_ms, finished_ms,
                     model, input_tokens, output_tokens, transcript, waiting_on, cost
-             FROM steps WHERE run_id = ?1 ORDER BY position",
+             FROM steps WHERE run_id = ?1 ORDER BY position, item_index",
         )?;
         run.steps = stmt
             .query_map([id], |r| {

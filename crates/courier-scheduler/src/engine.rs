@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use courier_config::template::{Item, Values};
 use courier_config::{
     AgentStore, Config, MemoryScope, PROPOSE_MEMORY_TOOL, ParamError, Step, StoreError, Workflow, build_snapshot,
 };
@@ -27,7 +28,10 @@ use rusqlite::Transaction;
 use uuid::Uuid;
 
 use crate::db::tx::{self, NewTask, RunRow};
+
+mod flow;
 use crate::db::{Db, DbError, OutboxTask, RunStatus, RunView, StepStatus, TaskRow};
+use flow::{item_value, step_of};
 
 /// Why a submission was refused; nothing was stored or published.
 #[derive(Debug, thiserror::Error)]
@@ -395,12 +399,15 @@ impl Engine {
                 };
                 let run = tx::run(t, &row.run_id)?.ok_or_else(|| gone(format!("run {} is gone", row.run_id)))?;
                 let wf = self.workflow(&run.workflow)?;
-                let step = wf.step(&row.step).filter(|s| s.approval.is_none()).ok_or_else(|| {
-                    gone(format!(
-                        "no longer a step to run in workflow \"{}\" (gone, or now an approval)",
-                        run.workflow
-                    ))
-                })?;
+                let (step, index) = step_of(wf, &row.step)
+                    .filter(|(s, index)| s.approval.is_none() && (s.foreach.is_none() || index.is_some()))
+                    .ok_or_else(|| {
+                        gone(format!(
+                            "no longer a step to run in workflow \"{}\" (gone, or now an approval or a foreach)",
+                            run.workflow
+                        ))
+                    })?;
+                let item = item_value(t, &row.run_id, &row.step, index)?;
                 let params = run_params(t, &row.run_id)?;
                 let upstream = outputs(t, &row.run_id, wf, step)?;
                 let attempt = Attempt {
@@ -409,7 +416,15 @@ impl Engine {
                     due_ms: row.not_before_ms,
                     run_deadline_ms: run.deadline_ms,
                 };
-                let task = self.plan_task(wf, step, parse_uuid(&row.run_id), attempt, &params, &upstream)?;
+                let task = self.plan_task(
+                    wf,
+                    step,
+                    (&row.step, item.as_ref()),
+                    parse_uuid(&row.run_id),
+                    attempt,
+                    &params,
+                    &upstream,
+                )?;
                 Ok((task.body, task.snapshot_hash))
             })
         })
@@ -493,13 +508,16 @@ impl Engine {
         let deadline = wf.timeout.map(|t| now.saturating_add(millis(t)));
         // Build every first task before touching the database: a missing
         // resource or an oversized task fails the submit with nothing stored.
+        // (A foreach or conditional first step is started in the transaction:
+        // its items or its condition are the run's business.)
         let first: Vec<(&Step, PlannedTask)> = wf
             .steps()
             .iter()
-            .filter(|s| s.depends.is_empty())
+            .filter(|s| s.depends.is_empty() && s.foreach.is_none() && s.when.is_none())
             .map(|s| {
                 let attempt = Attempt::first(now, deadline);
-                Ok((s, self.plan_task(wf, s, run_id, attempt, &params, &BTreeMap::new())?))
+                let task = self.plan_task(wf, s, (&s.name, None), run_id, attempt, &params, &BTreeMap::new())?;
+                Ok((s, task))
             })
             .collect::<Result<_, SubmitError>>()?;
         let params_json = serde_json::to_string(&params).unwrap_or_else(|_| "{}".into());
@@ -546,9 +564,19 @@ impl Engine {
                     tx::wait_step(t, &run, &step.name, None, None)?;
                     c.effects.admit = true;
                 } else {
-                    write_task(c, &run, step, task)?;
+                    write_task(c, &run, step, &step.name, task)?;
                 }
             }
+            let mut states = Statuses::new(&run);
+            let mut run_params = Some(params.clone());
+            for step in wf
+                .steps()
+                .iter()
+                .filter(|s| s.depends.is_empty() && (s.foreach.is_some() || s.when.is_some()))
+            {
+                self.start(c, wf, &row, step, &mut states, &mut run_params)?;
+            }
+            finish_if_done(c, &run)?;
             if c.effects.admit {
                 self.admit_in(c)?;
             }
@@ -644,12 +672,21 @@ impl Engine {
         reason: &str,
     ) -> Result<(), DbError> {
         tx::finish_step(c.t, run, name, StepStatus::Cancelled, None, Some(reason), None, c.now)?;
+        // A foreach step's items go with it (the control names the step: a
+        // worker stops its items too).
+        for item in tx::open_items(c.t, run, name)? {
+            tx::finish_step(c.t, run, &item, StepStatus::Cancelled, None, Some(reason), None, c.now)?;
+        }
         let dropped = tx::cancel_unpublished(c.t, run, Some(name), c.now)?;
         c.effects.dropped.extend(dropped);
         tx::insert_control(c.t, run, Some(name), reason, c.now)?;
         c.effects.admit = true;
         if let Some(wf) = wf {
             skip_downstream(c, wf, run, name, "was cancelled", &mut Statuses::new(run))?;
+            // One item of a foreach: its step goes on (or ends) without it.
+            if let Some((step, Some(_))) = step_of(wf, name) {
+                self.advance_foreach(c, wf, run, step, &mut Statuses::new(run), &mut None)?;
+            }
         }
         tracing::info!(%run, step = %name, %reason, "step cancelled");
         Ok(())
@@ -820,7 +857,7 @@ impl Engine {
         params: &BTreeMap<String, String>,
         upstream: &BTreeMap<String, String>,
     ) -> String {
-        match step.resolve(params, upstream, self.limits.task.max_decompressed) {
+        match step.resolve(&Values::new(params, upstream, None), self.limits.task.max_decompressed) {
             Ok(spec) => match spec.run {
                 StepRun::Echo { text } => text,
                 _ => String::new(),
@@ -951,11 +988,11 @@ impl Engine {
         let Some((run_row, step_status)) = tx::run_and_step(c.t, run, &row.step)? else {
             return Ok(());
         };
-        let Some((wf, step)) = self
+        let Some((wf, (step, index))) = self
             .config
             .workflows
             .get(&run_row.workflow)
-            .and_then(|wf| Some((wf, wf.step(&row.step)?)))
+            .and_then(|wf| Some((wf, step_of(wf, &row.step)?)))
         else {
             if run_row.status == RunStatus::Running {
                 let error = format!(
@@ -967,7 +1004,7 @@ impl Engine {
             return Ok(());
         };
         // Money spent is recorded whatever became of the run.
-        self.record_spend(c, run, step, r)?;
+        self.record_spend(c, run, &row.step, step, r)?;
         if run_row.status != RunStatus::Running || step_status != Some(StepStatus::Running) {
             tracing::debug!(%run, step = %step.name, "result for a cancelled run or step: recorded, nothing else");
             return Ok(());
@@ -989,13 +1026,22 @@ impl Engine {
             return Ok(());
         }
         let mut states = Statuses::new(run);
-        match r.status {
-            TaskStatus::Succeeded => self.succeed(c, wf, &run_row, step, r, &mut states)?,
-            TaskStatus::Cancelled => {
-                let reason = r.error.clone().unwrap_or_else(|| "cancelled".into());
-                self.cancel_step(c, Some(wf), run, &step.name, &reason)?;
+        match (r.status, index) {
+            (TaskStatus::Succeeded, None) => self.succeed(c, wf, &run_row, step, r, &mut states)?,
+            (TaskStatus::Succeeded, Some(_)) => {
+                self.record_success(c, wf, run, &row.step, &r.output, &r.worker_id, &r.memory_updates)?;
+                self.advance_foreach(c, wf, run, step, &mut states, &mut None)?;
             }
-            _ => self.fail_or_retry(c, wf, &run_row, step, row, r, &mut states)?,
+            (TaskStatus::Cancelled, _) => {
+                let reason = r.error.clone().unwrap_or_else(|| "cancelled".into());
+                self.cancel_step(c, Some(wf), run, &row.step, &reason)?;
+            }
+            _ => {
+                self.fail_or_retry(c, wf, &run_row, (step, &row.step, index), row, r, &mut states)?;
+                if index.is_some() {
+                    self.advance_foreach(c, wf, run, step, &mut states, &mut None)?;
+                }
+            }
         }
         if !self.enforce_budget(c, run, wf)? {
             finish_if_done(c, run)?;
@@ -1004,7 +1050,14 @@ impl Engine {
     }
 
     /// Record an agent step's model, tokens, cost and transcript.
-    fn record_spend(&self, c: &mut Change<'_, '_>, run: &str, step: &Step, r: &TaskResult) -> Result<(), DbError> {
+    fn record_spend(
+        &self,
+        c: &mut Change<'_, '_>,
+        run: &str,
+        name: &str,
+        step: &Step,
+        r: &TaskResult,
+    ) -> Result<(), DbError> {
         let (Some(label), StepRun::Agent(_)) = (&r.model, &step.run) else {
             return Ok(());
         };
@@ -1016,7 +1069,7 @@ impl Engine {
             .and_then(|m| m.pricing)
             .map(|p| p.cost(input, output));
         let transcript = serde_json::to_string(&r.transcript).unwrap_or_else(|_| "[]".into());
-        tx::record_agent(c.t, run, &step.name, label, (input, output), cost, &transcript)?;
+        tx::record_agent(c.t, run, name, label, (input, output), cost, &transcript)?;
         c.applied.spend.push((model.to_string(), input, output, cost));
         Ok(())
     }
@@ -1054,27 +1107,56 @@ impl Engine {
         states: &mut Statuses<'_>,
     ) -> Result<(), DbError> {
         let run = states.run;
-        let worker = Some(r.worker_id.as_str());
+        self.record_success(c, wf, run, &step.name, &r.output, &r.worker_id, &r.memory_updates)?;
+        states.set(&step.name, StepStatus::Succeeded);
+        self.release_dependents(c, wf, run_row, step, states, &mut None)
+    }
+
+    /// Record a step (or item) as succeeded with `output`, and queue its
+    /// memory proposals for after the commit.
+    #[allow(clippy::too_many_arguments)]
+    fn record_success(
+        &self,
+        c: &mut Change<'_, '_>,
+        wf: &Workflow,
+        run: &str,
+        name: &str,
+        output: &str,
+        worker: &str,
+        memory: &[MemoryUpdate],
+    ) -> Result<(), DbError> {
         tx::finish_step(
             c.t,
             run,
-            &step.name,
+            name,
             StepStatus::Succeeded,
-            Some(&r.output),
+            Some(output),
             None,
-            worker,
+            Some(worker),
             c.now,
         )?;
-        states.set(&step.name, StepStatus::Succeeded);
-        c.effects.memory.extend(r.memory_updates.iter().map(|u| MemoryWrite {
+        c.effects.memory.extend(memory.iter().map(|u| MemoryWrite {
             run: run.to_string(),
-            step: step.name.clone(),
+            step: name.to_string(),
             workflow: wf.name.clone(),
             update: u.clone(),
         }));
-        let mut params = None;
-        // Each dependent counts down its dependencies still to succeed: a
-        // result costs the same whatever the run's width.
+        Ok(())
+    }
+
+    /// `step` succeeded (or was skipped, for a dependent that runs anyway):
+    /// each dependent counts down its dependencies still to succeed, and
+    /// starts when none is left. A result costs the same whatever the run's width.
+    fn release_dependents(
+        &self,
+        c: &mut Change<'_, '_>,
+        wf: &Workflow,
+        run_row: &RunRow,
+        step: &Step,
+        states: &mut Statuses<'_>,
+        params: &mut Option<BTreeMap<String, String>>,
+    ) -> Result<(), DbError> {
+        let run = states.run;
         for s in wf.dependents(&step.name) {
             let Some((status, pending)) = tx::dependency_done(c.t, run, &s.name)? else {
                 continue;
@@ -1094,7 +1176,7 @@ impl Engine {
                 }
             };
             if ready {
-                self.start(c, wf, run_row, s, states, &mut params)?;
+                self.start(c, wf, run_row, s, states, params)?;
             }
         }
         Ok(())
@@ -1116,6 +1198,20 @@ impl Engine {
         if params.is_none() {
             *params = Some(run_params(c.t, run)?);
         }
+        if let Some(condition) = &s.when {
+            let upstream = outputs(c.t, run, wf, s)?;
+            match condition.eval(params.as_ref().unwrap_or(&BTreeMap::new()), &upstream) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let why = format!("when: {} is false", condition.source);
+                    return self.skip(c, wf, run_row, s, &why, states, params);
+                }
+                Err(e) => return fail_step(c, wf, run, &s.name, &format!("when: {e}"), "scheduler", states),
+            }
+        }
+        if s.foreach.is_some() {
+            return self.start_foreach(c, wf, s, states, params);
+        }
         if let Some(approval) = &s.approval {
             let upstream = outputs(c.t, run, wf, s)?;
             let message = self.approval_message(s, params.as_ref().unwrap_or(&BTreeMap::new()), &upstream);
@@ -1136,6 +1232,7 @@ impl Engine {
         let planned = self.plan_task(
             wf,
             s,
+            (&s.name, None),
             parse_uuid(run),
             attempt,
             params.as_ref().unwrap_or(&BTreeMap::new()),
@@ -1143,7 +1240,7 @@ impl Engine {
         );
         match planned {
             Ok(task) => {
-                write_task(c, run, s, task)?;
+                write_task(c, run, s, &s.name, task)?;
                 states.set(&s.name, StepStatus::Running);
                 Ok(())
             }
@@ -1159,7 +1256,7 @@ impl Engine {
         c: &mut Change<'_, '_>,
         wf: &Workflow,
         run_row: &RunRow,
-        step: &Step,
+        (step, name, index): (&Step, &str, Option<usize>),
         row: &TaskRow,
         r: &TaskResult,
         states: &mut Statuses<'_>,
@@ -1168,7 +1265,7 @@ impl Engine {
         let error = r.error.clone().unwrap_or_else(|| r.status.as_str().to_string());
         let retryable = r.status != TaskStatus::Rejected;
         if !(retryable && row.attempt <= step.retry.limit) {
-            return fail_step(c, wf, run, &step.name, &error, &r.worker_id, states);
+            return fail_step(c, wf, run, name, &error, &r.worker_id, states);
         }
         let attempt = row.attempt + 1;
         let pause = Duration::from_millis(r.rate_limited_ms.unwrap_or(0)).min(courier_wire::MAX_RATE_LIMIT_PAUSE);
@@ -1178,11 +1275,11 @@ impl Engine {
         // admission, which applies them all, priorities included.
         if self.held(c, wf, run_row, step)? {
             let why = format!("retry after {}", courier_wire::humanize(delay));
-            tx::wait_step(c.t, run, &step.name, Some(&why), Some(due))?;
-            tx::note_step_error(c.t, run, &step.name, &error, &r.worker_id)?;
+            tx::wait_step(c.t, run, name, Some(&why), Some(due))?;
+            tx::note_step_error(c.t, run, name, &error, &r.worker_id)?;
             c.applied.retried += 1;
             c.effects.admit = true;
-            tracing::info!(run = %run, step = %step.name, attempt, delay_ms = delay.as_millis() as u64, %error, "retrying step through admission");
+            tracing::info!(run = %run, step = %name, attempt, delay_ms = delay.as_millis() as u64, %error, "retrying step through admission");
             return Ok(());
         }
         let upstream = outputs(c.t, run, wf, step)?;
@@ -1193,18 +1290,27 @@ impl Engine {
             run_deadline_ms: run_row.deadline_ms,
         };
         let params = run_params(c.t, run)?;
-        match self.plan_task(wf, step, parse_uuid(run), next, &params, &upstream) {
+        let item = item_value(c.t, run, name, index)?;
+        match self.plan_task(
+            wf,
+            step,
+            (name, item.as_ref()),
+            parse_uuid(run),
+            next,
+            &params,
+            &upstream,
+        ) {
             Ok(task) => {
-                write_task(c, run, step, task)?;
+                write_task(c, run, step, name, task)?;
                 // After the write, which clears the error of a step it starts.
-                tx::note_step_error(c.t, run, &step.name, &error, &r.worker_id)?;
+                tx::note_step_error(c.t, run, name, &error, &r.worker_id)?;
                 c.applied.retried += 1;
-                tracing::info!(run = %run, trace_id = %trace_id(run), step = %step.name, attempt, delay_ms = delay.as_millis() as u64, %error, "retrying step");
+                tracing::info!(run = %run, trace_id = %trace_id(run), step = %name, attempt, delay_ms = delay.as_millis() as u64, %error, "retrying step");
                 Ok(())
             }
             Err(e) => {
                 let error = format!("{error}; retry impossible: {e}");
-                fail_step(c, wf, run, &step.name, &error, &r.worker_id, states)
+                fail_step(c, wf, run, name, &error, &r.worker_id, states)
             }
         }
     }
@@ -1255,11 +1361,11 @@ impl Engine {
         }
         let mut counts = Counts::read(c.t)?;
         for w in waiting {
-            let Some((wf, step)) = self
+            let Some((wf, (step, index))) = self
                 .config
                 .workflows
                 .get(&w.workflow)
-                .and_then(|wf| Some((wf, wf.step(&w.step)?)))
+                .and_then(|wf| Some((wf, step_of(wf, &w.step)?)))
             else {
                 let error = format!(
                     "step \"{}\" of workflow \"{}\" is no longer configured",
@@ -1268,8 +1374,8 @@ impl Engine {
                 fail_run(c, &w.run, &error)?;
                 continue;
             };
-            if step.approval.is_some() {
-                // The config made it an approval since it started waiting.
+            if index.is_none() && (step.approval.is_some() || step.foreach.is_some()) {
+                // The config made it an approval or a foreach since it started waiting.
                 let Some(run_row) = tx::run(c.t, &w.run)?.filter(|r| r.status == RunStatus::Running) else {
                     continue;
                 };
@@ -1303,7 +1409,9 @@ impl Engine {
                     number: w.attempts + 1,
                     ..Attempt::first(c.now, run_row.deadline_ms)
                 };
-                match self.plan_task(wf, step, parse_uuid(&w.run), attempt, &params, &upstream) {
+                let item = item_value(c.t, &w.run, &w.step, index)?;
+                let unit = (w.step.as_str(), item.as_ref());
+                match self.plan_task(wf, step, unit, parse_uuid(&w.run), attempt, &params, &upstream) {
                     Ok(task) => {
                         if let (Some(model), Some(limit)) = (model, terms.and_then(|t| t.limits.tokens_per_minute)) {
                             let (_, used) = counts.window(c.t, model, c.now)?;
@@ -1321,6 +1429,9 @@ impl Engine {
                     Err(e) => {
                         let mut states = Statuses::new(&w.run);
                         fail_step(c, wf, &w.run, &w.step, &e.to_string(), "scheduler", &mut states)?;
+                        if index.is_some() {
+                            self.advance_foreach(c, wf, &w.run, step, &mut states, &mut None)?;
+                        }
                         finish_if_done(c, &w.run)?;
                         continue;
                     }
@@ -1339,7 +1450,7 @@ impl Engine {
                 counts.admitted_runs.insert(w.run.clone());
             }
             counts.took(&wf.name, &step.queue, model, &task);
-            write_task(c, &w.run, step, task)?;
+            write_task(c, &w.run, step, &w.step, task)?;
         }
         Ok(())
     }
@@ -1407,19 +1518,23 @@ impl Engine {
     /// task's deadline is its due time, plus the longest it may wait for a
     /// worker, plus the step's timeout, and never after its run's deadline:
     /// a worker refuses it after that (so a replayed task is refused too).
+    /// `unit` is the task's step name and, for a foreach item, the item.
+    #[allow(clippy::too_many_arguments)]
     fn plan_task(
         &self,
         wf: &Workflow,
         step: &Step,
+        (name, item): (&str, Option<&Item>),
         run_id: Uuid,
         attempt: Attempt,
         params: &BTreeMap<String, String>,
         upstream: &BTreeMap<String, String>,
     ) -> Result<PlannedTask, SubmitError> {
+        let values = Values::new(params, upstream, item);
         let spec = step
-            .resolve(params, upstream, self.limits.task.max_decompressed)
+            .resolve(&values, self.limits.task.max_decompressed)
             .map_err(|message| SubmitError::Template {
-                step: step.name.clone(),
+                step: name.to_string(),
                 message,
             })?;
         let snapshot = self.snapshot(wf, step)?;
@@ -1439,7 +1554,7 @@ impl Engine {
             task_id: attempt.task_id,
             run_id,
             workflow: wf.name.clone(),
-            step: step.name.clone(),
+            step: name.to_string(),
             attempt: attempt.number,
             deadline_unix_ms: u64::try_from(deadline).unwrap_or(0),
             spec,
@@ -1448,7 +1563,7 @@ impl Engine {
             pool: step.queue.clone(),
         };
         let body = encode(&task, &self.limits.task).map_err(|source| SubmitError::TooLarge {
-            step: step.name.clone(),
+            step: name.to_string(),
             source,
         })?;
         Ok(PlannedTask {
@@ -1710,13 +1825,14 @@ fn run_params(t: &Transaction<'_>, run: &str) -> Result<BTreeMap<String, String>
     Ok(serde_json::from_str(&tx::run_params(t, run)?).unwrap_or_default())
 }
 
-fn write_task(c: &mut Change<'_, '_>, run: &str, step: &Step, task: PlannedTask) -> Result<(), DbError> {
+/// Write a task for `step` (`name` is the step's, or its item's) to the outbox.
+fn write_task(c: &mut Change<'_, '_>, run: &str, step: &Step, name: &str, task: PlannedTask) -> Result<(), DbError> {
     tx::insert_task(
         c.t,
         &NewTask {
             task_id: &task.task_id,
             run,
-            step: &step.name,
+            step: name,
             attempt: task.attempt,
             queue: &step.queue,
             snapshot_hash: &task.snapshot_hash,
@@ -1727,7 +1843,7 @@ fn write_task(c: &mut Change<'_, '_>, run: &str, step: &Step, task: PlannedTask)
         },
         c.now,
     )?;
-    tx::start_step(c.t, run, &step.name, task.attempt, c.now)?;
+    tx::start_step(c.t, run, name, task.attempt, c.now)?;
     c.effects.written.push((task.task_id, task.body));
     c.applied.dispatched += 1;
     Ok(())

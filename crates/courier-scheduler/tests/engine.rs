@@ -8,66 +8,11 @@ use std::path::Path;
 use courier_config::Config;
 use courier_scheduler::db::{Db, RunStatus, StepStatus};
 use courier_scheduler::engine::{Engine, EngineLimits, NORMAL_PRIORITY};
-use courier_wire::{Limits, StepRun, Task, TaskResult, TaskStatus, decode};
+use courier_wire::{StepRun, Task, TaskResult, TaskStatus};
 use uuid::Uuid;
 
-fn example() -> Config {
-    Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config")).unwrap()
-}
-
-fn engine(db: &Path) -> Engine {
-    Engine::new(example(), Db::open(db).unwrap(), EngineLimits::default())
-}
-
-fn result(task: &Task, status: TaskStatus, output: &str) -> TaskResult {
-    TaskResult {
-        task_id: task.task_id,
-        run_id: task.run_id,
-        step: task.step.clone(),
-        attempt: task.attempt,
-        status,
-        output: output.into(),
-        error: (status != TaskStatus::Succeeded).then(|| "boom".to_string()),
-        started_unix_ms: 1,
-        finished_unix_ms: 2,
-        worker_id: "w".into(),
-        memory_updates: Vec::new(),
-        model: None,
-        usage: None,
-        transcript: Vec::new(),
-        rate_limited_ms: None,
-    }
-}
-
-/// The due outbox tasks, decoded.
-fn due(engine: &Engine) -> Vec<(Task, String)> {
-    let rows = engine.with_db(|db| db.unpublished_tasks(10_000)).unwrap();
-    rows.iter()
-        .map(|row| {
-            let (body, hash) = engine.task_body(row).unwrap();
-            (
-                decode::<Task>(
-                    &body,
-                    &Limits {
-                        max_compressed: 1 << 24,
-                        max_decompressed: 1 << 24,
-                    },
-                )
-                .unwrap(),
-                hash,
-            )
-        })
-        .collect()
-}
-
-/// Take the next due task and mark it published, as the outbox would.
-fn publish_next(engine: &Engine) -> Task {
-    let (task, _) = due(engine).remove(0);
-    engine
-        .with_db(|db| db.mark_published(&[task.task_id.to_string()]))
-        .unwrap();
-    task
-}
+mod support;
+use support::*;
 
 /// Submit a research run and let `gather` succeed; the run's ID and its
 /// published `analyze` task (retry {limit: 2}).
@@ -321,30 +266,6 @@ fn a_memory_update_that_cannot_be_written_is_recorded_on_the_step() {
         error.starts_with("the step's memory update was not written: "),
         "{error}"
     );
-}
-
-/// The example config with extra workflows, in a folder of its own.
-fn config_with(dir: &Path, workflows: &[(&str, &str)]) -> Config {
-    config_with_files(dir, workflows, &[])
-}
-
-/// The example config with extra workflows and files (paths relative to the folder).
-fn config_with_files(dir: &Path, workflows: &[(&str, &str)], files: &[(&str, &str)]) -> Config {
-    let config_dir = dir.join("config");
-    let copied = std::process::Command::new("cp")
-        .arg("-r")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config"))
-        .arg(&config_dir)
-        .status()
-        .unwrap();
-    assert!(copied.success());
-    for (name, yaml) in workflows {
-        std::fs::write(config_dir.join("workflows").join(format!("{name}.yaml")), yaml).unwrap();
-    }
-    for (path, text) in files {
-        std::fs::write(config_dir.join(path), text).unwrap();
-    }
-    Config::load(&config_dir).unwrap()
 }
 
 #[test]
@@ -617,11 +538,6 @@ fn a_token_window_holds_steps_and_real_usage_corrects_it() {
     assert_eq!((run.input_tokens, run.output_tokens), (60, 40));
 }
 
-/// An engine over `config` and the database at `db`.
-fn engine_over(config: Config, db: &Path) -> Engine {
-    Engine::new(config, Db::open(db).unwrap(), EngineLimits::default())
-}
-
 /// A workflow of one agent step on model `limited` (concurrency 1), retried.
 const LIMITED_MODEL: &str = "provider: scripted\nmodel: m\nlimits: {concurrency: 1}\nscript:\n  - text: hi\n";
 
@@ -721,28 +637,6 @@ fn wide(width: usize) -> String {
         all.join(", ")
     ));
     yaml
-}
-
-/// Publish every due task and answer each with `answer`, until none is
-/// due (waiting out retry delays); how many tasks were answered.
-fn drive(engine: &Engine, mut answer: impl FnMut(&Task) -> TaskStatus) -> usize {
-    let mut answered = 0;
-    for _ in 0..1000 {
-        let due = due(engine);
-        if due.is_empty() {
-            if engine.with_db(|db| db.unpublished_tasks(1)).unwrap().is_empty() {
-                return answered;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-            continue;
-        }
-        let ids: Vec<String> = due.iter().map(|(t, _)| t.task_id.to_string()).collect();
-        engine.with_db(|db| db.mark_published(&ids)).unwrap();
-        let results: Vec<TaskResult> = due.iter().map(|(t, _)| result(t, answer(t), "out")).collect();
-        answered += results.len();
-        engine.apply(&results).unwrap();
-    }
-    panic!("the run never settled");
 }
 
 #[test]

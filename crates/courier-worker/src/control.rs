@@ -147,7 +147,7 @@ impl Cancellations {
         }
         let mut stopped = 0;
         for running in inner.running.values() {
-            if running.run == run && step.is_none_or(|s| s == running.step) {
+            if running.run == run && step.is_none_or(|s| s == foreach_step(&running.step) || s == running.step) {
                 *running.reason.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.to_string());
                 running.stop.cancel();
                 stopped += 1;
@@ -157,8 +157,19 @@ impl Cancellations {
     }
 }
 
+/// The reason a task of `step` is cancelled: its run's, its step's, or
+/// (an item `name[3]` of a foreach) its foreach step's.
 fn reason_for(c: &Cancelled, step: &str) -> Option<String> {
-    c.run.clone().or_else(|| c.steps.get(step).cloned())
+    c.run
+        .clone()
+        .or_else(|| c.steps.get(step).or_else(|| c.steps.get(foreach_step(step))).cloned())
+}
+
+/// The foreach step an item's name (`name[3]`) belongs to; any other name as it is.
+fn foreach_step(step: &str) -> &str {
+    step.strip_suffix(']')
+        .and_then(|s| s.rsplit_once('['))
+        .map_or(step, |(base, _)| base)
 }
 
 /// Drop the oldest tenth of what is remembered.
@@ -290,6 +301,21 @@ mod tests {
         assert_eq!(c.start(&task(run, "c")).unwrap_err(), "stop it");
         drop(guard);
         assert_eq!(c.lock().running.len(), 1, "a finished step is unregistered");
+    }
+
+    #[test]
+    fn cancelling_a_foreach_step_covers_its_items() {
+        let c = Cancellations::default();
+        let run = Uuid::now_v7();
+        let item = c.start(&task(run, "review[3]")).unwrap();
+        let other = c.start(&task(run, "reviewer[0]")).unwrap();
+        assert_eq!(c.cancel(run, Some("review"), "enough"), 1);
+        assert!(item.stop.is_cancelled());
+        assert!(!other.stop.is_cancelled());
+        assert_eq!(c.start(&task(run, "review[7]")).unwrap_err(), "enough");
+        // One item alone.
+        assert_eq!(c.cancel(run, Some("reviewer[1]"), "not that one"), 0);
+        assert!(c.start(&task(run, "reviewer[2]")).is_ok());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::ExitCode;
 
+use courier_config::template::Values;
 use courier_config::{AgentStore, Config, ConfigError, ConfigErrors, Step, Workflow, build_snapshot};
 use courier_wire::{Limits, Task, encode};
 
@@ -67,9 +68,9 @@ fn task_with_defaults(wf: &Workflow, step: &Step, snapshot: Vec<u8>, limits: &Li
         .iter()
         .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
         .collect();
-    let outputs: BTreeMap<String, String> = wf.steps().iter().map(|s| (s.name.clone(), String::new())).collect();
+    let outputs = BTreeMap::new();
     let spec = step
-        .resolve(&params, &outputs, limits.max_decompressed)
+        .resolve(&Values::lenient(&params, &outputs), limits.max_decompressed)
         .map_err(|e| format!("with its parameters' defaults: {e}"))?;
     let task = Task {
         task_id: uuid::Uuid::nil(),

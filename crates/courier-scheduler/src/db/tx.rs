@@ -195,7 +195,8 @@ pub fn finish_task(
     Ok(())
 }
 
-/// Tasks of a run (or of one step) not yet published: never published now.
+/// Tasks of a run (or of one step, a foreach step's items included) not
+/// yet published: never published now.
 /// Their ids.
 pub fn cancel_unpublished(
     tx: &Transaction<'_>,
@@ -205,8 +206,8 @@ pub fn cancel_unpublished(
 ) -> Result<Vec<String>, DbError> {
     let ids: Vec<String> = tx
         .prepare_cached(
-            "SELECT task_id FROM tasks WHERE run_id = ?1 AND (?2 IS NULL OR step = ?2) AND published = 0
-             AND status = 'dispatched'",
+            "SELECT task_id FROM tasks WHERE run_id = ?1 AND published = 0 AND status = 'dispatched'
+             AND (?2 IS NULL OR step = ?2 OR substr(step, 1, length(?2) + 1) = ?2 || '[')",
         )?
         .query_map(params![run, step], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
@@ -297,23 +298,27 @@ pub fn open_step_count(tx: &Transaction<'_>, run: &str) -> Result<i64, DbError> 
     .query_row([run], |r| r.get(0))
 }
 
-/// Names of the run's steps with `status`, in workflow order.
+/// Names of the run's steps with `status`, in workflow order (foreach
+/// items are their step's business, not the run's).
 pub fn steps_with(tx: &Transaction<'_>, run: &str, status: StepStatus) -> Result<Vec<String>, DbError> {
     // The status as a literal (see the note above `MIGRATIONS`): one of the enum's own names.
     let mut stmt = tx.prepare_cached(&format!(
-        "SELECT name FROM steps WHERE run_id = ?1 AND status = '{}' ORDER BY position",
+        "SELECT name FROM steps WHERE run_id = ?1 AND status = '{}' AND parent IS NULL ORDER BY position",
         status.as_str()
     ))?;
     let rows = stmt.query_map([run], |r| r.get(0))?;
     rows.collect()
 }
 
-/// The output of one step of a run, if it has one.
+/// The output of one step of a run, if it has one: a skipped step's is empty.
 pub fn step_output(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option<String>, DbError> {
-    tx.prepare_cached("SELECT output FROM steps WHERE run_id = ?1 AND name = ?2 AND status = 'succeeded'")?
-        .query_row([run, name], |r| r.get(0))
-        .optional()
-        .map(Option::flatten)
+    tx.prepare_cached(
+        "SELECT CASE status WHEN 'succeeded' THEN output ELSE '' END FROM steps
+         WHERE run_id = ?1 AND name = ?2 AND status IN ('succeeded', 'skipped')",
+    )?
+    .query_row([run, name], |r| r.get(0))
+    .optional()
+    .map(Option::flatten)
 }
 
 /// A step is dispatched for `attempt`.
@@ -406,8 +411,140 @@ pub fn finish_step(
     if changed > 0 {
         tx.prepare_cached("UPDATE runs SET open_steps = open_steps - 1 WHERE id = ?1 AND open_steps IS NOT NULL")?
             .execute([run])?;
+        // A foreach item: its step has one item less to wait for.
+        if name.ends_with(']') {
+            tx.prepare_cached(
+                "UPDATE steps SET items_left = items_left - 1, items_failed = items_failed + ?3
+                 WHERE run_id = ?1 AND name = (SELECT parent FROM steps WHERE run_id = ?1 AND name = ?2)",
+            )?
+            .execute(params![run, name, i64::from(status != StepStatus::Succeeded)])?;
+        }
     }
     Ok(())
+}
+
+/// A foreach step's counters: items in all, started, not yet ended, failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Items {
+    pub total: i64,
+    pub next: i64,
+    pub left: i64,
+    pub failed: i64,
+}
+
+impl Items {
+    /// Items started and not yet ended.
+    pub fn in_flight(self) -> i64 {
+        self.next - (self.total - self.left)
+    }
+}
+
+/// Start a foreach step: one pending row per item (`name[index]`, at the
+/// step's position, its value as JSON), counted among the run's open steps.
+pub fn start_foreach(tx: &Transaction<'_>, run: &str, name: &str, items: &[String], now: i64) -> Result<(), DbError> {
+    let (position, queue): (i64, String) = tx
+        .prepare_cached("SELECT position, queue FROM steps WHERE run_id = ?1 AND name = ?2")?
+        .query_row([run, name], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO steps (run_id, name, position, queue, status, pending_deps, parent, item_index, item)
+         VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?8)",
+    )?;
+    for (i, item) in items.iter().enumerate() {
+        insert.execute(params![
+            run,
+            format!("{name}[{i}]"),
+            position,
+            queue,
+            StepStatus::Pending,
+            name,
+            i as i64,
+            item
+        ])?;
+    }
+    let n = items.len() as i64;
+    tx.prepare_cached("UPDATE runs SET open_steps = open_steps + ?2 WHERE id = ?1 AND open_steps IS NOT NULL")?
+        .execute(params![run, n])?;
+    tx.prepare_cached(
+        "UPDATE steps SET status = ?3, started_ms = ?4, items_total = ?5, items_next = 0, items_left = ?5,
+                          items_failed = 0, error = NULL, waiting_on = NULL
+         WHERE run_id = ?1 AND name = ?2",
+    )?
+    .execute(params![run, name, StepStatus::Running, now, n])?;
+    Ok(())
+}
+
+/// A foreach step's counters (`None` for any other step).
+pub fn items(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option<Items>, DbError> {
+    let items = tx
+        .prepare_cached(
+            "SELECT items_total, items_next, items_left, items_failed FROM steps
+             WHERE run_id = ?1 AND name = ?2 AND items_total IS NOT NULL",
+        )?
+        .query_row([run, name], |r| {
+            Ok(Items {
+                total: r.get(0)?,
+                next: r.get(1)?,
+                left: r.get(2)?,
+                failed: r.get(3)?,
+            })
+        })
+        .optional()?;
+    Ok(items)
+}
+
+/// Take the next item of a foreach step to start: its index and value.
+pub fn take_item(tx: &Transaction<'_>, run: &str, name: &str, index: i64) -> Result<Option<String>, DbError> {
+    tx.prepare_cached("UPDATE steps SET items_next = ?3 + 1 WHERE run_id = ?1 AND name = ?2")?
+        .execute(params![run, name, index])?;
+    item(tx, run, &format!("{name}[{index}]"))
+}
+
+/// A foreach item's value, as JSON.
+pub fn item(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option<String>, DbError> {
+    tx.prepare_cached("SELECT item FROM steps WHERE run_id = ?1 AND name = ?2")?
+        .query_row([run, name], |r| r.get(0))
+        .optional()
+        .map(Option::flatten)
+}
+
+/// Skip a foreach step's items not yet started (after a failure); how many.
+pub fn skip_unstarted_items(tx: &Transaction<'_>, run: &str, name: &str, why: &str, now: i64) -> Result<i64, DbError> {
+    let skipped = tx
+        .prepare_cached(
+            "UPDATE steps SET status = ?3, error = ?4, finished_ms = ?5
+             WHERE run_id = ?1 AND parent = ?2 AND status = 'pending'",
+        )?
+        .execute(params![run, name, StepStatus::Skipped, why, now])? as i64;
+    tx.prepare_cached("UPDATE runs SET open_steps = open_steps - ?2 WHERE id = ?1 AND open_steps IS NOT NULL")?
+        .execute(params![run, skipped])?;
+    tx.prepare_cached(
+        "UPDATE steps SET items_next = items_total, items_left = items_left - ?3, items_failed = items_failed + ?3
+         WHERE run_id = ?1 AND name = ?2",
+    )?
+    .execute(params![run, name, skipped])?;
+    Ok(skipped)
+}
+
+/// A foreach item's end: status, output, error.
+pub type ItemResult = (StepStatus, Option<String>, Option<String>);
+
+/// A foreach step's items in order: status, output, error.
+pub fn item_results(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Vec<ItemResult>, DbError> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT status, output, error FROM steps WHERE run_id = ?1 AND parent = ?2 ORDER BY item_index",
+    )?;
+    let rows = stmt.query_map([run, name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    rows.collect()
+}
+
+/// A foreach step's open items.
+pub fn open_items(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Vec<String>, DbError> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT name FROM steps WHERE run_id = ?1 AND parent = ?2
+         AND status IN ('pending', 'waiting', 'running', 'waiting_approval') ORDER BY item_index",
+    )?;
+    let rows = stmt.query_map([run, name], |r| r.get(0))?;
+    rows.collect()
 }
 
 /// Record what an agent step's model did (latest attempt), adding its
@@ -506,7 +643,7 @@ pub fn waiting_steps(tx: &Transaction<'_>, now: i64, limit: usize) -> Result<Vec
         "SELECT s.run_id, r.workflow, s.name, r.admitted, s.waiting_on, s.attempts
          FROM steps s JOIN runs r ON r.id = s.run_id
          WHERE s.status = 'waiting' AND (s.not_before_ms IS NULL OR s.not_before_ms <= ?1)
-         ORDER BY r.priority DESC, r.created_ms, r.id, s.position LIMIT {limit}"
+         ORDER BY r.priority DESC, r.created_ms, r.id, s.position, s.item_index LIMIT {limit}"
     ))?;
     let rows = stmt.query_map(params![now], |r| {
         Ok(WaitingStep {

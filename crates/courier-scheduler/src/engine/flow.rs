@@ -1,0 +1,267 @@
+//! The workflow language's flow: `when` conditions (a false one skips the
+//! step, and skips propagate) and `foreach` steps (one task per item, at
+//! most `max_concurrent` at a time, the outputs gathered in item order).
+//!
+//! **Invariant:** a foreach item is a step row of its own, `name[index]`,
+//! dispatched, retried and cancelled like any step; its foreach step counts
+//! its items (`tx::Items`), so an item's result costs the same whatever the
+//! number of items, and the outputs are read once, when the last item ends.
+
+use std::collections::BTreeMap;
+
+use courier_config::template::Item;
+use courier_config::{OnSkipped, Step, Workflow};
+use rusqlite::Transaction;
+use serde_json::Value;
+
+use super::{Attempt, Change, Engine, Statuses, fail_step, outputs, parse_uuid, run_params, write_task};
+use crate::db::tx::{self, RunRow};
+use crate::db::{DbError, RunStatus, StepStatus};
+
+/// The step a step row names: a step of the workflow, or an item
+/// (`name[index]`) of one of its foreach steps, with its index.
+pub(super) fn step_of<'w>(wf: &'w Workflow, name: &str) -> Option<(&'w Step, Option<usize>)> {
+    if let Some(step) = wf.step(name) {
+        return Some((step, None));
+    }
+    let (base, index) = name.strip_suffix(']')?.rsplit_once('[')?;
+    let step = wf.step(base).filter(|s| s.foreach.is_some())?;
+    Some((step, Some(index.parse().ok()?)))
+}
+
+/// The item of a foreach item's row (`None` for any other step).
+pub(super) fn item_value(
+    t: &Transaction<'_>,
+    run: &str,
+    name: &str,
+    index: Option<usize>,
+) -> Result<Option<Item>, DbError> {
+    let Some(index) = index else { return Ok(None) };
+    let value = tx::item(t, run, name)?.map_or(Value::Null, |json| serde_json::from_str(&json).unwrap_or(Value::Null));
+    Ok(Some(Item { index, value }))
+}
+
+impl Engine {
+    /// Skip `s` (its condition is false) and, through the graph, what
+    /// depends on it: a dependent is skipped too unless it says
+    /// `depends_on_skipped: run`, in which case the skipped step counts as
+    /// done (with an empty output) and it starts when its other
+    /// dependencies allow.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn skip(
+        &self,
+        c: &mut Change<'_, '_>,
+        wf: &Workflow,
+        run_row: &RunRow,
+        s: &Step,
+        why: &str,
+        states: &mut Statuses<'_>,
+        params: &mut Option<BTreeMap<String, String>>,
+    ) -> Result<(), DbError> {
+        let run = states.run;
+        let mut todo = vec![(s, why.to_string())];
+        while let Some((step, why)) = todo.pop() {
+            tx::finish_step(c.t, run, &step.name, StepStatus::Skipped, None, Some(&why), None, c.now)?;
+            states.set(&step.name, StepStatus::Skipped);
+            tracing::debug!(%run, step = %step.name, %why, "step skipped");
+            for d in wf.dependents(&step.name) {
+                if states.get(c.t, &d.name)? != Some(StepStatus::Pending) {
+                    continue;
+                }
+                match d.on_skipped {
+                    OnSkipped::Skip => {
+                        // Marked now, so a step below two skipped ones is pushed once.
+                        states.set(&d.name, StepStatus::Skipped);
+                        todo.push((d, format!("upstream step \"{}\" was skipped", step.name)));
+                    }
+                    OnSkipped::Run => {
+                        let Some((_, pending)) = tx::dependency_done(c.t, run, &d.name)? else {
+                            continue;
+                        };
+                        if pending.unwrap_or(0) == 0 {
+                            self.start(c, wf, run_row, d, states, params)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A foreach step's dependencies are done: read its items, write one
+    /// row per item, and start the first `max_concurrent` of them. An
+    /// empty array succeeds at once with `[]`; anything but an array of at
+    /// most `max_items` fails the step.
+    pub(super) fn start_foreach(
+        &self,
+        c: &mut Change<'_, '_>,
+        wf: &Workflow,
+        s: &Step,
+        states: &mut Statuses<'_>,
+        params: &mut Option<BTreeMap<String, String>>,
+    ) -> Result<(), DbError> {
+        let run = states.run;
+        if params.is_none() {
+            *params = Some(run_params(c.t, run)?);
+        }
+        let upstream = outputs(c.t, run, wf, s)?;
+        let given = params.as_ref().map_or_else(BTreeMap::new, Clone::clone);
+        let items = match s.items(&given, &upstream, self.limits.task.max_decompressed) {
+            Ok(items) => items,
+            Err(e) => return fail_step(c, wf, run, &s.name, &e, "scheduler", states),
+        };
+        let items: Vec<String> = items.iter().map(Value::to_string).collect();
+        tx::start_foreach(c.t, run, &s.name, &items, c.now)?;
+        states.set(&s.name, StepStatus::Running);
+        tracing::debug!(%run, step = %s.name, items = items.len(), "foreach started");
+        self.advance_foreach(c, wf, run, s, states, params)
+    }
+
+    /// Move a foreach step on after one of its items ended (or at its
+    /// start): skip the items not started after a failure (unless
+    /// `continue_on_failure`), start items up to `max_concurrent`, and
+    /// finish the step when no item is left.
+    pub(super) fn advance_foreach(
+        &self,
+        c: &mut Change<'_, '_>,
+        wf: &Workflow,
+        run: &str,
+        s: &Step,
+        states: &mut Statuses<'_>,
+        params: &mut Option<BTreeMap<String, String>>,
+    ) -> Result<(), DbError> {
+        let Some(f) = &s.foreach else { return Ok(()) };
+        if tx::step_status(c.t, run, &s.name)? != Some(StepStatus::Running) {
+            return Ok(());
+        }
+        let Some(run_row) = tx::run(c.t, run)?.filter(|r| r.status == RunStatus::Running) else {
+            return Ok(());
+        };
+        let mut upstream = None;
+        loop {
+            let Some(items) = tx::items(c.t, run, &s.name)? else {
+                return Ok(());
+            };
+            if items.failed > 0 && !f.continue_on_failure && items.next < items.total {
+                tx::skip_unstarted_items(c.t, run, &s.name, "not started: an earlier item failed", c.now)?;
+                continue;
+            }
+            if items.left <= 0 {
+                return self.finish_foreach(c, wf, &run_row, s, states, params);
+            }
+            if items.next >= items.total || items.in_flight() >= i64::from(f.max_concurrent) {
+                return Ok(());
+            }
+            let index = usize::try_from(items.next).unwrap_or(0);
+            let name = format!("{}[{index}]", s.name);
+            let value = tx::take_item(c.t, run, &s.name, items.next)?.unwrap_or_else(|| "null".into());
+            if self.held(c, wf, &run_row, s)? {
+                tx::wait_step(c.t, run, &name, None, None)?;
+                c.effects.admit = true;
+                continue;
+            }
+            if params.is_none() {
+                *params = Some(run_params(c.t, run)?);
+            }
+            if upstream.is_none() {
+                upstream = Some(outputs(c.t, run, wf, s)?);
+            }
+            let item = Item {
+                index,
+                value: serde_json::from_str(&value).unwrap_or(Value::Null),
+            };
+            let planned = self.plan_task(
+                wf,
+                s,
+                (&name, Some(&item)),
+                parse_uuid(run),
+                Attempt::first(c.now, run_row.deadline_ms),
+                params.as_ref().unwrap_or(&BTreeMap::new()),
+                upstream.as_ref().unwrap_or(&BTreeMap::new()),
+            );
+            match planned {
+                Ok(task) => write_task(c, run, s, &name, task)?,
+                Err(e) => {
+                    let error = e.to_string();
+                    let scheduler = Some("scheduler");
+                    tx::finish_step(
+                        c.t,
+                        run,
+                        &name,
+                        StepStatus::Failed,
+                        None,
+                        Some(&error),
+                        scheduler,
+                        c.now,
+                    )?;
+                }
+            }
+        }
+    }
+
+    /// Every item of a foreach step ended: it succeeds with the JSON array
+    /// of the items' outputs in item order (`null` for an item that failed,
+    /// with `continue_on_failure`), or fails naming the first failed item.
+    fn finish_foreach(
+        &self,
+        c: &mut Change<'_, '_>,
+        wf: &Workflow,
+        run_row: &RunRow,
+        s: &Step,
+        states: &mut Statuses<'_>,
+        params: &mut Option<BTreeMap<String, String>>,
+    ) -> Result<(), DbError> {
+        let run = states.run;
+        let results = tx::item_results(c.t, run, &s.name)?;
+        let total = results.len();
+        let mut failed = Vec::new();
+        let mut not_started = 0;
+        let mut array = Vec::with_capacity(total);
+        for (i, (status, output, error)) in results.into_iter().enumerate() {
+            match status {
+                StepStatus::Succeeded => array.push(Value::String(output.unwrap_or_default())),
+                StepStatus::Skipped => {
+                    not_started += 1;
+                    array.push(Value::Null);
+                }
+                other => {
+                    failed.push((i, error.unwrap_or_else(|| other.as_str().to_string())));
+                    array.push(Value::Null);
+                }
+            }
+        }
+        let continue_on_failure = s.foreach.as_ref().is_some_and(|f| f.continue_on_failure);
+        let summary = |failed: &[(usize, String)]| {
+            let (i, first) = &failed[0];
+            let more = if not_started > 0 {
+                format!(" ({not_started} not started)")
+            } else {
+                String::new()
+            };
+            format!(
+                "{} of {total} items failed{more}; first, {}[{i}]: {first}",
+                failed.len(),
+                s.name
+            )
+        };
+        if !failed.is_empty() && !continue_on_failure {
+            return fail_step(c, wf, run, &s.name, &summary(&failed), "scheduler", states);
+        }
+        let output = Value::Array(array).to_string();
+        let max = self.limits.task.max_decompressed;
+        if output.len() > max {
+            let error = format!(
+                "the items' outputs together are {} bytes: more than a task may carry ({max} bytes)",
+                output.len()
+            );
+            return fail_step(c, wf, run, &s.name, &error, "scheduler", states);
+        }
+        self.record_success(c, wf, run, &s.name, &output, "scheduler", &[])?;
+        if !failed.is_empty() {
+            tx::set_step_error(c.t, run, &s.name, &format!("{} (null in the output)", summary(&failed)))?;
+        }
+        states.set(&s.name, StepStatus::Succeeded);
+        tracing::debug!(%run, step = %s.name, items = total, failed = failed.len(), "foreach finished");
+        self.release_dependents(c, wf, run_row, s, states, params)
+    }
+}

@@ -1,0 +1,454 @@
+//! The workflow language's flow through the engine, over a real SQLite
+//! file and an outbox driven by hand: `foreach` items and `when` conditions.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::collections::BTreeMap;
+
+use courier_scheduler::db::{RunStatus, RunView, StepStatus, StepView};
+use courier_scheduler::engine::{Engine, NORMAL_PRIORITY};
+use courier_wire::{StepRun, Task, TaskResult, TaskStatus};
+
+mod support;
+use support::*;
+
+fn view(engine: &Engine, run: &str) -> RunView {
+    engine.with_db(|db| db.run(run)).unwrap().unwrap()
+}
+
+fn step<'a>(view: &'a RunView, name: &str) -> &'a StepView {
+    view.steps
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no step {name}"))
+}
+
+fn echo(task: &Task) -> String {
+    match &task.spec.run {
+        StepRun::Echo { text } => text.clone(),
+        other => panic!("not an echo: {other:?}"),
+    }
+}
+
+/// Publish the due tasks, as the outbox would, and return them.
+fn publish_all(engine: &Engine) -> Vec<Task> {
+    let due: Vec<Task> = due(engine).into_iter().map(|(t, _)| t).collect();
+    let ids: Vec<String> = due.iter().map(|t| t.task_id.to_string()).collect();
+    engine.with_db(|db| db.mark_published(&ids)).unwrap();
+    due
+}
+
+/// Answer a task with its own echo text as output (or `status`).
+fn answer(task: &Task, status: TaskStatus) -> TaskResult {
+    result(task, status, &echo(task))
+}
+
+fn submit(engine: &Engine, workflow: &str, params: &[(&str, &str)]) -> String {
+    let params = params
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+        .collect();
+    engine.submit(workflow, &params, NORMAL_PRIORITY).unwrap().id
+}
+
+/// Answer every task with its echo text until none is due.
+fn drive_echo(engine: &Engine) {
+    for _ in 0..100 {
+        let tasks = publish_all(engine);
+        if tasks.is_empty() {
+            return;
+        }
+        let results: Vec<TaskResult> = tasks.iter().map(|t| answer(t, TaskStatus::Succeeded)).collect();
+        engine.apply(&results).unwrap();
+    }
+    panic!("the run never settled");
+}
+
+/// plan (an echo of `items`) → each (a foreach over it) → join.
+fn fan(max_concurrent: u32, extra: &str) -> String {
+    format!(
+        "params: {{items: ~}}
+steps:
+  - name: plan
+    echo: '${{items}}'
+  - name: each
+    depends: [plan]
+    foreach: '${{plan.json}}'
+    max_concurrent: {max_concurrent}
+{extra}    echo: '${{index}}=${{item}}'
+  - name: join
+    depends: [each]
+    echo: '${{each.output}}'
+"
+    )
+}
+
+#[test]
+fn foreach_runs_each_item_once_at_most_max_concurrent_and_gathers_outputs_in_item_order() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine_over(
+        config_with(dir.path(), &[("fan", &fan(2, ""))]),
+        &dir.path().join("c.db"),
+    );
+    let run = submit(&engine, "fan", &[("items", r#"["a", {"k": 1}, "c"]"#)]);
+    let plan = publish_all(&engine);
+    engine.apply(&[answer(&plan[0], TaskStatus::Succeeded)]).unwrap();
+    // Two of three at once, each its own task with its item substituted.
+    let first = publish_all(&engine);
+    let names: Vec<&str> = first.iter().map(|t| t.step.as_str()).collect();
+    assert_eq!(names, ["each[0]", "each[1]"]);
+    assert_eq!(echo(&first[1]), r#"1={"k":1}"#);
+    assert_eq!(step(&view(&engine, &run), "each").status, StepStatus::Running);
+    // The second ends first: the third starts, the output keeps item order.
+    engine.apply(&[answer(&first[1], TaskStatus::Succeeded)]).unwrap();
+    let third = publish_all(&engine);
+    assert_eq!(third.len(), 1);
+    assert_eq!((third[0].step.as_str(), echo(&third[0]).as_str()), ("each[2]", "2=c"));
+    engine
+        .apply(&[
+            answer(&third[0], TaskStatus::Succeeded),
+            answer(&first[0], TaskStatus::Succeeded),
+        ])
+        .unwrap();
+    let join = publish_all(&engine);
+    assert_eq!(echo(&join[0]), r#"["0=a","1={\"k\":1}","2=c"]"#);
+    engine.apply(&[answer(&join[0], TaskStatus::Succeeded)]).unwrap();
+    let v = view(&engine, &run);
+    assert_eq!(v.status, RunStatus::Succeeded);
+    let items: Vec<(&str, StepStatus)> = v
+        .steps
+        .iter()
+        .filter(|s| s.name.starts_with("each["))
+        .map(|s| (s.name.as_str(), s.status))
+        .collect();
+    assert_eq!(
+        items,
+        [
+            ("each[0]", StepStatus::Succeeded),
+            ("each[1]", StepStatus::Succeeded),
+            ("each[2]", StepStatus::Succeeded)
+        ]
+    );
+}
+
+#[test]
+fn two_thousand_items_never_exceed_max_concurrent_and_come_back_in_order() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let db = dir.path().join("c.db");
+    let config = || config_with(dir.path(), &[("fan", &fan(50, ""))]);
+    let mut engine = engine_over(config(), &db);
+    let items: Vec<String> = (0..2000).map(|i| format!("\"i{i}\"")).collect();
+    let run = submit(&engine, "fan", &[("items", &format!("[{}]", items.join(",")))]);
+    let plan = publish_all(&engine);
+    engine.apply(&[answer(&plan[0], TaskStatus::Succeeded)]).unwrap();
+    let mut in_flight: Vec<Task> = Vec::new();
+    let mut answered = 0;
+    let mut restarted = false;
+    loop {
+        in_flight.extend(publish_all(&engine));
+        assert!(in_flight.len() <= 50, "{} items in flight", in_flight.len());
+        if in_flight.is_empty() {
+            break;
+        }
+        if in_flight[0].step == "join" {
+            break;
+        }
+        // Answer a third of them, newest first (out of order).
+        let n = in_flight.len().div_ceil(3);
+        let done: Vec<Task> = in_flight.drain(in_flight.len() - n..).collect();
+        answered += done.len();
+        engine
+            .apply(
+                &done
+                    .iter()
+                    .map(|t| answer(t, TaskStatus::Succeeded))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+        if answered > 1000 && !restarted {
+            // A restart halfway: the counters are in the database.
+            drop(engine);
+            engine = engine_over(config(), &db);
+            restarted = true;
+        }
+    }
+    assert_eq!(answered, 2000);
+    let join = &in_flight[0];
+    let outputs: Vec<String> = serde_json::from_str(&echo(join)).unwrap();
+    let expected: Vec<String> = (0..2000).map(|i| format!("{i}=i{i}")).collect();
+    assert_eq!(outputs, expected);
+    engine.apply(&[answer(join, TaskStatus::Succeeded)]).unwrap();
+    assert_eq!(view(&engine, &run).status, RunStatus::Succeeded);
+}
+
+#[test]
+fn a_failed_item_fails_the_step_after_the_others_in_flight_unless_continue_on_failure() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = config_with(
+        dir.path(),
+        &[
+            ("strict", &fan(2, "")),
+            ("lenient", &fan(2, "    continue_on_failure: true\n")),
+        ],
+    );
+    let engine = engine_over(config, &dir.path().join("c.db"));
+    for (workflow, continues) in [("strict", false), ("lenient", true)] {
+        let run = submit(&engine, workflow, &[("items", "[1, 2, 3, 4, 5]")]);
+        let plan = publish_all(&engine);
+        engine.apply(&[answer(&plan[0], TaskStatus::Succeeded)]).unwrap();
+        let first = publish_all(&engine);
+        // Item 1 fails while item 0 still runs.
+        engine.apply(&[answer(&first[1], TaskStatus::Failed)]).unwrap();
+        let next = publish_all(&engine);
+        assert_eq!(
+            next.len(),
+            usize::from(continues),
+            "{workflow}: a new item starts only if failures are tolerated"
+        );
+        assert_eq!(
+            step(&view(&engine, &run), "each").status,
+            StepStatus::Running,
+            "item 0 is still running"
+        );
+        engine.apply(&[answer(&first[0], TaskStatus::Succeeded)]).unwrap();
+        let v = view(&engine, &run);
+        if continues {
+            engine.apply(&[result(&next[0], TaskStatus::Succeeded, "out")]).unwrap();
+            drive(&engine, |_| TaskStatus::Succeeded);
+            let v = view(&engine, &run);
+            assert_eq!(v.status, RunStatus::Succeeded, "{:?}", v.error);
+            let each = step(&v, "each");
+            assert_eq!(each.status, StepStatus::Succeeded);
+            assert_eq!(each.output.as_deref(), Some(r#"["0=1",null,"out","out","out"]"#));
+            assert_eq!(
+                each.error.as_deref(),
+                Some("1 of 5 items failed; first, each[1]: boom (null in the output)")
+            );
+            assert_eq!(step(&v, "join").status, StepStatus::Succeeded);
+        } else {
+            assert_eq!(v.status, RunStatus::Failed);
+            let each = step(&v, "each");
+            assert_eq!(each.status, StepStatus::Failed);
+            assert_eq!(
+                each.error.as_deref(),
+                Some("1 of 5 items failed (3 not started); first, each[1]: boom")
+            );
+            assert_eq!(step(&v, "each[4]").status, StepStatus::Skipped);
+            assert_eq!(step(&v, "join").status, StepStatus::Skipped);
+            assert_eq!(v.error.as_deref(), Some("step(s) failed: each"));
+        }
+    }
+}
+
+#[test]
+fn an_empty_array_succeeds_at_once_and_anything_else_than_an_array_fails_clearly() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let capped = fan(2, "    max_items: 3\n");
+    let engine = engine_over(
+        config_with(dir.path(), &[("fan", &fan(2, "")), ("capped", &capped)]),
+        &dir.path().join("c.db"),
+    );
+    let run = submit(&engine, "fan", &[("items", "[]")]);
+    let plan = publish_all(&engine);
+    engine.apply(&[answer(&plan[0], TaskStatus::Succeeded)]).unwrap();
+    let join = publish_all(&engine);
+    assert_eq!((join[0].step.as_str(), echo(&join[0]).as_str()), ("join", "[]"));
+    assert_eq!(step(&view(&engine, &run), "each").output.as_deref(), Some("[]"));
+
+    for (workflow, items, error) in [
+        (
+            "fan",
+            r#"{"a": 1}"#,
+            r#"foreach: "${plan.json}" gave "{\"a\":1}", which is not a JSON array"#,
+        ),
+        ("fan", "not json", "the output of step \"plan\" is not JSON"),
+        ("capped", "[1, 2, 3, 4]", "foreach: 4 items, more than max_items (3)"),
+    ] {
+        let run = submit(&engine, workflow, &[("items", items)]);
+        let plan = publish_all(&engine);
+        engine.apply(&[answer(&plan[0], TaskStatus::Succeeded)]).unwrap();
+        assert!(publish_all(&engine).is_empty(), "no item is dispatched");
+        let v = view(&engine, &run);
+        assert_eq!(v.status, RunStatus::Failed);
+        let e = step(&v, "each").error.clone().unwrap();
+        assert!(e.contains(error), "{e}");
+    }
+}
+
+#[test]
+fn items_retry_on_their_own_and_survive_a_restart_before_publishing() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let db = dir.path().join("c.db");
+    let retried = fan(3, "    retry: {limit: 1, backoff: 1ms, max_backoff: 1ms}\n");
+    let config = || config_with(dir.path(), &[("fan", &retried)]);
+    let engine = engine_over(config(), &db);
+    let run = submit(&engine, "fan", &[("items", r#"["x", "y"]"#)]);
+    let plan = publish_all(&engine);
+    engine.apply(&[answer(&plan[0], TaskStatus::Succeeded)]).unwrap();
+    // Not yet published when the scheduler restarts: rebuilt identically.
+    let before: Vec<Task> = due(&engine).into_iter().map(|(t, _)| t).collect();
+    drop(engine);
+    let engine = engine_over(config(), &db);
+    let after = publish_all(&engine);
+    assert_eq!(before, after);
+    engine
+        .apply(&[
+            answer(&after[0], TaskStatus::Failed),
+            answer(&after[1], TaskStatus::Succeeded),
+        ])
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let retry = publish_all(&engine);
+    assert_eq!(
+        (retry[0].step.as_str(), retry[0].attempt, echo(&retry[0]).as_str()),
+        ("each[0]", 2, "0=x")
+    );
+    engine.apply(&[answer(&retry[0], TaskStatus::Succeeded)]).unwrap();
+    let v = view(&engine, &run);
+    assert_eq!(step(&v, "each").output.as_deref(), Some(r#"["0=x","1=y"]"#));
+    assert_eq!(step(&v, "each[0]").attempts, 2);
+}
+
+#[test]
+fn cancelling_a_foreach_step_cancels_its_items_and_their_unpublished_tasks() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine_over(
+        config_with(dir.path(), &[("fan", &fan(2, ""))]),
+        &dir.path().join("c.db"),
+    );
+    let run = submit(&engine, "fan", &[("items", "[1, 2, 3]")]);
+    let plan = publish_all(&engine);
+    engine.apply(&[answer(&plan[0], TaskStatus::Succeeded)]).unwrap();
+    let running = due(&engine);
+    assert_eq!(running.len(), 2);
+    engine.cancel(&run, Some("each"), "api:test", "enough").unwrap();
+    assert!(due(&engine).is_empty(), "the items' tasks are never published");
+    let v = view(&engine, &run);
+    assert_eq!(v.status, RunStatus::Cancelled);
+    for name in ["each", "each[0]", "each[1]", "each[2]"] {
+        assert_eq!(step(&v, name).status, StepStatus::Cancelled, "{name}");
+    }
+    assert_eq!(step(&v, "join").status, StepStatus::Skipped);
+    // A late result of an item changes nothing.
+    let late = engine.apply(&[answer(&running[0].0, TaskStatus::Succeeded)]).unwrap();
+    assert_eq!(late.dispatched, 0);
+    assert_eq!(view(&engine, &run).status, RunStatus::Cancelled);
+}
+
+#[test]
+fn cancelling_one_item_leaves_the_others_and_counts_as_its_failure() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine_over(
+        config_with(dir.path(), &[("fan", &fan(3, "    continue_on_failure: true\n"))]),
+        &dir.path().join("c.db"),
+    );
+    let run = submit(&engine, "fan", &[("items", "[1, 2, 3]")]);
+    let plan = publish_all(&engine);
+    engine.apply(&[answer(&plan[0], TaskStatus::Succeeded)]).unwrap();
+    let items = publish_all(&engine);
+    engine
+        .cancel(&run, Some("each[1]"), "api:test", "not this one")
+        .unwrap();
+    engine
+        .apply(&[
+            answer(&items[0], TaskStatus::Succeeded),
+            answer(&items[2], TaskStatus::Succeeded),
+        ])
+        .unwrap();
+    let v = view(&engine, &run);
+    assert_eq!(step(&v, "each").output.as_deref(), Some(r#"["0=1",null,"2=3"]"#));
+    assert_eq!(step(&v, "each[1]").status, StepStatus::Cancelled);
+}
+
+/// gate (a condition on a param) → after (skips with it) and always
+/// (`depends_on_skipped: run`), and check (a condition on a JSON output).
+const CONDITIONS: &str = "params: {mode: ~}
+steps:
+  - name: plan
+    echo: '{\"risky\": true, \"files\": [\"a\", \"b\"]}'
+  - name: gate
+    depends: [plan]
+    when: params.mode == 'deep'
+    echo: deep
+  - name: after
+    depends: [gate]
+    echo: 'after ${gate.output}'
+  - name: always
+    depends: [gate, plan]
+    depends_on_skipped: run
+    echo: 'always [${gate.output}]'
+  - name: check
+    depends: [plan]
+    when: steps.plan.json.risky && size(steps.plan.json.files) == 2
+    echo: checked
+";
+
+#[test]
+fn a_false_condition_skips_its_step_and_skips_propagate_unless_a_dependent_runs_anyway() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine_over(
+        config_with(dir.path(), &[("cond", CONDITIONS)]),
+        &dir.path().join("c.db"),
+    );
+    // False: gate and after skipped, always runs with gate's output empty.
+    let run = submit(&engine, "cond", &[("mode", "quick")]);
+    drive_echo(&engine);
+    let v = view(&engine, &run);
+    assert_eq!(v.status, RunStatus::Succeeded, "{v:?}");
+    let gate = step(&v, "gate");
+    assert_eq!(gate.status, StepStatus::Skipped);
+    assert_eq!(gate.error.as_deref(), Some("when: params.mode == 'deep' is false"));
+    assert_eq!(step(&v, "after").status, StepStatus::Skipped);
+    assert_eq!(
+        step(&v, "after").error.as_deref(),
+        Some("upstream step \"gate\" was skipped")
+    );
+    assert_eq!(step(&v, "always").status, StepStatus::Succeeded);
+    assert_eq!(step(&v, "check").status, StepStatus::Succeeded);
+
+    // True: everything runs.
+    let run = submit(&engine, "cond", &[("mode", "deep")]);
+    let mut texts = BTreeMap::new();
+    for _ in 0..5 {
+        for t in publish_all(&engine) {
+            texts.insert(t.step.clone(), echo(&t));
+            engine.apply(&[answer(&t, TaskStatus::Succeeded)]).unwrap();
+        }
+    }
+    let v = view(&engine, &run);
+    assert_eq!(v.status, RunStatus::Succeeded);
+    assert!(v.steps.iter().all(|s| s.status == StepStatus::Succeeded));
+    assert_eq!(texts["always"], "always [deep]");
+    assert_eq!(texts["after"], "after deep");
+}
+
+#[test]
+fn a_condition_that_fails_to_evaluate_fails_its_step_with_the_reason() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let wf = "steps:
+  - name: plan
+    echo: 'not json'
+  - name: next
+    depends: [plan]
+    when: steps.plan.json.count > 3
+    echo: x
+  - name: root
+    when: 'true'
+    echo: root
+";
+    let engine = engine_over(config_with(dir.path(), &[("bad", wf)]), &dir.path().join("c.db"));
+    let run = submit(&engine, "bad", &[]);
+    drive_echo(&engine);
+    let v = view(&engine, &run);
+    assert_eq!(v.status, RunStatus::Failed);
+    assert_eq!(
+        step(&v, "root").status,
+        StepStatus::Succeeded,
+        "a first step's condition is evaluated too"
+    );
+    let e = step(&v, "next").error.clone().unwrap();
+    assert!(
+        e.starts_with("when: the condition \"steps.plan.json.count > 3\" failed"),
+        "{e}"
+    );
+}
