@@ -8,6 +8,7 @@ mod cli;
 mod cluster;
 mod control;
 mod dispatch;
+mod flow;
 mod hardening;
 mod operations;
 mod reliability;

@@ -120,6 +120,9 @@ pub struct Reply {
 /// Why a provider request failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProviderError {
+    /// The model's provider is newer than this worker.
+    #[error("this worker does not support the provider of model \"{model}\"; upgrade it")]
+    Unsupported { model: String },
     /// The API key variable named by the model is not set on this worker.
     #[error("environment variable {var} (api_key_env of model \"{model}\") is not set on this worker")]
     MissingKey { var: String, model: String },
@@ -177,6 +180,11 @@ pub fn connect(
     def: &ModelDef,
     worker_env: &BTreeMap<String, String>,
 ) -> Result<AnyModel, ProviderError> {
+    if def.provider == ProviderKind::Unsupported {
+        return Err(ProviderError::Unsupported {
+            model: model_id.to_string(),
+        });
+    }
     let key = match &def.api_key_env {
         Some(var) => Some(worker_env.get(var).cloned().ok_or_else(|| ProviderError::MissingKey {
             var: var.clone(),
@@ -215,7 +223,7 @@ pub fn connect(
             base_url,
             def: def.clone(),
         }),
-        ProviderKind::Scripted => AnyModel::Scripted(Scripted {
+        ProviderKind::Scripted | ProviderKind::Unsupported => AnyModel::Scripted(Scripted {
             replies: def.script.clone(),
             next: 0,
         }),
@@ -227,7 +235,7 @@ fn default_base_url(kind: ProviderKind) -> &'static str {
         ProviderKind::OpenaiCompatible => "https://api.openai.com/v1",
         ProviderKind::Ollama => "http://localhost:11434/v1",
         ProviderKind::Anthropic => "https://api.anthropic.com",
-        ProviderKind::Scripted => "",
+        ProviderKind::Scripted | ProviderKind::Unsupported => "",
     }
 }
 

@@ -482,6 +482,12 @@ fn load_models(dir: &Path, errors: &mut Vec<ConfigError>) -> BTreeMap<String, Mo
         {
             errors.push(ConfigError::file(&path, why).field("base_url"));
         }
+        if model.provider == Provider::Unsupported {
+            let known: Vec<&str> = Provider::KNOWN.iter().map(|p| p.as_str()).collect();
+            errors.push(
+                ConfigError::file(&path, format!("unknown provider: use {}", known.join(", "))).field("provider"),
+            );
+        }
         if model.provider == Provider::Scripted && model.script.is_empty() {
             errors.push(ConfigError::file(&path, "a scripted model needs at least one reply").field("script"));
         }

@@ -731,6 +731,7 @@ impl Step {
                 ..a.clone()
             }),
             StepRun::Echo { text } => StepRun::Echo { text: r(text)? },
+            StepRun::Unsupported { kind } => return Err(format!("this build has no step kind \"{kind}\"")),
         };
         Ok(StepSpec {
             timeout: self.timeout,
@@ -766,6 +767,7 @@ impl Step {
                 .collect(),
             StepRun::Echo { text } if self.approval.is_some() => vec![("approval.message".to_string(), text.as_str())],
             StepRun::Echo { text } => vec![("echo".to_string(), text.as_str())],
+            StepRun::Unsupported { .. } => Vec::new(),
         }
     }
 }

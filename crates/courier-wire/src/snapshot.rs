@@ -71,7 +71,11 @@ pub struct ToolPolicy {
 }
 
 /// An LLM provider protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+///
+/// Decoding is open: a provider this build does not know (in a snapshot
+/// from a newer scheduler) decodes as [`Provider::Unsupported`], so an older
+/// worker fails the step with "upgrade me" instead of refusing the task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Provider {
     /// OpenAI chat completions and compatible servers (vLLM, llama.cpp, LM Studio).
@@ -82,9 +86,30 @@ pub enum Provider {
     Ollama,
     /// Replies listed in the model file: for tests and offline demos.
     Scripted,
+    /// A provider this build does not know; never encoded.
+    #[serde(skip)]
+    Unsupported,
+}
+
+impl<'de> Deserialize<'de> for Provider {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Ok(Provider::KNOWN
+            .into_iter()
+            .find(|p| p.as_str() == name)
+            .unwrap_or(Provider::Unsupported))
+    }
 }
 
 impl Provider {
+    /// Every provider this build speaks.
+    pub const KNOWN: [Provider; 4] = [
+        Provider::OpenaiCompatible,
+        Provider::Anthropic,
+        Provider::Ollama,
+        Provider::Scripted,
+    ];
+
     /// The name used in model files.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -92,6 +117,7 @@ impl Provider {
             Provider::Anthropic => "anthropic",
             Provider::Ollama => "ollama",
             Provider::Scripted => "scripted",
+            Provider::Unsupported => "unsupported",
         }
     }
 }

@@ -73,7 +73,11 @@ pub struct StepSpec {
 }
 
 /// What a step runs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Decoding is open: a kind this build does not know (written by a newer
+/// scheduler) decodes as [`StepRun::Unsupported`], so an older worker answers
+/// "upgrade me" instead of refusing the task as undecodable.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StepRun {
     /// A process: argv, extra environment.
@@ -92,6 +96,82 @@ pub enum StepRun {
         /// The step's output.
         text: String,
     },
+    /// A step kind this build does not know, by its name; never encoded.
+    #[serde(skip)]
+    Unsupported {
+        /// The kind's name on the wire.
+        kind: String,
+    },
+}
+
+impl StepRun {
+    /// The kind's name: `command`, `agent`, `echo`, or an unknown one's.
+    pub fn kind(&self) -> &str {
+        match self {
+            StepRun::Command { .. } => "command",
+            StepRun::Agent(_) => "agent",
+            StepRun::Echo { .. } => "echo",
+            StepRun::Unsupported { kind } => kind,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StepRun {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{self, IgnoredAny, MapAccess, Visitor};
+
+        #[derive(Deserialize)]
+        struct CommandFields {
+            argv: Vec<String>,
+            #[serde(default)]
+            env: BTreeMap<String, String>,
+        }
+        #[derive(Deserialize)]
+        struct EchoFields {
+            text: String,
+        }
+        struct Kind;
+        impl<'de> Visitor<'de> for Kind {
+            type Value = StepRun;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a step kind: a map of one kind to its fields")
+            }
+
+            /// A kind without fields (none today).
+            fn visit_str<E: de::Error>(self, kind: &str) -> Result<StepRun, E> {
+                Ok(StepRun::Unsupported { kind: kind.to_string() })
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StepRun, A::Error> {
+                let kind: String = map
+                    .next_key()?
+                    .ok_or_else(|| de::Error::custom("a step kind with no name"))?;
+                let run = match kind.as_str() {
+                    "command" => {
+                        let c: CommandFields = map.next_value()?;
+                        StepRun::Command {
+                            argv: c.argv,
+                            env: c.env,
+                        }
+                    }
+                    "agent" => StepRun::Agent(map.next_value()?),
+                    "echo" => StepRun::Echo {
+                        text: map.next_value::<EchoFields>()?.text,
+                    },
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                        StepRun::Unsupported { kind }
+                    }
+                };
+                if map.next_key::<IgnoredAny>()?.is_some() {
+                    return Err(de::Error::custom("a step has exactly one kind"));
+                }
+                Ok(run)
+            }
+        }
+        d.deserialize_any(Kind)
+    }
 }
 
 /// A resolved agent step.

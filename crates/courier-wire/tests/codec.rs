@@ -280,6 +280,142 @@ fn decode_defaults_missing_optional_fields() {
     );
 }
 
+// --- kinds and providers from a newer build ----------------------------------
+
+/// A task as a newer scheduler might write it: a step kind (`browser`) and,
+/// in its snapshot, a provider (`gemini`) this build does not know.
+#[derive(Serialize, Deserialize)]
+struct FutureTask {
+    task_id: Uuid,
+    run_id: Uuid,
+    workflow: String,
+    step: String,
+    attempt: u32,
+    spec: FutureSpec,
+    upstream: BTreeMap<String, String>,
+    deadline_unix_ms: u64,
+    #[serde(with = "serde_bytes")]
+    snapshot: Vec<u8>,
+    pool: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FutureSpec {
+    #[serde(with = "humantime_serde")]
+    timeout: Duration,
+    run: FutureRun,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum FutureRun {
+    Browser { url: String, actions: Vec<String> },
+}
+
+#[derive(Serialize, Deserialize)]
+struct FutureSnapshot {
+    workflow: String,
+    models: BTreeMap<String, FutureModel>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FutureModel {
+    provider: String,
+    model: String,
+}
+
+impl Frame for FutureTask {
+    const KIND: &'static str = "task";
+    const MAGIC: [u8; 4] = Task::MAGIC;
+    const VERSION: u8 = Task::VERSION;
+    const MIN_VERSION: u8 = Task::MIN_VERSION;
+}
+
+impl Frame for FutureSnapshot {
+    const KIND: &'static str = "snapshot";
+    const MAGIC: [u8; 4] = Snapshot::MAGIC;
+    const VERSION: u8 = Snapshot::VERSION;
+    const MIN_VERSION: u8 = Snapshot::MIN_VERSION;
+}
+
+/// The golden frame of a future kind (written once, with `COURIER_BLESS=1`,
+/// never regenerated): today's decoder must read it, the kind and the
+/// provider as `Unsupported`, so a worker answers "upgrade it" rather than
+/// dead-lettering the task as undecodable (see ARCHITECTURE.md).
+#[test]
+fn a_step_kind_and_a_provider_from_a_newer_build_decode_as_unsupported() {
+    let path = fixture_path("task-v1-future-kind.bin");
+    if !path.exists() && std::env::var_os("COURIER_BLESS").is_some() {
+        let snapshot = FutureSnapshot {
+            workflow: "browse".into(),
+            models: BTreeMap::from([(
+                "gemini-pro".into(),
+                FutureModel {
+                    provider: "gemini".into(),
+                    model: "gemini-2.5-pro".into(),
+                },
+            )]),
+        };
+        let task = FutureTask {
+            snapshot: encode(&snapshot, &Limits::default()).unwrap(),
+            spec: FutureSpec {
+                timeout: Duration::from_secs(60),
+                run: FutureRun::Browser {
+                    url: "https://example.com".into(),
+                    actions: vec!["click #go".into()],
+                },
+            },
+            task_id: fixture_task().task_id,
+            run_id: fixture_task().run_id,
+            workflow: "browse".into(),
+            step: "look".into(),
+            attempt: 1,
+            upstream: BTreeMap::new(),
+            deadline_unix_ms: 1_764_000_000_000,
+            pool: "default".into(),
+        };
+        std::fs::write(&path, encode(&task, &Limits::default()).unwrap()).unwrap();
+    }
+    let bytes = std::fs::read(&path).expect("golden fixture task-v1-future-kind.bin");
+    let task: Task = decode(&bytes, &Limits::default()).expect("a future kind decodes");
+    assert_eq!(task.spec.run, StepRun::Unsupported { kind: "browser".into() });
+    assert_eq!(
+        (task.step.as_str(), task.attempt, task.pool.as_str()),
+        ("look", 1, "default")
+    );
+    let snapshot: Snapshot = decode(&task.snapshot, &Limits::default()).expect("a future provider decodes");
+    assert_eq!(snapshot.models["gemini-pro"].provider, Provider::Unsupported);
+    // Never written by this build.
+    let mut unsupported = task.clone();
+    unsupported.snapshot.clear();
+    assert!(encode(&unsupported, &Limits::default()).is_err());
+}
+
+#[test]
+fn a_step_with_two_kinds_or_none_is_refused() {
+    #[derive(Serialize)]
+    struct Spec {
+        #[serde(with = "humantime_serde")]
+        timeout: Duration,
+        run: BTreeMap<String, BTreeMap<String, String>>,
+    }
+    let two = BTreeMap::from([
+        (
+            "echo".to_string(),
+            BTreeMap::from([("text".to_string(), "a".to_string())]),
+        ),
+        ("browser".to_string(), BTreeMap::new()),
+    ]);
+    for run in [two, BTreeMap::new()] {
+        let body = rmp_serde::to_vec_named(&Spec {
+            timeout: Duration::from_secs(1),
+            run,
+        })
+        .unwrap();
+        assert!(rmp_serde::from_slice::<StepSpec>(&body).is_err());
+    }
+}
+
 // --- hostile input -----------------------------------------------------------
 
 #[test]

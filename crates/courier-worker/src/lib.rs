@@ -416,9 +416,8 @@ async fn handle(delivery: Delivery, pool: &str, shared: &Serving, publisher: &Pu
         let result = execute(&task, &store, config, started, &guard).await;
         drop(guard);
         let kind = match &task.spec.run {
-            StepRun::Command { .. } => "command",
-            StepRun::Agent(_) => "agent",
-            StepRun::Echo { .. } => "echo",
+            StepRun::Unsupported { .. } => "unsupported",
+            known => known.kind(),
         };
         metrics
             .step_duration
@@ -555,6 +554,12 @@ async fn execute(
         StepRun::Echo { text } => {
             result.status = TaskStatus::Succeeded;
             result.output = text.clone();
+        }
+        StepRun::Unsupported { kind } => {
+            // A newer scheduler's kind: failed (not refused, not dead-lettered),
+            // so a retry may land on an upgraded worker.
+            result.status = TaskStatus::Failed;
+            result.error = Some(format!("this worker does not support step kind \"{kind}\"; upgrade it"));
         }
         StepRun::Agent(spec) => {
             let outcome =
