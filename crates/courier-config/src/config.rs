@@ -53,6 +53,7 @@ impl Config {
                 Err(e) => errors.extend(e),
             }
         }
+        check_sub_workflows(&workflows, &mut errors);
         match store {
             Some(store) if errors.is_empty() => Ok(Self {
                 dir: dir.to_path_buf(),
@@ -62,4 +63,69 @@ impl Config {
             _ => Err(ConfigErrors::located(errors)),
         }
     }
+}
+
+/// `workflow:` steps name a workflow that exists, give it only params it
+/// declares and every one it requires, and no workflow starts itself,
+/// directly or through others.
+fn check_sub_workflows(workflows: &BTreeMap<String, Workflow>, errors: &mut Vec<ConfigError>) {
+    for wf in workflows.values() {
+        for step in wf.steps() {
+            let Some(sub) = &step.workflow else { continue };
+            let e = |field: &str, m: String| ConfigError::file(&wf.file, m).step(&step.name).field(field.to_string());
+            let Some(child) = workflows.get(&sub.name) else {
+                let known = workflows.keys().cloned().collect::<Vec<_>>().join(", ");
+                errors.push(e(
+                    "workflow.name",
+                    format!("unknown workflow \"{}\" (known: {known})", sub.name),
+                ));
+                continue;
+            };
+            for k in sub.params.keys().filter(|k| !child.params.contains_key(*k)) {
+                errors.push(e(
+                    &format!("workflow.params.{k}"),
+                    format!("workflow \"{}\" has no parameter \"{k}\"", sub.name),
+                ));
+            }
+            for (k, _) in child
+                .params
+                .iter()
+                .filter(|(k, default)| default.is_none() && !sub.params.contains_key(*k))
+            {
+                errors.push(e(
+                    "workflow.params",
+                    format!("workflow \"{}\" needs parameter \"{k}\"", sub.name),
+                ));
+            }
+            if let Some(cycle) = cycle_through(workflows, &wf.name, &sub.name) {
+                errors.push(e(
+                    "workflow.name",
+                    format!("sub-workflow cycle: {} -> {}", wf.name, cycle.join(" -> ")),
+                ));
+            }
+        }
+    }
+}
+
+/// The path from `from` back to `start` through `workflow:` steps, if any.
+fn cycle_through(workflows: &BTreeMap<String, Workflow>, start: &str, from: &str) -> Option<Vec<String>> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut todo = vec![vec![from.to_string()]];
+    while let Some(path) = todo.pop() {
+        let last = path.last()?.clone();
+        if last == start {
+            return Some(path);
+        }
+        if !seen.insert(last.clone()) {
+            continue;
+        }
+        for step in workflows.get(&last).map(|w| w.steps()).unwrap_or_default() {
+            if let Some(sub) = &step.workflow {
+                let mut next = path.clone();
+                next.push(sub.name.clone());
+                todo.push(next);
+            }
+        }
+    }
+    None
 }

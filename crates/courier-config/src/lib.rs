@@ -27,6 +27,6 @@ pub use store::{
 };
 pub use workflow::{
     Approval, Budget, DEFAULT_APPROVAL_TIMEOUT, DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_ITEMS, DEFAULT_MAX_ITERATIONS,
-    DEFAULT_QUEUE, DEFAULT_TIMEOUT, Foreach, MAX_ITEMS, MAX_STEP_TIMEOUT, OnSkipped, ParamError, RetryPolicy, Schedule,
-    Step, Workflow,
+    DEFAULT_QUEUE, DEFAULT_TIMEOUT, Foreach, MAX_ITEMS, MAX_STEP_TIMEOUT, MAX_WORKFLOW_DEPTH, OnSkipped, ParamError,
+    RetryPolicy, Schedule, Step, SubWorkflow, Workflow,
 };

@@ -123,6 +123,8 @@ pub struct Step {
     pub approval: Option<Approval>,
     /// Set for a step that runs once per item of a JSON array.
     pub foreach: Option<Foreach>,
+    /// Set for a step that starts another workflow as a child run.
+    pub workflow: Option<SubWorkflow>,
     /// Run the step only when this is true (else it is skipped).
     pub when: Option<Condition>,
     /// What a skipped dependency does to this step.
@@ -144,6 +146,24 @@ pub struct Foreach {
     /// A failed item leaves `null` in the output instead of failing the step.
     pub continue_on_failure: bool,
 }
+
+/// `workflow: {name, params}`: the step starts workflow `name` as a child
+/// run, its params rendered from this run's; the step's output is the
+/// child's step outputs as a JSON object (`${step.json.merge}`), and
+/// cancelling the parent cancels the child.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubWorkflow {
+    /// The child workflow.
+    pub name: String,
+    /// Its params, as templates over this run's params and upstream outputs.
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+}
+
+/// How deep sub-workflows may nest at run time (cycles are refused at load;
+/// this bounds what a config changed under running runs could do).
+pub const MAX_WORKFLOW_DEPTH: u32 = 8;
 
 /// Items of a `foreach` running at once when the step gives no `max_concurrent`.
 pub const DEFAULT_MAX_CONCURRENT: u32 = 10;
@@ -264,6 +284,8 @@ struct StepFile {
     echo: Option<String>,
     #[serde(default)]
     approval: Option<ApprovalFile>,
+    #[serde(default)]
+    workflow: Option<SubWorkflow>,
     #[serde(default)]
     foreach: Option<String>,
     #[serde(default)]
@@ -485,15 +507,30 @@ impl Workflow {
             let kinds = usize::from(s.command.is_some())
                 + usize::from(s.agent.is_some())
                 + usize::from(s.echo.is_some())
-                + usize::from(s.approval.is_some());
+                + usize::from(s.approval.is_some())
+                + usize::from(s.workflow.is_some());
             if kinds != 1 {
                 errors.push(step_err(
                     "command",
-                    "a step has exactly one of `command`, `agent`, `echo` and `approval`".into(),
+                    "a step has exactly one of `command`, `agent`, `echo`, `approval` and `workflow`".into(),
                 ));
                 continue;
             }
-            if (s.echo.is_some() || s.approval.is_some()) && !s.env.is_empty() {
+            if let Some(sub) = &s.workflow {
+                if s.foreach.is_some() {
+                    errors.push(step_err("workflow", "a foreach step cannot start sub-workflows".into()));
+                }
+                if s.retry.limit > 0 {
+                    errors.push(step_err(
+                        "retry",
+                        "a sub-workflow step is not retried: retry its steps".into(),
+                    ));
+                }
+                if !is_slug(&sub.name) {
+                    errors.push(step_err("workflow.name", slug_error(&sub.name)));
+                }
+            }
+            if (s.echo.is_some() || s.approval.is_some() || s.workflow.is_some()) && !s.env.is_empty() {
                 errors.push(step_err("env", "`env` applies to command steps only".into()));
             }
             let approval = s.approval.as_ref().map(|a| Approval {
@@ -525,6 +562,8 @@ impl Workflow {
                 ));
             }
             let run = match (&s.command, &s.agent, &s.echo) {
+                // Never dispatched: the child run does the work.
+                _ if s.workflow.is_some() => StepRun::Echo { text: String::new() },
                 _ if s.approval.is_some() => StepRun::Echo {
                     text: s.approval.as_ref().map(|a| a.message.clone()).unwrap_or_default(),
                 },
@@ -568,6 +607,7 @@ impl Workflow {
                 run,
                 approval,
                 foreach,
+                workflow: s.workflow.clone(),
                 when,
                 on_skipped: s.depends_on_skipped,
             });
@@ -742,7 +782,14 @@ impl Step {
     /// Every template string of the step, with the field it sits in
     /// (`foreach` last).
     fn templates(&self) -> Vec<(String, &str)> {
-        let mut all = self.run_templates();
+        let mut all = match &self.workflow {
+            Some(sub) => sub
+                .params
+                .iter()
+                .map(|(k, v)| (format!("workflow.params.{k}"), v.as_str()))
+                .collect(),
+            None => self.run_templates(),
+        };
         if let Some(f) = &self.foreach {
             all.push(("foreach".to_string(), f.items.as_str()));
         }

@@ -941,3 +941,36 @@ fn when_conditions_are_parsed_and_checked_at_load() {
     );
     assert!(!errors.iter().any(|e| e.contains("step \"d\"")), "{errors:#?}");
 }
+
+#[test]
+fn sub_workflow_steps_are_checked_against_the_workflows_they_start() {
+    let dir = fixture();
+    write(
+        &dir,
+        "workflows/outer.yaml",
+        "steps:\n  - name: a\n    workflow: {name: nope}\n  - name: b\n    workflow: {name: inner, params: {extra: x}}\n",
+    );
+    write(
+        &dir,
+        "workflows/retrying.yaml",
+        "steps:\n  - name: c\n    workflow: {name: inner, params: {topic: x}}\n    retry: {limit: 1}\n",
+    );
+    write(
+        &dir,
+        "workflows/inner.yaml",
+        "params: {topic: ~}\nsteps:\n  - name: back\n    workflow: {name: outer}\n",
+    );
+    let errors = errors(&dir);
+    for expected in [
+        "/workflows/outer.yaml:3: step \"a\": field \"workflow.name\": unknown workflow \"nope\"",
+        "/workflows/outer.yaml:5: step \"b\": field \"workflow.params.extra\": workflow \"inner\" has no parameter \"extra\"",
+        "/workflows/outer.yaml:5: step \"b\": field \"workflow.params\": workflow \"inner\" needs parameter \"topic\"",
+        "/workflows/retrying.yaml:4: step \"c\": field \"retry\": a sub-workflow step is not retried: retry its steps",
+        "/workflows/inner.yaml:4: step \"back\": field \"workflow.name\": sub-workflow cycle: inner -> outer -> inner",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.starts_with(expected)),
+            "missing {expected}\nin {errors:#?}"
+        );
+    }
+}

@@ -128,10 +128,16 @@ CREATE TABLE run_params (
 INSERT INTO run_params (run_id, params) SELECT id, params FROM runs;
 UPDATE runs SET params = '';
 ",
-    // 5: foreach. Each item is a step row of its own (`name[index]`, its
-    // value in `item`, its step in `parent`); the foreach step counts its
-    // items: how many, how many started, how many not yet ended, failed.
+    // 5: the workflow language. foreach: each item is a step row of its
+    // own (`name[index]`, its value in `item`, its step in `parent`); the
+    // foreach step counts its items: how many, how many started, how many
+    // not yet ended, failed. Sub-workflows: a child run names its parent
+    // run and step, and how deep it is.
     "
+ALTER TABLE runs ADD COLUMN parent_run TEXT;
+ALTER TABLE runs ADD COLUMN parent_step TEXT;
+ALTER TABLE runs ADD COLUMN depth INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX runs_children ON runs (parent_run) WHERE parent_run IS NOT NULL;
 ALTER TABLE steps ADD COLUMN parent TEXT;
 ALTER TABLE steps ADD COLUMN item_index INTEGER;
 ALTER TABLE steps ADD COLUMN item TEXT;
@@ -281,6 +287,11 @@ pub struct RunView {
     pub error: Option<String>,
     /// Who cancelled it (`timeout` and `budget` for those).
     pub cancelled_by: Option<String>,
+    /// A child run: the run and the `workflow:` step that started it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_run: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_step: Option<String>,
     /// Prompt tokens of every agent step.
     pub input_tokens: i64,
     /// Completion tokens of every agent step.
@@ -594,7 +605,7 @@ fn migrate(conn: &mut Connection) -> Result<(), OpenError> {
 /// Runs with their token and cost totals.
 const RUN_SELECT: &str = "SELECT r.id, r.workflow, r.status,
         (SELECT params FROM run_params WHERE run_id = r.id), r.created_ms, r.finished_ms, r.error,
-        r.priority, r.deadline_ms, r.cancelled_by,
+        r.priority, r.deadline_ms, r.cancelled_by, r.parent_run, r.parent_step,
         (SELECT COALESCE(SUM(input_tokens), 0) FROM steps WHERE run_id = r.id),
         (SELECT COALESCE(SUM(output_tokens), 0) FROM steps WHERE run_id = r.id),
         (SELECT COALESCE(SUM(cost), 0.0) FROM steps WHERE run_id = r.id)
@@ -613,9 +624,11 @@ fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunView> {
         priority: r.get(7)?,
         deadline_ms: r.get(8)?,
         cancelled_by: r.get(9)?,
-        input_tokens: r.get(10)?,
-        output_tokens: r.get(11)?,
-        cost: r.get(12)?,
+        parent_run: r.get(10)?,
+        parent_step: r.get(11)?,
+        input_tokens: r.get(12)?,
+        output_tokens: r.get(13)?,
+        cost: r.get(14)?,
         steps: Vec::new(),
     })
 }

@@ -273,6 +273,19 @@ struct Effects {
     admit: bool,
     /// Tasks cancelled before they were published: their kept bodies go.
     dropped: Vec<String>,
+    /// Child runs that ended: (child, parent run, parent step), for the
+    /// parent's step to go on (in the same transaction).
+    children_done: Vec<(String, String, String)>,
+}
+
+/// A run to create: by a submit, or by a `workflow:` step (`parent`: its
+/// run, its step, and the child's depth).
+struct NewRun<'a> {
+    id: &'a str,
+    params: &'a BTreeMap<String, String>,
+    priority: u8,
+    deadline: Option<i64>,
+    parent: Option<(&'a str, &'a str, u32)>,
 }
 
 /// A memory proposal to append once its step's success is committed.
@@ -400,10 +413,12 @@ impl Engine {
                 let run = tx::run(t, &row.run_id)?.ok_or_else(|| gone(format!("run {} is gone", row.run_id)))?;
                 let wf = self.workflow(&run.workflow)?;
                 let (step, index) = step_of(wf, &row.step)
-                    .filter(|(s, index)| s.approval.is_none() && (s.foreach.is_none() || index.is_some()))
+                    .filter(|(s, index)| {
+                        s.approval.is_none() && s.workflow.is_none() && (s.foreach.is_none() || index.is_some())
+                    })
                     .ok_or_else(|| {
                         gone(format!(
-                            "no longer a step to run in workflow \"{}\" (gone, or now an approval or a foreach)",
+                            "no longer a step to run in workflow \"{}\" (gone, or now an approval, a foreach or a sub-workflow)",
                             run.workflow
                         ))
                     })?;
@@ -462,12 +477,14 @@ impl Engine {
             db.transaction(|t| {
                 let mut applied = Applied::default();
                 let mut effects = Effects::default();
-                let value = f(&mut Change {
+                let mut c = Change {
                     t,
                     now,
                     applied: &mut applied,
                     effects: &mut effects,
-                })?;
+                };
+                let value = f(&mut c)?;
+                self.settle_children(&mut c)?;
                 Ok::<_, E>((value, applied, effects))
             })
         })?;
@@ -508,81 +525,116 @@ impl Engine {
         let deadline = wf.timeout.map(|t| now.saturating_add(millis(t)));
         // Build every first task before touching the database: a missing
         // resource or an oversized task fails the submit with nothing stored.
-        // (A foreach or conditional first step is started in the transaction:
-        // its items or its condition are the run's business.)
-        let first: Vec<(&Step, PlannedTask)> = wf
-            .steps()
-            .iter()
-            .filter(|s| s.depends.is_empty() && s.foreach.is_none() && s.when.is_none())
-            .map(|s| {
-                let attempt = Attempt::first(now, deadline);
-                let task = self.plan_task(wf, s, (&s.name, None), run_id, attempt, &params, &BTreeMap::new())?;
-                Ok((s, task))
-            })
-            .collect::<Result<_, SubmitError>>()?;
-        let params_json = serde_json::to_string(&params).unwrap_or_else(|_| "{}".into());
+        let first = self.plan_first(wf, run_id, &params, now, deadline)?;
         let run = run_id.to_string();
+        let new = NewRun {
+            id: &run,
+            params: &params,
+            priority,
+            deadline,
+            parent: None,
+        };
         self.change(now, |c| {
-            let t = c.t;
-            // Admitted at once only with room and nobody already waiting to be.
-            let admitted = match wf.max_active_runs {
-                Some(max) => {
-                    tx::active_runs_by_workflow(t)?.get(&wf.name).copied().unwrap_or(0) < i64::from(max)
-                        && !tx::unadmitted_runs(t, &wf.name)?
-                }
-                None => true,
-            };
-            tx::insert_run(
-                t,
-                &run,
-                &wf.name,
-                &params_json,
-                priority,
-                deadline,
-                admitted,
-                wf.steps().len(),
-                now,
-            )?;
-            for (i, s) in wf.steps().iter().enumerate() {
-                tx::insert_step(t, &run, &s.name, i, &s.queue, s.depends.len())?;
-            }
-            let row = RunRow {
-                workflow: wf.name.clone(),
-                status: RunStatus::Running,
-                admitted,
-                deadline_ms: deadline,
-            };
-            for (step, task) in first {
-                if let Some(approval) = &step.approval {
-                    let message = self.approval_message(step, &params, &BTreeMap::new());
-                    let message = shown(&message);
-                    let deadline = now.saturating_add(millis(approval.timeout));
-                    tx::await_approval(t, &run, &step.name, &message, deadline, now)?;
-                    continue;
-                }
-                if self.held(c, wf, &row, step)? {
-                    tx::wait_step(t, &run, &step.name, None, None)?;
-                    c.effects.admit = true;
-                } else {
-                    write_task(c, &run, step, &step.name, task)?;
-                }
-            }
-            let mut states = Statuses::new(&run);
-            let mut run_params = Some(params.clone());
-            for step in wf
-                .steps()
-                .iter()
-                .filter(|s| s.depends.is_empty() && (s.foreach.is_some() || s.when.is_some()))
-            {
-                self.start(c, wf, &row, step, &mut states, &mut run_params)?;
-            }
-            finish_if_done(c, &run)?;
+            self.create_run(c, wf, &new, first)?;
             if c.effects.admit {
                 self.admit_in(c)?;
             }
             Ok::<_, DbError>(())
         })?;
         Ok(self.with_db(|db| db.run(&run))?.ok_or(DbError::QueryReturnedNoRows)?)
+    }
+
+    /// The first tasks of a new run, built before anything is written (so a
+    /// missing resource or an oversized task refuses a submit with nothing
+    /// stored); a first step with a condition, items or a child run starts
+    /// in the transaction.
+    fn plan_first<'w>(
+        &self,
+        wf: &'w Workflow,
+        run_id: Uuid,
+        params: &BTreeMap<String, String>,
+        now: i64,
+        deadline: Option<i64>,
+    ) -> Result<Vec<(&'w Step, PlannedTask)>, SubmitError> {
+        wf.steps()
+            .iter()
+            .filter(|s| s.depends.is_empty() && !flow::starts_in_transaction(s))
+            .map(|s| {
+                let attempt = Attempt::first(now, deadline);
+                let task = self.plan_task(wf, s, (&s.name, None), run_id, attempt, params, &BTreeMap::new())?;
+                Ok((s, task))
+            })
+            .collect()
+    }
+
+    /// Write a new run: its row, its steps, its first tasks (held when a
+    /// limit applies), and start its other first steps.
+    fn create_run(
+        &self,
+        c: &mut Change<'_, '_>,
+        wf: &Workflow,
+        new: &NewRun<'_>,
+        first: Vec<(&Step, PlannedTask)>,
+    ) -> Result<(), DbError> {
+        let t = c.t;
+        let (run, params, now) = (new.id, new.params, c.now);
+        // Admitted at once only with room and nobody already waiting to be.
+        let admitted = match wf.max_active_runs {
+            Some(max) => {
+                tx::active_runs_by_workflow(t)?.get(&wf.name).copied().unwrap_or(0) < i64::from(max)
+                    && !tx::unadmitted_runs(t, &wf.name)?
+            }
+            None => true,
+        };
+        let params_json = serde_json::to_string(params).unwrap_or_else(|_| "{}".into());
+        tx::insert_run(
+            t,
+            &tx::RunInsert {
+                id: run,
+                workflow: &wf.name,
+                params_json: &params_json,
+                priority: new.priority,
+                deadline_ms: new.deadline,
+                admitted,
+                steps: wf.steps().len(),
+                parent: new.parent,
+            },
+            now,
+        )?;
+        for (i, s) in wf.steps().iter().enumerate() {
+            tx::insert_step(t, run, &s.name, i, &s.queue, s.depends.len())?;
+        }
+        let row = RunRow {
+            workflow: wf.name.clone(),
+            status: RunStatus::Running,
+            admitted,
+            deadline_ms: new.deadline,
+        };
+        for (step, task) in first {
+            if let Some(approval) = &step.approval {
+                let message = self.approval_message(step, params, &BTreeMap::new());
+                let message = shown(&message);
+                let deadline = now.saturating_add(millis(approval.timeout));
+                tx::await_approval(t, run, &step.name, &message, deadline, now)?;
+                continue;
+            }
+            if self.held(c, wf, &row, step)? {
+                tx::wait_step(t, run, &step.name, None, None)?;
+                c.effects.admit = true;
+            } else {
+                write_task(c, run, step, &step.name, task)?;
+            }
+        }
+        let mut states = Statuses::new(run);
+        let mut run_params = Some(params.clone());
+        for step in wf
+            .steps()
+            .iter()
+            .filter(|s| s.depends.is_empty() && flow::starts_in_transaction(s))
+        {
+            self.start(c, wf, &row, step, &mut states, &mut run_params)?;
+        }
+        finish_if_done(c, run)
     }
 
     /// Cancel a run, or one step of it (its dependents are skipped): what
@@ -654,8 +706,17 @@ impl Engine {
         }
         let dropped = tx::cancel_unpublished(c.t, run, None, c.now)?;
         c.effects.dropped.extend(dropped);
-        tx::finish_run(c.t, run, RunStatus::Cancelled, Some(reason), Some(by), c.now)?;
+        end_run(c, run, RunStatus::Cancelled, Some(reason), Some(by))?;
         tx::insert_control(c.t, run, None, reason, c.now)?;
+        // Its child runs go with it.
+        for child in tx::running_children(c.t, run, None)? {
+            self.cancel_run(
+                c,
+                &child,
+                "parent",
+                &format!("its parent run {run} was cancelled: {reason}"),
+            )?;
+        }
         c.effects.admit = true;
         c.applied.cancelled_runs += 1;
         tracing::info!(%run, trace_id = %trace_id(run), %by, %reason, "run cancelled");
@@ -681,6 +742,14 @@ impl Engine {
         c.effects.dropped.extend(dropped);
         tx::insert_control(c.t, run, Some(name), reason, c.now)?;
         c.effects.admit = true;
+        for child in tx::running_children(c.t, run, Some(name))? {
+            self.cancel_run(
+                c,
+                &child,
+                "parent",
+                &format!("its step {name} of run {run} was cancelled: {reason}"),
+            )?;
+        }
         if let Some(wf) = wf {
             skip_downstream(c, wf, run, name, "was cancelled", &mut Statuses::new(run))?;
             // One item of a foreach: its step goes on (or ends) without it.
@@ -1212,6 +1281,9 @@ impl Engine {
         if s.foreach.is_some() {
             return self.start_foreach(c, wf, s, states, params);
         }
+        if s.workflow.is_some() {
+            return self.start_child(c, wf, run_row, s, states, params);
+        }
         if let Some(approval) = &s.approval {
             let upstream = outputs(c.t, run, wf, s)?;
             let message = self.approval_message(s, params.as_ref().unwrap_or(&BTreeMap::new()), &upstream);
@@ -1374,8 +1446,9 @@ impl Engine {
                 fail_run(c, &w.run, &error)?;
                 continue;
             };
-            if index.is_none() && (step.approval.is_some() || step.foreach.is_some()) {
-                // The config made it an approval or a foreach since it started waiting.
+            if index.is_none() && (step.approval.is_some() || step.foreach.is_some() || step.workflow.is_some()) {
+                // The config made it an approval, a foreach or a sub-workflow
+                // since it started waiting.
                 let Some(run_row) = tx::run(c.t, &w.run)?.filter(|r| r.status == RunStatus::Running) else {
                     continue;
                 };
@@ -1849,13 +1922,27 @@ fn write_task(c: &mut Change<'_, '_>, run: &str, step: &Step, name: &str, task: 
     Ok(())
 }
 
+/// End a run; a child run's parent step is told (see [`Engine::settle_children`]).
+fn end_run(
+    c: &mut Change<'_, '_>,
+    run: &str,
+    status: RunStatus,
+    error: Option<&str>,
+    by: Option<&str>,
+) -> Result<(), DbError> {
+    if let Some((parent, step)) = tx::finish_run(c.t, run, status, error, by, c.now)? {
+        c.effects.children_done.push((run.to_string(), parent, step));
+    }
+    Ok(())
+}
+
 /// Fail a run whose workflow or step left the config: its open steps are
 /// skipped with the reason.
 fn fail_run(c: &mut Change<'_, '_>, run: &str, error: &str) -> Result<(), DbError> {
     for (name, _) in tx::open_steps(c.t, run)? {
         tx::finish_step(c.t, run, &name, StepStatus::Skipped, None, Some(error), None, c.now)?;
     }
-    tx::finish_run(c.t, run, RunStatus::Failed, Some(error), None, c.now)?;
+    end_run(c, run, RunStatus::Failed, Some(error), None)?;
     c.applied.finished_runs += 1;
     tracing::error!(%run, %error, "run failed");
     Ok(())
@@ -1932,7 +2019,7 @@ fn finish_if_done(c: &mut Change<'_, '_>, run: &str) -> Result<(), DbError> {
     } else {
         (RunStatus::Succeeded, None)
     };
-    tx::finish_run(c.t, run, status, error.as_deref(), None, c.now)?;
+    end_run(c, run, status, error.as_deref(), None)?;
     tracing::info!(run = %run, trace_id = %trace_id(run), %status, error = error.as_deref().unwrap_or(""), "run finished");
     c.applied.finished_runs += 1;
     Ok(())

@@ -452,3 +452,147 @@ fn a_condition_that_fails_to_evaluate_fails_its_step_with_the_reason() {
         "{e}"
     );
 }
+
+const INNER: &str = "params: {topic: ~}
+steps:
+  - name: a
+    echo: 'a:${topic}'
+  - name: merge
+    depends: [a]
+    echo: 'merged ${a.output}'
+";
+
+const OUTER: &str = "params: {topic: ~}
+steps:
+  - name: prep
+    echo: 'about ${topic}'
+  - name: child
+    depends: [prep]
+    workflow: {name: inner, params: {topic: '${prep.output}'}}
+  - name: use
+    depends: [child]
+    echo: 'got ${child.json.merge}'
+";
+
+fn runs_of(engine: &Engine, workflow: &str) -> Vec<RunView> {
+    engine
+        .with_db(|db| db.runs(Some(workflow), None, 100))
+        .unwrap()
+        .into_iter()
+        .map(|r| view(engine, &r.id))
+        .collect()
+}
+
+#[test]
+fn a_sub_workflows_outputs_reach_its_parent_step_as_json() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine_over(
+        config_with(dir.path(), &[("inner", INNER), ("outer", OUTER)]),
+        &dir.path().join("c.db"),
+    );
+    let run = submit(&engine, "outer", &[("topic", "queues")]);
+    drive_echo(&engine);
+    let v = view(&engine, &run);
+    assert_eq!(v.status, RunStatus::Succeeded, "{v:#?}");
+    let children = runs_of(&engine, "inner");
+    assert_eq!(children.len(), 1);
+    let child = &children[0];
+    assert_eq!(
+        (child.parent_run.as_deref(), child.parent_step.as_deref()),
+        (Some(run.as_str()), Some("child"))
+    );
+    assert_eq!(child.params["topic"], "about queues");
+    let step = step(&v, "child");
+    assert_eq!(
+        step.output.as_deref(),
+        Some(r#"{"a":"a:about queues","merge":"merged a:about queues"}"#)
+    );
+    assert_eq!(step.worker.as_deref(), Some(format!("run {}", child.id).as_str()));
+    let used = v.steps.iter().find(|s| s.name == "use").unwrap();
+    assert_eq!(used.output.as_deref(), Some("got merged a:about queues"));
+}
+
+#[test]
+fn a_failed_child_fails_its_parent_step_and_cancelling_the_parent_cancels_the_child() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine_over(
+        config_with(dir.path(), &[("inner", INNER), ("outer", OUTER)]),
+        &dir.path().join("c.db"),
+    );
+    // The child's first step fails.
+    let run = submit(&engine, "outer", &[("topic", "x")]);
+    let prep = publish_all(&engine);
+    engine.apply(&[answer(&prep[0], TaskStatus::Succeeded)]).unwrap();
+    let a = publish_all(&engine);
+    assert_eq!(a[0].workflow, "inner");
+    engine.apply(&[answer(&a[0], TaskStatus::Failed)]).unwrap();
+    let v = view(&engine, &run);
+    assert_eq!(v.status, RunStatus::Failed);
+    let child_id = runs_of(&engine, "inner")[0].id.clone();
+    assert_eq!(
+        step(&v, "child").error.as_deref(),
+        Some(format!("child run {child_id} of workflow \"inner\" failed: step(s) failed: a").as_str())
+    );
+    assert_eq!(step(&v, "use").status, StepStatus::Skipped);
+
+    // Cancelling the parent while the child runs cancels the child.
+    let run = submit(&engine, "outer", &[("topic", "y")]);
+    let prep = publish_all(&engine);
+    engine.apply(&[answer(&prep[0], TaskStatus::Succeeded)]).unwrap();
+    let a = publish_all(&engine);
+    engine.cancel(&run, None, "api:test", "stop").unwrap();
+    let child = view(&engine, &a[0].run_id.to_string());
+    assert_eq!(child.status, RunStatus::Cancelled);
+    assert_eq!(child.cancelled_by.as_deref(), Some("parent"));
+    assert!(
+        child
+            .error
+            .as_deref()
+            .unwrap()
+            .starts_with(&format!("its parent run {run} was cancelled"))
+    );
+    // Cancelling the step alone cancels its child too; the parent ends cancelled.
+    let run = submit(&engine, "outer", &[("topic", "z")]);
+    let prep = publish_all(&engine);
+    engine.apply(&[answer(&prep[0], TaskStatus::Succeeded)]).unwrap();
+    let a = publish_all(&engine);
+    engine.cancel(&run, Some("child"), "api:test", "not needed").unwrap();
+    assert_eq!(view(&engine, &a[0].run_id.to_string()).status, RunStatus::Cancelled);
+    let v = view(&engine, &run);
+    assert_eq!(
+        (v.status, step(&v, "child").status),
+        (RunStatus::Cancelled, StepStatus::Cancelled)
+    );
+    // A late result of the child's task changes nothing.
+    let late = engine.apply(&[answer(&a[0], TaskStatus::Succeeded)]).unwrap();
+    assert_eq!(late.dispatched, 0);
+}
+
+#[test]
+fn sub_workflows_nest_at_most_eight_deep() {
+    let dir = tempfile::TempDir::new().unwrap();
+    // w0 starts w1 ... starts w9: a chain, not a cycle, but too deep.
+    let chain: Vec<(String, String)> = (0..10)
+        .map(|i| {
+            let yaml = if i < 9 {
+                format!("steps:\n  - name: down\n    workflow: {{name: w{}}}\n", i + 1)
+            } else {
+                "steps:\n  - name: leaf\n    echo: leaf\n".to_string()
+            };
+            (format!("w{i}"), yaml)
+        })
+        .collect();
+    let files: Vec<(&str, &str)> = chain.iter().map(|(n, y)| (n.as_str(), y.as_str())).collect();
+    let engine = engine_over(config_with(dir.path(), &files), &dir.path().join("c.db"));
+    let run = submit(&engine, "w0", &[]);
+    assert!(publish_all(&engine).is_empty(), "the leaf is never reached");
+    let v = view(&engine, &run);
+    assert_eq!(v.status, RunStatus::Failed);
+    let deepest = runs_of(&engine, "w8");
+    assert_eq!(deepest.len(), 1);
+    assert_eq!(
+        step(&deepest[0], "down").error.as_deref(),
+        Some("sub-workflow: sub-workflows nest at most 8 deep: not starting \"w9\" from a run 8 deep")
+    );
+    assert!(runs_of(&engine, "w9").is_empty());
+}

@@ -56,35 +56,45 @@ pub struct LostTask {
     pub attempt: u32,
 }
 
+/// A run to insert.
+#[derive(Debug, Clone)]
+pub struct RunInsert<'a> {
+    pub id: &'a str,
+    pub workflow: &'a str,
+    pub params_json: &'a str,
+    pub priority: u8,
+    pub deadline_ms: Option<i64>,
+    /// Counted against its workflow's `max_active_runs`.
+    pub admitted: bool,
+    /// How many steps it has (all open).
+    pub steps: usize,
+    /// A child run: its parent run and step, and its depth.
+    pub parent: Option<(&'a str, &'a str, u32)>,
+}
+
 /// Insert a run.
-#[allow(clippy::too_many_arguments)]
-pub fn insert_run(
-    tx: &Transaction<'_>,
-    id: &str,
-    workflow: &str,
-    params_json: &str,
-    priority: u8,
-    deadline_ms: Option<i64>,
-    admitted: bool,
-    steps: usize,
-    now: i64,
-) -> Result<(), DbError> {
+pub fn insert_run(tx: &Transaction<'_>, run: &RunInsert<'_>, now: i64) -> Result<(), DbError> {
+    let (parent_run, parent_step, depth) = run.parent.map_or((None, None, 0), |(r, s, d)| (Some(r), Some(s), d));
     tx.prepare_cached(
-        "INSERT INTO runs (id, workflow, status, params, created_ms, priority, deadline_ms, admitted, open_steps)
-         VALUES (?1, ?2, ?3, '', ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO runs (id, workflow, status, params, created_ms, priority, deadline_ms, admitted, open_steps,
+                           parent_run, parent_step, depth)
+         VALUES (?1, ?2, ?3, '', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?
     .execute(params![
-        id,
-        workflow,
+        run.id,
+        run.workflow,
         RunStatus::Running,
         now,
-        priority,
-        deadline_ms,
-        admitted,
-        steps as i64
+        run.priority,
+        run.deadline_ms,
+        run.admitted,
+        run.steps as i64,
+        parent_run,
+        parent_step,
+        depth
     ])?;
     tx.prepare_cached("INSERT INTO run_params (run_id, params) VALUES (?1, ?2)")?
-        .execute([id, params_json])?;
+        .execute([run.id, run.params_json])?;
     Ok(())
 }
 
@@ -609,7 +619,7 @@ pub fn set_step_error(tx: &Transaction<'_>, run: &str, name: &str, error: &str) 
     Ok(())
 }
 
-/// A run reached a final state.
+/// A run reached a final state: its parent run and step, for a child run.
 pub fn finish_run(
     tx: &Transaction<'_>,
     run: &str,
@@ -617,10 +627,67 @@ pub fn finish_run(
     error: Option<&str>,
     cancelled_by: Option<&str>,
     now: i64,
-) -> Result<(), DbError> {
-    tx.prepare_cached("UPDATE runs SET status = ?2, error = ?3, finished_ms = ?4, cancelled_by = ?5 WHERE id = ?1")?
-        .execute(params![run, status, error, now, cancelled_by])?;
+) -> Result<Option<(String, String)>, DbError> {
+    let parent: Option<(Option<String>, Option<String>)> = tx
+        .prepare_cached(
+            "UPDATE runs SET status = ?2, error = ?3, finished_ms = ?4, cancelled_by = ?5 WHERE id = ?1
+             RETURNING parent_run, parent_step",
+        )?
+        .query_row(params![run, status, error, now, cancelled_by], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    Ok(match parent {
+        Some((Some(run), Some(step))) => Some((run, step)),
+        _ => None,
+    })
+}
+
+/// A run's priority and how deep it is among sub-workflows (0: started by a submit).
+pub fn lineage(tx: &Transaction<'_>, run: &str) -> Result<(u8, u32), DbError> {
+    tx.prepare_cached("SELECT priority, depth FROM runs WHERE id = ?1")?
+        .query_row([run], |r| Ok((r.get(0)?, r.get(1)?)))
+}
+
+/// A `workflow:` step starts, waiting on its child run.
+pub fn await_child(tx: &Transaction<'_>, run: &str, step: &str, child: &str, now: i64) -> Result<(), DbError> {
+    tx.prepare_cached(
+        "UPDATE steps SET status = ?3, waiting_on = ?4, started_ms = ?5, attempts = 1 WHERE run_id = ?1 AND name = ?2",
+    )?
+    .execute(params![
+        run,
+        step,
+        StepStatus::Running,
+        format!("child run {child}"),
+        now
+    ])?;
     Ok(())
+}
+
+/// How a run ended: its workflow, status and error.
+pub fn run_end(tx: &Transaction<'_>, run: &str) -> Result<Option<(String, RunStatus, Option<String>)>, DbError> {
+    tx.prepare_cached("SELECT workflow, status, error FROM runs WHERE id = ?1")?
+        .query_row([run], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()
+}
+
+/// The running child runs of a run (of one of its steps, if given).
+pub fn running_children(tx: &Transaction<'_>, run: &str, step: Option<&str>) -> Result<Vec<String>, DbError> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT id FROM runs WHERE parent_run = ?1 AND (?2 IS NULL OR parent_step = ?2) AND status = 'running'",
+    )?;
+    let rows = stmt.query_map(params![run, step], |r| r.get(0))?;
+    rows.collect()
+}
+
+/// A finished run's steps (not foreach items) and their outputs, in workflow order.
+pub fn run_outputs(tx: &Transaction<'_>, run: &str) -> Result<Vec<(String, Option<String>)>, DbError> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT name, CASE status WHEN 'succeeded' THEN output END FROM steps
+         WHERE run_id = ?1 AND parent IS NULL ORDER BY position",
+    )?;
+    let rows = stmt.query_map([run], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
 }
 
 /// Queue a cancellation for every worker.

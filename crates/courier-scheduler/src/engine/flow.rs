@@ -1,6 +1,7 @@
 //! The workflow language's flow: `when` conditions (a false one skips the
-//! step, and skips propagate) and `foreach` steps (one task per item, at
-//! most `max_concurrent` at a time, the outputs gathered in item order).
+//! step, and skips propagate), `foreach` steps (one task per item, at most
+//! `max_concurrent` at a time, the outputs gathered in item order) and
+//! `workflow:` steps (a child run; its outputs are the step's).
 //!
 //! **Invariant:** a foreach item is a step row of its own, `name[index]`,
 //! dispatched, retried and cancelled like any step; its foreach step counts
@@ -9,12 +10,15 @@
 
 use std::collections::BTreeMap;
 
-use courier_config::template::Item;
-use courier_config::{OnSkipped, Step, Workflow};
+use courier_config::template::{self, Item, Values};
+use courier_config::{MAX_WORKFLOW_DEPTH, OnSkipped, Step, Workflow};
 use rusqlite::Transaction;
 use serde_json::Value;
 
-use super::{Attempt, Change, Engine, Statuses, fail_step, outputs, parse_uuid, run_params, write_task};
+use super::{
+    Attempt, Change, Engine, NewRun, Statuses, fail_run, fail_step, finish_if_done, millis, outputs, parse_uuid,
+    run_params, write_task,
+};
 use crate::db::tx::{self, RunRow};
 use crate::db::{DbError, RunStatus, StepStatus};
 
@@ -27,6 +31,13 @@ pub(super) fn step_of<'w>(wf: &'w Workflow, name: &str) -> Option<(&'w Step, Opt
     let (base, index) = name.strip_suffix(']')?.rsplit_once('[')?;
     let step = wf.step(base).filter(|s| s.foreach.is_some())?;
     Some((step, Some(index.parse().ok()?)))
+}
+
+/// Whether a first step starts inside its run's first transaction (its
+/// condition, items or child run depend on the run) rather than being
+/// planned before it.
+pub(super) fn starts_in_transaction(s: &Step) -> bool {
+    s.foreach.is_some() || s.when.is_some() || s.workflow.is_some()
 }
 
 /// The item of a foreach item's row (`None` for any other step).
@@ -263,5 +274,145 @@ impl Engine {
         states.set(&s.name, StepStatus::Succeeded);
         tracing::debug!(%run, step = %s.name, items = total, failed = failed.len(), "foreach finished");
         self.release_dependents(c, wf, run_row, s, states, params)
+    }
+
+    /// A `workflow:` step's dependencies are done: start its child run with
+    /// the params rendered, at this run's priority, within this run's
+    /// deadline. A child that cannot start (too deep, unknown, bad params,
+    /// a task that cannot be built) fails the step.
+    pub(super) fn start_child(
+        &self,
+        c: &mut Change<'_, '_>,
+        wf: &Workflow,
+        run_row: &RunRow,
+        s: &Step,
+        states: &mut Statuses<'_>,
+        params: &mut Option<BTreeMap<String, String>>,
+    ) -> Result<(), DbError> {
+        let run = states.run;
+        let Some(sub) = &s.workflow else { return Ok(()) };
+        if params.is_none() {
+            *params = Some(run_params(c.t, run)?);
+        }
+        let (priority, depth) = tx::lineage(c.t, run)?;
+        let upstream = outputs(c.t, run, wf, s)?;
+        let planned = (|| {
+            if depth >= MAX_WORKFLOW_DEPTH {
+                return Err(format!(
+                    "sub-workflows nest at most {MAX_WORKFLOW_DEPTH} deep: not starting \"{}\" from a run {depth} deep",
+                    sub.name
+                ));
+            }
+            let child_wf = self
+                .config
+                .workflows
+                .get(&sub.name)
+                .ok_or_else(|| format!("workflow \"{}\" is no longer configured", sub.name))?;
+            let given = params.as_ref().map_or_else(BTreeMap::new, Clone::clone);
+            let values = Values::new(&given, &upstream, None);
+            let mut budget = template::Budget::new(self.limits.task.max_decompressed);
+            let rendered = sub
+                .params
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), template::render(v, &values, &mut budget)?)))
+                .collect::<Result<BTreeMap<_, _>, String>>()?;
+            let child_params = child_wf.resolve_params(&rendered).map_err(|e| e.to_string())?;
+            let child_id = uuid::Uuid::now_v7();
+            let own = child_wf.timeout.map(|t| c.now.saturating_add(millis(t)));
+            let deadline = match (own, run_row.deadline_ms) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let first = self
+                .plan_first(child_wf, child_id, &child_params, c.now, deadline)
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((child_wf, child_id.to_string(), child_params, deadline, first))
+        })();
+        let (child_wf, child, child_params, deadline, first) = match planned {
+            Ok(planned) => planned,
+            Err(e) => {
+                return fail_step(c, wf, run, &s.name, &format!("sub-workflow: {e}"), "scheduler", states);
+            }
+        };
+        tx::await_child(c.t, run, &s.name, &child, c.now)?;
+        states.set(&s.name, StepStatus::Running);
+        let new = NewRun {
+            id: &child,
+            params: &child_params,
+            priority,
+            deadline,
+            parent: Some((run, &s.name, depth + 1)),
+        };
+        tracing::info!(%run, step = %s.name, %child, workflow = %child_wf.name, "child run started");
+        self.create_run(c, child_wf, &new, first)?;
+        c.effects.admit = true;
+        Ok(())
+    }
+
+    /// Tell the parents of child runs that ended in this transaction.
+    pub(super) fn settle_children(&self, c: &mut Change<'_, '_>) -> Result<(), DbError> {
+        if c.effects.children_done.is_empty() {
+            return Ok(());
+        }
+        while let Some((child, run, step)) = c.effects.children_done.pop() {
+            self.child_ended(c, &child, &run, &step)?;
+        }
+        self.admit_in(c)
+    }
+
+    /// A child run ended: its parent step succeeds with the child's step
+    /// outputs as a JSON object (`{"step": "output", ...}`, `null` for a
+    /// step without one), or fails with the child's error.
+    fn child_ended(&self, c: &mut Change<'_, '_>, child: &str, run: &str, step: &str) -> Result<(), DbError> {
+        let Some(run_row) = tx::run(c.t, run)?.filter(|r| r.status == RunStatus::Running) else {
+            return Ok(());
+        };
+        if tx::step_status(c.t, run, step)? != Some(StepStatus::Running) {
+            return Ok(());
+        }
+        let Some((wf, s)) = self
+            .config
+            .workflows
+            .get(&run_row.workflow)
+            .and_then(|wf| Some((wf, wf.step(step)?)))
+        else {
+            let error = format!(
+                "step \"{step}\" of workflow \"{}\" is no longer configured",
+                run_row.workflow
+            );
+            return fail_run(c, run, &error);
+        };
+        let Some((child_workflow, status, error)) = tx::run_end(c.t, child)? else {
+            return Ok(());
+        };
+        let mut states = Statuses::new(run);
+        let by = format!("run {child}");
+        if status == RunStatus::Succeeded {
+            let outputs: serde_json::Map<String, Value> = tx::run_outputs(c.t, child)?
+                .into_iter()
+                .map(|(name, output)| (name, output.map_or(Value::Null, Value::String)))
+                .collect();
+            let output = Value::Object(outputs).to_string();
+            let max = self.limits.task.max_decompressed;
+            if output.len() > max {
+                let error = format!(
+                    "the child run's outputs together are {} bytes: more than a task may carry ({max} bytes)",
+                    output.len()
+                );
+                fail_step(c, wf, run, step, &error, &by, &mut states)?;
+            } else {
+                self.record_success(c, wf, run, step, &output, &by, &[])?;
+                states.set(step, StepStatus::Succeeded);
+                self.release_dependents(c, wf, &run_row, s, &mut states, &mut None)?;
+            }
+        } else {
+            let error = format!(
+                "child run {child} of workflow \"{child_workflow}\" {}: {}",
+                status.as_str(),
+                error.unwrap_or_default()
+            );
+            fail_step(c, wf, run, step, &error, &by, &mut states)?;
+        }
+        finish_if_done(c, run)
     }
 }
