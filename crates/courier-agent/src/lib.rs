@@ -167,7 +167,8 @@ async fn run_loop<M: ChatModel>(
             _ => messages.push(Message::User(m.content.clone())),
         }
     }
-    let tools = tools::specs(&spec.tools);
+    let schema = spec.output_schema.as_deref();
+    let tools = tools::specs(&spec.tools, schema);
     // Why the last `output` call was refused, for the error if none succeeds.
     let mut refused_output: Option<String> = None;
     for _ in 0..spec.max_iterations {
@@ -197,14 +198,33 @@ async fn run_loop<M: ChatModel>(
                     "the model's answer was cut off at its token limit (max_tokens): refusing half an answer".into(),
                 );
             }
-            // A plain answer is the final answer.
-            return match reply.text {
-                Some(text) if !text.trim().is_empty() => {
+            // A plain answer is the final answer (with a schema, only a
+            // matching one: else the model is told, and tries again).
+            let text = reply.text.filter(|t| !t.trim().is_empty());
+            match (text, schema) {
+                (None, _) => return Err("the model answered with neither text nor a tool call".into()),
+                (Some(text), None) => {
                     state.output = Some(text);
-                    Ok(())
+                    return Ok(());
                 }
-                _ => Err("the model answered with neither text nor a tool call".into()),
-            };
+                (Some(text), Some(schema)) => match courier_config::output_schema::validate(schema, text.trim()) {
+                    Ok(()) => {
+                        state.output = Some(text.trim().to_string());
+                        return Ok(());
+                    }
+                    Err(why) => {
+                        let ask = format!("{why}. Give your final answer with the output tool.");
+                        state.note("user", &ask);
+                        refused_output = Some(why);
+                        messages.push(Message::Assistant {
+                            text: Some(text),
+                            calls: Vec::new(),
+                        });
+                        messages.push(Message::User(ask));
+                        continue;
+                    }
+                },
+            }
         }
         // Cut off with tool calls: a call whose arguments were cut gets an
         // error answer below, and the model can make it again.
@@ -214,7 +234,7 @@ async fn run_loop<M: ChatModel>(
         });
         for call in &reply.calls {
             state.note("call", &format!("{}({})", call.name, call.sent));
-            let content = match tools::call(call, &spec.tools, store, &mut state.proposals) {
+            let content = match tools::call(call, &spec.tools, schema, store, &mut state.proposals) {
                 Answer::Output(text) => {
                     state.output = Some(text);
                     "output recorded".to_string()

@@ -17,8 +17,22 @@ const MAX_ANSWER: usize = 32 * 1024;
 pub const OUTPUT: &str = "output";
 
 /// The specs of the tools enabled for a step, in the order given.
-pub fn specs(enabled: &[String]) -> Vec<ToolSpec> {
-    enabled.iter().filter_map(|name| spec(name)).collect()
+/// The enabled tools' specs; with an output schema, the `output` tool takes
+/// the schema as its parameters.
+pub fn specs(enabled: &[String], output_schema: Option<&str>) -> Vec<ToolSpec> {
+    let schema = output_schema.and_then(|s| serde_json::from_str::<Value>(s).ok());
+    enabled
+        .iter()
+        .filter_map(|name| spec(name))
+        .map(|mut spec| {
+            if let (OUTPUT, Some(schema)) = (spec.name, &schema) {
+                spec.description =
+                    "Give your final answer, as an object matching these parameters. This ends the step.";
+                spec.parameters = schema.clone();
+            }
+            spec
+        })
+        .collect()
 }
 
 fn spec(name: &str) -> Option<ToolSpec> {
@@ -63,7 +77,13 @@ pub enum Answer {
 }
 
 /// Run one tool call.
-pub fn call(call: &ToolCall, enabled: &[String], store: &SnapshotStore, proposals: &mut Vec<MemoryUpdate>) -> Answer {
+pub fn call(
+    call: &ToolCall,
+    enabled: &[String],
+    output_schema: Option<&str>,
+    store: &SnapshotStore,
+    proposals: &mut Vec<MemoryUpdate>,
+) -> Answer {
     let arg = |key: &str| call.arguments.get(key).and_then(Value::as_str).map(str::trim);
     let workflow = store.snapshot().workflow.clone();
     let scope = |s: Option<&str>| match s {
@@ -125,6 +145,13 @@ pub fn call(call: &ToolCall, enabled: &[String], store: &SnapshotStore, proposal
                 }
             }
             text
+        }
+        OUTPUT if output_schema.is_some() => {
+            let output = call.arguments.to_string();
+            match courier_config::output_schema::validate(output_schema.unwrap_or_default(), &output) {
+                Ok(()) => return Answer::Output(output),
+                Err(why) => format!("error: {why}; nothing was recorded: call output again with a matching object"),
+            }
         }
         OUTPUT => match call.arguments.get("text") {
             Some(Value::String(text)) if !text.trim().is_empty() => return Answer::Output(text.clone()),

@@ -785,3 +785,67 @@ async fn a_model_file_can_ask_for_max_completion_tokens() {
     assert_eq!(requests[1].1["max_tokens"], 300);
     assert!(requests[1].1.get("max_completion_tokens").is_none());
 }
+
+#[tokio::test]
+async fn a_structured_output_that_breaks_its_schema_goes_back_to_the_model_and_a_matching_one_passes() {
+    let schema = json!({
+        "type": "object",
+        "properties": {"severity": {"enum": ["low", "high"]}, "files": {"type": "array", "items": {"type": "string"}}},
+        "required": ["severity", "files"]
+    });
+    let call = |args: Value| {
+        Answer::Json(
+            json!({"choices": [{"message": {"role": "assistant", "content": null, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "output", "arguments": args.to_string()}}]},
+            "finish_reason": "tool_calls"}]}),
+        )
+    };
+    let plain = |text: &str| {
+        Answer::Json(json!({"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}))
+    };
+    let (mock, base) = Mock::start(vec![
+        call(json!({"severity": "urgent", "files": ["a.rs"]})),
+        plain("it is high, trust me"),
+        call(json!({"severity": "high", "files": ["a.rs", "b.rs"]})),
+    ])
+    .await;
+    let (mut spec, store) = research_analyze(Provider::OpenaiCompatible, &openai_base(&base), None);
+    spec.max_iterations = 4;
+    spec.output_schema = Some(schema.to_string());
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env(), std::future::pending()).await;
+    assert_eq!(outcome.status, TaskStatus::Succeeded, "{outcome:?}");
+    assert_eq!(outcome.output, r#"{"files":["a.rs","b.rs"],"severity":"high"}"#);
+    let requests = mock.requests();
+    // The output tool takes the schema as its parameters.
+    let tools = requests[0].1["tools"].as_array().unwrap();
+    let output = tools.iter().find(|t| t["function"]["name"] == "output").unwrap();
+    assert_eq!(output["function"]["parameters"], schema);
+    // The violation came back as the tool's answer, the plain answer as a user message.
+    let second = requests[1].1["messages"].as_array().unwrap();
+    let tool = second.iter().rev().find(|m| m["role"] == "tool").unwrap();
+    let refusal = tool["content"].as_str().unwrap();
+    assert!(
+        refusal.starts_with("error: the output does not match the step's output_schema: at /severity"),
+        "{refusal}"
+    );
+    let third = requests[2].1["messages"].as_array().unwrap();
+    let told = third.last().unwrap();
+    assert_eq!(told["role"], "user");
+    assert!(
+        told["content"].as_str().unwrap().starts_with("the output is not JSON"),
+        "{told}"
+    );
+
+    // A model that never matches: the step fails, saying why.
+    let (_mock, base) = Mock::start(vec![call(json!({"severity": "low"})), call(json!({"severity": "low"}))]).await;
+    let (mut spec, store) = research_analyze(Provider::OpenaiCompatible, &openai_base(&base), None);
+    spec.max_iterations = 2;
+    spec.output_schema = Some(schema.to_string());
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env(), std::future::pending()).await;
+    assert_eq!(outcome.status, TaskStatus::Failed);
+    let error = outcome.error.unwrap();
+    assert!(
+        error.contains("its last output call was refused") && error.contains("\"files\" is a required property"),
+        "{error}"
+    );
+}

@@ -11,6 +11,7 @@ mod condition;
 mod config;
 mod error;
 pub mod files;
+pub mod output_schema;
 mod snapshot;
 mod store;
 pub mod template;

@@ -318,6 +318,8 @@ struct AgentFile {
     tools: Vec<String>,
     #[serde(default = "default_max_iterations")]
     max_iterations: u32,
+    #[serde(default)]
+    output_schema: Option<serde_yaml_ng::Value>,
 }
 
 #[derive(Default, Deserialize)]
@@ -594,6 +596,18 @@ impl Workflow {
                         messages: a.messages.clone(),
                         tools: a.tools.clone(),
                         max_iterations: a.max_iterations,
+                        output_schema: a.output_schema.as_ref().and_then(|schema| {
+                            let checked = serde_json::to_value(schema)
+                                .map_err(|e| format!("not a JSON value: {e}"))
+                                .and_then(|json| crate::output_schema::check_schema(&json).map(|()| json));
+                            match checked {
+                                Ok(json) => Some(json.to_string()),
+                                Err(m) => {
+                                    errors.push(step_err("agent.output_schema", m));
+                                    None
+                                }
+                            }
+                        }),
                     })
                 }
                 (None, None, None) => continue,
@@ -896,6 +910,12 @@ fn check_agent(a: &AgentFile, catalog: &Catalog, report: &mut dyn FnMut(&str, St
                 format!("tool \"{tool}\" is not allowed by the agent config's tool policy"),
             );
         }
+    }
+    if a.output_schema.is_some() && !a.tools.iter().any(|t| t == "output") {
+        report(
+            "agent.output_schema",
+            "a structured output is given through the output tool: add output to tools".into(),
+        );
     }
     if a.max_iterations == 0 {
         report("agent.max_iterations", "must be at least 1".into());

@@ -974,3 +974,21 @@ fn sub_workflow_steps_are_checked_against_the_workflows_they_start() {
         );
     }
 }
+
+#[test]
+fn an_output_schema_is_checked_at_load() {
+    let errors = workflow_errors(
+        "  - name: a\n    agent:\n      prompt: p\n      tools: [output]\n      output_schema: {type: string}\n  - name: b\n    agent:\n      prompt: p\n      tools: [read_skill]\n      output_schema: {type: object}\n  - name: c\n    agent:\n      prompt: p\n      tools: [output]\n      output_schema: {type: object, properties: {x: {type: 12}}}\n",
+    );
+    let has = |step: &str, text: &str| {
+        errors
+            .iter()
+            .any(|e| e.contains(&format!("step \"{step}\": field \"agent.output_schema\": {text}")))
+    };
+    assert!(has("a", "the schema must describe an object"), "{errors:#?}");
+    assert!(
+        has("b", "a structured output is given through the output tool"),
+        "{errors:#?}"
+    );
+    assert!(has("c", "not a valid JSON Schema"), "{errors:#?}");
+}

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use courier_config::output_schema;
 use courier_config::template::{Item, Values};
 use courier_config::{
     AgentStore, Config, MemoryScope, PROPOSE_MEMORY_TOOL, ParamError, Step, StoreError, Workflow, build_snapshot,
@@ -1094,6 +1095,28 @@ impl Engine {
             self.cancel_run(c, run, "timeout", &timeout_reason(Some(wf)))?;
             return Ok(());
         }
+        // A structured output is checked here too: whatever a worker (an old
+        // one, say) answered, a step cannot succeed with an output that does
+        // not match its schema.
+        let checked;
+        let r = match (&step.run, r.status) {
+            (StepRun::Agent(a), TaskStatus::Succeeded) => match a
+                .output_schema
+                .as_deref()
+                .map(|schema| output_schema::validate(schema, &r.output))
+            {
+                Some(Err(why)) => {
+                    checked = TaskResult {
+                        status: TaskStatus::Failed,
+                        error: Some(why),
+                        ..r.clone()
+                    };
+                    &checked
+                }
+                _ => r,
+            },
+            _ => r,
+        };
         let mut states = Statuses::new(run);
         match (r.status, index) {
             (TaskStatus::Succeeded, None) => self.succeed(c, wf, &run_row, step, r, &mut states)?,

@@ -596,3 +596,55 @@ fn sub_workflows_nest_at_most_eight_deep() {
     );
     assert!(runs_of(&engine, "w9").is_empty());
 }
+
+#[test]
+fn a_structured_output_is_checked_by_the_scheduler_too_and_kept_as_json_in_a_foreach() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let wf = "steps:
+  - name: review
+    foreach: '[\"a\", \"b\", \"c\"]'
+    continue_on_failure: true
+    agent:
+      model: offline
+      prompt: 'review ${item}'
+      tools: [output]
+      output_schema: {type: object, properties: {severity: {enum: [low, high]}}, required: [severity]}
+  - name: sum
+    depends: [review]
+    when: steps.review.json[0].severity == 'high' && steps.review.json[1] == null
+    echo: '${review.json.0.severity}'
+";
+    let engine = engine_over(config_with(dir.path(), &[("review", wf)]), &dir.path().join("c.db"));
+    let run = submit(&engine, "review", &[]);
+    let items = publish_all(&engine);
+    assert_eq!(items.len(), 3);
+    let StepRun::Agent(spec) = &items[0].spec.run else {
+        panic!("an agent step")
+    };
+    assert!(spec.output_schema.as_deref().unwrap().contains("severity"));
+    // A worker that did not check (an old one) says it succeeded anyway.
+    engine
+        .apply(&[
+            result(&items[0], TaskStatus::Succeeded, r#"{"severity": "high"}"#),
+            result(&items[1], TaskStatus::Succeeded, r#"{"severity": "urgent"}"#),
+            result(&items[2], TaskStatus::Succeeded, r#"{"severity": "low"}"#),
+        ])
+        .unwrap();
+    let v = view(&engine, &run);
+    let bad = step(&v, "review[1]");
+    assert_eq!(bad.status, StepStatus::Failed);
+    assert!(
+        bad.error
+            .as_deref()
+            .unwrap()
+            .starts_with("the output does not match the step's output_schema: at /severity"),
+        "{:?}",
+        bad.error
+    );
+    assert_eq!(
+        step(&v, "review").output.as_deref(),
+        Some(r#"[{"severity":"high"},null,{"severity":"low"}]"#)
+    );
+    let sum = publish_all(&engine);
+    assert_eq!(echo(&sum[0]), "high");
+}

@@ -200,6 +200,10 @@ pub struct AgentSpec {
     pub tools: Vec<String>,
     /// Bound on model round trips.
     pub max_iterations: u32,
+    /// A JSON Schema (as JSON text) the output must match: the `output`
+    /// tool takes it as its parameters.
+    #[serde(default)]
+    pub output_schema: Option<String>,
 }
 
 /// A chat message given in a workflow.

@@ -91,6 +91,7 @@ fn fixture_task() -> Task {
                 }],
                 tools: vec!["read_skill".into(), "output".into()],
                 max_iterations: 6,
+                output_schema: None,
             }),
         },
         upstream: BTreeMap::from([("gather".into(), "three sources".into())]),

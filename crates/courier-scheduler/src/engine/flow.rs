@@ -228,9 +228,17 @@ impl Engine {
         let mut failed = Vec::new();
         let mut not_started = 0;
         let mut array = Vec::with_capacity(total);
+        // Structured outputs (checked against their schema) are kept as JSON.
+        let structured = matches!(&s.run, courier_wire::StepRun::Agent(a) if a.output_schema.is_some());
         for (i, (status, output, error)) in results.into_iter().enumerate() {
             match status {
-                StepStatus::Succeeded => array.push(Value::String(output.unwrap_or_default())),
+                StepStatus::Succeeded => {
+                    let output = output.unwrap_or_default();
+                    array.push(match serde_json::from_str(&output) {
+                        Ok(json) if structured => json,
+                        _ => Value::String(output),
+                    });
+                }
                 StepStatus::Skipped => {
                     not_started += 1;
                     array.push(Value::Null);
