@@ -252,3 +252,62 @@ fn a_step_kind_from_a_newer_scheduler_fails_with_upgrade_it_and_is_not_dead_lett
     );
     assert_eq!(cluster.dead_depth(), 0, "not dead-lettered as poison");
 }
+
+/// The step named `name` of a run, as the API shows it.
+fn step_of<'a>(run: &'a Value, name: &str) -> &'a Value {
+    run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no step {name} in {run:#}"))
+}
+
+#[test]
+fn the_triage_example_plans_fans_out_gates_and_combines_offline() {
+    let cluster = Cluster::builder().workers(2).start();
+    let id = cluster.submit("triage", &[]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while step_of(&cluster.run(&id), "approve")["status"] != "waiting_approval" {
+        assert!(
+            Instant::now() < deadline,
+            "never reached the approval\n{:#}\n{}",
+            cluster.run(&id),
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let run = cluster.run(&id);
+    // The plan's three issues, each reviewed by its own agent step.
+    let reviews: Vec<Value> = serde_json::from_str(step_of(&run, "review")["output"].as_str().unwrap()).unwrap();
+    assert_eq!(reviews.len(), 3);
+    assert!(reviews.iter().all(|r| r["severity"] == "high"), "{reviews:?}");
+    for i in 0..3 {
+        let item = step_of(&run, &format!("review[{i}]"));
+        assert_eq!(
+            (item["status"].as_str(), item["model"].as_str()),
+            (Some("succeeded"), Some("scripted/triage-reviewer"))
+        );
+    }
+    // High severity found: the condition held.
+    assert_eq!(step_of(&run, "urgent")["status"], "succeeded");
+    let waiting_on = step_of(&run, "approve")["waiting_on"].as_str().unwrap();
+    assert!(
+        waiting_on.starts_with("approval: Publish the triage of [\"Login fails"),
+        "{waiting_on}"
+    );
+    let (out, _, stderr) =
+        crate::support::run(
+            cluster
+                .courier()
+                .args(["approve", &id, "approve", "--comment", "ship it"]),
+        );
+    assert!(out.status.success(), "{stderr}");
+    let run = cluster.wait_run(&id, Duration::from_secs(20));
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let published = step_of(&run, "publish")["output"].as_str().unwrap();
+    assert!(
+        published.starts_with("Triage (approved: ship it): [{\"severity\":\"high\""),
+        "{published}"
+    );
+}

@@ -42,8 +42,9 @@ impl Condition {
             format!("not a CEL expression: {}", first.trim_start_matches("ERROR: <input>:"))
         })?;
         let references = program.references();
+        let bound = macro_variables(source);
         for name in references.variables() {
-            if !["params", "steps"].contains(&name) {
+            if !["params", "steps"].contains(&name) && !bound.contains(&name) {
                 return Err(format!(
                     "unknown name \"{name}\": a condition reads params.NAME, steps.NAME.output and steps.NAME.json"
                 ));
@@ -153,6 +154,26 @@ fn selections(source: &str) -> Vec<(&'static str, String)> {
     found
 }
 
+/// Names bound by macros (`list.exists(x, ...)`, `all`, `exists_one`,
+/// `map`, `filter`): the macro's own variable, not an input.
+fn macro_variables(source: &str) -> Vec<&str> {
+    let mut bound = Vec::new();
+    for m in [".all(", ".exists(", ".exists_one(", ".map(", ".filter("] {
+        let mut rest = source;
+        while let Some(at) = rest.find(m) {
+            rest = &rest[at + m.len()..];
+            let name = rest.trim_start();
+            let end = name
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(name.len());
+            if name[end..].trim_start().starts_with(',') && end > 0 {
+                bound.push(&name[..end]);
+            }
+        }
+    }
+    bound
+}
+
 /// A JSON value as a CEL value: integers as `int` (so `x > 3` compares
 /// like with like), other numbers as `double`.
 fn cel_value(v: &serde_json::Value) -> Value {
@@ -197,6 +218,17 @@ mod tests {
         assert_eq!(eval("steps.plan.output.contains('risky')", &[("plan", plan)]), Ok(true));
         assert_eq!(eval("steps.plan.json == null", &[("plan", "plain text")]), Ok(true));
         assert_eq!(eval("steps.plan.output == ''", &[]), Ok(true));
+        assert_eq!(
+            eval(
+                "steps.plan.json.files.exists(f, f == 'b') && steps.plan.json.files.all(x, size(x) == 1)",
+                &[("plan", plan)]
+            ),
+            Ok(true)
+        );
+        assert_eq!(
+            eval("[null, {'s': 'high'}].exists(r, r != null && r.s == 'high')", &[]),
+            Ok(true)
+        );
     }
 
     #[test]
