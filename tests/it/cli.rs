@@ -8,7 +8,7 @@ fn validate_accepts_the_example_config() {
     assert!(out.status.success());
     let (summary, largest) = stdout.split_once('\n').unwrap();
     assert!(
-        summary.ends_with(": ok (3 workflows, 9 steps, 3 models, 3 skills, 2 souls)"),
+        summary.ends_with(": ok (4 workflows, 14 steps, 5 models, 3 skills, 2 souls)"),
         "{stdout}"
     );
     assert!(
@@ -35,10 +35,12 @@ fn validate_builds_every_snapshot_within_the_schedulers_limits() {
     assert_eq!(
         stderr,
         format!(
-            "3 errors in the configuration:\n  {}  {}  {}",
+            "5 errors in the configuration:\n  {}  {}  {}  {}  {}",
             too_large("digest.yaml:7", "digest"),
             too_large("research.yaml:9", "analyze"),
             too_large("research.yaml:22", "write"),
+            too_large("triage.yaml:12", "plan"),
+            too_large("triage.yaml:27", "review"),
         )
     );
     // A flag overrides the file, as it does for the scheduler.

@@ -180,7 +180,7 @@ fn submit_errors_are_clear_and_publish_nothing() {
     let cluster = Cluster::builder().workers(0).start();
     assert_eq!(
         cluster.submit("nope", &[]).unwrap_err(),
-        "unknown workflow \"nope\" (known: digest, fanout, research)"
+        "unknown workflow \"nope\" (known: digest, fanout, research, triage)"
     );
     assert_eq!(
         cluster.submit("research", &[]).unwrap_err(),

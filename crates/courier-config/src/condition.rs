@@ -41,6 +41,11 @@ impl Condition {
             let first = e.lines().next().unwrap_or_default();
             format!("not a CEL expression: {}", first.trim_start_matches("ERROR: <input>:"))
         })?;
+        if nested_macros(source) {
+            return Err("comprehensions (all, exists, exists_one, map, filter) may not nest: \
+                        their cost would grow with the square of an output's size"
+                .into());
+        }
         let references = program.references();
         let bound = macro_variables(source);
         for name in references.variables() {
@@ -174,6 +179,45 @@ fn macro_variables(source: &str) -> Vec<&str> {
     bound
 }
 
+/// Whether a comprehension's parentheses hold another comprehension
+/// (string literals aside).
+fn nested_macros(source: &str) -> bool {
+    const MACROS: [&str; 5] = [".all(", ".exists(", ".exists_one(", ".map(", ".filter("];
+    let bytes = source.as_bytes();
+    // Depth of parentheses at which each open comprehension started.
+    let mut open: Vec<usize> = Vec::new();
+    let (mut depth, mut quote, mut i) = (0usize, None, 0);
+    while i < bytes.len() {
+        let b = bytes[i];
+        if let Some(q) = quote {
+            if b == b'\\' {
+                i += 1;
+            } else if b == q {
+                quote = None;
+            }
+        } else if b == b'"' || b == b'\'' {
+            quote = Some(b);
+        } else if let Some(m) = MACROS.iter().find(|m| source[i..].starts_with(**m)) {
+            if !open.is_empty() {
+                return true;
+            }
+            depth += 1;
+            open.push(depth);
+            i += m.len();
+            continue;
+        } else if b == b'(' {
+            depth += 1;
+        } else if b == b')' {
+            if open.last() == Some(&depth) {
+                open.pop();
+            }
+            depth = depth.saturating_sub(1);
+        }
+        i += 1;
+    }
+    false
+}
+
 /// A JSON value as a CEL value: integers as `int` (so `x > 3` compares
 /// like with like), other numbers as `double`.
 fn cel_value(v: &serde_json::Value) -> Value {
@@ -260,6 +304,10 @@ mod tests {
                 .unwrap_err()
                 .contains("at most")
         );
+        let nested = "steps.a.json.all(x, steps.a.json.exists(y, x == y))";
+        assert!(Condition::parse(nested).unwrap_err().contains("may not nest"));
+        let side_by_side = "steps.a.json.all(x, x > 0) && steps.a.json.exists(y, y == '(')";
+        assert!(Condition::parse(side_by_side).is_ok());
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub struct BenchArgs {
     /// Make each run's last step depend on all the others (a fan-in).
     #[arg(long)]
     fan_in: bool,
+    /// Make each run one `foreach` step over `--steps-per-run` items (each
+    /// item a task), instead of that many steps.
+    #[arg(long, conflicts_with = "fan_in")]
+    foreach: bool,
     /// Open loop: submit one-step runs at this many per second (whatever
     /// the answers' pace) for `--duration` seconds, and report the latency
     /// from submit to result applied (no raw ceiling).
@@ -71,6 +75,9 @@ pub fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
     }
     if args.fan_in && (args.steps_per_run < 2 || args.rate.is_some()) {
         bail!("--fan-in needs at least 2 steps per run, and is not for --rate (one-step runs)");
+    }
+    if args.foreach && (args.rate.is_some() || args.steps_per_run > 100_000) {
+        bail!("--foreach is not for --rate (one-step runs), and takes at most 100000 items per run");
     }
     let runtime = tokio::runtime::Runtime::new()?;
     if let Some(rate) = args.rate {
@@ -329,7 +336,7 @@ impl Stack {
     fn start(settings: &Settings, args: &BenchArgs, steps_per_run: usize) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("courier-bench-{}", uuid::Uuid::now_v7()));
         let config_dir = dir.join("config");
-        write_bench_config(&config_dir, steps_per_run, args.fan_in)?;
+        write_bench_config(&config_dir, steps_per_run, args.fan_in, args.foreach)?;
         let namespace = format!("bench-{}", uuid::Uuid::now_v7());
         let exe = std::env::current_exe().context("locating the courier binary")?;
         let command = |what: &str| {
@@ -480,6 +487,12 @@ fn courier_end_to_end(
     let mut stack = Stack::start(settings, args, args.steps_per_run)?;
     let runs = args.tasks.div_ceil(args.steps_per_run);
     let text = payload(args.size);
+    let items = serde_json::to_string(&(0..args.steps_per_run).collect::<Vec<_>>())?;
+    let params = if args.foreach {
+        serde_json::json!({"payload": text, "items": items})
+    } else {
+        serde_json::json!({"payload": text})
+    };
     let sampler = RssSampler::start(stack.procs.0.iter().map(|(_, c)| c.id()).collect());
     runtime.block_on(async {
         let client = reqwest::Client::new();
@@ -488,16 +501,16 @@ fn courier_end_to_end(
         let errors = Arc::new(Mutex::new(Vec::new()));
         let mut submitters = tokio::task::JoinSet::new();
         for _ in 0..4 {
-            let (client, api, text, submitted, errors) = (
+            let (client, api, params, submitted, errors) = (
                 client.clone(),
                 stack.api.clone(),
-                text.clone(),
+                params.clone(),
                 submitted.clone(),
                 errors.clone(),
             );
             submitters.spawn(async move {
                 while submitted.fetch_add(1, Ordering::Relaxed) < runs {
-                    let body = serde_json::json!({"workflow": "bench", "params": {"payload": text}});
+                    let body = serde_json::json!({"workflow": "bench", "params": params});
                     match client.post(format!("{api}/api/runs")).json(&body).send().await {
                         Ok(r) if r.status().is_success() => {}
                         Ok(r) => errors.lock().await.push(r.text().await.unwrap_or_default()),
@@ -599,7 +612,7 @@ fn open_loop(
     Ok((latency, usage))
 }
 
-fn write_bench_config(dir: &Path, steps: usize, fan_in: bool) -> anyhow::Result<()> {
+fn write_bench_config(dir: &Path, steps: usize, fan_in: bool, foreach: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("agents/models"))?;
     std::fs::create_dir_all(dir.join("workflows"))?;
     std::fs::write(dir.join("agents/config.yaml"), "default_model: none\n")?;
@@ -607,6 +620,11 @@ fn write_bench_config(dir: &Path, steps: usize, fan_in: bool) -> anyhow::Result<
         dir.join("agents/models/none.yaml"),
         "provider: scripted\nmodel: none\nscript:\n  - text: unused\n",
     )?;
+    if foreach {
+        let yaml = "params:\n  payload: ~\n  items: ~\nsteps:\n  - name: each\n    foreach: \"${items}\"\n    max_concurrent: 10000\n    max_items: 100000\n    echo: \"${payload}\"\n";
+        std::fs::write(dir.join("workflows/bench.yaml"), yaml)?;
+        return Ok(());
+    }
     let mut yaml = String::from("params:\n  payload: ~\nsteps:\n");
     let independent = if fan_in { steps - 1 } else { steps };
     for i in 0..independent {
