@@ -5,11 +5,15 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use cel::{Context, Program, Value};
+use cel::common::ast::{EntryExpr, Expr, IdedEntryExpr};
+use cel::{Context, IdedExpr, Program, Value};
 
 /// Longest expression accepted: evaluation runs inside the scheduler's
 /// transaction, so its size (and with it its cost) is bounded.
 pub const MAX_CONDITION_LEN: usize = 2048;
+/// Largest output a condition reads (bounding what an expression over it
+/// costs; a larger one fails the condition).
+pub const MAX_CONDITION_INPUT: usize = 64 * 1024;
 
 /// A parsed condition and the names it reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,43 +45,12 @@ impl Condition {
             let first = e.lines().next().unwrap_or_default();
             format!("not a CEL expression: {}", first.trim_start_matches("ERROR: <input>:"))
         })?;
-        if nested_macros(source) {
-            return Err("comprehensions (all, exists, exists_one, map, filter) may not nest: \
-                        their cost would grow with the square of an output's size"
-                .into());
-        }
-        let references = program.references();
-        let bound = macro_variables(source);
-        for name in references.variables() {
-            if !["params", "steps"].contains(&name) && !bound.contains(&name) {
-                return Err(format!(
-                    "unknown name \"{name}\": a condition reads params.NAME, steps.NAME.output and steps.NAME.json"
-                ));
-            }
-        }
-        let mut steps = BTreeSet::new();
-        let mut params = BTreeSet::new();
-        for (root, rest) in selections(source) {
-            let mut parts = rest.split('.');
-            let name = parts.next().unwrap_or_default().to_string();
-            if root == "steps" {
-                match parts.next() {
-                    Some("output" | "json") => {}
-                    _ => {
-                        return Err(format!(
-                            "\"steps.{name}\" must be followed by .output (text) or .json (the output as JSON)"
-                        ));
-                    }
-                }
-                steps.insert(name);
-            } else {
-                params.insert(name);
-            }
-        }
+        let mut reads = Reads::default();
+        reads.walk(program.expression())?;
         Ok(Self {
             source: source.to_string(),
-            steps,
-            params,
+            steps: reads.steps,
+            params: reads.params,
         })
     }
 
@@ -88,6 +61,14 @@ impl Condition {
     /// The expression failed (a missing key, a type mismatch) or its value
     /// is not a boolean.
     pub fn eval(&self, params: &BTreeMap<String, String>, outputs: &BTreeMap<String, String>) -> Result<bool, String> {
+        for name in &self.steps {
+            let len = outputs.get(name).map_or(0, String::len);
+            if len > MAX_CONDITION_INPUT {
+                return Err(format!(
+                    "the output of step \"{name}\" is {len} bytes: a condition reads at most {MAX_CONDITION_INPUT} bytes of an output"
+                ));
+            }
+        }
         let program = Program::compile(&self.source).map_err(|e| format!("not a CEL expression: {e}"))?;
         let mut context = Context::default();
         let params: HashMap<String, Value> = params
@@ -120,102 +101,116 @@ impl Condition {
     }
 }
 
-/// `params.X` and `steps.X.Y` selections in the source, outside string
-/// literals: (root, the dotted rest).
-fn selections(source: &str) -> Vec<(&'static str, String)> {
-    let bytes = source.as_bytes();
-    let mut found = Vec::new();
-    let mut i = 0;
-    let mut quote: Option<u8> = None;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if let Some(q) = quote {
-            if b == b'\\' {
-                i += 1;
-            } else if b == q {
-                quote = None;
-            }
-            i += 1;
-            continue;
-        }
-        if b == b'"' || b == b'\'' {
-            quote = Some(b);
-            i += 1;
-            continue;
-        }
-        let word_start =
-            i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_' || bytes[i - 1] == b'.');
-        for root in ["params", "steps"] {
-            if word_start && source[i..].starts_with(root) && bytes.get(i + root.len()) == Some(&b'.') {
-                let start = i + root.len() + 1;
-                let end = source[start..]
-                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.'))
-                    .map_or(source.len(), |n| start + n);
-                found.push((root, source[start..end].to_string()));
-            }
-        }
-        i += 1;
-    }
-    found
+/// What a condition reads, found by walking its syntax tree: `params.NAME`
+/// and `steps.NAME.output|json`, with a comprehension's own variables in
+/// scope inside it, and comprehensions never nested (their cost would grow
+/// with the square of an output's size).
+#[derive(Default)]
+struct Reads<'a> {
+    steps: BTreeSet<String>,
+    params: BTreeSet<String>,
+    scope: Vec<&'a str>,
+    depth: usize,
 }
 
-/// Names bound by macros (`list.exists(x, ...)`, `all`, `exists_one`,
-/// `map`, `filter`): the macro's own variable, not an input.
-fn macro_variables(source: &str) -> Vec<&str> {
-    let mut bound = Vec::new();
-    for m in [".all(", ".exists(", ".exists_one(", ".map(", ".filter("] {
-        let mut rest = source;
-        while let Some(at) = rest.find(m) {
-            rest = &rest[at + m.len()..];
-            let name = rest.trim_start();
-            let end = name
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(name.len());
-            if name[end..].trim_start().starts_with(',') && end > 0 {
-                bound.push(&name[..end]);
+impl<'a> Reads<'a> {
+    fn walk(&mut self, e: &'a IdedExpr) -> Result<(), String> {
+        match &e.expr {
+            Expr::Select(select) => {
+                let path = qualified(e);
+                match path.first().copied() {
+                    Some(root @ ("params" | "steps")) if !self.scope.contains(&root) => self.input(&path),
+                    _ => self.walk(&select.operand),
+                }
             }
+            Expr::Ident(name) if self.scope.contains(&name.as_str()) => Ok(()),
+            Expr::Ident(name) if name == "params" || name == "steps" => Err(format!(
+                "read {name} as params.NAME, steps.NAME.output or steps.NAME.json"
+            )),
+            Expr::Ident(name) => Err(format!(
+                "unknown name \"{name}\": a condition reads params.NAME, steps.NAME.output and steps.NAME.json"
+            )),
+            Expr::Comprehension(c) => {
+                if self.depth > 0 {
+                    return Err("comprehensions (all, exists, exists_one, map, filter) may not nest: \
+                                their cost would grow with the square of an output's size"
+                        .into());
+                }
+                self.walk(&c.iter_range)?;
+                self.walk(&c.accu_init)?;
+                let before = self.scope.len();
+                self.scope.push(&c.iter_var);
+                self.scope.extend(c.iter_var2.as_deref());
+                self.scope.push(&c.accu_var);
+                self.depth += 1;
+                let body = [&c.loop_cond, &c.loop_step, &c.result]
+                    .into_iter()
+                    .try_for_each(|part| self.walk(part));
+                self.depth -= 1;
+                self.scope.truncate(before);
+                body
+            }
+            Expr::Call(call) => {
+                if let Some(target) = &call.target {
+                    self.walk(target)?;
+                }
+                call.args.iter().try_for_each(|a| self.walk(a))
+            }
+            Expr::List(list) => list.elements.iter().try_for_each(|a| self.walk(a)),
+            Expr::Map(map) => map.entries.iter().try_for_each(|entry| self.entry(entry)),
+            Expr::Struct(st) => st.entries.iter().try_for_each(|entry| self.entry(entry)),
+            Expr::Literal(_) | Expr::Unspecified => Ok(()),
         }
     }
-    bound
+
+    fn entry(&mut self, entry: &'a IdedEntryExpr) -> Result<(), String> {
+        match &entry.expr {
+            EntryExpr::MapEntry(m) => {
+                self.walk(&m.key)?;
+                self.walk(&m.value)
+            }
+            EntryExpr::StructField(f) => self.walk(&f.value),
+        }
+    }
+
+    /// `params.NAME...` or `steps.NAME.output|json...`.
+    fn input(&mut self, path: &[&str]) -> Result<(), String> {
+        match path {
+            ["params", name, ..] => {
+                self.params.insert((*name).to_string());
+                Ok(())
+            }
+            ["steps", name, "output" | "json", ..] => {
+                self.steps.insert((*name).to_string());
+                Ok(())
+            }
+            ["steps", name, ..] => Err(format!(
+                "\"steps.{name}\" must be followed by .output (text) or .json (the output as JSON)"
+            )),
+            _ => Err("read params.NAME, steps.NAME.output or steps.NAME.json".into()),
+        }
+    }
 }
 
-/// Whether a comprehension's parentheses hold another comprehension
-/// (string literals aside).
-fn nested_macros(source: &str) -> bool {
-    const MACROS: [&str; 5] = [".all(", ".exists(", ".exists_one(", ".map(", ".filter("];
-    let bytes = source.as_bytes();
-    // Depth of parentheses at which each open comprehension started.
-    let mut open: Vec<usize> = Vec::new();
-    let (mut depth, mut quote, mut i) = (0usize, None, 0);
-    while i < bytes.len() {
-        let b = bytes[i];
-        if let Some(q) = quote {
-            if b == b'\\' {
-                i += 1;
-            } else if b == q {
-                quote = None;
+/// The names of a chain of field selections from an identifier
+/// (`a.b.c`: `[a, b, c]`); empty when it does not start at one.
+fn qualified(e: &IdedExpr) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut e = e;
+    loop {
+        match &e.expr {
+            Expr::Select(select) => {
+                names.push(select.field.as_str());
+                e = &select.operand;
             }
-        } else if b == b'"' || b == b'\'' {
-            quote = Some(b);
-        } else if let Some(m) = MACROS.iter().find(|m| source[i..].starts_with(**m)) {
-            if !open.is_empty() {
-                return true;
+            Expr::Ident(name) => {
+                names.push(name.as_str());
+                names.reverse();
+                return names;
             }
-            depth += 1;
-            open.push(depth);
-            i += m.len();
-            continue;
-        } else if b == b'(' {
-            depth += 1;
-        } else if b == b')' {
-            if open.last() == Some(&depth) {
-                open.pop();
-            }
-            depth = depth.saturating_sub(1);
+            _ => return Vec::new(),
         }
-        i += 1;
     }
-    false
 }
 
 /// A JSON value as a CEL value: integers as `int` (so `x > 3` compares
@@ -304,10 +299,38 @@ mod tests {
                 .unwrap_err()
                 .contains("at most")
         );
-        let nested = "steps.a.json.all(x, steps.a.json.exists(y, x == y))";
-        assert!(Condition::parse(nested).unwrap_err().contains("may not nest"));
+        for nested in [
+            "steps.a.json.all(x, steps.a.json.exists(y, x == y))",
+            "steps.a.json.all(x, steps.a.json.exists (x, x == 0))",
+            "steps.a.json.all(x, steps.a.json.existsOne(y, x == y)) // a comment's ' quote",
+            "steps.a.json.map(x, steps.a.json.filter(y, y == x))",
+        ] {
+            assert!(
+                Condition::parse(nested).unwrap_err().contains("may not nest"),
+                "{nested}"
+            );
+        }
         let side_by_side = "steps.a.json.all(x, x > 0) && steps.a.json.exists(y, y == '(')";
         assert!(Condition::parse(side_by_side).is_ok());
+        // A macro's variable is known only inside it.
+        assert!(
+            Condition::parse("[1].all(env, true) && env.HOME == ''")
+                .unwrap_err()
+                .contains("unknown name \"env\"")
+        );
+        assert!(
+            Condition::parse("steps['plan'].json == null")
+                .unwrap_err()
+                .contains("read steps as")
+        );
+        assert!(Condition::parse("params.mode == 'x' // naïve, ünïcode").is_ok());
+    }
+
+    #[test]
+    fn an_output_over_the_bound_is_not_read() {
+        let big = format!("[{}]", vec!["0"; MAX_CONDITION_INPUT].join(","));
+        let e = eval("size(steps.plan.json) > 0", &[("plan", &big)]).unwrap_err();
+        assert!(e.contains("a condition reads at most 65536 bytes"), "{e}");
     }
 
     #[test]

@@ -129,6 +129,9 @@ pub struct Step {
     pub when: Option<Condition>,
     /// What a skipped dependency does to this step.
     pub on_skipped: OnSkipped,
+    /// The upstream steps whose outputs its fields and condition read (its
+    /// `foreach` array aside: see [`Step::items`]).
+    pub reads: BTreeSet<String>,
 }
 
 /// `foreach: "${plan.json.files}"`: the step runs once per item of the JSON
@@ -519,6 +522,12 @@ impl Workflow {
                 continue;
             }
             if let Some(sub) = &s.workflow {
+                if s.timeout.is_some() {
+                    errors.push(step_err(
+                        "timeout",
+                        "a sub-workflow step has no timeout of its own: give the child workflow a `timeout`".into(),
+                    ));
+                }
                 if s.foreach.is_some() {
                     errors.push(step_err("workflow", "a foreach step cannot start sub-workflows".into()));
                 }
@@ -624,10 +633,14 @@ impl Workflow {
                 workflow: s.workflow.clone(),
                 when,
                 on_skipped: s.depends_on_skipped,
+                reads: BTreeSet::new(),
             });
         }
 
         check_graph(path, &steps, &params, &mut errors);
+        for step in &mut steps {
+            step.reads = step.outputs_read();
+        }
         if steps.iter().any(|s| s.foreach.is_some()) {
             for p in [template::ITEM, template::INDEX]
                 .into_iter()
@@ -791,6 +804,35 @@ impl Step {
             timeout: self.timeout,
             run,
         })
+    }
+
+    /// The steps whose outputs the step's fields and condition read.
+    fn outputs_read(&self) -> BTreeSet<String> {
+        let fields = self.templates().into_iter().filter(|(field, _)| field != "foreach");
+        let mut reads: BTreeSet<String> = fields
+            .flat_map(|(_, text)| template::refs(text).unwrap_or_default())
+            .filter_map(|r| match r {
+                Ref::Output(s) | Ref::Json(s, _) => Some(s.to_string()),
+                Ref::Param(_) | Ref::Item(_) => None,
+            })
+            .collect();
+        if let Some(c) = &self.when {
+            reads.extend(c.steps.iter().cloned());
+        }
+        reads
+    }
+
+    /// The steps whose outputs the `foreach` array reads.
+    pub fn items_read(&self) -> BTreeSet<String> {
+        let text = self.foreach.as_ref().map_or("", |f| f.items.as_str());
+        template::refs(text)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|r| match r {
+                Ref::Output(s) | Ref::Json(s, _) => Some(s.to_string()),
+                Ref::Param(_) | Ref::Item(_) => None,
+            })
+            .collect()
     }
 
     /// Every template string of the step, with the field it sits in
@@ -980,6 +1022,9 @@ fn check_graph(path: &Path, steps: &[Step], params: &BTreeMap<String, Option<Str
                     for r in refs {
                         match r {
                             Ref::Param(p) if in_item && [template::ITEM, template::INDEX].contains(&p) => {}
+                            Ref::Param(p) if !in_item && [template::ITEM, template::INDEX].contains(&p) => {
+                                errors.push(e(format!("\"${{{p}}}\" is only known in the fields of a foreach step")))
+                            }
                             Ref::Param(p) if !params.contains_key(p) => {
                                 errors.push(e(format!("unknown parameter \"{p}\" in \"${{{p}}}\"")))
                             }

@@ -79,7 +79,7 @@ fn example_config_loads() {
     let config = Config::load(&example_dir()).unwrap();
     assert_eq!(
         config.workflows.keys().collect::<Vec<_>>(),
-        ["digest", "fanout", "research"]
+        ["digest", "fanout", "research", "triage"]
     );
     let research = &config.workflows["research"];
     assert_eq!(research.params, BTreeMap::from([("topic".to_string(), None)]));
@@ -278,14 +278,14 @@ fn a_step_needs_exactly_one_of_command_and_agent() {
     assert_eq!(
         e,
         [
-            "/workflows/t.yaml:4: step \"a\": field \"command\": a step has exactly one of `command`, `agent`, `echo` and `approval`"
+            "/workflows/t.yaml:4: step \"a\": field \"command\": a step has exactly one of `command`, `agent`, `echo`, `approval` and `workflow`"
         ]
     );
     let e = workflow_errors("  - name: a\n    command: [echo]\n    agent: {prompt: hi}\n");
     assert_eq!(
         e,
         [
-            "/workflows/t.yaml:5: step \"a\": field \"command\": a step has exactly one of `command`, `agent`, `echo` and `approval`"
+            "/workflows/t.yaml:5: step \"a\": field \"command\": a step has exactly one of `command`, `agent`, `echo`, `approval` and `workflow`"
         ]
     );
 }
@@ -877,7 +877,7 @@ fn an_approval_step_is_checked() {
     );
     assert!(
         errors.iter().any(|e| e.contains(
-            "step \"b\": field \"command\": a step has exactly one of `command`, `agent`, `echo` and `approval`"
+            "step \"b\": field \"command\": a step has exactly one of `command`, `agent`, `echo`, `approval` and `workflow`"
         )),
         "{errors:#?}"
     );
@@ -896,7 +896,7 @@ fn foreach_fields_are_checked() {
         "/workflows/t.yaml:9: step \"a\": field \"max_concurrent\": must be from 1 to 10000",
         "/workflows/t.yaml:10: step \"a\": field \"max_items\": must be from 1 to 100000",
         "/workflows/t.yaml:13: step \"b\": field \"max_concurrent\": applies to foreach steps only",
-        "/workflows/t.yaml:14: step \"b\": field \"echo\": unknown parameter \"item\" in \"${item}\"",
+        "/workflows/t.yaml:14: step \"b\": field \"echo\": \"${item}\" is only known in the fields of a foreach step",
         "/workflows/t.yaml:16: step \"c\": field \"foreach\": \"${other.json}\" names a step that is not upstream of \"c\" (add it to depends)",
         "/workflows/t.yaml:18: step \"item\": field \"name\": \"item\" is reserved for foreach items",
         "/workflows/t.yaml:21: step \"d\": field \"foreach\": an approval step cannot be a foreach",

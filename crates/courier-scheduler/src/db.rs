@@ -130,8 +130,8 @@ UPDATE runs SET params = '';
 ",
     // 5: the workflow language. foreach: each item is a step row of its
     // own (`name[index]`, its value in `item`, its step in `parent`); the
-    // foreach step counts its items: how many, how many started, how many
-    // not yet ended, failed. Sub-workflows: a child run names its parent
+    // foreach step counts its items: how many, where to look for the next
+    // to start, how many not yet ended, failed, started and not yet ended. Sub-workflows: a child run names its parent
     // run and step, and how deep it is.
     "
 ALTER TABLE runs ADD COLUMN parent_run TEXT;
@@ -145,6 +145,7 @@ ALTER TABLE steps ADD COLUMN items_total INTEGER;
 ALTER TABLE steps ADD COLUMN items_next INTEGER;
 ALTER TABLE steps ADD COLUMN items_left INTEGER;
 ALTER TABLE steps ADD COLUMN items_failed INTEGER;
+ALTER TABLE steps ADD COLUMN items_active INTEGER;
 CREATE INDEX steps_items ON steps (run_id, parent, item_index) WHERE parent IS NOT NULL;
 ",
 ];

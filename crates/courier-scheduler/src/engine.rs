@@ -19,7 +19,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use courier_config::output_schema;
 use courier_config::template::{Item, Values};
 use courier_config::{
-    AgentStore, Config, MemoryScope, PROPOSE_MEMORY_TOOL, ParamError, Step, StoreError, Workflow, build_snapshot,
+    AgentStore, Config, MemoryScope, OnSkipped, PROPOSE_MEMORY_TOOL, ParamError, Step, StoreError, Workflow,
+    build_snapshot,
 };
 use courier_wire::{
     ContentHash, Limits, MemoryTarget, MemoryUpdate, ModelLimits, Pricing, StepRun, Task, TaskResult, TaskStatus,
@@ -425,7 +426,7 @@ impl Engine {
                     })?;
                 let item = item_value(t, &row.run_id, &row.step, index)?;
                 let params = run_params(t, &row.run_id)?;
-                let upstream = outputs(t, &row.run_id, wf, step)?;
+                let upstream = outputs(t, &row.run_id, step)?;
                 let attempt = Attempt {
                     task_id: parse_uuid(&row.task_id),
                     number: row.attempt,
@@ -652,7 +653,7 @@ impl Engine {
             let row = tx::run(c.t, run)?.ok_or_else(|| CancelError::NotFound(run.to_string()))?;
             match step {
                 None => match row.status {
-                    RunStatus::Running => self.cancel_run(c, run, by, reason)?,
+                    RunStatus::Running => cancel_run(c, run, by, reason)?,
                     RunStatus::Cancelled => {}
                     status => {
                         return Err(CancelError::Finished {
@@ -699,31 +700,6 @@ impl Engine {
         })
     }
 
-    /// Cancel a running run: open steps cancelled, unpublished tasks
-    /// dropped, workers told.
-    fn cancel_run(&self, c: &mut Change<'_, '_>, run: &str, by: &str, reason: &str) -> Result<(), DbError> {
-        for (name, _) in tx::open_steps(c.t, run)? {
-            tx::finish_step(c.t, run, &name, StepStatus::Cancelled, None, Some(reason), None, c.now)?;
-        }
-        let dropped = tx::cancel_unpublished(c.t, run, None, c.now)?;
-        c.effects.dropped.extend(dropped);
-        end_run(c, run, RunStatus::Cancelled, Some(reason), Some(by))?;
-        tx::insert_control(c.t, run, None, reason, c.now)?;
-        // Its child runs go with it.
-        for child in tx::running_children(c.t, run, None)? {
-            self.cancel_run(
-                c,
-                &child,
-                "parent",
-                &format!("its parent run {run} was cancelled: {reason}"),
-            )?;
-        }
-        c.effects.admit = true;
-        c.applied.cancelled_runs += 1;
-        tracing::info!(%run, trace_id = %trace_id(run), %by, %reason, "run cancelled");
-        Ok(())
-    }
-
     /// Cancel one open step and skip what depends on it.
     fn cancel_step(
         &self,
@@ -743,14 +719,12 @@ impl Engine {
         c.effects.dropped.extend(dropped);
         tx::insert_control(c.t, run, Some(name), reason, c.now)?;
         c.effects.admit = true;
-        for child in tx::running_children(c.t, run, Some(name))? {
-            self.cancel_run(
-                c,
-                &child,
-                "parent",
-                &format!("its step {name} of run {run} was cancelled: {reason}"),
-            )?;
-        }
+        cancel_children(
+            c,
+            run,
+            Some(name),
+            &format!("its step {name} of run {run} was cancelled: {reason}"),
+        )?;
         if let Some(wf) = wf {
             skip_downstream(c, wf, run, name, "was cancelled", &mut Statuses::new(run))?;
             // One item of a foreach: its step goes on (or ends) without it.
@@ -797,7 +771,7 @@ impl Engine {
             let overdue = if expire { tx::overdue_runs(c.t, now)? } else { Vec::new() };
             for (run, workflow) in overdue {
                 let reason = timeout_reason(self.config.workflows.get(&workflow));
-                self.cancel_run(c, &run, "timeout", &reason)?;
+                cancel_run(c, &run, "timeout", &reason)?;
             }
             let overdue = if expire { tx::approvals_overdue(c.t, now)? } else { Vec::new() };
             for (run, name) in overdue {
@@ -867,7 +841,7 @@ impl Engine {
             // Past the run's timeout the run ends, whatever the decision.
             if row.status == RunStatus::Running && row.deadline_ms.is_some_and(|d| c.now >= d) {
                 let wf = self.config.workflows.get(&row.workflow);
-                self.cancel_run(c, run, "timeout", &timeout_reason(wf))?;
+                cancel_run(c, run, "timeout", &timeout_reason(wf))?;
                 return Ok(());
             }
             let status = tx::step_status(c.t, run, step)?.ok_or_else(|| DecideError::NoStep {
@@ -960,10 +934,27 @@ impl Engine {
                         continue;
                     };
                     let mut left = 0;
+                    let mut skipped_by = None;
                     for d in &step.depends {
-                        if states.get(c.t, d)? != Some(StepStatus::Succeeded) {
+                        let done = match states.get(c.t, d)? {
+                            Some(StepStatus::Succeeded) => true,
+                            // Counted as done when this step runs anyway.
+                            Some(StepStatus::Skipped) if step.on_skipped == OnSkipped::Run => true,
+                            Some(StepStatus::Skipped) => {
+                                skipped_by = Some(d);
+                                false
+                            }
+                            _ => false,
+                        };
+                        if !done {
                             left += 1;
                         }
+                    }
+                    // The config changed to skip with a skipped dependency.
+                    if let Some(d) = skipped_by {
+                        let why = format!("upstream step \"{d}\" was skipped");
+                        self.skip(c, wf, &run_row, step, &why, &mut states, &mut params)?;
+                        continue;
                     }
                     tx::set_pending_deps(c.t, &run, &name, left)?;
                     if left == 0 {
@@ -1029,7 +1020,7 @@ impl Engine {
             let workflow = tx::run(t, &row.run_id)?.map(|run| run.workflow);
             let step = workflow
                 .as_ref()
-                .and_then(|w| self.config.workflows.get(w)?.step(&row.step));
+                .and_then(|w| Some(step_of(self.config.workflows.get(w)?, &row.step)?.0));
             let may_propose = step.is_some_and(
                 |s| matches!(&s.run, StepRun::Agent(a) if a.tools.iter().any(|t| t == PROPOSE_MEMORY_TOOL)),
             );
@@ -1092,7 +1083,7 @@ impl Engine {
         // deadline, which is the run's.
         let finished = i64::try_from(r.finished_unix_ms).unwrap_or(i64::MAX);
         if run_row.deadline_ms.is_some_and(|d| finished >= d) {
-            self.cancel_run(c, run, "timeout", &timeout_reason(Some(wf)))?;
+            cancel_run(c, run, "timeout", &timeout_reason(Some(wf)))?;
             return Ok(());
         }
         // A structured output is checked here too: whatever a worker (an old
@@ -1137,6 +1128,14 @@ impl Engine {
         }
         if !self.enforce_budget(c, run, wf)? {
             finish_if_done(c, run)?;
+        }
+        // A child run's spending counts against its ancestors' budgets too.
+        if r.model.is_some() {
+            for (ancestor, workflow) in tx::ancestors(c.t, run)? {
+                if let Some(awf) = self.config.workflows.get(&workflow) {
+                    self.enforce_budget(c, &ancestor, awf)?;
+                }
+            }
         }
         Ok(())
     }
@@ -1183,7 +1182,7 @@ impl Engine {
             _ => None,
         };
         let Some(reason) = over else { return Ok(false) };
-        self.cancel_run(c, run, "budget", &reason)?;
+        cancel_run(c, run, "budget", &reason)?;
         Ok(true)
     }
 
@@ -1291,7 +1290,7 @@ impl Engine {
             *params = Some(run_params(c.t, run)?);
         }
         if let Some(condition) = &s.when {
-            let upstream = outputs(c.t, run, wf, s)?;
+            let upstream = outputs(c.t, run, s)?;
             match condition.eval(params.as_ref().unwrap_or(&BTreeMap::new()), &upstream) {
                 Ok(true) => {}
                 Ok(false) => {
@@ -1308,7 +1307,7 @@ impl Engine {
             return self.start_child(c, wf, run_row, s, states, params);
         }
         if let Some(approval) = &s.approval {
-            let upstream = outputs(c.t, run, wf, s)?;
+            let upstream = outputs(c.t, run, s)?;
             let message = self.approval_message(s, params.as_ref().unwrap_or(&BTreeMap::new()), &upstream);
             let message = shown(&message);
             let deadline = c.now.saturating_add(millis(approval.timeout));
@@ -1322,7 +1321,7 @@ impl Engine {
             c.effects.admit = true;
             return Ok(());
         }
-        let upstream = outputs(c.t, run, wf, s)?;
+        let upstream = outputs(c.t, run, s)?;
         let attempt = Attempt::first(c.now, run_row.deadline_ms);
         let planned = self.plan_task(
             wf,
@@ -1377,7 +1376,7 @@ impl Engine {
             tracing::info!(run = %run, step = %name, attempt, delay_ms = delay.as_millis() as u64, %error, "retrying step through admission");
             return Ok(());
         }
-        let upstream = outputs(c.t, run, wf, step)?;
+        let upstream = outputs(c.t, run, step)?;
         let next = Attempt {
             task_id: Uuid::now_v7(),
             number: attempt,
@@ -1472,10 +1471,28 @@ impl Engine {
             if index.is_none() && (step.approval.is_some() || step.foreach.is_some() || step.workflow.is_some()) {
                 // The config made it an approval, a foreach or a sub-workflow
                 // since it started waiting.
-                let Some(run_row) = tx::run(c.t, &w.run)?.filter(|r| r.status == RunStatus::Running) else {
+                let Some(mut run_row) = tx::run(c.t, &w.run)?.filter(|r| r.status == RunStatus::Running) else {
                     continue;
                 };
+                // A child run is a run: it waits for its parent's admission.
+                if step.workflow.is_some() && !run_row.admitted {
+                    if !counts.admitted_runs.contains(&w.run)
+                        && let Some(max) = wf.max_active_runs
+                        && counts.runs.get(&wf.name).copied().unwrap_or(0) >= i64::from(max)
+                    {
+                        let reason = format!("workflow {} max_active_runs ({max})", wf.name);
+                        if w.waiting_on.as_deref() != Some(reason.as_str()) {
+                            tx::set_waiting_on(c.t, &w.run, &w.step, &reason)?;
+                        }
+                        continue;
+                    }
+                    tx::admit_run(c.t, &w.run)?;
+                    *counts.runs.entry(wf.name.clone()).or_default() += 1;
+                    counts.admitted_runs.insert(w.run.clone());
+                    run_row.admitted = true;
+                }
                 self.start(c, wf, &run_row, step, &mut Statuses::new(&w.run), &mut None)?;
+                finish_if_done(c, &w.run)?;
                 continue;
             }
             let model = self.step_model(step);
@@ -1500,7 +1517,7 @@ impl Engine {
                     continue;
                 };
                 let params = run_params(c.t, &w.run)?;
-                let upstream = outputs(c.t, &w.run, wf, step)?;
+                let upstream = outputs(c.t, &w.run, step)?;
                 let attempt = Attempt {
                     number: w.attempts + 1,
                     ..Attempt::first(c.now, run_row.deadline_ms)
@@ -1907,10 +1924,11 @@ pub fn waiting_labels(reason: &str) -> (&'static str, String, String) {
 
 /// Why a run past its deadline is cancelled.
 fn timeout_reason(wf: Option<&Workflow>) -> String {
-    let timeout = wf
-        .and_then(|w| w.timeout)
-        .map_or_else(|| "its".to_string(), courier_wire::humanize);
-    format!("the run's timeout ({timeout}) passed")
+    match wf.and_then(|w| w.timeout) {
+        Some(timeout) => format!("the run's timeout ({}) passed", courier_wire::humanize(timeout)),
+        // A child run without a timeout of its own has its parent's deadline.
+        None => "the run's deadline passed".to_string(),
+    }
 }
 
 fn millis(d: Duration) -> i64 {
@@ -1945,6 +1963,35 @@ fn write_task(c: &mut Change<'_, '_>, run: &str, step: &Step, name: &str, task: 
     Ok(())
 }
 
+/// Cancel a running run (one that already ended is left as it is): open
+/// steps cancelled, unpublished tasks dropped, workers told, its running
+/// child runs cancelled with it.
+fn cancel_run(c: &mut Change<'_, '_>, run: &str, by: &str, reason: &str) -> Result<(), DbError> {
+    if tx::run(c.t, run)?.map(|r| r.status) != Some(RunStatus::Running) {
+        return Ok(());
+    }
+    for (name, _) in tx::open_steps(c.t, run)? {
+        tx::finish_step(c.t, run, &name, StepStatus::Cancelled, None, Some(reason), None, c.now)?;
+    }
+    let dropped = tx::cancel_unpublished(c.t, run, None, c.now)?;
+    c.effects.dropped.extend(dropped);
+    end_run(c, run, RunStatus::Cancelled, Some(reason), Some(by))?;
+    tx::insert_control(c.t, run, None, reason, c.now)?;
+    cancel_children(c, run, None, &format!("its parent run {run} was cancelled: {reason}"))?;
+    c.effects.admit = true;
+    c.applied.cancelled_runs += 1;
+    tracing::info!(%run, trace_id = %trace_id(run), %by, %reason, "run cancelled");
+    Ok(())
+}
+
+/// Cancel the running child runs of a run (of one of its steps).
+fn cancel_children(c: &mut Change<'_, '_>, run: &str, step: Option<&str>, reason: &str) -> Result<(), DbError> {
+    for child in tx::running_children(c.t, run, step)? {
+        cancel_run(c, &child, "parent", reason)?;
+    }
+    Ok(())
+}
+
 /// End a run; a child run's parent step is told (see [`Engine::settle_children`]).
 fn end_run(
     c: &mut Change<'_, '_>,
@@ -1962,6 +2009,7 @@ fn end_run(
 /// Fail a run whose workflow or step left the config: its open steps are
 /// skipped with the reason.
 fn fail_run(c: &mut Change<'_, '_>, run: &str, error: &str) -> Result<(), DbError> {
+    cancel_children(c, run, None, &format!("its parent run {run} failed: {error}"))?;
     for (name, _) in tx::open_steps(c.t, run)? {
         tx::finish_step(c.t, run, &name, StepStatus::Skipped, None, Some(error), None, c.now)?;
     }
@@ -2076,20 +2124,19 @@ impl<'a> Statuses<'a> {
     }
 }
 
-/// Outputs of every succeeded ancestor of `step`, read from the database.
-fn outputs(t: &Transaction<'_>, run: &str, wf: &Workflow, step: &Step) -> Result<BTreeMap<String, String>, DbError> {
+/// The outputs `step` reads (its templates' and its condition's), from
+/// the database: only those, so an item or a step costs what it reads, not
+/// what its ancestors wrote.
+fn outputs(t: &Transaction<'_>, run: &str, step: &Step) -> Result<BTreeMap<String, String>, DbError> {
+    outputs_of(t, run, &step.reads)
+}
+
+/// The outputs of the named steps of a run (a skipped step's is empty).
+fn outputs_of(t: &Transaction<'_>, run: &str, names: &BTreeSet<String>) -> Result<BTreeMap<String, String>, DbError> {
     let mut out = BTreeMap::new();
-    let mut seen = BTreeSet::new();
-    let mut todo: Vec<&str> = step.depends.iter().map(String::as_str).collect();
-    while let Some(name) = todo.pop() {
-        if !seen.insert(name) {
-            continue;
-        }
+    for name in names {
         if let Some(output) = tx::step_output(t, run, name)? {
-            out.insert(name.to_string(), output);
-        }
-        if let Some(s) = wf.step(name) {
-            todo.extend(s.depends.iter().map(String::as_str));
+            out.insert(name.clone(), output);
         }
     }
     Ok(out)

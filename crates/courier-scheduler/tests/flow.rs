@@ -5,8 +5,9 @@
 
 use std::collections::BTreeMap;
 
+use courier_scheduler::db::Db;
 use courier_scheduler::db::{RunStatus, RunView, StepStatus, StepView};
-use courier_scheduler::engine::{Engine, NORMAL_PRIORITY};
+use courier_scheduler::engine::{Engine, EngineLimits, NORMAL_PRIORITY};
 use courier_wire::{StepRun, Task, TaskResult, TaskStatus};
 
 mod support;
@@ -98,6 +99,8 @@ fn foreach_runs_each_item_once_at_most_max_concurrent_and_gathers_outputs_in_ite
     let names: Vec<&str> = first.iter().map(|t| t.step.as_str()).collect();
     assert_eq!(names, ["each[0]", "each[1]"]);
     assert_eq!(echo(&first[1]), r#"1={"k":1}"#);
+    // An item carries its item, not its step's upstream outputs (which it does not read).
+    assert!(first.iter().all(|t| t.upstream.is_empty()));
     assert_eq!(step(&view(&engine, &run), "each").status, StepStatus::Running);
     // The second ends first: the third starts, the output keeps item order.
     engine.apply(&[answer(&first[1], TaskStatus::Succeeded)]).unwrap();
@@ -169,6 +172,7 @@ fn two_thousand_items_never_exceed_max_concurrent_and_come_back_in_order() {
             // A restart halfway: the counters are in the database.
             drop(engine);
             engine = engine_over(config(), &db);
+            engine.reconcile().unwrap();
             restarted = true;
         }
     }
@@ -647,4 +651,170 @@ fn a_structured_output_is_checked_by_the_scheduler_too_and_kept_as_json_in_a_for
     );
     let sum = publish_all(&engine);
     assert_eq!(echo(&sum[0]), "high");
+}
+
+#[test]
+fn a_step_that_runs_despite_a_skip_still_starts_after_a_restart() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let db = dir.path().join("c.db");
+    let wf = "steps:
+  - name: slow
+    echo: slow
+  - name: gate
+    when: 'false'
+    echo: never
+  - name: always
+    depends: [gate, slow]
+    depends_on_skipped: run
+    echo: 'always [${gate.output}] after ${slow.output}'
+";
+    let config = || config_with(dir.path(), &[("skip", wf)]);
+    let engine = engine_over(config(), &db);
+    let run = submit(&engine, "skip", &[]);
+    let slow = publish_all(&engine);
+    assert_eq!(slow.len(), 1);
+    assert_eq!(step(&view(&engine, &run), "gate").status, StepStatus::Skipped);
+    // Restarted while slow runs: the skip still counts as done.
+    drop(engine);
+    let engine = engine_over(config(), &db);
+    engine.reconcile().unwrap();
+    assert!(publish_all(&engine).is_empty(), "always waits for slow");
+    engine.apply(&[answer(&slow[0], TaskStatus::Succeeded)]).unwrap();
+    let always = publish_all(&engine);
+    assert_eq!(echo(&always[0]), "always [] after slow");
+    engine.apply(&[answer(&always[0], TaskStatus::Succeeded)]).unwrap();
+    assert_eq!(view(&engine, &run).status, RunStatus::Succeeded);
+}
+
+#[test]
+fn a_pending_item_cancelled_before_it_starts_is_passed_over_and_max_concurrent_holds() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine_over(
+        config_with(dir.path(), &[("fan", &fan(1, "    continue_on_failure: true\n"))]),
+        &dir.path().join("c.db"),
+    );
+    let run = submit(&engine, "fan", &[("items", "[\"a\", \"b\", \"c\"]")]);
+    let plan = publish_all(&engine);
+    engine.apply(&[answer(&plan[0], TaskStatus::Succeeded)]).unwrap();
+    let first = publish_all(&engine);
+    assert_eq!(first.len(), 1);
+    // each[2] has not started: cancelled now, it never will.
+    engine
+        .cancel(&run, Some("each[2]"), "api:test", "not that one")
+        .unwrap();
+    assert!(publish_all(&engine).is_empty(), "max_concurrent 1: each[0] still runs");
+    engine.apply(&[answer(&first[0], TaskStatus::Succeeded)]).unwrap();
+    let second = publish_all(&engine);
+    assert_eq!(second.iter().map(|t| t.step.as_str()).collect::<Vec<_>>(), ["each[1]"]);
+    engine.apply(&[answer(&second[0], TaskStatus::Succeeded)]).unwrap();
+    let join = publish_all(&engine);
+    assert_eq!(echo(&join[0]), r#"["0=a","1=b",null]"#);
+    engine.apply(&[answer(&join[0], TaskStatus::Succeeded)]).unwrap();
+    let v = view(&engine, &run);
+    assert_eq!(v.status, RunStatus::Succeeded, "{v:#?}");
+    assert_eq!(step(&v, "each[2]").status, StepStatus::Cancelled);
+    assert_eq!(step(&v, "each[2]").attempts, 0);
+    let each = step(&v, "each");
+    assert_eq!(
+        each.error.as_deref(),
+        Some("1 of 3 items failed; first, each[2]: not that one (null in the output)")
+    );
+}
+
+#[test]
+fn an_item_of_an_agent_step_may_propose_memory() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let wf = "steps:
+  - name: learn
+    foreach: '[1, 2]'
+    agent: {model: offline, prompt: 'learn ${item}', tools: [output, propose_memory_update]}
+";
+    let engine = engine_over(config_with(dir.path(), &[("learn", wf)]), &dir.path().join("c.db"));
+    let run = submit(&engine, "learn", &[]);
+    let items = publish_all(&engine);
+    let results: Vec<TaskResult> = items
+        .iter()
+        .map(|t| TaskResult {
+            memory_updates: vec![courier_wire::MemoryUpdate {
+                target: courier_wire::MemoryTarget::Workflow,
+                append: format!("- learned from {}\n", t.step),
+            }],
+            ..result(t, TaskStatus::Succeeded, "ok")
+        })
+        .collect();
+    let applied = engine.apply(&results).unwrap();
+    assert!(applied.refused.is_empty(), "{:?}", applied.refused);
+    let v = view(&engine, &run);
+    assert_eq!(v.status, RunStatus::Succeeded, "{v:#?}");
+    let memory = std::fs::read_to_string(dir.path().join("config/agents/memory/workflows/learn/MEMORY.md")).unwrap();
+    assert!(
+        memory.contains("- learned from learn[0]") && memory.contains("- learned from learn[1]"),
+        "{memory}"
+    );
+}
+
+#[test]
+fn a_child_ended_by_admission_still_settles_its_parent_step() {
+    let dir = tempfile::TempDir::new().unwrap();
+    // Every step goes through admission (a pool limit); c2's only step is a
+    // foreach whose item cannot be planned: admission fails it, ending c2.
+    let c1 = "steps:\n  - name: one\n    echo: one\n";
+    let c2 = "steps:\n  - name: each\n    foreach: '[{\"p\": 1}]'\n    echo: '${item.path}'\n";
+    let outer = "steps:
+  - name: a
+    workflow: {name: c1}
+  - name: b
+    depends: [a]
+    workflow: {name: c2}
+";
+    let config = config_with(dir.path(), &[("c1", c1), ("c2", c2), ("outer", outer)]);
+    let limits = EngineLimits {
+        pool_in_flight: BTreeMap::from([("default".to_string(), 10)]),
+        ..EngineLimits::default()
+    };
+    let engine = Engine::new(config, Db::open(&dir.path().join("c.db")).unwrap(), limits);
+    let run = submit(&engine, "outer", &[]);
+    drive_echo(&engine);
+    let v = view(&engine, &run);
+    assert_eq!(v.status, RunStatus::Failed, "{v:#?}");
+    let b = step(&v, "b");
+    assert_eq!(b.status, StepStatus::Failed);
+    assert!(
+        b.error.as_deref().unwrap().contains("of workflow \"c2\" failed"),
+        "{b:?}"
+    );
+}
+
+#[test]
+fn a_childs_spending_counts_against_its_parents_budget() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let child = "steps:\n  - name: think\n    agent: {model: offline, prompt: p, tools: [output]}\n  - name: more\n    depends: [think]\n    echo: more\n";
+    let parent = "budget: {tokens: 100}\nsteps:\n  - name: c\n    workflow: {name: child}\n";
+    let engine = engine_over(
+        config_with(dir.path(), &[("child", child), ("parent", parent)]),
+        &dir.path().join("c.db"),
+    );
+    let run = submit(&engine, "parent", &[]);
+    let think = publish_all(&engine);
+    let spent = TaskResult {
+        model: Some("scripted/offline-demo".into()),
+        usage: Some(courier_wire::TokenUsage {
+            input_tokens: 150,
+            output_tokens: 10,
+        }),
+        ..result(&think[0], TaskStatus::Succeeded, "thought")
+    };
+    engine.apply(&[spent]).unwrap();
+    let v = view(&engine, &run);
+    assert_eq!(
+        (v.status, v.cancelled_by.as_deref()),
+        (RunStatus::Cancelled, Some("budget")),
+        "{v:#?}"
+    );
+    let child = view(&engine, &think[0].run_id.to_string());
+    assert_eq!(
+        (child.status, child.cancelled_by.as_deref()),
+        (RunStatus::Cancelled, Some("parent"))
+    );
+    assert!(publish_all(&engine).is_empty(), "the child's next step never runs");
 }

@@ -35,7 +35,8 @@ pub struct Task {
     pub attempt: u32,
     /// The step with params and upstream outputs substituted.
     pub spec: StepSpec,
-    /// Outputs of the steps this one depends on, by step name.
+    /// Outputs of the upstream steps the step's fields read, by step name
+    /// (what its templates were rendered from).
     #[serde(default)]
     pub upstream: BTreeMap<String, String>,
     /// Deadline as milliseconds since the Unix epoch.

@@ -336,7 +336,7 @@ pub fn start_step(tx: &Transaction<'_>, run: &str, name: &str, attempt: u32, now
     tx.prepare_cached(
         "UPDATE steps SET status = ?5, attempts = ?3, started_ms = COALESCE(started_ms, ?4), error = NULL,
                           waiting_on = NULL, not_before_ms = NULL
-         WHERE run_id = ?1 AND name = ?2",
+         WHERE run_id = ?1 AND name = ?2 AND status IN ('pending', 'waiting', 'running')",
     )?
     .execute(params![run, name, attempt, now, StepStatus::Running])?;
     Ok(())
@@ -352,7 +352,8 @@ pub fn wait_step(
     not_before_ms: Option<i64>,
 ) -> Result<(), DbError> {
     tx.prepare_cached(
-        "UPDATE steps SET status = ?3, waiting_on = ?4, not_before_ms = ?5 WHERE run_id = ?1 AND name = ?2",
+        "UPDATE steps SET status = ?3, waiting_on = ?4, not_before_ms = ?5
+         WHERE run_id = ?1 AND name = ?2 AND status IN ('pending', 'waiting', 'running')",
     )?
     .execute(params![run, name, StepStatus::Waiting, reason, not_before_ms])?;
     Ok(())
@@ -411,6 +412,12 @@ pub fn finish_step(
     worker: Option<&str>,
     now: i64,
 ) -> Result<(), DbError> {
+    // A foreach item: whether it had been started (taken), for its step's count.
+    let was_pending = if name.ends_with(']') {
+        Some(step_status(tx, run, name)? == Some(StepStatus::Pending))
+    } else {
+        None
+    };
     let changed = tx
         .prepare_cached(
             "UPDATE steps SET status = ?3, output = ?4, error = ?5, worker = COALESCE(?6, worker), finished_ms = ?7,
@@ -422,31 +429,33 @@ pub fn finish_step(
         tx.prepare_cached("UPDATE runs SET open_steps = open_steps - 1 WHERE id = ?1 AND open_steps IS NOT NULL")?
             .execute([run])?;
         // A foreach item: its step has one item less to wait for.
-        if name.ends_with(']') {
+        if let Some(was_pending) = was_pending {
             tx.prepare_cached(
-                "UPDATE steps SET items_left = items_left - 1, items_failed = items_failed + ?3
+                "UPDATE steps SET items_left = items_left - 1, items_failed = items_failed + ?3,
+                                  items_active = items_active - ?4
                  WHERE run_id = ?1 AND name = (SELECT parent FROM steps WHERE run_id = ?1 AND name = ?2)",
             )?
-            .execute(params![run, name, i64::from(status != StepStatus::Succeeded)])?;
+            .execute(params![
+                run,
+                name,
+                i64::from(status != StepStatus::Succeeded),
+                i64::from(!was_pending)
+            ])?;
         }
     }
     Ok(())
 }
 
-/// A foreach step's counters: items in all, started, not yet ended, failed.
+/// A foreach step's counters: items in all, the position to look for the
+/// next one to start from, items not yet ended, failed, and started (taken)
+/// but not yet ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Items {
     pub total: i64,
     pub next: i64,
     pub left: i64,
     pub failed: i64,
-}
-
-impl Items {
-    /// Items started and not yet ended.
-    pub fn in_flight(self) -> i64 {
-        self.next - (self.total - self.left)
-    }
+    pub active: i64,
 }
 
 /// Start a foreach step: one pending row per item (`name[index]`, at the
@@ -476,7 +485,7 @@ pub fn start_foreach(tx: &Transaction<'_>, run: &str, name: &str, items: &[Strin
         .execute(params![run, n])?;
     tx.prepare_cached(
         "UPDATE steps SET status = ?3, started_ms = ?4, items_total = ?5, items_next = 0, items_left = ?5,
-                          items_failed = 0, error = NULL, waiting_on = NULL
+                          items_failed = 0, items_active = 0, error = NULL, waiting_on = NULL
          WHERE run_id = ?1 AND name = ?2",
     )?
     .execute(params![run, name, StepStatus::Running, now, n])?;
@@ -487,7 +496,7 @@ pub fn start_foreach(tx: &Transaction<'_>, run: &str, name: &str, items: &[Strin
 pub fn items(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option<Items>, DbError> {
     let items = tx
         .prepare_cached(
-            "SELECT items_total, items_next, items_left, items_failed FROM steps
+            "SELECT items_total, items_next, items_left, items_failed, items_active FROM steps
              WHERE run_id = ?1 AND name = ?2 AND items_total IS NOT NULL",
         )?
         .query_row([run, name], |r| {
@@ -496,17 +505,35 @@ pub fn items(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option<Items
                 next: r.get(1)?,
                 left: r.get(2)?,
                 failed: r.get(3)?,
+                active: r.get(4)?,
             })
         })
         .optional()?;
     Ok(items)
 }
 
-/// Take the next item of a foreach step to start: its index and value.
-pub fn take_item(tx: &Transaction<'_>, run: &str, name: &str, index: i64) -> Result<Option<String>, DbError> {
-    tx.prepare_cached("UPDATE steps SET items_next = ?3 + 1 WHERE run_id = ?1 AND name = ?2")?
-        .execute(params![run, name, index])?;
-    item(tx, run, &format!("{name}[{index}]"))
+/// Take the next item of a foreach step still pending from position
+/// `from` on (one cancelled before it started is passed over): its index
+/// and value, counted as started. `None`: no item is left to start.
+pub fn take_item(tx: &Transaction<'_>, run: &str, name: &str, from: i64) -> Result<Option<(i64, String)>, DbError> {
+    let next: Option<(i64, Option<String>)> = tx
+        .prepare_cached(
+            "SELECT item_index, item FROM steps WHERE run_id = ?1 AND parent = ?2 AND item_index >= ?3
+             AND status = 'pending' ORDER BY item_index LIMIT 1",
+        )?
+        .query_row(params![run, name, from], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    match &next {
+        Some((index, _)) => tx
+            .prepare_cached(
+                "UPDATE steps SET items_next = ?3 + 1, items_active = items_active + 1 WHERE run_id = ?1 AND name = ?2",
+            )?
+            .execute(params![run, name, index])?,
+        None => tx
+            .prepare_cached("UPDATE steps SET items_next = items_total WHERE run_id = ?1 AND name = ?2")?
+            .execute(params![run, name])?,
+    };
+    Ok(next.map(|(index, item)| (index, item.unwrap_or_else(|| "null".into()))))
 }
 
 /// A foreach item's value, as JSON.
@@ -519,20 +546,29 @@ pub fn item(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option<String
 
 /// Skip a foreach step's items not yet started (after a failure); how many.
 pub fn skip_unstarted_items(tx: &Transaction<'_>, run: &str, name: &str, why: &str, now: i64) -> Result<i64, DbError> {
-    let skipped = tx
-        .prepare_cached(
+    let skip = |taken: bool| {
+        // Pending: never taken. Waiting with no attempt: taken, but held by
+        // a limit before its first dispatch.
+        let sql = if taken {
+            "UPDATE steps SET status = ?3, error = ?4, finished_ms = ?5, waiting_on = NULL
+             WHERE run_id = ?1 AND parent = ?2 AND status = 'waiting' AND attempts = 0"
+        } else {
             "UPDATE steps SET status = ?3, error = ?4, finished_ms = ?5
-             WHERE run_id = ?1 AND parent = ?2 AND status = 'pending'",
-        )?
-        .execute(params![run, name, StepStatus::Skipped, why, now])? as i64;
+             WHERE run_id = ?1 AND parent = ?2 AND status = 'pending'"
+        };
+        tx.prepare_cached(sql)?
+            .execute(params![run, name, StepStatus::Skipped, why, now])
+            .map(|n| n as i64)
+    };
+    let (never, held) = (skip(false)?, skip(true)?);
     tx.prepare_cached("UPDATE runs SET open_steps = open_steps - ?2 WHERE id = ?1 AND open_steps IS NOT NULL")?
-        .execute(params![run, skipped])?;
+        .execute(params![run, never + held])?;
     tx.prepare_cached(
-        "UPDATE steps SET items_next = items_total, items_left = items_left - ?3, items_failed = items_failed + ?3
+        "UPDATE steps SET items_next = items_total, items_left = items_left - ?3, items_active = items_active - ?4
          WHERE run_id = ?1 AND name = ?2",
     )?
-    .execute(params![run, name, skipped])?;
-    Ok(skipped)
+    .execute(params![run, name, never + held, held])?;
+    Ok(never + held)
 }
 
 /// A foreach item's end: status, output, error.
@@ -568,9 +604,14 @@ pub fn record_agent(
     cost: Option<f64>,
     transcript_json: &str,
 ) -> Result<(), DbError> {
+    // The run and its ancestors (a child run's spending is its parents' too).
     tx.prepare_cached(
-        "UPDATE runs SET spent_tokens = spent_tokens + ?2 + ?3, spent_cost = spent_cost + COALESCE(?4, 0.0)
-         WHERE id = ?1",
+        "WITH RECURSIVE lineage(id) AS (
+             SELECT ?1
+             UNION ALL SELECT r.parent_run FROM runs r JOIN lineage l ON r.id = l.id WHERE r.parent_run IS NOT NULL
+         )
+         UPDATE runs SET spent_tokens = spent_tokens + ?2 + ?3, spent_cost = spent_cost + COALESCE(?4, 0.0)
+         WHERE id IN lineage",
     )?
     .execute(params![
         run,
@@ -643,6 +684,20 @@ pub fn finish_run(
     })
 }
 
+/// A child run's ancestors, nearest first: (run, workflow).
+pub fn ancestors(tx: &Transaction<'_>, run: &str) -> Result<Vec<(String, String)>, DbError> {
+    let mut stmt = tx.prepare_cached(
+        "WITH RECURSIVE lineage(id, depth) AS (
+             SELECT parent_run, 1 FROM runs WHERE id = ?1 AND parent_run IS NOT NULL
+             UNION ALL SELECT r.parent_run, l.depth + 1 FROM runs r JOIN lineage l ON r.id = l.id
+             WHERE r.parent_run IS NOT NULL
+         )
+         SELECT r.id, r.workflow FROM lineage l JOIN runs r ON r.id = l.id ORDER BY l.depth",
+    )?;
+    let rows = stmt.query_map([run], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
 /// A run's priority and how deep it is among sub-workflows (0: started by a submit).
 pub fn lineage(tx: &Transaction<'_>, run: &str) -> Result<(u8, u32), DbError> {
     tx.prepare_cached("SELECT priority, depth FROM runs WHERE id = ?1")?
@@ -678,6 +733,18 @@ pub fn running_children(tx: &Transaction<'_>, run: &str, step: Option<&str>) -> 
     )?;
     let rows = stmt.query_map(params![run, step], |r| r.get(0))?;
     rows.collect()
+}
+
+/// Bytes of output of a run's steps (`parent` `None`) or of one foreach
+/// step's items.
+pub fn outputs_size(tx: &Transaction<'_>, run: &str, parent: Option<&str>) -> Result<usize, DbError> {
+    let bytes: i64 = tx
+        .prepare_cached(
+            "SELECT COALESCE(SUM(length(CAST(output AS BLOB))), 0) FROM steps
+             WHERE run_id = ?1 AND parent IS ?2 AND status = 'succeeded'",
+        )?
+        .query_row(params![run, parent], |r| r.get(0))?;
+    Ok(usize::try_from(bytes).unwrap_or(usize::MAX))
 }
 
 /// A finished run's steps (not foreach items) and their outputs, in workflow order.

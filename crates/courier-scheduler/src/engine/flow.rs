@@ -16,8 +16,8 @@ use rusqlite::Transaction;
 use serde_json::Value;
 
 use super::{
-    Attempt, Change, Engine, NewRun, Statuses, fail_run, fail_step, finish_if_done, millis, outputs, parse_uuid,
-    run_params, write_task,
+    Attempt, Change, Engine, NewRun, Statuses, fail_run, fail_step, finish_if_done, millis, outputs, outputs_of,
+    parse_uuid, run_params, write_task,
 };
 use crate::db::tx::{self, RunRow};
 use crate::db::{DbError, RunStatus, StepStatus};
@@ -31,6 +31,12 @@ pub(super) fn step_of<'w>(wf: &'w Workflow, name: &str) -> Option<(&'w Step, Opt
     let (base, index) = name.strip_suffix(']')?.rsplit_once('[')?;
     let step = wf.step(base).filter(|s| s.foreach.is_some())?;
     Some((step, Some(index.parse().ok()?)))
+}
+
+/// Whether a step's output is structured (an agent step with an
+/// `output_schema`, checked on every result): kept as JSON when gathered.
+fn structured(s: &Step) -> bool {
+    matches!(&s.run, courier_wire::StepRun::Agent(a) if a.output_schema.is_some())
 }
 
 /// Whether a first step starts inside its run's first transaction (its
@@ -115,7 +121,7 @@ impl Engine {
         if params.is_none() {
             *params = Some(run_params(c.t, run)?);
         }
-        let upstream = outputs(c.t, run, wf, s)?;
+        let upstream = outputs_of(c.t, run, &s.items_read())?;
         let given = params.as_ref().map_or_else(BTreeMap::new, Clone::clone);
         let items = match s.items(&given, &upstream, self.limits.task.max_decompressed) {
             Ok(items) => items,
@@ -160,12 +166,14 @@ impl Engine {
             if items.left <= 0 {
                 return self.finish_foreach(c, wf, &run_row, s, states, params);
             }
-            if items.next >= items.total || items.in_flight() >= i64::from(f.max_concurrent) {
+            if items.next >= items.total || items.active >= i64::from(f.max_concurrent) {
                 return Ok(());
             }
-            let index = usize::try_from(items.next).unwrap_or(0);
+            let Some((index, value)) = tx::take_item(c.t, run, &s.name, items.next)? else {
+                continue;
+            };
+            let index = usize::try_from(index).unwrap_or(0);
             let name = format!("{}[{index}]", s.name);
-            let value = tx::take_item(c.t, run, &s.name, items.next)?.unwrap_or_else(|| "null".into());
             if self.held(c, wf, &run_row, s)? {
                 tx::wait_step(c.t, run, &name, None, None)?;
                 c.effects.admit = true;
@@ -175,7 +183,7 @@ impl Engine {
                 *params = Some(run_params(c.t, run)?);
             }
             if upstream.is_none() {
-                upstream = Some(outputs(c.t, run, wf, s)?);
+                upstream = Some(outputs(c.t, run, s)?);
             }
             let item = Item {
                 index,
@@ -223,13 +231,21 @@ impl Engine {
         params: &mut Option<BTreeMap<String, String>>,
     ) -> Result<(), DbError> {
         let run = states.run;
+        let max = self.limits.task.max_decompressed;
+        let total_bytes = tx::outputs_size(c.t, run, Some(&s.name))?;
+        if total_bytes > max {
+            let error = format!(
+                "the items' outputs together are {total_bytes} bytes: more than a task may carry ({max} bytes)"
+            );
+            return fail_step(c, wf, run, &s.name, &error, "scheduler", states);
+        }
         let results = tx::item_results(c.t, run, &s.name)?;
         let total = results.len();
         let mut failed = Vec::new();
         let mut not_started = 0;
         let mut array = Vec::with_capacity(total);
         // Structured outputs (checked against their schema) are kept as JSON.
-        let structured = matches!(&s.run, courier_wire::StepRun::Agent(a) if a.output_schema.is_some());
+        let structured = structured(s);
         for (i, (status, output, error)) in results.into_iter().enumerate() {
             match status {
                 StepStatus::Succeeded => {
@@ -267,7 +283,6 @@ impl Engine {
             return fail_step(c, wf, run, &s.name, &summary(&failed), "scheduler", states);
         }
         let output = Value::Array(array).to_string();
-        let max = self.limits.task.max_decompressed;
         if output.len() > max {
             let error = format!(
                 "the items' outputs together are {} bytes: more than a task may carry ({max} bytes)",
@@ -299,11 +314,18 @@ impl Engine {
     ) -> Result<(), DbError> {
         let run = states.run;
         let Some(sub) = &s.workflow else { return Ok(()) };
+        // A run not yet admitted starts no child: admission starts it.
+        if !run_row.admitted {
+            tx::wait_step(c.t, run, &s.name, None, None)?;
+            states.set(&s.name, StepStatus::Waiting);
+            c.effects.admit = true;
+            return Ok(());
+        }
         if params.is_none() {
             *params = Some(run_params(c.t, run)?);
         }
         let (priority, depth) = tx::lineage(c.t, run)?;
-        let upstream = outputs(c.t, run, wf, s)?;
+        let upstream = outputs(c.t, run, s)?;
         let planned = (|| {
             if depth >= MAX_WORKFLOW_DEPTH {
                 return Err(format!(
@@ -358,14 +380,16 @@ impl Engine {
     }
 
     /// Tell the parents of child runs that ended in this transaction.
+    /// Admission may end more runs (a held step that cannot be planned), so
+    /// this goes on until none is left to settle.
     pub(super) fn settle_children(&self, c: &mut Change<'_, '_>) -> Result<(), DbError> {
-        if c.effects.children_done.is_empty() {
-            return Ok(());
+        while !c.effects.children_done.is_empty() {
+            while let Some((child, run, step)) = c.effects.children_done.pop() {
+                self.child_ended(c, &child, &run, &step)?;
+            }
+            self.admit_in(c)?;
         }
-        while let Some((child, run, step)) = c.effects.children_done.pop() {
-            self.child_ended(c, &child, &run, &step)?;
-        }
-        self.admit_in(c)
+        Ok(())
     }
 
     /// A child run ended: its parent step succeeds with the child's step
@@ -395,20 +419,31 @@ impl Engine {
         };
         let mut states = Statuses::new(run);
         let by = format!("run {child}");
-        if status == RunStatus::Succeeded {
+        let max = self.limits.task.max_decompressed;
+        let total = tx::outputs_size(c.t, child, None)?;
+        if status == RunStatus::Succeeded && total > max {
+            let error =
+                format!("the child run's outputs together are {total} bytes: more than a task may carry ({max} bytes)");
+            fail_step(c, wf, run, step, &error, &by, &mut states)?;
+        } else if status == RunStatus::Succeeded {
+            // Structured outputs (checked against their schema) are kept as JSON.
+            let child_wf = self.config.workflows.get(&child_workflow);
             let outputs: serde_json::Map<String, Value> = tx::run_outputs(c.t, child)?
                 .into_iter()
-                .map(|(name, output)| (name, output.map_or(Value::Null, Value::String)))
+                .map(|(name, output)| {
+                    let structured = child_wf.and_then(|w| w.step(&name)).is_some_and(structured);
+                    let value = match output {
+                        None => Value::Null,
+                        Some(text) => match serde_json::from_str(&text) {
+                            Ok(json) if structured => json,
+                            _ => Value::String(text),
+                        },
+                    };
+                    (name, value)
+                })
                 .collect();
             let output = Value::Object(outputs).to_string();
-            let max = self.limits.task.max_decompressed;
-            if output.len() > max {
-                let error = format!(
-                    "the child run's outputs together are {} bytes: more than a task may carry ({max} bytes)",
-                    output.len()
-                );
-                fail_step(c, wf, run, step, &error, &by, &mut states)?;
-            } else {
+            {
                 self.record_success(c, wf, run, step, &output, &by, &[])?;
                 states.set(step, StepStatus::Succeeded);
                 self.release_dependents(c, wf, &run_row, s, &mut states, &mut None)?;
