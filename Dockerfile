@@ -8,9 +8,10 @@ RUN cargo build --release --locked -p courier \
 
 # Runtime stage: the one binary, the example config, a non-root user.
 FROM debian:bookworm-slim
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
- && rm -rf /var/lib/apt/lists/* \
+RUN (dpkg -s ca-certificates >/dev/null 2>&1 \
+     || (apt-get update \
+         && apt-get install -y --no-install-recommends ca-certificates \
+         && rm -rf /var/lib/apt/lists/*)) \
  && useradd --system --uid 10001 --home-dir /data courier \
  && mkdir -p /data \
  && chown courier /data

@@ -6,6 +6,7 @@
 mod agent;
 mod cli;
 mod cluster;
+mod compose;
 mod control;
 mod dispatch;
 mod flow;
