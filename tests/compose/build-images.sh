@@ -85,7 +85,7 @@ log "building the release binary"
 cargo build --release --locked -p courier >&2
 ctx=$CACHE/courier-context
 rm -rf "$ctx" && mkdir -p "$ctx/bin"
-cp target/release/courier "$ctx/bin/courier"
+strip -o "$ctx/bin/courier" target/release/courier   # debug info stays on the host
 cp -r config "$ctx/config"
 sed -n '/^FROM debian:bookworm-slim/,$p' Dockerfile \
   | sed -e "s|^FROM debian:bookworm-slim.*|FROM $TAG/debian:$SUITE|" \
