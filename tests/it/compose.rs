@@ -36,6 +36,8 @@ fn repo() -> PathBuf {
 /// down with its volumes when dropped.
 struct Stack {
     project: String,
+    /// The compose files, from the repository's root.
+    files: &'static [&'static str],
     dir: tempfile::TempDir,
     api: String,
     prometheus: String,
@@ -76,8 +78,41 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The shipped file on the local images.
+const SHIPPED: &[&str] = &["docker-compose.yml", "tests/compose/local.yml"];
+/// A three-node RabbitMQ cluster, a scheduler and workers.
+const CLUSTER: &[&str] = &["tests/compose/cluster.yml"];
+
 impl Stack {
     fn up(workers: usize) -> Self {
+        let stack = Self::new(SHIPPED);
+        let started = Instant::now();
+        stack.compose(&["up", "-d", "--no-build", "--scale", &format!("worker={workers}")]);
+        stack.wait_healthy();
+        eprintln!("{}: up and healthy in {:?}", stack.project, started.elapsed());
+        stack
+    }
+
+    /// The cluster file: the three nodes first, clustered, then Courier.
+    fn cluster(workers: usize) -> Self {
+        let stack = Self::new(CLUSTER);
+        let started = Instant::now();
+        stack.compose(&["up", "-d", "rabbit1", "rabbit2", "rabbit3"]);
+        stack.wait_cluster(3);
+        stack.compose(&[
+            "up",
+            "-d",
+            "--scale",
+            &format!("worker={workers}"),
+            "scheduler",
+            "worker",
+        ]);
+        stack.wait_healthy();
+        eprintln!("{}: cluster and Courier up in {:?}", stack.project, started.elapsed());
+        stack
+    }
+
+    fn new(files: &'static [&'static str]) -> Self {
         let dir = tempfile::TempDir::new().unwrap();
         let config = dir.path().join("config");
         crate::support::copy_dir(&repo().join("config"), &config);
@@ -97,27 +132,58 @@ impl Stack {
         let env = format!(
             "RABBITMQ_USER=courier\nRABBITMQ_PASSWORD={}\nCOURIER_SIGNING_KEY={}\nCOURIER_API_TOKEN={token}\n\
              GRAFANA_ADMIN_PASSWORD={}\nWORKER_CONCURRENCY=2\nCOURIER_API_PORT={api_port}\n\
-             RABBITMQ_UI_PORT={}\nPROMETHEUS_PORT={prom_port}\nGRAFANA_PORT={}\nCOURIER_CONFIG={}\n",
+             RABBITMQ_UI_PORT={}\nPROMETHEUS_PORT={prom_port}\nGRAFANA_PORT={}\nCOURIER_CONFIG={}\n\
+             RABBITMQ_COOKIE={}\n",
             secret(),
             secret(),
             secret(),
             free_port(),
             free_port(),
-            config.display()
+            config.display(),
+            secret(),
         );
         std::fs::write(dir.path().join("env"), env).unwrap();
-        let stack = Self {
+        Self {
             project: format!("courier-it-{}", &uuid::Uuid::now_v7().simple().to_string()[20..]),
+            files,
             dir,
             api: format!("http://127.0.0.1:{api_port}"),
             prometheus: format!("http://127.0.0.1:{prom_port}"),
             token,
-        };
-        let started = Instant::now();
-        stack.compose(&["up", "-d", "--no-build", "--scale", &format!("worker={workers}")]);
-        stack.wait_healthy();
-        eprintln!("{}: up and healthy in {:?}", stack.project, started.elapsed());
-        stack
+        }
+    }
+
+    /// Wait until the cluster, asked through its first node, has `nodes` running.
+    fn wait_cluster(&self, nodes: usize) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let out = self.try_compose(&[
+                "exec",
+                "-T",
+                "rabbit1",
+                "rabbitmqctl",
+                "-q",
+                "cluster_status",
+                "--formatter",
+                "json",
+            ]);
+            let status: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            let running = status["running_nodes"].as_array().map_or(0, Vec::len);
+            if running == nodes {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster has {running} nodes running\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
+    /// The container of a one-replica service.
+    fn container(&self, service: &str) -> String {
+        self.containers(service).remove(0)
     }
 
     /// `docker-compose` on the shipped file and the local override; fails the test on error.
@@ -133,14 +199,14 @@ impl Stack {
     }
 
     fn try_compose(&self, args: &[&str]) -> Output {
-        Command::new("docker-compose")
-            .current_dir(repo())
+        let mut cmd = Command::new("docker-compose");
+        cmd.current_dir(repo())
             .args(["-p", &self.project, "--env-file"])
-            .arg(self.dir.path().join("env"))
-            .args(["-f", "docker-compose.yml", "-f", "tests/compose/local.yml"])
-            .args(args)
-            .output()
-            .expect("docker-compose")
+            .arg(self.dir.path().join("env"));
+        for file in self.files {
+            cmd.args(["-f", file]);
+        }
+        cmd.args(args).output().expect("docker-compose")
     }
 
     fn logs(&self) -> String {
@@ -346,4 +412,50 @@ fn compose_runs_complete_through_a_killed_worker_a_restarted_scheduler_and_scali
     let run = stack.wait_run(&id, Duration::from_secs(180));
     let workers = stack.assert_complete(&run, 60);
     assert!(workers.len() >= 3, "{workers:?}");
+}
+
+/// `docker` with these arguments; fails the test on error.
+fn docker(args: &[&str]) {
+    let out = Command::new("docker").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn compose_a_three_node_broker_cluster_loses_nothing_when_a_node_is_cut_off_and_another_stopped() {
+    if !enabled("compose_a_three_node_broker_cluster_loses_nothing_when_a_node_is_cut_off_and_another_stopped") {
+        return;
+    }
+    let stack = Stack::cluster(2);
+    // The node everything connected to (the first URL) is cut off the
+    // network during a run.
+    let first = stack.submit("slow");
+    stack.wait_succeeded(&first, 8);
+    let network = format!("{}_default", stack.project);
+    let rabbit1 = stack.container("rabbit1");
+    let before = stack.succeeded(&first);
+    let cut = Instant::now();
+    docker(&["network", "disconnect", &network, &rabbit1]);
+    stack.wait_succeeded(&first, before + 1);
+    eprintln!("rabbit1 cut off: the next step succeeded {:?} later", cut.elapsed());
+    let run = stack.wait_run(&first, Duration::from_secs(300));
+    stack.assert_complete(&run, 60);
+    // Back on the network, and restarted (partition handling `ignore`): it
+    // rejoins the cluster.
+    docker(&["network", "connect", "--alias", "rabbit1", &network, &rabbit1]);
+    stack.compose(&["restart", "-t", "10", "rabbit1"]);
+    stack.wait_cluster(3);
+    // Another node stopped during a second run.
+    let second = stack.submit("slow");
+    stack.wait_succeeded(&second, 8);
+    let before = stack.succeeded(&second);
+    let stopped = Instant::now();
+    stack.compose(&["stop", "-t", "5", "rabbit2"]);
+    stack.wait_succeeded(&second, before + 1);
+    eprintln!("rabbit2 stopped: the next step succeeded {:?} later", stopped.elapsed());
+    let run = stack.wait_run(&second, Duration::from_secs(300));
+    stack.assert_complete(&run, 60);
 }

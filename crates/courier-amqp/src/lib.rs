@@ -162,18 +162,60 @@ pub struct Broker {
     names: Names,
 }
 
+/// How long one node may take to accept a connection before the next is tried.
+pub const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Which node of a URL list the next connection tries first: connections
+/// start where the last successful one was, so a node that went away is
+/// passed over at once, and come back to it only after the others failed.
+static NEXT_NODE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The broker URLs in `urls`: one, or several separated by commas (the nodes
+/// of a cluster), tried in turn.
+pub fn broker_urls(urls: &str) -> Vec<&str> {
+    urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
+}
+
 impl Broker {
-    /// Connect once.
+    /// Connect once, to the first node of `urls` (see [`broker_urls`]) that
+    /// answers, starting from the last one that did.
     ///
     /// # Errors
-    /// The connection error.
-    pub async fn connect(url: &str, names: Names, connection_name: &str) -> Result<Self, AmqpError> {
-        let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
-        let connection = Connection::connect(url, properties).await?;
-        Ok(Self {
-            connection: Arc::new(connection),
-            names,
-        })
+    /// The last node's connection error.
+    pub async fn connect(urls: &str, names: Names, connection_name: &str) -> Result<Self, AmqpError> {
+        use std::sync::atomic::Ordering;
+        let nodes = broker_urls(urls);
+        let start = NEXT_NODE.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..nodes.len().max(1) {
+            let n = (start + i) % nodes.len().max(1);
+            let url = nodes.get(n).copied().unwrap_or(urls);
+            let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
+            // A node cut off by the network would hold the connect for
+            // minutes: the next is tried after NODE_CONNECT_TIMEOUT.
+            let attempt = tokio::time::timeout(NODE_CONNECT_TIMEOUT, Connection::connect(url, properties)).await;
+            match attempt
+                .unwrap_or_else(|_| Err(lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut))))
+            {
+                Ok(connection) => {
+                    NEXT_NODE.store(n, Ordering::Relaxed);
+                    if nodes.len() > 1 {
+                        tracing::info!(node = n, of = nodes.len(), "connected to the broker");
+                    }
+                    return Ok(Self {
+                        connection: Arc::new(connection),
+                        names,
+                    });
+                }
+                Err(e) => {
+                    if nodes.len() > 1 {
+                        tracing::warn!(node = n, error = %e, "broker node unreachable; trying the next");
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.map_or(AmqpError::Closed, AmqpError::Lapin))
     }
 
     /// Connect, retrying with exponential backoff (100 ms doubling to 5 s)

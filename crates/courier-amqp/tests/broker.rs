@@ -125,3 +125,30 @@ async fn rejected_messages_are_dead_lettered() {
     dead_letter.ack().await.unwrap();
     broker.delete_topology(&pools).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_list_of_broker_urls_fails_over_to_a_node_that_answers() {
+    assert_eq!(
+        courier_amqp::broker_urls(" amqp://a:5672/%2f , amqp://b:5672/%2f,"),
+        ["amqp://a:5672/%2f", "amqp://b:5672/%2f"]
+    );
+    // A node that refuses, then one cut off (a non-routable address), then the real one.
+    let urls = format!(
+        "amqp://guest:guest@127.0.0.1:1/%2f,amqp://guest:guest@10.255.255.1:5672/%2f,{}",
+        url()
+    );
+    let names = Names::new(format!("t-{}", uuid::Uuid::now_v7()));
+    let started = std::time::Instant::now();
+    let broker = Broker::connect(&urls, names.clone(), "courier-amqp-failover")
+        .await
+        .unwrap();
+    broker.declare_topology(&["default".to_string()], 5).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(12), "{:?}", started.elapsed());
+    // The next connection starts at the node that answered.
+    let started = std::time::Instant::now();
+    Broker::connect(&urls, names, "courier-amqp-failover-2").await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    // None answers: the last error.
+    let dead = "amqp://guest:guest@127.0.0.1:1/%2f,amqp://guest:guest@127.0.0.1:2/%2f";
+    assert!(Broker::connect(dead, Names::new("t-dead"), "x").await.is_err());
+}
