@@ -21,8 +21,18 @@ TAG=courier-local
 log() { printf '== %s\n' "$*" >&2; }
 have() { docker image inspect "$1" >/dev/null 2>&1; }
 
+# The host's binary runs on the base: both must be the same Debian release.
+. /etc/os-release
+[ "${VERSION_CODENAME:-}" = "$SUITE" ] \
+  || { echo "build-images.sh builds on Debian $SUITE (the base's glibc); this host is ${PRETTY_NAME:-unknown}" >&2; exit 1; }
 command -v debootstrap >/dev/null || { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
 mkdir -p "$CACHE"
+# One build at a time per cache (images and rootfs folders are shared).
+exec 9>"$CACHE/.lock"
+flock 9
+# A chroot's /proc is unmounted however the script ends.
+mounted=()
+trap 'for m in "${mounted[@]}"; do umount -l "$m" 2>/dev/null || true; done' EXIT
 
 # The base: a minimal Debian, the same release the release binary is built on.
 base=$CACHE/rootfs-$SUITE
@@ -41,25 +51,30 @@ fi
 
 # A stand-in: the base with Debian packages installed in a chroot (the host's
 # network; no container network is needed), imported with its run settings.
+# The image is labelled with a hash of its recipe and base, and rebuilt
+# when either changed.
 # derive NAME "PACKAGES" [docker import -c changes...]
 derive() {
   local name=$1 packages=$2; shift 2
-  have $TAG/$name:latest && return 0
+  local recipe
+  recipe=$( { docker image inspect -f '{{.Id}}' $TAG/debian:$SUITE; echo "$packages ${DERIVE_SETUP:-} $*"; } | sha256sum | cut -c1-16)
+  [ "$(docker image inspect -f '{{index .Config.Labels "courier.recipe"}}' $TAG/$name:latest 2>/dev/null)" = "$recipe" ] && return 0
   local root=$CACHE/rootfs-$name
   log "building $TAG/$name from Debian's $packages"
-  rm -rf "$root"
+  umount -l "$root/proc" 2>/dev/null || true
+  rm -rf --one-file-system "$root"
   cp -a "$base" "$root"
   printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"   # no service starts in the chroot
   chmod +x "$root/usr/sbin/policy-rc.d"
   cp /etc/resolv.conf "$root/etc/resolv.conf"
   mount -t proc proc "$root/proc"
-  trap 'umount "$root/proc" 2>/dev/null || true' RETURN
+  mounted+=("$root/proc")
   chroot "$root" sh -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $packages && apt-get clean && rm -rf /var/lib/apt/lists/*" \
     >"$CACHE/$name.log" 2>&1 || { tail -20 "$CACHE/$name.log" >&2; exit 1; }
   umount "$root/proc"
-  rm -f "$root/usr/sbin/policy-rc.d" "$root/.complete"
+  rm -f "$root/usr/sbin/policy-rc.d" "$root/.complete" "$root/etc/resolv.conf"
   [ -n "${DERIVE_SETUP:-}" ] && chroot "$root" sh -c "$DERIVE_SETUP"
-  local changes=()
+  local changes=(-c "LABEL courier.recipe=$recipe")
   for c in "$@"; do changes+=(-c "$c"); done
   tar -C "$root" -c . | docker import "${changes[@]}" - $TAG/$name:latest >/dev/null
   rm -rf "$root"

@@ -126,6 +126,20 @@ impl Stack {
             .arg(dir.path())
             .status()
             .unwrap();
+        for image in [
+            "courier-local/courier:latest",
+            "courier-local/rabbitmq:latest",
+            "courier-local/prometheus:latest",
+        ] {
+            let found = Command::new("docker")
+                .args(["image", "inspect", image])
+                .output()
+                .unwrap();
+            assert!(
+                found.status.success(),
+                "no image {image} (nothing may be pulled): run `bash tests/compose/build-images.sh` first"
+            );
+        }
         let secret = || uuid::Uuid::now_v7().simple().to_string();
         let (api_port, prom_port) = (free_port(), free_port());
         let token = secret();
@@ -142,7 +156,10 @@ impl Stack {
             config.display(),
             secret(),
         );
-        std::fs::write(dir.path().join("env"), env).unwrap();
+        let env_file = dir.path().join("env");
+        std::fs::write(&env_file, env).unwrap();
+        // It holds the stack's secrets.
+        std::fs::set_permissions(&env_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         Self {
             project: format!("courier-it-{}", &uuid::Uuid::now_v7().simple().to_string()[20..]),
             files,
@@ -200,6 +217,26 @@ impl Stack {
 
     fn try_compose(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new("docker-compose");
+        // The env file decides: a variable exported in the caller's shell
+        // would override it.
+        for var in [
+            "RABBITMQ_USER",
+            "RABBITMQ_PASSWORD",
+            "RABBITMQ_COOKIE",
+            "COURIER_SIGNING_KEY",
+            "COURIER_API_TOKEN",
+            "GRAFANA_ADMIN_PASSWORD",
+            "WORKER_CONCURRENCY",
+            "COURIER_API_PORT",
+            "RABBITMQ_UI_PORT",
+            "PROMETHEUS_PORT",
+            "GRAFANA_PORT",
+            "COURIER_CONFIG",
+            "OPENAI_API_KEY",
+            "ANTHROPIC_API_KEY",
+        ] {
+            cmd.env_remove(var);
+        }
         cmd.current_dir(repo())
             .args(["-p", &self.project, "--env-file"])
             .arg(self.dir.path().join("env"));
@@ -274,6 +311,59 @@ impl Stack {
         }
     }
 
+    /// Wait until every container of `service` is healthy (its healthcheck).
+    fn wait_service_healthy(&self, service: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let ids = self.containers(service);
+            let healthy = ids.iter().all(|id| {
+                let out = Command::new("docker")
+                    .args(["inspect", "-f", "{{.State.Health.Status}}", id])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).trim() == "healthy"
+            });
+            if !ids.is_empty() && healthy {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{service} never healthy\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// A counter of the scheduler's `/metrics` (summed over its labels).
+    fn counter(&self, name: &str) -> f64 {
+        let text = self
+            .client(reqwest::Method::GET, "/metrics")
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// The run is still running (a disruption landed mid-run).
+    fn assert_running(&self, id: &str) {
+        assert_eq!(self.run(id)["status"], "running", "the run ended before the disruption");
+    }
+
+    /// Every result the scheduler received (since it started) was applied
+    /// once or refused as a duplicate (a redelivered task's second result):
+    /// received - duplicates = the steps it applied.
+    fn assert_applied_once(&self, steps: f64) {
+        let received = self.counter("courier_results_received_total");
+        let duplicates = self.counter("courier_results_duplicate_total");
+        assert_eq!(
+            received - duplicates,
+            steps,
+            "received {received}, duplicates {duplicates}"
+        );
+        eprintln!("results: {received} received, {duplicates} duplicates");
+    }
+
     /// Steps that succeeded, by the scheduler's records.
     fn succeeded(&self, id: &str) -> usize {
         let run = self.run(id);
@@ -330,12 +420,14 @@ fn compose_runs_a_wide_run_on_every_worker_and_prometheus_scrapes_them_all() {
         return;
     }
     let stack = Stack::up(3);
+    stack.wait_service_healthy("worker");
     let started = Instant::now();
     let id = stack.submit("wide");
     let run = stack.wait_run(&id, Duration::from_secs(120));
     eprintln!("60 steps on 3 workers in {:?}", started.elapsed());
     let workers = stack.assert_complete(&run, 60);
     assert_eq!(workers.len(), 3, "every worker took tasks: {workers:?}");
+    stack.assert_applied_once(60.0);
     // Prometheus finds every worker replica and scrapes it.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -393,25 +485,40 @@ fn compose_runs_complete_through_a_killed_worker_a_restarted_scheduler_and_scali
         return;
     }
     let stack = Stack::up(3);
+    stack.wait_service_healthy("worker");
     let id = stack.submit("slow");
     stack.wait_succeeded(&id, 6);
-    // A worker container killed mid-step: its tasks go to the others.
+    // A worker container killed with steps running (each runs two of the
+    // 2-second steps at a time): its tasks go to the others.
     let victim = stack.containers("worker").remove(0);
     let killed = Command::new("docker").args(["kill", &victim]).output().unwrap();
     assert!(killed.status.success(), "{killed:?}");
-    stack.wait_succeeded(&id, 15);
+    stack.assert_running(&id);
+    stack.wait_succeeded(&id, 12);
     // The scheduler restarted mid-run.
     stack.compose(&["restart", "-t", "10", "scheduler"]);
     stack.wait_healthy();
-    stack.wait_succeeded(&id, 24);
-    // Scaled up, then down to one, during the run.
+    stack.assert_running(&id);
+    let applied_before_scaling = stack.succeeded(&id);
+    // Scaled up (the killed replica back, and three more), then down to
+    // one, during the run.
     stack.compose(&["up", "-d", "--no-build", "--no-recreate", "--scale", "worker=6"]);
     assert_eq!(stack.containers("worker").len(), 6);
-    stack.wait_succeeded(&id, 36);
+    stack.assert_running(&id);
+    stack.wait_succeeded(&id, 40);
     stack.compose(&["up", "-d", "--no-build", "--no-recreate", "--scale", "worker=1"]);
+    stack.assert_running(&id);
     let run = stack.wait_run(&id, Duration::from_secs(180));
     let workers = stack.assert_complete(&run, 60);
-    assert!(workers.len() >= 3, "{workers:?}");
+    assert!(workers.len() >= 4, "the scaled-up workers took steps too: {workers:?}");
+    // Since its restart, the scheduler applied each of the remaining steps once.
+    let remaining = 60 - applied_before_scaling;
+    let received = stack.counter("courier_results_received_total");
+    let duplicates = stack.counter("courier_results_duplicate_total");
+    assert!(
+        received - duplicates >= remaining as f64 && received - duplicates <= 60.0,
+        "received {received}, duplicates {duplicates}, {remaining} steps left at the restart"
+    );
 }
 
 /// `docker` with these arguments; fails the test on error.
@@ -439,6 +546,7 @@ fn compose_a_three_node_broker_cluster_loses_nothing_when_a_node_is_cut_off_and_
     let before = stack.succeeded(&first);
     let cut = Instant::now();
     docker(&["network", "disconnect", &network, &rabbit1]);
+    stack.assert_running(&first);
     stack.wait_succeeded(&first, before + 1);
     eprintln!("rabbit1 cut off: the next step succeeded {:?} later", cut.elapsed());
     let run = stack.wait_run(&first, Duration::from_secs(300));
@@ -454,8 +562,12 @@ fn compose_a_three_node_broker_cluster_loses_nothing_when_a_node_is_cut_off_and_
     let before = stack.succeeded(&second);
     let stopped = Instant::now();
     stack.compose(&["stop", "-t", "5", "rabbit2"]);
+    stack.assert_running(&second);
     stack.wait_succeeded(&second, before + 1);
     eprintln!("rabbit2 stopped: the next step succeeded {:?} later", stopped.elapsed());
     let run = stack.wait_run(&second, Duration::from_secs(300));
     stack.assert_complete(&run, 60);
+    // The scheduler never restarted: all 120 results went through it, each
+    // applied once or refused as a duplicate.
+    stack.assert_applied_once(120.0);
 }

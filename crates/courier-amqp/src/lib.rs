@@ -9,7 +9,7 @@
 //! **Architecture invariant:** this is the only crate that uses lapin, and it
 //! moves bytes and headers: it never sees task or result types.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -162,16 +162,18 @@ pub struct Broker {
     names: Names,
 }
 
-/// How long one node may take to accept a connection before the next is tried.
+/// How long one node of a list may take to accept a connection before the
+/// next is tried (a single URL has no such bound: the broker's own).
 pub const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Which node of a URL list the next connection tries first: connections
-/// start where the last successful one was, so a node that went away is
-/// passed over at once, and come back to it only after the others failed.
-static NEXT_NODE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Per URL list, the node the next connection tries first: the last one that
+/// answered. A node refusing connections or unknown by name costs nothing; one
+/// that does not answer at all costs at most [`NODE_CONNECT_TIMEOUT`].
+static NEXT_NODE: std::sync::Mutex<Option<HashMap<String, usize>>> = std::sync::Mutex::new(None);
 
 /// The broker URLs in `urls`: one, or several separated by commas (the nodes
-/// of a cluster), tried in turn.
+/// of a cluster), tried in turn. A comma inside a URL (in a password, say)
+/// must be percent-encoded (`%2C`).
 pub fn broker_urls(urls: &str) -> Vec<&str> {
     urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
 }
@@ -183,23 +185,34 @@ impl Broker {
     /// # Errors
     /// The last node's connection error.
     pub async fn connect(urls: &str, names: Names, connection_name: &str) -> Result<Self, AmqpError> {
-        use std::sync::atomic::Ordering;
         let nodes = broker_urls(urls);
-        let start = NEXT_NODE.load(Ordering::Relaxed);
+        let cursor = |update: Option<usize>| {
+            let mut next = NEXT_NODE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let map = next.get_or_insert_with(HashMap::new);
+            match update {
+                Some(n) => map.insert(urls.to_string(), n).unwrap_or(0),
+                None => map.get(urls).copied().unwrap_or(0),
+            }
+        };
+        let start = if nodes.len() > 1 { cursor(None) } else { 0 };
         let mut last = None;
         for i in 0..nodes.len().max(1) {
             let n = (start + i) % nodes.len().max(1);
             let url = nodes.get(n).copied().unwrap_or(urls);
             let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
             // A node cut off by the network would hold the connect for
-            // minutes: the next is tried after NODE_CONNECT_TIMEOUT.
-            let attempt = tokio::time::timeout(NODE_CONNECT_TIMEOUT, Connection::connect(url, properties)).await;
-            match attempt
-                .unwrap_or_else(|_| Err(lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut))))
-            {
+            // minutes: with others to try, the next goes after NODE_CONNECT_TIMEOUT.
+            let attempt = if nodes.len() > 1 {
+                tokio::time::timeout(NODE_CONNECT_TIMEOUT, Connection::connect(url, properties))
+                    .await
+                    .unwrap_or_else(|_| Err(lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut))))
+            } else {
+                Connection::connect(url, properties).await
+            };
+            match attempt {
                 Ok(connection) => {
-                    NEXT_NODE.store(n, Ordering::Relaxed);
                     if nodes.len() > 1 {
+                        cursor(Some(n));
                         tracing::info!(node = n, of = nodes.len(), "connected to the broker");
                     }
                     return Ok(Self {

@@ -142,7 +142,9 @@ async fn a_list_of_broker_urls_fails_over_to_a_node_that_answers() {
     let broker = Broker::connect(&urls, names.clone(), "courier-amqp-failover")
         .await
         .unwrap();
-    broker.declare_topology(&["default".to_string()], 5).await.unwrap();
+    let pools = vec!["default".to_string()];
+    broker.declare_topology(&pools, 5).await.unwrap();
+    broker.delete_topology(&pools).await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(12), "{:?}", started.elapsed());
     // The next connection starts at the node that answered.
     let started = std::time::Instant::now();

@@ -56,9 +56,11 @@ impl From<ApiQueue> for QueueStatus {
     }
 }
 
-/// The vhost of an AMQP URL, percent-encoded as the management API wants it.
+/// The vhost of an AMQP URL (the first of a list), percent-encoded as the
+/// management API wants it.
 fn vhost(amqp_url: &str) -> anyhow::Result<String> {
-    let url = reqwest::Url::parse(amqp_url).with_context(|| "amqp_url is not a URL")?;
+    let first = courier_amqp::broker_urls(amqp_url).first().copied().unwrap_or(amqp_url);
+    let url = reqwest::Url::parse(first).with_context(|| "amqp_url is not a URL")?;
     let path = url.path().trim_start_matches('/');
     Ok(if path.is_empty() { "%2F".into() } else { path.into() })
 }
@@ -154,6 +156,7 @@ mod tests {
     fn the_vhost_comes_from_the_amqp_url() {
         assert_eq!(vhost("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap(), "%2f");
         assert_eq!(vhost("amqp://guest:guest@127.0.0.1:5672").unwrap(), "%2F");
+        assert_eq!(vhost("amqp://u:p@a:5672/prod,amqp://u:p@b:5672/prod").unwrap(), "prod");
         assert_eq!(vhost("amqp://h/prod").unwrap(), "prod");
     }
 }
