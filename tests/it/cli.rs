@@ -257,3 +257,95 @@ fn decoded_as_json(frame: &[u8]) -> Vec<u8> {
     let snapshot: courier_wire::Snapshot = courier_wire::decode(frame, &courier_wire::Limits::default()).unwrap();
     serde_json::to_vec(&snapshot).unwrap()
 }
+
+#[test]
+fn dev_starts_a_scheduler_and_workers_that_run_the_triage_example_and_stops_them() {
+    use std::io::BufRead;
+    let dir = tempfile::TempDir::new().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let api = format!("http://127.0.0.1:{port}");
+    let namespace = format!("it-dev-{}", uuid::Uuid::now_v7().simple());
+    let with_env = |cmd: &mut std::process::Command| {
+        cmd.env("COURIER_CONFIG_DIR", example_config())
+            .env("COURIER_DATA_DIR", dir.path())
+            .env("COURIER_NAMESPACE", &namespace)
+            .env("COURIER_API_LISTEN", format!("127.0.0.1:{port}"))
+            .env("COURIER_API_URL", &api);
+    };
+    let mut dev = courier();
+    with_env(&mut dev);
+    let mut dev = dev
+        .args(["dev", "--workers", "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(dev.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert!(
+        line.starts_with(&format!(
+            "courier dev: the scheduler answers on {api} and 2 worker(s) run"
+        )),
+        "{line}"
+    );
+    // The offline agent example, end to end, through the started processes.
+    let mut submit = courier();
+    with_env(&mut submit);
+    let (out, stdout, stderr) = run(submit.args(["submit", "triage"]));
+    assert!(out.status.success(), "{stderr}");
+    let id = stdout.split_whitespace().nth(1).unwrap().to_string();
+    // It waits for its approval, then it is approved from another command.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut approve = courier();
+        with_env(&mut approve);
+        let (out, _, stderr) = run(approve.args(["approve", &id, "approve"]));
+        if out.status.success() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{stderr}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut show = courier();
+        with_env(&mut show);
+        let shown = run(show.args(["runs", &id, "--json"])).1;
+        let run: serde_json::Value = serde_json::from_str(&shown).unwrap();
+        if run["status"] == "succeeded" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{run:#}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // SIGTERM (as Ctrl-C would): everything stops.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(dev.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = dev.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        reqwest::blocking::get(format!("{api}/healthz")).is_err(),
+        "the scheduler stopped too"
+    );
+}
+
+#[test]
+fn dev_says_how_to_start_rabbitmq_when_it_is_not_running() {
+    let (out, _, stderr) = run(courier()
+        .env("COURIER_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+        .args(["dev"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.starts_with("error: RabbitMQ is not reachable at 127.0.0.1:1 (")
+            && stderr.contains("rabbitmq-server -detached"),
+        "{stderr}"
+    );
+}

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 mod bench;
 mod client;
 mod dead;
+mod dev;
 mod seal;
 mod service;
 mod settings;
@@ -79,6 +80,13 @@ enum Command {
         /// Internal: re-executed with its settings on stdin (see `seal`).
         #[arg(long, hide = true)]
         sealed: bool,
+    },
+    /// Try it in one terminal: a scheduler and workers on this machine
+    /// (through RabbitMQ, which must run), logs together; Ctrl-C stops all.
+    Dev {
+        /// Workers to start.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=16))]
+        workers: u8,
     },
     /// Start a run of a workflow.
     Submit {
@@ -244,6 +252,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(settings) => match seal::reexec("worker", settings)? {},
                 Err(e) => config_error(e),
             }
+        }
+        Command::Dev { workers } => {
+            let settings = Settings::load(flags.0)?;
+            dev::run(&settings, usize::from(workers))
         }
         Command::Status { limit, json } => {
             let settings = Settings::load(flags.0)?;
