@@ -1286,12 +1286,9 @@ impl Engine {
         params: &mut Option<BTreeMap<String, String>>,
     ) -> Result<(), DbError> {
         let run = states.run;
-        if params.is_none() {
-            *params = Some(run_params(c.t, run)?);
-        }
         if let Some(condition) = &s.when {
             let upstream = outputs(c.t, run, s)?;
-            match condition.eval(params.as_ref().unwrap_or(&BTreeMap::new()), &upstream) {
+            match condition.eval(run_params_once(c.t, run, params)?, &upstream) {
                 Ok(true) => {}
                 Ok(false) => {
                     let why = format!("when: {} is false", condition.source);
@@ -1308,7 +1305,7 @@ impl Engine {
         }
         if let Some(approval) = &s.approval {
             let upstream = outputs(c.t, run, s)?;
-            let message = self.approval_message(s, params.as_ref().unwrap_or(&BTreeMap::new()), &upstream);
+            let message = self.approval_message(s, run_params_once(c.t, run, params)?, &upstream);
             let message = shown(&message);
             let deadline = c.now.saturating_add(millis(approval.timeout));
             tx::await_approval(c.t, run, &s.name, &message, deadline, c.now)?;
@@ -1329,7 +1326,7 @@ impl Engine {
             (&s.name, None),
             parse_uuid(run),
             attempt,
-            params.as_ref().unwrap_or(&BTreeMap::new()),
+            run_params_once(c.t, run, params)?,
             &upstream,
         );
         match planned {
@@ -1933,6 +1930,19 @@ fn timeout_reason(wf: Option<&Workflow>) -> String {
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The run's params, read at most once per change: `cache` keeps them
+/// across the steps a change starts.
+fn run_params_once<'c>(
+    t: &Transaction<'_>,
+    run: &str,
+    cache: &'c mut Option<BTreeMap<String, String>>,
+) -> Result<&'c BTreeMap<String, String>, DbError> {
+    if cache.is_none() {
+        *cache = Some(run_params(t, run)?);
+    }
+    Ok(cache.get_or_insert_with(BTreeMap::new))
 }
 
 fn run_params(t: &Transaction<'_>, run: &str) -> Result<BTreeMap<String, String>, DbError> {

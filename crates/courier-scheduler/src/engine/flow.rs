@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::{
     Attempt, Change, Engine, NewRun, Statuses, fail_run, fail_step, finish_if_done, millis, outputs, outputs_of,
-    parse_uuid, run_params, write_task,
+    parse_uuid, run_params_once, write_task,
 };
 use crate::db::tx::{self, RunRow};
 use crate::db::{DbError, RunStatus, StepStatus};
@@ -118,12 +118,9 @@ impl Engine {
         params: &mut Option<BTreeMap<String, String>>,
     ) -> Result<(), DbError> {
         let run = states.run;
-        if params.is_none() {
-            *params = Some(run_params(c.t, run)?);
-        }
         let upstream = outputs_of(c.t, run, &s.items_read())?;
-        let given = params.as_ref().map_or_else(BTreeMap::new, Clone::clone);
-        let items = match s.items(&given, &upstream, self.limits.task.max_decompressed) {
+        let given = run_params_once(c.t, run, params)?;
+        let items = match s.items(given, &upstream, self.limits.task.max_decompressed) {
             Ok(items) => items,
             Err(e) => return fail_step(c, wf, run, &s.name, &e, "scheduler", states),
         };
@@ -179,9 +176,6 @@ impl Engine {
                 c.effects.admit = true;
                 continue;
             }
-            if params.is_none() {
-                *params = Some(run_params(c.t, run)?);
-            }
             if upstream.is_none() {
                 upstream = Some(outputs(c.t, run, s)?);
             }
@@ -195,7 +189,7 @@ impl Engine {
                 (&name, Some(&item)),
                 parse_uuid(run),
                 Attempt::first(c.now, run_row.deadline_ms),
-                params.as_ref().unwrap_or(&BTreeMap::new()),
+                run_params_once(c.t, run, params)?,
                 upstream.as_ref().unwrap_or(&BTreeMap::new()),
             );
             match planned {
@@ -321,9 +315,7 @@ impl Engine {
             c.effects.admit = true;
             return Ok(());
         }
-        if params.is_none() {
-            *params = Some(run_params(c.t, run)?);
-        }
+        let given = run_params_once(c.t, run, params)?;
         let (priority, depth) = tx::lineage(c.t, run)?;
         let upstream = outputs(c.t, run, s)?;
         let planned = (|| {
@@ -338,8 +330,7 @@ impl Engine {
                 .workflows
                 .get(&sub.name)
                 .ok_or_else(|| format!("workflow \"{}\" is no longer configured", sub.name))?;
-            let given = params.as_ref().map_or_else(BTreeMap::new, Clone::clone);
-            let values = Values::new(&given, &upstream, None);
+            let values = Values::new(given, &upstream, None);
             let mut budget = template::Budget::new(self.limits.task.max_decompressed);
             let rendered = sub
                 .params
