@@ -1,4 +1,4 @@
-//! Run, step and task state in SQLite: the scheduler's durable memory.
+//! Run, step and task state, in SQLite or PostgreSQL: the scheduler's durable memory.
 //!
 //! The `tasks` table is also the outbox: a task row is written in the same
 //! transaction that decides to dispatch it, and published afterwards; rows not
@@ -8,147 +8,11 @@
 
 use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::Connection;
 use serde::Serialize;
 
-pub use rusqlite::Error as DbError;
-
-/// The schema, one migration per version: `MIGRATIONS[i]` takes a database
-/// from version `i` to `i + 1`. The version is SQLite's `user_version`; a
-/// database from before versioning (tables, version 0) takes migration 0
-/// harmlessly (`IF NOT EXISTS`).
-const MIGRATIONS: &[&str] = &[
-    // 1: runs, steps, tasks (the outbox).
-    "
-CREATE TABLE IF NOT EXISTS runs (
-    id          TEXT PRIMARY KEY,
-    workflow    TEXT NOT NULL,
-    status      TEXT NOT NULL,
-    params      TEXT NOT NULL,
-    created_ms  INTEGER NOT NULL,
-    finished_ms INTEGER,
-    error       TEXT
-);
-CREATE INDEX IF NOT EXISTS runs_by_workflow ON runs (workflow, created_ms);
-CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, created_ms);
-CREATE TABLE IF NOT EXISTS steps (
-    run_id      TEXT NOT NULL,
-    name        TEXT NOT NULL,
-    position    INTEGER NOT NULL,
-    queue       TEXT NOT NULL,
-    status      TEXT NOT NULL,
-    attempts    INTEGER NOT NULL DEFAULT 0,
-    output      TEXT,
-    error       TEXT,
-    worker      TEXT,
-    started_ms  INTEGER,
-    finished_ms INTEGER,
-    model         TEXT,
-    input_tokens  INTEGER,
-    output_tokens INTEGER,
-    transcript    TEXT,
-    PRIMARY KEY (run_id, name)
-);
-CREATE TABLE IF NOT EXISTS tasks (
-    task_id       TEXT PRIMARY KEY,
-    run_id        TEXT NOT NULL,
-    step          TEXT NOT NULL,
-    attempt       INTEGER NOT NULL,
-    queue         TEXT NOT NULL,
-    status        TEXT NOT NULL,
-    snapshot_hash TEXT NOT NULL,
-    published     INTEGER NOT NULL DEFAULT 0,
-    not_before_ms INTEGER NOT NULL,
-    created_ms    INTEGER NOT NULL,
-    finished_ms   INTEGER
-);
-CREATE INDEX IF NOT EXISTS tasks_unpublished ON tasks (not_before_ms) WHERE published = 0;
-",
-    // 2: run control: priorities, deadlines, cancellation, costs, limits.
-    "
-ALTER TABLE runs ADD COLUMN priority INTEGER NOT NULL DEFAULT 4;
-ALTER TABLE runs ADD COLUMN deadline_ms INTEGER;
-ALTER TABLE runs ADD COLUMN cancelled_by TEXT;
-ALTER TABLE runs ADD COLUMN admitted INTEGER NOT NULL DEFAULT 1;
-ALTER TABLE steps ADD COLUMN waiting_on TEXT;
-ALTER TABLE steps ADD COLUMN cost REAL;
-ALTER TABLE steps ADD COLUMN not_before_ms INTEGER;
-ALTER TABLE tasks ADD COLUMN deadline_ms INTEGER;
-ALTER TABLE tasks ADD COLUMN model TEXT;
-ALTER TABLE tasks ADD COLUMN tokens INTEGER;
-CREATE INDEX tasks_in_flight ON tasks (queue) WHERE status = 'dispatched';
-CREATE INDEX runs_by_deadline ON runs (deadline_ms) WHERE status = 'running' AND deadline_ms IS NOT NULL;
-CREATE INDEX runs_unadmitted ON runs (workflow) WHERE status = 'running' AND admitted = 0;
-DROP INDEX tasks_unpublished;
-CREATE INDEX tasks_unpublished ON tasks (not_before_ms) WHERE published = 0 AND status = 'dispatched';
-CREATE INDEX tasks_by_model ON tasks (model, not_before_ms) WHERE model IS NOT NULL;
-CREATE INDEX steps_waiting ON steps (run_id) WHERE status = 'waiting';
-CREATE INDEX steps_awaiting_approval ON steps (not_before_ms) WHERE status = 'waiting_approval';
-CREATE TABLE model_pauses (
-    model    TEXT PRIMARY KEY,
-    until_ms INTEGER NOT NULL,
-    reason   TEXT NOT NULL
-);
-CREATE TABLE controls (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    run_id     TEXT NOT NULL,
-    step       TEXT,
-    reason     TEXT NOT NULL,
-    created_ms INTEGER NOT NULL,
-    published  INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX controls_unpublished ON controls (id) WHERE published = 0;
-",
-    // 3: counters, so a result costs the same in a run of any width: the
-    // run's open steps and spending, and each step's dependencies not yet
-    // succeeded (NULL for steps of runs started before: they are counted the
-    // old way, and recounted by `Engine::reconcile` at start).
-    "
-ALTER TABLE runs ADD COLUMN open_steps INTEGER;
-ALTER TABLE runs ADD COLUMN spent_tokens INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE runs ADD COLUMN spent_cost REAL NOT NULL DEFAULT 0.0;
-ALTER TABLE steps ADD COLUMN pending_deps INTEGER;
-UPDATE runs SET
-    spent_tokens = (SELECT COALESCE(SUM(COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0)), 0)
-                    FROM steps WHERE steps.run_id = runs.id),
-    spent_cost = (SELECT COALESCE(SUM(cost), 0.0) FROM steps WHERE steps.run_id = runs.id)
-WHERE status = 'running';
-UPDATE runs SET open_steps = (SELECT COUNT(*) FROM steps
-    WHERE steps.run_id = runs.id AND steps.status IN ('pending', 'waiting', 'running'))
-WHERE status = 'running';
-",
-    // 4: a run's params in a table of their own. SQLite reads a row's columns
-    // in order, so with params (often kilobytes, on overflow pages) inside
-    // `runs`, every read of a column after them walked the overflow chain.
-    "
-CREATE TABLE run_params (
-    run_id TEXT PRIMARY KEY,
-    params TEXT NOT NULL
-);
-INSERT INTO run_params (run_id, params) SELECT id, params FROM runs;
-UPDATE runs SET params = '';
-",
-    // 5: the workflow language. foreach: each item is a step row of its
-    // own (`name[index]`, its value in `item`, its step in `parent`); the
-    // foreach step counts its items: how many, where to look for the next
-    // to start, how many not yet ended, failed, started and not yet ended. Sub-workflows: a child run names its parent
-    // run and step, and how deep it is.
-    "
-ALTER TABLE runs ADD COLUMN parent_run TEXT;
-ALTER TABLE runs ADD COLUMN parent_step TEXT;
-ALTER TABLE runs ADD COLUMN depth INTEGER NOT NULL DEFAULT 0;
-CREATE INDEX runs_children ON runs (parent_run) WHERE parent_run IS NOT NULL;
-ALTER TABLE steps ADD COLUMN parent TEXT;
-ALTER TABLE steps ADD COLUMN item_index INTEGER;
-ALTER TABLE steps ADD COLUMN item TEXT;
-ALTER TABLE steps ADD COLUMN items_total INTEGER;
-ALTER TABLE steps ADD COLUMN items_next INTEGER;
-ALTER TABLE steps ADD COLUMN items_left INTEGER;
-ALTER TABLE steps ADD COLUMN items_failed INTEGER;
-ALTER TABLE steps ADD COLUMN items_active INTEGER;
-CREATE INDEX steps_items ON steps (run_id, parent, item_index) WHERE parent IS NOT NULL;
-",
-];
+pub use sql::{DbError, Row, Tx};
+use sql::{PgStatements, p};
 
 // Statuses are written as values from the enums, but filtered on as
 // literals ('pending', 'waiting', 'running', 'succeeded', 'dispatched',
@@ -159,7 +23,7 @@ CREATE INDEX steps_items ON steps (run_id, parent, item_index) WHERE parent IS N
 // about a sixth of the scheduler's CPU at 400 runs/s.
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+pub const SCHEMA_VERSION: i64 = schema::SQLITE.len() as i64;
 
 /// Declares a status enum stored as snake_case text, shown as the same text.
 macro_rules! status_enum {
@@ -187,21 +51,6 @@ macro_rules! status_enum {
         impl std::fmt::Display for $name {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str(self.as_str())
-            }
-        }
-
-        impl rusqlite::ToSql for $name {
-            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
-                Ok(self.as_str().into())
-            }
-        }
-
-        impl rusqlite::types::FromSql for $name {
-            fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
-                let text = value.as_str()?;
-                $name::parse(text).ok_or_else(|| rusqlite::types::FromSqlError::Other(
-                    format!("unknown {} \"{text}\"", stringify!($name)).into(),
-                ))
             }
         }
     };
@@ -256,21 +105,65 @@ impl StepStatus {
 /// Why a database could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    /// SQLite failed.
+    /// The store failed.
     #[error(transparent)]
-    Sqlite(#[from] DbError),
-    /// The file was written by a newer Courier.
+    Store(#[from] DbError),
+    /// The database was written by a newer Courier.
     #[error(
-        "the database has schema version {found}, newer than this build knows ({known}): it was written by a newer Courier; run that version, or point this one at another data folder"
+        "the database has schema version {found}, newer than this build knows ({known}): it was written by a newer Courier; run that version, or point this one at another database"
     )]
     TooNew { found: i64, known: i64 },
+    /// `database_url` is not one this build can use.
+    #[error(
+        "database_url {0:?}: only postgres:// and postgresql:// URLs are supported (leave it unset for SQLite in the data folder)"
+    )]
+    BadUrl(String),
 }
 
-/// The scheduler's database.
-#[derive(Debug)]
-pub struct Db {
-    conn: Connection,
+impl From<rusqlite::Error> for OpenError {
+    fn from(e: rusqlite::Error) -> Self {
+        OpenError::Store(e.into())
+    }
 }
+
+impl From<postgres::Error> for OpenError {
+    fn from(e: postgres::Error) -> Self {
+        OpenError::Store(e.into())
+    }
+}
+
+/// The scheduler's database: a SQLite file of its own, or a PostgreSQL
+/// database shared with other schedulers.
+pub struct Db {
+    store: Store,
+}
+
+// One per scheduler: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+enum Store {
+    Sqlite(Connection),
+    Postgres {
+        url: String,
+        client: postgres::Client,
+        /// Statements prepared on `client`, kept for its life.
+        stmts: PgStatements,
+    },
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.store {
+            Store::Sqlite(_) => "Db(SQLite)",
+            Store::Postgres { .. } => "Db(PostgreSQL)",
+        })
+    }
+}
+
+/// The PostgreSQL advisory lock every writing transaction holds until it
+/// ends: the schedulers sharing a database change it one at a time, as
+/// SQLite's single writer does, so the engine's read-then-write steps see
+/// no other scheduler's half-done change.
+const WRITE_LOCK: i64 = 0x636f_7572_6965_7201;
 
 /// A run as the API shows it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -367,13 +260,25 @@ pub struct ControlRow {
 pub const DISPATCHED: &str = "dispatched";
 
 impl Db {
-    /// Open (creating if needed) the database at `path`, migrating it to
-    /// [`SCHEMA_VERSION`].
+    /// Open the store `database_url` names (PostgreSQL), or, when it is
+    /// unset, the SQLite file in `data_dir`.
+    ///
+    /// # Errors
+    /// As [`Db::open`] and [`Db::connect`].
+    pub fn open_store(data_dir: &Path, database_url: Option<&str>) -> Result<Self, OpenError> {
+        match database_url {
+            Some(url) => Self::connect(url),
+            None => Self::open(&data_dir.join("courier.db")),
+        }
+    }
+
+    /// Open (creating if needed) the SQLite database at `path`, migrating it
+    /// to [`SCHEMA_VERSION`].
     ///
     /// # Errors
     /// SQLite could not open or migrate the file, or it is newer than this build.
     pub fn open(path: &Path) -> Result<Self, OpenError> {
-        let mut conn = Connection::open(path)?;
+        let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -384,27 +289,96 @@ impl Db {
         conn.pragma_update(None, "wal_autocheckpoint", 1_000)?;
         // Every statement of the engine stays prepared (rusqlite keeps 16).
         conn.set_prepared_statement_cache_capacity(128);
-        migrate(&mut conn)?;
-        Ok(Self { conn })
+        let mut db = Self {
+            store: Store::Sqlite(conn),
+        };
+        db.migrate()?;
+        Ok(db)
+    }
+
+    /// Connect to the PostgreSQL database at `url` (`postgres://...`),
+    /// migrating it to [`SCHEMA_VERSION`] (one scheduler at a time).
+    ///
+    /// # Errors
+    /// The URL is not PostgreSQL's, the server refused, or the schema is
+    /// newer than this build.
+    pub fn connect(url: &str) -> Result<Self, OpenError> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(OpenError::BadUrl(redact(url)));
+        }
+        let client = pg_client(url)?;
+        let mut db = Self {
+            store: Store::Postgres {
+                url: url.to_owned(),
+                client,
+                stmts: PgStatements::new(),
+            },
+        };
+        db.migrate()?;
+        Ok(db)
+    }
+
+    /// Whether this is a PostgreSQL database (shared by several schedulers).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.store, Store::Postgres { .. })
     }
 
     /// The schema version of the open database.
     ///
     /// # Errors
-    /// SQLite's.
-    pub fn schema_version(&self) -> Result<i64, DbError> {
-        self.conn.pragma_query_value(None, "user_version", |r| r.get(0))
+    /// The store's.
+    pub fn schema_version(&mut self) -> Result<i64, DbError> {
+        self.read(schema::version)
     }
 
-    /// Run `f` in one transaction, committed when it returns `Ok`.
+    fn migrate(&mut self) -> Result<(), OpenError> {
+        let shared = self.is_shared();
+        self.begin(true, |tx| schema::migrate(tx, shared))
+    }
+
+    /// Run `f` in one transaction, committed when it returns `Ok`: on
+    /// PostgreSQL, it holds the write lock (`WRITE_LOCK`) throughout.
     ///
     /// # Errors
-    /// `f`'s error, or SQLite's.
-    pub fn transaction<T, E: From<DbError>>(
-        &mut self,
-        f: impl FnOnce(&Transaction<'_>) -> Result<T, E>,
-    ) -> Result<T, E> {
-        let tx = self.conn.transaction()?;
+    /// `f`'s error, or the store's.
+    pub fn transaction<T, E: From<DbError>>(&mut self, f: impl FnOnce(&Tx<'_>) -> Result<T, E>) -> Result<T, E> {
+        self.begin(true, f)
+    }
+
+    /// Run reads in one transaction (a consistent view; no write lock).
+    ///
+    /// # Errors
+    /// `f`'s error, or the store's.
+    pub fn read<T, E: From<DbError>>(&mut self, f: impl FnOnce(&Tx<'_>) -> Result<T, E>) -> Result<T, E> {
+        self.begin(false, f)
+    }
+
+    fn begin<T, E: From<DbError>>(&mut self, write: bool, f: impl FnOnce(&Tx<'_>) -> Result<T, E>) -> Result<T, E> {
+        let tx = match &mut self.store {
+            Store::Sqlite(conn) => Tx::sqlite(
+                conn.transaction_with_behavior(if write {
+                    rusqlite::TransactionBehavior::Immediate
+                } else {
+                    rusqlite::TransactionBehavior::Deferred
+                })
+                .map_err(DbError::from)?,
+            ),
+            Store::Postgres { url, client, stmts } => {
+                if client.is_closed() {
+                    // The server went away (restart, failover): a new
+                    // connection, whose statements are prepared anew.
+                    tracing::warn!("PostgreSQL connection lost; reconnecting");
+                    *client = pg_client(url).map_err(DbError::from)?;
+                    stmts.clear();
+                }
+                let mut pg = client.transaction().map_err(DbError::from)?;
+                if write {
+                    pg.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+                        .map_err(DbError::from)?;
+                }
+                Tx::postgres(pg, stmts)
+            }
+        };
         let value = f(&tx)?;
         tx.commit()?;
         Ok(value)
@@ -413,206 +387,216 @@ impl Db {
     /// Tasks not yet confirmed by the broker, soonest first.
     ///
     /// # Errors
-    /// SQLite's.
-    pub fn unpublished_tasks(&self, limit: usize) -> Result<Vec<OutboxTask>, DbError> {
+    /// The store's.
+    pub fn unpublished_tasks(&mut self, limit: usize) -> Result<Vec<OutboxTask>, DbError> {
         // The limit is part of the text: SQLite plans with a bound LIMIT's
         // value, so it would prepare the statement again on every call.
-        let mut stmt = self.conn.prepare_cached(&format!(
+        let sql = format!(
             "SELECT t.task_id, t.run_id, t.step, t.queue, t.attempt, t.snapshot_hash, t.not_before_ms, r.priority
              FROM tasks t JOIN runs r ON r.id = t.run_id
              WHERE t.published = 0 AND t.status = 'dispatched' ORDER BY t.not_before_ms LIMIT {limit}"
-        ))?;
-        let rows = stmt.query_map([], |r| {
-            Ok(OutboxTask {
-                task_id: r.get(0)?,
-                run_id: r.get(1)?,
-                step: r.get(2)?,
-                queue: r.get(3)?,
-                attempt: r.get(4)?,
-                snapshot_hash: r.get(5)?,
-                not_before_ms: r.get(6)?,
-                priority: r.get(7)?,
+        );
+        self.read(|tx| {
+            tx.all(&sql, p![], |r| {
+                Ok(OutboxTask {
+                    task_id: r.get(0)?,
+                    run_id: r.get(1)?,
+                    step: r.get(2)?,
+                    queue: r.get(3)?,
+                    attempt: r.get(4)?,
+                    snapshot_hash: r.get(5)?,
+                    not_before_ms: r.get(6)?,
+                    priority: r.get(7)?,
+                })
             })
-        })?;
-        rows.collect()
+        })
     }
 
     /// Mark tasks as confirmed by the broker.
     ///
     /// # Errors
-    /// SQLite's.
+    /// The store's.
     pub fn mark_published(&mut self, task_ids: &[String]) -> Result<(), DbError> {
         self.transaction(|tx| {
-            let mut stmt = tx.prepare_cached("UPDATE tasks SET published = 1 WHERE task_id = ?1")?;
             for id in task_ids {
-                stmt.execute([id])?;
+                tx.exec("UPDATE tasks SET published = 1 WHERE task_id = ?1", p![id])?;
             }
-            Ok::<_, DbError>(())
+            Ok(())
         })
     }
 
     /// Cancellations not yet confirmed by the broker, oldest first.
     ///
     /// # Errors
-    /// SQLite's.
-    pub fn unpublished_controls(&self, limit: usize) -> Result<Vec<ControlRow>, DbError> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT id, run_id, step, reason FROM controls WHERE published = 0 ORDER BY id LIMIT {limit}"
-        ))?;
-        let rows = stmt.query_map([], |r| {
-            Ok(ControlRow {
-                id: r.get(0)?,
-                run_id: r.get(1)?,
-                step: r.get(2)?,
-                reason: r.get(3)?,
+    /// The store's.
+    pub fn unpublished_controls(&mut self, limit: usize) -> Result<Vec<ControlRow>, DbError> {
+        let sql =
+            format!("SELECT id, run_id, step, reason FROM controls WHERE published = 0 ORDER BY id LIMIT {limit}");
+        self.read(|tx| {
+            tx.all(&sql, p![], |r| {
+                Ok(ControlRow {
+                    id: r.get(0)?,
+                    run_id: r.get(1)?,
+                    step: r.get(2)?,
+                    reason: r.get(3)?,
+                })
             })
-        })?;
-        rows.collect()
+        })
     }
 
     /// Mark cancellations as confirmed by the broker.
     ///
     /// # Errors
-    /// SQLite's.
+    /// The store's.
     pub fn mark_controls_published(&mut self, ids: &[i64]) -> Result<(), DbError> {
         self.transaction(|tx| {
-            let mut stmt = tx.prepare_cached("UPDATE controls SET published = 1 WHERE id = ?1")?;
             for id in ids {
-                stmt.execute([id])?;
+                tx.exec("UPDATE controls SET published = 1 WHERE id = ?1", p![id])?;
             }
-            Ok::<_, DbError>(())
+            Ok(())
         })
     }
 
     /// One run with its steps.
     ///
     /// # Errors
-    /// SQLite's.
-    pub fn run(&self, id: &str) -> Result<Option<RunView>, DbError> {
-        let run = self
-            .conn
-            .prepare_cached(&format!("{RUN_SELECT} WHERE r.id = ?1"))?
-            .query_row([id], run_from_row)
-            .optional()?;
-        let Some(mut run) = run else { return Ok(None) };
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT name, queue, status, attempts, output, error, worker, started_ms, finished_ms,
-                    model, input_tokens, output_tokens, transcript, waiting_on, cost
-             FROM steps WHERE run_id = ?1 ORDER BY position, item_index",
-        )?;
-        run.steps = stmt
-            .query_map([id], |r| {
-                Ok(StepView {
-                    name: r.get(0)?,
-                    queue: r.get(1)?,
-                    status: r.get(2)?,
-                    attempts: r.get(3)?,
-                    output: r.get(4)?,
-                    error: r.get(5)?,
-                    worker: r.get(6)?,
-                    started_ms: r.get(7)?,
-                    finished_ms: r.get(8)?,
-                    model: r.get(9)?,
-                    input_tokens: r.get(10)?,
-                    output_tokens: r.get(11)?,
-                    transcript: r
-                        .get::<_, Option<String>>(12)?
-                        .and_then(|t| serde_json::from_str(&t).ok()),
-                    waiting_on: r.get(13)?,
-                    cost: r.get(14)?,
-                })
-            })?
-            .collect::<Result<_, _>>()?;
-        Ok(Some(run))
+    /// The store's.
+    pub fn run(&mut self, id: &str) -> Result<Option<RunView>, DbError> {
+        self.read(|tx| {
+            let Some(mut run) = tx.opt(&format!("{RUN_SELECT} WHERE r.id = ?1"), p![id], run_from_row)? else {
+                return Ok(None);
+            };
+            run.steps = tx.all(
+                "SELECT name, queue, status, attempts, output, error, worker, started_ms, finished_ms,
+                        model, input_tokens, output_tokens, transcript, waiting_on, cost
+                 FROM steps WHERE run_id = ?1 ORDER BY position, item_index",
+                p![id],
+                |r| {
+                    Ok(StepView {
+                        name: r.get(0)?,
+                        queue: r.get(1)?,
+                        status: r.get(2)?,
+                        attempts: r.get(3)?,
+                        output: r.get(4)?,
+                        error: r.get(5)?,
+                        worker: r.get(6)?,
+                        started_ms: r.get(7)?,
+                        finished_ms: r.get(8)?,
+                        model: r.get(9)?,
+                        input_tokens: r.get(10)?,
+                        output_tokens: r.get(11)?,
+                        transcript: r.get::<Option<String>>(12)?.and_then(|t| serde_json::from_str(&t).ok()),
+                        waiting_on: r.get(13)?,
+                        cost: r.get(14)?,
+                    })
+                },
+            )?;
+            Ok(Some(run))
+        })
     }
 
     /// Runs, newest first, optionally filtered.
     ///
     /// # Errors
-    /// SQLite's.
+    /// The store's.
     pub fn runs(
-        &self,
+        &mut self,
         workflow: Option<&str>,
         status: Option<RunStatus>,
         limit: usize,
     ) -> Result<Vec<RunView>, DbError> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "{RUN_SELECT} WHERE (?1 IS NULL OR r.workflow = ?1) AND (?2 IS NULL OR r.status = ?2)
+        let sql = format!(
+            "{RUN_SELECT} WHERE (CAST(?1 AS TEXT) IS NULL OR r.workflow = ?1) AND (CAST(?2 AS TEXT) IS NULL OR r.status = ?2)
              ORDER BY r.created_ms DESC, r.id DESC LIMIT ?3"
-        ))?;
-        let rows = stmt.query_map(params![workflow, status, limit as i64], run_from_row)?;
-        rows.collect()
+        );
+        self.read(|tx| tx.all(&sql, p![workflow, status, limit], run_from_row))
     }
 
     /// Milliseconds from each task's dispatch (outbox write) to its result
     /// being applied, for every finished task, sorted.
     ///
     /// # Errors
-    /// SQLite's.
-    pub fn task_latencies_ms(&self) -> Result<Vec<i64>, DbError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT finished_ms - created_ms FROM tasks WHERE finished_ms IS NOT NULL ORDER BY 1")?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
-        rows.collect()
+    /// The store's.
+    pub fn task_latencies_ms(&mut self) -> Result<Vec<i64>, DbError> {
+        self.read(|tx| {
+            tx.all(
+                "SELECT finished_ms - created_ms FROM tasks WHERE finished_ms IS NOT NULL ORDER BY 1",
+                p![],
+                |r| r.get(0),
+            )
+        })
+    }
+
+    /// Tasks by status and whether they were published, and the steps'
+    /// attempts by status: what `courier bench` checks after a run.
+    ///
+    /// # Errors
+    /// The store's.
+    pub fn task_counts(&mut self) -> Result<Vec<(String, bool, i64)>, DbError> {
+        self.read(|tx| {
+            tx.all(
+                "SELECT status, published, COUNT(*) FROM tasks GROUP BY status, published ORDER BY 1, 2",
+                p![],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+        })
     }
 
     /// Runs by status, for metrics.
     ///
     /// # Errors
-    /// SQLite's.
-    pub fn run_counts(&self) -> Result<Vec<(RunStatus, i64)>, DbError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT status, COUNT(*) FROM runs GROUP BY status")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        rows.collect()
+    /// The store's.
+    pub fn run_counts(&mut self) -> Result<Vec<(RunStatus, i64)>, DbError> {
+        self.read(|tx| {
+            tx.all("SELECT status, COUNT(*) FROM runs GROUP BY status", p![], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+        })
     }
 
     /// Steps waiting on a limit, by what holds them, and steps waiting for
     /// approval (as `approval`), for metrics.
     ///
     /// # Errors
-    /// SQLite's.
-    pub fn waiting_counts(&self) -> Result<Vec<(String, i64)>, DbError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT COALESCE(waiting_on, ''), COUNT(*) FROM steps WHERE status = 'waiting' GROUP BY 1
-             UNION ALL SELECT 'approval', COUNT(*) FROM steps WHERE status = 'waiting_approval'",
-        )?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        rows.collect()
+    /// The store's.
+    pub fn waiting_counts(&mut self) -> Result<Vec<(String, i64)>, DbError> {
+        self.read(|tx| {
+            tx.all(
+                "SELECT COALESCE(waiting_on, ''), COUNT(*) FROM steps WHERE status = 'waiting' GROUP BY 1
+                 UNION ALL SELECT 'approval', COUNT(*) FROM steps WHERE status = 'waiting_approval'",
+                p![],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
     }
 }
 
-/// Bring the database to [`SCHEMA_VERSION`], one migration per transaction.
-fn migrate(conn: &mut Connection) -> Result<(), OpenError> {
-    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if found > SCHEMA_VERSION {
-        return Err(OpenError::TooNew {
-            found,
-            known: SCHEMA_VERSION,
-        });
+/// A PostgreSQL connection (no TLS: on a private network or a local socket).
+fn pg_client(url: &str) -> Result<postgres::Client, postgres::Error> {
+    postgres::Client::connect(url, postgres::NoTls)
+}
+
+/// A URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let user_end = url[scheme + 3..at].find(':').map_or(at, |i| scheme + 3 + i);
+            format!("{}:***{}", &url[..user_end], &url[at..])
+        }
+        _ => url.to_owned(),
     }
-    for (version, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
-        let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", version as i64 + 1)?;
-        tx.commit()?;
-        tracing::info!(version = version + 1, "database schema migrated");
-    }
-    Ok(())
 }
 
 /// Runs with their token and cost totals.
 const RUN_SELECT: &str = "SELECT r.id, r.workflow, r.status,
         (SELECT params FROM run_params WHERE run_id = r.id), r.created_ms, r.finished_ms, r.error,
         r.priority, r.deadline_ms, r.cancelled_by, r.parent_run, r.parent_step,
-        (SELECT COALESCE(SUM(input_tokens), 0) FROM steps WHERE run_id = r.id),
-        (SELECT COALESCE(SUM(output_tokens), 0) FROM steps WHERE run_id = r.id),
+        (SELECT CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) FROM steps WHERE run_id = r.id),
+        (SELECT CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) FROM steps WHERE run_id = r.id),
         (SELECT COALESCE(SUM(cost), 0.0) FROM steps WHERE run_id = r.id)
      FROM runs r";
 
-fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunView> {
+fn run_from_row(r: &Row<'_>) -> Result<RunView, DbError> {
     let params: String = r.get(3)?;
     Ok(RunView {
         id: r.get(0)?,
@@ -633,6 +617,9 @@ fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunView> {
         steps: Vec::new(),
     })
 }
+
+mod schema;
+pub mod sql;
 
 /// Statements used inside the engine's transactions.
 pub mod tx;

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::db::Tx;
 use courier_config::output_schema;
 use courier_config::template::{Item, Values};
 use courier_config::{
@@ -26,7 +27,6 @@ use courier_wire::{
     ContentHash, Limits, MemoryTarget, MemoryUpdate, ModelLimits, Pricing, StepRun, Task, TaskResult, TaskStatus,
     WireError, encode,
 };
-use rusqlite::Transaction;
 use uuid::Uuid;
 
 use crate::db::tx::{self, NewTask, RunRow};
@@ -307,7 +307,7 @@ pub(crate) fn now_ms() -> i64 {
 
 /// One transaction's context: the run being changed and what it produced.
 struct Change<'a, 't> {
-    t: &'a Transaction<'t>,
+    t: &'a Tx<'t>,
     now: i64,
     applied: &'a mut Applied,
     effects: &'a mut Effects,
@@ -543,7 +543,7 @@ impl Engine {
             }
             Ok::<_, DbError>(())
         })?;
-        Ok(self.with_db(|db| db.run(&run))?.ok_or(DbError::QueryReturnedNoRows)?)
+        Ok(self.with_db(|db| db.run(&run))?.ok_or(DbError::no_row())?)
     }
 
     /// The first tasks of a new run, built before anything is written (so a
@@ -1000,13 +1000,7 @@ impl Engine {
 
     /// Whether `r` can be the answer to the task `row`: the same run, step
     /// and attempt, and memory proposals only from an agent step that may make them.
-    fn check(
-        &self,
-        t: &Transaction<'_>,
-        task_id: &str,
-        row: &TaskRow,
-        r: &TaskResult,
-    ) -> Result<Result<(), Refused>, DbError> {
+    fn check(&self, t: &Tx<'_>, task_id: &str, row: &TaskRow, r: &TaskResult) -> Result<Result<(), Refused>, DbError> {
         let run = r.run_id.to_string();
         if (run.as_str(), r.step.as_str(), r.attempt) != (row.run_id.as_str(), row.step.as_str(), row.attempt) {
             let describe = |run: &str, step: &str, attempt: u32| format!("run {run} step \"{step}\" attempt {attempt}");
@@ -1746,7 +1740,7 @@ struct Counts {
 }
 
 impl Counts {
-    fn read(t: &Transaction<'_>) -> Result<Self, DbError> {
+    fn read(t: &Tx<'_>) -> Result<Self, DbError> {
         Ok(Self {
             pools: tx::in_flight_by_pool(t)?,
             models: tx::in_flight_by_model(t)?,
@@ -1760,7 +1754,7 @@ impl Counts {
     }
 
     /// A model's pause: until when, and why.
-    fn pause(&mut self, t: &Transaction<'_>, model: &str, now: i64) -> Result<Option<(i64, String)>, DbError> {
+    fn pause(&mut self, t: &Tx<'_>, model: &str, now: i64) -> Result<Option<(i64, String)>, DbError> {
         if let Some(p) = self.pauses.get(model) {
             return Ok(p.clone());
         }
@@ -1770,7 +1764,7 @@ impl Counts {
     }
 
     /// A model's rolling minute: (tasks, tokens).
-    fn window(&mut self, t: &Transaction<'_>, model: &str, now: i64) -> Result<(i64, i64), DbError> {
+    fn window(&mut self, t: &Tx<'_>, model: &str, now: i64) -> Result<(i64, i64), DbError> {
         if let Some(w) = self.windows.get(model) {
             return Ok(*w);
         }
@@ -1935,7 +1929,7 @@ fn millis(d: Duration) -> i64 {
 /// The run's params, read at most once per change: `cache` keeps them
 /// across the steps a change starts.
 fn run_params_once<'c>(
-    t: &Transaction<'_>,
+    t: &Tx<'_>,
     run: &str,
     cache: &'c mut Option<BTreeMap<String, String>>,
 ) -> Result<&'c BTreeMap<String, String>, DbError> {
@@ -1945,7 +1939,7 @@ fn run_params_once<'c>(
     Ok(cache.get_or_insert_with(BTreeMap::new))
 }
 
-fn run_params(t: &Transaction<'_>, run: &str) -> Result<BTreeMap<String, String>, DbError> {
+fn run_params(t: &Tx<'_>, run: &str) -> Result<BTreeMap<String, String>, DbError> {
     Ok(serde_json::from_str(&tx::run_params(t, run)?).unwrap_or_default())
 }
 
@@ -2120,7 +2114,7 @@ impl<'a> Statuses<'a> {
         }
     }
 
-    fn get(&mut self, t: &Transaction<'_>, name: &str) -> Result<Option<StepStatus>, DbError> {
+    fn get(&mut self, t: &Tx<'_>, name: &str) -> Result<Option<StepStatus>, DbError> {
         if let Some(status) = self.known.get(name) {
             return Ok(*status);
         }
@@ -2137,12 +2131,12 @@ impl<'a> Statuses<'a> {
 /// The outputs `step` reads (its templates' and its condition's), from
 /// the database: only those, so an item or a step costs what it reads, not
 /// what its ancestors wrote.
-fn outputs(t: &Transaction<'_>, run: &str, step: &Step) -> Result<BTreeMap<String, String>, DbError> {
+fn outputs(t: &Tx<'_>, run: &str, step: &Step) -> Result<BTreeMap<String, String>, DbError> {
     outputs_of(t, run, &step.reads)
 }
 
 /// The outputs of the named steps of a run (a skipped step's is empty).
-fn outputs_of(t: &Transaction<'_>, run: &str, names: &BTreeSet<String>) -> Result<BTreeMap<String, String>, DbError> {
+fn outputs_of(t: &Tx<'_>, run: &str, names: &BTreeSet<String>) -> Result<BTreeMap<String, String>, DbError> {
     let mut out = BTreeMap::new();
     for name in names {
         if let Some(output) = tx::step_output(t, run, name)? {

@@ -172,7 +172,7 @@ pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToke
         Err(source) => {
             return Err(SchedulerError::Db {
                 path: db_path.clone(),
-                source: db::OpenError::Sqlite(source),
+                source: db::OpenError::Store(source),
             });
         }
     }

@@ -240,7 +240,7 @@ fn a_memory_update_that_cannot_be_written_is_recorded_on_the_step() {
     assert!(copied.success());
     let engine = Engine::new(
         Config::load(&config_dir).unwrap(),
-        Db::open(&dir.path().join("courier.db")).unwrap(),
+        support::store(&dir.path().join("courier.db")),
         EngineLimits::default(),
     );
     // The workflow's memory file becomes a folder: appending to it fails
@@ -291,7 +291,7 @@ fn an_old_database_is_upgraded_and_a_newer_one_is_refused() {
         )
         .unwrap();
     }
-    let db = Db::open(&path).unwrap();
+    let mut db = Db::open(&path).unwrap();
     assert_eq!(db.schema_version().unwrap(), SCHEMA_VERSION);
     let old = db.run("old-run").unwrap().unwrap();
     assert_eq!(
@@ -310,10 +310,40 @@ fn an_old_database_is_upgraded_and_a_newer_one_is_refused() {
     assert_eq!(
         error.to_string(),
         format!(
-            "the database has schema version {}, newer than this build knows ({SCHEMA_VERSION}): it was written by a newer Courier; run that version, or point this one at another data folder",
+            "the database has schema version {}, newer than this build knows ({SCHEMA_VERSION}): it was written by a newer Courier; run that version, or point this one at another database",
             SCHEMA_VERSION + 1
         )
     );
+}
+
+#[test]
+fn a_postgres_database_is_created_at_the_current_version_and_a_newer_one_is_refused() {
+    use courier_scheduler::db::{OpenError, SCHEMA_VERSION};
+    let Some(server) = postgres_server() else {
+        eprintln!("COURIER_TEST_DATABASE_URL is unset: PostgreSQL's schema is tested by .ci/run");
+        return;
+    };
+    let dir = tempfile::TempDir::new().unwrap();
+    let url = database_for(&server, &dir.path().join("schema.db"));
+    let mut db = Db::connect(&url).unwrap();
+    assert_eq!(db.schema_version().unwrap(), SCHEMA_VERSION);
+    drop(db);
+    // Opened again (a second scheduler): nothing to do.
+    assert_eq!(Db::connect(&url).unwrap().schema_version().unwrap(), SCHEMA_VERSION);
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    admin
+        .execute("UPDATE courier_schema SET version = $1", &[&(SCHEMA_VERSION + 1)])
+        .unwrap();
+    let error = Db::connect(&url).unwrap_err();
+    assert!(matches!(error, OpenError::TooNew { .. }), "{error}");
+    assert!(error.to_string().starts_with(&format!(
+        "the database has schema version {}, newer than this build knows ({SCHEMA_VERSION})",
+        SCHEMA_VERSION + 1
+    )));
+    // Not a PostgreSQL URL: named, without its password.
+    let error = Db::connect("mysql://u:secret@h/db").unwrap_err();
+    assert!(matches!(error, OpenError::BadUrl(_)));
+    assert!(!error.to_string().contains("secret"), "{error}");
 }
 
 #[test]
@@ -405,7 +435,7 @@ fn a_task_lost_past_its_deadline_fails_its_step_and_a_run_past_its_timeout_is_ca
         lost_task_grace: std::time::Duration::ZERO,
         ..EngineLimits::default()
     };
-    let engine = Engine::new(config, Db::open(&dir.path().join("courier.db")).unwrap(), limits);
+    let engine = Engine::new(config, support::store(&dir.path().join("courier.db")), limits);
     let tiny = engine.submit("tiny", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
     let bounded = engine.submit("bounded", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
     for _ in 0..2 {
@@ -447,7 +477,7 @@ fn limits_hold_steps_as_waiting_and_admit_them_by_priority() {
     );
     let engine = Engine::new(
         config,
-        Db::open(&dir.path().join("courier.db")).unwrap(),
+        support::store(&dir.path().join("courier.db")),
         EngineLimits::default(),
     );
     let first = engine.submit("capped", &BTreeMap::new(), 0).unwrap();
@@ -503,7 +533,7 @@ fn a_token_window_holds_steps_and_real_usage_corrects_it() {
     );
     let engine = Engine::new(
         config,
-        Db::open(&dir.path().join("courier.db")).unwrap(),
+        support::store(&dir.path().join("courier.db")),
         EngineLimits::default(),
     );
     // Each step is estimated at 1000 tokens (max_tokens) plus its prompt: one fits the minute.
@@ -731,13 +761,12 @@ fn a_run_started_before_the_counters_finishes_the_old_way() {
     let run = engine.submit("wide", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
     // As migration 3 leaves a run started before it: no dependency counts;
     // its open steps counted by the migration (here: left NULL, counted live).
-    rusqlite::Connection::open(&db)
-        .unwrap()
-        .execute_batch(&format!(
-            "UPDATE steps SET pending_deps = NULL WHERE run_id = '{0}'; UPDATE runs SET open_steps = NULL WHERE id = '{0}';",
-            run.id
-        ))
-        .unwrap();
+    for sql in [
+        format!("UPDATE steps SET pending_deps = NULL WHERE run_id = '{}'", run.id),
+        format!("UPDATE runs SET open_steps = NULL WHERE id = '{}'", run.id),
+    ] {
+        support::execute(&db, &sql);
+    }
     let answered = drive(&engine, |_| TaskStatus::Succeeded);
     assert_eq!(answered, 22);
     let view = engine.with_db(|db| db.run(&run.id)).unwrap().unwrap();

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 
-use courier_scheduler::db::Db;
 use courier_scheduler::db::{RunStatus, RunView, StepStatus, StepView};
 use courier_scheduler::engine::{Engine, EngineLimits, NORMAL_PRIORITY};
 use courier_wire::{StepRun, Task, TaskResult, TaskStatus};
@@ -772,7 +771,7 @@ fn a_child_ended_by_admission_still_settles_its_parent_step() {
         pool_in_flight: BTreeMap::from([("default".to_string(), 10)]),
         ..EngineLimits::default()
     };
-    let engine = Engine::new(config, Db::open(&dir.path().join("c.db")).unwrap(), limits);
+    let engine = Engine::new(config, support::store(&dir.path().join("c.db")), limits);
     let run = submit(&engine, "outer", &[]);
     drive_echo(&engine);
     let v = view(&engine, &run);

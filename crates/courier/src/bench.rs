@@ -527,7 +527,7 @@ fn courier_end_to_end(
     })?;
     let usage = stack.usage(sampler.finish());
     // Rate and latency from the scheduler's own records.
-    let db = stack.stop()?;
+    let mut db = stack.stop()?;
     let latencies = db.task_latencies_ms()?;
     let runs = db.runs(Some("bench"), None, usize::MAX)?;
     drop(db);
@@ -593,7 +593,7 @@ fn open_loop(
         );
     }
     let usage = stack.usage(sampler.finish());
-    let db = stack.stop()?;
+    let mut db = stack.stop()?;
     let runs = db.runs(Some("bench"), None, usize::MAX)?;
     drop(db);
     let mut latencies: Vec<f64> = runs

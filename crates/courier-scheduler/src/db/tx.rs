@@ -3,9 +3,9 @@
 use std::collections::HashMap;
 
 use courier_wire::TaskStatus;
-use rusqlite::{OptionalExtension, Transaction, params};
 
-use super::{DISPATCHED, DbError, RunStatus, StepStatus, TaskRow};
+use super::sql::{DbError, Tx, p};
+use super::{DISPATCHED, RunStatus, StepStatus, TaskRow};
 
 /// A run as the engine needs it.
 #[derive(Debug, Clone)]
@@ -73,337 +73,326 @@ pub struct RunInsert<'a> {
 }
 
 /// Insert a run.
-pub fn insert_run(tx: &Transaction<'_>, run: &RunInsert<'_>, now: i64) -> Result<(), DbError> {
+pub fn insert_run(tx: &Tx<'_>, run: &RunInsert<'_>, now: i64) -> Result<(), DbError> {
     let (parent_run, parent_step, depth) = run.parent.map_or((None, None, 0), |(r, s, d)| (Some(r), Some(s), d));
-    tx.prepare_cached(
+    tx.exec(
         "INSERT INTO runs (id, workflow, status, params, created_ms, priority, deadline_ms, admitted, open_steps,
                            parent_run, parent_step, depth)
          VALUES (?1, ?2, ?3, '', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-    )?
-    .execute(params![
-        run.id,
-        run.workflow,
-        RunStatus::Running,
-        now,
-        run.priority,
-        run.deadline_ms,
-        run.admitted,
-        run.steps as i64,
-        parent_run,
-        parent_step,
-        depth
-    ])?;
-    tx.prepare_cached("INSERT INTO run_params (run_id, params) VALUES (?1, ?2)")?
-        .execute([run.id, run.params_json])?;
+        p![
+            run.id,
+            run.workflow,
+            RunStatus::Running,
+            now,
+            run.priority,
+            run.deadline_ms,
+            run.admitted,
+            run.steps as i64,
+            parent_run,
+            parent_step,
+            depth
+        ],
+    )?;
+    tx.exec(
+        "INSERT INTO run_params (run_id, params) VALUES (?1, ?2)",
+        p![run.id, run.params_json],
+    )?;
     Ok(())
 }
 
 /// Insert a pending step with `depends` dependencies (its run counted it
 /// among its open steps when it was inserted).
 pub fn insert_step(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     run: &str,
     name: &str,
     position: usize,
     queue: &str,
     depends: usize,
 ) -> Result<(), DbError> {
-    tx.prepare_cached(
+    tx.exec(
         "INSERT INTO steps (run_id, name, position, queue, status, pending_deps) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![
-        run,
-        name,
-        position as i64,
-        queue,
-        StepStatus::Pending,
-        depends as i64
-    ])?;
+        p![run, name, position as i64, queue, StepStatus::Pending, depends as i64],
+    )?;
     Ok(())
 }
 
 /// Set how many of a step's dependencies are still to succeed.
-pub fn set_pending_deps(tx: &Transaction<'_>, run: &str, name: &str, left: i64) -> Result<(), DbError> {
-    tx.prepare_cached("UPDATE steps SET pending_deps = ?3 WHERE run_id = ?1 AND name = ?2")?
-        .execute(params![run, name, left])?;
+pub fn set_pending_deps(tx: &Tx<'_>, run: &str, name: &str, left: i64) -> Result<(), DbError> {
+    tx.exec(
+        "UPDATE steps SET pending_deps = ?3 WHERE run_id = ?1 AND name = ?2",
+        p![run, name, left],
+    )?;
     Ok(())
 }
 
 /// Every running run: (id, workflow).
-pub fn running_runs(tx: &Transaction<'_>) -> Result<Vec<(String, String)>, DbError> {
-    let mut stmt = tx.prepare_cached("SELECT id, workflow FROM runs WHERE status = 'running'")?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    rows.collect()
+pub fn running_runs(tx: &Tx<'_>) -> Result<Vec<(String, String)>, DbError> {
+    tx.all("SELECT id, workflow FROM runs WHERE status = 'running'", p![], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
 }
 
 /// A dependency of step `name` succeeded: its status, and how many of its
 /// dependencies are still to succeed (`None` for a step counted the old way).
-pub fn dependency_done(
-    tx: &Transaction<'_>,
-    run: &str,
-    name: &str,
-) -> Result<Option<(StepStatus, Option<i64>)>, DbError> {
-    tx.prepare_cached(
+pub fn dependency_done(tx: &Tx<'_>, run: &str, name: &str) -> Result<Option<(StepStatus, Option<i64>)>, DbError> {
+    tx.exec(
         "UPDATE steps SET pending_deps = pending_deps - 1 WHERE run_id = ?1 AND name = ?2 AND pending_deps > 0",
-    )?
-    .execute([run, name])?;
-    tx.prepare_cached("SELECT status, pending_deps FROM steps WHERE run_id = ?1 AND name = ?2")?
-        .query_row([run, name], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()
+        p![run, name],
+    )?;
+    tx.opt(
+        "SELECT status, pending_deps FROM steps WHERE run_id = ?1 AND name = ?2",
+        p![run, name],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
 }
 
 /// Insert a task into the outbox.
-pub fn insert_task(tx: &Transaction<'_>, task: &NewTask<'_>, now: i64) -> Result<(), DbError> {
-    tx.prepare_cached(
+pub fn insert_task(tx: &Tx<'_>, task: &NewTask<'_>, now: i64) -> Result<(), DbError> {
+    tx.exec(
         "INSERT INTO tasks (task_id, run_id, step, attempt, queue, status, snapshot_hash, not_before_ms, created_ms,
                             deadline_ms, model, tokens)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-    )?
-    .execute(params![
-        task.task_id,
-        task.run,
-        task.step,
-        task.attempt,
-        task.queue,
-        DISPATCHED,
-        task.snapshot_hash,
-        task.not_before_ms,
-        now,
-        task.deadline_ms,
-        task.model,
-        task.tokens
-    ])?;
+        p![
+            task.task_id,
+            task.run,
+            task.step,
+            task.attempt,
+            task.queue,
+            DISPATCHED,
+            task.snapshot_hash,
+            task.not_before_ms,
+            now,
+            task.deadline_ms,
+            task.model,
+            task.tokens
+        ],
+    )?;
     Ok(())
 }
 
 /// A task row by id.
-pub fn task(tx: &Transaction<'_>, task_id: &str) -> Result<Option<TaskRow>, DbError> {
-    tx.prepare_cached("SELECT run_id, step, attempt, status FROM tasks WHERE task_id = ?1")?
-        .query_row([task_id], |r| {
+pub fn task(tx: &Tx<'_>, task_id: &str) -> Result<Option<TaskRow>, DbError> {
+    tx.opt(
+        "SELECT run_id, step, attempt, status FROM tasks WHERE task_id = ?1",
+        p![task_id],
+        |r| {
             Ok(TaskRow {
                 run_id: r.get(0)?,
                 step: r.get(1)?,
                 attempt: r.get(2)?,
-                dispatched: r.get::<_, String>(3)? == DISPATCHED,
+                dispatched: r.get::<String>(3)? == DISPATCHED,
             })
-        })
-        .optional()
+        },
+    )
 }
 
 /// Record how a task attempt ended, with the tokens it really used.
 pub fn finish_task(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     task_id: &str,
     status: TaskStatus,
     tokens: Option<i64>,
     now: i64,
 ) -> Result<(), DbError> {
-    tx.prepare_cached(
+    tx.exec(
         "UPDATE tasks SET status = ?2, finished_ms = ?3, tokens = COALESCE(?4, tokens) WHERE task_id = ?1",
-    )?
-    .execute(params![task_id, status.as_str(), now, tokens])?;
+        p![task_id, status.as_str(), now, tokens],
+    )?;
     Ok(())
 }
 
 /// Tasks of a run (or of one step, a foreach step's items included) not
 /// yet published: never published now.
 /// Their ids.
-pub fn cancel_unpublished(
-    tx: &Transaction<'_>,
-    run: &str,
-    step: Option<&str>,
-    now: i64,
-) -> Result<Vec<String>, DbError> {
-    let ids: Vec<String> = tx
-        .prepare_cached(
-            "SELECT task_id FROM tasks WHERE run_id = ?1 AND published = 0 AND status = 'dispatched'
-             AND (?2 IS NULL OR step = ?2 OR substr(step, 1, length(?2) + 1) = ?2 || '[')",
-        )?
-        .query_map(params![run, step], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    let mut update = tx.prepare_cached("UPDATE tasks SET status = ?2, finished_ms = ?3 WHERE task_id = ?1")?;
+pub fn cancel_unpublished(tx: &Tx<'_>, run: &str, step: Option<&str>, now: i64) -> Result<Vec<String>, DbError> {
+    let ids: Vec<String> = tx.all(
+        "SELECT task_id FROM tasks WHERE run_id = ?1 AND published = 0 AND status = 'dispatched'
+         AND (CAST(?2 AS TEXT) IS NULL OR step = ?2 OR substr(step, 1, length(CAST(?2 AS TEXT)) + 1) = CAST(?2 AS TEXT) || '[')",
+        p![run, step],
+        |r| r.get(0),
+    )?;
     for id in &ids {
-        update.execute(params![id, TaskStatus::Cancelled.as_str(), now])?;
+        tx.exec(
+            "UPDATE tasks SET status = ?2, finished_ms = ?3 WHERE task_id = ?1",
+            p![id, TaskStatus::Cancelled, now],
+        )?;
     }
     Ok(ids)
 }
 
 /// The run's workflow, status and admission.
-pub fn run(tx: &Transaction<'_>, run: &str) -> Result<Option<RunRow>, DbError> {
-    tx.prepare_cached("SELECT workflow, status, admitted, deadline_ms FROM runs WHERE id = ?1")?
-        .query_row([run], |r| {
+pub fn run(tx: &Tx<'_>, run: &str) -> Result<Option<RunRow>, DbError> {
+    tx.opt(
+        "SELECT workflow, status, admitted, deadline_ms FROM runs WHERE id = ?1",
+        p![run],
+        |r| {
             Ok(RunRow {
                 workflow: r.get(0)?,
                 status: r.get(1)?,
                 admitted: r.get(2)?,
                 deadline_ms: r.get(3)?,
             })
-        })
-        .optional()
+        },
+    )
 }
 
 /// The run, and the status of one of its steps, in one statement (the
 /// result path's).
-pub fn run_and_step(
-    tx: &Transaction<'_>,
-    run: &str,
-    step: &str,
-) -> Result<Option<(RunRow, Option<StepStatus>)>, DbError> {
-    tx.prepare_cached(
+pub fn run_and_step(tx: &Tx<'_>, run: &str, step: &str) -> Result<Option<(RunRow, Option<StepStatus>)>, DbError> {
+    tx.opt(
         "SELECT r.workflow, r.status, r.admitted, r.deadline_ms, s.status
          FROM runs r LEFT JOIN steps s ON s.run_id = r.id AND s.name = ?2 WHERE r.id = ?1",
-    )?
-    .query_row([run, step], |r| {
-        Ok((
-            RunRow {
-                workflow: r.get(0)?,
-                status: r.get(1)?,
-                admitted: r.get(2)?,
-                deadline_ms: r.get(3)?,
-            },
-            r.get(4)?,
-        ))
-    })
-    .optional()
+        p![run, step],
+        |r| {
+            Ok((
+                RunRow {
+                    workflow: r.get(0)?,
+                    status: r.get(1)?,
+                    admitted: r.get(2)?,
+                    deadline_ms: r.get(3)?,
+                },
+                r.get(4)?,
+            ))
+        },
+    )
 }
 
 /// The run's params as JSON.
-pub fn run_params(tx: &Transaction<'_>, run: &str) -> Result<String, DbError> {
-    tx.prepare_cached("SELECT params FROM run_params WHERE run_id = ?1")?
-        .query_row([run], |r| r.get(0))
+pub fn run_params(tx: &Tx<'_>, run: &str) -> Result<String, DbError> {
+    tx.one("SELECT params FROM run_params WHERE run_id = ?1", p![run], |r| r.get(0))
 }
 
 /// The run counts against its workflow's `max_active_runs` from now on.
-pub fn admit_run(tx: &Transaction<'_>, run: &str) -> Result<(), DbError> {
-    tx.prepare_cached("UPDATE runs SET admitted = 1 WHERE id = ?1")?
-        .execute([run])?;
+pub fn admit_run(tx: &Tx<'_>, run: &str) -> Result<(), DbError> {
+    tx.exec("UPDATE runs SET admitted = 1 WHERE id = ?1", p![run])?;
     Ok(())
 }
 
 /// One step's status.
-pub fn step_status(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option<StepStatus>, DbError> {
-    tx.prepare_cached("SELECT status FROM steps WHERE run_id = ?1 AND name = ?2")?
-        .query_row([run, name], |r| r.get(0))
-        .optional()
+pub fn step_status(tx: &Tx<'_>, run: &str, name: &str) -> Result<Option<StepStatus>, DbError> {
+    tx.opt(
+        "SELECT status FROM steps WHERE run_id = ?1 AND name = ?2",
+        p![run, name],
+        |r| r.get(0),
+    )
 }
 
 /// The run's steps that may still change, with their status.
-pub fn open_steps(tx: &Transaction<'_>, run: &str) -> Result<Vec<(String, StepStatus)>, DbError> {
-    let mut stmt = tx.prepare_cached(
-        "SELECT name, status FROM steps WHERE run_id = ?1 AND status IN ('pending', 'waiting', 'running', 'waiting_approval')
-         ORDER BY position",
-    )?;
-    let rows = stmt.query_map([run], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    rows.collect()
+pub fn open_steps(tx: &Tx<'_>, run: &str) -> Result<Vec<(String, StepStatus)>, DbError> {
+    tx.all("SELECT name, status FROM steps WHERE run_id = ?1 AND status IN ('pending', 'waiting', 'running', 'waiting_approval')
+         ORDER BY position", p![run], |r| Ok((r.get(0)?, r.get(1)?)))
 }
 
 /// How many of the run's steps may still change: its counter (counted for
 /// runs started before the counter existed).
-pub fn open_step_count(tx: &Transaction<'_>, run: &str) -> Result<i64, DbError> {
-    tx.prepare_cached(
-        "SELECT COALESCE(open_steps, (SELECT COUNT(*) FROM steps
+pub fn open_step_count(tx: &Tx<'_>, run: &str) -> Result<i64, DbError> {
+    tx.one("SELECT COALESCE(open_steps, (SELECT COUNT(*) FROM steps
                                       WHERE run_id = ?1 AND status IN ('pending', 'waiting', 'running', 'waiting_approval')))
-         FROM runs WHERE id = ?1",
-    )?
-    .query_row([run], |r| r.get(0))
+         FROM runs WHERE id = ?1", p![run], |r| r.get(0))
 }
 
 /// Names of the run's steps with `status`, in workflow order (foreach
 /// items are their step's business, not the run's).
-pub fn steps_with(tx: &Transaction<'_>, run: &str, status: StepStatus) -> Result<Vec<String>, DbError> {
+pub fn steps_with(tx: &Tx<'_>, run: &str, status: StepStatus) -> Result<Vec<String>, DbError> {
     // The status as a literal (see the note above `MIGRATIONS`): one of the enum's own names.
-    let mut stmt = tx.prepare_cached(&format!(
-        "SELECT name FROM steps WHERE run_id = ?1 AND status = '{}' AND parent IS NULL ORDER BY position",
-        status.as_str()
-    ))?;
-    let rows = stmt.query_map([run], |r| r.get(0))?;
-    rows.collect()
+    tx.all(
+        &format!(
+            "SELECT name FROM steps WHERE run_id = ?1 AND status = '{}' AND parent IS NULL ORDER BY position",
+            status.as_str()
+        ),
+        p![run],
+        |r| r.get(0),
+    )
 }
 
 /// The output of one step of a run, if it has one: a skipped step's is empty.
-pub fn step_output(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option<String>, DbError> {
-    tx.prepare_cached(
+pub fn step_output(tx: &Tx<'_>, run: &str, name: &str) -> Result<Option<String>, DbError> {
+    tx.opt(
         "SELECT CASE status WHEN 'succeeded' THEN output ELSE '' END FROM steps
          WHERE run_id = ?1 AND name = ?2 AND status IN ('succeeded', 'skipped')",
-    )?
-    .query_row([run, name], |r| r.get(0))
-    .optional()
+        p![run, name],
+        |r| r.get(0),
+    )
     .map(Option::flatten)
 }
 
 /// A step is dispatched for `attempt`.
-pub fn start_step(tx: &Transaction<'_>, run: &str, name: &str, attempt: u32, now: i64) -> Result<(), DbError> {
-    tx.prepare_cached(
+pub fn start_step(tx: &Tx<'_>, run: &str, name: &str, attempt: u32, now: i64) -> Result<(), DbError> {
+    tx.exec(
         "UPDATE steps SET status = ?5, attempts = ?3, started_ms = COALESCE(started_ms, ?4), error = NULL,
                           waiting_on = NULL, not_before_ms = NULL
          WHERE run_id = ?1 AND name = ?2 AND status IN ('pending', 'waiting', 'running')",
-    )?
-    .execute(params![run, name, attempt, now, StepStatus::Running])?;
+        p![run, name, attempt, now, StepStatus::Running],
+    )?;
     Ok(())
 }
 
 /// A step is ready but held by a limit (named by `reason`, once known), or
 /// (a retry) not before `not_before_ms`.
 pub fn wait_step(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     run: &str,
     name: &str,
     reason: Option<&str>,
     not_before_ms: Option<i64>,
 ) -> Result<(), DbError> {
-    tx.prepare_cached(
+    tx.exec(
         "UPDATE steps SET status = ?3, waiting_on = ?4, not_before_ms = ?5
          WHERE run_id = ?1 AND name = ?2 AND status IN ('pending', 'waiting', 'running')",
-    )?
-    .execute(params![run, name, StepStatus::Waiting, reason, not_before_ms])?;
+        p![run, name, StepStatus::Waiting, reason, not_before_ms],
+    )?;
     Ok(())
 }
 
 /// An approval step waits for a decision until `deadline_ms`; `message`
 /// (resolved) is what it shows.
 pub fn await_approval(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     run: &str,
     name: &str,
     message: &str,
     deadline_ms: i64,
     now: i64,
 ) -> Result<(), DbError> {
-    tx.prepare_cached(
+    tx.exec(
         "UPDATE steps SET status = ?3, waiting_on = ?4, not_before_ms = ?5, started_ms = ?6
          WHERE run_id = ?1 AND name = ?2",
-    )?
-    .execute(params![
-        run,
-        name,
-        StepStatus::WaitingApproval,
-        format!("approval: {message}"),
-        deadline_ms,
-        now
-    ])?;
+        p![
+            run,
+            name,
+            StepStatus::WaitingApproval,
+            format!("approval: {message}"),
+            deadline_ms,
+            now
+        ],
+    )?;
     Ok(())
 }
 
 /// Approval steps whose wait ended before `now`: (run, step).
-pub fn approvals_overdue(tx: &Transaction<'_>, now: i64) -> Result<Vec<(String, String)>, DbError> {
-    let mut stmt = tx.prepare_cached(
+pub fn approvals_overdue(tx: &Tx<'_>, now: i64) -> Result<Vec<(String, String)>, DbError> {
+    tx.all(
         "SELECT run_id, name FROM steps WHERE status = 'waiting_approval' AND not_before_ms < ?1 LIMIT 1000",
-    )?;
-    let rows = stmt.query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    rows.collect()
+        p![now],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
 }
 
 /// Whether a running run of `workflow` waits to be admitted.
-pub fn unadmitted_runs(tx: &Transaction<'_>, workflow: &str) -> Result<bool, DbError> {
-    tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'running' AND admitted = 0 AND workflow = ?1)")?
-        .query_row([workflow], |r| r.get(0))
+pub fn unadmitted_runs(tx: &Tx<'_>, workflow: &str) -> Result<bool, DbError> {
+    tx.one(
+        "SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'running' AND admitted = 0 AND workflow = ?1)",
+        p![workflow],
+        |r| r.get(0),
+    )
 }
 
 /// An open step reached a final state (a step already final is left as it
 /// is); its run has one open step less.
 #[allow(clippy::too_many_arguments)]
 pub fn finish_step(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     run: &str,
     name: &str,
     status: StepStatus,
@@ -418,29 +407,30 @@ pub fn finish_step(
     } else {
         None
     };
-    let changed = tx
-        .prepare_cached(
-            "UPDATE steps SET status = ?3, output = ?4, error = ?5, worker = COALESCE(?6, worker), finished_ms = ?7,
+    let changed = tx.exec(
+        "UPDATE steps SET status = ?3, output = ?4, error = ?5, worker = COALESCE(?6, worker), finished_ms = ?7,
                               waiting_on = NULL
              WHERE run_id = ?1 AND name = ?2 AND status IN ('pending', 'waiting', 'running', 'waiting_approval')",
-        )?
-        .execute(params![run, name, status, output, error, worker, now])?;
+        p![run, name, status, output, error, worker, now],
+    )?;
     if changed > 0 {
-        tx.prepare_cached("UPDATE runs SET open_steps = open_steps - 1 WHERE id = ?1 AND open_steps IS NOT NULL")?
-            .execute([run])?;
+        tx.exec(
+            "UPDATE runs SET open_steps = open_steps - 1 WHERE id = ?1 AND open_steps IS NOT NULL",
+            p![run],
+        )?;
         // A foreach item: its step has one item less to wait for.
         if let Some(was_pending) = was_pending {
-            tx.prepare_cached(
+            tx.exec(
                 "UPDATE steps SET items_left = items_left - 1, items_failed = items_failed + ?3,
                                   items_active = items_active - ?4
                  WHERE run_id = ?1 AND name = (SELECT parent FROM steps WHERE run_id = ?1 AND name = ?2)",
-            )?
-            .execute(params![
-                run,
-                name,
-                i64::from(status != StepStatus::Succeeded),
-                i64::from(!was_pending)
-            ])?;
+                p![
+                    run,
+                    name,
+                    i64::from(status != StepStatus::Succeeded),
+                    i64::from(!was_pending)
+                ],
+            )?;
         }
     }
     Ok(())
@@ -460,46 +450,49 @@ pub struct Items {
 
 /// Start a foreach step: one pending row per item (`name[index]`, at the
 /// step's position, its value as JSON), counted among the run's open steps.
-pub fn start_foreach(tx: &Transaction<'_>, run: &str, name: &str, items: &[String], now: i64) -> Result<(), DbError> {
-    let (position, queue): (i64, String) = tx
-        .prepare_cached("SELECT position, queue FROM steps WHERE run_id = ?1 AND name = ?2")?
-        .query_row([run, name], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    let mut insert = tx.prepare_cached(
-        "INSERT INTO steps (run_id, name, position, queue, status, pending_deps, parent, item_index, item)
-         VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?8)",
+pub fn start_foreach(tx: &Tx<'_>, run: &str, name: &str, items: &[String], now: i64) -> Result<(), DbError> {
+    let (position, queue): (i64, String) = tx.one(
+        "SELECT position, queue FROM steps WHERE run_id = ?1 AND name = ?2",
+        p![run, name],
+        |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     for (i, item) in items.iter().enumerate() {
-        insert.execute(params![
-            run,
-            format!("{name}[{i}]"),
-            position,
-            queue,
-            StepStatus::Pending,
-            name,
-            i as i64,
-            item
-        ])?;
+        tx.exec(
+            "INSERT INTO steps (run_id, name, position, queue, status, pending_deps, parent, item_index, item)
+         VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?8)",
+            p![
+                run,
+                format!("{name}[{i}]"),
+                position,
+                queue,
+                StepStatus::Pending,
+                name,
+                i as i64,
+                item
+            ],
+        )?;
     }
     let n = items.len() as i64;
-    tx.prepare_cached("UPDATE runs SET open_steps = open_steps + ?2 WHERE id = ?1 AND open_steps IS NOT NULL")?
-        .execute(params![run, n])?;
-    tx.prepare_cached(
+    tx.exec(
+        "UPDATE runs SET open_steps = open_steps + ?2 WHERE id = ?1 AND open_steps IS NOT NULL",
+        p![run, n],
+    )?;
+    tx.exec(
         "UPDATE steps SET status = ?3, started_ms = ?4, items_total = ?5, items_next = 0, items_left = ?5,
                           items_failed = 0, items_active = 0, error = NULL, waiting_on = NULL
          WHERE run_id = ?1 AND name = ?2",
-    )?
-    .execute(params![run, name, StepStatus::Running, now, n])?;
+        p![run, name, StepStatus::Running, now, n],
+    )?;
     Ok(())
 }
 
 /// A foreach step's counters (`None` for any other step).
-pub fn items(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option<Items>, DbError> {
-    let items = tx
-        .prepare_cached(
-            "SELECT items_total, items_next, items_left, items_failed, items_active FROM steps
+pub fn items(tx: &Tx<'_>, run: &str, name: &str) -> Result<Option<Items>, DbError> {
+    let items = tx.opt(
+        "SELECT items_total, items_next, items_left, items_failed, items_active FROM steps
              WHERE run_id = ?1 AND name = ?2 AND items_total IS NOT NULL",
-        )?
-        .query_row([run, name], |r| {
+        p![run, name],
+        |r| {
             Ok(Items {
                 total: r.get(0)?,
                 next: r.get(1)?,
@@ -507,45 +500,46 @@ pub fn items(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option<Items
                 failed: r.get(3)?,
                 active: r.get(4)?,
             })
-        })
-        .optional()?;
+        },
+    )?;
     Ok(items)
 }
 
 /// Take the next item of a foreach step still pending from position
 /// `from` on (one cancelled before it started is passed over): its index
 /// and value, counted as started. `None`: no item is left to start.
-pub fn take_item(tx: &Transaction<'_>, run: &str, name: &str, from: i64) -> Result<Option<(i64, String)>, DbError> {
-    let next: Option<(i64, Option<String>)> = tx
-        .prepare_cached(
-            "SELECT item_index, item FROM steps WHERE run_id = ?1 AND parent = ?2 AND item_index >= ?3
+pub fn take_item(tx: &Tx<'_>, run: &str, name: &str, from: i64) -> Result<Option<(i64, String)>, DbError> {
+    let next: Option<(i64, Option<String>)> = tx.opt(
+        "SELECT item_index, item FROM steps WHERE run_id = ?1 AND parent = ?2 AND item_index >= ?3
              AND status = 'pending' ORDER BY item_index LIMIT 1",
-        )?
-        .query_row(params![run, name, from], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
+        p![run, name, from],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     match &next {
-        Some((index, _)) => tx
-            .prepare_cached(
-                "UPDATE steps SET items_next = ?3 + 1, items_active = items_active + 1 WHERE run_id = ?1 AND name = ?2",
-            )?
-            .execute(params![run, name, index])?,
-        None => tx
-            .prepare_cached("UPDATE steps SET items_next = items_total WHERE run_id = ?1 AND name = ?2")?
-            .execute(params![run, name])?,
+        Some((index, _)) => tx.exec(
+            "UPDATE steps SET items_next = ?3 + 1, items_active = items_active + 1 WHERE run_id = ?1 AND name = ?2",
+            p![run, name, index],
+        )?,
+        None => tx.exec(
+            "UPDATE steps SET items_next = items_total WHERE run_id = ?1 AND name = ?2",
+            p![run, name],
+        )?,
     };
     Ok(next.map(|(index, item)| (index, item.unwrap_or_else(|| "null".into()))))
 }
 
 /// A foreach item's value, as JSON.
-pub fn item(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Option<String>, DbError> {
-    tx.prepare_cached("SELECT item FROM steps WHERE run_id = ?1 AND name = ?2")?
-        .query_row([run, name], |r| r.get(0))
-        .optional()
-        .map(Option::flatten)
+pub fn item(tx: &Tx<'_>, run: &str, name: &str) -> Result<Option<String>, DbError> {
+    tx.opt(
+        "SELECT item FROM steps WHERE run_id = ?1 AND name = ?2",
+        p![run, name],
+        |r| r.get(0),
+    )
+    .map(Option::flatten)
 }
 
 /// Skip a foreach step's items not yet started (after a failure); how many.
-pub fn skip_unstarted_items(tx: &Transaction<'_>, run: &str, name: &str, why: &str, now: i64) -> Result<i64, DbError> {
+pub fn skip_unstarted_items(tx: &Tx<'_>, run: &str, name: &str, why: &str, now: i64) -> Result<i64, DbError> {
     let skip = |taken: bool| {
         // Pending: never taken. Waiting with no attempt: taken, but held by
         // a limit before its first dispatch.
@@ -556,18 +550,19 @@ pub fn skip_unstarted_items(tx: &Transaction<'_>, run: &str, name: &str, why: &s
             "UPDATE steps SET status = ?3, error = ?4, finished_ms = ?5
              WHERE run_id = ?1 AND parent = ?2 AND status = 'pending'"
         };
-        tx.prepare_cached(sql)?
-            .execute(params![run, name, StepStatus::Skipped, why, now])
+        tx.exec(sql, p![run, name, StepStatus::Skipped, why, now])
             .map(|n| n as i64)
     };
     let (never, held) = (skip(false)?, skip(true)?);
-    tx.prepare_cached("UPDATE runs SET open_steps = open_steps - ?2 WHERE id = ?1 AND open_steps IS NOT NULL")?
-        .execute(params![run, never + held])?;
-    tx.prepare_cached(
+    tx.exec(
+        "UPDATE runs SET open_steps = open_steps - ?2 WHERE id = ?1 AND open_steps IS NOT NULL",
+        p![run, never + held],
+    )?;
+    tx.exec(
         "UPDATE steps SET items_next = items_total, items_left = items_left - ?3, items_active = items_active - ?4
          WHERE run_id = ?1 AND name = ?2",
-    )?
-    .execute(params![run, name, never + held, held])?;
+        p![run, name, never + held, held],
+    )?;
     Ok(never + held)
 }
 
@@ -575,28 +570,28 @@ pub fn skip_unstarted_items(tx: &Transaction<'_>, run: &str, name: &str, why: &s
 pub type ItemResult = (StepStatus, Option<String>, Option<String>);
 
 /// A foreach step's items in order: status, output, error.
-pub fn item_results(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Vec<ItemResult>, DbError> {
-    let mut stmt = tx.prepare_cached(
+pub fn item_results(tx: &Tx<'_>, run: &str, name: &str) -> Result<Vec<ItemResult>, DbError> {
+    tx.all(
         "SELECT status, output, error FROM steps WHERE run_id = ?1 AND parent = ?2 ORDER BY item_index",
-    )?;
-    let rows = stmt.query_map([run, name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-    rows.collect()
+        p![run, name],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
 }
 
 /// A foreach step's open items.
-pub fn open_items(tx: &Transaction<'_>, run: &str, name: &str) -> Result<Vec<String>, DbError> {
-    let mut stmt = tx.prepare_cached(
+pub fn open_items(tx: &Tx<'_>, run: &str, name: &str) -> Result<Vec<String>, DbError> {
+    tx.all(
         "SELECT name FROM steps WHERE run_id = ?1 AND parent = ?2
          AND status IN ('pending', 'waiting', 'running', 'waiting_approval') ORDER BY item_index",
-    )?;
-    let rows = stmt.query_map([run, name], |r| r.get(0))?;
-    rows.collect()
+        p![run, name],
+        |r| r.get(0),
+    )
 }
 
 /// Record what an agent step's model did (latest attempt), adding its
 /// tokens and cost to the step's.
 pub fn record_agent(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     run: &str,
     name: &str,
     model: &str,
@@ -605,27 +600,21 @@ pub fn record_agent(
     transcript_json: &str,
 ) -> Result<(), DbError> {
     // The run and its ancestors (a child run's spending is its parents' too).
-    tx.prepare_cached(
-        "WITH RECURSIVE lineage(id) AS (
-             SELECT ?1
+    tx.exec("WITH RECURSIVE lineage(id) AS (
+             SELECT CAST(?1 AS TEXT)
              UNION ALL SELECT r.parent_run FROM runs r JOIN lineage l ON r.id = l.id WHERE r.parent_run IS NOT NULL
          )
-         UPDATE runs SET spent_tokens = spent_tokens + ?2 + ?3, spent_cost = spent_cost + COALESCE(?4, 0.0)
-         WHERE id IN lineage",
-    )?
-    .execute(params![
+         UPDATE runs SET spent_tokens = spent_tokens + ?2 + ?3, spent_cost = spent_cost + COALESCE(CAST(?4 AS DOUBLE PRECISION), 0.0)
+         WHERE id IN (SELECT id FROM lineage)", p![
         run,
         i64::try_from(usage.0).unwrap_or(i64::MAX),
         i64::try_from(usage.1).unwrap_or(i64::MAX),
         cost
     ])?;
-    tx.prepare_cached(
-        "UPDATE steps SET model = ?3, input_tokens = COALESCE(input_tokens, 0) + ?4,
+    tx.exec("UPDATE steps SET model = ?3, input_tokens = COALESCE(input_tokens, 0) + ?4,
                           output_tokens = COALESCE(output_tokens, 0) + ?5, transcript = ?6,
-                          cost = CASE WHEN ?7 IS NULL THEN cost ELSE COALESCE(cost, 0.0) + ?7 END
-         WHERE run_id = ?1 AND name = ?2",
-    )?
-    .execute(params![
+                          cost = CASE WHEN CAST(?7 AS DOUBLE PRECISION) IS NULL THEN cost ELSE COALESCE(cost, 0.0) + ?7 END
+         WHERE run_id = ?1 AND name = ?2", p![
         run,
         name,
         model,
@@ -640,44 +629,48 @@ pub fn record_agent(
 /// A run's tokens (input + output) and cost so far: its counters, kept by
 /// [`record_agent`] (not a sum over its steps: a result costs the same in a
 /// run of any width).
-pub fn run_spend(tx: &Transaction<'_>, run: &str) -> Result<(i64, f64), DbError> {
-    tx.prepare_cached("SELECT spent_tokens, spent_cost FROM runs WHERE id = ?1")?
-        .query_row([run], |r| Ok((r.get(0)?, r.get(1)?)))
+pub fn run_spend(tx: &Tx<'_>, run: &str) -> Result<(i64, f64), DbError> {
+    tx.one(
+        "SELECT spent_tokens, spent_cost FROM runs WHERE id = ?1",
+        p![run],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
 }
 
 /// Record the latest failure of a step that will be retried.
-pub fn note_step_error(tx: &Transaction<'_>, run: &str, name: &str, error: &str, worker: &str) -> Result<(), DbError> {
-    tx.prepare_cached("UPDATE steps SET error = ?3, worker = ?4 WHERE run_id = ?1 AND name = ?2")?
-        .execute(params![run, name, error, worker])?;
+pub fn note_step_error(tx: &Tx<'_>, run: &str, name: &str, error: &str, worker: &str) -> Result<(), DbError> {
+    tx.exec(
+        "UPDATE steps SET error = ?3, worker = ?4 WHERE run_id = ?1 AND name = ?2",
+        p![run, name, error, worker],
+    )?;
     Ok(())
 }
 
 /// Set a step's error without changing its status (a succeeded step
 /// whose memory update could not be written).
-pub fn set_step_error(tx: &Transaction<'_>, run: &str, name: &str, error: &str) -> Result<(), DbError> {
-    tx.prepare_cached("UPDATE steps SET error = ?3 WHERE run_id = ?1 AND name = ?2")?
-        .execute(params![run, name, error])?;
+pub fn set_step_error(tx: &Tx<'_>, run: &str, name: &str, error: &str) -> Result<(), DbError> {
+    tx.exec(
+        "UPDATE steps SET error = ?3 WHERE run_id = ?1 AND name = ?2",
+        p![run, name, error],
+    )?;
     Ok(())
 }
 
 /// A run reached a final state: its parent run and step, for a child run.
 pub fn finish_run(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     run: &str,
     status: RunStatus,
     error: Option<&str>,
     cancelled_by: Option<&str>,
     now: i64,
 ) -> Result<Option<(String, String)>, DbError> {
-    let parent: Option<(Option<String>, Option<String>)> = tx
-        .prepare_cached(
-            "UPDATE runs SET status = ?2, error = ?3, finished_ms = ?4, cancelled_by = ?5 WHERE id = ?1
+    let parent: Option<(Option<String>, Option<String>)> = tx.opt(
+        "UPDATE runs SET status = ?2, error = ?3, finished_ms = ?4, cancelled_by = ?5 WHERE id = ?1
              RETURNING parent_run, parent_step",
-        )?
-        .query_row(params![run, status, error, now, cancelled_by], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?;
+        p![run, status, error, now, cancelled_by],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     Ok(match parent {
         Some((Some(run), Some(step))) => Some((run, step)),
         _ => None,
@@ -685,216 +678,204 @@ pub fn finish_run(
 }
 
 /// A child run's ancestors, nearest first: (run, workflow).
-pub fn ancestors(tx: &Transaction<'_>, run: &str) -> Result<Vec<(String, String)>, DbError> {
-    let mut stmt = tx.prepare_cached(
+pub fn ancestors(tx: &Tx<'_>, run: &str) -> Result<Vec<(String, String)>, DbError> {
+    tx.all(
         "WITH RECURSIVE lineage(id, depth) AS (
              SELECT parent_run, 1 FROM runs WHERE id = ?1 AND parent_run IS NOT NULL
              UNION ALL SELECT r.parent_run, l.depth + 1 FROM runs r JOIN lineage l ON r.id = l.id
              WHERE r.parent_run IS NOT NULL
          )
          SELECT r.id, r.workflow FROM lineage l JOIN runs r ON r.id = l.id ORDER BY l.depth",
-    )?;
-    let rows = stmt.query_map([run], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    rows.collect()
+        p![run],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
 }
 
 /// A run's priority and how deep it is among sub-workflows (0: started by a submit).
-pub fn lineage(tx: &Transaction<'_>, run: &str) -> Result<(u8, u32), DbError> {
-    tx.prepare_cached("SELECT priority, depth FROM runs WHERE id = ?1")?
-        .query_row([run], |r| Ok((r.get(0)?, r.get(1)?)))
+pub fn lineage(tx: &Tx<'_>, run: &str) -> Result<(u8, u32), DbError> {
+    tx.one("SELECT priority, depth FROM runs WHERE id = ?1", p![run], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
 }
 
 /// A `workflow:` step starts, waiting on its child run.
-pub fn await_child(tx: &Transaction<'_>, run: &str, step: &str, child: &str, now: i64) -> Result<(), DbError> {
-    tx.prepare_cached(
+pub fn await_child(tx: &Tx<'_>, run: &str, step: &str, child: &str, now: i64) -> Result<(), DbError> {
+    tx.exec(
         "UPDATE steps SET status = ?3, waiting_on = ?4, started_ms = ?5, attempts = 1 WHERE run_id = ?1 AND name = ?2",
-    )?
-    .execute(params![
-        run,
-        step,
-        StepStatus::Running,
-        format!("child run {child}"),
-        now
-    ])?;
+        p![run, step, StepStatus::Running, format!("child run {child}"), now],
+    )?;
     Ok(())
 }
 
 /// How a run ended: its workflow, status and error.
-pub fn run_end(tx: &Transaction<'_>, run: &str) -> Result<Option<(String, RunStatus, Option<String>)>, DbError> {
-    tx.prepare_cached("SELECT workflow, status, error FROM runs WHERE id = ?1")?
-        .query_row([run], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()
+pub fn run_end(tx: &Tx<'_>, run: &str) -> Result<Option<(String, RunStatus, Option<String>)>, DbError> {
+    tx.opt("SELECT workflow, status, error FROM runs WHERE id = ?1", p![run], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })
 }
 
 /// The running child runs of a run (of one of its steps, if given).
-pub fn running_children(tx: &Transaction<'_>, run: &str, step: Option<&str>) -> Result<Vec<String>, DbError> {
-    let mut stmt = tx.prepare_cached(
-        "SELECT id FROM runs WHERE parent_run = ?1 AND (?2 IS NULL OR parent_step = ?2) AND status = 'running'",
-    )?;
-    let rows = stmt.query_map(params![run, step], |r| r.get(0))?;
-    rows.collect()
+pub fn running_children(tx: &Tx<'_>, run: &str, step: Option<&str>) -> Result<Vec<String>, DbError> {
+    tx.all("SELECT id FROM runs WHERE parent_run = ?1 AND (CAST(?2 AS TEXT) IS NULL OR parent_step = ?2) AND status = 'running'", p![run, step], |r| r.get(0))
 }
 
 /// Bytes of output of a run's steps (`parent` `None`) or of one foreach
 /// step's items.
-pub fn outputs_size(tx: &Transaction<'_>, run: &str, parent: Option<&str>) -> Result<usize, DbError> {
-    let bytes: i64 = tx
-        .prepare_cached(
-            "SELECT COALESCE(SUM(length(CAST(output AS BLOB))), 0) FROM steps
-             WHERE run_id = ?1 AND parent IS ?2 AND status = 'succeeded'",
-        )?
-        .query_row(params![run, parent], |r| r.get(0))?;
+pub fn outputs_size(tx: &Tx<'_>, run: &str, parent: Option<&str>) -> Result<usize, DbError> {
+    let bytes: i64 = tx.one(
+        "SELECT COALESCE(SUM(octet_length(output)), 0) FROM steps
+             WHERE run_id = ?1 AND parent IS NOT DISTINCT FROM ?2 AND status = 'succeeded'",
+        p![run, parent],
+        |r| r.get(0),
+    )?;
     Ok(usize::try_from(bytes).unwrap_or(usize::MAX))
 }
 
 /// A finished run's steps (not foreach items) and their outputs, in workflow order.
-pub fn run_outputs(tx: &Transaction<'_>, run: &str) -> Result<Vec<(String, Option<String>)>, DbError> {
-    let mut stmt = tx.prepare_cached(
+pub fn run_outputs(tx: &Tx<'_>, run: &str) -> Result<Vec<(String, Option<String>)>, DbError> {
+    tx.all(
         "SELECT name, CASE status WHEN 'succeeded' THEN output END FROM steps
          WHERE run_id = ?1 AND parent IS NULL ORDER BY position",
-    )?;
-    let rows = stmt.query_map([run], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    rows.collect()
+        p![run],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
 }
 
 /// Queue a cancellation for every worker.
-pub fn insert_control(
-    tx: &Transaction<'_>,
-    run: &str,
-    step: Option<&str>,
-    reason: &str,
-    now: i64,
-) -> Result<(), DbError> {
-    tx.prepare_cached("INSERT INTO controls (run_id, step, reason, created_ms) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![run, step, reason, now])?;
+pub fn insert_control(tx: &Tx<'_>, run: &str, step: Option<&str>, reason: &str, now: i64) -> Result<(), DbError> {
+    tx.exec(
+        "INSERT INTO controls (run_id, step, reason, created_ms) VALUES (?1, ?2, ?3, ?4)",
+        p![run, step, reason, now],
+    )?;
     Ok(())
 }
 
 /// Steps held by a limit and due by `now`, highest priority first, then oldest run.
-pub fn waiting_steps(tx: &Transaction<'_>, now: i64, limit: usize) -> Result<Vec<WaitingStep>, DbError> {
+pub fn waiting_steps(tx: &Tx<'_>, now: i64, limit: usize) -> Result<Vec<WaitingStep>, DbError> {
     // A literal limit (see `Db::unpublished_tasks`).
-    let mut stmt = tx.prepare_cached(&format!(
-        "SELECT s.run_id, r.workflow, s.name, r.admitted, s.waiting_on, s.attempts
+    tx.all(
+        &format!(
+            "SELECT s.run_id, r.workflow, s.name, r.admitted, s.waiting_on, s.attempts
          FROM steps s JOIN runs r ON r.id = s.run_id
          WHERE s.status = 'waiting' AND (s.not_before_ms IS NULL OR s.not_before_ms <= ?1)
          ORDER BY r.priority DESC, r.created_ms, r.id, s.position, s.item_index LIMIT {limit}"
-    ))?;
-    let rows = stmt.query_map(params![now], |r| {
-        Ok(WaitingStep {
-            run: r.get(0)?,
-            workflow: r.get(1)?,
-            step: r.get(2)?,
-            admitted: r.get(3)?,
-            waiting_on: r.get(4)?,
-            attempts: r.get(5)?,
-        })
-    })?;
-    rows.collect()
+        ),
+        p![now],
+        |r| {
+            Ok(WaitingStep {
+                run: r.get(0)?,
+                workflow: r.get(1)?,
+                step: r.get(2)?,
+                admitted: r.get(3)?,
+                waiting_on: r.get(4)?,
+                attempts: r.get(5)?,
+            })
+        },
+    )
 }
 
 /// Name the limit that holds a waiting step.
-pub fn set_waiting_on(tx: &Transaction<'_>, run: &str, name: &str, reason: &str) -> Result<(), DbError> {
-    tx.prepare_cached("UPDATE steps SET waiting_on = ?3 WHERE run_id = ?1 AND name = ?2")?
-        .execute(params![run, name, reason])?;
+pub fn set_waiting_on(tx: &Tx<'_>, run: &str, name: &str, reason: &str) -> Result<(), DbError> {
+    tx.exec(
+        "UPDATE steps SET waiting_on = ?3 WHERE run_id = ?1 AND name = ?2",
+        p![run, name, reason],
+    )?;
     Ok(())
 }
 
-fn counts(tx: &Transaction<'_>, sql: &str, params: impl rusqlite::Params) -> Result<HashMap<String, i64>, DbError> {
-    let mut stmt = tx.prepare_cached(sql)?;
-    let rows = stmt.query_map(params, |r| Ok((r.get(0)?, r.get(1)?)))?;
-    rows.collect()
+fn counts(tx: &Tx<'_>, sql: &str) -> Result<HashMap<String, i64>, DbError> {
+    Ok(tx.all(sql, p![], |r| Ok((r.get(0)?, r.get(1)?)))?.into_iter().collect())
 }
 
 /// Tasks without a result, by pool.
-pub fn in_flight_by_pool(tx: &Transaction<'_>) -> Result<HashMap<String, i64>, DbError> {
+pub fn in_flight_by_pool(tx: &Tx<'_>) -> Result<HashMap<String, i64>, DbError> {
     counts(
         tx,
         "SELECT queue, COUNT(*) FROM tasks WHERE status = 'dispatched' GROUP BY queue",
-        [],
     )
 }
 
 /// Tasks without a result, by model.
-pub fn in_flight_by_model(tx: &Transaction<'_>) -> Result<HashMap<String, i64>, DbError> {
+pub fn in_flight_by_model(tx: &Tx<'_>) -> Result<HashMap<String, i64>, DbError> {
     // Over the in-flight tasks only (a partial index), not every agent task ever.
     let mut by_model = counts(
         tx,
         "SELECT COALESCE(model, ''), COUNT(*) FROM tasks WHERE status = 'dispatched' GROUP BY 1",
-        [],
     )?;
     by_model.remove("");
     Ok(by_model)
 }
 
 /// A model's tasks due since `since` (ms) and their tokens.
-pub fn model_window(tx: &Transaction<'_>, model: &str, since: i64) -> Result<(i64, i64), DbError> {
-    tx.prepare_cached(
-        "SELECT COUNT(*), COALESCE(SUM(tokens), 0) FROM tasks
+pub fn model_window(tx: &Tx<'_>, model: &str, since: i64) -> Result<(i64, i64), DbError> {
+    tx.one(
+        "SELECT COUNT(*), CAST(COALESCE(SUM(tokens), 0) AS BIGINT) FROM tasks
          WHERE model = ?1 AND not_before_ms > ?2 AND status != 'cancelled'",
-    )?
-    .query_row(params![model, since], |r| Ok((r.get(0)?, r.get(1)?)))
+        p![model, since],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
 }
 
 /// Running steps (tasks without a result), by workflow.
-pub fn running_steps_by_workflow(tx: &Transaction<'_>) -> Result<HashMap<String, i64>, DbError> {
+pub fn running_steps_by_workflow(tx: &Tx<'_>) -> Result<HashMap<String, i64>, DbError> {
     counts(
         tx,
         "SELECT r.workflow, COUNT(*) FROM tasks t JOIN runs r ON r.id = t.run_id WHERE t.status = 'dispatched'
          GROUP BY 1",
-        [],
     )
 }
 
 /// Admitted running runs, by workflow.
-pub fn active_runs_by_workflow(tx: &Transaction<'_>) -> Result<HashMap<String, i64>, DbError> {
+pub fn active_runs_by_workflow(tx: &Tx<'_>) -> Result<HashMap<String, i64>, DbError> {
     counts(
         tx,
         "SELECT workflow, COUNT(*) FROM runs WHERE status = 'running' AND admitted = 1 GROUP BY 1",
-        [],
     )
 }
 
 /// Until when (ms) and why a model is paused, if it is after `now`.
-pub fn model_pause(tx: &Transaction<'_>, model: &str, now: i64) -> Result<Option<(i64, String)>, DbError> {
-    tx.prepare_cached("SELECT until_ms, reason FROM model_pauses WHERE model = ?1 AND until_ms > ?2")?
-        .query_row(params![model, now], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()
+pub fn model_pause(tx: &Tx<'_>, model: &str, now: i64) -> Result<Option<(i64, String)>, DbError> {
+    tx.opt(
+        "SELECT until_ms, reason FROM model_pauses WHERE model = ?1 AND until_ms > ?2",
+        p![model, now],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
 }
 
 /// Pause a model until `until` (ms), keeping a later pause if there is one.
-pub fn pause_model(tx: &Transaction<'_>, model: &str, until: i64, reason: &str) -> Result<(), DbError> {
-    tx.prepare_cached(
+pub fn pause_model(tx: &Tx<'_>, model: &str, until: i64, reason: &str) -> Result<(), DbError> {
+    tx.exec(
         "INSERT INTO model_pauses (model, until_ms, reason) VALUES (?1, ?2, ?3)
          ON CONFLICT (model) DO UPDATE SET until_ms = excluded.until_ms, reason = excluded.reason
          WHERE excluded.until_ms > model_pauses.until_ms",
-    )?
-    .execute(params![model, until, reason])?;
+        p![model, until, reason],
+    )?;
     Ok(())
 }
 
 /// Running runs whose deadline passed before `now`.
-pub fn overdue_runs(tx: &Transaction<'_>, now: i64) -> Result<Vec<(String, String)>, DbError> {
-    let mut stmt = tx.prepare_cached(
+pub fn overdue_runs(tx: &Tx<'_>, now: i64) -> Result<Vec<(String, String)>, DbError> {
+    tx.all(
         "SELECT id, workflow FROM runs WHERE status = 'running' AND deadline_ms IS NOT NULL AND deadline_ms < ?1
          LIMIT 1000",
-    )?;
-    let rows = stmt.query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    rows.collect()
+        p![now],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
 }
 
 /// Published tasks still without a result whose deadline passed before `cutoff`.
-pub fn lost_tasks(tx: &Transaction<'_>, cutoff: i64) -> Result<Vec<LostTask>, DbError> {
-    let mut stmt = tx.prepare_cached(
+pub fn lost_tasks(tx: &Tx<'_>, cutoff: i64) -> Result<Vec<LostTask>, DbError> {
+    tx.all(
         "SELECT task_id, run_id, step, attempt FROM tasks
          WHERE status = 'dispatched' AND published = 1 AND deadline_ms < ?1 LIMIT 1000",
-    )?;
-    let rows = stmt.query_map([cutoff], |r| {
-        Ok(LostTask {
-            task_id: r.get(0)?,
-            run: r.get(1)?,
-            step: r.get(2)?,
-            attempt: r.get(3)?,
-        })
-    })?;
-    rows.collect()
+        p![cutoff],
+        |r| {
+            Ok(LostTask {
+                task_id: r.get(0)?,
+                run: r.get(1)?,
+                step: r.get(2)?,
+                attempt: r.get(3)?,
+            })
+        },
+    )
 }

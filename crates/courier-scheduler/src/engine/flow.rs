@@ -10,9 +10,9 @@
 
 use std::collections::BTreeMap;
 
+use crate::db::Tx;
 use courier_config::template::{self, Item, Values};
 use courier_config::{MAX_WORKFLOW_DEPTH, OnSkipped, Step, Workflow};
-use rusqlite::Transaction;
 use serde_json::Value;
 
 use super::{
@@ -47,12 +47,7 @@ pub(super) fn starts_in_transaction(s: &Step) -> bool {
 }
 
 /// The item of a foreach item's row (`None` for any other step).
-pub(super) fn item_value(
-    t: &Transaction<'_>,
-    run: &str,
-    name: &str,
-    index: Option<usize>,
-) -> Result<Option<Item>, DbError> {
+pub(super) fn item_value(t: &Tx<'_>, run: &str, name: &str, index: Option<usize>) -> Result<Option<Item>, DbError> {
     let Some(index) = index else { return Ok(None) };
     let value = tx::item(t, run, name)?.map_or(Value::Null, |json| serde_json::from_str(&json).unwrap_or(Value::Null));
     Ok(Some(Item { index, value }))

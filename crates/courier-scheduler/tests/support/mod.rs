@@ -1,5 +1,11 @@
 //! Helpers shared by the engine's tests: the example config, an engine over
-//! a real SQLite file, and an outbox driven by hand.
+//! a real store, and an outbox driven by hand.
+//!
+//! The store is a SQLite file, or, when `COURIER_TEST_DATABASE_URL` names a
+//! PostgreSQL server (`postgres://user:pass@host/postgres`), a database of
+//! its own on that server for each file path a test uses (created afresh
+//! the first time in a process; the same path opens the same database, as
+//! a restarted scheduler opens its file). `.ci/run` runs these tests both ways.
 
 #![allow(dead_code, clippy::unwrap_used)] // each test file uses some of them
 
@@ -15,7 +21,49 @@ pub fn example() -> Config {
 }
 
 pub fn engine(db: &Path) -> Engine {
-    Engine::new(example(), Db::open(db).unwrap(), EngineLimits::default())
+    Engine::new(example(), store(db), EngineLimits::default())
+}
+
+/// The PostgreSQL server the tests run against, if any.
+pub fn postgres_server() -> Option<String> {
+    std::env::var("COURIER_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+}
+
+/// The store a test uses for the database file `path` (see the module's
+/// note).
+pub fn store(path: &Path) -> Db {
+    match postgres_server() {
+        Some(server) => Db::connect(&database_for(&server, path)).unwrap(),
+        None => Db::open(path).unwrap(),
+    }
+}
+
+/// The URL of the PostgreSQL database standing for `path` on `server`.
+pub fn database_for(server: &str, path: &Path) -> String {
+    use std::collections::HashSet;
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    use std::sync::Mutex;
+    static CREATED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let mut hasher = DefaultHasher::new();
+    path.hash(&mut hasher);
+    let name = format!("courier_test_{:016x}", hasher.finish());
+    let mut created = CREATED.lock().unwrap();
+    if created.get_or_insert_with(HashSet::new).insert(name.clone()) {
+        let mut admin = postgres::Client::connect(server, postgres::NoTls).unwrap();
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+    }
+    let base = server.rsplit_once('/').map_or(server, |(base, _)| base);
+    format!("{base}/{name}")
+}
+
+/// Run `sql` on the store standing for `path`, beside whatever else has it open.
+pub fn execute(path: &Path, sql: &str) {
+    store(path).transaction(|tx| tx.exec(sql, &[]).map(drop)).unwrap();
 }
 
 pub fn result(task: &Task, status: TaskStatus, output: &str) -> TaskResult {
@@ -94,7 +142,7 @@ pub fn config_with_files(dir: &Path, workflows: &[(&str, &str)], files: &[(&str,
 
 /// An engine over `config` and the database at `db`.
 pub fn engine_over(config: Config, db: &Path) -> Engine {
-    Engine::new(config, Db::open(db).unwrap(), EngineLimits::default())
+    Engine::new(config, store(db), EngineLimits::default())
 }
 
 /// Publish every due task and answer each with `answer`, until none is

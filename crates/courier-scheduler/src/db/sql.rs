@@ -1,0 +1,516 @@
+//! One way to run a statement on either store: SQLite (one file, the
+//! default) or PostgreSQL (shared by several schedulers).
+//!
+//! Statements are written once, in the SQL both accept, with `?N`
+//! parameters (rewritten to `$N` for PostgreSQL when first prepared).
+//! Values cross as [`Value`]s and come back through [`Col`], so no driver
+//! type appears outside this module.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::error::Error as StdError;
+
+use postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
+
+use super::{RunStatus, StepStatus};
+
+/// A store failed: the driver's error, a value of the wrong type, or no row
+/// where one was required.
+#[derive(Debug, thiserror::Error)]
+#[error("{store}: {source}")]
+pub struct DbError {
+    store: &'static str,
+    #[source]
+    source: Box<dyn StdError + Send + Sync>,
+}
+
+impl DbError {
+    pub(crate) fn new(store: &'static str, source: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
+        Self {
+            store,
+            source: source.into(),
+        }
+    }
+
+    /// A statement that had to return a row returned none.
+    pub fn no_row() -> Self {
+        Self::new("store", "no row where one was expected")
+    }
+}
+
+impl From<rusqlite::Error> for DbError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::new("SQLite", e)
+    }
+}
+
+impl From<postgres::Error> for DbError {
+    fn from(e: postgres::Error) -> Self {
+        Self::new("PostgreSQL", e)
+    }
+}
+
+/// A parameter's value.
+#[derive(Debug, Clone, Copy)]
+pub enum Value<'a> {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(&'a str),
+}
+
+/// What can be bound as a parameter.
+pub trait Param {
+    fn value(&self) -> Value<'_>;
+}
+
+macro_rules! int_param {
+    ($($t:ty),*) => {$(
+        impl Param for $t {
+            fn value(&self) -> Value<'_> {
+                Value::Int(i64::try_from(*self).unwrap_or(i64::MAX))
+            }
+        }
+    )*};
+}
+int_param!(i64, i32, u32, u8, usize, u64);
+
+impl Param for bool {
+    fn value(&self) -> Value<'_> {
+        Value::Int(i64::from(*self))
+    }
+}
+
+impl Param for f64 {
+    fn value(&self) -> Value<'_> {
+        Value::Real(*self)
+    }
+}
+
+impl Param for str {
+    fn value(&self) -> Value<'_> {
+        Value::Text(self)
+    }
+}
+
+impl Param for String {
+    fn value(&self) -> Value<'_> {
+        Value::Text(self)
+    }
+}
+
+impl<T: Param + ?Sized> Param for &T {
+    fn value(&self) -> Value<'_> {
+        (**self).value()
+    }
+}
+
+impl<T: Param> Param for Option<T> {
+    fn value(&self) -> Value<'_> {
+        self.as_ref().map_or(Value::Null, Param::value)
+    }
+}
+
+impl Param for StepStatus {
+    fn value(&self) -> Value<'_> {
+        Value::Text(self.as_str())
+    }
+}
+
+impl Param for RunStatus {
+    fn value(&self) -> Value<'_> {
+        Value::Text(self.as_str())
+    }
+}
+
+impl Param for courier_wire::TaskStatus {
+    fn value(&self) -> Value<'_> {
+        Value::Text(self.as_str())
+    }
+}
+
+/// Parameters of a statement: `p![a, b]`.
+macro_rules! p {
+    ($($v:expr),* $(,)?) => { &[$(&$v as &dyn $crate::db::sql::Param),*] };
+}
+pub(crate) use p;
+
+impl rusqlite::ToSql for Value<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        Ok(ToSqlOutput::Borrowed(match *self {
+            Value::Null => ValueRef::Null,
+            Value::Int(v) => ValueRef::Integer(v),
+            Value::Real(v) => ValueRef::Real(v),
+            Value::Text(s) => ValueRef::Text(s.as_bytes()),
+        }))
+    }
+}
+
+/// PostgreSQL infers each parameter's type from the statement; a value is
+/// written as that type when it fits.
+impl ToSql for Value<'_> {
+    fn to_sql(&self, ty: &Type, out: &mut bytes::BytesMut) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        match (*self, ty) {
+            (Value::Null, _) => Ok(IsNull::Yes),
+            (Value::Int(v), &Type::INT8) => v.to_sql(ty, out),
+            (Value::Int(v), &Type::INT4) => i32::try_from(v)?.to_sql(ty, out),
+            (Value::Int(v), &Type::INT2) => i16::try_from(v)?.to_sql(ty, out),
+            (Value::Int(v), &Type::BOOL) => (v != 0).to_sql(ty, out),
+            (Value::Int(v), &Type::FLOAT8) => (v as f64).to_sql(ty, out),
+            (Value::Real(v), &Type::FLOAT8) => v.to_sql(ty, out),
+            (Value::Real(v), &Type::FLOAT4) => (v as f32).to_sql(ty, out),
+            (Value::Text(s), _) if <&str as ToSql>::accepts(ty) => s.to_sql(ty, out),
+            (Value::Int(v), _) if <&str as ToSql>::accepts(ty) => v.to_string().as_str().to_sql(ty, out),
+            (value, ty) => Err(format!("cannot write {value:?} as PostgreSQL type {ty}").into()),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        matches!(
+            *ty,
+            Type::BOOL | Type::INT2 | Type::INT4 | Type::INT8 | Type::FLOAT4 | Type::FLOAT8
+        ) || <&str as ToSql>::accepts(ty)
+    }
+
+    to_sql_checked!();
+}
+
+/// A column's value as read.
+#[derive(Debug, Clone, Copy)]
+pub enum Cell<'a> {
+    Null,
+    Int(i64),
+    Real(f64),
+    Bool(bool),
+    Text(&'a str),
+}
+
+/// What a column can be read as.
+pub trait Col: Sized {
+    fn from_cell(cell: Cell<'_>) -> Result<Self, String>;
+}
+
+impl Col for i64 {
+    fn from_cell(cell: Cell<'_>) -> Result<Self, String> {
+        match cell {
+            Cell::Int(v) => Ok(v),
+            Cell::Bool(b) => Ok(i64::from(b)),
+            other => Err(format!("expected an integer, found {other:?}")),
+        }
+    }
+}
+
+macro_rules! int_col {
+    ($($t:ty),*) => {$(
+        impl Col for $t {
+            fn from_cell(cell: Cell<'_>) -> Result<Self, String> {
+                let v = i64::from_cell(cell)?;
+                <$t>::try_from(v).map_err(|_| format!("{v} is out of range for {}", stringify!($t)))
+            }
+        }
+    )*};
+}
+int_col!(u32, u8, usize);
+
+impl Col for bool {
+    fn from_cell(cell: Cell<'_>) -> Result<Self, String> {
+        match cell {
+            Cell::Bool(b) => Ok(b),
+            Cell::Int(v) => Ok(v != 0),
+            other => Err(format!("expected a boolean, found {other:?}")),
+        }
+    }
+}
+
+impl Col for f64 {
+    fn from_cell(cell: Cell<'_>) -> Result<Self, String> {
+        match cell {
+            Cell::Real(v) => Ok(v),
+            Cell::Int(v) => Ok(v as f64),
+            other => Err(format!("expected a number, found {other:?}")),
+        }
+    }
+}
+
+impl Col for String {
+    fn from_cell(cell: Cell<'_>) -> Result<Self, String> {
+        match cell {
+            Cell::Text(s) => Ok(s.to_owned()),
+            other => Err(format!("expected text, found {other:?}")),
+        }
+    }
+}
+
+impl<T: Col> Col for Option<T> {
+    fn from_cell(cell: Cell<'_>) -> Result<Self, String> {
+        match cell {
+            Cell::Null => Ok(None),
+            cell => T::from_cell(cell).map(Some),
+        }
+    }
+}
+
+impl Col for StepStatus {
+    fn from_cell(cell: Cell<'_>) -> Result<Self, String> {
+        let text = String::from_cell(cell)?;
+        StepStatus::parse(&text).ok_or_else(|| format!("unknown step status \"{text}\""))
+    }
+}
+
+impl Col for RunStatus {
+    fn from_cell(cell: Cell<'_>) -> Result<Self, String> {
+        let text = String::from_cell(cell)?;
+        RunStatus::parse(&text).ok_or_else(|| format!("unknown run status \"{text}\""))
+    }
+}
+
+/// A PostgreSQL column read as a [`Cell`].
+struct PgCell<'a>(Cell<'a>);
+
+impl<'a> FromSql<'a> for PgCell<'a> {
+    fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn StdError + Sync + Send>> {
+        Ok(PgCell(match *ty {
+            Type::INT8 => Cell::Int(i64::from_sql(ty, raw)?),
+            Type::INT4 => Cell::Int(i32::from_sql(ty, raw)?.into()),
+            Type::INT2 => Cell::Int(i16::from_sql(ty, raw)?.into()),
+            Type::FLOAT8 => Cell::Real(f64::from_sql(ty, raw)?),
+            Type::FLOAT4 => Cell::Real(f32::from_sql(ty, raw)?.into()),
+            Type::BOOL => Cell::Bool(bool::from_sql(ty, raw)?),
+            _ => Cell::Text(<&str>::from_sql(ty, raw)?),
+        }))
+    }
+
+    fn from_sql_null(_: &Type) -> Result<Self, Box<dyn StdError + Sync + Send>> {
+        Ok(PgCell(Cell::Null))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        matches!(
+            *ty,
+            Type::BOOL | Type::INT2 | Type::INT4 | Type::INT8 | Type::FLOAT4 | Type::FLOAT8
+        ) || <&str as FromSql>::accepts(ty)
+    }
+}
+
+/// A row of a result.
+#[allow(missing_debug_implementations)]
+pub enum Row<'a> {
+    Sqlite(&'a rusqlite::Row<'a>),
+    Postgres(&'a postgres::Row),
+}
+
+impl Row<'_> {
+    /// Column `i` as a `T`.
+    ///
+    /// # Errors
+    /// The column is missing or holds another type.
+    pub fn get<T: Col>(&self, i: usize) -> Result<T, DbError> {
+        let decoded = match self {
+            Row::Sqlite(r) => {
+                use rusqlite::types::ValueRef;
+                let cell = match r.get_ref(i)? {
+                    ValueRef::Null => Cell::Null,
+                    ValueRef::Integer(v) => Cell::Int(v),
+                    ValueRef::Real(v) => Cell::Real(v),
+                    ValueRef::Text(t) => Cell::Text(std::str::from_utf8(t).map_err(|e| DbError::new("SQLite", e))?),
+                    ValueRef::Blob(_) => return Err(DbError::new("SQLite", format!("column {i} is a blob"))),
+                };
+                T::from_cell(cell)
+            }
+            Row::Postgres(r) => T::from_cell(r.try_get::<_, PgCell<'_>>(i)?.0),
+        };
+        decoded.map_err(|e| DbError::new("store", format!("column {i}: {e}")))
+    }
+}
+
+/// Prepared PostgreSQL statements, by their text as written (`?N`).
+pub(crate) type PgStatements = HashMap<String, postgres::Statement>;
+
+/// `?N` parameters as PostgreSQL's `$N` (statements hold no `?` otherwise).
+fn pg_text(sql: &str) -> String {
+    sql.replace('?', "$")
+}
+
+/// A transaction on the store: every statement of the engine runs in one,
+/// committed when the closure given to `Db::transaction` returns `Ok`.
+pub struct Tx<'a> {
+    pub(crate) inner: TxInner<'a>,
+}
+
+impl std::fmt::Debug for Tx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_postgres() {
+            "Tx(PostgreSQL)"
+        } else {
+            "Tx(SQLite)"
+        })
+    }
+}
+
+pub(crate) enum TxInner<'a> {
+    Sqlite(rusqlite::Transaction<'a>),
+    Postgres {
+        tx: RefCell<postgres::Transaction<'a>>,
+        stmts: RefCell<&'a mut PgStatements>,
+    },
+}
+
+/// Binds `params` for PostgreSQL and runs `$body` with the statement and them.
+macro_rules! with_pg {
+    ($tx:expr, $stmts:expr, $sql:expr, $params:expr, |$t:ident, $stmt:ident, $refs:ident| $body:expr) => {{
+        let mut $t = $tx.borrow_mut();
+        let $stmt = pg_statement(&mut $t, &mut $stmts.borrow_mut(), $sql)?;
+        let values: Vec<Value<'_>> = $params.iter().map(|p| p.value()).collect();
+        let $refs: Vec<&(dyn ToSql + Sync)> = values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+        $body
+    }};
+}
+
+fn pg_statement(
+    tx: &mut postgres::Transaction<'_>,
+    stmts: &mut PgStatements,
+    sql: &str,
+) -> Result<postgres::Statement, DbError> {
+    if let Some(stmt) = stmts.get(sql) {
+        return Ok(stmt.clone());
+    }
+    let stmt = tx.prepare(&pg_text(sql))?;
+    stmts.insert(sql.to_owned(), stmt.clone());
+    Ok(stmt)
+}
+
+impl<'a> Tx<'a> {
+    pub(crate) fn sqlite(tx: rusqlite::Transaction<'a>) -> Self {
+        Self {
+            inner: TxInner::Sqlite(tx),
+        }
+    }
+
+    pub(crate) fn postgres(tx: postgres::Transaction<'a>, stmts: &'a mut PgStatements) -> Self {
+        Self {
+            inner: TxInner::Postgres {
+                tx: RefCell::new(tx),
+                stmts: RefCell::new(stmts),
+            },
+        }
+    }
+
+    pub(crate) fn commit(self) -> Result<(), DbError> {
+        match self.inner {
+            TxInner::Sqlite(tx) => tx.commit()?,
+            TxInner::Postgres { tx, .. } => tx.into_inner().commit()?,
+        }
+        Ok(())
+    }
+
+    /// Run a statement; how many rows it changed.
+    ///
+    /// # Errors
+    /// The store's.
+    pub fn exec(&self, sql: &str, params: &[&dyn Param]) -> Result<usize, DbError> {
+        match &self.inner {
+            TxInner::Sqlite(c) => Ok(c
+                .prepare_cached(sql)?
+                .execute(rusqlite::params_from_iter(params.iter().map(|p| p.value())))?),
+            TxInner::Postgres { tx, stmts } => with_pg!(tx, stmts, sql, params, |t, stmt, refs| Ok(usize::try_from(
+                t.execute(&stmt, &refs)?
+            )
+            .unwrap_or(usize::MAX))),
+        }
+    }
+
+    /// Every row a query returns, each through `f`.
+    ///
+    /// # Errors
+    /// The store's, or `f`'s.
+    pub fn all<T>(
+        &self,
+        sql: &str,
+        params: &[&dyn Param],
+        mut f: impl FnMut(&Row<'_>) -> Result<T, DbError>,
+    ) -> Result<Vec<T>, DbError> {
+        let mut out = Vec::new();
+        match &self.inner {
+            TxInner::Sqlite(c) => {
+                let mut stmt = c.prepare_cached(sql)?;
+                let mut rows = stmt.query(rusqlite::params_from_iter(params.iter().map(|p| p.value())))?;
+                while let Some(r) = rows.next()? {
+                    out.push(f(&Row::Sqlite(r))?);
+                }
+            }
+            TxInner::Postgres { tx, stmts } => with_pg!(tx, stmts, sql, params, |t, stmt, refs| {
+                for r in t.query(&stmt, &refs)? {
+                    out.push(f(&Row::Postgres(&r))?);
+                }
+            }),
+        }
+        Ok(out)
+    }
+
+    /// The first row a query returns, if any.
+    ///
+    /// # Errors
+    /// The store's, or `f`'s.
+    pub fn opt<T>(
+        &self,
+        sql: &str,
+        params: &[&dyn Param],
+        f: impl FnOnce(&Row<'_>) -> Result<T, DbError>,
+    ) -> Result<Option<T>, DbError> {
+        match &self.inner {
+            TxInner::Sqlite(c) => {
+                let mut stmt = c.prepare_cached(sql)?;
+                let mut rows = stmt.query(rusqlite::params_from_iter(params.iter().map(|p| p.value())))?;
+                rows.next()?.map(|r| f(&Row::Sqlite(r))).transpose()
+            }
+            TxInner::Postgres { tx, stmts } => with_pg!(tx, stmts, sql, params, |t, stmt, refs| t
+                .query_opt(&stmt, &refs)?
+                .map(|r| f(&Row::Postgres(&r)))
+                .transpose()),
+        }
+    }
+
+    /// The row a query must return.
+    ///
+    /// # Errors
+    /// The store's, `f`'s, or no row.
+    pub fn one<T>(
+        &self,
+        sql: &str,
+        params: &[&dyn Param],
+        f: impl FnOnce(&Row<'_>) -> Result<T, DbError>,
+    ) -> Result<T, DbError> {
+        self.opt(sql, params, f)?.ok_or_else(DbError::no_row)
+    }
+
+    /// Whether this transaction is on PostgreSQL.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.inner, TxInner::Postgres { .. })
+    }
+
+    /// Run several statements with no parameters (migrations).
+    ///
+    /// # Errors
+    /// The store's.
+    pub(crate) fn batch(&self, sql: &str) -> Result<(), DbError> {
+        match &self.inner {
+            TxInner::Sqlite(c) => c.execute_batch(sql)?,
+            TxInner::Postgres { tx, .. } => tx.borrow_mut().batch_execute(sql)?,
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_are_numbered_for_postgres() {
+        assert_eq!(
+            pg_text("SELECT a FROM t WHERE b = ?1 AND c = ?12"),
+            "SELECT a FROM t WHERE b = $1 AND c = $12"
+        );
+    }
+}
