@@ -13,4 +13,5 @@ mod flow;
 mod hardening;
 mod operations;
 mod reliability;
+mod scale;
 mod support;

@@ -160,6 +160,9 @@ pub struct Outgoing<'a> {
 pub struct Broker {
     connection: Arc<Connection>,
     names: Names,
+    /// Replicas of each quorum queue it declares (`None`: the broker's
+    /// default, every node of the cluster).
+    quorum_group_size: Option<u32>,
 }
 
 /// How long one node of a list may take to accept a connection before the
@@ -216,6 +219,7 @@ impl Broker {
                         tracing::info!(node = n, of = nodes.len(), "connected to the broker");
                     }
                     return Ok(Self {
+                        quorum_group_size: None,
                         connection: Arc::new(connection),
                         names,
                     });
@@ -257,6 +261,27 @@ impl Broker {
         }
     }
 
+    /// Declare quorum queues with `size` replicas (`x-quorum-initial-group-size`;
+    /// a queue that already exists keeps its members).
+    #[must_use]
+    pub fn with_quorum_group_size(mut self, size: Option<u32>) -> Self {
+        self.quorum_group_size = size;
+        self
+    }
+
+    /// The arguments of a quorum queue.
+    fn quorum_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        if let Some(size) = self.quorum_group_size {
+            args.insert(
+                "x-quorum-initial-group-size".into(),
+                AMQPValue::LongInt(size.min(i32::MAX as u32) as i32),
+            );
+        }
+        args
+    }
+
     /// The names this broker connection uses.
     pub fn names(&self) -> &Names {
         &self.names
@@ -289,8 +314,7 @@ impl Broker {
                 .exchange_declare(exchange.as_str().into(), kind, durable, FieldTable::default())
                 .await?;
         }
-        let mut dead_args = FieldTable::default();
-        dead_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        let dead_args = self.quorum_args();
         channel
             .queue_declare(names.dead().as_str().into(), queue_opts, dead_args)
             .await?;
@@ -318,8 +342,7 @@ impl Broker {
             .queue_declare(names.control().as_str().into(), queue_opts, control_args)
             .await?;
 
-        let mut results_args = FieldTable::default();
-        results_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        let mut results_args = self.quorum_args();
         results_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         channel
             .queue_declare(names.results_queue().as_str().into(), queue_opts, results_args)
@@ -335,8 +358,7 @@ impl Broker {
             .await?;
 
         for pool in pools {
-            let mut args = FieldTable::default();
-            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+            let mut args = self.quorum_args();
             args.insert(
                 "x-delivery-limit".into(),
                 AMQPValue::LongInt(delivery_limit.min(i32::MAX as u32) as i32),

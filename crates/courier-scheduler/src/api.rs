@@ -10,7 +10,7 @@
 //! POST /api/runs/{id}/steps/{step}/reject  {"comment": "...", "by": "..."}
 //!                                                                -> 200 run; 404; 409 not waiting
 //! GET  /api/workflows                                            -> [{name, params, steps, schedule}]
-//! GET  /healthz                                                  -> {"status": "ok", "broker": bool}
+//! GET  /healthz                                                  -> {"status": "ok"|"standby"|"degraded", "broker": bool, "leader": bool}
 //! GET  /metrics                                                  -> Prometheus text
 //! ```
 //! Every answer but `/metrics` is JSON; errors are `{"error": "..."}` with
@@ -190,15 +190,22 @@ async fn list_runs(
             )
         })?),
     };
-    let runs = shared
-        .engine
-        .with_db(|db| db.runs(q.workflow.as_deref(), status, limit))
+    let engine = shared.engine.clone();
+    let runs = tokio::task::spawn_blocking(move || engine.with_db(|db| db.runs(q.workflow.as_deref(), status, limit)))
+        .await
+        .map_err(internal)?
         .map_err(internal)?;
     Ok(Json(runs).into_response())
 }
 
 async fn get_run(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    match shared.engine.with_db(|db| db.run(&id)).map_err(internal)? {
+    let engine = shared.engine.clone();
+    let lookup = id.clone();
+    let found = tokio::task::spawn_blocking(move || engine.with_db(|db| db.run(&lookup)))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    match found {
         Some(run) => Ok(Json(run).into_response()),
         None => Err(ApiError(StatusCode::NOT_FOUND, format!("no run \"{id}\""))),
     }
@@ -358,16 +365,19 @@ async fn workflows(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value>
     Json(serde_json::Value::Array(list))
 }
 
+/// Healthy: leading and connected to the broker, or standing by (another
+/// scheduler leads; this one serves the API).
 async fn health(State(shared): State<Arc<Shared>>) -> Response {
     let broker = shared.broker_connected.load(std::sync::atomic::Ordering::Relaxed);
-    let status = if broker {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+    let leader = shared.leading.load(std::sync::atomic::Ordering::Relaxed);
+    let (status, text) = match (leader, broker) {
+        (true, true) => (StatusCode::OK, "ok"),
+        (false, _) if shared.engine.shares_database() => (StatusCode::OK, "standby"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "degraded"),
     };
     (
         status,
-        Json(serde_json::json!({ "status": if broker { "ok" } else { "degraded" }, "broker": broker })),
+        Json(serde_json::json!({ "status": text, "broker": broker, "leader": leader })),
     )
         .into_response()
 }

@@ -144,10 +144,24 @@ enum Store {
     Sqlite(Connection),
     Postgres {
         url: String,
-        client: postgres::Client,
+        /// `None` once dropped, or after a failed reconnection.
+        client: Option<postgres::Client>,
         /// Statements prepared on `client`, kept for its life.
         stmts: PgStatements,
     },
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        // PostgreSQL's client closes by blocking on its own runtime, which
+        // panics on a thread of another runtime: close it on a thread of its own.
+        if let Store::Postgres { client, .. } = &mut self.store
+            && tokio::runtime::Handle::try_current().is_ok()
+            && let Some(client) = client.take()
+        {
+            std::thread::spawn(move || drop(client));
+        }
+    }
 }
 
 impl std::fmt::Debug for Db {
@@ -310,7 +324,7 @@ impl Db {
         let mut db = Self {
             store: Store::Postgres {
                 url: url.to_owned(),
-                client,
+                client: Some(client),
                 stmts: PgStatements::new(),
             },
         };
@@ -364,13 +378,17 @@ impl Db {
                 .map_err(DbError::from)?,
             ),
             Store::Postgres { url, client, stmts } => {
-                if client.is_closed() {
+                if client.as_ref().is_none_or(postgres::Client::is_closed) {
                     // The server went away (restart, failover): a new
                     // connection, whose statements are prepared anew.
                     tracing::warn!("PostgreSQL connection lost; reconnecting");
-                    *client = pg_client(url).map_err(DbError::from)?;
                     stmts.clear();
+                    *client = None;
+                    *client = Some(pg_client(url).map_err(DbError::from)?);
                 }
+                let client = client
+                    .as_mut()
+                    .ok_or_else(|| DbError::new("PostgreSQL", "not connected"))?;
                 let mut pg = client.transaction().map_err(DbError::from)?;
                 if write {
                     pg.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])

@@ -257,6 +257,11 @@ pub struct Engine {
     /// Encoded tasks committed to the outbox and not yet published, by task
     /// id, with their total size (bounded by [`MAX_KEPT_BODY_BYTES`]).
     bodies: Mutex<(HashMap<String, Vec<u8>>, usize)>,
+    /// This scheduler publishes the outbox (it leads): only then are bodies
+    /// kept for the publisher.
+    publishing: std::sync::atomic::AtomicBool,
+    /// The database is PostgreSQL, shared with other schedulers.
+    shared_db: bool,
 }
 
 /// Memory for encoded tasks waiting to be published; past it, the outbox
@@ -317,6 +322,7 @@ impl Engine {
     /// An engine over a loaded config and an open database.
     pub fn new(config: Config, db: Db, limits: EngineLimits) -> Self {
         use courier_config::AgentStore as _;
+        let db_shared = db.is_shared();
         let default_model = config.store.agent_config().ok().map(|a| a.default_model);
         let models = config
             .store
@@ -342,6 +348,23 @@ impl Engine {
             lost_scan: AtomicI64::new(0),
             snapshots: Mutex::new(HashMap::new()),
             bodies: Mutex::new((HashMap::new(), 0)),
+            publishing: std::sync::atomic::AtomicBool::new(true),
+            shared_db: db_shared,
+        }
+    }
+
+    /// Whether the database is PostgreSQL, shared with other schedulers.
+    pub fn shares_database(&self) -> bool {
+        self.shared_db
+    }
+
+    /// Whether this scheduler publishes the outbox. One that does not (it
+    /// waits to lead) keeps no encoded tasks: the leader rebuilds them.
+    pub fn set_publishing(&self, on: bool) {
+        self.publishing.store(on, std::sync::atomic::Ordering::Relaxed);
+        if !on {
+            let mut kept = self.bodies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            *kept = (HashMap::new(), 0);
         }
     }
 
@@ -380,7 +403,8 @@ impl Engine {
                 kept.1 -= body.len();
             }
         }
-        for (id, body) in effects.written {
+        let publishing = self.publishing.load(std::sync::atomic::Ordering::Relaxed);
+        for (id, body) in effects.written.into_iter().filter(|_| publishing) {
             if kept.1 + body.len() > MAX_KEPT_BODY_BYTES {
                 break;
             }
@@ -517,6 +541,28 @@ impl Engine {
         given: &BTreeMap<String, String>,
         priority: u8,
     ) -> Result<RunView, SubmitError> {
+        Ok(self
+            .submit_once(workflow, given, priority, None)?
+            .ok_or(DbError::no_row())?)
+    }
+
+    /// Start the run of `workflow`'s cron tick `tick_ms` (its scheduled
+    /// time), unless that tick was fired already, by this scheduler or
+    /// another sharing the database: `None` then.
+    ///
+    /// # Errors
+    /// As [`Engine::submit`].
+    pub fn submit_scheduled(&self, workflow: &str, tick_ms: i64) -> Result<Option<RunView>, SubmitError> {
+        self.submit_once(workflow, &BTreeMap::new(), NORMAL_PRIORITY, Some(tick_ms))
+    }
+
+    fn submit_once(
+        &self,
+        workflow: &str,
+        given: &BTreeMap<String, String>,
+        priority: u8,
+        tick_ms: Option<i64>,
+    ) -> Result<Option<RunView>, SubmitError> {
         if priority > MAX_PRIORITY {
             return Err(SubmitError::Priority(priority));
         }
@@ -536,14 +582,22 @@ impl Engine {
             deadline,
             parent: None,
         };
-        self.change(now, |c| {
+        let (started, _) = self.change(now, |c| {
+            if let Some(tick) = tick_ms
+                && !tx::claim_tick(c.t, workflow, tick, &run)?
+            {
+                return Ok(false);
+            }
             self.create_run(c, wf, &new, first)?;
             if c.effects.admit {
                 self.admit_in(c)?;
             }
-            Ok::<_, DbError>(())
+            Ok::<_, DbError>(true)
         })?;
-        Ok(self.with_db(|db| db.run(&run))?.ok_or(DbError::no_row())?)
+        if !started {
+            return Ok(None);
+        }
+        Ok(Some(self.with_db(|db| db.run(&run))?.ok_or(DbError::no_row())?))
     }
 
     /// The first tasks of a new run, built before anything is written (so a

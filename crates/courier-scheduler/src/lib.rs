@@ -2,7 +2,9 @@
 //!
 //! It publishes ready steps as tasks (each with its snapshot), consumes
 //! results and applies each exactly once, keeps run, step and task state in
-//! SQLite, fires cron schedules, and serves the HTTP API.
+//! SQLite or PostgreSQL, fires cron schedules, and serves the HTTP API.
+//! Several schedulers may share one PostgreSQL database: all serve the API
+//! and fire cron ticks (each tick once), one leads (see [`leader`]).
 //!
 //! **Invariant:** state changes and the tasks they dispatch are written in one
 //! transaction (the `tasks` table is the outbox); publishing happens after, and
@@ -13,6 +15,7 @@
 pub mod api;
 pub mod db;
 pub mod engine;
+pub mod leader;
 pub mod metrics;
 
 use std::net::SocketAddr;
@@ -43,6 +46,10 @@ pub struct SchedulerConfig {
     pub names: Names,
     /// Folder of the SQLite database (and `api.addr`).
     pub data_dir: PathBuf,
+    /// A PostgreSQL database shared with other schedulers, instead of SQLite.
+    pub database_url: Option<String>,
+    /// Replicas of each quorum queue declared (`None`: every node).
+    pub quorum_group_size: Option<u32>,
     /// Address the HTTP API listens on (port 0 picks one; see `api.addr`).
     pub api_listen: SocketAddr,
     /// Size bounds on snapshots and tasks.
@@ -83,6 +90,8 @@ pub struct Shared {
     metrics: Metrics,
     registry: Registry,
     broker_connected: AtomicBool,
+    /// This scheduler leads (publishes, applies results, keeps the clock).
+    leading: AtomicBool,
     outbox: Notify,
     /// Wakes the control publisher (a cancellation was committed).
     controls: Notify,
@@ -121,9 +130,10 @@ impl Shared {
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
     /// The data folder or database could not be used.
-    #[error("database {path}: {source}")]
+    #[error("database {store}: {source}")]
     Db {
-        path: PathBuf,
+        /// The SQLite file, or the PostgreSQL URL without its password.
+        store: String,
         #[source]
         source: db::OpenError,
     },
@@ -160,22 +170,20 @@ pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToke
     let io = |path: PathBuf| move |source| SchedulerError::Io { path, source };
     std::fs::create_dir_all(&sc.data_dir).map_err(io(sc.data_dir.clone()))?;
     let db_path = sc.data_dir.join("courier.db");
-    let db = Db::open(&db_path).map_err(|source| SchedulerError::Db {
-        path: db_path.clone(),
-        source,
-    })?;
+    let store = sc
+        .database_url
+        .as_deref()
+        .map_or_else(|| db_path.display().to_string(), db::redact);
+    // PostgreSQL's client blocks: never on the runtime's threads.
+    let (data_dir, url) = (sc.data_dir.clone(), sc.database_url.clone());
+    let db = tokio::task::spawn_blocking(move || Db::open_store(&data_dir, url.as_deref()))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        .map_err(|source| SchedulerError::Db {
+            store: store.clone(),
+            source,
+        })?;
     let engine = Arc::new(Engine::new(config, db, sc.limits.clone()));
-    // Dependency counts were taken from the config of each run's submit.
-    match engine.reconcile() {
-        Ok(0) => {}
-        Ok(n) => info!(dispatched = n, "steps made ready by the current config started"),
-        Err(source) => {
-            return Err(SchedulerError::Db {
-                path: db_path.clone(),
-                source: db::OpenError::Store(source),
-            });
-        }
-    }
     let metrics = Metrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
@@ -184,6 +192,7 @@ pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToke
         metrics,
         registry,
         broker_connected: AtomicBool::new(false),
+        leading: AtomicBool::new(false),
         outbox: Notify::new(),
         controls: Notify::new(),
         results_drained: AtomicBool::new(false),
@@ -212,7 +221,11 @@ pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToke
         ));
     }
     let gone = Arc::new(std::sync::Mutex::new(None));
-    let watchdog = tokio::spawn(watch_database(db_path, shutdown.clone(), gone.clone()));
+    let watchdog = sc
+        .database_url
+        .is_none()
+        .then(|| tokio::spawn(watch_database(db_path, shutdown.clone(), gone.clone())));
+    // Every scheduler fires cron ticks; the database lets one run start per tick.
     let mut cron = JoinSet::new();
     for wf in shared.engine.config().workflows.values() {
         if let Some(schedule) = &wf.schedule {
@@ -224,24 +237,106 @@ pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToke
             ));
         }
     }
+    let mut leading = leader::watch(
+        sc.database_url.clone(),
+        {
+            let shared = shared.clone();
+            move || {
+                shared.outbox.notify_one();
+                shared.controls.notify_one();
+            }
+        },
+        shutdown.clone(),
+    );
 
-    let clock = tokio::spawn(clock_loop(shared.clone(), shutdown.clone()));
-    let pools = shared.engine.pools();
     let mut outcome = Ok(());
     while !shutdown.is_cancelled() {
+        let leads = *leading.borrow_and_update();
+        shared.engine.set_publishing(leads);
+        shared.leading.store(leads, Ordering::Relaxed);
+        if !leads {
+            info!("another scheduler leads: serving the API and waiting to lead");
+            tokio::select! {
+                changed = leading.changed() => if changed.is_err() { break },
+                () = shutdown.cancelled() => break,
+            }
+            continue;
+        }
+        // The lead is lost when the lock's connection is, or at shutdown.
+        let lead = shutdown.child_token();
+        let watcher = tokio::spawn({
+            let (mut leading, lead) = (leading.clone(), lead.clone());
+            async move {
+                while *leading.borrow_and_update() {
+                    if leading.changed().await.is_err() {
+                        // No one to change it (SQLite): leads until shutdown.
+                        std::future::pending::<()>().await;
+                    }
+                }
+                lead.cancel();
+            }
+        });
+        outcome = lead_while(&shared, &sc, &store, &lead).await;
+        watcher.abort();
+        if outcome.is_err() {
+            shutdown.cancel();
+        }
+    }
+    shared.leading.store(false, Ordering::Relaxed);
+    cron.shutdown().await;
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
+    while servers.join_next().await.is_some() {}
+    info!("scheduler stopped");
+    if let Some(gone) = gone.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+        return Err(gone);
+    }
+    outcome
+}
+
+/// The leader's work until `lead` is cancelled: make runs started under an
+/// older config consistent, keep the clock, publish and apply results
+/// through the broker (reconnecting as needed).
+///
+/// # Errors
+/// The database failed at the start, or the broker stayed unreachable past
+/// `connect_timeout`.
+async fn lead_while(
+    shared: &Arc<Shared>,
+    sc: &SchedulerConfig,
+    store: &str,
+    lead: &CancellationToken,
+) -> Result<(), SchedulerError> {
+    // Dependency counts were taken from the config of each run's submit.
+    let engine = shared.engine.clone();
+    match tokio::task::spawn_blocking(move || engine.reconcile()).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => info!(dispatched = n, "steps made ready by the current config started"),
+        Ok(Err(source)) => {
+            return Err(SchedulerError::Db {
+                store: store.to_owned(),
+                source: db::OpenError::Store(source),
+            });
+        }
+        Err(e) => error!(error = %e, "reconciling panicked"),
+    }
+    let clock = tokio::spawn(clock_loop(shared.clone(), lead.clone()));
+    let pools = shared.engine.pools();
+    let mut outcome = Ok(());
+    while !lead.is_cancelled() {
         let broker = tokio::select! {
             b = Broker::connect_with_retry(&sc.amqp_url, sc.names.clone(), "courier-scheduler", sc.connect_timeout) => b,
-            () = shutdown.cancelled() => break,
+            () = lead.cancelled() => break,
         };
         let broker = match broker {
-            Ok(b) => b,
+            Ok(b) => b.with_quorum_group_size(sc.quorum_group_size),
             Err(e) => {
                 outcome = Err(e.into());
-                shutdown.cancel();
                 break;
             }
         };
-        match serve(&broker, &shared, &pools, &sc, &shutdown).await {
+        match serve(&broker, shared, &pools, sc, lead).await {
             Ok(()) => {}
             Err(e) => {
                 warn!(error = %e, "lost the broker; reconnecting");
@@ -252,14 +347,7 @@ pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToke
         shared.results_drained.store(false, Ordering::Relaxed);
         let _ = broker.close().await;
     }
-    cron.shutdown().await;
     clock.abort();
-    watchdog.abort();
-    while servers.join_next().await.is_some() {}
-    info!("scheduler stopped");
-    if let Some(gone) = gone.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
-        return Err(gone);
-    }
     outcome
 }
 
@@ -801,6 +889,14 @@ async fn cron_loop(shared: Arc<Shared>, workflow: String, cron: croner::Cron, sh
             warn!(%workflow, "schedule has no next occurrence");
             return;
         };
+        // croner keeps the fraction of `now`; a tick is a whole second, the
+        // same on every scheduler (the key that fires it once).
+        let next = next - chrono::Duration::nanoseconds(i64::from(chrono::Timelike::nanosecond(&next)));
+        let next = if next <= now {
+            next + chrono::Duration::seconds(1)
+        } else {
+            next
+        };
         let wait = (next - now).to_std().unwrap_or(Duration::ZERO);
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
@@ -808,14 +904,14 @@ async fn cron_loop(shared: Arc<Shared>, workflow: String, cron: croner::Cron, sh
         }
         let engine = shared.engine.clone();
         let wf = workflow.clone();
-        match tokio::task::spawn_blocking(move || engine.submit(&wf, &Default::default(), engine::NORMAL_PRIORITY))
-            .await
-        {
-            Ok(Ok(run)) => {
+        let tick = next.timestamp_millis();
+        match tokio::task::spawn_blocking(move || engine.submit_scheduled(&wf, tick)).await {
+            Ok(Ok(Some(run))) => {
                 shared.metrics.runs_submitted.inc();
                 shared.outbox.notify_one();
                 info!(%workflow, run = %run.id, trace_id = %engine::trace_id(&run.id), "scheduled run started");
             }
+            Ok(Ok(None)) => info!(%workflow, tick, "this tick was fired already (by another scheduler)"),
             Ok(Err(e)) => error!(%workflow, error = %e, "scheduled run refused"),
             Err(e) => error!(%workflow, error = %e, "scheduled submit panicked"),
         }

@@ -51,6 +51,8 @@ pub struct WorkerConfig {
     pub capture: CaptureLimits,
     /// Redeliveries a task queue allows (declared with the topology).
     pub delivery_limit: u32,
+    /// Replicas of each quorum queue it declares (`None`: every node).
+    pub quorum_group_size: Option<u32>,
     /// How long in-flight steps may take to finish after a shutdown signal.
     pub shutdown_grace: Duration,
     /// How long to keep trying to reach the broker before giving up.
@@ -103,7 +105,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     }
     while !shutdown.is_cancelled() {
         let broker = tokio::select! {
-            b = Broker::connect_with_retry(&config.amqp_url, config.names.clone(), &config.worker_id, config.connect_timeout) => b?,
+            b = Broker::connect_with_retry(&config.amqp_url, config.names.clone(), &config.worker_id, config.connect_timeout) => b?.with_quorum_group_size(config.quorum_group_size),
             () = shutdown.cancelled() => break,
         };
         let shared = Serving {

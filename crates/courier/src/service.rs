@@ -73,6 +73,8 @@ pub fn scheduler(settings: Settings) -> anyhow::Result<ExitCode> {
         amqp_url: settings.amqp_url.clone(),
         names: settings.names(),
         data_dir: settings.data_dir.clone(),
+        database_url: settings.database_url.clone(),
+        quorum_group_size: settings.quorum_group_size,
         api_listen: settings.api_listen,
         limits: courier_scheduler::engine::EngineLimits {
             snapshot: settings.snapshot_limits(),
@@ -132,6 +134,7 @@ pub fn worker(settings: Settings, env: BTreeMap<String, String>) -> anyhow::Resu
             ..Default::default()
         },
         delivery_limit: settings.delivery_limit,
+        quorum_group_size: settings.quorum_group_size,
         shutdown_grace: Duration::from_secs(settings.shutdown_grace_secs),
         connect_timeout: Duration::from_secs(settings.connect_timeout_secs),
         signing_key: settings.signing_key(),

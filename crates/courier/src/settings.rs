@@ -22,8 +22,15 @@ pub struct Settings {
     pub namespace: String,
     /// The config folder (workflows/ and agents/).
     pub config_dir: PathBuf,
-    /// The scheduler's data folder (SQLite database).
+    /// The scheduler's data folder (its SQLite database when `database_url`
+    /// is unset, and `api.addr`).
     pub data_dir: PathBuf,
+    /// A PostgreSQL database (`postgres://user:pass@host/db`) instead of
+    /// SQLite in the data folder: several schedulers may share it.
+    pub database_url: Option<String>,
+    /// Replicas of each quorum queue when it is first declared
+    /// (`x-quorum-initial-group-size`; unset: every node of the cluster).
+    pub quorum_group_size: Option<u32>,
     /// Where the scheduler's HTTP API listens.
     pub api_listen: SocketAddr,
     /// Where the CLI finds the scheduler's HTTP API.
@@ -95,6 +102,10 @@ impl std::fmt::Debug for Settings {
             .field("namespace", &self.namespace)
             .field("config_dir", &self.config_dir)
             .field("data_dir", &self.data_dir)
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(courier_scheduler::db::redact),
+            )
             .field("signing_key", &redacted(&self.signing_key))
             .field("api_token", &redacted(&self.api_token))
             .finish_non_exhaustive()
@@ -108,6 +119,8 @@ impl Default for Settings {
             namespace: "courier".into(),
             config_dir: "config".into(),
             data_dir: "data".into(),
+            database_url: None,
+            quorum_group_size: None,
             api_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_url: "http://127.0.0.1:8080".into(),
             management_url: "http://guest:guest@127.0.0.1:15672".into(),
@@ -143,6 +156,8 @@ const ENV_KEYS: &[&str] = &[
     "namespace",
     "config_dir",
     "data_dir",
+    "database_url",
+    "quorum_group_size",
     "api_listen",
     "api_url",
     "management_url",
@@ -194,6 +209,9 @@ impl Settings {
                 "log_format must be \"text\" or \"json\", not \"{}\"",
                 settings.log_format
             );
+        }
+        if settings.quorum_group_size == Some(0) {
+            anyhow::bail!("quorum_group_size must be at least 1 (leave it out for every node)");
         }
         if let Some((pool, _)) = settings.pools.iter().find(|(_, p)| p.max_in_flight == Some(0)) {
             anyhow::bail!("pools.{pool}.max_in_flight must be at least 1 (leave it out for none)");

@@ -141,6 +141,16 @@ ALTER TABLE steps ADD COLUMN items_failed INTEGER;
 ALTER TABLE steps ADD COLUMN items_active INTEGER;
 CREATE INDEX steps_items ON steps (run_id, parent, item_index) WHERE parent IS NOT NULL;
 ",
+    // 6: cron ticks fired, so schedulers sharing a database fire each tick
+    // once (the first to insert it starts the run).
+    "
+CREATE TABLE cron_fires (
+    workflow TEXT NOT NULL,
+    tick_ms  INTEGER NOT NULL,
+    run_id   TEXT NOT NULL,
+    PRIMARY KEY (workflow, tick_ms)
+);
+",
 ];
 
 /// PostgreSQL's schema as of version [`PG_BASELINE`]: PostgreSQL support
@@ -250,7 +260,17 @@ const PG_BASELINE: i64 = 5;
 
 /// PostgreSQL's migrations after the baseline: `POSTGRES[i]` takes a
 /// database from version `PG_BASELINE + i` to the next.
-const POSTGRES: &[&str] = &[];
+const POSTGRES: &[&str] = &[
+    // 6: as SQLite's.
+    "
+CREATE TABLE cron_fires (
+    workflow TEXT NOT NULL,
+    tick_ms  BIGINT NOT NULL,
+    run_id   TEXT NOT NULL,
+    PRIMARY KEY (workflow, tick_ms)
+);
+",
+];
 
 /// The schema version the database holds (0: empty).
 pub(super) fn version(tx: &Tx<'_>) -> Result<i64, DbError> {

@@ -336,7 +336,13 @@ fn pg_text(sql: &str) -> String {
 /// committed when the closure given to `Db::transaction` returns `Ok`.
 pub struct Tx<'a> {
     pub(crate) inner: TxInner<'a>,
+    /// Tasks or cancellations were written: on PostgreSQL, the commit
+    /// notifies [`OUTBOX_CHANNEL`], waking the leading scheduler's publisher.
+    wrote_outbox: std::cell::Cell<bool>,
 }
+
+/// The PostgreSQL channel a commit that wrote to the outbox notifies.
+pub const OUTBOX_CHANNEL: &str = "courier_outbox";
 
 impl std::fmt::Debug for Tx<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -384,6 +390,7 @@ impl<'a> Tx<'a> {
     pub(crate) fn sqlite(tx: rusqlite::Transaction<'a>) -> Self {
         Self {
             inner: TxInner::Sqlite(tx),
+            wrote_outbox: std::cell::Cell::new(false),
         }
     }
 
@@ -393,15 +400,27 @@ impl<'a> Tx<'a> {
                 tx: RefCell::new(tx),
                 stmts: RefCell::new(stmts),
             },
+            wrote_outbox: std::cell::Cell::new(false),
         }
     }
 
     pub(crate) fn commit(self) -> Result<(), DbError> {
         match self.inner {
             TxInner::Sqlite(tx) => tx.commit()?,
-            TxInner::Postgres { tx, .. } => tx.into_inner().commit()?,
+            TxInner::Postgres { tx, .. } => {
+                let mut tx = tx.into_inner();
+                if self.wrote_outbox.get() {
+                    tx.batch_execute(&format!("NOTIFY {OUTBOX_CHANNEL}"))?;
+                }
+                tx.commit()?;
+            }
         }
         Ok(())
+    }
+
+    /// Note that this transaction wrote tasks or cancellations to publish.
+    pub fn wrote_outbox(&self) {
+        self.wrote_outbox.set(true);
     }
 
     /// Run a statement; how many rows it changed.

@@ -149,6 +149,7 @@ pub fn dependency_done(tx: &Tx<'_>, run: &str, name: &str) -> Result<Option<(Ste
 
 /// Insert a task into the outbox.
 pub fn insert_task(tx: &Tx<'_>, task: &NewTask<'_>, now: i64) -> Result<(), DbError> {
+    tx.wrote_outbox();
     tx.exec(
         "INSERT INTO tasks (task_id, run_id, step, attempt, queue, status, snapshot_hash, not_before_ms, created_ms,
                             deadline_ms, model, tokens)
@@ -743,6 +744,7 @@ pub fn run_outputs(tx: &Tx<'_>, run: &str) -> Result<Vec<(String, Option<String>
 
 /// Queue a cancellation for every worker.
 pub fn insert_control(tx: &Tx<'_>, run: &str, step: Option<&str>, reason: &str, now: i64) -> Result<(), DbError> {
+    tx.wrote_outbox();
     tx.exec(
         "INSERT INTO controls (run_id, step, reason, created_ms) VALUES (?1, ?2, ?3, ?4)",
         p![run, step, reason, now],
@@ -878,4 +880,21 @@ pub fn lost_tasks(tx: &Tx<'_>, cutoff: i64) -> Result<Vec<LostTask>, DbError> {
             })
         },
     )
+}
+
+/// How long fired cron ticks are remembered.
+const CRON_MEMORY_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// Claim the cron tick `tick_ms` of `workflow` for `run`: `false` when
+/// another scheduler (or this one, before a restart) already fired it.
+pub fn claim_tick(tx: &Tx<'_>, workflow: &str, tick_ms: i64, run: &str) -> Result<bool, DbError> {
+    tx.exec(
+        "DELETE FROM cron_fires WHERE workflow = ?1 AND tick_ms < ?2",
+        p![workflow, tick_ms - CRON_MEMORY_MS],
+    )?;
+    let claimed = tx.exec(
+        "INSERT INTO cron_fires (workflow, tick_ms, run_id) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+        p![workflow, tick_ms, run],
+    )?;
+    Ok(claimed == 1)
 }
