@@ -537,6 +537,34 @@ fn compose_a_three_node_broker_cluster_loses_nothing_when_a_node_is_cut_off_and_
         return;
     }
     let stack = Stack::cluster(2);
+    // Quorum queues declared with `quorum_group_size` 3: a member on each node.
+    let out = stack.compose(&[
+        "exec",
+        "-T",
+        "rabbit1",
+        "rabbitmqctl",
+        "-q",
+        "list_queues",
+        "name",
+        "type",
+        "members",
+        "--formatter",
+        "json",
+    ]);
+    let queues: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let quorum: Vec<&Value> = queues
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|q| q["type"] == "quorum")
+        .collect();
+    assert!(
+        quorum.len() >= 3,
+        "results, dead letters and the default pool: {queues:#}"
+    );
+    for queue in quorum {
+        assert_eq!(queue["members"].as_array().map(Vec::len), Some(3), "{queue:#}");
+    }
     // The node everything connected to (the first URL) is cut off the
     // network during a run.
     let first = stack.submit("slow");

@@ -52,6 +52,15 @@ pub struct BenchArgs {
     /// Seconds of open-loop submission.
     #[arg(long, default_value_t = 10)]
     duration: u64,
+    /// Keep the schedulers' state on this PostgreSQL server instead of
+    /// SQLite: the benchmark creates a database of its own there
+    /// (`courier_bench_...`, so the role needs CREATEDB) and drops it after.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Schedulers sharing the database (more than one needs
+    /// `--database-url`); submissions are spread over them.
+    #[arg(long, default_value_t = 1)]
+    schedulers: usize,
 }
 
 struct Report {
@@ -72,6 +81,9 @@ struct Latency {
 pub fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
     if args.tasks == 0 || args.workers == 0 || args.concurrency == 0 || args.steps_per_run == 0 {
         bail!("--tasks, --workers, --concurrency and --steps-per-run must be at least 1");
+    }
+    if args.schedulers == 0 || args.schedulers > 16 || (args.schedulers > 1 && args.database_url.is_none()) {
+        bail!("--schedulers takes 1 to 16, and more than one needs --database-url (they share PostgreSQL)");
     }
     if args.fan_in && (args.steps_per_run < 2 || args.rate.is_some()) {
         bail!("--fan-in needs at least 2 steps per run, and is not for --rate (one-step runs)");
@@ -97,8 +109,16 @@ pub fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "courier bench: {} tasks of {} B, {} workers x {} in flight, broker {}",
-        args.tasks, args.size, args.workers, args.concurrency, settings.amqp_url
+        "courier bench: {} tasks of {} B, {} workers x {} in flight, broker {}, {} scheduler(s) on {}",
+        args.tasks,
+        args.size,
+        args.workers,
+        args.concurrency,
+        settings.amqp_url,
+        args.schedulers,
+        args.database_url
+            .as_deref()
+            .map_or_else(|| "SQLite".to_string(), courier_scheduler::db::redact)
     );
     let raw = runtime.block_on(raw_ceiling(&settings.amqp_url, args))?;
     println!(
@@ -328,8 +348,56 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
 struct Stack {
     dir: std::path::PathBuf,
     namespace: String,
-    api: String,
+    /// Each scheduler's API.
+    apis: Vec<String>,
     procs: Processes,
+    /// The benchmark's own PostgreSQL database, when there is one.
+    database: Option<BenchDatabase>,
+}
+
+/// A database created on the `--database-url` server for one measurement,
+/// dropped afterwards.
+struct BenchDatabase {
+    server: String,
+    name: String,
+    url: String,
+}
+
+impl BenchDatabase {
+    fn create(server: &str) -> anyhow::Result<Self> {
+        let name = format!("courier_bench_{}", uuid::Uuid::now_v7().simple());
+        let server = server.to_string();
+        let redacted = courier_scheduler::db::redact(&server);
+        let created = std::thread::scope(|s| {
+            s.spawn(|| -> anyhow::Result<()> {
+                let mut admin = postgres::Client::connect(&server, postgres::NoTls)
+                    .with_context(|| format!("connecting to {redacted}"))?;
+                admin
+                    .batch_execute(&format!("CREATE DATABASE {name}"))
+                    .with_context(|| format!("creating database {name} on {redacted} (the role needs CREATEDB)"))?;
+                Ok(())
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        });
+        created?;
+        let base = server.rsplit_once('/').map_or(server.as_str(), |(base, _)| base);
+        let url = format!("{base}/{name}");
+        Ok(Self { server, name, url })
+    }
+}
+
+impl Drop for BenchDatabase {
+    fn drop(&mut self) {
+        let (server, name) = (self.server.clone(), self.name.clone());
+        // The client blocks on a runtime of its own: not on a runtime's thread.
+        let _ = std::thread::spawn(move || {
+            if let Ok(mut admin) = postgres::Client::connect(&server, postgres::NoTls) {
+                let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+            }
+        })
+        .join();
+    }
 }
 
 impl Stack {
@@ -354,21 +422,37 @@ impl Stack {
                 .stderr(Stdio::inherit());
             cmd
         };
+        let database = args.database_url.as_deref().map(BenchDatabase::create).transpose()?;
         let mut procs = Processes(Vec::new());
-        procs.0.push(("scheduler".into(), command("scheduler").spawn()?));
-        let addr_file = dir.join("data/api.addr");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let api = loop {
-            if let Ok(addr) = std::fs::read_to_string(&addr_file)
-                && !addr.is_empty()
-            {
-                break format!("http://{addr}");
-            }
-            if Instant::now() > deadline {
-                bail!("the benchmark scheduler did not start");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let mut apis = Vec::new();
+        for i in 0..args.schedulers {
+            // The first scheduler's folder is `data` (its SQLite database, if any).
+            let data = if i == 0 {
+                dir.join("data")
+            } else {
+                dir.join(format!("data-{i}"))
+            };
+            let mut cmd = command("scheduler");
+            cmd.env("COURIER_DATA_DIR", &data);
+            match &database {
+                Some(db) => cmd.env("COURIER_DATABASE_URL", &db.url),
+                None => cmd.env_remove("COURIER_DATABASE_URL"),
+            };
+            procs.0.push((format!("scheduler {i}"), cmd.spawn()?));
+            let addr_file = data.join("api.addr");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            apis.push(loop {
+                if let Ok(addr) = std::fs::read_to_string(&addr_file)
+                    && !addr.is_empty()
+                {
+                    break format!("http://{addr}");
+                }
+                if Instant::now() > deadline {
+                    bail!("benchmark scheduler {i} did not start");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            });
+        }
         for i in 0..args.workers {
             let child = command("worker")
                 .args([
@@ -383,22 +467,39 @@ impl Stack {
         Ok(Self {
             dir,
             namespace,
-            api,
+            apis,
             procs,
+            database,
         })
     }
 
-    /// Wait for the scheduler to reach the broker, and give workers a moment to attach.
+    /// The first scheduler's API (any of them serves every run).
+    fn api(&self) -> &str {
+        &self.apis[0]
+    }
+
+    /// Wait for a scheduler to lead and reach the broker (the others stand
+    /// by), and give workers a moment to attach.
     async fn ready(&self, client: &reqwest::Client) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !client
-            .get(format!("{}/healthz", self.api))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
+        loop {
+            let mut leading = false;
+            let mut answering = 0;
+            for api in &self.apis {
+                let health: Option<serde_json::Value> = match client.get(format!("{api}/healthz")).send().await {
+                    Ok(r) => r.json().await.ok(),
+                    Err(_) => None,
+                };
+                if let Some(health) = health {
+                    answering += 1;
+                    leading |= health["status"] == "ok";
+                }
+            }
+            if leading && answering == self.apis.len() {
+                break;
+            }
             if Instant::now() > deadline {
-                bail!("the benchmark scheduler never reached the broker");
+                bail!("no benchmark scheduler reached the broker as leader");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -408,7 +509,7 @@ impl Stack {
 
     /// Wait until no run is running; fail if one failed.
     async fn finished(&self, client: &reqwest::Client) -> anyhow::Result<()> {
-        let api = &self.api;
+        let api = self.api();
         let deadline = Instant::now() + Duration::from_secs(600);
         loop {
             let running: serde_json::Value = client
@@ -454,9 +555,16 @@ impl Stack {
     }
 
     /// Stop the processes; the scheduler's database (read after they stopped).
+    /// Stop the processes; the schedulers' database (read after they
+    /// stopped, through the store interface, on a thread of its own).
     fn stop(&mut self) -> anyhow::Result<courier_scheduler::db::Db> {
         self.procs = Processes(Vec::new());
-        Ok(courier_scheduler::db::Db::open(&self.dir.join("data/courier.db"))?)
+        let data = self.dir.join("data");
+        let url = self.database.as_ref().map(|d| d.url.clone());
+        std::thread::spawn(move || courier_scheduler::db::Db::open_store(&data, url.as_deref()))
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+            .context("opening the benchmark's database")
     }
 
     /// Delete the namespace's queues (the folder goes when dropped).
@@ -500,10 +608,10 @@ fn courier_end_to_end(
         let submitted = Arc::new(AtomicUsize::new(0));
         let errors = Arc::new(Mutex::new(Vec::new()));
         let mut submitters = tokio::task::JoinSet::new();
-        for _ in 0..4 {
+        for i in 0..4 {
             let (client, api, params, submitted, errors) = (
                 client.clone(),
-                stack.api.clone(),
+                stack.apis[i % stack.apis.len()].clone(),
                 params.clone(),
                 submitted.clone(),
                 errors.clone(),
@@ -569,7 +677,8 @@ fn open_loop(
             let at = start + Duration::from_secs_f64(i as f64 / rate);
             tokio::time::sleep_until(at).await;
             late = late.max(at.elapsed());
-            let (client, api, text, errors) = (client.clone(), stack.api.clone(), text.clone(), errors.clone());
+            let api = stack.apis[i % stack.apis.len()].clone();
+            let (client, text, errors) = (client.clone(), text.clone(), errors.clone());
             requests.spawn(async move {
                 let body = serde_json::json!({"workflow": "bench", "params": {"payload": text}});
                 match client.post(format!("{api}/api/runs")).json(&body).send().await {
