@@ -11,6 +11,14 @@ use serde_json::Value;
 
 use crate::cluster::Cluster;
 
+/// Tests here share the PostgreSQL server: the one that restarts it holds
+/// the write guard.
+static SERVER: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn shared_server() -> std::sync::RwLockReadGuard<'static, ()> {
+    SERVER.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A database of its own on the test server, dropped afterwards.
 struct Database {
     server: String,
@@ -166,6 +174,7 @@ fn wide(count: usize) -> String {
 
 #[test]
 fn two_schedulers_share_postgres_and_one_finishes_the_runs_of_the_other_killed_mid_run() {
+    let _server = shared_server();
     let Some(db) = Database::create() else { return };
     let log = tempfile::NamedTempFile::new().unwrap();
     let log_path = log.path().display().to_string();
@@ -266,6 +275,7 @@ fn two_schedulers_share_postgres_and_one_finishes_the_runs_of_the_other_killed_m
 
 #[test]
 fn cron_with_two_schedulers_fires_once_per_tick() {
+    let _server = shared_server();
     let Some(db) = Database::create() else { return };
     let yaml = "schedule: \"* * * * * *\"\nsteps:\n  - name: tick\n    echo: tock\n";
     let cluster = Cluster::builder()
@@ -294,4 +304,75 @@ fn cron_with_two_schedulers_fires_once_per_tick() {
         "both schedulers fire the schedule: {a} and {b} ticks lost\n{}",
         logs()
     );
+}
+
+#[test]
+fn a_postgresql_restart_mid_run_loses_nothing() {
+    let _server = SERVER.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let Some(db) = Database::create() else { return };
+    let Some(version) = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()
+        .and_then(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).max())
+    else {
+        eprintln!("no local PostgreSQL cluster to restart");
+        return;
+    };
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let yaml = wide(100).replacen(
+        "steps:\n",
+        &format!("params:\n  log: \"{}\"\nsteps:\n", log.path().display()),
+        1,
+    );
+    let cluster = Cluster::builder()
+        .env("COURIER_DATABASE_URL", &db.url)
+        .workers(2)
+        .workflow("wide", &yaml)
+        .start();
+    let standby = Standby::start(&cluster, "b");
+    let dir = cluster.dir.path().to_path_buf();
+    let logs = move || all_logs(&dir);
+    let id = submit(&cluster.api, "wide");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while run(&cluster.api, &id)["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == "succeeded")
+        .count()
+        < 10
+    {
+        assert!(Instant::now() < deadline, "the run did not start: {}", logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let restarted = std::process::Command::new("pg_ctlcluster")
+        .args([&version, "main", "restart"])
+        .status()
+        .unwrap();
+    assert!(restarted.success());
+    // Whichever scheduler leads now finishes it; either answers.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        let answer = reqwest::blocking::get(format!("{}/api/runs/{id}", standby.api))
+            .ok()
+            .and_then(|r| r.json::<Value>().ok());
+        if let Some(view) = answer.filter(|v| v["status"].is_string() && v["status"] != "running") {
+            break view;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the run did not finish after the restart: {}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    for step in done["steps"].as_array().unwrap() {
+        assert_eq!(step["status"], "succeeded", "{step}");
+        assert_eq!(step["output"], step["name"], "{step}");
+    }
+    let rows = db.query(&format!(
+        "SELECT COUNT(*), COUNT(DISTINCT step), COUNT(*) FILTER (WHERE status = 'succeeded') FROM tasks WHERE run_id = '{id}'"
+    ));
+    let (tasks, distinct, succeeded): (i64, i64, i64) = (rows[0].get(0), rows[0].get(1), rows[0].get(2));
+    assert_eq!((distinct, succeeded), (100, 100), "{tasks} task rows");
 }

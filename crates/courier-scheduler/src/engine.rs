@@ -1082,9 +1082,10 @@ impl Engine {
         Ok(Ok(()))
     }
 
-    /// A result for a task still dispatched: record the attempt and what it
-    /// spent, then (if its run and step are still open) move the run on and
-    /// enforce the run's budget.
+    /// Apply an attempt's result to its run: record the attempt and what it
+    /// spent; then, if its run and step still wait for it, act on what it
+    /// says (a success, a cancellation, a failure to retry or not) and
+    /// enforce the budgets it spent against.
     fn apply_to_run(&self, c: &mut Change<'_, '_>, r: &TaskResult, row: &TaskRow) -> Result<(), DbError> {
         c.applied.applied += 1;
         c.effects.admit = true;
@@ -1094,22 +1095,7 @@ impl Engine {
         });
         tx::finish_task(c.t, &r.task_id.to_string(), r.status, used, c.now)?;
         let run = row.run_id.as_str();
-        let Some((run_row, step_status)) = tx::run_and_step(c.t, run, &row.step)? else {
-            return Ok(());
-        };
-        let Some((wf, (step, index))) = self
-            .config
-            .workflows
-            .get(&run_row.workflow)
-            .and_then(|wf| Some((wf, step_of(wf, &row.step)?)))
-        else {
-            if run_row.status == RunStatus::Running {
-                let error = format!(
-                    "step \"{}\" of workflow \"{}\" is no longer configured",
-                    row.step, run_row.workflow
-                );
-                fail_run(c, run, &error)?;
-            }
+        let Some((wf, run_row, step_status, (step, index))) = self.result_target(c, row)? else {
             return Ok(());
         };
         // Money spent is recorded whatever became of the run.
@@ -1118,44 +1104,17 @@ impl Engine {
             tracing::debug!(%run, step = %step.name, "result for a cancelled run or step: recorded, nothing else");
             return Ok(());
         }
-        if let (Some(ms), Some(model)) = (r.rate_limited_ms, self.step_model(step)) {
-            let ms = ms.min(millis(courier_wire::MAX_RATE_LIMIT_PAUSE).unsigned_abs());
-            let until = c.now.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX));
-            let why = "the provider answered 429".to_string();
-            tx::pause_model(c.t, model, until, &why)?;
-            tracing::warn!(%model, pause_ms = ms, "model paused fleet-wide after a 429");
-        }
+        self.note_rate_limit(c, step, r)?;
         // A step that ended past the run's timeout (by the worker's clock: a
         // result applied late after an outage still counts when it ended)
         // cancels the run whatever it says: it was stopped at its task's
         // deadline, which is the run's.
         let finished = i64::try_from(r.finished_unix_ms).unwrap_or(i64::MAX);
         if run_row.deadline_ms.is_some_and(|d| finished >= d) {
-            cancel_run(c, run, "timeout", &timeout_reason(Some(wf)))?;
-            return Ok(());
+            return cancel_run(c, run, "timeout", &timeout_reason(Some(wf)));
         }
-        // A structured output is checked here too: whatever a worker (an old
-        // one, say) answered, a step cannot succeed with an output that does
-        // not match its schema.
-        let checked;
-        let r = match (&step.run, r.status) {
-            (StepRun::Agent(a), TaskStatus::Succeeded) => match a
-                .output_schema
-                .as_deref()
-                .map(|schema| output_schema::validate(schema, &r.output))
-            {
-                Some(Err(why)) => {
-                    checked = TaskResult {
-                        status: TaskStatus::Failed,
-                        error: Some(why),
-                        ..r.clone()
-                    };
-                    &checked
-                }
-                _ => r,
-            },
-            _ => r,
-        };
+        let checked = checked_output(step, r);
+        let r = checked.as_ref().unwrap_or(r);
         let mut states = Statuses::new(run);
         match (r.status, index) {
             (TaskStatus::Succeeded, None) => self.succeed(c, wf, &run_row, step, r, &mut states)?,
@@ -1174,11 +1133,58 @@ impl Engine {
                 }
             }
         }
+        self.enforce_budgets(c, run, wf, r.model.is_some())
+    }
+
+    /// The workflow, run, step status, and step (and foreach item index) a
+    /// result is for; `None` when its run is gone or its step is no longer
+    /// configured (which fails the run, if it still runs).
+    #[allow(clippy::type_complexity)]
+    fn result_target<'w>(
+        &'w self,
+        c: &mut Change<'_, '_>,
+        row: &TaskRow,
+    ) -> Result<Option<(&'w Workflow, RunRow, Option<StepStatus>, (&'w Step, Option<usize>))>, DbError> {
+        let Some((run_row, step_status)) = tx::run_and_step(c.t, &row.run_id, &row.step)? else {
+            return Ok(None);
+        };
+        let found = self
+            .config
+            .workflows
+            .get(&run_row.workflow)
+            .and_then(|wf| Some((wf, step_of(wf, &row.step)?)));
+        let Some((wf, step)) = found else {
+            if run_row.status == RunStatus::Running {
+                let error = format!(
+                    "step \"{}\" of workflow \"{}\" is no longer configured",
+                    row.step, run_row.workflow
+                );
+                fail_run(c, &row.run_id, &error)?;
+            }
+            return Ok(None);
+        };
+        Ok(Some((wf, run_row, step_status, step)))
+    }
+
+    /// A 429 from the step's provider pauses its model fleet-wide.
+    fn note_rate_limit(&self, c: &mut Change<'_, '_>, step: &Step, r: &TaskResult) -> Result<(), DbError> {
+        if let (Some(ms), Some(model)) = (r.rate_limited_ms, self.step_model(step)) {
+            let ms = ms.min(millis(courier_wire::MAX_RATE_LIMIT_PAUSE).unsigned_abs());
+            let until = c.now.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX));
+            tx::pause_model(c.t, model, until, "the provider answered 429")?;
+            tracing::warn!(%model, pause_ms = ms, "model paused fleet-wide after a 429");
+        }
+        Ok(())
+    }
+
+    /// Cancel the run if it spent past its budget, or else end it if nothing
+    /// is left open; a child run's spending (`spent`) counts against its
+    /// ancestors' budgets too.
+    fn enforce_budgets(&self, c: &mut Change<'_, '_>, run: &str, wf: &Workflow, spent: bool) -> Result<(), DbError> {
         if !self.enforce_budget(c, run, wf)? {
             finish_if_done(c, run)?;
         }
-        // A child run's spending counts against its ancestors' budgets too.
-        if r.model.is_some() {
+        if spent {
             for (ancestor, workflow) in tx::ancestors(c.t, run)? {
                 if let Some(awf) = self.config.workflows.get(&workflow) {
                     self.enforce_budget(c, &ancestor, awf)?;
@@ -2024,6 +2030,22 @@ fn write_task(c: &mut Change<'_, '_>, run: &str, step: &Step, name: &str, task: 
 /// Cancel a running run (one that already ended is left as it is): open
 /// steps cancelled, unpublished tasks dropped, workers told, its running
 /// child runs cancelled with it.
+/// A successful agent result whose output does not match the step's
+/// `output_schema`, turned into a failure naming why (checked here too:
+/// whatever a worker, an old one say, answered, a step cannot succeed with
+/// an output that does not match); `None` when it stands as it is.
+fn checked_output(step: &Step, r: &TaskResult) -> Option<TaskResult> {
+    let (StepRun::Agent(a), TaskStatus::Succeeded) = (&step.run, r.status) else {
+        return None;
+    };
+    let why = output_schema::validate(a.output_schema.as_deref()?, &r.output).err()?;
+    Some(TaskResult {
+        status: TaskStatus::Failed,
+        error: Some(why),
+        ..r.clone()
+    })
+}
+
 fn cancel_run(c: &mut Change<'_, '_>, run: &str, by: &str, reason: &str) -> Result<(), DbError> {
     if tx::run(c.t, run)?.map(|r| r.status) != Some(RunStatus::Running) {
         return Ok(());

@@ -308,18 +308,32 @@ async fn lead_while(
     store: &str,
     lead: &CancellationToken,
 ) -> Result<(), SchedulerError> {
-    // Dependency counts were taken from the config of each run's submit.
-    let engine = shared.engine.clone();
-    match tokio::task::spawn_blocking(move || engine.reconcile()).await {
-        Ok(Ok(0)) => {}
-        Ok(Ok(n)) => info!(dispatched = n, "steps made ready by the current config started"),
-        Ok(Err(source)) => {
-            return Err(SchedulerError::Db {
-                store: store.to_owned(),
-                source: db::OpenError::Store(source),
-            });
+    // Dependency counts were taken from the config of each run's submit. A
+    // database that just came back (a restart) may fail the first attempt:
+    // tried again each second, for half a minute.
+    let mut attempts = 0;
+    loop {
+        let engine = shared.engine.clone();
+        match tokio::task::spawn_blocking(move || engine.reconcile()).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => {
+                info!(dispatched = n, "steps made ready by the current config started");
+                break;
+            }
+            Ok(Err(source)) if attempts >= 30 => {
+                return Err(SchedulerError::Db {
+                    store: store.to_owned(),
+                    source: db::OpenError::Store(source),
+                });
+            }
+            Ok(Err(e)) => warn!(error = %e, "cannot reconcile open runs yet; trying again"),
+            Err(e) => error!(error = %e, "reconciling panicked"),
         }
-        Err(e) => error!(error = %e, "reconciling panicked"),
+        attempts += 1;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = lead.cancelled() => return Ok(()),
+        }
     }
     let clock = tokio::spawn(clock_loop(shared.clone(), lead.clone()));
     let pools = shared.engine.pools();

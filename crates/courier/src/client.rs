@@ -6,13 +6,14 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
+use courier_scheduler::db::{RunStatus, StepStatus};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
 struct Run {
     id: String,
     workflow: String,
-    status: String,
+    status: RunStatus,
     created_ms: i64,
     finished_ms: Option<i64>,
     error: Option<String>,
@@ -31,7 +32,7 @@ struct Run {
 #[derive(Debug, Deserialize)]
 struct Step {
     name: String,
-    status: String,
+    status: StepStatus,
     attempts: i64,
     output: Option<String>,
     error: Option<String>,
@@ -152,7 +153,7 @@ pub async fn submit(
             .progress_chars("=> "),
     );
     bar.enable_steady_tick(Duration::from_millis(100));
-    let mut seen: HashMap<String, String> = HashMap::new();
+    let mut seen: HashMap<String, StepStatus> = HashMap::new();
     let run = loop {
         let run: Run = api.read(api.get(&format!("/api/runs/{}", run.id))).await?;
         for step in &run.steps {
@@ -163,18 +164,18 @@ pub async fn submit(
                     String::new()
                 };
                 bar.suspend(|| println!("  {:<9} {}{attempt}", step.status, step.name));
-                seen.insert(step.name.clone(), step.status.clone());
+                seen.insert(step.name.clone(), step.status);
             }
         }
-        let count = |status: &str| run.steps.iter().filter(|s| s.status == status).count();
-        let (failed, skipped) = (count("failed"), count("skipped"));
+        let count = |status: StepStatus| run.steps.iter().filter(|s| s.status == status).count();
+        let (failed, skipped) = (count(StepStatus::Failed), count(StepStatus::Skipped));
         bar.set_length(run.steps.len() as u64);
-        bar.set_position((count("succeeded") + failed + skipped) as u64);
+        bar.set_position((count(StepStatus::Succeeded) + failed + skipped) as u64);
         bar.set_message(format!(
             "{} running · {failed} failed · {skipped} skipped",
-            count("running")
+            count(StepStatus::Running)
         ));
-        if run.status != "running" {
+        if run.status != RunStatus::Running {
             break run;
         }
         if let Some(waiting) = run.steps.iter().find_map(|s| s.waiting_on.as_deref()) {
@@ -191,12 +192,12 @@ pub async fn submit(
     );
     for step in &run.steps {
         match (&step.output, &step.error) {
-            (Some(output), _) if step.status == "succeeded" => println!("\n[{}]\n{output}", step.name),
+            (Some(output), _) if step.status == StepStatus::Succeeded => println!("\n[{}]\n{output}", step.name),
             (_, Some(error)) => println!("\n[{}] {}: {error}", step.name, step.status),
             _ => {}
         }
     }
-    Ok(if run.status == "succeeded" {
+    Ok(if run.status == RunStatus::Succeeded {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
