@@ -293,8 +293,9 @@ fn cron_with_two_schedulers_fires_once_per_tick() {
                 (SELECT COUNT(*) FROM runs WHERE workflow = 'tick')",
     );
     let (fired, ticks, runs): (i64, i64, i64) = (rows[0].get(0), rows[0].get(1), rows[0].get(2));
-    assert!(fired >= 4, "ticks fired: {fired}\n{}", logs());
-    assert_eq!(fired, ticks);
+    // Six seconds of a schedule of every second: about six ticks, not twelve.
+    assert!((4..=8).contains(&fired), "ticks fired: {fired}\n{}", logs());
+    assert_eq!(fired, ticks, "one claim per tick");
     assert_eq!(runs, fired, "one run per tick\n{}", logs());
     // Both schedulers tried ticks: each lost some to the other, or to itself before.
     let lost = |log: &str| log.matches("this tick was fired already").count();
@@ -310,6 +311,10 @@ fn cron_with_two_schedulers_fires_once_per_tick() {
 fn a_postgresql_restart_mid_run_loses_nothing() {
     let _server = SERVER.write().unwrap_or_else(std::sync::PoisonError::into_inner);
     let Some(db) = Database::create() else { return };
+    if !(db.server.contains("@127.0.0.1:5432/") || db.server.contains("@localhost:5432/")) {
+        eprintln!("the PostgreSQL server is not this machine's cluster on :5432: not restarting it");
+        return;
+    }
     let Some(version) = std::fs::read_dir("/usr/lib/postgresql")
         .ok()
         .and_then(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).max())
@@ -318,7 +323,7 @@ fn a_postgresql_restart_mid_run_loses_nothing() {
         return;
     };
     let log = tempfile::NamedTempFile::new().unwrap();
-    let yaml = wide(100).replacen(
+    let yaml = wide(100).replace("sleep 0.05", "sleep 0.5").replacen(
         "steps:\n",
         &format!("params:\n  log: \"{}\"\nsteps:\n", log.path().display()),
         1,
@@ -345,10 +350,27 @@ fn a_postgresql_restart_mid_run_loses_nothing() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let restarted = std::process::Command::new("pg_ctlcluster")
-        .args([&version, "main", "restart"])
+        .args([&version, "main", "restart", "-m", "fast"])
         .status()
         .unwrap();
     assert!(restarted.success());
+    // The restart happened during the run: it is still running once the
+    // database answers again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let answer = reqwest::blocking::get(format!("{}/api/runs/{id}", standby.api))
+            .ok()
+            .and_then(|r| r.json::<Value>().ok());
+        if let Some(view) = answer.filter(|v| v["status"].is_string()) {
+            break view;
+        }
+        assert!(Instant::now() < deadline, "no answer after the restart: {}", logs());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        after["status"], "running",
+        "the run ended before the restart took effect"
+    );
     // Whichever scheduler leads now finishes it; either answers.
     let deadline = Instant::now() + Duration::from_secs(120);
     let done = loop {
@@ -375,4 +397,9 @@ fn a_postgresql_restart_mid_run_loses_nothing() {
     ));
     let (tasks, distinct, succeeded): (i64, i64, i64) = (rows[0].get(0), rows[0].get(1), rows[0].get(2));
     assert_eq!((distinct, succeeded), (100, 100), "{tasks} task rows");
+    let all = logs();
+    assert!(
+        all.contains("PostgreSQL connection lost; reconnecting") || all.contains("leadership connection failed"),
+        "no scheduler saw the restart: {all}"
+    );
 }

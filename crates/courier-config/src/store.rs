@@ -256,6 +256,18 @@ impl FsStore {
         self.souls.keys().map(String::as_str)
     }
 
+    /// Read the memory files again from disk: another process (a scheduler
+    /// sharing this folder) may have appended to them.
+    pub fn reload_memory(&self) {
+        let mut errors = Vec::new();
+        let fresh = load_memory(&self.root.join("memory"), &mut errors);
+        if !errors.is_empty() {
+            // Unreadable now: keep what was loaded (appends re-read the file).
+            return;
+        }
+        *self.memory.write().unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+    }
+
     fn memory_path(&self, scope: MemoryScope<'_>) -> PathBuf {
         match scope {
             MemoryScope::Global => self.root.join("memory/MEMORY.md"),
@@ -301,9 +313,17 @@ impl AgentStore for FsStore {
         }
         let path = self.memory_path(scope);
         let mut files = self.memory.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let current = match scope {
-            MemoryScope::Global => files.global.clone(),
-            MemoryScope::Workflow(w) => files.workflows.get(w).cloned(),
+        // The file as it is now, not as loaded: another scheduler sharing the
+        // folder may have appended since.
+        let current = match crate::files::read_text(&path) {
+            Ok(text) => Some(text),
+            Err(crate::files::ReadError::NotFound(_)) => None,
+            Err(e) => {
+                return Err(StoreError::Io {
+                    path,
+                    source: std::io::Error::other(e.to_string()),
+                });
+            }
         };
         let mut next = current.unwrap_or_default();
         if !next.is_empty() && !next.ends_with('\n') {

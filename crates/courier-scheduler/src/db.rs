@@ -7,6 +7,7 @@
 //! upstream outputs, so the database only stores what is needed for that.
 
 use std::path::Path;
+use std::time::Duration;
 
 use rusqlite::Connection;
 use serde::Serialize;
@@ -113,11 +114,10 @@ pub enum OpenError {
         "the database has schema version {found}, newer than this build knows ({known}): it was written by a newer Courier; run that version, or point this one at another database"
     )]
     TooNew { found: i64, known: i64 },
-    /// `database_url` is not one this build can use.
-    #[error(
-        "database_url {0:?}: only postgres:// and postgresql:// URLs are supported (leave it unset for SQLite in the data folder)"
-    )]
-    BadUrl(String),
+    /// `database_url` is not one this build can use (not echoed: it may
+    /// hold a password).
+    #[error("database_url is not a postgres:// or postgresql:// URL (leave it unset for SQLite in the data folder)")]
+    BadUrl,
 }
 
 impl From<rusqlite::Error> for OpenError {
@@ -318,7 +318,7 @@ impl Db {
     /// newer than this build.
     pub fn connect(url: &str) -> Result<Self, OpenError> {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return Err(OpenError::BadUrl(redact(url)));
+            return Err(OpenError::BadUrl);
         }
         let client = pg_client(url)?;
         let mut db = Self {
@@ -378,22 +378,36 @@ impl Db {
                 .map_err(DbError::from)?,
             ),
             Store::Postgres { url, client, stmts } => {
-                if client.as_ref().is_none_or(postgres::Client::is_closed) {
-                    // The server went away (restart, failover): a new
-                    // connection, whose statements are prepared anew.
+                // A server that restarted ended the session: found out by
+                // polling the connection (no round trip), then a new one,
+                // whose statements are prepared anew.
+                let dead = client.as_mut().is_none_or(|c| {
+                    use postgres::fallible_iterator::FallibleIterator;
+                    c.is_closed() || c.notifications().iter().next().is_err()
+                });
+                if dead {
                     tracing::warn!("PostgreSQL connection lost; reconnecting");
                     stmts.clear();
                     *client = None;
-                    *client = Some(pg_client(url).map_err(DbError::from)?);
+                    *client = Some(pg_client(url)?);
                 }
                 let client = client
                     .as_mut()
                     .ok_or_else(|| DbError::new("PostgreSQL", "not connected"))?;
-                let mut pg = client.transaction().map_err(DbError::from)?;
-                if write {
+                let pg = if write {
+                    let mut pg = client.transaction().map_err(DbError::from)?;
                     pg.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
                         .map_err(DbError::from)?;
-                }
+                    pg
+                } else {
+                    // One snapshot for every statement of the read.
+                    client
+                        .build_transaction()
+                        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                        .read_only(true)
+                        .start()
+                        .map_err(DbError::from)?
+                };
                 Tx::postgres(pg, stmts)
             }
         };
@@ -487,7 +501,7 @@ impl Db {
             run.steps = tx.all(
                 "SELECT name, queue, status, attempts, output, error, worker, started_ms, finished_ms,
                         model, input_tokens, output_tokens, transcript, waiting_on, cost
-                 FROM steps WHERE run_id = ?1 ORDER BY position, item_index",
+                 FROM steps WHERE run_id = ?1 ORDER BY position, COALESCE(item_index, -1)",
                 p![id],
                 |r| {
                     Ok(StepView {
@@ -589,20 +603,45 @@ impl Db {
     }
 }
 
-/// A PostgreSQL connection (no TLS: on a private network or a local socket).
-fn pg_client(url: &str) -> Result<postgres::Client, postgres::Error> {
-    postgres::Client::connect(url, postgres::NoTls)
+/// A PostgreSQL connection (no TLS: on a private network or a local socket),
+/// bounded in time: it gives up connecting after 5 s and notices a peer
+/// gone silent within about 10 s (keepalives, `tcp_user_timeout`); the
+/// server ends a session left idle inside a transaction after 30 s (a
+/// paused scheduler must not hold the write lock for ever), a statement
+/// after 2 minutes, and a wait for a lock after one.
+pub(crate) fn pg_client(url: &str) -> Result<postgres::Client, DbError> {
+    let mut config: postgres::Config = url.parse()?;
+    config
+        .connect_timeout(Duration::from_secs(5))
+        .keepalives_idle(Duration::from_secs(5))
+        .keepalives_interval(Duration::from_secs(2))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(10));
+    let mut client = config.connect(postgres::NoTls)?;
+    client.batch_execute(
+        "SET idle_in_transaction_session_timeout = '30s'; SET statement_timeout = '120s'; SET lock_timeout = '60s'",
+    )?;
+    Ok(client)
 }
 
-/// A URL without its password, for messages.
+/// A URL without its password (in the authority or a `password=` query
+/// parameter), for messages.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let mut out = match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let user_end = url[scheme + 3..at].find(':').map_or(at, |i| scheme + 3 + i);
             format!("{}:***{}", &url[..user_end], &url[at..])
         }
         _ => url.to_owned(),
+    };
+    while let Some(start) = out.find("password=").map(|i| i + "password=".len()) {
+        if out[start..].starts_with("***") {
+            break;
+        }
+        let end = out[start..].find(['&', ' ']).map_or(out.len(), |i| start + i);
+        out.replace_range(start..end, "***");
     }
+    out
 }
 
 /// Runs with their token and cost totals.

@@ -360,12 +360,33 @@ impl Engine {
 
     /// Whether this scheduler publishes the outbox. One that does not (it
     /// waits to lead) keeps no encoded tasks: the leader rebuilds them.
+    /// A scheduler that starts publishing (it leads now, after another did)
+    /// reads the memory files again, which the other may have appended to,
+    /// and builds its snapshots afresh.
     pub fn set_publishing(&self, on: bool) {
-        self.publishing.store(on, std::sync::atomic::Ordering::Relaxed);
+        let was = self.publishing.swap(on, std::sync::atomic::Ordering::Relaxed);
         if !on {
             let mut kept = self.bodies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             *kept = (HashMap::new(), 0);
+        } else if !was && self.shared_db {
+            self.config.store.reload_memory();
+            self.invalidate_snapshots();
         }
+    }
+
+    /// Drop the kept bodies of tasks no longer waiting to be published
+    /// (`waiting`: every task id the outbox holds), such as tasks another
+    /// scheduler cancelled.
+    pub fn retain_bodies(&self, waiting: &std::collections::HashSet<&str>) {
+        let mut kept = self.bodies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (bodies, bytes) = &mut *kept;
+        bodies.retain(|id, body| {
+            let keep = waiting.contains(id.as_str());
+            if !keep {
+                *bytes -= body.len();
+            }
+            keep
+        });
     }
 
     /// Act on a committed transaction: keep task bodies for the outbox

@@ -7,10 +7,17 @@
 //! changes are committed to the shared database (and land in the outbox for
 //! the leader to publish). When the leader dies its connection closes,
 //! PostgreSQL releases the lock, and another scheduler takes it within
-//! [`POLL`]. A leader that loses its lock connection steps down at once.
+//! [`POLL`].
+//!
+//! The lead is a lease: it holds only while the lock's connection answered
+//! within [`LEASE`]. A leader whose connection fails or stops answering
+//! (cut off from the database, its check stuck) stops leading at once, even
+//! before the thread that keeps the connection notices.
 //!
 //! With SQLite the one scheduler always leads.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use postgres::fallible_iterator::FallibleIterator;
@@ -19,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::db::sql::OUTBOX_CHANNEL;
+use crate::engine::now_ms;
 
 /// The advisory lock the leading scheduler holds (distinct from the write
 /// lock every writing transaction takes).
@@ -28,39 +36,74 @@ pub const LEADER_LOCK: i64 = 0x636f_7572_6965_7202;
 /// its connection still holds it.
 pub const POLL: Duration = Duration::from_millis(500);
 
-/// Whether this scheduler leads, as it changes. With `database_url` unset
-/// (SQLite), always. Otherwise a thread keeps a connection to the database:
-/// it takes the lock when free, and wakes `outbox` when another scheduler
-/// commits tasks or cancellations (`NOTIFY`): it calls `wake`.
-pub fn watch(
+/// How long a lead holds after the lock's connection last answered.
+pub const LEASE: Duration = Duration::from_millis(1500);
+
+/// Whether this scheduler leads.
+#[derive(Debug, Clone)]
+pub struct Leadership {
+    /// SQLite: always.
+    always: bool,
+    /// The lock is held (as the thread last saw it).
+    held: watch::Receiver<bool>,
+    /// When the lock's connection last answered (ms since the epoch).
+    confirmed_ms: Arc<AtomicI64>,
+}
+
+impl Leadership {
+    /// Leads now: the lock is held and its connection answered within [`LEASE`].
+    pub fn leads(&self) -> bool {
+        self.always
+            || (*self.held.borrow()
+                && now_ms() - self.confirmed_ms.load(Ordering::Relaxed) < i64::try_from(LEASE.as_millis()).unwrap_or(0))
+    }
+
+    /// The thread that keeps the lock's connection has died (it panicked):
+    /// this scheduler can never lead again.
+    pub fn lost(&self) -> bool {
+        !self.always && self.held.has_changed().is_err()
+    }
+}
+
+/// Start campaigning: with `database_url` unset (SQLite), this scheduler
+/// always leads. Otherwise a thread keeps a connection to the database: it
+/// takes the lock when free, and calls `wake` when another scheduler
+/// commits tasks or cancellations (`NOTIFY`).
+pub fn campaign(
     database_url: Option<String>,
     wake: impl Fn() + Send + 'static,
     shutdown: CancellationToken,
-) -> watch::Receiver<bool> {
+) -> Leadership {
+    let (tx, held) = watch::channel(database_url.is_none());
+    let confirmed_ms = Arc::new(AtomicI64::new(0));
     let Some(url) = database_url else {
-        return watch::channel(true).1;
+        return Leadership {
+            always: true,
+            held,
+            confirmed_ms,
+        };
     };
-    let (tx, rx) = watch::channel(false);
+    let confirmed = confirmed_ms.clone();
     let spawned = std::thread::Builder::new()
         .name("courier-leader".into())
-        .spawn(move || campaign(&url, &tx, &wake, &shutdown));
+        .spawn(move || {
+            while !shutdown.is_cancelled() {
+                if let Err(e) = hold(&url, &tx, &confirmed, &wake, &shutdown) {
+                    warn!(error = %e, "leadership connection failed; trying again");
+                }
+                if tx.send_replace(false) {
+                    warn!("stepping down: the leadership lock's connection was lost");
+                }
+                std::thread::sleep(POLL);
+            }
+        });
     if let Err(e) = spawned {
         warn!(error = %e, "cannot start the leadership thread; this scheduler will not lead");
     }
-    rx
-}
-
-fn campaign(url: &str, leading: &watch::Sender<bool>, wake: &dyn Fn(), shutdown: &CancellationToken) {
-    while !shutdown.is_cancelled() {
-        match hold(url, leading, wake, shutdown) {
-            Ok(()) => {}
-            Err(e) => warn!(error = %e, "leadership connection failed; trying again"),
-        }
-        if *leading.borrow() {
-            warn!("stepping down: the leadership lock's connection was lost");
-            leading.send_replace(false);
-        }
-        std::thread::sleep(POLL);
+    Leadership {
+        always: false,
+        held,
+        confirmed_ms,
     }
 }
 
@@ -68,24 +111,27 @@ fn campaign(url: &str, leading: &watch::Sender<bool>, wake: &dyn Fn(), shutdown:
 /// passing notifications on, until the connection fails or shutdown.
 fn hold(
     url: &str,
-    leading: &watch::Sender<bool>,
+    held: &watch::Sender<bool>,
+    confirmed_ms: &AtomicI64,
     wake: &dyn Fn(),
     shutdown: &CancellationToken,
-) -> Result<(), postgres::Error> {
-    let mut client = postgres::Client::connect(url, postgres::NoTls)?;
+) -> Result<(), crate::db::DbError> {
+    let mut client = crate::db::pg_client(url)?;
     client.batch_execute(&format!("LISTEN {OUTBOX_CHANNEL}"))?;
     while !shutdown.is_cancelled() {
-        if !*leading.borrow() {
+        if *held.borrow() {
+            // Still connected, so still holding the lock.
+            client.simple_query("SELECT 1")?;
+            confirmed_ms.store(now_ms(), Ordering::Relaxed);
+        } else {
             let got: bool = client
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])?
                 .get(0);
             if got {
+                confirmed_ms.store(now_ms(), Ordering::Relaxed);
                 info!("this scheduler leads: it publishes, applies results and keeps the clock");
-                leading.send_replace(true);
+                held.send_replace(true);
             }
-        } else {
-            // Still connected, so still holding the lock.
-            client.simple_query("SELECT 1")?;
         }
         let until = Instant::now() + POLL;
         let mut notifications = client.notifications();

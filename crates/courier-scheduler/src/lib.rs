@@ -237,7 +237,7 @@ pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToke
             ));
         }
     }
-    let mut leading = leader::watch(
+    let leadership = leader::campaign(
         sc.database_url.clone(),
         {
             let shared = shared.clone();
@@ -250,28 +250,36 @@ pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToke
     );
 
     let mut outcome = Ok(());
+    let mut standing_by = false;
     while !shutdown.is_cancelled() {
-        let leads = *leading.borrow_and_update();
+        let leads = leadership.leads();
         shared.engine.set_publishing(leads);
         shared.leading.store(leads, Ordering::Relaxed);
         if !leads {
-            info!("another scheduler leads: serving the API and waiting to lead");
+            if leadership.lost() {
+                error!("the leadership thread died; stopping (restart this scheduler)");
+                shutdown.cancel();
+                break;
+            }
+            if !standing_by {
+                info!("another scheduler leads: serving the API and waiting to lead");
+                standing_by = true;
+            }
             tokio::select! {
-                changed = leading.changed() => if changed.is_err() { break },
+                () = tokio::time::sleep(leader::POLL / 2) => {}
                 () = shutdown.cancelled() => break,
             }
             continue;
         }
-        // The lead is lost when the lock's connection is, or at shutdown.
+        standing_by = false;
+        // The lead ends when its lease does (the lock's connection failed or
+        // stopped answering), or at shutdown.
         let lead = shutdown.child_token();
         let watcher = tokio::spawn({
-            let (mut leading, lead) = (leading.clone(), lead.clone());
+            let (leadership, lead) = (leadership.clone(), lead.clone());
             async move {
-                while *leading.borrow_and_update() {
-                    if leading.changed().await.is_err() {
-                        // No one to change it (SQLite): leads until shutdown.
-                        std::future::pending::<()>().await;
-                    }
+                while leadership.leads() {
+                    tokio::time::sleep(leader::POLL / 2).await;
                 }
                 lead.cancel();
             }
@@ -498,6 +506,10 @@ async fn outbox_loop(
         let engine = shared.engine.clone();
         let due = tokio::task::spawn_blocking(move || {
             let rows = engine.with_db(|db| db.unpublished_tasks(OUTBOX_BATCH))?;
+            if rows.len() < OUTBOX_BATCH {
+                // The whole outbox: bodies of anything else will never be sent.
+                engine.retain_bodies(&rows.iter().map(|r| r.task_id.as_str()).collect());
+            }
             Ok::<_, db::DbError>(with_bodies(&engine, rows))
         })
         .await

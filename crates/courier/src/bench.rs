@@ -365,6 +365,15 @@ struct BenchDatabase {
 
 impl BenchDatabase {
     fn create(server: &str) -> anyhow::Result<Self> {
+        // The server's URL must name a database to connect to (`/postgres`):
+        // the benchmark's own replaces it.
+        let path = server
+            .split_once("://")
+            .map(|(_, rest)| rest)
+            .and_then(|rest| rest.split_once('/'));
+        if !matches!(path, Some((_, db)) if !db.is_empty() && !db.starts_with('?')) {
+            bail!("--database-url must name a database to connect to, as in postgres://user:pass@host:5432/postgres");
+        }
         let name = format!("courier_bench_{}", uuid::Uuid::now_v7().simple());
         let server = server.to_string();
         let redacted = courier_scheduler::db::redact(&server);

@@ -760,7 +760,7 @@ pub fn waiting_steps(tx: &Tx<'_>, now: i64, limit: usize) -> Result<Vec<WaitingS
             "SELECT s.run_id, r.workflow, s.name, r.admitted, s.waiting_on, s.attempts
          FROM steps s JOIN runs r ON r.id = s.run_id
          WHERE s.status = 'waiting' AND (s.not_before_ms IS NULL OR s.not_before_ms <= ?1)
-         ORDER BY r.priority DESC, r.created_ms, r.id, s.position, s.item_index LIMIT {limit}"
+         ORDER BY r.priority DESC, r.created_ms, r.id, s.position, COALESCE(s.item_index, -1) LIMIT {limit}"
         ),
         p![now],
         |r| {
