@@ -15,3 +15,4 @@ mod operations;
 mod reliability;
 mod scale;
 mod support;
+mod ui;

@@ -54,13 +54,14 @@ pub fn router(shared: Arc<Shared>, token: Option<String>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // An empty token would let an empty header in: it counts as none.
         .layer(middleware::from_fn_with_state(
-            Arc::new(token.filter(|t| !t.is_empty())),
+            Arc::new(token.clone().filter(|t| !t.is_empty())),
             require_token,
         ));
     Router::new()
         .route("/healthz", get(health))
         .merge(guarded)
-        .with_state(shared)
+        .with_state(shared.clone())
+        .merge(crate::ui::router(shared, token))
 }
 
 /// `/metrics` and `/healthz` alone, unauthenticated.

@@ -544,6 +544,20 @@ impl Db {
         self.read(|tx| tx.all(&sql, p![workflow, status, limit], run_from_row))
     }
 
+    /// A run's child runs (started by its `workflow:` steps): id, workflow, status.
+    ///
+    /// # Errors
+    /// The store's.
+    pub fn child_runs(&mut self, parent: &str) -> Result<Vec<(String, String, RunStatus)>, DbError> {
+        self.read(|tx| {
+            tx.all(
+                "SELECT id, workflow, status FROM runs WHERE parent_run = ?1 ORDER BY created_ms, id",
+                p![parent],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+        })
+    }
+
     /// Milliseconds from each task's dispatch (outbox write) to its result
     /// being applied, for every finished task, sorted.
     ///

@@ -17,6 +17,7 @@ pub mod db;
 pub mod engine;
 pub mod leader;
 pub mod metrics;
+pub mod ui;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,0 +1,316 @@
+//! The web UI in a real browser: headless Chromium from Debian's packages,
+//! driven through chromedriver (WebDriver), against a scheduler and workers
+//! as processes. Skipped, with a note, where chromedriver is not installed
+//! (`.ci/run` installs it).
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+
+use crate::cluster::Cluster;
+
+const TOKEN: &str = "ui-test-token-0123456789";
+
+/// chromedriver and a browser session on it.
+struct Browser {
+    driver: Child,
+    client: Client,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Browser {
+    fn start() -> Option<Self> {
+        let Ok(path) = which("chromedriver") else {
+            eprintln!(
+                "chromedriver is not installed (apt-get install chromium chromium-driver): browser tests skipped"
+            );
+            return None;
+        };
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let driver = Command::new(path)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000"]}),
+        );
+        let client = rt
+            .block_on(
+                ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+                    .capabilities(caps)
+                    .connect(&format!("http://127.0.0.1:{port}")),
+            )
+            .expect("a Chromium session");
+        Some(Self { driver, client, rt })
+    }
+
+    fn goto(&self, url: &str) {
+        self.rt.block_on(self.client.goto(url)).unwrap();
+    }
+
+    fn url(&self) -> String {
+        self.rt.block_on(self.client.current_url()).unwrap().to_string()
+    }
+
+    fn js(&self, script: &str) -> Value {
+        self.rt.block_on(self.client.execute(script, vec![])).unwrap()
+    }
+
+    /// `css`'s text ("" when absent); read again if the page replaced the
+    /// element meanwhile (a live update).
+    fn text(&self, css: &str) -> String {
+        for _ in 0..5 {
+            if let Ok(text) = self
+                .rt
+                .block_on(async { self.client.find(Locator::Css(css)).await?.text().await })
+            {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        String::new()
+    }
+
+    fn fill(&self, css: &str, value: &str) {
+        self.rt
+            .block_on(async {
+                let field = self.client.find(Locator::Css(css)).await?;
+                field.clear().await?;
+                field.send_keys(value).await
+            })
+            .unwrap();
+    }
+
+    fn click(&self, css: &str) {
+        self.rt
+            .block_on(async { self.client.find(Locator::Css(css)).await?.click().await })
+            .unwrap();
+    }
+
+    /// Wait until the page's address passes `test` (a click's navigation done).
+    fn wait_url(&self, test: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let url = self.url();
+            if test(&url) {
+                return url;
+            }
+            assert!(Instant::now() < deadline, "still at {url}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Wait until `css`'s text is `expected` (the page updating itself).
+    fn wait_text(&self, css: &str, expected: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.text(css);
+            if now == expected {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{css}: {now:?}, never {expected:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn screenshot(&self, name: &str) {
+        let png = self.rt.block_on(self.client.screenshot()).unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "a PNG");
+        // Kept in the repository (README) when asked; checked either way.
+        if std::env::var_os("COURIER_UPDATE_SCREENSHOTS").is_some() {
+            let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/screenshots");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(name), png).unwrap();
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let client = self.client.clone();
+        let _ = self.rt.block_on(client.close());
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn which(name: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .ok_or(())
+}
+
+const GATE: &str = "steps:
+  - name: a
+    echo: first
+  - name: gate
+    depends: [a]
+    approval:
+      message: \"Go on after ${a.output}?\"
+      timeout: 10m
+  - name: b
+    depends: [gate]
+    echo: second
+";
+
+const SHOW: &str = "params:
+  text: \"<script>document.title='pwned'</script><b>bold</b>\"
+steps:
+  - name: show
+    echo: \"${text}\"
+";
+
+fn step_status(run: &Value, name: &str) -> String {
+    run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .map(|s| s["status"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_web_ui_logs_in_submits_updates_live_and_shows_outputs_as_text() {
+    let Some(browser) = Browser::start() else { return };
+    let cluster = Cluster::builder()
+        .env("COURIER_API_TOKEN", TOKEN)
+        .workers(2)
+        .workflow("gate", GATE)
+        .workflow("show", SHOW)
+        .start();
+    let api = cluster.api.clone();
+
+    // Without a session: the login form; a wrong token is refused.
+    browser.goto(&format!("{api}/ui/runs"));
+    assert!(browser.url().ends_with("/ui/login"), "{}", browser.url());
+    browser.fill("#token", "wrong");
+    browser.click("form button[type=submit]");
+    browser.wait_text("p.error", "wrong token", Duration::from_secs(10));
+    browser.fill("#token", TOKEN);
+    browser.click("form button[type=submit]");
+    browser.wait_url(|u| u.ends_with("/ui/runs"));
+    let cookie = browser.js("return document.cookie");
+    assert_eq!(cookie, "", "the session cookie is HttpOnly: {cookie}");
+
+    // The submit form starts a run; its page follows it to the end; the
+    // output, untrusted text, shows as text.
+    browser.goto(&format!("{api}/ui/workflows"));
+    browser.click("#wf-show form button[type=submit]");
+    let url = browser.wait_url(|u| u.contains("/ui/runs/"));
+    let shown = url.rsplit('/').next().unwrap().to_string();
+    browser.wait_text("#run-status", "succeeded", Duration::from_secs(30));
+    assert_eq!(
+        browser.text("#step-show pre.out"),
+        "<script>document.title='pwned'</script><b>bold</b>"
+    );
+    assert_eq!(
+        browser.js("return document.querySelectorAll('#step-show pre.out b, #step-show pre.out script').length"),
+        0
+    );
+    assert!(!browser.js("return document.title").as_str().unwrap().contains("pwned"));
+
+    // A run waiting for approval: approved elsewhere (the API) while its page
+    // is open, the page shows the rest finishing, without a reload.
+    let gated = cluster.submit("gate", &[]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while step_status(&cluster.run(&gated), "gate") != "waiting_approval" {
+        assert!(Instant::now() < deadline, "{}", cluster.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    browser.goto(&format!("{api}/ui/runs/{gated}"));
+    assert_eq!(browser.text("#step-gate .status"), "waiting_approval");
+    assert!(browser.text("#step-gate").contains("approval: Go on after first?"));
+    browser.js("window.courierMarker = 42; return null");
+    let approved = cluster
+        .http(reqwest::Method::POST, &format!("/api/runs/{gated}/steps/gate/approve"))
+        .send()
+        .unwrap();
+    assert!(approved.status().is_success());
+    browser.wait_text("#run-status", "succeeded", Duration::from_secs(30));
+    assert_eq!(
+        browser.js("return window.courierMarker"),
+        42,
+        "the page was not reloaded"
+    );
+    for (step, output) in [("a", "first"), ("gate", "approved"), ("b", "second")] {
+        assert_eq!(browser.text(&format!("#step-{step} .status")), "succeeded");
+        assert_eq!(browser.text(&format!("#step-{step} pre.out")), output);
+    }
+    assert_eq!(
+        browser.js("return document.querySelectorAll('svg.dag g.node.st-succeeded').length"),
+        3
+    );
+    browser.screenshot("run.png");
+
+    // The runs page lists both, newest first, with their status.
+    browser.goto(&format!("{api}/ui/runs"));
+    let rows = browser.js("return [...document.querySelectorAll('#rows tr')].map(r => r.innerText)");
+    let rows: Vec<String> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect();
+    assert!(rows[0].contains(&gated) && rows[0].contains("succeeded"), "{rows:?}");
+    assert!(rows[1].contains(&shown) && rows[1].contains("succeeded"), "{rows:?}");
+    browser.screenshot("runs.png");
+
+    // A form posted from another origin is refused, even with the session.
+    let forged = reqwest::blocking::Client::new()
+        .post(format!("{api}/ui/runs/{gated}/cancel"))
+        .header("Origin", "http://evil.example")
+        .form(&[("csrf", "x")])
+        .send()
+        .unwrap();
+    assert_eq!(forged.status(), 403);
+    // Without the session, nothing but the login page.
+    let anonymous = reqwest::blocking::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!("{api}/ui/runs/{gated}"))
+        .send()
+        .unwrap();
+    assert_eq!(anonymous.status(), 303);
+}
+
+#[test]
+fn a_two_thousand_step_run_page_renders_within_bounds() {
+    let Some(browser) = Browser::start() else { return };
+    let mut yaml = String::from("steps:\n");
+    for i in 0..2000 {
+        yaml.push_str(&format!("  - name: s{i}\n    echo: out-{i}\n"));
+    }
+    let cluster = Cluster::builder().workers(2).workflow("wide", &yaml).start();
+    let id = cluster.submit("wide", &[]).unwrap();
+    let run = cluster.wait_run(&id, Duration::from_secs(180));
+    assert_eq!(run["status"], "succeeded");
+    browser.goto(&format!("{}/ui/runs/{id}", cluster.api));
+    let ms = browser.js("const n = performance.getEntriesByType('navigation')[0]; return n.loadEventEnd - n.startTime");
+    let rows = browser.js("return document.querySelectorAll('#steps tbody tr').length");
+    assert_eq!(rows, 2000);
+    let ms = ms.as_f64().unwrap();
+    eprintln!("a 2,000-step run page: loaded in {ms:.0} ms in headless Chromium");
+    assert!(ms < 5000.0, "{ms} ms");
+}
