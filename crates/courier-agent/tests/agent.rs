@@ -745,6 +745,17 @@ async fn errors_say_what_timed_out_or_failed_and_which_provider() {
     assert!(error.starts_with("anthropic failed after 4 attempts: "), "{error}");
     assert!(error.contains("courier-no-such-host.invalid"), "{error}");
     assert!(error.contains("dns error"), "{error}");
+    // A port nothing listens on: the refusal, with the address tried.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (spec, store) = research_analyze(Provider::OpenaiCompatible, &format!("http://127.0.0.1:{port}/v1"), None);
+    let outcome = run_step(&spec, &store, Duration::from_secs(20), &env(), std::future::pending()).await;
+    let error = outcome.error.unwrap();
+    assert!(error.contains(&format!("127.0.0.1:{port}")), "{error}");
+    assert!(error.contains("Connection refused"), "{error}");
 }
 
 #[tokio::test]
