@@ -314,3 +314,49 @@ fn a_two_thousand_step_run_page_renders_within_bounds() {
     eprintln!("a 2,000-step run page: loaded in {ms:.0} ms in headless Chromium");
     assert!(ms < 5000.0, "{ms} ms");
 }
+
+#[test]
+fn the_dead_letters_page_lists_reasons_and_requeues_and_the_queues_page_reads_the_broker() {
+    let Some(browser) = Browser::start() else { return };
+    let cluster = Cluster::builder().env("COURIER_API_TOKEN", TOKEN).workers(1).start();
+    let api = cluster.api.clone();
+    cluster.publish_raw("default", b"not a task", "poison-ui", vec![]);
+    crate::reliability::wait_dead(&cluster, 1);
+    browser.goto(&format!("{api}/ui/login"));
+    browser.fill("#token", TOKEN);
+    browser.click("form button[type=submit]");
+    browser.wait_url(|u| u.ends_with("/ui/runs"));
+
+    browser.goto(&format!("{api}/ui/dead"));
+    let row = browser.text("#dead tbody tr");
+    assert!(row.contains("poison-ui") && row.contains("default"), "{row}");
+    let reason = browser.text("#dead tbody tr pre.error");
+    assert!(!reason.is_empty() && reason != "unknown", "{reason}");
+    assert_eq!(cluster.dead_depth(), 1, "listing puts them back");
+    // Requeued: the worker gets it again, and refuses it again.
+    let refusals = |log: &str| log.matches("refusing task; dead-lettering it").count();
+    assert_eq!(refusals(&cluster.worker_log("w1")), 1);
+    browser.click("#dead tbody tr form button[type=submit]");
+    browser.wait_url(|u| u.ends_with("/ui/dead"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while refusals(&cluster.worker_log("w1")) < 2 {
+        assert!(Instant::now() < deadline, "{}", cluster.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    browser.goto(&format!("{api}/ui/queues"));
+    let rows = browser.js("return [...document.querySelectorAll('#queues tbody tr')].map(r => r.innerText)");
+    let rows: Vec<String> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect();
+    let results = format!("{}.results", cluster.namespace);
+    assert!(rows.iter().any(|r| r.starts_with(&results)), "{rows:?}");
+    assert!(
+        rows.iter()
+            .any(|r| r.starts_with(&format!("{}.tasks.default", cluster.namespace))),
+        "{rows:?}"
+    );
+}

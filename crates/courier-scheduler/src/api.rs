@@ -41,7 +41,7 @@ use crate::engine::{CancelError, DecideError, NORMAL_PRIORITY, SubmitError};
 
 /// The API router; `token`, when set, guards everything but `/healthz`,
 /// unknown paths included (so they cannot be told apart without it).
-pub fn router(shared: Arc<Shared>, token: Option<String>) -> Router {
+pub fn router(shared: Arc<Shared>, token: Option<String>, ops: crate::ui::Operations) -> Router {
     let guarded = Router::new()
         .route("/api/runs", get(list_runs).post(submit))
         .route("/api/runs/{id}", get(get_run))
@@ -61,7 +61,7 @@ pub fn router(shared: Arc<Shared>, token: Option<String>) -> Router {
         .route("/healthz", get(health))
         .merge(guarded)
         .with_state(shared.clone())
-        .merge(crate::ui::router(shared, token))
+        .merge(crate::ui::router(shared, token, ops))
 }
 
 /// `/metrics` and `/healthz` alone, unauthenticated.

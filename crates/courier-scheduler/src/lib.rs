@@ -17,6 +17,7 @@ pub mod db;
 pub mod engine;
 pub mod leader;
 pub mod metrics;
+pub mod ops;
 pub mod ui;
 
 use std::net::SocketAddr;
@@ -51,6 +52,8 @@ pub struct SchedulerConfig {
     pub database_url: Option<String>,
     /// Replicas of each quorum queue declared (`None`: every node).
     pub quorum_group_size: Option<u32>,
+    /// RabbitMQ's management API, for the web UI's queues page.
+    pub management_url: Option<String>,
     /// Address the HTTP API listens on (port 0 picks one; see `api.addr`).
     pub api_listen: SocketAddr,
     /// Size bounds on snapshots and tasks.
@@ -207,7 +210,15 @@ pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToke
     let mut servers = JoinSet::new();
     servers.spawn(courier_http::serve(
         listener,
-        api::router(shared.clone(), sc.api_token.clone()),
+        api::router(
+            shared.clone(),
+            sc.api_token.clone(),
+            ui::Operations {
+                amqp_url: sc.amqp_url.clone(),
+                names: sc.names.clone(),
+                management_url: sc.management_url.clone(),
+            },
+        ),
         bounds,
         shutdown.clone(),
     ));

@@ -50,9 +50,22 @@ const MAX_FIELD: usize = 64 * 1024;
 const APP_JS: &str = include_str!("ui/app.js");
 const APP_CSS: &str = include_str!("ui/app.css");
 
+/// Where the UI reads dead letters and queue statistics.
+#[derive(Debug, Clone)]
+pub struct Operations {
+    /// The broker (a URL or a list of the nodes').
+    pub amqp_url: String,
+    pub names: courier_amqp::Names,
+    /// RabbitMQ's management API, for the queues page.
+    pub management_url: Option<String>,
+}
+
 /// What the UI's routes share besides the engine.
 #[derive(Debug)]
 struct Ui {
+    ops: Operations,
+    /// One dead-letter operation at a time (each takes the whole queue).
+    dead: tokio::sync::Mutex<()>,
     shared: Arc<Shared>,
     /// Signs sessions and CSRF tokens (from the API token); `None`: the UI
     /// is open (an API without a token, on loopback or allowed anonymous).
@@ -62,9 +75,11 @@ struct Ui {
 }
 
 /// The UI's routes: `/` and `/ui/...`.
-pub fn router(shared: Arc<Shared>, token: Option<String>) -> Router {
+pub fn router(shared: Arc<Shared>, token: Option<String>, ops: Operations) -> Router {
     let token = token.filter(|t| !t.is_empty());
     let ui = Arc::new(Ui {
+        ops,
+        dead: tokio::sync::Mutex::new(()),
         shared,
         key: token.as_ref().map(|t| SigningKey::new("ui", t.as_bytes().to_vec())),
         token,
@@ -78,6 +93,9 @@ pub fn router(shared: Arc<Shared>, token: Option<String>) -> Router {
         .route("/ui/runs/{id}/cancel", post(cancel))
         .route("/ui/runs/{id}/steps/{step}/{decision}", post(decide))
         .route("/ui/workflows", get(workflows_page))
+        .route("/ui/dead", get(dead_page))
+        .route("/ui/dead/{id}/requeue", post(requeue_dead))
+        .route("/ui/queues", get(queues_page))
         .route("/ui/workflows/{name}/runs", post(submit))
         .route("/ui/logout", post(logout))
         .layer(middleware::from_fn_with_state(ui.clone(), require_session));
@@ -213,6 +231,8 @@ fn layout(title: &str, csrf: &str, body: Markup) -> Markup {
                         a.brand href="/ui/runs" { "Courier" }
                         a href="/ui/runs" { "Runs" }
                         a href="/ui/workflows" { "Workflows" }
+                        a href="/ui/dead" { "Dead letters" }
+                        a href="/ui/queues" { "Queues" }
                         @if csrf != "-" {
                             form.inline method="post" action="/ui/logout" {
                                 input type="hidden" name="csrf" value=(csrf);
@@ -857,6 +877,125 @@ async fn submit(
         Ok(Err(e)) => page_error(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(_) => page_error(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
     }
+}
+
+async fn dead_page(State(ui): State<Arc<Ui>>, headers: HeaderMap) -> Response {
+    let csrf = csrf_for(&ui, session(&ui, &headers).as_deref());
+    let _one = ui.dead.lock().await;
+    let broker = match courier_amqp::Broker::connect(&ui.ops.amqp_url, ui.ops.names.clone(), "courier-ui").await {
+        Ok(broker) => broker,
+        Err(e) => return page_error(StatusCode::BAD_GATEWAY, &format!("cannot reach the broker: {e}")),
+    };
+    let taken = crate::ops::take_dead(&broker).await;
+    let body = match &taken {
+        Ok((_, dead)) => html! {
+            h1 { "Dead letters" }
+            p { (dead.len()) " in " code { (ui.ops.names.dead()) } }
+            div.scroll { table #dead {
+                thead { tr { th { "Task" } th { "Run" } th { "Pool" } th { "Attempt" } th { "Bytes" } th { "Reason" } th {} } }
+                tbody {
+                    @if dead.is_empty() { tr { td colspan="7" { "None." } } }
+                    @for d in dead {
+                        tr {
+                            td { code { (d.id()) } }
+                            td { a href={ "/ui/runs/" (d.run_id()) } { code { (d.run_id()) } } }
+                            td { (d.pool()) }
+                            td.num { (d.attempt().map(|a| a.to_string()).unwrap_or_default()) }
+                            td.num { (d.delivery.body.len()) }
+                            td { pre.error { (d.reason()) } }
+                            td { @if !d.is_result() {
+                                form.inline method="post" action={ "/ui/dead/" (d.id()) "/requeue" } {
+                                    input type="hidden" name="csrf" value=(csrf);
+                                    button type="submit" { "Requeue" }
+                                }
+                            } }
+                        }
+                    }
+                }
+            } }
+        },
+        Err(e) => html! { h1 { "Dead letters" } p.error role="alert" { "cannot read them: " (e) } },
+    };
+    if let Ok((consumer, _)) = taken {
+        // Unacknowledged: they go back to the queue.
+        let _ = consumer.close().await;
+    }
+    let _ = broker.close().await;
+    layout("Dead letters", &csrf, body).into_response()
+}
+
+async fn requeue_dead(
+    State(ui): State<Arc<Ui>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    form: Form<CsrfForm>,
+) -> Response {
+    if let Err(refused) = check_csrf(&ui, &headers, &form.csrf) {
+        return refused.into_response();
+    }
+    let _one = ui.dead.lock().await;
+    let broker = match courier_amqp::Broker::connect(&ui.ops.amqp_url, ui.ops.names.clone(), "courier-ui").await {
+        Ok(broker) => broker,
+        Err(e) => return page_error(StatusCode::BAD_GATEWAY, &format!("cannot reach the broker: {e}")),
+    };
+    let outcome = async {
+        let (consumer, dead) = crate::ops::take_dead(&broker).await.map_err(|e| e.to_string())?;
+        let result = match dead.iter().find(|d| d.id() == id) {
+            None => Err(format!("no dead-lettered task \"{id}\"")),
+            Some(d) if d.is_result() => Err(format!(
+                "\"{id}\" is a refused result, not a task: it cannot be requeued"
+            )),
+            Some(d) => {
+                let publisher = broker.publisher(16).await.map_err(|e| e.to_string())?;
+                let sent = crate::ops::requeue(&broker, &publisher, d)
+                    .await
+                    .map_err(|e| e.to_string());
+                let _ = publisher.close().await;
+                sent
+            }
+        };
+        let _ = consumer.close().await;
+        result
+    }
+    .await;
+    let _ = broker.close().await;
+    match outcome {
+        Ok(()) => {
+            tracing::info!(task = %id, "dead-lettered task requeued from the web UI");
+            Redirect::to("/ui/dead").into_response()
+        }
+        Err(e) => page_error(StatusCode::CONFLICT, &e),
+    }
+}
+
+async fn queues_page(State(ui): State<Arc<Ui>>, headers: HeaderMap) -> Response {
+    let csrf = csrf_for(&ui, session(&ui, &headers).as_deref());
+    let queues = match &ui.ops.management_url {
+        Some(url) => crate::ops::queues(url, &ui.ops.amqp_url, ui.ops.names.namespace()).await,
+        None => Err("management_url is not set".to_string()),
+    };
+    let body = html! {
+        h1 { "Queues" }
+        @match &queues {
+            Ok(queues) => div.scroll { table #queues {
+                thead { tr { th { "Queue" } th { "Ready" } th { "Unacked" } th { "Consumers" } th { "In/s" } th { "Out/s" } th { "Ack/s" } } }
+                tbody {
+                    @if queues.is_empty() { tr { td colspan="7" { "No queues of this namespace yet." } } }
+                    @for q in queues {
+                        tr {
+                            td { code { (q.name) } }
+                            td.num { (q.ready) } td.num { (q.unacked) } td.num { (q.consumers) }
+                            td.num { (format!("{:.1}", q.publish_rate)) }
+                            td.num { (format!("{:.1}", q.deliver_rate)) }
+                            td.num { (format!("{:.1}", q.ack_rate)) }
+                        }
+                    }
+                }
+            } },
+            Err(e) => p.error role="alert" { (e) },
+        }
+    };
+    layout("Queues", &csrf, body).into_response()
 }
 
 /// The version of a rendered fragment, so a stream sends only what changed

@@ -5,12 +5,11 @@
 //! again (confirmed) before acknowledging the dead copy.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
-use courier_amqp::{Broker, Delivery, Header, Outgoing};
-use courier_wire::headers;
+use courier_amqp::Broker;
+use courier_scheduler::ops;
 
 use crate::settings::Settings;
 
@@ -33,66 +32,14 @@ pub enum DeadCommand {
     },
 }
 
-struct Dead {
-    delivery: Delivery,
-}
-
-impl Dead {
-    fn id(&self) -> &str {
-        self.delivery.message_id.as_deref().unwrap_or("-")
-    }
-
-    fn pool(&self) -> &str {
-        if self.is_result() {
-            return "(result)";
-        }
-        self.delivery
-            .header_str(headers::POOL)
-            .unwrap_or(&self.delivery.routing_key)
-    }
-
-    /// A result the scheduler refused: kept to be read, never requeued.
-    fn is_result(&self) -> bool {
-        self.delivery.header_str(headers::KIND) == Some("result")
-    }
-
-    fn reason(&self) -> String {
-        match (
-            self.delivery.header_str(headers::DEAD_REASON),
-            self.delivery.header_str(headers::BROKER_DEATH_REASON),
-        ) {
-            (Some(reason), _) => reason.to_string(),
-            (None, Some(broker)) => format!("dead-lettered by the broker: {broker}"),
-            (None, None) => "unknown".into(),
-        }
-    }
-}
-
-/// Take every message now in the dead queue, unacknowledged.
-async fn take_all(broker: &Broker) -> anyhow::Result<(courier_amqp::Consumer, Vec<Dead>)> {
-    let queue = broker.names().dead();
-    let (ready, _) = broker
-        .queue_depth(&queue)
-        .await
-        .with_context(|| format!("reading {queue}"))?;
-    let prefetch = u16::try_from(ready.max(1)).unwrap_or(u16::MAX);
-    let mut consumer = broker.consumer(&queue, prefetch, "courier-dead").await?;
-    let mut dead = Vec::new();
-    while dead.len() < ready as usize {
-        match tokio::time::timeout(Duration::from_secs(2), consumer.next()).await {
-            Ok(Some(Ok(delivery))) => dead.push(Dead { delivery }),
-            Ok(Some(Err(e))) => return Err(e.into()),
-            Ok(None) | Err(_) => break,
-        }
-    }
-    Ok((consumer, dead))
-}
-
 pub async fn run(settings: &Settings, cmd: DeadCommand) -> anyhow::Result<ExitCode> {
     let broker = Broker::connect(&settings.amqp_url, settings.names(), "courier-dead")
         .await
         .with_context(|| format!("connecting to {}", settings.amqp_url))?;
-    let (consumer, dead) = take_all(&broker).await?;
+    let queue = broker.names().dead();
+    let (consumer, dead) = ops::take_dead(&broker)
+        .await
+        .with_context(|| format!("reading {queue}"))?;
     let code = match cmd {
         DeadCommand::List { json } => {
             if json {
@@ -103,7 +50,7 @@ pub async fn run(settings: &Settings, cmd: DeadCommand) -> anyhow::Result<ExitCo
                             "task_id": d.id(),
                             "run_id": d.delivery.correlation_id,
                             "pool": d.pool(),
-                            "attempt": d.delivery.header_int(headers::ATTEMPT),
+                            "attempt": d.attempt(),
                             "bytes": d.delivery.body.len(),
                             "reason": d.reason(),
                         })
@@ -127,7 +74,6 @@ pub async fn run(settings: &Settings, cmd: DeadCommand) -> anyhow::Result<ExitCo
         }
         DeadCommand::Requeue { id, all } => {
             let publisher = broker.publisher(256).await?;
-            let exchange = broker.names().tasks_exchange();
             let mut requeued = 0;
             for d in dead.iter().filter(|d| all || id.as_deref() == Some(d.id())) {
                 if d.is_result() {
@@ -136,24 +82,9 @@ pub async fn run(settings: &Settings, cmd: DeadCommand) -> anyhow::Result<ExitCo
                     }
                     continue;
                 }
-                let mut kept: Vec<(&'static str, Header)> = Vec::new();
-                for name in [headers::ATTEMPT, headers::SNAPSHOT_HASH, headers::SIGNATURE] {
-                    if let Some(v) = d.delivery.headers.get(name) {
-                        kept.push((name, v.clone()));
-                    }
-                }
-                publisher
-                    .publish(Outgoing {
-                        exchange: &exchange,
-                        routing_key: d.pool(),
-                        body: &d.delivery.body,
-                        message_id: d.id(),
-                        correlation_id: d.delivery.correlation_id.as_deref().unwrap_or_default(),
-                        headers: kept,
-                    })
+                ops::requeue(&broker, &publisher, d)
                     .await
                     .with_context(|| format!("requeueing {}", d.id()))?;
-                d.delivery.ack().await?;
                 requeued += 1;
             }
             if requeued == 0 && !all {

@@ -75,6 +75,7 @@ pub fn scheduler(settings: Settings) -> anyhow::Result<ExitCode> {
         data_dir: settings.data_dir.clone(),
         database_url: settings.database_url.clone(),
         quorum_group_size: settings.quorum_group_size,
+        management_url: Some(settings.management_url.clone()),
         api_listen: settings.api_listen,
         limits: courier_scheduler::engine::EngineLimits {
             snapshot: settings.snapshot_limits(),
