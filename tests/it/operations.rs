@@ -460,3 +460,142 @@ fn workers_ask_the_broker_to_wait_for_the_longest_step() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// A Prometheus server from Debian's package, scraping `targets`
+/// (job name, address, path) every second; killed when dropped.
+struct Prometheus {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(targets: &[(&str, String, &str)]) -> Option<Self> {
+        if !std::path::Path::new("/usr/bin/prometheus").exists() {
+            eprintln!("prometheus is not installed (apt-get install prometheus): the dashboard's queries are not run");
+            return None;
+        }
+        let dir = tempfile::TempDir::new().unwrap();
+        let mut config = String::from("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n");
+        for (job, addr, path) in targets {
+            config.push_str(&format!(
+                "  - job_name: {job}\n    metrics_path: {path}\n    static_configs:\n      - targets: ['{addr}']\n"
+            ));
+        }
+        std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("/usr/bin/prometheus")
+            .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while reqwest::blocking::get(format!("{url}/-/ready")).map_or(true, |r| !r.status().is_success()) {
+            assert!(std::time::Instant::now() < deadline, "prometheus did not start");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Some(Self { child, url, _dir: dir })
+    }
+
+    fn query(&self, expr: &str) -> serde_json::Value {
+        reqwest::blocking::Client::new()
+            .get(format!("{}/api/v1/query", self.url))
+            .query(&[("query", expr)])
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn every_dashboard_query_returns_data_from_a_deployment_after_traffic() {
+    let offline = "steps:\n  - name: a\n    agent:\n      model: offline\n      prompt: hi\n      tools: [output]\n";
+    let failing = "steps:\n  - name: f\n    retry: {limit: 1, backoff: 100ms}\n    command: [\"false\"]\n";
+    let cluster = Cluster::builder()
+        .workers(2)
+        .workflow("offline", offline)
+        .workflow("failing", failing)
+        .env("COURIER_WORKER_METRICS_LISTEN", "127.0.0.1:0")
+        .start();
+    let worker_addr = |id: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(addr) = cluster.worker_log(id).lines().find_map(|l| {
+                l.split("metrics listening addr=")
+                    .nth(1)
+                    .map(|a| a.split_whitespace().next().unwrap().to_string())
+            }) {
+                return addr;
+            }
+            assert!(std::time::Instant::now() < deadline, "{}", cluster.logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let scheduler = cluster.api.trim_start_matches("http://").to_string();
+    let Some(prometheus) = Prometheus::start(&[
+        ("scheduler", scheduler, "/metrics"),
+        ("worker1", worker_addr("w1"), "/metrics"),
+        ("worker2", worker_addr("w2"), "/metrics"),
+        ("rabbitmq", "127.0.0.1:15692".into(), "/metrics"),
+        ("rabbitmq_queues", "127.0.0.1:15692".into(), "/metrics/per-object"),
+    ]) else {
+        return;
+    };
+    // Traffic once Prometheus watches: runs, an agent step, a failure with
+    // a retry, a poison message.
+    std::thread::sleep(Duration::from_secs(3));
+    for workflow in ["fanout", "offline", "failing", "fanout"] {
+        let id = cluster.submit(workflow, &[]).unwrap();
+        cluster.wait_run(&id, Duration::from_secs(30));
+    }
+    cluster.publish_raw("default", b"not a task", "poison-dashboard", vec![]);
+    crate::reliability::wait_dead(&cluster, 1);
+    std::thread::sleep(Duration::from_secs(4));
+
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("config/grafana/dashboards/courier.json")).unwrap())
+            .unwrap();
+    let mut empty = Vec::new();
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$namespace", &cluster.namespace);
+            let answer = prometheus.query(&expr);
+            assert_eq!(answer["status"], "success", "{expr}: {answer}");
+            checked += 1;
+            if answer["data"]["result"].as_array().is_none_or(Vec::is_empty) {
+                empty.push(format!("{}: {expr}", panel["title"].as_str().unwrap_or("?")));
+            }
+        }
+    }
+    assert!(checked >= 20, "{checked} queries");
+    assert!(empty.is_empty(), "dashboard queries with no data: {empty:#?}");
+    // Series name what they count: workers by their ID, queues of this namespace.
+    let in_flight = prometheus.query("sum by (worker) (courier_worker_steps_in_flight)");
+    let workers: std::collections::BTreeSet<String> = in_flight["data"]["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["metric"]["worker"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(workers, ["w1".to_string(), "w2".to_string()].into(), "{in_flight}");
+}

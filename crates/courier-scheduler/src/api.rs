@@ -391,7 +391,11 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError
     .await
     .map_err(internal)?
     .map_err(internal)?;
-    for (status, n) in counts {
+    // Every status, 0 when no run has it (a status that emptied reads 0,
+    // not its last count).
+    let counts: std::collections::HashMap<RunStatus, i64> = counts.into_iter().collect();
+    for status in RunStatus::ALL {
+        let n = counts.get(status).copied().unwrap_or(0);
         shared
             .metrics
             .runs

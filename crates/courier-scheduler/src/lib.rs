@@ -189,6 +189,7 @@ pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToke
         })?;
     let engine = Arc::new(Engine::new(config, db, sc.limits.clone()));
     let metrics = Metrics::default();
+    metrics.initialize(engine.config().store.model_ids());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     let shared = Arc::new(Shared {

@@ -61,6 +61,29 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Every labelled counter at 0 for the labels known at start (result
+    /// statuses, refusal reasons, the config's models), so the first
+    /// increment shows in `rate()`.
+    pub fn initialize<'m>(&self, models: impl Iterator<Item = &'m str>) {
+        for status in courier_wire::TaskStatus::ALL {
+            let _ = self.results_received.get_or_create(&Status {
+                status: status.as_str().into(),
+            });
+        }
+        for reason in ["unsigned", "forged", "undecodable", "mismatch", "memory_not_allowed"] {
+            let _ = self.results_refused.get_or_create(&Reason { reason: reason.into() });
+        }
+        for model in models {
+            for direction in ["input", "output"] {
+                let _ = self.llm_tokens.get_or_create(&Tokens {
+                    model: model.into(),
+                    direction: direction.into(),
+                });
+            }
+            let _ = self.llm_cost.get_or_create(&Model { model: model.into() });
+        }
+    }
+
     /// Register every metric under the `courier_` prefix.
     pub fn register(&self, registry: &mut Registry) {
         registry.register(

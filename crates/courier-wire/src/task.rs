@@ -233,6 +233,15 @@ pub enum TaskStatus {
 }
 
 impl TaskStatus {
+    /// Every status, in declaration order.
+    pub const ALL: &'static [TaskStatus] = &[
+        TaskStatus::Succeeded,
+        TaskStatus::Failed,
+        TaskStatus::TimedOut,
+        TaskStatus::Rejected,
+        TaskStatus::Cancelled,
+    ];
+
     /// The name used in results, the database and the CLI.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -91,10 +91,11 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let tracker = TaskTracker::new();
     let metrics = Arc::new(metrics::Metrics::default());
+    metrics.initialize();
     let cancellations = Arc::new(control::Cancellations::default());
     let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(listen) = config.metrics_listen {
-        match metrics::serve(listen, &metrics, connected.clone()).await {
+        match metrics::serve(listen, &metrics, &config.worker_id, connected.clone()).await {
             Ok(addr) => info!(%addr, "metrics listening"),
             Err(e) => warn!(%listen, error = %e, "cannot serve metrics"),
         }
