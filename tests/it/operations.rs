@@ -599,3 +599,123 @@ fn every_dashboard_query_returns_data_from_a_deployment_after_traffic() {
         .collect();
     assert_eq!(workers, ["w1".to_string(), "w2".to_string()].into(), "{in_flight}");
 }
+
+/// An OTLP/HTTP receiver: keeps every span posted to `/v1/traces` (JSON).
+struct OtlpReceiver {
+    url: String,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl OtlpReceiver {
+    fn start() -> Self {
+        use axum::routing::post;
+        let spans: std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>> = Default::default();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let kept = spans.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            post(move |body: axum::body::Bytes| {
+                let kept = kept.clone();
+                async move {
+                    let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                    for resource in request["resourceSpans"].as_array().into_iter().flatten() {
+                        let service = resource["resource"]["attributes"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .find(|a| a["key"] == "service.name")
+                            .and_then(|a| a["value"]["stringValue"].as_str())
+                            .unwrap_or_default()
+                            .to_string();
+                        for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
+                            for span in scope["spans"].as_array().into_iter().flatten() {
+                                kept.lock().unwrap().push((service.clone(), span.clone()));
+                            }
+                        }
+                    }
+                    "{}"
+                }
+            }),
+        );
+        runtime.spawn(async move { axum::serve(listener, app).await });
+        Self {
+            url,
+            spans,
+            _runtime: runtime,
+        }
+    }
+}
+
+#[test]
+fn a_runs_spans_reach_an_otlp_receiver_as_one_trace_across_processes() {
+    let receiver = OtlpReceiver::start();
+    let cluster = Cluster::builder()
+        .workers(2)
+        .env("COURIER_OTLP_ENDPOINT", &receiver.url)
+        .start();
+    let id = cluster.submit("fanout", &[]).unwrap();
+    let run = cluster.wait_run(&id, Duration::from_secs(30));
+    assert_eq!(run["status"], "succeeded");
+    let steps: BTreeSet<String> = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    let trace_id = id.replace('-', "");
+    // Spans are exported in batches (every 5 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let spans = receiver.spans.lock().unwrap().clone();
+        let of_run: Vec<&(String, serde_json::Value)> = spans
+            .iter()
+            .filter(|(_, s)| s["traceId"] == trace_id.as_str())
+            .collect();
+        let root = of_run
+            .iter()
+            .find(|(service, s)| service == "courier-scheduler" && s["name"] == "run fanout");
+        let tasks: Vec<&serde_json::Value> = of_run
+            .iter()
+            .filter(|(service, s)| {
+                service == "courier-scheduler" && s["name"].as_str().unwrap_or("").starts_with("task ")
+            })
+            .map(|(_, s)| s)
+            .collect();
+        let worker_steps: Vec<&serde_json::Value> = of_run
+            .iter()
+            .filter(|(service, s)| service == "courier-worker" && s["name"] == "task")
+            .map(|(_, s)| s)
+            .collect();
+        if let Some((_, root)) = root
+            && tasks.len() == steps.len()
+            && worker_steps.len() == steps.len()
+        {
+            // The scheduler's task spans hang from the run's root span, and
+            // each worker's step span from its task's span.
+            for task in &tasks {
+                assert_eq!(task["parentSpanId"], root["spanId"], "{task}");
+            }
+            let task_ids: BTreeSet<&str> = tasks.iter().map(|t| t["spanId"].as_str().unwrap()).collect();
+            for step in &worker_steps {
+                assert!(task_ids.contains(step["parentSpanId"].as_str().unwrap()), "{step}");
+            }
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "run {id}: root {}, {} task spans and {} worker spans of {} steps\n{spans:#?}",
+            root.is_some(),
+            tasks.len(),
+            worker_steps.len(),
+            steps.len()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

@@ -618,6 +618,7 @@ impl Engine {
         if !started {
             return Ok(None);
         }
+        crate::trace::run_started(&run, workflow, now);
         Ok(Some(self.with_db(|db| db.run(&run))?.ok_or(DbError::no_row())?))
     }
 

@@ -18,6 +18,7 @@ pub mod engine;
 pub mod leader;
 pub mod metrics;
 pub mod ops;
+pub mod trace;
 pub mod ui;
 
 use std::net::SocketAddr;
@@ -871,15 +872,23 @@ async fn results_loop(
         }
         let statuses: Vec<&'static str> = results.iter().map(|r| r.status.as_str()).collect();
         let engine = shared.engine.clone();
-        let applied = tokio::task::spawn_blocking(move || engine.apply(&results))
-            .await
-            .map_err(|_| AmqpError::Closed)?;
+        let (results, applied) = tokio::task::spawn_blocking(move || {
+            let applied = engine.apply(&results);
+            (results, applied)
+        })
+        .await
+        .map_err(|_| AmqpError::Closed)?;
         match applied {
             Ok(applied) => {
                 for (i, refused) in &applied.refused {
                     intake
                         .dead_letter(shared, opened[*i], refused.label(), refused.to_string())
                         .await?;
+                }
+                for (i, result) in results.iter().enumerate() {
+                    if !applied.refused.iter().any(|(r, _)| *r == i) {
+                        trace::task_applied(result);
+                    }
                 }
                 for status in statuses {
                     shared

@@ -375,6 +375,19 @@ async fn handle(delivery: Delivery, pool: &str, shared: &Serving, publisher: &Pu
         Some(Ok(tp)) => {
             span.record("trace_id", tp.trace_id_hex());
             span.record("parent_span", tp.parent_id_hex());
+            // For a tracing backend (when spans are exported): the step's
+            // span is a child of the scheduler's task span.
+            use opentelemetry::trace::TraceContextExt as _;
+            use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+            let parent =
+                opentelemetry::Context::new().with_remote_span_context(opentelemetry::trace::SpanContext::new(
+                    opentelemetry::trace::TraceId::from_bytes(tp.trace_id),
+                    opentelemetry::trace::SpanId::from_bytes(tp.parent_id),
+                    opentelemetry::trace::TraceFlags::SAMPLED,
+                    true,
+                    opentelemetry::trace::TraceState::default(),
+                ));
+            let _ = span.set_parent(parent);
         }
         Some(Err(e)) => warn!(parent: &span, error = %e, "ignoring the task's trace context"),
         None => {}

@@ -11,20 +11,83 @@ use tokio_util::sync::CancellationToken;
 
 use crate::settings::Settings;
 
-/// Logs to stderr, `RUST_LOG`-style filter (default `info`), text or JSON.
-pub fn init_logging(format: &str) {
+/// Logs to stderr, `RUST_LOG`-style filter (default `info`), text or JSON;
+/// with `otlp_endpoint` set, spans are exported there too (OTLP over HTTP,
+/// JSON encoding) as `service`. The provider returned flushes them when
+/// shut down (at exit).
+pub fn init_logging(
+    format: &str,
+    otlp: Option<(&str, &'static str)>,
+) -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn,amq_protocol=warn"));
     // Colours only on a terminal: log files and collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
+    let (otel, provider) = match otlp.map(|(endpoint, service)| otlp_provider(endpoint, service)) {
+        Some(Ok(provider)) => {
+            use opentelemetry::trace::TracerProvider as _;
+            let tracer = provider.tracer("courier");
+            opentelemetry::global::set_tracer_provider(provider.clone());
+            (Some(tracing_opentelemetry::layer().with_tracer(tracer)), Some(provider))
+        }
+        Some(Err(e)) => {
+            eprintln!("warning: OpenTelemetry export is off: {e}");
+            (None, None)
+        }
+        None => (None, None),
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
     if format == "json" {
-        builder.json().flatten_event(true).with_current_span(true).init();
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_writer(std::io::stderr),
+            )
+            .init();
     } else {
-        builder.init();
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(ansi),
+            )
+            .init();
+    }
+    provider
+}
+
+/// An OTLP/HTTP (JSON) span exporter to `endpoint` (`http://host:4318`),
+/// batched on a thread of its own.
+fn otlp_provider(endpoint: &str, service: &'static str) -> anyhow::Result<opentelemetry_sdk::trace::SdkTracerProvider> {
+    use opentelemetry_otlp::{Protocol, WithExportConfig as _};
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpJson)
+        .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+        .with_timeout(Duration::from_secs(10))
+        .build()
+        .context("building the OTLP exporter")?;
+    Ok(opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(service)
+                .build(),
+        )
+        .build())
+}
+
+/// Send the spans not yet exported.
+fn flush(traces: Option<opentelemetry_sdk::trace::SdkTracerProvider>) {
+    if let Some(provider) = traces
+        && let Err(e) = provider.shutdown()
+    {
+        tracing::warn!(error = %e, "exporting the last spans failed");
     }
 }
 
@@ -53,7 +116,13 @@ fn shutdown_on_signals() -> CancellationToken {
 pub const EXIT_CONFIG: u8 = 78;
 
 pub fn scheduler(settings: Settings) -> anyhow::Result<ExitCode> {
-    init_logging(&settings.log_format);
+    let traces = init_logging(
+        &settings.log_format,
+        settings.otlp_endpoint.as_deref().map(|e| (e, "courier-scheduler")),
+    );
+    if traces.is_some() {
+        courier_scheduler::trace::enable();
+    }
     if !settings.api_listen.ip().is_loopback() && settings.api_token().is_none() && !settings.api_allow_anonymous {
         eprintln!(
             "error: the API would listen on {} without a token: anyone who can reach it could submit runs. \
@@ -96,17 +165,22 @@ pub fn scheduler(settings: Settings) -> anyhow::Result<ExitCode> {
         metrics_listen: settings.scheduler_metrics_listen,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(async {
+    let outcome = runtime.block_on(async {
         let shutdown = shutdown_on_signals();
         courier_scheduler::run(config, sc, shutdown).await
-    })?;
+    });
+    flush(traces);
+    outcome?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// Run a worker. `env` is the environment it was started with (kept in
 /// memory only: see `seal`).
 pub fn worker(settings: Settings, env: BTreeMap<String, String>) -> anyhow::Result<ExitCode> {
-    init_logging(&settings.log_format);
+    let traces = init_logging(
+        &settings.log_format,
+        settings.otlp_endpoint.as_deref().map(|e| (e, "courier-worker")),
+    );
     let sandbox = sandbox(&settings, &env)?;
     let pools: Vec<String> = settings
         .worker_queues
@@ -144,10 +218,12 @@ pub fn worker(settings: Settings, env: BTreeMap<String, String>) -> anyhow::Resu
         worker_env: std::sync::Arc::new(env),
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(async {
+    let outcome = runtime.block_on(async {
         let shutdown = shutdown_on_signals();
         courier_worker::run(config, shutdown).await
-    })?;
+    });
+    flush(traces);
+    outcome?;
     Ok(ExitCode::SUCCESS)
 }
 

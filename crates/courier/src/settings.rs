@@ -66,6 +66,8 @@ pub struct Settings {
     pub connect_timeout_secs: u64,
     /// Log format: `text` or `json`.
     pub log_format: String,
+    /// An OTLP/HTTP receiver (`http://jaeger:4318`): spans exported there.
+    pub otlp_endpoint: Option<String>,
     /// HMAC key: the scheduler signs tasks, workers refuse unsigned ones.
     pub signing_key: Option<String>,
     /// ID of the signing key, carried in the signature (for rotation).
@@ -138,6 +140,7 @@ impl Default for Settings {
             shutdown_grace_secs: 30,
             connect_timeout_secs: 60,
             log_format: "text".into(),
+            otlp_endpoint: None,
             signing_key: None,
             signing_key_id: "default".into(),
             api_token: None,
@@ -175,6 +178,7 @@ const ENV_KEYS: &[&str] = &[
     "shutdown_grace_secs",
     "connect_timeout_secs",
     "log_format",
+    "otlp_endpoint",
     "signing_key",
     "signing_key_id",
     "api_token",
@@ -209,6 +213,11 @@ impl Settings {
                 "log_format must be \"text\" or \"json\", not \"{}\"",
                 settings.log_format
             );
+        }
+        if let Some(endpoint) = &settings.otlp_endpoint
+            && !endpoint.starts_with("http://")
+        {
+            anyhow::bail!("otlp_endpoint must be an http:// URL (an OTLP/HTTP receiver, port 4318; no TLS)");
         }
         if settings.quorum_group_size == Some(0) {
             anyhow::bail!("quorum_group_size must be at least 1 (leave it out for every node)");
