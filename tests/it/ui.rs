@@ -276,6 +276,50 @@ fn the_web_ui_logs_in_submits_updates_live_and_shows_outputs_as_text() {
     assert!(rows[1].contains(&shown) && rows[1].contains("succeeded"), "{rows:?}");
     browser.screenshot("runs.png");
 
+    // A second approval, this time with the page's own form and a comment.
+    let second = cluster.submit("gate", &[]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while step_status(&cluster.run(&second), "gate") != "waiting_approval" {
+        assert!(Instant::now() < deadline, "{}", cluster.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    browser.goto(&format!("{api}/ui/runs/{second}"));
+    browser.fill("#step-gate input[name=comment]", "looks right to me");
+    browser.click("#step-gate form.decide button[type=submit]");
+    browser.wait_text("#run-status", "succeeded", Duration::from_secs(30));
+    assert_eq!(browser.text("#step-gate pre.out"), "looks right to me");
+
+    // With the session but without the form's CSRF token, from the page
+    // itself: refused, and nothing cancelled.
+    let third = cluster.submit("gate", &[]).unwrap();
+    let status = browser.rt.block_on(browser.client.execute_async(
+        &format!(
+            "const done = arguments[0]; fetch('/ui/runs/{third}/cancel', {{method: 'POST', body: new URLSearchParams({{csrf: 'wrong'}})}}).then(r => done(r.status))"
+        ),
+        vec![],
+    ));
+    assert_eq!(status.unwrap(), 403);
+    assert_eq!(cluster.run(&third)["status"], "running");
+    // Cancelled by its button.
+    browser.goto(&format!("{api}/ui/runs/{third}"));
+    browser.click("form.inline button.danger");
+    browser.wait_text("#run-status", "cancelled", Duration::from_secs(30));
+
+    // Logged out: back to the login form.
+    browser.click("nav form button[type=submit]");
+    browser.wait_url(|u| u.ends_with("/ui/login"));
+    browser.goto(&format!("{api}/ui/runs"));
+    assert!(browser.url().ends_with("/ui/login"), "{}", browser.url());
+
+    // Without a session, no live stream; the API keeps its own token.
+    let bare = reqwest::blocking::Client::new();
+    assert_eq!(bare.get(format!("{api}/ui/runs/live")).send().unwrap().status(), 401);
+    assert_eq!(
+        bare.get(format!("{api}/ui/runs/{gated}/live")).send().unwrap().status(),
+        401
+    );
+    assert_eq!(bare.get(format!("{api}/api/runs")).send().unwrap().status(), 401);
+
     // A form posted from another origin is refused, even with the session.
     let forged = reqwest::blocking::Client::new()
         .post(format!("{api}/ui/runs/{gated}/cancel"))

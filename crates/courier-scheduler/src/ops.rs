@@ -61,19 +61,19 @@ impl DeadLetter {
     }
 }
 
-/// Dead letters read at once, at most.
+/// Dead letters the CLI reads at once, at most.
 pub const MAX_DEAD_LISTED: u32 = 10_000;
 
-/// Take every message now in the dead-letter queue (at most
-/// [`MAX_DEAD_LISTED`]), unacknowledged: closing the consumer puts back
-/// whatever was not acknowledged.
+/// Take the messages now in the dead-letter queue (the oldest `limit`),
+/// unacknowledged: closing the consumer puts back whatever was not
+/// acknowledged.
 ///
 /// # Errors
 /// The broker's.
-pub async fn take_dead(broker: &Broker) -> Result<(Consumer, Vec<DeadLetter>), AmqpError> {
+pub async fn take_dead(broker: &Broker, limit: u32) -> Result<(Consumer, Vec<DeadLetter>), AmqpError> {
     let queue = broker.names().dead();
     let (ready, _) = broker.queue_depth(&queue).await?;
-    let ready = ready.min(MAX_DEAD_LISTED);
+    let ready = ready.min(limit);
     let prefetch = u16::try_from(ready.max(1)).unwrap_or(u16::MAX);
     let mut consumer = broker.consumer(&queue, prefetch, "courier-dead").await?;
     let mut dead = Vec::new();

@@ -38,11 +38,13 @@ const SESSION_MS: i64 = 12 * 3600 * 1000;
 /// The session cookie's name.
 const COOKIE: &str = "courier_session";
 /// Live streams open at once, at most (each reads the database twice a second).
-const MAX_STREAMS: usize = 64;
+const MAX_STREAMS: usize = 32;
 /// A live stream ends after this long (the browser reconnects by itself).
 const STREAM_LIFE: Duration = Duration::from_secs(3600);
 /// Runs the runs page lists.
 const RUNS_SHOWN: usize = 200;
+/// Dead letters the page shows (and can requeue), the oldest first.
+const DEAD_SHOWN: u32 = 100;
 /// Longest form field accepted (a param value, a comment).
 const MAX_FIELD: usize = 64 * 1024;
 
@@ -130,6 +132,10 @@ async fn security_headers(request: Request, next: Next) -> Response {
         ),
     );
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    // Outputs are not kept by the browser (the back button after logout).
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     response
 }
@@ -137,16 +143,24 @@ async fn security_headers(request: Request, next: Next) -> Response {
 /// The session a request carries, if valid: its cookie value.
 fn session(ui: &Ui, headers: &HeaderMap) -> Option<String> {
     let key = ui.key.as_ref()?;
-    let value = headers
+    // Every cookie of that name: one planted beside ours cannot hide it.
+    headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .find_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")))?;
-    let (expiry, mac) = value.split_once('.')?;
-    let expiry_ms: i64 = expiry.parse().ok()?;
-    let expected = key.sign(format!("session:{expiry_ms}").as_bytes());
-    (expiry_ms > now_ms() && bool::from(mac.as_bytes().ct_eq(expected.as_bytes()))).then(|| value.to_string())
+        .filter_map(|c| c.trim().strip_prefix(&format!("{COOKIE}=")))
+        .find(|value| {
+            let Some((expiry, mac)) = value.split_once('.') else {
+                return false;
+            };
+            let Ok(expiry_ms) = expiry.parse::<i64>() else {
+                return false;
+            };
+            let expected = key.sign(format!("session:{expiry_ms}").as_bytes());
+            expiry_ms > now_ms() && bool::from(mac.as_bytes().ct_eq(expected.as_bytes()))
+        })
+        .map(str::to_string)
 }
 
 /// The CSRF token forms carry for a session (`-` when the UI is open).
@@ -176,9 +190,29 @@ fn cross_site(headers: &HeaderMap) -> bool {
     }
 }
 
+/// Without a token, the UI answers only to an IP address or `localhost`:
+/// a page on a rebound DNS name (same-origin for the browser) is refused.
+fn host_allowed_without_token(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let name = if host.starts_with('[') {
+        host.split(']').next().map(|h| &h[1..]).unwrap_or_default()
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    name == "localhost" || name.parse::<std::net::IpAddr>().is_ok()
+}
+
 async fn require_session(State(ui): State<Arc<Ui>>, request: Request, next: Next) -> Response {
     if request.method() == axum::http::Method::POST && cross_site(request.headers()) {
         return page_error(StatusCode::FORBIDDEN, "cross-site request refused");
+    }
+    if ui.key.is_none() && !host_allowed_without_token(request.headers()) {
+        return page_error(
+            StatusCode::FORBIDDEN,
+            "without api_token the UI answers only at an IP address or localhost: set api_token to use a host name",
+        );
     }
     if ui.key.is_none() || session(&ui, request.headers()).is_some() {
         return next.run(request).await;
@@ -604,23 +638,41 @@ fn step_row(run: &RunView, step: &StepView, csrf: &str) -> Markup {
             td { (step.started_ms.map(time).unwrap_or_default()) }
             td { (step.started_ms.map(|s| duration(s, step.finished_ms)).unwrap_or_default()) }
             td.output {
-                @if let Some(output) = &step.output { pre.out { (output) } }
-                @if let Some(error) = &step.error { pre.error { (error) } }
+                @if let Some(output) = &step.output { (preview("out", output)) }
+                @if let Some(error) = &step.error { (preview("error", error)) }
                 @if let Some(model) = &step.model {
                     small { (model) ": " (step.input_tokens.unwrap_or(0)) " in, " (step.output_tokens.unwrap_or(0)) " out"
                         @if let Some(cost) = step.cost { ", cost " (format!("{cost:.4}")) } }
                 }
                 @if let Some(transcript) = &step.transcript { (transcript_view(transcript)) }
                 @if step.status == StepStatus::WaitingApproval && run.status == RunStatus::Running {
-                    form.inline method="post" action={ "/ui/runs/" (run.id) "/steps/" (step.name) "/approve" } {
+                    form.inline.decide method="post" action={ "/ui/runs/" (run.id) "/steps/" (urlencode(&step.name)) "/approve" } {
                         input type="hidden" name="csrf" value=(csrf);
                         label { "Comment " input type="text" name="comment" maxlength="1000"; }
                         button type="submit" { "Approve" }
-                        button.danger type="submit" formaction={ "/ui/runs/" (run.id) "/steps/" (step.name) "/reject" } { "Reject" }
+                        button.danger type="submit" formaction={ "/ui/runs/" (run.id) "/steps/" (urlencode(&step.name)) "/reject" } { "Reject" }
                     }
                 }
             }
         }
+    }
+}
+
+/// Text shown on a page at most, per output, error or message (the API
+/// has it all: `GET /api/runs/{id}`).
+const PREVIEW_BYTES: usize = 4096;
+/// Transcript messages shown at most.
+const PREVIEW_MESSAGES: usize = 50;
+
+/// The start of a long text, and how much was left out.
+fn preview(class: &str, text: &str) -> Markup {
+    let mut end = text.len().min(PREVIEW_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    html! {
+        pre class=(class) { (&text[..end]) }
+        @if end < text.len() { small { "… " (text.len() - end) " more bytes (the whole text: GET /api/runs/…)" } }
     }
 }
 
@@ -631,17 +683,18 @@ fn transcript_view(transcript: &serde_json::Value) -> Markup {
     html! {
         details.transcript {
             summary { "Transcript (" (messages.len()) " messages)" }
+            @if messages.len() > PREVIEW_MESSAGES { p { small { "The last " (PREVIEW_MESSAGES) " messages." } } }
             ol {
-                @for m in messages {
+                @for m in &messages[messages.len().saturating_sub(PREVIEW_MESSAGES)..] {
                     li {
                         strong { (m["role"].as_str().unwrap_or("?")) }
                         @match &m["content"] {
-                            serde_json::Value::String(text) => pre { (text) },
+                            serde_json::Value::String(text) => (preview("msg", text)),
                             serde_json::Value::Null => {},
-                            other => pre { (serde_json::to_string_pretty(other).unwrap_or_default()) },
+                            other => (preview("msg", &serde_json::to_string_pretty(other).unwrap_or_default())),
                         }
                         @for (key, value) in m.as_object().into_iter().flatten().filter(|(k, _)| *k != "role" && *k != "content") {
-                            pre { (key) ": " (serde_json::to_string_pretty(value).unwrap_or_default()) }
+                            (preview("msg", &format!("{key}: {}", serde_json::to_string_pretty(value).unwrap_or_default())))
                         }
                     }
                 }
@@ -886,11 +939,11 @@ async fn dead_page(State(ui): State<Arc<Ui>>, headers: HeaderMap) -> Response {
         Ok(broker) => broker,
         Err(e) => return page_error(StatusCode::BAD_GATEWAY, &format!("cannot reach the broker: {e}")),
     };
-    let taken = crate::ops::take_dead(&broker).await;
+    let taken = crate::ops::take_dead(&broker, DEAD_SHOWN).await;
     let body = match &taken {
         Ok((_, dead)) => html! {
             h1 { "Dead letters" }
-            p { (dead.len()) " in " code { (ui.ops.names.dead()) } }
+            p { "The oldest " (dead.len()) " in " code { (ui.ops.names.dead()) } " (at most " (DEAD_SHOWN) " shown; `courier dead list` shows them all)" }
             div.scroll { table #dead {
                 thead { tr { th { "Task" } th { "Run" } th { "Pool" } th { "Attempt" } th { "Bytes" } th { "Reason" } th {} } }
                 tbody {
@@ -898,13 +951,13 @@ async fn dead_page(State(ui): State<Arc<Ui>>, headers: HeaderMap) -> Response {
                     @for d in dead {
                         tr {
                             td { code { (d.id()) } }
-                            td { a href={ "/ui/runs/" (d.run_id()) } { code { (d.run_id()) } } }
+                            td { a href={ "/ui/runs/" (urlencode(d.run_id())) } { code { (d.run_id()) } } }
                             td { (d.pool()) }
                             td.num { (d.attempt().map(|a| a.to_string()).unwrap_or_default()) }
                             td.num { (d.delivery.body.len()) }
                             td { pre.error { (d.reason()) } }
                             td { @if !d.is_result() {
-                                form.inline method="post" action={ "/ui/dead/" (d.id()) "/requeue" } {
+                                form.inline method="post" action={ "/ui/dead/" (urlencode(d.id())) "/requeue" } {
                                     input type="hidden" name="csrf" value=(csrf);
                                     button type="submit" { "Requeue" }
                                 }
@@ -939,7 +992,9 @@ async fn requeue_dead(
         Err(e) => return page_error(StatusCode::BAD_GATEWAY, &format!("cannot reach the broker: {e}")),
     };
     let outcome = async {
-        let (consumer, dead) = crate::ops::take_dead(&broker).await.map_err(|e| e.to_string())?;
+        let (consumer, dead) = crate::ops::take_dead(&broker, DEAD_SHOWN)
+            .await
+            .map_err(|e| e.to_string())?;
         let result = match dead.iter().find(|d| d.id() == id) {
             None => Err(format!("no dead-lettered task \"{id}\"")),
             Some(d) if d.is_result() => Err(format!(
@@ -1029,8 +1084,12 @@ fn time(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).map_or_else(String::new, |t| t.format("%Y-%m-%d %H:%M:%S").to_string())
 }
 
+/// How long something took; "running" while it runs (no clock in a live
+/// fragment, so it changes only when something happens).
 fn duration(start_ms: i64, end_ms: Option<i64>) -> String {
-    let end = end_ms.unwrap_or_else(now_ms);
+    let Some(end) = end_ms else {
+        return "running".into();
+    };
     let ms = (end - start_ms).max(0);
     let text = if ms < 1000 {
         format!("{ms} ms")
@@ -1039,7 +1098,7 @@ fn duration(start_ms: i64, end_ms: Option<i64>) -> String {
     } else {
         format!("{} min {} s", ms / 60_000, (ms % 60_000) / 1000)
     };
-    if end_ms.is_none() { format!("{text}…") } else { text }
+    text
 }
 
 fn urlencode(text: &str) -> String {
@@ -1073,7 +1132,19 @@ mod tests {
     }
 
     #[test]
+    fn without_a_token_only_addresses_and_localhost_are_answered() {
+        let host = |h: &'static str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::HOST, HeaderValue::from_static(h));
+            host_allowed_without_token(&m)
+        };
+        assert!(host("127.0.0.1:8080") && host("localhost:8080") && host("[::1]:8080") && host("10.0.0.5"));
+        assert!(!host("evil.example:8080") && !host("rebind.attacker.test"));
+    }
+
+    #[test]
     fn durations_and_names_read_well() {
+        assert_eq!(duration(0, None), "running");
         assert_eq!(duration(0, Some(250)), "250 ms");
         assert_eq!(duration(0, Some(1500)), "1.5 s");
         assert_eq!(duration(0, Some(185_000)), "3 min 5 s");

@@ -37,7 +37,7 @@ pub async fn run(settings: &Settings, cmd: DeadCommand) -> anyhow::Result<ExitCo
         .await
         .with_context(|| format!("connecting to {}", settings.amqp_url))?;
     let queue = broker.names().dead();
-    let (consumer, dead) = ops::take_dead(&broker)
+    let (consumer, dead) = ops::take_dead(&broker, ops::MAX_DEAD_LISTED)
         .await
         .with_context(|| format!("reading {queue}"))?;
     let code = match cmd {
