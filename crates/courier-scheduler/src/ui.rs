@@ -1091,14 +1091,13 @@ fn duration(start_ms: i64, end_ms: Option<i64>) -> String {
         return "running".into();
     };
     let ms = (end - start_ms).max(0);
-    let text = if ms < 1000 {
+    if ms < 1000 {
         format!("{ms} ms")
     } else if ms < 120_000 {
         format!("{:.1} s", ms as f64 / 1000.0)
     } else {
         format!("{} min {} s", ms / 60_000, (ms % 60_000) / 1000)
-    };
-    text
+    }
 }
 
 fn urlencode(text: &str) -> String {
