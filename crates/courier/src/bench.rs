@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// `--database-url`); submissions are spread over them.
     #[arg(long, default_value_t = 1)]
     schedulers: usize,
+    /// Web UI pages kept open during the measurement: each reads the runs
+    /// page's live stream (Server-Sent Events), as a browser tab would.
+    #[arg(long, default_value_t = 0)]
+    ui_streams: usize,
 }
 
 struct Report {
@@ -614,6 +618,17 @@ fn courier_end_to_end(
     runtime.block_on(async {
         let client = reqwest::Client::new();
         stack.ready(&client).await?;
+        // Open UI pages: each reads the runs page's live stream to the end.
+        let mut watchers = tokio::task::JoinSet::new();
+        for i in 0..args.ui_streams {
+            let url = format!("{}/ui/runs/live", stack.apis[i % stack.apis.len()]);
+            let client = client.clone();
+            watchers.spawn(async move {
+                if let Ok(mut response) = client.get(&url).send().await {
+                    while let Ok(Some(_)) = response.chunk().await {}
+                }
+            });
+        }
         let submitted = Arc::new(AtomicUsize::new(0));
         let errors = Arc::new(Mutex::new(Vec::new()));
         let mut submitters = tokio::task::JoinSet::new();
@@ -640,7 +655,17 @@ fn courier_end_to_end(
         if let Some(e) = errors.lock().await.first() {
             bail!("submitting a benchmark run failed: {e}");
         }
-        stack.finished(&client).await
+        stack.finished(&client).await?;
+        if args.ui_streams > 0 {
+            // Let the pages see the end, then close them.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            watchers.abort_all();
+            println!(
+                "ui            {} live runs pages open during the measurement",
+                args.ui_streams
+            );
+        }
+        Ok(())
     })?;
     let usage = stack.usage(sampler.finish());
     // Rate and latency from the scheduler's own records.
