@@ -263,6 +263,15 @@ fn the_web_ui_logs_in_submits_updates_live_and_shows_outputs_as_text() {
     );
     browser.screenshot("run.png");
 
+    // At phone width the run page still fits: nothing wider than the screen
+    // but what scrolls inside its own box (the graph, wide tables).
+    browser.rt.block_on(browser.client.set_window_size(390, 844)).unwrap();
+    browser.goto(&format!("{api}/ui/runs/{gated}"));
+    let overflow = browser.js("return document.documentElement.scrollWidth - document.documentElement.clientWidth");
+    assert_eq!(overflow, 0, "the page is wider than a phone");
+    browser.rt.block_on(browser.client.set_window_size(1280, 1000)).unwrap();
+    browser.goto(&format!("{api}/ui/runs/{gated}"));
+
     // The runs page lists both, newest first, with their status.
     browser.goto(&format!("{api}/ui/runs"));
     let rows = browser.js("return [...document.querySelectorAll('#rows tr')].map(r => r.innerText)");
