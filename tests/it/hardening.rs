@@ -612,20 +612,24 @@ fn a_message_over_the_shipped_size_limit_never_reaches_a_worker() {
 }
 
 /// A counter of the worker's `/metrics`, 0 when absent.
-fn worker_counter(cluster: &Cluster, id: &str, name: &str) -> f64 {
+/// A worker's counter `metric` for the series that carries `label` (every
+/// worker series also carries `worker="<id>"`).
+fn worker_counter(cluster: &Cluster, id: &str, metric: &str, label: &str) -> f64 {
     let log = cluster.worker_log(id);
     let addr = log
         .lines()
         .find_map(|l| l.split("metrics listening addr=").nth(1))
         .map(|a| a.split_whitespace().next().unwrap().to_string())
         .expect("the worker's metrics address");
-    counter(
-        &reqwest::blocking::get(format!("http://{addr}/metrics"))
-            .unwrap()
-            .text()
-            .unwrap(),
-        name,
-    )
+    let text = reqwest::blocking::get(format!("http://{addr}/metrics"))
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(&format!("{metric}{{")) && l.contains(label) && l.contains(&format!("worker=\"{id}\"")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 #[test]
@@ -666,7 +670,8 @@ fn copies_of_a_signed_task_with_a_wrong_header_or_in_another_pool_speak_for_no_t
         worker_counter(
             &cluster,
             "w1",
-            &format!("courier_worker_results_total{{status=\"{status}\"}}"),
+            "courier_worker_results_total",
+            &format!("status=\"{status}\""),
         )
     };
     assert_eq!((results("succeeded"), results("rejected")), (1.0, 0.0));
