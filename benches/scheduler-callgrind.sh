@@ -38,7 +38,7 @@ done
 while [ "$(curl -sf "http://127.0.0.1:$port/api/runs?status=running&limit=1")" != "[]" ]; do sleep 1; done
 kill -TERM "$scheduler"; wait "$scheduler" || true
 for f in "$work"/cg.*.out; do
-  total=$(callgrind_annotate "$f" 2>/dev/null | awk '/PROGRAM TOTALS/ {print $1}')
+  total=$(callgrind_annotate --auto=no "$f" 2>/dev/null | awk '/PROGRAM TOTALS/ {print $1}')
   echo "$((runs * 100)) tasks: $total instructions in the scheduler"
-  callgrind_annotate --inclusive=yes "$f" 2>/dev/null | grep -E "Engine::(submit|apply)|frame::(encode|decode_with_info)|sqlite3_step|IoLoop<RK,C>::run" | head -8
+  callgrind_annotate --auto=no --inclusive=yes "$f" 2>/dev/null | grep -E "Engine::(submit|apply)|frame::(encode|decode_with_info)|sqlite3_step|IoLoop<RK,C>::run" | head -8
 done
