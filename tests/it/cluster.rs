@@ -290,6 +290,28 @@ impl Cluster {
         kib / 1024.0
     }
 
+    /// Where worker `id` serves `/metrics` (started with
+    /// `COURIER_WORKER_METRICS_LISTEN`), from its log; waits for it.
+    pub fn worker_metrics_addr(&self, id: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(addr) = self.worker_log(id).lines().find_map(|l| {
+                l.split("metrics listening addr=")
+                    .nth(1)
+                    .and_then(|a| a.split_whitespace().next())
+                    .map(str::to_string)
+            }) {
+                return addr;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker {id} logged no metrics address\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The log of worker `id` so far.
     pub fn worker_log(&self, id: &str) -> String {
         self.log(&format!("worker-{id}"))

@@ -615,12 +615,7 @@ fn a_message_over_the_shipped_size_limit_never_reaches_a_worker() {
 /// A worker's counter `metric` for the series that carries `label` (every
 /// worker series also carries `worker="<id>"`).
 fn worker_counter(cluster: &Cluster, id: &str, metric: &str, label: &str) -> f64 {
-    let log = cluster.worker_log(id);
-    let addr = log
-        .lines()
-        .find_map(|l| l.split("metrics listening addr=").nth(1))
-        .map(|a| a.split_whitespace().next().unwrap().to_string())
-        .expect("the worker's metrics address");
+    let addr = cluster.worker_metrics_addr(id);
     let text = reqwest::blocking::get(format!("http://{addr}/metrics"))
         .unwrap()
         .text()

@@ -212,15 +212,7 @@ fn metrics_move_across_a_clean_run_and_cover_the_dashboard() {
     assert_eq!(cluster.wait_run(&id, Duration::from_secs(30))["status"], "succeeded");
     let id = cluster.submit("offline", &[]).unwrap();
     assert_eq!(cluster.wait_run(&id, Duration::from_secs(30))["status"], "succeeded");
-    let worker_addr = cluster
-        .worker_log("w1")
-        .lines()
-        .find_map(|l| {
-            l.split("metrics listening addr=")
-                .nth(1)
-                .map(|a| a.split_whitespace().next().unwrap().to_string())
-        })
-        .expect("the worker logs its metrics address");
+    let worker_addr = cluster.worker_metrics_addr("w1");
     let health = reqwest::blocking::get(format!("http://{worker_addr}/healthz")).unwrap();
     assert_eq!(health.status(), 200);
 
@@ -533,20 +525,7 @@ fn every_dashboard_query_returns_data_from_a_deployment_after_traffic() {
         .workflow("failing", failing)
         .env("COURIER_WORKER_METRICS_LISTEN", "127.0.0.1:0")
         .start();
-    let worker_addr = |id: &str| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(addr) = cluster.worker_log(id).lines().find_map(|l| {
-                l.split("metrics listening addr=")
-                    .nth(1)
-                    .map(|a| a.split_whitespace().next().unwrap().to_string())
-            }) {
-                return addr;
-            }
-            assert!(std::time::Instant::now() < deadline, "{}", cluster.logs());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let worker_addr = |id: &str| cluster.worker_metrics_addr(id);
     let scheduler = cluster.api.trim_start_matches("http://").to_string();
     let Some(prometheus) = Prometheus::start(&[
         ("scheduler", scheduler, "/metrics"),

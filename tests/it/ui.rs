@@ -104,6 +104,19 @@ impl Browser {
             .unwrap();
     }
 
+    /// The text of every element `css` matches, in page order.
+    fn texts(&self, css: &str) -> Vec<String> {
+        let texts = self.js(&format!(
+            "return [...document.querySelectorAll('{css}')].map(e => e.innerText)"
+        ));
+        texts
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect()
+    }
+
     /// Wait until the page's address passes `test` (a click's navigation done).
     fn wait_url(&self, test: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -180,6 +193,15 @@ steps:
     echo: \"${text}\"
 ";
 
+/// Wait until run `id`'s `gate` step waits for approval.
+fn wait_for_approval(cluster: &Cluster, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while step_status(&cluster.run(id), "gate") != "waiting_approval" {
+        assert!(Instant::now() < deadline, "{}", cluster.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn step_status(run: &Value, name: &str) -> String {
     run["steps"]
         .as_array()
@@ -233,11 +255,7 @@ fn the_web_ui_logs_in_submits_updates_live_and_shows_outputs_as_text() {
     // A run waiting for approval: approved elsewhere (the API) while its page
     // is open, the page shows the rest finishing, without a reload.
     let gated = cluster.submit("gate", &[]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while step_status(&cluster.run(&gated), "gate") != "waiting_approval" {
-        assert!(Instant::now() < deadline, "{}", cluster.logs());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_approval(&cluster, &gated);
     browser.goto(&format!("{api}/ui/runs/{gated}"));
     assert_eq!(browser.text("#step-gate .status"), "waiting_approval");
     assert!(browser.text("#step-gate").contains("approval: Go on after first?"));
@@ -274,24 +292,14 @@ fn the_web_ui_logs_in_submits_updates_live_and_shows_outputs_as_text() {
 
     // The runs page lists both, newest first, with their status.
     browser.goto(&format!("{api}/ui/runs"));
-    let rows = browser.js("return [...document.querySelectorAll('#rows tr')].map(r => r.innerText)");
-    let rows: Vec<String> = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_str().unwrap().to_string())
-        .collect();
+    let rows = browser.texts("#rows tr");
     assert!(rows[0].contains(&gated) && rows[0].contains("succeeded"), "{rows:?}");
     assert!(rows[1].contains(&shown) && rows[1].contains("succeeded"), "{rows:?}");
     browser.screenshot("runs.png");
 
     // A second approval, this time with the page's own form and a comment.
     let second = cluster.submit("gate", &[]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while step_status(&cluster.run(&second), "gate") != "waiting_approval" {
-        assert!(Instant::now() < deadline, "{}", cluster.logs());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_approval(&cluster, &second);
     browser.goto(&format!("{api}/ui/runs/{second}"));
     browser.fill("#step-gate input[name=comment]", "looks right to me");
     browser.click("#step-gate form.decide button[type=submit]");
@@ -398,13 +406,7 @@ fn the_dead_letters_page_lists_reasons_and_requeues_and_the_queues_page_reads_th
     }
 
     browser.goto(&format!("{api}/ui/queues"));
-    let rows = browser.js("return [...document.querySelectorAll('#queues tbody tr')].map(r => r.innerText)");
-    let rows: Vec<String> = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_str().unwrap().to_string())
-        .collect();
+    let rows = browser.texts("#queues tbody tr");
     let results = format!("{}.results", cluster.namespace);
     assert!(rows.iter().any(|r| r.starts_with(&results)), "{rows:?}");
     assert!(

@@ -932,12 +932,19 @@ async fn submit(
     }
 }
 
+/// A connection to the broker for one dead-letter operation.
+async fn broker(ui: &Ui) -> Result<courier_amqp::Broker, Refusal> {
+    courier_amqp::Broker::connect(&ui.ops.amqp_url, ui.ops.names.clone(), "courier-ui")
+        .await
+        .map_err(|e| Refusal(StatusCode::BAD_GATEWAY, format!("cannot reach the broker: {e}")))
+}
+
 async fn dead_page(State(ui): State<Arc<Ui>>, headers: HeaderMap) -> Response {
     let csrf = csrf_for(&ui, session(&ui, &headers).as_deref());
     let _one = ui.dead.lock().await;
-    let broker = match courier_amqp::Broker::connect(&ui.ops.amqp_url, ui.ops.names.clone(), "courier-ui").await {
+    let broker = match broker(&ui).await {
         Ok(broker) => broker,
-        Err(e) => return page_error(StatusCode::BAD_GATEWAY, &format!("cannot reach the broker: {e}")),
+        Err(refused) => return refused.into_response(),
     };
     let taken = crate::ops::take_dead(&broker, DEAD_SHOWN).await;
     let body = match &taken {
@@ -987,9 +994,9 @@ async fn requeue_dead(
         return refused.into_response();
     }
     let _one = ui.dead.lock().await;
-    let broker = match courier_amqp::Broker::connect(&ui.ops.amqp_url, ui.ops.names.clone(), "courier-ui").await {
+    let broker = match broker(&ui).await {
         Ok(broker) => broker,
-        Err(e) => return page_error(StatusCode::BAD_GATEWAY, &format!("cannot reach the broker: {e}")),
+        Err(refused) => return refused.into_response(),
     };
     let outcome = async {
         let (consumer, dead) = crate::ops::take_dead(&broker, DEAD_SHOWN)
