@@ -679,28 +679,36 @@ impl Engine {
             },
             now,
         )?;
-        for (i, s) in wf.steps().iter().enumerate() {
-            tx::insert_step(t, run, &s.name, i, &s.queue, s.depends.len())?;
-        }
         let row = RunRow {
             workflow: wf.name.clone(),
             status: RunStatus::Running,
             admitted,
             deadline_ms: new.deadline,
         };
-        for (step, task) in first {
+        // Steps in workflow order, each first step with its task as it is
+        // inserted: one dispatched at once is inserted running (one write,
+        // not an insert and an update); one held by a limit sees the steps
+        // started before it, as it would in `admit_in`.
+        let mut first = first.into_iter().peekable();
+        for (i, s) in wf.steps().iter().enumerate() {
+            let position = (s.name.as_str(), i, s.queue.as_str());
+            let Some((step, task)) = first.next_if(|(f, _)| std::ptr::eq(*f, s)) else {
+                tx::insert_step(t, run, position, s.depends.len(), None)?;
+                continue;
+            };
             if let Some(approval) = &step.approval {
+                tx::insert_step(t, run, position, 0, None)?;
                 let message = self.approval_message(step, params, &BTreeMap::new());
                 let message = shown(&message);
                 let deadline = now.saturating_add(millis(approval.timeout));
                 tx::await_approval(t, run, &step.name, &message, deadline, now)?;
-                continue;
-            }
-            if self.held(c, wf, &row, step)? {
+            } else if self.held(c, wf, &row, step)? {
+                tx::insert_step(t, run, position, 0, None)?;
                 tx::wait_step(t, run, &step.name, None, None)?;
                 c.effects.admit = true;
             } else {
-                write_task(c, run, step, &step.name, task)?;
+                tx::insert_step(t, run, position, 0, Some(now))?;
+                write_task(c, run, step, &step.name, task, false)?;
             }
         }
         let mut states = Statuses::new(run);
@@ -1407,7 +1415,7 @@ impl Engine {
         );
         match planned {
             Ok(task) => {
-                write_task(c, run, s, &s.name, task)?;
+                write_task(c, run, s, &s.name, task, true)?;
                 states.set(&s.name, StepStatus::Running);
                 Ok(())
             }
@@ -1468,7 +1476,7 @@ impl Engine {
             &upstream,
         ) {
             Ok(task) => {
-                write_task(c, run, step, name, task)?;
+                write_task(c, run, step, name, task, true)?;
                 // After the write, which clears the error of a step it starts.
                 tx::note_step_error(c.t, run, name, &error, &r.worker_id)?;
                 c.applied.retried += 1;
@@ -1636,7 +1644,7 @@ impl Engine {
                 counts.admitted_runs.insert(w.run.clone());
             }
             counts.took(&wf.name, &step.queue, model, &task);
-            write_task(c, &w.run, step, &w.step, task)?;
+            write_task(c, &w.run, step, &w.step, task, true)?;
         }
         Ok(())
     }
@@ -2025,8 +2033,16 @@ fn run_params(t: &Tx<'_>, run: &str) -> Result<BTreeMap<String, String>, DbError
     Ok(serde_json::from_str(&tx::run_params(t, run)?).unwrap_or_default())
 }
 
-/// Write a task for `step` (`name` is the step's, or its item's) to the outbox.
-fn write_task(c: &mut Change<'_, '_>, run: &str, step: &Step, name: &str, task: PlannedTask) -> Result<(), DbError> {
+/// Write a task for `step` (`name` is the step's, or its item's) to the
+/// outbox, and mark the step running (`start`), unless it was inserted so.
+fn write_task(
+    c: &mut Change<'_, '_>,
+    run: &str,
+    step: &Step,
+    name: &str,
+    task: PlannedTask,
+    start: bool,
+) -> Result<(), DbError> {
     tx::insert_task(
         c.t,
         &NewTask {
@@ -2043,7 +2059,9 @@ fn write_task(c: &mut Change<'_, '_>, run: &str, step: &Step, name: &str, task: 
         },
         c.now,
     )?;
-    tx::start_step(c.t, run, name, task.attempt, c.now)?;
+    if start {
+        tx::start_step(c.t, run, name, task.attempt, c.now)?;
+    }
     c.effects.written.push((task.task_id, task.body));
     c.applied.dispatched += 1;
     Ok(())

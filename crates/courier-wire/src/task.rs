@@ -57,9 +57,9 @@ impl Frame for Task {
     const MIN_VERSION: u8 = 1;
 
     /// Tasks are encoded per dispatch and carry an already-compressed
-    /// snapshot: the fastest level.
-    fn zstd_level(_body_len: usize) -> i32 {
-        1
+    /// snapshot: see [`crate::frame::message_zstd_level`].
+    fn zstd_level(body_len: usize) -> i32 {
+        crate::frame::message_zstd_level(body_len)
     }
 }
 
@@ -322,6 +322,12 @@ impl Frame for TaskResult {
     const MAGIC: [u8; 4] = *b"CRES";
     const VERSION: u8 = RESULT_VERSION;
     const MIN_VERSION: u8 = 1;
+
+    /// Results are encoded once per answer: see
+    /// [`crate::frame::message_zstd_level`].
+    fn zstd_level(body_len: usize) -> i32 {
+        crate::frame::message_zstd_level(body_len)
+    }
 }
 
 /// Which memory file an update targets.

@@ -100,19 +100,33 @@ pub fn insert_run(tx: &Tx<'_>, run: &RunInsert<'_>, now: i64) -> Result<(), DbEr
     Ok(())
 }
 
-/// Insert a pending step with `depends` dependencies (its run counted it
-/// among its open steps when it was inserted).
+/// Insert a step with `depends` dependencies (its run counted it among its
+/// open steps when it was inserted): pending, or already running its first
+/// attempt since `started_ms` (a first step whose task is written with it).
 pub fn insert_step(
     tx: &Tx<'_>,
     run: &str,
-    name: &str,
-    position: usize,
-    queue: &str,
+    (name, position, queue): (&str, usize, &str),
     depends: usize,
+    started_ms: Option<i64>,
 ) -> Result<(), DbError> {
+    let (status, attempts) = match started_ms {
+        Some(_) => (StepStatus::Running, 1_u32),
+        None => (StepStatus::Pending, 0_u32),
+    };
     tx.exec(
-        "INSERT INTO steps (run_id, name, position, queue, status, pending_deps) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        p![run, name, position as i64, queue, StepStatus::Pending, depends as i64],
+        "INSERT INTO steps (run_id, name, position, queue, status, pending_deps, attempts, started_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        p![
+            run,
+            name,
+            position as i64,
+            queue,
+            status,
+            depends as i64,
+            attempts,
+            started_ms
+        ],
     )?;
     Ok(())
 }
@@ -281,7 +295,7 @@ pub fn step_status(tx: &Tx<'_>, run: &str, name: &str) -> Result<Option<StepStat
 
 /// The run's steps that may still change, with their status.
 pub fn open_steps(tx: &Tx<'_>, run: &str) -> Result<Vec<(String, StepStatus)>, DbError> {
-    tx.all("SELECT name, status FROM steps WHERE run_id = ?1 AND status IN ('pending', 'waiting', 'running', 'waiting_approval')
+    tx.all("SELECT name, status FROM steps WHERE run_id = ?1 AND (status = 'pending' OR status = 'waiting' OR status = 'running' OR status = 'waiting_approval')
          ORDER BY position", p![run], |r| Ok((r.get(0)?, r.get(1)?)))
 }
 
@@ -289,7 +303,7 @@ pub fn open_steps(tx: &Tx<'_>, run: &str) -> Result<Vec<(String, StepStatus)>, D
 /// runs started before the counter existed).
 pub fn open_step_count(tx: &Tx<'_>, run: &str) -> Result<i64, DbError> {
     tx.one("SELECT COALESCE(open_steps, (SELECT COUNT(*) FROM steps
-                                      WHERE run_id = ?1 AND status IN ('pending', 'waiting', 'running', 'waiting_approval')))
+                                      WHERE run_id = ?1 AND (status = 'pending' OR status = 'waiting' OR status = 'running' OR status = 'waiting_approval')))
          FROM runs WHERE id = ?1", p![run], |r| r.get(0))
 }
 
@@ -311,7 +325,7 @@ pub fn steps_with(tx: &Tx<'_>, run: &str, status: StepStatus) -> Result<Vec<Stri
 pub fn step_output(tx: &Tx<'_>, run: &str, name: &str) -> Result<Option<String>, DbError> {
     tx.opt(
         "SELECT CASE status WHEN 'succeeded' THEN output ELSE '' END FROM steps
-         WHERE run_id = ?1 AND name = ?2 AND status IN ('succeeded', 'skipped')",
+         WHERE run_id = ?1 AND name = ?2 AND (status = 'succeeded' OR status = 'skipped')",
         p![run, name],
         |r| r.get(0),
     )
@@ -323,7 +337,7 @@ pub fn start_step(tx: &Tx<'_>, run: &str, name: &str, attempt: u32, now: i64) ->
     tx.exec(
         "UPDATE steps SET status = ?5, attempts = ?3, started_ms = COALESCE(started_ms, ?4), error = NULL,
                           waiting_on = NULL, not_before_ms = NULL
-         WHERE run_id = ?1 AND name = ?2 AND status IN ('pending', 'waiting', 'running')",
+         WHERE run_id = ?1 AND name = ?2 AND (status = 'pending' OR status = 'waiting' OR status = 'running')",
         p![run, name, attempt, now, StepStatus::Running],
     )?;
     Ok(())
@@ -340,7 +354,7 @@ pub fn wait_step(
 ) -> Result<(), DbError> {
     tx.exec(
         "UPDATE steps SET status = ?3, waiting_on = ?4, not_before_ms = ?5
-         WHERE run_id = ?1 AND name = ?2 AND status IN ('pending', 'waiting', 'running')",
+         WHERE run_id = ?1 AND name = ?2 AND (status = 'pending' OR status = 'waiting' OR status = 'running')",
         p![run, name, StepStatus::Waiting, reason, not_before_ms],
     )?;
     Ok(())
@@ -411,7 +425,7 @@ pub fn finish_step(
     let changed = tx.exec(
         "UPDATE steps SET status = ?3, output = ?4, error = ?5, worker = COALESCE(?6, worker), finished_ms = ?7,
                               waiting_on = NULL
-             WHERE run_id = ?1 AND name = ?2 AND status IN ('pending', 'waiting', 'running', 'waiting_approval')",
+             WHERE run_id = ?1 AND name = ?2 AND (status = 'pending' OR status = 'waiting' OR status = 'running' OR status = 'waiting_approval')",
         p![run, name, status, output, error, worker, now],
     )?;
     if changed > 0 {
@@ -583,7 +597,7 @@ pub fn item_results(tx: &Tx<'_>, run: &str, name: &str) -> Result<Vec<ItemResult
 pub fn open_items(tx: &Tx<'_>, run: &str, name: &str) -> Result<Vec<String>, DbError> {
     tx.all(
         "SELECT name FROM steps WHERE run_id = ?1 AND parent = ?2
-         AND status IN ('pending', 'waiting', 'running', 'waiting_approval') ORDER BY item_index",
+         AND (status = 'pending' OR status = 'waiting' OR status = 'running' OR status = 'waiting_approval') ORDER BY item_index",
         p![run, name],
         |r| r.get(0),
     )

@@ -188,7 +188,7 @@ impl Engine {
                 upstream.as_ref().unwrap_or(&BTreeMap::new()),
             );
             match planned {
-                Ok(task) => write_task(c, run, s, &name, task)?,
+                Ok(task) => write_task(c, run, s, &name, task, true)?,
                 Err(e) => {
                     let error = e.to_string();
                     let scheduler = Some("scheduler");
