@@ -182,21 +182,22 @@ pub fn encode<T: Frame>(value: &T, limits: &Limits) -> Result<Vec<u8>, WireError
         return Err(too_large::<T>(SizeKind::Decompressed, limits.max_decompressed));
     }
     within_budget::<T>(&body, limits, true)?;
-    let compressed_body = body.len() >= COMPRESS_FROM;
-    let mut frame = Vec::with_capacity(HEADER_LEN + if compressed_body { body.len() / 2 } else { body.len() });
-    frame.extend_from_slice(&T::MAGIC);
-    frame.push(T::VERSION);
-    if compressed_body {
-        frame.push(FLAG_ZSTD);
+    // Frames are allocated at their exact size: the scheduler keeps many
+    // of them in memory, counted by length.
+    let (flags, payload) = if body.len() >= COMPRESS_FROM {
         let compressed = compress(&body, T::zstd_level(body.len())).map_err(|e| WireError::Encode {
             kind: T::KIND,
             detail: e.to_string(),
         })?;
-        frame.extend_from_slice(&compressed);
+        (FLAG_ZSTD, Cow::Owned(compressed))
     } else {
-        frame.push(0);
-        frame.extend_from_slice(&body);
-    }
+        (0, Cow::Borrowed(body.as_slice()))
+    };
+    let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
+    frame.extend_from_slice(&T::MAGIC);
+    frame.push(T::VERSION);
+    frame.push(flags);
+    frame.extend_from_slice(&payload);
     if frame.len() > limits.max_compressed {
         return Err(too_large::<T>(SizeKind::Compressed, limits.max_compressed));
     }

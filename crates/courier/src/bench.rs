@@ -296,20 +296,32 @@ fn rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// Samples the resident memory of processes every 500 ms until stopped.
+/// Samples the resident memory of processes every 500 ms until stopped,
+/// and their idle level when told (the stack started, nothing submitted).
 struct RssSampler {
+    pids: Vec<u32>,
+    idle: Vec<f64>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     handle: std::thread::JoinHandle<Vec<Vec<f64>>>,
+}
+
+/// One process's resident memory over a run, in MiB.
+struct Rss {
+    idle: f64,
+    quarter: f64,
+    end: f64,
+    peak: f64,
 }
 
 impl RssSampler {
     fn start(pids: Vec<u32>) -> Self {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
+        let sampled = pids.clone();
         let handle = std::thread::spawn(move || {
-            let mut samples = vec![Vec::new(); pids.len()];
+            let mut samples = vec![Vec::new(); sampled.len()];
             while !flag.load(Ordering::Relaxed) {
-                for (i, pid) in pids.iter().enumerate() {
+                for (i, pid) in sampled.iter().enumerate() {
                     if let Some(mib) = rss_mib(*pid) {
                         samples[i].push(mib);
                     }
@@ -318,23 +330,40 @@ impl RssSampler {
             }
             samples
         });
-        Self { stop, handle }
+        Self {
+            pids,
+            idle: Vec::new(),
+            stop,
+            handle,
+        }
     }
 
-    /// Per process: RSS at a quarter of the run, at the end, and the peak.
-    fn finish(self) -> Vec<(f64, f64, f64)> {
+    /// Record each process's idle level: now, before the load.
+    fn mark_idle(&mut self) {
+        self.idle = self.pids.iter().map(|&pid| rss_mib(pid).unwrap_or(f64::NAN)).collect();
+    }
+
+    /// Per process: RSS idle, at a quarter of the run, at the end, and the peak.
+    fn finish(self) -> Vec<Rss> {
         self.stop.store(true, Ordering::Relaxed);
+        let idle = self.idle;
         self.handle
             .join()
             .unwrap_or_default()
             .iter()
-            .map(|s| {
+            .enumerate()
+            .map(|(i, s)| {
                 let at = |f: f64| {
                     s.get(((s.len() as f64 - 1.0) * f) as usize)
                         .copied()
                         .unwrap_or(f64::NAN)
                 };
-                (at(0.25), at(1.0), s.iter().copied().fold(f64::NAN, f64::max))
+                Rss {
+                    idle: idle.get(i).copied().unwrap_or(f64::NAN),
+                    quarter: at(0.25),
+                    end: at(1.0),
+                    peak: s.iter().copied().fold(f64::NAN, f64::max),
+                }
             })
             .collect()
     }
@@ -552,15 +581,19 @@ impl Stack {
     }
 
     /// Memory and CPU of each process, as a report's lines.
-    fn usage(&self, samples: Vec<(f64, f64, f64)>) -> String {
+    fn usage(&self, samples: Vec<Rss>) -> String {
         self.procs
             .0
             .iter()
             .zip(samples)
-            .map(|((name, child), (quarter, end, peak))| {
+            .map(|((name, child), rss)| {
+                let peak = peak_rss_mib(child.id()).unwrap_or(rss.peak);
                 format!(
-                    "\n  {name:<10} RSS {quarter:.1} MiB at 25% of the run, {end:.1} MiB at the end, peak {:.1} MiB; {:.1} CPU-s",
-                    peak_rss_mib(child.id()).unwrap_or(peak),
+                    "\n  {name:<10} RSS idle {:.1} MiB, {:.1} MiB at 25% of the run, {:.1} MiB at the end, peak {peak:.1} MiB ({:+.1} MiB over idle); {:.1} CPU-s",
+                    rss.idle,
+                    rss.quarter,
+                    rss.end,
+                    peak - rss.idle,
                     cpu_seconds(child.id()).unwrap_or(f64::NAN)
                 )
             })
@@ -614,10 +647,11 @@ fn courier_end_to_end(
     } else {
         serde_json::json!({"payload": text})
     };
-    let sampler = RssSampler::start(stack.procs.0.iter().map(|(_, c)| c.id()).collect());
+    let mut sampler = RssSampler::start(stack.procs.0.iter().map(|(_, c)| c.id()).collect());
     runtime.block_on(async {
         let client = reqwest::Client::new();
         stack.ready(&client).await?;
+        sampler.mark_idle();
         // Open UI pages: each reads the runs page's live stream to the end.
         let mut watchers = tokio::task::JoinSet::new();
         for i in 0..args.ui_streams {
@@ -699,10 +733,11 @@ fn open_loop(
     let mut stack = Stack::start(settings, args, 1)?;
     let text = payload(args.size);
     let total = (rate * args.duration as f64).round() as usize;
-    let sampler = RssSampler::start(stack.procs.0.iter().map(|(_, c)| c.id()).collect());
+    let mut sampler = RssSampler::start(stack.procs.0.iter().map(|(_, c)| c.id()).collect());
     let late = runtime.block_on(async {
         let client = reqwest::Client::new();
         stack.ready(&client).await?;
+        sampler.mark_idle();
         let errors = Arc::new(Mutex::new(Vec::new()));
         let mut requests = tokio::task::JoinSet::new();
         let start = tokio::time::Instant::now();
