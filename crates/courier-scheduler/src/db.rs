@@ -118,6 +118,9 @@ pub enum OpenError {
     /// hold a password).
     #[error("database_url is not a postgres:// or postgresql:// URL (leave it unset for SQLite in the data folder)")]
     BadUrl,
+    /// The WAL checkpointer's thread could not start.
+    #[error("cannot start the database's checkpoint thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 impl From<rusqlite::Error> for OpenError {
@@ -136,6 +139,35 @@ impl From<postgres::Error> for OpenError {
 /// database shared with other schedulers.
 pub struct Db {
     store: Store,
+    /// SQLite: the thread that checkpoints its WAL, stopped when this is
+    /// dropped (its channel closes).
+    _checkpoints: Option<std::sync::mpsc::Sender<()>>,
+}
+
+/// How often the checkpointer copies the WAL into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Checkpoint the SQLite database at `path` from a connection of its own,
+/// every [`CHECKPOINT_EVERY`], until `stop`'s sender is dropped. A PASSIVE
+/// checkpoint copies what it can without waiting for the writer or readers,
+/// and the writer never waits for it: with SQLite's automatic checkpoint,
+/// the transaction that crossed 1,000 pages did the copy and held the engine
+/// for it (p99 at 400 one-step runs/s: 17–23 ms before, see the README's
+/// benchmarks). The WAL starts over once a checkpoint has caught up.
+fn checkpoint_in_background(path: &Path, stop: std::sync::mpsc::Receiver<()>) -> Result<(), OpenError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(1))?;
+    std::thread::Builder::new()
+        .name("sqlite-checkpoint".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; the next one tries again");
+                }
+            }
+        })
+        .map_err(OpenError::Thread)?;
+    Ok(())
 }
 
 // One per scheduler: the variants' sizes do not matter.
@@ -296,15 +328,16 @@ impl Db {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        // SQLite's default checkpoint size (4 MB of pages). A checkpoint
-        // holds the transaction that triggers it: at 10,000 pages each one
-        // stalled the scheduler for tens of ms (p99 44 ms at 400 runs/s,
-        // 10 ms with this), for no throughput the benchmark could show.
-        conn.pragma_update(None, "wal_autocheckpoint", 1_000)?;
+        // Checkpoints run on a thread of their own, never in the engine's
+        // transactions (see `checkpoint_in_background`).
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         // Every statement of the engine stays prepared (rusqlite keeps 16).
         conn.set_prepared_statement_cache_capacity(128);
+        let (checkpoints, stop) = std::sync::mpsc::channel();
+        checkpoint_in_background(path, stop)?;
         let mut db = Self {
             store: Store::Sqlite(conn),
+            _checkpoints: Some(checkpoints),
         };
         db.migrate()?;
         Ok(db)
@@ -327,6 +360,7 @@ impl Db {
                 client: Some(client),
                 stmts: PgStatements::new(),
             },
+            _checkpoints: None,
         };
         db.migrate()?;
         Ok(db)

@@ -680,7 +680,7 @@ fn courier_end_to_end(
                     match client.post(format!("{api}/api/runs")).json(&body).send().await {
                         Ok(r) if r.status().is_success() => {}
                         Ok(r) => errors.lock().await.push(r.text().await.unwrap_or_default()),
-                        Err(e) => errors.lock().await.push(e.to_string()),
+                        Err(e) => errors.lock().await.push(format!("{:#}", anyhow::Error::from(e))),
                     }
                 }
             });
@@ -753,7 +753,7 @@ fn open_loop(
                 match client.post(format!("{api}/api/runs")).json(&body).send().await {
                     Ok(r) if r.status().is_success() => {}
                     Ok(r) => errors.lock().await.push(r.text().await.unwrap_or_default()),
-                    Err(e) => errors.lock().await.push(e.to_string()),
+                    Err(e) => errors.lock().await.push(format!("{:#}", anyhow::Error::from(e))),
                 }
             });
         }
