@@ -505,6 +505,11 @@ async fn serve(
 
 /// Publish outbox tasks, confirmed, then mark them published: tasks due now
 /// to their pool, retries not yet due to a delay queue for the time left.
+/// Publishing is pipelined: new tasks go out while earlier ones wait for the
+/// broker's confirms (at most [`OUTBOX_BATCH`] unconfirmed), and what is
+/// confirmed is marked in one transaction per wake-up. After a full batch
+/// (a backlog), the next read waits for every confirm: a read returns the
+/// unconfirmed rows too, and re-reading them would cost more than waiting.
 async fn outbox_loop(
     shared: &Arc<Shared>,
     broker: &Broker,
@@ -515,125 +520,165 @@ async fn outbox_loop(
     let exchange = Arc::new(names.tasks_exchange());
     let mut delay_queues: std::collections::HashMap<(String, i64), tokio::time::Instant> = Default::default();
     let mut refused_delays: std::collections::HashMap<(String, i64), tokio::time::Instant> = Default::default();
+    let mut publishing: JoinSet<(String, Result<(), AmqpError>)> = JoinSet::new();
+    // Published, not yet marked: never sent again meanwhile.
+    let mut unconfirmed: std::collections::HashSet<String> = Default::default();
+    let mut confirmed: Vec<String> = Vec::new();
+    let mut failure = None;
+    let mut read = true;
+    let mut last_full = false;
     loop {
-        let now = now_ms();
-        let engine = shared.engine.clone();
-        let due = tokio::task::spawn_blocking(move || {
-            let rows = engine.with_db(|db| db.unpublished_tasks(OUTBOX_BATCH))?;
-            if rows.len() < OUTBOX_BATCH {
-                // The whole outbox: bodies of anything else will never be sent.
-                engine.retain_bodies(&rows.iter().map(|r| r.task_id.as_str()).collect());
-            }
-            Ok::<_, db::DbError>(with_bodies(&engine, rows))
-        })
-        .await
-        .map_err(|_| AmqpError::Closed)?;
-        let due = match due {
-            Ok(due) => due,
-            Err(e) => {
-                error!(error = %e, "cannot read the outbox");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        if due.is_empty() {
-            shared.metrics.outbox_pending.set(0);
-            tokio::select! {
-                () = shared.outbox.notified() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-            continue;
+        while let Some(joined) = publishing.try_join_next() {
+            settle(joined, &mut confirmed, &mut failure);
         }
-        shared
-            .metrics
-            .outbox_pending
-            .set(i64::try_from(due.len()).unwrap_or(i64::MAX));
-        let mut publishing = JoinSet::new();
-        let mut failure = None;
-        for (task, body, snapshot_hash) in due {
-            // Delays are bounded by the workflow's max_backoff (at most a day)
-            // and the provider pause cap; RabbitMQ refuses a TTL of 2^32 ms.
-            let wait = (task.not_before_ms - now).min(MAX_DELAY_MS);
-            let (exchange, routing_key) = if wait >= DELAY_GRAIN_MS {
-                let delay = (wait + DELAY_GRAIN_MS - 1) / DELAY_GRAIN_MS * DELAY_GRAIN_MS;
-                let key = (task.queue.clone(), delay);
-                let fresh = delay_queues.get(&key).is_some_and(|at| at.elapsed() < DELAY_REDECLARE);
-                if !fresh {
-                    // A refused declaration leaves the task in the outbox (tried
-                    // again after a while); the rest of the batch goes on.
-                    if refused_delays.get(&key).is_some_and(|at| at.elapsed() < DELAY_RETRY) {
-                        continue;
-                    }
-                    if let Err(e) = broker
-                        .declare_delay(&task.queue, u64::try_from(delay).unwrap_or(0))
-                        .await
-                    {
-                        error!(task = %task.task_id, error = %e, "cannot declare the delay queue; the task stays in the outbox");
-                        refused_delays.insert(key, tokio::time::Instant::now());
-                        continue;
-                    }
-                    delay_queues.insert(key, tokio::time::Instant::now());
-                }
-                // The default exchange routes to the queue of that name.
-                (
-                    Arc::new(String::new()),
-                    names.delay_queue(&task.queue, u64::try_from(delay).unwrap_or(0)),
-                )
-            } else {
-                (exchange.clone(), task.queue.clone())
-            };
-            let publisher = publisher.clone();
-            let signature = signing_key.as_ref().map(|k| k.sign(&body));
-            publishing.spawn(async move {
-                let mut headers = vec![
-                    (headers::ATTEMPT, Header::Int(i64::from(task.attempt))),
-                    (headers::SNAPSHOT_HASH, Header::Str(snapshot_hash)),
-                ];
-                if let Some(signature) = signature {
-                    headers.push((headers::SIGNATURE, Header::Str(signature)));
-                }
-                headers.push((headers::TRACEPARENT, Header::Str(traceparent(&task))));
-                let outgoing = Outgoing {
-                    exchange: &exchange,
-                    routing_key: &routing_key,
-                    body: &body,
-                    message_id: &task.task_id,
-                    correlation_id: &task.run_id,
-                    headers,
-                };
-                let outcome = publisher.publish_with_priority(outgoing, Some(task.priority)).await;
-                (task.task_id, outcome)
-            });
-        }
-        let mut confirmed = Vec::new();
-        while let Some(joined) = publishing.join_next().await {
-            match joined {
-                Ok((id, Ok(()))) => confirmed.push(id),
-                Ok((id, Err(e))) => {
-                    warn!(task = %id, error = %e, "task not confirmed; it stays in the outbox");
-                    failure = Some(e);
-                }
-                Err(e) => error!(error = %e, "publish task panicked"),
+        if !confirmed.is_empty() {
+            let ids = std::mem::take(&mut confirmed);
+            for id in &ids {
+                unconfirmed.remove(id);
             }
+            let published = ids.len() as u64;
+            let engine = shared.engine.clone();
+            match tokio::task::spawn_blocking(move || engine.with_db(|db| db.mark_published(&ids))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!(error = %e, "cannot mark tasks published; they will be published again"),
+                Err(e) => error!(error = %e, "marking tasks published panicked"),
+            }
+            shared.metrics.tasks_published.inc_by(published);
         }
-        let published = confirmed.len() as u64;
-        let engine = shared.engine.clone();
-        match tokio::task::spawn_blocking(move || engine.with_db(|db| db.mark_published(&confirmed))).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => error!(error = %e, "cannot mark tasks published; they will be published again"),
-            Err(e) => error!(error = %e, "marking tasks published panicked"),
-        }
-        shared.metrics.tasks_published.inc_by(published);
-        if let Some(e) = failure {
+        if let Some(e) = failure.take() {
             return Err(e);
         }
-        if published == 0 {
-            // Everything due waits on a refused delay queue: do not spin.
-            tokio::select! {
-                () = shared.outbox.notified() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        // Read again when told (new tasks, a wake-up) or while a backlog is
+        // left, once there is room.
+        if read && room(last_full, unconfirmed.len()) {
+            let now = now_ms();
+            let engine = shared.engine.clone();
+            let skip = unconfirmed.clone();
+            let due = tokio::task::spawn_blocking(move || {
+                let rows = engine.with_db(|db| db.unpublished_tasks(OUTBOX_BATCH))?;
+                if rows.len() < OUTBOX_BATCH {
+                    // The whole outbox: bodies of anything else will never be sent.
+                    engine.retain_bodies(&rows.iter().map(|r| r.task_id.as_str()).collect());
+                }
+                let full = rows.len() == OUTBOX_BATCH;
+                let rows = rows.into_iter().filter(|r| !skip.contains(&r.task_id)).collect();
+                Ok::<_, db::DbError>((with_bodies(&engine, rows), full))
+            })
+            .await
+            .map_err(|_| AmqpError::Closed)?;
+            let due = match due {
+                Ok((due, full)) => {
+                    last_full = full;
+                    due
+                }
+                Err(e) => {
+                    error!(error = %e, "cannot read the outbox");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            shared
+                .metrics
+                .outbox_pending
+                .set(i64::try_from(due.len() + unconfirmed.len()).unwrap_or(i64::MAX));
+            let mut sent = 0_usize;
+            for (task, body, snapshot_hash) in due {
+                // Delays are bounded by the workflow's max_backoff (at most a day)
+                // and the provider pause cap; RabbitMQ refuses a TTL of 2^32 ms.
+                let wait = (task.not_before_ms - now).min(MAX_DELAY_MS);
+                let (exchange, routing_key) = if wait >= DELAY_GRAIN_MS {
+                    let delay = (wait + DELAY_GRAIN_MS - 1) / DELAY_GRAIN_MS * DELAY_GRAIN_MS;
+                    let key = (task.queue.clone(), delay);
+                    let fresh = delay_queues.get(&key).is_some_and(|at| at.elapsed() < DELAY_REDECLARE);
+                    if !fresh {
+                        // A refused declaration leaves the task in the outbox (tried
+                        // again after a while); the rest of the batch goes on.
+                        if refused_delays.get(&key).is_some_and(|at| at.elapsed() < DELAY_RETRY) {
+                            continue;
+                        }
+                        if let Err(e) = broker
+                            .declare_delay(&task.queue, u64::try_from(delay).unwrap_or(0))
+                            .await
+                        {
+                            error!(task = %task.task_id, error = %e, "cannot declare the delay queue; the task stays in the outbox");
+                            refused_delays.insert(key, tokio::time::Instant::now());
+                            continue;
+                        }
+                        delay_queues.insert(key, tokio::time::Instant::now());
+                    }
+                    // The default exchange routes to the queue of that name.
+                    (
+                        Arc::new(String::new()),
+                        names.delay_queue(&task.queue, u64::try_from(delay).unwrap_or(0)),
+                    )
+                } else {
+                    (exchange.clone(), task.queue.clone())
+                };
+                let publisher = publisher.clone();
+                let signature = signing_key.as_ref().map(|k| k.sign(&body));
+                unconfirmed.insert(task.task_id.clone());
+                sent += 1;
+                publishing.spawn(async move {
+                    let mut headers = vec![
+                        (headers::ATTEMPT, Header::Int(i64::from(task.attempt))),
+                        (headers::SNAPSHOT_HASH, Header::Str(snapshot_hash)),
+                    ];
+                    if let Some(signature) = signature {
+                        headers.push((headers::SIGNATURE, Header::Str(signature)));
+                    }
+                    headers.push((headers::TRACEPARENT, Header::Str(traceparent(&task))));
+                    let outgoing = Outgoing {
+                        exchange: &exchange,
+                        routing_key: &routing_key,
+                        body: &body,
+                        message_id: &task.task_id,
+                        correlation_id: &task.run_id,
+                        headers,
+                    };
+                    let outcome = publisher.publish_with_priority(outgoing, Some(task.priority)).await;
+                    (task.task_id, outcome)
+                });
             }
+            // A backlog is read again once there is room; a batch that sent
+            // nothing (its delay queues were refused) waits for a wake-up.
+            read = last_full && sent > 0;
         }
+        if publishing.is_empty() && unconfirmed.is_empty() {
+            shared.metrics.outbox_pending.set(0);
+        }
+        // Wait for a confirm, new tasks, or a second (tasks another
+        // scheduler wrote, delay queues refused a while ago).
+        if read && room(last_full, unconfirmed.len()) {
+            continue;
+        }
+        tokio::select! {
+            Some(joined) = publishing.join_next() => settle(joined, &mut confirmed, &mut failure),
+            () = shared.outbox.notified() => read = true,
+            () = tokio::time::sleep(Duration::from_secs(1)) => read = true,
+        }
+    }
+}
+
+/// Whether the outbox may be read: after a full batch (a backlog), once every
+/// task is confirmed; otherwise while fewer than [`OUTBOX_BATCH`] are not.
+fn room(last_full: bool, unconfirmed: usize) -> bool {
+    if last_full { unconfirmed == 0 } else { unconfirmed < OUTBOX_BATCH }
+}
+
+/// Sort out one finished publish: confirmed, or the failure that ends the
+/// outbox loop (the task stays in the outbox).
+fn settle(
+    joined: Result<(String, Result<(), AmqpError>), tokio::task::JoinError>,
+    confirmed: &mut Vec<String>,
+    failure: &mut Option<AmqpError>,
+) {
+    match joined {
+        Ok((id, Ok(()))) => confirmed.push(id),
+        Ok((id, Err(e))) => {
+            warn!(task = %id, error = %e, "task not confirmed; it stays in the outbox");
+            *failure = Some(e);
+        }
+        Err(e) => error!(error = %e, "publish task panicked"),
     }
 }
 
