@@ -76,6 +76,9 @@ struct Report {
 /// Latencies of an open-loop measurement.
 struct Latency {
     runs: usize,
+    /// Runs completed per second, from the first submission accepted to
+    /// the last result applied.
+    rate: f64,
     p50_ms: f64,
     p90_ms: f64,
     p99_ms: f64,
@@ -108,6 +111,10 @@ pub fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
         println!(
             "latency       {} runs   p50 {:.1} ms   p90 {:.1} ms   p99 {:.1} ms   max {:.1} ms   (submit to result applied)",
             latency.runs, latency.p50_ms, latency.p90_ms, latency.p99_ms, latency.max_ms
+        );
+        println!(
+            "throughput    {:.0} runs/s completed (first submission accepted to last result applied)",
+            latency.rate
         );
         println!("memory        {rss}");
         return Ok(());
@@ -735,9 +742,20 @@ fn open_loop(
     let total = (rate * args.duration as f64).round() as usize;
     let mut sampler = RssSampler::start(stack.procs.0.iter().map(|(_, c)| c.id()).collect());
     let late = runtime.block_on(async {
-        let client = reqwest::Client::new();
-        stack.ready(&client).await?;
+        stack.ready(&reqwest::Client::new()).await?;
         sampler.mark_idle();
+        // The API serves at most 64 connections from one address: the
+        // requests come from CLIENT_ADDRESSES loopback addresses (as from
+        // that many clients), each with at most 64 in flight. A request
+        // that finds no room waits, and the submitter falls behind its
+        // schedule (reported below) instead of being refused.
+        let clients = (1..=CLIENT_ADDRESSES)
+            .map(|i| {
+                let address = std::net::IpAddr::from([127, 0, 0, i]);
+                let client = reqwest::Client::builder().local_address(address).build()?;
+                Ok((client, Arc::new(tokio::sync::Semaphore::new(PER_ADDRESS))))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let errors = Arc::new(Mutex::new(Vec::new()));
         let mut requests = tokio::task::JoinSet::new();
         let start = tokio::time::Instant::now();
@@ -745,23 +763,28 @@ fn open_loop(
         for i in 0..total {
             let at = start + Duration::from_secs_f64(i as f64 / rate);
             tokio::time::sleep_until(at).await;
+            let (client, room) = &clients[i % clients.len()];
+            let permit = room.clone().acquire_owned().await?;
             late = late.max(at.elapsed());
             let api = stack.apis[i % stack.apis.len()].clone();
             let (client, text, errors) = (client.clone(), text.clone(), errors.clone());
             requests.spawn(async move {
                 let body = serde_json::json!({"workflow": "bench", "params": {"payload": text}});
+                // The answer is read to its end, so its connection serves
+                // the next request (and no new one is opened meanwhile).
                 match client.post(format!("{api}/api/runs")).json(&body).send().await {
-                    Ok(r) if r.status().is_success() => {}
+                    Ok(r) if r.status().is_success() => drop(r.bytes().await),
                     Ok(r) => errors.lock().await.push(r.text().await.unwrap_or_default()),
                     Err(e) => errors.lock().await.push(format!("{:#}", anyhow::Error::from(e))),
                 }
+                drop(permit);
             });
         }
         while requests.join_next().await.is_some() {}
         if let Some(e) = errors.lock().await.first() {
             bail!("submitting a benchmark run failed: {e}");
         }
-        stack.finished(&client).await?;
+        stack.finished(&reqwest::Client::new()).await?;
         Ok(late)
     })?;
     if late > Duration::from_millis(50) {
@@ -779,8 +802,11 @@ fn open_loop(
         .filter_map(|r| Some((r.finished_ms? - r.created_ms) as f64))
         .collect();
     latencies.sort_by(f64::total_cmp);
+    let first = runs.iter().map(|r| r.created_ms).min().unwrap_or(0);
+    let last = runs.iter().filter_map(|r| r.finished_ms).max().unwrap_or(first);
     let latency = Latency {
         runs: latencies.len(),
+        rate: latencies.len() as f64 / ((last - first).max(1) as f64 / 1000.0),
         p50_ms: percentile(&latencies, 0.50),
         p90_ms: percentile(&latencies, 0.90),
         p99_ms: percentile(&latencies, 0.99),
@@ -789,6 +815,12 @@ fn open_loop(
     stack.clean_up(settings, runtime);
     Ok((latency, usage))
 }
+
+/// Loopback addresses the open-loop submitter sends from (127.0.0.1 to
+/// 127.0.0.N), and the requests in flight from each at most: the API's
+/// limit per address.
+const CLIENT_ADDRESSES: u8 = 8;
+const PER_ADDRESS: usize = 64;
 
 fn write_bench_config(dir: &Path, steps: usize, fan_in: bool, foreach: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("agents/models"))?;
