@@ -754,4 +754,37 @@ mod tests {
         assert_eq!(DISPATCHED, "dispatched");
         assert_eq!(courier_wire::TaskStatus::Cancelled.as_str(), "cancelled");
     }
+
+    /// The WAL is checkpointed by the background thread, so it starts over
+    /// instead of growing with every transaction (the engine's connection
+    /// never checkpoints), and what was written stays readable.
+    #[test]
+    fn the_wal_is_checkpointed_in_the_background() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("courier.db");
+        let mut db = Db::open(&path).expect("open");
+        let wal = dir.path().join("courier.db-wal");
+        let params = "x".repeat(16 * 1024);
+        let mut largest = 0;
+        for round in 0..20 {
+            db.transaction(|t| {
+                for i in 0..10 {
+                    t.exec(
+                        "INSERT INTO run_params (run_id, params) VALUES (?1, ?2)",
+                        p![format!("{round}-{i}"), params.as_str()],
+                    )?;
+                }
+                Ok::<_, DbError>(())
+            })
+            .expect("write");
+            largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+            std::thread::sleep(CHECKPOINT_EVERY * 2);
+        }
+        // 20 rounds of about 170 KiB each: 3.4 MB of pages without checkpoints.
+        assert!(largest < 1024 * 1024, "the WAL grew to {largest} bytes");
+        let rows: i64 = db
+            .read(|t| t.one("SELECT COUNT(*) FROM run_params", p![], |r| r.get(0)))
+            .expect("read");
+        assert_eq!(rows, 200);
+    }
 }

@@ -662,7 +662,11 @@ async fn outbox_loop(
 /// Whether the outbox may be read: after a full batch (a backlog), once every
 /// task is confirmed; otherwise while fewer than [`OUTBOX_BATCH`] are not.
 fn room(last_full: bool, unconfirmed: usize) -> bool {
-    if last_full { unconfirmed == 0 } else { unconfirmed < OUTBOX_BATCH }
+    if last_full {
+        unconfirmed == 0
+    } else {
+        unconfirmed < OUTBOX_BATCH
+    }
 }
 
 /// Sort out one finished publish: confirmed, or the failure that ends the
