@@ -43,14 +43,20 @@ const KEPT: &[&str] = &[
 ];
 
 /// glibc's malloc arenas for a sealed service, unless its environment sets
-/// `MALLOC_ARENA_MAX`: one. By default glibc gives threads up to eight
-/// arenas per core, and tokio's blocking pool runs submissions, results and
-/// the outbox on ever-changing threads, so memory freed in one arena is not
-/// reused by the others and stays resident: in the 50,000-task soak
-/// (`courier bench --tasks 50000 --workers 4 --concurrency 32`) the
-/// scheduler peaked 108 MiB over its idle level with glibc's default, 64 MiB
-/// with two arenas, 54 MiB with one, for the same CPU within the noise.
-const MALLOC_ARENAS: &str = "1";
+/// `MALLOC_ARENA_MAX`: two for the scheduler, one for a worker. By default
+/// glibc gives threads up to eight arenas per core, and tokio's blocking
+/// pool runs submissions, results and the outbox on ever-changing threads,
+/// so memory freed in one arena is not reused by the others and stays
+/// resident. In the 50,000-task soak (`courier bench --tasks 50000 --workers
+/// 4 --concurrency 32`) the scheduler peaked 108 MiB over its idle level
+/// with glibc's default, 55–58 MiB with one arena; fewer arenas cost CPU
+/// in lock contention (`courier bench --tasks 20000`, alternated: scheduler
+/// 3.2–3.6 CPU-s with one arena, 2.8–2.9 with two, 2.3–2.4 unbounded), and
+/// workers, whose memory is flat, stay under 25 MiB only with one (24.1–24.6
+/// MiB; 25.3–25.5 with two).
+fn malloc_arenas(service: &str) -> &'static str {
+    if service == "scheduler" { "2" } else { "1" }
+}
 
 /// What a sealed service received from the image that started it.
 #[derive(Serialize, Deserialize)]
@@ -100,7 +106,7 @@ pub fn reexec(service: &str, settings: Settings) -> anyhow::Result<std::convert:
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     if !env.contains_key("MALLOC_ARENA_MAX") {
-        kept.push(("MALLOC_ARENA_MAX".into(), MALLOC_ARENAS.into()));
+        kept.push(("MALLOC_ARENA_MAX".into(), malloc_arenas(service).into()));
     }
     let blob = serde_json::to_vec(&Sealed { settings, env }).context("encoding the settings")?;
     let fd = nix::sys::memfd::memfd_create(c"courier-settings", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
