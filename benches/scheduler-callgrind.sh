@@ -12,7 +12,17 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 runs="${RUNS:-20}"
 work="$(mktemp -d)"
 workers=()
-trap 'kill "${workers[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
+# On exit: the workers, the files, and this namespace's queues (idle quorum
+# queues left behind slow the broker down for later measurements).
+cleanup() {
+  kill "${workers[@]}" 2>/dev/null || true
+  rm -rf "$work"
+  if command -v rabbitmqctl >/dev/null; then
+    rabbitmqctl list_queues -q name 2>/dev/null | grep "^callgrind-$$\." |
+      while read -r queue; do rabbitmqctl delete_queue -q "$queue" </dev/null >/dev/null 2>&1 || true; done
+  fi
+}
+trap cleanup EXIT
 cp -r "$repo/config" "$work/config"
 {
   printf 'params:\n  payload: "x"\nsteps:\n'
