@@ -687,8 +687,8 @@ impl Engine {
         };
         // Steps in workflow order, each first step with its task as it is
         // inserted: one dispatched at once is inserted running (one write,
-        // not an insert and an update); one held by a limit sees the steps
-        // started before it, as it would in `admit_in`.
+        // not an insert and an update). Whether one is held (`held`)
+        // depends on the run and the limits configured, not on step rows.
         let mut first = first.into_iter().peekable();
         for (i, s) in wf.steps().iter().enumerate() {
             let position = (s.name.as_str(), i, s.queue.as_str());

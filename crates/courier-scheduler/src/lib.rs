@@ -531,6 +531,14 @@ async fn outbox_loop(
         while let Some(joined) = publishing.try_join_next() {
             settle(joined, &mut confirmed, &mut failure);
         }
+        if failure.is_some() {
+            // Nothing more goes out; what is in flight is settled (each
+            // publish waits for its confirm at most its timeout), so what
+            // the broker took is marked and not published again.
+            while let Some(joined) = publishing.join_next().await {
+                settle(joined, &mut confirmed, &mut failure);
+            }
+        }
         if !confirmed.is_empty() {
             let ids = std::mem::take(&mut confirmed);
             for id in &ids {
@@ -670,7 +678,9 @@ fn room(last_full: bool, unconfirmed: usize) -> bool {
 }
 
 /// Sort out one finished publish: confirmed, or the failure that ends the
-/// outbox loop (the task stays in the outbox).
+/// outbox loop (the task stays in the outbox). A publish that panicked
+/// ends it too: its task is not known here, and a new loop starts with
+/// nothing unconfirmed.
 fn settle(
     joined: Result<(String, Result<(), AmqpError>), tokio::task::JoinError>,
     confirmed: &mut Vec<String>,
@@ -682,7 +692,10 @@ fn settle(
             warn!(task = %id, error = %e, "task not confirmed; it stays in the outbox");
             *failure = Some(e);
         }
-        Err(e) => error!(error = %e, "publish task panicked"),
+        Err(e) => {
+            error!(error = %e, "publish task panicked; starting the outbox again");
+            *failure = Some(AmqpError::Closed);
+        }
     }
 }
 

@@ -34,8 +34,8 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 pub const FAST_UP_TO: usize = 64 * 1024;
 
 /// The zstd level of a message built once per dispatch (a task) or per
-/// answer (a result): zstd's fast level -1 up to [`FAST_UP_TO`], level 1
-/// above. At -1 zstd still finds repeated strings but stores the rest
+/// answer (a result): zstd's fast level -1 up to [`FAST_UP_TO`], `above`
+/// past it (where size matters more, and the compressed limit). At -1 zstd still finds repeated strings but stores the rest
 /// as it is, without Huffman coding: on 4 KiB bodies that coding is most of
 /// level 1's cost (measured with `zstd -b1 -i3 F` against `zstd -b --fast=1
 /// -i3 F`: 4 KiB of random base64 compresses at 2.4 GB/s instead of 0.35,
@@ -43,8 +43,8 @@ pub const FAST_UP_TO: usize = 64 * 1024;
 /// 3,117; 4 KiB of English prose 0.39 GB/s instead of 0.23, 2,664 bytes
 /// instead of 1,949). A small message costs the broker per message far more
 /// than per byte; a large one is worth the coding.
-pub fn message_zstd_level(body_len: usize) -> i32 {
-    if body_len <= FAST_UP_TO { -1 } else { 1 }
+pub fn message_zstd_level(body_len: usize, above: i32) -> i32 {
+    if body_len <= FAST_UP_TO { -1 } else { above }
 }
 
 /// Default bound on a whole frame as it travels (compressed): 1 MiB.

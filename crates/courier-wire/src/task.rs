@@ -57,9 +57,9 @@ impl Frame for Task {
     const MIN_VERSION: u8 = 1;
 
     /// Tasks are encoded per dispatch and carry an already-compressed
-    /// snapshot: see [`crate::frame::message_zstd_level`].
+    /// snapshot: see [`crate::frame::message_zstd_level`]; level 1 above.
     fn zstd_level(body_len: usize) -> i32 {
-        crate::frame::message_zstd_level(body_len)
+        crate::frame::message_zstd_level(body_len, 1)
     }
 }
 
@@ -324,9 +324,10 @@ impl Frame for TaskResult {
     const MIN_VERSION: u8 = 1;
 
     /// Results are encoded once per answer: see
-    /// [`crate::frame::message_zstd_level`].
+    /// [`crate::frame::message_zstd_level`]; zstd's default level above, as
+    /// before (a large output must still fit the compressed limit).
     fn zstd_level(body_len: usize) -> i32 {
-        crate::frame::message_zstd_level(body_len)
+        crate::frame::message_zstd_level(body_len, crate::frame::DEFAULT_ZSTD_LEVEL)
     }
 }
 
