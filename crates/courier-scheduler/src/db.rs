@@ -762,20 +762,18 @@ mod tests {
         assert_eq!(courier_wire::TaskStatus::Cancelled.as_str(), "cancelled");
     }
 
-    /// The WAL is checkpointed by the background thread, so it starts over
-    /// instead of growing with every transaction (the engine's connection
-    /// never checkpoints), and what was written stays readable.
-    #[test]
-    fn the_wal_is_checkpointed_in_the_background() {
+    /// Write `rounds` transactions of `rows` params of `bytes` each to a new
+    /// database, pausing `pause` after each: the WAL's largest size seen,
+    /// and the database (with its folder).
+    fn wal_peak(rounds: usize, rows: usize, bytes: usize, pause: std::time::Duration) -> (u64, Db, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("courier.db");
-        let mut db = Db::open(&path).expect("open");
+        let mut db = Db::open(&dir.path().join("courier.db")).expect("open");
         let wal = dir.path().join("courier.db-wal");
-        let params = "x".repeat(16 * 1024);
+        let params = "x".repeat(bytes);
         let mut largest = 0;
-        for round in 0..20 {
+        for round in 0..rounds {
             db.transaction(|t| {
-                for i in 0..10 {
+                for i in 0..rows {
                     t.exec(
                         "INSERT INTO run_params (run_id, params) VALUES (?1, ?2)",
                         p![format!("{round}-{i}"), params.as_str()],
@@ -785,9 +783,18 @@ mod tests {
             })
             .expect("write");
             largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
-            std::thread::sleep(CHECKPOINT_EVERY * 2);
+            std::thread::sleep(pause);
         }
+        (largest, db, dir)
+    }
+
+    /// The WAL is checkpointed by the background thread, so it starts over
+    /// long before the engine's own checkpoint (10,000 pages) would, and
+    /// what was written stays readable.
+    #[test]
+    fn the_wal_is_checkpointed_in_the_background() {
         // 20 rounds of about 170 KiB each: 3.4 MB of pages without checkpoints.
+        let (largest, mut db, _dir) = wal_peak(20, 10, 16 * 1024, CHECKPOINT_EVERY * 2);
         assert!(largest < 1024 * 1024, "the WAL grew to {largest} bytes");
         let rows: i64 = db
             .read(|t| t.one("SELECT COUNT(*) FROM run_params", p![], |r| r.get(0)))
@@ -796,27 +803,12 @@ mod tests {
     }
 
     /// Commits that never leave the background checkpointer a gap still
-    /// cannot grow the WAL past the engine's own checkpoint (10,000 pages).
+    /// cannot grow the WAL past the engine's own checkpoint (10,000 pages);
+    /// without it, this grew the WAL to 79 MB.
     #[test]
     fn back_to_back_commits_keep_the_wal_bounded() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("courier.db");
-        let mut db = Db::open(&path).expect("open");
-        let wal = dir.path().join("courier.db-wal");
-        let params = "y".repeat(64 * 1024);
-        let mut largest = 0;
-        for round in 0..1_000 {
-            db.transaction(|t| {
-                t.exec(
-                    "INSERT INTO run_params (run_id, params) VALUES (?1, ?2)",
-                    p![format!("r{round}"), params.as_str()],
-                )?;
-                Ok::<_, DbError>(())
-            })
-            .expect("write");
-            largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
-        }
         // About 66 MB written in all.
+        let (largest, _db, _dir) = wal_peak(1_000, 1, 64 * 1024, std::time::Duration::ZERO);
         assert!(largest < 48 * 1024 * 1024, "the WAL grew to {largest} bytes");
     }
 }
