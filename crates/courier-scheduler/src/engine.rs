@@ -389,10 +389,32 @@ impl Engine {
         });
     }
 
-    /// Act on a committed transaction: keep task bodies for the outbox
-    /// (within the budget) and apply memory proposals to the store. A
-    /// proposal that cannot be written is recorded as the step's error (the
-    /// step stays succeeded); returns how many were not written.
+    /// Act on a committed transaction once the database is free again:
+    /// apply memory proposals to the store. A proposal that cannot be
+    /// written is recorded as the step's error (the step stays succeeded);
+    /// returns how many were not written.
+    /// Keep the bodies of a committed transaction's new tasks for the
+    /// outbox (within the budget), and forget those of tasks it cancelled.
+    /// Called with the database still held: the outbox reads its rows under
+    /// the same lock, so it never finds a committed task whose body is not
+    /// kept yet (it would build the task again).
+    fn keep_bodies(&self, written: Vec<(String, Vec<u8>)>, dropped: &[String]) {
+        let mut kept = self.bodies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for id in dropped {
+            if let Some(body) = kept.0.remove(id) {
+                kept.1 -= body.len();
+            }
+        }
+        let publishing = self.publishing.load(std::sync::atomic::Ordering::Relaxed);
+        for (id, body) in written.into_iter().filter(|_| publishing) {
+            if kept.1 + body.len() > MAX_KEPT_BODY_BYTES {
+                break;
+            }
+            kept.1 += body.len();
+            kept.0.insert(id, body);
+        }
+    }
+
     fn after_commit(&self, effects: Effects) -> usize {
         let mut not_written = 0;
         if !effects.memory.is_empty() {
@@ -417,20 +439,6 @@ impl Engine {
             }
             // Later snapshots must carry the new memory.
             self.invalidate_snapshots();
-        }
-        let mut kept = self.bodies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for id in &effects.dropped {
-            if let Some(body) = kept.0.remove(id) {
-                kept.1 -= body.len();
-            }
-        }
-        let publishing = self.publishing.load(std::sync::atomic::Ordering::Relaxed);
-        for (id, body) in effects.written.into_iter().filter(|_| publishing) {
-            if kept.1 + body.len() > MAX_KEPT_BODY_BYTES {
-                break;
-            }
-            kept.1 += body.len();
-            kept.0.insert(id, body);
         }
         not_written
     }
@@ -533,6 +541,10 @@ impl Engine {
                 let value = f(&mut c)?;
                 self.settle_children(&mut c)?;
                 Ok::<_, E>((value, applied, effects))
+            })
+            .map(|(value, applied, mut effects)| {
+                self.keep_bodies(std::mem::take(&mut effects.written), &effects.dropped);
+                (value, applied, effects)
             })
         })?;
         applied.memory_not_written = self.after_commit(effects);
@@ -1065,6 +1077,27 @@ impl Engine {
     /// Apply one result: `Ok(Err(_))` when it was refused (nothing changed).
     fn apply_one(&self, c: &mut Change<'_, '_>, r: &TaskResult) -> Result<Result<(), Refused>, DbError> {
         let task_id = r.task_id.to_string();
+        let used = r.usage.map(|u| {
+            let (input, output) = reported(u);
+            i64::try_from(input + output).unwrap_or(i64::MAX)
+        });
+        // The common case ends the task in one statement; memory proposals
+        // are checked against the step before anything is written.
+        if r.memory_updates.is_empty() {
+            let run = r.run_id.to_string();
+            if tx::finish_dispatched_task(c.t, &task_id, (&run, &r.step, r.attempt), r.status, used, c.now)? {
+                let row = TaskRow {
+                    run_id: run,
+                    step: r.step.clone(),
+                    attempt: r.attempt,
+                    dispatched: true,
+                };
+                self.apply_to_run(c, r, &row)?;
+                return Ok(Ok(()));
+            }
+        }
+        // Otherwise the task as it is tells why: unknown, another attempt's,
+        // already answered, or memory proposals from a step that may not.
         let Some(row) = tx::task(c.t, &task_id)? else {
             tracing::warn!(task = %task_id, "result for an unknown task; ignored");
             c.applied.duplicates += 1;
@@ -1078,6 +1111,7 @@ impl Engine {
             c.applied.duplicates += 1;
             return Ok(Ok(()));
         }
+        tx::finish_task(c.t, &task_id, r.status, used, c.now)?;
         self.apply_to_run(c, r, &row)?;
         Ok(Ok(()))
     }
@@ -1112,18 +1146,13 @@ impl Engine {
         Ok(Ok(()))
     }
 
-    /// Apply an attempt's result to its run: record the attempt and what it
-    /// spent; then, if its run and step still wait for it, act on what it
+    /// Apply an attempt's result (its task already ended) to its run: record
+    /// what it spent; then, if its run and step still wait for it, act on what it
     /// says (a success, a cancellation, a failure to retry or not) and
     /// enforce the budgets it spent against.
     fn apply_to_run(&self, c: &mut Change<'_, '_>, r: &TaskResult, row: &TaskRow) -> Result<(), DbError> {
         c.applied.applied += 1;
         c.effects.admit = true;
-        let used = r.usage.map(|u| {
-            let (input, output) = reported(u);
-            i64::try_from(input + output).unwrap_or(i64::MAX)
-        });
-        tx::finish_task(c.t, &r.task_id.to_string(), r.status, used, c.now)?;
         let run = row.run_id.as_str();
         let Some((wf, run_row, step_status, (step, index))) = self.result_target(c, row)? else {
             return Ok(());

@@ -563,11 +563,16 @@ async fn outbox_loop(
             let engine = shared.engine.clone();
             let skip = unconfirmed.clone();
             let due = tokio::task::spawn_blocking(move || {
-                let rows = engine.with_db(|db| db.unpublished_tasks(OUTBOX_BATCH))?;
-                if rows.len() < OUTBOX_BATCH {
-                    // The whole outbox: bodies of anything else will never be sent.
-                    engine.retain_bodies(&rows.iter().map(|r| r.task_id.as_str()).collect());
-                }
+                let rows = engine.with_db(|db| {
+                    let rows = db.unpublished_tasks(OUTBOX_BATCH)?;
+                    if rows.len() < OUTBOX_BATCH {
+                        // The whole outbox: bodies of anything else will never
+                        // be sent. Under the database's lock, so a body kept
+                        // by a commit after this read stays.
+                        engine.retain_bodies(&rows.iter().map(|r| r.task_id.as_str()).collect());
+                    }
+                    Ok::<_, db::DbError>(rows)
+                })?;
                 let full = rows.len() == OUTBOX_BATCH;
                 let rows = rows.into_iter().filter(|r| !skip.contains(&r.task_id)).collect();
                 Ok::<_, db::DbError>((with_bodies(&engine, rows), full))

@@ -183,10 +183,14 @@ fn a_result_that_does_not_match_its_task_is_refused_and_changes_nothing() {
         step: "write".into(),
         ..result(&analyze, TaskStatus::Succeeded, "forged")
     };
-    let applied = engine.apply(&[wrong_attempt, wrong_step]).unwrap();
+    let wrong_run = TaskResult {
+        run_id: uuid::Uuid::now_v7(),
+        ..result(&analyze, TaskStatus::Succeeded, "forged")
+    };
+    let applied = engine.apply(&[wrong_attempt, wrong_step, wrong_run]).unwrap();
     assert_eq!(applied.applied, 0);
     let reasons: Vec<(usize, &str)> = applied.refused.iter().map(|(i, r)| (*i, r.label())).collect();
-    assert_eq!(reasons, [(0, "mismatch"), (1, "mismatch")]);
+    assert_eq!(reasons, [(0, "mismatch"), (1, "mismatch"), (2, "mismatch")]);
     assert!(matches!(&applied.refused[0].1, Refused::Mismatch { claimed, .. } if claimed.ends_with("attempt 2")));
     let view = engine.with_db(|db| db.run(&run)).unwrap().unwrap();
     assert_eq!(

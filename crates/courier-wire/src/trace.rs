@@ -105,13 +105,13 @@ impl TraceParent {
 /// `traceparent` header value, version 00.
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "00-{}-{}-{:02x}",
-            self.trace_id_hex(),
-            self.parent_id_hex(),
-            self.flags
-        )
+        // Into a buffer of its exact length: one per published task.
+        let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        let hex = |bytes: &[u8], to: &mut [u8]| hex::encode_to_slice(bytes, to).map_err(|_| fmt::Error);
+        hex(&self.trace_id, &mut out[3..35])?;
+        hex(&self.parent_id, &mut out[36..52])?;
+        hex(&[self.flags], &mut out[53..55])?;
+        f.write_str(std::str::from_utf8(&out).map_err(|_| fmt::Error)?)
     }
 }
 

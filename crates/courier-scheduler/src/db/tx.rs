@@ -217,6 +217,25 @@ pub fn finish_task(
     Ok(())
 }
 
+/// The common case of a result in one statement: the task, if still
+/// dispatched for this run, step and attempt, ends with `status` and the
+/// tokens it really used. Whether it did; when it did not, nothing changed.
+pub fn finish_dispatched_task(
+    tx: &Tx<'_>,
+    task_id: &str,
+    (run, step, attempt): (&str, &str, u32),
+    status: TaskStatus,
+    tokens: Option<i64>,
+    now: i64,
+) -> Result<bool, DbError> {
+    let changed = tx.exec(
+        "UPDATE tasks SET status = ?5, finished_ms = ?6, tokens = COALESCE(?7, tokens)
+         WHERE task_id = ?1 AND status = 'dispatched' AND run_id = ?2 AND step = ?3 AND attempt = ?4",
+        p![task_id, run, step, attempt, status.as_str(), now, tokens],
+    )?;
+    Ok(changed > 0)
+}
+
 /// Tasks of a run (or of one step, a foreach step's items included) not
 /// yet published: never published now.
 /// Their ids.
