@@ -6,6 +6,7 @@
 //! no task bodies: a task is rebuilt from its row, the run's params and the
 //! upstream outputs, so the database only stores what is needed for that.
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -481,31 +482,59 @@ impl Db {
         Ok(value)
     }
 
-    /// Tasks not yet confirmed by the broker, soonest first.
+    /// Tasks not yet confirmed by the broker, soonest first: of the first
+    /// `limit`, those not in `skip` (published, their confirms awaited),
+    /// and whether there were `limit` of them (more may wait).
     ///
     /// # Errors
     /// The store's.
-    pub fn unpublished_tasks(&mut self, limit: usize) -> Result<Vec<OutboxTask>, DbError> {
+    pub fn unpublished_tasks(
+        &mut self,
+        limit: usize,
+        skip: &HashSet<String>,
+    ) -> Result<(Vec<OutboxTask>, bool), DbError> {
         // The limit is part of the text: SQLite plans with a bound LIMIT's
         // value, so it would prepare the statement again on every call.
         let sql = format!(
-            "SELECT t.task_id, t.run_id, t.step, t.queue, t.attempt, t.snapshot_hash, t.not_before_ms, r.priority
-             FROM tasks t JOIN runs r ON r.id = t.run_id
-             WHERE t.published = 0 AND t.status = 'dispatched' ORDER BY t.not_before_ms LIMIT {limit}"
+            "SELECT task_id, run_id, step, queue, attempt, snapshot_hash, not_before_ms FROM tasks
+             WHERE published = 0 AND status = 'dispatched' ORDER BY not_before_ms LIMIT {limit}"
         );
         self.read(|tx| {
-            tx.all(&sql, p![], |r| {
-                Ok(OutboxTask {
-                    task_id: r.get(0)?,
+            let rows = tx.all(&sql, p![], |r| {
+                let task_id: String = r.get(0)?;
+                if skip.contains(&task_id) {
+                    return Ok(None);
+                }
+                Ok(Some(OutboxTask {
+                    task_id,
                     run_id: r.get(1)?,
                     step: r.get(2)?,
                     queue: r.get(3)?,
                     attempt: r.get(4)?,
                     snapshot_hash: r.get(5)?,
                     not_before_ms: r.get(6)?,
-                    priority: r.get(7)?,
-                })
-            })
+                    priority: 0,
+                }))
+            })?;
+            let full = rows.len() == limit;
+            // Each run's priority, read once per run (not joined into every
+            // row read again while its confirm is awaited).
+            let mut priorities: HashMap<String, Option<u8>> = HashMap::new();
+            let mut due = Vec::with_capacity(rows.len());
+            for mut row in rows.into_iter().flatten() {
+                let priority = match priorities.get(&row.run_id) {
+                    Some(known) => *known,
+                    None => {
+                        let read = tx.opt("SELECT priority FROM runs WHERE id = ?1", p![row.run_id], |r| r.get(0))?;
+                        *priorities.entry(row.run_id.clone()).or_insert(read)
+                    }
+                };
+                if let Some(priority) = priority {
+                    row.priority = priority;
+                    due.push(row);
+                }
+            }
+            Ok((due, full))
         })
     }
 

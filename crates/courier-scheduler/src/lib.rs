@@ -561,24 +561,25 @@ async fn outbox_loop(
         if read && room(last_full, unconfirmed.len()) {
             let now = now_ms();
             let engine = shared.engine.clone();
-            let skip = unconfirmed.clone();
-            let due = tokio::task::spawn_blocking(move || {
-                let rows = engine.with_db(|db| {
-                    let rows = db.unpublished_tasks(OUTBOX_BATCH)?;
-                    if rows.len() < OUTBOX_BATCH {
+            // Lent to the read, which leaves those out, and given back.
+            let skip = std::mem::take(&mut unconfirmed);
+            let (due, skip) = tokio::task::spawn_blocking(move || {
+                let read = engine.with_db(|db| {
+                    let (rows, full) = db.unpublished_tasks(OUTBOX_BATCH, &skip)?;
+                    if !full {
                         // The whole outbox: bodies of anything else will never
-                        // be sent. Under the database's lock, so a body kept
-                        // by a commit after this read stays.
+                        // be sent (those awaiting confirms were taken when
+                        // published). Under the database's lock, so a body
+                        // kept by a commit after this read stays.
                         engine.retain_bodies(&rows.iter().map(|r| r.task_id.as_str()).collect());
                     }
-                    Ok::<_, db::DbError>(rows)
-                })?;
-                let full = rows.len() == OUTBOX_BATCH;
-                let rows = rows.into_iter().filter(|r| !skip.contains(&r.task_id)).collect();
-                Ok::<_, db::DbError>((with_bodies(&engine, rows), full))
+                    Ok::<_, db::DbError>((rows, full))
+                });
+                (read.map(|(rows, full)| (with_bodies(&engine, rows), full)), skip)
             })
             .await
             .map_err(|_| AmqpError::Closed)?;
+            unconfirmed = skip;
             let due = match due {
                 Ok((due, full)) => {
                     last_full = full;

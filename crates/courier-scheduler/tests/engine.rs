@@ -150,7 +150,10 @@ fn a_failed_attempt_with_retries_left_is_scheduled_later() {
     assert_eq!(applied.retried, 1);
     // Backoff 2s (minus at most 20% jitter): the new attempt waits 1.6 to 2 s.
     let now = courier_now();
-    let later = engine.with_db(|db| db.unpublished_tasks(10)).unwrap();
+    let later = engine
+        .with_db(|db| db.unpublished_tasks(10, &Default::default()))
+        .unwrap()
+        .0;
     assert_eq!(
         (later.len(), later[0].attempt, later[0].step.as_str()),
         (1, 2, "analyze")
@@ -388,7 +391,13 @@ fn a_result_after_a_cancel_is_recorded_and_changes_nothing() {
         (view.status, view.steps[1].status),
         (RunStatus::Cancelled, StepStatus::Cancelled)
     );
-    assert!(engine.with_db(|db| db.unpublished_tasks(10)).unwrap().is_empty());
+    assert!(
+        engine
+            .with_db(|db| db.unpublished_tasks(10, &Default::default()))
+            .unwrap()
+            .0
+            .is_empty()
+    );
     // Again: the same answer; an unknown run or step, or a finished one, is refused.
     let again = engine.cancel(&run, None, "api:bob", "again").unwrap();
     assert_eq!(
@@ -622,7 +631,13 @@ fn a_held_step_retries_through_admission_and_a_hostile_429_or_usage_is_capped() 
     assert_eq!(view.steps[0].error.as_deref(), Some("boom"));
     let (cap, max) = (courier_scheduler::engine::MAX_REPORTED_TOKENS, i64::MAX);
     assert_eq!(view.input_tokens, i64::try_from(cap).unwrap_or(max));
-    assert!(engine.with_db(|db| db.unpublished_tasks(10)).unwrap().is_empty());
+    assert!(
+        engine
+            .with_db(|db| db.unpublished_tasks(10, &Default::default()))
+            .unwrap()
+            .0
+            .is_empty()
+    );
     engine.admit().unwrap();
     let other = engine.with_db(|db| db.run(&two.id)).unwrap().unwrap();
     let reason = other.steps[0].waiting_on.as_deref().unwrap();
@@ -952,8 +967,41 @@ fn a_step_that_became_an_approval_is_never_sent_to_a_worker() {
     engine.admit().unwrap();
     let second = engine.with_db(|db| db.run(&second.id)).unwrap().unwrap();
     assert_eq!(second.steps[0].status, StepStatus::WaitingApproval);
-    let row = engine.with_db(|db| db.unpublished_tasks(10)).unwrap().remove(0);
+    let row = engine
+        .with_db(|db| db.unpublished_tasks(10, &Default::default()))
+        .unwrap()
+        .0
+        .remove(0);
     assert_eq!(row.run_id, first.id);
     let refused = engine.task_body(&row).unwrap_err().to_string();
     assert!(refused.contains("now an approval"), "{refused}");
+}
+
+#[test]
+fn the_outbox_read_leaves_out_tasks_awaiting_confirms_and_carries_each_runs_priority() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine(&dir.path().join("courier.db"));
+    let topic = BTreeMap::from([("topic".to_string(), "q".to_string())]);
+    let low = engine.submit("research", &topic, 1).unwrap();
+    let high = engine.submit("research", &topic, 8).unwrap();
+    let read = |limit: usize, skip: &std::collections::HashSet<String>| {
+        engine.with_db(|db| db.unpublished_tasks(limit, skip)).unwrap()
+    };
+    let (all, full) = read(10, &Default::default());
+    let priorities: BTreeMap<&str, u8> = all.iter().map(|t| (t.run_id.as_str(), t.priority)).collect();
+    assert_eq!(
+        priorities,
+        BTreeMap::from([(low.id.as_str(), 1), (high.id.as_str(), 8)])
+    );
+    assert!(!full);
+    // The first is published and awaits its confirm: left out, and the read
+    // of one row still says more may wait.
+    let skip = std::collections::HashSet::from([all[0].task_id.clone()]);
+    let (rest, _) = read(10, &skip);
+    assert_eq!(
+        rest.iter().map(|t| t.task_id.as_str()).collect::<Vec<_>>(),
+        all[1..].iter().map(|t| t.task_id.as_str()).collect::<Vec<_>>()
+    );
+    let (none, full) = read(1, &skip);
+    assert!(none.is_empty() && full);
 }

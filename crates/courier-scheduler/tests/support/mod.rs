@@ -88,7 +88,10 @@ pub fn result(task: &Task, status: TaskStatus, output: &str) -> TaskResult {
 
 /// The due outbox tasks, decoded.
 pub fn due(engine: &Engine) -> Vec<(Task, String)> {
-    let rows = engine.with_db(|db| db.unpublished_tasks(10_000)).unwrap();
+    let rows = engine
+        .with_db(|db| db.unpublished_tasks(10_000, &Default::default()))
+        .unwrap()
+        .0;
     rows.iter()
         .map(|row| {
             let (body, hash) = engine.task_body(row).unwrap();
@@ -152,7 +155,12 @@ pub fn drive(engine: &Engine, mut answer: impl FnMut(&Task) -> TaskStatus) -> us
     for _ in 0..1000 {
         let due = due(engine);
         if due.is_empty() {
-            if engine.with_db(|db| db.unpublished_tasks(1)).unwrap().is_empty() {
+            if engine
+                .with_db(|db| db.unpublished_tasks(1, &Default::default()))
+                .unwrap()
+                .0
+                .is_empty()
+            {
                 return answered;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
