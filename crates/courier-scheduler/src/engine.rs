@@ -262,6 +262,27 @@ pub struct Engine {
     publishing: std::sync::atomic::AtomicBool,
     /// The database is PostgreSQL, shared with other schedulers.
     shared_db: bool,
+    /// Submitted runs waiting to be written (see [`Engine::write_queued`]).
+    queued: Mutex<Vec<QueuedRun>>,
+}
+
+/// A submitted run, planned, waiting for whichever submitter holds the
+/// database next to write it with every other one waiting then: one
+/// transaction (one commit, and the pages they share written once) for
+/// all the runs submitted while the previous one committed.
+#[derive(Debug)]
+struct QueuedRun {
+    workflow: String,
+    run: String,
+    params: BTreeMap<String, String>,
+    priority: u8,
+    deadline: Option<i64>,
+    /// When it was submitted: its runs' and first steps' times.
+    now: i64,
+    /// Its first tasks, by the index of their step in the workflow.
+    first: Vec<(usize, PlannedTask)>,
+    /// Told once the transaction that wrote it ended.
+    written: std::sync::mpsc::SyncSender<Result<(), DbError>>,
 }
 
 /// Memory for encoded tasks waiting to be published; past it, the outbox
@@ -350,6 +371,7 @@ impl Engine {
             bodies: Mutex::new((HashMap::new(), 0)),
             publishing: std::sync::atomic::AtomicBool::new(true),
             shared_db: db_shared,
+            queued: Mutex::new(Vec::new()),
         }
     }
 
@@ -528,7 +550,20 @@ impl Engine {
         now: i64,
         f: impl FnOnce(&mut Change<'_, '_>) -> Result<T, E>,
     ) -> Result<(T, Applied), E> {
-        let (value, mut applied, effects) = self.with_db(|db| {
+        let (value, mut applied, effects) = self.with_db(|db| self.transact(db, now, f))?;
+        applied.memory_not_written = self.after_commit(effects);
+        Ok((value, applied))
+    }
+
+    /// [`Engine::change`]'s transaction, on the database already held:
+    /// what is acted on after the commit is returned, not done.
+    fn transact<T, E: From<DbError>>(
+        &self,
+        db: &mut Db,
+        now: i64,
+        f: impl FnOnce(&mut Change<'_, '_>) -> Result<T, E>,
+    ) -> Result<(T, Applied, Effects), E> {
+        {
             db.transaction(|t| {
                 let mut applied = Applied::default();
                 let mut effects = Effects::default();
@@ -546,9 +581,7 @@ impl Engine {
                 self.keep_bodies(std::mem::take(&mut effects.written), &effects.dropped);
                 (value, applied, effects)
             })
-        })?;
-        applied.memory_not_written = self.after_commit(effects);
-        Ok((value, applied))
+        }
     }
 
     /// Every worker pool some step uses.
@@ -608,30 +641,103 @@ impl Engine {
         // resource or an oversized task fails the submit with nothing stored.
         let first = self.plan_first(wf, run_id, &params, now, deadline)?;
         let run = run_id.to_string();
-        let new = NewRun {
-            id: &run,
-            params: &params,
-            priority,
-            deadline,
-            parent: None,
-        };
-        let (started, _) = self.change(now, |c| {
-            if let Some(tick) = tick_ms
-                && !tx::claim_tick(c.t, workflow, tick, &run)?
-            {
-                return Ok(false);
+        if let Some(tick) = tick_ms {
+            let new = NewRun {
+                id: &run,
+                params: &params,
+                priority,
+                deadline,
+                parent: None,
+            };
+            let (started, _) = self.change(now, |c| {
+                if !tx::claim_tick(c.t, workflow, tick, &run)? {
+                    return Ok(false);
+                }
+                self.create_run(c, wf, &new, first)?;
+                if c.effects.admit {
+                    self.admit_in(c)?;
+                }
+                Ok::<_, DbError>(true)
+            })?;
+            if !started {
+                return Ok(None);
             }
-            self.create_run(c, wf, &new, first)?;
-            if c.effects.admit {
-                self.admit_in(c)?;
+        } else {
+            let steps = wf.steps();
+            let first = first
+                .into_iter()
+                .map(|(step, task)| (steps.iter().position(|s| std::ptr::eq(s, step)).unwrap_or(0), task))
+                .collect();
+            let (written, answer) = std::sync::mpsc::sync_channel(1);
+            self.queued
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(QueuedRun {
+                    workflow: wf.name.clone(),
+                    run: run.clone(),
+                    params,
+                    priority,
+                    deadline,
+                    now,
+                    first,
+                    written,
+                });
+            let effects = self.with_db(|db| self.write_queued(db));
+            if let Some(effects) = effects {
+                self.after_commit(effects);
             }
-            Ok::<_, DbError>(true)
-        })?;
-        if !started {
-            return Ok(None);
+            // Written by this thread or by one that held the database first.
+            answer.recv().map_err(|_| DbError::no_row())??;
         }
         crate::trace::run_started(&run, workflow, now);
         Ok(Some(self.with_db(|db| db.run(&run))?.ok_or(DbError::no_row())?))
+    }
+
+    /// Write every queued run in one transaction and tell each submitter
+    /// how it went (all of them fail together: only the database can fail
+    /// here, and then nothing of any is stored). Nothing queued (another
+    /// submitter wrote them): `None`; else what to act on after the commit.
+    fn write_queued(&self, db: &mut Db) -> Option<Effects> {
+        let batch = std::mem::take(&mut *self.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        if batch.is_empty() {
+            return None;
+        }
+        let tell: Vec<_> = batch.iter().map(|queued| queued.written.clone()).collect();
+        let written = self.transact(db, now_ms(), |c| {
+            for queued in batch {
+                let wf = self
+                    .workflow(&queued.workflow)
+                    .map_err(|e| DbError::new("engine", e.to_string()))?;
+                let steps = wf.steps();
+                let first = queued.first.into_iter().map(|(i, task)| (&steps[i], task)).collect();
+                let new = NewRun {
+                    id: &queued.run,
+                    params: &queued.params,
+                    priority: queued.priority,
+                    deadline: queued.deadline,
+                    parent: None,
+                };
+                c.now = queued.now;
+                self.create_run(c, wf, &new, first)?;
+            }
+            if c.effects.admit {
+                self.admit_in(c)?;
+            }
+            Ok::<_, DbError>(())
+        });
+        let effects = match written {
+            Ok(((), _, effects)) => Some(effects),
+            Err(e) => {
+                for tell in &tell {
+                    let _ = tell.send(Err(e.told()));
+                }
+                return None;
+            }
+        };
+        for tell in tell {
+            let _ = tell.send(Ok(()));
+        }
+        effects
     }
 
     /// The first tasks of a new run, built before anything is written (so a

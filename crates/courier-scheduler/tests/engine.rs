@@ -1005,3 +1005,44 @@ fn the_outbox_read_leaves_out_tasks_awaiting_confirms_and_carries_each_runs_prio
     let (none, full) = read(1, &skip);
     assert!(none.is_empty() && full);
 }
+
+#[test]
+fn runs_submitted_at_once_are_written_together_each_as_submitted() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = std::sync::Arc::new(engine(&dir.path().join("courier.db")));
+    let threads: Vec<_> = (0..16_u8)
+        .map(|t| {
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                (0..20)
+                    .map(|i| {
+                        let topic = format!("t{t}-{i}");
+                        let priority = t % 10;
+                        let params = BTreeMap::from([("topic".to_string(), topic.clone())]);
+                        let run = engine.submit("research", &params, priority).unwrap();
+                        (run.id, topic, priority)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let submitted: Vec<(String, String, u8)> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    assert_eq!(submitted.len(), 320);
+    // Each run as submitted, with exactly one first task in the outbox.
+    let due = due(&engine);
+    assert_eq!(due.len(), 320);
+    for (run, topic, priority) in &submitted {
+        let view = engine.with_db(|db| db.run(run)).unwrap().unwrap();
+        assert_eq!(view.status, RunStatus::Running);
+        assert_eq!(view.priority, *priority);
+        assert_eq!(view.params["topic"], topic.as_str());
+        assert_eq!(view.steps[0].status, StepStatus::Running);
+        let tasks: Vec<&Task> = due
+            .iter()
+            .map(|(t, _)| t)
+            .filter(|t| t.run_id.to_string() == *run)
+            .collect();
+        assert_eq!(tasks.len(), 1, "run {run}");
+        assert_eq!(tasks[0].step, "gather");
+    }
+}
