@@ -2327,11 +2327,10 @@ fn skip_downstream(
 /// Finish the run when no step is open: failed if a step failed, else
 /// cancelled if a step was cancelled, else succeeded.
 fn finish_if_done(c: &mut Change<'_, '_>, run: &str) -> Result<(), DbError> {
-    if tx::open_step_count(c.t, run)? > 0 || tx::run(c.t, run)?.map(|r| r.status) != Some(RunStatus::Running) {
+    if tx::open_step_count(c.t, run)? != Some((0, RunStatus::Running)) {
         return Ok(());
     }
-    let failed = tx::steps_with(c.t, run, StepStatus::Failed)?;
-    let cancelled = tx::steps_with(c.t, run, StepStatus::Cancelled)?;
+    let (failed, cancelled) = tx::failed_and_cancelled(c.t, run)?;
     let (status, error) = if !failed.is_empty() {
         (
             RunStatus::Failed,

@@ -318,26 +318,31 @@ pub fn open_steps(tx: &Tx<'_>, run: &str) -> Result<Vec<(String, StepStatus)>, D
          ORDER BY position", p![run], |r| Ok((r.get(0)?, r.get(1)?)))
 }
 
-/// How many of the run's steps may still change: its counter (counted for
-/// runs started before the counter existed).
-pub fn open_step_count(tx: &Tx<'_>, run: &str) -> Result<i64, DbError> {
-    tx.one("SELECT COALESCE(open_steps, (SELECT COUNT(*) FROM steps
-                                      WHERE run_id = ?1 AND (status = 'pending' OR status = 'waiting' OR status = 'running' OR status = 'waiting_approval')))
-         FROM runs WHERE id = ?1", p![run], |r| r.get(0))
+/// How many of the run's steps may still change (its counter; counted for
+/// runs started before the counter existed), and the run's status.
+pub fn open_step_count(tx: &Tx<'_>, run: &str) -> Result<Option<(i64, RunStatus)>, DbError> {
+    tx.opt("SELECT COALESCE(open_steps, (SELECT COUNT(*) FROM steps
+                                      WHERE run_id = ?1 AND (status = 'pending' OR status = 'waiting' OR status = 'running' OR status = 'waiting_approval'))),
+                   status
+         FROM runs WHERE id = ?1", p![run], |r| Ok((r.get(0)?, r.get(1)?)))
 }
 
-/// Names of the run's steps with `status`, in workflow order (foreach
-/// items are their step's business, not the run's).
-pub fn steps_with(tx: &Tx<'_>, run: &str, status: StepStatus) -> Result<Vec<String>, DbError> {
-    // The status as a literal (see the note above `MIGRATIONS`): one of the enum's own names.
-    tx.all(
-        &format!(
-            "SELECT name FROM steps WHERE run_id = ?1 AND status = '{}' AND parent IS NULL ORDER BY position",
-            status.as_str()
-        ),
+/// Names of the run's failed steps and of its cancelled ones, in workflow
+/// order (foreach items are their step's business, not the run's).
+pub fn failed_and_cancelled(tx: &Tx<'_>, run: &str) -> Result<(Vec<String>, Vec<String>), DbError> {
+    let ended: Vec<(String, StepStatus)> = tx.all(
+        "SELECT name, status FROM steps WHERE run_id = ?1 AND (status = 'failed' OR status = 'cancelled')
+         AND parent IS NULL ORDER BY position",
         p![run],
-        |r| r.get(0),
-    )
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok(ended
+        .into_iter()
+        .partition::<Vec<_>, _>(|(_, status)| *status == StepStatus::Failed))
+    .map(|(failed, cancelled)| {
+        let names = |v: Vec<(String, StepStatus)>| v.into_iter().map(|(name, _)| name).collect();
+        (names(failed), names(cancelled))
+    })
 }
 
 /// The output of one step of a run, if it has one: a skipped step's is empty.
