@@ -6,7 +6,7 @@
 //! no task bodies: a task is rebuilt from its row, the run's params and the
 //! upstream outputs, so the database only stores what is needed for that.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -174,17 +174,23 @@ const WAL_RESTART_PAGES: i64 = 10_000;
 /// copies the rest, and the next commit starts the WAL over.
 fn checkpoint_in_background(path: &Path, stop: std::sync::mpsc::Receiver<()>) -> Result<(), OpenError> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(1))?;
+    // Only RESTART waits (PASSIVE never does): for the engine's current
+    // transaction, not for as long as an outside reader may hold the WAL.
+    conn.busy_timeout(std::time::Duration::from_millis(100))?;
     std::thread::Builder::new()
         .name("sqlite-checkpoint".into())
         .spawn(move || {
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
                 // (busy, frames in the WAL, frames copied)
-                let frames = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
-                // Commits that never leave a gap: wait for the writer once, copy
-                // the rest, and make the next commit start the WAL over.
+                let frames = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                });
+                // Commits that never leave a gap: wait for the writer (briefly:
+                // a RESTART that gives up is tried again next time), copy the
+                // rest, and make the next commit start the WAL over. A WAL
+                // copied whole starts over at the next commit by itself.
                 let checkpointed = match frames {
-                    Ok(frames) if frames >= WAL_RESTART_PAGES => {
+                    Ok((log, copied)) if log >= WAL_RESTART_PAGES && copied < log => {
                         conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
                     }
                     other => other.map(|_| ()),
@@ -496,8 +502,9 @@ impl Db {
         // The limit is part of the text: SQLite plans with a bound LIMIT's
         // value, so it would prepare the statement again on every call.
         let sql = format!(
-            "SELECT task_id, run_id, step, queue, attempt, snapshot_hash, not_before_ms FROM tasks
-             WHERE published = 0 AND status = 'dispatched' ORDER BY not_before_ms LIMIT {limit}"
+            "SELECT t.task_id, t.run_id, t.step, t.queue, t.attempt, t.snapshot_hash, t.not_before_ms, r.priority
+             FROM tasks t JOIN runs r ON r.id = t.run_id
+             WHERE t.published = 0 AND t.status = 'dispatched' ORDER BY t.not_before_ms LIMIT {limit}"
         );
         self.read(|tx| {
             let rows = tx.all(&sql, p![], |r| {
@@ -513,28 +520,11 @@ impl Db {
                     attempt: r.get(4)?,
                     snapshot_hash: r.get(5)?,
                     not_before_ms: r.get(6)?,
-                    priority: 0,
+                    priority: r.get(7)?,
                 }))
             })?;
             let full = rows.len() == limit;
-            // Each run's priority, read once per run (not joined into every
-            // row read again while its confirm is awaited).
-            let mut priorities: HashMap<String, Option<u8>> = HashMap::new();
-            let mut due = Vec::with_capacity(rows.len());
-            for mut row in rows.into_iter().flatten() {
-                let priority = match priorities.get(&row.run_id) {
-                    Some(known) => *known,
-                    None => {
-                        let read = tx.opt("SELECT priority FROM runs WHERE id = ?1", p![row.run_id], |r| r.get(0))?;
-                        *priorities.entry(row.run_id.clone()).or_insert(read)
-                    }
-                };
-                if let Some(priority) = priority {
-                    row.priority = priority;
-                    due.push(row);
-                }
-            }
-            Ok((due, full))
+            Ok((rows.into_iter().flatten().collect(), full))
         })
     }
 

@@ -411,10 +411,6 @@ impl Engine {
         });
     }
 
-    /// Act on a committed transaction once the database is free again:
-    /// apply memory proposals to the store. A proposal that cannot be
-    /// written is recorded as the step's error (the step stays succeeded);
-    /// returns how many were not written.
     /// Keep the bodies of a committed transaction's new tasks for the
     /// outbox (within the budget), and forget those of tasks it cancelled.
     /// Called with the database still held: the outbox reads its rows under
@@ -437,6 +433,10 @@ impl Engine {
         }
     }
 
+    /// Act on a committed transaction once the database is free again:
+    /// apply memory proposals to the store. A proposal that cannot be
+    /// written is recorded as the step's error (the step stays succeeded);
+    /// returns how many were not written.
     fn after_commit(&self, effects: Effects) -> usize {
         let mut not_written = 0;
         if !effects.memory.is_empty() {
@@ -686,58 +686,94 @@ impl Engine {
             if let Some(effects) = effects {
                 self.after_commit(effects);
             }
-            // Written by this thread or by one that held the database first.
-            answer.recv().map_err(|_| DbError::no_row())??;
+            // Written by this thread or by one that held the database first
+            // (whose thread, should it panic, drops every sender it took).
+            answer
+                .recv()
+                .map_err(|_| DbError::new("engine", "the transaction writing this run was aborted (see the log)"))??;
         }
         crate::trace::run_started(&run, workflow, now);
         Ok(Some(self.with_db(|db| db.run(&run))?.ok_or(DbError::no_row())?))
     }
 
     /// Write every queued run in one transaction and tell each submitter
-    /// how it went (all of them fail together: only the database can fail
-    /// here, and then nothing of any is stored). Nothing queued (another
-    /// submitter wrote them): `None`; else what to act on after the commit.
+    /// how it went. When that transaction fails, each run is written again
+    /// in a transaction of its own, so one run that cannot be stored fails
+    /// only its own submit. Nothing queued (another submitter wrote them):
+    /// `None`; else what to act on after the commits.
     fn write_queued(&self, db: &mut Db) -> Option<Effects> {
         let batch = std::mem::take(&mut *self.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        if batch.is_empty() {
-            return None;
-        }
-        let tell: Vec<_> = batch.iter().map(|queued| queued.written.clone()).collect();
-        let written = self.transact(db, now_ms(), |c| {
-            for queued in batch {
-                let wf = self
-                    .workflow(&queued.workflow)
-                    .map_err(|e| DbError::new("engine", e.to_string()))?;
-                let steps = wf.steps();
-                let first = queued.first.into_iter().map(|(i, task)| (&steps[i], task)).collect();
-                let new = NewRun {
-                    id: &queued.run,
-                    params: &queued.params,
-                    priority: queued.priority,
-                    deadline: queued.deadline,
-                    parent: None,
-                };
-                c.now = queued.now;
-                self.create_run(c, wf, &new, first)?;
-            }
-            if c.effects.admit {
-                self.admit_in(c)?;
-            }
-            Ok::<_, DbError>(())
-        });
-        let effects = match written {
-            Ok(((), _, effects)) => Some(effects),
-            Err(e) => {
-                for tell in &tell {
-                    let _ = tell.send(Err(e.told()));
+        if batch.len() > 1 {
+            // Tasks are copied for the attempt: the runs may be written again.
+            let together = self.transact(db, now_ms(), |c| {
+                for queued in &batch {
+                    self.write_one(c, queued, queued.first.clone())?;
                 }
-                return None;
+                c.now = now_ms();
+                if c.effects.admit {
+                    self.admit_in(c)?;
+                }
+                Ok::<_, DbError>(())
+            });
+            match together {
+                Ok(((), _, effects)) => {
+                    for queued in &batch {
+                        let _ = queued.written.send(Ok(()));
+                    }
+                    return Some(effects);
+                }
+                Err(e) => {
+                    tracing::warn!(runs = batch.len(), error = %e, "runs submitted together could not be written together; writing each alone")
+                }
             }
-        };
-        for tell in tell {
-            let _ = tell.send(Ok(()));
+        }
+        let mut effects: Option<Effects> = None;
+        for mut queued in batch {
+            let first = std::mem::take(&mut queued.first);
+            let alone = self.transact(db, now_ms(), |c| {
+                self.write_one(c, &queued, first)?;
+                if c.effects.admit {
+                    self.admit_in(c)?;
+                }
+                Ok::<_, DbError>(())
+            });
+            match alone {
+                Ok(((), _, more)) => {
+                    let _ = queued.written.send(Ok(()));
+                    match &mut effects {
+                        Some(all) => all.memory.extend(more.memory),
+                        None => effects = Some(more),
+                    }
+                }
+                Err(e) => {
+                    let _ = queued.written.send(Err(e));
+                }
+            }
         }
         effects
+    }
+
+    /// Write one queued run in the transaction `c`, with its first tasks.
+    fn write_one(
+        &self,
+        c: &mut Change<'_, '_>,
+        queued: &QueuedRun,
+        first: Vec<(usize, PlannedTask)>,
+    ) -> Result<(), DbError> {
+        let wf = self
+            .workflow(&queued.workflow)
+            .map_err(|e| DbError::new("engine", e.to_string()))?;
+        let steps = wf.steps();
+        let first = first.into_iter().map(|(i, task)| (&steps[i], task)).collect();
+        let new = NewRun {
+            id: &queued.run,
+            params: &queued.params,
+            priority: queued.priority,
+            deadline: queued.deadline,
+            parent: None,
+        };
+        c.now = queued.now;
+        self.create_run(c, wf, &new, first)
     }
 
     /// The first tasks of a new run, built before anything is written (so a
@@ -2035,7 +2071,7 @@ impl Attempt {
 }
 
 /// An encoded task ready for the outbox.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct PlannedTask {
     task_id: String,
     attempt: u32,
@@ -2327,7 +2363,7 @@ fn skip_downstream(
 /// Finish the run when no step is open: failed if a step failed, else
 /// cancelled if a step was cancelled, else succeeded.
 fn finish_if_done(c: &mut Change<'_, '_>, run: &str) -> Result<(), DbError> {
-    if tx::open_step_count(c.t, run)? != Some((0, RunStatus::Running)) {
+    if !matches!(tx::open_step_count(c.t, run)?, Some((open, RunStatus::Running)) if open <= 0) {
         return Ok(());
     }
     let (failed, cancelled) = tx::failed_and_cancelled(c.t, run)?;

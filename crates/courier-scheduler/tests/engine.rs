@@ -1046,3 +1046,57 @@ fn runs_submitted_at_once_are_written_together_each_as_submitted() {
         assert_eq!(tasks[0].step, "gather");
     }
 }
+
+#[test]
+fn a_run_that_cannot_be_stored_fails_only_its_own_submit_when_written_with_others() {
+    // SQLite, with a trigger that refuses one run's params.
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("courier.db");
+    let engine = std::sync::Arc::new(Engine::new(
+        example(),
+        Db::open(&path).unwrap(),
+        EngineLimits::default(),
+    ));
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            "CREATE TRIGGER poison BEFORE INSERT ON run_params WHEN NEW.params LIKE '%poison%'
+             BEGIN SELECT RAISE(ABORT, 'poisoned params'); END;",
+        )
+        .unwrap();
+    // Held while the submits queue up: whichever takes it next writes them together.
+    let submits = engine.with_db(|_| {
+        let submits: Vec<_> = ["a", "b", "poison", "c", "d"]
+            .into_iter()
+            .map(|topic| {
+                let engine = engine.clone();
+                std::thread::spawn(move || {
+                    let params = BTreeMap::from([("topic".to_string(), topic.to_string())]);
+                    (topic, engine.submit("research", &params, NORMAL_PRIORITY))
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        submits
+    });
+    let mut stored = 0;
+    for submit in submits {
+        let (topic, outcome) = submit.join().unwrap();
+        match outcome {
+            Ok(run) => {
+                assert_ne!(topic, "poison");
+                let view = engine.with_db(|db| db.run(&run.id)).unwrap().unwrap();
+                assert_eq!(view.params["topic"], topic);
+                stored += 1;
+            }
+            Err(e) => {
+                assert_eq!(topic, "poison");
+                assert!(e.to_string().contains("poisoned params"), "{e}");
+            }
+        }
+    }
+    assert_eq!(stored, 4);
+    // Nothing of the refused run: four runs, four first tasks.
+    assert_eq!(engine.with_db(|db| db.runs(None, None, 100)).unwrap().len(), 4);
+    assert_eq!(due(&engine).len(), 4);
+}

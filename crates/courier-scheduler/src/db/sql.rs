@@ -32,11 +32,6 @@ impl DbError {
         }
     }
 
-    /// The same failure, told to someone else too (its cause as text).
-    pub(crate) fn told(&self) -> Self {
-        Self::new(self.store, self.source.to_string())
-    }
-
     /// A statement that had to return a row returned none.
     pub fn no_row() -> Self {
         Self::new("store", "no row where one was expected")
