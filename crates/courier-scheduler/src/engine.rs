@@ -277,12 +277,14 @@ struct QueuedRun {
     params: BTreeMap<String, String>,
     priority: u8,
     deadline: Option<i64>,
+    /// The cron tick it is the run of, if any (fired once across schedulers).
+    tick: Option<i64>,
     /// When it was submitted: its runs' and first steps' times.
     now: i64,
     /// Its first tasks, by the index of their step in the workflow.
     first: Vec<(usize, PlannedTask)>,
-    /// Told once the transaction that wrote it ended.
-    written: std::sync::mpsc::SyncSender<Result<(), DbError>>,
+    /// Told once the transaction that wrote it ended: whether it started.
+    written: std::sync::mpsc::SyncSender<Result<bool, DbError>>,
 }
 
 /// Memory for encoded tasks waiting to be published; past it, the outbox
@@ -563,25 +565,23 @@ impl Engine {
         now: i64,
         f: impl FnOnce(&mut Change<'_, '_>) -> Result<T, E>,
     ) -> Result<(T, Applied, Effects), E> {
-        {
-            db.transaction(|t| {
-                let mut applied = Applied::default();
-                let mut effects = Effects::default();
-                let mut c = Change {
-                    t,
-                    now,
-                    applied: &mut applied,
-                    effects: &mut effects,
-                };
-                let value = f(&mut c)?;
-                self.settle_children(&mut c)?;
-                Ok::<_, E>((value, applied, effects))
-            })
-            .map(|(value, applied, mut effects)| {
-                self.keep_bodies(std::mem::take(&mut effects.written), &effects.dropped);
-                (value, applied, effects)
-            })
-        }
+        db.transaction(|t| {
+            let mut applied = Applied::default();
+            let mut effects = Effects::default();
+            let mut c = Change {
+                t,
+                now,
+                applied: &mut applied,
+                effects: &mut effects,
+            };
+            let value = f(&mut c)?;
+            self.settle_children(&mut c)?;
+            Ok::<_, E>((value, applied, effects))
+        })
+        .map(|(value, applied, mut effects)| {
+            self.keep_bodies(std::mem::take(&mut effects.written), &effects.dropped);
+            (value, applied, effects)
+        })
     }
 
     /// Every worker pool some step uses.
@@ -641,56 +641,31 @@ impl Engine {
         // resource or an oversized task fails the submit with nothing stored.
         let first = self.plan_first(wf, run_id, &params, now, deadline)?;
         let run = run_id.to_string();
-        if let Some(tick) = tick_ms {
-            let new = NewRun {
-                id: &run,
-                params: &params,
+        let (written, answer) = std::sync::mpsc::sync_channel(1);
+        self.queued
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(QueuedRun {
+                workflow: wf.name.clone(),
+                run: run.clone(),
+                params,
                 priority,
                 deadline,
-                parent: None,
-            };
-            let (started, _) = self.change(now, |c| {
-                if !tx::claim_tick(c.t, workflow, tick, &run)? {
-                    return Ok(false);
-                }
-                self.create_run(c, wf, &new, first)?;
-                if c.effects.admit {
-                    self.admit_in(c)?;
-                }
-                Ok::<_, DbError>(true)
-            })?;
-            if !started {
-                return Ok(None);
-            }
-        } else {
-            let steps = wf.steps();
-            let first = first
-                .into_iter()
-                .map(|(step, task)| (steps.iter().position(|s| std::ptr::eq(s, step)).unwrap_or(0), task))
-                .collect();
-            let (written, answer) = std::sync::mpsc::sync_channel(1);
-            self.queued
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push(QueuedRun {
-                    workflow: wf.name.clone(),
-                    run: run.clone(),
-                    params,
-                    priority,
-                    deadline,
-                    now,
-                    first,
-                    written,
-                });
-            let effects = self.with_db(|db| self.write_queued(db));
-            if let Some(effects) = effects {
-                self.after_commit(effects);
-            }
-            // Written by this thread or by one that held the database first
-            // (whose thread, should it panic, drops every sender it took).
-            answer
-                .recv()
-                .map_err(|_| DbError::new("engine", "the transaction writing this run was aborted (see the log)"))??;
+                tick: tick_ms,
+                now,
+                first,
+                written,
+            });
+        if let Some(effects) = self.with_db(|db| self.write_queued(db)) {
+            self.after_commit(effects);
+        }
+        // Written by this thread or by one that held the database first
+        // (whose thread, should it panic, drops every sender it took).
+        let started = answer
+            .recv()
+            .map_err(|_| DbError::new("engine", "the transaction writing this run was aborted (see the log)"))??;
+        if !started {
+            return Ok(None);
         }
         crate::trace::run_started(&run, workflow, now);
         Ok(Some(self.with_db(|db| db.run(&run))?.ok_or(DbError::no_row())?))
@@ -705,41 +680,24 @@ impl Engine {
         let batch = std::mem::take(&mut *self.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         if batch.len() > 1 {
             // Tasks are copied for the attempt: the runs may be written again.
-            let together = self.transact(db, now_ms(), |c| {
-                for queued in &batch {
-                    self.write_one(c, queued, queued.first.clone())?;
-                }
-                c.now = now_ms();
-                if c.effects.admit {
-                    self.admit_in(c)?;
-                }
-                Ok::<_, DbError>(())
-            });
-            match together {
-                Ok(((), _, effects)) => {
-                    for queued in &batch {
-                        let _ = queued.written.send(Ok(()));
+            match self.write_runs(db, batch.iter().map(|queued| (queued, queued.first.clone()))) {
+                Ok((started, effects)) => {
+                    for (queued, started) in batch.iter().zip(started) {
+                        let _ = queued.written.send(Ok(started));
                     }
                     return Some(effects);
                 }
                 Err(e) => {
-                    tracing::warn!(runs = batch.len(), error = %e, "runs submitted together could not be written together; writing each alone")
+                    tracing::warn!(runs = batch.len(), error = %e, "runs submitted together could not be written together; writing each alone");
                 }
             }
         }
         let mut effects: Option<Effects> = None;
         for mut queued in batch {
             let first = std::mem::take(&mut queued.first);
-            let alone = self.transact(db, now_ms(), |c| {
-                self.write_one(c, &queued, first)?;
-                if c.effects.admit {
-                    self.admit_in(c)?;
-                }
-                Ok::<_, DbError>(())
-            });
-            match alone {
-                Ok(((), _, more)) => {
-                    let _ = queued.written.send(Ok(()));
+            match self.write_runs(db, std::iter::once((&queued, first))) {
+                Ok((started, more)) => {
+                    let _ = queued.written.send(Ok(started.first() == Some(&true)));
                     match &mut effects {
                         Some(all) => all.memory.extend(more.memory),
                         None => effects = Some(more),
@@ -753,18 +711,44 @@ impl Engine {
         effects
     }
 
-    /// Write one queued run in the transaction `c`, with its first tasks.
+    /// Write `runs`, each with its first tasks, in one transaction, then
+    /// admit what waits; whether each was started (a cron tick fired
+    /// already is not), and what to act on after the commit.
+    fn write_runs<'q>(
+        &self,
+        db: &mut Db,
+        runs: impl Iterator<Item = (&'q QueuedRun, Vec<(usize, PlannedTask)>)>,
+    ) -> Result<(Vec<bool>, Effects), DbError> {
+        let (started, _, effects) = self.transact(db, now_ms(), |c| {
+            let started = runs
+                .map(|(queued, first)| self.write_one(c, queued, first))
+                .collect::<Result<Vec<_>, DbError>>()?;
+            c.now = now_ms();
+            if c.effects.admit {
+                self.admit_in(c)?;
+            }
+            Ok::<_, DbError>(started)
+        })?;
+        Ok((started, effects))
+    }
+
+    /// Write one queued run in the transaction `c`, with its first tasks,
+    /// unless its cron tick was fired already: whether it was.
     fn write_one(
         &self,
         c: &mut Change<'_, '_>,
         queued: &QueuedRun,
         first: Vec<(usize, PlannedTask)>,
-    ) -> Result<(), DbError> {
+    ) -> Result<bool, DbError> {
         let wf = self
             .workflow(&queued.workflow)
             .map_err(|e| DbError::new("engine", e.to_string()))?;
-        let steps = wf.steps();
-        let first = first.into_iter().map(|(i, task)| (&steps[i], task)).collect();
+        c.now = queued.now;
+        if let Some(tick) = queued.tick
+            && !tx::claim_tick(c.t, &wf.name, tick, &queued.run)?
+        {
+            return Ok(false);
+        }
         let new = NewRun {
             id: &queued.run,
             params: &queued.params,
@@ -772,29 +756,30 @@ impl Engine {
             deadline: queued.deadline,
             parent: None,
         };
-        c.now = queued.now;
-        self.create_run(c, wf, &new, first)
+        self.create_run(c, wf, &new, first)?;
+        Ok(true)
     }
 
     /// The first tasks of a new run, built before anything is written (so a
     /// missing resource or an oversized task refuses a submit with nothing
     /// stored); a first step with a condition, items or a child run starts
     /// in the transaction.
-    fn plan_first<'w>(
+    fn plan_first(
         &self,
-        wf: &'w Workflow,
+        wf: &Workflow,
         run_id: Uuid,
         params: &BTreeMap<String, String>,
         now: i64,
         deadline: Option<i64>,
-    ) -> Result<Vec<(&'w Step, PlannedTask)>, SubmitError> {
+    ) -> Result<Vec<(usize, PlannedTask)>, SubmitError> {
         wf.steps()
             .iter()
-            .filter(|s| s.depends.is_empty() && !flow::starts_in_transaction(s))
-            .map(|s| {
+            .enumerate()
+            .filter(|(_, s)| s.depends.is_empty() && !flow::starts_in_transaction(s))
+            .map(|(i, s)| {
                 let attempt = Attempt::first(now, deadline);
                 let task = self.plan_task(wf, s, (&s.name, None), run_id, attempt, params, &BTreeMap::new())?;
-                Ok((s, task))
+                Ok((i, task))
             })
             .collect()
     }
@@ -806,7 +791,7 @@ impl Engine {
         c: &mut Change<'_, '_>,
         wf: &Workflow,
         new: &NewRun<'_>,
-        first: Vec<(&Step, PlannedTask)>,
+        first: Vec<(usize, PlannedTask)>,
     ) -> Result<(), DbError> {
         let t = c.t;
         let (run, params, now) = (new.id, new.params, c.now);
@@ -846,10 +831,11 @@ impl Engine {
         let mut first = first.into_iter().peekable();
         for (i, s) in wf.steps().iter().enumerate() {
             let position = (s.name.as_str(), i, s.queue.as_str());
-            let Some((step, task)) = first.next_if(|(f, _)| std::ptr::eq(*f, s)) else {
+            let Some((_, task)) = first.next_if(|(f, _)| *f == i) else {
                 tx::insert_step(t, run, position, s.depends.len(), None)?;
                 continue;
             };
+            let step = s;
             if let Some(approval) = &step.approval {
                 tx::insert_step(t, run, position, 0, None)?;
                 let message = self.approval_message(step, params, &BTreeMap::new());
@@ -1253,7 +1239,14 @@ impl Engine {
             c.applied.duplicates += 1;
             return Ok(Ok(()));
         }
-        tx::finish_task(c.t, &task_id, r.status, used, c.now)?;
+        tx::finish_dispatched_task(
+            c.t,
+            &task_id,
+            (&row.run_id, &row.step, row.attempt),
+            r.status,
+            used,
+            c.now,
+        )?;
         self.apply_to_run(c, r, &row)?;
         Ok(Ok(()))
     }

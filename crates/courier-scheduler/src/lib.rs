@@ -518,8 +518,7 @@ async fn outbox_loop(
     signing_key: Option<courier_wire::SigningKey>,
 ) -> Result<(), AmqpError> {
     let exchange = Arc::new(names.tasks_exchange());
-    let mut delay_queues: std::collections::HashMap<(String, i64), tokio::time::Instant> = Default::default();
-    let mut refused_delays: std::collections::HashMap<(String, i64), tokio::time::Instant> = Default::default();
+    let mut delays = DelayQueues::default();
     let mut publishing: JoinSet<(String, Result<(), AmqpError>)> = JoinSet::new();
     // Published, not yet marked: never sent again meanwhile.
     let mut unconfirmed: std::collections::HashSet<String> = Default::default();
@@ -601,36 +600,9 @@ async fn outbox_loop(
                 .set(i64::try_from(due.len() + unconfirmed.len()).unwrap_or(i64::MAX));
             let mut sent = 0_usize;
             for (task, body, snapshot_hash) in due {
-                // Delays are bounded by the workflow's max_backoff (at most a day)
-                // and the provider pause cap; RabbitMQ refuses a TTL of 2^32 ms.
-                let wait = (task.not_before_ms - now).min(MAX_DELAY_MS);
-                let (exchange, routing_key) = if wait >= DELAY_GRAIN_MS {
-                    let delay = (wait + DELAY_GRAIN_MS - 1) / DELAY_GRAIN_MS * DELAY_GRAIN_MS;
-                    let key = (task.queue.clone(), delay);
-                    let fresh = delay_queues.get(&key).is_some_and(|at| at.elapsed() < DELAY_REDECLARE);
-                    if !fresh {
-                        // A refused declaration leaves the task in the outbox (tried
-                        // again after a while); the rest of the batch goes on.
-                        if refused_delays.get(&key).is_some_and(|at| at.elapsed() < DELAY_RETRY) {
-                            continue;
-                        }
-                        if let Err(e) = broker
-                            .declare_delay(&task.queue, u64::try_from(delay).unwrap_or(0))
-                            .await
-                        {
-                            error!(task = %task.task_id, error = %e, "cannot declare the delay queue; the task stays in the outbox");
-                            refused_delays.insert(key, tokio::time::Instant::now());
-                            continue;
-                        }
-                        delay_queues.insert(key, tokio::time::Instant::now());
-                    }
-                    // The default exchange routes to the queue of that name.
-                    (
-                        Arc::new(String::new()),
-                        names.delay_queue(&task.queue, u64::try_from(delay).unwrap_or(0)),
-                    )
-                } else {
-                    (exchange.clone(), task.queue.clone())
+                // A refused delay queue leaves the task in the outbox.
+                let Some((exchange, routing_key)) = delays.route(broker, names, &exchange, &task, now).await else {
+                    continue;
                 };
                 let publisher = publisher.clone();
                 let signature = signing_key.as_ref().map(|k| k.sign(&body));
@@ -674,6 +646,51 @@ async fn outbox_loop(
             () = shared.outbox.notified() => read = true,
             () = tokio::time::sleep(Duration::from_secs(1)) => read = true,
         }
+    }
+}
+
+/// The delay queues an outbox loop declared, and those the broker refused,
+/// with when.
+#[derive(Default)]
+struct DelayQueues {
+    declared: std::collections::HashMap<(String, i64), tokio::time::Instant>,
+    refused: std::collections::HashMap<(String, i64), tokio::time::Instant>,
+}
+
+impl DelayQueues {
+    /// Where `task` goes at `now`: its pool when due, else a delay queue for
+    /// the time left (declared first if not lately); `None` while that
+    /// queue's declaration is refused (tried again after [`DELAY_RETRY`]).
+    async fn route(
+        &mut self,
+        broker: &Broker,
+        names: &Names,
+        exchange: &Arc<String>,
+        task: &db::OutboxTask,
+        now: i64,
+    ) -> Option<(Arc<String>, String)> {
+        // Delays are bounded by the workflow's max_backoff (at most a day)
+        // and the provider pause cap; RabbitMQ refuses a TTL of 2^32 ms.
+        let wait = (task.not_before_ms - now).min(MAX_DELAY_MS);
+        if wait < DELAY_GRAIN_MS {
+            return Some((exchange.clone(), task.queue.clone()));
+        }
+        let delay = (wait + DELAY_GRAIN_MS - 1) / DELAY_GRAIN_MS * DELAY_GRAIN_MS;
+        let ttl = u64::try_from(delay).unwrap_or(0);
+        let key = (task.queue.clone(), delay);
+        if self.declared.get(&key).is_none_or(|at| at.elapsed() >= DELAY_REDECLARE) {
+            if self.refused.get(&key).is_some_and(|at| at.elapsed() < DELAY_RETRY) {
+                return None;
+            }
+            if let Err(e) = broker.declare_delay(&task.queue, ttl).await {
+                error!(task = %task.task_id, error = %e, "cannot declare the delay queue; the task stays in the outbox");
+                self.refused.insert(key, tokio::time::Instant::now());
+                return None;
+            }
+            self.declared.insert(key, tokio::time::Instant::now());
+        }
+        // The default exchange routes to the queue of that name.
+        Some((Arc::new(String::new()), names.delay_queue(&task.queue, ttl)))
     }
 }
 

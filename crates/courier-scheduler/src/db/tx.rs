@@ -202,24 +202,10 @@ pub fn task(tx: &Tx<'_>, task_id: &str) -> Result<Option<TaskRow>, DbError> {
     )
 }
 
-/// Record how a task attempt ended, with the tokens it really used.
-pub fn finish_task(
-    tx: &Tx<'_>,
-    task_id: &str,
-    status: TaskStatus,
-    tokens: Option<i64>,
-    now: i64,
-) -> Result<(), DbError> {
-    tx.exec(
-        "UPDATE tasks SET status = ?2, finished_ms = ?3, tokens = COALESCE(?4, tokens) WHERE task_id = ?1",
-        p![task_id, status.as_str(), now, tokens],
-    )?;
-    Ok(())
-}
-
-/// The common case of a result in one statement: the task, if still
-/// dispatched for this run, step and attempt, ends with `status` and the
-/// tokens it really used. Whether it did; when it did not, nothing changed.
+/// How a task attempt ended, with the tokens it really used: the task, if
+/// still dispatched for this run, step and attempt, ends with `status`
+/// (the common case of a result, in one statement). Whether it did; when it
+/// did not, nothing changed.
 pub fn finish_dispatched_task(
     tx: &Tx<'_>,
     task_id: &str,
