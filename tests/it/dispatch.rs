@@ -192,6 +192,33 @@ fn submit_errors_are_clear_and_publish_nothing() {
             .unwrap_err(),
         "workflow \"research\" has no parameter \"colour\" (it has: topic)"
     );
+    // Through the API: a misspelt field is refused, not ignored; a value the
+    // kernel could not pass as a process argument is refused at submit, not
+    // on a worker.
+    let post = |body: Value| {
+        let response = reqwest::blocking::Client::new()
+            .post(format!("{}/api/runs", cluster.api))
+            .json(&body)
+            .send()
+            .unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json::<Value>().unwrap()["error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        )
+    };
+    let (status, error) = post(serde_json::json!({"workflow": "fanout", "parms": {"text": "a"}}));
+    assert_eq!(status, 422, "{error}");
+    assert!(error.contains("unknown field `parms`"), "{error}");
+    let (status, error) = post(serde_json::json!({"workflow": "fanout", "params": {"text": "x".repeat(200_000)}}));
+    assert_eq!(status, 400, "{error}");
+    assert_eq!(
+        error,
+        "step \"split\": argument 3 of the command is 200000 bytes once substituted; a process argument holds at most 131071 (Linux's MAX_ARG_STRLEN)"
+    );
     // The CLI shows the same message and exits non-zero.
     let (out, _, stderr) = run(cluster.courier().args(["submit", "research", "--wait"]));
     assert_eq!(out.status.code(), Some(1));
@@ -252,6 +279,34 @@ fn submit_wait_prints_progress_and_outputs_and_runs_shows_history() {
     assert!(stdout.contains("[fail] failed: "), "{stdout}");
     // Off a terminal there is no live line: nothing is redrawn.
     assert!(!stderr.contains('\r') && !stderr.contains("done ·"), "{stderr:?}");
+
+    // Paging: each page's last id gives the next page; an unknown cursor is an error.
+    let page = |query: &str| {
+        let response = reqwest::blocking::get(format!("{}/api/runs?{query}", cluster.api)).unwrap();
+        (response.status().as_u16(), response.json::<Value>().unwrap())
+    };
+    let (_, first) = page("limit=1");
+    assert_eq!(first[0]["workflow"], "broken", "{first:#}");
+    let (_, second) = page(&format!("limit=1&before={}", first[0]["id"].as_str().unwrap()));
+    assert_eq!(second.as_array().unwrap().len(), 1);
+    assert_eq!(second[0]["id"], id.as_str(), "{second:#}");
+    // A run without agent steps costs nothing, shown as 0.0 (not -0.0).
+    let one: Value = reqwest::blocking::get(format!("{}/api/runs/{id}", cluster.api))
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(one["cost"].to_string(), "0.0");
+    let (_, third) = page(&format!("limit=1&before={id}"));
+    assert_eq!(third, serde_json::json!([]));
+    let (status, error) = page("before=no-such-run");
+    assert_eq!(status, 404);
+    assert_eq!(error["error"], "no run \"no-such-run\" (the before= cursor)");
+    let (out, stdout, _) =
+        run(cluster
+            .courier()
+            .args(["runs", "--json", "--before", first[0]["id"].as_str().unwrap()]));
+    assert!(out.status.success());
+    assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap(), second);
 }
 
 #[test]

@@ -720,6 +720,44 @@ impl Workflow {
     }
 }
 
+/// Longest single argument or `NAME=value` a process may be started with
+/// (Linux's `MAX_ARG_STRLEN`, 32 pages, with its terminating NUL).
+pub const MAX_ARG_BYTES: usize = 128 * 1024 - 1;
+
+/// Most bytes a command's arguments and environment together may take, with
+/// room under Linux's usual 2 MiB `ARG_MAX` for the sandbox's own variables.
+pub const MAX_EXEC_BYTES: usize = 1024 * 1024;
+
+/// A command that the kernel would refuse to start ("Argument list too long")
+/// is refused here, where the error can name the argument, instead of failing
+/// on a worker.
+fn check_exec_size(argv: &[String], env: &BTreeMap<String, String>) -> Result<(), String> {
+    for (i, arg) in argv.iter().enumerate() {
+        if arg.len() > MAX_ARG_BYTES {
+            return Err(format!(
+                "argument {i} of the command is {} bytes once substituted; a process argument holds at most {MAX_ARG_BYTES} (Linux's MAX_ARG_STRLEN)",
+                arg.len()
+            ));
+        }
+    }
+    for (name, value) in env {
+        if name.len() + 1 + value.len() > MAX_ARG_BYTES {
+            return Err(format!(
+                "environment variable {name} of the command is {} bytes once substituted; one variable holds at most {MAX_ARG_BYTES}",
+                name.len() + 1 + value.len()
+            ));
+        }
+    }
+    let total: usize =
+        argv.iter().map(|a| a.len() + 1).sum::<usize>() + env.iter().map(|(k, v)| k.len() + v.len() + 2).sum::<usize>();
+    if total > MAX_EXEC_BYTES {
+        return Err(format!(
+            "the command's arguments and environment are {total} bytes once substituted, more than {MAX_EXEC_BYTES}"
+        ));
+    }
+    Ok(())
+}
+
 impl Step {
     /// The items of a `foreach` step, from its template rendered with the
     /// run's params and upstream outputs (at most `max_bytes` of text).
@@ -776,13 +814,15 @@ impl Step {
             rendered
         };
         let run = match &self.run {
-            StepRun::Command { argv, env } => StepRun::Command {
-                argv: argv.iter().map(r).collect::<Result<_, _>>()?,
-                env: env
+            StepRun::Command { argv, env } => {
+                let argv: Vec<String> = argv.iter().map(r).collect::<Result<_, _>>()?;
+                let env: BTreeMap<String, String> = env
                     .iter()
                     .map(|(k, v)| Ok((k.clone(), r(v)?)))
-                    .collect::<Result<_, String>>()?,
-            },
+                    .collect::<Result<_, String>>()?;
+                check_exec_size(&argv, &env)?;
+                StepRun::Command { argv, env }
+            }
             StepRun::Agent(a) => StepRun::Agent(AgentSpec {
                 prompt: r(&a.prompt)?,
                 messages: a

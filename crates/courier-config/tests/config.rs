@@ -479,6 +479,56 @@ fn resolve_substitutes_params_and_upstream_outputs() {
     assert_eq!(agent.prompt, "Research \"queues\". Start from these notes:\nNOTES\n");
 }
 
+#[test]
+fn a_command_the_kernel_could_not_start_is_refused_when_resolved() {
+    let dir = fixture();
+    write(
+        &dir,
+        "workflows/big.yaml",
+        "params:\n  a: x\n  b: x\nsteps:\n  - name: s\n    command: [\"echo\", \"${a}\", \"${a}\"]\n    env:\n      B: \"${b}\"\n",
+    );
+    let config = Config::load(dir.path()).unwrap();
+    let step = config.workflows["big"].step("s").unwrap();
+    let resolve = |a: usize, b: usize| {
+        let params = BTreeMap::from([("a".to_string(), "x".repeat(a)), ("b".to_string(), "y".repeat(b))]);
+        step.resolve(
+            &courier_config::template::Values::new(&params, &BTreeMap::new(), None),
+            8 << 20,
+        )
+        .map(|_| ())
+    };
+    // At the kernel's limit for one string, it passes.
+    assert_eq!(resolve(131_071, 131_069), Ok(()));
+    assert_eq!(
+        resolve(131_072, 1).unwrap_err(),
+        "argument 1 of the command is 131072 bytes once substituted; a process argument holds at most 131071 (Linux's MAX_ARG_STRLEN)"
+    );
+    assert_eq!(
+        resolve(1, 131_070).unwrap_err(),
+        "environment variable B of the command is 131072 bytes once substituted; one variable holds at most 131071"
+    );
+    // Each string under the limit, all of them together over the total.
+    let params = BTreeMap::from([("a".to_string(), "x".repeat(100_000)), ("b".to_string(), "y".into())]);
+    let many = format!(
+        "params:\n  a: x\nsteps:\n  - name: s\n    command: [{}]\n",
+        vec!["\"${a}\""; 11].join(", ")
+    );
+    write(&dir, "workflows/many.yaml", &many);
+    let config = Config::load(dir.path()).unwrap();
+    let err = config.workflows["many"]
+        .step("s")
+        .unwrap()
+        .resolve(
+            &courier_config::template::Values::new(&params, &BTreeMap::new(), None),
+            8 << 20,
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "the command's arguments and environment are 1100011 bytes once substituted, more than 1048576"
+    );
+}
+
 // --- snapshots ---------------------------------------------------------------
 
 fn step_run(config: &Config, workflow: &str, step: &str) -> StepRun {

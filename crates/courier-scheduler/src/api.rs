@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! POST /api/runs            {"workflow": "...", "params": {...}, "priority": 0-9}  -> 201 run
-//! GET  /api/runs            ?workflow=&status=&limit=             -> [run]
+//! GET  /api/runs            ?workflow=&status=&limit=(50, at most 1000)&before=<run id>
+//!                                                                -> [run], newest first; before= the
+//!                                                                   last id of a page gives the next
 //! GET  /api/runs/{id}                                            -> run with steps
 //! POST /api/runs/{id}/cancel {"step": "...", "reason": "...", "by": "..."} (all optional)
 //!                                                                -> 200 run; 404; 409 already ended
@@ -134,6 +136,7 @@ impl From<QueryRejection> for ApiError {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SubmitBody {
     workflow: String,
     #[serde(default)]
@@ -172,6 +175,7 @@ async fn submit(
 struct ListQuery {
     workflow: Option<String>,
     status: Option<String>,
+    before: Option<String>,
     limit: Option<usize>,
 }
 
@@ -192,10 +196,26 @@ async fn list_runs(
         })?),
     };
     let engine = shared.engine.clone();
-    let runs = tokio::task::spawn_blocking(move || engine.with_db(|db| db.runs(q.workflow.as_deref(), status, limit)))
-        .await
-        .map_err(internal)?
-        .map_err(internal)?;
+    let runs = tokio::task::spawn_blocking(move || {
+        engine.with_db(|db| {
+            if let Some(before) = q.before.as_deref()
+                && !db.has_run(before)?
+            {
+                return Ok(Err(before.to_string()));
+            }
+            db.runs(q.workflow.as_deref(), status, q.before.as_deref(), limit)
+                .map(Ok)
+        })
+    })
+    .await
+    .map_err(internal)?
+    .map_err(internal)?
+    .map_err(|before| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no run \"{before}\" (the before= cursor)"),
+        )
+    })?;
     Ok(Json(runs).into_response())
 }
 

@@ -615,12 +615,14 @@ impl Db {
             )?;
             run.input_tokens = run.steps.iter().filter_map(|s| s.input_tokens).sum();
             run.output_tokens = run.steps.iter().filter_map(|s| s.output_tokens).sum();
-            run.cost = run.steps.iter().filter_map(|s| s.cost).sum();
+            // Summed from +0.0: `Sum` for floats starts at -0.0, shown as "-0.0".
+            run.cost = run.steps.iter().filter_map(|s| s.cost).fold(0.0, |a, c| a + c);
             Ok(Some(run))
         })
     }
 
-    /// Runs, newest first, optionally filtered.
+    /// Runs, newest first, optionally filtered; with `before` (a run's id),
+    /// only those older than it: the next page after a page ending with it.
     ///
     /// # Errors
     /// The store's.
@@ -628,13 +630,27 @@ impl Db {
         &mut self,
         workflow: Option<&str>,
         status: Option<RunStatus>,
+        before: Option<&str>,
         limit: usize,
     ) -> Result<Vec<RunView>, DbError> {
         let sql = format!(
             "{RUN_SELECT} WHERE (CAST(?1 AS TEXT) IS NULL OR r.workflow = ?1) AND (CAST(?2 AS TEXT) IS NULL OR r.status = ?2)
+               AND (CAST(?4 AS TEXT) IS NULL OR (r.created_ms, r.id) < (SELECT created_ms, id FROM runs WHERE id = ?4))
              ORDER BY r.created_ms DESC, r.id DESC LIMIT ?3"
         );
-        self.read(|tx| tx.all(&sql, p![workflow, status, limit], run_from_row))
+        self.read(|tx| tx.all(&sql, p![workflow, status, limit, before], run_from_row))
+    }
+
+    /// Whether a run of that id exists.
+    ///
+    /// # Errors
+    /// The store's.
+    pub fn has_run(&mut self, id: &str) -> Result<bool, DbError> {
+        self.read(|tx| {
+            Ok(tx
+                .opt("SELECT 1 FROM runs WHERE id = ?1", p![id], |_| Ok(()))?
+                .is_some())
+        })
     }
 
     /// A run's child runs (started by its `workflow:` steps): id, workflow, status.

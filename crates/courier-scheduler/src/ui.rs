@@ -406,7 +406,7 @@ async fn runs_page(
 ) -> Response {
     let q = q.map(|Query(q)| q).unwrap_or_default();
     let (workflow, status) = (q.workflow().map(str::to_string), q.status());
-    let runs = match read(&ui, move |db| db.runs(workflow.as_deref(), status, RUNS_SHOWN)).await {
+    let runs = match read(&ui, move |db| db.runs(workflow.as_deref(), status, None, RUNS_SHOWN)).await {
         Ok(runs) => runs,
         Err(e) => return e.into_response(),
     };
@@ -477,7 +477,7 @@ async fn runs_live(
     stream(ui, Duration::from_secs(1), shown, move |ui| {
         let workflow = workflow.clone();
         async move {
-            let runs = read(&ui, move |db| db.runs(workflow.as_deref(), status, RUNS_SHOWN))
+            let runs = read(&ui, move |db| db.runs(workflow.as_deref(), status, None, RUNS_SHOWN))
                 .await
                 .ok()?;
             Some((run_rows(&runs).into_string(), false))

@@ -1097,6 +1097,6 @@ fn a_run_that_cannot_be_stored_fails_only_its_own_submit_when_written_with_other
     }
     assert_eq!(stored, 4);
     // Nothing of the refused run: four runs, four first tasks.
-    assert_eq!(engine.with_db(|db| db.runs(None, None, 100)).unwrap().len(), 4);
+    assert_eq!(engine.with_db(|db| db.runs(None, None, None, 100)).unwrap().len(), 4);
     assert_eq!(due(&engine).len(), 4);
 }

@@ -479,7 +479,7 @@ steps:
 
 fn runs_of(engine: &Engine, workflow: &str) -> Vec<RunView> {
     engine
-        .with_db(|db| db.runs(Some(workflow), None, 100))
+        .with_db(|db| db.runs(Some(workflow), None, None, 100))
         .unwrap()
         .into_iter()
         .map(|r| view(engine, &r.id))

@@ -712,7 +712,7 @@ fn courier_end_to_end(
     // Rate and latency from the scheduler's own records.
     let mut db = stack.stop()?;
     let latencies = db.task_latencies_ms()?;
-    let runs = db.runs(Some("bench"), None, usize::MAX)?;
+    let runs = db.runs(Some("bench"), None, None, usize::MAX)?;
     drop(db);
     let first = runs.iter().map(|r| r.created_ms).min().unwrap_or(0);
     let last = runs.iter().filter_map(|r| r.finished_ms).max().unwrap_or(first);
@@ -797,7 +797,7 @@ fn open_loop(
     }
     let usage = stack.usage(sampler.finish());
     let mut db = stack.stop()?;
-    let runs = db.runs(Some("bench"), None, usize::MAX)?;
+    let runs = db.runs(Some("bench"), None, None, usize::MAX)?;
     drop(db);
     let mut latencies: Vec<f64> = runs
         .iter()

@@ -146,9 +146,12 @@ enum Command {
         /// Only runs in this status (running, succeeded, failed, cancelled).
         #[arg(long)]
         status: Option<String>,
-        /// At most this many runs.
+        /// At most this many runs (50 unless given; at most 1000).
         #[arg(long)]
         limit: Option<usize>,
+        /// Only runs older than this run: the last ID of one page gives the next.
+        #[arg(long)]
+        before: Option<String>,
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
@@ -312,6 +315,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             workflow,
             status,
             limit,
+            before,
             json,
         } => {
             let settings = Settings::load(flags.0)?;
@@ -319,6 +323,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 ("workflow", workflow),
                 ("status", status),
                 ("limit", limit.map(|l| l.to_string())),
+                ("before", before),
             ];
             let api = client::Api::new(&settings)?;
             runtime()?.block_on(client::runs(&api, run_id.as_deref(), json, &filters))
