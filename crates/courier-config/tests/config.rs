@@ -511,7 +511,7 @@ fn a_command_the_kernel_could_not_start_is_refused_when_resolved() {
     let params = BTreeMap::from([("a".to_string(), "x".repeat(100_000)), ("b".to_string(), "y".into())]);
     let many = format!(
         "params:\n  a: x\nsteps:\n  - name: s\n    command: [{}]\n",
-        vec!["\"${a}\""; 11].join(", ")
+        ["\"${a}\""; 11].join(", ")
     );
     write(&dir, "workflows/many.yaml", &many);
     let config = Config::load(dir.path()).unwrap();
