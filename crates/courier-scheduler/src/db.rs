@@ -251,7 +251,8 @@ pub struct RunView {
     pub id: String,
     pub workflow: String,
     pub status: RunStatus,
-    pub params: serde_json::Value,
+    /// As stored: JSON text, served as it is (not parsed and re-escaped).
+    pub params: JsonText,
     /// 0 (lowest) to 9; 4 is normal.
     pub priority: u8,
     pub created_ms: i64,
@@ -273,6 +274,37 @@ pub struct RunView {
     /// Cost of every agent step whose model has prices.
     pub cost: f64,
     pub steps: Vec<StepView>,
+}
+
+/// JSON text read from the store, served verbatim: a run's params (often
+/// the largest part of a run, such as a prompt) are neither parsed into a
+/// tree when read nor escaped again when served.
+#[derive(Debug, Clone, Serialize)]
+#[serde(transparent)]
+pub struct JsonText(Box<serde_json::value::RawValue>);
+
+impl JsonText {
+    /// The text if it is JSON, else `null` (a row from before params were
+    /// kept apart holds an empty string).
+    fn new(text: String) -> Self {
+        Self(serde_json::value::RawValue::from_string(text).unwrap_or_default())
+    }
+
+    /// The text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Parsed, for callers that look inside.
+    pub fn value(&self) -> serde_json::Value {
+        serde_json::from_str(self.0.get()).unwrap_or_default()
+    }
+}
+
+impl PartialEq for JsonText {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
 }
 
 /// A step as the API shows it.
@@ -441,14 +473,7 @@ impl Db {
 
     fn begin<T, E: From<DbError>>(&mut self, write: bool, f: impl FnOnce(&Tx<'_>) -> Result<T, E>) -> Result<T, E> {
         let tx = match &mut self.store {
-            Store::Sqlite(conn) => Tx::sqlite(
-                conn.transaction_with_behavior(if write {
-                    rusqlite::TransactionBehavior::Immediate
-                } else {
-                    rusqlite::TransactionBehavior::Deferred
-                })
-                .map_err(DbError::from)?,
-            ),
+            Store::Sqlite(conn) => Tx::sqlite(sql::SqliteTx::begin(conn, write).map_err(DbError::from)?),
             Store::Postgres { url, client, stmts } => {
                 // A server that restarted ended the session: found out by
                 // polling the connection (no round trip), then a new one,
@@ -783,7 +808,7 @@ fn run_from_row(r: &Row<'_>) -> Result<RunView, DbError> {
         id: r.get(0)?,
         workflow: r.get(1)?,
         status: r.get(2)?,
-        params: serde_json::from_str(&params).unwrap_or(serde_json::Value::Null),
+        params: JsonText::new(params),
         created_ms: r.get(4)?,
         finished_ms: r.get(5)?,
         error: r.get(6)?,

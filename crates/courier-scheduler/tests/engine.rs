@@ -305,7 +305,7 @@ fn an_old_database_is_upgraded_and_a_newer_one_is_refused() {
         (old.status, old.priority, old.cost),
         (RunStatus::Succeeded, NORMAL_PRIORITY, 0.0)
     );
-    assert_eq!(old.params, serde_json::json!({}), "params moved to their own table");
+    assert_eq!(old.params.value(), serde_json::json!({}), "params moved to their own table");
     drop(db);
     // Written by a newer Courier: refused, with what to do.
     rusqlite::Connection::open(&path)
@@ -1035,7 +1035,7 @@ fn runs_submitted_at_once_are_written_together_each_as_submitted() {
         let view = engine.with_db(|db| db.run(run)).unwrap().unwrap();
         assert_eq!(view.status, RunStatus::Running);
         assert_eq!(view.priority, *priority);
-        assert_eq!(view.params["topic"], topic.as_str());
+        assert_eq!(view.params.value()["topic"], topic.as_str());
         assert_eq!(view.steps[0].status, StepStatus::Running);
         let tasks: Vec<&Task> = due
             .iter()
@@ -1086,7 +1086,7 @@ fn a_run_that_cannot_be_stored_fails_only_its_own_submit_when_written_with_other
             Ok(run) => {
                 assert_ne!(topic, "poison");
                 let view = engine.with_db(|db| db.run(&run.id)).unwrap().unwrap();
-                assert_eq!(view.params["topic"], topic);
+                assert_eq!(view.params.value()["topic"], topic);
                 stored += 1;
             }
             Err(e) => {

@@ -504,7 +504,7 @@ fn a_sub_workflows_outputs_reach_its_parent_step_as_json() {
         (child.parent_run.as_deref(), child.parent_step.as_deref()),
         (Some(run.as_str()), Some("child"))
     );
-    assert_eq!(child.params["topic"], "about queues");
+    assert_eq!(child.params.value()["topic"], "about queues");
     let step = step(&v, "child");
     assert_eq!(
         step.output.as_deref(),

@@ -355,11 +355,55 @@ impl std::fmt::Debug for Tx<'_> {
 }
 
 pub(crate) enum TxInner<'a> {
-    Sqlite(rusqlite::Transaction<'a>),
+    Sqlite(SqliteTx<'a>),
     Postgres {
         tx: RefCell<postgres::Transaction<'a>>,
         stmts: RefCell<&'a mut PgStatements>,
     },
+}
+
+/// A SQLite transaction begun, committed and rolled back with cached
+/// statements: `rusqlite::Transaction` prepares `BEGIN` and `COMMIT` anew
+/// each time (about 5,000 instructions each, 3% of a one-step run). Rolled
+/// back on drop unless committed.
+pub(crate) struct SqliteTx<'a> {
+    conn: &'a rusqlite::Connection,
+    open: bool,
+}
+
+impl<'a> SqliteTx<'a> {
+    /// `BEGIN IMMEDIATE` (takes the write lock now) or `BEGIN DEFERRED`.
+    pub(crate) fn begin(conn: &'a rusqlite::Connection, write: bool) -> rusqlite::Result<Self> {
+        let sql = if write { "BEGIN IMMEDIATE" } else { "BEGIN DEFERRED" };
+        conn.prepare_cached(sql)?.execute([])?;
+        Ok(Self { conn, open: true })
+    }
+
+    fn commit(mut self) -> rusqlite::Result<()> {
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for SqliteTx<'_> {
+    type Target = rusqlite::Connection;
+
+    fn deref(&self) -> &rusqlite::Connection {
+        self.conn
+    }
+}
+
+impl Drop for SqliteTx<'_> {
+    fn drop(&mut self) {
+        // Also after a failed COMMIT (SQLITE_BUSY leaves the transaction open).
+        if self.open && !self.conn.is_autocommit() {
+            let rolled_back = self.conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
+            if let Err(e) = rolled_back {
+                tracing::error!(error = %e, "cannot roll back a SQLite transaction");
+            }
+        }
+    }
 }
 
 /// Binds `params` for PostgreSQL and runs `$body` with the statement and them.
@@ -387,7 +431,7 @@ fn pg_statement(
 }
 
 impl<'a> Tx<'a> {
-    pub(crate) fn sqlite(tx: rusqlite::Transaction<'a>) -> Self {
+    pub(crate) fn sqlite(tx: SqliteTx<'a>) -> Self {
         Self {
             inner: TxInner::Sqlite(tx),
             wrote_outbox: std::cell::Cell::new(false),
