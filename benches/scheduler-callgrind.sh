@@ -9,6 +9,7 @@
 #   bash benches/scheduler-callgrind.sh                     # 20 runs of 100 steps: 2,000 tasks
 #   RUNS=0 bash benches/scheduler-callgrind.sh              # the fixed cost
 #   RUNS=1000 STEPS=1 bash benches/scheduler-callgrind.sh   # one-step runs: the cost per run
+#   KEEP=/tmp/cg bash benches/scheduler-callgrind.sh        # keep the profile, for callgrind_annotate
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 runs="${RUNS:-20}"
@@ -20,6 +21,7 @@ workers=()
 # queues left behind slow the broker down for later measurements).
 cleanup() {
   kill "${workers[@]}" 2>/dev/null || true
+  if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$work"/cg.*.out "$KEEP"/ 2>/dev/null || true; fi
   rm -rf "$work"
   if command -v rabbitmqctl >/dev/null; then
     rabbitmqctl list_queues -q name 2>/dev/null | grep "^callgrind-$$\." |

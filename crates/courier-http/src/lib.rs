@@ -1,17 +1,22 @@
 //! Serving HTTP with bounds, for the scheduler's API and every `/metrics`
-//! endpoint: a client that is slow to send its request head, or that holds an
-//! idle keep-alive connection, is cut off after [`Bounds::header_read`]; a
-//! request body that a handler reads must arrive whole within
-//! [`Bounds::body_read`] of its head (408 otherwise, and the connection is
-//! closed; a request refused before its body is read, such as one without
-//! the API token, is answered at once); at most [`Bounds::max_connections`] connections are served at
-//! once (further ones wait in the kernel's backlog), and at most
-//! [`Bounds::max_per_peer`] from one address, so one client cannot take every
-//! slot: as many more from that address wait up to [`Bounds::header_read`]
-//! for one of its connections to end (a client that closes a connection and
-//! opens the next before the server has seen the close is not refused), and
-//! past those, connections are closed at once. Shutdown stops accepting and
-//! gives open connections a short grace.
+//! endpoint:
+//! - a client that is slow to send its request head, or that holds an idle
+//!   keep-alive connection, is cut off after [`Bounds::header_read`];
+//! - a request body that a handler reads must arrive whole within
+//!   [`Bounds::body_read`] of its head: past that the answer is 408 and the
+//!   connection is closed (best effort: a client still sending may see the
+//!   close before the answer). A request refused without its body being
+//!   read, such as one without the API token, is answered at once;
+//! - at most [`Bounds::max_connections`] connections are served at once
+//!   (further ones wait in the kernel's backlog), and at most
+//!   [`Bounds::max_per_peer`] from one address, so one client cannot take
+//!   every slot. A connection over its address's share waits up to
+//!   [`Bounds::share_wait`] for one of that address's connections to end (a
+//!   client that closes a connection and opens the next before the server
+//!   has seen the close is served, not reset); at most as many as its share
+//!   wait per address, and an eighth of `max_connections` in all, each
+//!   holding its slot while it waits. Past those, it is closed at once;
+//! - shutdown stops accepting and gives open connections a short grace.
 //!
 //! `axum::serve` has no hook for any of these bounds, so this is its accept
 //! loop with hyper's HTTP/1 connection builder, and a middleware that puts
@@ -39,18 +44,19 @@ use tokio_util::sync::CancellationToken;
 /// Limits on what clients may hold.
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds {
-    /// Time to send a request head, the longest a keep-alive connection may
-    /// sit idle between requests, and the longest a connection over its
-    /// address's share waits for a slot.
+    /// Time to send a request head (from the connection's start), and the
+    /// longest a keep-alive connection may sit idle between requests.
     pub header_read: Duration,
     /// Time to send a whole request body, from the end of its head (its
     /// size is bounded by the handler: axum's `DefaultBodyLimit`, 2 MiB).
     pub body_read: Duration,
     /// Connections served at once.
     pub max_connections: usize,
-    /// Connections served at once from one IP address (as many more may
-    /// wait for one of them to end).
+    /// Connections served at once from one IP address.
     pub max_per_peer: usize,
+    /// The longest a connection over its address's share waits for one of
+    /// that address's connections to end (counted in its `header_read`).
+    pub share_wait: Duration,
     /// How long open connections get to finish after shutdown.
     pub shutdown_grace: Duration,
 }
@@ -62,6 +68,7 @@ impl Default for Bounds {
             body_read: Duration::from_secs(30),
             max_connections: 512,
             max_per_peer: 64,
+            share_wait: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(5),
         }
     }
@@ -71,6 +78,7 @@ impl Default for Bounds {
 pub async fn serve(listener: TcpListener, router: axum::Router, bounds: Bounds, shutdown: CancellationToken) {
     let router = router.layer(axum::middleware::from_fn_with_state(bounds, body_deadline));
     let permits = Arc::new(Semaphore::new(bounds.max_connections.max(1)));
+    let waiting_room = Arc::new(Semaphore::new((bounds.max_connections / 8).max(1)));
     let open = tokio_util::task::TaskTracker::new();
     let peers = Peers::default();
     let stopping = CancellationToken::new();
@@ -95,23 +103,42 @@ pub async fn serve(listener: TcpListener, router: axum::Router, bounds: Bounds, 
             () = shutdown.cancelled() => break,
         };
         let Some(ticket) = peers.ticket(peer, bounds.max_per_peer) else {
-            // Its share and as many waiting: closed at once.
+            // Its share, and as many waiting: closed at once.
             continue;
+        };
+        let share = ticket.try_share();
+        let room = match share {
+            Some(_) => None,
+            None => match waiting_room.clone().try_acquire_owned() {
+                Ok(room) => Some(room),
+                // Every place in the waiting room taken: closed at once.
+                Err(_) => continue,
+            },
         };
         let service = TowerToHyperService::new(router.clone());
         let stopping = stopping.clone();
         open.spawn(async move {
-            let share = tokio::select! {
-                share = tokio::time::timeout(bounds.header_read, ticket.share()) => share,
-                () = stopping.cancelled() => return,
+            let started = tokio::time::Instant::now();
+            let _share = match share {
+                Some(share) => share,
+                None => {
+                    let waited = tokio::select! {
+                        share = tokio::time::timeout(bounds.share_wait, ticket.share()) => share,
+                        () = stopping.cancelled() => return,
+                    };
+                    drop(room);
+                    match waited {
+                        Ok(Some(share)) => share,
+                        // None of its address's connections ended in time: closed.
+                        _ => return,
+                    }
+                }
             };
-            let Ok(_share) = share else {
-                // None of its address's connections ended in time: closed.
-                return;
-            };
+            // The head's time counts from the connection's start, wait included.
+            let header_read = bounds.header_read.saturating_sub(started.elapsed());
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(bounds.header_read)
+                .header_read_timeout(header_read)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
             tokio::select! {
@@ -121,6 +148,7 @@ pub async fn serve(listener: TcpListener, router: axum::Router, bounds: Bounds, 
                     let _ = connection.await;
                 }
             }
+            drop(ticket);
             drop(permit);
         });
     }
@@ -152,7 +180,9 @@ async fn body_deadline(State(bounds): State<Bounds>, request: Request, next: Nex
         })
     });
     let response = next.run(request).await;
-    if !fired.load(Ordering::Relaxed) {
+    // Only an error answer is replaced: a handler that went on without the
+    // body has answered for itself.
+    if !fired.load(Ordering::Relaxed) || !(response.status().is_client_error() || response.status().is_server_error()) {
         return response;
     }
     let message = format!(
@@ -241,6 +271,11 @@ impl Peers {
 }
 
 impl Ticket {
+    /// One of the address's slots, if one is free.
+    fn try_share(&self) -> Option<OwnedSemaphorePermit> {
+        self.share.clone().try_acquire_owned().ok()
+    }
+
     /// Wait for one of the address's slots.
     async fn share(&self) -> Option<OwnedSemaphorePermit> {
         self.share.clone().acquire_owned().await.ok()
@@ -281,6 +316,15 @@ mod tests {
             .route(
                 "/refuse",
                 axum::routing::post(|| async { axum::http::StatusCode::UNAUTHORIZED }),
+            )
+            .route(
+                "/tolerant",
+                axum::routing::post(|body: axum::body::Body| async move {
+                    match axum::body::to_bytes(body, 1 << 20).await {
+                        Ok(bytes) => format!("got {}", bytes.len()),
+                        Err(_) => "went on without it".to_string(),
+                    }
+                }),
             );
         let shutdown = CancellationToken::new();
         tokio::spawn(serve(listener, router, bounds, shutdown.clone()));
@@ -333,7 +377,7 @@ mod tests {
     async fn one_peer_cannot_take_more_than_its_share() {
         let bounds = Bounds {
             max_per_peer: 3,
-            header_read: Duration::from_secs(5),
+            share_wait: Duration::from_secs(5),
             ..Bounds::default()
         };
         let (addr, _shutdown) = start(bounds).await;
@@ -356,6 +400,36 @@ mod tests {
             let answer = w.await.unwrap();
             assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_waits_for_its_share_briefly_and_in_a_bounded_room() {
+        // A room of one (512 / 8 would be 64): max_connections 8.
+        let bounds = Bounds {
+            max_per_peer: 2,
+            max_connections: 8,
+            share_wait: Duration::from_millis(300),
+            ..Bounds::default()
+        };
+        let (addr, _shutdown) = start(bounds).await;
+        let _held = [
+            tokio::net::TcpStream::connect(addr).await.unwrap(),
+            tokio::net::TcpStream::connect(addr).await.unwrap(),
+        ];
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The third waits, then is closed when nothing ends in time.
+        let started = Instant::now();
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The fourth finds the waiting room full: closed at once.
+        let mut fourth = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(closed_after(&mut fourth).await < Duration::from_millis(200));
+        closed_after(&mut third).await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
     }
 
     #[tokio::test]
@@ -433,6 +507,16 @@ mod tests {
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
         assert!(answer.contains("did not arrive within 0.5 s"), "{answer}");
         assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        // A handler that goes on without the body answers for itself.
+        let mut tolerant = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tolerant
+            .write_all(b"POST /tolerant HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nx")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        let _ = tolerant.read_to_string(&mut answer).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("went on without it"), "{answer}");
         // A request refused without its body being read is answered at once.
         let started = Instant::now();
         let mut refused = tokio::net::TcpStream::connect(addr).await.unwrap();

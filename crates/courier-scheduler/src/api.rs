@@ -16,8 +16,10 @@
 //! GET  /metrics                                                  -> Prometheus text
 //! ```
 //! Every answer but `/metrics` is JSON; errors are `{"error": "..."}` with
-//! 400 (bad input), 401 (no or wrong token), 404 (unknown), 405, 409
-//! (cancelling what already ended), 415 (not JSON) or 500.
+//! 400 (bad input), 401 (no or wrong token), 404 (unknown), 405, 408 (a body
+//! that did not arrive in time), 409 (cancelling what already ended), 413 (a
+//! body over 2 MiB), 415 (not JSON), 422 (JSON of the wrong shape, such as an
+//! unknown field) or 500.
 //!
 //! With a token set, `/api/...` and `/metrics` need `Authorization: Bearer
 //! <token>`, compared in constant time; `/healthz` stays open.

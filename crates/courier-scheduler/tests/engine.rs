@@ -305,7 +305,11 @@ fn an_old_database_is_upgraded_and_a_newer_one_is_refused() {
         (old.status, old.priority, old.cost),
         (RunStatus::Succeeded, NORMAL_PRIORITY, 0.0)
     );
-    assert_eq!(old.params.value(), serde_json::json!({}), "params moved to their own table");
+    assert_eq!(
+        old.params.value(),
+        serde_json::json!({}),
+        "params moved to their own table"
+    );
     drop(db);
     // Written by a newer Courier: refused, with what to do.
     rusqlite::Connection::open(&path)
@@ -1099,4 +1103,59 @@ fn a_run_that_cannot_be_stored_fails_only_its_own_submit_when_written_with_other
     // Nothing of the refused run: four runs, four first tasks.
     assert_eq!(engine.with_db(|db| db.runs(None, None, None, 100)).unwrap().len(), 4);
     assert_eq!(due(&engine).len(), 4);
+}
+
+#[test]
+fn runs_page_by_a_cursor_through_runs_that_share_a_timestamp() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = store(&dir.path().join("state.db"));
+    // Runs written in one batch share their creation time: the id orders them.
+    let created: [(&str, i64); 7] = [
+        ("a", 1_000),
+        ("b", 2_000),
+        ("c", 2_000),
+        ("d", 2_000),
+        ("e", 2_000),
+        ("f", 2_000),
+        ("g", 3_000),
+    ];
+    db.transaction(|t| {
+        for (id, now) in created {
+            courier_scheduler::db::tx::insert_run(
+                t,
+                &courier_scheduler::db::tx::RunInsert {
+                    id,
+                    workflow: "w",
+                    params_json: "{}",
+                    priority: NORMAL_PRIORITY,
+                    deadline_ms: None,
+                    admitted: true,
+                    steps: 1,
+                    parent: None,
+                },
+                now,
+            )?;
+        }
+        Ok::<_, courier_scheduler::db::DbError>(())
+    })
+    .unwrap();
+    // Pages of two, each from the last id of the one before: every run once,
+    // newest first.
+    let mut seen = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let page = db.runs(None, None, before.as_deref(), 2).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        before = page.last().map(|r| r.id.clone());
+        seen.extend(page.into_iter().map(|r| r.id));
+    }
+    assert_eq!(seen, ["g", "f", "e", "d", "c", "b", "a"]);
+    // Filters hold across pages.
+    let page = db.runs(None, Some(RunStatus::Running), Some("d"), 10).unwrap();
+    let ids: Vec<&str> = page.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["c", "b", "a"]);
+    assert!(db.has_run("d").unwrap());
+    assert!(!db.has_run("z").unwrap());
 }

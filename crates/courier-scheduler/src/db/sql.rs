@@ -374,6 +374,12 @@ pub(crate) struct SqliteTx<'a> {
 impl<'a> SqliteTx<'a> {
     /// `BEGIN IMMEDIATE` (takes the write lock now) or `BEGIN DEFERRED`.
     pub(crate) fn begin(conn: &'a rusqlite::Connection, write: bool) -> rusqlite::Result<Self> {
+        if !conn.is_autocommit() {
+            // An earlier transaction whose rollback failed is still open:
+            // ended now, or every later BEGIN would fail.
+            tracing::warn!("a SQLite transaction was left open; rolling it back");
+            conn.prepare_cached("ROLLBACK")?.execute([])?;
+        }
         let sql = if write { "BEGIN IMMEDIATE" } else { "BEGIN DEFERRED" };
         conn.prepare_cached(sql)?.execute([])?;
         Ok(Self { conn, open: true })

@@ -692,11 +692,10 @@ pub fn finish_run(
 ) -> Result<Option<(String, String)>, DbError> {
     // Read, then written: on SQLite, `UPDATE … RETURNING` costs about 30,000
     // instructions more than the `UPDATE` alone, five times this `SELECT`.
-    let parent: Option<(Option<String>, Option<String>)> = tx.opt(
-        "SELECT parent_run, parent_step FROM runs WHERE id = ?1",
-        p![run],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
+    let parent: Option<(Option<String>, Option<String>)> =
+        tx.opt("SELECT parent_run, parent_step FROM runs WHERE id = ?1", p![run], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
     tx.exec(
         "UPDATE runs SET status = ?2, error = ?3, finished_ms = ?4, cancelled_by = ?5 WHERE id = ?1",
         p![run, status, error, now, cancelled_by],
