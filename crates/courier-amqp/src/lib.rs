@@ -60,6 +60,24 @@ pub enum AmqpError {
     /// A mandatory publish matched no queue.
     #[error("no queue is bound to {exchange} with routing key \"{routing_key}\"")]
     Unroutable { exchange: String, routing_key: String },
+    /// A broker URL that does not parse (the URL is not repeated: it may hold a password).
+    #[error("invalid broker URL: {0}")]
+    BadUrl(String),
+}
+
+/// The largest AMQP frame asked for when the URL does not say
+/// (`?frame_max=`): lapin keeps a receive and a send buffer of 32 frames
+/// per connection, each written in full, so RabbitMQ's default of 128 KiB
+/// made 8 MiB of every process's memory (a third of an idle worker's). A
+/// message larger than a frame travels in several; tasks and results of a
+/// few KiB fit in one.
+pub const FRAME_MAX: u32 = 32 * 1024;
+
+/// `url` parsed, with [`FRAME_MAX`] unless it names a frame size.
+fn broker_uri(url: &str) -> Result<lapin::uri::AMQPUri, AmqpError> {
+    let mut uri: lapin::uri::AMQPUri = url.parse().map_err(AmqpError::BadUrl)?;
+    uri.query.frame_max.get_or_insert(FRAME_MAX);
+    Ok(uri)
 }
 
 /// How long the control stream keeps a message: longer than a task may
@@ -203,14 +221,15 @@ impl Broker {
             let n = (start + i) % nodes.len().max(1);
             let url = nodes.get(n).copied().unwrap_or(urls);
             let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
+            let uri = broker_uri(url)?;
             // A node cut off by the network would hold the connect for
             // minutes: with others to try, the next goes after NODE_CONNECT_TIMEOUT.
             let attempt = if nodes.len() > 1 {
-                tokio::time::timeout(NODE_CONNECT_TIMEOUT, Connection::connect(url, properties))
+                tokio::time::timeout(NODE_CONNECT_TIMEOUT, Connection::connect_uri(uri, properties))
                     .await
                     .unwrap_or_else(|_| Err(lapin::Error::from(std::io::Error::from(std::io::ErrorKind::TimedOut))))
             } else {
-                Connection::connect(url, properties).await
+                Connection::connect_uri(uri, properties).await
             };
             match attempt {
                 Ok(connection) => {
@@ -251,6 +270,8 @@ impl Broker {
         loop {
             match Self::connect(url, names.clone(), connection_name).await {
                 Ok(broker) => return Ok(broker),
+                // Waiting does not mend a URL.
+                Err(e @ AmqpError::BadUrl(_)) => return Err(e),
                 Err(e) if started.elapsed() + delay < give_up => {
                     tracing::warn!(error = %e, retry_in = ?delay, "cannot reach the broker; retrying");
                     tokio::time::sleep(delay).await;

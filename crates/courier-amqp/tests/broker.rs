@@ -61,6 +61,58 @@ async fn publish_confirmed_then_consume_with_headers_and_ack() {
 }
 
 #[tokio::test]
+async fn a_message_larger_than_a_frame_travels_whole_in_several() {
+    let broker = broker().await;
+    let pools = vec!["default".to_string()];
+    broker.declare_topology(&pools, 5).await.unwrap();
+    let names = broker.names().clone();
+    let publisher = broker.publisher(16).await.unwrap();
+    // Ten frames and a bit, of bytes that differ from frame to frame.
+    let body: Vec<u8> = (0..10 * courier_amqp::FRAME_MAX as usize + 123)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    publisher
+        .publish(Outgoing {
+            exchange: &names.tasks_exchange(),
+            routing_key: "default",
+            body: &body,
+            message_id: "big",
+            correlation_id: "run",
+            headers: vec![],
+        })
+        .await
+        .unwrap();
+    let mut consumer = broker.consumer(&names.task_queue("default"), 4, "t").await.unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.body, body);
+    delivery.ack().await.unwrap();
+    consumer.close().await.unwrap();
+    broker.delete_topology(&pools).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_url_that_does_not_parse_is_refused_at_once_without_echoing_it() {
+    let started = std::time::Instant::now();
+    let err = Broker::connect_with_retry(
+        "amqp://user:s3cret@host:notaport/%2f",
+        Names::new("t-bad-url"),
+        "courier-amqp-test",
+        Duration::from_secs(30),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(matches!(err, AmqpError::BadUrl(_)), "{err}");
+    assert!(err.to_string().starts_with("invalid broker URL: "), "{err}");
+    assert!(!err.to_string().contains("s3cret"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
 async fn publishing_to_a_pool_without_a_queue_is_unroutable() {
     let broker = broker().await;
     let pools = vec!["default".to_string()];
