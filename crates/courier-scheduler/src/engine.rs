@@ -290,7 +290,7 @@ struct QueuedRun {
 /// Memory for encoded tasks waiting to be published; past it, the outbox
 /// rebuilds tasks from the database instead, so a burst of submissions cannot
 /// grow the scheduler without bound.
-pub const MAX_KEPT_BODY_BYTES: usize = 24 * 1024 * 1024;
+pub const MAX_KEPT_BODY_BYTES: usize = 16 * 1024 * 1024;
 
 /// What a transaction produced that is acted on after it commits.
 #[derive(Debug, Default)]
