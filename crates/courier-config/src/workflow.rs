@@ -733,6 +733,11 @@ pub const MAX_EXEC_BYTES: usize = 1024 * 1024;
 /// on a worker.
 fn check_exec_size(argv: &[String], env: &BTreeMap<String, String>) -> Result<(), String> {
     for (i, arg) in argv.iter().enumerate() {
+        if arg.contains('\0') {
+            return Err(format!(
+                "argument {i} of the command holds a NUL byte once substituted, which a process argument cannot"
+            ));
+        }
         if arg.len() > MAX_ARG_BYTES {
             return Err(format!(
                 "argument {i} of the command is {} bytes once substituted; a process argument holds at most {MAX_ARG_BYTES} (Linux's MAX_ARG_STRLEN)",
@@ -741,6 +746,11 @@ fn check_exec_size(argv: &[String], env: &BTreeMap<String, String>) -> Result<()
         }
     }
     for (name, value) in env {
+        if value.contains('\0') {
+            return Err(format!(
+                "environment variable {name} of the command holds a NUL byte once substituted, which a variable cannot"
+            ));
+        }
         if name.len() + 1 + value.len() > MAX_ARG_BYTES {
             return Err(format!(
                 "environment variable {name} of the command is {} bytes once substituted; one variable holds at most {MAX_ARG_BYTES}",

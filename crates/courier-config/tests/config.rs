@@ -499,6 +499,23 @@ fn a_command_the_kernel_could_not_start_is_refused_when_resolved() {
     };
     // At the kernel's limit for one string, it passes.
     assert_eq!(resolve(131_071, 131_069), Ok(()));
+    // A NUL byte cannot be passed at all.
+    let nul = |a: &str, b: &str| {
+        let params = BTreeMap::from([("a".to_string(), a.to_string()), ("b".to_string(), b.to_string())]);
+        step.resolve(
+            &courier_config::template::Values::new(&params, &BTreeMap::new(), None),
+            8 << 20,
+        )
+        .map(|_| ())
+    };
+    assert_eq!(
+        nul("x\0y", "z").unwrap_err(),
+        "argument 1 of the command holds a NUL byte once substituted, which a process argument cannot"
+    );
+    assert_eq!(
+        nul("x", "\0").unwrap_err(),
+        "environment variable B of the command holds a NUL byte once substituted, which a variable cannot"
+    );
     assert_eq!(
         resolve(131_072, 1).unwrap_err(),
         "argument 1 of the command is 131072 bytes once substituted; a process argument holds at most 131071 (Linux's MAX_ARG_STRLEN)"

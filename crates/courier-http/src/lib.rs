@@ -16,6 +16,8 @@
 //!   has seen the close is served, not reset); at most as many as its share
 //!   wait per address, and an eighth of `max_connections` in all, each
 //!   holding its slot while it waits. Past those, it is closed at once;
+//! - a client that reads nothing of an answer for [`Bounds::write_stall`] is
+//!   cut off, and the answer held for it let go;
 //! - shutdown stops accepting and gives open connections a short grace.
 //!
 //! `axum::serve` has no hook for any of these bounds, so this is its accept
@@ -50,6 +52,11 @@ pub struct Bounds {
     /// Time to send a whole request body, from the end of its head (its
     /// size is bounded by the handler: axum's `DefaultBodyLimit`, 2 MiB).
     pub body_read: Duration,
+    /// A body declared longer than this is refused at once (413): axum's
+    /// `DefaultBodyLimit`, which would refuse it only once it had arrived.
+    pub max_body: usize,
+    /// The longest a response may wait on a client that reads nothing.
+    pub write_stall: Duration,
     /// Connections served at once.
     pub max_connections: usize,
     /// Connections served at once from one IP address.
@@ -66,6 +73,8 @@ impl Default for Bounds {
         Self {
             header_read: Duration::from_secs(10),
             body_read: Duration::from_secs(30),
+            max_body: 2 * 1024 * 1024,
+            write_stall: Duration::from_secs(30),
             max_connections: 512,
             max_per_peer: 64,
             share_wait: Duration::from_secs(1),
@@ -139,7 +148,14 @@ pub async fn serve(listener: TcpListener, router: axum::Router, bounds: Bounds, 
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_read)
-                .serve_connection(TokioIo::new(stream), service);
+                .serve_connection(
+                    TokioIo::new(WriteDeadline {
+                        inner: stream,
+                        stall: bounds.write_stall,
+                        stalled: None,
+                    }),
+                    service,
+                );
             tokio::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}
@@ -171,6 +187,17 @@ async fn body_deadline(State(bounds): State<Bounds>, request: Request, next: Nex
     if request.body().is_end_stream() {
         return next.run(request).await;
     }
+    if request
+        .body()
+        .size_hint()
+        .exact()
+        .is_some_and(|declared| declared > bounds.max_body as u64)
+    {
+        return closing(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is larger than {} bytes", bounds.max_body),
+        );
+    }
     let fired = Arc::new(AtomicBool::new(false));
     let request = request.map(|inner| {
         Body::new(DeadlineBody {
@@ -185,20 +212,98 @@ async fn body_deadline(State(bounds): State<Bounds>, request: Request, next: Nex
     if !fired.load(Ordering::Relaxed) || !(response.status().is_client_error() || response.status().is_server_error()) {
         return response;
     }
-    let message = format!(
-        "the request body did not arrive within {} s",
-        bounds.body_read.as_secs_f64()
-    );
-    let mut response = (
+    closing(
         StatusCode::REQUEST_TIMEOUT,
-        axum::Json(serde_json::json!({ "error": message })),
+        format!(
+            "the request body did not arrive within {} s",
+            bounds.body_read.as_secs_f64()
+        ),
     )
-        .into_response();
-    // The rest of the body is unread: the connection cannot be reused.
+}
+
+/// A JSON error that closes the connection: the rest of the body is
+/// unread, so the connection cannot be reused.
+fn closing(status: StatusCode, message: String) -> Response {
+    let mut response = (status, axum::Json(serde_json::json!({ "error": message }))).into_response();
     response
         .headers_mut()
         .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
     response
+}
+
+/// A connection whose writes fail once one has waited [`Bounds::write_stall`]
+/// on a client that reads nothing: the connection, and the response held
+/// for it, are let go. Any progress starts the wait over, so a slow reader
+/// that keeps reading is served.
+struct WriteDeadline {
+    inner: tokio::net::TcpStream,
+    stall: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteDeadline {
+    /// After a write that made no progress: whether the stall is too long.
+    fn too_long(&mut self, cx: &mut Context<'_>) -> bool {
+        let stall = self.stall;
+        let sleep = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        sleep.as_mut().poll(cx).is_ready()
+    }
+
+    fn check<T>(&mut self, cx: &mut Context<'_>, polled: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        match polled {
+            Poll::Pending if self.too_long(cx) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client read nothing for too long",
+            ))),
+            Poll::Pending => Poll::Pending,
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for WriteDeadline {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WriteDeadline {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.check(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.check(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.check(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// A request body that fails once its deadline has passed.
@@ -317,6 +422,7 @@ mod tests {
                 "/refuse",
                 axum::routing::post(|| async { axum::http::StatusCode::UNAUTHORIZED }),
             )
+            .route("/big", axum::routing::get(|| async { "x".repeat(8 << 20) }))
             .route(
                 "/tolerant",
                 axum::routing::post(|body: axum::body::Body| async move {
@@ -507,6 +613,22 @@ mod tests {
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
         assert!(answer.contains("did not arrive within 0.5 s"), "{answer}");
         assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        // A body declared over the limit is refused at once, not after it
+        // has (not) arrived.
+        let started = Instant::now();
+        let mut declared = tokio::net::TcpStream::connect(addr).await.unwrap();
+        declared
+            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3145728\r\n\r\nxxxxxxxxxx")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = declared.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 413"));
+        assert!(
+            started.elapsed() < Duration::from_millis(300),
+            "{:?}",
+            started.elapsed()
+        );
         // A handler that goes on without the body answers for itself.
         let mut tolerant = tokio::net::TcpStream::connect(addr).await.unwrap();
         tolerant
@@ -524,7 +646,6 @@ mod tests {
             .write_all(b"POST /refuse HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nx")
             .await
             .unwrap();
-        let mut buf = [0u8; 256];
         let n = refused.read(&mut buf).await.unwrap();
         assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 401"));
         assert!(
@@ -532,6 +653,41 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_reads_nothing_is_let_go() {
+        let bounds = Bounds {
+            write_stall: Duration::from_millis(300),
+            ..Bounds::default()
+        };
+        let (addr, _shutdown) = start(bounds).await;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stalled = socket.connect(addr).await.unwrap();
+        stalled
+            .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // Reads nothing for a while: the server gives up on it.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut answer)).await;
+        let read = read.expect("the server let the connection go");
+        assert!(
+            read.is_err() || answer.len() < 8 << 20,
+            "all {} bytes were sent",
+            answer.len()
+        );
+        // A client that reads, however slowly, gets it all.
+        let mut reader = tokio::net::TcpStream::connect(addr).await.unwrap();
+        reader
+            .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        reader.read_to_end(&mut answer).await.unwrap();
+        assert!(answer.len() > 8 << 20);
     }
 
     #[tokio::test]

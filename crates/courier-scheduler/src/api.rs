@@ -3,8 +3,9 @@
 //! ```text
 //! POST /api/runs            {"workflow": "...", "params": {...}, "priority": 0-9}  -> 201 run
 //! GET  /api/runs            ?workflow=&status=&limit=(50, at most 1000)&before=<run id>
-//!                                                                -> [run], newest first; before= the
-//!                                                                   last id of a page gives the next
+//!                                                                -> [run], newest first, at most about
+//!                                                                   8 MiB of params; before= the last
+//!                                                                   id of a page gives the next
 //! GET  /api/runs/{id}                                            -> run with steps
 //! POST /api/runs/{id}/cancel {"step": "...", "reason": "...", "by": "..."} (all optional)
 //!                                                                -> 200 run; 404; 409 already ended
@@ -173,6 +174,10 @@ async fn submit(
     }
 }
 
+/// About the most a runs list answer holds (its runs' params, mostly): past
+/// it the list stops early, and the client pages on with `before=`.
+pub(crate) const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
+
 #[derive(Deserialize)]
 struct ListQuery {
     workflow: Option<String>,
@@ -205,8 +210,14 @@ async fn list_runs(
             {
                 return Ok(Err(before.to_string()));
             }
-            db.runs(q.workflow.as_deref(), status, q.before.as_deref(), limit)
-                .map(Ok)
+            db.runs_within(
+                q.workflow.as_deref(),
+                status,
+                q.before.as_deref(),
+                limit,
+                MAX_LIST_BYTES,
+            )
+            .map(Ok)
         })
     })
     .await

@@ -658,12 +658,52 @@ impl Db {
         before: Option<&str>,
         limit: usize,
     ) -> Result<Vec<RunView>, DbError> {
+        self.runs_within(workflow, status, before, limit, usize::MAX)
+    }
+
+    /// [`Db::runs`] for an answer held in memory whole: read a few runs at
+    /// a time, and stop once their params pass `max_bytes` (at least one
+    /// run is given; `usize::MAX`: no bound, one read). The caller pages on
+    /// with the last id as `before`.
+    ///
+    /// # Errors
+    /// The store's.
+    pub fn runs_within(
+        &mut self,
+        workflow: Option<&str>,
+        status: Option<RunStatus>,
+        before: Option<&str>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<RunView>, DbError> {
         let sql = format!(
             "{RUN_SELECT} WHERE (CAST(?1 AS TEXT) IS NULL OR r.workflow = ?1) AND (CAST(?2 AS TEXT) IS NULL OR r.status = ?2)
                AND (CAST(?4 AS TEXT) IS NULL OR (r.created_ms, r.id) < (SELECT created_ms, id FROM runs WHERE id = ?4))
              ORDER BY r.created_ms DESC, r.id DESC LIMIT ?3"
         );
-        self.read(|tx| tx.all(&sql, p![workflow, status, limit, before], run_from_row))
+        self.read(|tx| {
+            let mut runs: Vec<RunView> = Vec::new();
+            let mut bytes = 0;
+            let mut cursor = before.map(str::to_string);
+            while runs.len() < limit {
+                let chunk = (limit - runs.len()).min(if max_bytes == usize::MAX { usize::MAX } else { 16 });
+                let page = tx.all(&sql, p![workflow, status, chunk, cursor.as_deref()], run_from_row)?;
+                let last = page.len() < chunk;
+                for run in page {
+                    // The params, and about as much again for the rest.
+                    bytes += run.params.get().len() + 512;
+                    if bytes > max_bytes && !runs.is_empty() {
+                        return Ok(runs);
+                    }
+                    cursor = Some(run.id.clone());
+                    runs.push(run);
+                }
+                if last {
+                    break;
+                }
+            }
+            Ok(runs)
+        })
     }
 
     /// Whether a run of that id exists.

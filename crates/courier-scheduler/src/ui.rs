@@ -406,7 +406,17 @@ async fn runs_page(
 ) -> Response {
     let q = q.map(|Query(q)| q).unwrap_or_default();
     let (workflow, status) = (q.workflow().map(str::to_string), q.status());
-    let runs = match read(&ui, move |db| db.runs(workflow.as_deref(), status, None, RUNS_SHOWN)).await {
+    let runs = match read(&ui, move |db| {
+        db.runs_within(
+            workflow.as_deref(),
+            status,
+            None,
+            RUNS_SHOWN,
+            crate::api::MAX_LIST_BYTES,
+        )
+    })
+    .await
+    {
         Ok(runs) => runs,
         Err(e) => return e.into_response(),
     };
@@ -477,9 +487,17 @@ async fn runs_live(
     stream(ui, Duration::from_secs(1), shown, move |ui| {
         let workflow = workflow.clone();
         async move {
-            let runs = read(&ui, move |db| db.runs(workflow.as_deref(), status, None, RUNS_SHOWN))
-                .await
-                .ok()?;
+            let runs = read(&ui, move |db| {
+                db.runs_within(
+                    workflow.as_deref(),
+                    status,
+                    None,
+                    RUNS_SHOWN,
+                    crate::api::MAX_LIST_BYTES,
+                )
+            })
+            .await
+            .ok()?;
             Some((run_rows(&runs).into_string(), false))
         }
     })

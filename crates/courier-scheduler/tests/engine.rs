@@ -1158,4 +1158,14 @@ fn runs_page_by_a_cursor_through_runs_that_share_a_timestamp() {
     assert_eq!(ids, ["c", "b", "a"]);
     assert!(db.has_run("d").unwrap());
     assert!(!db.has_run("z").unwrap());
+    // An answer held whole stops at its byte budget (about 514 bytes a run
+    // here), with at least one run, and pages on from its last.
+    let ids = |runs: Vec<courier_scheduler::db::RunView>| runs.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(ids(db.runs_within(None, None, None, 10, 1_500).unwrap()), ["g", "f"]);
+    assert_eq!(
+        ids(db.runs_within(None, None, Some("f"), 10, 1_500).unwrap()),
+        ["e", "d"]
+    );
+    assert_eq!(ids(db.runs_within(None, None, None, 10, 1).unwrap()), ["g"]);
+    assert_eq!(ids(db.runs_within(None, None, None, 10, 1 << 20).unwrap()).len(), 7);
 }
