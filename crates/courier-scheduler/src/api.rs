@@ -174,10 +174,6 @@ async fn submit(
     }
 }
 
-/// About the most a runs list answer holds (its runs' params, mostly): past
-/// it the list stops early, and the client pages on with `before=`.
-pub(crate) const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
-
 #[derive(Deserialize)]
 struct ListQuery {
     workflow: Option<String>,
@@ -215,7 +211,7 @@ async fn list_runs(
                 status,
                 q.before.as_deref(),
                 limit,
-                MAX_LIST_BYTES,
+                crate::db::MAX_LIST_BYTES,
             )
             .map(Ok)
         })

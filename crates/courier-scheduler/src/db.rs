@@ -33,6 +33,11 @@ macro_rules! run_columns {
     };
 }
 
+/// About the most a runs list held whole in memory (an API answer, the UI's
+/// runs page) reads of its runs' params: past it the list stops early, and
+/// the client pages on with `before=`.
+pub const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
+
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = schema::SQLITE.len() as i64;
 

@@ -380,6 +380,15 @@ impl RunsQuery {
     }
 }
 
+/// The runs page's runs: the newest [`RUNS_SHOWN`], within the list's byte budget.
+fn recent_runs(
+    db: &mut crate::db::Db,
+    workflow: Option<&str>,
+    status: Option<crate::db::RunStatus>,
+) -> Result<Vec<crate::db::RunView>, crate::db::DbError> {
+    db.runs_within(workflow, status, None, RUNS_SHOWN, crate::db::MAX_LIST_BYTES)
+}
+
 /// Read the database off the runtime's threads.
 async fn read<T: Send + 'static>(
     ui: &Ui,
@@ -406,17 +415,7 @@ async fn runs_page(
 ) -> Response {
     let q = q.map(|Query(q)| q).unwrap_or_default();
     let (workflow, status) = (q.workflow().map(str::to_string), q.status());
-    let runs = match read(&ui, move |db| {
-        db.runs_within(
-            workflow.as_deref(),
-            status,
-            None,
-            RUNS_SHOWN,
-            crate::api::MAX_LIST_BYTES,
-        )
-    })
-    .await
-    {
+    let runs = match read(&ui, move |db| recent_runs(db, workflow.as_deref(), status)).await {
         Ok(runs) => runs,
         Err(e) => return e.into_response(),
     };
@@ -487,17 +486,9 @@ async fn runs_live(
     stream(ui, Duration::from_secs(1), shown, move |ui| {
         let workflow = workflow.clone();
         async move {
-            let runs = read(&ui, move |db| {
-                db.runs_within(
-                    workflow.as_deref(),
-                    status,
-                    None,
-                    RUNS_SHOWN,
-                    crate::api::MAX_LIST_BYTES,
-                )
-            })
-            .await
-            .ok()?;
+            let runs = read(&ui, move |db| recent_runs(db, workflow.as_deref(), status))
+                .await
+                .ok()?;
             Some((run_rows(&runs).into_string(), false))
         }
     })
