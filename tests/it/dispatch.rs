@@ -213,6 +213,31 @@ fn submit_errors_are_clear_and_publish_nothing() {
     let (status, error) = post(serde_json::json!({"workflow": "fanout", "parms": {"text": "a"}}));
     assert_eq!(status, 422, "{error}");
     assert!(error.contains("unknown field `parms`"), "{error}");
+    // A param given twice is refused (serde_json's Value cannot hold both:
+    // the body is written by hand); so is a compressed body.
+    let raw = |body: &'static str, encoding: Option<&str>| {
+        let mut request = reqwest::blocking::Client::new()
+            .post(format!("{}/api/runs", cluster.api))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(encoding) = encoding {
+            request = request.header("content-encoding", encoding);
+        }
+        let response = request.send().unwrap();
+        (
+            response.status().as_u16(),
+            response.json::<Value>().unwrap()["error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        )
+    };
+    let (status, error) = raw(r#"{"workflow": "fanout", "params": {"text": "a", "text": "b"}}"#, None);
+    assert_eq!(status, 422, "{error}");
+    assert!(error.contains("invalid entry: found duplicate key"), "{error}");
+    let (status, error) = raw(r#"{"workflow": "fanout", "params": {"text": "a"}}"#, Some("gzip"));
+    assert_eq!(status, 415, "{error}");
+    assert_eq!(error, "a Content-Encoding is not accepted: send the body uncompressed");
     let (status, error) = post(serde_json::json!({"workflow": "fanout", "params": {"text": "x".repeat(200_000)}}));
     assert_eq!(status, 400, "{error}");
     assert_eq!(
@@ -301,6 +326,13 @@ fn submit_wait_prints_progress_and_outputs_and_runs_shows_history() {
     let (status, error) = page("before=no-such-run");
     assert_eq!(status, 404);
     assert_eq!(error["error"], "no run \"no-such-run\" (the before= cursor)");
+    // A long cursor is not echoed whole.
+    let (status, error) = page(&format!("before={}", "z".repeat(5000)));
+    assert_eq!(status, 404);
+    assert_eq!(
+        error["error"],
+        format!("no run \"{}…\" (5000 bytes) (the before= cursor)", "z".repeat(64))
+    );
     let (out, stdout, _) =
         run(cluster
             .courier()

@@ -182,7 +182,9 @@ pub async fn serve(listener: TcpListener, router: axum::Router, bounds: Bounds, 
 /// Put the request's body under [`Bounds::body_read`]: reading it fails
 /// past the deadline, and the answer is then 408, the connection closed. A
 /// client cannot hold a connection by trickling a body, and a handler that
-/// refuses a request without reading its body is not delayed by it.
+/// refuses a request without reading its body is not delayed by it. A body
+/// declared over [`Bounds::max_body`] (413) or sent with a `Content-Encoding`
+/// (415) is refused before it is read.
 async fn body_deadline(State(bounds): State<Bounds>, request: Request, next: Next) -> Response {
     if request.body().is_end_stream() {
         return next.run(request).await;
@@ -196,6 +198,16 @@ async fn body_deadline(State(bounds): State<Bounds>, request: Request, next: Nex
         return closing(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("the request body is larger than {} bytes", bounds.max_body),
+        );
+    }
+    // Bodies are read as sent: a compressed one would be parsed as if it
+    // were not, and its size bound would not bound what it expands to.
+    if let Some(encoding) = request.headers().get(header::CONTENT_ENCODING)
+        && !encoding.as_bytes().eq_ignore_ascii_case(b"identity")
+    {
+        return closing(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "a Content-Encoding is not accepted: send the body uncompressed".into(),
         );
     }
     let fired = Arc::new(AtomicBool::new(false));
@@ -629,6 +641,23 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+        // A compressed body is refused, not parsed as if it were plain;
+        // `identity` is no encoding.
+        let answer = request(
+            addr,
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        )
+        .await
+        .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 415"), "{answer}");
+        assert!(answer.contains("send the body uncompressed"), "{answer}");
+        let answer = request(
+            addr,
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Encoding: Identity\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        )
+        .await
+        .unwrap();
+        assert!(answer.ends_with("got 5"), "{answer}");
         // A handler that goes on without the body answers for itself.
         let mut tolerant = tokio::net::TcpStream::connect(addr).await.unwrap();
         tolerant

@@ -19,8 +19,9 @@
 //! Every answer but `/metrics` is JSON; errors are `{"error": "..."}` with
 //! 400 (bad input), 401 (no or wrong token), 404 (unknown), 405, 408 (a body
 //! that did not arrive in time), 409 (cancelling what already ended), 413 (a
-//! body over 2 MiB), 415 (not JSON), 422 (JSON of the wrong shape, such as an
-//! unknown field) or 500.
+//! body over 2 MiB), 415 (not JSON, or sent with a `Content-Encoding`), 422
+//! (JSON of the wrong shape, such as an unknown field or a param given twice)
+//! or 500. An identifier an error quotes is cut at 64 characters.
 //!
 //! With a token set, `/api/...` and `/metrics` need `Authorization: Bearer
 //! <token>`, compared in constant time; `/healthz` stays open.
@@ -116,6 +117,15 @@ async fn method_not_allowed() -> ApiError {
 
 struct ApiError(StatusCode, String);
 
+/// A client's identifier, quoted for an error message: its first 64
+/// characters (a run ID has 36), so an answer never echoes a long input.
+fn quoted(id: &str) -> String {
+    match id.char_indices().nth(64) {
+        Some((cut, _)) => format!("\"{}…\" ({} bytes)", &id[..cut], id.len()),
+        None => format!("\"{id}\""),
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
@@ -142,7 +152,11 @@ impl From<QueryRejection> for ApiError {
 #[serde(deny_unknown_fields)]
 struct SubmitBody {
     workflow: String,
-    #[serde(default)]
+    /// A param given twice is refused, not settled by whichever came last.
+    #[serde(
+        default,
+        deserialize_with = "serde_with::As::<serde_with::MapPreventDuplicates<serde_with::Same, serde_with::Same>>::deserialize"
+    )]
     params: BTreeMap<String, String>,
     #[serde(default = "normal")]
     priority: u8,
@@ -222,7 +236,7 @@ async fn list_runs(
     .map_err(|before| {
         ApiError(
             StatusCode::NOT_FOUND,
-            format!("no run \"{before}\" (the before= cursor)"),
+            format!("no run {} (the before= cursor)", quoted(&before)),
         )
     })?;
     Ok(Json(runs).into_response())
@@ -237,7 +251,7 @@ async fn get_run(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> R
         .map_err(internal)?;
     match found {
         Some(run) => Ok(Json(run).into_response()),
-        None => Err(ApiError(StatusCode::NOT_FOUND, format!("no run \"{id}\""))),
+        None => Err(ApiError(StatusCode::NOT_FOUND, format!("no run {}", quoted(&id)))),
     }
 }
 

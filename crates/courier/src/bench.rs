@@ -286,14 +286,14 @@ impl Drop for Processes {
     }
 }
 
-/// User plus system CPU seconds a process has used so far.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+/// User and system CPU seconds a process has used so far.
+fn cpu_seconds(pid: u32) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are 14 and 15.
     let rest = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
+    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok().map(|t| t / 100.0);
+    Some((ticks(11)?, ticks(12)?))
 }
 
 fn rss_mib(pid: u32) -> Option<f64> {
@@ -595,13 +595,14 @@ impl Stack {
             .zip(samples)
             .map(|((name, child), rss)| {
                 let peak = peak_rss_mib(child.id()).unwrap_or(rss.peak);
+                let (user, system) = cpu_seconds(child.id()).unwrap_or((f64::NAN, f64::NAN));
                 format!(
-                    "\n  {name:<10} RSS idle {:.1} MiB, {:.1} MiB at 25% of the run, {:.1} MiB at the end, peak {peak:.1} MiB ({:+.1} MiB over idle); {:.1} CPU-s",
+                    "\n  {name:<10} RSS idle {:.1} MiB, {:.1} MiB at 25% of the run, {:.1} MiB at the end, peak {peak:.1} MiB ({:+.1} MiB over idle); {:.1} CPU-s ({user:.1} user, {system:.1} system)",
                     rss.idle,
                     rss.quarter,
                     rss.end,
                     peak - rss.idle,
-                    cpu_seconds(child.id()).unwrap_or(f64::NAN)
+                    user + system,
                 )
             })
             .collect()
