@@ -202,8 +202,11 @@ async fn body_deadline(State(bounds): State<Bounds>, request: Request, next: Nex
     }
     // Bodies are read as sent: a compressed one would be parsed as if it
     // were not, and its size bound would not bound what it expands to.
-    if let Some(encoding) = request.headers().get(header::CONTENT_ENCODING)
-        && !encoding.as_bytes().eq_ignore_ascii_case(b"identity")
+    if request
+        .headers()
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|encoding| !encoding.as_bytes().eq_ignore_ascii_case(b"identity"))
     {
         return closing(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -651,6 +654,13 @@ mod tests {
         .unwrap();
         assert!(answer.starts_with("HTTP/1.1 415"), "{answer}");
         assert!(answer.contains("send the body uncompressed"), "{answer}");
+        let answer = request(
+            addr,
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Encoding: identity\r\nContent-Encoding: br\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        )
+        .await
+        .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 415"), "{answer}");
         let answer = request(
             addr,
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Encoding: Identity\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
