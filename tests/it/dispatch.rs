@@ -325,13 +325,24 @@ fn submit_wait_prints_progress_and_outputs_and_runs_shows_history() {
     assert_eq!(third, serde_json::json!([]));
     let (status, error) = page("before=no-such-run");
     assert_eq!(status, 404);
-    assert_eq!(error["error"], "no run \"no-such-run\" (the before= cursor)");
-    // A long cursor is not echoed whole.
+    assert_eq!(error["error"], "no run \"no-such-run\", given as the before= cursor");
+    // A long cursor or run ID is not echoed whole.
     let (status, error) = page(&format!("before={}", "z".repeat(5000)));
     assert_eq!(status, 404);
     assert_eq!(
         error["error"],
-        format!("no run \"{}…\" (5000 bytes) (the before= cursor)", "z".repeat(64))
+        format!(
+            "no run \"{}…\" (5000 bytes in all), given as the before= cursor",
+            "z".repeat(64)
+        )
+    );
+    let missing: Value = reqwest::blocking::get(format!("{}/api/runs/{}", cluster.api, "y".repeat(3000)))
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        missing["error"],
+        format!("no run \"{}…\" (3000 bytes in all)", "y".repeat(64))
     );
     let (out, stdout, _) =
         run(cluster

@@ -184,7 +184,8 @@ pub async fn serve(listener: TcpListener, router: axum::Router, bounds: Bounds, 
 /// client cannot hold a connection by trickling a body, and a handler that
 /// refuses a request without reading its body is not delayed by it. A body
 /// declared over [`Bounds::max_body`] (413) or sent with a `Content-Encoding`
-/// (415) is refused before it is read.
+/// other than `identity` (415) is refused before it is read (and before any
+/// handler's authentication); a request without a body passes.
 async fn body_deadline(State(bounds): State<Bounds>, request: Request, next: Next) -> Response {
     if request.body().is_end_stream() {
         return next.run(request).await;
@@ -206,7 +207,8 @@ async fn body_deadline(State(bounds): State<Bounds>, request: Request, next: Nex
         .headers()
         .get_all(header::CONTENT_ENCODING)
         .iter()
-        .any(|encoding| !encoding.as_bytes().eq_ignore_ascii_case(b"identity"))
+        .flat_map(|value| value.as_bytes().split(|b| *b == b','))
+        .any(|coding| !coding.trim_ascii().eq_ignore_ascii_case(b"identity"))
     {
         return closing(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -654,6 +656,7 @@ mod tests {
         .unwrap();
         assert!(answer.starts_with("HTTP/1.1 415"), "{answer}");
         assert!(answer.contains("send the body uncompressed"), "{answer}");
+        assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
         let answer = request(
             addr,
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Encoding: identity\r\nContent-Encoding: br\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
@@ -663,11 +666,19 @@ mod tests {
         assert!(answer.starts_with("HTTP/1.1 415"), "{answer}");
         let answer = request(
             addr,
-            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Encoding: Identity\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Encoding: Identity, identity\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
         )
         .await
         .unwrap();
         assert!(answer.ends_with("got 5"), "{answer}");
+        // A request without a body has nothing to decode: it is served.
+        let answer = request(
+            addr,
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        assert!(answer.ends_with("got 0"), "{answer}");
         // A handler that goes on without the body answers for itself.
         let mut tolerant = tokio::net::TcpStream::connect(addr).await.unwrap();
         tolerant

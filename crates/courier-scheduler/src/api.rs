@@ -117,15 +117,6 @@ async fn method_not_allowed() -> ApiError {
 
 struct ApiError(StatusCode, String);
 
-/// A client's identifier, quoted for an error message: its first 64
-/// characters (a run ID has 36), so an answer never echoes a long input.
-fn quoted(id: &str) -> String {
-    match id.char_indices().nth(64) {
-        Some((cut, _)) => format!("\"{}…\" ({} bytes)", &id[..cut], id.len()),
-        None => format!("\"{id}\""),
-    }
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
@@ -208,7 +199,7 @@ async fn list_runs(
             let known: Vec<&str> = RunStatus::ALL.iter().map(|s| s.as_str()).collect();
             ApiError(
                 StatusCode::BAD_REQUEST,
-                format!("unknown status \"{s}\" (known: {})", known.join(", ")),
+                format!("unknown status {} (known: {})", crate::quoted(s), known.join(", ")),
             )
         })?),
     };
@@ -236,7 +227,7 @@ async fn list_runs(
     .map_err(|before| {
         ApiError(
             StatusCode::NOT_FOUND,
-            format!("no run {} (the before= cursor)", quoted(&before)),
+            format!("no run {}, given as the before= cursor", crate::quoted(&before)),
         )
     })?;
     Ok(Json(runs).into_response())
@@ -251,7 +242,10 @@ async fn get_run(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> R
         .map_err(internal)?;
     match found {
         Some(run) => Ok(Json(run).into_response()),
-        None => Err(ApiError(StatusCode::NOT_FOUND, format!("no run {}", quoted(&id)))),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no run {}", crate::quoted(&id)),
+        )),
     }
 }
 

@@ -39,7 +39,7 @@ use flow::{item_value, step_of};
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
     /// No workflow of that name.
-    #[error("unknown workflow \"{name}\" (known: {known})")]
+    #[error("unknown workflow {} (known: {known})", crate::quoted(name))]
     UnknownWorkflow { name: String, known: String },
     /// Bad or missing parameters.
     #[error(transparent)]
@@ -73,13 +73,13 @@ pub enum SubmitError {
 #[derive(Debug, thiserror::Error)]
 pub enum CancelError {
     /// No run of that id.
-    #[error("no run \"{0}\"")]
+    #[error("no run {}", crate::quoted(.0))]
     NotFound(String),
     /// The run already ended.
     #[error("run {run} already {status}: there is nothing to cancel")]
     Finished { run: String, status: RunStatus },
     /// The run has no step of that name.
-    #[error("run {run} has no step \"{step}\"")]
+    #[error("run {run} has no step {}", crate::quoted(step))]
     NoStep { run: String, step: String },
     /// The step already ended.
     #[error("step \"{step}\" of run {run} already {status}: there is nothing to cancel")]
@@ -97,10 +97,10 @@ pub enum CancelError {
 #[derive(Debug, thiserror::Error)]
 pub enum DecideError {
     /// No run of that id.
-    #[error("no run \"{0}\"")]
+    #[error("no run {}", crate::quoted(.0))]
     NotFound(String),
     /// The run has no step of that name.
-    #[error("run {run} has no step \"{step}\"")]
+    #[error("run {run} has no step {}", crate::quoted(step))]
     NoStep { run: String, step: String },
     /// The step is not waiting for approval (or its run ended).
     #[error("step \"{step}\" of run {run} is {status}, not waiting for approval")]

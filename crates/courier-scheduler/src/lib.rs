@@ -171,6 +171,16 @@ pub enum SchedulerError {
 /// # Errors
 /// [`SchedulerError`]: the database, the API address, or a broker that stays
 /// unreachable past `connect_timeout`.
+/// A client's identifier (a run, step or workflow name), quoted for an
+/// error message: at most its first 64 characters (a run ID has 36), so an
+/// answer never echoes a long input back.
+pub(crate) fn quoted(id: &str) -> String {
+    match id.char_indices().nth(64) {
+        Some((cut, _)) => format!("\"{}…\" ({} bytes in all)", &id[..cut], id.len()),
+        None => format!("\"{id}\""),
+    }
+}
+
 pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToken) -> Result<(), SchedulerError> {
     let io = |path: PathBuf| move |source| SchedulerError::Io { path, source };
     std::fs::create_dir_all(&sc.data_dir).map_err(io(sc.data_dir.clone()))?;
@@ -1052,5 +1062,20 @@ async fn cron_loop(shared: Arc<Shared>, workflow: String, cron: croner::Cron, sh
             Ok(Err(e)) => error!(%workflow, error = %e, "scheduled run refused"),
             Err(e) => error!(%workflow, error = %e, "scheduled submit panicked"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quoted;
+
+    #[test]
+    fn an_identifier_is_quoted_whole_up_to_64_characters_then_cut() {
+        assert_eq!(quoted("nope"), "\"nope\"");
+        let exact = "a".repeat(64);
+        assert_eq!(quoted(&exact), format!("\"{exact}\""));
+        // Cut on a character, never inside one: 65 three-byte characters.
+        let long = "€".repeat(65);
+        assert_eq!(quoted(&long), format!("\"{}…\" (195 bytes in all)", "€".repeat(64)));
     }
 }

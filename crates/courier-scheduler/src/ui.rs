@@ -550,7 +550,7 @@ async fn run_page(State(ui): State<Arc<Ui>>, headers: HeaderMap, Path(id): Path<
         Err(e) => return e.into_response(),
     };
     let (Some(run), children) = found else {
-        return page_error(StatusCode::NOT_FOUND, &format!("no run \"{id}\""));
+        return page_error(StatusCode::NOT_FOUND, &format!("no run {}", crate::quoted(&id)));
     };
     let csrf = csrf_for(&ui, session(&ui, &headers).as_deref());
     let fragment = run_fragment(&ui, &run, &children, &csrf).into_string();
