@@ -704,3 +704,46 @@ fn a_runs_spans_reach_an_otlp_receiver_as_one_trace_across_processes() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// `courier bench`, the source of the README's figures, runs end to end:
+/// the raw ceiling and Courier alternated with their median ratio, and the
+/// open-loop latency mode; a bad argument is refused with the reason.
+#[test]
+fn bench_measures_the_ratio_repeatedly_and_the_open_loop_latency() {
+    use crate::support::{courier, run};
+    let url = crate::cluster::amqp_url();
+    let (out, stdout, stderr) = run(courier().args([
+        "bench",
+        "--tasks",
+        "200",
+        "--steps-per-run",
+        "20",
+        "--repeat",
+        "2",
+        "--amqp-url",
+        &url,
+    ]));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let rate = |line: &str| -> f64 { line.split_whitespace().nth(1).unwrap().parse().unwrap() };
+    let lines = |prefix: &str| stdout.lines().filter(|l| l.starts_with(prefix)).count();
+    assert_eq!(lines("raw ceiling "), 2, "{stdout}");
+    assert_eq!(lines("ratio "), 2, "{stdout}");
+    for line in stdout
+        .lines()
+        .filter(|l| l.starts_with("courier ") && l.contains("tasks/s"))
+    {
+        assert!(rate(line) > 0.0, "{line}");
+    }
+    let median = stdout.lines().find(|l| l.starts_with("median ratio")).expect(&stdout);
+    assert!(median.contains("over 2 measurements"), "{median}");
+    assert!(stdout.contains("CPU-s (") && stdout.contains(" user, "), "{stdout}");
+
+    let (out, stdout, stderr) = run(courier().args(["bench", "--rate", "40", "--duration", "1", "--amqp-url", &url]));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let latency = stdout.lines().find(|l| l.starts_with("latency")).expect(&stdout);
+    assert!(latency.contains(" 40 runs "), "{latency}");
+
+    let (out, _, stderr) = run(courier().args(["bench", "--repeat", "0", "--amqp-url", &url]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("--repeat takes 1 to 100"), "{stderr}");
+}
