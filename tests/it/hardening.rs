@@ -470,6 +470,19 @@ fn the_api_needs_its_token_and_answers_errors_in_json() {
         assert_eq!(wrong.status().as_u16(), 401, "{path}");
         let right = http.get(url(path)).bearer_auth(token).send().unwrap();
         assert_eq!(right.status().as_u16(), 200, "{path}");
+        // The scheme's case does not matter (RFC 9110); the token's does.
+        let lower = http
+            .get(url(path))
+            .header("authorization", format!("bearer {token}"))
+            .send()
+            .unwrap();
+        assert_eq!(lower.status().as_u16(), 200, "{path}");
+        let shouted = http
+            .get(url(path))
+            .header("authorization", format!("BEARER {}", token.to_uppercase()))
+            .send()
+            .unwrap();
+        assert_eq!(shouted.status().as_u16(), 401, "{path}");
     }
     let submit = http
         .post(url("/api/runs"))

@@ -322,6 +322,35 @@ fn the_web_ui_logs_in_submits_updates_live_and_shows_outputs_as_text() {
     browser.click("form.inline button.danger");
     browser.wait_text("#run-status", "cancelled", Duration::from_secs(30));
 
+    // A param given twice in the submit form is refused, as the API does,
+    // and no run is started.
+    let runs = || {
+        let list: Value = cluster
+            .http(reqwest::Method::GET, "/api/runs?limit=1000")
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        list.as_array().unwrap().len()
+    };
+    let before = runs();
+    let answer = browser.rt.block_on(browser.client.execute_async(
+        "const done = arguments[0]; const csrf = document.querySelector('input[name=csrf]').value; \
+         fetch('/ui/workflows/show/runs', {method: 'POST', body: new URLSearchParams([['csrf', csrf], ['param.text', 'a'], ['param.text', 'b']])}) \
+           .then(r => r.text().then(t => done([r.status, t])))",
+        vec![],
+    ));
+    let answer = answer.unwrap();
+    assert_eq!(answer[0], 400, "{answer}");
+    assert!(
+        answer[1]
+            .as_str()
+            .unwrap()
+            .contains("the param &quot;text&quot; is given twice"),
+        "{answer}"
+    );
+    assert_eq!(runs(), before);
+
     // Logged out: back to the login form.
     browser.click("nav form button[type=submit]");
     browser.wait_url(|u| u.ends_with("/ui/login"));

@@ -87,7 +87,12 @@ async fn require_token(State(token): State<Arc<Option<String>>>, request: Reques
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        // The scheme is case-insensitive (RFC 9110, 11.1).
+        .and_then(|v| {
+            v.get(..7)
+                .filter(|s| s.eq_ignore_ascii_case("bearer "))
+                .map(|_| &v[7..])
+        })
         .unwrap_or_default();
     if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
         return next.run(request).await;
@@ -291,6 +296,7 @@ async fn cancel(
     match result {
         Ok(done) => {
             shared.metrics.runs_cancelled.inc_by(done.cancelled_runs as u64);
+            shared.metrics.runs_finished.inc_by(done.finished_runs as u64);
             shared.controls.notify_one();
             if done.dispatched > 0 {
                 shared.outbox.notify_one();

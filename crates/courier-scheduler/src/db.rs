@@ -33,8 +33,8 @@ macro_rules! run_columns {
     };
 }
 
-/// About the most a runs list held whole in memory (an API answer, the UI's
-/// runs page) reads of its runs' params: past it the list stops early, and
+/// About the most a runs list held whole in memory (an API answer; the
+/// UI's list reads no params) reads of its runs' params: past it the list stops early, and
 /// the client pages on with `before=`.
 pub const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
 
@@ -310,6 +310,20 @@ impl PartialEq for JsonText {
     fn eq(&self, other: &Self) -> bool {
         self.get() == other.get()
     }
+}
+
+/// A run as a list shows it ([`Db::run_summaries`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    pub id: String,
+    pub workflow: String,
+    pub status: RunStatus,
+    pub created_ms: i64,
+    pub finished_ms: Option<i64>,
+    /// Tokens spent by the run's agent steps and its sub-workflows' runs.
+    pub tokens: i64,
+    /// Their cost, where the models have prices.
+    pub cost: f64,
 }
 
 /// A step as the API shows it.
@@ -648,6 +662,40 @@ impl Db {
             // Summed from +0.0: `Sum` for floats starts at -0.0, shown as "-0.0".
             run.cost = run.steps.iter().filter_map(|s| s.cost).fold(0.0, |a, c| a + c);
             Ok(Some(run))
+        })
+    }
+
+    /// The newest `limit` runs, optionally filtered, as a list shows them:
+    /// no params and no steps, and the spending kept on each run (its own
+    /// and its sub-workflows'), so a list read often (the web UI's live
+    /// runs page) costs the same whatever its runs hold.
+    ///
+    /// # Errors
+    /// The store's.
+    pub fn run_summaries(
+        &mut self,
+        workflow: Option<&str>,
+        status: Option<RunStatus>,
+        limit: usize,
+    ) -> Result<Vec<RunSummary>, DbError> {
+        self.read(|tx| {
+            tx.all(
+                "SELECT id, workflow, status, created_ms, finished_ms, spent_tokens, spent_cost FROM runs
+                 WHERE (CAST(?1 AS TEXT) IS NULL OR workflow = ?1) AND (CAST(?2 AS TEXT) IS NULL OR status = ?2)
+                 ORDER BY created_ms DESC, id DESC LIMIT ?3",
+                p![workflow, status, limit],
+                |r| {
+                    Ok(RunSummary {
+                        id: r.get(0)?,
+                        workflow: r.get(1)?,
+                        status: r.get(2)?,
+                        created_ms: r.get(3)?,
+                        finished_ms: r.get(4)?,
+                        tokens: r.get(5)?,
+                        cost: r.get(6)?,
+                    })
+                },
+            )
         })
     }
 

@@ -119,8 +119,11 @@ pub enum DecideError {
 pub struct Cancelled {
     /// The run as it is now.
     pub run: RunView,
-    /// Runs it cancelled (0 when it was already cancelled, or for one step).
+    /// Runs it cancelled (0 when it was already cancelled; 1 when the step
+    /// cancelled was the run's last open one), and its children.
     pub cancelled_runs: usize,
+    /// Runs it ended (the same runs).
+    pub finished_runs: usize,
     /// Waiting steps it let go (their slots were freed).
     pub dispatched: usize,
 }
@@ -144,9 +147,9 @@ pub struct Applied {
     pub dispatched: usize,
     /// Attempts scheduled again after a failure.
     pub retried: usize,
-    /// Runs that finished.
+    /// Runs that ended (succeeded, failed or cancelled).
     pub finished_runs: usize,
-    /// Runs cancelled (by their timeout or budget here).
+    /// Runs cancelled (by their timeout or budget here), among those.
     pub cancelled_runs: usize,
     /// Memory proposals of succeeded steps that could not be written.
     pub memory_not_written: usize,
@@ -920,6 +923,7 @@ impl Engine {
         Ok(Cancelled {
             run: view,
             cancelled_runs: applied.cancelled_runs,
+            finished_runs: applied.finished_runs,
             dispatched: applied.dispatched,
         })
     }
@@ -2263,7 +2267,6 @@ fn cancel_run(c: &mut Change<'_, '_>, run: &str, by: &str, reason: &str) -> Resu
     tx::insert_control(c.t, run, None, reason, c.now)?;
     cancel_children(c, run, None, &format!("its parent run {run} was cancelled: {reason}"))?;
     c.effects.admit = true;
-    c.applied.cancelled_runs += 1;
     tracing::info!(%run, trace_id = %trace_id(run), %by, %reason, "run cancelled");
     Ok(())
 }
@@ -2276,7 +2279,8 @@ fn cancel_children(c: &mut Change<'_, '_>, run: &str, step: Option<&str>, reason
     Ok(())
 }
 
-/// End a run; a child run's parent step is told (see [`Engine::settle_children`]).
+/// End a run, counted (every run that ends ends here); a child run's parent
+/// step is told (see [`Engine::settle_children`]).
 fn end_run(
     c: &mut Change<'_, '_>,
     run: &str,
@@ -2286,6 +2290,10 @@ fn end_run(
 ) -> Result<(), DbError> {
     if let Some((parent, step)) = tx::finish_run(c.t, run, status, error, by, c.now)? {
         c.effects.children_done.push((run.to_string(), parent, step));
+    }
+    c.applied.finished_runs += 1;
+    if status == RunStatus::Cancelled {
+        c.applied.cancelled_runs += 1;
     }
     Ok(())
 }
@@ -2298,7 +2306,6 @@ fn fail_run(c: &mut Change<'_, '_>, run: &str, error: &str) -> Result<(), DbErro
         tx::finish_step(c.t, run, &name, StepStatus::Skipped, None, Some(error), None, c.now)?;
     }
     end_run(c, run, RunStatus::Failed, Some(error), None)?;
-    c.applied.finished_runs += 1;
     tracing::error!(%run, %error, "run failed");
     Ok(())
 }
@@ -2375,7 +2382,6 @@ fn finish_if_done(c: &mut Change<'_, '_>, run: &str) -> Result<(), DbError> {
     };
     end_run(c, run, status, error.as_deref(), None)?;
     tracing::info!(run = %run, trace_id = %trace_id(run), %status, error = error.as_deref().unwrap_or(""), "run finished");
-    c.applied.finished_runs += 1;
     Ok(())
 }
 

@@ -119,7 +119,7 @@ impl Metrics {
         registry.register("courier_runs_submitted", "Runs started", self.runs_submitted.clone());
         registry.register(
             "courier_runs_finished",
-            "Runs that reached a final state",
+            "Runs that reached a final state (succeeded, failed or cancelled)",
             self.runs_finished.clone(),
         );
         registry.register(
@@ -130,7 +130,7 @@ impl Metrics {
         registry.register("courier_runs", "Runs in the database, by status", self.runs.clone());
         registry.register(
             "courier_runs_cancelled",
-            "Runs cancelled: by a person (API, CLI), their timeout or their budget",
+            "Runs cancelled: by a person (API, CLI, UI; the run or its last open step), their timeout or their budget",
             self.runs_cancelled.clone(),
         );
         registry.register(

@@ -385,8 +385,8 @@ fn recent_runs(
     db: &mut crate::db::Db,
     workflow: Option<&str>,
     status: Option<crate::db::RunStatus>,
-) -> Result<Vec<crate::db::RunView>, crate::db::DbError> {
-    db.runs_within(workflow, status, None, RUNS_SHOWN, crate::db::MAX_LIST_BYTES)
+) -> Result<Vec<crate::db::RunSummary>, crate::db::DbError> {
+    db.run_summaries(workflow, status, RUNS_SHOWN)
 }
 
 /// Read the database off the runtime's threads.
@@ -450,7 +450,7 @@ async fn runs_page(
         }
         div.scroll {
             table #runs data-live=(live) {
-                thead { tr { th { "Run" } th { "Workflow" } th { "Status" } th { "Started" } th { "Duration" } th { "Tokens" } th { "Cost" } } }
+                thead { tr { th { "Run" } th { "Workflow" } th { "Status" } th { "Started" } th { "Duration" } th title="with its sub-workflows' runs" { "Tokens" } th title="with its sub-workflows' runs" { "Cost" } } }
                 tbody #rows { (PreEscaped(&rows)) }
             }
         }
@@ -458,7 +458,7 @@ async fn runs_page(
     layout("Runs", &csrf, body).into_response()
 }
 
-fn run_rows(runs: &[RunView]) -> Markup {
+fn run_rows(runs: &[crate::db::RunSummary]) -> Markup {
     html! {
         @if runs.is_empty() { tr { td colspan="7" { "No runs yet." } } }
         @for run in runs {
@@ -468,7 +468,7 @@ fn run_rows(runs: &[RunView]) -> Markup {
                 td { span class={ "status st-" (run.status) } { (run.status) } }
                 td { (time(run.created_ms)) }
                 td { (duration(run.created_ms, run.finished_ms)) }
-                td.num { (run.input_tokens + run.output_tokens) }
+                td.num { (run.tokens) }
                 td.num { (format!("{:.4}", run.cost)) }
             }
         }
@@ -807,6 +807,7 @@ async fn cancel(
     match result {
         Ok(Ok(done)) => {
             ui.shared.metrics.runs_cancelled.inc_by(done.cancelled_runs as u64);
+            ui.shared.metrics.runs_finished.inc_by(done.finished_runs as u64);
             ui.shared.controls.notify_one();
             ui.shared.outbox.notify_one();
             Redirect::to(&format!("/ui/runs/{id}")).into_response()
@@ -911,10 +912,19 @@ async fn submit(
     if fields.len() > 256 || fields.iter().any(|(k, v)| k.len() > 256 || v.len() > MAX_FIELD) {
         return page_error(StatusCode::BAD_REQUEST, "too many or too long fields");
     }
-    let params: BTreeMap<String, String> = fields
-        .iter()
-        .filter_map(|(k, v)| Some((k.strip_prefix("param.")?.to_string(), v.clone())))
-        .collect();
+    // A param given twice is refused, as the API does, not settled by
+    // whichever came last.
+    let mut params = BTreeMap::new();
+    for (k, v) in &fields {
+        if let Some(name) = k.strip_prefix("param.")
+            && params.insert(name.to_string(), v.clone()).is_some()
+        {
+            return page_error(
+                StatusCode::BAD_REQUEST,
+                &format!("the param {} is given twice", crate::quoted(name)),
+            );
+        }
+    }
     let priority = match fields.iter().find(|(k, _)| k == "priority").map(|(_, v)| v.trim()) {
         None | Some("") => NORMAL_PRIORITY,
         Some(p) => match p.parse::<u8>() {

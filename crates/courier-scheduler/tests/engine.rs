@@ -369,7 +369,7 @@ fn a_result_after_a_cancel_is_recorded_and_changes_nothing() {
     let engine = engine(&dir.path().join("courier.db"));
     let (run, analyze) = research_at_analyze(&engine);
     let done = engine.cancel(&run, None, "api:ana", "stop").unwrap();
-    assert_eq!(done.cancelled_runs, 1);
+    assert_eq!((done.cancelled_runs, done.finished_runs), (1, 1));
     let view = done.run;
     assert_eq!(view.status, RunStatus::Cancelled);
     assert_eq!(view.cancelled_by.as_deref(), Some("api:ana"));
@@ -402,6 +402,14 @@ fn a_result_after_a_cancel_is_recorded_and_changes_nothing() {
             .0
             .is_empty()
     );
+    // Cancelling a run's last open step ends the run cancelled, counted
+    // as such (the metrics read these counts).
+    let (second, _) = research_at_analyze(&engine);
+    let done = engine
+        .cancel(&second, Some("analyze"), "api:ana", "not needed")
+        .unwrap();
+    assert_eq!(done.run.status, RunStatus::Cancelled);
+    assert_eq!((done.cancelled_runs, done.finished_runs), (1, 1));
     // Again: the same answer; an unknown run or step, or a finished one, is refused.
     let again = engine.cancel(&run, None, "api:bob", "again").unwrap();
     assert_eq!(
