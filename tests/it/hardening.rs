@@ -556,9 +556,19 @@ fn a_scheduler_listening_beyond_loopback_needs_a_token() {
         stderr.starts_with("error: the API would listen on 0.0.0.0:0 without a token"),
         "{stderr}"
     );
+    // A token short enough to guess is refused.
+    let (out, _, stderr) = scheduler(&[("COURIER_API_TOKEN", "short-token-15c")]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        stderr.starts_with("error: api_token is 15 characters: use at least 16"),
+        "{stderr}"
+    );
     // With a token, or with anonymous access accepted, it starts (and then
     // gives up on the unreachable broker).
-    for extra in [("COURIER_API_TOKEN", "t"), ("COURIER_API_ALLOW_ANONYMOUS", "true")] {
+    for extra in [
+        ("COURIER_API_TOKEN", "a-token-of-16-ch"),
+        ("COURIER_API_ALLOW_ANONYMOUS", "true"),
+    ] {
         let (out, _, stderr) = scheduler(&[extra]);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert!(stderr.contains("HTTP API listening"), "{stderr}");

@@ -115,6 +115,9 @@ fn shutdown_on_signals() -> CancellationToken {
 /// Exit code for a configuration that cannot be used (EX_CONFIG).
 pub const EXIT_CONFIG: u8 = 78;
 
+/// The shortest API token the scheduler accepts.
+const MIN_API_TOKEN_CHARS: usize = 16;
+
 pub fn scheduler(settings: Settings) -> anyhow::Result<ExitCode> {
     let traces = init_logging(
         &settings.log_format,
@@ -128,6 +131,18 @@ pub fn scheduler(settings: Settings) -> anyhow::Result<ExitCode> {
             "error: the API would listen on {} without a token: anyone who can reach it could submit runs. \
              Set api_token (COURIER_API_TOKEN), listen on 127.0.0.1, or set api_allow_anonymous = true to accept that.",
             settings.api_listen
+        );
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
+    // Wrong guesses are answered at once (no delay, no lockout: a delay
+    // would only hold connections), so the token itself must resist them.
+    if let Some(token) = settings.api_token()
+        && token.chars().count() < MIN_API_TOKEN_CHARS
+    {
+        eprintln!(
+            "error: api_token is {} characters: use at least {MIN_API_TOKEN_CHARS} (e.g. `openssl rand -hex 24`); \
+             the API answers every guess at once, so a short token can be found by trying",
+            token.chars().count()
         );
         return Ok(ExitCode::from(EXIT_CONFIG));
     }
