@@ -295,10 +295,9 @@ async fn cancel(
         .map_err(internal)?;
     match result {
         Ok(done) => {
-            shared.metrics.runs_cancelled.inc_by(done.cancelled_runs as u64);
-            shared.metrics.runs_finished.inc_by(done.finished_runs as u64);
+            shared.count(&done.applied);
             shared.controls.notify_one();
-            if done.dispatched > 0 {
+            if done.applied.dispatched > 0 {
                 shared.outbox.notify_one();
             }
             Ok(Json(done.run).into_response())

@@ -33,9 +33,9 @@ macro_rules! run_columns {
     };
 }
 
-/// About the most a runs list held whole in memory (an API answer; the
-/// UI's list reads no params) reads of its runs' params: past it the list stops early, and
-/// the client pages on with `before=`.
+/// About the most an API runs list (held whole in memory) reads of its
+/// runs' params: past it the list stops early, and the client pages on with
+/// `before=`. (The UI's list reads no params: `Db::run_summaries`.)
 pub const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
 
 /// The schema version this build writes.

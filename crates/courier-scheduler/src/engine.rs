@@ -119,13 +119,11 @@ pub enum DecideError {
 pub struct Cancelled {
     /// The run as it is now.
     pub run: RunView,
-    /// Runs it cancelled (0 when it was already cancelled; 1 when the step
-    /// cancelled was the run's last open one), and its children.
-    pub cancelled_runs: usize,
-    /// Runs it ended (the same runs).
-    pub finished_runs: usize,
-    /// Waiting steps it let go (their slots were freed).
-    pub dispatched: usize,
+    /// What it did, counted as a pass of results is: runs cancelled (none
+    /// when it was already cancelled; one when the step cancelled was its
+    /// run's last open one) and their children, and waiting steps it let go
+    /// (their slots were freed).
+    pub applied: Applied,
 }
 
 /// Lowest to highest priority: 0 to this.
@@ -920,12 +918,7 @@ impl Engine {
         let view = self
             .with_db(|db| db.run(run))?
             .ok_or_else(|| CancelError::NotFound(run.to_string()))?;
-        Ok(Cancelled {
-            run: view,
-            cancelled_runs: applied.cancelled_runs,
-            finished_runs: applied.finished_runs,
-            dispatched: applied.dispatched,
-        })
+        Ok(Cancelled { run: view, applied })
     }
 
     /// Cancel one open step and skip what depends on it.

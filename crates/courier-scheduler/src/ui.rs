@@ -380,15 +380,6 @@ impl RunsQuery {
     }
 }
 
-/// The runs page's runs: the newest [`RUNS_SHOWN`], within the list's byte budget.
-fn recent_runs(
-    db: &mut crate::db::Db,
-    workflow: Option<&str>,
-    status: Option<crate::db::RunStatus>,
-) -> Result<Vec<crate::db::RunSummary>, crate::db::DbError> {
-    db.run_summaries(workflow, status, RUNS_SHOWN)
-}
-
 /// Read the database off the runtime's threads.
 async fn read<T: Send + 'static>(
     ui: &Ui,
@@ -415,7 +406,7 @@ async fn runs_page(
 ) -> Response {
     let q = q.map(|Query(q)| q).unwrap_or_default();
     let (workflow, status) = (q.workflow().map(str::to_string), q.status());
-    let runs = match read(&ui, move |db| recent_runs(db, workflow.as_deref(), status)).await {
+    let runs = match read(&ui, move |db| db.run_summaries(workflow.as_deref(), status, RUNS_SHOWN)).await {
         Ok(runs) => runs,
         Err(e) => return e.into_response(),
     };
@@ -486,7 +477,7 @@ async fn runs_live(
     stream(ui, Duration::from_secs(1), shown, move |ui| {
         let workflow = workflow.clone();
         async move {
-            let runs = read(&ui, move |db| recent_runs(db, workflow.as_deref(), status))
+            let runs = read(&ui, move |db| db.run_summaries(workflow.as_deref(), status, RUNS_SHOWN))
                 .await
                 .ok()?;
             Some((run_rows(&runs).into_string(), false))
@@ -806,8 +797,7 @@ async fn cancel(
         tokio::task::spawn_blocking(move || engine.cancel(&run, None, "ui", "cancelled from the web UI")).await;
     match result {
         Ok(Ok(done)) => {
-            ui.shared.metrics.runs_cancelled.inc_by(done.cancelled_runs as u64);
-            ui.shared.metrics.runs_finished.inc_by(done.finished_runs as u64);
+            ui.shared.count(&done.applied);
             ui.shared.controls.notify_one();
             ui.shared.outbox.notify_one();
             Redirect::to(&format!("/ui/runs/{id}")).into_response()

@@ -369,7 +369,7 @@ fn a_result_after_a_cancel_is_recorded_and_changes_nothing() {
     let engine = engine(&dir.path().join("courier.db"));
     let (run, analyze) = research_at_analyze(&engine);
     let done = engine.cancel(&run, None, "api:ana", "stop").unwrap();
-    assert_eq!((done.cancelled_runs, done.finished_runs), (1, 1));
+    assert_eq!((done.applied.cancelled_runs, done.applied.finished_runs), (1, 1));
     let view = done.run;
     assert_eq!(view.status, RunStatus::Cancelled);
     assert_eq!(view.cancelled_by.as_deref(), Some("api:ana"));
@@ -409,11 +409,11 @@ fn a_result_after_a_cancel_is_recorded_and_changes_nothing() {
         .cancel(&second, Some("analyze"), "api:ana", "not needed")
         .unwrap();
     assert_eq!(done.run.status, RunStatus::Cancelled);
-    assert_eq!((done.cancelled_runs, done.finished_runs), (1, 1));
+    assert_eq!((done.applied.cancelled_runs, done.applied.finished_runs), (1, 1));
     // Again: the same answer; an unknown run or step, or a finished one, is refused.
     let again = engine.cancel(&run, None, "api:bob", "again").unwrap();
     assert_eq!(
-        (again.run.cancelled_by.as_deref(), again.cancelled_runs),
+        (again.run.cancelled_by.as_deref(), again.applied.cancelled_runs),
         (Some("api:ana"), 0)
     );
     assert!(matches!(
