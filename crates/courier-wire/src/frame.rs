@@ -68,6 +68,13 @@ pub trait Frame: Serialize + DeserializeOwned {
     fn zstd_level(_body_len: usize) -> i32 {
         DEFAULT_ZSTD_LEVEL
     }
+
+    /// Built once per dispatch or per answer (tasks, results): a body up to
+    /// [`FAST_UP_TO`] that zstd would not shrink travels as it is, and this
+    /// thread's next bodies of the kind skip the attempt a while (see
+    /// [`Skips`]). Not snapshots: their bytes are content-hashed, so their
+    /// encoding depends on their content alone.
+    const PER_MESSAGE: bool = false;
 }
 
 /// Size bounds applied when encoding and decoding.
@@ -184,14 +191,24 @@ pub fn encode<T: Frame>(value: &T, limits: &Limits) -> Result<Vec<u8>, WireError
     within_budget::<T>(&body, limits, true)?;
     // Frames are allocated at their exact size: the scheduler keeps many
     // of them in memory, counted by length.
-    let (flags, payload) = if body.len() >= COMPRESS_FROM {
+    // A per-message body may travel as it is only where it fits as it is.
+    let adaptive = T::PER_MESSAGE && body.len() <= FAST_UP_TO && HEADER_LEN + body.len() <= limits.max_compressed;
+    let (flags, payload) = if body.len() < COMPRESS_FROM || (adaptive && Skips::skip(T::MAGIC)) {
+        (0, Cow::Borrowed(body.as_slice()))
+    } else {
         let compressed = compress(&body, T::zstd_level(body.len())).map_err(|e| WireError::Encode {
             kind: T::KIND,
             detail: e.to_string(),
         })?;
-        (FLAG_ZSTD, Cow::Owned(compressed))
-    } else {
-        (0, Cow::Borrowed(body.as_slice()))
+        let pays = compressed.len() <= body.len() - body.len() / MIN_SAVING;
+        if adaptive {
+            Skips::record(T::MAGIC, pays);
+        }
+        if adaptive && !pays {
+            (0, Cow::Borrowed(body.as_slice()))
+        } else {
+            (FLAG_ZSTD, Cow::Owned(compressed))
+        }
     };
     let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
     frame.extend_from_slice(&T::MAGIC);
@@ -357,7 +374,62 @@ fn decompress_capped<T: Frame>(input: &[u8], limit: usize) -> Result<Vec<u8>, Wi
     Ok(out)
 }
 
+/// A per-message body travels compressed when zstd saves at least
+/// 1/`MIN_SAVING` of it (6%).
+const MIN_SAVING: usize = 16;
+/// The most per-message bodies of a kind in a row that skip compression.
+const MAX_SKIP: u32 = 64;
+
+/// Early abort for incompressible per-message bodies (random or base64
+/// data, already-compressed bytes), as ZFS aborts compressing blocks that
+/// do not shrink: after a body of a kind that zstd did not shrink by
+/// 1/[`MIN_SAVING`], this thread's next 1, then 2, 4 … up to [`MAX_SKIP`]
+/// bodies of that kind travel as they are while the attempts keep failing,
+/// and every one is compressed again once one attempt pays. A run of
+/// incompressible bodies costs one attempt in 65; a compressible body that
+/// comes during a skip only travels larger (decoders read either form).
+#[derive(Default)]
+struct Skips {
+    /// Per kind (its magic): bodies left to skip, and the last skip's length.
+    kinds: Vec<([u8; 4], u32, u32)>,
+}
+
+impl Skips {
+    /// Whether this body of kind `magic` skips compression (counted).
+    fn skip(magic: [u8; 4]) -> bool {
+        SKIPS.with(|cell| {
+            let mut skips = cell.borrow_mut();
+            match skips.kinds.iter_mut().find(|(m, ..)| *m == magic) {
+                Some((_, left, _)) if *left > 0 => {
+                    *left -= 1;
+                    true
+                }
+                _ => false,
+            }
+        })
+    }
+
+    /// How an attempt at a body of kind `magic` went.
+    fn record(magic: [u8; 4], paid: bool) {
+        SKIPS.with(|cell| {
+            let mut skips = cell.borrow_mut();
+            let i = match skips.kinds.iter().position(|(m, ..)| *m == magic) {
+                Some(i) => i,
+                None => {
+                    skips.kinds.push((magic, 0, 0));
+                    skips.kinds.len() - 1
+                }
+            };
+            let (_, left, last) = &mut skips.kinds[i];
+            *last = if paid { 0 } else { (*last * 2).clamp(1, MAX_SKIP) };
+            *left = *last;
+        });
+    }
+}
+
 thread_local! {
+    /// This thread's early aborts, per message kind.
+    static SKIPS: RefCell<Skips> = RefCell::new(Skips::default());
     /// One reusable zstd decompression context per thread.
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
     /// One reusable zstd compression context per thread.
@@ -433,5 +505,93 @@ mod tests {
         assert_eq!(window_log_for(DEFAULT_MAX_DECOMPRESSED), 23);
         assert_eq!(window_log_for(DEFAULT_MAX_DECOMPRESSED + 1), 24);
         assert_eq!(window_log_for(usize::MAX), 31);
+    }
+
+    /// A per-message kind, as tasks and results are.
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Message(String);
+
+    impl Frame for Message {
+        const KIND: &'static str = "message";
+        const MAGIC: [u8; 4] = *b"TMSG";
+        const VERSION: u8 = 1;
+        const MIN_VERSION: u8 = 1;
+        fn zstd_level(body_len: usize) -> i32 {
+            message_zstd_level(body_len, DEFAULT_ZSTD_LEVEL)
+        }
+        const PER_MESSAGE: bool = true;
+    }
+
+    /// The same body as a snapshot-like kind, always compressed.
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Hashed(String);
+
+    impl Frame for Hashed {
+        const KIND: &'static str = "hashed";
+        const MAGIC: [u8; 4] = *b"THSH";
+        const VERSION: u8 = 1;
+        const MIN_VERSION: u8 = 1;
+    }
+
+    fn random(len: usize, seed: u64) -> String {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        (0..len).map(|_| rng.alphanumeric()).collect()
+    }
+
+    /// The flags of each of `n` encodings of `body`, decoded back each time.
+    fn flags_of(body: &str, n: usize) -> Vec<u8> {
+        let limits = Limits::default();
+        (0..n)
+            .map(|_| {
+                let frame = encode(&Message(body.to_string()), &limits).unwrap();
+                assert_eq!(decode::<Message>(&frame, &limits).unwrap(), Message(body.to_string()));
+                frame[5]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn incompressible_messages_travel_as_they_are_and_skip_the_attempt_a_growing_while() {
+        let noise = random(4096, 1);
+        let flags = flags_of(&noise, 200);
+        assert!(flags.iter().all(|f| *f == 0), "incompressible bodies travel as they are");
+        // Attempts at bodies 0, 2, 5, 10, 19, 36, 69, 134 and 199: skips
+        // of 1, 2, 4 … 64, then 64 again: 9 attempts in 200.
+        let skips = SKIPS.with(|s| s.borrow().kinds.clone());
+        assert_eq!(skips, vec![(*b"TMSG", 64, 64)]);
+        // Prose during a skip travels as it is (larger); compressed again
+        // from the first attempt, which pays.
+        let prose = "the quick brown fox jumps over the lazy dog. ".repeat(100);
+        let mut expected = vec![0; 64];
+        expected.extend([FLAG_ZSTD; 3]);
+        assert_eq!(flags_of(&prose, 67), expected);
+        // And noise after it is skipped once, then tried again.
+        assert_eq!(flags_of(&noise, 3), vec![0; 3]);
+        assert_eq!(SKIPS.with(|s| s.borrow().kinds.clone()), vec![(*b"TMSG", 2, 2)]);
+    }
+
+    #[test]
+    fn only_per_message_kinds_of_a_size_that_fits_skip_compression() {
+        let limits = Limits::default();
+        let noise = random(4096, 2);
+        for _ in 0..3 {
+            let frame = encode(&Hashed(noise.clone()), &limits).unwrap();
+            assert_eq!(frame[5], FLAG_ZSTD, "a content-hashed kind is always compressed");
+        }
+        let large = random(FAST_UP_TO + 1, 3);
+        let frame = encode(&Message(large.clone()), &limits).unwrap();
+        assert_eq!(frame[5], FLAG_ZSTD, "past FAST_UP_TO every body is compressed");
+        // A body that fits the compressed limit only compressed is compressed.
+        let tight = Limits {
+            max_compressed: 3000,
+            max_decompressed: DEFAULT_MAX_DECOMPRESSED,
+        };
+        let prose = "the quick brown fox jumps over the lazy dog. ".repeat(100);
+        for _ in 0..3 {
+            let _ = encode(&Message(noise.clone()), &limits).unwrap();
+        }
+        let frame = encode(&Message(prose.clone()), &tight).unwrap();
+        assert_eq!(frame[5], FLAG_ZSTD);
+        assert_eq!(decode::<Message>(&frame, &tight).unwrap(), Message(prose));
     }
 }
