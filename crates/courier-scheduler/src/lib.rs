@@ -166,21 +166,25 @@ pub enum SchedulerError {
     DataGone { path: PathBuf },
 }
 
+/// A client's identifier (a run, step or workflow name), quoted for an
+/// error message: at most its first 64 characters (a run ID has 36), so an
+/// answer never echoes a long input back, and quoted as Rust quotes a
+/// string, so a control character (a NUL, a newline) shows escaped.
+pub(crate) fn quoted(id: &str) -> String {
+    match id.char_indices().nth(64) {
+        Some((cut, _)) => {
+            let shown = format!("{:?}", &id[..cut]);
+            format!("{}…\" ({} bytes in all)", &shown[..shown.len() - 1], id.len())
+        }
+        None => format!("{id:?}"),
+    }
+}
+
 /// Run until `shutdown` is cancelled.
 ///
 /// # Errors
 /// [`SchedulerError`]: the database, the API address, or a broker that stays
 /// unreachable past `connect_timeout`.
-/// A client's identifier (a run, step or workflow name), quoted for an
-/// error message: at most its first 64 characters (a run ID has 36), so an
-/// answer never echoes a long input back.
-pub(crate) fn quoted(id: &str) -> String {
-    match id.char_indices().nth(64) {
-        Some((cut, _)) => format!("\"{}…\" ({} bytes in all)", &id[..cut], id.len()),
-        None => format!("\"{id}\""),
-    }
-}
-
 pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToken) -> Result<(), SchedulerError> {
     let io = |path: PathBuf| move |source| SchedulerError::Io { path, source };
     std::fs::create_dir_all(&sc.data_dir).map_err(io(sc.data_dir.clone()))?;
@@ -1077,5 +1081,9 @@ mod tests {
         // Cut on a character, never inside one: 65 three-byte characters.
         let long = "€".repeat(65);
         assert_eq!(quoted(&long), format!("\"{}…\" (195 bytes in all)", "€".repeat(64)));
+        // Control characters and quotes show escaped, cut or not.
+        assert_eq!(quoted("a\0b\n\"c"), r#""a\0b\n\"c""#);
+        let long = format!("\0{}", "x".repeat(70));
+        assert_eq!(quoted(&long), format!("\"\\0{}…\" (71 bytes in all)", "x".repeat(63)));
     }
 }
