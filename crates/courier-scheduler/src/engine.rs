@@ -25,7 +25,7 @@ use courier_config::{
 };
 use courier_wire::{
     ContentHash, Limits, MemoryTarget, MemoryUpdate, ModelLimits, Pricing, StepRun, Task, TaskResult, TaskStatus,
-    WireError, encode,
+    WireError, encode, encode_message,
 };
 use uuid::Uuid;
 
@@ -1917,7 +1917,10 @@ impl Engine {
             snapshot: snapshot.bytes.clone(),
             pool: step.queue.clone(),
         };
-        let body = encode(&task, &self.limits.task).map_err(|source| SubmitError::TooLarge {
+        // Its stream, for the early abort of incompressible messages: its
+        // workflow and step (a foreach item's step, not the item).
+        let stream = [wf.name.as_str(), step.name.as_str()];
+        let body = encode_message(&task, &self.limits.task, &stream).map_err(|source| SubmitError::TooLarge {
             step: name.to_string(),
             source,
         })?;

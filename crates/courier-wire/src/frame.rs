@@ -68,13 +68,6 @@ pub trait Frame: Serialize + DeserializeOwned {
     fn zstd_level(_body_len: usize) -> i32 {
         DEFAULT_ZSTD_LEVEL
     }
-
-    /// Built once per dispatch or per answer (tasks, results): a body up to
-    /// [`FAST_UP_TO`] that zstd would not shrink travels as it is, and this
-    /// thread's next bodies of the kind skip the attempt a while (see
-    /// [`Skips`]). Not snapshots: their bytes are content-hashed, so their
-    /// encoding depends on their content alone.
-    const PER_MESSAGE: bool = false;
 }
 
 /// Size bounds applied when encoding and decoding.
@@ -174,13 +167,32 @@ pub struct FrameInfo {
 
 /// Encode `value` as a frame of the current version.
 ///
-/// The output is deterministic: the same value gives the same bytes.
+/// The output is deterministic: the same value gives the same bytes (a
+/// snapshot's content hash depends on it).
 ///
 /// # Errors
 /// [`WireError::TooLarge`] when the body, its decoded size or the frame
 /// exceeds `limits`; [`WireError::Encode`] if serialization fails or the value
 /// nests deeper than a decoder accepts.
 pub fn encode<T: Frame>(value: &T, limits: &Limits) -> Result<Vec<u8>, WireError> {
+    encode_with(value, limits, None)
+}
+
+/// [`encode`] for a message built once per dispatch or per answer (a task,
+/// a result) of `stream` (its workflow and step): a body up to
+/// [`FAST_UP_TO`] that fits `limits` as it is travels uncompressed when
+/// zstd would not shrink it by 1/[`MIN_SAVING`], and this thread's next
+/// bodies of the same kind and stream skip the attempt a while ([`Skips`]).
+/// Whether such a frame is compressed depends on the stream's recent bodies,
+/// so its bytes do; decoders read either form.
+///
+/// # Errors
+/// As [`encode`].
+pub fn encode_message<T: Frame>(value: &T, limits: &Limits, stream: &[&str]) -> Result<Vec<u8>, WireError> {
+    encode_with(value, limits, Some(stream))
+}
+
+fn encode_with<T: Frame>(value: &T, limits: &Limits, stream: Option<&[&str]>) -> Result<Vec<u8>, WireError> {
     let body = rmp_serde::to_vec_named(value).map_err(|e| WireError::Encode {
         kind: T::KIND,
         detail: e.to_string(),
@@ -189,25 +201,22 @@ pub fn encode<T: Frame>(value: &T, limits: &Limits) -> Result<Vec<u8>, WireError
         return Err(too_large::<T>(SizeKind::Decompressed, limits.max_decompressed));
     }
     within_budget::<T>(&body, limits, true)?;
+    // A message may travel as it is only where it fits as it is.
+    let stream = stream
+        .filter(|_| body.len() <= FAST_UP_TO && HEADER_LEN + body.len() <= limits.max_compressed)
+        .map(|parts| Skips::key(T::MAGIC, parts));
     // Frames are allocated at their exact size: the scheduler keeps many
     // of them in memory, counted by length.
-    // A per-message body may travel as it is only where it fits as it is.
-    let adaptive = T::PER_MESSAGE && body.len() <= FAST_UP_TO && HEADER_LEN + body.len() <= limits.max_compressed;
-    let (flags, payload) = if body.len() < COMPRESS_FROM || (adaptive && Skips::skip(T::MAGIC)) {
+    let (flags, payload) = if body.len() < COMPRESS_FROM || stream.is_some_and(Skips::skip) {
         (0, Cow::Borrowed(body.as_slice()))
     } else {
         let compressed = compress(&body, T::zstd_level(body.len())).map_err(|e| WireError::Encode {
             kind: T::KIND,
             detail: e.to_string(),
         })?;
-        let pays = compressed.len() <= body.len() - body.len() / MIN_SAVING;
-        if adaptive {
-            Skips::record(T::MAGIC, pays);
-        }
-        if adaptive && !pays {
-            (0, Cow::Borrowed(body.as_slice()))
-        } else {
-            (FLAG_ZSTD, Cow::Owned(compressed))
+        match stream {
+            Some(key) if !Skips::record(key, pays(compressed.len(), body.len())) => (0, Cow::Borrowed(body.as_slice())),
+            _ => (FLAG_ZSTD, Cow::Owned(compressed)),
         }
     };
     let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
@@ -219,6 +228,12 @@ pub fn encode<T: Frame>(value: &T, limits: &Limits) -> Result<Vec<u8>, WireError
         return Err(too_large::<T>(SizeKind::Compressed, limits.max_compressed));
     }
     Ok(frame)
+}
+
+/// Whether compressing `body_len` bytes to `compressed_len` is worth it for
+/// a message: a saving of at least 1/[`MIN_SAVING`].
+fn pays(compressed_len: usize, body_len: usize) -> bool {
+    compressed_len <= body_len - body_len / MIN_SAVING
 }
 
 /// Decode a frame, accepting every version from `T::MIN_VERSION` to `T::VERSION`.
@@ -374,61 +389,74 @@ fn decompress_capped<T: Frame>(input: &[u8], limit: usize) -> Result<Vec<u8>, Wi
     Ok(out)
 }
 
-/// A per-message body travels compressed when zstd saves at least
-/// 1/`MIN_SAVING` of it (6%).
+/// A message travels compressed when zstd saves at least 1/`MIN_SAVING`
+/// of it (6%).
 const MIN_SAVING: usize = 16;
-/// The most per-message bodies of a kind in a row that skip compression.
+/// The most messages of a stream in a row that skip compression.
 const MAX_SKIP: u32 = 64;
+/// Streams a thread remembers; past it, it starts over (every stream's
+/// next message is tried again).
+const MAX_STREAMS: usize = 1024;
 
-/// Early abort for incompressible per-message bodies (random or base64
-/// data, already-compressed bytes), as ZFS aborts compressing blocks that
-/// do not shrink: after a body of a kind that zstd did not shrink by
-/// 1/[`MIN_SAVING`], this thread's next 1, then 2, 4 … up to [`MAX_SKIP`]
-/// bodies of that kind travel as they are while the attempts keep failing,
-/// and every one is compressed again once one attempt pays. A run of
-/// incompressible bodies costs one attempt in 65; a compressible body that
-/// comes during a skip only travels larger (decoders read either form).
+/// Early abort for incompressible messages (random or base64 data,
+/// already-compressed bytes), as ZFS aborts compressing blocks that do not
+/// shrink: after a message of a stream (a kind, workflow and step) that
+/// zstd did not shrink by 1/[`MIN_SAVING`], this thread's next 1, then 2,
+/// 4 … up to [`MAX_SKIP`] messages of that stream travel as they are while
+/// the attempts keep failing, and every one is compressed again from the
+/// first attempt that pays. A steady stream of incompressible messages
+/// costs one attempt in 65; a compressible message that comes during its
+/// own stream's skip travels larger; other streams are not affected (one
+/// step's outputs decide nothing for another's).
 #[derive(Default)]
 struct Skips {
-    /// Per kind (its magic): bodies left to skip, and the last skip's length.
-    kinds: Vec<([u8; 4], u32, u32)>,
+    /// Per stream (a hash of it): messages left to skip, and the last
+    /// skip's length.
+    streams: std::collections::HashMap<u64, (u32, u32)>,
 }
 
 impl Skips {
-    /// Whether this body of kind `magic` skips compression (counted).
-    fn skip(magic: [u8; 4]) -> bool {
-        SKIPS.with(|cell| {
-            let mut skips = cell.borrow_mut();
-            match skips.kinds.iter_mut().find(|(m, ..)| *m == magic) {
-                Some((_, left, _)) if *left > 0 => {
-                    *left -= 1;
-                    true
-                }
-                _ => false,
+    /// The key of a message kind's stream.
+    fn key(magic: [u8; 4], parts: &[&str]) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        magic.hash(&mut hasher);
+        parts.hash(&mut hasher);
+        hasher.finish()
+    }
+
+    /// Whether this message of `key` skips compression (counted).
+    fn skip(key: u64) -> bool {
+        SKIPS.with(|cell| match cell.borrow_mut().streams.get_mut(&key) {
+            Some((left, _)) if *left > 0 => {
+                *left -= 1;
+                true
             }
+            _ => false,
         })
     }
 
-    /// How an attempt at a body of kind `magic` went.
-    fn record(magic: [u8; 4], paid: bool) {
+    /// How an attempt at a message of `key` went; whether it `paid`.
+    fn record(key: u64, paid: bool) -> bool {
         SKIPS.with(|cell| {
             let mut skips = cell.borrow_mut();
-            let i = match skips.kinds.iter().position(|(m, ..)| *m == magic) {
-                Some(i) => i,
-                None => {
-                    skips.kinds.push((magic, 0, 0));
-                    skips.kinds.len() - 1
-                }
-            };
-            let (_, left, last) = &mut skips.kinds[i];
-            *last = if paid { 0 } else { (*last * 2).clamp(1, MAX_SKIP) };
+            if paid {
+                skips.streams.remove(&key);
+                return true;
+            }
+            if skips.streams.len() >= MAX_STREAMS && !skips.streams.contains_key(&key) {
+                skips.streams.clear();
+            }
+            let (left, last) = skips.streams.entry(key).or_default();
+            *last = (*last * 2).clamp(1, MAX_SKIP);
             *left = *last;
-        });
+            false
+        })
     }
 }
 
 thread_local! {
-    /// This thread's early aborts, per message kind.
+    /// This thread's early aborts, per message stream.
     static SKIPS: RefCell<Skips> = RefCell::new(Skips::default());
     /// One reusable zstd decompression context per thread.
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
@@ -507,7 +535,7 @@ mod tests {
         assert_eq!(window_log_for(usize::MAX), 31);
     }
 
-    /// A per-message kind, as tasks and results are.
+    /// A message kind, as tasks and results are.
     #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
     struct Message(String);
 
@@ -519,79 +547,114 @@ mod tests {
         fn zstd_level(body_len: usize) -> i32 {
             message_zstd_level(body_len, DEFAULT_ZSTD_LEVEL)
         }
-        const PER_MESSAGE: bool = true;
     }
 
-    /// The same body as a snapshot-like kind, always compressed.
-    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-    struct Hashed(String);
-
-    impl Frame for Hashed {
-        const KIND: &'static str = "hashed";
-        const MAGIC: [u8; 4] = *b"THSH";
-        const VERSION: u8 = 1;
-        const MIN_VERSION: u8 = 1;
-    }
-
-    fn random(len: usize, seed: u64) -> String {
+    /// Random alphanumerics: zstd's fast level shrinks them by under 1%.
+    fn noise(len: usize, seed: u64) -> String {
         let mut rng = fastrand::Rng::with_seed(seed);
         (0..len).map(|_| rng.alphanumeric()).collect()
     }
 
-    /// The flags of each of `n` encodings of `body`, decoded back each time.
-    fn flags_of(body: &str, n: usize) -> Vec<u8> {
+    fn prose() -> String {
+        "the quick brown fox jumps over the lazy dog. ".repeat(100)
+    }
+
+    /// The flags of each of `n` messages of `stream` carrying `text`, each
+    /// decoded back.
+    fn flags_of(text: &str, stream: &[&str], n: usize) -> Vec<u8> {
         let limits = Limits::default();
         (0..n)
             .map(|_| {
-                let frame = encode(&Message(body.to_string()), &limits).unwrap();
-                assert_eq!(decode::<Message>(&frame, &limits).unwrap(), Message(body.to_string()));
+                let frame = encode_message(&Message(text.to_string()), &limits, stream).unwrap();
+                assert_eq!(decode::<Message>(&frame, &limits).unwrap(), Message(text.to_string()));
                 frame[5]
             })
             .collect()
     }
 
-    #[test]
-    fn incompressible_messages_travel_as_they_are_and_skip_the_attempt_a_growing_while() {
-        let noise = random(4096, 1);
-        let flags = flags_of(&noise, 200);
-        assert!(flags.iter().all(|f| *f == 0), "incompressible bodies travel as they are");
-        // Attempts at bodies 0, 2, 5, 10, 19, 36, 69, 134 and 199: skips
-        // of 1, 2, 4 … 64, then 64 again: 9 attempts in 200.
-        let skips = SKIPS.with(|s| s.borrow().kinds.clone());
-        assert_eq!(skips, vec![(*b"TMSG", 64, 64)]);
-        // Prose during a skip travels as it is (larger); compressed again
-        // from the first attempt, which pays.
-        let prose = "the quick brown fox jumps over the lazy dog. ".repeat(100);
-        let mut expected = vec![0; 64];
-        expected.extend([FLAG_ZSTD; 3]);
-        assert_eq!(flags_of(&prose, 67), expected);
-        // And noise after it is skipped once, then tried again.
-        assert_eq!(flags_of(&noise, 3), vec![0; 3]);
-        assert_eq!(SKIPS.with(|s| s.borrow().kinds.clone()), vec![(*b"TMSG", 2, 2)]);
+    /// A stream's skip state: (messages left to skip, the last skip's length).
+    fn state(stream: &[&str]) -> Option<(u32, u32)> {
+        let key = Skips::key(Message::MAGIC, stream);
+        SKIPS.with(|s| s.borrow().streams.get(&key).copied())
     }
 
     #[test]
-    fn only_per_message_kinds_of_a_size_that_fits_skip_compression() {
-        let limits = Limits::default();
-        let noise = random(4096, 2);
-        for _ in 0..3 {
-            let frame = encode(&Hashed(noise.clone()), &limits).unwrap();
-            assert_eq!(frame[5], FLAG_ZSTD, "a content-hashed kind is always compressed");
+    fn incompressible_messages_of_a_stream_travel_as_they_are_and_skip_the_attempt_a_growing_while() {
+        let (a, b) = (&["wf", "a"][..], &["wf", "b"][..]);
+        let noise = noise(4096, 1);
+        let mut states = Vec::new();
+        for _ in 0..7 {
+            assert_eq!(flags_of(&noise, a, 1), vec![0], "incompressible: as it is");
+            states.push(state(a).unwrap());
         }
-        let large = random(FAST_UP_TO + 1, 3);
-        let frame = encode(&Message(large.clone()), &limits).unwrap();
-        assert_eq!(frame[5], FLAG_ZSTD, "past FAST_UP_TO every body is compressed");
-        // A body that fits the compressed limit only compressed is compressed.
+        // Tried, skipped once, tried, skipped twice, tried: skips of 1, 2, 4.
+        assert_eq!(states, vec![(1, 1), (0, 1), (2, 2), (1, 2), (0, 2), (4, 4), (3, 4)]);
+        assert!(flags_of(&noise, a, 200).iter().all(|f| *f == 0));
+        assert_eq!(state(a).map(|(_, last)| last), Some(MAX_SKIP), "skips grow up to 64");
+        // Another stream is not affected: its prose is compressed at once.
+        assert_eq!(flags_of(&prose(), b, 2), vec![FLAG_ZSTD; 2]);
+        assert_eq!(state(b), None);
+        // Prose in the skipping stream travels larger until the next
+        // attempt, which pays: compressed from then on, the state gone.
+        let left = state(a).unwrap().0 as usize;
+        let mut expected = vec![0; left];
+        expected.extend([FLAG_ZSTD; 2]);
+        assert_eq!(flags_of(&prose(), a, left + 2), expected);
+        assert_eq!(state(a), None);
+        // Plain `encode` (snapshots) ignores it all: always compressed, the
+        // same bytes every time.
+        assert_eq!(flags_of(&noise, a, 1), vec![0]);
+        let once = encode(&Message(noise.clone()), &Limits::default()).unwrap();
+        assert_eq!(once[5], FLAG_ZSTD);
+        assert_eq!(encode(&Message(noise.clone()), &Limits::default()).unwrap(), once);
+    }
+
+    #[test]
+    fn a_message_travels_as_it_is_only_below_the_saving_and_where_it_fits() {
+        let limits = Limits::default();
+        let stream = &["wf", "s"][..];
+        // A repeated chunk of `share` characters in 4,096: zstd saves about that.
+        let with_repeat = |share: usize| {
+            let chunk = noise(share, 2);
+            format!("{chunk}{}{chunk}", noise(4096 - 2 * share, 3))
+        };
+        for (share, pays_off) in [(100, false), (600, true)] {
+            let text = with_repeat(share);
+            let body = rmp_serde::to_vec_named(&Message(text.clone())).unwrap();
+            let compressed = compress(&body, Message::zstd_level(body.len())).unwrap();
+            assert_eq!(
+                pays(compressed.len(), body.len()),
+                pays_off,
+                "{share}: {} of {}",
+                compressed.len(),
+                body.len()
+            );
+            let frame = encode_message(&Message(text), &limits, &["wf", &share.to_string()]).unwrap();
+            assert_eq!(frame[5], if pays_off { FLAG_ZSTD } else { 0 }, "{share}");
+        }
+        // With the stream skipping, a body past FAST_UP_TO is still
+        // compressed, and so is one that fits the limit only compressed.
+        let _ = flags_of(&noise(4096, 4), stream, 1);
+        assert_eq!(state(stream), Some((1, 1)));
+        let large = encode_message(&Message(noise(FAST_UP_TO + 1, 5)), &limits, stream).unwrap();
+        assert_eq!(large[5], FLAG_ZSTD);
         let tight = Limits {
             max_compressed: 3000,
             max_decompressed: DEFAULT_MAX_DECOMPRESSED,
         };
-        let prose = "the quick brown fox jumps over the lazy dog. ".repeat(100);
-        for _ in 0..3 {
-            let _ = encode(&Message(noise.clone()), &limits).unwrap();
-        }
-        let frame = encode(&Message(prose.clone()), &tight).unwrap();
+        let frame = encode_message(&Message(prose()), &tight, stream).unwrap();
         assert_eq!(frame[5], FLAG_ZSTD);
-        assert_eq!(decode::<Message>(&frame, &tight).unwrap(), Message(prose));
+        assert_eq!(decode::<Message>(&frame, &tight).unwrap(), Message(prose()));
+        assert_eq!(state(stream), Some((1, 1)), "neither touched the stream's skip");
+    }
+
+    #[test]
+    fn a_thread_remembers_a_bounded_number_of_streams() {
+        let noise = noise(300, 6);
+        for i in 0..=MAX_STREAMS {
+            let _ = flags_of(&noise, &["wf", &i.to_string()], 1);
+        }
+        let remembered = SKIPS.with(|s| s.borrow().streams.len());
+        assert_eq!(remembered, 1, "full at {MAX_STREAMS}: started over");
     }
 }

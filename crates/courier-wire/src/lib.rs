@@ -17,7 +17,7 @@ mod trace;
 pub use control::Control;
 pub use frame::{
     ContentHash, DEFAULT_MAX_COMPRESSED, DEFAULT_MAX_DECOMPRESSED, DEFAULT_ZSTD_LEVEL, FLAG_ZSTD, Frame, FrameInfo,
-    HEADER_LEN, Limits, SizeKind, WireError, decode, decode_with_info, encode,
+    HEADER_LEN, Limits, SizeKind, WireError, decode, decode_with_info, encode, encode_message,
 };
 pub use signature::{SignatureError, SigningKey};
 pub use snapshot::{

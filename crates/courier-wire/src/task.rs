@@ -61,8 +61,6 @@ impl Frame for Task {
     fn zstd_level(body_len: usize) -> i32 {
         crate::frame::message_zstd_level(body_len, 1)
     }
-
-    const PER_MESSAGE: bool = true;
 }
 
 /// A resolved step: what to run and for how long.
@@ -331,8 +329,6 @@ impl Frame for TaskResult {
     fn zstd_level(body_len: usize) -> i32 {
         crate::frame::message_zstd_level(body_len, crate::frame::DEFAULT_ZSTD_LEVEL)
     }
-
-    const PER_MESSAGE: bool = true;
 }
 
 /// Which memory file an update targets.

@@ -22,8 +22,8 @@ use crate::command::{CaptureLimits, Exit};
 use courier_amqp::{Broker, Delivery, Header, Names, Outgoing, Publisher};
 use courier_config::SnapshotStore;
 use courier_wire::{
-    ContentHash, Limits, SigningKey, Snapshot, StepRun, Task, TaskResult, TaskStatus, TraceParent, decode, encode,
-    headers,
+    ContentHash, Limits, SigningKey, Snapshot, StepRun, Task, TaskResult, TaskStatus, TraceParent, decode,
+    encode_message, headers,
 };
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -415,7 +415,7 @@ async fn handle(delivery: Delivery, pool: &str, shared: &Serving, publisher: &Pu
                 let mut result = answer(&task, config, started);
                 result.status = TaskStatus::Cancelled;
                 result.error = Some(format!("cancelled before it started: {reason}"));
-                if publish_result(&result, config, publisher, metrics).await
+                if publish_result(&result, &task.workflow, config, publisher, metrics).await
                     && let Err(e) = delivery.ack().await
                 {
                     warn!(error = %e, "ack failed after the result was confirmed");
@@ -451,7 +451,7 @@ async fn handle(delivery: Delivery, pool: &str, shared: &Serving, publisher: &Pu
             }
         }
         info!(status = result.status.as_str(), ms = result.finished_unix_ms.saturating_sub(started), "step finished");
-        if publish_result(&result, config, publisher, metrics).await
+        if publish_result(&result, &task.workflow, config, publisher, metrics).await
             && let Err(e) = delivery.ack().await
         {
             warn!(error = %e, "ack failed after the result was confirmed; the task will be redelivered and its result applied once");
@@ -636,7 +636,7 @@ async fn refuse(
             transcript: Vec::new(),
             rate_limited_ms: None,
         };
-        if !publish_result(&result, config, publisher, metrics).await {
+        if !publish_result(&result, &task.workflow, config, publisher, metrics).await {
             return;
         }
     }
@@ -677,11 +677,20 @@ async fn refuse(
     }
 }
 
-/// Encode a result, with the status it travels with. Each part of a result is
-/// bounded, but not how many parts an agent step makes: a result over the task
-/// limits becomes a failure that says why, so the task is answered all the same.
-fn encodable(result: &TaskResult, limits: &Limits) -> Result<(Vec<u8>, TaskStatus), courier_wire::WireError> {
-    match encode(result, limits) {
+/// Encode a result of a step of `workflow`, with the status it travels
+/// with. Each part of a result is bounded, but not how many parts an agent
+/// step makes: a result over the task limits becomes a failure that says
+/// why, so the task is answered all the same. Its stream, for the early abort
+/// of incompressible messages, is its workflow and step (a foreach item's
+/// step, not the item).
+fn encodable(
+    result: &TaskResult,
+    workflow: &str,
+    limits: &Limits,
+) -> Result<(Vec<u8>, TaskStatus), courier_wire::WireError> {
+    let step = result.step.split('[').next().unwrap_or_default();
+    let encode = |result: &TaskResult| encode_message(result, limits, &[workflow, step]);
+    match encode(result) {
         Ok(body) => Ok((body, result.status)),
         Err(e) => {
             warn!(error = %e, "the result is too large to send; sending a failure instead");
@@ -694,19 +703,21 @@ fn encodable(result: &TaskResult, limits: &Limits) -> Result<(Vec<u8>, TaskStatu
                 rate_limited_ms: None,
                 ..result.clone()
             };
-            Ok((encode(&failure, limits)?, TaskStatus::Failed))
+            Ok((encode(&failure)?, TaskStatus::Failed))
         }
     }
 }
 
-/// Publish a result and wait for the broker's confirm; `true` once confirmed.
+/// Publish a result of a step of `workflow` and wait for the broker's
+/// confirm; `true` once confirmed.
 async fn publish_result(
     result: &TaskResult,
+    workflow: &str,
     config: &WorkerConfig,
     publisher: &Publisher,
     metrics: &metrics::Metrics,
 ) -> bool {
-    let (body, status) = match encodable(result, &config.task_limits) {
+    let (body, status) = match encodable(result, workflow, &config.task_limits) {
         Ok(encoded) => encoded,
         Err(e) => {
             error!(error = %e, "cannot encode the result");
@@ -775,7 +786,7 @@ mod tests {
 
     #[test]
     fn a_result_within_the_limits_travels_as_it_is() {
-        let (body, status) = encodable(&result(), &Limits::default()).unwrap();
+        let (body, status) = encodable(&result(), "wf", &Limits::default()).unwrap();
         assert_eq!(status, TaskStatus::Succeeded);
         assert_eq!(decode::<TaskResult>(&body, &Limits::default()).unwrap(), result());
     }
@@ -791,7 +802,7 @@ mod tests {
             };
             100_000
         ];
-        let (body, status) = encodable(&big, &Limits::default()).unwrap();
+        let (body, status) = encodable(&big, "wf", &Limits::default()).unwrap();
         assert_eq!(status, TaskStatus::Failed);
         let sent = decode::<TaskResult>(&body, &Limits::default()).unwrap();
         let too_large = courier_wire::WireError::TooLarge {
