@@ -181,7 +181,7 @@ pub fn encode<T: Frame>(value: &T, limits: &Limits) -> Result<Vec<u8>, WireError
 /// [`encode`] for a message built once per dispatch or per answer (a task,
 /// a result) of `stream` (its workflow and step): a body up to
 /// [`FAST_UP_TO`] that fits `limits` as it is travels uncompressed when
-/// zstd would not shrink it by 1/[`MIN_SAVING`], and this thread's next
+/// zstd would not shrink it by 1/[`MIN_SAVING`], and the process's next
 /// bodies of the same kind and stream skip the attempt a while ([`Skips`]).
 /// Whether such a frame is compressed depends on the stream's recent bodies,
 /// so its bytes do; decoders read either form.
@@ -189,10 +189,10 @@ pub fn encode<T: Frame>(value: &T, limits: &Limits) -> Result<Vec<u8>, WireError
 /// # Errors
 /// As [`encode`].
 pub fn encode_message<T: Frame>(value: &T, limits: &Limits, stream: &[&str]) -> Result<Vec<u8>, WireError> {
-    encode_with(value, limits, Some(stream))
+    encode_with(value, limits, Some((&SKIPS, stream)))
 }
 
-fn encode_with<T: Frame>(value: &T, limits: &Limits, stream: Option<&[&str]>) -> Result<Vec<u8>, WireError> {
+fn encode_with<T: Frame>(value: &T, limits: &Limits, stream: Option<(&Skips, &[&str])>) -> Result<Vec<u8>, WireError> {
     let body = rmp_serde::to_vec_named(value).map_err(|e| WireError::Encode {
         kind: T::KIND,
         detail: e.to_string(),
@@ -204,10 +204,10 @@ fn encode_with<T: Frame>(value: &T, limits: &Limits, stream: Option<&[&str]>) ->
     // A message may travel as it is only where it fits as it is.
     let stream = stream
         .filter(|_| body.len() <= FAST_UP_TO && HEADER_LEN + body.len() <= limits.max_compressed)
-        .map(|parts| Skips::key(T::MAGIC, parts));
+        .map(|(skips, parts)| (skips, Skips::key(T::MAGIC, parts)));
     // Frames are allocated at their exact size: the scheduler keeps many
     // of them in memory, counted by length.
-    let (flags, payload) = if body.len() < COMPRESS_FROM || stream.is_some_and(Skips::skip) {
+    let (flags, payload) = if body.len() < COMPRESS_FROM || stream.is_some_and(|(skips, key)| skips.skip(key)) {
         (0, Cow::Borrowed(body.as_slice()))
     } else {
         let compressed = compress(&body, T::zstd_level(body.len())).map_err(|e| WireError::Encode {
@@ -215,7 +215,9 @@ fn encode_with<T: Frame>(value: &T, limits: &Limits, stream: Option<&[&str]>) ->
             detail: e.to_string(),
         })?;
         match stream {
-            Some(key) if !Skips::record(key, pays(compressed.len(), body.len())) => (0, Cow::Borrowed(body.as_slice())),
+            Some((skips, key)) if !skips.record(key, pays(compressed.len(), body.len())) => {
+                (0, Cow::Borrowed(body.as_slice()))
+            }
             _ => (FLAG_ZSTD, Cow::Owned(compressed)),
         }
     };
@@ -394,28 +396,40 @@ fn decompress_capped<T: Frame>(input: &[u8], limit: usize) -> Result<Vec<u8>, Wi
 const MIN_SAVING: usize = 16;
 /// The most messages of a stream in a row that skip compression.
 const MAX_SKIP: u32 = 64;
-/// Streams a thread remembers; past it, it starts over (every stream's
-/// next message is tried again).
+/// Streams remembered; past it, it starts over (every stream's next
+/// message is tried again).
 const MAX_STREAMS: usize = 1024;
 
 /// Early abort for incompressible messages (random or base64 data,
 /// already-compressed bytes), as ZFS aborts compressing blocks that do not
 /// shrink: after a message of a stream (a kind, workflow and step) that
-/// zstd did not shrink by 1/[`MIN_SAVING`], this thread's next 1, then 2,
-/// 4 … up to [`MAX_SKIP`] messages of that stream travel as they are while
+/// zstd did not shrink by 1/[`MIN_SAVING`], the next 1, then 2, 4 … up to
+/// [`MAX_SKIP`] messages of that stream (from any thread) travel as they are while
 /// the attempts keep failing, and every one is compressed again from the
 /// first attempt that pays. A steady stream of incompressible messages
 /// costs one attempt in 65; a compressible message that comes during its
 /// own stream's skip travels larger; other streams are not affected (one
 /// step's outputs decide nothing for another's).
-#[derive(Default)]
 struct Skips {
     /// Per stream (a hash of it): messages left to skip, and the last
     /// skip's length.
-    streams: std::collections::HashMap<u64, (u32, u32)>,
+    streams: std::sync::Mutex<std::collections::BTreeMap<u64, (u32, u32)>>,
 }
 
+/// The process's early aborts ([`encode_message`]'s).
+static SKIPS: Skips = Skips::new();
+
 impl Skips {
+    const fn new() -> Self {
+        Self {
+            streams: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+        }
+    }
+
+    fn streams(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, (u32, u32)>> {
+        self.streams.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The key of a message kind's stream.
     fn key(magic: [u8; 4], parts: &[&str]) -> u64 {
         use std::hash::{Hash, Hasher};
@@ -426,38 +440,34 @@ impl Skips {
     }
 
     /// Whether this message of `key` skips compression (counted).
-    fn skip(key: u64) -> bool {
-        SKIPS.with(|cell| match cell.borrow_mut().streams.get_mut(&key) {
+    fn skip(&self, key: u64) -> bool {
+        match self.streams().get_mut(&key) {
             Some((left, _)) if *left > 0 => {
                 *left -= 1;
                 true
             }
             _ => false,
-        })
+        }
     }
 
     /// How an attempt at a message of `key` went; whether it `paid`.
-    fn record(key: u64, paid: bool) -> bool {
-        SKIPS.with(|cell| {
-            let mut skips = cell.borrow_mut();
-            if paid {
-                skips.streams.remove(&key);
-                return true;
-            }
-            if skips.streams.len() >= MAX_STREAMS && !skips.streams.contains_key(&key) {
-                skips.streams.clear();
-            }
-            let (left, last) = skips.streams.entry(key).or_default();
-            *last = (*last * 2).clamp(1, MAX_SKIP);
-            *left = *last;
-            false
-        })
+    fn record(&self, key: u64, paid: bool) -> bool {
+        let mut streams = self.streams();
+        if paid {
+            streams.remove(&key);
+            return true;
+        }
+        if streams.len() >= MAX_STREAMS && !streams.contains_key(&key) {
+            streams.clear();
+        }
+        let (left, last) = streams.entry(key).or_default();
+        *last = (*last * 2).clamp(1, MAX_SKIP);
+        *left = *last;
+        false
     }
 }
 
 thread_local! {
-    /// This thread's early aborts, per message stream.
-    static SKIPS: RefCell<Skips> = RefCell::new(Skips::default());
     /// One reusable zstd decompression context per thread.
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
     /// One reusable zstd compression context per thread.
@@ -560,12 +570,12 @@ mod tests {
     }
 
     /// The flags of each of `n` messages of `stream` carrying `text`, each
-    /// decoded back.
-    fn flags_of(text: &str, stream: &[&str], n: usize) -> Vec<u8> {
+    /// decoded back, the early aborts kept in `skips`.
+    fn flags_of(skips: &Skips, text: &str, stream: &[&str], n: usize) -> Vec<u8> {
         let limits = Limits::default();
         (0..n)
             .map(|_| {
-                let frame = encode_message(&Message(text.to_string()), &limits, stream).unwrap();
+                let frame = encode_with(&Message(text.to_string()), &limits, Some((skips, stream))).unwrap();
                 assert_eq!(decode::<Message>(&frame, &limits).unwrap(), Message(text.to_string()));
                 frame[5]
             })
@@ -573,37 +583,41 @@ mod tests {
     }
 
     /// A stream's skip state: (messages left to skip, the last skip's length).
-    fn state(stream: &[&str]) -> Option<(u32, u32)> {
-        let key = Skips::key(Message::MAGIC, stream);
-        SKIPS.with(|s| s.borrow().streams.get(&key).copied())
+    fn state(skips: &Skips, stream: &[&str]) -> Option<(u32, u32)> {
+        skips.streams().get(&Skips::key(Message::MAGIC, stream)).copied()
     }
 
     #[test]
     fn incompressible_messages_of_a_stream_travel_as_they_are_and_skip_the_attempt_a_growing_while() {
+        let skips = Skips::new();
         let (a, b) = (&["wf", "a"][..], &["wf", "b"][..]);
         let noise = noise(4096, 1);
         let mut states = Vec::new();
         for _ in 0..7 {
-            assert_eq!(flags_of(&noise, a, 1), vec![0], "incompressible: as it is");
-            states.push(state(a).unwrap());
+            assert_eq!(flags_of(&skips, &noise, a, 1), vec![0], "incompressible: as it is");
+            states.push(state(&skips, a).unwrap());
         }
         // Tried, skipped once, tried, skipped twice, tried: skips of 1, 2, 4.
         assert_eq!(states, vec![(1, 1), (0, 1), (2, 2), (1, 2), (0, 2), (4, 4), (3, 4)]);
-        assert!(flags_of(&noise, a, 200).iter().all(|f| *f == 0));
-        assert_eq!(state(a).map(|(_, last)| last), Some(MAX_SKIP), "skips grow up to 64");
+        assert!(flags_of(&skips, &noise, a, 200).iter().all(|f| *f == 0));
+        assert_eq!(
+            state(&skips, a).map(|(_, last)| last),
+            Some(MAX_SKIP),
+            "skips grow up to 64"
+        );
         // Another stream is not affected: its prose is compressed at once.
-        assert_eq!(flags_of(&prose(), b, 2), vec![FLAG_ZSTD; 2]);
-        assert_eq!(state(b), None);
+        assert_eq!(flags_of(&skips, &prose(), b, 2), vec![FLAG_ZSTD; 2]);
+        assert_eq!(state(&skips, b), None);
         // Prose in the skipping stream travels larger until the next
         // attempt, which pays: compressed from then on, the state gone.
-        let left = state(a).unwrap().0 as usize;
+        let left = state(&skips, a).unwrap().0 as usize;
         let mut expected = vec![0; left];
         expected.extend([FLAG_ZSTD; 2]);
-        assert_eq!(flags_of(&prose(), a, left + 2), expected);
-        assert_eq!(state(a), None);
+        assert_eq!(flags_of(&skips, &prose(), a, left + 2), expected);
+        assert_eq!(state(&skips, a), None);
         // Plain `encode` (snapshots) ignores it all: always compressed, the
         // same bytes every time.
-        assert_eq!(flags_of(&noise, a, 1), vec![0]);
+        assert_eq!(flags_of(&skips, &noise, a, 1), vec![0]);
         let once = encode(&Message(noise.clone()), &Limits::default()).unwrap();
         assert_eq!(once[5], FLAG_ZSTD);
         assert_eq!(encode(&Message(noise.clone()), &Limits::default()).unwrap(), once);
@@ -611,6 +625,7 @@ mod tests {
 
     #[test]
     fn a_message_travels_as_it_is_only_below_the_saving_and_where_it_fits() {
+        let skips = Skips::new();
         let limits = Limits::default();
         let stream = &["wf", "s"][..];
         // A repeated chunk of `share` characters in 4,096: zstd saves about that.
@@ -629,32 +644,42 @@ mod tests {
                 compressed.len(),
                 body.len()
             );
-            let frame = encode_message(&Message(text), &limits, &["wf", &share.to_string()]).unwrap();
+            let frame = encode_with(&Message(text), &limits, Some((&skips, &["wf", &share.to_string()]))).unwrap();
             assert_eq!(frame[5], if pays_off { FLAG_ZSTD } else { 0 }, "{share}");
         }
         // With the stream skipping, a body past FAST_UP_TO is still
         // compressed, and so is one that fits the limit only compressed.
-        let _ = flags_of(&noise(4096, 4), stream, 1);
-        assert_eq!(state(stream), Some((1, 1)));
-        let large = encode_message(&Message(noise(FAST_UP_TO + 1, 5)), &limits, stream).unwrap();
+        let _ = flags_of(&skips, &noise(4096, 4), stream, 1);
+        assert_eq!(state(&skips, stream), Some((1, 1)));
+        let large = encode_with(&Message(noise(FAST_UP_TO + 1, 5)), &limits, Some((&skips, stream))).unwrap();
         assert_eq!(large[5], FLAG_ZSTD);
         let tight = Limits {
             max_compressed: 3000,
             max_decompressed: DEFAULT_MAX_DECOMPRESSED,
         };
-        let frame = encode_message(&Message(prose()), &tight, stream).unwrap();
+        let frame = encode_with(&Message(prose()), &tight, Some((&skips, stream))).unwrap();
         assert_eq!(frame[5], FLAG_ZSTD);
         assert_eq!(decode::<Message>(&frame, &tight).unwrap(), Message(prose()));
-        assert_eq!(state(stream), Some((1, 1)), "neither touched the stream's skip");
+        assert_eq!(state(&skips, stream), Some((1, 1)), "neither touched the stream's skip");
     }
 
     #[test]
-    fn a_thread_remembers_a_bounded_number_of_streams() {
+    fn a_bounded_number_of_streams_is_remembered() {
+        let skips = Skips::new();
         let noise = noise(300, 6);
         for i in 0..=MAX_STREAMS {
-            let _ = flags_of(&noise, &["wf", &i.to_string()], 1);
+            let _ = flags_of(&skips, &noise, &["wf", &i.to_string()], 1);
         }
-        let remembered = SKIPS.with(|s| s.borrow().streams.len());
+        let remembered = skips.streams().len();
         assert_eq!(remembered, 1, "full at {MAX_STREAMS}: started over");
+    }
+
+    #[test]
+    fn encode_message_shares_its_early_aborts_across_threads() {
+        let stream = ["wf", "across-threads"];
+        let text = noise(4096, 7);
+        let flag = std::thread::spawn(move || encode_message(&Message(text), &Limits::default(), &stream).unwrap()[5]);
+        assert_eq!(flag.join().unwrap(), 0);
+        assert_eq!(state(&SKIPS, &stream), Some((1, 1)), "seen from another thread");
     }
 }
