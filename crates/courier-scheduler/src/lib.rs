@@ -1002,7 +1002,11 @@ async fn results_loop(
                 }
                 shared.metrics.results_duplicate.inc_by(applied.duplicates as u64);
                 shared.count(&applied);
-                shared.outbox.notify_one();
+                // Only new tasks (dependents, retries, admitted steps) need
+                // the outbox: an empty read costs a transaction.
+                if applied.dispatched > 0 {
+                    shared.outbox.notify_one();
+                }
                 if applied.cancelled_runs > 0 {
                     shared.controls.notify_one();
                 }
