@@ -404,9 +404,9 @@ const MAX_STREAMS: usize = 1024;
 /// already-compressed bytes), as ZFS aborts compressing blocks that do not
 /// shrink: after a message of a stream (a kind, workflow and step) that
 /// zstd did not shrink by 1/[`MIN_SAVING`], the next 1, then 2, 4 … up to
-/// [`MAX_SKIP`] messages of that stream (from any thread) travel as they are while
-/// the attempts keep failing, and every one is compressed again from the
-/// first attempt that pays. A steady stream of incompressible messages
+/// [`MAX_SKIP`] messages of that stream (from any thread) travel as they
+/// are while the attempts keep failing, and every one is compressed again
+/// from the first attempt that pays. A steady stream of incompressible messages
 /// costs one attempt in 65; a compressible message that comes during its
 /// own stream's skip travels larger; other streams are not affected (one
 /// step's outputs decide nothing for another's).
