@@ -38,6 +38,15 @@ macro_rules! run_columns {
 /// `before=`. (The UI's list reads no params: `Db::run_summaries`.)
 pub const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
 
+/// The most tasks [`Db::mark_published`] marks in one statement.
+const MARK_AT_ONCE: usize = 64;
+
+/// `UPDATE … WHERE task_id IN (?1, …, ?n)`.
+fn mark_published_sql(n: usize) -> String {
+    let list: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
+    format!("UPDATE tasks SET published = 1 WHERE task_id IN ({})", list.join(", "))
+}
+
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = schema::SQLITE.len() as i64;
 
@@ -572,14 +581,21 @@ impl Db {
         })
     }
 
-    /// Mark tasks as confirmed by the broker.
+    /// Mark tasks as confirmed by the broker, up to [`MARK_AT_ONCE`] per
+    /// statement (on PostgreSQL each statement is a round trip).
     ///
     /// # Errors
     /// The store's.
     pub fn mark_published(&mut self, task_ids: &[String]) -> Result<(), DbError> {
         self.transaction(|tx| {
-            for id in task_ids {
-                tx.exec("UPDATE tasks SET published = 1 WHERE task_id = ?1", p![id])?;
+            let mut rest = task_ids;
+            while !rest.is_empty() {
+                // A power of two: at most seven statements to keep prepared.
+                let n = MARK_AT_ONCE.min(1 << rest.len().ilog2());
+                let (ids, more) = rest.split_at(n);
+                let params: Vec<&dyn sql::Param> = ids.iter().map(|id| id as &dyn sql::Param).collect();
+                tx.exec(&mark_published_sql(n), &params)?;
+                rest = more;
             }
             Ok(())
         })
@@ -947,6 +963,37 @@ mod tests {
         }
         assert_eq!(DISPATCHED, "dispatched");
         assert_eq!(courier_wire::TaskStatus::Cancelled.as_str(), "cancelled");
+    }
+
+    /// Marking goes by chunks of 64, 32, … 1: every id given is marked,
+    /// whatever their number, and no other (an unknown id changes nothing).
+    #[test]
+    fn mark_published_marks_exactly_the_ids_given() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut db = Db::open(&dir.path().join("courier.db")).expect("open");
+        let ids: Vec<String> = (0..200).map(|i| format!("task-{i}")).collect();
+        db.transaction(|t| {
+            for id in &ids {
+                t.exec(
+                    "INSERT INTO tasks (task_id, run_id, step, attempt, queue, status, snapshot_hash, not_before_ms, created_ms)
+                     VALUES (?1, 'run', 'step', 1, 'pool', 'dispatched', 'hash', 0, 0)",
+                    p![id],
+                )?;
+            }
+            Ok::<_, DbError>(())
+        })
+        .expect("insert");
+        db.mark_published(&[]).expect("nothing to mark");
+        // 133 ids (64 + 64 + 4 + 1), every third one left out, and one unknown.
+        let mut chosen: Vec<String> = ids.iter().enumerate().filter(|(i, _)| i % 3 != 2).map(|(_, id)| id.clone()).collect();
+        chosen.truncate(133);
+        chosen.push("no-such-task".into());
+        db.mark_published(&chosen).expect("mark");
+        let published: Vec<String> = db
+            .read(|t| t.all("SELECT task_id FROM tasks WHERE published = 1 ORDER BY rowid", p![], |r| r.get(0)))
+            .expect("read");
+        chosen.pop();
+        assert_eq!(published, chosen);
     }
 
     /// Write `rounds` transactions of `rows` params of `bytes` each to a new
