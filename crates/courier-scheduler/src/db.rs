@@ -38,15 +38,6 @@ macro_rules! run_columns {
 /// `before=`. (The UI's list reads no params: `Db::run_summaries`.)
 pub const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
 
-/// The most tasks [`Db::mark_published`] marks in one statement.
-const MARK_AT_ONCE: usize = 64;
-
-/// `UPDATE … WHERE task_id IN (?1, …, ?n)`.
-fn mark_published_sql(n: usize) -> String {
-    let list: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
-    format!("UPDATE tasks SET published = 1 WHERE task_id IN ({})", list.join(", "))
-}
-
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = schema::SQLITE.len() as i64;
 
@@ -430,7 +421,7 @@ impl Db {
         conn.pragma_update(None, "wal_autocheckpoint", WAL_RESTART_PAGES)?;
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
         // Every statement of the engine stays prepared (rusqlite keeps 16).
-        conn.set_prepared_statement_cache_capacity(128);
+        conn.set_prepared_statement_cache_capacity(256);
         let (checkpoints, stop) = std::sync::mpsc::channel();
         checkpoint_in_background(path, stop)?;
         let mut db = Self {
@@ -581,22 +572,21 @@ impl Db {
         })
     }
 
-    /// Mark tasks as confirmed by the broker, up to [`MARK_AT_ONCE`] per
-    /// statement (on PostgreSQL each statement is a round trip).
+    /// Mark tasks as confirmed by the broker, many per statement
+    /// ([`sql::Batched`]).
     ///
     /// # Errors
     /// The store's.
     pub fn mark_published(&mut self, task_ids: &[String]) -> Result<(), DbError> {
+        static MARK: sql::Batched = sql::Batched::new(|n| {
+            format!(
+                "UPDATE tasks SET published = 1 WHERE task_id IN ({})",
+                sql::placeholders(1, n)
+            )
+        });
         self.transaction(|tx| {
-            let mut rest = task_ids;
-            while !rest.is_empty() {
-                // A power of two: at most seven statements to keep prepared.
-                let n = MARK_AT_ONCE.min(1 << rest.len().ilog2());
-                let (ids, more) = rest.split_at(n);
-                let params: Vec<&dyn sql::Param> = ids.iter().map(|id| id as &dyn sql::Param).collect();
-                tx.exec(&mark_published_sql(n), &params)?;
-                rest = more;
-            }
+            let params: Vec<&dyn sql::Param> = task_ids.iter().map(|id| id as &dyn sql::Param).collect();
+            tx.exec_batched(&MARK, 1, &params)?;
             Ok(())
         })
     }
@@ -985,12 +975,23 @@ mod tests {
         .expect("insert");
         db.mark_published(&[]).expect("nothing to mark");
         // 133 ids (64 + 64 + 4 + 1), every third one left out, and one unknown.
-        let mut chosen: Vec<String> = ids.iter().enumerate().filter(|(i, _)| i % 3 != 2).map(|(_, id)| id.clone()).collect();
+        let mut chosen: Vec<String> = ids
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 3 != 2)
+            .map(|(_, id)| id.clone())
+            .collect();
         chosen.truncate(133);
         chosen.push("no-such-task".into());
         db.mark_published(&chosen).expect("mark");
         let published: Vec<String> = db
-            .read(|t| t.all("SELECT task_id FROM tasks WHERE published = 1 ORDER BY rowid", p![], |r| r.get(0)))
+            .read(|t| {
+                t.all(
+                    "SELECT task_id FROM tasks WHERE published = 1 ORDER BY rowid",
+                    p![],
+                    |r| r.get(0),
+                )
+            })
             .expect("read");
         chosen.pop();
         assert_eq!(published, chosen);

@@ -819,39 +819,65 @@ impl Engine {
             },
             now,
         )?;
-        let row = RunRow {
+        let run_row = RunRow {
             workflow: wf.name.clone(),
             status: RunStatus::Running,
             admitted,
             deadline_ms: new.deadline,
         };
-        // Steps in workflow order, each first step with its task as it is
-        // inserted: one dispatched at once is inserted running (one write,
-        // not an insert and an update). Whether one is held (`held`)
+        // Steps in workflow order, inserted together, then their first tasks
+        // together: a first step dispatched at once is inserted running (one
+        // write, not an insert and an update); approvals and held steps are
+        // marked so once their rows exist. Whether one is held (`held`)
         // depends on the run and the limits configured, not on step rows.
         let mut first = first.into_iter().peekable();
-        for (i, s) in wf.steps().iter().enumerate() {
-            let position = (s.name.as_str(), i, s.queue.as_str());
-            let Some((_, task)) = first.next_if(|(f, _)| *f == i) else {
-                tx::insert_step(t, run, position, s.depends.len(), None)?;
-                continue;
+        let mut rows = Vec::with_capacity(wf.steps().len());
+        let (mut approvals, mut held, mut dispatched) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, step) in wf.steps().iter().enumerate() {
+            let mut row = tx::NewStep {
+                name: &step.name,
+                position: i,
+                queue: &step.queue,
+                depends: step.depends.len(),
+                started_ms: None,
             };
-            let step = s;
-            if let Some(approval) = &step.approval {
-                tx::insert_step(t, run, position, 0, None)?;
-                let message = self.approval_message(step, params, &BTreeMap::new());
-                let message = shown(&message);
-                let deadline = now.saturating_add(millis(approval.timeout));
-                tx::await_approval(t, run, &step.name, &message, deadline, now)?;
-            } else if self.held(c, wf, &row, step)? {
-                tx::insert_step(t, run, position, 0, None)?;
-                tx::wait_step(t, run, &step.name, None, None)?;
-                c.effects.admit = true;
-            } else {
-                tx::insert_step(t, run, position, 0, Some(now))?;
-                write_task(c, run, step, &step.name, task, false)?;
+            if let Some((_, task)) = first.next_if(|(f, _)| *f == i) {
+                row.depends = 0;
+                if let Some(approval) = &step.approval {
+                    approvals.push((step, approval.timeout));
+                } else if self.held(c, wf, &run_row, step)? {
+                    held.push(step);
+                } else {
+                    row.started_ms = Some(now);
+                    dispatched.push((step, task));
+                }
             }
+            rows.push(row);
         }
+        tx::insert_steps(t, run, &rows)?;
+        for (step, timeout) in approvals {
+            let message = self.approval_message(step, params, &BTreeMap::new());
+            tx::await_approval(
+                t,
+                run,
+                &step.name,
+                &shown(&message),
+                now.saturating_add(millis(timeout)),
+                now,
+            )?;
+        }
+        for step in held {
+            tx::wait_step(t, run, &step.name, None, None)?;
+            c.effects.admit = true;
+        }
+        write_tasks(
+            c,
+            run,
+            dispatched
+                .into_iter()
+                .map(|(step, task)| (step, step.name.as_str(), task)),
+            false,
+        )?;
         let mut states = Statuses::new(run);
         let mut run_params = Some(params.clone());
         for step in wf
@@ -859,7 +885,7 @@ impl Engine {
             .iter()
             .filter(|s| s.depends.is_empty() && flow::starts_in_transaction(s))
         {
-            self.start(c, wf, &row, step, &mut states, &mut run_params)?;
+            self.start(c, wf, &run_row, step, &mut states, &mut run_params)?;
         }
         finish_if_done(c, run)
     }
@@ -2207,9 +2233,22 @@ fn write_task(
     task: PlannedTask,
     start: bool,
 ) -> Result<(), DbError> {
-    tx::insert_task(
-        c.t,
-        &NewTask {
+    write_tasks(c, run, std::iter::once((step, name, task)), start)
+}
+
+/// Write tasks of `run` to the outbox (of its `step`s, for the step or
+/// foreach item `name`) together; with `start`, each step (or item) starts
+/// the task's attempt.
+fn write_tasks<'s>(
+    c: &mut Change<'_, '_>,
+    run: &str,
+    tasks: impl Iterator<Item = (&'s Step, &'s str, PlannedTask)>,
+    start: bool,
+) -> Result<(), DbError> {
+    let tasks: Vec<_> = tasks.collect();
+    let rows: Vec<NewTask<'_>> = tasks
+        .iter()
+        .map(|(step, name, task)| NewTask {
             task_id: &task.task_id,
             run,
             step: name,
@@ -2220,14 +2259,17 @@ fn write_task(
             deadline_ms: task.deadline_ms,
             model: task.model.as_deref(),
             tokens: task.tokens,
-        },
-        c.now,
-    )?;
-    if start {
-        tx::start_step(c.t, run, name, task.attempt, c.now)?;
+        })
+        .collect();
+    tx::insert_tasks(c.t, &rows, c.now)?;
+    drop(rows);
+    for (_, name, task) in tasks {
+        if start {
+            tx::start_step(c.t, run, name, task.attempt, c.now)?;
+        }
+        c.effects.written.push((task.task_id, task.body));
+        c.applied.dispatched += 1;
     }
-    c.effects.written.push((task.task_id, task.body));
-    c.applied.dispatched += 1;
     Ok(())
 }
 

@@ -874,6 +874,58 @@ fn dependency_counts_follow_a_config_changed_across_a_restart() {
 
 const GATED: &str = "params: {what: ~}\nsteps:\n  - name: plan\n    echo: \"plan for ${what}\"\n  - name: gate\n    depends: [plan]\n    approval: {message: \"ship ${plan.output}?\", timeout: 1h}\n  - name: ship\n    depends: [gate]\n    echo: \"shipped: ${gate.output}\"\n";
 
+/// A run's steps and first tasks are written many per statement (by 64,
+/// 32, … 1): a run of 101 steps starts with each first step as it should
+/// be (running with its task, or waiting for its approval), each step in
+/// its place, and its dependent pending.
+#[test]
+fn a_broad_run_starts_every_first_step_in_its_place() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let mut yaml = String::from("steps:\n");
+    for i in 0..100 {
+        if i == 50 {
+            yaml.push_str("  - name: s50\n    approval: {message: \"go?\", timeout: 1h}\n");
+        } else {
+            yaml.push_str(&format!("  - name: s{i}\n    echo: \"{i}\"\n"));
+        }
+    }
+    yaml.push_str("  - name: after\n    depends: [s0]\n    echo: done\n");
+    let engine = engine_over(
+        config_with(dir.path(), &[("broad", &yaml)]),
+        &dir.path().join("courier.db"),
+    );
+    let run = engine.submit("broad", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    let names: Vec<&str> = run.steps.iter().map(|s| s.name.as_str()).collect();
+    let expected: Vec<String> = (0..100).map(|i| format!("s{i}")).chain(["after".to_string()]).collect();
+    assert_eq!(names, expected);
+    for (i, step) in run.steps.iter().enumerate() {
+        let state = (step.status, step.attempts, step.started_ms.is_some());
+        match i {
+            50 => {
+                assert_eq!(state, (StepStatus::WaitingApproval, 0, true), "waiting since");
+                assert_eq!(step.waiting_on.as_deref(), Some("approval: go?"));
+            }
+            100 => assert_eq!(state, (StepStatus::Pending, 0, false)),
+            _ => assert_eq!(state, (StepStatus::Running, 1, true), "{}", step.name),
+        }
+    }
+    let mut sent: Vec<(String, String)> = due(&engine)
+        .into_iter()
+        .map(|(task, _)| {
+            let StepRun::Echo { text } = &task.spec.run else {
+                panic!("echo")
+            };
+            (task.step.clone(), text.clone())
+        })
+        .collect();
+    sent.sort_by_key(|(step, _)| step[1..].parse::<u32>().unwrap());
+    let expected: Vec<(String, String)> = (0..100)
+        .filter(|i| *i != 50)
+        .map(|i| (format!("s{i}"), i.to_string()))
+        .collect();
+    assert_eq!(sent, expected);
+}
+
 #[test]
 fn an_approval_waits_through_a_restart_then_approve_starts_what_depends_on_it() {
     use courier_scheduler::engine::DecideError;

@@ -332,6 +332,52 @@ fn pg_text(sql: &str) -> String {
     sql.replace('?', "$")
 }
 
+/// The most items (rows to insert, ids to match) one statement of a
+/// [`Batched`] takes.
+pub const AT_ONCE: usize = 64;
+
+/// A statement over many items at once (rows in `INSERT … VALUES`, ids in
+/// `IN (…)`), in texts for 1, 2, 4, … [`AT_ONCE`] items: seven statements to
+/// keep prepared, their texts built once. On PostgreSQL each statement is a
+/// round trip; on SQLite each costs an execution.
+#[derive(Debug)]
+pub struct Batched {
+    build: fn(usize) -> String,
+    texts: std::sync::OnceLock<Vec<String>>,
+}
+
+impl Batched {
+    /// `build(n)`: the statement's text for `n` items.
+    pub const fn new(build: fn(usize) -> String) -> Self {
+        Self {
+            build,
+            texts: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The text for `items` items, a power of two up to [`AT_ONCE`].
+    fn text(&self, items: usize) -> &str {
+        let texts = self
+            .texts
+            .get_or_init(|| (0..=AT_ONCE.ilog2()).map(|i| (self.build)(1 << i)).collect());
+        &texts[items.ilog2() as usize]
+    }
+}
+
+/// `?first, …` for `n` parameters from `first`.
+pub fn placeholders(first: usize, n: usize) -> String {
+    let list: Vec<String> = (first..first + n).map(|i| format!("?{i}")).collect();
+    list.join(", ")
+}
+
+/// The `VALUES` of `rows` rows of `width` parameters each.
+pub fn values(width: usize, rows: usize) -> String {
+    let rows: Vec<String> = (0..rows)
+        .map(|row| format!("({})", placeholders(row * width + 1, width)))
+        .collect();
+    format!("VALUES {}", rows.join(", "))
+}
+
 /// A transaction on the store: every statement of the engine runs in one,
 /// committed when the closure given to `Db::transaction` returns `Ok`.
 pub struct Tx<'a> {
@@ -487,6 +533,23 @@ impl<'a> Tx<'a> {
             )
             .unwrap_or(usize::MAX))),
         }
+    }
+
+    /// Run `batched` over `params` (`width` per item, item after item), by
+    /// chunks of [`AT_ONCE`], 32, … 1 items; how many rows it changed.
+    ///
+    /// # Errors
+    /// The store's.
+    pub fn exec_batched(&self, batched: &Batched, width: usize, params: &[&dyn Param]) -> Result<usize, DbError> {
+        let mut changed = 0;
+        let mut rest = params;
+        while !rest.is_empty() {
+            let items = AT_ONCE.min(1 << (rest.len() / width).ilog2());
+            let (chunk, more) = rest.split_at(items * width);
+            changed += self.exec(batched.text(items), chunk)?;
+            rest = more;
+        }
+        Ok(changed)
     }
 
     /// Every row a query returns, each through `f`.

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use courier_wire::TaskStatus;
 
-use super::sql::{DbError, Tx, p};
+use super::sql::{Batched, DbError, Param, Tx, p, values};
 use super::{DISPATCHED, RunStatus, StepStatus, TaskRow};
 
 /// A run as the engine needs it.
@@ -100,36 +100,77 @@ pub fn insert_run(tx: &Tx<'_>, run: &RunInsert<'_>, now: i64) -> Result<(), DbEr
     Ok(())
 }
 
-/// Insert a step with `depends` dependencies (its run counted it among its
-/// open steps when it was inserted): pending, or already running its first
-/// attempt since `started_ms` (a first step whose task is written with it).
-pub fn insert_step(
-    tx: &Tx<'_>,
-    run: &str,
-    (name, position, queue): (&str, usize, &str),
-    depends: usize,
-    started_ms: Option<i64>,
-) -> Result<(), DbError> {
-    let (status, attempts) = match started_ms {
-        Some(_) => (StepStatus::Running, 1_u32),
-        None => (StepStatus::Pending, 0_u32),
-    };
-    tx.exec(
-        "INSERT INTO steps (run_id, name, position, queue, status, pending_deps, attempts, started_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        p![
-            run,
-            name,
-            position as i64,
-            queue,
-            status,
-            depends as i64,
-            attempts,
-            started_ms
-        ],
-    )?;
+/// A step to insert with `depends` dependencies (its run counted it among
+/// its open steps when it was inserted): pending, or already running its
+/// first attempt since `started_ms` (a first step whose task is written
+/// with it).
+#[derive(Debug, Clone)]
+pub struct NewStep<'a> {
+    pub name: &'a str,
+    pub position: usize,
+    pub queue: &'a str,
+    pub depends: usize,
+    pub started_ms: Option<i64>,
+}
+
+/// Insert a run's steps, many per statement ([`Batched`]).
+pub fn insert_steps(tx: &Tx<'_>, run: &str, steps: &[NewStep<'_>]) -> Result<(), DbError> {
+    struct Row<'a> {
+        step: &'a NewStep<'a>,
+        position: i64,
+        status: StepStatus,
+        depends: i64,
+        attempts: u32,
+    }
+    let rows: Vec<Row<'_>> = steps
+        .iter()
+        .map(|step| {
+            let (status, attempts) = match step.started_ms {
+                Some(_) => (StepStatus::Running, 1),
+                None => (StepStatus::Pending, 0),
+            };
+            Row {
+                step,
+                position: step.position as i64,
+                status,
+                depends: step.depends as i64,
+                attempts,
+            }
+        })
+        .collect();
+    let params: Vec<&dyn Param> = rows
+        .iter()
+        .flat_map(|r| -> [&dyn Param; 8] {
+            [
+                &run,
+                &r.step.name,
+                &r.position,
+                &r.step.queue,
+                &r.status,
+                &r.depends,
+                &r.attempts,
+                &r.step.started_ms,
+            ]
+        })
+        .collect();
+    tx.exec_batched(&INSERT_STEPS, 8, &params)?;
     Ok(())
 }
+
+static INSERT_STEPS: Batched = Batched::new(|rows| {
+    format!(
+        "INSERT INTO steps (run_id, name, position, queue, status, pending_deps, attempts, started_ms) {}",
+        values(8, rows)
+    )
+});
+
+static INSERT_TASKS: Batched = Batched::new(|rows| {
+    format!(
+        "INSERT INTO tasks (task_id, run_id, step, attempt, queue, status, snapshot_hash, not_before_ms, created_ms,
+                            deadline_ms, model, tokens) {}",
+        values(12, rows)
+    )
+});
 
 /// Set how many of a step's dependencies are still to succeed.
 pub fn set_pending_deps(tx: &Tx<'_>, run: &str, name: &str, left: i64) -> Result<(), DbError> {
@@ -161,28 +202,32 @@ pub fn dependency_done(tx: &Tx<'_>, run: &str, name: &str) -> Result<Option<(Ste
     )
 }
 
-/// Insert a task into the outbox.
-pub fn insert_task(tx: &Tx<'_>, task: &NewTask<'_>, now: i64) -> Result<(), DbError> {
+/// Insert tasks into the outbox, many per statement ([`Batched`]).
+pub fn insert_tasks(tx: &Tx<'_>, tasks: &[NewTask<'_>], now: i64) -> Result<(), DbError> {
+    if tasks.is_empty() {
+        return Ok(());
+    }
     tx.wrote_outbox();
-    tx.exec(
-        "INSERT INTO tasks (task_id, run_id, step, attempt, queue, status, snapshot_hash, not_before_ms, created_ms,
-                            deadline_ms, model, tokens)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-        p![
-            task.task_id,
-            task.run,
-            task.step,
-            task.attempt,
-            task.queue,
-            DISPATCHED,
-            task.snapshot_hash,
-            task.not_before_ms,
-            now,
-            task.deadline_ms,
-            task.model,
-            task.tokens
-        ],
-    )?;
+    let params: Vec<&dyn Param> = tasks
+        .iter()
+        .flat_map(|task| -> [&dyn Param; 12] {
+            [
+                &task.task_id,
+                &task.run,
+                &task.step,
+                &task.attempt,
+                &task.queue,
+                &DISPATCHED,
+                &task.snapshot_hash,
+                &task.not_before_ms,
+                &now,
+                &task.deadline_ms,
+                &task.model,
+                &task.tokens,
+            ]
+        })
+        .collect();
+    tx.exec_batched(&INSERT_TASKS, 12, &params)?;
     Ok(())
 }
 
