@@ -541,6 +541,12 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// The store's.
     pub fn exec_batched(&self, batched: &Batched, width: usize, params: &[&dyn Param]) -> Result<usize, DbError> {
+        if width == 0 || !params.len().is_multiple_of(width) {
+            return Err(DbError::new(
+                "store",
+                format!("{} parameters are not items of {width}", params.len()),
+            ));
+        }
         let mut changed = 0;
         let mut rest = params;
         while !rest.is_empty() {
@@ -644,5 +650,29 @@ mod tests {
             pg_text("SELECT a FROM t WHERE b = ?1 AND c = ?12"),
             "SELECT a FROM t WHERE b = $1 AND c = $12"
         );
+    }
+
+    /// Items go by chunks of 64, 32, … 1, each with its own numbering; a
+    /// parameter count that is not whole items is refused, not run.
+    #[test]
+    fn batched_statements_number_each_chunk_and_take_whole_items() {
+        assert_eq!(values(2, 2), "VALUES (?1, ?2), (?3, ?4)");
+        assert_eq!(placeholders(1, 3), "?1, ?2, ?3");
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute("CREATE TABLE t (a INTEGER, b TEXT)", []).unwrap();
+        let insert = Batched::new(|n| format!("INSERT INTO t (a, b) {}", values(2, n)));
+        let items: Vec<(i64, String)> = (0..99).map(|i| (i, format!("b{i}"))).collect();
+        let params: Vec<&dyn Param> = items
+            .iter()
+            .flat_map(|(a, b)| [a as &dyn Param, b as &dyn Param])
+            .collect();
+        let tx = Tx::sqlite(SqliteTx::begin(&conn, true).unwrap());
+        assert_eq!(tx.exec_batched(&insert, 2, &params).unwrap(), 99);
+        let error = tx.exec_batched(&insert, 2, &params[..3]).unwrap_err();
+        assert_eq!(error.to_string(), "store: 3 parameters are not items of 2");
+        let rows: Vec<(i64, String)> = tx
+            .all("SELECT a, b FROM t ORDER BY rowid", &[], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap();
+        assert_eq!(rows, items);
     }
 }
