@@ -974,7 +974,7 @@ mod tests {
         })
         .expect("insert");
         db.mark_published(&[]).expect("nothing to mark");
-        // 133 ids (64 + 64 + 4 + 1), every third one left out, and one unknown.
+        // 134 ids (64 + 64 + 4 + 2): 133 of them, every third one left out, and one unknown.
         let mut chosen: Vec<String> = ids
             .iter()
             .enumerate()

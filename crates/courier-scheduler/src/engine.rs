@@ -1699,7 +1699,9 @@ impl Engine {
     }
 
     /// Whether a ready step must wait for admission: a limit applies to it
-    /// (or its model is paused), or its run is not yet admitted.
+    /// (or its model is paused), or its run is not yet admitted. It reads
+    /// none of the run's steps or tasks (counting is `admit_in`'s):
+    /// `create_run` decides every first step before writing any.
     fn held(&self, c: &mut Change<'_, '_>, wf: &Workflow, run: &RunRow, step: &Step) -> Result<bool, DbError> {
         if !run.admitted || wf.max_active_steps.is_some() || self.limits.pool_in_flight.contains_key(&step.queue) {
             return Ok(true);

@@ -909,8 +909,9 @@ fn a_broad_run_starts_every_first_step_in_its_place() {
             _ => assert_eq!(state, (StepStatus::Running, 1, true), "{}", step.name),
         }
     }
-    let mut sent: Vec<(String, String)> = due(&engine)
-        .into_iter()
+    let tasks = due(&engine);
+    let mut sent: Vec<(String, String)> = tasks
+        .iter()
         .map(|(task, _)| {
             let StepRun::Echo { text } = &task.spec.run else {
                 panic!("echo")
@@ -924,6 +925,14 @@ fn a_broad_run_starts_every_first_step_in_its_place() {
         .map(|i| (format!("s{i}"), i.to_string()))
         .collect();
     assert_eq!(sent, expected);
+    // `after` waits for s0 alone: counted one dependency when inserted.
+    let ids: Vec<String> = tasks.iter().map(|(t, _)| t.task_id.to_string()).collect();
+    engine.with_db(|db| db.mark_published(&ids)).unwrap();
+    let s0 = tasks.iter().find(|(t, _)| t.step == "s0").unwrap();
+    let applied = engine.apply(&[result(&s0.0, TaskStatus::Succeeded, "0")]).unwrap();
+    assert_eq!(applied.dispatched, 1, "after starts once s0 succeeded");
+    let next: Vec<String> = due(&engine).into_iter().map(|(t, _)| t.step).collect();
+    assert_eq!(next, ["after"]);
 }
 
 #[test]

@@ -357,6 +357,7 @@ impl Batched {
 
     /// The text for `items` items, a power of two up to [`AT_ONCE`].
     fn text(&self, items: usize) -> &str {
+        debug_assert!(items.is_power_of_two() && items <= AT_ONCE, "{items} items");
         let texts = self
             .texts
             .get_or_init(|| (0..=AT_ONCE.ilog2()).map(|i| (self.build)(1 << i)).collect());
