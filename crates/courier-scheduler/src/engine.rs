@@ -849,7 +849,7 @@ impl Engine {
                     held.push(step);
                 } else {
                     row.started_ms = Some(now);
-                    dispatched.push((step, task));
+                    dispatched.push((step, step.name.as_str(), task));
                 }
             }
             rows.push(row);
@@ -870,14 +870,7 @@ impl Engine {
             tx::wait_step(t, run, &step.name, None, None)?;
             c.effects.admit = true;
         }
-        write_tasks(
-            c,
-            run,
-            dispatched
-                .into_iter()
-                .map(|(step, task)| (step, step.name.as_str(), task)),
-            false,
-        )?;
+        write_tasks(c, run, dispatched.into_iter(), false)?;
         let mut states = Statuses::new(run);
         let mut run_params = Some(params.clone());
         for step in wf

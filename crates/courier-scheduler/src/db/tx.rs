@@ -115,41 +115,26 @@ pub struct NewStep<'a> {
 
 /// Insert a run's steps, many per statement ([`Batched`]).
 pub fn insert_steps(tx: &Tx<'_>, run: &str, steps: &[NewStep<'_>]) -> Result<(), DbError> {
-    struct Row<'a> {
-        step: &'a NewStep<'a>,
-        position: i64,
-        status: StepStatus,
-        depends: i64,
-        attempts: u32,
-    }
-    let rows: Vec<Row<'_>> = steps
+    let states: Vec<(StepStatus, u32)> = steps
         .iter()
-        .map(|step| {
-            let (status, attempts) = match step.started_ms {
-                Some(_) => (StepStatus::Running, 1),
-                None => (StepStatus::Pending, 0),
-            };
-            Row {
-                step,
-                position: step.position as i64,
-                status,
-                depends: step.depends as i64,
-                attempts,
-            }
+        .map(|step| match step.started_ms {
+            Some(_) => (StepStatus::Running, 1),
+            None => (StepStatus::Pending, 0),
         })
         .collect();
-    let params: Vec<&dyn Param> = rows
+    let params: Vec<&dyn Param> = steps
         .iter()
-        .flat_map(|r| -> [&dyn Param; 8] {
+        .zip(&states)
+        .flat_map(|(step, (status, attempts))| -> [&dyn Param; 8] {
             [
                 &run,
-                &r.step.name,
-                &r.position,
-                &r.step.queue,
-                &r.status,
-                &r.depends,
-                &r.attempts,
-                &r.step.started_ms,
+                &step.name,
+                &step.position,
+                &step.queue,
+                status,
+                &step.depends,
+                attempts,
+                &step.started_ms,
             ]
         })
         .collect();
