@@ -342,15 +342,19 @@ impl AgentStore for FsStore {
 }
 
 /// The worker's store: reads come from one step's snapshot, writes are refused.
+/// It shares the snapshot (a worker's cache keeps one decoded copy per
+/// content hash, mounted by every task that carries it), never copies it.
 #[derive(Debug, Clone)]
 pub struct SnapshotStore {
-    snapshot: Snapshot,
+    snapshot: std::sync::Arc<Snapshot>,
 }
 
 impl SnapshotStore {
-    /// Mount a decoded snapshot.
-    pub fn new(snapshot: Snapshot) -> Self {
-        Self { snapshot }
+    /// Mount a decoded snapshot (owned, or shared with a cache).
+    pub fn new(snapshot: impl Into<std::sync::Arc<Snapshot>>) -> Self {
+        Self {
+            snapshot: snapshot.into(),
+        }
     }
 
     /// The mounted snapshot.

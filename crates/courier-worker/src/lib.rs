@@ -423,7 +423,7 @@ async fn handle(delivery: Delivery, pool: &str, shared: &Serving, publisher: &Pu
                 return;
             }
         };
-        let store = match mount(&delivery, &task, config, cache, metrics) {
+        let store = match mount(delivery.header_str(headers::SNAPSHOT_HASH), &task, &config.snapshot_limits, cache, metrics) {
             Ok(store) => store,
             Err(refusal) => return refuse(delivery, Some(&task), refusal, started, config, publisher, metrics).await,
         };
@@ -461,17 +461,19 @@ async fn handle(delivery: Delivery, pool: &str, shared: &Serving, publisher: &Pu
     .await;
 }
 
-/// Verify the snapshot and mount it read-only, decoding once per content hash.
+/// Verify the snapshot against its hash header and mount it read-only,
+/// decoding once per content hash: the tasks that carry the same snapshot
+/// share the cache's decoded copy.
 fn mount(
-    delivery: &Delivery,
+    header: Option<&str>,
     task: &Task,
-    config: &WorkerConfig,
+    limits: &Limits,
     cache: &SnapshotCache,
     metrics: &metrics::Metrics,
 ) -> Result<SnapshotStore, Refusal> {
     metrics.snapshot_bytes.observe(task.snapshot.len() as f64);
     let hash = ContentHash::of(&task.snapshot);
-    let header = delivery.header_str(headers::SNAPSHOT_HASH).ok_or(Refusal::NoHash)?;
+    let header = header.ok_or(Refusal::NoHash)?;
     if header != hash.to_hex() {
         return Err(Refusal::HashMismatch {
             header: header.to_string(),
@@ -487,7 +489,7 @@ fn mount(
         Some(snapshot) => snapshot,
         None => {
             let clock = std::time::Instant::now();
-            let snapshot = Arc::new(decode::<Snapshot>(&task.snapshot, &config.snapshot_limits)?);
+            let snapshot = Arc::new(decode::<Snapshot>(&task.snapshot, limits)?);
             metrics.snapshot_decode.observe(clock.elapsed().as_secs_f64());
             cache
                 .lock()
@@ -496,7 +498,7 @@ fn mount(
             snapshot
         }
     };
-    Ok(SnapshotStore::new(Arc::unwrap_or_clone(snapshot)))
+    Ok(SnapshotStore::new(snapshot))
 }
 
 /// A failed result for `task`, to fill in.
@@ -782,6 +784,46 @@ mod tests {
             transcript: Vec::new(),
             rate_limited_ms: None,
         }
+    }
+
+    #[test]
+    fn tasks_carrying_the_same_snapshot_share_one_decoded_copy() {
+        let snapshot = Snapshot {
+            workflow: "wf".into(),
+            soul: Some(courier_wire::Soul {
+                id: "s".into(),
+                body: "a persona. ".repeat(6_000),
+                ..courier_wire::Soul::default()
+            }),
+            ..Snapshot::default()
+        };
+        let bytes = courier_wire::encode(&snapshot, &Limits::default()).unwrap();
+        let hash = ContentHash::of(&bytes).to_hex();
+        let task = Task {
+            task_id: Uuid::now_v7(),
+            run_id: Uuid::now_v7(),
+            workflow: "wf".into(),
+            step: "s".into(),
+            attempt: 1,
+            spec: courier_wire::StepSpec {
+                timeout: Duration::from_secs(1),
+                run: StepRun::Echo { text: String::new() },
+            },
+            upstream: BTreeMap::new(),
+            deadline_unix_ms: u64::MAX,
+            snapshot: bytes,
+            pool: String::new(),
+        };
+        let cache: SnapshotCache = Mutex::new(lru::LruCache::new(NonZeroUsize::new(4).unwrap()));
+        let metrics = metrics::Metrics::default();
+        let mount = |header| mount(header, &task, &Limits::default(), &cache, &metrics);
+        let (first, second) = (mount(Some(&hash)).unwrap(), mount(Some(&hash)).unwrap());
+        assert_eq!(first.snapshot(), &snapshot);
+        // One decoded copy, mounted by both: not a copy per task.
+        assert!(std::ptr::eq(first.snapshot(), second.snapshot()));
+        assert!(matches!(mount(None), Err(Refusal::NoHash)));
+        let other = ContentHash::of(b"another snapshot").to_hex();
+        assert!(matches!(mount(Some(&other)), Err(Refusal::HashMismatch { .. })));
     }
 
     #[test]
