@@ -11,7 +11,7 @@
 //! the limit) and [`Engine::admit`] dispatches waiting steps, highest
 //! priority first, as the limits allow.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -307,6 +307,14 @@ struct Effects {
     /// Child runs that ended: (child, parent run, parent step), for the
     /// parent's step to go on (in the same transaction).
     children_done: Vec<(String, String, String)>,
+    /// Runs whose results may have ended their last open step: each is
+    /// ended (if nothing is left open) once, before admission and the
+    /// commit, not once per result (see `end_finished_runs`).
+    maybe_done: Vec<String>,
+    /// Steps ended, by run: each run's count of open steps goes down by
+    /// them in one statement, before the count is read and before the
+    /// commit (see `end_step`).
+    closed: HashMap<String, i64>,
 }
 
 /// A run to create: by a submit, or by a `workflow:` step (`parent`: its
@@ -402,7 +410,7 @@ impl Engine {
     /// Drop the kept bodies of tasks no longer waiting to be published
     /// (`waiting`: every task id the outbox holds), such as tasks another
     /// scheduler cancelled.
-    pub fn retain_bodies(&self, waiting: &std::collections::HashSet<&str>) {
+    pub fn retain_bodies(&self, waiting: &HashSet<&str>) {
         let mut kept = self.bodies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (bodies, bytes) = &mut *kept;
         bodies.retain(|id, body| {
@@ -576,7 +584,12 @@ impl Engine {
                 effects: &mut effects,
             };
             let value = f(&mut c)?;
+            end_finished_runs(&mut c)?;
             self.settle_children(&mut c)?;
+            debug_assert!(c.effects.maybe_done.is_empty(), "only results defer a run's end");
+            for (run, n) in std::mem::take(&mut c.effects.closed) {
+                tx::close_steps(c.t, &run, n)?;
+            }
             Ok::<_, E>((value, applied, effects))
         })
         .map(|(value, applied, mut effects)| {
@@ -949,11 +962,11 @@ impl Engine {
         name: &str,
         reason: &str,
     ) -> Result<(), DbError> {
-        tx::finish_step(c.t, run, name, StepStatus::Cancelled, None, Some(reason), None, c.now)?;
+        end_step(c, run, name, StepStatus::Cancelled, None, Some(reason), None)?;
         // A foreach step's items go with it (the control names the step: a
         // worker stops its items too).
         for item in tx::open_items(c.t, run, name)? {
-            tx::finish_step(c.t, run, &item, StepStatus::Cancelled, None, Some(reason), None, c.now)?;
+            end_step(c, run, &item, StepStatus::Cancelled, None, Some(reason), None)?;
         }
         let dropped = tx::cancel_unpublished(c.t, run, Some(name), c.now)?;
         c.effects.dropped.extend(dropped);
@@ -1391,8 +1404,8 @@ impl Engine {
     /// is left open; a child run's spending (`spent`) counts against its
     /// ancestors' budgets too.
     fn enforce_budgets(&self, c: &mut Change<'_, '_>, run: &str, wf: &Workflow, spent: bool) -> Result<(), DbError> {
-        if !self.enforce_budget(c, run, wf)? {
-            finish_if_done(c, run)?;
+        if !self.enforce_budget(c, run, wf)? && c.effects.maybe_done.last().is_none_or(|last| last != run) {
+            c.effects.maybe_done.push(run.to_string());
         }
         if spent {
             for (ancestor, workflow) in tx::ancestors(c.t, run)? {
@@ -1480,16 +1493,7 @@ impl Engine {
         worker: &str,
         memory: &[MemoryUpdate],
     ) -> Result<(), DbError> {
-        tx::finish_step(
-            c.t,
-            run,
-            name,
-            StepStatus::Succeeded,
-            Some(output),
-            None,
-            Some(worker),
-            c.now,
-        )?;
+        end_step(c, run, name, StepStatus::Succeeded, Some(output), None, Some(worker))?;
         c.effects.memory.extend(memory.iter().map(|u| MemoryWrite {
             run: run.to_string(),
             step: name.to_string(),
@@ -1712,6 +1716,8 @@ impl Engine {
     /// a step still held gets the limit named in `waiting_on`. A step whose
     /// workflow or step left the config fails its run.
     fn admit_in(&self, c: &mut Change<'_, '_>) -> Result<(), DbError> {
+        // Runs ended by this transaction's results free their slots first.
+        end_finished_runs(c)?;
         let waiting = tx::waiting_steps(c.t, c.now, ADMIT_BATCH)?;
         if waiting.is_empty() {
             return Ok(());
@@ -2292,7 +2298,7 @@ fn cancel_run(c: &mut Change<'_, '_>, run: &str, by: &str, reason: &str) -> Resu
         return Ok(());
     }
     for (name, _) in tx::open_steps(c.t, run)? {
-        tx::finish_step(c.t, run, &name, StepStatus::Cancelled, None, Some(reason), None, c.now)?;
+        end_step(c, run, &name, StepStatus::Cancelled, None, Some(reason), None)?;
     }
     let dropped = tx::cancel_unpublished(c.t, run, None, c.now)?;
     c.effects.dropped.extend(dropped);
@@ -2336,7 +2342,7 @@ fn end_run(
 fn fail_run(c: &mut Change<'_, '_>, run: &str, error: &str) -> Result<(), DbError> {
     cancel_children(c, run, None, &format!("its parent run {run} failed: {error}"))?;
     for (name, _) in tx::open_steps(c.t, run)? {
-        tx::finish_step(c.t, run, &name, StepStatus::Skipped, None, Some(error), None, c.now)?;
+        end_step(c, run, &name, StepStatus::Skipped, None, Some(error), None)?;
     }
     end_run(c, run, RunStatus::Failed, Some(error), None)?;
     tracing::error!(%run, %error, "run failed");
@@ -2353,16 +2359,7 @@ fn fail_step(
     worker: &str,
     states: &mut Statuses<'_>,
 ) -> Result<(), DbError> {
-    tx::finish_step(
-        c.t,
-        run,
-        name,
-        StepStatus::Failed,
-        None,
-        Some(error),
-        Some(worker),
-        c.now,
-    )?;
+    end_step(c, run, name, StepStatus::Failed, None, Some(error), Some(worker))?;
     states.set(name, StepStatus::Failed);
     skip_downstream(c, wf, run, name, "failed", states)
 }
@@ -2384,9 +2381,54 @@ fn skip_downstream(
                 Some(StepStatus::Pending | StepStatus::Waiting)
             ) {
                 let why = format!("upstream step \"{up}\" {what}");
-                tx::finish_step(c.t, run, &s.name, StepStatus::Skipped, None, Some(&why), None, c.now)?;
+                end_step(c, run, &s.name, StepStatus::Skipped, None, Some(&why), None)?;
                 states.set(&s.name, StepStatus::Skipped);
                 ended.push(s.name.clone());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// End, once each, the runs that this transaction's results may have left
+/// with nothing open. A batch of results usually comes from a few runs, so
+/// this reads each run's open-step count once per transaction instead of
+/// once per result. Deferring is safe: a run whose last open step ended has
+/// no step left running, so a later result of the same batch for it is
+/// recorded and changes nothing else, as it would once the run had ended.
+fn end_finished_runs(c: &mut Change<'_, '_>) -> Result<(), DbError> {
+    if c.effects.maybe_done.is_empty() {
+        return Ok(());
+    }
+    let runs = std::mem::take(&mut c.effects.maybe_done);
+    let mut seen = HashSet::with_capacity(runs.len());
+    for run in &runs {
+        if seen.insert(run.as_str()) {
+            finish_if_done(c, run)?;
+        }
+    }
+    Ok(())
+}
+
+/// An open step of `run` reaches a final state (one already final is left
+/// as it is). Its run's count of open steps is written once per
+/// transaction and run, not once per step: before `finish_if_done` reads
+/// it, and before the commit.
+#[allow(clippy::too_many_arguments)]
+fn end_step(
+    c: &mut Change<'_, '_>,
+    run: &str,
+    name: &str,
+    status: StepStatus,
+    output: Option<&str>,
+    error: Option<&str>,
+    worker: Option<&str>,
+) -> Result<(), DbError> {
+    if tx::finish_step(c.t, run, name, status, output, error, worker, c.now)? {
+        match c.effects.closed.get_mut(run) {
+            Some(n) => *n += 1,
+            None => {
+                c.effects.closed.insert(run.to_string(), 1);
             }
         }
     }
@@ -2396,6 +2438,9 @@ fn skip_downstream(
 /// Finish the run when no step is open: failed if a step failed, else
 /// cancelled if a step was cancelled, else succeeded.
 fn finish_if_done(c: &mut Change<'_, '_>, run: &str) -> Result<(), DbError> {
+    if let Some(n) = c.effects.closed.remove(run) {
+        tx::close_steps(c.t, run, n)?;
+    }
     if !matches!(tx::open_step_count(c.t, run)?, Some((open, RunStatus::Running)) if open <= 0) {
         return Ok(());
     }

@@ -1238,3 +1238,64 @@ fn runs_page_by_a_cursor_through_runs_that_share_a_timestamp() {
     assert_eq!(ids(db.runs_within(None, None, None, 10, 1).unwrap()), ["g"]);
     assert_eq!(ids(db.runs_within(None, None, None, 10, 1 << 20).unwrap()).len(), 7);
 }
+
+#[test]
+fn results_of_several_runs_in_one_batch_end_each_run_once_and_free_its_slot() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let trio =
+        "max_active_runs: 2\nsteps:\n  - name: a\n    echo: a\n  - name: b\n    echo: b\n  - name: c\n    echo: c\n";
+    let engine = engine_over(
+        config_with(dir.path(), &[("trio", trio)]),
+        &dir.path().join("courier.db"),
+    );
+    let runs: Vec<String> = (0..3)
+        .map(|_| engine.submit("trio", &BTreeMap::new(), NORMAL_PRIORITY).unwrap().id)
+        .collect();
+    let mut tasks: Vec<Task> = due(&engine).into_iter().map(|(t, _)| t).collect();
+    assert_eq!(tasks.len(), 6, "the third run waits for a slot");
+    let ids: Vec<String> = tasks.iter().map(|t| t.task_id.to_string()).collect();
+    engine.with_db(|db| db.mark_published(&ids)).unwrap();
+    // One batch with the two runs' results interleaved: every step of the
+    // first succeeds, the second's `b` fails, and its `c` comes twice.
+    tasks.sort_by(|x, y| (&x.step, x.run_id).cmp(&(&y.step, y.run_id)));
+    let mut batch: Vec<TaskResult> = tasks
+        .iter()
+        .map(|t| {
+            let failed = t.run_id.to_string() == runs[1] && t.step == "b";
+            result(
+                t,
+                if failed {
+                    TaskStatus::Failed
+                } else {
+                    TaskStatus::Succeeded
+                },
+                "x",
+            )
+        })
+        .collect();
+    let last_of_second = tasks.iter().rfind(|t| t.run_id.to_string() == runs[1]).unwrap();
+    batch.push(result(last_of_second, TaskStatus::Succeeded, "again"));
+    let applied = engine.apply(&batch).unwrap();
+    assert_eq!((applied.applied, applied.duplicates), (6, 1));
+    assert_eq!(applied.finished_runs, 2, "each run ends once");
+    assert_eq!(
+        applied.dispatched, 3,
+        "the slots they freed admit the third run in the same transaction"
+    );
+    let view = |id: &str| engine.with_db(|db| db.run(id)).unwrap().unwrap();
+    assert_eq!(view(&runs[0]).status, RunStatus::Succeeded);
+    let second = view(&runs[1]);
+    assert_eq!(
+        (second.status, second.error.as_deref()),
+        (RunStatus::Failed, Some("step(s) failed: b"))
+    );
+    assert_eq!(
+        second.steps.iter().find(|s| s.name == "c").unwrap().output.as_deref(),
+        Some("x")
+    );
+    // The third run's count of open steps is right: it ends with its last step.
+    let third = view(&runs[2]);
+    assert!(third.steps.iter().all(|s| s.status == StepStatus::Running));
+    assert_eq!(drive(&engine, |_| TaskStatus::Succeeded), 3);
+    assert_eq!(view(&runs[2]).status, RunStatus::Succeeded);
+}

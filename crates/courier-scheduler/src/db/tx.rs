@@ -444,7 +444,8 @@ pub fn unadmitted_runs(tx: &Tx<'_>, workflow: &str) -> Result<bool, DbError> {
 }
 
 /// An open step reached a final state (a step already final is left as it
-/// is); its run has one open step less.
+/// is): whether it did, so that its run has one open step less
+/// ([`close_steps`]).
 #[allow(clippy::too_many_arguments)]
 pub fn finish_step(
     tx: &Tx<'_>,
@@ -455,7 +456,7 @@ pub fn finish_step(
     error: Option<&str>,
     worker: Option<&str>,
     now: i64,
-) -> Result<(), DbError> {
+) -> Result<bool, DbError> {
     // A foreach item: whether it had been started (taken), for its step's count.
     let was_pending = if name.ends_with(']') {
         Some(step_status(tx, run, name)? == Some(StepStatus::Pending))
@@ -469,10 +470,6 @@ pub fn finish_step(
         p![run, name, status, output, error, worker, now],
     )?;
     if changed > 0 {
-        tx.exec(
-            "UPDATE runs SET open_steps = open_steps - 1 WHERE id = ?1 AND open_steps IS NOT NULL",
-            p![run],
-        )?;
         // A foreach item: its step has one item less to wait for.
         if let Some(was_pending) = was_pending {
             tx.exec(
@@ -488,6 +485,16 @@ pub fn finish_step(
             )?;
         }
     }
+    Ok(changed > 0)
+}
+
+/// Steps of `run` that ended, `n` of them: its count of open steps goes down
+/// by as many (the engine counts a transaction's ends and writes them once).
+pub fn close_steps(tx: &Tx<'_>, run: &str, n: i64) -> Result<(), DbError> {
+    tx.exec(
+        "UPDATE runs SET open_steps = open_steps - ?2 WHERE id = ?1 AND open_steps IS NOT NULL",
+        p![run, n],
+    )?;
     Ok(())
 }
 

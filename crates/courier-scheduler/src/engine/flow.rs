@@ -16,8 +16,8 @@ use courier_config::{MAX_WORKFLOW_DEPTH, OnSkipped, Step, Workflow};
 use serde_json::Value;
 
 use super::{
-    Attempt, Change, Engine, NewRun, Statuses, fail_run, fail_step, finish_if_done, millis, outputs, outputs_of,
-    parse_uuid, run_params_once, write_task,
+    Attempt, Change, Engine, NewRun, Statuses, end_step, fail_run, fail_step, finish_if_done, millis, outputs,
+    outputs_of, parse_uuid, run_params_once, write_task,
 };
 use crate::db::tx::{self, RunRow};
 use crate::db::{DbError, RunStatus, StepStatus};
@@ -73,7 +73,7 @@ impl Engine {
         let run = states.run;
         let mut todo = vec![(s, why.to_string())];
         while let Some((step, why)) = todo.pop() {
-            tx::finish_step(c.t, run, &step.name, StepStatus::Skipped, None, Some(&why), None, c.now)?;
+            end_step(c, run, &step.name, StepStatus::Skipped, None, Some(&why), None)?;
             states.set(&step.name, StepStatus::Skipped);
             tracing::debug!(%run, step = %step.name, %why, "step skipped");
             for d in wf.dependents(&step.name) {
@@ -192,16 +192,7 @@ impl Engine {
                 Err(e) => {
                     let error = e.to_string();
                     let scheduler = Some("scheduler");
-                    tx::finish_step(
-                        c.t,
-                        run,
-                        &name,
-                        StepStatus::Failed,
-                        None,
-                        Some(&error),
-                        scheduler,
-                        c.now,
-                    )?;
+                    end_step(c, run, &name, StepStatus::Failed, None, Some(&error), scheduler)?;
                 }
             }
         }
