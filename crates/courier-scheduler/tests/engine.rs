@@ -1299,3 +1299,57 @@ fn results_of_several_runs_in_one_batch_end_each_run_once_and_free_its_slot() {
     assert_eq!(drive(&engine, |_| TaskStatus::Succeeded), 3);
     assert_eq!(view(&runs[2]).status, RunStatus::Succeeded);
 }
+
+#[test]
+fn a_mixed_batch_applies_the_first_matching_result_of_each_task_and_refuses_the_rest() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine(&dir.path().join("courier.db"));
+    // Two fanout runs at `split`: one answered by a forgery first, then for real twice.
+    let runs: Vec<String> = (0..2)
+        .map(|_| engine.submit("fanout", &BTreeMap::new(), NORMAL_PRIORITY).unwrap().id)
+        .collect();
+    let splits: Vec<Task> = due(&engine).into_iter().map(|(t, _)| t).collect();
+    assert_eq!(splits.len(), 2);
+    let stray = TaskResult {
+        task_id: Uuid::now_v7(),
+        ..result(&splits[1], TaskStatus::Succeeded, "stray")
+    };
+    let forged = TaskResult {
+        attempt: 2,
+        ..result(&splits[0], TaskStatus::Succeeded, "forged")
+    };
+    let proposing = TaskResult {
+        memory_updates: vec![courier_wire::MemoryUpdate {
+            target: courier_wire::MemoryTarget::Global,
+            append: "- forged\n".into(),
+        }],
+        ..result(&splits[1], TaskStatus::Succeeded, "proposing")
+    };
+    let batch = [
+        stray,
+        forged,
+        result(&splits[0], TaskStatus::Succeeded, "7"),
+        proposing,
+        result(&splits[0], TaskStatus::Failed, "late copy"),
+        result(&splits[1], TaskStatus::Failed, "failed"),
+        result(&splits[1], TaskStatus::Succeeded, "late copy"),
+    ];
+    let applied = engine.apply(&batch).unwrap();
+    let reasons: Vec<(usize, &str)> = applied.refused.iter().map(|(i, r)| (*i, r.label())).collect();
+    assert_eq!(reasons, [(1, "mismatch"), (3, "memory_not_allowed")]);
+    assert_eq!(
+        (applied.applied, applied.duplicates),
+        (2, 3),
+        "the stray result and the two late copies"
+    );
+    let split_of = |run: &str| {
+        let view = engine.with_db(|db| db.run(run)).unwrap().unwrap();
+        let split = view.steps.into_iter().find(|s| s.name == "split").unwrap();
+        (split.status, split.output)
+    };
+    assert_eq!(split_of(&runs[0]), (StepStatus::Succeeded, Some("7".to_string())));
+    // The first matching result wins: `split` of the second run failed (fanout retries it).
+    let (status, output) = split_of(&runs[1]);
+    assert_ne!(status, StepStatus::Succeeded);
+    assert_eq!(output, None);
+}
