@@ -307,10 +307,11 @@ struct Effects {
     /// Child runs that ended: (child, parent run, parent step), for the
     /// parent's step to go on (in the same transaction).
     children_done: Vec<(String, String, String)>,
-    /// Runs whose results may have ended their last open step: each is
-    /// ended (if nothing is left open) once, before admission and the
-    /// commit, not once per result (see `end_finished_runs`).
-    maybe_done: Vec<String>,
+    /// The run whose last results may have ended its last open step: it is
+    /// ended (if nothing is left open) once, when a result of another run
+    /// comes, before admission, or before the commit, not once per result
+    /// (see `end_finished_runs`).
+    maybe_done: Option<String>,
     /// Steps ended, by run: each run's count of open steps goes down by
     /// them in one statement, before the count is read and before the
     /// commit (see `end_step`).
@@ -589,7 +590,7 @@ impl Engine {
             let value = f(&mut c)?;
             end_finished_runs(&mut c)?;
             self.settle_children(&mut c)?;
-            debug_assert!(c.effects.maybe_done.is_empty(), "only results defer a run's end");
+            debug_assert!(c.effects.maybe_done.is_none(), "only results defer a run's end");
             for (run, n) in std::mem::take(&mut c.effects.closed) {
                 tx::close_steps(c.t, &run, n)?;
             }
@@ -1234,10 +1235,13 @@ impl Engine {
     /// Apply a batch of results in order; those refused (nothing changed
     /// for them), by index and why. Their tasks are read, and those
     /// answered ended, many per statement (one round trip each on
-    /// PostgreSQL) before any result is applied to its run: a task is
-    /// touched by its own results only, so ending it first changes nothing
-    /// an earlier result of the batch reads. The first result for a task
-    /// ends it; a later copy in the batch is a duplicate.
+    /// PostgreSQL) before any result is applied to its run. The first
+    /// matching result for a task ends it; a later copy in the batch is a
+    /// duplicate (or refused, if it does not match). Since every answered
+    /// task ends first, a result whose run an earlier result of the batch
+    /// cancels still ends its own task and records what it spent (as one
+    /// that came just after the cancel does), rather than finding its task
+    /// cancelled while unpublished.
     fn apply_batch(&self, c: &mut Change<'_, '_>, results: &[TaskResult]) -> Result<Vec<(usize, Refused)>, DbError> {
         let ids: Vec<String> = results.iter().map(|r| r.task_id.to_string()).collect();
         let mut rows = tx::tasks(c.t, &ids)?;
@@ -1277,8 +1281,13 @@ impl Engine {
             tx::end_tasks(c.t, &ids, status, used, c.now)?;
         }
         for (i, row) in answered {
+            // A run's end waits only through consecutive results of that run.
+            if c.effects.maybe_done.as_ref().is_some_and(|run| *run != row.run_id) {
+                end_finished_runs(c)?;
+            }
             self.apply_to_run(c, &results[i], &row)?;
         }
+        end_finished_runs(c)?;
         Ok(refused)
     }
 
@@ -1406,8 +1415,18 @@ impl Engine {
     /// is left open; a child run's spending (`spent`) counts against its
     /// ancestors' budgets too.
     fn enforce_budgets(&self, c: &mut Change<'_, '_>, run: &str, wf: &Workflow, spent: bool) -> Result<(), DbError> {
-        if !self.enforce_budget(c, run, wf)? && c.effects.maybe_done.last().is_none_or(|last| last != run) {
-            c.effects.maybe_done.push(run.to_string());
+        if !self.enforce_budget(c, run, wf)? {
+            if spent {
+                // Its ancestors' budgets come next and may cancel them with
+                // their running children: the run ends first if it is done.
+                if c.effects.maybe_done.as_deref() == Some(run) {
+                    c.effects.maybe_done = None;
+                }
+                finish_if_done(c, run)?;
+            } else if c.effects.maybe_done.as_deref() != Some(run) {
+                end_finished_runs(c)?;
+                c.effects.maybe_done = Some(run.to_string());
+            }
         }
         if spent {
             for (ancestor, workflow) in tx::ancestors(c.t, run)? {
@@ -2392,24 +2411,20 @@ fn skip_downstream(
     Ok(())
 }
 
-/// End, once each, the runs that this transaction's results may have left
-/// with nothing open. A batch of results usually comes from a few runs, so
-/// this reads each run's open-step count once per transaction instead of
-/// once per result. Deferring is safe: a run whose last open step ended has
-/// no step left running, so a later result of the same batch for it is
-/// recorded and changes nothing else, as it would once the run had ended.
+/// End the run that the last results left possibly with nothing open,
+/// if they did. Results of one run often come together in a batch, so
+/// their run's count of open steps is read once for them instead of once
+/// per result. Its end waits only while the results that follow are of the
+/// same run (`apply_batch` ends it before any other run's result, and a
+/// result that spent tokens ends its run at once, before its ancestors'
+/// budgets are checked): a run whose last open step ended has no step left
+/// running, so such a later result is recorded and changes nothing else, as
+/// it would once the run had ended, and no other run reads it meanwhile.
 fn end_finished_runs(c: &mut Change<'_, '_>) -> Result<(), DbError> {
-    if c.effects.maybe_done.is_empty() {
-        return Ok(());
+    match c.effects.maybe_done.take() {
+        Some(run) => finish_if_done(c, &run),
+        None => Ok(()),
     }
-    let runs = std::mem::take(&mut c.effects.maybe_done);
-    let mut seen = HashSet::with_capacity(runs.len());
-    for run in &runs {
-        if seen.insert(run.as_str()) {
-            finish_if_done(c, run)?;
-        }
-    }
-    Ok(())
 }
 
 /// An open step of `run` reaches a final state (one already final is left

@@ -1293,6 +1293,17 @@ fn results_of_several_runs_in_one_batch_end_each_run_once_and_free_its_slot() {
         second.steps.iter().find(|s| s.name == "c").unwrap().output.as_deref(),
         Some("x")
     );
+    // Each ended run's count of open steps went down by each of its steps, once.
+    let open_of_ended: i64 = support::store(&dir.path().join("courier.db"))
+        .read(|tx| {
+            tx.one(
+                "SELECT CAST(SUM(open_steps) AS BIGINT) FROM runs WHERE status <> 'running'",
+                &[],
+                |r| r.get(0),
+            )
+        })
+        .unwrap();
+    assert_eq!(open_of_ended, 0);
     // The third run's count of open steps is right: it ends with its last step.
     let third = view(&runs[2]);
     assert!(third.steps.iter().all(|s| s.status == StepStatus::Running));
@@ -1348,8 +1359,8 @@ fn a_mixed_batch_applies_the_first_matching_result_of_each_task_and_refuses_the_
         (split.status, split.output)
     };
     assert_eq!(split_of(&runs[0]), (StepStatus::Succeeded, Some("7".to_string())));
-    // The first matching result wins: `split` of the second run failed (fanout retries it).
-    let (status, output) = split_of(&runs[1]);
-    assert_ne!(status, StepStatus::Succeeded);
-    assert_eq!(output, None);
+    // The first matching result wins: `split` of the second run failed, and so did its run.
+    assert_eq!(split_of(&runs[1]), (StepStatus::Failed, None));
+    let second = engine.with_db(|db| db.run(&runs[1])).unwrap().unwrap();
+    assert_eq!(second.status, RunStatus::Failed);
 }

@@ -817,3 +817,38 @@ fn a_childs_spending_counts_against_its_parents_budget() {
     );
     assert!(publish_all(&engine).is_empty(), "the child's next step never runs");
 }
+
+#[test]
+fn a_child_that_ended_in_a_batch_is_not_cancelled_by_its_parent_later_in_it() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let child = "steps:\n  - name: only\n    echo: done\n";
+    let parent = "budget: {tokens: 100}\nsteps:\n  - name: c\n    workflow: {name: child}\n  - name: think\n    agent: {model: offline, prompt: p, tools: [output]}\n";
+    let engine = engine_over(
+        config_with(dir.path(), &[("child", child), ("parent", parent)]),
+        &dir.path().join("c.db"),
+    );
+    let run = submit(&engine, "parent", &[]);
+    let tasks = publish_all(&engine);
+    let task = |step: &str| tasks.iter().find(|t| t.step == step).unwrap();
+    // One batch: the child's last step, then the parent's agent step
+    // spending past the parent's budget.
+    let spent = TaskResult {
+        model: Some("scripted/offline-demo".into()),
+        usage: Some(courier_wire::TokenUsage {
+            input_tokens: 150,
+            output_tokens: 10,
+        }),
+        ..result(task("think"), TaskStatus::Succeeded, "thought")
+    };
+    let applied = engine
+        .apply(&[result(task("only"), TaskStatus::Succeeded, "done"), spent])
+        .unwrap();
+    let child = view(&engine, &task("only").run_id.to_string());
+    assert_eq!((child.status, child.cancelled_by), (RunStatus::Succeeded, None));
+    let v = view(&engine, &run);
+    assert_eq!(
+        (v.status, v.cancelled_by.as_deref()),
+        (RunStatus::Cancelled, Some("budget"))
+    );
+    assert_eq!((applied.finished_runs, applied.cancelled_runs), (2, 1));
+}
