@@ -318,9 +318,6 @@ struct Effects {
     closed: HashMap<String, i64>,
 }
 
-/// How a task ended: its result's status and the tokens it reported.
-type Ending = (TaskStatus, Option<i64>);
-
 /// A run to create: by a submit, or by a `workflow:` step (`parent`: its
 /// run, its step, and the child's depth).
 struct NewRun<'a> {
@@ -1233,62 +1230,72 @@ impl Engine {
     }
 
     /// Apply a batch of results in order; those refused (nothing changed
-    /// for them), by index and why. Their tasks are read, and those
-    /// answered ended, many per statement (one round trip each on
-    /// PostgreSQL) before any result is applied to its run. The first
-    /// matching result for a task ends it; a later copy in the batch is a
-    /// duplicate (or refused, if it does not match). Since every answered
-    /// task ends first, a result whose run an earlier result of the batch
-    /// cancels still ends its own task and records what it spent (as one
-    /// that came just after the cancel does), rather than finding its task
-    /// cancelled while unpublished.
+    /// for them), by index and why.
     fn apply_batch(&self, c: &mut Change<'_, '_>, results: &[TaskResult]) -> Result<Vec<(usize, Refused)>, DbError> {
-        let ids: Vec<String> = results.iter().map(|r| r.task_id.to_string()).collect();
-        let mut rows = tx::tasks(c.t, &ids)?;
         let mut refused = Vec::new();
-        let mut answered: Vec<(usize, TaskRow)> = Vec::with_capacity(results.len());
-        // Tasks to end, by how they ended (and the tokens agent steps used).
-        let mut ending: Vec<(Ending, Vec<&str>)> = Vec::new();
-        for (i, (r, id)) in results.iter().zip(&ids).enumerate() {
-            let Some(row) = rows.get_mut(id) else {
-                tracing::warn!(task = %id, "result for an unknown task; ignored");
-                c.applied.duplicates += 1;
-                continue;
-            };
-            // Another attempt's, or memory proposals from a step that may not.
-            if let Err(why) = self.check(c.t, id, row, r)? {
-                tracing::warn!(task = %id, error = %why, "result refused; nothing changed");
-                refused.push((i, why));
-                continue;
-            }
-            if !row.dispatched {
-                tracing::debug!(task = %id, "duplicate result; ignored");
-                c.applied.duplicates += 1;
-                continue;
-            }
-            answered.push((i, row.clone()));
-            row.dispatched = false;
-            let used = r.usage.map(|u| {
-                let (input, output) = reported(u);
-                i64::try_from(input + output).unwrap_or(i64::MAX)
-            });
-            match ending.iter_mut().find(|(how, _)| *how == (r.status, used)) {
-                Some((_, ids)) => ids.push(id),
-                None => ending.push(((r.status, used), vec![id])),
-            }
-        }
-        for ((status, used), ids) in ending {
-            tx::end_tasks(c.t, &ids, status, used, c.now)?;
-        }
-        for (i, row) in answered {
+        for (i, result) in results.iter().enumerate() {
             // A run's end waits only through consecutive results of that run.
-            if c.effects.maybe_done.as_ref().is_some_and(|run| *run != row.run_id) {
+            let mut buf = Uuid::encode_buffer();
+            let run = &*result.run_id.hyphenated().encode_lower(&mut buf);
+            if c.effects.maybe_done.as_deref().is_some_and(|pending| pending != run) {
                 end_finished_runs(c)?;
             }
-            self.apply_to_run(c, &results[i], &row)?;
+            if let Err(why) = self.apply_one(c, result)? {
+                tracing::warn!(task = %result.task_id, error = %why, "result refused; nothing changed");
+                refused.push((i, why));
+            }
         }
         end_finished_runs(c)?;
         Ok(refused)
+    }
+
+    /// Apply one result: `Ok(Err(_))` when it was refused (nothing changed).
+    fn apply_one(&self, c: &mut Change<'_, '_>, r: &TaskResult) -> Result<Result<(), Refused>, DbError> {
+        let task_id = r.task_id.to_string();
+        let used = r.usage.map(|u| {
+            let (input, output) = reported(u);
+            i64::try_from(input + output).unwrap_or(i64::MAX)
+        });
+        // The common case ends the task in one statement; memory proposals
+        // are checked against the step before anything is written.
+        if r.memory_updates.is_empty() {
+            let run = r.run_id.to_string();
+            if tx::finish_dispatched_task(c.t, &task_id, (&run, &r.step, r.attempt), r.status, used, c.now)? {
+                let row = TaskRow {
+                    run_id: run,
+                    step: r.step.clone(),
+                    attempt: r.attempt,
+                    dispatched: true,
+                };
+                self.apply_to_run(c, r, &row)?;
+                return Ok(Ok(()));
+            }
+        }
+        // Otherwise the task as it is tells why: unknown, another attempt's,
+        // already answered, or memory proposals from a step that may not.
+        let Some(row) = tx::task(c.t, &task_id)? else {
+            tracing::warn!(task = %task_id, "result for an unknown task; ignored");
+            c.applied.duplicates += 1;
+            return Ok(Ok(()));
+        };
+        if let Err(refused) = self.check(c.t, &task_id, &row, r)? {
+            return Ok(Err(refused));
+        }
+        if !row.dispatched {
+            tracing::debug!(task = %task_id, "duplicate result; ignored");
+            c.applied.duplicates += 1;
+            return Ok(Ok(()));
+        }
+        tx::finish_dispatched_task(
+            c.t,
+            &task_id,
+            (&row.run_id, &row.step, row.attempt),
+            r.status,
+            used,
+            c.now,
+        )?;
+        self.apply_to_run(c, r, &row)?;
+        Ok(Ok(()))
     }
 
     /// Whether `r` can be the answer to the task `row`: the same run, step

@@ -365,30 +365,6 @@ impl Batched {
     }
 }
 
-/// A chunk of a [`Batched`] statement's items: how many, and their parameters.
-type Chunk<'a, 'p> = (usize, &'a [&'p dyn Param]);
-
-/// `params` as whole items of `width` in chunks of [`AT_ONCE`], 32, … 1
-/// items: (items, their parameters). A count that is not whole items is
-/// refused.
-fn chunks<'a, 'p>(width: usize, params: &'a [&'p dyn Param]) -> Result<Vec<Chunk<'a, 'p>>, DbError> {
-    if width == 0 || !params.len().is_multiple_of(width) {
-        return Err(DbError::new(
-            "store",
-            format!("{} parameters are not items of {width}", params.len()),
-        ));
-    }
-    let mut out = Vec::new();
-    let mut rest = params;
-    while !rest.is_empty() {
-        let items = AT_ONCE.min(1 << (rest.len() / width).ilog2());
-        let (chunk, more) = rest.split_at(items * width);
-        out.push((items, chunk));
-        rest = more;
-    }
-    Ok(out)
-}
-
 /// `?first, …` for `n` parameters from `first`.
 pub fn placeholders(first: usize, n: usize) -> String {
     let list: Vec<String> = (first..first + n).map(|i| format!("?{i}")).collect();
@@ -566,50 +542,21 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// The store's.
     pub fn exec_batched(&self, batched: &Batched, width: usize, params: &[&dyn Param]) -> Result<usize, DbError> {
-        self.exec_batched_after(batched, &[], width, params)
-    }
-
-    /// [`Tx::exec_batched`] with `fixed` parameters first in every chunk
-    /// (`?1` … in each text, the items' after them).
-    ///
-    /// # Errors
-    /// The store's.
-    pub fn exec_batched_after(
-        &self,
-        batched: &Batched,
-        fixed: &[&dyn Param],
-        width: usize,
-        params: &[&dyn Param],
-    ) -> Result<usize, DbError> {
+        if width == 0 || !params.len().is_multiple_of(width) {
+            return Err(DbError::new(
+                "store",
+                format!("{} parameters are not items of {width}", params.len()),
+            ));
+        }
         let mut changed = 0;
-        for (items, chunk) in chunks(width, params)? {
-            changed += if fixed.is_empty() {
-                self.exec(batched.text(items), chunk)?
-            } else {
-                let all: Vec<&dyn Param> = fixed.iter().chain(chunk).copied().collect();
-                self.exec(batched.text(items), &all)?
-            };
+        let mut rest = params;
+        while !rest.is_empty() {
+            let items = AT_ONCE.min(1 << (rest.len() / width).ilog2());
+            let (chunk, more) = rest.split_at(items * width);
+            changed += self.exec(batched.text(items), chunk)?;
+            rest = more;
         }
         Ok(changed)
-    }
-
-    /// Every row `batched` returns over `params` (`width` per item), by
-    /// chunks as [`Tx::exec_batched`]'s, each row through `f`.
-    ///
-    /// # Errors
-    /// The store's, or `f`'s.
-    pub fn all_batched<T>(
-        &self,
-        batched: &Batched,
-        width: usize,
-        params: &[&dyn Param],
-        mut f: impl FnMut(&Row<'_>) -> Result<T, DbError>,
-    ) -> Result<Vec<T>, DbError> {
-        let mut out = Vec::new();
-        for (items, chunk) in chunks(width, params)? {
-            out.extend(self.all(batched.text(items), chunk, &mut f)?);
-        }
-        Ok(out)
     }
 
     /// Every row a query returns, each through `f`.

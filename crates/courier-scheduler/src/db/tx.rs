@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use courier_wire::TaskStatus;
 
-use super::sql::{Batched, DbError, Param, Tx, p, placeholders, values};
+use super::sql::{Batched, DbError, Param, Tx, p, values};
 use super::{DISPATCHED, RunStatus, StepStatus, TaskRow};
 
 /// A run as the engine needs it.
@@ -216,52 +216,41 @@ pub fn insert_tasks(tx: &Tx<'_>, tasks: &[NewTask<'_>], now: i64) -> Result<(), 
     Ok(())
 }
 
-/// The task rows of `task_ids` that exist, by id, read many ids per
-/// statement ([`Batched`]).
-pub fn tasks(tx: &Tx<'_>, task_ids: &[String]) -> Result<HashMap<String, TaskRow>, DbError> {
-    let params: Vec<&dyn Param> = task_ids.iter().map(|id| id as &dyn Param).collect();
-    let rows = tx.all_batched(&READ_TASKS, 1, &params, |r| {
-        Ok((
-            r.get::<String>(0)?,
-            TaskRow {
-                run_id: r.get(1)?,
-                step: r.get(2)?,
-                attempt: r.get(3)?,
-                dispatched: r.get::<String>(4)? == DISPATCHED,
-            },
-        ))
-    })?;
-    Ok(rows.into_iter().collect())
+/// A task row by id.
+pub fn task(tx: &Tx<'_>, task_id: &str) -> Result<Option<TaskRow>, DbError> {
+    tx.opt(
+        "SELECT run_id, step, attempt, status FROM tasks WHERE task_id = ?1",
+        p![task_id],
+        |r| {
+            Ok(TaskRow {
+                run_id: r.get(0)?,
+                step: r.get(1)?,
+                attempt: r.get(2)?,
+                dispatched: r.get::<String>(3)? == DISPATCHED,
+            })
+        },
+    )
 }
 
-static READ_TASKS: Batched = Batched::new(|ids| {
-    format!(
-        "SELECT task_id, run_id, step, attempt, status FROM tasks WHERE task_id IN ({})",
-        placeholders(1, ids)
-    )
-});
-
-/// How task attempts ended, with the tokens they really used (if
-/// reported): the tasks `task_ids` still dispatched end with `status`, many
-/// per statement ([`Batched`]); how many did.
-pub fn end_tasks(
+/// How a task attempt ended, with the tokens it really used: the task, if
+/// still dispatched for this run, step and attempt, ends with `status`
+/// (the common case of a result, in one statement). Whether it did; when it
+/// did not, nothing changed.
+pub fn finish_dispatched_task(
     tx: &Tx<'_>,
-    task_ids: &[&str],
+    task_id: &str,
+    (run, step, attempt): (&str, &str, u32),
     status: TaskStatus,
     tokens: Option<i64>,
     now: i64,
-) -> Result<usize, DbError> {
-    let params: Vec<&dyn Param> = task_ids.iter().map(|id| id as &dyn Param).collect();
-    tx.exec_batched_after(&END_TASKS, p![status.as_str(), tokens, now], 1, &params)
+) -> Result<bool, DbError> {
+    let changed = tx.exec(
+        "UPDATE tasks SET status = ?5, finished_ms = ?6, tokens = COALESCE(?7, tokens)
+         WHERE task_id = ?1 AND status = 'dispatched' AND run_id = ?2 AND step = ?3 AND attempt = ?4",
+        p![task_id, run, step, attempt, status.as_str(), now, tokens],
+    )?;
+    Ok(changed > 0)
 }
-
-static END_TASKS: Batched = Batched::new(|ids| {
-    format!(
-        "UPDATE tasks SET status = ?1, tokens = COALESCE(?2, tokens), finished_ms = ?3
-         WHERE status = 'dispatched' AND task_id IN ({})",
-        placeholders(4, ids)
-    )
-});
 
 /// Tasks of a run (or of one step, a foreach step's items included) not
 /// yet published: never published now.
