@@ -308,9 +308,9 @@ struct Effects {
     /// parent's step to go on (in the same transaction).
     children_done: Vec<(String, String, String)>,
     /// The run whose last results may have ended its last open step: it is
-    /// ended (if nothing is left open) once, when a result of another run
-    /// comes, before admission, or before the commit, not once per result
-    /// (see `end_finished_runs`).
+    /// ended (if nothing is left open) when a result of another run comes,
+    /// before admission, or before the commit, not after each result (see
+    /// `end_finished_runs`; a result that spent tokens ends its run at once).
     maybe_done: Option<String>,
     /// Steps ended, by run: each run's count of open steps goes down by
     /// them in one statement, before the count is read and before the
@@ -1395,7 +1395,10 @@ impl Engine {
             .get(&run_row.workflow)
             .and_then(|wf| Some((wf, step_of(wf, &row.step)?)));
         let Some((wf, step)) = found else {
-            if run_row.status == RunStatus::Running {
+            // A run whose end waits (`end_finished_runs`) ends first: it is
+            // not failed for a step it no longer runs.
+            end_finished_runs(c)?;
+            if tx::run(c.t, &row.run_id)?.is_some_and(|r| r.status == RunStatus::Running) {
                 let error = format!(
                     "step \"{}\" of workflow \"{}\" is no longer configured",
                     row.step, run_row.workflow
@@ -2426,7 +2429,9 @@ fn skip_downstream(
 /// result that spent tokens ends its run at once, before its ancestors'
 /// budgets are checked): a run whose last open step ended has no step left
 /// running, so such a later result is recorded and changes nothing else, as
-/// it would once the run had ended, and no other run reads it meanwhile.
+/// it would once the run had ended (a result for a step no longer in the
+/// config ends the run first, see `result_target`), and no other run reads
+/// it meanwhile.
 fn end_finished_runs(c: &mut Change<'_, '_>) -> Result<(), DbError> {
     match c.effects.maybe_done.take() {
         Some(run) => finish_if_done(c, &run),
@@ -2435,9 +2440,10 @@ fn end_finished_runs(c: &mut Change<'_, '_>) -> Result<(), DbError> {
 }
 
 /// An open step of `run` reaches a final state (one already final is left
-/// as it is). Its run's count of open steps is written once per
-/// transaction and run, not once per step: before `finish_if_done` reads
-/// it, and before the commit.
+/// as it is). Its run's count of open steps is not written for each step:
+/// the ends are counted and written together when `finish_if_done` reads
+/// the count, and before the commit. `tx::finish_step` alone leaves the
+/// count too high.
 #[allow(clippy::too_many_arguments)]
 fn end_step(
     c: &mut Change<'_, '_>,

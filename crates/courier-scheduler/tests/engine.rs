@@ -1294,16 +1294,16 @@ fn results_of_several_runs_in_one_batch_end_each_run_once_and_free_its_slot() {
         Some("x")
     );
     // Each ended run's count of open steps went down by each of its steps, once.
-    let open_of_ended: i64 = support::store(&dir.path().join("courier.db"))
+    let ended_with_steps_open: i64 = support::store(&dir.path().join("courier.db"))
         .read(|tx| {
             tx.one(
-                "SELECT CAST(SUM(open_steps) AS BIGINT) FROM runs WHERE status <> 'running'",
+                "SELECT COUNT(*) FROM runs WHERE status <> 'running' AND open_steps <> 0",
                 &[],
                 |r| r.get(0),
             )
         })
         .unwrap();
-    assert_eq!(open_of_ended, 0);
+    assert_eq!(ended_with_steps_open, 0);
     // The third run's count of open steps is right: it ends with its last step.
     let third = view(&runs[2]);
     assert!(third.steps.iter().all(|s| s.status == StepStatus::Running));
@@ -1312,15 +1312,16 @@ fn results_of_several_runs_in_one_batch_end_each_run_once_and_free_its_slot() {
 }
 
 #[test]
-fn a_mixed_batch_applies_the_first_matching_result_of_each_task_and_refuses_the_rest() {
+fn a_mixed_batch_applies_the_first_matching_result_of_each_task_and_ignores_or_refuses_the_rest() {
     let dir = tempfile::TempDir::new().unwrap();
     let engine = engine(&dir.path().join("courier.db"));
     // Two fanout runs at `split`: one answered by a forgery first, then for real twice.
     let runs: Vec<String> = (0..2)
         .map(|_| engine.submit("fanout", &BTreeMap::new(), NORMAL_PRIORITY).unwrap().id)
         .collect();
-    let splits: Vec<Task> = due(&engine).into_iter().map(|(t, _)| t).collect();
+    let mut splits: Vec<Task> = due(&engine).into_iter().map(|(t, _)| t).collect();
     assert_eq!(splits.len(), 2);
+    splits.sort_by_key(|t| runs.iter().position(|r| *r == t.run_id.to_string()));
     let stray = TaskResult {
         task_id: Uuid::now_v7(),
         ..result(&splits[1], TaskStatus::Succeeded, "stray")
@@ -1363,4 +1364,35 @@ fn a_mixed_batch_applies_the_first_matching_result_of_each_task_and_refuses_the_
     assert_eq!(split_of(&runs[1]), (StepStatus::Failed, None));
     let second = engine.with_db(|db| db.run(&runs[1])).unwrap().unwrap();
     assert_eq!(second.status, RunStatus::Failed);
+}
+
+#[test]
+fn a_late_result_for_a_step_gone_from_the_config_does_not_fail_a_run_that_just_ended() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let db = dir.path().join("courier.db");
+    let both = "steps:\n  - name: x\n    echo: x\n  - name: y\n    echo: y\n";
+    let engine = engine_over(config_with(dir.path(), &[("pair", both)]), &db);
+    let run = engine.submit("pair", &BTreeMap::new(), NORMAL_PRIORITY).unwrap().id;
+    let tasks: Vec<Task> = due(&engine).into_iter().map(|(t, _)| t).collect();
+    let ids: Vec<String> = tasks.iter().map(|t| t.task_id.to_string()).collect();
+    engine.with_db(|db| db.mark_published(&ids)).unwrap();
+    engine.cancel(&run, Some("x"), "api:ana", "not needed").unwrap();
+    drop(engine);
+    // `x` leaves the config; its late answer comes in one batch after `y`'s,
+    // which ended the run.
+    let other = tempfile::TempDir::new().unwrap();
+    let only_y = "steps:\n  - name: y\n    echo: y\n";
+    let engine = engine_over(config_with(other.path(), &[("pair", only_y)]), &db);
+    let task = |step: &str| tasks.iter().find(|t| t.step == step).unwrap();
+    engine
+        .apply(&[
+            result(task("y"), TaskStatus::Succeeded, "y"),
+            result(task("x"), TaskStatus::Cancelled, ""),
+        ])
+        .unwrap();
+    let view = engine.with_db(|db| db.run(&run)).unwrap().unwrap();
+    assert_eq!(
+        (view.status, view.error.as_deref()),
+        (RunStatus::Cancelled, Some("step(s) cancelled: x"))
+    );
 }

@@ -852,3 +852,33 @@ fn a_child_that_ended_in_a_batch_is_not_cancelled_by_its_parent_later_in_it() {
     );
     assert_eq!((applied.finished_runs, applied.cancelled_runs), (2, 1));
 }
+
+#[test]
+fn a_child_whose_last_step_spends_past_its_parents_budget_ends_before_the_parent_is_cancelled() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let child = "steps:\n  - name: think\n    agent: {model: offline, prompt: p, tools: [output]}\n";
+    let parent = "budget: {tokens: 100}\nsteps:\n  - name: c\n    workflow: {name: child}\n";
+    let engine = engine_over(
+        config_with(dir.path(), &[("child", child), ("parent", parent)]),
+        &dir.path().join("c.db"),
+    );
+    let run = submit(&engine, "parent", &[]);
+    let think = publish_all(&engine);
+    let spent = TaskResult {
+        model: Some("scripted/offline-demo".into()),
+        usage: Some(courier_wire::TokenUsage {
+            input_tokens: 150,
+            output_tokens: 10,
+        }),
+        ..result(&think[0], TaskStatus::Succeeded, "thought")
+    };
+    engine.apply(&[spent]).unwrap();
+    // The child's work is done: it succeeded; its spending cancels the parent.
+    let child = view(&engine, &think[0].run_id.to_string());
+    assert_eq!((child.status, child.cancelled_by), (RunStatus::Succeeded, None));
+    let v = view(&engine, &run);
+    assert_eq!(
+        (v.status, v.cancelled_by.as_deref()),
+        (RunStatus::Cancelled, Some("budget"))
+    );
+}

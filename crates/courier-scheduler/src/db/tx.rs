@@ -444,10 +444,11 @@ pub fn unadmitted_runs(tx: &Tx<'_>, workflow: &str) -> Result<bool, DbError> {
 }
 
 /// An open step reached a final state (a step already final is left as it
-/// is): whether it did, so that its run has one open step less
-/// ([`close_steps`]).
+/// is): whether it did. Its run's count of open steps is left as it is, to
+/// be lowered by [`close_steps`]: the engine ends steps through its
+/// `end_step`, which does.
 #[allow(clippy::too_many_arguments)]
-pub fn finish_step(
+pub(crate) fn finish_step(
     tx: &Tx<'_>,
     run: &str,
     name: &str,
