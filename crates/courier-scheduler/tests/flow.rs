@@ -788,22 +788,7 @@ fn a_child_ended_by_admission_still_settles_its_parent_step() {
 fn a_childs_spending_counts_against_its_parents_budget() {
     let dir = tempfile::TempDir::new().unwrap();
     let child = "steps:\n  - name: think\n    agent: {model: offline, prompt: p, tools: [output]}\n  - name: more\n    depends: [think]\n    echo: more\n";
-    let parent = "budget: {tokens: 100}\nsteps:\n  - name: c\n    workflow: {name: child}\n";
-    let engine = engine_over(
-        config_with(dir.path(), &[("child", child), ("parent", parent)]),
-        &dir.path().join("c.db"),
-    );
-    let run = submit(&engine, "parent", &[]);
-    let think = publish_all(&engine);
-    let spent = TaskResult {
-        model: Some("scripted/offline-demo".into()),
-        usage: Some(courier_wire::TokenUsage {
-            input_tokens: 150,
-            output_tokens: 10,
-        }),
-        ..result(&think[0], TaskStatus::Succeeded, "thought")
-    };
-    engine.apply(&[spent]).unwrap();
+    let (engine, run, think) = child_over_budget(dir.path(), child);
     let v = view(&engine, &run);
     assert_eq!(
         (v.status, v.cancelled_by.as_deref()),
@@ -832,14 +817,7 @@ fn a_child_that_ended_in_a_batch_is_not_cancelled_by_its_parent_later_in_it() {
     let task = |step: &str| tasks.iter().find(|t| t.step == step).unwrap();
     // One batch: the child's last step, then the parent's agent step
     // spending past the parent's budget.
-    let spent = TaskResult {
-        model: Some("scripted/offline-demo".into()),
-        usage: Some(courier_wire::TokenUsage {
-            input_tokens: 150,
-            output_tokens: 10,
-        }),
-        ..result(task("think"), TaskStatus::Succeeded, "thought")
-    };
+    let spent = spending(task("think"), 160);
     let applied = engine
         .apply(&[result(task("only"), TaskStatus::Succeeded, "done"), spent])
         .unwrap();
@@ -857,22 +835,7 @@ fn a_child_that_ended_in_a_batch_is_not_cancelled_by_its_parent_later_in_it() {
 fn a_child_whose_last_step_spends_past_its_parents_budget_ends_before_the_parent_is_cancelled() {
     let dir = tempfile::TempDir::new().unwrap();
     let child = "steps:\n  - name: think\n    agent: {model: offline, prompt: p, tools: [output]}\n";
-    let parent = "budget: {tokens: 100}\nsteps:\n  - name: c\n    workflow: {name: child}\n";
-    let engine = engine_over(
-        config_with(dir.path(), &[("child", child), ("parent", parent)]),
-        &dir.path().join("c.db"),
-    );
-    let run = submit(&engine, "parent", &[]);
-    let think = publish_all(&engine);
-    let spent = TaskResult {
-        model: Some("scripted/offline-demo".into()),
-        usage: Some(courier_wire::TokenUsage {
-            input_tokens: 150,
-            output_tokens: 10,
-        }),
-        ..result(&think[0], TaskStatus::Succeeded, "thought")
-    };
-    engine.apply(&[spent]).unwrap();
+    let (engine, run, think) = child_over_budget(dir.path(), child);
     // The child's work is done: it succeeded; its spending cancels the parent.
     let child = view(&engine, &think[0].run_id.to_string());
     assert_eq!((child.status, child.cancelled_by), (RunStatus::Succeeded, None));
@@ -881,4 +844,31 @@ fn a_child_whose_last_step_spends_past_its_parents_budget_ends_before_the_parent
         (v.status, v.cancelled_by.as_deref()),
         (RunStatus::Cancelled, Some("budget"))
     );
+}
+
+/// An agent step's success that reports `tokens` used (past a budget of 100).
+fn spending(task: &Task, tokens: u64) -> TaskResult {
+    TaskResult {
+        model: Some("scripted/offline-demo".into()),
+        usage: Some(courier_wire::TokenUsage {
+            input_tokens: tokens - 10,
+            output_tokens: 10,
+        }),
+        ..result(task, TaskStatus::Succeeded, "thought")
+    }
+}
+
+/// A parent with a budget of 100 tokens running `child`, whose first step
+/// (`think`, an agent step) then reports 160: the engine, the parent run,
+/// and the child's first tasks.
+fn child_over_budget(dir: &std::path::Path, child: &str) -> (Engine, String, Vec<Task>) {
+    let parent = "budget: {tokens: 100}\nsteps:\n  - name: c\n    workflow: {name: child}\n";
+    let engine = engine_over(
+        config_with(dir, &[("child", child), ("parent", parent)]),
+        &dir.join("c.db"),
+    );
+    let run = submit(&engine, "parent", &[]);
+    let think = publish_all(&engine);
+    engine.apply(&[spending(&think[0], 160)]).unwrap();
+    (engine, run, think)
 }
