@@ -308,8 +308,8 @@ struct Effects {
     /// parent's step to go on (in the same transaction).
     children_done: Vec<(String, String, String)>,
     /// The run whose last results may have ended its last open step: it is
-    /// ended (if nothing is left open) when a result of another run comes,
-    /// before admission, or before the commit, not after each result (see
+    /// ended (if nothing is left open) when a result of another run comes
+    /// and at the end of the batch, not after each result (see
     /// `end_finished_runs`; a result that spent tokens ends its run at once).
     maybe_done: Option<String>,
     /// Steps ended, by run: each run's count of open steps goes down by
@@ -585,9 +585,8 @@ impl Engine {
                 effects: &mut effects,
             };
             let value = f(&mut c)?;
-            end_finished_runs(&mut c)?;
+            debug_assert!(c.effects.maybe_done.is_none(), "apply_batch ends what it deferred");
             self.settle_children(&mut c)?;
-            debug_assert!(c.effects.maybe_done.is_none(), "only results defer a run's end");
             for (run, n) in std::mem::take(&mut c.effects.closed) {
                 tx::close_steps(c.t, &run, n)?;
             }
@@ -1747,8 +1746,6 @@ impl Engine {
     /// a step still held gets the limit named in `waiting_on`. A step whose
     /// workflow or step left the config fails its run.
     fn admit_in(&self, c: &mut Change<'_, '_>) -> Result<(), DbError> {
-        // Runs ended by this transaction's results free their slots first.
-        end_finished_runs(c)?;
         let waiting = tx::waiting_steps(c.t, c.now, ADMIT_BATCH)?;
         if waiting.is_empty() {
             return Ok(());
