@@ -1396,3 +1396,30 @@ fn a_late_result_for_a_step_gone_from_the_config_does_not_fail_a_run_that_just_e
         (RunStatus::Cancelled, Some("step(s) cancelled: x"))
     );
 }
+
+#[test]
+fn a_result_carrying_a_nul_character_is_stored_and_a_forged_one_changes_nothing() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine(&dir.path().join("courier.db"));
+    let run = engine.submit("fanout", &BTreeMap::new(), NORMAL_PRIORITY).unwrap().id;
+    let split = publish_next(&engine);
+    // A forged copy naming a step with a NUL, then the real result whose
+    // output has one: in one batch, on either store.
+    let forged = TaskResult {
+        step: "split\0".into(),
+        ..result(&split, TaskStatus::Succeeded, "forged")
+    };
+    let applied = engine
+        .apply(&[forged, result(&split, TaskStatus::Succeeded, "9\0")])
+        .unwrap();
+    assert_eq!((applied.applied, applied.refused.len()), (1, 1));
+    let view = engine.with_db(|db| db.run(&run)).unwrap().unwrap();
+    let output = view.steps.iter().find(|s| s.name == "split").unwrap().output.clone();
+    // PostgreSQL's text cannot hold NUL: it is stored as U+FFFD there.
+    let expected = if support::postgres_server().is_some() {
+        "9\u{FFFD}"
+    } else {
+        "9\0"
+    };
+    assert_eq!(output.as_deref(), Some(expected));
+}

@@ -148,7 +148,10 @@ impl rusqlite::ToSql for Value<'_> {
 }
 
 /// PostgreSQL infers each parameter's type from the statement; a value is
-/// written as that type when it fits.
+/// written as that type when it fits. PostgreSQL's text cannot hold the NUL
+/// character (SQLite's can): it is written as U+FFFD, so a step's output or
+/// a result's field that carries one is stored, not refused by the server
+/// (which would fail, and so redeliver, its whole batch of results forever).
 impl ToSql for Value<'_> {
     fn to_sql(&self, ty: &Type, out: &mut bytes::BytesMut) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
         match (*self, ty) {
@@ -160,6 +163,9 @@ impl ToSql for Value<'_> {
             (Value::Int(v), &Type::FLOAT8) => (v as f64).to_sql(ty, out),
             (Value::Real(v), &Type::FLOAT8) => v.to_sql(ty, out),
             (Value::Real(v), &Type::FLOAT4) => (v as f32).to_sql(ty, out),
+            (Value::Text(s), _) if <&str as ToSql>::accepts(ty) && s.contains('\0') => {
+                s.replace('\0', "\u{FFFD}").as_str().to_sql(ty, out)
+            }
             (Value::Text(s), _) if <&str as ToSql>::accepts(ty) => s.to_sql(ty, out),
             (Value::Int(v), _) if <&str as ToSql>::accepts(ty) => v.to_string().as_str().to_sql(ty, out),
             (value, ty) => Err(format!("cannot write {value:?} as PostgreSQL type {ty}").into()),
