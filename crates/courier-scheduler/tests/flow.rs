@@ -872,3 +872,23 @@ fn child_over_budget(dir: &std::path::Path, child: &str) -> (Engine, String, Vec
     engine.apply(&[spending(&think[0], 160)]).unwrap();
     (engine, run, think)
 }
+
+#[test]
+fn an_item_that_cannot_be_planned_fails_and_frees_its_place_for_the_next() {
+    let dir = tempfile::TempDir::new().unwrap();
+    // An item holding a NUL cannot become a process argument: its task
+    // cannot be built. One item at a time, failures tolerated.
+    let each = "params: {items: ~}\nsteps:\n  - name: each\n    foreach: '${items}'\n    max_concurrent: 1\n    continue_on_failure: true\n    command: [\"echo\", \"${item}\"]\n";
+    let engine = engine_over(config_with(dir.path(), &[("each", each)]), &dir.path().join("c.db"));
+    let run = submit(&engine, "each", &[("items", r#"["a\u0000", "b", "c"]"#)]);
+    // The first item failed at planning; the next one was sent in its place.
+    let sent = publish_all(&engine);
+    assert_eq!(sent.iter().map(|t| t.step.as_str()).collect::<Vec<_>>(), ["each[1]"]);
+    engine.apply(&[result(&sent[0], TaskStatus::Succeeded, "b")]).unwrap();
+    drive(&engine, |_| TaskStatus::Succeeded);
+    let v = view(&engine, &run);
+    assert_eq!(v.status, RunStatus::Succeeded, "{:?}", v.error);
+    let first = step(&v, "each[0]");
+    assert_eq!(first.status, StepStatus::Failed);
+    assert!(first.error.as_deref().unwrap().contains("NUL"), "{:?}", first.error);
+}

@@ -192,6 +192,9 @@ impl Engine {
                 Err(e) => {
                     let error = e.to_string();
                     let scheduler = Some("scheduler");
+                    // Taken, it counts as started: its end frees its place
+                    // (a pending item's end would not, and the step stalls).
+                    tx::start_step(c.t, run, &name, 1, c.now)?;
                     end_step(c, run, &name, StepStatus::Failed, None, Some(&error), scheduler)?;
                 }
             }
