@@ -4,7 +4,7 @@
 //! load). Any attempt to write through the store is refused with the store's
 //! read-only error, which the model sees as the tool's answer.
 
-use courier_config::{AgentStore, MemoryScope, SnapshotStore};
+use courier_config::{AgentStore, MAX_PROPOSAL_BYTES, MAX_PROPOSALS, MemoryScope, SnapshotStore};
 use courier_wire::{MemoryTarget, MemoryUpdate};
 use serde_json::{Value, json};
 
@@ -160,6 +160,13 @@ pub fn call(
             None => "error: output needs \"text\" (your final answer, a string); nothing was recorded".into(),
         },
         "propose_memory_update" => match (scope(arg("scope")), arg("text")) {
+            (Some(_), Some(text)) if text.len() + 1 > MAX_PROPOSAL_BYTES => format!(
+                "error: a memory proposal holds at most {MAX_PROPOSAL_BYTES} bytes, this one {}; nothing was recorded",
+                text.len() + 1
+            ),
+            (Some(_), Some(text)) if !text.is_empty() && proposals.len() >= MAX_PROPOSALS => {
+                format!("error: a step makes at most {MAX_PROPOSALS} memory proposals; nothing was recorded")
+            }
             (Some((target, _)), Some(text)) if !text.is_empty() => {
                 proposals.push(MemoryUpdate {
                     target,

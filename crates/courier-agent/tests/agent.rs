@@ -320,6 +320,64 @@ async fn a_write_attempt_is_refused_and_the_model_sees_the_refusal() {
 }
 
 #[tokio::test]
+async fn memory_proposals_are_bounded_in_size_and_count_and_the_model_is_told() {
+    let big = "x".repeat(courier_config::MAX_PROPOSAL_BYTES);
+    let many: Vec<(&str, Value)> = (0..=courier_config::MAX_PROPOSALS)
+        .map(|i| {
+            (
+                "propose_memory_update",
+                json!({"scope": "global", "text": format!("- fact {i}")}),
+            )
+        })
+        .collect();
+    let (mock, base) = Mock::start(vec![
+        openai(
+            None,
+            &[("propose_memory_update", json!({"scope": "global", "text": big}))],
+        ),
+        openai(None, &many),
+        openai(None, &[("output", json!({"text": "ok"}))]),
+    ])
+    .await;
+    let (spec, store) = research_analyze(
+        Provider::OpenaiCompatible,
+        &with_base(Provider::OpenaiCompatible, &base),
+        None,
+    );
+    let outcome = run_step(&spec, &store, Duration::from_secs(10), &env(), std::future::pending()).await;
+    assert_eq!(outcome.status, TaskStatus::Succeeded, "{outcome:?}");
+    let answers = |request: usize| -> Vec<String> {
+        mock.requests()[request].1["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["role"] == "tool")
+            .map(|m| m["content"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let first = answers(1);
+    assert_eq!(
+        first.last().unwrap(),
+        &format!(
+            "error: a memory proposal holds at most {} bytes, this one {}; nothing was recorded",
+            courier_config::MAX_PROPOSAL_BYTES,
+            courier_config::MAX_PROPOSAL_BYTES + 1
+        )
+    );
+    let second = answers(2);
+    assert_eq!(
+        second.last().unwrap(),
+        &format!(
+            "error: a step makes at most {} memory proposals; nothing was recorded",
+            courier_config::MAX_PROPOSALS
+        )
+    );
+    // The first MAX_PROPOSALS of the second turn, none of the oversized one.
+    assert_eq!(outcome.memory_updates.len(), courier_config::MAX_PROPOSALS);
+    assert_eq!(outcome.memory_updates[0].append, "- fact 0\n");
+}
+
+#[tokio::test]
 async fn max_iterations_stops_a_model_that_never_finishes() {
     let (mock, base) = Mock::start(vec![]).await;
     *mock.forever.lock().unwrap() = Some(openai(None, &[("read_memory", json!({}))]));

@@ -23,8 +23,8 @@ pub use config::Config;
 pub use error::{ConfigError, ConfigErrors};
 pub use snapshot::build_snapshot;
 pub use store::{
-    AgentStore, Catalog, FsStore, KNOWN_TOOLS, MAX_ID_LEN, MemoryScope, PROPOSE_MEMORY_TOOL, SnapshotStore, StoreError,
-    is_slug,
+    AgentStore, Catalog, FsStore, KNOWN_TOOLS, MAX_ID_LEN, MAX_MEMORY_BYTES, MAX_PROPOSAL_BYTES, MAX_PROPOSALS,
+    MemoryScope, PROPOSE_MEMORY_TOOL, SnapshotStore, StoreError, is_slug,
 };
 pub use workflow::{
     Approval, Budget, DEFAULT_APPROVAL_TIMEOUT, DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_ITEMS, DEFAULT_MAX_ITERATIONS,

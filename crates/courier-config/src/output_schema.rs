@@ -3,12 +3,40 @@
 //! worker (the `output` tool answers a violation to the model) and again on
 //! the scheduler (a result that does not match cannot succeed).
 
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+
+use jsonschema::Validator;
 use serde_json::Value;
 
 /// Largest schema accepted (it travels in every task of its step).
 pub const MAX_SCHEMA_BYTES: usize = 64 * 1024;
 /// Violations named in an error; the rest are counted.
 const SHOWN: usize = 3;
+/// Compiled schemas kept, by their text (each at most [`MAX_SCHEMA_BYTES`]):
+/// a step's schema is compiled once, not once per output checked. Past
+/// this many, the cache starts over.
+const CACHED: usize = 64;
+
+static VALIDATORS: LazyLock<Mutex<HashMap<String, Arc<Validator>>>> = LazyLock::new(Mutex::default);
+
+/// The compiled `schema` (JSON text), from the cache or compiled and kept.
+fn validator(schema: &str) -> Result<Arc<Validator>, String> {
+    let cache = || VALIDATORS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(found) = cache().get(schema) {
+        return Ok(found.clone());
+    }
+    // Compiled outside the lock: other checks go on meanwhile.
+    let json: Value = serde_json::from_str(schema).map_err(|e| format!("the output schema is not JSON: {e}"))?;
+    let compiled =
+        Arc::new(jsonschema::validator_for(&json).map_err(|e| format!("the output schema is invalid: {e}"))?);
+    let mut cached = cache();
+    if cached.len() >= CACHED {
+        cached.clear();
+    }
+    cached.insert(schema.to_string(), compiled.clone());
+    Ok(compiled)
+}
 
 /// Check a schema as written in a workflow: valid JSON Schema, an object at
 /// the top (it is the `output` tool's parameters), at most [`MAX_SCHEMA_BYTES`].
@@ -34,8 +62,7 @@ pub fn check_schema(schema: &Value) -> Result<(), String> {
 /// A message for the model or the step's error: not JSON, or the first
 /// violations with where they are.
 pub fn validate(schema: &str, output: &str) -> Result<(), String> {
-    let schema: Value = serde_json::from_str(schema).map_err(|e| format!("the output schema is not JSON: {e}"))?;
-    let validator = jsonschema::validator_for(&schema).map_err(|e| format!("the output schema is invalid: {e}"))?;
+    let validator = validator(schema)?;
     let value: Value = serde_json::from_str(output)
         .map_err(|e| format!("the output is not JSON ({e}); the schema asks for an object"))?;
     // The first few only: a long output may break a rule a million times.
@@ -86,6 +113,25 @@ mod tests {
                 .unwrap_err()
                 .starts_with("the output is not JSON")
         );
+    }
+
+    #[test]
+    fn a_schema_is_compiled_once_and_the_cache_stays_bounded() {
+        let schema = r#"{"type": "object", "required": ["cached"]}"#;
+        let first = validator(schema).unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &validator(schema).unwrap()),
+            "the second check reuses the first's"
+        );
+        assert!(
+            validate(schema, "{}")
+                .unwrap_err()
+                .contains("\"cached\" is a required property")
+        );
+        for i in 0..=CACHED {
+            validate(&format!(r#"{{"type": "object", "required": ["k{i}"]}}"#), "{}").unwrap_err();
+            assert!(VALIDATORS.lock().unwrap().len() <= CACHED);
+        }
     }
 
     #[test]

@@ -19,6 +19,15 @@ use crate::yaml;
 /// scheduler accepts proposals only from steps that enable it.
 pub const PROPOSE_MEMORY_TOOL: &str = "propose_memory_update";
 
+/// Largest memory file the scheduler writes. Every snapshot of a step with
+/// memory enabled carries it (and its prompt holds it), and the scheduler
+/// reads it back at start: an agent cannot grow it past this.
+pub const MAX_MEMORY_BYTES: usize = 256 * 1024;
+/// Largest single memory proposal.
+pub const MAX_PROPOSAL_BYTES: usize = 16 * 1024;
+/// Most memory proposals one step may make; the rest are not written.
+pub const MAX_PROPOSALS: usize = 16;
+
 /// Tools an agent step can enable. The agent runtime implements exactly these.
 pub const KNOWN_TOOLS: &[&str] = &[
     "read_skill",
@@ -84,6 +93,16 @@ pub enum StoreError {
          (propose a memory update instead: the scheduler applies it after the step succeeds)"
     )]
     ReadOnly { what: String },
+    /// A memory proposal over [`MAX_PROPOSAL_BYTES`].
+    #[error("a memory proposal holds at most {MAX_PROPOSAL_BYTES} bytes; this one holds {size}")]
+    ProposalTooLarge { size: usize },
+    /// Appending would take a memory file over [`MAX_MEMORY_BYTES`]; it is left as it was.
+    #[error(
+        "{scope} would hold {size} bytes with this proposal, at most {MAX_MEMORY_BYTES}: \
+         not written (trim {} by hand to make room)",
+        path.display()
+    )]
+    MemoryFull { scope: String, path: PathBuf, size: usize },
     /// A filesystem failure in the scheduler's store.
     #[error("{}: {source}", path.display())]
     Io {
@@ -311,6 +330,9 @@ impl AgentStore for FsStore {
         {
             return Err(missing("workflow", w));
         }
+        if text.len() > MAX_PROPOSAL_BYTES {
+            return Err(StoreError::ProposalTooLarge { size: text.len() });
+        }
         let path = self.memory_path(scope);
         let mut files = self.memory.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         // The file as it is now, not as loaded: another scheduler sharing the
@@ -330,6 +352,13 @@ impl AgentStore for FsStore {
             next.push('\n');
         }
         next.push_str(text);
+        if next.len() > MAX_MEMORY_BYTES {
+            return Err(StoreError::MemoryFull {
+                scope: scope.to_string(),
+                path,
+                size: next.len(),
+            });
+        }
         write_atomically(&path, &next)?;
         match scope {
             MemoryScope::Global => files.global = Some(next),

@@ -20,8 +20,8 @@ use crate::db::Tx;
 use courier_config::output_schema;
 use courier_config::template::{Item, Values};
 use courier_config::{
-    AgentStore, Config, MemoryScope, OnSkipped, PROPOSE_MEMORY_TOOL, ParamError, Step, StoreError, Workflow,
-    build_snapshot,
+    AgentStore, Config, MAX_PROPOSALS, MemoryScope, OnSkipped, PROPOSE_MEMORY_TOOL, ParamError, Step, StoreError,
+    Workflow, build_snapshot,
 };
 use courier_wire::{
     ContentHash, Limits, MemoryTarget, MemoryUpdate, ModelLimits, Pricing, StepRun, Task, TaskResult, TaskStatus,
@@ -452,13 +452,34 @@ impl Engine {
     fn after_commit(&self, effects: Effects) -> usize {
         let mut not_written = 0;
         if !effects.memory.is_empty() {
+            // A step's proposals are consecutive; past MAX_PROPOSALS of one
+            // step, the rest are not written.
+            let mut of_step = (None, 0);
             for write in &effects.memory {
+                let step = (write.run.as_str(), write.step.as_str());
+                of_step = if of_step.0 == Some(step) {
+                    (Some(step), of_step.1 + 1)
+                } else {
+                    (Some(step), 1)
+                };
                 let scope = match write.update.target {
                     MemoryTarget::Global => MemoryScope::Global,
                     MemoryTarget::Workflow => MemoryScope::Workflow(&write.workflow),
                 };
-                match self.config.store.append_memory(scope, &write.update.append) {
+                let written = if of_step.1 > MAX_PROPOSALS {
+                    Err(format!(
+                        "a step makes at most {MAX_PROPOSALS} memory proposals; the rest were not written"
+                    ))
+                } else {
+                    self.config
+                        .store
+                        .append_memory(scope, &write.update.append)
+                        .map_err(|e| e.to_string())
+                };
+                match written {
                     Ok(()) => tracing::info!(workflow = %write.workflow, ?write.update.target, "memory updated"),
+                    // Said once for all the step's proposals past the bound.
+                    Err(_) if of_step.1 > MAX_PROPOSALS + 1 => not_written += 1,
                     Err(e) => {
                         not_written += 1;
                         let error = format!("the step's memory update was not written: {e}");
@@ -2302,9 +2323,6 @@ fn write_tasks<'s>(
     Ok(())
 }
 
-/// Cancel a running run (one that already ended is left as it is): open
-/// steps cancelled, unpublished tasks dropped, workers told, its running
-/// child runs cancelled with it.
 /// A successful agent result whose output does not match the step's
 /// `output_schema`, turned into a failure naming why (checked here too:
 /// whatever a worker, an old one say, answered, a step cannot succeed with
@@ -2321,6 +2339,9 @@ fn checked_output(step: &Step, r: &TaskResult) -> Option<TaskResult> {
     })
 }
 
+/// Cancel a running run (one that already ended is left as it is): open
+/// steps cancelled, unpublished tasks dropped, workers told, its running
+/// child runs cancelled with it.
 fn cancel_run(c: &mut Change<'_, '_>, run: &str, by: &str, reason: &str) -> Result<(), DbError> {
     if tx::run(c.t, run)?.map(|r| r.status) != Some(RunStatus::Running) {
         return Ok(());

@@ -276,6 +276,77 @@ fn a_memory_update_that_cannot_be_written_is_recorded_on_the_step() {
 }
 
 #[test]
+fn memory_stays_within_its_bound_and_a_step_writes_at_most_its_count_of_proposals() {
+    use courier_config::{MAX_MEMORY_BYTES, MAX_PROPOSALS};
+    let dir = tempfile::TempDir::new().unwrap();
+    let config_dir = dir.path().join("config");
+    let copied = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config"))
+        .arg(&config_dir)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    // The workflow's memory is a few bytes short of full.
+    let memory = config_dir.join("agents/memory/workflows/research/MEMORY.md");
+    let nearly_full = format!("{}\n", "m".repeat(MAX_MEMORY_BYTES - 8));
+    std::fs::write(&memory, &nearly_full).unwrap();
+    let engine = Engine::new(
+        Config::load(&config_dir).unwrap(),
+        support::store(&dir.path().join("courier.db")),
+        EngineLimits::default(),
+    );
+    let proposal = |target, text: &str| courier_wire::MemoryUpdate {
+        target,
+        append: text.into(),
+    };
+    let (run, analyze) = research_at_analyze(&engine);
+    let (second_run, second_analyze) = research_at_analyze(&engine);
+    let over = TaskResult {
+        memory_updates: vec![proposal(courier_wire::MemoryTarget::Workflow, "- one fact too many\n")],
+        ..result(&analyze, TaskStatus::Succeeded, "analysis")
+    };
+    let applied = engine.apply(&[over]).unwrap();
+    assert_eq!((applied.applied, applied.memory_not_written), (1, 1));
+    assert_eq!(std::fs::read_to_string(&memory).unwrap(), nearly_full, "left as it was");
+    let view = engine.with_db(|db| db.run(&run)).unwrap().unwrap();
+    let error = view.steps[1].error.as_deref().unwrap();
+    assert!(
+        error.starts_with(&format!(
+            "the step's memory update was not written: memory of workflow \"research\" would hold {} bytes \
+             with this proposal, at most {MAX_MEMORY_BYTES}: not written (trim ",
+            nearly_full.len() + 20
+        )),
+        "{error}"
+    );
+    assert_eq!(view.steps[1].status, StepStatus::Succeeded);
+    // A step proposing more than MAX_PROPOSALS: the first ones are written, the rest are not.
+    let (run, analyze) = (second_run, second_analyze);
+    let many = TaskResult {
+        memory_updates: (0..MAX_PROPOSALS + 3)
+            .map(|i| proposal(courier_wire::MemoryTarget::Global, &format!("- fact {i}\n")))
+            .collect(),
+        ..result(&analyze, TaskStatus::Succeeded, "analysis")
+    };
+    let applied = engine.apply(&[many]).unwrap();
+    assert_eq!((applied.applied, applied.memory_not_written), (1, 3));
+    let global = std::fs::read_to_string(config_dir.join("agents/memory/MEMORY.md")).unwrap();
+    assert!(global.contains(&format!("- fact {}\n", MAX_PROPOSALS - 1)), "{global}");
+    assert!(!global.contains(&format!("- fact {MAX_PROPOSALS}\n")), "{global}");
+    let view = engine.with_db(|db| db.run(&run)).unwrap().unwrap();
+    assert_eq!(
+        view.steps[1].error.as_deref(),
+        Some(
+            format!(
+                "the step's memory update was not written: a step makes at most {MAX_PROPOSALS} memory proposals; \
+                 the rest were not written"
+            )
+            .as_str()
+        )
+    );
+}
+
+#[test]
 fn an_old_database_is_upgraded_and_a_newer_one_is_refused() {
     use courier_scheduler::db::{OpenError, SCHEMA_VERSION};
     let dir = tempfile::TempDir::new().unwrap();
