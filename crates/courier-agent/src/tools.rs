@@ -160,12 +160,16 @@ pub fn call(
             None => "error: output needs \"text\" (your final answer, a string); nothing was recorded".into(),
         },
         "propose_memory_update" => match (scope(arg("scope")), arg("text")) {
-            (Some(_), Some(text)) if text.len() + 1 > MAX_PROPOSAL_BYTES => format!(
-                "error: a memory proposal holds at most {MAX_PROPOSAL_BYTES} bytes, this one {}; nothing was recorded",
-                text.len() + 1
-            ),
             (Some(_), Some(text)) if !text.is_empty() && proposals.len() >= MAX_PROPOSALS => {
                 format!("error: a step makes at most {MAX_PROPOSALS} memory proposals; nothing was recorded")
+            }
+            (Some(_), Some(text)) if !text.is_empty() && proposed(proposals) + text.len() + 1 > MAX_PROPOSAL_BYTES => {
+                format!(
+                    "error: a step proposes at most {MAX_PROPOSAL_BYTES} bytes of memory in all; {} are left, \
+                 this proposal holds {}; nothing was recorded",
+                    MAX_PROPOSAL_BYTES - proposed(proposals),
+                    text.len() + 1
+                )
             }
             (Some((target, _)), Some(text)) if !text.is_empty() => {
                 proposals.push(MemoryUpdate {
@@ -179,6 +183,11 @@ pub fn call(
         other => format!("error: unknown tool \"{other}\""),
     };
     Answer::Text(bounded(text))
+}
+
+/// Bytes of memory proposed so far.
+fn proposed(proposals: &[MemoryUpdate]) -> usize {
+    proposals.iter().map(|p| p.append.len()).sum()
 }
 
 /// Tool names that try to change the store.

@@ -359,9 +359,10 @@ async fn memory_proposals_are_bounded_in_size_and_count_and_the_model_is_told() 
     assert_eq!(
         first.last().unwrap(),
         &format!(
-            "error: a memory proposal holds at most {} bytes, this one {}; nothing was recorded",
-            courier_config::MAX_PROPOSAL_BYTES,
-            courier_config::MAX_PROPOSAL_BYTES + 1
+            "error: a step proposes at most {max} bytes of memory in all; {max} are left, this proposal holds {}; \
+             nothing was recorded",
+            courier_config::MAX_PROPOSAL_BYTES + 1,
+            max = courier_config::MAX_PROPOSAL_BYTES,
         )
     );
     let second = answers(2);

@@ -20,12 +20,13 @@ use crate::yaml;
 pub const PROPOSE_MEMORY_TOOL: &str = "propose_memory_update";
 
 /// Largest memory file the scheduler writes. Every snapshot of a step with
-/// memory enabled carries it (and its prompt holds it), and the scheduler
-/// reads it back at start: an agent cannot grow it past this.
-pub const MAX_MEMORY_BYTES: usize = 256 * 1024;
-/// Largest single memory proposal.
+/// memory enabled carries it, its prompt holds it on every turn, and the
+/// scheduler reads it back at start: an agent cannot grow it past this.
+pub const MAX_MEMORY_BYTES: usize = 64 * 1024;
+/// Most bytes of memory one step (each foreach item) may propose, all its
+/// proposals together: filling a memory file takes several steps.
 pub const MAX_PROPOSAL_BYTES: usize = 16 * 1024;
-/// Most memory proposals one step may make; the rest are not written.
+/// Most memory proposals one step (each foreach item) may make.
 pub const MAX_PROPOSALS: usize = 16;
 
 /// Tools an agent step can enable. The agent runtime implements exactly these.
@@ -93,7 +94,8 @@ pub enum StoreError {
          (propose a memory update instead: the scheduler applies it after the step succeeds)"
     )]
     ReadOnly { what: String },
-    /// A memory proposal over [`MAX_PROPOSAL_BYTES`].
+    /// A memory proposal over [`MAX_PROPOSAL_BYTES`] (a step's proposals
+    /// together are held to it by the scheduler).
     #[error("a memory proposal holds at most {MAX_PROPOSAL_BYTES} bytes; this one holds {size}")]
     ProposalTooLarge { size: usize },
     /// Appending would take a memory file over [`MAX_MEMORY_BYTES`]; it is left as it was.
@@ -278,13 +280,15 @@ impl FsStore {
     /// Read the memory files again from disk: another process (a scheduler
     /// sharing this folder) may have appended to them.
     pub fn reload_memory(&self) {
+        // Read under the lock: an append meanwhile would be undone by a
+        // read from before it.
+        let mut files = self.memory.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut errors = Vec::new();
         let fresh = load_memory(&self.root.join("memory"), &mut errors);
-        if !errors.is_empty() {
-            // Unreadable now: keep what was loaded (appends re-read the file).
-            return;
+        // Unreadable now: keep what was loaded (appends re-read the file).
+        if errors.is_empty() {
+            *files = fresh;
         }
-        *self.memory.write().unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
     }
 
     fn memory_path(&self, scope: MemoryScope<'_>) -> PathBuf {

@@ -690,6 +690,42 @@ fn fs_store_appends_memory_to_disk() {
 }
 
 #[test]
+fn fs_store_refuses_a_proposal_or_an_append_over_its_bound_and_takes_one_up_to_it() {
+    use courier_config::{MAX_MEMORY_BYTES, MAX_PROPOSAL_BYTES};
+    let dir = fixture();
+    let store = FsStore::load(&dir.path().join("agents")).unwrap();
+    let path = dir.path().join("agents/memory/workflows/fanout/MEMORY.md");
+    let scope = MemoryScope::Workflow("fanout");
+    let err = store
+        .append_memory(scope, &"é".repeat(MAX_PROPOSAL_BYTES / 2 + 1))
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::ProposalTooLarge { size } if size == MAX_PROPOSAL_BYTES + 2),
+        "{err}"
+    );
+    assert!(!path.exists(), "nothing written");
+    // Filled to exactly its bound, one proposal at most at a time.
+    let proposal = "m".repeat(MAX_PROPOSAL_BYTES - 1) + "\n";
+    for _ in 0..MAX_MEMORY_BYTES / MAX_PROPOSAL_BYTES {
+        store.append_memory(scope, &proposal).unwrap();
+    }
+    assert_eq!(std::fs::metadata(&path).unwrap().len() as usize, MAX_MEMORY_BYTES);
+    let err = store.append_memory(scope, "x").unwrap_err();
+    assert!(
+        err.to_string().starts_with(&format!(
+            "memory of workflow \"fanout\" would hold {} bytes with this proposal, at most {MAX_MEMORY_BYTES}: \
+             not written (trim ",
+            MAX_MEMORY_BYTES + 1
+        )),
+        "{err}"
+    );
+    assert_eq!(std::fs::metadata(&path).unwrap().len() as usize, MAX_MEMORY_BYTES);
+    // What is on disk still loads: the scheduler starts again.
+    let again = FsStore::load(&dir.path().join("agents")).unwrap();
+    assert_eq!(again.memory(scope).unwrap().unwrap().len(), MAX_MEMORY_BYTES);
+}
+
+#[test]
 fn config_error_display_names_file_line_step_and_field() {
     let e = ConfigError {
         file: "w.yaml".into(),

@@ -20,8 +20,8 @@ use crate::db::Tx;
 use courier_config::output_schema;
 use courier_config::template::{Item, Values};
 use courier_config::{
-    AgentStore, Config, MAX_PROPOSALS, MemoryScope, OnSkipped, PROPOSE_MEMORY_TOOL, ParamError, Step, StoreError,
-    Workflow, build_snapshot,
+    AgentStore, Config, MAX_PROPOSAL_BYTES, MAX_PROPOSALS, MemoryScope, OnSkipped, PROPOSE_MEMORY_TOOL, ParamError,
+    Step, StoreError, Workflow, build_snapshot,
 };
 use courier_wire::{
     ContentHash, Limits, MemoryTarget, MemoryUpdate, ModelLimits, Pricing, StepRun, Task, TaskResult, TaskStatus,
@@ -446,54 +446,74 @@ impl Engine {
     }
 
     /// Act on a committed transaction once the database is free again:
-    /// apply memory proposals to the store. A proposal that cannot be
-    /// written is recorded as the step's error (the step stays succeeded);
-    /// returns how many were not written.
+    /// apply memory proposals to the store, each step's (each foreach
+    /// item's) within [`MAX_PROPOSALS`] and [`MAX_PROPOSAL_BYTES`] in all.
+    /// A proposal that is not written is recorded as its step's error, the
+    /// first such reason once per step (the step stays succeeded); returns
+    /// how many were not written.
     fn after_commit(&self, effects: Effects) -> usize {
+        if effects.memory.is_empty() {
+            return 0;
+        }
         let mut not_written = 0;
-        if !effects.memory.is_empty() {
-            // A step's proposals are consecutive; past MAX_PROPOSALS of one
-            // step, the rest are not written.
-            let mut of_step = (None, 0);
-            for write in &effects.memory {
-                let step = (write.run.as_str(), write.step.as_str());
-                of_step = if of_step.0 == Some(step) {
-                    (Some(step), of_step.1 + 1)
-                } else {
-                    (Some(step), 1)
-                };
-                let scope = match write.update.target {
-                    MemoryTarget::Global => MemoryScope::Global,
-                    MemoryTarget::Workflow => MemoryScope::Workflow(&write.workflow),
-                };
-                let written = if of_step.1 > MAX_PROPOSALS {
-                    Err(format!(
-                        "a step makes at most {MAX_PROPOSALS} memory proposals; the rest were not written"
-                    ))
-                } else {
-                    self.config
-                        .store
-                        .append_memory(scope, &write.update.append)
-                        .map_err(|e| e.to_string())
-                };
-                match written {
-                    Ok(()) => tracing::info!(workflow = %write.workflow, ?write.update.target, "memory updated"),
-                    // Said once for all the step's proposals past the bound.
-                    Err(_) if of_step.1 > MAX_PROPOSALS + 1 => not_written += 1,
-                    Err(e) => {
-                        not_written += 1;
-                        let error = format!("the step's memory update was not written: {e}");
-                        tracing::error!(run = %write.run, step = %write.step, %error, "memory update failed");
-                        let noted = self
-                            .with_db(|db| db.transaction(|t| tx::set_step_error(t, &write.run, &write.step, &error)));
-                        if let Err(e) = noted {
-                            tracing::error!(error = %e, "cannot record the failed memory update");
-                        }
+        // A step's proposals are consecutive: its count and bytes so far,
+        // and why the first of them not written was not, with how many.
+        let mut step: Option<(&str, &str)> = None;
+        let (mut count, mut bytes) = (0, 0);
+        let mut errors: Vec<(&str, &str, String, usize)> = Vec::new();
+        for write in &effects.memory {
+            let this = (write.run.as_str(), write.step.as_str());
+            if step != Some(this) {
+                (step, count, bytes) = (Some(this), 0, 0);
+            }
+            count += 1;
+            bytes += write.update.append.len();
+            let scope = match write.update.target {
+                MemoryTarget::Global => MemoryScope::Global,
+                MemoryTarget::Workflow => MemoryScope::Workflow(&write.workflow),
+            };
+            let written = if count > MAX_PROPOSALS {
+                Err(format!("a step makes at most {MAX_PROPOSALS} memory proposals"))
+            } else if bytes > MAX_PROPOSAL_BYTES {
+                Err(format!(
+                    "a step proposes at most {MAX_PROPOSAL_BYTES} bytes of memory in all"
+                ))
+            } else {
+                self.config
+                    .store
+                    .append_memory(scope, &write.update.append)
+                    .map_err(|e| e.to_string())
+            };
+            match written {
+                Ok(()) => tracing::info!(workflow = %write.workflow, ?write.update.target, "memory updated"),
+                Err(e) => {
+                    not_written += 1;
+                    match errors.last_mut() {
+                        Some((run, name, _, more)) if (*run, *name) == this => *more += 1,
+                        _ => errors.push((this.0, this.1, e, 0)),
                     }
                 }
             }
-            // Later snapshots must carry the new memory.
-            self.invalidate_snapshots();
+        }
+        // Later snapshots must carry the new memory.
+        self.invalidate_snapshots();
+        if !errors.is_empty() {
+            let noted = self.with_db(|db| {
+                db.transaction(|t| {
+                    for (run, name, error, more) in &errors {
+                        let mut error = format!("the step's memory update was not written: {error}");
+                        if *more > 0 {
+                            error.push_str(&format!(" (and {more} more of its proposals were not written)"));
+                        }
+                        tracing::error!(%run, step = %name, %error, "memory update failed");
+                        tx::set_step_error(t, run, name, &error)?;
+                    }
+                    Ok::<_, DbError>(())
+                })
+            });
+            if let Err(e) = noted {
+                tracing::error!(error = %e, "cannot record the failed memory updates");
+            }
         }
         not_written
     }

@@ -277,7 +277,7 @@ fn a_memory_update_that_cannot_be_written_is_recorded_on_the_step() {
 
 #[test]
 fn memory_stays_within_its_bound_and_a_step_writes_at_most_its_count_of_proposals() {
-    use courier_config::{MAX_MEMORY_BYTES, MAX_PROPOSALS};
+    use courier_config::{MAX_MEMORY_BYTES, MAX_PROPOSAL_BYTES, MAX_PROPOSALS};
     let dir = tempfile::TempDir::new().unwrap();
     let config_dir = dir.path().join("config");
     let copied = std::process::Command::new("cp")
@@ -302,6 +302,7 @@ fn memory_stays_within_its_bound_and_a_step_writes_at_most_its_count_of_proposal
     };
     let (run, analyze) = research_at_analyze(&engine);
     let (second_run, second_analyze) = research_at_analyze(&engine);
+    let (third_run, third_analyze) = research_at_analyze(&engine);
     let over = TaskResult {
         memory_updates: vec![proposal(courier_wire::MemoryTarget::Workflow, "- one fact too many\n")],
         ..result(&analyze, TaskStatus::Succeeded, "analysis")
@@ -338,8 +339,29 @@ fn memory_stays_within_its_bound_and_a_step_writes_at_most_its_count_of_proposal
         view.steps[1].error.as_deref(),
         Some(
             format!(
-                "the step's memory update was not written: a step makes at most {MAX_PROPOSALS} memory proposals; \
-                 the rest were not written"
+                "the step's memory update was not written: a step makes at most {MAX_PROPOSALS} memory proposals \
+                 (and 2 more of its proposals were not written)"
+            )
+            .as_str()
+        )
+    );
+    // Proposals over MAX_PROPOSAL_BYTES in all: those that fit are written.
+    let chunk = "b".repeat(MAX_PROPOSAL_BYTES / 2 - 1) + "\n";
+    let heavy = TaskResult {
+        memory_updates: vec![proposal(courier_wire::MemoryTarget::Global, &chunk); 3],
+        ..result(&third_analyze, TaskStatus::Succeeded, "analysis")
+    };
+    let applied = engine.apply(&[heavy]).unwrap();
+    assert_eq!((applied.applied, applied.memory_not_written), (1, 1));
+    let after = std::fs::read_to_string(config_dir.join("agents/memory/MEMORY.md")).unwrap();
+    assert_eq!(after.len(), global.len() + MAX_PROPOSAL_BYTES);
+    let view = engine.with_db(|db| db.run(&third_run)).unwrap().unwrap();
+    assert_eq!(
+        view.steps[1].error.as_deref(),
+        Some(
+            format!(
+                "the step's memory update was not written: a step proposes at most {MAX_PROPOSAL_BYTES} bytes of \
+                 memory in all"
             )
             .as_str()
         )
