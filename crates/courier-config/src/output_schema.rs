@@ -15,7 +15,7 @@ pub const MAX_SCHEMA_BYTES: usize = 64 * 1024;
 const SHOWN: usize = 3;
 /// Compiled schemas kept, by their text (each at most [`MAX_SCHEMA_BYTES`]):
 /// a step's schema is compiled once, not once per output checked. Past
-/// this many, the cache starts over.
+/// this many, one makes room for the next.
 const CACHED: usize = 64;
 
 static VALIDATORS: LazyLock<Mutex<HashMap<String, Arc<Validator>>>> = LazyLock::new(Mutex::default);
@@ -31,8 +31,10 @@ fn validator(schema: &str) -> Result<Arc<Validator>, String> {
     let compiled =
         Arc::new(jsonschema::validator_for(&json).map_err(|e| format!("the output schema is invalid: {e}"))?);
     let mut cached = cache();
-    if cached.len() >= CACHED {
-        cached.clear();
+    if cached.len() >= CACHED
+        && let Some(any) = cached.keys().next().cloned()
+    {
+        cached.remove(&any);
     }
     cached.insert(schema.to_string(), compiled.clone());
     Ok(compiled)
