@@ -535,6 +535,108 @@ fn the_api_needs_its_token_and_answers_errors_in_json() {
 }
 
 #[test]
+fn without_a_token_the_api_answers_only_at_loopback_names_and_never_drops_a_body() {
+    // No worker: the run stays running.
+    let cluster = Cluster::builder().workers(0).start();
+    let http = reqwest::blocking::Client::new();
+    let url = |path: &str| format!("{}{path}", cluster.api);
+    // A page on a DNS name rebound to 127.0.0.1 is same-origin for the browser.
+    for path in ["/api/runs", "/api/workflows", "/metrics"] {
+        let rebound = http.get(url(path)).header("host", "evil.test:8080").send().unwrap();
+        assert_eq!(rebound.status().as_u16(), 403, "{path}");
+        let body: Value = rebound.json().unwrap();
+        assert_eq!(
+            body["error"],
+            "without api_token the API answers only at an IP address or localhost: set api_token to use a host name"
+        );
+        for host in ["localhost:8080", "127.0.0.1", "[::1]:8080"] {
+            let local = http.get(url(path)).header("host", host).send().unwrap();
+            assert_eq!(local.status().as_u16(), 200, "{path} at {host}");
+        }
+    }
+    let submit = http
+        .post(url("/api/runs"))
+        .header("host", "evil.test")
+        .json(&serde_json::json!({"workflow": "fanout"}))
+        .send()
+        .unwrap();
+    assert_eq!(submit.status().as_u16(), 403);
+    assert_eq!(
+        http.get(url("/api/runs")).send().unwrap().json::<Value>().unwrap(),
+        serde_json::json!([]),
+        "nothing was submitted"
+    );
+    // A priority that does not fit a byte is the same 400 as one over 9.
+    for priority in [300, -1, 10] {
+        let r = http
+            .post(url("/api/runs"))
+            .json(&serde_json::json!({"workflow": "fanout", "priority": priority}))
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{priority}");
+        let body: Value = r.json().unwrap();
+        assert_eq!(
+            body["error"],
+            format!("priority {priority} is out of range: use 0 (lowest) to 9 (highest); 4 is normal")
+        );
+    }
+    // Empty filters, as a form sends them, are no filters.
+    let run: Value = http
+        .post(url("/api/runs"))
+        .json(&serde_json::json!({"workflow": "fanout"}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let id = run["id"].as_str().unwrap();
+    let listed: Value = http
+        .get(url("/api/runs?workflow=&status=&limit=&before="))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(listed[0]["id"], id);
+    // A cancel whose body is not declared JSON is refused, not read as no
+    // body: it named one step, and must not cancel the whole run.
+    let cancel = |body: &'static str, content_type: Option<&str>| {
+        let mut request = http.post(url(&format!("/api/runs/{id}/cancel"))).body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        request.send().unwrap()
+    };
+    for content_type in [None, Some("application/x-www-form-urlencoded"), Some("text/plain")] {
+        let refused = cancel(r#"{"step": "split"}"#, content_type);
+        assert_eq!(refused.status().as_u16(), 415, "{content_type:?}");
+        let body: Value = refused.json().unwrap();
+        assert_eq!(body["error"], "Expected request with `Content-Type: application/json`");
+    }
+    let view: Value = http
+        .get(url(&format!("/api/runs/{id}")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(view["status"], "running");
+    let approve = http
+        .post(url(&format!("/api/runs/{id}/steps/split/approve")))
+        .header("content-type", "text/plain")
+        .body(r#"{"comment": "lgtm"}"#)
+        .send()
+        .unwrap();
+    assert_eq!(approve.status().as_u16(), 415);
+    // Declared JSON, with a charset: one step cancelled, the run goes on.
+    let one = cancel(r#"{"step": "split"}"#, Some("application/json; charset=utf-8"));
+    assert_eq!(one.status().as_u16(), 200);
+    let view: Value = one.json().unwrap();
+    assert_eq!(
+        view["status"], "cancelled",
+        "split was the run's only open step: {view}"
+    );
+    assert_eq!(view["steps"][0]["status"], "cancelled");
+}
+
+#[test]
 fn a_scheduler_listening_beyond_loopback_needs_a_token() {
     let dir = tempfile::TempDir::new().unwrap();
     let scheduler = |extra: &[(&str, &str)]| {

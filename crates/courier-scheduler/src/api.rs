@@ -31,9 +31,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -81,6 +82,16 @@ pub fn metrics_router(shared: Arc<Shared>) -> Router {
 
 async fn require_token(State(token): State<Arc<Option<String>>>, request: Request, next: Next) -> Response {
     let Some(token) = token.as_deref() else {
+        // No token means loopback only; a page on a rebound DNS name
+        // (same-origin for the browser) must not reach the API either.
+        if !crate::ui::host_allowed_without_token(request.headers()) {
+            return ApiError(
+                StatusCode::FORBIDDEN,
+                "without api_token the API answers only at an IP address or localhost: set api_token to use a host name"
+                    .into(),
+            )
+            .into_response();
+        }
         return next.run(request).await;
     };
     let given = request
@@ -94,7 +105,7 @@ async fn require_token(State(token): State<Arc<Option<String>>>, request: Reques
                 .map(|_| &v[7..])
         })
         .unwrap_or_default();
-    if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+    if same_secret(given, token) {
         return next.run(request).await;
     }
     let mut response = ApiError(
@@ -107,6 +118,13 @@ async fn require_token(State(token): State<Arc<Option<String>>>, request: Reques
         .headers_mut()
         .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
     response
+}
+
+/// Whether `given` is `secret`, in time that depends on neither: their
+/// digests are compared, so not even the secret's length shows.
+pub(crate) fn same_secret(given: &str, secret: &str) -> bool {
+    let digest = |s: &str| courier_wire::ContentHash::of(s.as_bytes());
+    bool::from(digest(given).0.ct_eq(&digest(secret).0))
 }
 
 async fn not_found() -> ApiError {
@@ -154,12 +172,13 @@ struct SubmitBody {
         deserialize_with = "serde_with::As::<serde_with::MapPreventDuplicates<serde_with::Same, serde_with::Same>>::deserialize"
     )]
     params: BTreeMap<String, String>,
+    /// Any integer: one out of range is refused with the engine's message.
     #[serde(default = "normal")]
-    priority: u8,
+    priority: i64,
 }
 
-fn normal() -> u8 {
-    NORMAL_PRIORITY
+fn normal() -> i64 {
+    NORMAL_PRIORITY.into()
 }
 
 async fn submit(
@@ -167,8 +186,14 @@ async fn submit(
     body: Result<Json<SubmitBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
+    let priority = u8::try_from(body.priority).map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            SubmitError::Priority(body.priority).to_string(),
+        )
+    })?;
     let engine = shared.engine.clone();
-    let result = tokio::task::spawn_blocking(move || engine.submit(&body.workflow, &body.params, body.priority))
+    let result = tokio::task::spawn_blocking(move || engine.submit(&body.workflow, &body.params, priority))
         .await
         .map_err(internal)?;
     match result {
@@ -184,11 +209,28 @@ async fn submit(
     }
 }
 
+/// A filter left empty (`?status=`, as a form sends it) is no filter.
 #[derive(Deserialize)]
 struct ListQuery {
+    #[serde(
+        default,
+        deserialize_with = "serde_with::As::<serde_with::NoneAsEmptyString>::deserialize"
+    )]
     workflow: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "serde_with::As::<serde_with::NoneAsEmptyString>::deserialize"
+    )]
     status: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "serde_with::As::<serde_with::NoneAsEmptyString>::deserialize"
+    )]
     before: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "serde_with::As::<serde_with::NoneAsEmptyString>::deserialize"
+    )]
     limit: Option<usize>,
 }
 
@@ -271,14 +313,11 @@ struct CancelBody {
 async fn cancel(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
-    body: Result<Json<CancelBody>, JsonRejection>,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
     // An empty body is a cancellation with nothing to add.
-    let body = match body {
-        Ok(Json(body)) => body,
-        Err(JsonRejection::MissingJsonContentType(_)) => CancelBody::default(),
-        Err(e) => return Err(e.into()),
-    };
+    let body: CancelBody = optional_json(&headers, &body)?;
     for (field, text) in [("reason", &body.reason), ("by", &body.by)] {
         if text.as_ref().is_some_and(|t| t.len() > MAX_CANCEL_TEXT) {
             return Err(ApiError(
@@ -324,17 +363,41 @@ struct DecideBody {
 async fn approve(
     State(shared): State<Arc<Shared>>,
     Path((id, step)): Path<(String, String)>,
-    body: Result<Json<DecideBody>, JsonRejection>,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
-    decide(shared, id, step, true, body).await
+    decide(shared, id, step, true, (headers, body)).await
 }
 
 async fn reject(
     State(shared): State<Arc<Shared>>,
     Path((id, step)): Path<(String, String)>,
-    body: Result<Json<DecideBody>, JsonRejection>,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
-    decide(shared, id, step, false, body).await
+    decide(shared, id, step, false, (headers, body)).await
+}
+
+/// A JSON body that may be left out: an empty one is `T::default()`;
+/// anything else is JSON and says so in its Content-Type (never dropped
+/// for a wrong header: a form-encoded `{"step": ...}` must not cancel the
+/// whole run).
+fn optional_json<T: serde::de::DeserializeOwned + Default>(headers: &HeaderMap, body: &Bytes) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Ok(T::default());
+    }
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
+        .is_some_and(|m| m == "application/json" || (m.starts_with("application/") && m.ends_with("+json")));
+    if !json {
+        return Err(ApiError(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Expected request with `Content-Type: application/json`".into(),
+        ));
+    }
+    Ok(Json::<T>::from_bytes(body)?.0)
 }
 
 /// Longest comment an approval decision may carry (it becomes the step's output).
@@ -345,13 +408,9 @@ async fn decide(
     id: String,
     step: String,
     approve: bool,
-    body: Result<Json<DecideBody>, JsonRejection>,
+    (headers, body): (HeaderMap, Bytes),
 ) -> Result<Response, ApiError> {
-    let body = match body {
-        Ok(Json(body)) => body,
-        Err(JsonRejection::MissingJsonContentType(_)) => DecideBody::default(),
-        Err(e) => return Err(e.into()),
-    };
+    let body: DecideBody = optional_json(&headers, &body)?;
     if body.comment.as_ref().is_some_and(|c| c.len() > MAX_COMMENT) {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,

@@ -63,7 +63,7 @@ pub enum SubmitError {
     Template { step: String, message: String },
     /// The priority is out of range.
     #[error("priority {0} is out of range: use 0 (lowest) to {MAX_PRIORITY} (highest); {NORMAL_PRIORITY} is normal")]
-    Priority(u8),
+    Priority(i64),
     /// The database failed.
     #[error("database: {0}")]
     Db(#[from] DbError),
@@ -685,7 +685,7 @@ impl Engine {
         tick_ms: Option<i64>,
     ) -> Result<Option<RunView>, SubmitError> {
         if priority > MAX_PRIORITY {
-            return Err(SubmitError::Priority(priority));
+            return Err(SubmitError::Priority(priority.into()));
         }
         let wf = self.workflow(workflow)?;
         let params = wf.resolve_params(given)?;

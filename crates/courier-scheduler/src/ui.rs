@@ -192,7 +192,7 @@ fn cross_site(headers: &HeaderMap) -> bool {
 
 /// Without a token, the UI answers only to an IP address or `localhost`:
 /// a page on a rebound DNS name (same-origin for the browser) is refused.
-fn host_allowed_without_token(headers: &HeaderMap) -> bool {
+pub(crate) fn host_allowed_without_token(headers: &HeaderMap) -> bool {
     let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
         return false;
     };
@@ -330,7 +330,7 @@ async fn login(State(ui): State<Arc<Ui>>, headers: HeaderMap, form: Form<LoginFo
     let (Some(key), Some(token)) = (&ui.key, &ui.token) else {
         return Redirect::to("/ui/runs").into_response();
     };
-    if !bool::from(form.token.as_bytes().ct_eq(token.as_bytes())) {
+    if !crate::api::same_secret(&form.token, token) {
         return login_form(StatusCode::UNAUTHORIZED, Some("wrong token"));
     }
     let expiry = now_ms() + SESSION_MS;
