@@ -1214,16 +1214,46 @@ impl Engine {
     /// The database failed; nothing changed.
     pub fn reconcile(&self) -> Result<usize, DbError> {
         let ((), applied) = self.change(now_ms(), |c| {
-            for (run, workflow) in tx::running_runs(c.t)? {
-                let (Some(wf), Some(run_row)) = (self.config.workflows.get(&workflow), tx::run(c.t, &run)?) else {
+            'runs: for (run, workflow) in tx::running_runs(c.t)? {
+                let Some(run_row) = tx::run(c.t, &run)? else {
+                    continue;
+                };
+                // The config changed since the run started, so that nothing
+                // could ever move it on: it fails, saying why.
+                let Some(wf) = self.config.workflows.get(&workflow) else {
+                    fail_run(c, &run, &format!("workflow \"{workflow}\" is no longer configured"))?;
                     continue;
                 };
                 let mut states = Statuses::new(&run);
                 let mut params = None;
                 for (name, status) in tx::open_steps(c.t, &run)? {
-                    let Some(step) = wf.step(&name).filter(|_| status == StepStatus::Pending) else {
+                    if status != StepStatus::Pending {
                         continue;
+                    }
+                    let Some((step, index)) = step_of(wf, &name) else {
+                        let error = format!("step \"{name}\" of workflow \"{}\" is no longer configured", wf.name);
+                        fail_run(c, &run, &error)?;
+                        continue 'runs;
                     };
+                    // A foreach item waits for its step, not for dependencies.
+                    if index.is_some() {
+                        continue;
+                    }
+                    let mut missing = None;
+                    for d in &step.depends {
+                        if missing.is_none() && states.get(c.t, d)?.is_none() {
+                            missing = Some(d);
+                        }
+                    }
+                    if let Some(d) = missing {
+                        let error = format!(
+                            "step \"{name}\" now depends on \"{d}\", a step this run does not have \
+                             (workflow \"{}\" changed since it started)",
+                            wf.name
+                        );
+                        fail_run(c, &run, &error)?;
+                        continue 'runs;
+                    }
                     let mut left = 0;
                     let mut skipped_by = None;
                     for d in &step.depends {
@@ -1383,6 +1413,11 @@ impl Engine {
         self.record_spend(c, run, &row.step, step, r)?;
         if run_row.status != RunStatus::Running || step_status != Some(StepStatus::Running) {
             tracing::debug!(%run, step = %step.name, "result for a cancelled run or step: recorded, nothing else");
+            // What it spent counts against the budgets still: the run's, if
+            // it goes on without the step, and its ancestors'.
+            if r.model.is_some() && matches!(step.run, StepRun::Agent(_)) {
+                return self.enforce_budgets(c, run, wf, true);
+            }
             return Ok(());
         }
         self.note_rate_limit(c, step, r)?;
@@ -2406,13 +2441,17 @@ fn end_run(
     Ok(())
 }
 
-/// Fail a run whose workflow or step left the config: its open steps are
-/// skipped with the reason.
+/// Fail a running run: its open steps skipped, its tasks not yet sent
+/// dropped, workers told to stop those running, its children cancelled.
 fn fail_run(c: &mut Change<'_, '_>, run: &str, error: &str) -> Result<(), DbError> {
     cancel_children(c, run, None, &format!("its parent run {run} failed: {error}"))?;
     for (name, _) in tx::open_steps(c.t, run)? {
         end_step(c, run, &name, StepStatus::Skipped, None, Some(error), None)?;
     }
+    // Its tasks not yet sent are never sent, and workers stop those running.
+    let dropped = tx::cancel_unpublished(c.t, run, None, c.now)?;
+    c.effects.dropped.extend(dropped);
+    tx::insert_control(c.t, run, None, error, c.now)?;
     end_run(c, run, RunStatus::Failed, Some(error), None)?;
     tracing::error!(%run, %error, "run failed");
     Ok(())

@@ -781,6 +781,74 @@ fn a_waiting_step_whose_workflow_left_the_config_fails_its_run() {
     );
 }
 
+#[test]
+fn a_run_the_changed_config_can_no_longer_move_on_fails_at_start_saying_why() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let db = dir.path().join("courier.db");
+    let two = "steps:\n  - name: a\n    echo: x\n  - name: b\n    depends: [a]\n    echo: y\n";
+    let names = ["renamed", "grown", "gone", "kept"];
+    let engine = engine_over(config_with(dir.path(), &names.map(|n| (n, two))), &db);
+    let runs = names.map(|w| engine.submit(w, &BTreeMap::new(), NORMAL_PRIORITY).unwrap().id);
+    drop(engine);
+    // Restarted with `b` renamed, `b` waiting on a step added since, the
+    // workflow removed, and one left as it was; `a` is still in flight.
+    let workflows = dir.path().join("config/workflows");
+    let write = |name: &str, yaml: &str| std::fs::write(workflows.join(format!("{name}.yaml")), yaml).unwrap();
+    write(
+        "renamed",
+        "steps:\n  - name: a\n    echo: x\n  - name: b2\n    depends: [a]\n    echo: y\n",
+    );
+    write(
+        "grown",
+        "steps:\n  - name: a\n    echo: x\n  - name: z\n    echo: z\n  - name: b\n    depends: [a, z]\n    echo: y\n",
+    );
+    std::fs::remove_file(workflows.join("gone.yaml")).unwrap();
+    let engine = engine_over(Config::load(&dir.path().join("config")).unwrap(), &db);
+    engine.reconcile().unwrap();
+    let view = |id: &str| engine.with_db(|db| db.run(id)).unwrap().unwrap();
+    let expected = [
+        Some("step \"b\" of workflow \"renamed\" is no longer configured".to_string()),
+        Some(
+            "step \"b\" now depends on \"z\", a step this run does not have (workflow \"grown\" changed since it \
+             started)"
+                .to_string(),
+        ),
+        Some("workflow \"gone\" is no longer configured".to_string()),
+        None,
+    ];
+    for ((name, id), error) in names.iter().zip(&runs).zip(expected) {
+        let run = view(id);
+        assert_eq!(run.error, error, "{name}");
+        let status = if error.is_some() {
+            RunStatus::Failed
+        } else {
+            RunStatus::Running
+        };
+        assert_eq!(run.status, status, "{name}");
+        if error.is_some() {
+            assert!(
+                run.steps
+                    .iter()
+                    .all(|s| !matches!(s.status, StepStatus::Pending | StepStatus::Running)),
+                "{name}: {:?}",
+                run.steps
+            );
+        }
+    }
+    // Workers are told to stop what runs of the failed runs.
+    let told: Vec<String> = engine
+        .with_db(|db| db.unpublished_controls(10))
+        .unwrap()
+        .into_iter()
+        .map(|c| c.run_id)
+        .collect();
+    assert_eq!(told, runs[..3]);
+    // The failed runs' tasks not yet sent are never sent; the kept run goes on.
+    assert_eq!(drive(&engine, |_| TaskStatus::Succeeded), 2);
+    assert_eq!(view(&runs[3]).status, RunStatus::Succeeded);
+    assert_eq!(view(&runs[0]).status, RunStatus::Failed);
+}
+
 /// A fan-out of `width` echo children of `root`, fanned in again by `join`;
 /// the child `c7` may fail once (retry).
 fn wide(width: usize) -> String {

@@ -244,6 +244,41 @@ fn a_failed_item_fails_the_step_after_the_others_in_flight_unless_continue_on_fa
 }
 
 #[test]
+fn after_a_failure_items_held_by_a_limit_are_skipped_not_started() {
+    let dir = tempfile::TempDir::new().unwrap();
+    // Every item is taken at once, but the workflow runs two steps at a time:
+    // three items are held.
+    let config = config_with(
+        dir.path(),
+        &[("held", &format!("max_active_steps: 2\n{}", fan(10, "")))],
+    );
+    let engine = engine_over(config, &dir.path().join("c.db"));
+    let run = submit(&engine, "held", &[("items", "[1, 2, 3, 4, 5]")]);
+    let plan = publish_all(&engine);
+    engine.apply(&[answer(&plan[0], TaskStatus::Succeeded)]).unwrap();
+    let first = publish_all(&engine);
+    assert_eq!(first.len(), 2);
+    let held = view(&engine, &run);
+    assert_eq!(step(&held, "each[4]").status, StepStatus::Waiting);
+    engine.apply(&[answer(&first[0], TaskStatus::Failed)]).unwrap();
+    engine.admit().unwrap();
+    assert!(publish_all(&engine).is_empty(), "no held item starts after the failure");
+    let v = view(&engine, &run);
+    for i in 2..5 {
+        let item = step(&v, &format!("each[{i}]"));
+        assert_eq!(item.status, StepStatus::Skipped, "each[{i}]");
+        assert_eq!(item.error.as_deref(), Some("not started: an earlier item failed"));
+    }
+    engine.apply(&[answer(&first[1], TaskStatus::Succeeded)]).unwrap();
+    let v = view(&engine, &run);
+    assert_eq!(v.status, RunStatus::Failed);
+    assert_eq!(
+        step(&v, "each").error.as_deref(),
+        Some("1 of 5 items failed (3 not started); first, each[0]: boom")
+    );
+}
+
+#[test]
 fn an_empty_array_succeeds_at_once_and_anything_else_than_an_array_fails_clearly() {
     let dir = tempfile::TempDir::new().unwrap();
     let capped = fan(2, "    max_items: 3\n");
@@ -843,6 +878,58 @@ fn a_child_whose_last_step_spends_past_its_parents_budget_ends_before_the_parent
     assert_eq!(
         (v.status, v.cancelled_by.as_deref()),
         (RunStatus::Cancelled, Some("budget"))
+    );
+}
+
+#[test]
+fn what_a_cancelled_step_spent_afterwards_still_cancels_its_run_over_budget() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let wf = "budget: {tokens: 100}\nsteps:\n  - name: think\n    agent: {model: offline, prompt: p, tools: [output]}\n  - name: other\n    echo: o\n";
+    let engine = engine_over(config_with(dir.path(), &[("spender", wf)]), &dir.path().join("c.db"));
+    let run = submit(&engine, "spender", &[]);
+    let tasks = publish_all(&engine);
+    let think = tasks.iter().find(|t| t.step == "think").unwrap();
+    engine.cancel(&run, Some("think"), "api:test", "not needed").unwrap();
+    assert_eq!(view(&engine, &run).status, RunStatus::Running, "`other` goes on");
+    // The stopped step's late result reports what it had spent by then.
+    engine.apply(&[spending(think, 160)]).unwrap();
+    let v = view(&engine, &run);
+    assert_eq!(
+        (v.status, v.cancelled_by.as_deref(), v.error.as_deref()),
+        (
+            RunStatus::Cancelled,
+            Some("budget"),
+            Some("budget exceeded: 160 tokens used, the budget is 100")
+        )
+    );
+    assert_eq!(step(&v, "think").status, StepStatus::Cancelled);
+}
+
+#[test]
+fn a_childs_outputs_that_grow_past_a_tasks_size_when_escaped_fail_the_parent_step() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let child = "steps:\n  - name: only\n    echo: x\n";
+    let parent = "steps:\n  - name: c\n    workflow: {name: child}\n";
+    let limits = EngineLimits {
+        task: courier_wire::Limits {
+            max_compressed: 4096,
+            max_decompressed: 4096,
+        },
+        ..EngineLimits::default()
+    };
+    let config = config_with(dir.path(), &[("child", child), ("parent", parent)]);
+    let engine = Engine::new(config, support::store(&dir.path().join("c.db")), limits);
+    let run = submit(&engine, "parent", &[]);
+    let only = publish_all(&engine);
+    // 1,000 bytes, each escaped as six in JSON.
+    engine
+        .apply(&[result(&only[0], TaskStatus::Succeeded, &"\u{1}".repeat(1000))])
+        .unwrap();
+    let v = view(&engine, &run);
+    assert_eq!(v.status, RunStatus::Failed);
+    assert_eq!(
+        step(&v, "c").error.as_deref(),
+        Some("the child run's outputs together are 6011 bytes as JSON: more than a task may carry (4096 bytes)")
     );
 }
 

@@ -151,8 +151,12 @@ impl Engine {
             let Some(items) = tx::items(c.t, run, &s.name)? else {
                 return Ok(());
             };
-            if items.failed > 0 && !f.continue_on_failure && items.next < items.total {
-                tx::skip_unstarted_items(c.t, run, &s.name, "not started: an earlier item failed", c.now)?;
+            // Not started: never taken, or taken but held by a limit (all
+            // may be taken, and some held, when the failure comes).
+            if items.failed > 0
+                && !f.continue_on_failure
+                && tx::skip_unstarted_items(c.t, run, &s.name, "not started: an earlier item failed", c.now)? > 0
+            {
                 continue;
             }
             if items.left <= 0 {
@@ -423,7 +427,14 @@ impl Engine {
                 })
                 .collect();
             let output = Value::Object(outputs).to_string();
-            {
+            // Escaping can make the object several times its outputs' size.
+            if output.len() > max {
+                let error = format!(
+                    "the child run's outputs together are {} bytes as JSON: more than a task may carry ({max} bytes)",
+                    output.len()
+                );
+                fail_step(c, wf, run, step, &error, &by, &mut states)?;
+            } else {
                 self.record_success(c, wf, run, step, &output, &by, &[])?;
                 states.set(step, StepStatus::Succeeded);
                 self.release_dependents(c, wf, &run_row, s, &mut states, &mut None)?;
