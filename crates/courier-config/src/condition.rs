@@ -61,6 +61,14 @@ impl Condition {
     /// The expression failed (a missing key, a type mismatch) or its value
     /// is not a boolean.
     pub fn eval(&self, params: &BTreeMap<String, String>, outputs: &BTreeMap<String, String>) -> Result<bool, String> {
+        for name in &self.params {
+            let len = params.get(name).map_or(0, String::len);
+            if len > MAX_CONDITION_INPUT {
+                return Err(format!(
+                    "param \"{name}\" is {len} bytes: a condition reads at most {MAX_CONDITION_INPUT} bytes of a param"
+                ));
+            }
+        }
         for name in &self.steps {
             let len = outputs.get(name).map_or(0, String::len);
             if len > MAX_CONDITION_INPUT {
@@ -175,6 +183,19 @@ impl<'a> Reads<'a> {
 
     /// `params.NAME...` or `steps.NAME.output|json...`.
     fn input(&mut self, path: &[&str]) -> Result<(), String> {
+        // Read once per element, an input inside a comprehension's body
+        // would cost its size times the other's (`r in steps.b.json` for
+        // every `r` of steps.a.json): only the comprehension's own
+        // variables may be read there.
+        if self.depth > 0 {
+            return Err(format!(
+                "\"{}\" is read inside a comprehension (all, exists, exists_one, map, filter), whose cost would \
+                 grow with the product of the inputs' sizes: read only its own variables there (to test \
+                 membership, write `x in {}` outside it)",
+                path.join("."),
+                path.join(".")
+            ));
+        }
         match path {
             ["params", name, ..] => {
                 self.params.insert((*name).to_string());
@@ -310,6 +331,15 @@ mod tests {
                 "{nested}"
             );
         }
+        for reading in [
+            "steps.a.json.exists(r, r in steps.b.json)",
+            "steps.a.json.exists(x, x == params.wanted)",
+            "steps.a.json.all(x, size(steps.a.output + x) > 0)",
+        ] {
+            let e = Condition::parse(reading).unwrap_err();
+            assert!(e.contains("is read inside a comprehension"), "{reading}: {e}");
+        }
+        assert!(Condition::parse("params.wanted in steps.a.json").is_ok());
         let side_by_side = "steps.a.json.all(x, x > 0) && steps.a.json.exists(y, y == '(')";
         assert!(Condition::parse(side_by_side).is_ok());
         // A macro's variable is known only inside it.
@@ -331,6 +361,13 @@ mod tests {
         let big = format!("[{}]", vec!["0"; MAX_CONDITION_INPUT].join(","));
         let e = eval("size(steps.plan.json) > 0", &[("plan", &big)]).unwrap_err();
         assert!(e.contains("a condition reads at most 65536 bytes"), "{e}");
+        let c = Condition::parse("params.big == ''").unwrap();
+        let params = BTreeMap::from([("big".to_string(), "x".repeat(MAX_CONDITION_INPUT + 1))]);
+        let e = c.eval(&params, &BTreeMap::new()).unwrap_err();
+        assert_eq!(
+            e,
+            "param \"big\" is 65537 bytes: a condition reads at most 65536 bytes of a param"
+        );
     }
 
     #[test]

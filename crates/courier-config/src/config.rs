@@ -54,6 +54,7 @@ impl Config {
             }
         }
         check_sub_workflows(&workflows, &mut errors);
+        check_runs_started(&workflows, &mut errors);
         match store {
             Some(store) if errors.is_empty() => Ok(Self {
                 dir: dir.to_path_buf(),
@@ -105,6 +106,55 @@ fn check_sub_workflows(workflows: &BTreeMap<String, Workflow>, errors: &mut Vec<
             }
         }
     }
+}
+
+/// Most runs one submitted run may start in all, itself included: each
+/// `workflow:` step starts a run of its workflow, which starts its own, so
+/// ten such steps on each of eight levels would be a hundred million runs.
+pub const MAX_RUNS_PER_SUBMIT: u64 = 1_000;
+
+/// No workflow starts more than [`MAX_RUNS_PER_SUBMIT`] runs in all.
+fn check_runs_started(workflows: &BTreeMap<String, Workflow>, errors: &mut Vec<ConfigError>) {
+    let mut memo = BTreeMap::new();
+    for wf in workflows.values() {
+        let runs = runs_started(workflows, &wf.name, &mut memo, &mut Vec::new());
+        if runs > MAX_RUNS_PER_SUBMIT {
+            errors.push(ConfigError::file(
+                &wf.file,
+                format!(
+                    "a run of workflow \"{}\" would start {runs} runs in all through its sub-workflows \
+                     (each `workflow:` step starts a run, which starts its own); at most {MAX_RUNS_PER_SUBMIT}",
+                    wf.name
+                ),
+            ));
+        }
+    }
+}
+
+/// Runs a run of `name` starts, itself included, saturating; a cycle (an
+/// error of its own) counts nothing more.
+fn runs_started(
+    workflows: &BTreeMap<String, Workflow>,
+    name: &str,
+    memo: &mut BTreeMap<String, u64>,
+    visiting: &mut Vec<String>,
+) -> u64 {
+    if let Some(&n) = memo.get(name) {
+        return n;
+    }
+    if visiting.iter().any(|v| v == name) {
+        return 0;
+    }
+    visiting.push(name.to_string());
+    let mut runs: u64 = 1;
+    for step in workflows.get(name).map(|w| w.steps()).unwrap_or_default() {
+        if let Some(sub) = &step.workflow {
+            runs = runs.saturating_add(runs_started(workflows, &sub.name, memo, visiting));
+        }
+    }
+    visiting.pop();
+    memo.insert(name.to_string(), runs);
+    runs
 }
 
 /// The path from `from` back to `start` through `workflow:` steps, if any.

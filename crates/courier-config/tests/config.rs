@@ -1079,6 +1079,34 @@ fn sub_workflow_steps_are_checked_against_the_workflows_they_start() {
 }
 
 #[test]
+fn a_workflow_whose_sub_workflows_would_start_too_many_runs_is_refused_at_load() {
+    let dir = fixture();
+    // w0 starts ten w1, each ten w2, each ten w3: 1 + 10 + 100 + 1,000 runs.
+    let ten = |child: &str| {
+        (0..10)
+            .map(|i| format!("  - name: s{i}\n    workflow: {{name: {child}}}\n"))
+            .collect::<String>()
+    };
+    write(&dir, "workflows/w0.yaml", &format!("steps:\n{}", ten("w1")));
+    write(&dir, "workflows/w1.yaml", &format!("steps:\n{}", ten("w2")));
+    write(&dir, "workflows/w2.yaml", &format!("steps:\n{}", ten("w3")));
+    write(&dir, "workflows/w3.yaml", "steps:\n  - name: leaf\n    echo: x\n");
+    let errors = errors(&dir);
+    let too_many: Vec<&String> = errors.iter().filter(|e| e.contains("runs in all")).collect();
+    assert_eq!(too_many.len(), 1, "{errors:#?}");
+    assert!(
+        too_many[0].ends_with(
+            "/workflows/w0.yaml: a run of workflow \"w0\" would start 1111 runs in all through its sub-workflows \
+             (each `workflow:` step starts a run, which starts its own); at most 1000"
+        ),
+        "{too_many:#?}"
+    );
+    // One level less (111 runs) loads.
+    std::fs::remove_file(dir.path().join("workflows/w0.yaml")).unwrap();
+    Config::load(dir.path()).unwrap();
+}
+
+#[test]
 fn an_output_schema_is_checked_at_load() {
     let errors = workflow_errors(
         "  - name: a\n    agent:\n      prompt: p\n      tools: [output]\n      output_schema: {type: string}\n  - name: b\n    agent:\n      prompt: p\n      tools: [read_skill]\n      output_schema: {type: object}\n  - name: c\n    agent:\n      prompt: p\n      tools: [output]\n      output_schema: {type: object, properties: {x: {type: 12}}}\n",
