@@ -279,6 +279,32 @@ fn after_a_failure_items_held_by_a_limit_are_skipped_not_started() {
 }
 
 #[test]
+fn items_whose_tasks_pass_the_kept_bodies_budget_in_one_transaction_are_built_again_for_the_outbox() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let items: Vec<String> = (0..40).map(|i| i.to_string()).collect();
+    let wf = format!(
+        "params: {{blob: ~}}\nsteps:\n  - name: each\n    foreach: '[{}]'\n    max_concurrent: 40\n    echo: '${{blob}}-${{item}}'\n",
+        items.join(", ")
+    );
+    let engine = engine_over(config_with(dir.path(), &[("big", &wf)]), &dir.path().join("c.db"));
+    // 40 tasks of about 500 KiB that do not compress: 20 MiB, past the
+    // 16 MiB of bodies a transaction keeps.
+    let mut rng = fastrand::Rng::with_seed(7);
+    let blob: String = (0..500 * 1024).map(|_| rng.alphanumeric()).collect();
+    let run = submit(&engine, "big", &[("blob", &blob)]);
+    let mut tasks = publish_all(&engine);
+    assert_eq!(tasks.len(), 40);
+    tasks.sort_by_key(|t| t.step.clone());
+    for task in &tasks {
+        let index = task.step.trim_start_matches("each[").trim_end_matches(']');
+        assert_eq!(echo(task), format!("{blob}-{index}"), "{}", task.step);
+    }
+    let results: Vec<TaskResult> = tasks.iter().map(|t| result(t, TaskStatus::Succeeded, "ok")).collect();
+    engine.apply(&results).unwrap();
+    assert_eq!(view(&engine, &run).status, RunStatus::Succeeded);
+}
+
+#[test]
 fn an_empty_array_succeeds_at_once_and_anything_else_than_an_array_fails_clearly() {
     let dir = tempfile::TempDir::new().unwrap();
     let capped = fan(2, "    max_items: 3\n");
