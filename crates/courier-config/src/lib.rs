@@ -28,6 +28,6 @@ pub use store::{
 };
 pub use workflow::{
     Approval, Budget, DEFAULT_APPROVAL_TIMEOUT, DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_ITEMS, DEFAULT_MAX_ITERATIONS,
-    DEFAULT_QUEUE, DEFAULT_TIMEOUT, Foreach, MAX_ITEMS, MAX_STEP_TIMEOUT, MAX_WORKFLOW_DEPTH, OnSkipped, ParamError,
-    RetryPolicy, Schedule, Step, SubWorkflow, Workflow,
+    DEFAULT_QUEUE, DEFAULT_TIMEOUT, Foreach, MAX_ITEMS, MAX_STEP_TIMEOUT, MAX_STEPS, MAX_WORKFLOW_DEPTH, OnSkipped,
+    ParamError, RetryPolicy, Schedule, Step, SubWorkflow, Workflow,
 };

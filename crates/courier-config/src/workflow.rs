@@ -168,6 +168,10 @@ pub struct SubWorkflow {
 /// this bounds what a config changed under running runs could do).
 pub const MAX_WORKFLOW_DEPTH: u32 = 8;
 
+/// Steps a workflow may have: its graph is checked at load in time that
+/// grows with their number times the references between them.
+pub const MAX_STEPS: usize = 20_000;
+
 /// Items of a `foreach` running at once when the step gives no `max_concurrent`.
 pub const DEFAULT_MAX_CONCURRENT: u32 = 10;
 /// Items a `foreach` accepts when the step gives no `max_items`.
@@ -637,7 +641,17 @@ impl Workflow {
             });
         }
 
-        check_graph(path, &steps, &params, &mut errors);
+        if steps.len() > MAX_STEPS {
+            errors.push(ConfigError::file(
+                path,
+                format!(
+                    "{} steps: a workflow has at most {MAX_STEPS} (a foreach step runs any number of items)",
+                    steps.len()
+                ),
+            ));
+        } else {
+            check_graph(path, &steps, &params, &mut errors);
+        }
         for step in &mut steps {
             step.reads = step.outputs_read();
         }
@@ -1048,13 +1062,21 @@ fn check_graph(path: &Path, steps: &[Step], params: &BTreeMap<String, Option<Str
         );
     }
     for s in steps {
-        let upstream = ancestors(s, steps, &index);
+        // Most references name a dependency; the ancestors (a walk of the
+        // graph) are gathered only for one that does not, once per step.
+        let mut ancestors_of_s = None;
+        let mut upstream = |o: &str| {
+            s.depends.iter().any(|d| d == o)
+                || ancestors_of_s
+                    .get_or_insert_with(|| ancestors(s, steps, &index))
+                    .contains(o)
+        };
         if let Some(c) = &s.when {
             let e = |m: String| ConfigError::file(path, m).step(&s.name).field("when");
             for p in c.params.iter().filter(|p| !params.contains_key(*p)) {
                 errors.push(e(format!("unknown parameter \"{p}\" in params.{p}")));
             }
-            for o in c.steps.iter().filter(|o| !upstream.contains(o.as_str())) {
+            for o in c.steps.iter().filter(|o| !upstream(o.as_str())) {
                 errors.push(e(format!(
                     "steps.{o} names a step that is not upstream of \"{}\" (add it to depends)",
                     s.name
@@ -1081,11 +1103,11 @@ fn check_graph(path: &Path, steps: &[Step], params: &BTreeMap<String, Option<Str
                             Ref::Item(_) if !in_item => {
                                 errors.push(e("\"${item...}\" is only known in the fields of a foreach step".into()))
                             }
-                            Ref::Output(o) if !upstream.contains(o) => errors.push(e(format!(
+                            Ref::Output(o) if !upstream(o) => errors.push(e(format!(
                                 "\"${{{o}.output}}\" names a step that is not upstream of \"{}\" (add it to depends)",
                                 s.name
                             ))),
-                            Ref::Json(o, path) if !upstream.contains(o) => {
+                            Ref::Json(o, path) if !upstream(o) => {
                                 let path = if path.is_empty() {
                                     String::new()
                                 } else {
@@ -1105,6 +1127,8 @@ fn check_graph(path: &Path, steps: &[Step], params: &BTreeMap<String, Option<Str
     }
 }
 
+/// A dependency cycle, as the steps along it; found without recursion (a
+/// chain of tens of thousands of steps would overflow the stack).
 fn find_cycle(steps: &[Step], index: &BTreeMap<&str, usize>) -> Option<Vec<String>> {
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
@@ -1112,51 +1136,42 @@ fn find_cycle(steps: &[Step], index: &BTreeMap<&str, usize>) -> Option<Vec<Strin
         Open,
         Done,
     }
-    fn visit(
-        n: usize,
-        steps: &[Step],
-        index: &BTreeMap<&str, usize>,
-        marks: &mut [Mark],
-        stack: &mut Vec<usize>,
-    ) -> Option<Vec<String>> {
-        marks[n] = Mark::Open;
-        stack.push(n);
-        // Self and unknown dependencies are reported by `check_graph` itself.
-        for d in steps[n]
-            .depends
-            .iter()
-            .filter_map(|dep| index.get(dep.as_str()).copied())
-        {
-            if d == n {
+    let mut marks = vec![Mark::New; steps.len()];
+    // The open path: each step with the next of its dependencies to visit.
+    let mut path: Vec<(usize, usize)> = Vec::new();
+    for root in 0..steps.len() {
+        if marks[root] != Mark::New {
+            continue;
+        }
+        marks[root] = Mark::Open;
+        path.push((root, 0));
+        while let Some(&mut (n, ref mut next)) = path.last_mut() {
+            let Some(dep) = steps[n].depends.get(*next) else {
+                marks[n] = Mark::Done;
+                path.pop();
                 continue;
-            }
+            };
+            *next += 1;
+            // Self and unknown dependencies are reported by `check_graph` itself.
+            let Some(&d) = index.get(dep.as_str()).filter(|&&d| d != n) else {
+                continue;
+            };
             match marks[d] {
                 Mark::Open => {
-                    let start = stack.iter().position(|&x| x == d).unwrap_or(0);
-                    let mut cycle: Vec<String> = stack[start..].iter().map(|&i| steps[i].name.clone()).collect();
+                    let start = path.iter().position(|&(x, _)| x == d).unwrap_or(0);
+                    let mut cycle: Vec<String> = path[start..].iter().map(|&(i, _)| steps[i].name.clone()).collect();
                     cycle.push(steps[d].name.clone());
                     return Some(cycle);
                 }
                 Mark::New => {
-                    if let Some(c) = visit(d, steps, index, marks, stack) {
-                        return Some(c);
-                    }
+                    marks[d] = Mark::Open;
+                    path.push((d, 0));
                 }
                 Mark::Done => {}
             }
         }
-        stack.pop();
-        marks[n] = Mark::Done;
-        None
     }
-    let mut marks = vec![Mark::New; steps.len()];
-    (0..steps.len()).find_map(|n| {
-        if marks[n] == Mark::New {
-            visit(n, steps, index, &mut marks, &mut Vec::new())
-        } else {
-            None
-        }
-    })
+    None
 }
 
 fn ancestors<'a>(step: &Step, steps: &'a [Step], index: &BTreeMap<&str, usize>) -> BTreeSet<&'a str> {

@@ -1107,6 +1107,57 @@ fn a_workflow_whose_sub_workflows_would_start_too_many_runs_is_refused_at_load()
 }
 
 #[test]
+fn a_long_chain_of_steps_is_checked_without_recursion_and_a_workflow_has_at_most_its_steps() {
+    use courier_config::MAX_STEPS;
+    let chain = |n: usize, back_to_start: bool| {
+        let mut yaml = String::from("steps:\n  - name: s0\n    echo: x\n");
+        for i in 1..n {
+            // Each reads its dependency's output; the last one also reads the first's.
+            let extra = if i == n - 1 { " ${s0.output}" } else { "" };
+            yaml.push_str(&format!(
+                "  - name: s{i}\n    depends: [s{}]\n    echo: '${{s{}.output}}{extra}'\n",
+                i - 1,
+                i - 1
+            ));
+        }
+        if back_to_start {
+            yaml = yaml.replacen(
+                "  - name: s0\n",
+                &format!("  - name: s0\n    depends: [s{}]\n", n - 1),
+                1,
+            );
+        }
+        yaml
+    };
+    // Run on a thread with a small stack: a recursive search overflowed it.
+    let checked = std::thread::Builder::new()
+        .stack_size(1024 * 1024)
+        .spawn(move || {
+            let dir = fixture();
+            write(&dir, "workflows/chain.yaml", &chain(MAX_STEPS, false));
+            Config::load(dir.path()).unwrap();
+            write(&dir, "workflows/chain.yaml", &chain(MAX_STEPS, true));
+            let cycle = errors(&dir);
+            assert!(
+                cycle
+                    .iter()
+                    .any(|e| e.contains("dependency cycle: s0 -> s19999 -> s19998")),
+                "{:?}",
+                &cycle[..cycle.len().min(3)]
+            );
+            write(&dir, "workflows/chain.yaml", &chain(MAX_STEPS + 1, false));
+            errors(&dir)
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(
+        checked,
+        ["/workflows/chain.yaml: 20001 steps: a workflow has at most 20000 (a foreach step runs any number of items)"]
+    );
+}
+
+#[test]
 fn an_output_schema_is_checked_at_load() {
     let errors = workflow_errors(
         "  - name: a\n    agent:\n      prompt: p\n      tools: [output]\n      output_schema: {type: string}\n  - name: b\n    agent:\n      prompt: p\n      tools: [read_skill]\n      output_schema: {type: object}\n  - name: c\n    agent:\n      prompt: p\n      tools: [output]\n      output_schema: {type: object, properties: {x: {type: 12}}}\n",
