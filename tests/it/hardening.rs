@@ -566,6 +566,30 @@ fn without_a_token_the_api_answers_only_at_loopback_names_and_never_drops_a_body
         serde_json::json!([]),
         "nothing was submitted"
     );
+    // A wrong method is a JSON 405 everywhere.
+    for (method, path) in [
+        (reqwest::Method::POST, "/healthz"),
+        (reqwest::Method::DELETE, "/ui/runs"),
+        (reqwest::Method::PUT, "/api/runs"),
+    ] {
+        let r = http.request(method.clone(), url(path)).send().unwrap();
+        assert_eq!(r.status().as_u16(), 405, "{method} {path}");
+        let body: Value = r.json().unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        assert_eq!(body["error"], "method not allowed on this endpoint");
+    }
+    // The dead letters page takes them off their queue: never for another site.
+    let dead = |site: &str| {
+        http.get(url("/ui/dead"))
+            .header("sec-fetch-site", site)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(dead("cross-site"), 403);
+    assert_eq!(dead("same-site"), 403);
+    assert_eq!(dead("same-origin"), 200);
+    assert_eq!(dead("none"), 200, "typed in the address bar");
     // A priority that does not fit a byte is the same 400 as one over 9.
     for priority in [300, -1, 10] {
         let r = http

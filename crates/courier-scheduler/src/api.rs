@@ -69,6 +69,8 @@ pub fn router(shared: Arc<Shared>, token: Option<String>, ops: crate::ui::Operat
         .merge(guarded)
         .with_state(shared.clone())
         .merge(crate::ui::router(shared, token, ops))
+        // Every route's wrong method, `/healthz` and the UI's included.
+        .method_not_allowed_fallback(method_not_allowed)
 }
 
 /// `/metrics` and `/healthz` alone, unauthenticated.

@@ -949,6 +949,12 @@ async fn broker(ui: &Ui) -> Result<courier_amqp::Broker, Refusal> {
 }
 
 async fn dead_page(State(ui): State<Arc<Ui>>, headers: HeaderMap) -> Response {
+    // Reading takes the dead letters off their queue (and gives them back,
+    // which counts as a delivery): another site must not make a browser
+    // do it, over and over, by embedding this address.
+    if cross_site(&headers) {
+        return page_error(StatusCode::FORBIDDEN, "cross-site request refused");
+    }
     let csrf = csrf_for(&ui, session(&ui, &headers).as_deref());
     let _one = ui.dead.lock().await;
     let broker = match broker(&ui).await {
