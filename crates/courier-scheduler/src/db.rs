@@ -891,13 +891,11 @@ pub fn redact(url: &str) -> String {
     out
 }
 
-/// Runs with their token and cost totals.
+/// Runs with their own token and cost totals (kept on the run).
 const RUN_SELECT: &str = concat!(
     run_columns!(),
     "
-        (SELECT CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) FROM steps WHERE run_id = r.id),
-        (SELECT CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) FROM steps WHERE run_id = r.id),
-        (SELECT COALESCE(SUM(cost), 0.0) FROM steps WHERE run_id = r.id)
+        r.input_tokens, r.output_tokens, r.cost
      FROM runs r"
 );
 

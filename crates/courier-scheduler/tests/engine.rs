@@ -387,7 +387,10 @@ fn an_old_database_is_upgraded_and_a_newer_one_is_refused() {
                  attempt INTEGER NOT NULL, queue TEXT NOT NULL, status TEXT NOT NULL, snapshot_hash TEXT NOT NULL,
                  published INTEGER NOT NULL DEFAULT 0, not_before_ms INTEGER NOT NULL, created_ms INTEGER NOT NULL,
                  finished_ms INTEGER);
-             INSERT INTO runs VALUES ('old-run', 'fanout', 'succeeded', '{}', 1, 2, NULL);",
+             INSERT INTO runs VALUES ('old-run', 'fanout', 'succeeded', '{}', 1, 2, NULL);
+             INSERT INTO steps (run_id, name, position, queue, status, output, input_tokens, output_tokens)
+                 VALUES ('old-run', 'a', 0, 'default', 'succeeded', 'x', 30, 4),
+                        ('old-run', 'b', 1, 'default', 'succeeded', 'y', 12, NULL);",
         )
         .unwrap();
     }
@@ -398,6 +401,10 @@ fn an_old_database_is_upgraded_and_a_newer_one_is_refused() {
         (old.status, old.priority, old.cost),
         (RunStatus::Succeeded, NORMAL_PRIORITY, 0.0)
     );
+    // Its own totals, summed from its steps once, then kept on the run.
+    let listed = db.runs(None, None, None, 10).unwrap();
+    assert_eq!((listed[0].input_tokens, listed[0].output_tokens), (42, 4));
+    assert_eq!((old.input_tokens, old.output_tokens), (42, 4));
     assert_eq!(
         old.params.value(),
         serde_json::json!({}),

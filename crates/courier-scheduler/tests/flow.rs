@@ -959,6 +959,34 @@ fn a_childs_outputs_that_grow_past_a_tasks_size_when_escaped_fail_the_parent_ste
     );
 }
 
+#[test]
+fn a_runs_list_shows_each_runs_own_spending_as_its_page_does() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let child = "steps:\n  - name: think\n    agent: {model: offline, prompt: p, tools: [output]}\n";
+    let (engine, run, think) = child_over_budget(dir.path(), child);
+    let child = think[0].run_id.to_string();
+    let listed = engine.with_db(|db| db.runs(None, None, None, 10)).unwrap();
+    for id in [&run, &child] {
+        let page = view(&engine, id);
+        let row = listed.iter().find(|r| &r.id == id).unwrap();
+        assert_eq!(
+            (row.input_tokens, row.output_tokens, row.cost),
+            (page.input_tokens, page.output_tokens, page.cost),
+            "{id}"
+        );
+    }
+    // The child's steps spent; the parent's own steps did not (its budget
+    // counts the child's spending, its totals do not).
+    let own = |id: &str| {
+        listed
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| (r.input_tokens, r.output_tokens))
+    };
+    assert_eq!(own(&child), Some((150, 10)));
+    assert_eq!(own(&run), Some((0, 0)));
+}
+
 /// An agent step's success that reports `tokens` used (past a budget of 100).
 fn spending(task: &Task, tokens: u64) -> TaskResult {
     TaskResult {

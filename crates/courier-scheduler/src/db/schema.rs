@@ -151,6 +151,18 @@ CREATE TABLE cron_fires (
     PRIMARY KEY (workflow, tick_ms)
 );
 ",
+    // 7: a run's own tokens and cost (its steps', not its children's), so
+    // a runs list reads them from the run instead of summing its steps'
+    // columns, which sit after the outputs and walked their overflow pages.
+    "
+ALTER TABLE runs ADD COLUMN input_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN output_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN cost REAL NOT NULL DEFAULT 0.0;
+UPDATE runs SET
+    input_tokens = (SELECT COALESCE(SUM(input_tokens), 0) FROM steps WHERE steps.run_id = runs.id),
+    output_tokens = (SELECT COALESCE(SUM(output_tokens), 0) FROM steps WHERE steps.run_id = runs.id),
+    cost = (SELECT COALESCE(SUM(cost), 0.0) FROM steps WHERE steps.run_id = runs.id);
+",
 ];
 
 /// PostgreSQL's schema as of version [`PG_BASELINE`]: PostgreSQL support
@@ -269,6 +281,16 @@ CREATE TABLE cron_fires (
     run_id   TEXT NOT NULL,
     PRIMARY KEY (workflow, tick_ms)
 );
+",
+    // 7: as SQLite's.
+    "
+ALTER TABLE runs ADD COLUMN input_tokens BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN output_tokens BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN cost DOUBLE PRECISION NOT NULL DEFAULT 0.0;
+UPDATE runs SET
+    input_tokens = (SELECT COALESCE(SUM(input_tokens), 0) FROM steps WHERE steps.run_id = runs.id),
+    output_tokens = (SELECT COALESCE(SUM(output_tokens), 0) FROM steps WHERE steps.run_id = runs.id),
+    cost = (SELECT COALESCE(SUM(cost), 0.0) FROM steps WHERE steps.run_id = runs.id);
 ",
 ];
 

@@ -662,12 +662,16 @@ pub fn record_agent(
     cost: Option<f64>,
     transcript_json: &str,
 ) -> Result<(), DbError> {
-    // The run and its ancestors (a child run's spending is its parents' too).
+    // The run and its ancestors (a child run's spending is its parents' too);
+    // its own totals, the run alone.
     tx.exec("WITH RECURSIVE lineage(id) AS (
              SELECT CAST(?1 AS TEXT)
              UNION ALL SELECT r.parent_run FROM runs r JOIN lineage l ON r.id = l.id WHERE r.parent_run IS NOT NULL
          )
-         UPDATE runs SET spent_tokens = spent_tokens + ?2 + ?3, spent_cost = spent_cost + COALESCE(CAST(?4 AS DOUBLE PRECISION), 0.0)
+         UPDATE runs SET spent_tokens = spent_tokens + ?2 + ?3, spent_cost = spent_cost + COALESCE(CAST(?4 AS DOUBLE PRECISION), 0.0),
+             input_tokens = input_tokens + CASE WHEN id = ?1 THEN ?2 ELSE 0 END,
+             output_tokens = output_tokens + CASE WHEN id = ?1 THEN ?3 ELSE 0 END,
+             cost = cost + CASE WHEN id = ?1 THEN COALESCE(CAST(?4 AS DOUBLE PRECISION), 0.0) ELSE 0.0 END
          WHERE id IN (SELECT id FROM lineage)", p![
         run,
         i64::try_from(usage.0).unwrap_or(i64::MAX),
