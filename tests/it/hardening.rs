@@ -661,6 +661,25 @@ fn without_a_token_the_api_answers_only_at_loopback_names_and_never_drops_a_body
 }
 
 #[test]
+fn an_api_open_beyond_loopback_by_choice_answers_at_any_host_name() {
+    // `api_allow_anonymous`: reached by a service name from other hosts.
+    let cluster = Cluster::builder()
+        .workers(0)
+        .env("COURIER_API_LISTEN", "0.0.0.0:0")
+        .env("COURIER_API_ALLOW_ANONYMOUS", "true")
+        .start();
+    let http = reqwest::blocking::Client::new();
+    for path in ["/api/runs", "/ui/runs"] {
+        let named = http
+            .get(format!("{}{path}", cluster.api))
+            .header("host", "scheduler:8080")
+            .send()
+            .unwrap();
+        assert_eq!(named.status().as_u16(), 200, "{path}");
+    }
+}
+
+#[test]
 fn a_scheduler_listening_beyond_loopback_needs_a_token() {
     let dir = tempfile::TempDir::new().unwrap();
     let scheduler = |extra: &[(&str, &str)]| {

@@ -190,9 +190,9 @@ impl<'a> Reads<'a> {
         if self.depth > 0 {
             return Err(format!(
                 "\"{}\" is read inside a comprehension (all, exists, exists_one, map, filter), whose cost would \
-                 grow with the product of the inputs' sizes: read only its own variables there (to test \
-                 membership, write `x in {}` outside it)",
-                path.join("."),
+                 grow with the product of the inputs' sizes: read only its own variables there, and compare \
+                 outside it (`params.level in steps.review.json.map(r, r.severity)`, not \
+                 `steps.review.json.exists(r, r.severity == params.level)`)",
                 path.join(".")
             ));
         }

@@ -48,7 +48,10 @@ use crate::engine::{CancelError, DecideError, NORMAL_PRIORITY, SubmitError};
 
 /// The API router; `token`, when set, guards everything but `/healthz`,
 /// unknown paths included (so they cannot be told apart without it).
-pub fn router(shared: Arc<Shared>, token: Option<String>, ops: crate::ui::Operations) -> Router {
+/// Without it, an API listening on `loopback` only answers requests that
+/// name it by IP address or `localhost` (see [`require_token`]); one
+/// listening beyond (`api_allow_anonymous`) answers any.
+pub fn router(shared: Arc<Shared>, token: Option<String>, loopback: bool, ops: crate::ui::Operations) -> Router {
     let guarded = Router::new()
         .route("/api/runs", get(list_runs).post(submit))
         .route("/api/runs/{id}", get(get_run))
@@ -61,14 +64,14 @@ pub fn router(shared: Arc<Shared>, token: Option<String>, ops: crate::ui::Operat
         .method_not_allowed_fallback(method_not_allowed)
         // An empty token would let an empty header in: it counts as none.
         .layer(middleware::from_fn_with_state(
-            Arc::new(token.clone().filter(|t| !t.is_empty())),
+            Arc::new((token.clone().filter(|t| !t.is_empty()), loopback)),
             require_token,
         ));
     Router::new()
         .route("/healthz", get(health))
         .merge(guarded)
         .with_state(shared.clone())
-        .merge(crate::ui::router(shared, token, ops))
+        .merge(crate::ui::router(shared, token, loopback, ops))
         // Every route's wrong method, `/healthz` and the UI's included.
         .method_not_allowed_fallback(method_not_allowed)
 }
@@ -82,11 +85,12 @@ pub fn metrics_router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-async fn require_token(State(token): State<Arc<Option<String>>>, request: Request, next: Next) -> Response {
-    let Some(token) = token.as_deref() else {
-        // No token means loopback only; a page on a rebound DNS name
-        // (same-origin for the browser) must not reach the API either.
-        if !crate::ui::host_allowed_without_token(request.headers()) {
+async fn require_token(State(access): State<Arc<(Option<String>, bool)>>, request: Request, next: Next) -> Response {
+    let (token, loopback) = (access.0.as_deref(), access.1);
+    let Some(token) = token else {
+        // On loopback without a token, a page on a rebound DNS name
+        // (same-origin for the browser) must not reach the API.
+        if loopback && !crate::ui::host_allowed_without_token(request.headers()) {
             return ApiError(
                 StatusCode::FORBIDDEN,
                 "without api_token the API answers only at an IP address or localhost: set api_token to use a host name"

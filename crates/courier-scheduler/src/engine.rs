@@ -440,7 +440,11 @@ impl Engine {
             }
         }
         let publishing = self.publishing.load(std::sync::atomic::Ordering::Relaxed);
-        for (id, body) in written.into_iter().filter(|_| publishing) {
+        // A task written and dropped in one transaction (its run failed or
+        // was cancelled later in it) is never sent.
+        let dropped: std::collections::HashSet<&str> = dropped.iter().map(String::as_str).collect();
+        let written = written.into_iter().filter(|(id, _)| !dropped.contains(id.as_str()));
+        for (id, body) in written.filter(|_| publishing) {
             if kept.1 + body.len() > MAX_KEPT_BODY_BYTES {
                 break;
             }
@@ -1211,21 +1215,35 @@ impl Engine {
     /// Count again the dependencies still to succeed of every pending step
     /// of every open run, from the workflows as loaded now (they were
     /// counted from the config of their submit, which may have changed
-    /// since), and start the steps that are ready. Run once at start; costs
-    /// one pass over the open runs' open steps. How many tasks it dispatched.
+    /// since), and start the steps that are ready. A run the config can no
+    /// longer move on (its workflow gone, a pending step gone or waiting on
+    /// a step the run lacks) fails, saying why; on PostgreSQL, whose other
+    /// schedulers may run a newer config (a rolling deploy), it is only
+    /// logged. Run at start and on taking the lead; costs one pass over the
+    /// open runs' open steps. What it changed.
     ///
     /// # Errors
     /// The database failed; nothing changed.
-    pub fn reconcile(&self) -> Result<usize, DbError> {
+    pub fn reconcile(&self) -> Result<Applied, DbError> {
         let ((), applied) = self.change(now_ms(), |c| {
+            let shared = c.t.is_postgres();
+            let stuck = |c: &mut Change<'_, '_>, run: &str, error: &str| {
+                if shared {
+                    tracing::error!(
+                        %run, %error,
+                        "this run cannot move on under this scheduler's config; if every scheduler runs it, cancel the run"
+                    );
+                    Ok(())
+                } else {
+                    fail_run(c, run, error)
+                }
+            };
             'runs: for (run, workflow) in tx::running_runs(c.t)? {
                 let Some(run_row) = tx::run(c.t, &run)? else {
                     continue;
                 };
-                // The config changed since the run started, so that nothing
-                // could ever move it on: it fails, saying why.
                 let Some(wf) = self.config.workflows.get(&workflow) else {
-                    fail_run(c, &run, &format!("workflow \"{workflow}\" is no longer configured"))?;
+                    stuck(c, &run, &format!("workflow \"{workflow}\" is no longer configured"))?;
                     continue;
                 };
                 let mut states = Statuses::new(&run);
@@ -1236,7 +1254,7 @@ impl Engine {
                     }
                     let Some((step, index)) = step_of(wf, &name) else {
                         let error = format!("step \"{name}\" of workflow \"{}\" is no longer configured", wf.name);
-                        fail_run(c, &run, &error)?;
+                        stuck(c, &run, &error)?;
                         continue 'runs;
                     };
                     // A foreach item waits for its step, not for dependencies.
@@ -1255,7 +1273,7 @@ impl Engine {
                              (workflow \"{}\" changed since it started)",
                             wf.name
                         );
-                        fail_run(c, &run, &error)?;
+                        stuck(c, &run, &error)?;
                         continue 'runs;
                     }
                     let mut left = 0;
@@ -1290,7 +1308,7 @@ impl Engine {
             }
             Ok::<_, DbError>(())
         })?;
-        Ok(applied.dispatched)
+        Ok(applied)
     }
 
     /// Admit waiting steps now (for tests and tools; results, cancellations,
@@ -2451,6 +2469,10 @@ fn end_run(
 /// Fail a running run: its open steps skipped, its tasks not yet sent
 /// dropped, workers told to stop those running, its children cancelled.
 fn fail_run(c: &mut Change<'_, '_>, run: &str, error: &str) -> Result<(), DbError> {
+    // Once: several of its steps may find the reason in one pass.
+    if tx::run(c.t, run)?.map(|r| r.status) != Some(RunStatus::Running) {
+        return Ok(());
+    }
     cancel_children(c, run, None, &format!("its parent run {run} failed: {error}"))?;
     for (name, _) in tx::open_steps(c.t, run)? {
         end_step(c, run, &name, StepStatus::Skipped, None, Some(error), None)?;

@@ -229,6 +229,7 @@ pub async fn run(config: Config, sc: SchedulerConfig, shutdown: CancellationToke
         api::router(
             shared.clone(),
             sc.api_token.clone(),
+            addr.ip().is_loopback(),
             ui::Operations {
                 amqp_url: sc.amqp_url.clone(),
                 names: sc.names.clone(),
@@ -351,9 +352,17 @@ async fn lead_while(
     loop {
         let engine = shared.engine.clone();
         match tokio::task::spawn_blocking(move || engine.reconcile()).await {
-            Ok(Ok(0)) => break,
-            Ok(Ok(n)) => {
-                info!(dispatched = n, "steps made ready by the current config started");
+            Ok(Ok(applied)) => {
+                shared.count(&applied);
+                // A run it failed told its workers to stop.
+                shared.controls.notify_one();
+                if applied.dispatched > 0 {
+                    info!(
+                        dispatched = applied.dispatched,
+                        "steps made ready by the current config started"
+                    );
+                    shared.outbox.notify_one();
+                }
                 break;
             }
             Ok(Err(source)) if attempts >= 30 => {

@@ -73,14 +73,18 @@ struct Ui {
     /// is open (an API without a token, on loopback or allowed anonymous).
     key: Option<SigningKey>,
     token: Option<String>,
+    /// Listening on loopback only: without a token, requests must name it
+    /// by IP address or `localhost`.
+    loopback: bool,
     streams: AtomicUsize,
 }
 
 /// The UI's routes: `/` and `/ui/...`.
-pub fn router(shared: Arc<Shared>, token: Option<String>, ops: Operations) -> Router {
+pub fn router(shared: Arc<Shared>, token: Option<String>, loopback: bool, ops: Operations) -> Router {
     let token = token.filter(|t| !t.is_empty());
     let ui = Arc::new(Ui {
         ops,
+        loopback,
         dead: tokio::sync::Mutex::new(()),
         shared,
         key: token.as_ref().map(|t| SigningKey::new("ui", t.as_bytes().to_vec())),
@@ -208,7 +212,7 @@ async fn require_session(State(ui): State<Arc<Ui>>, request: Request, next: Next
     if request.method() == axum::http::Method::POST && cross_site(request.headers()) {
         return page_error(StatusCode::FORBIDDEN, "cross-site request refused");
     }
-    if ui.key.is_none() && !host_allowed_without_token(request.headers()) {
+    if ui.key.is_none() && ui.loopback && !host_allowed_without_token(request.headers()) {
         return page_error(
             StatusCode::FORBIDDEN,
             "without api_token the UI answers only at an IP address or localhost: set api_token to use a host name",
