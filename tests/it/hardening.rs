@@ -620,6 +620,21 @@ fn without_a_token_the_api_answers_only_at_loopback_names_and_never_drops_a_body
         .json()
         .unwrap();
     assert_eq!(listed[0]["id"], id);
+    // One step whole, over HTTP.
+    let step: Value = http
+        .get(url(&format!("/api/runs/{id}/steps/split")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        (step["name"].as_str(), step["status"].as_str()),
+        (Some("split"), Some("running"))
+    );
+    let missing = http.get(url(&format!("/api/runs/{id}/steps/nope"))).send().unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+    let body: Value = missing.json().unwrap();
+    assert_eq!(body["error"], format!("no step \"nope\" in run \"{id}\""));
     // A cancel whose body is not declared JSON is refused, not read as no
     // body: it named one step, and must not cancel the whole run.
     let cancel = |body: &'static str, content_type: Option<&str>| {

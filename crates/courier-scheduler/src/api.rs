@@ -55,6 +55,7 @@ pub fn router(shared: Arc<Shared>, token: Option<String>, loopback: bool, ops: c
     let guarded = Router::new()
         .route("/api/runs", get(list_runs).post(submit))
         .route("/api/runs/{id}", get(get_run))
+        .route("/api/runs/{id}/steps/{step}", get(get_step))
         .route("/api/runs/{id}/cancel", post(cancel))
         .route("/api/runs/{id}/steps/{step}/approve", post(approve))
         .route("/api/runs/{id}/steps/{step}/reject", post(reject))
@@ -298,6 +299,27 @@ async fn get_run(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> R
         None => Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("no run {}", crate::quoted(&id)),
+        )),
+    }
+}
+
+/// One step of a run whole: its output and transcript even when a run's
+/// view leaves them out (`left_out_bytes`).
+async fn get_step(
+    State(shared): State<Arc<Shared>>,
+    Path((id, step)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let engine = shared.engine.clone();
+    let (run, name) = (id.clone(), step.clone());
+    let found = tokio::task::spawn_blocking(move || engine.with_db(|db| db.step(&run, &name)))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    match found {
+        Some(view) => Ok(Json(view).into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no step {} in run {}", crate::quoted(&step), crate::quoted(&id)),
         )),
     }
 }

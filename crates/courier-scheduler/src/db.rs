@@ -350,7 +350,17 @@ pub struct StepView {
     pub cost: Option<f64>,
     /// Agent steps: the conversation (`[{role, content}]`).
     pub transcript: Option<serde_json::Value>,
+    /// Bytes of the output and transcript, when they are left out of a
+    /// run's view (past [`RUN_VIEW_BYTES`]): `GET /api/runs/{id}/steps/{name}`
+    /// has them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub left_out_bytes: Option<i64>,
 }
+
+/// Most bytes of outputs and transcripts a run's view holds, in step
+/// order; the steps past it are shown without them (a foreach of 10,000
+/// items of 1 MiB each would otherwise be a 10 GB answer, built in memory).
+pub const RUN_VIEW_BYTES: i64 = 16 * 1024 * 1024;
 
 /// A task row to publish.
 #[derive(Debug, Clone)]
@@ -623,7 +633,26 @@ impl Db {
         })
     }
 
-    /// One run with its steps.
+    /// One step of a run (a foreach item: `name[i]`), its output and
+    /// transcript whole.
+    ///
+    /// # Errors
+    /// The store's.
+    pub fn step(&mut self, run: &str, name: &str) -> Result<Option<StepView>, DbError> {
+        self.read(|tx| {
+            tx.opt(
+                "SELECT name, queue, status, attempts, output, error, worker, started_ms, finished_ms,
+                        model, input_tokens, output_tokens, transcript, waiting_on, cost, CAST(NULL AS BIGINT)
+                 FROM steps WHERE run_id = ?1 AND name = ?2",
+                p![run, name],
+                step_from_row,
+            )
+        })
+    }
+
+    /// One run with its steps, their outputs and transcripts up to
+    /// [`RUN_VIEW_BYTES`] in step order (those past it left out, with their
+    /// size: [`Db::step`] has them).
     ///
     /// # Errors
     /// The store's.
@@ -638,30 +667,24 @@ impl Db {
             let Some(mut run) = tx.opt(sql, p![id], run_from_row)? else {
                 return Ok(None);
             };
+            // Sizes come from the rows' headers (octet_length reads no
+            // text): a step past the budget is never read whole.
             run.steps = tx.all(
-                "SELECT name, queue, status, attempts, output, error, worker, started_ms, finished_ms,
-                        model, input_tokens, output_tokens, transcript, waiting_on, cost
-                 FROM steps WHERE run_id = ?1 ORDER BY position, COALESCE(item_index, -1)",
-                p![id],
-                |r| {
-                    Ok(StepView {
-                        name: r.get(0)?,
-                        queue: r.get(1)?,
-                        status: r.get(2)?,
-                        attempts: r.get(3)?,
-                        output: r.get(4)?,
-                        error: r.get(5)?,
-                        worker: r.get(6)?,
-                        started_ms: r.get(7)?,
-                        finished_ms: r.get(8)?,
-                        model: r.get(9)?,
-                        input_tokens: r.get(10)?,
-                        output_tokens: r.get(11)?,
-                        transcript: r.get::<Option<String>>(12)?.and_then(|t| serde_json::from_str(&t).ok()),
-                        waiting_on: r.get(13)?,
-                        cost: r.get(14)?,
-                    })
-                },
+                "SELECT s.name, s.queue, s.status, s.attempts,
+                        CASE WHEN b.kept THEN s.output END, s.error, s.worker, s.started_ms, s.finished_ms,
+                        s.model, s.input_tokens, s.output_tokens, CASE WHEN b.kept THEN s.transcript END,
+                        s.waiting_on, s.cost, CASE WHEN b.kept THEN NULL ELSE b.size END
+                 FROM (SELECT name, position, item_index, size,
+                              SUM(size) OVER (ORDER BY position, COALESCE(item_index, -1)
+                                              ROWS UNBOUNDED PRECEDING) <= CAST(?2 AS BIGINT) AS kept
+                       FROM (SELECT name, position, item_index,
+                                    CAST(COALESCE(octet_length(output), 0) + COALESCE(octet_length(transcript), 0)
+                                         AS BIGINT) AS size
+                             FROM steps WHERE run_id = ?1) sized) b
+                 JOIN steps s ON s.run_id = ?1 AND s.name = b.name
+                 ORDER BY b.position, COALESCE(b.item_index, -1)",
+                p![id, RUN_VIEW_BYTES],
+                step_from_row,
             )?;
             run.input_tokens = run.steps.iter().filter_map(|s| s.input_tokens).sum();
             run.output_tokens = run.steps.iter().filter_map(|s| s.output_tokens).sum();
@@ -889,6 +912,28 @@ pub fn redact(url: &str) -> String {
         out.replace_range(start..end, "***");
     }
     out
+}
+
+/// A step as [`Db::run`] and [`Db::step`] read it.
+fn step_from_row(r: &Row<'_>) -> Result<StepView, DbError> {
+    Ok(StepView {
+        name: r.get(0)?,
+        queue: r.get(1)?,
+        status: r.get(2)?,
+        attempts: r.get(3)?,
+        output: r.get(4)?,
+        error: r.get(5)?,
+        worker: r.get(6)?,
+        started_ms: r.get(7)?,
+        finished_ms: r.get(8)?,
+        model: r.get(9)?,
+        input_tokens: r.get(10)?,
+        output_tokens: r.get(11)?,
+        transcript: r.get::<Option<String>>(12)?.and_then(|t| serde_json::from_str(&t).ok()),
+        waiting_on: r.get(13)?,
+        cost: r.get(14)?,
+        left_out_bytes: r.get(15)?,
+    })
 }
 
 /// Runs with their own token and cost totals (kept on the run).

@@ -867,6 +867,48 @@ fn a_run_the_changed_config_can_no_longer_move_on_fails_at_start_saying_why() {
     assert_eq!(view(&runs[0]).status, RunStatus::Failed);
 }
 
+#[test]
+fn a_runs_view_holds_its_outputs_up_to_a_budget_and_each_step_has_its_own_whole() {
+    use courier_scheduler::db::RUN_VIEW_BYTES;
+    let dir = tempfile::TempDir::new().unwrap();
+    let steps: String = (0..20).map(|i| format!("  - name: s{i:02}\n    echo: x\n")).collect();
+    let engine = engine_over(
+        config_with(dir.path(), &[("wide", &format!("steps:\n{steps}"))]),
+        &dir.path().join("c.db"),
+    );
+    let run = engine.submit("wide", &BTreeMap::new(), NORMAL_PRIORITY).unwrap().id;
+    // 20 outputs of 1 MiB: 16 fit the view's 16 MiB, in step order.
+    let mib = 1024 * 1024;
+    let results: Vec<TaskResult> = due(&engine)
+        .iter()
+        .map(|(task, _)| {
+            let fill = task.step.as_bytes()[2];
+            result(task, TaskStatus::Succeeded, &String::from(fill as char).repeat(mib))
+        })
+        .collect();
+    engine.apply(&results).unwrap();
+    let view = engine.with_db(|db| db.run(&run)).unwrap().unwrap();
+    assert_eq!(view.status, RunStatus::Succeeded);
+    let kept = usize::try_from(RUN_VIEW_BYTES).unwrap() / mib;
+    for (i, step) in view.steps.iter().enumerate() {
+        assert_eq!(step.name, format!("s{i:02}"));
+        if i < kept {
+            assert_eq!(step.output.as_ref().map(String::len), Some(mib), "{}", step.name);
+            assert_eq!(step.left_out_bytes, None);
+        } else {
+            assert_eq!(
+                (step.output.as_ref(), step.left_out_bytes),
+                (None, Some(mib as i64)),
+                "{}",
+                step.name
+            );
+        }
+    }
+    let last = engine.with_db(|db| db.step(&run, "s19")).unwrap().unwrap();
+    assert_eq!((last.output.map(|o| o.len()), last.left_out_bytes), (Some(mib), None));
+    assert!(engine.with_db(|db| db.step(&run, "nope")).unwrap().is_none());
+}
+
 /// A fan-out of `width` echo children of `root`, fanned in again by `join`;
 /// the child `c7` may fail once (retry).
 fn wide(width: usize) -> String {

@@ -49,6 +49,9 @@ struct Step {
     cost: Option<f64>,
     #[serde(default)]
     waiting_on: Option<String>,
+    /// Output and transcript left out of the run's view (their bytes).
+    #[serde(default)]
+    left_out_bytes: Option<i64>,
 }
 
 /// The HTTP client of every CLI command (30 s timeout).
@@ -193,6 +196,13 @@ pub async fn submit(
     for step in &run.steps {
         match (&step.output, &step.error) {
             (Some(output), _) if step.status == StepStatus::Succeeded => println!("\n[{}]\n{output}", step.name),
+            (None, _) if step.left_out_bytes.is_some() => println!(
+                "\n[{}] {} bytes of output, left out of the run's view (GET /api/runs/{}/steps/{})",
+                step.name,
+                step.left_out_bytes.unwrap_or(0),
+                run.id,
+                step.name
+            ),
             (_, Some(error)) => println!("\n[{}] {}: {error}", step.name, step.status),
             _ => {}
         }
@@ -298,10 +308,14 @@ pub async fn runs(
         );
         for s in &run.steps {
             let waiting = s.waiting_on.as_ref().map(|w| format!("waiting on {w}"));
+            let left_out = s
+                .left_out_bytes
+                .map(|n| format!("({n} bytes left out of the run's view)"));
             let detail = waiting
                 .as_deref()
                 .or(s.error.as_deref())
                 .or(s.output.as_deref())
+                .or(left_out.as_deref())
                 .unwrap_or("");
             println!(
                 "{:<24} {:<10} {:>8} {:>9}  {:<20} {}",
