@@ -658,38 +658,48 @@ impl Db {
     /// The store's.
     pub fn run(&mut self, id: &str) -> Result<Option<RunView>, DbError> {
         self.read(|tx| {
-            // The totals are summed from the steps read below, not by three
-            // more scans of them (each walking every output's overflow pages).
+            // The totals are kept on the run. The steps' outputs and
+            // transcripts are sized from their rows' headers (octet_length
+            // reads no text): a run within the budget, nearly every one, is
+            // read in one plain pass; a larger one ranks its steps first, so
+            // a step past the budget is never read whole.
             let sql = concat!(
                 run_columns!(),
-                " CAST(0 AS BIGINT), CAST(0 AS BIGINT), CAST(0 AS DOUBLE PRECISION) FROM runs r WHERE r.id = ?1"
+                " r.input_tokens, r.output_tokens, r.cost,
+                  (SELECT CAST(COALESCE(SUM(COALESCE(octet_length(output), 0) + COALESCE(octet_length(transcript), 0)), 0)
+                          AS BIGINT) FROM steps WHERE run_id = r.id)
+                 FROM runs r WHERE r.id = ?1"
             );
-            let Some(mut run) = tx.opt(sql, p![id], run_from_row)? else {
+            let Some((mut run, total)) = tx.opt(sql, p![id], |r| Ok((run_from_row(r)?, r.get::<i64>(15)?)))? else {
                 return Ok(None);
             };
-            // Sizes come from the rows' headers (octet_length reads no
-            // text): a step past the budget is never read whole.
-            run.steps = tx.all(
-                "SELECT s.name, s.queue, s.status, s.attempts,
-                        CASE WHEN b.kept THEN s.output END, s.error, s.worker, s.started_ms, s.finished_ms,
-                        s.model, s.input_tokens, s.output_tokens, CASE WHEN b.kept THEN s.transcript END,
-                        s.waiting_on, s.cost, CASE WHEN b.kept THEN NULL ELSE b.size END
-                 FROM (SELECT name, position, item_index, size,
-                              SUM(size) OVER (ORDER BY position, COALESCE(item_index, -1)
-                                              ROWS UNBOUNDED PRECEDING) <= CAST(?2 AS BIGINT) AS kept
-                       FROM (SELECT name, position, item_index,
-                                    CAST(COALESCE(octet_length(output), 0) + COALESCE(octet_length(transcript), 0)
-                                         AS BIGINT) AS size
-                             FROM steps WHERE run_id = ?1) sized) b
-                 JOIN steps s ON s.run_id = ?1 AND s.name = b.name
-                 ORDER BY b.position, COALESCE(b.item_index, -1)",
-                p![id, RUN_VIEW_BYTES],
-                step_from_row,
-            )?;
-            run.input_tokens = run.steps.iter().filter_map(|s| s.input_tokens).sum();
-            run.output_tokens = run.steps.iter().filter_map(|s| s.output_tokens).sum();
-            // Summed from +0.0: `Sum` for floats starts at -0.0, shown as "-0.0".
-            run.cost = run.steps.iter().filter_map(|s| s.cost).fold(0.0, |a, c| a + c);
+            run.steps = if total <= RUN_VIEW_BYTES {
+                tx.all(
+                    "SELECT name, queue, status, attempts, output, error, worker, started_ms, finished_ms,
+                            model, input_tokens, output_tokens, transcript, waiting_on, cost, CAST(NULL AS BIGINT)
+                     FROM steps WHERE run_id = ?1 ORDER BY position, COALESCE(item_index, -1)",
+                    p![id],
+                    step_from_row,
+                )?
+            } else {
+                tx.all(
+                    "SELECT s.name, s.queue, s.status, s.attempts,
+                            CASE WHEN b.kept THEN s.output END, s.error, s.worker, s.started_ms, s.finished_ms,
+                            s.model, s.input_tokens, s.output_tokens, CASE WHEN b.kept THEN s.transcript END,
+                            s.waiting_on, s.cost, CASE WHEN b.kept THEN NULL ELSE b.size END
+                     FROM (SELECT name, position, item_index, size,
+                                  SUM(size) OVER (ORDER BY position, COALESCE(item_index, -1)
+                                                  ROWS UNBOUNDED PRECEDING) <= CAST(?2 AS BIGINT) AS kept
+                           FROM (SELECT name, position, item_index,
+                                        CAST(COALESCE(octet_length(output), 0) + COALESCE(octet_length(transcript), 0)
+                                             AS BIGINT) AS size
+                                 FROM steps WHERE run_id = ?1) sized) b
+                     JOIN steps s ON s.run_id = ?1 AND s.name = b.name
+                     ORDER BY b.position, COALESCE(b.item_index, -1)",
+                    p![id, RUN_VIEW_BYTES],
+                    step_from_row,
+                )?
+            };
             Ok(Some(run))
         })
     }
