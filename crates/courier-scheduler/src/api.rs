@@ -6,7 +6,9 @@
 //!                                                                -> [run], newest first, at most about
 //!                                                                   8 MiB of params; before= the last
 //!                                                                   id of a page gives the next
-//! GET  /api/runs/{id}                                            -> run with steps
+//! GET  /api/runs/{id}                                            -> run with steps (outputs and
+//!                                                                   transcripts up to 16 MiB in all)
+//! GET  /api/runs/{id}/steps/{step}                               -> one step whole; 404
 //! POST /api/runs/{id}/cancel {"step": "...", "reason": "...", "by": "..."} (all optional)
 //!                                                                -> 200 run; 404; 409 already ended
 //! POST /api/runs/{id}/steps/{step}/approve {"comment": "...", "by": "..."} (optional)

@@ -351,8 +351,9 @@ pub struct StepView {
     /// Agent steps: the conversation (`[{role, content}]`).
     pub transcript: Option<serde_json::Value>,
     /// Bytes of the output and transcript, when they are left out of a
-    /// run's view (past [`RUN_VIEW_BYTES`]): `GET /api/runs/{id}/steps/{name}`
-    /// has them.
+    /// run's view (past [`RUN_VIEW_BYTES`]; the step then shows its name,
+    /// queue, status and attempts alone): `GET /api/runs/{id}/steps/{name}`
+    /// has it whole.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub left_out_bytes: Option<i64>,
 }
@@ -682,23 +683,7 @@ impl Db {
                     step_from_row,
                 )?
             } else {
-                tx.all(
-                    "SELECT s.name, s.queue, s.status, s.attempts,
-                            CASE WHEN b.kept THEN s.output END, s.error, s.worker, s.started_ms, s.finished_ms,
-                            s.model, s.input_tokens, s.output_tokens, CASE WHEN b.kept THEN s.transcript END,
-                            s.waiting_on, s.cost, CASE WHEN b.kept THEN NULL ELSE b.size END
-                     FROM (SELECT name, position, item_index, size,
-                                  SUM(size) OVER (ORDER BY position, COALESCE(item_index, -1)
-                                                  ROWS UNBOUNDED PRECEDING) <= CAST(?2 AS BIGINT) AS kept
-                           FROM (SELECT name, position, item_index,
-                                        CAST(COALESCE(octet_length(output), 0) + COALESCE(octet_length(transcript), 0)
-                                             AS BIGINT) AS size
-                                 FROM steps WHERE run_id = ?1) sized) b
-                     JOIN steps s ON s.run_id = ?1 AND s.name = b.name
-                     ORDER BY b.position, COALESCE(b.item_index, -1)",
-                    p![id, RUN_VIEW_BYTES],
-                    step_from_row,
-                )?
+                budgeted_steps(tx, id)?
             };
             Ok(Some(run))
         })
@@ -922,6 +907,67 @@ pub fn redact(url: &str) -> String {
         out.replace_range(start..end, "***");
     }
     out
+}
+
+/// The steps of a run whose outputs and transcripts pass
+/// [`RUN_VIEW_BYTES`], in step order: those within it (and those with
+/// neither) whole; the others with their name, queue, status, attempts and
+/// size alone. In SQLite a row's columns are read in order, and every
+/// other column of a step comes after its output: reading any of them
+/// would read the whole output. So the ranking reads only what comes
+/// first (a foreach item's index is in its name), and each kept step is
+/// then read by its key.
+fn budgeted_steps(tx: &Tx<'_>, run: &str) -> Result<Vec<StepView>, DbError> {
+    let mut sized: Vec<(String, i64, String, StepStatus, i64, i64)> = tx.all(
+        "SELECT name, position, queue, status, attempts,
+                CAST(COALESCE(octet_length(output), 0) + COALESCE(octet_length(transcript), 0) AS BIGINT)
+         FROM steps WHERE run_id = ?1",
+        p![run],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+    )?;
+    let item = |name: &str| -> i64 {
+        name.strip_suffix(']')
+            .and_then(|n| n.rsplit_once('['))
+            .and_then(|(_, i)| i.parse().ok())
+            .unwrap_or(-1)
+    };
+    sized.sort_by_key(|(name, position, ..)| (*position, item(name)));
+    let mut used = 0_i64;
+    let mut steps = Vec::with_capacity(sized.len());
+    for (name, _, queue, status, attempts, size) in sized {
+        if size == 0 || used + size <= RUN_VIEW_BYTES {
+            used += size;
+            let step = tx.opt(
+                "SELECT name, queue, status, attempts, output, error, worker, started_ms, finished_ms,
+                        model, input_tokens, output_tokens, transcript, waiting_on, cost, CAST(NULL AS BIGINT)
+                 FROM steps WHERE run_id = ?1 AND name = ?2",
+                p![run, name],
+                step_from_row,
+            )?;
+            steps.extend(step);
+        } else {
+            used = RUN_VIEW_BYTES;
+            steps.push(StepView {
+                name,
+                queue,
+                status,
+                waiting_on: None,
+                attempts,
+                output: None,
+                error: None,
+                worker: None,
+                started_ms: None,
+                finished_ms: None,
+                model: None,
+                input_tokens: None,
+                output_tokens: None,
+                cost: None,
+                transcript: None,
+                left_out_bytes: Some(size),
+            });
+        }
+    }
+    Ok(steps)
 }
 
 /// A step as [`Db::run`] and [`Db::step`] read it.

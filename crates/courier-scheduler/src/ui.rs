@@ -643,7 +643,7 @@ fn step_row(run: &RunView, step: &StepView, csrf: &str) -> Markup {
             td { (step.started_ms.map(|s| duration(s, step.finished_ms)).unwrap_or_default()) }
             td.output {
                 @if let Some(output) = &step.output { (preview("out", output)) }
-                @if let Some(n) = step.left_out_bytes { small { (n) " bytes of output, left out of the run's view (GET /api/runs/…/steps/" (step.name) ")" } }
+                @if let Some(n) = step.left_out_bytes { small { (n) " bytes of output and transcript, left out of the run's view (GET /api/runs/…/steps/" (step.name) ")" } }
                 @if let Some(error) = &step.error { (preview("error", error)) }
                 @if let Some(model) = &step.model {
                     small { (model) ": " (step.input_tokens.unwrap_or(0)) " in, " (step.output_tokens.unwrap_or(0)) " out"

@@ -902,6 +902,12 @@ fn a_runs_view_holds_its_outputs_up_to_a_budget_and_each_step_has_its_own_whole(
                 "{}",
                 step.name
             );
+            assert_eq!(
+                (step.status, step.attempts),
+                (StepStatus::Succeeded, 1),
+                "{}",
+                step.name
+            );
         }
     }
     let last = engine.with_db(|db| db.step(&run, "s19")).unwrap().unwrap();

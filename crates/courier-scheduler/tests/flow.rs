@@ -305,6 +305,38 @@ fn items_whose_tasks_pass_the_kept_bodies_budget_in_one_transaction_are_built_ag
 }
 
 #[test]
+fn a_runs_view_keeps_foreach_items_outputs_in_item_order_up_to_its_budget() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let items: Vec<String> = (0..20).map(|i| i.to_string()).collect();
+    let wf = format!(
+        "steps:\n  - name: each\n    foreach: '[{}]'\n    max_concurrent: 20\n    echo: '${{item}}'\n",
+        items.join(", ")
+    );
+    let engine = engine_over(config_with(dir.path(), &[("items", &wf)]), &dir.path().join("c.db"));
+    let run = submit(&engine, "items", &[]);
+    let mib = 1024 * 1024;
+    let results: Vec<TaskResult> = publish_all(&engine)
+        .iter()
+        .map(|t| result(t, TaskStatus::Succeeded, &"i".repeat(mib)))
+        .collect();
+    engine.apply(&results).unwrap();
+    let v = view(&engine, &run);
+    let names: Vec<&str> = v.steps.iter().map(|s| s.name.as_str()).collect();
+    let expected: Vec<String> = std::iter::once("each".to_string())
+        .chain((0..20).map(|i| format!("each[{i}]")))
+        .collect();
+    assert_eq!(names, expected, "item order, not name order (each[10] after each[9])");
+    let left_out: Vec<&str> = v
+        .steps
+        .iter()
+        .filter(|s| s.left_out_bytes.is_some())
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(left_out, ["each[16]", "each[17]", "each[18]", "each[19]"]);
+    assert_eq!(step(&v, "each[15]").output.as_ref().map(String::len), Some(mib));
+}
+
+#[test]
 fn an_empty_array_succeeds_at_once_and_anything_else_than_an_array_fails_clearly() {
     let dir = tempfile::TempDir::new().unwrap();
     let capped = fan(2, "    max_items: 3\n");

@@ -197,7 +197,7 @@ pub async fn submit(
         match (&step.output, &step.error) {
             (Some(output), _) if step.status == StepStatus::Succeeded => println!("\n[{}]\n{output}", step.name),
             (None, _) if step.left_out_bytes.is_some() => println!(
-                "\n[{}] {} bytes of output, left out of the run's view (GET /api/runs/{}/steps/{})",
+                "\n[{}] {} bytes of output and transcript, left out of the run's view (GET /api/runs/{}/steps/{})",
                 step.name,
                 step.left_out_bytes.unwrap_or(0),
                 run.id,
@@ -310,7 +310,7 @@ pub async fn runs(
             let waiting = s.waiting_on.as_ref().map(|w| format!("waiting on {w}"));
             let left_out = s
                 .left_out_bytes
-                .map(|n| format!("({n} bytes left out of the run's view)"));
+                .map(|n| format!("({n} bytes of output and transcript left out of the run's view)"));
             let detail = waiting
                 .as_deref()
                 .or(s.error.as_deref())

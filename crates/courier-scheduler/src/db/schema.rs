@@ -153,15 +153,15 @@ CREATE TABLE cron_fires (
 ",
     // 7: a run's own tokens and cost (its steps', not its children's), so
     // a runs list reads them from the run instead of summing its steps'
-    // columns, which sit after the outputs and walked their overflow pages.
+    // columns, which sit after the outputs and walked their overflow pages
+    // (summed here once, in one pass).
     "
 ALTER TABLE runs ADD COLUMN input_tokens INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE runs ADD COLUMN output_tokens INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE runs ADD COLUMN cost REAL NOT NULL DEFAULT 0.0;
-UPDATE runs SET
-    input_tokens = (SELECT COALESCE(SUM(input_tokens), 0) FROM steps WHERE steps.run_id = runs.id),
-    output_tokens = (SELECT COALESCE(SUM(output_tokens), 0) FROM steps WHERE steps.run_id = runs.id),
-    cost = (SELECT COALESCE(SUM(cost), 0.0) FROM steps WHERE steps.run_id = runs.id);
+UPDATE runs SET (input_tokens, output_tokens, cost) = (
+    SELECT COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cost), 0.0)
+    FROM steps WHERE steps.run_id = runs.id);
 ",
 ];
 
@@ -287,10 +287,9 @@ CREATE TABLE cron_fires (
 ALTER TABLE runs ADD COLUMN input_tokens BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE runs ADD COLUMN output_tokens BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE runs ADD COLUMN cost DOUBLE PRECISION NOT NULL DEFAULT 0.0;
-UPDATE runs SET
-    input_tokens = (SELECT COALESCE(SUM(input_tokens), 0) FROM steps WHERE steps.run_id = runs.id),
-    output_tokens = (SELECT COALESCE(SUM(output_tokens), 0) FROM steps WHERE steps.run_id = runs.id),
-    cost = (SELECT COALESCE(SUM(cost), 0.0) FROM steps WHERE steps.run_id = runs.id);
+UPDATE runs SET (input_tokens, output_tokens, cost) = (
+    SELECT COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cost), 0.0)
+    FROM steps WHERE steps.run_id = runs.id);
 ",
 ];
 
