@@ -279,23 +279,13 @@ fn a_memory_update_that_cannot_be_written_is_recorded_on_the_step() {
 fn memory_stays_within_its_bound_and_a_step_writes_at_most_its_count_of_proposals() {
     use courier_config::{MAX_MEMORY_BYTES, MAX_PROPOSAL_BYTES, MAX_PROPOSALS};
     let dir = tempfile::TempDir::new().unwrap();
-    let config_dir = dir.path().join("config");
-    let copied = std::process::Command::new("cp")
-        .arg("-r")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config"))
-        .arg(&config_dir)
-        .status()
-        .unwrap();
-    assert!(copied.success());
     // The workflow's memory is a few bytes short of full.
-    let memory = config_dir.join("agents/memory/workflows/research/MEMORY.md");
     let nearly_full = format!("{}\n", "m".repeat(MAX_MEMORY_BYTES - 8));
-    std::fs::write(&memory, &nearly_full).unwrap();
-    let engine = Engine::new(
-        Config::load(&config_dir).unwrap(),
-        support::store(&dir.path().join("courier.db")),
-        EngineLimits::default(),
-    );
+    let memory_file = "agents/memory/workflows/research/MEMORY.md";
+    let config = config_with_files(dir.path(), &[], &[(memory_file, &nearly_full)]);
+    let config_dir = dir.path().join("config");
+    let memory = config_dir.join(memory_file);
+    let engine = engine_over(config, &dir.path().join("courier.db"));
     let proposal = |target, text: &str| courier_wire::MemoryUpdate {
         target,
         append: text.into(),
