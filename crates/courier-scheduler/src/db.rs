@@ -795,6 +795,30 @@ impl Db {
         })
     }
 
+    /// What a run's live page shows changing, read without touching any
+    /// output (a step's status and attempts come before it in the row): the
+    /// run's status and spending, each step's status and attempts, each
+    /// child run's status. `None` for an unknown run.
+    ///
+    /// # Errors
+    /// The store's.
+    pub fn run_fingerprint(&mut self, id: &str) -> Result<Option<String>, DbError> {
+        self.read(|tx| {
+            tx.opt(
+                "SELECT r.status || '|' || CAST(r.input_tokens AS TEXT) || '|' || CAST(r.output_tokens AS TEXT)
+                        || '|' || CAST(r.cost AS TEXT) || '|'
+                        || COALESCE((SELECT string_agg(s.status || ':' || CAST(s.attempts AS TEXT), ','
+                                                       ORDER BY s.position, s.name)
+                                     FROM steps s WHERE s.run_id = r.id), '') || '|'
+                        || COALESCE((SELECT string_agg(c.status, ',' ORDER BY c.created_ms, c.id)
+                                     FROM runs c WHERE c.parent_run = r.id), '')
+                 FROM runs r WHERE r.id = ?1",
+                p![id],
+                |r| r.get(0),
+            )
+        })
+    }
+
     /// A run's child runs (started by its `workflow:` steps): id, workflow, status.
     ///
     /// # Errors

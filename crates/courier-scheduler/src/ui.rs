@@ -569,16 +569,30 @@ async fn run_live(
 ) -> Response {
     let csrf = csrf_for(&ui, session(&ui, &headers).as_deref());
     let shown = v.map(|Query(v)| v.v).unwrap_or_default();
+    // The last fragment, by the fingerprint it was read at: the run is read
+    // again only when its fingerprint changes (a step's label of what holds
+    // it, or an error noted after its end, shows with the next change).
+    let last: Arc<std::sync::Mutex<Option<(String, String, bool)>>> = Arc::default();
     stream(ui, Duration::from_millis(500), shown, move |ui| {
-        let (id, csrf) = (id.clone(), csrf.clone());
+        let (id, csrf, last) = (id.clone(), csrf.clone(), last.clone());
         async move {
+            let lookup = id.clone();
+            let print = read(&ui, move |db| db.run_fingerprint(&lookup)).await.ok()??;
+            if let Some((seen, fragment, ended)) =
+                last.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref()
+                && *seen == print
+            {
+                return Some((fragment.clone(), *ended));
+            }
             let lookup = id.clone();
             let (run, children) = read(&ui, move |db| Ok((db.run(&lookup)?, db.child_runs(&lookup)?)))
                 .await
                 .ok()?;
             let run = run?;
             let ended = run.status != RunStatus::Running;
-            Some((run_fragment(&ui, &run, &children, &csrf).into_string(), ended))
+            let fragment = run_fragment(&ui, &run, &children, &csrf).into_string();
+            *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((print, fragment.clone(), ended));
+            Some((fragment, ended))
         }
     })
 }

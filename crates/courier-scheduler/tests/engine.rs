@@ -905,6 +905,23 @@ fn a_runs_view_holds_its_outputs_up_to_a_budget_and_each_step_has_its_own_whole(
     assert!(engine.with_db(|db| db.step(&run, "nope")).unwrap().is_none());
 }
 
+#[test]
+fn a_runs_fingerprint_changes_with_what_its_live_page_shows_and_only_then() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine(&dir.path().join("courier.db"));
+    let run = engine.submit("fanout", &BTreeMap::new(), NORMAL_PRIORITY).unwrap().id;
+    let print = || engine.with_db(|db| db.run_fingerprint(&run)).unwrap().unwrap();
+    let first = print();
+    assert!(first.starts_with("running|0|0|0"), "{first}");
+    let split = publish_next(&engine);
+    assert_eq!(print(), first, "publishing changes nothing shown");
+    engine.apply(&[result(&split, TaskStatus::Succeeded, "3")]).unwrap();
+    let second = print();
+    assert_ne!(second, first, "a step ended and three started");
+    assert_eq!(print(), second);
+    assert!(engine.with_db(|db| db.run_fingerprint("nope")).unwrap().is_none());
+}
+
 /// A fan-out of `width` echo children of `root`, fanned in again by `join`;
 /// the child `c7` may fail once (retry).
 fn wide(width: usize) -> String {
