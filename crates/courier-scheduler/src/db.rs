@@ -358,7 +358,7 @@ pub struct StepView {
     pub left_out_bytes: Option<i64>,
 }
 
-/// Most bytes of outputs and transcripts a run's view holds, in step
+/// Most bytes of outputs, errors and transcripts a run's view holds, in step
 /// order; the steps past it are shown without them (a foreach of 10,000
 /// items of 1 MiB each would otherwise be a 10 GB answer, built in memory).
 pub const RUN_VIEW_BYTES: i64 = 16 * 1024 * 1024;
@@ -667,7 +667,8 @@ impl Db {
             let sql = concat!(
                 run_columns!(),
                 " r.input_tokens, r.output_tokens, r.cost,
-                  (SELECT CAST(COALESCE(SUM(COALESCE(octet_length(output), 0) + COALESCE(octet_length(transcript), 0)), 0)
+                  (SELECT CAST(COALESCE(SUM(COALESCE(octet_length(output), 0) + COALESCE(octet_length(error), 0)
+                                            + COALESCE(octet_length(transcript), 0)), 0)
                           AS BIGINT) FROM steps WHERE run_id = r.id)
                  FROM runs r WHERE r.id = ?1"
             );
@@ -796,9 +797,11 @@ impl Db {
     }
 
     /// What a run's live page shows changing, read without touching any
-    /// output (a step's status and attempts come before it in the row): the
-    /// run's status and spending, each step's status and attempts, each
-    /// child run's status. `None` for an unknown run.
+    /// output (a step's status and attempts come before it in the row; a
+    /// waiting step has none): the run's status and spending, its steps'
+    /// count and attempts per status, the length of waiting steps' labels,
+    /// its child runs' count per status; a few aggregates, whatever the
+    /// run's width. `None` for an unknown run.
     ///
     /// # Errors
     /// The store's.
@@ -807,11 +810,15 @@ impl Db {
             tx.opt(
                 "SELECT r.status || '|' || CAST(r.input_tokens AS TEXT) || '|' || CAST(r.output_tokens AS TEXT)
                         || '|' || CAST(r.cost AS TEXT) || '|'
-                        || COALESCE((SELECT string_agg(s.status || ':' || CAST(s.attempts AS TEXT), ','
-                                                       ORDER BY s.position, s.name)
-                                     FROM steps s WHERE s.run_id = r.id), '') || '|'
-                        || COALESCE((SELECT string_agg(c.status, ',' ORDER BY c.created_ms, c.id)
-                                     FROM runs c WHERE c.parent_run = r.id), '')
+                        || COALESCE((SELECT string_agg(g.status || ':' || CAST(g.n AS TEXT) || ':' || CAST(g.a AS TEXT)
+                                                       || ':' || CAST(g.w AS TEXT), ',' ORDER BY g.status)
+                                     FROM (SELECT s.status, COUNT(*) AS n, SUM(s.attempts) AS a,
+                                                  SUM(CASE WHEN s.status = 'waiting'
+                                                      THEN 1 + length(COALESCE(s.waiting_on, '')) ELSE 0 END) AS w
+                                           FROM steps s WHERE s.run_id = r.id GROUP BY s.status) g), '') || '|'
+                        || COALESCE((SELECT string_agg(c.status || ':' || CAST(c.n AS TEXT), ',' ORDER BY c.status)
+                                     FROM (SELECT status, COUNT(*) AS n FROM runs WHERE parent_run = r.id
+                                           GROUP BY status) c), '')
                  FROM runs r WHERE r.id = ?1",
                 p![id],
                 |r| r.get(0),
@@ -942,9 +949,18 @@ pub fn redact(url: &str) -> String {
 /// first (a foreach item's index is in its name), and each kept step is
 /// then read by its key.
 fn budgeted_steps(tx: &Tx<'_>, run: &str) -> Result<Vec<StepView>, DbError> {
+    static KEPT: sql::Batched = sql::Batched::new(|n| {
+        format!(
+            "SELECT name, queue, status, attempts, output, error, worker, started_ms, finished_ms,
+                    model, input_tokens, output_tokens, transcript, waiting_on, cost, CAST(NULL AS BIGINT)
+             FROM steps WHERE run_id = ?1 AND name IN ({})",
+            sql::placeholders(2, n)
+        )
+    });
     let mut sized: Vec<(String, i64, String, StepStatus, i64, i64)> = tx.all(
         "SELECT name, position, queue, status, attempts,
-                CAST(COALESCE(octet_length(output), 0) + COALESCE(octet_length(transcript), 0) AS BIGINT)
+                CAST(COALESCE(octet_length(output), 0) + COALESCE(octet_length(error), 0)
+                     + COALESCE(octet_length(transcript), 0) AS BIGINT)
          FROM steps WHERE run_id = ?1",
         p![run],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
@@ -956,22 +972,28 @@ fn budgeted_steps(tx: &Tx<'_>, run: &str) -> Result<Vec<StepView>, DbError> {
             .unwrap_or(-1)
     };
     sized.sort_by_key(|(name, position, ..)| (*position, item(name)));
+    // The prefix within the budget (and every step holding nothing), read
+    // by name, 64 at a time; the rest as they were ranked.
     let mut used = 0_i64;
-    let mut steps = Vec::with_capacity(sized.len());
-    for (name, _, queue, status, attempts, size) in sized {
-        if size == 0 || used + size <= RUN_VIEW_BYTES {
+    let mut kept: Vec<&String> = Vec::new();
+    for (name, .., size) in &sized {
+        if *size == 0 || used + size <= RUN_VIEW_BYTES {
             used += size;
-            let step = tx.opt(
-                "SELECT name, queue, status, attempts, output, error, worker, started_ms, finished_ms,
-                        model, input_tokens, output_tokens, transcript, waiting_on, cost, CAST(NULL AS BIGINT)
-                 FROM steps WHERE run_id = ?1 AND name = ?2",
-                p![run, name],
-                step_from_row,
-            )?;
-            steps.extend(step);
+            kept.push(name);
         } else {
             used = RUN_VIEW_BYTES;
-            steps.push(StepView {
+        }
+    }
+    let names: Vec<&dyn sql::Param> = kept.iter().map(|n| *n as &dyn sql::Param).collect();
+    let mut read: std::collections::HashMap<String, StepView> = tx
+        .all_batched(&KEPT, p![run], &names, step_from_row)?
+        .into_iter()
+        .map(|s| (s.name.clone(), s))
+        .collect();
+    Ok(sized
+        .into_iter()
+        .map(|(name, _, queue, status, attempts, size)| {
+            read.remove(&name).unwrap_or(StepView {
                 name,
                 queue,
                 status,
@@ -988,10 +1010,9 @@ fn budgeted_steps(tx: &Tx<'_>, run: &str) -> Result<Vec<StepView>, DbError> {
                 cost: None,
                 transcript: None,
                 left_out_bytes: Some(size),
-            });
-        }
-    }
-    Ok(steps)
+            })
+        })
+        .collect())
 }
 
 /// A step as [`Db::run`] and [`Db::step`] read it.

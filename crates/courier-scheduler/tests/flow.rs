@@ -314,7 +314,8 @@ fn a_runs_view_keeps_foreach_items_outputs_in_item_order_up_to_its_budget() {
     );
     let engine = engine_over(config_with(dir.path(), &[("items", &wf)]), &dir.path().join("c.db"));
     let run = submit(&engine, "items", &[]);
-    let mib = 1024 * 1024;
+    // Just under 1 MiB each: 16 of them and the step's own error fit in 16 MiB.
+    let mib = 1024 * 1024 - 1024;
     let results: Vec<TaskResult> = publish_all(&engine)
         .iter()
         .map(|t| result(t, TaskStatus::Succeeded, &"i".repeat(mib)))

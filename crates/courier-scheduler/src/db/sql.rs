@@ -565,6 +565,31 @@ impl<'a> Tx<'a> {
         Ok(changed)
     }
 
+    /// Every row `batched` returns over `items` (one parameter each, after
+    /// the `fixed` ones), by chunks of [`AT_ONCE`], 32, … 1 items, each row
+    /// through `f`.
+    ///
+    /// # Errors
+    /// The store's, or `f`'s.
+    pub fn all_batched<T>(
+        &self,
+        batched: &Batched,
+        fixed: &[&dyn Param],
+        items: &[&dyn Param],
+        mut f: impl FnMut(&Row<'_>) -> Result<T, DbError>,
+    ) -> Result<Vec<T>, DbError> {
+        let mut out = Vec::new();
+        let mut rest = items;
+        while !rest.is_empty() {
+            let n = AT_ONCE.min(1 << rest.len().ilog2());
+            let (chunk, more) = rest.split_at(n);
+            let params: Vec<&dyn Param> = fixed.iter().chain(chunk).copied().collect();
+            out.extend(self.all(batched.text(n), &params, &mut f)?);
+            rest = more;
+        }
+        Ok(out)
+    }
+
     /// Every row a query returns, each through `f`.
     ///
     /// # Errors
