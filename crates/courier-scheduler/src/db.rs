@@ -24,6 +24,13 @@ use sql::{PgStatements, p};
 // re-preparing (with a statement cache too small to keep them all) cost
 // about a sixth of the scheduler's CPU at 400 runs/s.
 
+/// A step's columns whole, as [`step_from_row`] reads them (none left out).
+macro_rules! step_columns {
+    () => {
+        "SELECT name, queue, status, attempts, output, error, worker, started_ms, finished_ms,
+                model, input_tokens, output_tokens, transcript, waiting_on, cost, CAST(NULL AS BIGINT)"
+    };
+}
 /// A run's own columns, as [`run_from_row`] reads them first.
 macro_rules! run_columns {
     () => {
@@ -350,7 +357,7 @@ pub struct StepView {
     pub cost: Option<f64>,
     /// Agent steps: the conversation (`[{role, content}]`).
     pub transcript: Option<serde_json::Value>,
-    /// Bytes of the output and transcript, when they are left out of a
+    /// Bytes of the output, error and transcript, when they are left out of a
     /// run's view (past [`RUN_VIEW_BYTES`]; the step then shows its name,
     /// queue, status and attempts alone): `GET /api/runs/{id}/steps/{name}`
     /// has it whole.
@@ -642,16 +649,14 @@ impl Db {
     pub fn step(&mut self, run: &str, name: &str) -> Result<Option<StepView>, DbError> {
         self.read(|tx| {
             tx.opt(
-                "SELECT name, queue, status, attempts, output, error, worker, started_ms, finished_ms,
-                        model, input_tokens, output_tokens, transcript, waiting_on, cost, CAST(NULL AS BIGINT)
-                 FROM steps WHERE run_id = ?1 AND name = ?2",
+                concat!(step_columns!(), " FROM steps WHERE run_id = ?1 AND name = ?2"),
                 p![run, name],
                 step_from_row,
             )
         })
     }
 
-    /// One run with its steps, their outputs and transcripts up to
+    /// One run with its steps, their outputs, errors and transcripts up to
     /// [`RUN_VIEW_BYTES`] in step order (those past it left out, with their
     /// size: [`Db::step`] has them).
     ///
@@ -677,9 +682,10 @@ impl Db {
             };
             run.steps = if total <= RUN_VIEW_BYTES {
                 tx.all(
-                    "SELECT name, queue, status, attempts, output, error, worker, started_ms, finished_ms,
-                            model, input_tokens, output_tokens, transcript, waiting_on, cost, CAST(NULL AS BIGINT)
-                     FROM steps WHERE run_id = ?1 ORDER BY position, COALESCE(item_index, -1)",
+                    concat!(
+                        step_columns!(),
+                        " FROM steps WHERE run_id = ?1 ORDER BY position, COALESCE(item_index, -1)"
+                    ),
                     p![id],
                     step_from_row,
                 )?
@@ -940,9 +946,9 @@ pub fn redact(url: &str) -> String {
     out
 }
 
-/// The steps of a run whose outputs and transcripts pass
+/// The steps of a run whose outputs, errors and transcripts pass
 /// [`RUN_VIEW_BYTES`], in step order: those within it (and those with
-/// neither) whole; the others with their name, queue, status, attempts and
+/// none) whole; the others with their name, queue, status, attempts and
 /// size alone. In SQLite a row's columns are read in order, and every
 /// other column of a step comes after its output: reading any of them
 /// would read the whole output. So the ranking reads only what comes
@@ -951,9 +957,7 @@ pub fn redact(url: &str) -> String {
 fn budgeted_steps(tx: &Tx<'_>, run: &str) -> Result<Vec<StepView>, DbError> {
     static KEPT: sql::Batched = sql::Batched::new(|n| {
         format!(
-            "SELECT name, queue, status, attempts, output, error, worker, started_ms, finished_ms,
-                    model, input_tokens, output_tokens, transcript, waiting_on, cost, CAST(NULL AS BIGINT)
-             FROM steps WHERE run_id = ?1 AND name IN ({})",
+            concat!(step_columns!(), " FROM steps WHERE run_id = ?1 AND name IN ({})"),
             sql::placeholders(2, n)
         )
     });

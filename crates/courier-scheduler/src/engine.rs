@@ -1261,10 +1261,25 @@ impl Engine {
                     if index.is_some() {
                         continue;
                     }
-                    let mut missing = None;
+                    let mut left = 0;
+                    let (mut skipped_by, mut missing) = (None, None);
                     for d in &step.depends {
-                        if missing.is_none() && states.get(c.t, d)?.is_none() {
-                            missing = Some(d);
+                        let done = match states.get(c.t, d)? {
+                            Some(StepStatus::Succeeded) => true,
+                            // Counted as done when this step runs anyway.
+                            Some(StepStatus::Skipped) if step.on_skipped == OnSkipped::Run => true,
+                            Some(StepStatus::Skipped) => {
+                                skipped_by = Some(d);
+                                false
+                            }
+                            None => {
+                                missing = missing.or(Some(d));
+                                false
+                            }
+                            _ => false,
+                        };
+                        if !done {
+                            left += 1;
                         }
                     }
                     if let Some(d) = missing {
@@ -1275,23 +1290,6 @@ impl Engine {
                         );
                         stuck(c, &run, &error)?;
                         continue 'runs;
-                    }
-                    let mut left = 0;
-                    let mut skipped_by = None;
-                    for d in &step.depends {
-                        let done = match states.get(c.t, d)? {
-                            Some(StepStatus::Succeeded) => true,
-                            // Counted as done when this step runs anyway.
-                            Some(StepStatus::Skipped) if step.on_skipped == OnSkipped::Run => true,
-                            Some(StepStatus::Skipped) => {
-                                skipped_by = Some(d);
-                                false
-                            }
-                            _ => false,
-                        };
-                        if !done {
-                            left += 1;
-                        }
                     }
                     // The config changed to skip with a skipped dependency.
                     if let Some(d) = skipped_by {
