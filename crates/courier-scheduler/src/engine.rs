@@ -255,9 +255,8 @@ pub struct Engine {
     /// When the tasks in flight were last scanned for lost ones (ms).
     lost_scan: AtomicI64,
     snapshots: Mutex<HashMap<(String, String), Arc<EncodedSnapshot>>>,
-    /// Encoded tasks committed to the outbox and not yet published, by task
-    /// id, with their total size (bounded by [`MAX_KEPT_BODY_BYTES`]).
-    bodies: Mutex<(HashMap<String, Vec<u8>>, usize)>,
+    /// What is kept for the outbox from commit to publish.
+    outbox: Mutex<Outbox>,
     /// This scheduler publishes the outbox (it leads): only then are bodies
     /// kept for the publisher.
     publishing: std::sync::atomic::AtomicBool,
@@ -293,15 +292,43 @@ struct QueuedRun {
 /// grow the scheduler without bound.
 pub const MAX_KEPT_BODY_BYTES: usize = 16 * 1024 * 1024;
 
+/// A task ready to publish: its outbox row, its encoded body and its
+/// snapshot's hash.
+pub type ReadyTask = (OutboxTask, Vec<u8>, String);
+
+/// What the engine keeps for the outbox from commit to publish, so that the
+/// publisher need not read back what was just written.
+#[derive(Debug, Default)]
+struct Outbox {
+    /// Encoded tasks committed and not yet published, by task id.
+    bodies: HashMap<String, Vec<u8>>,
+    /// Their total size (at most [`MAX_KEPT_BODY_BYTES`]).
+    bytes: usize,
+    /// The rows of the tasks committed since the outbox last read the
+    /// database, in commit order, each with its body in `bodies`.
+    fresh: std::collections::VecDeque<OutboxTask>,
+    /// `fresh` holds every task the outbox has yet to see: it may take
+    /// them instead of reading the database. Set by a read that found the
+    /// whole outbox; cleared when a task is committed without its body kept
+    /// (over the budget), when the outbox asks (`Engine::outbox_incomplete`:
+    /// a new broker connection, a delay queue refused), and never set with a
+    /// database shared with other schedulers (their tasks are not here).
+    complete: bool,
+}
+
 /// What a transaction produced that is acted on after it commits.
 #[derive(Debug, Default)]
 struct Effects {
-    /// Tasks written: (task id, encoded body), as many bodies as fit in
-    /// [`MAX_KEPT_BODY_BYTES`] (the outbox builds the others again): a
-    /// foreach starting 10,000 items of 300 KiB each holds 16 MiB, not 3 GB.
-    written: Vec<(String, Vec<u8>)>,
+    /// Tasks written: their outbox row and encoded body, as many bodies as
+    /// fit in [`MAX_KEPT_BODY_BYTES`] (the outbox builds the others again):
+    /// a foreach starting 10,000 items of 300 KiB each holds 16 MiB, not 3 GB.
+    written: Vec<(OutboxTask, Vec<u8>)>,
     /// Bytes of the bodies in `written`.
     written_bytes: usize,
+    /// A task was written whose body is not in `written`.
+    unkept: bool,
+    /// Runs' priorities, as read in this transaction (for outbox rows).
+    priorities: HashMap<String, u8>,
     /// Memory proposals of succeeded steps.
     memory: Vec<MemoryWrite>,
     /// Steps were put to wait, or slots were freed: run admission.
@@ -384,7 +411,7 @@ impl Engine {
             default_model,
             lost_scan: AtomicI64::new(0),
             snapshots: Mutex::new(HashMap::new()),
-            bodies: Mutex::new((HashMap::new(), 0)),
+            outbox: Mutex::new(Outbox::default()),
             publishing: std::sync::atomic::AtomicBool::new(true),
             shared_db: db_shared,
             queued: Mutex::new(Vec::new()),
@@ -404,52 +431,108 @@ impl Engine {
     pub fn set_publishing(&self, on: bool) {
         let was = self.publishing.swap(on, std::sync::atomic::Ordering::Relaxed);
         if !on {
-            let mut kept = self.bodies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            *kept = (HashMap::new(), 0);
+            *self.kept() = Outbox::default();
         } else if !was && self.shared_db {
             self.config.store.reload_memory();
             self.invalidate_snapshots();
         }
     }
 
-    /// Drop the kept bodies of tasks no longer waiting to be published
-    /// (`waiting`: every task id the outbox holds), such as tasks another
-    /// scheduler cancelled.
-    pub fn retain_bodies(&self, waiting: &HashSet<&str>) {
-        let mut kept = self.bodies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (bodies, bytes) = &mut *kept;
-        bodies.retain(|id, body| {
-            let keep = waiting.contains(id.as_str());
-            if !keep {
-                *bytes -= body.len();
-            }
-            keep
-        });
+    fn kept(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Keep the bodies of a committed transaction's new tasks for the
-    /// outbox (within the budget), and forget those of tasks it cancelled.
-    /// Called with the database still held: the outbox reads its rows under
-    /// the same lock, so it never finds a committed task whose body is not
-    /// kept yet (it would build the task again).
-    fn keep_bodies(&self, written: Vec<(String, Vec<u8>)>, dropped: &[String]) {
-        let mut kept = self.bodies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    /// The outbox read the database (under its lock, so no commit came
+    /// between), and found `rows` (the whole outbox unless `full`; tasks
+    /// awaiting confirms are left out of reads, their bodies taken). The
+    /// fresh rows committed before are among them, or beyond a full read:
+    /// forgotten. After a whole read, the bodies of anything else will never
+    /// be sent (such as tasks another scheduler cancelled), and from then on
+    /// the fresh rows are every task to publish.
+    pub fn outbox_read(&self, rows: &[OutboxTask], full: bool) {
+        let mut kept = self.kept();
+        kept.fresh.clear();
+        kept.complete = !full && !self.shared_db;
+        if !full {
+            let waiting: HashSet<&str> = rows.iter().map(|r| r.task_id.as_str()).collect();
+            let Outbox { bodies, bytes, .. } = &mut *kept;
+            bodies.retain(|id, body| {
+                let keep = waiting.contains(id.as_str());
+                if !keep {
+                    *bytes -= body.len();
+                }
+                keep
+            });
+        }
+    }
+
+    /// The outbox must read the database before it takes fresh rows again:
+    /// a broker connection starts (what was published unconfirmed on the
+    /// last one goes again), or a task could not be routed yet.
+    pub fn outbox_incomplete(&self) {
+        self.kept().complete = false;
+    }
+
+    /// Up to `max` tasks committed since the outbox last read the database,
+    /// oldest first, with their bodies and snapshot hashes, and whether more
+    /// are left; `None` when the outbox must read the database instead (see
+    /// [`Outbox::complete`]).
+    pub fn take_fresh(&self, max: usize) -> Option<(Vec<ReadyTask>, bool)> {
+        let mut kept = self.kept();
+        if !kept.complete {
+            return None;
+        }
+        let mut due = Vec::with_capacity(max.min(kept.fresh.len()));
+        while due.len() < max {
+            let Some(row) = kept.fresh.pop_front() else { break };
+            let Some(body) = kept.bodies.remove(&row.task_id) else {
+                // Not expected (a dropped task leaves `fresh` too): the
+                // database has it, so read it there.
+                kept.complete = false;
+                return Some((due, true));
+            };
+            kept.bytes -= body.len();
+            let hash = row.snapshot_hash.clone();
+            due.push((row, body, hash));
+        }
+        let more = !kept.fresh.is_empty();
+        Some((due, more))
+    }
+
+    /// Keep the rows and bodies of a committed transaction's new tasks for
+    /// the outbox (within the budget), and forget those of tasks it
+    /// cancelled. Called with the database still held: the outbox reads its
+    /// rows under the same lock, so it never finds a committed task whose
+    /// body is not kept yet (it would build the task again).
+    fn keep_bodies(&self, written: Vec<(OutboxTask, Vec<u8>)>, unkept: bool, dropped: &[String]) {
+        let mut kept = self.kept();
+        let kept = &mut *kept;
         for id in dropped {
-            if let Some(body) = kept.0.remove(id) {
-                kept.1 -= body.len();
+            if let Some(body) = kept.bodies.remove(id) {
+                kept.bytes -= body.len();
             }
         }
-        let publishing = self.publishing.load(std::sync::atomic::Ordering::Relaxed);
         // A task written and dropped in one transaction (its run failed or
         // was cancelled later in it) is never sent.
-        let dropped: std::collections::HashSet<&str> = dropped.iter().map(String::as_str).collect();
-        let written = written.into_iter().filter(|(id, _)| !dropped.contains(id.as_str()));
-        for (id, body) in written.filter(|_| publishing) {
-            if kept.1 + body.len() > MAX_KEPT_BODY_BYTES {
+        let dropped: HashSet<&str> = dropped.iter().map(String::as_str).collect();
+        if !dropped.is_empty() {
+            kept.fresh.retain(|row| !dropped.contains(row.task_id.as_str()));
+        }
+        if !self.publishing.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        kept.complete &= !unkept;
+        let written = written
+            .into_iter()
+            .filter(|(row, _)| !dropped.contains(row.task_id.as_str()));
+        for (row, body) in written {
+            if kept.bytes + body.len() > MAX_KEPT_BODY_BYTES {
+                kept.complete = false;
                 break;
             }
-            kept.1 += body.len();
-            kept.0.insert(id, body);
+            kept.bytes += body.len();
+            kept.bodies.insert(row.task_id.clone(), body);
+            kept.fresh.push_back(row);
         }
     }
 
@@ -534,9 +617,9 @@ impl Engine {
     /// The run, workflow or step is gone, or the task cannot be built any more.
     pub fn task_body(&self, row: &OutboxTask) -> Result<(Vec<u8>, String), SubmitError> {
         let kept = {
-            let mut kept = self.bodies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let body = kept.0.remove(&row.task_id);
-            kept.1 -= body.as_ref().map_or(0, Vec::len);
+            let mut kept = self.kept();
+            let body = kept.bodies.remove(&row.task_id);
+            kept.bytes -= body.as_ref().map_or(0, Vec::len);
             body
         };
         if let Some(body) = kept {
@@ -642,7 +725,7 @@ impl Engine {
             Ok::<_, E>((value, applied, effects))
         })
         .map(|(value, applied, mut effects)| {
-            self.keep_bodies(std::mem::take(&mut effects.written), &effects.dropped);
+            self.keep_bodies(std::mem::take(&mut effects.written), effects.unkept, &effects.dropped);
             (value, applied, effects)
         })
     }
@@ -886,7 +969,9 @@ impl Engine {
             status: RunStatus::Running,
             admitted,
             deadline_ms: new.deadline,
+            priority: new.priority,
         };
+        c.effects.priorities.insert(run.to_string(), new.priority);
         // Steps in workflow order, inserted together, then their first tasks
         // together: a first step dispatched at once is inserted running (one
         // write, not an insert and an update); approvals and held steps are
@@ -1484,6 +1569,9 @@ impl Engine {
         let Some((run_row, step_status)) = tx::run_and_step(c.t, &row.run_id, &row.step)? else {
             return Ok(None);
         };
+        if !c.effects.priorities.contains_key(&row.run_id) {
+            c.effects.priorities.insert(row.run_id.clone(), run_row.priority);
+        }
         let found = self
             .config
             .workflows
@@ -2388,17 +2476,41 @@ fn write_tasks<'s>(
         .collect();
     tx::insert_tasks(c.t, &rows, c.now)?;
     drop(rows);
-    for (_, name, task) in tasks {
+    let priority = run_priority(c, run)?;
+    for (step, name, task) in tasks {
         if start {
             tx::start_step(c.t, run, name, task.attempt, c.now)?;
         }
         if c.effects.written_bytes + task.body.len() <= MAX_KEPT_BODY_BYTES {
             c.effects.written_bytes += task.body.len();
-            c.effects.written.push((task.task_id, task.body));
+            let row = OutboxTask {
+                task_id: task.task_id,
+                run_id: run.to_string(),
+                step: name.to_string(),
+                queue: step.queue.clone(),
+                attempt: task.attempt,
+                snapshot_hash: task.snapshot_hash,
+                not_before_ms: task.due_ms,
+                priority,
+            };
+            c.effects.written.push((row, task.body));
+        } else {
+            c.effects.unkept = true;
         }
         c.applied.dispatched += 1;
     }
     Ok(())
+}
+
+/// The run's priority (for its tasks' outbox rows), read once per
+/// transaction unless the transaction already knows it.
+fn run_priority(c: &mut Change<'_, '_>, run: &str) -> Result<u8, DbError> {
+    if let Some(&priority) = c.effects.priorities.get(run) {
+        return Ok(priority);
+    }
+    let priority = tx::run(c.t, run)?.map_or(NORMAL_PRIORITY, |r| r.priority);
+    c.effects.priorities.insert(run.to_string(), priority);
+    Ok(priority)
 }
 
 /// A successful agent result whose output does not match the step's

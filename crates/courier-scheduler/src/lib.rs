@@ -549,6 +549,8 @@ async fn outbox_loop(
     let mut failure = None;
     let mut read = true;
     let mut last_full = false;
+    // What the last connection published unconfirmed is in the database.
+    shared.engine.outbox_incomplete();
     loop {
         while let Some(joined) = publishing.try_join_next() {
             settle(joined, &mut confirmed, &mut failure);
@@ -579,37 +581,44 @@ async fn outbox_loop(
             return Err(e);
         }
         // Read again when told (new tasks, a wake-up) or while a backlog is
-        // left, once there is room.
+        // left, once there is room: the tasks committed since the last read,
+        // as the engine kept them, or else the database.
         if read && room(last_full, unconfirmed.len()) {
-            let engine = shared.engine.clone();
-            // Lent to the read, which leaves those out, and given back.
-            let skip = std::mem::take(&mut unconfirmed);
-            let (due, skip) = tokio::task::spawn_blocking(move || {
-                let read = engine.with_db(|db| {
-                    let (rows, full) = db.unpublished_tasks(OUTBOX_BATCH, &skip)?;
-                    if !full {
-                        // The whole outbox: bodies of anything else will never
-                        // be sent (those awaiting confirms were taken when
-                        // published). Under the database's lock, so a body
-                        // kept by a commit after this read stays.
-                        engine.retain_bodies(&rows.iter().map(|r| r.task_id.as_str()).collect());
-                    }
-                    Ok::<_, db::DbError>((rows, full))
-                });
-                (read.map(|(rows, full)| (with_bodies(&engine, rows), full)), skip)
-            })
-            .await
-            .map_err(|_| AmqpError::Closed)?;
-            unconfirmed = skip;
+            let fresh = shared.engine.take_fresh(OUTBOX_BATCH - unconfirmed.len());
+            let from_db = fresh.is_none();
+            let due = if let Some((fresh, more)) = fresh {
+                Ok((fresh, more))
+            } else {
+                let engine = shared.engine.clone();
+                // Lent to the read, which leaves those out, and given back.
+                let skip = std::mem::take(&mut unconfirmed);
+                let (due, skip) = tokio::task::spawn_blocking(move || {
+                    let read = engine.with_db(|db| {
+                        let (rows, full) = db.unpublished_tasks(OUTBOX_BATCH, &skip)?;
+                        // Under the database's lock, so no commit comes
+                        // between the read and what the engine keeps.
+                        engine.outbox_read(&rows, full);
+                        Ok::<_, db::DbError>((rows, full))
+                    });
+                    (read.map(|(rows, full)| (with_bodies(&engine, rows), full)), skip)
+                })
+                .await
+                .map_err(|_| AmqpError::Closed)?;
+                unconfirmed = skip;
+                due
+            };
             // The time after the read, not before: the read can wait for the
             // database behind busy transactions, and a task committed
             // meanwhile would look due later than now and go through a delay
             // queue (seen at 3,000 runs/s: first attempts delayed 100-400 ms).
             let now = now_ms();
-            let due = match due {
-                Ok((due, full)) => {
-                    last_full = full;
-                    due
+            let (due, more) = match due {
+                Ok((due, more)) => {
+                    // A full read leaves tasks out: read again once every
+                    // confirm is in, as the next read would return those
+                    // not yet confirmed too.
+                    last_full = from_db && more;
+                    (due, more)
                 }
                 Err(e) => {
                     error!(error = %e, "cannot read the outbox");
@@ -623,8 +632,10 @@ async fn outbox_loop(
                 .set(i64::try_from(due.len() + unconfirmed.len()).unwrap_or(i64::MAX));
             let mut sent = 0_usize;
             for (task, body, snapshot_hash) in due {
-                // A refused delay queue leaves the task in the outbox.
+                // A refused delay queue leaves the task in the outbox, to be
+                // read there again.
                 let Some((exchange, routing_key)) = delays.route(broker, names, &exchange, &task, now).await else {
+                    shared.engine.outbox_incomplete();
                     continue;
                 };
                 let publisher = publisher.clone();
@@ -654,7 +665,7 @@ async fn outbox_loop(
             }
             // A backlog is read again once there is room; a batch that sent
             // nothing (its delay queues were refused) waits for a wake-up.
-            read = last_full && sent > 0;
+            read = more && sent > 0;
         }
         if publishing.is_empty() && unconfirmed.is_empty() {
             shared.metrics.outbox_pending.set(0);
@@ -849,7 +860,7 @@ fn traceparent(task: &db::OutboxTask) -> String {
 /// Pair outbox rows with their encoded tasks. A task that cannot be built any
 /// more (its workflow or step was removed from the config before a restart)
 /// fails its step through the normal result path, so the run ends.
-fn with_bodies(engine: &Engine, rows: Vec<db::OutboxTask>) -> Vec<(db::OutboxTask, Vec<u8>, String)> {
+fn with_bodies(engine: &Engine, rows: Vec<db::OutboxTask>) -> Vec<engine::ReadyTask> {
     let mut ready = Vec::with_capacity(rows.len());
     let mut failed = Vec::new();
     for row in rows {

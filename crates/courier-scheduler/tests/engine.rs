@@ -1657,3 +1657,112 @@ fn a_result_carrying_a_nul_character_is_stored_and_a_forged_one_changes_nothing(
     };
     assert_eq!(output.as_deref(), Some(expected));
 }
+
+/// What the outbox is handed in memory, against what a read of the database
+/// (and a rebuild of each task from it) gives.
+#[test]
+fn committed_tasks_are_handed_to_the_outbox_in_memory_once_it_has_read_the_database_whole() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let engine = engine(&dir.path().join("courier.db"));
+    let read_whole = |engine: &Engine| {
+        engine
+            .with_db(|db| {
+                let (rows, full) = db.unpublished_tasks(10_000, &Default::default())?;
+                engine.outbox_read(&rows, full);
+                Ok::<_, courier_scheduler::db::DbError>(rows)
+            })
+            .unwrap()
+    };
+    // Until the outbox has read the database whole, it reads it.
+    engine.submit("fanout", &BTreeMap::new(), 7).unwrap();
+    assert!(engine.take_fresh(100).is_none());
+    let first = read_whole(&engine);
+    assert_eq!(first.len(), 1);
+    let (nothing, more) = engine.take_fresh(100).unwrap();
+    assert!(nothing.is_empty() && !more);
+
+    // A submit's first task and the tasks a result dispatches (the run's
+    // priority read with the result), oldest first, as the database has them.
+    let run = engine.submit("fanout", &BTreeMap::new(), 2).unwrap();
+    let (taken, more) = engine.take_fresh(100).unwrap();
+    assert!(!more);
+    assert_eq!(taken.len(), 1);
+    let split = decode_task(&taken[0].1);
+    assert_eq!((split.step.as_str(), taken[0].0.priority), ("split", 2));
+    // As the outbox would read them from the database (a task is there
+    // until its result is applied).
+    let unpublished = || {
+        engine
+            .with_db(|db| db.unpublished_tasks(10_000, &Default::default()))
+            .unwrap()
+            .0
+    };
+    let mut in_db = unpublished();
+    engine.apply(&[result(&split, TaskStatus::Succeeded, "9")]).unwrap();
+    // Taken two, then the one left.
+    let (two, more) = engine.take_fresh(2).unwrap();
+    assert!(more);
+    let (one, more) = engine.take_fresh(2).unwrap();
+    assert!(!more);
+    let handed: Vec<_> = taken.into_iter().chain(two).chain(one).collect();
+    let steps: Vec<&str> = handed.iter().map(|(row, _, _)| row.step.as_str()).collect();
+    assert_eq!(steps, ["split", "count-a", "count-b", "count-c"]);
+    in_db.extend(unpublished());
+    for (row, body, hash) in &handed {
+        let stored = in_db.iter().find(|r| r.task_id == row.task_id).unwrap();
+        assert_eq!(
+            (
+                &row.run_id,
+                &row.step,
+                &row.queue,
+                row.attempt,
+                &row.snapshot_hash,
+                row.not_before_ms,
+                row.priority
+            ),
+            (
+                &stored.run_id,
+                &stored.step,
+                &stored.queue,
+                stored.attempt,
+                &stored.snapshot_hash,
+                stored.not_before_ms,
+                stored.priority
+            )
+        );
+        assert_eq!((&row.run_id, row.priority), (&run.id, 2));
+        assert_eq!(hash, &row.snapshot_hash);
+        // Its body was handed over, so the engine builds it again.
+        let (again, again_hash) = engine.task_body(stored).unwrap();
+        let (task, again) = (decode_task(body), decode_task(&again));
+        assert_eq!(
+            (task.task_id, &task.spec, &task.snapshot, task.attempt),
+            (again.task_id, &again.spec, &again.snapshot, again.attempt)
+        );
+        assert_eq!(hash, &again_hash);
+    }
+
+    // A run cancelled before its tasks were taken: they are never handed.
+    let cancelled = engine.submit("fanout", &BTreeMap::new(), 4).unwrap();
+    engine.cancel(&cancelled.id, None, "api:ana", "stop").unwrap();
+    let (none, _) = engine.take_fresh(100).unwrap();
+    assert!(none.is_empty(), "{none:?}");
+
+    // Asked to (a new broker connection): the database again, then memory.
+    engine.submit("fanout", &BTreeMap::new(), 4).unwrap();
+    engine.outbox_incomplete();
+    assert!(engine.take_fresh(100).is_none());
+    read_whole(&engine);
+    assert!(engine.take_fresh(100).unwrap().0.is_empty());
+}
+
+fn decode_task(body: &[u8]) -> Task {
+    courier_wire::decode::<Task>(
+        body,
+        &courier_wire::Limits {
+            max_compressed: 1 << 24,
+            max_decompressed: 1 << 24,
+        },
+    )
+    .unwrap()
+}

@@ -287,11 +287,22 @@ fn items_whose_tasks_pass_the_kept_bodies_budget_in_one_transaction_are_built_ag
         items.join(", ")
     );
     let engine = engine_over(config_with(dir.path(), &[("big", &wf)]), &dir.path().join("c.db"));
-    // 40 tasks of about 500 KiB that do not compress: 20 MiB, past the
-    // 16 MiB of bodies a transaction keeps.
+    // 40 tasks of 700 KiB of random letters and digits (about 525 KiB
+    // compressed): 21 MB, past the 16 MiB of bodies a transaction keeps.
     let mut rng = fastrand::Rng::with_seed(7);
-    let blob: String = (0..500 * 1024).map(|_| rng.alphanumeric()).collect();
+    let blob: String = (0..700 * 1024).map(|_| rng.alphanumeric()).collect();
+    // The outbox has read the database whole: it is handed what is kept...
+    engine
+        .with_db(|db| {
+            let (rows, full) = db.unpublished_tasks(100, &Default::default())?;
+            engine.outbox_read(&rows, full);
+            Ok::<_, courier_scheduler::db::DbError>(())
+        })
+        .unwrap();
+    assert!(engine.take_fresh(100).is_some());
     let run = submit(&engine, "big", &[("blob", &blob)]);
+    // ...but not every body was: it reads the database again.
+    assert!(engine.take_fresh(100).is_none());
     let mut tasks = publish_all(&engine);
     assert_eq!(tasks.len(), 40);
     tasks.sort_by_key(|t| t.step.clone());

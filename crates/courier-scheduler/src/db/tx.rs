@@ -16,6 +16,8 @@ pub struct RunRow {
     pub admitted: bool,
     /// When its timeout stops it.
     pub deadline_ms: Option<i64>,
+    /// Its tasks' priority on the broker.
+    pub priority: u8,
 }
 
 /// A task to write to the outbox.
@@ -274,7 +276,7 @@ pub fn cancel_unpublished(tx: &Tx<'_>, run: &str, step: Option<&str>, now: i64) 
 /// The run's workflow, status and admission.
 pub fn run(tx: &Tx<'_>, run: &str) -> Result<Option<RunRow>, DbError> {
     tx.opt(
-        "SELECT workflow, status, admitted, deadline_ms FROM runs WHERE id = ?1",
+        "SELECT workflow, status, admitted, deadline_ms, priority FROM runs WHERE id = ?1",
         p![run],
         |r| {
             Ok(RunRow {
@@ -282,6 +284,7 @@ pub fn run(tx: &Tx<'_>, run: &str) -> Result<Option<RunRow>, DbError> {
                 status: r.get(1)?,
                 admitted: r.get(2)?,
                 deadline_ms: r.get(3)?,
+                priority: r.get(4)?,
             })
         },
     )
@@ -291,7 +294,7 @@ pub fn run(tx: &Tx<'_>, run: &str) -> Result<Option<RunRow>, DbError> {
 /// result path's).
 pub fn run_and_step(tx: &Tx<'_>, run: &str, step: &str) -> Result<Option<(RunRow, Option<StepStatus>)>, DbError> {
     tx.opt(
-        "SELECT r.workflow, r.status, r.admitted, r.deadline_ms, s.status
+        "SELECT r.workflow, r.status, r.admitted, r.deadline_ms, r.priority, s.status
          FROM runs r LEFT JOIN steps s ON s.run_id = r.id AND s.name = ?2 WHERE r.id = ?1",
         p![run, step],
         |r| {
@@ -301,8 +304,9 @@ pub fn run_and_step(tx: &Tx<'_>, run: &str, step: &str) -> Result<Option<(RunRow
                     status: r.get(1)?,
                     admitted: r.get(2)?,
                     deadline_ms: r.get(3)?,
+                    priority: r.get(4)?,
                 },
-                r.get(4)?,
+                r.get(5)?,
             ))
         },
     )
