@@ -438,6 +438,11 @@ impl Db {
         // to 64 MiB when it starts over.
         conn.pragma_update(None, "wal_autocheckpoint", WAL_RESTART_PAGES)?;
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+        // A statement over many rows (64 inserted or marked at once) keeps
+        // its statement journal past 64 KiB in memory, not in a temporary
+        // file created, written and deleted each time (about 40 of them,
+        // 4,400 writes, per 20,000 tasks).
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
         // Every statement of the engine stays prepared (rusqlite keeps 16).
         conn.set_prepared_statement_cache_capacity(256);
         let (checkpoints, stop) = std::sync::mpsc::channel();

@@ -314,7 +314,14 @@ struct Outbox {
     /// a new broker connection, a delay queue refused), and never set with a
     /// database shared with other schedulers (their tasks are not here).
     complete: bool,
+    /// Raised by each `Engine::outbox_incomplete`: a read begun before
+    /// (by an outbox loop since stopped, say) speaks for nothing now.
+    generation: u64,
 }
+
+/// Rows kept for the outbox at most (each with its body, within
+/// [`MAX_KEPT_BODY_BYTES`]): past them, the outbox reads the database.
+const MAX_FRESH_ROWS: usize = 65_536;
 
 /// What a transaction produced that is acted on after it commits.
 #[derive(Debug, Default)]
@@ -442,15 +449,26 @@ impl Engine {
         self.outbox.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Where the outbox's reads stand: taken before a read of the database,
+    /// and given back with it to [`Engine::outbox_read`].
+    pub fn outbox_generation(&self) -> u64 {
+        self.kept().generation
+    }
+
     /// The outbox read the database (under its lock, so no commit came
     /// between), and found `rows` (the whole outbox unless `full`; tasks
     /// awaiting confirms are left out of reads, their bodies taken). The
     /// fresh rows committed before are among them, or beyond a full read:
     /// forgotten. After a whole read, the bodies of anything else will never
     /// be sent (such as tasks another scheduler cancelled), and from then on
-    /// the fresh rows are every task to publish.
-    pub fn outbox_read(&self, rows: &[OutboxTask], full: bool) {
+    /// the fresh rows are every task to publish. A read begun before the
+    /// last [`Engine::outbox_incomplete`] (`generation`) changes nothing:
+    /// false, and its rows are not to be published.
+    pub fn outbox_read(&self, rows: &[OutboxTask], full: bool, generation: u64) -> bool {
         let mut kept = self.kept();
+        if kept.generation != generation {
+            return false;
+        }
         kept.fresh.clear();
         kept.complete = !full && !self.shared_db;
         if !full {
@@ -464,13 +482,17 @@ impl Engine {
                 keep
             });
         }
+        true
     }
 
     /// The outbox must read the database before it takes fresh rows again:
     /// a broker connection starts (what was published unconfirmed on the
-    /// last one goes again), or a task could not be routed yet.
+    /// last one goes again), a task could not be routed yet, or confirmed
+    /// tasks could not be marked published.
     pub fn outbox_incomplete(&self) {
-        self.kept().complete = false;
+        let mut kept = self.kept();
+        kept.complete = false;
+        kept.generation += 1;
     }
 
     /// Up to `max` tasks committed since the outbox last read the database,
@@ -526,13 +548,16 @@ impl Engine {
             .into_iter()
             .filter(|(row, _)| !dropped.contains(row.task_id.as_str()));
         for (row, body) in written {
-            if kept.bytes + body.len() > MAX_KEPT_BODY_BYTES {
+            if kept.bytes + body.len() > MAX_KEPT_BODY_BYTES || kept.fresh.len() >= MAX_FRESH_ROWS {
                 kept.complete = false;
                 break;
             }
             kept.bytes += body.len();
             kept.bodies.insert(row.task_id.clone(), body);
-            kept.fresh.push_back(row);
+            // Rows another scheduler's outbox could not be handed anyway.
+            if !self.shared_db {
+                kept.fresh.push_back(row);
+            }
         }
     }
 

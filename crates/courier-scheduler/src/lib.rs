@@ -572,8 +572,14 @@ async fn outbox_loop(
             let engine = shared.engine.clone();
             match tokio::task::spawn_blocking(move || engine.with_db(|db| db.mark_published(&ids))).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => error!(error = %e, "cannot mark tasks published; they will be published again"),
-                Err(e) => error!(error = %e, "marking tasks published panicked"),
+                Ok(Err(e)) => {
+                    error!(error = %e, "cannot mark tasks published; they will be published again");
+                    shared.engine.outbox_incomplete();
+                }
+                Err(e) => {
+                    error!(error = %e, "marking tasks published panicked");
+                    shared.engine.outbox_incomplete();
+                }
             }
             shared.metrics.tasks_published.inc_by(published);
         }
@@ -592,13 +598,16 @@ async fn outbox_loop(
                 let engine = shared.engine.clone();
                 // Lent to the read, which leaves those out, and given back.
                 let skip = std::mem::take(&mut unconfirmed);
+                // Taken now: should this loop be stopped while its read waits
+                // for the database, the read speaks for nothing.
+                let generation = engine.outbox_generation();
                 let (due, skip) = tokio::task::spawn_blocking(move || {
                     let read = engine.with_db(|db| {
                         let (rows, full) = db.unpublished_tasks(OUTBOX_BATCH, &skip)?;
                         // Under the database's lock, so no commit comes
                         // between the read and what the engine keeps.
-                        engine.outbox_read(&rows, full);
-                        Ok::<_, db::DbError>((rows, full))
+                        let current = engine.outbox_read(&rows, full, generation);
+                        Ok::<_, db::DbError>(if current { (rows, full) } else { (Vec::new(), false) })
                     });
                     (read.map(|(rows, full)| (with_bodies(&engine, rows), full)), skip)
                 })

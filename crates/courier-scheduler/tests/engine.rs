@@ -1667,8 +1667,9 @@ fn committed_tasks_are_handed_to_the_outbox_in_memory_once_it_has_read_the_datab
     let read_whole = |engine: &Engine| {
         engine
             .with_db(|db| {
+                let generation = engine.outbox_generation();
                 let (rows, full) = db.unpublished_tasks(10_000, &Default::default())?;
-                engine.outbox_read(&rows, full);
+                assert!(engine.outbox_read(&rows, full, generation));
                 Ok::<_, courier_scheduler::db::DbError>(rows)
             })
             .unwrap()
@@ -1749,11 +1750,25 @@ fn committed_tasks_are_handed_to_the_outbox_in_memory_once_it_has_read_the_datab
     assert!(none.is_empty(), "{none:?}");
 
     // Asked to (a new broker connection): the database again, then memory.
-    engine.submit("fanout", &BTreeMap::new(), 4).unwrap();
+    let last = engine.submit("fanout", &BTreeMap::new(), 4).unwrap();
     engine.outbox_incomplete();
     assert!(engine.take_fresh(100).is_none());
-    read_whole(&engine);
+    assert!(read_whole(&engine).iter().any(|row| row.run_id == last.id));
     assert!(engine.take_fresh(100).unwrap().0.is_empty());
+
+    // A read begun before the outbox was asked to read again (by a loop
+    // stopped while its read waited for the database) changes nothing: the
+    // task committed meanwhile is read from the database, not forgotten.
+    let generation = engine.outbox_generation();
+    let stale = engine
+        .with_db(|db| db.unpublished_tasks(10_000, &Default::default()))
+        .unwrap()
+        .0;
+    engine.outbox_incomplete();
+    let meanwhile = engine.submit("fanout", &BTreeMap::new(), 4).unwrap();
+    assert!(!engine.outbox_read(&stale, false, generation));
+    assert!(engine.take_fresh(100).is_none());
+    assert!(read_whole(&engine).iter().any(|row| row.run_id == meanwhile.id));
 }
 
 fn decode_task(body: &[u8]) -> Task {

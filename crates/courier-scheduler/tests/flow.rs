@@ -294,8 +294,9 @@ fn items_whose_tasks_pass_the_kept_bodies_budget_in_one_transaction_are_built_ag
     // The outbox has read the database whole: it is handed what is kept...
     engine
         .with_db(|db| {
+            let generation = engine.outbox_generation();
             let (rows, full) = db.unpublished_tasks(100, &Default::default())?;
-            engine.outbox_read(&rows, full);
+            assert!(engine.outbox_read(&rows, full, generation));
             Ok::<_, courier_scheduler::db::DbError>(())
         })
         .unwrap();
