@@ -1679,6 +1679,12 @@ fn committed_tasks_are_handed_to_the_outbox_in_memory_once_it_has_read_the_datab
     assert!(engine.take_fresh(100).is_none());
     let first = read_whole(&engine);
     assert_eq!(first.len(), 1);
+    if engine.shares_database() {
+        // On PostgreSQL other schedulers write tasks too: always read.
+        engine.submit("fanout", &BTreeMap::new(), 2).unwrap();
+        assert!(engine.take_fresh(100).is_none());
+        return;
+    }
     let (nothing, more) = engine.take_fresh(100).unwrap();
     assert!(nothing.is_empty() && !more);
 

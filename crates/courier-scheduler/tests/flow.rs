@@ -300,7 +300,8 @@ fn items_whose_tasks_pass_the_kept_bodies_budget_in_one_transaction_are_built_ag
             Ok::<_, courier_scheduler::db::DbError>(())
         })
         .unwrap();
-    assert!(engine.take_fresh(100).is_some());
+    // (never on PostgreSQL, where other schedulers write tasks too).
+    assert_eq!(engine.take_fresh(100).is_some(), !engine.shares_database());
     let run = submit(&engine, "big", &[("blob", &blob)]);
     // ...but not every body was: it reads the database again.
     assert!(engine.take_fresh(100).is_none());
