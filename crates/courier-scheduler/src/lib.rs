@@ -542,10 +542,7 @@ async fn outbox_loop(
 ) -> Result<(), AmqpError> {
     let exchange = Arc::new(names.tasks_exchange());
     let mut delays = DelayQueues::default();
-    // Each read's tasks are published by one task of their own: sent one
-    // after the other in its first poll (so lapin's I/O thread is woken
-    // once for them, not once per task), then confirmed in any order.
-    let mut publishing: JoinSet<Vec<Published>> = JoinSet::new();
+    let mut publishing: JoinSet<(String, Result<(), AmqpError>)> = JoinSet::new();
     // Published, not yet marked: never sent again meanwhile.
     let mut unconfirmed: std::collections::HashSet<String> = Default::default();
     let mut confirmed: Vec<String> = Vec::new();
@@ -643,7 +640,6 @@ async fn outbox_loop(
                 .outbox_pending
                 .set(i64::try_from(due.len() + unconfirmed.len()).unwrap_or(i64::MAX));
             let mut sent = 0_usize;
-            let batch = futures_util::stream::FuturesUnordered::new();
             for (task, body, snapshot_hash) in due {
                 // A refused delay queue leaves the task in the outbox, to be
                 // read there again.
@@ -655,7 +651,7 @@ async fn outbox_loop(
                 let signature = signing_key.as_ref().map(|k| k.sign(&body));
                 unconfirmed.insert(task.task_id.clone());
                 sent += 1;
-                batch.push(async move {
+                publishing.spawn(async move {
                     let mut headers = vec![
                         (headers::ATTEMPT, Header::Int(i64::from(task.attempt))),
                         (headers::SNAPSHOT_HASH, Header::Str(snapshot_hash)),
@@ -675,9 +671,6 @@ async fn outbox_loop(
                     let outcome = publisher.publish_with_priority(outgoing, Some(task.priority)).await;
                     (task.task_id, outcome)
                 });
-            }
-            if !batch.is_empty() {
-                publishing.spawn(futures_util::StreamExt::collect::<Vec<_>>(batch));
             }
             // A backlog is read again once there is room; a batch that sent
             // nothing (its delay queues were refused) waits for a wake-up.
@@ -754,29 +747,20 @@ fn room(last_full: bool, unconfirmed: usize) -> bool {
     }
 }
 
-/// A task published: its id, and whether the broker confirmed it.
-type Published = (String, Result<(), AmqpError>);
-
-/// Sort out one finished batch of publishes: each task confirmed, or the
-/// failure that ends the outbox loop (the task stays in the outbox). A
-/// batch that panicked ends it too: its tasks are not known here, and a
-/// new loop starts with nothing unconfirmed.
+/// Sort out one finished publish: confirmed, or the failure that ends the
+/// outbox loop (the task stays in the outbox). A publish that panicked
+/// ends it too: its task is not known here, and a new loop starts with
+/// nothing unconfirmed.
 fn settle(
-    joined: Result<Vec<Published>, tokio::task::JoinError>,
+    joined: Result<(String, Result<(), AmqpError>), tokio::task::JoinError>,
     confirmed: &mut Vec<String>,
     failure: &mut Option<AmqpError>,
 ) {
     match joined {
-        Ok(batch) => {
-            for (id, outcome) in batch {
-                match outcome {
-                    Ok(()) => confirmed.push(id),
-                    Err(e) => {
-                        warn!(task = %id, error = %e, "task not confirmed; it stays in the outbox");
-                        *failure = Some(e);
-                    }
-                }
-            }
+        Ok((id, Ok(()))) => confirmed.push(id),
+        Ok((id, Err(e))) => {
+            warn!(task = %id, error = %e, "task not confirmed; it stays in the outbox");
+            *failure = Some(e);
         }
         Err(e) => {
             error!(error = %e, "publish task panicked; starting the outbox again");
