@@ -1193,12 +1193,14 @@ mod tests {
     /// Commits that never leave the background checkpointer a gap still
     /// make the WAL start over past 10,000 pages (40 MB, plus what this
     /// test commits, at over 200 MB/s, while the thread's PASSIVE
-    /// checkpoint copies them: 50–69 MB seen). With only SQLite's own
-    /// checkpoint as the backstop, it grew to 122 MB in one run of three.
+    /// checkpoint copies them: 50–69 MB seen on a quiet machine, 84 MB
+    /// beside a CI run). With only SQLite's own checkpoint as the backstop,
+    /// it grew to 122 MB of 132 MB written in one run of three: a WAL that
+    /// never starts over holds nearly all of the 264 MB written here.
     #[test]
     fn back_to_back_commits_keep_the_wal_bounded() {
-        // About 132 MB written in all.
-        let (largest, _db, _dir) = wal_peak(2_000, 1, 64 * 1024, std::time::Duration::ZERO);
-        assert!(largest < 80 * 1024 * 1024, "the WAL grew to {largest} bytes");
+        // About 264 MB written in all.
+        let (largest, _db, _dir) = wal_peak(4_000, 1, 64 * 1024, std::time::Duration::ZERO);
+        assert!(largest < 128 * 1024 * 1024, "the WAL grew to {largest} bytes");
     }
 }
