@@ -292,9 +292,9 @@ struct QueuedRun {
 /// grow the scheduler without bound.
 pub const MAX_KEPT_BODY_BYTES: usize = 16 * 1024 * 1024;
 
-/// A task ready to publish: its outbox row, its encoded body and its
-/// snapshot's hash.
-pub type ReadyTask = (OutboxTask, Vec<u8>, String);
+/// A task ready to publish: its outbox row (with the hash of the snapshot
+/// its body carries) and its encoded body.
+pub type ReadyTask = (OutboxTask, Vec<u8>);
 
 /// What the engine keeps for the outbox from commit to publish, so that the
 /// publisher need not read back what was just written.
@@ -496,7 +496,7 @@ impl Engine {
     }
 
     /// Up to `max` tasks committed since the outbox last read the database,
-    /// oldest first, with their bodies and snapshot hashes, and whether more
+    /// oldest first, with their bodies, and whether more
     /// are left; `None` when the outbox must read the database instead (see
     /// [`Outbox::complete`]).
     pub fn take_fresh(&self, max: usize) -> Option<(Vec<ReadyTask>, bool)> {
@@ -514,8 +514,7 @@ impl Engine {
                 return Some((due, true));
             };
             kept.bytes -= body.len();
-            let hash = row.snapshot_hash.clone();
-            due.push((row, body, hash));
+            due.push((row, body));
         }
         let more = !kept.fresh.is_empty();
         Some((due, more))

@@ -570,16 +570,15 @@ async fn outbox_loop(
             }
             let published = ids.len() as u64;
             let engine = shared.engine.clone();
-            match tokio::task::spawn_blocking(move || engine.with_db(|db| db.mark_published(&ids))).await {
+            let marked = tokio::task::spawn_blocking(move || engine.with_db(|db| db.mark_published(&ids))).await;
+            match &marked {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    error!(error = %e, "cannot mark tasks published; they will be published again");
-                    shared.engine.outbox_incomplete();
-                }
-                Err(e) => {
-                    error!(error = %e, "marking tasks published panicked");
-                    shared.engine.outbox_incomplete();
-                }
+                Ok(Err(e)) => error!(error = %e, "cannot mark tasks published; they will be published again"),
+                Err(e) => error!(error = %e, "marking tasks published panicked"),
+            }
+            if !matches!(marked, Ok(Ok(()))) {
+                // Still unpublished in the database: read them there.
+                shared.engine.outbox_incomplete();
             }
             shared.metrics.tasks_published.inc_by(published);
         }
@@ -640,7 +639,7 @@ async fn outbox_loop(
                 .outbox_pending
                 .set(i64::try_from(due.len() + unconfirmed.len()).unwrap_or(i64::MAX));
             let mut sent = 0_usize;
-            for (task, body, snapshot_hash) in due {
+            for (task, body) in due {
                 // A refused delay queue leaves the task in the outbox, to be
                 // read there again.
                 let Some((exchange, routing_key)) = delays.route(broker, names, &exchange, &task, now).await else {
@@ -654,7 +653,7 @@ async fn outbox_loop(
                 publishing.spawn(async move {
                     let mut headers = vec![
                         (headers::ATTEMPT, Header::Int(i64::from(task.attempt))),
-                        (headers::SNAPSHOT_HASH, Header::Str(snapshot_hash)),
+                        (headers::SNAPSHOT_HASH, Header::Str(task.snapshot_hash.clone())),
                     ];
                     if let Some(signature) = signature {
                         headers.push((headers::SIGNATURE, Header::Str(signature)));
@@ -872,9 +871,13 @@ fn traceparent(task: &db::OutboxTask) -> String {
 fn with_bodies(engine: &Engine, rows: Vec<db::OutboxTask>) -> Vec<engine::ReadyTask> {
     let mut ready = Vec::with_capacity(rows.len());
     let mut failed = Vec::new();
-    for row in rows {
+    for mut row in rows {
         match engine.task_body(&row) {
-            Ok((body, hash)) => ready.push((row, body, hash)),
+            // A task built again carries the snapshot of now.
+            Ok((body, hash)) => {
+                row.snapshot_hash = hash;
+                ready.push((row, body));
+            }
             Err(e) => {
                 error!(task = %row.task_id, step = %row.step, error = %e, "cannot rebuild task; failing its step");
                 failed.push(engine::scheduler_result(
