@@ -193,42 +193,66 @@ pub fn encode_message<T: Frame>(value: &T, limits: &Limits, stream: &[&str]) -> 
 }
 
 fn encode_with<T: Frame>(value: &T, limits: &Limits, stream: Option<(&Skips, &[&str])>) -> Result<Vec<u8>, WireError> {
-    let body = rmp_serde::to_vec_named(value).map_err(|e| WireError::Encode {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => {
+            let (body, packed) = &mut *scratch;
+            let frame = encode_into(value, limits, stream, body, packed);
+            for buffer in [body, packed] {
+                buffer.clear();
+                if buffer.capacity() > SCRATCH_KEPT {
+                    *buffer = Vec::new();
+                }
+            }
+            frame
+        }
+        // Only should a value's serialization encode a frame itself.
+        Err(_) => encode_into(value, limits, stream, &mut Vec::new(), &mut Vec::new()),
+    })
+}
+
+/// [`encode_with`], its body serialized into `body` and compressed into
+/// `packed` (both empty), so that the frame is the encode's one allocation.
+fn encode_into<T: Frame>(
+    value: &T,
+    limits: &Limits,
+    stream: Option<(&Skips, &[&str])>,
+    body: &mut Vec<u8>,
+    packed: &mut Vec<u8>,
+) -> Result<Vec<u8>, WireError> {
+    rmp_serde::encode::write_named(body, value).map_err(|e| WireError::Encode {
         kind: T::KIND,
         detail: e.to_string(),
     })?;
     if body.len() > limits.max_decompressed {
         return Err(too_large::<T>(SizeKind::Decompressed, limits.max_decompressed));
     }
-    within_budget::<T>(&body, limits, true)?;
+    within_budget::<T>(body, limits, true)?;
     // A message may travel as it is only where it fits as it is.
     let stream = stream
         .filter(|_| body.len() <= FAST_UP_TO && HEADER_LEN + body.len() <= limits.max_compressed)
         .map(|(skips, parts)| (skips, Skips::key(T::MAGIC, parts)));
-    // Frames are allocated at their exact size: the scheduler keeps many
-    // of them in memory, counted by length.
     let (flags, payload) = if body.len() < COMPRESS_FROM || stream.is_some_and(|(skips, key)| skips.skip(key)) {
-        (0, Cow::Borrowed(body.as_slice()))
+        (0, body.as_slice())
     } else {
-        let compressed = compress(&body, T::zstd_level(body.len())).map_err(|e| WireError::Encode {
+        compress(body, T::zstd_level(body.len()), packed).map_err(|e| WireError::Encode {
             kind: T::KIND,
             detail: e.to_string(),
         })?;
         match stream {
-            Some((skips, key)) if !skips.record(key, pays(compressed.len(), body.len())) => {
-                (0, Cow::Borrowed(body.as_slice()))
-            }
-            _ => (FLAG_ZSTD, Cow::Owned(compressed)),
+            Some((skips, key)) if !skips.record(key, pays(packed.len(), body.len())) => (0, body.as_slice()),
+            _ => (FLAG_ZSTD, packed.as_slice()),
         }
     };
+    if HEADER_LEN + payload.len() > limits.max_compressed {
+        return Err(too_large::<T>(SizeKind::Compressed, limits.max_compressed));
+    }
+    // Frames are allocated at their exact size: the scheduler keeps many
+    // of them in memory, counted by length.
     let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
     frame.extend_from_slice(&T::MAGIC);
     frame.push(T::VERSION);
     frame.push(flags);
-    frame.extend_from_slice(&payload);
-    if frame.len() > limits.max_compressed {
-        return Err(too_large::<T>(SizeKind::Compressed, limits.max_compressed));
-    }
+    frame.extend_from_slice(payload);
     Ok(frame)
 }
 
@@ -467,15 +491,24 @@ impl Skips {
     }
 }
 
+/// Scratch buffers are kept across encodes up to this capacity each: a
+/// task or result of a few KiB then allocates only its frame (its body grew
+/// seven times while serialized before, and was compressed into a buffer
+/// of its own), and a rare large message leaves no large buffer behind.
+const SCRATCH_KEPT: usize = 64 * 1024;
+
 thread_local! {
+    /// This thread's buffers for a body being encoded and its compressed form.
+    static SCRATCH: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
     /// One reusable zstd decompression context per thread.
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
     /// One reusable zstd compression context per thread.
     static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
 }
 
-/// Compress `body` at `level` with this thread's reusable context.
-fn compress(body: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+/// Compress `body` at `level` into `out` (replacing what it held) with
+/// this thread's reusable context.
+fn compress(body: &[u8], level: i32, out: &mut Vec<u8>) -> std::io::Result<()> {
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         let compressor = match slot.as_mut() {
@@ -483,7 +516,10 @@ fn compress(body: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
             None => slot.insert(zstd::bulk::Compressor::new(level)?),
         };
         compressor.set_compression_level(level)?;
-        compressor.compress(body)
+        out.clear();
+        out.reserve(zstd::zstd_safe::compress_bound(body.len()));
+        compressor.compress_to_buffer(body, out)?;
+        Ok(())
     })
 }
 
@@ -582,6 +618,32 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn encodes_on_one_thread_share_its_scratch_buffers_and_keep_none_large() {
+        let limits = Limits::default();
+        let scratch = || SCRATCH.with(|cell| cell.borrow().0.capacity().max(cell.borrow().1.capacity()));
+        // Compressed, stored as it is, then large: each frame is what a
+        // fresh encode gives and decodes back to its message, whatever the
+        // buffers held before.
+        for text in [prose(), "short".to_string(), noise(4096, 9), prose().repeat(100), prose()] {
+            let frame = encode_with(&Message(text.clone()), &limits, None).unwrap();
+            let fresh = encode_into(&Message(text.clone()), &limits, None, &mut Vec::new(), &mut Vec::new()).unwrap();
+            assert_eq!(frame, fresh);
+            assert_eq!(frame.capacity(), frame.len(), "a frame is allocated at its size");
+            assert_eq!(decode::<Message>(&frame, &limits).unwrap(), Message(text.clone()));
+            SCRATCH.with(|cell| assert!(cell.borrow().0.is_empty() && cell.borrow().1.is_empty()));
+            assert!(scratch() <= SCRATCH_KEPT, "{} bytes kept after a {}-byte body", scratch(), text.len());
+        }
+        assert!(scratch() > 0, "a small body's buffer is kept for the next encode");
+        // A failed encode leaves the buffers empty too.
+        let tight = Limits {
+            max_decompressed: 1024,
+            ..Limits::default()
+        };
+        assert!(encode_with(&Message(prose()), &tight, None).is_err());
+        SCRATCH.with(|cell| assert!(cell.borrow().0.is_empty() && cell.borrow().1.is_empty()));
+    }
+
     /// A stream's skip state: (messages left to skip, the last skip's length).
     fn state(skips: &Skips, stream: &[&str]) -> Option<(u32, u32)> {
         skips.streams().get(&Skips::key(Message::MAGIC, stream)).copied()
@@ -636,7 +698,8 @@ mod tests {
         for (share, pays_off) in [(100, false), (600, true)] {
             let text = with_repeat(share);
             let body = rmp_serde::to_vec_named(&Message(text.clone())).unwrap();
-            let compressed = compress(&body, Message::zstd_level(body.len())).unwrap();
+            let mut compressed = Vec::new();
+            compress(&body, Message::zstd_level(body.len()), &mut compressed).unwrap();
             assert_eq!(
                 pays(compressed.len(), body.len()),
                 pays_off,
