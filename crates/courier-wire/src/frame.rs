@@ -196,6 +196,8 @@ fn encode_with<T: Frame>(value: &T, limits: &Limits, stream: Option<(&Skips, &[&
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut scratch) => {
             let (body, packed) = &mut *scratch;
+            // Empty already, unless an encode on this thread panicked.
+            body.clear();
             let frame = encode_into(value, limits, stream, body, packed);
             for buffer in [body, packed] {
                 buffer.clear();
@@ -625,14 +627,25 @@ mod tests {
         // Compressed, stored as it is, then large: each frame is what a
         // fresh encode gives and decodes back to its message, whatever the
         // buffers held before.
-        for text in [prose(), "short".to_string(), noise(4096, 9), prose().repeat(100), prose()] {
+        for text in [
+            prose(),
+            "short".to_string(),
+            noise(4096, 9),
+            prose().repeat(100),
+            prose(),
+        ] {
             let frame = encode_with(&Message(text.clone()), &limits, None).unwrap();
             let fresh = encode_into(&Message(text.clone()), &limits, None, &mut Vec::new(), &mut Vec::new()).unwrap();
             assert_eq!(frame, fresh);
             assert_eq!(frame.capacity(), frame.len(), "a frame is allocated at its size");
             assert_eq!(decode::<Message>(&frame, &limits).unwrap(), Message(text.clone()));
             SCRATCH.with(|cell| assert!(cell.borrow().0.is_empty() && cell.borrow().1.is_empty()));
-            assert!(scratch() <= SCRATCH_KEPT, "{} bytes kept after a {}-byte body", scratch(), text.len());
+            assert!(
+                scratch() <= SCRATCH_KEPT,
+                "{} bytes kept after a {}-byte body",
+                scratch(),
+                text.len()
+            );
         }
         assert!(scratch() > 0, "a small body's buffer is kept for the next encode");
         // A failed encode leaves the buffers empty too.
@@ -642,6 +655,36 @@ mod tests {
         };
         assert!(encode_with(&Message(prose()), &tight, None).is_err());
         SCRATCH.with(|cell| assert!(cell.borrow().0.is_empty() && cell.borrow().1.is_empty()));
+        // One that panicked halfway leaves its bytes behind: the next
+        // encode does not start after them.
+        assert!(std::panic::catch_unwind(|| encode_with(&Bomb(()), &limits, None)).is_err());
+        SCRATCH.with(|cell| assert!(!cell.borrow().0.is_empty(), "the panic left bytes"));
+        let text = prose();
+        let frame = encode_with(&Message(text.clone()), &limits, None).unwrap();
+        assert_eq!(decode::<Message>(&frame, &limits).unwrap(), Message(text));
+    }
+
+    /// A message whose serialization panics after writing part of itself.
+    #[derive(Debug, serde::Deserialize)]
+    struct Bomb(());
+
+    impl serde::Serialize for Bomb {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeSeq;
+            let mut seq = serializer.serialize_seq(Some(2))?;
+            seq.serialize_element("written before the panic")?;
+            panic!("serialization failed halfway")
+        }
+    }
+
+    impl Frame for Bomb {
+        const KIND: &'static str = "bomb";
+        const MAGIC: [u8; 4] = *b"TBMB";
+        const VERSION: u8 = 1;
+        const MIN_VERSION: u8 = 1;
+        fn zstd_level(_: usize) -> i32 {
+            DEFAULT_ZSTD_LEVEL
+        }
     }
 
     /// A stream's skip state: (messages left to skip, the last skip's length).
