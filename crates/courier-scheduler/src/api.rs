@@ -202,15 +202,21 @@ async fn submit(
         )
     })?;
     let engine = shared.engine.clone();
-    let result = tokio::task::spawn_blocking(move || engine.submit(&body.workflow, &body.params, priority))
-        .await
-        .map_err(internal)?;
+    let result = tokio::task::spawn_blocking(move || {
+        engine
+            .submit(&body.workflow, &body.params, priority)
+            .map(|run| (serde_json::to_vec(&run), run.id, body.workflow))
+    })
+    .await
+    .map_err(internal)?;
     match result {
-        Ok(run) => {
+        Ok((json, run, workflow)) => {
             shared.metrics.runs_submitted.inc();
             shared.outbox.notify_one();
-            tracing::info!(run = %run.id, trace_id = %crate::engine::trace_id(&run.id), workflow = %run.workflow, "run submitted");
-            Ok((StatusCode::CREATED, Json(run)).into_response())
+            tracing::info!(run = %run, trace_id = %crate::engine::trace_id(&run), workflow = %workflow, "run submitted");
+            let mut answer = json_answer(json.map_err(internal)?);
+            *answer.status_mut() = StatusCode::CREATED;
+            Ok(answer)
         }
         Err(e @ SubmitError::UnknownWorkflow { .. }) => Err(ApiError(StatusCode::NOT_FOUND, e.to_string())),
         Err(e @ SubmitError::Db(_)) => Err(internal(e)),
@@ -261,21 +267,23 @@ async fn list_runs(
     };
     let engine = shared.engine.clone();
     let runs = tokio::task::spawn_blocking(move || {
-        engine.with_db(|db| {
-            if let Some(before) = q.before.as_deref()
-                && !db.has_run(before)?
-            {
-                return Ok(Err(before.to_string()));
-            }
-            db.runs_within(
-                q.workflow.as_deref(),
-                status,
-                q.before.as_deref(),
-                limit,
-                crate::db::MAX_LIST_BYTES,
-            )
-            .map(Ok)
-        })
+        engine
+            .with_db(|db| {
+                if let Some(before) = q.before.as_deref()
+                    && !db.has_run(before)?
+                {
+                    return Ok(Err(before.to_string()));
+                }
+                db.runs_within(
+                    q.workflow.as_deref(),
+                    status,
+                    q.before.as_deref(),
+                    limit,
+                    crate::db::MAX_LIST_BYTES,
+                )
+                .map(Ok)
+            })
+            .map(|runs| runs.map(|runs| serde_json::to_vec(&runs)))
     })
     .await
     .map_err(internal)?
@@ -286,18 +294,29 @@ async fn list_runs(
             format!("no run {}, given as the before= cursor", crate::quoted(&before)),
         )
     })?;
-    Ok(Json(runs).into_response())
+    Ok(json_answer(runs.map_err(internal)?))
+}
+
+/// A JSON answer serialized on a blocking thread: runs' views, lists and
+/// steps can be megabytes, and the scheduler's async side is one thread
+/// (`courier::service::scheduler`) that the intake and the outbox share.
+fn json_answer(json: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], json).into_response()
 }
 
 async fn get_run(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let engine = shared.engine.clone();
     let lookup = id.clone();
-    let found = tokio::task::spawn_blocking(move || engine.with_db(|db| db.run(&lookup)))
-        .await
-        .map_err(internal)?
-        .map_err(internal)?;
+    let found = tokio::task::spawn_blocking(move || {
+        engine
+            .with_db(|db| db.run(&lookup))
+            .map(|run| run.map(|run| serde_json::to_vec(&run)))
+    })
+    .await
+    .map_err(internal)?
+    .map_err(internal)?;
     match found {
-        Some(run) => Ok(Json(run).into_response()),
+        Some(json) => Ok(json_answer(json.map_err(internal)?)),
         None => Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("no run {}", crate::quoted(&id)),
@@ -313,12 +332,16 @@ async fn get_step(
 ) -> Result<Response, ApiError> {
     let engine = shared.engine.clone();
     let (run, name) = (id.clone(), step.clone());
-    let found = tokio::task::spawn_blocking(move || engine.with_db(|db| db.step(&run, &name)))
-        .await
-        .map_err(internal)?
-        .map_err(internal)?;
+    let found = tokio::task::spawn_blocking(move || {
+        engine
+            .with_db(|db| db.step(&run, &name))
+            .map(|view| view.map(|view| serde_json::to_vec(&view)))
+    })
+    .await
+    .map_err(internal)?
+    .map_err(internal)?;
     match found {
-        Some(view) => Ok(Json(view).into_response()),
+        Some(json) => Ok(json_answer(json.map_err(internal)?)),
         None => Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("no step {} in run {}", crate::quoted(&step), crate::quoted(&id)),

@@ -909,9 +909,14 @@ struct ResultIntake {
 
 impl ResultIntake {
     /// Verify (with a key) and decode one result; the refusal's metric label
-    /// and reason otherwise.
-    fn open(&self, delivery: &courier_amqp::Delivery) -> Result<TaskResult, (&'static str, String)> {
-        if let Some(key) = &self.signing_key
+    /// and reason otherwise. Called on a blocking thread, with the apply:
+    /// a result decompresses to up to 8 MiB.
+    fn open(
+        limits: &Limits,
+        signing_key: Option<&courier_wire::SigningKey>,
+        delivery: &courier_amqp::Delivery,
+    ) -> Result<TaskResult, (&'static str, String)> {
+        if let Some(key) = signing_key
             && let Err(e) = key.verify("result", &delivery.body, delivery.header_str(headers::SIGNATURE))
         {
             let label = match e {
@@ -920,7 +925,7 @@ impl ResultIntake {
             };
             return Err((label, e.to_string()));
         }
-        decode::<TaskResult>(&delivery.body, &self.limits).map_err(|e| ("undecodable", e.to_string()))
+        decode::<TaskResult>(&delivery.body, limits).map_err(|e| ("undecodable", e.to_string()))
     }
 
     /// Move a refused result to the dead-letter queue with its reason (it is
@@ -994,30 +999,38 @@ async fn results_loop(
                 }
             }
         }
-        let mut results = Vec::with_capacity(batch.len());
-        let mut opened = Vec::with_capacity(batch.len());
-        for delivery in &batch {
-            match intake.open(delivery) {
-                Ok(result) => {
-                    results.push(result);
-                    opened.push(delivery);
-                }
-                Err((label, reason)) => intake.dead_letter(shared, delivery, label, reason).await?,
-            }
-        }
-        let statuses: Vec<&'static str> = results.iter().map(|r| r.status.as_str()).collect();
+        // Opened and applied on a blocking thread, off the async side's one
+        // thread; what could not be opened is dead-lettered after (apply
+        // is idempotent should that fail: the batch is not acked).
         let engine = shared.engine.clone();
-        let (results, applied) = tokio::task::spawn_blocking(move || {
+        let (limits, key) = (intake.limits, intake.signing_key.clone());
+        let (batch, opened, unopened, results, applied) = tokio::task::spawn_blocking(move || {
+            let mut results = Vec::with_capacity(batch.len());
+            let mut opened = Vec::with_capacity(batch.len());
+            let mut unopened = Vec::new();
+            for (i, delivery) in batch.iter().enumerate() {
+                match ResultIntake::open(&limits, key.as_ref(), delivery) {
+                    Ok(result) => {
+                        results.push(result);
+                        opened.push(i);
+                    }
+                    Err(refusal) => unopened.push((i, refusal)),
+                }
+            }
             let applied = engine.apply(&results);
-            (results, applied)
+            (batch, opened, unopened, results, applied)
         })
         .await
         .map_err(|_| AmqpError::Closed)?;
+        for (i, (label, reason)) in unopened {
+            intake.dead_letter(shared, &batch[i], label, reason).await?;
+        }
+        let statuses: Vec<&'static str> = results.iter().map(|r| r.status.as_str()).collect();
         match applied {
             Ok(applied) => {
                 for (i, refused) in &applied.refused {
                     intake
-                        .dead_letter(shared, opened[*i], refused.label(), refused.to_string())
+                        .dead_letter(shared, &batch[opened[*i]], refused.label(), refused.to_string())
                         .await?;
                 }
                 for (i, result) in results.iter().enumerate() {

@@ -548,7 +548,9 @@ async fn run_page(State(ui): State<Arc<Ui>>, headers: HeaderMap, Path(id): Path<
         return page_error(StatusCode::NOT_FOUND, &format!("no run {}", crate::quoted(&id)));
     };
     let csrf = csrf_for(&ui, session(&ui, &headers).as_deref());
-    let fragment = run_fragment(&ui, &run, &children, &csrf).into_string();
+    let Some((run, fragment)) = render_run(&ui, run, children, csrf.clone()).await else {
+        return page_error(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+    };
     let live = if run.status == RunStatus::Running {
         format!("/ui/runs/{}/live?v={}", run.id, version(&fragment))
     } else {
@@ -588,13 +590,30 @@ async fn run_live(
             let (run, children) = read(&ui, move |db| Ok((db.run(&lookup)?, db.child_runs(&lookup)?)))
                 .await
                 .ok()?;
-            let run = run?;
+            let (run, fragment) = render_run(&ui, run?, children, csrf).await?;
             let ended = run.status != RunStatus::Running;
-            let fragment = run_fragment(&ui, &run, &children, &csrf).into_string();
             *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((print, fragment.clone(), ended));
             Some((fragment, ended))
         }
     })
+}
+
+/// [`run_fragment`] on a blocking thread: a run's view holds up to 16 MiB
+/// of outputs, and the scheduler's async side is one thread
+/// (`courier::service::scheduler`) that the intake and the outbox share.
+async fn render_run(
+    ui: &Arc<Ui>,
+    run: RunView,
+    children: Vec<(String, String, RunStatus)>,
+    csrf: String,
+) -> Option<(RunView, String)> {
+    let ui = ui.clone();
+    tokio::task::spawn_blocking(move || {
+        let fragment = run_fragment(&ui, &run, &children, &csrf).into_string();
+        (run, fragment)
+    })
+    .await
+    .ok()
 }
 
 /// Everything on a run's page that changes: its summary, buttons, graph,

@@ -316,6 +316,28 @@ fn cpu_seconds(pid: u32) -> Option<(f64, f64)> {
     Some((ticks(11)?, ticks(12)?))
 }
 
+/// Context switches of a process's threads so far: (voluntary, involuntary).
+/// A voluntary one is a thread going to sleep to wait (and being woken):
+/// on this benchmark's virtual machine each costs far more than on bare
+/// metal, and they were a quarter of the scheduler's CPU samples (README).
+fn thread_switches(pid: u32) -> Option<(u64, u64)> {
+    let mut sums = (0, 0);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue; // a thread that just ended
+        };
+        for line in status.lines() {
+            let count = |prefix: &str| line.strip_prefix(prefix)?.trim().parse::<u64>().ok();
+            if let Some(n) = count("voluntary_ctxt_switches:") {
+                sums.0 += n;
+            } else if let Some(n) = count("nonvoluntary_ctxt_switches:") {
+                sums.1 += n;
+            }
+        }
+    }
+    Some(sums)
+}
+
 fn rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -616,8 +638,9 @@ impl Stack {
             .map(|((name, child), rss)| {
                 let peak = peak_rss_mib(child.id()).unwrap_or(rss.peak);
                 let (user, system) = cpu_seconds(child.id()).unwrap_or((f64::NAN, f64::NAN));
+                let (waits, preempted) = thread_switches(child.id()).unwrap_or_default();
                 format!(
-                    "\n  {name:<10} RSS idle {:.1} MiB, {:.1} MiB at 25% of the run, {:.1} MiB at the end, peak {peak:.1} MiB ({:+.1} MiB over idle); {:.1} CPU-s ({user:.1} user, {system:.1} system)",
+                    "\n  {name:<10} RSS idle {:.1} MiB, {:.1} MiB at 25% of the run, {:.1} MiB at the end, peak {peak:.1} MiB ({:+.1} MiB over idle); {:.1} CPU-s ({user:.1} user, {system:.1} system); thread switches {waits} voluntary, {preempted} involuntary",
                     rss.idle,
                     rss.quarter,
                     rss.end,
