@@ -298,8 +298,8 @@ async fn list_runs(
 }
 
 /// A JSON answer serialized on a blocking thread: runs' views, lists and
-/// steps can be megabytes, and the scheduler's async side is one thread
-/// (`courier::service::scheduler`) that the intake and the outbox share.
+/// steps can be megabytes, and the async threads are shared with the
+/// result intake and the outbox (see ARCHITECTURE.md).
 fn json_answer(json: Vec<u8>) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], json).into_response()
 }

@@ -999,9 +999,10 @@ async fn results_loop(
                 }
             }
         }
-        // Opened and applied on a blocking thread, off the async side's one
-        // thread; what could not be opened is dead-lettered after (apply
-        // is idempotent should that fail: the batch is not acked).
+        // Opened and applied on a blocking thread, off the async threads
+        // the outbox and the API share; what could not be opened is
+        // dead-lettered after (should that fail, the batch is not acked, and
+        // applying it again changes nothing).
         let engine = shared.engine.clone();
         let (limits, key) = (intake.limits, intake.signing_key.clone());
         let (batch, opened, unopened, results, applied) = tokio::task::spawn_blocking(move || {

@@ -599,8 +599,8 @@ async fn run_live(
 }
 
 /// [`run_fragment`] on a blocking thread: a run's view holds up to 16 MiB
-/// of outputs, and the scheduler's async side is one thread
-/// (`courier::service::scheduler`) that the intake and the outbox share.
+/// of outputs, and the async threads are shared with the result intake
+/// and the outbox (see ARCHITECTURE.md).
 async fn render_run(
     ui: &Arc<Ui>,
     run: RunView,

@@ -183,14 +183,10 @@ pub fn scheduler(settings: Settings) -> anyhow::Result<ExitCode> {
     // connection behind a mutex): more threads than this only wait, each
     // with its stack and its zstd contexts (512, tokio's default, held
     // +100 MiB at 2,500 submissions/s). The async side (intake, outbox, API)
-    // runs on one thread: it only moves messages between the broker and
-    // the engine, and a second thread mostly woke to take a task from the
-    // first. With one, the scheduler switched threads 40% less and used
-    // 6-9% less CPU per 20,000 tasks (README, "Tenth sitting"). Nothing
-    // large is done there: run views and pages are serialized on blocking
-    // threads.
+    // keeps tokio's default threads: one thread switched threads less but
+    // used no less CPU, alternated (README, "Tenth sitting"), and would leave
+    // every loop waiting behind any slow poll.
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
         .enable_all()
         .max_blocking_threads(32)
         .build()
