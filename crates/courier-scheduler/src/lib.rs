@@ -1000,9 +1000,8 @@ async fn results_loop(
             }
         }
         // Opened and applied on a blocking thread, off the async threads
-        // the outbox and the API share; what could not be opened is
-        // dead-lettered after (should that fail, the batch is not acked, and
-        // applying it again changes nothing).
+        // the outbox and the API share; what could not be opened or applied
+        // is dead-lettered after the commit, before the ack.
         let engine = shared.engine.clone();
         let (limits, key) = (intake.limits, intake.signing_key.clone());
         let (batch, opened, unopened, results, applied) = tokio::task::spawn_blocking(move || {
@@ -1023,17 +1022,12 @@ async fn results_loop(
         })
         .await
         .map_err(|_| AmqpError::Closed)?;
-        for (i, (label, reason)) in unopened {
-            intake.dead_letter(shared, &batch[i], label, reason).await?;
-        }
         let statuses: Vec<&'static str> = results.iter().map(|r| r.status.as_str()).collect();
         match applied {
             Ok(applied) => {
-                for (i, refused) in &applied.refused {
-                    intake
-                        .dead_letter(shared, &batch[opened[*i]], refused.label(), refused.to_string())
-                        .await?;
-                }
+                // What was committed is counted and acted on before anything
+                // can fail: should a dead-letter below fail, the batch comes
+                // back unacked, and its applied results as duplicates.
                 for (i, result) in results.iter().enumerate() {
                     if !applied.refused.iter().any(|(r, _)| *r == i) {
                         trace::task_applied(result);
@@ -1066,6 +1060,14 @@ async fn results_loop(
                     if let Ok((0, _)) = broker.queue_depth(&broker.names().results_queue()).await {
                         shared.results_drained.store(true, Ordering::Relaxed);
                     }
+                }
+                for (i, (label, reason)) in unopened {
+                    intake.dead_letter(shared, &batch[i], label, reason).await?;
+                }
+                for (i, refused) in &applied.refused {
+                    intake
+                        .dead_letter(shared, &batch[opened[*i]], refused.label(), refused.to_string())
+                        .await?;
                 }
                 // Results arrive in order on one channel: one multiple-ack
                 // settles the whole batch, dead-lettered copies included.

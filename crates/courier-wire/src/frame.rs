@@ -193,23 +193,26 @@ pub fn encode_message<T: Frame>(value: &T, limits: &Limits, stream: &[&str]) -> 
 }
 
 fn encode_with<T: Frame>(value: &T, limits: &Limits, stream: Option<(&Skips, &[&str])>) -> Result<Vec<u8>, WireError> {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut scratch) => {
-            let (body, packed) = &mut *scratch;
-            // Empty already, unless an encode on this thread panicked.
-            body.clear();
-            let frame = encode_into(value, limits, stream, body, packed);
-            for buffer in [body, packed] {
-                buffer.clear();
-                if buffer.capacity() > SCRATCH_KEPT {
-                    *buffer = Vec::new();
-                }
+    let reused = SCRATCH.try_with(|cell| {
+        // Taken already only should a value's serialization encode a frame.
+        let mut scratch = cell.try_borrow_mut().ok()?;
+        let (body, packed) = &mut *scratch;
+        // Empty already, unless an encode on this thread panicked.
+        body.clear();
+        let frame = encode_into(value, limits, stream, body, packed);
+        for buffer in [body, packed] {
+            buffer.clear();
+            if buffer.capacity() > SCRATCH_KEPT {
+                *buffer = Vec::new();
             }
-            frame
         }
-        // Only should a value's serialization encode a frame itself.
-        Err(_) => encode_into(value, limits, stream, &mut Vec::new(), &mut Vec::new()),
-    })
+        Some(frame)
+    });
+    match reused {
+        Ok(Some(frame)) => frame,
+        // Taken, or this thread's buffers are gone (a thread ending).
+        _ => encode_into(value, limits, stream, &mut Vec::new(), &mut Vec::new()),
+    }
 }
 
 /// [`encode_with`], its body serialized into `body` and compressed into

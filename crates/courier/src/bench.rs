@@ -316,10 +316,12 @@ fn cpu_seconds(pid: u32) -> Option<(f64, f64)> {
     Some((ticks(11)?, ticks(12)?))
 }
 
-/// Context switches of a process's threads so far: (voluntary, involuntary).
-/// A voluntary one is a thread going to sleep to wait (and being woken):
-/// on this benchmark's virtual machine each costs far more than on bare
-/// metal, and they were a quarter of the scheduler's CPU samples (README).
+/// Context switches so far of a process's threads alive now (Linux keeps
+/// no count for the threads that ended, such as tokio's blocking threads
+/// idle for 10 s): (voluntary, involuntary). A voluntary one is a thread
+/// going to sleep to wait (and being woken): on this benchmark's virtual
+/// machine each costs far more than on bare metal, and they were a quarter
+/// of the scheduler's CPU samples (README).
 fn thread_switches(pid: u32) -> Option<(u64, u64)> {
     let mut sums = (0, 0);
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
@@ -638,9 +640,12 @@ impl Stack {
             .map(|((name, child), rss)| {
                 let peak = peak_rss_mib(child.id()).unwrap_or(rss.peak);
                 let (user, system) = cpu_seconds(child.id()).unwrap_or((f64::NAN, f64::NAN));
-                let (waits, preempted) = thread_switches(child.id()).unwrap_or_default();
+                let switches = thread_switches(child.id()).map_or_else(
+                    || "unknown".to_string(),
+                    |(waits, preempted)| format!("{waits} voluntary, {preempted} involuntary"),
+                );
                 format!(
-                    "\n  {name:<10} RSS idle {:.1} MiB, {:.1} MiB at 25% of the run, {:.1} MiB at the end, peak {peak:.1} MiB ({:+.1} MiB over idle); {:.1} CPU-s ({user:.1} user, {system:.1} system); thread switches {waits} voluntary, {preempted} involuntary",
+                    "\n  {name:<10} RSS idle {:.1} MiB, {:.1} MiB at 25% of the run, {:.1} MiB at the end, peak {peak:.1} MiB ({:+.1} MiB over idle); {:.1} CPU-s ({user:.1} user, {system:.1} system); thread switches (live threads) {switches}",
                     rss.idle,
                     rss.quarter,
                     rss.end,
