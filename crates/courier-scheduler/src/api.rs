@@ -214,7 +214,7 @@ async fn submit(
             shared.metrics.runs_submitted.inc();
             shared.outbox.notify_one();
             tracing::info!(run = %run, trace_id = %crate::engine::trace_id(&run), workflow = %workflow, "run submitted");
-            let mut answer = json_answer(json.map_err(internal)?);
+            let mut answer = json_answer(json)?;
             *answer.status_mut() = StatusCode::CREATED;
             Ok(answer)
         }
@@ -294,14 +294,14 @@ async fn list_runs(
             format!("no run {}, given as the before= cursor", crate::quoted(&before)),
         )
     })?;
-    Ok(json_answer(runs.map_err(internal)?))
+    json_answer(runs)
 }
 
 /// A JSON answer serialized on a blocking thread: runs' views, lists and
 /// steps can be megabytes, and the async threads are shared with the
 /// result intake and the outbox (see ARCHITECTURE.md).
-fn json_answer(json: Vec<u8>) -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], json).into_response()
+fn json_answer(json: serde_json::Result<Vec<u8>>) -> Result<Response, ApiError> {
+    Ok(([(header::CONTENT_TYPE, "application/json")], json.map_err(internal)?).into_response())
 }
 
 async fn get_run(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Response, ApiError> {
@@ -316,7 +316,7 @@ async fn get_run(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> R
     .map_err(internal)?
     .map_err(internal)?;
     match found {
-        Some(json) => Ok(json_answer(json.map_err(internal)?)),
+        Some(json) => json_answer(json),
         None => Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("no run {}", crate::quoted(&id)),
@@ -341,7 +341,7 @@ async fn get_step(
     .map_err(internal)?
     .map_err(internal)?;
     match found {
-        Some(json) => Ok(json_answer(json.map_err(internal)?)),
+        Some(json) => json_answer(json),
         None => Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("no step {} in run {}", crate::quoted(&step), crate::quoted(&id)),
