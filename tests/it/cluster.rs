@@ -378,12 +378,35 @@ impl Cluster {
 
     /// Messages ready in the dead-letter queue.
     pub fn dead_depth(&self) -> u32 {
+        self.depth(|names| names.dead())
+    }
+
+    /// Messages in the results queue, ready or delivered and not yet acked.
+    pub fn results_in_queue(&self) -> u32 {
         let names = courier_amqp::Names::new(self.namespace.clone());
+        let queue = names.results_queue();
+        let out = std::process::Command::new("rabbitmqctl")
+            .args(["list_queues", "-q", "--no-table-headers", "name", "messages"])
+            .output()
+            .expect("rabbitmqctl (run as root)");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| {
+                let (name, n) = l.split_once(char::is_whitespace)?;
+                (name == queue).then(|| n.trim().parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no queue {queue} listed"))
+    }
+
+    /// Messages ready in the queue `queue` names.
+    fn depth(&self, queue: impl FnOnce(&courier_amqp::Names) -> String) -> u32 {
+        let names = courier_amqp::Names::new(self.namespace.clone());
+        let queue = queue(&names);
         block_on(async {
             let broker = courier_amqp::Broker::connect(&amqp_url(), names.clone(), "courier-it")
                 .await
                 .expect("connect");
-            let (depth, _) = broker.queue_depth(&names.dead()).await.expect("queue depth");
+            let (depth, _) = broker.queue_depth(&queue).await.expect("queue depth");
             let _ = broker.close().await;
             depth
         })
@@ -479,15 +502,7 @@ impl Cluster {
 
     /// Messages ready in a pool's task queue.
     pub fn queue_depth(&self, pool: &str) -> u32 {
-        let names = courier_amqp::Names::new(self.namespace.clone());
-        block_on(async {
-            let broker = courier_amqp::Broker::connect(&amqp_url(), names.clone(), "courier-it")
-                .await
-                .expect("connect");
-            let (depth, _) = broker.queue_depth(&names.task_queue(pool)).await.expect("queue depth");
-            let _ = broker.close().await;
-            depth
-        })
+        self.depth(|names| names.task_queue(pool))
     }
 
     /// Every process's log, for failure messages.

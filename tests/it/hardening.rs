@@ -326,6 +326,118 @@ fn forged_results_change_nothing_and_are_dead_lettered_with_their_reason() {
     assert_eq!(std::fs::read_to_string(&memory).unwrap(), memory_before);
 }
 
+/// A broker policy, cleared on drop.
+struct Policy(String);
+
+impl Policy {
+    /// `definition` applied to the queue named `queue` alone.
+    fn on_queue(queue: &str, definition: &str) -> Self {
+        let name = format!("it-{}", uuid::Uuid::now_v7().simple());
+        let pattern = format!("^{}$", queue.replace('.', "\\."));
+        rabbitmqctl(&[
+            "set_policy",
+            &name,
+            &pattern,
+            definition,
+            "--apply-to",
+            "queues",
+            "--priority",
+            "100",
+        ]);
+        // Applied to the queue a moment later, asynchronously.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = std::process::Command::new("rabbitmqctl")
+                .args(["list_queues", "-q", "--no-table-headers", "name", "policy"])
+                .output()
+                .expect("rabbitmqctl");
+            let listed = String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+                let mut columns = l.split_whitespace();
+                columns.next() == Some(queue) && columns.next() == Some(name.as_str())
+            });
+            if listed {
+                return Self(name);
+            }
+            assert!(Instant::now() < deadline, "policy {name} never applied to {queue}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Policy {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["clear_policy", &self.0])
+            .output();
+    }
+}
+
+#[test]
+fn a_refused_result_the_dead_letter_queue_will_not_take_is_kept_and_the_rest_go_on() {
+    let yaml = "steps:\n  - name: only\n    command: [\"sh\", \"-c\", \"echo real\"]\n";
+    let mut cluster = Cluster::builder()
+        .workers(0)
+        .tap()
+        .workflow("plain", yaml)
+        .env("COURIER_SIGNING_KEY", KEY)
+        .start();
+    let names = Names::new(cluster.namespace.clone());
+    // The dead-letter queue is full and refuses whatever comes (a quorum
+    // queue takes one message past its limit: give it that one).
+    let full = Policy::on_queue(&names.dead(), r#"{"max-length":0,"overflow":"reject-publish"}"#);
+    cluster.publish(&names.dead(), "results", b"filler", ("filler", "filler"), Vec::new());
+    wait_dead(&cluster, 1);
+    let id = cluster.submit("plain", &[]).unwrap();
+    let (task, _) = tapped_task(&cluster, "only");
+    let ids = (task.task_id.to_string(), task.run_id.to_string());
+    let unsigned = encode(&result_for(&task, "FORGED"), &Limits::default()).unwrap();
+    cluster.publish(
+        &names.results_exchange(),
+        "results",
+        &unsigned,
+        (&ids.0, &ids.1),
+        vec![(headers::ATTEMPT, Header::Int(1))],
+    );
+    // Refused, and not lost: the broker would not take its dead letter.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cluster.logs().contains("cannot dead-letter a refused result") {
+        assert!(Instant::now() < deadline, "{}", cluster.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(cluster.dead_depth(), 1);
+
+    // The real result, behind it in the queue, is applied meanwhile, once.
+    cluster.start_worker("w1", 2);
+    let run = cluster.wait_run(&id, Duration::from_secs(30));
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(run["steps"][0]["output"], "real", "{run:#}");
+    let metrics = cluster.scheduler_metrics();
+    let finished = "courier_runs_finished_total";
+    assert_eq!(counter(&metrics, finished), 1.0, "{metrics}");
+    assert_eq!(
+        counter(&metrics, "courier_results_received_total{status=\"succeeded\"}"),
+        1.0,
+        "{metrics}"
+    );
+
+    // Once its limit is lifted, the refused result is there, once, with
+    // its reason; nothing is left unacked.
+    drop(full);
+    wait_dead(&cluster, 2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.results_in_queue() > 0 {
+        assert!(Instant::now() < deadline, "{}", cluster.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(cluster.dead_depth(), 2);
+    let reasons = dead_reasons(&cluster);
+    assert!(reasons[&ids.0].contains("the result is not signed"), "{reasons:?}");
+    let metrics = cluster.scheduler_metrics();
+    assert_eq!(counter(&metrics, finished), 1.0, "{metrics}");
+    let run = cluster.run(&id);
+    assert_eq!(run["steps"][0]["output"], "real", "{run:#}");
+}
+
 fn run_cli(cluster: &Cluster, args: &[&str]) -> (std::process::Output, String, String) {
     run(cluster.courier().args(args))
 }

@@ -65,6 +65,18 @@ pub enum AmqpError {
     BadUrl(String),
 }
 
+impl AmqpError {
+    /// The broker answered and refused this one message (a negative or
+    /// missing confirm, no queue bound): the connection is still good.
+    #[must_use]
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::Nacked { .. } | Self::ConfirmTimeout { .. } | Self::Unroutable { .. }
+        )
+    }
+}
+
 /// The largest AMQP frame asked for when the URL does not say
 /// (`?frame_max=`): lapin keeps a receive and a send buffer of 32 frames
 /// per connection, each written in full, so RabbitMQ's default of 128 KiB

@@ -490,11 +490,11 @@ async fn serve(
             }
         }
     });
-    let intake = ResultIntake {
+    let mut intake = ResultIntake {
         limits: sc.result_limits,
         signing_key: sc.signing_key.clone(),
-        publisher: publisher.clone(),
         names: broker.names().clone(),
+        dead_channel: None,
     };
     loops.spawn({
         let shared = shared.clone();
@@ -502,10 +502,13 @@ async fn serve(
         let broker = broker.clone();
         async move {
             let r = tokio::select! {
-                r = results_loop(&shared, &broker, &mut consumer, &intake) => r,
+                r = results_loop(&shared, &broker, &mut consumer, &mut intake) => r,
                 () = shutdown.cancelled() => Ok(()),
             };
             let _ = consumer.close().await;
+            if let Some(dead_channel) = intake.dead_channel.take() {
+                let _ = dead_channel.close().await;
+            }
             r
         }
     });
@@ -903,8 +906,12 @@ fn with_bodies(engine: &Engine, rows: Vec<db::OutboxTask>) -> Vec<engine::ReadyT
 struct ResultIntake {
     limits: Limits,
     signing_key: Option<courier_wire::SigningKey>,
-    publisher: Publisher,
     names: Names,
+    /// The channel dead letters go out on: one of their own, opened when
+    /// first needed and again after the broker refused one (a quorum queue
+    /// that refused a channel because it was full may go on refusing that
+    /// channel once it has room: rabbitmq-server#12206).
+    dead_channel: Option<Publisher>,
 }
 
 impl ResultIntake {
@@ -931,8 +938,9 @@ impl ResultIntake {
     /// Move a refused result to the dead-letter queue with its reason (it is
     /// settled by the batch's ack afterwards).
     async fn dead_letter(
-        &self,
+        &mut self,
         shared: &Shared,
+        broker: &Broker,
         delivery: &courier_amqp::Delivery,
         label: &'static str,
         reason: String,
@@ -953,7 +961,11 @@ impl ResultIntake {
             }
         }
         let dead = self.names.dead();
-        self.publisher
+        let publisher = match &self.dead_channel {
+            Some(publisher) => publisher.clone(),
+            None => self.dead_channel.insert(broker.publisher(16).await?).clone(),
+        };
+        let sent = publisher
             .publish(Outgoing {
                 exchange: &dead,
                 routing_key: "results",
@@ -962,7 +974,13 @@ impl ResultIntake {
                 correlation_id: delivery.correlation_id.as_deref().unwrap_or_default(),
                 headers: kept,
             })
-            .await
+            .await;
+        if sent.as_ref().is_err_and(AmqpError::is_refusal)
+            && let Some(refused) = self.dead_channel.take()
+        {
+            let _ = refused.close().await;
+        }
+        sent
     }
 }
 
@@ -974,7 +992,7 @@ async fn results_loop(
     shared: &Arc<Shared>,
     broker: &Broker,
     consumer: &mut Consumer,
-    intake: &ResultIntake,
+    intake: &mut ResultIntake,
 ) -> Result<(), AmqpError> {
     let mut last_depth_check = std::time::Instant::now();
     loop {
@@ -1061,19 +1079,30 @@ async fn results_loop(
                         shared.results_drained.store(true, Ordering::Relaxed);
                     }
                 }
-                for (i, (label, reason)) in unopened {
-                    intake.dead_letter(shared, &batch[i], label, reason).await?;
+                let refused = unopened
+                    .into_iter()
+                    .map(|(i, (label, reason))| (i, label, reason))
+                    .chain(
+                        applied
+                            .refused
+                            .iter()
+                            .map(|(i, refused)| (opened[*i], refused.label(), refused.to_string())),
+                    );
+                // Those whose dead letter the broker refused (a full
+                // dead-letter queue): kept in the results queue, not lost.
+                let mut kept = Vec::new();
+                for (i, label, reason) in refused {
+                    match intake.dead_letter(shared, broker, &batch[i], label, reason).await {
+                        Ok(()) => {}
+                        Err(e) if e.is_refusal() => {
+                            error!(error = %e, message_id = ?batch[i].message_id,
+                                "cannot dead-letter a refused result; it goes back to the results queue, to be dead-lettered again");
+                            kept.push(i);
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
-                for (i, refused) in &applied.refused {
-                    intake
-                        .dead_letter(shared, &batch[opened[*i]], refused.label(), refused.to_string())
-                        .await?;
-                }
-                // Results arrive in order on one channel: one multiple-ack
-                // settles the whole batch, dead-lettered copies included.
-                if let Some(last) = batch.last() {
-                    last.ack_all_up_to().await?;
-                }
+                settle_batch(&batch, &kept).await?;
             }
             Err(e) => {
                 // Not applied: leave unacked; the broker redelivers after reconnect.
@@ -1082,6 +1111,36 @@ async fn results_loop(
             }
         }
     }
+}
+
+/// How long a result whose dead letter the broker refused waits before it
+/// goes back to the results queue (and comes back to be dead-lettered
+/// again), so a dead-letter queue that stays full is not asked in a loop.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
+
+/// Acknowledge a batch of results, all but those `kept` (whose dead letter
+/// the broker refused): they go back to the results queue after
+/// [`DEAD_LETTER_RETRY`].
+async fn settle_batch(batch: &[courier_amqp::Delivery], kept: &[usize]) -> Result<(), AmqpError> {
+    if kept.is_empty() {
+        // Results arrive in order on one channel: one multiple-ack
+        // settles the whole batch, dead-lettered copies included.
+        if let Some(last) = batch.last() {
+            last.ack_all_up_to().await?;
+        }
+        return Ok(());
+    }
+    // One by one: a multiple-ack would settle the kept ones too.
+    for (i, delivery) in batch.iter().enumerate() {
+        if !kept.contains(&i) {
+            delivery.ack().await?;
+        }
+    }
+    tokio::time::sleep(DEAD_LETTER_RETRY).await;
+    for &i in kept {
+        batch[i].requeue().await?;
+    }
+    Ok(())
 }
 
 /// Fire `workflow` at every occurrence of its schedule.
