@@ -280,14 +280,12 @@ impl Cluster {
     /// Peak resident memory of worker `id`, in MiB.
     pub fn worker_peak_rss_mib(&self, id: &str) -> f64 {
         let (_, child) = self.workers.iter().find(|(w, _)| w == id).expect("no such worker");
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).expect("proc status");
-        let kib: f64 = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .expect("VmHWM");
-        kib / 1024.0
+        peak_rss_mib(child.id())
+    }
+
+    /// Peak resident memory of the scheduler, in MiB.
+    pub fn scheduler_peak_rss_mib(&self) -> f64 {
+        peak_rss_mib(self.scheduler.as_ref().expect("no scheduler").id())
     }
 
     /// Where worker `id` serves `/metrics` (started with
@@ -530,6 +528,18 @@ impl Cluster {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+/// Peak resident memory of process `pid`, in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM");
+    kib / 1024.0
 }
 
 pub fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {

@@ -444,3 +444,47 @@ fn the_dead_letters_page_lists_reasons_and_requeues_and_the_queues_page_reads_th
         "{rows:?}"
     );
 }
+
+#[test]
+fn the_dead_letters_page_holds_one_body_at_a_time_and_opens_from_a_link_on_another_site() {
+    let cluster = Cluster::builder().workers(0).start();
+    let dead = courier_amqp::Names::new(cluster.namespace.clone()).dead();
+    // 16 dead letters of 4 MiB: 64 MiB in the queue.
+    let big = vec![b'x'; 4 << 20];
+    for i in 0..16 {
+        cluster.publish(&dead, "results", &big, (&format!("big-{i}"), "run"), Vec::new());
+    }
+    crate::reliability::wait_dead(&cluster, 16);
+    let before = cluster.scheduler_peak_rss_mib();
+    let page = cluster.http(reqwest::Method::GET, "/ui/dead").send().unwrap();
+    assert_eq!(page.status(), 200);
+    let page = page.text().unwrap();
+    assert!(page.contains("big-0") && page.contains("big-15"), "{page}");
+    assert!(page.contains(&(4 << 20).to_string()), "the size of each: {page}");
+    let grew = cluster.scheduler_peak_rss_mib() - before;
+    eprintln!("the dead-letters page over 64 MiB of dead letters: peak RSS +{grew:.1} MiB");
+    assert!(grew < 24.0, "the page grew the scheduler by {grew:.1} MiB");
+    assert_eq!(cluster.dead_depth(), 16, "listing puts them back");
+
+    // A link followed by the user from another site (RabbitMQ's management
+    // UI on another port) opens it; a page that embeds it or navigates to it
+    // by script does not.
+    let visit = |site: &str, mode: &str, dest: &str, user: Option<&str>| {
+        let mut request = cluster
+            .http(reqwest::Method::GET, "/ui/dead")
+            .header("sec-fetch-site", site)
+            .header("sec-fetch-mode", mode)
+            .header("sec-fetch-dest", dest);
+        if let Some(user) = user {
+            request = request.header("sec-fetch-user", user);
+        }
+        request.send().unwrap().status().as_u16()
+    };
+    assert_eq!(visit("same-site", "navigate", "document", Some("?1")), 200);
+    assert_eq!(visit("cross-site", "navigate", "document", Some("?1")), 200);
+    assert_eq!(visit("cross-site", "navigate", "document", None), 403);
+    assert_eq!(visit("cross-site", "navigate", "iframe", Some("?1")), 403);
+    assert_eq!(visit("same-site", "no-cors", "image", None), 403);
+    assert_eq!(visit("cross-site", "cors", "empty", None), 403);
+    assert_eq!(cluster.dead_depth(), 16);
+}

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -563,6 +563,17 @@ impl Broker {
         self.consume(queue, prefetch, tag, FieldTable::default()).await
     }
 
+    /// A [`Taker`] of `queue`'s messages, on a channel of its own.
+    ///
+    /// # Errors
+    /// The channel could not be opened.
+    pub async fn taker(&self, queue: &str) -> Result<Taker, AmqpError> {
+        Ok(Taker {
+            channel: self.connection.create_channel().await?,
+            queue: queue.to_string(),
+        })
+    }
+
     /// Like [`Broker::consumer`], and the broker lets each delivery stay
     /// unacknowledged for `ack_timeout` before it closes the channel
     /// (`x-consumer-timeout`, RabbitMQ 3.12+; older brokers ignore it and
@@ -741,6 +752,39 @@ impl Consumer {
     /// The close failed (the channel is gone either way).
     pub async fn close(&self) -> Result<(), AmqpError> {
         self.channel.close(200, "consumer closed".into()).await?;
+        Ok(())
+    }
+}
+
+/// Messages taken from one queue one at a time (`basic.get`), each left
+/// unacknowledged until settled. Unlike a [`Consumer`], which the broker
+/// fills up to its prefetch, it holds only what it took.
+#[derive(Debug)]
+pub struct Taker {
+    channel: Channel,
+    queue: String,
+}
+
+impl Taker {
+    /// The queue's next message, `None` when it has none ready.
+    ///
+    /// # Errors
+    /// The channel or connection failed.
+    pub async fn take(&self) -> Result<Option<Delivery>, AmqpError> {
+        let got = self
+            .channel
+            .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .await?;
+        Ok(got.map(|m| Delivery::new(m.delivery, self.channel.clone())))
+    }
+
+    /// Close the channel: the messages taken and not settled go back to
+    /// the queue.
+    ///
+    /// # Errors
+    /// The close failed (the channel is gone either way).
+    pub async fn close(&self) -> Result<(), AmqpError> {
+        self.channel.close(200, "taker closed".into()).await?;
         Ok(())
     }
 }

@@ -1,20 +1,24 @@
 //! What operators look at besides runs, for the CLI (`courier dead`,
 //! `courier status`) and the web UI alike: dead letters, taken from their
-//! queue unacknowledged (closing the consumer puts them back) or requeued
-//! to their pool, and this namespace's queues as RabbitMQ's management API
+//! queue one at a time and unacknowledged (closing puts them back) or
+//! requeued to their pool, and this namespace's queues as RabbitMQ's management API
 //! reports them.
 
 use std::time::Duration;
 
-use courier_amqp::{AmqpError, Broker, Consumer, Delivery, Header, Outgoing, Publisher};
+use courier_amqp::{AmqpError, Broker, Delivery, Header, Outgoing, Publisher, Taker};
 use courier_wire::headers;
 use serde::{Deserialize, Serialize};
 
 /// A message in the dead-letter queue: a task that could not run, or a
-/// result the scheduler refused.
+/// result the scheduler refused. Its body is kept only when asked for
+/// (to requeue it); [`DeadLetter::bytes`] is its size either way.
 #[derive(Debug)]
 pub struct DeadLetter {
+    /// The message, its body left out (see [`DeadLetter::body`]).
     pub delivery: Delivery,
+    body: Option<Vec<u8>>,
+    bytes: usize,
 }
 
 impl DeadLetter {
@@ -26,6 +30,16 @@ impl DeadLetter {
     /// The run it belongs to.
     pub fn run_id(&self) -> &str {
         self.delivery.correlation_id.as_deref().unwrap_or_default()
+    }
+
+    /// The size of its body in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Its body, when it was taken with it.
+    pub fn body(&self) -> Option<&[u8]> {
+        self.body.as_deref()
     }
 
     /// The pool a task was for (`(result)` for a refused result).
@@ -64,35 +78,80 @@ impl DeadLetter {
 /// Dead letters the CLI reads at once, at most.
 pub const MAX_DEAD_LISTED: u32 = 10_000;
 
-/// Take the messages now in the dead-letter queue (the oldest `limit`),
-/// unacknowledged: closing the consumer puts back whatever was not
-/// acknowledged.
-///
-/// # Errors
-/// The broker's.
-pub async fn take_dead(broker: &Broker, limit: u32) -> Result<(Consumer, Vec<DeadLetter>), AmqpError> {
-    let queue = broker.names().dead();
-    let (ready, _) = broker.queue_depth(&queue).await?;
-    let ready = ready.min(limit);
-    let prefetch = u16::try_from(ready.max(1)).unwrap_or(u16::MAX);
-    let mut consumer = broker.consumer(&queue, prefetch, "courier-dead").await?;
-    let mut dead = Vec::new();
-    while dead.len() < ready as usize {
-        match tokio::time::timeout(Duration::from_secs(2), consumer.next()).await {
-            Ok(Some(Ok(delivery))) => dead.push(DeadLetter { delivery }),
-            Ok(Some(Err(e))) => return Err(e),
-            Ok(None) | Err(_) => break,
-        }
-    }
-    Ok((consumer, dead))
+/// The messages in the dead-letter queue when it was opened (the oldest
+/// `limit`), taken one at a time and left unacknowledged: closing it puts
+/// back whatever was not acknowledged. One body at a time is held, however
+/// many are taken, unless the caller keeps them.
+#[derive(Debug)]
+pub struct DeadLetters {
+    taker: Taker,
+    left: u32,
 }
 
-/// Publish a dead-lettered task to its pool again (confirmed), then
-/// acknowledge the dead copy.
+impl DeadLetters {
+    /// Open the dead-letter queue of `broker`'s namespace.
+    ///
+    /// # Errors
+    /// The broker's.
+    pub async fn open(broker: &Broker, limit: u32) -> Result<Self, AmqpError> {
+        let queue = broker.names().dead();
+        let (ready, _) = broker.queue_depth(&queue).await?;
+        Ok(Self {
+            taker: broker.taker(&queue).await?,
+            left: ready.min(limit),
+        })
+    }
+
+    /// The next dead letter, with its body if `keep_body` says so.
+    ///
+    /// # Errors
+    /// The broker's.
+    pub async fn next(&mut self, keep_body: impl FnOnce(&DeadLetter) -> bool) -> Result<Option<DeadLetter>, AmqpError> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        let Some(delivery) = self.taker.take().await? else {
+            self.left = 0;
+            return Ok(None);
+        };
+        self.left -= 1;
+        let mut delivery = delivery;
+        let body = std::mem::take(&mut delivery.body);
+        let mut dead = DeadLetter {
+            bytes: body.len(),
+            delivery,
+            body: None,
+        };
+        if keep_body(&dead) {
+            dead.body = Some(body);
+        }
+        Ok(Some(dead))
+    }
+
+    /// Every dead letter left, without their bodies.
+    ///
+    /// # Errors
+    /// The broker's.
+    pub async fn all(&mut self) -> Result<Vec<DeadLetter>, AmqpError> {
+        let mut all = Vec::new();
+        while let Some(dead) = self.next(|_| false).await? {
+            all.push(dead);
+        }
+        Ok(all)
+    }
+
+    /// Put back what was taken and not acknowledged.
+    pub async fn close(self) {
+        let _ = self.taker.close().await;
+    }
+}
+
+/// Publish a dead-lettered task again to its pool (confirmed), with the
+/// body it was taken with, then acknowledge the dead copy.
 ///
 /// # Errors
 /// The broker's.
-pub async fn requeue(broker: &Broker, publisher: &Publisher, dead: &DeadLetter) -> Result<(), AmqpError> {
+pub async fn requeue(broker: &Broker, publisher: &Publisher, dead: &DeadLetter, body: &[u8]) -> Result<(), AmqpError> {
     let mut kept: Vec<(&'static str, Header)> = Vec::new();
     for name in [headers::ATTEMPT, headers::SNAPSHOT_HASH, headers::SIGNATURE] {
         if let Some(v) = dead.delivery.headers.get(name) {
@@ -103,7 +162,7 @@ pub async fn requeue(broker: &Broker, publisher: &Publisher, dead: &DeadLetter) 
         .publish(Outgoing {
             exchange: &broker.names().tasks_exchange(),
             routing_key: dead.pool(),
-            body: &dead.delivery.body,
+            body,
             message_id: dead.id(),
             correlation_id: dead.run_id(),
             headers: kept,

@@ -194,6 +194,14 @@ fn cross_site(headers: &HeaderMap) -> bool {
     }
 }
 
+/// A top-level navigation the user made (following a link, typing the
+/// address), not one a script, an embedding or a fetch made: browsers say
+/// so in `Sec-Fetch-User`.
+fn user_navigation(headers: &HeaderMap) -> bool {
+    let is = |name: &str, value: &str| headers.get(name).and_then(|v| v.to_str().ok()) == Some(value);
+    is("sec-fetch-mode", "navigate") && is("sec-fetch-dest", "document") && is("sec-fetch-user", "?1")
+}
+
 /// Without a token, the UI answers only to an IP address or `localhost`:
 /// a page on a rebound DNS name (same-origin for the browser) is refused.
 pub(crate) fn host_allowed_without_token(headers: &HeaderMap) -> bool {
@@ -989,8 +997,9 @@ async fn broker(ui: &Ui) -> Result<courier_amqp::Broker, Refusal> {
 async fn dead_page(State(ui): State<Arc<Ui>>, headers: HeaderMap) -> Response {
     // Reading takes the dead letters off their queue (and gives them back,
     // which counts as a delivery): another site must not make a browser
-    // do it, over and over, by embedding this address.
-    if cross_site(&headers) {
+    // do it, over and over, by embedding this address or by script. A link
+    // the user follows (from RabbitMQ's management UI, say) is one view.
+    if cross_site(&headers) && !user_navigation(&headers) {
         return page_error(StatusCode::FORBIDDEN, "cross-site request refused");
     }
     let csrf = csrf_for(&ui, session(&ui, &headers).as_deref());
@@ -999,9 +1008,12 @@ async fn dead_page(State(ui): State<Arc<Ui>>, headers: HeaderMap) -> Response {
         Ok(broker) => broker,
         Err(refused) => return refused.into_response(),
     };
-    let taken = crate::ops::take_dead(&broker, DEAD_SHOWN).await;
+    let (taken, letters) = match crate::ops::DeadLetters::open(&broker, DEAD_SHOWN).await {
+        Ok(mut letters) => (letters.all().await, Some(letters)),
+        Err(e) => (Err(e), None),
+    };
     let body = match &taken {
-        Ok((_, dead)) => html! {
+        Ok(dead) => html! {
             h1 { "Dead letters" }
             p { "The oldest " (dead.len()) " in " code { (ui.ops.names.dead()) } " (at most " (DEAD_SHOWN) " shown; `courier dead list` shows them all)" }
             div.scroll { table #dead {
@@ -1014,7 +1026,7 @@ async fn dead_page(State(ui): State<Arc<Ui>>, headers: HeaderMap) -> Response {
                             td { a href={ "/ui/runs/" (urlencode(d.run_id())) } { code { (d.run_id()) } } }
                             td { (d.pool()) }
                             td.num { (d.attempt().map(|a| a.to_string()).unwrap_or_default()) }
-                            td.num { (d.delivery.body.len()) }
+                            td.num { (d.bytes()) }
                             td { pre.error { (d.reason()) } }
                             td { @if !d.is_result() {
                                 form.inline method="post" action={ "/ui/dead/" (urlencode(d.id())) "/requeue" } {
@@ -1029,9 +1041,9 @@ async fn dead_page(State(ui): State<Arc<Ui>>, headers: HeaderMap) -> Response {
         },
         Err(e) => html! { h1 { "Dead letters" } p.error role="alert" { "cannot read them: " (e) } },
     };
-    if let Ok((consumer, _)) = taken {
+    if let Some(letters) = letters {
         // Unacknowledged: they go back to the queue.
-        let _ = consumer.close().await;
+        letters.close().await;
     }
     let _ = broker.close().await;
     layout("Dead letters", &csrf, body).into_response()
@@ -1052,24 +1064,43 @@ async fn requeue_dead(
         Err(refused) => return refused.into_response(),
     };
     let outcome = async {
-        let (consumer, dead) = crate::ops::take_dead(&broker, DEAD_SHOWN)
+        let mut letters = crate::ops::DeadLetters::open(&broker, DEAD_SHOWN)
             .await
             .map_err(|e| e.to_string())?;
-        let result = match dead.iter().find(|d| d.id() == id) {
-            None => Err(format!("no dead-lettered task \"{id}\"")),
-            Some(d) if d.is_result() => Err(format!(
+        let mut found = None;
+        let mut read = Ok(());
+        loop {
+            match letters.next(|d| d.id() == id && !d.is_result()).await {
+                Ok(Some(d)) if d.id() == id => {
+                    found = Some(d);
+                    break;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    read = Err(e.to_string());
+                    break;
+                }
+            }
+        }
+        let result = match (read, found) {
+            (Err(e), _) => Err(e),
+            (Ok(()), None) => Err(format!("no dead-lettered task \"{id}\"")),
+            (Ok(()), Some(d)) if d.is_result() => Err(format!(
                 "\"{id}\" is a refused result, not a task: it cannot be requeued"
             )),
-            Some(d) => {
+            (Ok(()), Some(d)) => {
+                // Taken with its body (above).
+                let body = d.body().ok_or("the dead letter was read without its body")?;
                 let publisher = broker.publisher(16).await.map_err(|e| e.to_string())?;
-                let sent = crate::ops::requeue(&broker, &publisher, d)
+                let sent = crate::ops::requeue(&broker, &publisher, &d, body)
                     .await
                     .map_err(|e| e.to_string());
                 let _ = publisher.close().await;
                 sent
             }
         };
-        let _ = consumer.close().await;
+        letters.close().await;
         result
     }
     .await;

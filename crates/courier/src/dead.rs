@@ -1,7 +1,8 @@
 //! `courier dead list|requeue`: inspect and replay dead-lettered tasks.
 //!
-//! Listing takes the messages without acknowledging them and closes the
-//! channel, which puts them back. Requeueing publishes a message to its pool
+//! Listing takes the messages one at a time without acknowledging them
+//! (holding their sizes, not their bodies) and closes the channel, which
+//! puts them back. Requeueing publishes a message to its pool
 //! again (confirmed) before acknowledging the dead copy.
 
 use std::process::ExitCode;
@@ -37,11 +38,12 @@ pub async fn run(settings: &Settings, cmd: DeadCommand) -> anyhow::Result<ExitCo
         .await
         .with_context(|| format!("connecting to {}", settings.amqp_url))?;
     let queue = broker.names().dead();
-    let (consumer, dead) = ops::take_dead(&broker, ops::MAX_DEAD_LISTED)
+    let mut letters = ops::DeadLetters::open(&broker, ops::MAX_DEAD_LISTED)
         .await
         .with_context(|| format!("reading {queue}"))?;
     let code = match cmd {
         DeadCommand::List { json } => {
+            let dead = letters.all().await.with_context(|| format!("reading {queue}"))?;
             if json {
                 let list: Vec<serde_json::Value> = dead
                     .iter()
@@ -51,7 +53,7 @@ pub async fn run(settings: &Settings, cmd: DeadCommand) -> anyhow::Result<ExitCo
                             "run_id": d.delivery.correlation_id,
                             "pool": d.pool(),
                             "attempt": d.attempt(),
-                            "bytes": d.delivery.body.len(),
+                            "bytes": d.bytes(),
                             "reason": d.reason(),
                         })
                     })
@@ -60,32 +62,39 @@ pub async fn run(settings: &Settings, cmd: DeadCommand) -> anyhow::Result<ExitCo
             } else {
                 println!("{:<38} {:<12} {:>8}  REASON", "TASK", "POOL", "BYTES");
                 for d in &dead {
-                    println!(
-                        "{:<38} {:<12} {:>8}  {}",
-                        d.id(),
-                        d.pool(),
-                        d.delivery.body.len(),
-                        d.reason()
-                    );
+                    println!("{:<38} {:<12} {:>8}  {}", d.id(), d.pool(), d.bytes(), d.reason());
                 }
-                println!("{} dead-lettered task(s) in {}", dead.len(), broker.names().dead());
+                println!("{} dead-lettered task(s) in {queue}", dead.len());
             }
             ExitCode::SUCCESS
         }
         DeadCommand::Requeue { id, all } => {
             let publisher = broker.publisher(256).await?;
             let mut requeued = 0;
-            for d in dead.iter().filter(|d| all || id.as_deref() == Some(d.id())) {
+            // One at a time: a body is held only while it is requeued.
+            let wanted = |d: &ops::DeadLetter| all || id.as_deref() == Some(d.id());
+            while let Some(d) = letters
+                .next(|d| wanted(d) && !d.is_result())
+                .await
+                .with_context(|| format!("reading {queue}"))?
+            {
+                if !wanted(&d) {
+                    continue;
+                }
                 if d.is_result() {
                     if !all {
                         bail!("\"{}\" is a refused result, not a task: it cannot be requeued", d.id());
                     }
                     continue;
                 }
-                ops::requeue(&broker, &publisher, d)
+                let body = d.body().context("the dead letter was read without its body")?;
+                ops::requeue(&broker, &publisher, &d, body)
                     .await
                     .with_context(|| format!("requeueing {}", d.id()))?;
                 requeued += 1;
+                if !all {
+                    break;
+                }
             }
             if requeued == 0 && !all {
                 bail!("no dead-lettered task with id \"{}\"", id.unwrap_or_default());
@@ -95,7 +104,7 @@ pub async fn run(settings: &Settings, cmd: DeadCommand) -> anyhow::Result<ExitCo
         }
     };
     // Whatever was not acknowledged goes back to the dead queue.
-    let _ = consumer.close().await;
+    letters.close().await;
     let _ = broker.close().await;
     Ok(code)
 }
