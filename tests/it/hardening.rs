@@ -247,7 +247,7 @@ fn forged_results_change_nothing_and_are_dead_lettered_with_their_reason() {
     let memory = cluster.config_dir.join("agents/memory/MEMORY.md");
     let memory_before = std::fs::read_to_string(&memory).unwrap();
     let id = cluster.submit("plain", &[]).unwrap();
-    let (task, _) = tapped_task(&cluster, "only");
+    let (task, task_body) = tapped_task(&cluster, "only");
     let key = SigningKey::new("default", KEY.as_bytes().to_vec());
     let exchange = Names::new(cluster.namespace.clone()).results_exchange();
     let ids = (task.task_id.to_string(), task.run_id.to_string());
@@ -316,6 +316,18 @@ fn forged_results_change_nothing_and_are_dead_lettered_with_their_reason() {
         stderr.contains("is a refused result, not a task: it cannot be requeued"),
         "{stderr}"
     );
+    // A dead copy of the task itself, behind the results carrying its id, is
+    // the one requeued.
+    let dead = Names::new(cluster.namespace.clone()).dead();
+    let attempt = vec![(headers::ATTEMPT, Header::Int(1))];
+    cluster.publish(&dead, "default", &task_body, (&ids.0, &ids.1), attempt);
+    wait_dead(&cluster, 5);
+    assert_eq!(cluster.queue_depth("default"), 1);
+    let (out, stdout, stderr) = run_cli(&cluster, &["dead", "requeue", &ids.0]);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("requeued 1 task(s)"), "{stdout}");
+    assert_eq!(cluster.queue_depth("default"), 2);
+    assert_eq!(cluster.dead_depth(), 4, "the refused results stay");
 
     // The real worker's signed result is applied; nothing forged ever was.
     cluster.start_worker("w1", 2);
@@ -390,15 +402,18 @@ fn a_refused_result_the_dead_letter_queue_will_not_take_is_kept_and_the_rest_go_
     let id = cluster.submit("plain", &[]).unwrap();
     let (task, _) = tapped_task(&cluster, "only");
     let ids = (task.task_id.to_string(), task.run_id.to_string());
-    let unsigned = encode(&result_for(&task, "FORGED"), &Limits::default()).unwrap();
-    cluster.publish(
-        &names.results_exchange(),
-        "results",
-        &unsigned,
-        (&ids.0, &ids.1),
-        vec![(headers::ATTEMPT, Header::Int(1))],
-    );
-    // Refused, and not lost: the broker would not take its dead letter.
+    // Two: the second is held behind the first without being tried.
+    for output in ["FORGED", "FORGED AGAIN"] {
+        let unsigned = encode(&result_for(&task, output), &Limits::default()).unwrap();
+        cluster.publish(
+            &names.results_exchange(),
+            "results",
+            &unsigned,
+            (&ids.0, &ids.1),
+            vec![(headers::ATTEMPT, Header::Int(1))],
+        );
+    }
+    // Refused, and held: the broker would not take its dead letter.
     let deadline = Instant::now() + Duration::from_secs(20);
     while !cluster.logs().contains("cannot dead-letter a refused result") {
         assert!(Instant::now() < deadline, "{}", cluster.logs());
@@ -423,17 +438,23 @@ fn a_refused_result_the_dead_letter_queue_will_not_take_is_kept_and_the_rest_go_
     // Once its limit is lifted, the refused result is there, once, with
     // its reason; nothing is left unacked.
     drop(full);
-    wait_dead(&cluster, 2);
+    wait_dead(&cluster, 3);
     let deadline = Instant::now() + Duration::from_secs(20);
     while cluster.results_in_queue() > 0 {
         assert!(Instant::now() < deadline, "{}", cluster.logs());
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(cluster.dead_depth(), 2);
+    assert_eq!(cluster.dead_depth(), 3);
     let reasons = dead_reasons(&cluster);
     assert!(reasons[&ids.0].contains("the result is not signed"), "{reasons:?}");
     let metrics = cluster.scheduler_metrics();
     assert_eq!(counter(&metrics, finished), 1.0, "{metrics}");
+    let refused = "courier_results_refused_total{reason=\"unsigned\"}";
+    assert_eq!(
+        counter(&metrics, refused),
+        2.0,
+        "each counted once, however long held\n{metrics}"
+    );
     let run = cluster.run(&id);
     assert_eq!(run["steps"][0]["output"], "real", "{run:#}");
 }

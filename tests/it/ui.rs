@@ -466,9 +466,9 @@ fn the_dead_letters_page_holds_one_body_at_a_time_and_opens_from_a_link_on_anoth
     assert!(grew < 24.0, "the page grew the scheduler by {grew:.1} MiB");
     assert_eq!(cluster.dead_depth(), 16, "listing puts them back");
 
-    // A link followed by the user from another site (RabbitMQ's management
-    // UI on another port) opens it; a page that embeds it or navigates to it
-    // by script does not.
+    // A link the user follows from another site (RabbitMQ's management UI
+    // on another port) gets a page that reads nothing, with a link of the
+    // UI's own; a page that embeds it or fetches it is refused.
     let visit = |site: &str, mode: &str, dest: &str, user: Option<&str>| {
         let mut request = cluster
             .http(reqwest::Method::GET, "/ui/dead")
@@ -478,13 +478,24 @@ fn the_dead_letters_page_holds_one_body_at_a_time_and_opens_from_a_link_on_anoth
         if let Some(user) = user {
             request = request.header("sec-fetch-user", user);
         }
-        request.send().unwrap().status().as_u16()
+        let answer = request.send().unwrap();
+        (answer.status().as_u16(), answer.text().unwrap())
     };
-    assert_eq!(visit("same-site", "navigate", "document", Some("?1")), 200);
-    assert_eq!(visit("cross-site", "navigate", "document", Some("?1")), 200);
-    assert_eq!(visit("cross-site", "navigate", "document", None), 403);
-    assert_eq!(visit("cross-site", "navigate", "iframe", Some("?1")), 403);
-    assert_eq!(visit("same-site", "no-cors", "image", None), 403);
-    assert_eq!(visit("cross-site", "cors", "empty", None), 403);
+    for site in ["same-site", "cross-site"] {
+        let (status, page) = visit(site, "navigate", "document", Some("?1"));
+        assert_eq!(status, 200, "{page}");
+        assert!(page.contains(r#"href="/ui/dead""#) && !page.contains("big-0"), "{page}");
+    }
+    for (site, mode, dest, user) in [
+        ("cross-site", "navigate", "document", None),
+        ("cross-site", "navigate", "iframe", Some("?1")),
+        ("same-site", "no-cors", "image", None),
+        ("cross-site", "cors", "empty", None),
+    ] {
+        assert_eq!(visit(site, mode, dest, user).0, 403, "{site} {mode} {dest}");
+    }
+    let (status, page) = visit("same-origin", "navigate", "document", Some("?1"));
+    assert_eq!(status, 200);
+    assert!(page.contains("big-15"), "{page}");
     assert_eq!(cluster.dead_depth(), 16);
 }

@@ -66,14 +66,12 @@ pub enum AmqpError {
 }
 
 impl AmqpError {
-    /// The broker answered and refused this one message (a negative or
-    /// missing confirm, no queue bound): the connection is still good.
+    /// The broker answered and refused this one message (a negative
+    /// confirm, as a full queue with `overflow: reject-publish` gives): the
+    /// connection is still good.
     #[must_use]
     pub fn is_refusal(&self) -> bool {
-        matches!(
-            self,
-            Self::Nacked { .. } | Self::ConfirmTimeout { .. } | Self::Unroutable { .. }
-        )
+        matches!(self, Self::Nacked { .. })
     }
 }
 

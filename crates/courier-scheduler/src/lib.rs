@@ -935,24 +935,16 @@ impl ResultIntake {
         decode::<TaskResult>(&delivery.body, limits).map_err(|e| ("undecodable", e.to_string()))
     }
 
-    /// Move a refused result to the dead-letter queue with its reason (it is
-    /// settled by the batch's ack afterwards).
+    /// Publish a refused result to the dead-letter queue with its reason;
+    /// the caller acknowledges it once this succeeds.
     async fn dead_letter(
         &mut self,
-        shared: &Shared,
         broker: &Broker,
         delivery: &courier_amqp::Delivery,
-        label: &'static str,
-        reason: String,
+        reason: &str,
     ) -> Result<(), AmqpError> {
-        error!(%reason, message_id = ?delivery.message_id, "result refused; dead-lettering it");
-        shared
-            .metrics
-            .results_refused
-            .get_or_create(&metrics::Reason { reason: label.into() })
-            .inc();
         let mut kept = vec![
-            (headers::DEAD_REASON, Header::Str(reason)),
+            (headers::DEAD_REASON, Header::Str(reason.to_string())),
             (headers::KIND, Header::Str("result".into())),
         ];
         for name in [headers::ATTEMPT, headers::SIGNATURE] {
@@ -982,12 +974,42 @@ impl ResultIntake {
         }
         sent
     }
+
+    /// Dead-letter the held results, oldest first, acknowledging each once
+    /// it is; stop at the first the broker refuses.
+    async fn retry_held(&mut self, broker: &Broker, held: &mut Vec<Held>) -> Result<(), AmqpError> {
+        while let Some(first) = held.first() {
+            match self.dead_letter(broker, &first.delivery, &first.reason).await {
+                Ok(()) => held.remove(0).delivery.ack().await?,
+                Err(e) if e.is_refusal() => {
+                    warn!(error = %e, held = held.len(), "the dead-letter queue still refuses the refused results held; trying again in a second");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        info!("the refused results held are dead-lettered");
+        Ok(())
+    }
 }
+
+/// A refused result whose dead letter the broker refused (a full
+/// dead-letter queue): held unacknowledged, not given back to the broker
+/// (where each return would count towards a quorum queue's delivery limit,
+/// 20 by default from RabbitMQ 4.0), and dead-lettered again every
+/// [`DEAD_LETTER_RETRY`].
+struct Held {
+    delivery: courier_amqp::Delivery,
+    reason: String,
+}
+
+/// How often held results are dead-lettered again.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 
 /// Apply results in batches: verify and decode, one transaction, wake the
 /// outbox, ack. A result that is unsigned or forged (with a key set),
 /// undecodable, or impossible for its task changes nothing and is
-/// dead-lettered with the reason.
+/// dead-lettered with the reason ([`Held`] while the broker refuses that).
 async fn results_loop(
     shared: &Arc<Shared>,
     broker: &Broker,
@@ -995,16 +1017,33 @@ async fn results_loop(
     intake: &mut ResultIntake,
 ) -> Result<(), AmqpError> {
     let mut last_depth_check = std::time::Instant::now();
+    let mut last_delivery = std::time::Instant::now();
+    // While any result is held, deliveries are acked one by one: a
+    // multiple-ack would settle the held ones too.
+    let mut held: Vec<Held> = Vec::new();
+    let mut retry_at = tokio::time::Instant::now();
     loop {
+        if !held.is_empty() && tokio::time::Instant::now() >= retry_at {
+            intake.retry_held(broker, &mut held).await?;
+            retry_at = tokio::time::Instant::now() + DEAD_LETTER_RETRY;
+        }
+        let wait = if held.is_empty() {
+            Duration::from_secs(1)
+        } else {
+            retry_at.saturating_duration_since(tokio::time::Instant::now())
+        };
         // A quiet queue is a drained one (the broker delivers what it holds
         // within moments of the consumer starting).
-        let first = match tokio::time::timeout(Duration::from_secs(1), consumer.next()).await {
+        let first = match tokio::time::timeout(wait, consumer.next()).await {
             Ok(next) => next.ok_or(AmqpError::Closed)??,
             Err(_) => {
-                shared.results_drained.store(true, Ordering::Relaxed);
+                if last_delivery.elapsed() >= Duration::from_secs(1) {
+                    shared.results_drained.store(true, Ordering::Relaxed);
+                }
                 continue;
             }
         };
+        last_delivery = std::time::Instant::now();
         let mut batch = vec![first];
         let mut buffer_empty = false;
         while batch.len() < RESULT_BATCH {
@@ -1088,21 +1127,45 @@ async fn results_loop(
                             .iter()
                             .map(|(i, refused)| (opened[*i], refused.label(), refused.to_string())),
                     );
-                // Those whose dead letter the broker refused (a full
-                // dead-letter queue): kept in the results queue, not lost.
-                let mut kept = Vec::new();
+                // Dead-lettered, or held when the broker refuses the dead
+                // letter (then those after it are held without trying).
+                let mut holding = Vec::new();
                 for (i, label, reason) in refused {
-                    match intake.dead_letter(shared, broker, &batch[i], label, reason).await {
-                        Ok(()) => {}
-                        Err(e) if e.is_refusal() => {
-                            error!(error = %e, message_id = ?batch[i].message_id,
-                                "cannot dead-letter a refused result; it goes back to the results queue, to be dead-lettered again");
-                            kept.push(i);
+                    error!(%reason, message_id = ?batch[i].message_id, "result refused; dead-lettering it");
+                    shared
+                        .metrics
+                        .results_refused
+                        .get_or_create(&metrics::Reason { reason: label.into() })
+                        .inc();
+                    if held.is_empty() && holding.is_empty() {
+                        match intake.dead_letter(broker, &batch[i], &reason).await {
+                            Ok(()) => continue,
+                            Err(e) if e.is_refusal() => {
+                                error!(error = %e, "cannot dead-letter a refused result: the broker refuses it; holding it, to try again every second");
+                                retry_at = tokio::time::Instant::now() + DEAD_LETTER_RETRY;
+                            }
+                            Err(e) => return Err(e),
                         }
-                        Err(e) => return Err(e),
+                    }
+                    holding.push((i, reason));
+                }
+                if held.is_empty() && holding.is_empty() {
+                    // Results arrive in order on one channel: one multiple-ack
+                    // settles the whole batch, dead-lettered copies included.
+                    if let Some(last) = batch.last() {
+                        last.ack_all_up_to().await?;
+                    }
+                } else {
+                    for (i, delivery) in batch.into_iter().enumerate() {
+                        match holding.iter().position(|(h, _)| *h == i) {
+                            Some(at) => held.push(Held {
+                                delivery,
+                                reason: holding.swap_remove(at).1,
+                            }),
+                            None => delivery.ack().await?,
+                        }
                     }
                 }
-                settle_batch(&batch, &kept).await?;
             }
             Err(e) => {
                 // Not applied: leave unacked; the broker redelivers after reconnect.
@@ -1111,36 +1174,6 @@ async fn results_loop(
             }
         }
     }
-}
-
-/// How long a result whose dead letter the broker refused waits before it
-/// goes back to the results queue (and comes back to be dead-lettered
-/// again), so a dead-letter queue that stays full is not asked in a loop.
-const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
-
-/// Acknowledge a batch of results, all but those `kept` (whose dead letter
-/// the broker refused): they go back to the results queue after
-/// [`DEAD_LETTER_RETRY`].
-async fn settle_batch(batch: &[courier_amqp::Delivery], kept: &[usize]) -> Result<(), AmqpError> {
-    if kept.is_empty() {
-        // Results arrive in order on one channel: one multiple-ack
-        // settles the whole batch, dead-lettered copies included.
-        if let Some(last) = batch.last() {
-            last.ack_all_up_to().await?;
-        }
-        return Ok(());
-    }
-    // One by one: a multiple-ack would settle the kept ones too.
-    for (i, delivery) in batch.iter().enumerate() {
-        if !kept.contains(&i) {
-            delivery.ack().await?;
-        }
-    }
-    tokio::time::sleep(DEAD_LETTER_RETRY).await;
-    for &i in kept {
-        batch[i].requeue().await?;
-    }
-    Ok(())
 }
 
 /// Fire `workflow` at every occurrence of its schedule.

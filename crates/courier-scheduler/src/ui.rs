@@ -195,8 +195,9 @@ fn cross_site(headers: &HeaderMap) -> bool {
 }
 
 /// A top-level navigation the user made (following a link, typing the
-/// address), not one a script, an embedding or a fetch made: browsers say
-/// so in `Sec-Fetch-User`.
+/// address), not an embedding or a fetch: browsers say so in
+/// `Sec-Fetch-User` (a script may still navigate for a few seconds after
+/// any click on its page).
 fn user_navigation(headers: &HeaderMap) -> bool {
     let is = |name: &str, value: &str| headers.get(name).and_then(|v| v.to_str().ok()) == Some(value);
     is("sec-fetch-mode", "navigate") && is("sec-fetch-dest", "document") && is("sec-fetch-user", "?1")
@@ -997,12 +998,20 @@ async fn broker(ui: &Ui) -> Result<courier_amqp::Broker, Refusal> {
 async fn dead_page(State(ui): State<Arc<Ui>>, headers: HeaderMap) -> Response {
     // Reading takes the dead letters off their queue (and gives them back,
     // which counts as a delivery): another site must not make a browser
-    // do it, over and over, by embedding this address or by script. A link
-    // the user follows (from RabbitMQ's management UI, say) is one view.
-    if cross_site(&headers) && !user_navigation(&headers) {
-        return page_error(StatusCode::FORBIDDEN, "cross-site request refused");
-    }
+    // do it, over and over. A link the user follows from another site
+    // (RabbitMQ's management UI, say) gets a page that reads nothing, with
+    // a link of this site's own to follow.
     let csrf = csrf_for(&ui, session(&ui, &headers).as_deref());
+    if cross_site(&headers) {
+        if !user_navigation(&headers) {
+            return page_error(StatusCode::FORBIDDEN, "cross-site request refused");
+        }
+        let body = html! {
+            h1 { "Dead letters" }
+            p { "Reading them takes them off their queue for a moment: " a href="/ui/dead" { "show the dead letters" } "." }
+        };
+        return layout("Dead letters", &csrf, body).into_response();
+    }
     let _one = ui.dead.lock().await;
     let broker = match broker(&ui).await {
         Ok(broker) => broker,
@@ -1067,14 +1076,17 @@ async fn requeue_dead(
         let mut letters = crate::ops::DeadLetters::open(&broker, DEAD_SHOWN)
             .await
             .map_err(|e| e.to_string())?;
+        // A refused result carries its task's id: the task is looked for
+        // past it.
         let mut found = None;
         let mut read = Ok(());
         loop {
             match letters.next(|d| d.id() == id && !d.is_result()).await {
-                Ok(Some(d)) if d.id() == id => {
+                Ok(Some(d)) if d.id() == id && !d.is_result() => {
                     found = Some(d);
                     break;
                 }
+                Ok(Some(d)) if d.id() == id => found = Some(d),
                 Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(e) => {
@@ -1090,14 +1102,17 @@ async fn requeue_dead(
                 "\"{id}\" is a refused result, not a task: it cannot be requeued"
             )),
             (Ok(()), Some(d)) => {
-                // Taken with its body (above).
-                let body = d.body().ok_or("the dead letter was read without its body")?;
-                let publisher = broker.publisher(16).await.map_err(|e| e.to_string())?;
-                let sent = crate::ops::requeue(&broker, &publisher, &d, body)
-                    .await
-                    .map_err(|e| e.to_string());
-                let _ = publisher.close().await;
-                sent
+                async {
+                    // Taken with its body (above).
+                    let body = d.body().ok_or("the dead letter was read without its body")?;
+                    let publisher = broker.publisher(16).await.map_err(|e| e.to_string())?;
+                    let sent = crate::ops::requeue(&broker, &publisher, &d, body)
+                        .await
+                        .map_err(|e| e.to_string());
+                    let _ = publisher.close().await;
+                    sent
+                }
+                .await
             }
         };
         letters.close().await;

@@ -24,7 +24,7 @@ pub enum DeadCommand {
     },
     /// Publish dead-lettered tasks to their pool again.
     Requeue {
-        /// The task (message) ID to replay.
+        /// The task (message) ID to replay (its oldest dead copy).
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         id: Option<String>,
         /// Replay every dead-lettered task.
@@ -71,33 +71,36 @@ pub async fn run(settings: &Settings, cmd: DeadCommand) -> anyhow::Result<ExitCo
         DeadCommand::Requeue { id, all } => {
             let publisher = broker.publisher(256).await?;
             let mut requeued = 0;
+            // A refused result carries its task's id: the task is looked
+            // for past it.
+            let mut only_results = false;
             // One at a time: a body is held only while it is requeued.
-            let wanted = |d: &ops::DeadLetter| all || id.as_deref() == Some(d.id());
-            while let Some(d) = letters
-                .next(|d| wanted(d) && !d.is_result())
-                .await
-                .with_context(|| format!("reading {queue}"))?
-            {
+            let wanted = |d: &ops::DeadLetter| !d.is_result() && (all || id.as_deref() == Some(d.id()));
+            loop {
+                let next = letters
+                    .next(wanted)
+                    .await
+                    .with_context(|| format!("reading {queue} (after requeueing {requeued} task(s))"))?;
+                let Some(d) = next else { break };
                 if !wanted(&d) {
-                    continue;
-                }
-                if d.is_result() {
-                    if !all {
-                        bail!("\"{}\" is a refused result, not a task: it cannot be requeued", d.id());
-                    }
+                    only_results |= d.is_result() && id.as_deref() == Some(d.id());
                     continue;
                 }
                 let body = d.body().context("the dead letter was read without its body")?;
                 ops::requeue(&broker, &publisher, &d, body)
                     .await
-                    .with_context(|| format!("requeueing {}", d.id()))?;
+                    .with_context(|| format!("requeueing {} (after requeueing {requeued} task(s))", d.id()))?;
                 requeued += 1;
                 if !all {
                     break;
                 }
             }
             if requeued == 0 && !all {
-                bail!("no dead-lettered task with id \"{}\"", id.unwrap_or_default());
+                let id = id.unwrap_or_default();
+                if only_results {
+                    bail!("\"{id}\" is a refused result, not a task: it cannot be requeued");
+                }
+                bail!("no dead-lettered task with id \"{id}\"");
             }
             println!("requeued {requeued} task(s)");
             ExitCode::SUCCESS
