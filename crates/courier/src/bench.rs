@@ -52,6 +52,11 @@ pub struct BenchArgs {
     /// Seconds of open-loop submission.
     #[arg(long, default_value_t = 10)]
     duration: u64,
+    /// With `--rate`: first submit one run of this many steps, and measure
+    /// the one-step runs submitted beside it (its own time is reported
+    /// too): how much a wide run delays small ones.
+    #[arg(long, requires = "rate")]
+    beside: Option<usize>,
     /// Keep the schedulers' state on this PostgreSQL server instead of
     /// SQLite: the benchmark creates a database of its own there
     /// (`courier_bench_...`, so the role needs CREATEDB) and drops it after.
@@ -106,6 +111,9 @@ pub fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
     if args.foreach && (args.rate.is_some() || args.steps_per_run > 100_000) {
         bail!("--foreach is not for --rate (one-step runs), and takes at most 100000 items per run");
     }
+    if args.beside.is_some_and(|n| n == 0 || n > MAX_BESIDE) {
+        bail!("--beside takes 1 to {MAX_BESIDE} steps");
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     if let Some(rate) = args.rate {
         if !(rate > 0.0 && rate <= 100_000.0) || args.duration == 0 {
@@ -115,7 +123,12 @@ pub fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
             "courier bench (open loop): one-step runs of {} B at {rate}/s for {} s, {} workers x {} in flight",
             args.size, args.duration, args.workers, args.concurrency
         );
-        let (latency, rss) = open_loop(settings, args, rate, &runtime)?;
+        let (latency, wide_ms, rss) = open_loop(settings, args, rate, &runtime)?;
+        if let (Some(steps), Some(ms)) = (args.beside, wide_ms) {
+            println!(
+                "beside        one run of {steps} steps, submitted first: {ms} ms (submit to its last result applied)"
+            );
+        }
         println!(
             "latency       {} runs   p50 {:.1} ms   p90 {:.1} ms   p99 {:.1} ms   max {:.1} ms   (submit to result applied)",
             latency.runs, latency.p50_ms, latency.p90_ms, latency.p99_ms, latency.max_ms
@@ -497,7 +510,7 @@ impl Stack {
     fn start(settings: &Settings, args: &BenchArgs, steps_per_run: usize) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("courier-bench-{}", uuid::Uuid::now_v7()));
         let config_dir = dir.join("config");
-        write_bench_config(&config_dir, steps_per_run, args.fan_in, args.foreach)?;
+        write_bench_config(&config_dir, steps_per_run, args.fan_in, args.foreach, args.beside)?;
         let namespace = format!("bench-{}", uuid::Uuid::now_v7());
         let exe = std::env::current_exe().context("locating the courier binary")?;
         let command = |what: &str| {
@@ -780,12 +793,17 @@ fn courier_end_to_end(
 /// request on its own (a slow answer does not slow the submissions), then
 /// report each run's latency from its submission to its result applied, from
 /// the scheduler's records.
+/// The widest run `--beside` submits: a workflow's most steps.
+const MAX_BESIDE: usize = 20_000;
+
+/// Open-loop latency of one-step runs (and, with `--beside`, the wide
+/// run's time in ms).
 fn open_loop(
     settings: &Settings,
     args: &BenchArgs,
     rate: f64,
     runtime: &tokio::runtime::Runtime,
-) -> anyhow::Result<(Latency, String)> {
+) -> anyhow::Result<(Latency, Option<i64>, String)> {
     let mut stack = Stack::start(settings, args, 1)?;
     let text = payload(args.size);
     let total = (rate * args.duration as f64).round() as usize;
@@ -793,6 +811,20 @@ fn open_loop(
     let late = runtime.block_on(async {
         stack.ready(&reqwest::Client::new()).await?;
         sampler.mark_idle();
+        if args.beside.is_some() {
+            let body = serde_json::json!({"workflow": "wide", "params": {"payload": text}});
+            let answer = reqwest::Client::new()
+                .post(format!("{}/api/runs", stack.api()))
+                .json(&body)
+                .send()
+                .await?;
+            if !answer.status().is_success() {
+                bail!(
+                    "submitting the wide run failed: {}",
+                    answer.text().await.unwrap_or_default()
+                );
+            }
+        }
         // The API serves at most 64 connections from one address: the
         // requests come from CLIENT_ADDRESSES loopback addresses (as from
         // that many clients), each with at most PER_ADDRESS in flight. A request
@@ -847,6 +879,10 @@ fn open_loop(
     let usage = stack.usage(sampler.finish());
     let mut db = stack.stop()?;
     let runs = db.runs(Some("bench"), None, None, usize::MAX)?;
+    let wide_ms = db
+        .runs(Some("wide"), None, None, 1)?
+        .first()
+        .and_then(|r| Some(r.finished_ms? - r.created_ms));
     drop(db);
     let mut latencies: Vec<f64> = runs
         .iter()
@@ -864,7 +900,7 @@ fn open_loop(
         max_ms: latencies.last().copied().unwrap_or(0.0),
     };
     stack.clean_up(settings, runtime);
-    Ok((latency, usage))
+    Ok((latency, wide_ms, usage))
 }
 
 /// Loopback addresses the open-loop submitter sends from (127.0.0.2
@@ -875,9 +911,22 @@ fn open_loop(
 const CLIENT_ADDRESSES: u8 = 10;
 const PER_ADDRESS: usize = 48;
 
-fn write_bench_config(dir: &Path, steps: usize, fan_in: bool, foreach: bool) -> anyhow::Result<()> {
+fn write_bench_config(
+    dir: &Path,
+    steps: usize,
+    fan_in: bool,
+    foreach: bool,
+    beside: Option<usize>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("agents/models"))?;
     std::fs::create_dir_all(dir.join("workflows"))?;
+    if let Some(width) = beside {
+        let mut yaml = String::from("params:\n  payload: ~\nsteps:\n");
+        for i in 0..width {
+            yaml.push_str(&format!("  - name: w{i}\n    echo: \"${{payload}}\"\n"));
+        }
+        std::fs::write(dir.join("workflows/wide.yaml"), yaml)?;
+    }
     std::fs::write(dir.join("agents/config.yaml"), "default_model: none\n")?;
     std::fs::write(
         dir.join("agents/models/none.yaml"),
