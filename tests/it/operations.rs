@@ -706,8 +706,9 @@ fn a_runs_spans_reach_an_otlp_receiver_as_one_trace_across_processes() {
 }
 
 /// `courier bench`, the source of the README's figures, runs end to end:
-/// the raw ceiling and Courier alternated with their median ratio, and the
-/// open-loop latency mode; a bad argument is refused with the reason.
+/// the raw ceiling and Courier alternated with their median ratio, the
+/// open-loop latency mode, alone and beside a wide run; a bad argument is
+/// refused with the reason.
 #[test]
 fn bench_measures_the_ratio_repeatedly_and_the_open_loop_latency() {
     use crate::support::{courier, run};
@@ -742,6 +743,27 @@ fn bench_measures_the_ratio_repeatedly_and_the_open_loop_latency() {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     let latency = stdout.lines().find(|l| l.starts_with("latency")).expect(&stdout);
     assert!(latency.contains(" 40 runs "), "{latency}");
+
+    // Beside a wide run: its time, and the small runs' latency.
+    let (out, stdout, stderr) = run(courier().args([
+        "bench",
+        "--rate",
+        "20",
+        "--duration",
+        "1",
+        "--beside",
+        "300",
+        "--amqp-url",
+        &url,
+    ]));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let beside = stdout.lines().find(|l| l.starts_with("beside")).expect(&stdout);
+    assert!(beside.contains("one run of 300 steps, submitted first: "), "{beside}");
+    let latency = stdout.lines().find(|l| l.starts_with("latency")).expect(&stdout);
+    assert!(latency.contains(" 20 runs "), "{latency}");
+    let (out, _, stderr) = run(courier().args(["bench", "--beside", "10", "--amqp-url", &url]));
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--rate"), "{stderr}");
 
     let (out, _, stderr) = run(courier().args(["bench", "--repeat", "0", "--amqp-url", &url]));
     assert_eq!(out.status.code(), Some(1));
