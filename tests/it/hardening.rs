@@ -234,16 +234,22 @@ fn counter(metrics: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-#[test]
-fn forged_results_change_nothing_and_are_dead_lettered_with_their_reason() {
+/// Tasks and results signed with [`KEY`], a tap, the workflow `plain` (one
+/// step printing "real"), and no worker yet: a task waits in its queue
+/// while results are forged.
+fn signed_cluster_without_workers() -> Cluster {
     let yaml = "steps:\n  - name: only\n    command: [\"sh\", \"-c\", \"echo real\"]\n";
-    // No worker yet: the task waits in its queue while results are forged.
-    let mut cluster = Cluster::builder()
+    Cluster::builder()
         .workers(0)
         .tap()
         .workflow("plain", yaml)
         .env("COURIER_SIGNING_KEY", KEY)
-        .start();
+        .start()
+}
+
+#[test]
+fn forged_results_change_nothing_and_are_dead_lettered_with_their_reason() {
+    let mut cluster = signed_cluster_without_workers();
     let memory = cluster.config_dir.join("agents/memory/MEMORY.md");
     let memory_before = std::fs::read_to_string(&memory).unwrap();
     let id = cluster.submit("plain", &[]).unwrap();
@@ -385,14 +391,8 @@ impl Drop for Policy {
 }
 
 #[test]
-fn a_refused_result_the_dead_letter_queue_will_not_take_is_kept_and_the_rest_go_on() {
-    let yaml = "steps:\n  - name: only\n    command: [\"sh\", \"-c\", \"echo real\"]\n";
-    let mut cluster = Cluster::builder()
-        .workers(0)
-        .tap()
-        .workflow("plain", yaml)
-        .env("COURIER_SIGNING_KEY", KEY)
-        .start();
+fn a_refused_result_the_dead_letter_queue_will_not_take_is_held_and_the_rest_go_on() {
+    let mut cluster = signed_cluster_without_workers();
     let names = Names::new(cluster.namespace.clone());
     // The dead-letter queue is full and refuses whatever comes (a quorum
     // queue takes one message past its limit: give it that one).
