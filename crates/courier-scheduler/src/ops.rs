@@ -110,12 +110,11 @@ impl DeadLetters {
         if self.left == 0 {
             return Ok(None);
         }
-        let Some(delivery) = self.taker.take().await? else {
+        let Some(mut delivery) = self.taker.take().await? else {
             self.left = 0;
             return Ok(None);
         };
         self.left -= 1;
-        let mut delivery = delivery;
         let body = std::mem::take(&mut delivery.body);
         let mut dead = DeadLetter {
             bytes: body.len(),
