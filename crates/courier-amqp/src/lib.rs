@@ -523,19 +523,20 @@ impl Broker {
     /// # Errors
     /// The queue does not exist, or the channel failed.
     pub async fn queue_depth(&self, queue: &str) -> Result<(u32, u32), AmqpError> {
-        let channel = self.connection.create_channel().await?;
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let _ = channel.close(200, "depth read".into()).await;
-        Ok((declared.message_count(), declared.consumer_count()))
+        let gauge = self.gauge().await?;
+        let depth = gauge.depth(queue).await;
+        let _ = gauge.channel.close(200, "depth read".into()).await;
+        depth
+    }
+
+    /// A channel of its own to read queues' depths on, again and again.
+    ///
+    /// # Errors
+    /// The channel could not be opened.
+    pub async fn gauge(&self) -> Result<Gauge, AmqpError> {
+        Ok(Gauge {
+            channel: self.connection.create_channel().await?,
+        })
     }
 
     /// A publisher on its own confirm-mode channel, allowing `window`
@@ -751,6 +752,35 @@ impl Consumer {
     pub async fn close(&self) -> Result<(), AmqpError> {
         self.channel.close(200, "consumer closed".into()).await?;
         Ok(())
+    }
+}
+
+/// Reads queues' depths (a passive `queue.declare`) on a channel of its own.
+#[derive(Debug)]
+pub struct Gauge {
+    channel: Channel,
+}
+
+impl Gauge {
+    /// Messages ready in `queue` (not those delivered and unacknowledged)
+    /// and consumers attached to it.
+    ///
+    /// # Errors
+    /// The queue does not exist (which closes the channel), or the channel
+    /// failed.
+    pub async fn depth(&self, queue: &str) -> Result<(u32, u32), AmqpError> {
+        let declared = self
+            .channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((declared.message_count(), declared.consumer_count()))
     }
 }
 

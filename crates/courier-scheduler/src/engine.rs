@@ -32,6 +32,7 @@ use uuid::Uuid;
 use crate::db::tx::{self, NewTask, RunRow};
 
 mod flow;
+pub mod gate;
 use crate::db::{Db, DbError, OutboxTask, RunStatus, RunView, StepStatus, TaskRow};
 use flow::{item_value, step_of};
 
@@ -194,6 +195,11 @@ pub struct EngineLimits {
     pub max_queue_wait: Duration,
     /// Tasks without a result per pool at most (`pools.<name>.max_in_flight`).
     pub pool_in_flight: BTreeMap<String, u32>,
+    /// Tasks waiting in a pool's broker queue at most
+    /// (`pools.<name>.max_queued`; 0: no limit), see [`gate`].
+    pub pool_queued: BTreeMap<String, u32>,
+    /// The same, for pools `pool_queued` does not name.
+    pub default_queued: u32,
     /// How long after its deadline a task without a result counts as lost.
     pub lost_task_grace: Duration,
 }
@@ -205,6 +211,8 @@ impl Default for EngineLimits {
             task: Limits::default(),
             max_queue_wait: DEFAULT_MAX_QUEUE_WAIT,
             pool_in_flight: BTreeMap::new(),
+            pool_queued: BTreeMap::new(),
+            default_queued: 0,
             lost_task_grace: LOST_TASK_GRACE,
         }
     }
@@ -264,6 +272,8 @@ pub struct Engine {
     shared_db: bool,
     /// Submitted runs waiting to be written (see [`Engine::write_queued`]).
     queued: Mutex<Vec<QueuedRun>>,
+    /// Each pool's broker queue kept short (while this scheduler publishes).
+    gates: gate::Gates,
 }
 
 /// A submitted run, planned, waiting for whichever submitter holds the
@@ -384,6 +394,7 @@ pub(crate) fn now_ms() -> i64 {
 /// One transaction's context: the run being changed and what it produced.
 struct Change<'a, 't> {
     t: &'a Tx<'t>,
+    gates: &'a gate::Gates,
     now: i64,
     applied: &'a mut Applied,
     effects: &'a mut Effects,
@@ -410,7 +421,13 @@ impl Engine {
                 ))
             })
             .collect();
+        // The pools the broker has queues for (see `Engine::pools`).
+        let gates = gate::Gates::new(pools_of(&config).into_iter().map(|pool| {
+            let limit = limits.pool_queued.get(&pool).copied().unwrap_or(limits.default_queued);
+            (pool, limit)
+        }));
         Self {
+            gates,
             config,
             db: Mutex::new(db),
             limits,
@@ -736,6 +753,7 @@ impl Engine {
             let mut effects = Effects::default();
             let mut c = Change {
                 t,
+                gates: &self.gates,
                 now,
                 applied: &mut applied,
                 effects: &mut effects,
@@ -756,14 +774,19 @@ impl Engine {
 
     /// Every worker pool some step uses.
     pub fn pools(&self) -> Vec<String> {
-        let pools: BTreeSet<String> = self
-            .config
-            .workflows
-            .values()
-            .flat_map(|w| w.steps().iter().map(|s| s.queue.clone()))
-            .chain(std::iter::once(courier_config::DEFAULT_QUEUE.to_string()))
-            .collect();
-        pools.into_iter().collect()
+        pools_of(&self.config)
+    }
+
+    /// The pools' gates: their broker queues kept short.
+    pub fn gates(&self) -> &gate::Gates {
+        &self.gates
+    }
+
+    /// Whether a new step of `pool` waits at the pool's gate. Only the
+    /// scheduler that publishes reads the broker's counts, so only its gates
+    /// hold steps.
+    fn gate_holds(&self, pool: &str) -> bool {
+        self.publishing.load(Ordering::Relaxed) && self.gates.holds(pool)
     }
 
     /// Start a run at `priority` (0 to [`MAX_PRIORITY`]): validate, plan, and
@@ -1938,7 +1961,11 @@ impl Engine {
     /// none of the run's steps or tasks (counting is `admit_in`'s):
     /// `create_run` decides every first step before writing any.
     fn held(&self, c: &mut Change<'_, '_>, wf: &Workflow, run: &RunRow, step: &Step) -> Result<bool, DbError> {
-        if !run.admitted || wf.max_active_steps.is_some() || self.limits.pool_in_flight.contains_key(&step.queue) {
+        if !run.admitted
+            || wf.max_active_steps.is_some()
+            || self.limits.pool_in_flight.contains_key(&step.queue)
+            || self.gate_holds(&step.queue)
+        {
             return Ok(true);
         }
         let Some(model) = self.step_model(step) else {
@@ -1956,9 +1983,18 @@ impl Engine {
     fn admit_in(&self, c: &mut Change<'_, '_>) -> Result<(), DbError> {
         let waiting = tx::waiting_steps(c.t, c.now, ADMIT_BATCH)?;
         if waiting.is_empty() {
+            c.gates.passed(&BTreeSet::new(), true);
             return Ok(());
         }
+        let complete = waiting.len() < ADMIT_BATCH;
         let mut counts = Counts::read(c.t)?;
+        self.admit_each(c, &mut counts, waiting)?;
+        c.gates.passed(&counts.gated, complete);
+        Ok(())
+    }
+
+    /// [`Engine::admit_in`]'s pass over the waiting steps, in their turn.
+    fn admit_each(&self, c: &mut Change<'_, '_>, counts: &mut Counts, waiting: Vec<tx::WaitingStep>) -> Result<(), DbError> {
         for w in waiting {
             let Some((wf, (step, index))) = self
                 .config
@@ -2002,7 +2038,7 @@ impl Engine {
             }
             let model = self.step_model(step);
             let terms = model.and_then(|m| self.models.get(m));
-            let mut held = self.limit_reached(c, &mut counts, wf, &w, step, model, terms)?;
+            let mut held = self.limit_reached(c, counts, wf, &w, step, model, terms)?;
             // The token window, first from the step's template (no planning
             // for a step that clearly does not fit), then from its task.
             if held.is_none()
@@ -2103,6 +2139,13 @@ impl Engine {
             && count(&counts.pools, &step.queue) >= i64::from(*max)
         {
             return Ok(Some(format!("pool {} max_in_flight ({max})", step.queue)));
+        }
+        if self.publishing.load(Ordering::Relaxed)
+            && self.gates.shut(&step.queue)
+            && let Some(max) = self.gates.limit(&step.queue)
+        {
+            counts.gated.insert(step.queue.clone());
+            return Ok(Some(format!("pool {} max_queued ({max})", step.queue)));
         }
         let Some(model) = model else { return Ok(None) };
         if let Some(reason) = counts.blocked.get(model) {
@@ -2254,6 +2297,8 @@ struct Counts {
     pauses: HashMap<String, Option<(i64, String)>>,
     /// Models a higher-priority step is held on by the token window.
     blocked: HashMap<String, String>,
+    /// Pools whose gate held a step in this pass.
+    gated: BTreeSet<String>,
 }
 
 impl Counts {
@@ -2267,6 +2312,7 @@ impl Counts {
             windows: HashMap::new(),
             pauses: HashMap::new(),
             blocked: HashMap::new(),
+            gated: BTreeSet::new(),
         })
     }
 
@@ -2343,6 +2389,17 @@ struct PlannedTask {
 const MAX_SHOWN_MESSAGE: usize = 4096;
 
 /// `text`, cut at [`MAX_SHOWN_MESSAGE`] bytes (on a character boundary).
+/// Every worker pool some step of `config` uses, and the default one.
+fn pools_of(config: &Config) -> Vec<String> {
+    let pools: BTreeSet<String> = config
+        .workflows
+        .values()
+        .flat_map(|w| w.steps().iter().map(|s| s.queue.clone()))
+        .chain(std::iter::once(courier_config::DEFAULT_QUEUE.to_string()))
+        .collect();
+    pools.into_iter().collect()
+}
+
 fn shown(text: &str) -> String {
     if text.len() <= MAX_SHOWN_MESSAGE {
         return text.to_string();
@@ -2504,6 +2561,9 @@ fn write_tasks<'s>(
     for (step, name, task) in tasks {
         if start {
             tx::start_step(c.t, run, name, task.attempt, c.now)?;
+        }
+        if task.due_ms <= c.now {
+            c.gates.dispatched(&step.queue);
         }
         if c.effects.written_bytes + task.body.len() <= MAX_KEPT_BODY_BYTES {
             c.effects.written_bytes += task.body.len();

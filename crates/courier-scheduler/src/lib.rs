@@ -490,6 +490,11 @@ async fn serve(
             }
         }
     });
+    loops.spawn({
+        let shared = shared.clone();
+        let broker = broker.clone();
+        async move { gate_loop(&shared, &broker).await }
+    });
     let mut intake = ResultIntake {
         limits: sc.result_limits,
         signing_key: sc.signing_key.clone(),
@@ -691,6 +696,46 @@ async fn outbox_loop(
             () = shared.outbox.notified() => read = true,
             () = tokio::time::sleep(Duration::from_secs(1)) => read = true,
         }
+    }
+}
+
+/// How often the broker's count of a pool's queue is read while its gate is
+/// shut or steps wait at it.
+const GATE_READ: Duration = Duration::from_millis(5);
+
+/// Keep the pools' gates (`engine::gate`) true to the broker: while a gate
+/// is shut or holds steps, read its queue's count every [`GATE_READ`], and
+/// admit the steps waiting at a gate that opened.
+async fn gate_loop(shared: &Arc<Shared>, broker: &Broker) -> Result<(), AmqpError> {
+    let gauge = broker.gauge().await?;
+    let gates = shared.engine.gates();
+    loop {
+        let due = gates.to_read();
+        if due.is_empty() {
+            tokio::select! {
+                () = gates.shutting() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        }
+        let mut opened = false;
+        for (pool, before) in due {
+            let (ready, _) = gauge.depth(&broker.names().task_queue(&pool)).await?;
+            opened |= gates.observed(&pool, ready, before);
+        }
+        if opened {
+            let engine = shared.engine.clone();
+            match tokio::task::spawn_blocking(move || engine.admit()).await {
+                Ok(Ok(dispatched)) => {
+                    if dispatched > 0 {
+                        shared.outbox.notify_one();
+                    }
+                }
+                Ok(Err(e)) => error!(error = %e, "cannot admit the steps waiting at a pool's gate"),
+                Err(e) => error!(error = %e, "admission panicked"),
+            }
+        }
+        tokio::time::sleep(GATE_READ).await;
     }
 }
 

@@ -636,6 +636,70 @@ fn limits_hold_steps_as_waiting_and_admit_them_by_priority() {
 }
 
 #[test]
+fn held_steps_take_turns_between_runs_so_a_small_run_beside_a_wide_one_goes_next() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let wide: String = std::iter::once("steps:\n".to_string())
+        .chain((0..12).map(|i| format!("  - name: s{i}\n    echo: s{i}\n")))
+        .collect();
+    let config = config_with(
+        dir.path(),
+        &[("wide", &wide), ("small", "steps:\n  - name: only\n    echo: only\n")],
+    );
+    let limits = EngineLimits {
+        pool_in_flight: BTreeMap::from([("default".to_string(), 3)]),
+        ..EngineLimits::default()
+    };
+    let engine = Engine::new(config, support::store(&dir.path().join("courier.db")), limits);
+    let first = engine.submit("wide", &BTreeMap::new(), NORMAL_PRIORITY).unwrap().id;
+    let second = engine.submit("wide", &BTreeMap::new(), NORMAL_PRIORITY).unwrap().id;
+    let small = engine.submit("small", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    assert_eq!(
+        small.steps[0].waiting_on.as_deref(),
+        Some("pool default max_in_flight (3)")
+    );
+    let name = |task: &Task| {
+        let run = task.run_id.to_string();
+        if run == first {
+            "first"
+        } else if run == second {
+            "second"
+        } else {
+            assert_eq!(run, small.id);
+            "small"
+        }
+    };
+    // Finish one task at a time: each freed slot goes to the run with the
+    // fewest tasks in flight, the older first among equals. The first goes
+    // to the second wide run (none in flight, older than the small one), the
+    // next to the small run, not after the 21 wide steps waiting before it;
+    // then the wide runs share the slots, neither starved.
+    let mut order = Vec::new();
+    let mut in_flight: Vec<Task> = Vec::new();
+    loop {
+        let fresh: Vec<Task> = due(&engine).into_iter().map(|(t, _)| t).collect();
+        let ids: Vec<String> = fresh.iter().map(|t| t.task_id.to_string()).collect();
+        engine.with_db(|db| db.mark_published(&ids)).unwrap();
+        order.extend(fresh.iter().map(name));
+        in_flight.extend(fresh);
+        if in_flight.is_empty() {
+            break;
+        }
+        let done = in_flight.remove(0);
+        engine.apply(&[result(&done, TaskStatus::Succeeded, "x")]).unwrap();
+    }
+    assert_eq!(
+        order[..9],
+        ["first", "first", "first", "second", "small", "first", "second", "first", "first"],
+        "{order:?}"
+    );
+    assert_eq!(order.len(), 25);
+    for run in [&first, &second, &small.id] {
+        let view = engine.with_db(|db| db.run(run)).unwrap().unwrap();
+        assert_eq!(view.status, RunStatus::Succeeded);
+    }
+}
+
+#[test]
 fn a_token_window_holds_steps_and_real_usage_corrects_it() {
     let dir = tempfile::TempDir::new().unwrap();
     let step = |name: &str| {

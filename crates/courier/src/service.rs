@@ -170,6 +170,12 @@ pub fn scheduler(settings: Settings) -> anyhow::Result<ExitCode> {
                 .iter()
                 .filter_map(|(pool, p)| Some((pool.clone(), p.max_in_flight?)))
                 .collect(),
+            pool_queued: settings
+                .pools
+                .iter()
+                .filter_map(|(pool, p)| Some((pool.clone(), p.max_queued?)))
+                .collect(),
+            default_queued: courier_scheduler::engine::gate::DEFAULT_MAX_QUEUED,
             ..courier_scheduler::engine::EngineLimits::default()
         },
         result_limits: settings.task_limits(),

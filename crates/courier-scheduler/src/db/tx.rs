@@ -826,15 +826,25 @@ pub fn insert_control(tx: &Tx<'_>, run: &str, step: Option<&str>, reason: &str, 
     Ok(())
 }
 
-/// Steps held by a limit and due by `now`, highest priority first, then oldest run.
+/// Steps held by a limit and due by `now`, highest priority first, then in
+/// turn: a run's k-th waiting step (by position) with f tasks in flight is
+/// its (f + k)-th concurrent task, and lower such turns go first, older runs
+/// first among equal ones. So a small run beside a wide one goes next, and
+/// no run waits for ever: a run's turn comes down as its tasks finish, and
+/// new runs are younger.
 pub fn waiting_steps(tx: &Tx<'_>, now: i64, limit: usize) -> Result<Vec<WaitingStep>, DbError> {
     // A literal limit (see `Db::unpublished_tasks`).
     tx.all(
         &format!(
-            "SELECT s.run_id, r.workflow, s.name, r.admitted, s.waiting_on, s.attempts
-         FROM steps s JOIN runs r ON r.id = s.run_id
-         WHERE s.status = 'waiting' AND (s.not_before_ms IS NULL OR s.not_before_ms <= ?1)
-         ORDER BY r.priority DESC, r.created_ms, r.id, s.position, COALESCE(s.item_index, -1) LIMIT {limit}"
+            "SELECT w.run_id, r.workflow, w.name, r.admitted, w.waiting_on, w.attempts
+         FROM (SELECT run_id, name, waiting_on, attempts,
+                      ROW_NUMBER() OVER (PARTITION BY run_id ORDER BY position, COALESCE(item_index, -1)) AS k
+               FROM steps
+               WHERE status = 'waiting' AND (not_before_ms IS NULL OR not_before_ms <= ?1)) w
+         JOIN runs r ON r.id = w.run_id
+         LEFT JOIN (SELECT run_id, COUNT(*) AS f FROM tasks WHERE status = 'dispatched' GROUP BY run_id) f
+           ON f.run_id = w.run_id
+         ORDER BY r.priority DESC, w.k + COALESCE(f.f, 0), r.created_ms, r.id, w.k LIMIT {limit}"
         ),
         p![now],
         |r| {

@@ -1,0 +1,172 @@
+//! Keeps each pool's broker queue short, so a backlog waits at the
+//! scheduler, where runs take turns, and not in the broker's first-come
+//! first-served queue (where a small run waits behind a wide one).
+//!
+//! A pool's gate estimates the tasks waiting in its queue: the broker's
+//! count when last read, plus what was dispatched since. At its limit
+//! (`pools.<name>.max_queued`) the gate shuts: new steps of the pool wait,
+//! `waiting_on` naming it, and admission lets them go in turn as the queue
+//! empties. The scheduler's gate loop reads the broker's count while a gate
+//! is shut or steps wait at it. The estimate is an estimate: the limit can be
+//! passed by the tasks dispatched between a read and its answer.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+use tokio::sync::Notify;
+
+/// A pool's `max_queued` when its settings give none: at 3,000 tasks a
+/// second, about 20 ms of work for its workers.
+pub const DEFAULT_MAX_QUEUED: u32 = 64;
+
+/// The gates of every pool the config names (none for a limit of 0).
+#[derive(Debug, Default)]
+pub struct Gates {
+    pools: HashMap<String, Gate>,
+    /// Told when a gate shuts or a step waits at one.
+    wake: Notify,
+}
+
+#[derive(Debug)]
+struct Gate {
+    limit: i64,
+    /// Tasks estimated waiting in the broker's queue.
+    queued: AtomicI64,
+    /// Steps wait at this gate: new ones wait behind them.
+    holding: AtomicBool,
+}
+
+impl Gates {
+    /// Gates of the given limits; pools with a limit of 0 have none.
+    pub fn new(limits: impl IntoIterator<Item = (String, u32)>) -> Self {
+        let pools = limits
+            .into_iter()
+            .filter(|(_, limit)| *limit > 0)
+            .map(|(pool, limit)| {
+                let gate = Gate {
+                    limit: i64::from(limit),
+                    queued: AtomicI64::new(0),
+                    holding: AtomicBool::new(false),
+                };
+                (pool, gate)
+            })
+            .collect();
+        Self {
+            pools,
+            wake: Notify::new(),
+        }
+    }
+
+    /// The limit of a pool's gate, if it has one.
+    pub fn limit(&self, pool: &str) -> Option<i64> {
+        self.pools.get(pool).map(|g| g.limit)
+    }
+
+    /// Whether a pool's queue is at its limit.
+    pub fn shut(&self, pool: &str) -> bool {
+        self.pools
+            .get(pool)
+            .is_some_and(|g| g.queued.load(Ordering::Relaxed) >= g.limit)
+    }
+
+    /// Whether a new step of the pool waits: the gate is shut, or steps
+    /// already wait at it (a new one takes its turn among them).
+    pub fn holds(&self, pool: &str) -> bool {
+        self.pools.get(pool).is_some_and(|g| {
+            g.holding.load(Ordering::Relaxed) || g.queued.load(Ordering::Relaxed) >= g.limit
+        })
+    }
+
+    /// A step of the pool waits at its gate.
+    fn held(&self, pool: &str) {
+        if let Some(g) = self.pools.get(pool)
+            && !g.holding.swap(true, Ordering::Relaxed)
+        {
+            self.wake.notify_one();
+        }
+    }
+
+    /// An admission pass is over: steps of the pools in `held` wait at
+    /// their gates; at the others none does, if the pass saw every waiting
+    /// step (`complete`).
+    pub fn passed(&self, held: &std::collections::BTreeSet<String>, complete: bool) {
+        for pool in held {
+            self.held(pool);
+        }
+        if complete {
+            for (pool, g) in &self.pools {
+                if !held.contains(pool) {
+                    g.holding.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// A task was dispatched to the pool's queue.
+    pub fn dispatched(&self, pool: &str) {
+        if let Some(g) = self.pools.get(pool)
+            && g.queued.fetch_add(1, Ordering::Relaxed) + 1 == g.limit
+        {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The pools whose broker count should be read: shut, or holding steps.
+    /// With each, its estimate now (to give back to [`Gates::observed`]).
+    pub fn to_read(&self) -> Vec<(String, i64)> {
+        self.pools
+            .iter()
+            .filter_map(|(pool, g)| {
+                let queued = g.queued.load(Ordering::Relaxed);
+                (queued >= g.limit || g.holding.load(Ordering::Relaxed)).then(|| (pool.clone(), queued))
+            })
+            .collect()
+    }
+
+    /// The broker counted `ready` tasks in the pool's queue, read when the
+    /// estimate was `before`: what was dispatched since stays counted.
+    /// Whether steps wait at the gate and it is open now.
+    pub fn observed(&self, pool: &str, ready: u32, before: i64) -> bool {
+        let Some(g) = self.pools.get(pool) else {
+            return false;
+        };
+        let queued = g.queued.fetch_add(i64::from(ready) - before, Ordering::Relaxed) + i64::from(ready) - before;
+        g.holding.load(Ordering::Relaxed) && queued < g.limit
+    }
+
+    /// Wait until a gate shuts or a step waits at one.
+    pub async fn shutting(&self) {
+        self.wake.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gate_shuts_at_its_limit_and_opens_on_the_brokers_count() {
+        let gates = Gates::new([("default".to_string(), 3), ("off".to_string(), 0)]);
+        assert_eq!((gates.limit("default"), gates.limit("off")), (Some(3), None));
+        for _ in 0..3 {
+            assert!(!gates.shut("default"));
+            gates.dispatched("default");
+            gates.dispatched("off");
+        }
+        assert!(gates.shut("default") && gates.holds("default"));
+        assert!(!gates.shut("off") && !gates.holds("off"));
+        let [(pool, before)] = gates.to_read().try_into().unwrap();
+        assert_eq!((pool.as_str(), before), ("default", 3));
+        // One more dispatched while the count was read: it stays counted.
+        gates.dispatched("default");
+        gates.held("default");
+        assert!(gates.observed("default", 1, before), "1 + 1 < 3, and a step waits");
+        assert!(!gates.shut("default"));
+        assert!(gates.holds("default"), "new steps wait behind the held one");
+        gates.passed(&["default".to_string()].into(), false);
+        assert!(gates.holds("default"), "a pass that saw some waiting steps only");
+        gates.passed(&Default::default(), true);
+        assert!(!gates.holds("default"));
+        assert!(gates.to_read().is_empty());
+    }
+}
