@@ -554,6 +554,62 @@ fn requests_per_minute_hold_and_a_429_pauses_the_model_fleet_wide() {
 }
 
 #[test]
+fn a_small_run_beside_a_wide_one_waits_behind_a_short_queue_not_the_wide_runs_backlog() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let log = dir.path().join("order.log");
+    let step = |name: &str| {
+        format!(
+            "  - name: {name}\n    command: [\"sh\", \"-c\", \"echo $0 >> {}; sleep 0.05\", \"{name}\"]\n",
+            log.display()
+        )
+    };
+    let wide: String = std::iter::once("steps:\n".to_string())
+        .chain((0..40).map(|i| step(&format!("w{i}"))))
+        .collect();
+    let mut cluster = Cluster::builder()
+        .workers(0)
+        .file("courier.toml", "[pools.default]\nmax_queued = 3\n")
+        .workflow("wide", &wide)
+        .workflow("small", &format!("steps:\n{}", step("small")))
+        .start();
+    let wide = cluster.submit("wide", &[]).unwrap();
+    // No worker yet: the broker's queue holds 3 tasks; the other 37 steps
+    // wait at the scheduler, naming the limit.
+    let at_gate = |run: &Value| {
+        run["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["waiting_on"] == "pool default max_queued (3)")
+            .count()
+    };
+    wait_for("the wide run to fill the queue", Duration::from_secs(20), || {
+        at_gate(&cluster.run(&wide)) == 37
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(cluster.queue_depth("default"), 3);
+    assert_eq!(at_gate(&cluster.run(&wide)), 37);
+    let metrics = cluster.scheduler_metrics();
+    assert!(
+        metrics.contains("courier_steps_waiting{scope=\"pool\",name=\"default\",limit=\"max_queued\"} 37"),
+        "{metrics}"
+    );
+    let small = cluster.submit("small", &[]).unwrap();
+    assert_eq!(at_gate(&cluster.run(&small)), 1, "it waits too, for its turn");
+    // One worker, one step at a time: as it takes the wide run's first task,
+    // the small run's step has the next turn (no task in flight, against the
+    // wide run's three) and goes into the queue behind two of the wide run's.
+    cluster.start_worker("w1", 1);
+    for id in [&small, &wide] {
+        assert_eq!(cluster.wait_run(id, Duration::from_secs(60))["status"], "succeeded");
+    }
+    let order = lines(&log);
+    assert_eq!(order.len(), 41, "{order:?}");
+    let at = order.iter().position(|w| w == "small").unwrap();
+    assert!(at <= 4, "the small run's step ran after {at} of the wide run's: {order:?}");
+}
+
+#[test]
 fn a_high_priority_run_is_dispatched_before_a_low_priority_backlog() {
     let dir = tempfile::TempDir::new().unwrap();
     let log = dir.path().join("order.log");

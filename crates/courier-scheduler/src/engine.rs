@@ -782,12 +782,6 @@ impl Engine {
         &self.gates
     }
 
-    /// Whether a new step of `pool` waits at the pool's gate. Only the
-    /// scheduler that publishes reads the broker's counts, so only its gates
-    /// hold steps.
-    fn gate_holds(&self, pool: &str) -> bool {
-        self.publishing.load(Ordering::Relaxed) && self.gates.holds(pool)
-    }
 
     /// Start a run at `priority` (0 to [`MAX_PRIORITY`]): validate, plan, and
     /// write the first tasks to the outbox (or hold them, when a limit applies).
@@ -1964,17 +1958,18 @@ impl Engine {
         if !run.admitted
             || wf.max_active_steps.is_some()
             || self.limits.pool_in_flight.contains_key(&step.queue)
-            || self.gate_holds(&step.queue)
         {
             return Ok(true);
         }
-        let Some(model) = self.step_model(step) else {
-            return Ok(false);
-        };
-        if self.models.get(model).is_some_and(|m| m.limits.any()) {
+        if let Some(model) = self.step_model(step)
+            && (self.models.get(model).is_some_and(|m| m.limits.any())
+                || tx::model_pause(c.t, model, c.now)?.is_some())
+        {
             return Ok(true);
         }
-        Ok(tx::model_pause(c.t, model, c.now)?.is_some())
+        // Last: the step goes now unless its pool's gate holds it (it takes
+        // a place in the queue).
+        Ok(self.publishing.load(Ordering::Relaxed) && !self.gates.admits(&step.queue))
     }
 
     /// Dispatch waiting steps, highest priority first, as every limit allows;
@@ -2104,6 +2099,7 @@ impl Engine {
                 counts.admitted_runs.insert(w.run.clone());
             }
             counts.took(&wf.name, &step.queue, model, &task);
+            c.gates.dispatched(&step.queue);
             write_task(c, &w.run, step, &w.step, task, true)?;
         }
         Ok(())
@@ -2561,9 +2557,6 @@ fn write_tasks<'s>(
     for (step, name, task) in tasks {
         if start {
             tx::start_step(c.t, run, name, task.attempt, c.now)?;
-        }
-        if task.due_ms <= c.now {
-            c.gates.dispatched(&step.queue);
         }
         if c.effects.written_bytes + task.body.len() <= MAX_KEPT_BODY_BYTES {
             c.effects.written_bytes += task.body.len();

@@ -548,7 +548,7 @@ async fn outbox_loop(
     names: &Names,
     signing_key: Option<courier_wire::SigningKey>,
 ) -> Result<(), AmqpError> {
-    let exchange = Arc::new(names.tasks_exchange());
+    let tasks_exchange = Arc::new(names.tasks_exchange());
     let mut delays = DelayQueues::default();
     let mut publishing: JoinSet<(String, Result<(), AmqpError>)> = JoinSet::new();
     // Published, not yet marked: never sent again meanwhile.
@@ -650,10 +650,11 @@ async fn outbox_loop(
             for (task, body) in due {
                 // A refused delay queue leaves the task in the outbox, to be
                 // read there again.
-                let Some((exchange, routing_key)) = delays.route(broker, names, &exchange, &task, now).await else {
+                let Some((exchange, routing_key)) = delays.route(broker, names, &tasks_exchange, &task, now).await else {
                     shared.engine.outbox_incomplete();
                     continue;
                 };
+                shared.engine.gates().sent(&task.queue, Arc::ptr_eq(&exchange, &tasks_exchange));
                 let publisher = publisher.clone();
                 let signature = signing_key.as_ref().map(|k| k.sign(&body));
                 unconfirmed.insert(task.task_id.clone());

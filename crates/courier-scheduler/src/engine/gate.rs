@@ -2,8 +2,9 @@
 //! scheduler, where runs take turns, and not in the broker's first-come
 //! first-served queue (where a small run waits behind a wide one).
 //!
-//! A pool's gate estimates the tasks waiting in its queue: the broker's
-//! count when last read, plus what was dispatched since. At its limit
+//! A pool's gate estimates the tasks waiting in its queue: those dispatched
+//! and not yet published, plus the broker's count when last read and what
+//! was published to the queue since. At its limit
 //! (`pools.<name>.max_queued`) the gate shuts: new steps of the pool wait,
 //! `waiting_on` naming it, and admission lets them go in turn as the queue
 //! empties. The scheduler's gate loop reads the broker's count while a gate
@@ -30,10 +31,18 @@ pub struct Gates {
 #[derive(Debug)]
 struct Gate {
     limit: i64,
-    /// Tasks estimated waiting in the broker's queue.
-    queued: AtomicI64,
+    /// Tasks dispatched through the gate and not yet published.
+    unpublished: AtomicI64,
+    /// Tasks estimated ready in the broker's queue.
+    ready: AtomicI64,
     /// Steps wait at this gate: new ones wait behind them.
     holding: AtomicBool,
+}
+
+impl Gate {
+    fn queued(&self) -> i64 {
+        self.unpublished.load(Ordering::Relaxed) + self.ready.load(Ordering::Relaxed)
+    }
 }
 
 impl Gates {
@@ -45,7 +54,8 @@ impl Gates {
             .map(|(pool, limit)| {
                 let gate = Gate {
                     limit: i64::from(limit),
-                    queued: AtomicI64::new(0),
+                    unpublished: AtomicI64::new(0),
+                    ready: AtomicI64::new(0),
                     holding: AtomicBool::new(false),
                 };
                 (pool, gate)
@@ -66,15 +76,24 @@ impl Gates {
     pub fn shut(&self, pool: &str) -> bool {
         self.pools
             .get(pool)
-            .is_some_and(|g| g.queued.load(Ordering::Relaxed) >= g.limit)
+            .is_some_and(|g| g.queued() >= g.limit)
     }
 
-    /// Whether a new step of the pool waits: the gate is shut, or steps
-    /// already wait at it (a new one takes its turn among them).
-    pub fn holds(&self, pool: &str) -> bool {
-        self.pools.get(pool).is_some_and(|g| {
-            g.holding.load(Ordering::Relaxed) || g.queued.load(Ordering::Relaxed) >= g.limit
-        })
+    /// Whether a new step of the pool may go, taking a place in its queue:
+    /// not if the gate is shut or steps already wait at it (a new one takes
+    /// its turn among them).
+    pub fn admits(&self, pool: &str) -> bool {
+        let Some(g) = self.pools.get(pool) else {
+            return true;
+        };
+        if g.holding.load(Ordering::Relaxed) {
+            return false;
+        }
+        if g.queued() >= g.limit {
+            return false;
+        }
+        self.dispatched(pool);
+        true
     }
 
     /// A step of the pool waits at its gate.
@@ -102,36 +121,52 @@ impl Gates {
         }
     }
 
-    /// A task was dispatched to the pool's queue.
+    /// A task was dispatched to the pool's queue by admission, which saw the
+    /// gate open.
     pub fn dispatched(&self, pool: &str) {
-        if let Some(g) = self.pools.get(pool)
-            && g.queued.fetch_add(1, Ordering::Relaxed) + 1 == g.limit
-        {
-            self.wake.notify_one();
+        if let Some(g) = self.pools.get(pool) {
+            g.unpublished.fetch_add(1, Ordering::Relaxed);
+            if g.queued() >= g.limit {
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// The outbox published a task of the pool: to its queue (`to_queue`),
+    /// or to a delay queue. Tasks the gate did not count (from another
+    /// scheduler, or before a restart) leave its count of unpublished ones
+    /// at 0.
+    pub fn sent(&self, pool: &str, to_queue: bool) {
+        if let Some(g) = self.pools.get(pool) {
+            let _ = g
+                .unpublished
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some((n - 1).max(0)));
+            if to_queue {
+                g.ready.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
     /// The pools whose broker count should be read: shut, or holding steps.
-    /// With each, its estimate now (to give back to [`Gates::observed`]).
+    /// With each, its estimate of ready tasks now (to give back to
+    /// [`Gates::observed`]).
     pub fn to_read(&self) -> Vec<(String, i64)> {
         self.pools
             .iter()
-            .filter_map(|(pool, g)| {
-                let queued = g.queued.load(Ordering::Relaxed);
-                (queued >= g.limit || g.holding.load(Ordering::Relaxed)).then(|| (pool.clone(), queued))
-            })
+            .filter(|(_, g)| g.queued() >= g.limit || g.holding.load(Ordering::Relaxed))
+            .map(|(pool, g)| (pool.clone(), g.ready.load(Ordering::Relaxed)))
             .collect()
     }
 
     /// The broker counted `ready` tasks in the pool's queue, read when the
-    /// estimate was `before`: what was dispatched since stays counted.
+    /// estimate was `before`: what was published since stays counted.
     /// Whether steps wait at the gate and it is open now.
     pub fn observed(&self, pool: &str, ready: u32, before: i64) -> bool {
         let Some(g) = self.pools.get(pool) else {
             return false;
         };
-        let queued = g.queued.fetch_add(i64::from(ready) - before, Ordering::Relaxed) + i64::from(ready) - before;
-        g.holding.load(Ordering::Relaxed) && queued < g.limit
+        g.ready.fetch_add(i64::from(ready) - before, Ordering::Relaxed);
+        g.holding.load(Ordering::Relaxed) && g.queued() < g.limit
     }
 
     /// Wait until a gate shuts or a step waits at one.
@@ -150,23 +185,32 @@ mod tests {
         assert_eq!((gates.limit("default"), gates.limit("off")), (Some(3), None));
         for _ in 0..3 {
             assert!(!gates.shut("default"));
-            gates.dispatched("default");
-            gates.dispatched("off");
+            assert!(gates.admits("default") && gates.admits("off"));
         }
-        assert!(gates.shut("default") && gates.holds("default"));
-        assert!(!gates.shut("off") && !gates.holds("off"));
+        assert!(gates.shut("default") && !gates.admits("default"));
+        assert!(!gates.shut("off") && gates.admits("off"));
+        // Until published, they count whatever the broker says.
         let [(pool, before)] = gates.to_read().try_into().unwrap();
-        assert_eq!((pool.as_str(), before), ("default", 3));
-        // One more dispatched while the count was read: it stays counted.
-        gates.dispatched("default");
+        assert_eq!((pool.as_str(), before), ("default", 0));
+        assert!(!gates.observed("default", 0, before));
+        assert!(gates.shut("default"));
+        for to_queue in [true, true, false] {
+            gates.sent("default", to_queue);
+        }
+        assert!(gates.to_read().is_empty(), "2 < 3: open, and no step waits");
         gates.held("default");
+        let [(_, before)] = gates.to_read().try_into().unwrap();
+        assert_eq!(before, 2, "two published to the queue, one to a delay queue");
+        // One more published while the count was read: it stays counted.
+        gates.sent("default", true);
         assert!(gates.observed("default", 1, before), "1 + 1 < 3, and a step waits");
         assert!(!gates.shut("default"));
-        assert!(gates.holds("default"), "new steps wait behind the held one");
+        assert!(!gates.admits("default"), "new steps wait behind the held one");
         gates.passed(&["default".to_string()].into(), false);
-        assert!(gates.holds("default"), "a pass that saw some waiting steps only");
+        assert!(!gates.admits("default"), "a pass that saw some waiting steps only");
         gates.passed(&Default::default(), true);
-        assert!(!gates.holds("default"));
         assert!(gates.to_read().is_empty());
+        assert!(gates.admits("default"));
+        assert_eq!(gates.to_read().len(), 1, "its queue is full again");
     }
 }
