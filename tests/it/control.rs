@@ -606,7 +606,10 @@ fn a_small_run_beside_a_wide_one_waits_behind_a_short_queue_not_the_wide_runs_ba
     let order = lines(&log);
     assert_eq!(order.len(), 41, "{order:?}");
     let at = order.iter().position(|w| w == "small").unwrap();
-    assert!(at <= 4, "the small run's step ran after {at} of the wide run's: {order:?}");
+    assert!(
+        at <= 4,
+        "the small run's step ran after {at} of the wide run's: {order:?}"
+    );
 }
 
 #[test]

@@ -782,7 +782,6 @@ impl Engine {
         &self.gates
     }
 
-
     /// Start a run at `priority` (0 to [`MAX_PRIORITY`]): validate, plan, and
     /// write the first tasks to the outbox (or hold them, when a limit applies).
     ///
@@ -1955,15 +1954,11 @@ impl Engine {
     /// none of the run's steps or tasks (counting is `admit_in`'s):
     /// `create_run` decides every first step before writing any.
     fn held(&self, c: &mut Change<'_, '_>, wf: &Workflow, run: &RunRow, step: &Step) -> Result<bool, DbError> {
-        if !run.admitted
-            || wf.max_active_steps.is_some()
-            || self.limits.pool_in_flight.contains_key(&step.queue)
-        {
+        if !run.admitted || wf.max_active_steps.is_some() || self.limits.pool_in_flight.contains_key(&step.queue) {
             return Ok(true);
         }
         if let Some(model) = self.step_model(step)
-            && (self.models.get(model).is_some_and(|m| m.limits.any())
-                || tx::model_pause(c.t, model, c.now)?.is_some())
+            && (self.models.get(model).is_some_and(|m| m.limits.any()) || tx::model_pause(c.t, model, c.now)?.is_some())
         {
             return Ok(true);
         }
@@ -1989,7 +1984,12 @@ impl Engine {
     }
 
     /// [`Engine::admit_in`]'s pass over the waiting steps, in their turn.
-    fn admit_each(&self, c: &mut Change<'_, '_>, counts: &mut Counts, waiting: Vec<tx::WaitingStep>) -> Result<(), DbError> {
+    fn admit_each(
+        &self,
+        c: &mut Change<'_, '_>,
+        counts: &mut Counts,
+        waiting: Vec<tx::WaitingStep>,
+    ) -> Result<(), DbError> {
         for w in waiting {
             let Some((wf, (step, index))) = self
                 .config

@@ -490,7 +490,7 @@ async fn serve(
             }
         }
     });
-    loops.spawn({
+    let gate = loops.spawn({
         let shared = shared.clone();
         let broker = broker.clone();
         async move { gate_loop(&shared, &broker).await }
@@ -523,6 +523,7 @@ async fn serve(
     };
     outbox.abort();
     controls.abort();
+    gate.abort();
     if result.is_err() {
         loops.abort_all();
     }
@@ -650,11 +651,15 @@ async fn outbox_loop(
             for (task, body) in due {
                 // A refused delay queue leaves the task in the outbox, to be
                 // read there again.
-                let Some((exchange, routing_key)) = delays.route(broker, names, &tasks_exchange, &task, now).await else {
+                let Some((exchange, routing_key)) = delays.route(broker, names, &tasks_exchange, &task, now).await
+                else {
                     shared.engine.outbox_incomplete();
                     continue;
                 };
-                shared.engine.gates().sent(&task.queue, Arc::ptr_eq(&exchange, &tasks_exchange));
+                shared
+                    .engine
+                    .gates()
+                    .sent(&task.queue, Arc::ptr_eq(&exchange, &tasks_exchange));
                 let publisher = publisher.clone();
                 let signature = signing_key.as_ref().map(|k| k.sign(&body));
                 unconfirmed.insert(task.task_id.clone());

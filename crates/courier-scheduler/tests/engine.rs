@@ -689,7 +689,9 @@ fn held_steps_take_turns_between_runs_so_a_small_run_beside_a_wide_one_goes_next
     }
     assert_eq!(
         order[..9],
-        ["first", "first", "first", "second", "small", "first", "second", "first", "first"],
+        [
+            "first", "first", "first", "second", "small", "first", "second", "first", "first"
+        ],
         "{order:?}"
     );
     assert_eq!(order.len(), 25);

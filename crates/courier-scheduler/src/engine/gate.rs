@@ -74,9 +74,7 @@ impl Gates {
 
     /// Whether a pool's queue is at its limit.
     pub fn shut(&self, pool: &str) -> bool {
-        self.pools
-            .get(pool)
-            .is_some_and(|g| g.queued() >= g.limit)
+        self.pools.get(pool).is_some_and(|g| g.queued() >= g.limit)
     }
 
     /// Whether a new step of the pool may go, taking a place in its queue:
