@@ -230,8 +230,11 @@ pub const LOST_TASK_GRACE: Duration = Duration::from_secs(60);
 /// the grace is shorter).
 const LOST_TASK_SCAN: Duration = Duration::from_secs(10);
 
-/// Waiting steps looked at per admission pass.
+/// Waiting steps looked at per admission pass, at most.
 const ADMIT_BATCH: usize = 10_000;
+
+/// Waiting steps read at a time in an admission pass.
+const ADMIT_CHUNK: usize = 256;
 
 /// Tokens an agent request is assumed to produce when its model gives no `max_tokens`.
 const DEFAULT_OUTPUT_ESTIMATE: i64 = 1024;
@@ -1971,15 +1974,34 @@ impl Engine {
     /// a step still held gets the limit named in `waiting_on`. A step whose
     /// workflow or step left the config fails its run.
     fn admit_in(&self, c: &mut Change<'_, '_>) -> Result<(), DbError> {
-        let waiting = tx::waiting_steps(c.t, c.now, ADMIT_BATCH)?;
-        if waiting.is_empty() {
-            c.gates.passed(&BTreeSet::new(), true);
-            return Ok(());
-        }
-        let complete = waiting.len() < ADMIT_BATCH;
-        let mut counts = Counts::read(c.t)?;
-        self.admit_each(c, &mut counts, waiting)?;
-        c.gates.passed(&counts.gated, complete);
+        // In turn order, a chunk at a time: once every pool's gate is shut
+        // and a chunk dispatched nothing, the steps after it cannot go
+        // either (a backlog at the gates costs a chunk per pass, not a read
+        // of every waiting step).
+        let mut counts = None;
+        let (mut after, mut read) = (None::<(i64, String)>, 0);
+        let complete = loop {
+            let chunk = tx::waiting_steps(c.t, c.now, after.as_ref().map(|(t, r)| (*t, r.as_str())), ADMIT_CHUNK)?;
+            let end = chunk.len() < ADMIT_CHUNK;
+            read += chunk.len();
+            after = chunk.last().map(|w| (w.turn, w.run.clone()));
+            if !chunk.is_empty() {
+                let counts = match &mut counts {
+                    Some(counts) => counts,
+                    None => counts.insert(Counts::read(c.t)?),
+                };
+                let before = c.applied.dispatched;
+                self.admit_each(c, counts, chunk)?;
+                if c.applied.dispatched == before && c.gates.all_shut() {
+                    break end;
+                }
+            }
+            if end || read >= ADMIT_BATCH {
+                break end;
+            }
+        };
+        let gated = counts.map(|c| c.gated).unwrap_or_default();
+        c.gates.passed(&gated, complete);
         Ok(())
     }
 

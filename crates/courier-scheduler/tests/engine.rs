@@ -636,7 +636,7 @@ fn limits_hold_steps_as_waiting_and_admit_them_by_priority() {
 }
 
 #[test]
-fn held_steps_take_turns_between_runs_so_a_small_run_beside_a_wide_one_goes_next() {
+fn held_steps_take_turns_between_runs_so_a_small_run_beside_wide_ones_waits_a_turn_per_run() {
     let dir = tempfile::TempDir::new().unwrap();
     let wide: String = std::iter::once("steps:\n".to_string())
         .chain((0..12).map(|i| format!("  - name: s{i}\n    echo: s{i}\n")))
@@ -668,11 +668,10 @@ fn held_steps_take_turns_between_runs_so_a_small_run_beside_a_wide_one_goes_next
             "small"
         }
     };
-    // Finish one task at a time: each freed slot goes to the run with the
-    // fewest tasks in flight, the older first among equals. The first goes
-    // to the second wide run (none in flight, older than the small one), the
-    // next to the small run, not after the 21 wide steps waiting before it;
-    // then the wide runs share the slots, neither starved.
+    // Finish one task at a time: the freed slots go round the runs waiting,
+    // the older first. The small run's step goes at the third, not after
+    // the 21 wide steps waiting before it; then the wide runs alternate,
+    // the older not starved by the younger.
     let mut order = Vec::new();
     let mut in_flight: Vec<Task> = Vec::new();
     loop {

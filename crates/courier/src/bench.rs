@@ -57,6 +57,10 @@ pub struct BenchArgs {
     /// too): how much a wide run delays small ones.
     #[arg(long, requires = "rate")]
     beside: Option<usize>,
+    /// The pool's `max_queued` (tasks waiting in its broker queue at most;
+    /// 0: no limit), to measure what it costs and what it buys.
+    #[arg(long)]
+    max_queued: Option<u32>,
     /// Keep the schedulers' state on this PostgreSQL server instead of
     /// SQLite: the benchmark creates a database of its own there
     /// (`courier_bench_...`, so the role needs CREATEDB) and drops it after.
@@ -511,6 +515,9 @@ impl Stack {
         let dir = std::env::temp_dir().join(format!("courier-bench-{}", uuid::Uuid::now_v7()));
         let config_dir = dir.join("config");
         write_bench_config(&config_dir, steps_per_run, args.fan_in, args.foreach, args.beside)?;
+        if let Some(max) = args.max_queued {
+            std::fs::write(config_dir.join("courier.toml"), format!("[pools.default]\nmax_queued = {max}\n"))?;
+        }
         let namespace = format!("bench-{}", uuid::Uuid::now_v7());
         let exe = std::env::current_exe().context("locating the courier binary")?;
         let command = |what: &str| {

@@ -163,6 +163,18 @@ UPDATE runs SET (input_tokens, output_tokens, cost) = (
     SELECT COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cost), 0.0)
     FROM steps WHERE steps.run_id = runs.id);
 ",
+    // 8: a waiting step's turn, so admission reads waiting steps in turn
+    // order from an index, as many as it can dispatch, instead of sorting
+    // every waiting step on every pass (see `tx::wait_step`).
+    "
+ALTER TABLE steps ADD COLUMN turn INTEGER;
+UPDATE steps SET turn = (9 - (SELECT priority FROM runs WHERE runs.id = steps.run_id)) * 1099511627776
+    + position * 1000000 + COALESCE(item_index, 0)
+    WHERE status = 'waiting';
+DROP INDEX steps_waiting;
+CREATE INDEX steps_waiting ON steps (run_id, turn) WHERE status = 'waiting';
+CREATE INDEX steps_turns ON steps (turn, run_id) WHERE status = 'waiting';
+",
 ];
 
 /// PostgreSQL's schema as of version [`PG_BASELINE`]: PostgreSQL support
@@ -290,6 +302,16 @@ ALTER TABLE runs ADD COLUMN cost DOUBLE PRECISION NOT NULL DEFAULT 0.0;
 UPDATE runs SET (input_tokens, output_tokens, cost) = (
     SELECT COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cost), 0.0)
     FROM steps WHERE steps.run_id = runs.id);
+",
+    // 8: as SQLite's.
+    "
+ALTER TABLE steps ADD COLUMN turn BIGINT;
+UPDATE steps SET turn = (9 - (SELECT priority FROM runs WHERE runs.id = steps.run_id)) * 1099511627776
+    + position * 1000000 + COALESCE(item_index, 0)
+    WHERE status = 'waiting';
+DROP INDEX steps_waiting;
+CREATE INDEX steps_waiting ON steps (run_id, turn) WHERE status = 'waiting';
+CREATE INDEX steps_turns ON steps (turn, run_id) WHERE status = 'waiting';
 ",
 ];
 

@@ -47,6 +47,8 @@ pub struct WaitingStep {
     pub waiting_on: Option<String>,
     /// Attempts dispatched so far (the next is this plus one).
     pub attempts: u32,
+    /// Its turn (see [`wait_step`]).
+    pub turn: i64,
 }
 
 /// A dispatched task whose deadline has passed without a result.
@@ -396,12 +398,42 @@ pub fn wait_step(
     reason: Option<&str>,
     not_before_ms: Option<i64>,
 ) -> Result<(), DbError> {
+    let turn = next_turn(tx, run)?;
     tx.exec(
-        "UPDATE steps SET status = ?3, waiting_on = ?4, not_before_ms = ?5
+        "UPDATE steps SET status = ?3, waiting_on = ?4, not_before_ms = ?5, turn = ?6
          WHERE run_id = ?1 AND name = ?2 AND (status = 'pending' OR status = 'waiting' OR status = 'running')",
-        p![run, name, StepStatus::Waiting, reason, not_before_ms],
+        p![run, name, StepStatus::Waiting, reason, not_before_ms, turn],
     )?;
     Ok(())
+}
+
+/// Turns of one priority: priority p's turns are `(9 - p) * TURNS` onwards,
+/// so higher priorities come first in turn order.
+const TURNS: i64 = 1 << 40;
+
+/// The turn of a run's step that starts waiting: one after the run's last
+/// waiting step, and not before the first turn waiting at the run's
+/// priority (start-time fair queueing). So runs take turns, a run that
+/// starts waiting beside a wide one has the next turn but one per run
+/// waiting, and no step waits for ever: later steps never take a turn
+/// before the first one waiting. Two indexed reads, whatever the number of
+/// waiting steps.
+fn next_turn(tx: &Tx<'_>, run: &str) -> Result<i64, DbError> {
+    let priority: i64 = tx
+        .opt("SELECT priority FROM runs WHERE id = ?1", p![run], |r| r.get(0))?
+        .unwrap_or(4);
+    let base = (9 - priority.clamp(0, 9)) * TURNS;
+    let first: Option<i64> = tx.one(
+        "SELECT MIN(turn) FROM steps WHERE status = 'waiting' AND turn >= ?1 AND turn < ?2",
+        p![base, base + TURNS],
+        |r| r.get(0),
+    )?;
+    let after_last: Option<i64> = tx.one(
+        "SELECT MAX(turn) + 1 FROM steps WHERE run_id = ?1 AND status = 'waiting'",
+        p![run],
+        |r| r.get(0),
+    )?;
+    Ok(first.unwrap_or(base).max(after_last.unwrap_or(base)))
 }
 
 /// An approval step waits for a decision until `deadline_ms`; `message`
@@ -826,27 +858,26 @@ pub fn insert_control(tx: &Tx<'_>, run: &str, step: Option<&str>, reason: &str, 
     Ok(())
 }
 
-/// Steps held by a limit and due by `now`, highest priority first, then in
-/// turn: a run's k-th waiting step (by position) with f tasks in flight is
-/// its (f + k)-th concurrent task, and lower such turns go first, older runs
-/// first among equal ones. So a small run beside a wide one goes next, and
-/// no run waits for ever: a run's turn comes down as its tasks finish, and
-/// new runs are younger.
-pub fn waiting_steps(tx: &Tx<'_>, now: i64, limit: usize) -> Result<Vec<WaitingStep>, DbError> {
+/// Steps held by a limit and due by `now`, in turn order (see
+/// [`wait_step`]; the older run first among equal turns: run IDs are UUIDv7),
+/// after `after` (a turn and run ID), at most `limit`: read from an index.
+pub fn waiting_steps(
+    tx: &Tx<'_>,
+    now: i64,
+    after: Option<(i64, &str)>,
+    limit: usize,
+) -> Result<Vec<WaitingStep>, DbError> {
+    let (turn, run) = after.unwrap_or((i64::MIN, ""));
     // A literal limit (see `Db::unpublished_tasks`).
     tx.all(
         &format!(
-            "SELECT w.run_id, r.workflow, w.name, r.admitted, w.waiting_on, w.attempts
-         FROM (SELECT run_id, name, waiting_on, attempts,
-                      ROW_NUMBER() OVER (PARTITION BY run_id ORDER BY position, COALESCE(item_index, -1)) AS k
-               FROM steps
-               WHERE status = 'waiting' AND (not_before_ms IS NULL OR not_before_ms <= ?1)) w
-         JOIN runs r ON r.id = w.run_id
-         LEFT JOIN (SELECT run_id, COUNT(*) AS f FROM tasks WHERE status = 'dispatched' GROUP BY run_id) f
-           ON f.run_id = w.run_id
-         ORDER BY r.priority DESC, w.k + COALESCE(f.f, 0), r.created_ms, r.id, w.k LIMIT {limit}"
+            "SELECT s.run_id, r.workflow, s.name, r.admitted, s.waiting_on, s.attempts, s.turn
+         FROM steps s JOIN runs r ON r.id = s.run_id
+         WHERE s.status = 'waiting' AND (s.turn, s.run_id) > (?2, ?3)
+           AND (s.not_before_ms IS NULL OR s.not_before_ms <= ?1)
+         ORDER BY s.turn, s.run_id LIMIT {limit}"
         ),
-        p![now],
+        p![now, turn, run],
         |r| {
             Ok(WaitingStep {
                 run: r.get(0)?,
@@ -855,6 +886,7 @@ pub fn waiting_steps(tx: &Tx<'_>, now: i64, limit: usize) -> Result<Vec<WaitingS
                 admitted: r.get(3)?,
                 waiting_on: r.get(4)?,
                 attempts: r.get(5)?,
+                turn: r.get(6)?,
             })
         },
     )

@@ -24,6 +24,8 @@ pub const DEFAULT_MAX_QUEUED: u32 = 64;
 #[derive(Debug, Default)]
 pub struct Gates {
     pools: HashMap<String, Gate>,
+    /// Some pool has no gate.
+    ungated: bool,
     /// Told when a gate shuts or a step waits at one.
     wake: Notify,
 }
@@ -48,6 +50,8 @@ impl Gate {
 impl Gates {
     /// Gates of the given limits; pools with a limit of 0 have none.
     pub fn new(limits: impl IntoIterator<Item = (String, u32)>) -> Self {
+        let limits: Vec<_> = limits.into_iter().collect();
+        let ungated = limits.iter().any(|(_, limit)| *limit == 0);
         let pools = limits
             .into_iter()
             .filter(|(_, limit)| *limit > 0)
@@ -63,6 +67,7 @@ impl Gates {
             .collect();
         Self {
             pools,
+            ungated,
             wake: Notify::new(),
         }
     }
@@ -75,6 +80,12 @@ impl Gates {
     /// Whether a pool's queue is at its limit.
     pub fn shut(&self, pool: &str) -> bool {
         self.pools.get(pool).is_some_and(|g| g.queued() >= g.limit)
+    }
+
+    /// Whether every pool has a gate and every gate is shut: no waiting
+    /// step can go.
+    pub fn all_shut(&self) -> bool {
+        !self.ungated && !self.pools.is_empty() && self.pools.values().all(|g| g.queued() >= g.limit)
     }
 
     /// Whether a new step of the pool may go, taking a place in its queue:
@@ -187,6 +198,8 @@ mod tests {
         }
         assert!(gates.shut("default") && !gates.admits("default"));
         assert!(!gates.shut("off") && gates.admits("off"));
+        assert!(!gates.all_shut(), "the pool without a gate");
+        assert!(Gates::new([("default".to_string(), 1)]).admits("default"));
         // Until published, they count whatever the broker says.
         let [(pool, before)] = gates.to_read().try_into().unwrap();
         assert_eq!((pool.as_str(), before), ("default", 0));
