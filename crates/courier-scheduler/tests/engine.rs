@@ -687,9 +687,9 @@ fn held_steps_take_turns_between_runs_so_a_small_run_beside_wide_ones_waits_a_tu
         engine.apply(&[result(&done, TaskStatus::Succeeded, "x")]).unwrap();
     }
     assert_eq!(
-        order[..9],
+        order[..10],
         [
-            "first", "first", "first", "second", "small", "first", "second", "first", "first"
+            "first", "first", "first", "first", "second", "small", "first", "second", "first", "second"
         ],
         "{order:?}"
     );
