@@ -490,7 +490,10 @@ async fn serve(
             }
         }
     });
-    let gate = loops.spawn({
+    // Not one of `loops`: a failed read of a queue's count does not end the
+    // connection's work (the results loop would be stopped mid-batch); the
+    // loops that own the connection notice its failure.
+    let gate = tokio::spawn({
         let shared = shared.clone();
         let broker = broker.clone();
         async move { gate_loop(&shared, &broker).await }
@@ -656,10 +659,8 @@ async fn outbox_loop(
                     shared.engine.outbox_incomplete();
                     continue;
                 };
-                shared
-                    .engine
-                    .gates()
-                    .sent(&task.queue, Arc::ptr_eq(&exchange, &tasks_exchange));
+                let to_queue = Arc::ptr_eq(&exchange, &tasks_exchange);
+                let shared = shared.clone();
                 let publisher = publisher.clone();
                 let signature = signing_key.as_ref().map(|k| k.sign(&body));
                 unconfirmed.insert(task.task_id.clone());
@@ -682,6 +683,10 @@ async fn outbox_loop(
                         headers,
                     };
                     let outcome = publisher.publish_with_priority(outgoing, Some(task.priority)).await;
+                    // Confirmed: a quorum queue counts it from now on.
+                    if outcome.is_ok() {
+                        shared.engine.gates().sent(&task.queue, to_queue);
+                    }
                     (task.task_id, outcome)
                 });
             }
@@ -691,6 +696,11 @@ async fn outbox_loop(
         }
         if publishing.is_empty() && unconfirmed.is_empty() {
             shared.metrics.outbox_pending.set(0);
+            if !read {
+                // Nothing is left to publish: what the gates count as
+                // unpublished was cancelled before it went.
+                shared.engine.gates().outbox_empty();
+            }
         }
         // Wait for a confirm, new tasks, or a second (tasks another
         // scheduler wrote, delay queues refused a while ago).
@@ -712,9 +722,9 @@ const GATE_READ: Duration = Duration::from_millis(5);
 /// Keep the pools' gates (`engine::gate`) true to the broker: while a gate
 /// is shut or holds steps, read its queue's count every [`GATE_READ`], and
 /// admit the steps waiting at a gate that opened.
-async fn gate_loop(shared: &Arc<Shared>, broker: &Broker) -> Result<(), AmqpError> {
-    let gauge = broker.gauge().await?;
+async fn gate_loop(shared: &Arc<Shared>, broker: &Broker) {
     let gates = shared.engine.gates();
+    let mut gauge = None;
     loop {
         let due = gates.to_read();
         if due.is_empty() {
@@ -724,21 +734,36 @@ async fn gate_loop(shared: &Arc<Shared>, broker: &Broker) -> Result<(), AmqpErro
             }
             continue;
         }
-        let mut opened = false;
-        for (pool, before) in due {
-            let (ready, _) = gauge.depth(&broker.names().task_queue(&pool)).await?;
-            opened |= gates.observed(&pool, ready, before);
-        }
-        if opened {
-            let engine = shared.engine.clone();
-            match tokio::task::spawn_blocking(move || engine.admit()).await {
-                Ok(Ok(dispatched)) => {
-                    if dispatched > 0 {
-                        shared.outbox.notify_one();
+        let read = async {
+            let gauge = match &mut gauge {
+                Some(gauge) => gauge,
+                None => gauge.insert(broker.gauge().await?),
+            };
+            let mut opened = false;
+            for (pool, before) in due {
+                let (ready, _) = gauge.depth(&broker.names().task_queue(&pool)).await?;
+                opened |= gates.observed(&pool, ready, before);
+            }
+            Ok::<_, AmqpError>(opened)
+        };
+        match read.await {
+            Ok(true) => {
+                let engine = shared.engine.clone();
+                match tokio::task::spawn_blocking(move || engine.admit()).await {
+                    Ok(Ok(dispatched)) => {
+                        if dispatched > 0 {
+                            shared.outbox.notify_one();
+                        }
                     }
+                    Ok(Err(e)) => error!(error = %e, "cannot admit the steps waiting at a pool's gate"),
+                    Err(e) => error!(error = %e, "admission panicked"),
                 }
-                Ok(Err(e)) => error!(error = %e, "cannot admit the steps waiting at a pool's gate"),
-                Err(e) => error!(error = %e, "admission panicked"),
+            }
+            Ok(false) => {}
+            Err(e) => {
+                warn!(error = %e, "cannot read a pool's queue length; trying again in a second");
+                gauge = None;
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
         tokio::time::sleep(GATE_READ).await;

@@ -516,7 +516,10 @@ impl Stack {
         let config_dir = dir.join("config");
         write_bench_config(&config_dir, steps_per_run, args.fan_in, args.foreach, args.beside)?;
         if let Some(max) = args.max_queued {
-            std::fs::write(config_dir.join("courier.toml"), format!("[pools.default]\nmax_queued = {max}\n"))?;
+            std::fs::write(
+                config_dir.join("courier.toml"),
+                format!("[pools.default]\nmax_queued = {max}\n"),
+            )?;
         }
         let namespace = format!("bench-{}", uuid::Uuid::now_v7());
         let exe = std::env::current_exe().context("locating the courier binary")?;

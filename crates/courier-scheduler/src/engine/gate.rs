@@ -141,8 +141,8 @@ impl Gates {
         }
     }
 
-    /// The outbox published a task of the pool: to its queue (`to_queue`),
-    /// or to a delay queue. Tasks the gate did not count (from another
+    /// The broker confirmed a task of the pool: in its queue (`to_queue`),
+    /// or in a delay queue. Tasks the gate did not count (from another
     /// scheduler, or before a restart) leave its count of unpublished ones
     /// at 0.
     pub fn sent(&self, pool: &str, to_queue: bool) {
@@ -153,6 +153,14 @@ impl Gates {
             if to_queue {
                 g.ready.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// The outbox has nothing left to publish: no task is unpublished (those
+    /// counted and not sent were cancelled first, or are due later).
+    pub fn outbox_empty(&self) {
+        for g in self.pools.values() {
+            g.unpublished.store(0, Ordering::Relaxed);
         }
     }
 
@@ -223,5 +231,7 @@ mod tests {
         assert!(gates.to_read().is_empty());
         assert!(gates.admits("default"));
         assert_eq!(gates.to_read().len(), 1, "its queue is full again");
+        gates.outbox_empty();
+        assert!(gates.to_read().is_empty(), "that task was cancelled before it went");
     }
 }
