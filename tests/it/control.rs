@@ -597,8 +597,9 @@ fn a_small_run_beside_a_wide_one_waits_behind_a_short_queue_not_the_wide_runs_ba
     let small = cluster.submit("small", &[]).unwrap();
     assert_eq!(at_gate(&cluster.run(&small)), 1, "it waits too, for its turn");
     // One worker, one step at a time: as it takes the wide run's first task,
-    // the small run's step has the next turn (no task in flight, against the
-    // wide run's three) and goes into the queue behind two of the wide run's.
+    // the small run's step has the next turn (the wide run's next is after
+    // the three it dispatched) and goes into the queue behind two of the
+    // wide run's.
     cluster.start_worker("w1", 1);
     for id in [&small, &wide] {
         assert_eq!(cluster.wait_run(id, Duration::from_secs(60))["status"], "succeeded");

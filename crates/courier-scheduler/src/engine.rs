@@ -236,6 +236,9 @@ const ADMIT_BATCH: usize = 10_000;
 /// Waiting steps read at a time in an admission pass.
 const ADMIT_CHUNK: usize = 256;
 
+/// Turns of one priority (see `Engine::turn`).
+const TURNS: i64 = 1 << 40;
+
 /// Tokens an agent request is assumed to produce when its model gives no `max_tokens`.
 const DEFAULT_OUTPUT_ESTIMATE: i64 = 1024;
 
@@ -363,6 +366,8 @@ struct Effects {
     /// and at the end of the batch, not after each result (see
     /// `end_finished_runs`; a result that spent tokens ends its run at once).
     maybe_done: Option<String>,
+    /// The next turn of each run that started waiting (see `Engine::turn`).
+    turns: HashMap<String, i64>,
     /// Steps ended, by run: each run's count of open steps goes down by
     /// them in one statement, before the count is read and before the
     /// commit (see `end_step`).
@@ -457,6 +462,10 @@ impl Engine {
     /// and builds its snapshots afresh.
     pub fn set_publishing(&self, on: bool) {
         let was = self.publishing.swap(on, std::sync::atomic::Ordering::Relaxed);
+        if was != on {
+            // What it counted unpublished, another may have published.
+            self.gates.outbox_empty();
+        }
         if !on {
             *self.kept() = Outbox::default();
         } else if !was && self.shared_db {
@@ -1057,7 +1066,8 @@ impl Engine {
             )?;
         }
         for step in held {
-            tx::wait_step(t, run, &step.name, None, None)?;
+            let turn = self.turn(c, run)?;
+            tx::wait_step(c.t, run, &step.name, None, None, turn)?;
             c.effects.admit = true;
         }
         write_tasks(c, run, dispatched.into_iter(), false)?;
@@ -1243,7 +1253,7 @@ impl Engine {
                 })
                 .collect();
             self.apply_batch(c, &timed_out)?;
-            self.admit_in(c)
+            self.admission(c, true)
         })?;
         Ok(applied)
     }
@@ -1838,7 +1848,8 @@ impl Engine {
             return Ok(());
         }
         if self.held(c, wf, run_row, s)? {
-            tx::wait_step(c.t, run, &s.name, None, None)?;
+            let turn = self.turn(c, run)?;
+            tx::wait_step(c.t, run, &s.name, None, None, turn)?;
             states.set(&s.name, StepStatus::Waiting);
             c.effects.admit = true;
             return Ok(());
@@ -1891,7 +1902,8 @@ impl Engine {
         // admission, which applies them all, priorities included.
         if self.held(c, wf, run_row, step)? {
             let why = format!("retry after {}", courier_wire::humanize(delay));
-            tx::wait_step(c.t, run, name, Some(&why), Some(due))?;
+            let turn = self.turn(c, run)?;
+            tx::wait_step(c.t, run, name, Some(&why), Some(due), turn)?;
             tx::note_step_error(c.t, run, name, &error, &r.worker_id)?;
             c.applied.retried += 1;
             c.effects.admit = true;
@@ -1952,6 +1964,36 @@ impl Engine {
         }
     }
 
+    /// The turn of a run's step that starts waiting (start-time fair
+    /// queueing): one after the run's last waiting step, and not before
+    /// its priority's virtual time, the latest turn dispatched at that
+    /// priority. So runs take turns, one step each, the older first among
+    /// equal turns; a run that starts waiting beside others gets the next
+    /// turn; and a step waits for a bounded number of others, since later
+    /// steps never get a turn before the virtual time, which only grows.
+    /// Priority p's turns are `(9 - p) * TURNS` onwards, so higher
+    /// priorities come first in turn order. Two indexed reads per run per
+    /// transaction.
+    fn turn(&self, c: &mut Change<'_, '_>, run: &str) -> Result<i64, DbError> {
+        if let Some(next) = c.effects.turns.get_mut(run) {
+            *next += 1;
+            return Ok(*next - 1);
+        }
+        let priority = run_priority(c, run)?.min(MAX_PRIORITY);
+        let base = i64::from(MAX_PRIORITY - priority) * TURNS;
+        let now = tx::virtual_time(c.t, priority)?.unwrap_or(base).max(base);
+        let turn = tx::after_last_turn(c.t, run)?.unwrap_or(now).max(now);
+        c.effects.turns.insert(run.to_string(), turn + 1);
+        Ok(turn)
+    }
+
+    /// Whether a pool's gate holds its steps now: shut, or this scheduler
+    /// does not publish (its gates know nothing of the broker's queues; the
+    /// leader admits within a tick of its clock).
+    fn gate_shut(&self, pool: &str) -> bool {
+        self.gates.limit(pool).is_some() && (!self.publishing.load(Ordering::Relaxed) || self.gates.shut(pool))
+    }
+
     /// Whether a ready step must wait for admission: a limit applies to it
     /// (or its model is paused), or its run is not yet admitted. It reads
     /// none of the run's steps or tasks (counting is `admit_in`'s):
@@ -1967,41 +2009,57 @@ impl Engine {
         }
         // Last: the step goes now unless its pool's gate holds it (it takes
         // a place in the queue).
-        Ok(self.publishing.load(Ordering::Relaxed) && !self.gates.admits(&step.queue))
+        Ok(self.gates.limit(&step.queue).is_some()
+            && (!self.publishing.load(Ordering::Relaxed) || !self.gates.admits(&step.queue)))
     }
 
     /// Dispatch waiting steps, highest priority first, as every limit allows;
     /// a step still held gets the limit named in `waiting_on`. A step whose
     /// workflow or step left the config fails its run.
     fn admit_in(&self, c: &mut Change<'_, '_>) -> Result<(), DbError> {
-        // In turn order, a chunk at a time: once every pool's gate is shut
-        // and a chunk dispatched nothing, the steps after it cannot go
-        // either (a backlog at the gates costs a chunk per pass, not a read
-        // of every waiting step).
+        self.admission(c, false)
+    }
+
+    /// An admission pass: waiting steps in turn order, a chunk at a time.
+    /// Unless `full` (the clock's pass), it stops after a chunk that
+    /// dispatched nothing once the gates of every pool it met are shut: a
+    /// backlog at the gates costs a chunk or two per pass, not a read of
+    /// every waiting step. Steps of other pools further on wait for the
+    /// next full pass (every 500 ms) or a pass that reaches them.
+    fn admission(&self, c: &mut Change<'_, '_>, full: bool) -> Result<(), DbError> {
         let mut counts = None;
-        let (mut after, mut read) = (None::<(i64, String)>, 0);
-        let complete = loop {
-            let chunk = tx::waiting_steps(c.t, c.now, after.as_ref().map(|(t, r)| (*t, r.as_str())), ADMIT_CHUNK)?;
+        let mut pools = BTreeSet::new();
+        let (mut after, mut read) = (None::<(i64, String, String)>, 0);
+        loop {
+            let key = after.as_ref().map(|(t, r, n)| (*t, r.as_str(), n.as_str()));
+            let chunk = tx::waiting_steps(c.t, c.now, key, ADMIT_CHUNK.min(ADMIT_BATCH - read))?;
             let end = chunk.len() < ADMIT_CHUNK;
             read += chunk.len();
-            after = chunk.last().map(|w| (w.turn, w.run.clone()));
+            after = chunk.last().map(|w| (w.turn, w.run.clone(), w.step.clone()));
             if !chunk.is_empty() {
                 let counts = match &mut counts {
                     Some(counts) => counts,
                     None => counts.insert(Counts::read(c.t)?),
                 };
+                pools.extend(chunk.iter().map(|w| w.queue.clone()));
                 let before = c.applied.dispatched;
                 self.admit_each(c, counts, chunk)?;
-                if c.applied.dispatched == before && c.gates.all_shut() {
-                    break end;
+                if !full && c.applied.dispatched == before && pools.iter().all(|p| self.gate_shut(p)) {
+                    break;
                 }
             }
             if end || read >= ADMIT_BATCH {
-                break end;
+                break;
             }
+        }
+        let Some(counts) = counts else {
+            c.gates.passed(&BTreeSet::new());
+            return Ok(());
         };
-        let gated = counts.map(|c| c.gated).unwrap_or_default();
-        c.gates.passed(&gated, complete);
+        for (priority, turn) in &counts.turned {
+            tx::advance_virtual_time(c.t, *priority, *turn)?;
+        }
+        c.gates.passed(&counts.gated);
         Ok(())
     }
 
@@ -2121,6 +2179,9 @@ impl Engine {
                 counts.admitted_runs.insert(w.run.clone());
             }
             counts.took(&wf.name, &step.queue, model, &task);
+            let priority = MAX_PRIORITY.saturating_sub(u8::try_from(w.turn / TURNS).unwrap_or(MAX_PRIORITY));
+            let turned = counts.turned.entry(priority).or_insert(w.turn);
+            *turned = (*turned).max(w.turn);
             c.gates.dispatched(&step.queue);
             write_task(c, &w.run, step, &w.step, task, true)?;
         }
@@ -2158,8 +2219,7 @@ impl Engine {
         {
             return Ok(Some(format!("pool {} max_in_flight ({max})", step.queue)));
         }
-        if self.publishing.load(Ordering::Relaxed)
-            && self.gates.shut(&step.queue)
+        if self.gate_shut(&step.queue)
             && let Some(max) = self.gates.limit(&step.queue)
         {
             counts.gated.insert(step.queue.clone());
@@ -2317,6 +2377,8 @@ struct Counts {
     blocked: HashMap<String, String>,
     /// Pools whose gate held a step in this pass.
     gated: BTreeSet<String>,
+    /// Per priority, the latest turn dispatched in this pass.
+    turned: BTreeMap<u8, i64>,
 }
 
 impl Counts {
@@ -2331,6 +2393,7 @@ impl Counts {
             pauses: HashMap::new(),
             blocked: HashMap::new(),
             gated: BTreeSet::new(),
+            turned: BTreeMap::new(),
         })
     }
 
@@ -2406,7 +2469,6 @@ struct PlannedTask {
 /// Bytes of an approval's message kept for display.
 const MAX_SHOWN_MESSAGE: usize = 4096;
 
-/// `text`, cut at [`MAX_SHOWN_MESSAGE`] bytes (on a character boundary).
 /// Every worker pool some step of `config` uses, and the default one.
 fn pools_of(config: &Config) -> Vec<String> {
     let pools: BTreeSet<String> = config
@@ -2418,6 +2480,7 @@ fn pools_of(config: &Config) -> Vec<String> {
     pools.into_iter().collect()
 }
 
+/// `text`, cut at [`MAX_SHOWN_MESSAGE`] bytes (on a character boundary).
 fn shown(text: &str) -> String {
     if text.len() <= MAX_SHOWN_MESSAGE {
         return text.to_string();

@@ -719,54 +719,71 @@ async fn outbox_loop(
 /// shut or steps wait at it.
 const GATE_READ: Duration = Duration::from_millis(5);
 
+/// The longest between reads of a queue's count that does not move.
+const GATE_READ_MAX: Duration = Duration::from_millis(100);
+
 /// Keep the pools' gates (`engine::gate`) true to the broker: while a gate
-/// is shut or holds steps, read its queue's count every [`GATE_READ`], and
-/// admit the steps waiting at a gate that opened.
+/// is shut or holds steps, read its queue's count every [`GATE_READ`] (up
+/// to [`GATE_READ_MAX`] while the counts do not move), and admit the steps
+/// waiting at a gate that opened. A failed read is tried again; it does not
+/// end the connection's other loops.
 async fn gate_loop(shared: &Arc<Shared>, broker: &Broker) {
     let gates = shared.engine.gates();
     let mut gauge = None;
+    // The counts last read, and how long to wait before the next read:
+    // longer while they do not move (a pool without workers), up to
+    // GATE_READ_MAX.
+    let mut last: std::collections::HashMap<String, u32> = Default::default();
+    let mut pause = GATE_READ;
     loop {
         let due = gates.to_read();
         if due.is_empty() {
+            last.clear();
             tokio::select! {
                 () = gates.shutting() => {}
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             continue;
         }
-        let read = async {
-            let gauge = match &mut gauge {
-                Some(gauge) => gauge,
-                None => gauge.insert(broker.gauge().await?),
+        let (mut opened, mut moved) = (false, false);
+        for (pool, before) in due {
+            let read = async {
+                let gauge = match &mut gauge {
+                    Some(gauge) => gauge,
+                    None => gauge.insert(broker.gauge().await?),
+                };
+                gauge.depth(&broker.names().task_queue(&pool)).await
             };
-            let mut opened = false;
-            for (pool, before) in due {
-                let (ready, _) = gauge.depth(&broker.names().task_queue(&pool)).await?;
-                opened |= gates.observed(&pool, ready, before);
-            }
-            Ok::<_, AmqpError>(opened)
-        };
-        match read.await {
-            Ok(true) => {
-                let engine = shared.engine.clone();
-                match tokio::task::spawn_blocking(move || engine.admit()).await {
-                    Ok(Ok(dispatched)) => {
-                        if dispatched > 0 {
-                            shared.outbox.notify_one();
-                        }
-                    }
-                    Ok(Err(e)) => error!(error = %e, "cannot admit the steps waiting at a pool's gate"),
-                    Err(e) => error!(error = %e, "admission panicked"),
+            match read.await {
+                Ok((ready, _)) => {
+                    opened |= gates.observed(&pool, ready, before);
+                    moved |= last.insert(pool, ready) != Some(ready);
+                }
+                Err(e) => {
+                    // The broker closes the channel on a failed declare.
+                    warn!(pool = %pool, error = %e, "cannot read a pool's queue length; trying again");
+                    gauge = None;
                 }
             }
-            Ok(false) => {}
-            Err(e) => {
-                warn!(error = %e, "cannot read a pool's queue length; trying again in a second");
-                gauge = None;
-                tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        if opened {
+            let engine = shared.engine.clone();
+            match tokio::task::spawn_blocking(move || engine.admit()).await {
+                Ok(Ok(dispatched)) => {
+                    if dispatched > 0 {
+                        shared.outbox.notify_one();
+                    }
+                }
+                Ok(Err(e)) => error!(error = %e, "cannot admit the steps waiting at a pool's gate"),
+                Err(e) => error!(error = %e, "admission panicked"),
             }
         }
-        tokio::time::sleep(GATE_READ).await;
+        pause = if opened || moved {
+            GATE_READ
+        } else {
+            (pause * 2).min(GATE_READ_MAX)
+        };
+        tokio::time::sleep(pause).await;
     }
 }
 

@@ -380,12 +380,36 @@ fn an_old_database_is_upgraded_and_a_newer_one_is_refused() {
              INSERT INTO runs VALUES ('old-run', 'fanout', 'succeeded', '{}', 1, 2, NULL);
              INSERT INTO steps (run_id, name, position, queue, status, output, input_tokens, output_tokens)
                  VALUES ('old-run', 'a', 0, 'default', 'succeeded', 'x', 30, 4),
-                        ('old-run', 'b', 1, 'default', 'succeeded', 'y', 12, NULL);",
+                        ('old-run', 'b', 1, 'default', 'succeeded', 'y', 12, NULL);
+             INSERT INTO runs VALUES ('held-run', 'fanout', 'running', '{}', 3, NULL, NULL);
+             INSERT INTO steps (run_id, name, position, queue, status)
+                 VALUES ('held-run', 'late', 7, 'default', 'waiting'),
+                        ('held-run', 'early', 2, 'default', 'waiting'),
+                        ('held-run', 'done', 0, 'default', 'succeeded');",
         )
         .unwrap();
     }
     let mut db = Db::open(&path).unwrap();
     assert_eq!(db.schema_version().unwrap(), SCHEMA_VERSION);
+    // Steps waiting then take their run's turns in order, from 0 at its
+    // priority (4: turns from 5 * 2^40).
+    let turns: Vec<(String, Option<i64>)> = rusqlite::Connection::open(&path)
+        .unwrap()
+        .prepare("SELECT name, turn FROM steps WHERE run_id = 'held-run' ORDER BY position")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let base = 5 << 40;
+    assert_eq!(
+        turns,
+        [
+            ("done".to_string(), None),
+            ("early".to_string(), Some(base)),
+            ("late".to_string(), Some(base + 1))
+        ]
+    );
     let old = db.run("old-run").unwrap().unwrap();
     assert_eq!(
         (old.status, old.priority, old.cost),
@@ -393,6 +417,7 @@ fn an_old_database_is_upgraded_and_a_newer_one_is_refused() {
     );
     // Its own totals, summed from its steps once, then kept on the run.
     let listed = db.runs(None, None, None, 10).unwrap();
+    let listed: Vec<_> = listed.into_iter().filter(|r| r.id == "old-run").collect();
     assert_eq!((listed[0].input_tokens, listed[0].output_tokens), (42, 4));
     assert_eq!((old.input_tokens, old.output_tokens), (42, 4));
     assert_eq!(
@@ -669,9 +694,10 @@ fn held_steps_take_turns_between_runs_so_a_small_run_beside_wide_ones_waits_a_tu
         }
     };
     // Finish one task at a time: the freed slots go round the runs waiting,
-    // the older first. The small run's step goes at the third, not after
-    // the 21 wide steps waiting before it; then the wide runs alternate,
-    // the older not starved by the younger.
+    // the older first among equal turns. The first run took turns 0 to 2;
+    // the second and the small run start at 2, the first's next is 3. So the
+    // small run's step goes at the second freed slot, not after the 21 wide
+    // steps waiting before it; then the wide runs alternate.
     let mut order = Vec::new();
     let mut in_flight: Vec<Task> = Vec::new();
     loop {
@@ -689,7 +715,7 @@ fn held_steps_take_turns_between_runs_so_a_small_run_beside_wide_ones_waits_a_tu
     assert_eq!(
         order[..10],
         [
-            "first", "first", "first", "first", "second", "small", "first", "second", "first", "second"
+            "first", "first", "first", "second", "small", "first", "second", "first", "second", "first"
         ],
         "{order:?}"
     );

@@ -165,15 +165,20 @@ UPDATE runs SET (input_tokens, output_tokens, cost) = (
 ",
     // 8: a waiting step's turn, so admission reads waiting steps in turn
     // order from an index, as many as it can dispatch, instead of sorting
-    // every waiting step on every pass (see `tx::wait_step`).
+    // every waiting step on every pass; and each priority's virtual time,
+    // the latest turn dispatched (see `Engine::turn`). Steps already
+    // waiting take their run's turns in order from 0.
     "
 ALTER TABLE steps ADD COLUMN turn INTEGER;
-UPDATE steps SET turn = (9 - (SELECT priority FROM runs WHERE runs.id = steps.run_id)) * 1099511627776
-    + position * 1000000 + COALESCE(item_index, 0)
-    WHERE status = 'waiting';
+UPDATE steps SET turn = w.turn
+FROM (SELECT s.run_id, s.name, (9 - r.priority) * 1099511627776
+             + ROW_NUMBER() OVER (PARTITION BY s.run_id ORDER BY s.position, COALESCE(s.item_index, -1)) - 1 AS turn
+      FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.status = 'waiting') w
+WHERE steps.run_id = w.run_id AND steps.name = w.name;
 DROP INDEX steps_waiting;
 CREATE INDEX steps_waiting ON steps (run_id, turn) WHERE status = 'waiting';
-CREATE INDEX steps_turns ON steps (turn, run_id) WHERE status = 'waiting';
+CREATE INDEX steps_turns ON steps (turn, run_id, name) WHERE status = 'waiting';
+CREATE TABLE turns (priority INTEGER PRIMARY KEY, virtual INTEGER NOT NULL);
 ",
 ];
 
@@ -306,12 +311,15 @@ UPDATE runs SET (input_tokens, output_tokens, cost) = (
     // 8: as SQLite's.
     "
 ALTER TABLE steps ADD COLUMN turn BIGINT;
-UPDATE steps SET turn = (9 - (SELECT priority FROM runs WHERE runs.id = steps.run_id)) * 1099511627776
-    + position * 1000000 + COALESCE(item_index, 0)
-    WHERE status = 'waiting';
+UPDATE steps SET turn = w.turn
+FROM (SELECT s.run_id, s.name, (9 - r.priority) * 1099511627776
+             + ROW_NUMBER() OVER (PARTITION BY s.run_id ORDER BY s.position, COALESCE(s.item_index, -1)) - 1 AS turn
+      FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.status = 'waiting') w
+WHERE steps.run_id = w.run_id AND steps.name = w.name;
 DROP INDEX steps_waiting;
 CREATE INDEX steps_waiting ON steps (run_id, turn) WHERE status = 'waiting';
-CREATE INDEX steps_turns ON steps (turn, run_id) WHERE status = 'waiting';
+CREATE INDEX steps_turns ON steps (turn, run_id, name) WHERE status = 'waiting';
+CREATE TABLE turns (priority BIGINT PRIMARY KEY, virtual BIGINT NOT NULL);
 ",
 ];
 

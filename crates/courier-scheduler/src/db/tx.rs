@@ -47,8 +47,10 @@ pub struct WaitingStep {
     pub waiting_on: Option<String>,
     /// Attempts dispatched so far (the next is this plus one).
     pub attempts: u32,
-    /// Its turn (see [`wait_step`]).
+    /// Its turn (see `Engine::turn`).
     pub turn: i64,
+    /// Its pool.
+    pub queue: String,
 }
 
 /// A dispatched task whose deadline has passed without a result.
@@ -397,8 +399,8 @@ pub fn wait_step(
     name: &str,
     reason: Option<&str>,
     not_before_ms: Option<i64>,
+    turn: i64,
 ) -> Result<(), DbError> {
-    let turn = next_turn(tx, run)?;
     tx.exec(
         "UPDATE steps SET status = ?3, waiting_on = ?4, not_before_ms = ?5, turn = ?6
          WHERE run_id = ?1 AND name = ?2 AND (status = 'pending' OR status = 'waiting' OR status = 'running')",
@@ -407,33 +409,33 @@ pub fn wait_step(
     Ok(())
 }
 
-/// Turns of one priority: priority p's turns are `(9 - p) * TURNS` onwards,
-/// so higher priorities come first in turn order.
-const TURNS: i64 = 1 << 40;
-
-/// The turn of a run's step that starts waiting: one after the run's last
-/// waiting step, and not before the first turn waiting at the run's
-/// priority (start-time fair queueing). So runs take turns, a run that
-/// starts waiting beside a wide one has the next turn but one per run
-/// waiting, and no step waits for ever: later steps never take a turn
-/// before the first one waiting. Two indexed reads, whatever the number of
-/// waiting steps.
-fn next_turn(tx: &Tx<'_>, run: &str) -> Result<i64, DbError> {
-    let priority: i64 = tx
-        .opt("SELECT priority FROM runs WHERE id = ?1", p![run], |r| r.get(0))?
-        .unwrap_or(4);
-    let base = (9 - priority.clamp(0, 9)) * TURNS;
-    let first: Option<i64> = tx.one(
-        "SELECT MIN(turn) FROM steps WHERE status = 'waiting' AND turn >= ?1 AND turn < ?2",
-        p![base, base + TURNS],
-        |r| r.get(0),
-    )?;
-    let after_last: Option<i64> = tx.one(
+/// The turn after a run's last waiting step, if it has one.
+pub fn after_last_turn(tx: &Tx<'_>, run: &str) -> Result<Option<i64>, DbError> {
+    tx.one(
         "SELECT MAX(turn) + 1 FROM steps WHERE run_id = ?1 AND status = 'waiting'",
         p![run],
         |r| r.get(0),
+    )
+}
+
+/// A priority's virtual time: the latest turn dispatched at it.
+pub fn virtual_time(tx: &Tx<'_>, priority: u8) -> Result<Option<i64>, DbError> {
+    tx.opt(
+        "SELECT virtual FROM turns WHERE priority = ?1",
+        p![i64::from(priority)],
+        |r| r.get(0),
+    )
+}
+
+/// Advance a priority's virtual time to `turn` (never back).
+pub fn advance_virtual_time(tx: &Tx<'_>, priority: u8, turn: i64) -> Result<(), DbError> {
+    tx.exec(
+        "INSERT INTO turns (priority, virtual) VALUES (?1, ?2)
+         ON CONFLICT (priority) DO UPDATE
+         SET virtual = CASE WHEN excluded.virtual > turns.virtual THEN excluded.virtual ELSE turns.virtual END",
+        p![i64::from(priority), turn],
     )?;
-    Ok(first.unwrap_or(base).max(after_last.unwrap_or(base)))
+    Ok(())
 }
 
 /// An approval step waits for a decision until `deadline_ms`; `message`
@@ -859,25 +861,26 @@ pub fn insert_control(tx: &Tx<'_>, run: &str, step: Option<&str>, reason: &str, 
 }
 
 /// Steps held by a limit and due by `now`, in turn order (see
-/// [`wait_step`]; the older run first among equal turns: run IDs are UUIDv7),
-/// after `after` (a turn and run ID), at most `limit`: read from an index.
+/// `Engine::turn`; the older run first among equal turns: run IDs are
+/// UUIDv7), after `after` (a turn, run ID and step name), at most `limit`:
+/// read from an index.
 pub fn waiting_steps(
     tx: &Tx<'_>,
     now: i64,
-    after: Option<(i64, &str)>,
+    after: Option<(i64, &str, &str)>,
     limit: usize,
 ) -> Result<Vec<WaitingStep>, DbError> {
-    let (turn, run) = after.unwrap_or((i64::MIN, ""));
+    let (turn, run, name) = after.unwrap_or((i64::MIN, "", ""));
     // A literal limit (see `Db::unpublished_tasks`).
     tx.all(
         &format!(
-            "SELECT s.run_id, r.workflow, s.name, r.admitted, s.waiting_on, s.attempts, s.turn
+            "SELECT s.run_id, r.workflow, s.name, r.admitted, s.waiting_on, s.attempts, s.turn, s.queue
          FROM steps s JOIN runs r ON r.id = s.run_id
-         WHERE s.status = 'waiting' AND (s.turn, s.run_id) > (?2, ?3)
+         WHERE s.status = 'waiting' AND (s.turn, s.run_id, s.name) > (?2, ?3, ?4)
            AND (s.not_before_ms IS NULL OR s.not_before_ms <= ?1)
-         ORDER BY s.turn, s.run_id LIMIT {limit}"
+         ORDER BY s.turn, s.run_id, s.name LIMIT {limit}"
         ),
-        p![now, turn, run],
+        p![now, turn, run, name],
         |r| {
             Ok(WaitingStep {
                 run: r.get(0)?,
@@ -887,6 +890,7 @@ pub fn waiting_steps(
                 waiting_on: r.get(4)?,
                 attempts: r.get(5)?,
                 turn: r.get(6)?,
+                queue: r.get(7)?,
             })
         },
     )

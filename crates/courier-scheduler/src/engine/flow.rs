@@ -171,7 +171,8 @@ impl Engine {
             let index = usize::try_from(index).unwrap_or(0);
             let name = format!("{}[{index}]", s.name);
             if self.held(c, wf, &run_row, s)? {
-                tx::wait_step(c.t, run, &name, None, None)?;
+                let turn = self.turn(c, run)?;
+                tx::wait_step(c.t, run, &name, None, None, turn)?;
                 c.effects.admit = true;
                 continue;
             }
@@ -303,7 +304,8 @@ impl Engine {
         let Some(sub) = &s.workflow else { return Ok(()) };
         // A run not yet admitted starts no child: admission starts it.
         if !run_row.admitted {
-            tx::wait_step(c.t, run, &s.name, None, None)?;
+            let turn = self.turn(c, run)?;
+            tx::wait_step(c.t, run, &s.name, None, None, turn)?;
             states.set(&s.name, StepStatus::Waiting);
             c.effects.admit = true;
             return Ok(());

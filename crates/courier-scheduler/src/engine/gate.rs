@@ -3,13 +3,15 @@
 //! first-served queue (where a small run waits behind a wide one).
 //!
 //! A pool's gate estimates the tasks waiting in its queue: those dispatched
-//! and not yet published, plus the broker's count when last read and what
-//! was published to the queue since. At its limit
-//! (`pools.<name>.max_queued`) the gate shuts: new steps of the pool wait,
-//! `waiting_on` naming it, and admission lets them go in turn as the queue
-//! empties. The scheduler's gate loop reads the broker's count while a gate
-//! is shut or steps wait at it. The estimate is an estimate: the limit can be
-//! passed by the tasks dispatched between a read and its answer.
+//! and not yet confirmed by the broker, plus the broker's count when last
+//! read and what it confirmed since. At its limit (`pools.<name>.max_queued`)
+//! the gate shuts: new steps of the pool wait, `waiting_on` naming it, and
+//! admission lets them go in turn as the queue empties. The scheduler's gate
+//! loop reads the broker's count while a gate is shut or steps wait at it.
+//! The estimate is an estimate, so the limit is not exact: the count of a
+//! read can miss a task confirmed while it was answered, and what a
+//! transaction dispatched stays counted if it rolls back, until the outbox
+//! is next empty (then nothing is unpublished: the count is reset).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -24,8 +26,6 @@ pub const DEFAULT_MAX_QUEUED: u32 = 64;
 #[derive(Debug, Default)]
 pub struct Gates {
     pools: HashMap<String, Gate>,
-    /// Some pool has no gate.
-    ungated: bool,
     /// Told when a gate shuts or a step waits at one.
     wake: Notify,
 }
@@ -50,8 +50,6 @@ impl Gate {
 impl Gates {
     /// Gates of the given limits; pools with a limit of 0 have none.
     pub fn new(limits: impl IntoIterator<Item = (String, u32)>) -> Self {
-        let limits: Vec<_> = limits.into_iter().collect();
-        let ungated = limits.iter().any(|(_, limit)| *limit == 0);
         let pools = limits
             .into_iter()
             .filter(|(_, limit)| *limit > 0)
@@ -67,7 +65,6 @@ impl Gates {
             .collect();
         Self {
             pools,
-            ungated,
             wake: Notify::new(),
         }
     }
@@ -80,12 +77,6 @@ impl Gates {
     /// Whether a pool's queue is at its limit.
     pub fn shut(&self, pool: &str) -> bool {
         self.pools.get(pool).is_some_and(|g| g.queued() >= g.limit)
-    }
-
-    /// Whether every pool has a gate and every gate is shut: no waiting
-    /// step can go.
-    pub fn all_shut(&self) -> bool {
-        !self.ungated && !self.pools.is_empty() && self.pools.values().all(|g| g.queued() >= g.limit)
     }
 
     /// Whether a new step of the pool may go, taking a place in its queue:
@@ -115,17 +106,14 @@ impl Gates {
     }
 
     /// An admission pass is over: steps of the pools in `held` wait at
-    /// their gates; at the others none does, if the pass saw every waiting
-    /// step (`complete`).
-    pub fn passed(&self, held: &std::collections::BTreeSet<String>, complete: bool) {
-        for pool in held {
-            self.held(pool);
-        }
-        if complete {
-            for (pool, g) in &self.pools {
-                if !held.contains(pool) {
-                    g.holding.store(false, Ordering::Relaxed);
-                }
+    /// their gates, and new steps of those pools wait behind them; at the
+    /// other gates none does (that the pass saw).
+    pub fn passed(&self, held: &std::collections::BTreeSet<String>) {
+        for (pool, g) in &self.pools {
+            if held.contains(pool) {
+                self.held(pool);
+            } else {
+                g.holding.store(false, Ordering::Relaxed);
             }
         }
     }
@@ -206,7 +194,6 @@ mod tests {
         }
         assert!(gates.shut("default") && !gates.admits("default"));
         assert!(!gates.shut("off") && gates.admits("off"));
-        assert!(!gates.all_shut(), "the pool without a gate");
         assert!(Gates::new([("default".to_string(), 1)]).admits("default"));
         // Until published, they count whatever the broker says.
         let [(pool, before)] = gates.to_read().try_into().unwrap();
@@ -225,9 +212,9 @@ mod tests {
         assert!(gates.observed("default", 1, before), "1 + 1 < 3, and a step waits");
         assert!(!gates.shut("default"));
         assert!(!gates.admits("default"), "new steps wait behind the held one");
-        gates.passed(&["default".to_string()].into(), false);
-        assert!(!gates.admits("default"), "a pass that saw some waiting steps only");
-        gates.passed(&Default::default(), true);
+        gates.passed(&["default".to_string()].into());
+        assert!(!gates.admits("default"), "a pass held steps at the gate");
+        gates.passed(&Default::default());
         assert!(gates.to_read().is_empty());
         assert!(gates.admits("default"));
         assert_eq!(gates.to_read().len(), 1, "its queue is full again");
