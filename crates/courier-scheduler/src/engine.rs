@@ -233,7 +233,10 @@ const LOST_TASK_SCAN: Duration = Duration::from_secs(10);
 /// Waiting steps looked at per admission pass, at most.
 const ADMIT_BATCH: usize = 10_000;
 
-/// Waiting steps read at a time in an admission pass.
+/// Waiting steps read at a time in an admission pass, the first time.
+const ADMIT_FIRST: usize = 32;
+
+/// Waiting steps read at a time in an admission pass after the first.
 const ADMIT_CHUNK: usize = 256;
 
 /// Turns of one priority (see `Engine::turn`).
@@ -1067,7 +1070,8 @@ impl Engine {
         }
         for step in held {
             let turn = self.turn(c, run)?;
-            tx::wait_step(c.t, run, &step.name, None, None, turn)?;
+            let reason = self.gate_reason(&step.queue);
+            tx::wait_step(c.t, run, &step.name, reason.as_deref(), None, turn)?;
             c.effects.admit = true;
         }
         write_tasks(c, run, dispatched.into_iter(), false)?;
@@ -1849,7 +1853,8 @@ impl Engine {
         }
         if self.held(c, wf, run_row, s)? {
             let turn = self.turn(c, run)?;
-            tx::wait_step(c.t, run, &s.name, None, None, turn)?;
+            let reason = self.gate_reason(&s.queue);
+            tx::wait_step(c.t, run, &s.name, reason.as_deref(), None, turn)?;
             states.set(&s.name, StepStatus::Waiting);
             c.effects.admit = true;
             return Ok(());
@@ -1994,6 +1999,13 @@ impl Engine {
         self.gates.limit(pool).is_some() && (!self.publishing.load(Ordering::Relaxed) || self.gates.shut(pool))
     }
 
+    /// What holds a step of `pool` that starts waiting, if it is its gate
+    /// (named when it starts waiting, not by the next admission pass).
+    fn gate_reason(&self, pool: &str) -> Option<String> {
+        let max = self.gates.limit(pool)?;
+        self.gate_shut(pool).then(|| format!("pool {pool} max_queued ({max})"))
+    }
+
     /// Whether a ready step must wait for admission: a limit applies to it
     /// (or its model is paused), or its run is not yet admitted. It reads
     /// none of the run's steps or tasks (counting is `admit_in`'s):
@@ -2032,14 +2044,16 @@ impl Engine {
         let (mut after, mut read) = (None::<(i64, String, String)>, 0);
         loop {
             let key = after.as_ref().map(|(t, r, n)| (*t, r.as_str(), n.as_str()));
-            let chunk = tx::waiting_steps(c.t, c.now, key, ADMIT_CHUNK.min(ADMIT_BATCH - read))?;
-            let end = chunk.len() < ADMIT_CHUNK;
+            // A first chunk small: behind shut gates it is all a pass reads.
+            let size = if read == 0 { ADMIT_FIRST } else { ADMIT_CHUNK }.min(ADMIT_BATCH - read);
+            let chunk = tx::waiting_steps(c.t, c.now, key, size)?;
+            let end = chunk.len() < size;
             read += chunk.len();
             after = chunk.last().map(|w| (w.turn, w.run.clone(), w.step.clone()));
             if !chunk.is_empty() {
                 let counts = match &mut counts {
                     Some(counts) => counts,
-                    None => counts.insert(Counts::read(c.t)?),
+                    None => counts.insert(Counts::default()),
                 };
                 pools.extend(chunk.iter().map(|w| w.queue.clone()));
                 let before = c.applied.dispatched;
@@ -2094,7 +2108,7 @@ impl Engine {
                 if step.workflow.is_some() && !run_row.admitted {
                     if !counts.admitted_runs.contains(&w.run)
                         && let Some(max) = wf.max_active_runs
-                        && counts.runs.get(&wf.name).copied().unwrap_or(0) >= i64::from(max)
+                        && counts.runs(c.t)?.get(&wf.name).copied().unwrap_or(0) >= i64::from(max)
                     {
                         let reason = format!("workflow {} max_active_runs ({max})", wf.name);
                         if w.waiting_on.as_deref() != Some(reason.as_str()) {
@@ -2103,8 +2117,7 @@ impl Engine {
                         continue;
                     }
                     tx::admit_run(c.t, &w.run)?;
-                    *counts.runs.entry(wf.name.clone()).or_default() += 1;
-                    counts.admitted_runs.insert(w.run.clone());
+                    counts.admitted(&wf.name, &w.run);
                     run_row.admitted = true;
                 }
                 self.start(c, wf, &run_row, step, &mut Statuses::new(&w.run), &mut None)?;
@@ -2175,8 +2188,7 @@ impl Engine {
             let Some(task) = planned else { continue };
             if !w.admitted {
                 tx::admit_run(c.t, &w.run)?;
-                *counts.runs.entry(wf.name.clone()).or_default() += 1;
-                counts.admitted_runs.insert(w.run.clone());
+                counts.admitted(&wf.name, &w.run);
             }
             counts.took(&wf.name, &step.queue, model, &task);
             let priority = MAX_PRIORITY.saturating_sub(u8::try_from(w.turn / TURNS).unwrap_or(MAX_PRIORITY));
@@ -2205,25 +2217,23 @@ impl Engine {
         if !w.admitted
             && !counts.admitted_runs.contains(&w.run)
             && let Some(max) = wf.max_active_runs
-            && count(&counts.runs, &wf.name) >= i64::from(max)
+            && count(counts.runs(c.t)?, &wf.name) >= i64::from(max)
         {
             return Ok(Some(format!("workflow {} max_active_runs ({max})", wf.name)));
         }
         if let Some(max) = wf.max_active_steps
-            && count(&counts.steps, &wf.name) >= i64::from(max)
+            && count(counts.steps(c.t)?, &wf.name) >= i64::from(max)
         {
             return Ok(Some(format!("workflow {} max_active_steps ({max})", wf.name)));
         }
         if let Some(max) = self.limits.pool_in_flight.get(&step.queue)
-            && count(&counts.pools, &step.queue) >= i64::from(*max)
+            && count(counts.pools(c.t)?, &step.queue) >= i64::from(*max)
         {
             return Ok(Some(format!("pool {} max_in_flight ({max})", step.queue)));
         }
-        if self.gate_shut(&step.queue)
-            && let Some(max) = self.gates.limit(&step.queue)
-        {
+        if let Some(reason) = self.gate_reason(&step.queue) {
             counts.gated.insert(step.queue.clone());
-            return Ok(Some(format!("pool {} max_queued ({max})", step.queue)));
+            return Ok(Some(reason));
         }
         let Some(model) = model else { return Ok(None) };
         if let Some(reason) = counts.blocked.get(model) {
@@ -2240,7 +2250,7 @@ impl Engine {
             return Ok(None);
         };
         if let Some(max) = limits.concurrency
-            && count(&counts.models, model) >= i64::from(max)
+            && count(counts.models(c.t)?, model) >= i64::from(max)
         {
             return Ok(Some(format!("model {model} concurrency ({max})")));
         }
@@ -2363,10 +2373,10 @@ impl Engine {
 /// What admission counts, read once per pass and kept up to date as it dispatches.
 #[derive(Debug, Default)]
 struct Counts {
-    pools: HashMap<String, i64>,
-    models: HashMap<String, i64>,
-    steps: HashMap<String, i64>,
-    runs: HashMap<String, i64>,
+    pools: Option<HashMap<String, i64>>,
+    models: Option<HashMap<String, i64>>,
+    steps: Option<HashMap<String, i64>>,
+    runs: Option<HashMap<String, i64>>,
     /// Runs admitted during this pass.
     admitted_runs: BTreeSet<String>,
     /// Per model: tasks due in the last minute, and their tokens.
@@ -2382,19 +2392,32 @@ struct Counts {
 }
 
 impl Counts {
-    fn read(t: &Tx<'_>) -> Result<Self, DbError> {
-        Ok(Self {
-            pools: tx::in_flight_by_pool(t)?,
-            models: tx::in_flight_by_model(t)?,
-            steps: tx::running_steps_by_workflow(t)?,
-            runs: tx::active_runs_by_workflow(t)?,
-            admitted_runs: BTreeSet::new(),
-            windows: HashMap::new(),
-            pauses: HashMap::new(),
-            blocked: HashMap::new(),
-            gated: BTreeSet::new(),
-            turned: BTreeMap::new(),
-        })
+    /// Tasks in flight by pool, read from the database when first needed
+    /// in the pass (and counted on from there); likewise by model, running
+    /// steps and active runs by workflow. A pass that meets no such limit
+    /// reads none.
+    fn pools(&mut self, t: &Tx<'_>) -> Result<&HashMap<String, i64>, DbError> {
+        loaded(&mut self.pools, || tx::in_flight_by_pool(t))
+    }
+
+    fn models(&mut self, t: &Tx<'_>) -> Result<&HashMap<String, i64>, DbError> {
+        loaded(&mut self.models, || tx::in_flight_by_model(t))
+    }
+
+    fn steps(&mut self, t: &Tx<'_>) -> Result<&HashMap<String, i64>, DbError> {
+        loaded(&mut self.steps, || tx::running_steps_by_workflow(t))
+    }
+
+    fn runs(&mut self, t: &Tx<'_>) -> Result<&HashMap<String, i64>, DbError> {
+        loaded(&mut self.runs, || tx::active_runs_by_workflow(t))
+    }
+
+    /// A run of `workflow` was admitted in this pass.
+    fn admitted(&mut self, workflow: &str, run: &str) {
+        if let Some(runs) = &mut self.runs {
+            *runs.entry(workflow.to_string()).or_default() += 1;
+        }
+        self.admitted_runs.insert(run.to_string());
     }
 
     /// A model's pause: until when, and why.
@@ -2419,16 +2442,33 @@ impl Counts {
 
     /// A task was dispatched: count it everywhere.
     fn took(&mut self, workflow: &str, pool: &str, model: Option<&str>, task: &PlannedTask) {
-        *self.steps.entry(workflow.to_string()).or_default() += 1;
-        *self.pools.entry(pool.to_string()).or_default() += 1;
+        // Counts not read yet will be read with this task in them.
+        let add = |map: &mut Option<HashMap<String, i64>>, key: &str| {
+            if let Some(map) = map {
+                *map.entry(key.to_string()).or_default() += 1;
+            }
+        };
+        add(&mut self.steps, workflow);
+        add(&mut self.pools, pool);
         if let Some(model) = model {
-            *self.models.entry(model.to_string()).or_default() += 1;
+            add(&mut self.models, model);
             if let Some(w) = self.windows.get_mut(model) {
                 w.0 += 1;
                 w.1 += task.tokens.unwrap_or(0);
             }
         }
     }
+}
+
+/// The counts in `slot`, read by `read` the first time.
+fn loaded(
+    slot: &mut Option<HashMap<String, i64>>,
+    read: impl FnOnce() -> Result<HashMap<String, i64>, DbError>,
+) -> Result<&HashMap<String, i64>, DbError> {
+    if slot.is_none() {
+        *slot = Some(read()?);
+    }
+    Ok(slot.get_or_insert_default())
 }
 
 /// Which attempt a task is, and when it is due.

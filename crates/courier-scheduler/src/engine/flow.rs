@@ -172,7 +172,8 @@ impl Engine {
             let name = format!("{}[{index}]", s.name);
             if self.held(c, wf, &run_row, s)? {
                 let turn = self.turn(c, run)?;
-                tx::wait_step(c.t, run, &name, None, None, turn)?;
+                let reason = self.gate_reason(&s.queue);
+                tx::wait_step(c.t, run, &name, reason.as_deref(), None, turn)?;
                 c.effects.admit = true;
                 continue;
             }
@@ -305,7 +306,8 @@ impl Engine {
         // A run not yet admitted starts no child: admission starts it.
         if !run_row.admitted {
             let turn = self.turn(c, run)?;
-            tx::wait_step(c.t, run, &s.name, None, None, turn)?;
+            let reason = self.gate_reason(&s.queue);
+            tx::wait_step(c.t, run, &s.name, reason.as_deref(), None, turn)?;
             states.set(&s.name, StepStatus::Waiting);
             c.effects.admit = true;
             return Ok(());
