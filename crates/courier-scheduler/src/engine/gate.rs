@@ -74,6 +74,11 @@ impl Gates {
         self.pools.get(pool).map(|g| g.limit)
     }
 
+    /// Whether steps of the pool wait at its gate.
+    pub fn holding(&self, pool: &str) -> bool {
+        self.pools.get(pool).is_some_and(|g| g.holding.load(Ordering::Relaxed))
+    }
+
     /// Whether a pool's queue is at its limit.
     pub fn shut(&self, pool: &str) -> bool {
         self.pools.get(pool).is_some_and(|g| g.queued() >= g.limit)
