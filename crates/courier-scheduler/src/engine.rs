@@ -376,8 +376,9 @@ struct Effects {
     /// and at the end of the batch, not after each result (see
     /// `end_finished_runs`; a result that spent tokens ends its run at once).
     maybe_done: Option<String>,
-    /// The next turn of each run that started waiting (see `Engine::turn`).
-    turns: HashMap<String, i64>,
+    /// The next turn of each run (and pool) that started waiting (see
+    /// `Engine::turn`).
+    turns: HashMap<(String, String), i64>,
     /// Steps ended, by run: each run's count of open steps goes down by
     /// them in one statement, before the count is read and before the
     /// commit (see `end_step`).
@@ -475,7 +476,7 @@ impl Engine {
         let was = self.publishing.swap(on, std::sync::atomic::Ordering::Relaxed);
         if was != on {
             // What it counted unpublished, another may have published.
-            self.gates.outbox_empty();
+            self.gates.outbox_empty(self.gates.seq());
         }
         if !on {
             *self.kept() = Outbox::default();
@@ -1055,8 +1056,8 @@ impl Engine {
                 row.depends = 0;
                 if let Some(approval) = &step.approval {
                     approvals.push((step, approval.timeout));
-                } else if self.held(c, wf, &run_row, step)? {
-                    held.push(step);
+                } else if let Some(reason) = self.held(c, wf, &run_row, step)? {
+                    held.push((step, reason));
                 } else {
                     row.started_ms = Some(now);
                     dispatched.push((step, step.name.as_str(), task));
@@ -1076,9 +1077,8 @@ impl Engine {
                 now,
             )?;
         }
-        for step in held {
-            let turn = self.turn(c, run)?;
-            let reason = self.gate_reason(&step.queue);
+        for (step, reason) in held {
+            let turn = self.turn(c, run, &step.queue)?;
             tx::wait_step(c.t, run, &step.name, reason.as_deref(), None, turn)?;
             c.effects.admit = true;
         }
@@ -1864,9 +1864,8 @@ impl Engine {
             states.set(&s.name, StepStatus::WaitingApproval);
             return Ok(());
         }
-        if self.held(c, wf, run_row, s)? {
-            let turn = self.turn(c, run)?;
-            let reason = self.gate_reason(&s.queue);
+        if let Some(reason) = self.held(c, wf, run_row, s)? {
+            let turn = self.turn(c, run, &s.queue)?;
             tx::wait_step(c.t, run, &s.name, reason.as_deref(), None, turn)?;
             states.set(&s.name, StepStatus::Waiting);
             c.effects.admit = true;
@@ -1918,9 +1917,9 @@ impl Engine {
         let due = c.now.saturating_add(millis(delay));
         // A step under limits (or on a paused model) retries through
         // admission, which applies them all, priorities included.
-        if self.held(c, wf, run_row, step)? {
+        if self.held(c, wf, run_row, step)?.is_some() {
             let why = format!("retry after {}", courier_wire::humanize(delay));
-            let turn = self.turn(c, run)?;
+            let turn = self.turn(c, run, &step.queue)?;
             tx::wait_step(c.t, run, name, Some(&why), Some(due), turn)?;
             tx::note_step_error(c.t, run, name, &error, &r.worker_id)?;
             c.applied.retried += 1;
@@ -1982,26 +1981,27 @@ impl Engine {
         }
     }
 
-    /// The turn of a run's step that starts waiting (start-time fair
-    /// queueing): one after the run's last waiting step, and not before
-    /// its priority's virtual time, the latest turn dispatched at that
-    /// priority. So runs take turns, one step each, the older first among
+    /// The turn of a run's step of `pool` that starts waiting (start-time
+    /// fair queueing): one after the run's last waiting step, and not
+    /// before the virtual time of its priority in that pool, the latest
+    /// turn dispatched there. So runs take turns, one step each, the older first among
     /// equal turns; a run that starts waiting beside others gets the next
     /// turn; and a step waits for a bounded number of others, since later
     /// steps never get a turn before the virtual time, which only grows.
     /// Priority p's turns are `(9 - p) * TURNS` onwards, so higher
     /// priorities come first in turn order. Two indexed reads per run per
     /// transaction.
-    fn turn(&self, c: &mut Change<'_, '_>, run: &str) -> Result<i64, DbError> {
-        if let Some(next) = c.effects.turns.get_mut(run) {
+    fn turn(&self, c: &mut Change<'_, '_>, run: &str, pool: &str) -> Result<i64, DbError> {
+        let key = (run.to_string(), pool.to_string());
+        if let Some(next) = c.effects.turns.get_mut(&key) {
             *next += 1;
             return Ok(*next - 1);
         }
         let priority = run_priority(c, run)?.min(MAX_PRIORITY);
         let base = i64::from(MAX_PRIORITY - priority) * TURNS;
-        let now = tx::virtual_time(c.t, priority)?.unwrap_or(base).max(base);
+        let now = tx::virtual_time(c.t, priority, pool)?.unwrap_or(base).max(base);
         let turn = tx::after_last_turn(c.t, run)?.unwrap_or(now).max(now);
-        c.effects.turns.insert(run.to_string(), turn + 1);
+        c.effects.turns.insert(key, turn + 1);
         Ok(turn)
     }
 
@@ -2012,39 +2012,43 @@ impl Engine {
         self.gates.limit(pool).is_some() && (!self.publishing.load(Ordering::Relaxed) || self.gates.shut(pool))
     }
 
-    /// What holds a step of `pool` that starts waiting, if it is its gate
-    /// (named when it starts waiting, not by the next admission pass, which
-    /// would write each such step again): shut, or holding steps already.
-    fn gate_reason(&self, pool: &str) -> Option<String> {
-        self.gate_holds(pool, false)
-    }
-
-    /// The gate's reason, if it holds a step of `pool`: at admission
-    /// (`admitting`) only when shut; a step starting to wait also behind
-    /// the steps waiting at it.
-    fn gate_holds(&self, pool: &str, admitting: bool) -> Option<String> {
+    /// The gate's reason, if it holds a step of `pool` at admission (it is
+    /// shut).
+    fn gate_holds(&self, pool: &str) -> Option<String> {
         let max = self.gates.limit(pool)?;
-        (self.gate_shut(pool) || (!admitting && self.gates.holding(pool)))
-            .then(|| format!("pool {pool} max_queued ({max})"))
+        self.gate_shut(pool).then(|| format!("pool {pool} max_queued ({max})"))
     }
 
-    /// Whether a ready step must wait for admission: a limit applies to it
-    /// (or its model is paused), or its run is not yet admitted. It reads
+    /// Whether a ready step must wait for admission (`Some`): a limit
+    /// applies to it (or its model is paused), or its run is not yet
+    /// admitted; with the reason when it is its pool's gate (admission
+    /// names the others). It reads
     /// none of the run's steps or tasks (counting is `admit_in`'s):
     /// `create_run` decides every first step before writing any.
-    fn held(&self, c: &mut Change<'_, '_>, wf: &Workflow, run: &RunRow, step: &Step) -> Result<bool, DbError> {
+    fn held(
+        &self,
+        c: &mut Change<'_, '_>,
+        wf: &Workflow,
+        run: &RunRow,
+        step: &Step,
+    ) -> Result<Option<Option<String>>, DbError> {
         if !run.admitted || wf.max_active_steps.is_some() || self.limits.pool_in_flight.contains_key(&step.queue) {
-            return Ok(true);
+            return Ok(Some(None));
         }
         if let Some(model) = self.step_model(step)
             && (self.models.get(model).is_some_and(|m| m.limits.any()) || tx::model_pause(c.t, model, c.now)?.is_some())
         {
-            return Ok(true);
+            return Ok(Some(None));
         }
         // Last: the step goes now unless its pool's gate holds it (it takes
-        // a place in the queue).
-        Ok(self.gates.limit(&step.queue).is_some()
-            && (!self.publishing.load(Ordering::Relaxed) || !self.gates.admits(&step.queue)))
+        // a place in the queue); then the gate is named at once.
+        let Some(max) = self.gates.limit(&step.queue) else {
+            return Ok(None);
+        };
+        if self.publishing.load(Ordering::Relaxed) && self.gates.admits(&step.queue) {
+            return Ok(None);
+        }
+        Ok(Some(Some(format!("pool {} max_queued ({max})", step.queue))))
     }
 
     /// Dispatch waiting steps, highest priority first, as every limit allows;
@@ -2057,16 +2061,15 @@ impl Engine {
     /// An admission pass: waiting steps in turn order, a chunk at a time.
     /// Unless `full` (the clock's, every [`FULL_ADMISSION`]), it stops
     /// after a chunk that dispatched nothing once the gates of every pool
-    /// it met are shut: a backlog at the gates costs a chunk or two per
-    /// pass, not a read of every waiting step (a pass over 10,000 waiting
-    /// steps every tick slowed small runs beside a wide one to p99 1.5 s).
-    /// Steps of other pools further on wait for the next full pass or a
-    /// pass that reaches them.
+    /// it met are shut and no gate holding steps is open: a backlog at the
+    /// gates costs a chunk or two per pass, not a read of every waiting
+    /// step. Steps further on held by other limits (a model's concurrency)
+    /// wait for the next full pass or a pass that reaches them.
     fn admission(&self, c: &mut Change<'_, '_>, full: bool) -> Result<(), DbError> {
         let mut counts = None;
         let mut pools = BTreeSet::new();
         let (mut after, mut read) = (None::<(i64, String, String)>, 0);
-        loop {
+        let complete = loop {
             let key = after.as_ref().map(|(t, r, n)| (*t, r.as_str(), n.as_str()));
             // A first chunk small: behind shut gates it is all a pass reads.
             let size = if read == 0 { ADMIT_FIRST } else { ADMIT_CHUNK }.min(ADMIT_BATCH - read);
@@ -2075,29 +2078,29 @@ impl Engine {
             read += chunk.len();
             after = chunk.last().map(|w| (w.turn, w.run.clone(), w.step.clone()));
             if !chunk.is_empty() {
-                let counts = match &mut counts {
-                    Some(counts) => counts,
-                    None => counts.insert(Counts::default()),
-                };
+                let counts = counts.get_or_insert_with(Counts::default);
                 pools.extend(chunk.iter().map(|w| w.queue.clone()));
                 let before = c.applied.dispatched;
                 self.admit_each(c, counts, chunk)?;
-                if !full && c.applied.dispatched == before && pools.iter().all(|p| self.gate_shut(p)) {
-                    break;
+                // Nothing further can go: every pool met is shut, and no
+                // gate with steps waiting at it is open (those may be further).
+                if !full
+                    && c.applied.dispatched == before
+                    && pools.iter().all(|p| self.gate_shut(p))
+                    && !(self.publishing.load(Ordering::Relaxed) && c.gates.open_holding())
+                {
+                    break false;
                 }
             }
             if end || read >= ADMIT_BATCH {
-                break;
+                break end;
             }
-        }
-        let Some(counts) = counts else {
-            c.gates.passed(&BTreeSet::new());
-            return Ok(());
         };
-        for (priority, turn) in &counts.turned {
-            tx::advance_virtual_time(c.t, *priority, *turn)?;
+        let counts = counts.unwrap_or_default();
+        for ((priority, pool), turn) in &counts.turned {
+            tx::advance_virtual_time(c.t, *priority, pool, *turn)?;
         }
-        c.gates.passed(&counts.gated);
+        c.gates.passed(&counts.gated, complete);
         Ok(())
     }
 
@@ -2210,13 +2213,13 @@ impl Engine {
                 continue;
             }
             let Some(task) = planned else { continue };
-            if !w.admitted {
+            if !w.admitted && !counts.admitted_runs.contains(&w.run) {
                 tx::admit_run(c.t, &w.run)?;
                 counts.admitted(&wf.name, &w.run);
             }
             counts.took(&wf.name, &step.queue, model, &task);
             let priority = MAX_PRIORITY.saturating_sub(u8::try_from(w.turn / TURNS).unwrap_or(MAX_PRIORITY));
-            let turned = counts.turned.entry(priority).or_insert(w.turn);
+            let turned = counts.turned.entry((priority, w.queue.clone())).or_insert(w.turn);
             *turned = (*turned).max(w.turn);
             c.gates.dispatched(&step.queue);
             write_task(c, &w.run, step, &w.step, task, true)?;
@@ -2255,7 +2258,7 @@ impl Engine {
         {
             return Ok(Some(format!("pool {} max_in_flight ({max})", step.queue)));
         }
-        if let Some(reason) = self.gate_holds(&step.queue, true) {
+        if let Some(reason) = self.gate_holds(&step.queue) {
             counts.gated.insert(step.queue.clone());
             return Ok(Some(reason));
         }
@@ -2411,8 +2414,8 @@ struct Counts {
     blocked: HashMap<String, String>,
     /// Pools whose gate held a step in this pass.
     gated: BTreeSet<String>,
-    /// Per priority, the latest turn dispatched in this pass.
-    turned: BTreeMap<u8, i64>,
+    /// Per priority and pool, the latest turn dispatched in this pass.
+    turned: BTreeMap<(u8, String), i64>,
 }
 
 impl Counts {

@@ -561,6 +561,7 @@ async fn outbox_loop(
     let mut failure = None;
     let mut read = true;
     let mut last_full = false;
+    let mut seen = 0;
     // What the last connection published unconfirmed is in the database.
     shared.engine.outbox_incomplete();
     loop {
@@ -601,6 +602,8 @@ async fn outbox_loop(
         // left, once there is room: the tasks committed since the last read,
         // as the engine kept them, or else the database.
         if read && room(last_full, unconfirmed.len()) {
+            // The gates' dispatches this read can see (see `outbox_empty`).
+            seen = shared.engine.gates().seq();
             let fresh = shared.engine.take_fresh(OUTBOX_BATCH - unconfirmed.len());
             let from_db = fresh.is_none();
             let due = if let Some((fresh, more)) = fresh {
@@ -699,7 +702,7 @@ async fn outbox_loop(
             if !read {
                 // Nothing is left to publish: what the gates count as
                 // unpublished was cancelled before it went.
-                shared.engine.gates().outbox_empty();
+                shared.engine.gates().outbox_empty(seen);
             }
         }
         // Wait for a confirm, new tasks, or a second (tasks another

@@ -727,6 +727,62 @@ fn held_steps_take_turns_between_runs_so_a_small_run_beside_wide_ones_waits_a_tu
 }
 
 #[test]
+fn a_pools_gate_holds_steps_past_its_queue_and_lets_them_go_in_turn_as_the_broker_counts_fewer() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let wide: String = std::iter::once("steps:\n".to_string())
+        .chain((0..8).map(|i| format!("  - name: s{i}\n    echo: s{i}\n")))
+        .collect();
+    let config = config_with(
+        dir.path(),
+        &[("wide", &wide), ("small", "steps:\n  - name: only\n    echo: only\n")],
+    );
+    let limits = EngineLimits {
+        default_queued: 2,
+        ..EngineLimits::default()
+    };
+    let engine = Engine::new(config, support::store(&dir.path().join("courier.db")), limits);
+    let gates = engine.gates();
+    let wide = engine.submit("wide", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    let reasons: Vec<Option<&str>> = wide.steps.iter().map(|s| s.waiting_on.as_deref()).collect();
+    let gate = Some("pool default max_queued (2)");
+    assert_eq!(reasons, [None, None, gate, gate, gate, gate, gate, gate]);
+    let small = engine.submit("small", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    assert_eq!(
+        small.steps[0].waiting_on.as_deref(),
+        gate,
+        "behind the steps held there"
+    );
+    // The outbox publishes the two tasks; the broker confirms them.
+    let first: Vec<Task> = due(&engine).into_iter().map(|(t, _)| t).collect();
+    assert_eq!(first.len(), 2);
+    let ids: Vec<String> = first.iter().map(|t| t.task_id.to_string()).collect();
+    engine.with_db(|db| db.mark_published(&ids)).unwrap();
+    for _ in &first {
+        gates.sent("default", true);
+    }
+    // Still in the queue: the gate stays shut, and admission lets none go.
+    let [(pool, before)] = gates.to_read().try_into().unwrap();
+    assert!(!gates.observed(&pool, 2, before));
+    assert_eq!(engine.admit().unwrap(), 0);
+    // The workers took them: the gate opens, and the next two in turn go,
+    // the wide run's next step and the small run's, not the wide run's two.
+    let [(pool, before)] = gates.to_read().try_into().unwrap();
+    assert!(gates.observed(&pool, 0, before));
+    assert_eq!(engine.admit().unwrap(), 2);
+    let next: Vec<(String, String)> = due(&engine)
+        .into_iter()
+        .map(|(t, _)| (t.run_id.to_string(), t.step))
+        .collect();
+    assert_eq!(
+        next,
+        [
+            (wide.id.clone(), "s2".to_string()),
+            (small.id.clone(), "only".to_string())
+        ]
+    );
+}
+
+#[test]
 fn a_token_window_holds_steps_and_real_usage_corrects_it() {
     let dir = tempfile::TempDir::new().unwrap();
     let step = |name: &str| {

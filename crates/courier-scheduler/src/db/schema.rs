@@ -165,8 +165,8 @@ UPDATE runs SET (input_tokens, output_tokens, cost) = (
 ",
     // 8: a waiting step's turn, so admission reads waiting steps in turn
     // order from an index, as many as it can dispatch, instead of sorting
-    // every waiting step on every pass; and each priority's virtual time,
-    // the latest turn dispatched (see `Engine::turn`). Steps already
+    // every waiting step on every pass; and each priority's virtual time
+    // in each pool, the latest turn dispatched there (see `Engine::turn`). Steps already
     // waiting take their run's turns in order from 0.
     "
 ALTER TABLE steps ADD COLUMN turn INTEGER;
@@ -178,7 +178,7 @@ WHERE steps.run_id = w.run_id AND steps.name = w.name;
 DROP INDEX steps_waiting;
 CREATE INDEX steps_waiting ON steps (run_id, turn) WHERE status = 'waiting';
 CREATE INDEX steps_turns ON steps (turn, run_id, name) WHERE status = 'waiting';
-CREATE TABLE turns (priority INTEGER PRIMARY KEY, virtual INTEGER NOT NULL);
+CREATE TABLE turns (priority INTEGER NOT NULL, pool TEXT NOT NULL, vtime INTEGER NOT NULL, PRIMARY KEY (priority, pool));
 ",
 ];
 
@@ -319,7 +319,7 @@ WHERE steps.run_id = w.run_id AND steps.name = w.name;
 DROP INDEX steps_waiting;
 CREATE INDEX steps_waiting ON steps (run_id, turn) WHERE status = 'waiting';
 CREATE INDEX steps_turns ON steps (turn, run_id, name) WHERE status = 'waiting';
-CREATE TABLE turns (priority BIGINT PRIMARY KEY, virtual BIGINT NOT NULL);
+CREATE TABLE turns (priority BIGINT NOT NULL, pool TEXT NOT NULL, vtime BIGINT NOT NULL, PRIMARY KEY (priority, pool));
 ",
 ];
 

@@ -418,22 +418,22 @@ pub fn after_last_turn(tx: &Tx<'_>, run: &str) -> Result<Option<i64>, DbError> {
     )
 }
 
-/// A priority's virtual time: the latest turn dispatched at it.
-pub fn virtual_time(tx: &Tx<'_>, priority: u8) -> Result<Option<i64>, DbError> {
+/// A priority's virtual time in a pool: the latest turn dispatched there.
+pub fn virtual_time(tx: &Tx<'_>, priority: u8, pool: &str) -> Result<Option<i64>, DbError> {
     tx.opt(
-        "SELECT virtual FROM turns WHERE priority = ?1",
-        p![i64::from(priority)],
+        "SELECT vtime FROM turns WHERE priority = ?1 AND pool = ?2",
+        p![i64::from(priority), pool],
         |r| r.get(0),
     )
 }
 
-/// Advance a priority's virtual time to `turn` (never back).
-pub fn advance_virtual_time(tx: &Tx<'_>, priority: u8, turn: i64) -> Result<(), DbError> {
+/// Advance a priority's virtual time in a pool to `turn` (never back).
+pub fn advance_virtual_time(tx: &Tx<'_>, priority: u8, pool: &str, turn: i64) -> Result<(), DbError> {
     tx.exec(
-        "INSERT INTO turns (priority, virtual) VALUES (?1, ?2)
-         ON CONFLICT (priority) DO UPDATE
-         SET virtual = CASE WHEN excluded.virtual > turns.virtual THEN excluded.virtual ELSE turns.virtual END",
-        p![i64::from(priority), turn],
+        "INSERT INTO turns (priority, pool, vtime) VALUES (?1, ?2, ?3)
+         ON CONFLICT (priority, pool) DO UPDATE
+         SET vtime = CASE WHEN excluded.vtime > turns.vtime THEN excluded.vtime ELSE turns.vtime END",
+        p![i64::from(priority), pool, turn],
     )?;
     Ok(())
 }

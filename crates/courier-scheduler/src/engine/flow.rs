@@ -170,9 +170,8 @@ impl Engine {
             };
             let index = usize::try_from(index).unwrap_or(0);
             let name = format!("{}[{index}]", s.name);
-            if self.held(c, wf, &run_row, s)? {
-                let turn = self.turn(c, run)?;
-                let reason = self.gate_reason(&s.queue);
+            if let Some(reason) = self.held(c, wf, &run_row, s)? {
+                let turn = self.turn(c, run, &s.queue)?;
                 tx::wait_step(c.t, run, &name, reason.as_deref(), None, turn)?;
                 c.effects.admit = true;
                 continue;
@@ -305,9 +304,8 @@ impl Engine {
         let Some(sub) = &s.workflow else { return Ok(()) };
         // A run not yet admitted starts no child: admission starts it.
         if !run_row.admitted {
-            let turn = self.turn(c, run)?;
-            let reason = self.gate_reason(&s.queue);
-            tx::wait_step(c.t, run, &s.name, reason.as_deref(), None, turn)?;
+            let turn = self.turn(c, run, &s.queue)?;
+            tx::wait_step(c.t, run, &s.name, None, None, turn)?;
             states.set(&s.name, StepStatus::Waiting);
             c.effects.admit = true;
             return Ok(());

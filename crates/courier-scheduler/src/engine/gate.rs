@@ -26,6 +26,8 @@ pub const DEFAULT_MAX_QUEUED: u32 = 64;
 #[derive(Debug, Default)]
 pub struct Gates {
     pools: HashMap<String, Gate>,
+    /// Dispatches counted, ever.
+    seq: std::sync::atomic::AtomicU64,
     /// Told when a gate shuts or a step waits at one.
     wake: Notify,
 }
@@ -65,6 +67,7 @@ impl Gates {
             .collect();
         Self {
             pools,
+            seq: Default::default(),
             wake: Notify::new(),
         }
     }
@@ -72,11 +75,6 @@ impl Gates {
     /// The limit of a pool's gate, if it has one.
     pub fn limit(&self, pool: &str) -> Option<i64> {
         self.pools.get(pool).map(|g| g.limit)
-    }
-
-    /// Whether steps of the pool wait at its gate.
-    pub fn holding(&self, pool: &str) -> bool {
-        self.pools.get(pool).is_some_and(|g| g.holding.load(Ordering::Relaxed))
     }
 
     /// Whether a pool's queue is at its limit.
@@ -112,21 +110,30 @@ impl Gates {
 
     /// An admission pass is over: steps of the pools in `held` wait at
     /// their gates, and new steps of those pools wait behind them; at the
-    /// other gates none does (that the pass saw).
-    pub fn passed(&self, held: &std::collections::BTreeSet<String>) {
+    /// other gates none does, if the pass read every waiting step
+    /// (`complete`; otherwise some may, further on).
+    pub fn passed(&self, held: &std::collections::BTreeSet<String>, complete: bool) {
         for (pool, g) in &self.pools {
             if held.contains(pool) {
                 self.held(pool);
-            } else {
+            } else if complete {
                 g.holding.store(false, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Whether a gate holding steps is open: a pass must reach them.
+    pub fn open_holding(&self) -> bool {
+        self.pools
+            .values()
+            .any(|g| g.holding.load(Ordering::Relaxed) && g.queued() < g.limit)
     }
 
     /// A task was dispatched to the pool's queue by admission, which saw the
     /// gate open.
     pub fn dispatched(&self, pool: &str) {
         if let Some(g) = self.pools.get(pool) {
+            self.seq.fetch_add(1, Ordering::Relaxed);
             g.unpublished.fetch_add(1, Ordering::Relaxed);
             if g.queued() >= g.limit {
                 self.wake.notify_one();
@@ -149,12 +156,22 @@ impl Gates {
         }
     }
 
-    /// The outbox has nothing left to publish: no task is unpublished (those
-    /// counted and not sent were cancelled first, or are due later).
-    pub fn outbox_empty(&self) {
+    /// The outbox has nothing left to publish, and no dispatch was counted
+    /// since its last read (`seen`, from [`Gates::seq`] before that read):
+    /// no task is unpublished (those counted and not sent were cancelled
+    /// first, or their transaction rolled back).
+    pub fn outbox_empty(&self, seen: u64) {
+        if self.seq.load(Ordering::Relaxed) != seen {
+            return;
+        }
         for g in self.pools.values() {
             g.unpublished.store(0, Ordering::Relaxed);
         }
+    }
+
+    /// How many dispatches the gates have counted.
+    pub fn seq(&self) -> u64 {
+        self.seq.load(Ordering::Relaxed)
     }
 
     /// The pools whose broker count should be read: shut, or holding steps.
@@ -217,13 +234,18 @@ mod tests {
         assert!(gates.observed("default", 1, before), "1 + 1 < 3, and a step waits");
         assert!(!gates.shut("default"));
         assert!(!gates.admits("default"), "new steps wait behind the held one");
-        gates.passed(&["default".to_string()].into());
+        gates.passed(&["default".to_string()].into(), false);
         assert!(!gates.admits("default"), "a pass held steps at the gate");
-        gates.passed(&Default::default());
+        assert!(gates.open_holding());
+        gates.passed(&Default::default(), false);
+        assert!(!gates.admits("default"), "a pass that did not read them all");
+        gates.passed(&Default::default(), true);
         assert!(gates.to_read().is_empty());
         assert!(gates.admits("default"));
         assert_eq!(gates.to_read().len(), 1, "its queue is full again");
-        gates.outbox_empty();
+        gates.outbox_empty(gates.seq() - 1);
+        assert_eq!(gates.to_read().len(), 1, "a dispatch the outbox did not see yet");
+        gates.outbox_empty(gates.seq());
         assert!(gates.to_read().is_empty(), "that task was cancelled before it went");
     }
 }
