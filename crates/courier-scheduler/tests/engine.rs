@@ -660,16 +660,22 @@ fn limits_hold_steps_as_waiting_and_admit_them_by_priority() {
     assert!(low.steps.iter().all(|s| s.status == StepStatus::Waiting));
 }
 
+/// The example config with a workflow `wide` of `width` independent echo
+/// steps and a workflow `small` of one.
+fn wide_and_small(dir: &Path, width: usize) -> Config {
+    let wide: String = std::iter::once("steps:\n".to_string())
+        .chain((0..width).map(|i| format!("  - name: s{i}\n    echo: s{i}\n")))
+        .collect();
+    config_with(
+        dir,
+        &[("wide", &wide), ("small", "steps:\n  - name: only\n    echo: only\n")],
+    )
+}
+
 #[test]
 fn held_steps_take_turns_between_runs_so_a_small_run_beside_wide_ones_waits_a_turn_per_run() {
     let dir = tempfile::TempDir::new().unwrap();
-    let wide: String = std::iter::once("steps:\n".to_string())
-        .chain((0..12).map(|i| format!("  - name: s{i}\n    echo: s{i}\n")))
-        .collect();
-    let config = config_with(
-        dir.path(),
-        &[("wide", &wide), ("small", "steps:\n  - name: only\n    echo: only\n")],
-    );
+    let config = wide_and_small(dir.path(), 12);
     let limits = EngineLimits {
         pool_in_flight: BTreeMap::from([("default".to_string(), 3)]),
         ..EngineLimits::default()
@@ -729,13 +735,7 @@ fn held_steps_take_turns_between_runs_so_a_small_run_beside_wide_ones_waits_a_tu
 #[test]
 fn a_pools_gate_holds_steps_past_its_queue_and_lets_them_go_in_turn_as_the_broker_counts_fewer() {
     let dir = tempfile::TempDir::new().unwrap();
-    let wide: String = std::iter::once("steps:\n".to_string())
-        .chain((0..8).map(|i| format!("  - name: s{i}\n    echo: s{i}\n")))
-        .collect();
-    let config = config_with(
-        dir.path(),
-        &[("wide", &wide), ("small", "steps:\n  - name: only\n    echo: only\n")],
-    );
+    let config = wide_and_small(dir.path(), 8);
     let limits = EngineLimits {
         default_queued: 2,
         ..EngineLimits::default()
