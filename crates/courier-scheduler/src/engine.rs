@@ -12,6 +12,7 @@
 //! priority first, as the limits allow.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -290,6 +291,10 @@ pub struct Engine {
     queued: Mutex<Vec<QueuedRun>>,
     /// Each pool's broker queue kept short (while this scheduler publishes).
     gates: gate::Gates,
+    /// A limit counted over what runs is configured (`max_active_*`, a
+    /// pool's `max_in_flight`, a model's): a finished task may free a
+    /// place for a waiting step.
+    counted_limits: bool,
 }
 
 /// A submitted run, planned, waiting for whichever submitter holds the
@@ -425,7 +430,7 @@ impl Engine {
         use courier_config::AgentStore as _;
         let db_shared = db.is_shared();
         let default_model = config.store.agent_config().ok().map(|a| a.default_model);
-        let models = config
+        let models: HashMap<String, ModelTerms> = config
             .store
             .model_ids()
             .filter_map(|id| {
@@ -445,8 +450,15 @@ impl Engine {
             let limit = limits.pool_queued.get(&pool).copied().unwrap_or(limits.default_queued);
             (pool, limit)
         }));
+        let counted_limits = !limits.pool_in_flight.is_empty()
+            || models.values().any(|m| m.limits.any())
+            || config
+                .workflows
+                .values()
+                .any(|wf| wf.max_active_runs.is_some() || wf.max_active_steps.is_some());
         Self {
             gates,
+            counted_limits,
             config,
             db: Mutex::new(db),
             limits,
@@ -1037,13 +1049,15 @@ impl Engine {
         };
         c.effects.priorities.insert(run.to_string(), new.priority);
         // Steps in workflow order, inserted together, then their first tasks
-        // together: a first step dispatched at once is inserted running (one
-        // write, not an insert and an update); approvals and held steps are
-        // marked so once their rows exist. Whether one is held (`held`)
-        // depends on the run and the limits configured, not on step rows.
+        // together: a first step dispatched at once is inserted running, a
+        // held one waiting in its turn (one write, not an insert and an
+        // update); approvals are marked so once their rows exist. Whether
+        // one is held (`held`) depends on the run and the limits
+        // configured, not on step rows.
         let mut first = first.into_iter().peekable();
         let mut rows = Vec::with_capacity(wf.steps().len());
-        let (mut approvals, mut held, mut dispatched) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut approvals, mut dispatched) = (Vec::new(), Vec::new());
+        let mut reasons = Vec::new();
         for (i, step) in wf.steps().iter().enumerate() {
             let mut row = tx::NewStep {
                 name: &step.name,
@@ -1051,19 +1065,24 @@ impl Engine {
                 queue: &step.queue,
                 depends: step.depends.len(),
                 started_ms: None,
+                waiting: None,
             };
             if let Some((_, task)) = first.next_if(|(f, _)| *f == i) {
                 row.depends = 0;
                 if let Some(approval) = &step.approval {
                     approvals.push((step, approval.timeout));
                 } else if let Some(reason) = self.held(c, wf, &run_row, step)? {
-                    held.push((step, reason));
+                    reasons.push((rows.len(), reason, self.turn(c, run, &step.queue)?));
+                    c.effects.admit = true;
                 } else {
                     row.started_ms = Some(now);
                     dispatched.push((step, step.name.as_str(), task));
                 }
             }
             rows.push(row);
+        }
+        for (i, reason, turn) in &reasons {
+            rows[*i].waiting = Some((reason.as_deref(), *turn));
         }
         tx::insert_steps(t, run, &rows)?;
         for (step, timeout) in approvals {
@@ -1076,11 +1095,6 @@ impl Engine {
                 now.saturating_add(millis(timeout)),
                 now,
             )?;
-        }
-        for (step, reason) in held {
-            let turn = self.turn(c, run, &step.queue)?;
-            tx::wait_step(c.t, run, &step.name, reason.as_deref(), None, turn)?;
-            c.effects.admit = true;
         }
         write_tasks(c, run, dispatched.into_iter(), false)?;
         let mut states = Statuses::new(run);
@@ -2048,13 +2062,22 @@ impl Engine {
         if self.publishing.load(Ordering::Relaxed) && self.gates.admits(&step.queue) {
             return Ok(None);
         }
+        self.gates.held(&step.queue);
         Ok(Some(Some(format!("pool {} max_queued ({max})", step.queue))))
     }
 
     /// Dispatch waiting steps, highest priority first, as every limit allows;
     /// a step still held gets the limit named in `waiting_on`. A step whose
     /// workflow or step left the config fails its run.
+    /// When no limit but the gates is configured and every gate is shut,
+    /// nothing waiting can go (steps waiting out a retry's backoff or a
+    /// model's pause are the clock's): the pass reads nothing. The gate
+    /// loop admits when a gate opens.
     fn admit_in(&self, c: &mut Change<'_, '_>) -> Result<(), DbError> {
+        let shut = !self.publishing.load(Ordering::Relaxed) || self.gates.all_shut();
+        if !self.counted_limits && self.gates.any() && shut {
+            return Ok(());
+        }
         self.admission(c, false)
     }
 
@@ -2080,12 +2103,10 @@ impl Engine {
             if !chunk.is_empty() {
                 let counts = counts.get_or_insert_with(Counts::default);
                 pools.extend(chunk.iter().map(|w| w.queue.clone()));
-                let before = c.applied.dispatched;
                 self.admit_each(c, counts, chunk)?;
                 // Nothing further can go: every pool met is shut, and no
                 // gate with steps waiting at it is open (those may be further).
                 if !full
-                    && c.applied.dispatched == before
                     && pools.iter().all(|p| self.gate_shut(p))
                     && !(self.publishing.load(Ordering::Relaxed) && c.gates.open_holding())
                 {
@@ -2122,6 +2143,7 @@ impl Engine {
                     "step \"{}\" of workflow \"{}\" is no longer configured",
                     w.step, w.workflow
                 );
+                counts.changed(&w.run);
                 fail_run(c, &w.run, &error)?;
                 continue;
             };
@@ -2147,6 +2169,7 @@ impl Engine {
                     counts.admitted(&wf.name, &w.run);
                     run_row.admitted = true;
                 }
+                counts.changed(&w.run);
                 self.start(c, wf, &run_row, step, &mut Statuses::new(&w.run), &mut None)?;
                 finish_if_done(c, &w.run)?;
                 continue;
@@ -2169,14 +2192,13 @@ impl Engine {
             }
             let mut planned = None;
             if held.is_none() {
-                let Some(run_row) = tx::run(c.t, &w.run)?.filter(|r| r.status == RunStatus::Running) else {
+                let Some(Running { deadline_ms, params }) = counts.running(c.t, &w.run)? else {
                     continue;
                 };
-                let params = run_params(c.t, &w.run)?;
                 let upstream = outputs(c.t, &w.run, step)?;
                 let attempt = Attempt {
                     number: w.attempts + 1,
-                    ..Attempt::first(c.now, run_row.deadline_ms)
+                    ..Attempt::first(c.now, deadline_ms)
                 };
                 let item = item_value(c.t, &w.run, &w.step, index)?;
                 let unit = (w.step.as_str(), item.as_ref());
@@ -2196,6 +2218,7 @@ impl Engine {
                         planned = Some(task);
                     }
                     Err(e) => {
+                        counts.changed(&w.run);
                         let mut states = Statuses::new(&w.run);
                         fail_step(c, wf, &w.run, &w.step, &e.to_string(), "scheduler", &mut states)?;
                         if index.is_some() {
@@ -2416,6 +2439,16 @@ struct Counts {
     gated: BTreeSet<String>,
     /// Per priority and pool, the latest turn dispatched in this pass.
     turned: BTreeMap<(u8, String), i64>,
+    /// Per run met in this pass: its deadline and parameters if it runs
+    /// (read once: a wide run's steps come in turn after turn).
+    running: HashMap<String, Option<Running>>,
+}
+
+/// What planning a waiting step needs of its run, if it runs.
+#[derive(Debug, Clone)]
+struct Running {
+    deadline_ms: Option<i64>,
+    params: Rc<BTreeMap<String, String>>,
 }
 
 impl Counts {
@@ -2445,6 +2478,28 @@ impl Counts {
             *runs.entry(workflow.to_string()).or_default() += 1;
         }
         self.admitted_runs.insert(run.to_string());
+    }
+
+    /// A run's deadline and parameters, if it is running.
+    fn running(&mut self, t: &Tx<'_>, run: &str) -> Result<Option<Running>, DbError> {
+        if let Some(known) = self.running.get(run) {
+            return Ok(known.clone());
+        }
+        let read = match tx::run(t, run)?.filter(|r| r.status == RunStatus::Running) {
+            Some(row) => Some(Running {
+                deadline_ms: row.deadline_ms,
+                params: Rc::new(run_params(t, run)?),
+            }),
+            None => None,
+        };
+        self.running.insert(run.to_string(), read.clone());
+        Ok(read)
+    }
+
+    /// This pass changed `run` (failed it, or started a step of it another
+    /// way): read it again when next met.
+    fn changed(&mut self, run: &str) {
+        self.running.remove(run);
     }
 
     /// A model's pause: until when, and why.

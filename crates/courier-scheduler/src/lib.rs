@@ -737,6 +737,8 @@ async fn gate_loop(shared: &Arc<Shared>, broker: &Broker) {
     // longer while they do not move (a pool without workers), up to
     // GATE_READ_MAX.
     let mut last: std::collections::HashMap<String, u32> = Default::default();
+    // Pools whose count could not be read (warned once, until read again).
+    let mut unread = std::collections::HashSet::new();
     let mut pause = GATE_READ;
     loop {
         let due = gates.to_read();
@@ -748,7 +750,7 @@ async fn gate_loop(shared: &Arc<Shared>, broker: &Broker) {
             }
             continue;
         }
-        let (mut opened, mut moved) = (false, false);
+        let (mut opened, mut moved, mut failed) = (false, false, false);
         for (pool, before) in due {
             let read = async {
                 let gauge = match &mut gauge {
@@ -759,13 +761,21 @@ async fn gate_loop(shared: &Arc<Shared>, broker: &Broker) {
             };
             match read.await {
                 Ok((ready, _)) => {
+                    if unread.remove(&pool) {
+                        info!(pool = %pool, "the pool's queue length is read again: its gate counts again");
+                    }
                     opened |= gates.observed(&pool, ready, before);
                     moved |= last.insert(pool, ready) != Some(ready);
                 }
                 Err(e) => {
                     // The broker closes the channel on a failed declare.
-                    warn!(pool = %pool, error = %e, "cannot read a pool's queue length; trying again");
                     gauge = None;
+                    opened |= gates.unread(&pool);
+                    // Once per failing spell, not every read.
+                    if unread.insert(pool.clone()) {
+                        warn!(pool = %pool, error = %e, "cannot read a pool's queue length: its gate is open until a read succeeds");
+                    }
+                    failed = true;
                 }
             }
         }
@@ -781,7 +791,9 @@ async fn gate_loop(shared: &Arc<Shared>, broker: &Broker) {
                 Err(e) => error!(error = %e, "admission panicked"),
             }
         }
-        pause = if opened || moved {
+        // A failed read is tried again more and more slowly (a new channel
+        // each time), the gate open meanwhile.
+        pause = if (opened || moved) && !failed {
             GATE_READ
         } else {
             (pause * 2).min(GATE_READ_MAX)

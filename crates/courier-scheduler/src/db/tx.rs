@@ -117,21 +117,25 @@ pub struct NewStep<'a> {
     pub queue: &'a str,
     pub depends: usize,
     pub started_ms: Option<i64>,
+    /// Inserted waiting, in this turn, for the limit named (if named):
+    /// as [`wait_step`] would mark it.
+    pub waiting: Option<(Option<&'a str>, i64)>,
 }
 
 /// Insert a run's steps, many per statement ([`Batched`]).
 pub fn insert_steps(tx: &Tx<'_>, run: &str, steps: &[NewStep<'_>]) -> Result<(), DbError> {
-    let states: Vec<(StepStatus, u32)> = steps
+    let states: Vec<(StepStatus, u32, Option<&str>, Option<i64>)> = steps
         .iter()
-        .map(|step| match step.started_ms {
-            Some(_) => (StepStatus::Running, 1),
-            None => (StepStatus::Pending, 0),
+        .map(|step| match (step.started_ms, step.waiting) {
+            (Some(_), _) => (StepStatus::Running, 1, None, None),
+            (None, Some((reason, turn))) => (StepStatus::Waiting, 0, reason, Some(turn)),
+            (None, None) => (StepStatus::Pending, 0, None, None),
         })
         .collect();
     let params: Vec<&dyn Param> = steps
         .iter()
         .zip(&states)
-        .flat_map(|(step, (status, attempts))| -> [&dyn Param; 8] {
+        .flat_map(|(step, (status, attempts, waiting_on, turn))| -> [&dyn Param; 10] {
             [
                 &run,
                 &step.name,
@@ -141,17 +145,20 @@ pub fn insert_steps(tx: &Tx<'_>, run: &str, steps: &[NewStep<'_>]) -> Result<(),
                 &step.depends,
                 attempts,
                 &step.started_ms,
+                waiting_on,
+                turn,
             ]
         })
         .collect();
-    tx.exec_batched(&INSERT_STEPS, 8, &params)?;
+    tx.exec_batched(&INSERT_STEPS, 10, &params)?;
     Ok(())
 }
 
 static INSERT_STEPS: Batched = Batched::new(|rows| {
     format!(
-        "INSERT INTO steps (run_id, name, position, queue, status, pending_deps, attempts, started_ms) {}",
-        values(8, rows)
+        "INSERT INTO steps (run_id, name, position, queue, status, pending_deps, attempts, started_ms, waiting_on,
+                            turn) {}",
+        values(10, rows)
     )
 });
 

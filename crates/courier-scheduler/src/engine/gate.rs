@@ -8,6 +8,8 @@
 //! the gate shuts: new steps of the pool wait, `waiting_on` naming it, and
 //! admission lets them go in turn as the queue empties. The scheduler's gate
 //! loop reads the broker's count while a gate is shut or steps wait at it.
+//! A gate whose count cannot be read (the broker refuses the read) opens
+//! until a read succeeds: it trades its order for its pool's progress.
 //! The estimate is an estimate, so the limit is not exact: the count of a
 //! read can miss a task confirmed while it was answered, and what a
 //! transaction dispatched stays counted if it rolls back, until the outbox
@@ -41,11 +43,20 @@ struct Gate {
     ready: AtomicI64,
     /// Steps wait at this gate: new ones wait behind them.
     holding: AtomicBool,
+    /// The broker's count could not be read: the gate is open whatever
+    /// its estimate, until a read succeeds (one that cannot count must not
+    /// stall its pool).
+    blind: AtomicBool,
 }
 
 impl Gate {
     fn queued(&self) -> i64 {
         self.unpublished.load(Ordering::Relaxed) + self.ready.load(Ordering::Relaxed)
+    }
+
+    /// At its limit, unless blind.
+    fn full(&self) -> bool {
+        !self.blind.load(Ordering::Relaxed) && self.queued() >= self.limit
     }
 }
 
@@ -61,6 +72,7 @@ impl Gates {
                     unpublished: AtomicI64::new(0),
                     ready: AtomicI64::new(0),
                     holding: AtomicBool::new(false),
+                    blind: AtomicBool::new(false),
                 };
                 (pool, gate)
             })
@@ -79,7 +91,7 @@ impl Gates {
 
     /// Whether a pool's queue is at its limit.
     pub fn shut(&self, pool: &str) -> bool {
-        self.pools.get(pool).is_some_and(|g| g.queued() >= g.limit)
+        self.pools.get(pool).is_some_and(|g| g.full())
     }
 
     /// Whether a new step of the pool may go, taking a place in its queue:
@@ -92,15 +104,25 @@ impl Gates {
         if g.holding.load(Ordering::Relaxed) {
             return false;
         }
-        if g.queued() >= g.limit {
+        if g.full() {
             return false;
         }
         self.dispatched(pool);
         true
     }
 
+    /// Whether any pool has a gate.
+    pub fn any(&self) -> bool {
+        !self.pools.is_empty()
+    }
+
+    /// Whether every gate is shut: then no step waiting at a gate can go.
+    pub fn all_shut(&self) -> bool {
+        self.pools.values().all(|g| g.full())
+    }
+
     /// A step of the pool waits at its gate.
-    fn held(&self, pool: &str) {
+    pub fn held(&self, pool: &str) {
         if let Some(g) = self.pools.get(pool)
             && !g.holding.swap(true, Ordering::Relaxed)
         {
@@ -126,7 +148,7 @@ impl Gates {
     pub fn open_holding(&self) -> bool {
         self.pools
             .values()
-            .any(|g| g.holding.load(Ordering::Relaxed) && g.queued() < g.limit)
+            .any(|g| g.holding.load(Ordering::Relaxed) && !g.full())
     }
 
     /// A task was dispatched to the pool's queue by admission, which saw the
@@ -135,7 +157,7 @@ impl Gates {
         if let Some(g) = self.pools.get(pool) {
             self.seq.fetch_add(1, Ordering::Relaxed);
             g.unpublished.fetch_add(1, Ordering::Relaxed);
-            if g.queued() >= g.limit {
+            if g.full() {
                 self.wake.notify_one();
             }
         }
@@ -180,7 +202,7 @@ impl Gates {
     pub fn to_read(&self) -> Vec<(String, i64)> {
         self.pools
             .iter()
-            .filter(|(_, g)| g.queued() >= g.limit || g.holding.load(Ordering::Relaxed))
+            .filter(|(_, g)| g.full() || g.holding.load(Ordering::Relaxed) || g.blind.load(Ordering::Relaxed))
             .map(|(pool, g)| (pool.clone(), g.ready.load(Ordering::Relaxed)))
             .collect()
     }
@@ -193,7 +215,18 @@ impl Gates {
             return false;
         };
         g.ready.fetch_add(i64::from(ready) - before, Ordering::Relaxed);
-        g.holding.load(Ordering::Relaxed) && g.queued() < g.limit
+        g.blind.store(false, Ordering::Relaxed);
+        g.holding.load(Ordering::Relaxed) && !g.full()
+    }
+
+    /// The pool's count could not be read: its gate opens blind until a
+    /// read succeeds. Whether steps wait at it (to be admitted now).
+    pub fn unread(&self, pool: &str) -> bool {
+        let Some(g) = self.pools.get(pool) else {
+            return false;
+        };
+        g.blind.store(true, Ordering::Relaxed);
+        g.holding.load(Ordering::Relaxed)
     }
 
     /// Wait until a gate shuts or a step waits at one.
@@ -247,5 +280,21 @@ mod tests {
         assert_eq!(gates.to_read().len(), 1, "a dispatch the outbox did not see yet");
         gates.outbox_empty(gates.seq());
         assert!(gates.to_read().is_empty(), "that task was cancelled before it went");
+    }
+
+    #[test]
+    fn a_gate_that_cannot_read_its_count_opens_until_a_read_succeeds() {
+        let gates = Gates::new([("default".to_string(), 2)]);
+        assert!(gates.admits("default") && gates.admits("default"));
+        gates.held("default");
+        assert!(gates.shut("default") && gates.all_shut());
+        assert!(gates.unread("default"), "steps wait: admit them");
+        assert!(!gates.shut("default") && !gates.all_shut() && gates.open_holding());
+        // Still read (and still counting what goes meanwhile).
+        gates.passed(&Default::default(), true);
+        assert!(gates.admits("default"));
+        let [(_, before)] = gates.to_read().try_into().unwrap();
+        assert!(!gates.observed("default", 5, before));
+        assert!(gates.shut("default"), "the count read: 5 ready, shut again");
     }
 }
