@@ -2069,12 +2069,13 @@ impl Engine {
     /// Dispatch waiting steps, highest priority first, as every limit allows;
     /// a step still held gets the limit named in `waiting_on`. A step whose
     /// workflow or step left the config fails its run.
-    /// When no limit but the gates is configured and every gate is shut,
-    /// nothing waiting can go (steps waiting out a retry's backoff or a
-    /// model's pause are the clock's): the pass reads nothing. The gate
-    /// loop admits when a gate opens.
+    ///
+    /// When the gates are the only limits configured and none has room to
+    /// refill, no pass is worth it (steps waiting out a retry's backoff or
+    /// a model's pause are the clock's): nothing is read. The gate loop
+    /// admits once a gate has room.
     fn admit_in(&self, c: &mut Change<'_, '_>) -> Result<(), DbError> {
-        let shut = !self.publishing.load(Ordering::Relaxed) || self.gates.all_shut();
+        let shut = !self.publishing.load(Ordering::Relaxed) || self.gates.none_refills();
         if !self.counted_limits && self.gates.any() && shut {
             return Ok(());
         }

@@ -58,6 +58,13 @@ impl Gate {
     fn full(&self) -> bool {
         !self.blind.load(Ordering::Relaxed) && self.queued() >= self.limit
     }
+
+    /// Room for half its limit at least (or blind): worth a pass for the
+    /// steps waiting at it, which fills it again (a pass per task or two
+    /// would cost a transaction each).
+    fn refills(&self) -> bool {
+        self.blind.load(Ordering::Relaxed) || self.queued() <= self.limit - (self.limit / 2).max(1)
+    }
 }
 
 impl Gates {
@@ -116,9 +123,10 @@ impl Gates {
         !self.pools.is_empty()
     }
 
-    /// Whether every gate is shut: then no step waiting at a gate can go.
-    pub fn all_shut(&self) -> bool {
-        self.pools.values().all(|g| g.full())
+    /// Whether no gate has room to refill (see [`Gate::refills`]): then no
+    /// step waiting at a gate is worth a pass.
+    pub fn none_refills(&self) -> bool {
+        self.pools.values().all(|g| !g.refills())
     }
 
     /// A step of the pool waits at its gate.
@@ -148,7 +156,7 @@ impl Gates {
     pub fn open_holding(&self) -> bool {
         self.pools
             .values()
-            .any(|g| g.holding.load(Ordering::Relaxed) && !g.full())
+            .any(|g| g.holding.load(Ordering::Relaxed) && g.refills())
     }
 
     /// A task was dispatched to the pool's queue by admission, which saw the
@@ -216,7 +224,7 @@ impl Gates {
         };
         g.ready.fetch_add(i64::from(ready) - before, Ordering::Relaxed);
         g.blind.store(false, Ordering::Relaxed);
-        g.holding.load(Ordering::Relaxed) && !g.full()
+        g.holding.load(Ordering::Relaxed) && g.refills()
     }
 
     /// The pool's count could not be read: its gate opens blind until a
@@ -287,14 +295,26 @@ mod tests {
         let gates = Gates::new([("default".to_string(), 2)]);
         assert!(gates.admits("default") && gates.admits("default"));
         gates.held("default");
-        assert!(gates.shut("default") && gates.all_shut());
+        assert!(gates.shut("default") && gates.none_refills());
         assert!(gates.unread("default"), "steps wait: admit them");
-        assert!(!gates.shut("default") && !gates.all_shut() && gates.open_holding());
+        assert!(!gates.shut("default") && !gates.none_refills() && gates.open_holding());
         // Still read (and still counting what goes meanwhile).
         gates.passed(&Default::default(), true);
         assert!(gates.admits("default"));
         let [(_, before)] = gates.to_read().try_into().unwrap();
         assert!(!gates.observed("default", 5, before));
         assert!(gates.shut("default"), "the count read: 5 ready, shut again");
+    }
+
+    #[test]
+    fn a_gate_holding_steps_opens_for_them_once_half_its_queue_is_free() {
+        let gates = Gates::new([("default".to_string(), 4)]);
+        gates.held("default");
+        let [(_, before)] = gates.to_read().try_into().unwrap();
+        assert!(!gates.observed("default", 3, before), "3 of 4: not worth a pass");
+        assert!(!gates.shut("default") && gates.none_refills() && !gates.open_holding());
+        let [(_, before)] = gates.to_read().try_into().unwrap();
+        assert!(gates.observed("default", 2, before), "2 of 4: a pass fills it");
+        assert!(!gates.none_refills() && gates.open_holding());
     }
 }
