@@ -384,6 +384,9 @@ struct Effects {
     /// The next turn of each run (and pool) that started waiting (see
     /// `Engine::turn`).
     turns: HashMap<(String, String), i64>,
+    /// Each run's turn after the last one given in this transaction, in any
+    /// pool.
+    run_turns: HashMap<String, i64>,
     /// Steps ended, by run: each run's count of open steps goes down by
     /// them in one statement, before the count is read and before the
     /// commit (see `end_step`).
@@ -1071,7 +1074,7 @@ impl Engine {
                 row.depends = 0;
                 if let Some(approval) = &step.approval {
                     approvals.push((step, approval.timeout));
-                } else if let Some(reason) = self.held(c, wf, &run_row, step)? {
+                } else if let Some(reason) = self.held(c, wf, &run_row, step, true)? {
                     reasons.push((rows.len(), reason, self.turn(c, run, &step.queue)?));
                     c.effects.admit = true;
                 } else {
@@ -1878,7 +1881,7 @@ impl Engine {
             states.set(&s.name, StepStatus::WaitingApproval);
             return Ok(());
         }
-        if let Some(reason) = self.held(c, wf, run_row, s)? {
+        if let Some(reason) = self.held(c, wf, run_row, s, true)? {
             let turn = self.turn(c, run, &s.queue)?;
             tx::wait_step(c.t, run, &s.name, reason.as_deref(), None, turn)?;
             states.set(&s.name, StepStatus::Waiting);
@@ -1931,7 +1934,7 @@ impl Engine {
         let due = c.now.saturating_add(millis(delay));
         // A step under limits (or on a paused model) retries through
         // admission, which applies them all, priorities included.
-        if self.held(c, wf, run_row, step)?.is_some() {
+        if self.held(c, wf, run_row, step, false)?.is_some() {
             let why = format!("retry after {}", courier_wire::humanize(delay));
             let turn = self.turn(c, run, &step.queue)?;
             tx::wait_step(c.t, run, name, Some(&why), Some(due), turn)?;
@@ -2007,15 +2010,21 @@ impl Engine {
     /// transaction.
     fn turn(&self, c: &mut Change<'_, '_>, run: &str, pool: &str) -> Result<i64, DbError> {
         let key = (run.to_string(), pool.to_string());
-        if let Some(next) = c.effects.turns.get_mut(&key) {
-            *next += 1;
-            return Ok(*next - 1);
-        }
-        let priority = run_priority(c, run)?.min(MAX_PRIORITY);
-        let base = i64::from(MAX_PRIORITY - priority) * TURNS;
-        let now = tx::virtual_time(c.t, priority, pool)?.unwrap_or(base).max(base);
-        let turn = tx::after_last_turn(c.t, run)?.unwrap_or(now).max(now);
+        let turn = match c.effects.turns.get(&key) {
+            Some(&next) => next,
+            None => {
+                let priority = run_priority(c, run)?.min(MAX_PRIORITY);
+                let base = i64::from(MAX_PRIORITY - priority) * TURNS;
+                let now = tx::virtual_time(c.t, priority, pool)?.unwrap_or(base).max(base);
+                // After the run's last waiting step, written or (in this
+                // transaction, perhaps not yet) given a turn.
+                let given = c.effects.run_turns.get(run).copied();
+                tx::after_last_turn(c.t, run)?.max(given).unwrap_or(now).max(now)
+            }
+        };
         c.effects.turns.insert(key, turn + 1);
+        let next = c.effects.run_turns.entry(run.to_string()).or_insert(turn + 1);
+        *next = (*next).max(turn + 1);
         Ok(turn)
     }
 
@@ -2039,12 +2048,15 @@ impl Engine {
     /// names the others). It reads
     /// none of the run's steps or tasks (counting is `admit_in`'s):
     /// `create_run` decides every first step before writing any.
+    /// A step `due_now` that waits at its pool's gate marks it holding (new
+    /// steps wait behind it); a retry waiting out its backoff does not.
     fn held(
         &self,
         c: &mut Change<'_, '_>,
         wf: &Workflow,
         run: &RunRow,
         step: &Step,
+        due_now: bool,
     ) -> Result<Option<Option<String>>, DbError> {
         if !run.admitted || wf.max_active_steps.is_some() || self.limits.pool_in_flight.contains_key(&step.queue) {
             return Ok(Some(None));
@@ -2059,10 +2071,13 @@ impl Engine {
         let Some(max) = self.gates.limit(&step.queue) else {
             return Ok(None);
         };
-        if self.publishing.load(Ordering::Relaxed) && self.gates.admits(&step.queue) {
+        let publishing = self.publishing.load(Ordering::Relaxed);
+        if publishing && self.gates.admits(&step.queue) {
             return Ok(None);
         }
-        self.gates.held(&step.queue);
+        if publishing && due_now {
+            self.gates.held(&step.queue);
+        }
         Ok(Some(Some(format!("pool {} max_queued ({max})", step.queue))))
     }
 
@@ -2070,12 +2085,12 @@ impl Engine {
     /// a step still held gets the limit named in `waiting_on`. A step whose
     /// workflow or step left the config fails its run.
     ///
-    /// When the gates are the only limits configured and none has room to
-    /// refill, no pass is worth it (steps waiting out a retry's backoff or
-    /// a model's pause are the clock's): nothing is read. The gate loop
-    /// admits once a gate has room.
+    /// When the gates are the only limits configured and no gate holding
+    /// steps has room to refill, no pass is worth it (steps waiting out a
+    /// retry's backoff or a model's pause, or written by a standby, are the
+    /// clock's): nothing is read. The gate loop admits once a gate has room.
     fn admit_in(&self, c: &mut Change<'_, '_>) -> Result<(), DbError> {
-        let shut = !self.publishing.load(Ordering::Relaxed) || self.gates.none_refills();
+        let shut = !self.publishing.load(Ordering::Relaxed) || !self.gates.open_holding();
         if !self.counted_limits && self.gates.any() && shut {
             return Ok(());
         }
@@ -2144,7 +2159,7 @@ impl Engine {
                     "step \"{}\" of workflow \"{}\" is no longer configured",
                     w.step, w.workflow
                 );
-                counts.changed(&w.run);
+                counts.changed();
                 fail_run(c, &w.run, &error)?;
                 continue;
             };
@@ -2170,7 +2185,7 @@ impl Engine {
                     counts.admitted(&wf.name, &w.run);
                     run_row.admitted = true;
                 }
-                counts.changed(&w.run);
+                counts.changed();
                 self.start(c, wf, &run_row, step, &mut Statuses::new(&w.run), &mut None)?;
                 finish_if_done(c, &w.run)?;
                 continue;
@@ -2219,7 +2234,7 @@ impl Engine {
                         planned = Some(task);
                     }
                     Err(e) => {
-                        counts.changed(&w.run);
+                        counts.changed();
                         let mut states = Statuses::new(&w.run);
                         fail_step(c, wf, &w.run, &w.step, &e.to_string(), "scheduler", &mut states)?;
                         if index.is_some() {
@@ -2237,6 +2252,11 @@ impl Engine {
                 continue;
             }
             let Some(task) = planned else { continue };
+            // A step this pass ended already (an item skipped as its foreach
+            // failed) is left as it is: no task.
+            if !tx::start_step(c.t, &w.run, &w.step, task.attempt, c.now)? {
+                continue;
+            }
             if !w.admitted && !counts.admitted_runs.contains(&w.run) {
                 tx::admit_run(c.t, &w.run)?;
                 counts.admitted(&wf.name, &w.run);
@@ -2246,7 +2266,7 @@ impl Engine {
             let turned = counts.turned.entry((priority, w.queue.clone())).or_insert(w.turn);
             *turned = (*turned).max(w.turn);
             c.gates.dispatched(&step.queue);
-            write_task(c, &w.run, step, &w.step, task, true)?;
+            write_task(c, &w.run, step, &w.step, task, false)?;
         }
         Ok(())
     }
@@ -2498,9 +2518,10 @@ impl Counts {
     }
 
     /// This pass changed `run` (failed it, or started a step of it another
-    /// way): read it again when next met.
-    fn changed(&mut self, run: &str) {
-        self.running.remove(run);
+    /// way), and through it perhaps others (a failed parent cancels its
+    /// children): read every run again when next met.
+    fn changed(&mut self) {
+        self.running.clear();
     }
 
     /// A model's pause: until when, and why.

@@ -737,8 +737,10 @@ async fn gate_loop(shared: &Arc<Shared>, broker: &Broker) {
     // longer while they do not move (a pool without workers), up to
     // GATE_READ_MAX.
     let mut last: std::collections::HashMap<String, u32> = Default::default();
-    // Pools whose count could not be read (warned once, until read again).
-    let mut unread = std::collections::HashSet::new();
+    // Pools whose count could not be read (warned once, until read again):
+    // when to try again, and the wait after that (doubling up to
+    // GATE_READ_MAX, a new channel each time), apart from the other pools'.
+    let mut unread: std::collections::HashMap<String, (tokio::time::Instant, Duration)> = Default::default();
     let mut pause = GATE_READ;
     loop {
         let due = gates.to_read();
@@ -750,8 +752,12 @@ async fn gate_loop(shared: &Arc<Shared>, broker: &Broker) {
             }
             continue;
         }
-        let (mut opened, mut moved, mut failed) = (false, false, false);
+        let (mut opened, mut moved) = (false, false);
+        let now = tokio::time::Instant::now();
         for (pool, before) in due {
+            if unread.get(&pool).is_some_and(|(next, _)| *next > now) {
+                continue;
+            }
             let read = async {
                 let gauge = match &mut gauge {
                     Some(gauge) => gauge,
@@ -761,7 +767,7 @@ async fn gate_loop(shared: &Arc<Shared>, broker: &Broker) {
             };
             match read.await {
                 Ok((ready, _)) => {
-                    if unread.remove(&pool) {
+                    if unread.remove(&pool).is_some() {
                         info!(pool = %pool, "the pool's queue length is read again: its gate counts again");
                     }
                     opened |= gates.observed(&pool, ready, before);
@@ -772,10 +778,14 @@ async fn gate_loop(shared: &Arc<Shared>, broker: &Broker) {
                     gauge = None;
                     opened |= gates.unread(&pool);
                     // Once per failing spell, not every read.
-                    if unread.insert(pool.clone()) {
-                        warn!(pool = %pool, error = %e, "cannot read a pool's queue length: its gate is open until a read succeeds");
-                    }
-                    failed = true;
+                    let wait = match unread.get(&pool) {
+                        Some((_, wait)) => (*wait * 2).min(GATE_READ_MAX),
+                        None => {
+                            warn!(pool = %pool, error = %e, "cannot read a pool's queue length: its gate counts only unconfirmed tasks until a read succeeds");
+                            GATE_READ
+                        }
+                    };
+                    unread.insert(pool, (now + wait, wait));
                 }
             }
         }
@@ -791,9 +801,7 @@ async fn gate_loop(shared: &Arc<Shared>, broker: &Broker) {
                 Err(e) => error!(error = %e, "admission panicked"),
             }
         }
-        // A failed read is tried again more and more slowly (a new channel
-        // each time), the gate open meanwhile.
-        pause = if (opened || moved) && !failed {
+        pause = if opened || moved {
             GATE_READ
         } else {
             (pause * 2).min(GATE_READ_MAX)

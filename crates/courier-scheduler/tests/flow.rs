@@ -279,6 +279,58 @@ fn after_a_failure_items_held_by_a_limit_are_skipped_not_started() {
 }
 
 #[test]
+fn an_item_skipped_earlier_in_an_admission_pass_is_not_dispatched_later_in_it() {
+    let dir = tempfile::TempDir::new().unwrap();
+    // Two items run, three wait for a place; the third cannot be planned
+    // (its task would be too large), which fails the step and skips the
+    // last two while the same pass holds them, read before it failed.
+    let workflow = "params: {items: ~}\nmax_active_steps: 2\nsteps:\n  - name: each\n    foreach: '${items}'\n    max_concurrent: 10\n    echo: '${index}=${item}${item}${item}'\n";
+    let limits = EngineLimits {
+        task: courier_wire::Limits {
+            max_compressed: 4096,
+            max_decompressed: 4096,
+        },
+        ..EngineLimits::default()
+    };
+    let config = config_with(dir.path(), &[("held", workflow)]);
+    let engine = Engine::new(config, support::store(&dir.path().join("c.db")), limits);
+    // Small enough for the step's own fields, too large thrice over.
+    let big = "x".repeat(1500);
+    let items = format!(r#"["a", "b", "{big}", "c", "d"]"#);
+    let run = submit(&engine, "held", &[("items", &items)]);
+    let first = publish_all(&engine);
+    assert_eq!(first.len(), 2, "{:?}", view(&engine, &run));
+    engine.apply(&[answer(&first[0], TaskStatus::Succeeded)]).unwrap();
+    assert!(
+        publish_all(&engine).is_empty(),
+        "no task for an item skipped in the same pass"
+    );
+    let v = view(&engine, &run);
+    assert!(
+        step(&v, "each[2]")
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("exceed 4096 bytes")),
+        "{:?}",
+        step(&v, "each[2]").error
+    );
+    for i in [3, 4] {
+        let item = step(&v, &format!("each[{i}]"));
+        assert_eq!(item.status, StepStatus::Skipped, "each[{i}]");
+    }
+    engine.apply(&[answer(&first[1], TaskStatus::Succeeded)]).unwrap();
+    let v = view(&engine, &run);
+    assert_eq!(v.status, RunStatus::Failed);
+    assert_eq!(
+        step(&v, "each")
+            .error
+            .as_deref()
+            .map(|e| e.split(';').next().unwrap_or_default()),
+        Some("1 of 5 items failed (2 not started)")
+    );
+}
+
+#[test]
 fn items_whose_tasks_pass_the_kept_bodies_budget_in_one_transaction_are_built_again_for_the_outbox() {
     let dir = tempfile::TempDir::new().unwrap();
     let items: Vec<String> = (0..40).map(|i| i.to_string()).collect();

@@ -387,15 +387,16 @@ pub fn step_output(tx: &Tx<'_>, run: &str, name: &str) -> Result<Option<String>,
     .map(Option::flatten)
 }
 
-/// A step is dispatched for `attempt`.
-pub fn start_step(tx: &Tx<'_>, run: &str, name: &str, attempt: u32, now: i64) -> Result<(), DbError> {
-    tx.exec(
+/// A step is dispatched for `attempt`: whether it was (not if it ended
+/// already).
+pub fn start_step(tx: &Tx<'_>, run: &str, name: &str, attempt: u32, now: i64) -> Result<bool, DbError> {
+    let changed = tx.exec(
         "UPDATE steps SET status = ?5, attempts = ?3, started_ms = COALESCE(started_ms, ?4), error = NULL,
                           waiting_on = NULL, not_before_ms = NULL
          WHERE run_id = ?1 AND name = ?2 AND (status = 'pending' OR status = 'waiting' OR status = 'running')",
         p![run, name, attempt, now, StepStatus::Running],
     )?;
-    Ok(())
+    Ok(changed > 0)
 }
 
 /// A step is ready but held by a limit (named by `reason`, once known), or

@@ -170,7 +170,7 @@ impl Engine {
             };
             let index = usize::try_from(index).unwrap_or(0);
             let name = format!("{}[{index}]", s.name);
-            if let Some(reason) = self.held(c, wf, &run_row, s)? {
+            if let Some(reason) = self.held(c, wf, &run_row, s, true)? {
                 let turn = self.turn(c, run, &s.queue)?;
                 tx::wait_step(c.t, run, &name, reason.as_deref(), None, turn)?;
                 c.effects.admit = true;

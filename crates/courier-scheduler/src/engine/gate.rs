@@ -8,8 +8,10 @@
 //! the gate shuts: new steps of the pool wait, `waiting_on` naming it, and
 //! admission lets them go in turn as the queue empties. The scheduler's gate
 //! loop reads the broker's count while a gate is shut or steps wait at it.
-//! A gate whose count cannot be read (the broker refuses the read) opens
-//! until a read succeeds: it trades its order for its pool's progress.
+//! A gate whose count cannot be read (the broker refuses the read) goes
+//! blind until a read succeeds: it counts only the tasks the broker has not
+//! confirmed yet, trading its order for its pool's progress (and a broker
+//! that is down, confirming nothing, still gets no more than the limit).
 //! The estimate is an estimate, so the limit is not exact: the count of a
 //! read can miss a task confirmed while it was answered, and what a
 //! transaction dispatched stays counted if it rolls back, until the outbox
@@ -43,9 +45,9 @@ struct Gate {
     ready: AtomicI64,
     /// Steps wait at this gate: new ones wait behind them.
     holding: AtomicBool,
-    /// The broker's count could not be read: the gate is open whatever
-    /// its estimate, until a read succeeds (one that cannot count must not
-    /// stall its pool).
+    /// The broker's count could not be read: the gate counts only what the
+    /// broker has not confirmed, until a read succeeds (one that cannot
+    /// count must not stall its pool).
     blind: AtomicBool,
 }
 
@@ -54,16 +56,27 @@ impl Gate {
         self.unpublished.load(Ordering::Relaxed) + self.ready.load(Ordering::Relaxed)
     }
 
-    /// At its limit, unless blind.
-    fn full(&self) -> bool {
-        !self.blind.load(Ordering::Relaxed) && self.queued() >= self.limit
+    /// What counts against the limit: the estimate, or while blind only
+    /// the tasks not yet confirmed (so a broker that confirms nothing, being
+    /// down, is sent no more than the limit).
+    fn counted(&self) -> i64 {
+        if self.blind.load(Ordering::Relaxed) {
+            self.unpublished.load(Ordering::Relaxed)
+        } else {
+            self.queued()
+        }
     }
 
-    /// Room for half its limit at least (or blind): worth a pass for the
-    /// steps waiting at it, which fills it again (a pass per task or two
-    /// would cost a transaction each).
+    /// At its limit.
+    fn full(&self) -> bool {
+        self.counted() >= self.limit
+    }
+
+    /// Room for half its limit at least: worth a pass for the steps waiting
+    /// at it, which fills it again (a pass per task or two would cost a
+    /// transaction each).
     fn refills(&self) -> bool {
-        self.blind.load(Ordering::Relaxed) || self.queued() <= self.limit - (self.limit / 2).max(1)
+        self.counted() <= self.limit - (self.limit / 2).max(1)
     }
 }
 
@@ -121,12 +134,6 @@ impl Gates {
     /// Whether any pool has a gate.
     pub fn any(&self) -> bool {
         !self.pools.is_empty()
-    }
-
-    /// Whether no gate has room to refill (see [`Gate::refills`]): then no
-    /// step waiting at a gate is worth a pass.
-    pub fn none_refills(&self) -> bool {
-        self.pools.values().all(|g| !g.refills())
     }
 
     /// A step of the pool waits at its gate.
@@ -227,14 +234,15 @@ impl Gates {
         g.holding.load(Ordering::Relaxed) && g.refills()
     }
 
-    /// The pool's count could not be read: its gate opens blind until a
-    /// read succeeds. Whether steps wait at it (to be admitted now).
+    /// The pool's count could not be read: its gate goes blind (counts
+    /// only the tasks not yet confirmed) until a read succeeds. Whether
+    /// steps wait at it and it has room for them.
     pub fn unread(&self, pool: &str) -> bool {
         let Some(g) = self.pools.get(pool) else {
             return false;
         };
         g.blind.store(true, Ordering::Relaxed);
-        g.holding.load(Ordering::Relaxed)
+        g.holding.load(Ordering::Relaxed) && g.refills()
     }
 
     /// Wait until a gate shuts or a step waits at one.
@@ -291,17 +299,23 @@ mod tests {
     }
 
     #[test]
-    fn a_gate_that_cannot_read_its_count_opens_until_a_read_succeeds() {
+    fn a_gate_that_cannot_read_its_count_counts_only_what_is_unconfirmed_until_a_read_succeeds() {
         let gates = Gates::new([("default".to_string(), 2)]);
         assert!(gates.admits("default") && gates.admits("default"));
         gates.held("default");
-        assert!(gates.shut("default") && gates.none_refills());
-        assert!(gates.unread("default"), "steps wait: admit them");
-        assert!(!gates.shut("default") && !gates.none_refills() && gates.open_holding());
-        // Still read (and still counting what goes meanwhile).
+        assert!(!gates.unread("default"), "two unconfirmed: shut even blind");
+        assert!(gates.shut("default"), "a broker that confirms nothing gets no more");
+        gates.sent("default", true);
+        gates.sent("default", true);
+        assert!(
+            !gates.shut("default") && gates.open_holding(),
+            "blind: what is confirmed is not counted"
+        );
         gates.passed(&Default::default(), true);
         assert!(gates.admits("default"));
+        // Still read, and what was confirmed meanwhile is in the estimate.
         let [(_, before)] = gates.to_read().try_into().unwrap();
+        assert_eq!(before, 2);
         assert!(!gates.observed("default", 5, before));
         assert!(gates.shut("default"), "the count read: 5 ready, shut again");
     }
@@ -312,9 +326,9 @@ mod tests {
         gates.held("default");
         let [(_, before)] = gates.to_read().try_into().unwrap();
         assert!(!gates.observed("default", 3, before), "3 of 4: not worth a pass");
-        assert!(!gates.shut("default") && gates.none_refills() && !gates.open_holding());
+        assert!(!gates.shut("default") && !gates.open_holding());
         let [(_, before)] = gates.to_read().try_into().unwrap();
         assert!(gates.observed("default", 2, before), "2 of 4: a pass fills it");
-        assert!(!gates.none_refills() && gates.open_holding());
+        assert!(gates.open_holding());
     }
 }
