@@ -11,6 +11,7 @@
 #   RUNS=1000 STEPS=1 bash benches/scheduler-callgrind.sh   # one-step runs: the cost per run
 #   KEEP=/tmp/cg bash benches/scheduler-callgrind.sh        # keep the profile, for callgrind_annotate
 #   ROLE=worker bash benches/scheduler-callgrind.sh         # count the two workers instead (one line each)
+#   MAX_QUEUED=0 bash benches/scheduler-callgrind.sh        # the pool's max_queued (default 64; 0: no gate)
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 runs="${RUNS:-20}"
@@ -37,6 +38,7 @@ cp -r "$repo/config" "$work/config"
   printf 'params:\n  payload: "x"\nsteps:\n'
   for i in $(seq 0 $((steps - 1))); do printf '  - name: s%s\n    echo: "${payload}"\n' "$i"; done
 } > "$work/config/workflows/bench.yaml"
+if [ -n "${MAX_QUEUED:-}" ]; then printf '[pools.default]\nmax_queued = %s\n' "$MAX_QUEUED" > "$work/config/courier.toml"; fi
 port=18181
 export COURIER_CONFIG_DIR="$work/config" COURIER_NAMESPACE="callgrind-$$" COURIER_API_LISTEN="127.0.0.1:$port" RUST_LOG=warn
 bin="${COURIER_BIN:-$repo/target/release/courier}"

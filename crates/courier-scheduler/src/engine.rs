@@ -239,10 +239,11 @@ const FULL_ADMISSION: Duration = Duration::from_secs(5);
 /// Waiting steps looked at per admission pass, at most.
 const ADMIT_BATCH: usize = 10_000;
 
-/// Waiting steps read at a time in an admission pass, the first time.
+/// Waiting steps read at a time in an admission pass, the first time;
+/// each chunk after it is twice the one before, up to [`ADMIT_CHUNK`].
 const ADMIT_FIRST: usize = 32;
 
-/// Waiting steps read at a time in an admission pass after the first.
+/// Waiting steps read at a time in an admission pass, at most.
 const ADMIT_CHUNK: usize = 256;
 
 /// Turns of one priority (see `Engine::turn`).
@@ -2107,11 +2108,12 @@ impl Engine {
     fn admission(&self, c: &mut Change<'_, '_>, full: bool) -> Result<(), DbError> {
         let mut counts = None;
         let mut pools = BTreeSet::new();
-        let (mut after, mut read) = (None::<(i64, String, String)>, 0);
+        let (mut after, mut read, mut size) = (None::<(i64, String, String)>, 0, ADMIT_FIRST / 2);
         let complete = loop {
             let key = after.as_ref().map(|(t, r, n)| (*t, r.as_str(), n.as_str()));
-            // A first chunk small: behind shut gates it is all a pass reads.
-            let size = if read == 0 { ADMIT_FIRST } else { ADMIT_CHUNK }.min(ADMIT_BATCH - read);
+            // A first chunk small: behind shut gates it is all a pass reads;
+            // and a pass that fills a gate reads little past what it takes.
+            size = (size * 2).min(ADMIT_CHUNK).min(ADMIT_BATCH - read);
             let chunk = tx::waiting_steps(c.t, c.now, key, size)?;
             let end = chunk.len() < size;
             read += chunk.len();
