@@ -19,6 +19,7 @@ steps="${STEPS:-100}"
 parallel="${PARALLEL:-8}"
 role="${ROLE:-scheduler}"
 case "$role" in scheduler | worker) ;; *) echo "ROLE is scheduler or worker, not $role" >&2; exit 2 ;; esac
+case "${MAX_QUEUED:-0}" in '' | *[!0-9]*) echo "MAX_QUEUED is a number, not ${MAX_QUEUED}" >&2; exit 2 ;; esac
 work="$(mktemp -d)"
 workers=()
 # On exit: the workers, the files, and this namespace's queues (idle quorum

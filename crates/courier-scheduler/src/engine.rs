@@ -245,6 +245,7 @@ const ADMIT_FIRST: usize = 32;
 
 /// Waiting steps read at a time in an admission pass, at most.
 const ADMIT_CHUNK: usize = 256;
+const _: () = assert!(ADMIT_FIRST >= 2 && ADMIT_FIRST <= ADMIT_CHUNK);
 
 /// Turns of one priority (see `Engine::turn`).
 const TURNS: i64 = 1 << 40;
@@ -1935,7 +1936,10 @@ impl Engine {
         let due = c.now.saturating_add(millis(delay));
         // A step under limits (or on a paused model) retries through
         // admission, which applies them all, priorities included.
-        if self.held(c, wf, run_row, step, false)?.is_some() {
+        if self.held(c, wf, run_row, step, delay.is_zero())?.is_some() {
+            // Its gate holds it from when it is due (the clock's pass alone
+            // might not reach it behind another pool's backlog for 5 s).
+            self.gates.hold_at(&step.queue, due);
             let why = format!("retry after {}", courier_wire::humanize(delay));
             let turn = self.turn(c, run, &step.queue)?;
             tx::wait_step(c.t, run, name, Some(&why), Some(due), turn)?;
@@ -2091,6 +2095,7 @@ impl Engine {
     /// retry's backoff or a model's pause, or written by a standby, are the
     /// clock's): nothing is read. The gate loop admits once a gate has room.
     fn admit_in(&self, c: &mut Change<'_, '_>) -> Result<(), DbError> {
+        self.gates.hold_due(c.now);
         let shut = !self.publishing.load(Ordering::Relaxed) || !self.gates.open_holding();
         if !self.counted_limits && self.gates.any() && shut {
             return Ok(());
@@ -2106,6 +2111,7 @@ impl Engine {
     /// step. Steps further on held by other limits (a model's concurrency)
     /// wait for the next full pass or a pass that reaches them.
     fn admission(&self, c: &mut Change<'_, '_>, full: bool) -> Result<(), DbError> {
+        self.gates.hold_due(c.now);
         let mut counts = None;
         let mut pools = BTreeSet::new();
         let (mut after, mut read, mut size) = (None::<(i64, String, String)>, 0, ADMIT_FIRST / 2);
@@ -2256,7 +2262,7 @@ impl Engine {
             let Some(task) = planned else { continue };
             // A step this pass ended already (an item skipped as its foreach
             // failed) is left as it is: no task.
-            if !tx::start_step(c.t, &w.run, &w.step, task.attempt, c.now)? {
+            if !tx::start_waiting_step(c.t, &w.run, &w.step, task.attempt, c.now)? {
                 continue;
             }
             if !w.admitted && !counts.admitted_runs.contains(&w.run) {

@@ -783,6 +783,38 @@ fn a_pools_gate_holds_steps_past_its_queue_and_lets_them_go_in_turn_as_the_broke
 }
 
 #[test]
+fn a_retry_that_waited_at_a_shut_gate_is_taken_by_the_first_pass_once_due() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let flaky = "steps:\n  - name: a\n    retry: {limit: 1, backoff: 50ms, max_backoff: 50ms}\n    echo: a\n";
+    let config = config_with(dir.path(), &[("flaky", flaky)]);
+    let limits = EngineLimits {
+        default_queued: 1,
+        ..EngineLimits::default()
+    };
+    let engine = Engine::new(config, support::store(&dir.path().join("courier.db")), limits);
+    let gates = engine.gates();
+    let run = engine.submit("flaky", &BTreeMap::new(), NORMAL_PRIORITY).unwrap().id;
+    let [(task, _)] = due(&engine).try_into().unwrap();
+    engine
+        .with_db(|db| db.mark_published(&[task.task_id.to_string()]))
+        .unwrap();
+    gates.sent("default", true);
+    // Its attempt fails while the gate still counts it in the queue: the
+    // retry waits out its backoff at the gate.
+    let applied = engine.apply(&[result(&task, TaskStatus::Failed, "")]).unwrap();
+    assert_eq!(applied.retried, 1);
+    // The count read: the queue is empty, and no step is due at the gate yet.
+    let [(pool, before)] = gates.to_read().try_into().unwrap();
+    assert!(!gates.observed(&pool, 0, before));
+    std::thread::sleep(std::time::Duration::from_millis(60));
+    // Due: the first pass (a result's transaction, or the gate loop's) takes
+    // it, not only the clock's full pass every 5 s.
+    assert_eq!(engine.admit().unwrap(), 1);
+    let [(retry, _)] = due(&engine).try_into().unwrap();
+    assert_eq!((retry.run_id.to_string(), retry.attempt), (run, 2));
+}
+
+#[test]
 fn a_token_window_holds_steps_and_real_usage_corrects_it() {
     let dir = tempfile::TempDir::new().unwrap();
     let step = |name: &str| {

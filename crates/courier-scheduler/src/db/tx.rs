@@ -387,16 +387,27 @@ pub fn step_output(tx: &Tx<'_>, run: &str, name: &str) -> Result<Option<String>,
     .map(Option::flatten)
 }
 
-/// A step is dispatched for `attempt`: whether it was (not if it ended
-/// already).
-pub fn start_step(tx: &Tx<'_>, run: &str, name: &str, attempt: u32, now: i64) -> Result<bool, DbError> {
+/// A waiting step is dispatched for `attempt` by admission: whether it
+/// was (not if it ended or started otherwise since it was read).
+pub fn start_waiting_step(tx: &Tx<'_>, run: &str, name: &str, attempt: u32, now: i64) -> Result<bool, DbError> {
     let changed = tx.exec(
+        "UPDATE steps SET status = ?5, attempts = ?3, started_ms = COALESCE(started_ms, ?4), error = NULL,
+                          waiting_on = NULL, not_before_ms = NULL
+         WHERE run_id = ?1 AND name = ?2 AND status = 'waiting'",
+        p![run, name, attempt, now, StepStatus::Running],
+    )?;
+    Ok(changed > 0)
+}
+
+/// A step is dispatched for `attempt`.
+pub fn start_step(tx: &Tx<'_>, run: &str, name: &str, attempt: u32, now: i64) -> Result<(), DbError> {
+    tx.exec(
         "UPDATE steps SET status = ?5, attempts = ?3, started_ms = COALESCE(started_ms, ?4), error = NULL,
                           waiting_on = NULL, not_before_ms = NULL
          WHERE run_id = ?1 AND name = ?2 AND (status = 'pending' OR status = 'waiting' OR status = 'running')",
         p![run, name, attempt, now, StepStatus::Running],
     )?;
-    Ok(changed > 0)
+    Ok(())
 }
 
 /// A step is ready but held by a limit (named by `reason`, once known), or
@@ -907,7 +918,7 @@ pub fn waiting_steps(
 /// Name the limit that holds a waiting step.
 pub fn set_waiting_on(tx: &Tx<'_>, run: &str, name: &str, reason: &str) -> Result<(), DbError> {
     tx.exec(
-        "UPDATE steps SET waiting_on = ?3 WHERE run_id = ?1 AND name = ?2",
+        "UPDATE steps SET waiting_on = ?3 WHERE run_id = ?1 AND name = ?2 AND status = 'waiting'",
         p![run, name, reason],
     )?;
     Ok(())

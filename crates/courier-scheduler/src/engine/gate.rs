@@ -34,6 +34,10 @@ pub struct Gates {
     seq: std::sync::atomic::AtomicU64,
     /// Told when a gate shuts or a step waits at one.
     wake: Notify,
+    /// Retries waiting out their backoff: when each is due, and its pool
+    /// (whose gate then holds it). In memory: after a restart the clock's
+    /// full pass finds them.
+    due: std::sync::Mutex<std::collections::BinaryHeap<std::cmp::Reverse<(i64, String)>>>,
 }
 
 #[derive(Debug)]
@@ -101,6 +105,7 @@ impl Gates {
             pools,
             seq: Default::default(),
             wake: Notify::new(),
+            due: Default::default(),
         }
     }
 
@@ -142,6 +147,25 @@ impl Gates {
             && !g.holding.swap(true, Ordering::Relaxed)
         {
             self.wake.notify_one();
+        }
+    }
+
+    /// A step of the pool waits at its gate from `at_ms` (a retry's due
+    /// time) on: see [`Gates::hold_due`].
+    pub fn hold_at(&self, pool: &str, at_ms: i64) {
+        if self.pools.contains_key(pool) {
+            let mut due = self.due.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            due.push(std::cmp::Reverse((at_ms, pool.to_string())));
+        }
+    }
+
+    /// The gates of the retries due by `now_ms` hold them now.
+    pub fn hold_due(&self, now_ms: i64) {
+        let mut due = self.due.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while due.peek().is_some_and(|std::cmp::Reverse((at, _))| *at <= now_ms) {
+            if let Some(std::cmp::Reverse((_, pool))) = due.pop() {
+                self.held(&pool);
+            }
         }
     }
 
@@ -318,6 +342,24 @@ mod tests {
         assert_eq!(before, 2);
         assert!(!gates.observed("default", 5, before));
         assert!(gates.shut("default"), "the count read: 5 ready, shut again");
+    }
+
+    #[test]
+    fn a_retry_holds_its_gate_from_when_it_is_due() {
+        let gates = Gates::new([("default".to_string(), 4), ("off".to_string(), 0)]);
+        gates.hold_at("default", 1_000);
+        gates.hold_at("off", 500);
+        gates.hold_due(999);
+        assert!(gates.admits("default"), "not due yet: new steps go");
+        gates.hold_due(1_000);
+        assert!(
+            !gates.admits("default") && gates.open_holding(),
+            "due: it takes its turn first"
+        );
+        assert!(
+            gates.due.lock().unwrap().is_empty(),
+            "a pool without a gate keeps nothing"
+        );
     }
 
     #[test]
