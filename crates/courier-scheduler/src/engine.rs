@@ -386,9 +386,6 @@ struct Effects {
     /// The next turn of each run (and pool) that started waiting (see
     /// `Engine::turn`).
     turns: HashMap<(String, String), i64>,
-    /// Each run's turn after the last one given in this transaction, in any
-    /// pool.
-    run_turns: HashMap<String, i64>,
     /// Steps ended, by run: each run's count of open steps goes down by
     /// them in one statement, before the count is read and before the
     /// commit (see `end_step`).
@@ -2004,7 +2001,7 @@ impl Engine {
     }
 
     /// The turn of a run's step of `pool` that starts waiting (start-time
-    /// fair queueing): one after the run's last waiting step, and not
+    /// fair queueing): one after the run's last waiting step in that pool, and not
     /// before the virtual time of its priority in that pool, the latest
     /// turn dispatched there. So runs take turns, one step each, the older first among
     /// equal turns; a run that starts waiting beside others gets the next
@@ -2021,15 +2018,12 @@ impl Engine {
                 let priority = run_priority(c, run)?.min(MAX_PRIORITY);
                 let base = i64::from(MAX_PRIORITY - priority) * TURNS;
                 let now = tx::virtual_time(c.t, priority, pool)?.unwrap_or(base).max(base);
-                // After the run's last waiting step, written or (in this
-                // transaction, perhaps not yet) given a turn.
-                let given = c.effects.run_turns.get(run).copied();
-                tx::after_last_turn(c.t, run)?.max(given).unwrap_or(now).max(now)
+                // After the run's last waiting step in the pool (each pool's
+                // turns are on its own clock).
+                tx::after_last_turn(c.t, run, pool)?.unwrap_or(now).max(now)
             }
         };
         c.effects.turns.insert(key, turn + 1);
-        let next = c.effects.run_turns.entry(run.to_string()).or_insert(turn + 1);
-        *next = (*next).max(turn + 1);
         Ok(turn)
     }
 

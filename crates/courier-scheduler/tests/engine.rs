@@ -783,6 +783,58 @@ fn a_pools_gate_holds_steps_past_its_queue_and_lets_them_go_in_turn_as_the_broke
 }
 
 #[test]
+fn a_runs_turns_in_one_pool_do_not_put_its_steps_in_another_pool_behind_that_pools_backlog() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let wide: String = std::iter::once("steps:\n".to_string())
+        .chain((0..20).map(|i| format!("  - name: s{i}\n    echo: s{i}\n")))
+        .collect();
+    // Ten steps of pool `other`, then one of `default` after the first.
+    let mixed: String = std::iter::once("steps:\n".to_string())
+        .chain((0..10).map(|i| format!("  - name: o{i}\n    queue: other\n    echo: o{i}\n")))
+        .chain(std::iter::once(
+            "  - name: a\n    depends: [o0]\n    echo: a\n".to_string(),
+        ))
+        .collect();
+    let config = config_with(dir.path(), &[("wide", &wide), ("mixed", &mixed)]);
+    let limits = EngineLimits {
+        default_queued: 1,
+        ..EngineLimits::default()
+    };
+    let engine = Engine::new(config, support::store(&dir.path().join("courier.db")), limits);
+    let gates = engine.gates();
+    engine.submit("wide", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    let mixed = engine.submit("mixed", &BTreeMap::new(), NORMAL_PRIORITY).unwrap().id;
+    // The broker takes each task of `default` as it comes, one at a time.
+    let mut order = Vec::new();
+    for _ in 0..20 {
+        for (task, _) in due(&engine) {
+            engine
+                .with_db(|db| db.mark_published(&[task.task_id.to_string()]))
+                .unwrap();
+            let pool = if task.step.starts_with('o') { "other" } else { "default" };
+            gates.sent(pool, true);
+            if task.step == "o0" {
+                // Its other nine wait in `other` by now; `a` starts waiting.
+                engine.apply(&[result(&task, TaskStatus::Succeeded, "o0")]).unwrap();
+            }
+            if pool == "default" {
+                order.push((task.run_id.to_string(), task.step));
+            }
+        }
+        if order.iter().any(|(run, _)| *run == mixed) {
+            break;
+        }
+        let before = gates.to_read().into_iter().find(|(p, _)| p == "default").unwrap().1;
+        assert!(gates.observed("default", 0, before));
+        engine.admit().unwrap();
+    }
+    // The wide run's first two steps, then the mixed run's: its ten waiting
+    // in `other` do not count in `default`.
+    let at = order.iter().position(|(run, _)| *run == mixed);
+    assert_eq!(at, Some(2), "{order:?}");
+}
+
+#[test]
 fn a_retry_that_waited_at_a_shut_gate_is_taken_by_the_first_pass_once_due() {
     let dir = tempfile::TempDir::new().unwrap();
     let flaky = "steps:\n  - name: a\n    retry: {limit: 1, backoff: 50ms, max_backoff: 50ms}\n    echo: a\n";

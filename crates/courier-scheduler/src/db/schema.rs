@@ -180,6 +180,13 @@ CREATE INDEX steps_waiting ON steps (run_id, turn) WHERE status = 'waiting';
 CREATE INDEX steps_turns ON steps (turn, run_id, name) WHERE status = 'waiting';
 CREATE TABLE turns (priority INTEGER NOT NULL, pool TEXT NOT NULL, vtime INTEGER NOT NULL, PRIMARY KEY (priority, pool));
 ",
+    // 9: a run's last waiting turn per pool (turns of different pools are
+    // on different clocks: one run's turns in a busy pool must not put its
+    // steps in another pool behind that pool's newcomers).
+    "
+DROP INDEX steps_waiting;
+CREATE INDEX steps_waiting ON steps (run_id, queue, turn) WHERE status = 'waiting';
+",
 ];
 
 /// PostgreSQL's schema as of version [`PG_BASELINE`]: PostgreSQL support
@@ -320,6 +327,11 @@ DROP INDEX steps_waiting;
 CREATE INDEX steps_waiting ON steps (run_id, turn) WHERE status = 'waiting';
 CREATE INDEX steps_turns ON steps (turn, run_id, name) WHERE status = 'waiting';
 CREATE TABLE turns (priority BIGINT NOT NULL, pool TEXT NOT NULL, vtime BIGINT NOT NULL, PRIMARY KEY (priority, pool));
+",
+    // 9: as SQLite's.
+    "
+DROP INDEX steps_waiting;
+CREATE INDEX steps_waiting ON steps (run_id, queue, turn) WHERE status = 'waiting';
 ",
 ];
 

@@ -428,11 +428,11 @@ pub fn wait_step(
     Ok(())
 }
 
-/// The turn after a run's last waiting step, if it has one.
-pub fn after_last_turn(tx: &Tx<'_>, run: &str) -> Result<Option<i64>, DbError> {
+/// The turn after a run's last waiting step in a pool, if it has one.
+pub fn after_last_turn(tx: &Tx<'_>, run: &str, pool: &str) -> Result<Option<i64>, DbError> {
     tx.one(
-        "SELECT MAX(turn) + 1 FROM steps WHERE run_id = ?1 AND status = 'waiting'",
-        p![run],
+        "SELECT MAX(turn) + 1 FROM steps WHERE run_id = ?1 AND queue = ?2 AND status = 'waiting'",
+        p![run, pool],
         |r| r.get(0),
     )
 }
