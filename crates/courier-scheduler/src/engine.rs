@@ -1286,6 +1286,7 @@ impl Engine {
             if full {
                 self.full_admission.store(now, Ordering::Relaxed);
             }
+            self.gates.hold_due(c.now);
             self.admission(c, full)
         })?;
         Ok(applied)
@@ -2105,7 +2106,6 @@ impl Engine {
     /// step. Steps further on held by other limits (a model's concurrency)
     /// wait for the next full pass or a pass that reaches them.
     fn admission(&self, c: &mut Change<'_, '_>, full: bool) -> Result<(), DbError> {
-        self.gates.hold_due(c.now);
         let mut counts = None;
         let mut pools = BTreeSet::new();
         let (mut after, mut read, mut size) = (None::<(i64, String, String)>, 0, ADMIT_FIRST / 2);

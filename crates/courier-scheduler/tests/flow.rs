@@ -64,6 +64,18 @@ fn drive_echo(engine: &Engine) {
     panic!("the run never settled");
 }
 
+/// An engine over `workflows` whose tasks may carry 4,096 bytes at most.
+fn engine_with_small_tasks(dir: &std::path::Path, workflows: &[(&str, &str)]) -> Engine {
+    let limits = EngineLimits {
+        task: courier_wire::Limits {
+            max_compressed: 4096,
+            max_decompressed: 4096,
+        },
+        ..EngineLimits::default()
+    };
+    Engine::new(config_with(dir, workflows), support::store(&dir.join("c.db")), limits)
+}
+
 /// plan (an echo of `items`) → each (a foreach over it) → join.
 fn fan(max_concurrent: u32, extra: &str) -> String {
     format!(
@@ -285,15 +297,7 @@ fn an_item_skipped_earlier_in_an_admission_pass_is_not_dispatched_later_in_it() 
     // (its task would be too large), which fails the step and skips the
     // last two while the same pass holds them, read before it failed.
     let workflow = "params: {items: ~}\nmax_active_steps: 2\nsteps:\n  - name: each\n    foreach: '${items}'\n    max_concurrent: 10\n    echo: '${index}=${item}${item}${item}'\n";
-    let limits = EngineLimits {
-        task: courier_wire::Limits {
-            max_compressed: 4096,
-            max_decompressed: 4096,
-        },
-        ..EngineLimits::default()
-    };
-    let config = config_with(dir.path(), &[("held", workflow)]);
-    let engine = Engine::new(config, support::store(&dir.path().join("c.db")), limits);
+    let engine = engine_with_small_tasks(dir.path(), &[("held", workflow)]);
     // Small enough for the step's own fields, too large thrice over.
     let big = "x".repeat(1500);
     let items = format!(r#"["a", "b", "{big}", "c", "d"]"#);
@@ -1034,15 +1038,7 @@ fn a_childs_outputs_that_grow_past_a_tasks_size_when_escaped_fail_the_parent_ste
     let dir = tempfile::TempDir::new().unwrap();
     let child = "steps:\n  - name: only\n    echo: x\n";
     let parent = "steps:\n  - name: c\n    workflow: {name: child}\n";
-    let limits = EngineLimits {
-        task: courier_wire::Limits {
-            max_compressed: 4096,
-            max_decompressed: 4096,
-        },
-        ..EngineLimits::default()
-    };
-    let config = config_with(dir.path(), &[("child", child), ("parent", parent)]);
-    let engine = Engine::new(config, support::store(&dir.path().join("c.db")), limits);
+    let engine = engine_with_small_tasks(dir.path(), &[("child", child), ("parent", parent)]);
     let run = submit(&engine, "parent", &[]);
     let only = publish_all(&engine);
     // 1,000 bytes, each escaped as six in JSON.
