@@ -498,9 +498,9 @@ impl Cluster {
         }
     }
 
-    /// Messages ready in a pool's task queue.
+    /// Messages ready in a pool's task queues: its own and its lane's.
     pub fn queue_depth(&self, pool: &str) -> u32 {
-        self.depth(|names| names.task_queue(pool))
+        self.depth(|names| names.task_queue(pool)) + self.depth(|names| names.task_queue(&courier_amqp::lane_key(pool)))
     }
 
     /// Every process's log, for failure messages.

@@ -345,6 +345,7 @@ fn status_shows_this_deployments_queues_and_recent_runs() {
     let id = cluster.submit("fanout", &[]).unwrap();
     assert_eq!(cluster.wait_run(&id, Duration::from_secs(30))["status"], "succeeded");
     let tasks = format!("{}.tasks.default", cluster.namespace);
+    let lane = format!("{}.tasks.default.lane", cluster.namespace);
     let results = format!("{}.results", cluster.namespace);
     let dead = format!("{}.dead", cluster.namespace);
     let control = format!("{}.control", cluster.namespace);
@@ -380,7 +381,13 @@ fn status_shows_this_deployments_queues_and_recent_runs() {
     let names: BTreeSet<&str> = queues.iter().map(|q| q["name"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        BTreeSet::from([tasks.as_str(), results.as_str(), dead.as_str(), control.as_str()])
+        BTreeSet::from([
+            tasks.as_str(),
+            lane.as_str(),
+            results.as_str(),
+            dead.as_str(),
+            control.as_str()
+        ])
     );
     // The control stream keeps what it received (workers' markers): only the queues drain.
     for q in queues.iter().filter(|q| q["name"] != control.as_str()) {

@@ -100,6 +100,15 @@ const CONTROL_SEGMENT_BYTES: i32 = 8 * 1024 * 1024;
 /// Control messages in flight to one reader.
 const CONTROL_PREFETCH: u16 = 1000;
 
+/// The routing key of a pool's lane, and the name its queue ends with: the
+/// pool's second queue, for the tasks of small runs, so that they do not
+/// wait behind a wide run's in the pool's own (the scheduler decides which
+/// run goes where; workers take from both). Pool names are slugs, without
+/// dots, so no pool's name is another's lane key.
+pub fn lane_key(pool: &str) -> String {
+    format!("{pool}.lane")
+}
+
 /// Names of every exchange and queue, under one namespace prefix so that
 /// several Courier deployments (or tests) can share one broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,9 +134,15 @@ impl Names {
         format!("{}.tasks", self.namespace)
     }
 
-    /// Quorum queue of one worker pool.
+    /// Quorum queue of one worker pool (or, given a [`lane_key`], of its
+    /// lane).
     pub fn task_queue(&self, pool: &str) -> String {
         format!("{}.tasks.{pool}", self.namespace)
+    }
+
+    /// A pool's queues: its own, then its lane's.
+    pub fn pool_queues(&self, pool: &str) -> [String; 2] {
+        [self.task_queue(pool), self.task_queue(&lane_key(pool))]
     }
 
     /// Exchange results are published to.
@@ -319,8 +334,8 @@ impl Broker {
     }
 
     /// Declare every exchange and queue Courier needs, idempotently: task
-    /// exchange and one quorum queue per pool (explicit delivery limit,
-    /// dead-lettering), results queue (single active consumer), dead letters.
+    /// exchange and two quorum queues per pool, its own and its lane's
+    /// (explicit delivery limit, dead-lettering), results queue (single active consumer), dead letters.
     ///
     /// # Errors
     /// A declaration the broker refuses (for example a queue that exists with
@@ -388,7 +403,7 @@ impl Broker {
             )
             .await?;
 
-        for pool in pools {
+        for key in pools.iter().flat_map(|p| [p.clone(), lane_key(p)]) {
             let mut args = self.quorum_args();
             args.insert(
                 "x-delivery-limit".into(),
@@ -398,13 +413,13 @@ impl Broker {
                 "x-dead-letter-exchange".into(),
                 AMQPValue::LongString(names.dead().as_str().into()),
             );
-            let queue = names.task_queue(pool);
+            let queue = names.task_queue(&key);
             channel.queue_declare(queue.as_str().into(), queue_opts, args).await?;
             channel
                 .queue_bind(
                     queue.as_str().into(),
                     names.tasks_exchange().as_str().into(),
-                    pool.as_str().into(),
+                    key.as_str().into(),
                     QueueBindOptions::default(),
                     FieldTable::default(),
                 )
@@ -423,7 +438,7 @@ impl Broker {
         let channel = self.connection.create_channel().await?;
         let names = &self.names;
         let mut queues = vec![names.results_queue(), names.dead(), names.control()];
-        queues.extend(pools.iter().map(|p| names.task_queue(p)));
+        queues.extend(pools.iter().flat_map(|p| names.pool_queues(p)));
         for queue in queues {
             channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
@@ -487,8 +502,11 @@ impl Broker {
         channel
             .queue_declare(queue.into(), QueueDeclareOptions::default(), FieldTable::default())
             .await?;
-        let mut routes: Vec<(String, String)> =
-            pools.iter().map(|p| (self.names.tasks_exchange(), p.clone())).collect();
+        let mut routes: Vec<(String, String)> = pools
+            .iter()
+            .flat_map(|p| [p.clone(), lane_key(p)])
+            .map(|key| (self.names.tasks_exchange(), key))
+            .collect();
         routes.push((self.names.results_exchange(), "results".into()));
         for (exchange, key) in routes {
             channel

@@ -206,3 +206,45 @@ async fn a_list_of_broker_urls_fails_over_to_a_node_that_answers() {
     let dead = "amqp://guest:guest@127.0.0.1:1/%2f,amqp://guest:guest@127.0.0.1:2/%2f";
     assert!(Broker::connect(dead, Names::new("t-dead"), "x").await.is_err());
 }
+
+#[tokio::test]
+async fn a_pools_lane_is_a_queue_of_its_own_routed_by_the_lane_key_and_deleted_with_the_pool() {
+    let broker = broker().await;
+    let pools = vec!["default".to_string()];
+    broker.declare_topology(&pools, 5).await.unwrap();
+    let names = broker.names().clone();
+    let [own, lane] = names.pool_queues("default");
+    assert_eq!(lane, names.task_queue(&courier_amqp::lane_key("default")));
+    let publisher = broker.publisher(16).await.unwrap();
+    for (key, id) in [
+        (courier_amqp::lane_key("default"), "small"),
+        ("default".to_string(), "wide"),
+    ] {
+        publisher
+            .publish(Outgoing {
+                exchange: &names.tasks_exchange(),
+                routing_key: &key,
+                body: id.as_bytes(),
+                message_id: id,
+                correlation_id: "run-1",
+                headers: vec![],
+            })
+            .await
+            .unwrap();
+    }
+    // Each queue holds its own: the lane's task is not behind the pool's.
+    assert_eq!(broker.queue_depth(&own).await.unwrap().0, 1);
+    assert_eq!(broker.queue_depth(&lane).await.unwrap().0, 1);
+    let mut consumer = broker.consumer(&lane, 4, "t").await.unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.message_id.as_deref(), Some("small"));
+    delivery.ack().await.unwrap();
+    consumer.close().await.unwrap();
+    broker.delete_topology(&pools).await.unwrap();
+    // Gone with the pool's topology.
+    assert!(broker.queue_depth(&lane).await.is_err());
+}

@@ -384,6 +384,21 @@ pub struct OutboxTask {
     pub not_before_ms: i64,
     /// The run's priority.
     pub priority: u8,
+    /// Its run is small: it goes to its pool's lane (see
+    /// `courier_amqp::lane_key`). Read from the database, it is the
+    /// engine's to set, from the run's workflow.
+    pub lane: bool,
+}
+
+impl OutboxTask {
+    /// Its routing key: its pool, or its pool's lane.
+    pub fn route(&self) -> std::borrow::Cow<'_, str> {
+        if self.lane {
+            courier_amqp::lane_key(&self.queue).into()
+        } else {
+            self.queue.as_str().into()
+        }
+    }
 }
 
 /// What a task row says about an attempt.
@@ -557,7 +572,8 @@ impl Db {
 
     /// Tasks not yet confirmed by the broker, soonest first: of the first
     /// `limit`, those not in `skip` (published, their confirms awaited),
-    /// and whether there were `limit` of them (more may wait).
+    /// and whether there were `limit` of them (more may wait). `small` says
+    /// which workflows' runs are small (their tasks take the lanes).
     ///
     /// # Errors
     /// The store's.
@@ -565,11 +581,12 @@ impl Db {
         &mut self,
         limit: usize,
         skip: &HashSet<String>,
+        small: &dyn Fn(&str) -> bool,
     ) -> Result<(Vec<OutboxTask>, bool), DbError> {
         // The limit is part of the text: SQLite plans with a bound LIMIT's
         // value, so it would prepare the statement again on every call.
         let sql = format!(
-            "SELECT t.task_id, t.run_id, t.step, t.queue, t.attempt, t.snapshot_hash, t.not_before_ms, r.priority
+            "SELECT t.task_id, t.run_id, t.step, t.queue, t.attempt, t.snapshot_hash, t.not_before_ms, r.priority, r.workflow
              FROM tasks t JOIN runs r ON r.id = t.run_id
              WHERE t.published = 0 AND t.status = 'dispatched' ORDER BY t.not_before_ms LIMIT {limit}"
         );
@@ -588,6 +605,7 @@ impl Db {
                     snapshot_hash: r.get(5)?,
                     not_before_ms: r.get(6)?,
                     priority: r.get(7)?,
+                    lane: small(&r.get::<String>(8)?),
                 }))
             })?;
             let full = rows.len() == limit;
@@ -862,6 +880,24 @@ impl Db {
                 "SELECT finished_ms - created_ms FROM tasks WHERE finished_ms IS NOT NULL ORDER BY 1",
                 p![],
                 |r| r.get(0),
+            )
+        })
+    }
+
+    /// For each finished task of the runs of `workflow`: milliseconds from
+    /// its run's submission to its dispatch (outbox write), and from its
+    /// dispatch to its result applied. Where a one-step run's time goes.
+    ///
+    /// # Errors
+    /// The store's.
+    pub fn task_phases_ms(&mut self, workflow: &str) -> Result<Vec<(i64, i64)>, DbError> {
+        self.read(|tx| {
+            tx.all(
+                "SELECT t.created_ms - r.created_ms, t.finished_ms - t.created_ms
+                   FROM tasks t JOIN runs r ON r.id = t.run_id
+                  WHERE r.workflow = ?1 AND t.finished_ms IS NOT NULL",
+                p![workflow],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
         })
     }

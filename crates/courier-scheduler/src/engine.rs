@@ -130,6 +130,27 @@ pub struct Cancelled {
 
 /// Lowest to highest priority: 0 to this.
 pub const MAX_PRIORITY: u8 = 9;
+
+/// The most steps a workflow has for its runs to be small: their tasks take
+/// their pools' lanes, so that they do not wait behind wide runs' tasks in
+/// the broker (see `courier_amqp::lane_key`).
+pub const LANE_STEPS: usize = 8;
+
+/// Whether a workflow's runs are small: at most [`LANE_STEPS`] steps, none a
+/// `foreach` (whose items are steps too).
+pub fn small(wf: &Workflow) -> bool {
+    wf.steps().len() <= LANE_STEPS && wf.steps().iter().all(|s| s.foreach.is_none())
+}
+
+/// The routing key of a step's tasks, also its gate's key: its pool, or its
+/// pool's lane for a small run.
+fn route<'a>(wf: &Workflow, step: &'a Step) -> std::borrow::Cow<'a, str> {
+    if small(wf) {
+        courier_amqp::lane_key(&step.queue).into()
+    } else {
+        step.queue.as_str().into()
+    }
+}
 /// The priority of a run that asks for none.
 pub const NORMAL_PRIORITY: u8 = 4;
 
@@ -1937,7 +1958,7 @@ impl Engine {
         if self.held(c, wf, run_row, step, delay.is_zero())?.is_some() {
             // Its gate holds it from when it is due (the clock's pass alone
             // might not reach it behind another pool's backlog for 5 s).
-            self.gates.hold_at(&step.queue, due);
+            self.gates.hold_at(&route(wf, step), due);
             let why = format!("retry after {}", courier_wire::humanize(delay));
             let turn = self.turn(c, run, &step.queue)?;
             tx::wait_step(c.t, run, name, Some(&why), Some(due), turn)?;
@@ -2028,18 +2049,20 @@ impl Engine {
         Ok(turn)
     }
 
-    /// Whether a pool's gate holds its steps now: shut, or this scheduler
-    /// does not publish (its gates know nothing of the broker's queues; the
-    /// leader admits within a tick of its clock).
-    fn gate_shut(&self, pool: &str) -> bool {
-        self.gates.limit(pool).is_some() && (!self.publishing.load(Ordering::Relaxed) || self.gates.shut(pool))
+    /// Whether a gate (by its routing key) holds its steps now: shut, or
+    /// this scheduler does not publish (its gates know nothing of the
+    /// broker's queues; the leader admits within a tick of its clock).
+    fn gate_shut(&self, key: &str) -> bool {
+        self.gates.limit(key).is_some() && (!self.publishing.load(Ordering::Relaxed) || self.gates.shut(key))
     }
 
-    /// The gate's reason, if it holds a step of `pool` at admission (it is
-    /// shut).
-    fn gate_holds(&self, pool: &str) -> Option<String> {
-        let max = self.gates.limit(pool)?;
-        self.gate_shut(pool).then(|| format!("pool {pool} max_queued ({max})"))
+    /// The gate's reason, if it holds a step of a small run or not
+    /// (`route`) at admission (it is shut).
+    fn gate_holds(&self, wf: &Workflow, step: &Step) -> Option<(String, String)> {
+        let key = route(wf, step);
+        let max = self.gates.limit(&key)?;
+        self.gate_shut(&key)
+            .then(|| (gate_reason(wf, step, max), key.into_owned()))
     }
 
     /// Whether a ready step must wait for admission (`Some`): a limit
@@ -2068,17 +2091,18 @@ impl Engine {
         }
         // Last: the step goes now unless its pool's gate holds it (it takes
         // a place in the queue); then the gate is named at once.
-        let Some(max) = self.gates.limit(&step.queue) else {
+        let key = route(wf, step);
+        let Some(max) = self.gates.limit(&key) else {
             return Ok(None);
         };
         let publishing = self.publishing.load(Ordering::Relaxed);
-        if publishing && self.gates.admits(&step.queue) {
+        if publishing && self.gates.admits(&key) {
             return Ok(None);
         }
         if publishing && due_now {
-            self.gates.held(&step.queue);
+            self.gates.held(&key);
         }
-        Ok(Some(Some(format!("pool {} max_queued ({max})", step.queue))))
+        Ok(Some(Some(gate_reason(wf, step, max))))
     }
 
     /// Dispatch waiting steps, highest priority first, as every limit allows;
@@ -2120,7 +2144,10 @@ impl Engine {
             after = chunk.last().map(|w| (w.turn, w.run.clone(), w.step.clone()));
             if !chunk.is_empty() {
                 let counts = counts.get_or_insert_with(Counts::default);
-                pools.extend(chunk.iter().map(|w| w.queue.clone()));
+                pools.extend(chunk.iter().map(|w| match self.config.workflows.get(&w.workflow) {
+                    Some(wf) if small(wf) => courier_amqp::lane_key(&w.queue),
+                    _ => w.queue.clone(),
+                }));
                 self.admit_each(c, counts, chunk)?;
                 // Nothing further can go: every pool met is shut, and no
                 // gate with steps waiting at it is open (those may be further).
@@ -2267,7 +2294,7 @@ impl Engine {
             let priority = MAX_PRIORITY.saturating_sub(u8::try_from(w.turn / TURNS).unwrap_or(MAX_PRIORITY));
             let turned = counts.turned.entry((priority, w.queue.clone())).or_insert(w.turn);
             *turned = (*turned).max(w.turn);
-            c.gates.dispatched(&step.queue);
+            c.gates.dispatched(&route(wf, step));
             write_task(c, &w.run, step, &w.step, task, false)?;
         }
         Ok(())
@@ -2304,8 +2331,8 @@ impl Engine {
         {
             return Ok(Some(format!("pool {} max_in_flight ({max})", step.queue)));
         }
-        if let Some(reason) = self.gate_holds(&step.queue) {
-            counts.gated.insert(step.queue.clone());
+        if let Some((reason, key)) = self.gate_holds(wf, step) {
+            counts.gated.insert(key);
             return Ok(Some(reason));
         }
         let Some(model) = model else { return Ok(None) };
@@ -2400,6 +2427,7 @@ impl Engine {
             tokens,
             snapshot_hash: snapshot.hash.clone(),
             body,
+            lane: small(wf),
         })
     }
 
@@ -2610,6 +2638,8 @@ struct PlannedTask {
     tokens: Option<i64>,
     snapshot_hash: String,
     body: Vec<u8>,
+    /// Its run is small: it goes to its pool's lane.
+    lane: bool,
 }
 
 /// Bytes of an approval's message kept for display.
@@ -2800,6 +2830,7 @@ fn write_tasks<'s>(
                 snapshot_hash: task.snapshot_hash,
                 not_before_ms: task.due_ms,
                 priority,
+                lane: task.lane,
             };
             c.effects.written.push((row, task.body));
         } else {
@@ -2808,6 +2839,12 @@ fn write_tasks<'s>(
         c.applied.dispatched += 1;
     }
     Ok(())
+}
+
+/// What a step held at its gate waits on (its `waiting_on`): the gate's
+/// key names the pool, or the pool's lane (`default.lane`).
+fn gate_reason(wf: &Workflow, step: &Step, max: i64) -> String {
+    format!("pool {} max_queued ({max})", route(wf, step))
 }
 
 /// The run's priority (for its tasks' outbox rows), read once per

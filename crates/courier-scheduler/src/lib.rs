@@ -617,7 +617,8 @@ async fn outbox_loop(
                 let generation = engine.outbox_generation();
                 let (due, skip) = tokio::task::spawn_blocking(move || {
                     let read = engine.with_db(|db| {
-                        let (rows, full) = db.unpublished_tasks(OUTBOX_BATCH, &skip)?;
+                        let small = |wf: &str| engine.config().workflows.get(wf).is_some_and(engine::small);
+                        let (rows, full) = db.unpublished_tasks(OUTBOX_BATCH, &skip, &small)?;
                         // Under the database's lock, so no commit comes
                         // between the read and what the engine keeps.
                         let current = engine.outbox_read(&rows, full, generation);
@@ -688,7 +689,7 @@ async fn outbox_loop(
                     let outcome = publisher.publish_with_priority(outgoing, Some(task.priority)).await;
                     // Confirmed: a quorum queue counts it from now on.
                     if outcome.is_ok() {
-                        shared.engine.gates().sent(&task.queue, to_queue);
+                        shared.engine.gates().sent(&task.route(), to_queue);
                     }
                     (task.task_id, outcome)
                 });
@@ -819,8 +820,8 @@ struct DelayQueues {
 }
 
 impl DelayQueues {
-    /// Where `task` goes at `now`: its pool when due, else a delay queue for
-    /// the time left (declared first if not lately); `None` while that
+    /// Where `task` goes at `now`: its pool (or its lane) when due, else a
+    /// delay queue for the time left, back to the same when it expires (declared first if not lately); `None` while that
     /// queue's declaration is refused (tried again after [`DELAY_RETRY`]).
     async fn route(
         &mut self,
@@ -833,25 +834,26 @@ impl DelayQueues {
         // Delays are bounded by the workflow's max_backoff (at most a day)
         // and the provider pause cap; RabbitMQ refuses a TTL of 2^32 ms.
         let wait = (task.not_before_ms - now).min(MAX_DELAY_MS);
+        let route = task.route();
         if wait < DELAY_GRAIN_MS {
-            return Some((exchange.clone(), task.queue.clone()));
+            return Some((exchange.clone(), route.into_owned()));
         }
         let delay = (wait + DELAY_GRAIN_MS - 1) / DELAY_GRAIN_MS * DELAY_GRAIN_MS;
         let ttl = u64::try_from(delay).unwrap_or(0);
-        let key = (task.queue.clone(), delay);
+        let key = (route.into_owned(), delay);
         if self.declared.get(&key).is_none_or(|at| at.elapsed() >= DELAY_REDECLARE) {
             if self.refused.get(&key).is_some_and(|at| at.elapsed() < DELAY_RETRY) {
                 return None;
             }
-            if let Err(e) = broker.declare_delay(&task.queue, ttl).await {
+            if let Err(e) = broker.declare_delay(&key.0, ttl).await {
                 error!(task = %task.task_id, error = %e, "cannot declare the delay queue; the task stays in the outbox");
                 self.refused.insert(key, tokio::time::Instant::now());
                 return None;
             }
-            self.declared.insert(key, tokio::time::Instant::now());
+            self.declared.insert(key.clone(), tokio::time::Instant::now());
         }
         // The default exchange routes to the queue of that name.
-        Some((Arc::new(String::new()), names.delay_queue(&task.queue, ttl)))
+        Some((Arc::new(String::new()), names.delay_queue(&key.0, ttl)))
     }
 }
 

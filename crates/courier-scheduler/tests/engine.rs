@@ -151,7 +151,7 @@ fn a_failed_attempt_with_retries_left_is_scheduled_later() {
     // Backoff 2s (minus at most 20% jitter): the new attempt waits 1.6 to 2 s.
     let now = courier_now();
     let later = engine
-        .with_db(|db| db.unpublished_tasks(10, &Default::default()))
+        .with_db(|db| db.unpublished_tasks(10, &Default::default(), &|_| false))
         .unwrap()
         .0;
     assert_eq!(
@@ -512,7 +512,7 @@ fn a_result_after_a_cancel_is_recorded_and_changes_nothing() {
     );
     assert!(
         engine
-            .with_db(|db| db.unpublished_tasks(10, &Default::default()))
+            .with_db(|db| db.unpublished_tasks(10, &Default::default(), &|_| false))
             .unwrap()
             .0
             .is_empty()
@@ -735,7 +735,7 @@ fn held_steps_take_turns_between_runs_so_a_small_run_beside_wide_ones_waits_a_tu
 #[test]
 fn a_pools_gate_holds_steps_past_its_queue_and_lets_them_go_in_turn_as_the_broker_counts_fewer() {
     let dir = tempfile::TempDir::new().unwrap();
-    let config = wide_and_small(dir.path(), 8);
+    let config = wide_and_small(dir.path(), 10);
     let limits = EngineLimits {
         default_queued: 2,
         ..EngineLimits::default()
@@ -745,27 +745,42 @@ fn a_pools_gate_holds_steps_past_its_queue_and_lets_them_go_in_turn_as_the_broke
     let wide = engine.submit("wide", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
     let reasons: Vec<Option<&str>> = wide.steps.iter().map(|s| s.waiting_on.as_deref()).collect();
     let gate = Some("pool default max_queued (2)");
-    assert_eq!(reasons, [None, None, gate, gate, gate, gate, gate, gate]);
-    let small = engine.submit("small", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    assert_eq!(reasons, [None, None, gate, gate, gate, gate, gate, gate, gate, gate]);
+    let second = engine.submit("wide", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
     assert_eq!(
-        small.steps[0].waiting_on.as_deref(),
+        second.steps[0].waiting_on.as_deref(),
         gate,
         "behind the steps held there"
     );
-    // The outbox publishes the two tasks; the broker confirms them.
+    // A small run (at most 8 steps, no foreach) goes at once, to the pool's
+    // lane: its own queue, past the wide runs' steps held at the pool's.
+    let small = engine.submit("small", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    assert_eq!(small.steps[0].waiting_on, None);
+    let mut routes = support::routes(&engine);
+    routes.sort();
+    assert_eq!(
+        routes,
+        [
+            (wide.id.clone(), "s0".to_string(), "default".to_string()),
+            (wide.id.clone(), "s1".to_string(), "default".to_string()),
+            (small.id.clone(), "only".to_string(), "default.lane".to_string()),
+        ]
+    );
+    // The outbox publishes the three tasks; the broker confirms them.
     let first: Vec<Task> = due(&engine).into_iter().map(|(t, _)| t).collect();
-    assert_eq!(first.len(), 2);
     let ids: Vec<String> = first.iter().map(|t| t.task_id.to_string()).collect();
     engine.with_db(|db| db.mark_published(&ids)).unwrap();
-    for _ in &first {
-        gates.sent("default", true);
+    for (_, _, route) in &routes {
+        gates.sent(route, true);
     }
-    // Still in the queue: the gate stays shut, and admission lets none go.
+    // Still in the queue: the pool's gate stays shut, and admission lets
+    // none go (the lane's, with one task of its two, is not read).
     let [(pool, before)] = gates.to_read().try_into().unwrap();
+    assert_eq!(pool, "default");
     assert!(!gates.observed(&pool, 2, before));
     assert_eq!(engine.admit().unwrap(), 0);
     // The workers took them: the gate opens, and the next two in turn go,
-    // the wide run's next step and the small run's, not the wide run's two.
+    // the first wide run's next step and the second's, not the first's two.
     let [(pool, before)] = gates.to_read().try_into().unwrap();
     assert!(gates.observed(&pool, 0, before));
     assert_eq!(engine.admit().unwrap(), 2);
@@ -777,8 +792,44 @@ fn a_pools_gate_holds_steps_past_its_queue_and_lets_them_go_in_turn_as_the_broke
         next,
         [
             (wide.id.clone(), "s2".to_string()),
-            (small.id.clone(), "only".to_string())
+            (second.id.clone(), "s0".to_string())
         ]
+    );
+}
+
+#[test]
+fn a_pools_lane_has_a_gate_of_its_own_and_small_runs_wait_there_in_turn() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = wide_and_small(dir.path(), 10);
+    let limits = EngineLimits {
+        default_queued: 1,
+        ..EngineLimits::default()
+    };
+    let engine = Engine::new(config, support::store(&dir.path().join("courier.db")), limits);
+    let gates = engine.gates();
+    let (runs, reasons): (Vec<String>, Vec<Option<String>>) = (0..3)
+        .map(|_| engine.submit("small", &BTreeMap::new(), NORMAL_PRIORITY).unwrap())
+        .map(|mut run| (run.id, run.steps.remove(0).waiting_on))
+        .unzip();
+    let lane = Some("pool default.lane max_queued (1)".to_string());
+    assert_eq!(reasons, [None, lane.clone(), lane]);
+    // The wide run's steps go to the pool's own queue: its gate is open.
+    let wide = engine.submit("wide", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    assert_eq!(wide.steps[0].waiting_on, None);
+    let published: Vec<Task> = due(&engine).into_iter().map(|(t, _)| t).collect();
+    let ids: Vec<String> = published.iter().map(|t| t.task_id.to_string()).collect();
+    engine.with_db(|db| db.mark_published(&ids)).unwrap();
+    gates.sent("default.lane", true);
+    gates.sent("default", true);
+    // The lane's queue empties: its next small run goes, in turn.
+    let reads = gates.to_read();
+    let (_, before) = reads.iter().find(|(key, _)| key == "default.lane").unwrap();
+    assert!(gates.observed("default.lane", 0, *before));
+    assert_eq!(engine.admit().unwrap(), 1);
+    let routes = support::routes(&engine);
+    assert_eq!(
+        routes,
+        [(runs[1].clone(), "only".to_string(), "default.lane".to_string())]
     );
 }
 
@@ -850,7 +901,7 @@ fn a_retry_that_waited_at_a_shut_gate_is_taken_by_the_first_pass_once_due() {
     engine
         .with_db(|db| db.mark_published(&[task.task_id.to_string()]))
         .unwrap();
-    gates.sent("default", true);
+    gates.sent("default.lane", true);
     // Its attempt fails while the gate still counts it in the queue: the
     // retry waits out its backoff at the gate.
     let applied = engine.apply(&[result(&task, TaskStatus::Failed, "")]).unwrap();
@@ -966,7 +1017,7 @@ fn a_held_step_retries_through_admission_and_a_hostile_429_or_usage_is_capped() 
     assert_eq!(view.input_tokens, i64::try_from(cap).unwrap_or(max));
     assert!(
         engine
-            .with_db(|db| db.unpublished_tasks(10, &Default::default()))
+            .with_db(|db| db.unpublished_tasks(10, &Default::default(), &|_| false))
             .unwrap()
             .0
             .is_empty()
@@ -1506,7 +1557,7 @@ fn a_step_that_became_an_approval_is_never_sent_to_a_worker() {
     let second = engine.with_db(|db| db.run(&second.id)).unwrap().unwrap();
     assert_eq!(second.steps[0].status, StepStatus::WaitingApproval);
     let row = engine
-        .with_db(|db| db.unpublished_tasks(10, &Default::default()))
+        .with_db(|db| db.unpublished_tasks(10, &Default::default(), &|_| false))
         .unwrap()
         .0
         .remove(0);
@@ -1523,7 +1574,9 @@ fn the_outbox_read_leaves_out_tasks_awaiting_confirms_and_carries_each_runs_prio
     let low = engine.submit("research", &topic, 1).unwrap();
     let high = engine.submit("research", &topic, 8).unwrap();
     let read = |limit: usize, skip: &std::collections::HashSet<String>| {
-        engine.with_db(|db| db.unpublished_tasks(limit, skip)).unwrap()
+        engine
+            .with_db(|db| db.unpublished_tasks(limit, skip, &|_| false))
+            .unwrap()
     };
     let (all, full) = read(10, &Default::default());
     let priorities: BTreeMap<&str, u8> = all.iter().map(|t| (t.run_id.as_str(), t.priority)).collect();
@@ -1899,7 +1952,7 @@ fn committed_tasks_are_handed_to_the_outbox_in_memory_once_it_has_read_the_datab
         engine
             .with_db(|db| {
                 let generation = engine.outbox_generation();
-                let (rows, full) = db.unpublished_tasks(10_000, &Default::default())?;
+                let (rows, full) = db.unpublished_tasks(10_000, &Default::default(), &|_| false)?;
                 assert!(engine.outbox_read(&rows, full, generation));
                 Ok::<_, courier_scheduler::db::DbError>(rows)
             })
@@ -1931,7 +1984,7 @@ fn committed_tasks_are_handed_to_the_outbox_in_memory_once_it_has_read_the_datab
     // until its result is applied).
     let unpublished = || {
         engine
-            .with_db(|db| db.unpublished_tasks(10_000, &Default::default()))
+            .with_db(|db| db.unpublished_tasks(10_000, &Default::default(), &|_| false))
             .unwrap()
             .0
     };
@@ -1997,7 +2050,7 @@ fn committed_tasks_are_handed_to_the_outbox_in_memory_once_it_has_read_the_datab
     // task committed meanwhile is read from the database, not forgotten.
     let generation = engine.outbox_generation();
     let stale = engine
-        .with_db(|db| db.unpublished_tasks(10_000, &Default::default()))
+        .with_db(|db| db.unpublished_tasks(10_000, &Default::default(), &|_| false))
         .unwrap()
         .0;
     engine.outbox_incomplete();

@@ -351,7 +351,7 @@ fn items_whose_tasks_pass_the_kept_bodies_budget_in_one_transaction_are_built_ag
     engine
         .with_db(|db| {
             let generation = engine.outbox_generation();
-            let (rows, full) = db.unpublished_tasks(100, &Default::default())?;
+            let (rows, full) = db.unpublished_tasks(100, &Default::default(), &|_| false)?;
             assert!(engine.outbox_read(&rows, full, generation));
             Ok::<_, courier_scheduler::db::DbError>(())
         })

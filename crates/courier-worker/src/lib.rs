@@ -203,10 +203,17 @@ async fn serve(
         }
     }
     let mut consumers = Vec::new();
-    for pool in &config.pools {
-        let queue = broker.names().task_queue(pool);
+    // Each pool's queue and its lane's (small runs' tasks), each consumer
+    // with its own prefetch: a lane's task waits for a free slot, not behind
+    // the pool's queue. Slots are taken in the order deliveries ask for them.
+    let keys = config
+        .pools
+        .iter()
+        .flat_map(|pool| [(pool, pool.clone()), (pool, courier_amqp::lane_key(pool))]);
+    for (pool, key) in keys {
+        let queue = broker.names().task_queue(&key);
         let mut consumer = broker
-            .consumer_with_ack_timeout(&queue, prefetch, &format!("{}:{pool}", config.worker_id), ACK_TIMEOUT)
+            .consumer_with_ack_timeout(&queue, prefetch, &format!("{}:{key}", config.worker_id), ACK_TIMEOUT)
             .await?;
         let pool = pool.clone();
         let (shared, slots, tracker, publisher, shutdown, failed_tx) = (
@@ -252,7 +259,7 @@ async fn serve(
     }
     drop(failed_tx);
     connected.store(true, std::sync::atomic::Ordering::Relaxed);
-    info!(queues = ?config.pools.iter().map(|p| broker.names().task_queue(p)).collect::<Vec<_>>(), "consuming");
+    info!(queues = ?config.pools.iter().flat_map(|p| broker.names().pool_queues(p)).collect::<Vec<_>>(), "consuming");
     let result = tokio::select! {
         () = shutdown.cancelled() => Ok(()),
         Some(e) = failed_rx.recv() => Err(e),

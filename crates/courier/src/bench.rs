@@ -97,6 +97,10 @@ struct Latency {
     p90_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    /// p50 and p99 of each run's wait from its submission to its task's
+    /// dispatch, then from dispatch to its result applied.
+    admitted_ms: (f64, f64),
+    delivered_ms: (f64, f64),
 }
 
 pub fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
@@ -136,6 +140,10 @@ pub fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
         println!(
             "latency       {} runs   p50 {:.1} ms   p90 {:.1} ms   p99 {:.1} ms   max {:.1} ms   (submit to result applied)",
             latency.runs, latency.p50_ms, latency.p90_ms, latency.p99_ms, latency.max_ms
+        );
+        println!(
+            "phases        submit to dispatch p50 {:.1} ms p99 {:.1} ms   dispatch to result applied p50 {:.1} ms p99 {:.1} ms",
+            latency.admitted_ms.0, latency.admitted_ms.1, latency.delivered_ms.0, latency.delivered_ms.1
         );
         println!(
             "throughput    {:.0} runs/s completed (first submission accepted to last result applied)",
@@ -893,7 +901,14 @@ fn open_loop(
         .runs(Some("wide"), None, None, 1)?
         .first()
         .and_then(|r| Some(r.finished_ms? - r.created_ms));
+    let phases = db.task_phases_ms("bench")?;
     drop(db);
+    let spread = |mut ms: Vec<f64>| {
+        ms.sort_by(f64::total_cmp);
+        (percentile(&ms, 0.50), percentile(&ms, 0.99))
+    };
+    let admitted_ms = spread(phases.iter().map(|p| p.0 as f64).collect());
+    let delivered_ms = spread(phases.iter().map(|p| p.1 as f64).collect());
     let mut latencies: Vec<f64> = runs
         .iter()
         .filter_map(|r| Some((r.finished_ms? - r.created_ms) as f64))
@@ -908,6 +923,8 @@ fn open_loop(
         p90_ms: percentile(&latencies, 0.90),
         p99_ms: percentile(&latencies, 0.99),
         max_ms: latencies.last().copied().unwrap_or(0.0),
+        admitted_ms,
+        delivered_ms,
     };
     stack.clean_up(settings, runtime);
     Ok((latency, wide_ms, usage))

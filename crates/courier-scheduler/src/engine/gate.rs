@@ -1,6 +1,8 @@
 //! Keeps each pool's broker queue short, so a backlog waits at the
 //! scheduler, where runs take turns, and not in the broker's first-come
 //! first-served queue (where a small run waits behind a wide one).
+//! A pool's lane (its second queue, for small runs' tasks) has a gate of its
+//! own, under the lane's key: the gates are keyed by routing key.
 //!
 //! A pool's gate estimates the tasks waiting in its queue: those dispatched
 //! and not yet confirmed by the broker, plus the broker's count when last
@@ -85,11 +87,14 @@ impl Gate {
 }
 
 impl Gates {
-    /// Gates of the given limits; pools with a limit of 0 have none.
+    /// Gates of the given limits, one for each pool's queue and one for its
+    /// lane's ([`courier_amqp::lane_key`]), each of the pool's limit; pools
+    /// with a limit of 0 have none.
     pub fn new(limits: impl IntoIterator<Item = (String, u32)>) -> Self {
         let pools = limits
             .into_iter()
             .filter(|(_, limit)| *limit > 0)
+            .flat_map(|(pool, limit)| [(courier_amqp::lane_key(&pool), limit), (pool, limit)])
             .map(|(pool, limit)| {
                 let gate = Gate {
                     limit: i64::from(limit),

@@ -87,9 +87,28 @@ pub fn result(task: &Task, status: TaskStatus, output: &str) -> TaskResult {
 }
 
 /// The due outbox tasks, decoded.
+/// Each unpublished task's run, step and routing key (its pool, or its
+/// pool's lane), as the outbox reads them.
+pub fn routes(engine: &Engine) -> Vec<(String, String, String)> {
+    let small = |wf: &str| {
+        engine
+            .config()
+            .workflows
+            .get(wf)
+            .is_some_and(courier_scheduler::engine::small)
+    };
+    let rows = engine
+        .with_db(|db| db.unpublished_tasks(10_000, &Default::default(), &small))
+        .unwrap()
+        .0;
+    rows.iter()
+        .map(|row| (row.run_id.clone(), row.step.clone(), row.route().into_owned()))
+        .collect()
+}
+
 pub fn due(engine: &Engine) -> Vec<(Task, String)> {
     let rows = engine
-        .with_db(|db| db.unpublished_tasks(10_000, &Default::default()))
+        .with_db(|db| db.unpublished_tasks(10_000, &Default::default(), &|_| false))
         .unwrap()
         .0;
     rows.iter()
@@ -156,7 +175,7 @@ pub fn drive(engine: &Engine, mut answer: impl FnMut(&Task) -> TaskStatus) -> us
         let due = due(engine);
         if due.is_empty() {
             if engine
-                .with_db(|db| db.unpublished_tasks(1, &Default::default()))
+                .with_db(|db| db.unpublished_tasks(1, &Default::default(), &|_| false))
                 .unwrap()
                 .0
                 .is_empty()
