@@ -211,11 +211,13 @@ fn a_step_kind_from_a_newer_scheduler_fails_with_upgrade_it_and_is_not_dead_lett
         std::thread::sleep(Duration::from_millis(200));
     };
     let names = Names::new(cluster.namespace.clone());
-    let purged = std::process::Command::new("rabbitmqctl")
-        .args(["purge_queue", &names.task_queue("default")])
-        .output()
-        .unwrap();
-    assert!(purged.status.success(), "{purged:?}");
+    for queue in names.pool_queues("default") {
+        let purged = std::process::Command::new("rabbitmqctl")
+            .args(["purge_queue", &queue])
+            .output()
+            .unwrap();
+        assert!(purged.status.success(), "{purged:?}");
+    }
     let future = FutureTask {
         task_id: task.task_id,
         run_id: task.run_id,

@@ -2166,7 +2166,7 @@ impl Engine {
         for ((priority, pool), turn) in &counts.turned {
             tx::advance_virtual_time(c.t, *priority, pool, *turn)?;
         }
-        c.gates.passed(&counts.gated, complete);
+        c.gates.passed(&counts.gated, &pools, complete, read >= ADMIT_BATCH);
         Ok(())
     }
 

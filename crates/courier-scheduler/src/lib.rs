@@ -655,6 +655,10 @@ async fn outbox_loop(
                 .outbox_pending
                 .set(i64::try_from(due.len() + unconfirmed.len()).unwrap_or(i64::MAX));
             let mut sent = 0_usize;
+            // Small runs' tasks first: a batch of a wide run's is not
+            // published ahead of them.
+            let mut due = due;
+            due.sort_by_key(|(task, _)| !task.lane);
             for (task, body) in due {
                 // A refused delay queue leaves the task in the outbox, to be
                 // read there again.

@@ -241,8 +241,16 @@ async fn serve(
                         return consumer;
                     }
                 };
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    break;
+                // A delivery waiting for a slot (its pool's other queue took
+                // them) is given back on shutdown: the channel's close
+                // returns it to its queue.
+                let permit = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break,
+                    permit = slots.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
                 };
                 let (shared, publisher, pool) = (shared.clone(), publisher.clone(), pool.clone());
                 tracker.spawn(async move {

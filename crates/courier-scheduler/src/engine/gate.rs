@@ -55,6 +55,12 @@ struct Gate {
     /// broker has not confirmed, until a read succeeds (one that cannot
     /// count must not stall its pool).
     blind: AtomicBool,
+    /// A pass that stopped at its bound of rows read, before the steps
+    /// waiting here (others, of higher priority or earlier turns, waited at
+    /// other gates before them): no pass is worth it for this gate until
+    /// one reaches them, the clock's full pass at the latest (each would
+    /// read as many rows again for nothing).
+    unreached: AtomicBool,
 }
 
 impl Gate {
@@ -84,6 +90,11 @@ impl Gate {
     fn refills(&self) -> bool {
         self.counted() <= self.limit - (self.limit / 2).max(1)
     }
+
+    /// Steps wait here, within reach, and it has room for them.
+    fn open_holding(&self) -> bool {
+        self.holding.load(Ordering::Relaxed) && !self.unreached.load(Ordering::Relaxed) && self.refills()
+    }
 }
 
 impl Gates {
@@ -102,6 +113,7 @@ impl Gates {
                     ready: AtomicI64::new(0),
                     holding: AtomicBool::new(false),
                     blind: AtomicBool::new(false),
+                    unreached: AtomicBool::new(false),
                 };
                 (pool, gate)
             })
@@ -174,25 +186,38 @@ impl Gates {
         }
     }
 
-    /// An admission pass is over: steps of the pools in `held` wait at
-    /// their gates, and new steps of those pools wait behind them; at the
-    /// other gates none does, if the pass read every waiting step
-    /// (`complete`; otherwise some may, further on).
-    pub fn passed(&self, held: &std::collections::BTreeSet<String>, complete: bool) {
-        for (pool, g) in &self.pools {
-            if held.contains(pool) {
-                self.held(pool);
+    /// An admission pass is over: steps of the gates in `held` wait at
+    /// them, and new steps of those gates wait behind them; at the other
+    /// gates none does, if the pass read every waiting step (`complete`;
+    /// otherwise some may, further on). A gate holding steps that a pass
+    /// stopped by its bound of rows (`bounded`) did not meet (`met`: the
+    /// gates of the steps it read) is out of reach (see `Gate::unreached`)
+    /// until a pass meets it or reads every waiting step.
+    pub fn passed(
+        &self,
+        held: &std::collections::BTreeSet<String>,
+        met: &std::collections::BTreeSet<String>,
+        complete: bool,
+        bounded: bool,
+    ) {
+        for (key, g) in &self.pools {
+            if held.contains(key) {
+                self.held(key);
             } else if complete {
                 g.holding.store(false, Ordering::Relaxed);
+            }
+            if complete || met.contains(key) {
+                g.unreached.store(false, Ordering::Relaxed);
+            } else if bounded {
+                g.unreached.store(g.holding.load(Ordering::Relaxed), Ordering::Relaxed);
             }
         }
     }
 
-    /// Whether a gate holding steps is open: a pass must reach them.
+    /// Whether a gate holding steps (within reach) is open: a pass must
+    /// reach them.
     pub fn open_holding(&self) -> bool {
-        self.pools
-            .values()
-            .any(|g| g.holding.load(Ordering::Relaxed) && g.refills())
+        self.pools.values().any(Gate::open_holding)
     }
 
     /// A task was dispatched to the pool's queue by admission, which saw the
@@ -260,7 +285,7 @@ impl Gates {
         };
         g.ready.fetch_add(i64::from(ready) - before, Ordering::Relaxed);
         g.blind.store(false, Ordering::Relaxed);
-        g.holding.load(Ordering::Relaxed) && g.refills()
+        g.open_holding()
     }
 
     /// The pool's count could not be read: its gate goes blind (counts
@@ -271,7 +296,7 @@ impl Gates {
             return false;
         };
         g.blind.store(true, Ordering::Relaxed);
-        g.holding.load(Ordering::Relaxed) && g.refills()
+        g.open_holding()
     }
 
     /// Wait until a gate shuts or a step waits at one.
@@ -312,12 +337,17 @@ mod tests {
         assert!(gates.observed("default", 1, before), "1 + 1 < 3, and a step waits");
         assert!(!gates.shut("default"));
         assert!(!gates.admits("default"), "new steps wait behind the held one");
-        gates.passed(&["default".to_string()].into(), false);
+        gates.passed(
+            &["default".to_string()].into(),
+            &["default".to_string()].into(),
+            false,
+            false,
+        );
         assert!(!gates.admits("default"), "a pass held steps at the gate");
         assert!(gates.open_holding());
-        gates.passed(&Default::default(), false);
+        gates.passed(&Default::default(), &Default::default(), false, false);
         assert!(!gates.admits("default"), "a pass that did not read them all");
-        gates.passed(&Default::default(), true);
+        gates.passed(&Default::default(), &Default::default(), true, false);
         assert!(gates.to_read().is_empty());
         assert!(gates.admits("default"));
         assert_eq!(gates.to_read().len(), 1, "its queue is full again");
@@ -325,6 +355,39 @@ mod tests {
         assert_eq!(gates.to_read().len(), 1, "a dispatch the outbox did not see yet");
         gates.outbox_empty(gates.seq());
         assert!(gates.to_read().is_empty(), "that task was cancelled before it went");
+    }
+
+    #[test]
+    fn a_gate_whose_steps_a_bounded_pass_did_not_reach_is_not_worth_a_pass_until_one_does() {
+        let gates = Gates::new([("default".to_string(), 4)]);
+        let lane = courier_amqp::lane_key("default");
+        // The pool's queue is full of a wide backlog's tasks; small runs'
+        // steps wait at the lane's gate, which has room.
+        for _ in 0..4 {
+            assert!(gates.admits("default"));
+        }
+        gates.held(&lane);
+        assert!(gates.open_holding());
+        let none = std::collections::BTreeSet::new();
+        let default: std::collections::BTreeSet<String> = ["default".to_string()].into();
+        // A pass that stopped early (every gate it met shut) says nothing
+        // of the lane's steps.
+        gates.passed(&default, &default, false, false);
+        assert!(gates.open_holding());
+        // One that read its bound of rows, all of the pool's, did not reach
+        // them: no pass for them (a result's, the gate loop's) until one does.
+        gates.passed(&default, &default, false, true);
+        assert!(!gates.open_holding());
+        let reads = gates.to_read();
+        let (_, before) = reads.iter().find(|(key, _)| *key == lane).unwrap();
+        assert!(!gates.observed(&lane, 0, *before), "the gate loop admits nothing for it");
+        // A pass that met them (the clock's full pass, say).
+        gates.passed(&none, &[lane.clone()].into(), false, true);
+        assert!(gates.open_holding());
+        gates.passed(&default, &default, false, true);
+        assert!(!gates.open_holding());
+        gates.passed(&none, &none, true, false);
+        assert!(!gates.open_holding() && gates.admits(&lane), "none waits there");
     }
 
     #[test]
@@ -340,7 +403,7 @@ mod tests {
             !gates.shut("default") && gates.open_holding(),
             "blind: what is confirmed is not counted"
         );
-        gates.passed(&Default::default(), true);
+        gates.passed(&Default::default(), &Default::default(), true, false);
         assert!(gates.admits("default"));
         // Still read, and what was confirmed meanwhile is in the estimate.
         let [(_, before)] = gates.to_read().try_into().unwrap();

@@ -86,7 +86,6 @@ pub fn result(task: &Task, status: TaskStatus, output: &str) -> TaskResult {
     }
 }
 
-/// The due outbox tasks, decoded.
 /// Each unpublished task's run, step and routing key (its pool, or its
 /// pool's lane), as the outbox reads them.
 pub fn routes(engine: &Engine) -> Vec<(String, String, String)> {
@@ -106,6 +105,7 @@ pub fn routes(engine: &Engine) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// The due outbox tasks, decoded.
 pub fn due(engine: &Engine) -> Vec<(Task, String)> {
     let rows = engine
         .with_db(|db| db.unpublished_tasks(10_000, &Default::default(), &|_| false))
