@@ -380,7 +380,10 @@ mod tests {
         assert!(!gates.open_holding());
         let reads = gates.to_read();
         let (_, before) = reads.iter().find(|(key, _)| *key == lane).unwrap();
-        assert!(!gates.observed(&lane, 0, *before), "the gate loop admits nothing for it");
+        assert!(
+            !gates.observed(&lane, 0, *before),
+            "the gate loop admits nothing for it"
+        );
         // A pass that met them (the clock's full pass, say).
         gates.passed(&none, &[lane.clone()].into(), false, true);
         assert!(gates.open_holding());
