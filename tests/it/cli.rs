@@ -52,6 +52,23 @@ fn validate_builds_every_snapshot_within_the_schedulers_limits() {
 }
 
 #[test]
+fn settings_for_a_pools_lane_are_refused_as_not_a_pool() {
+    let dir = tempfile::TempDir::new().unwrap();
+    copy_dir(&example_config(), dir.path());
+    std::fs::write(
+        dir.path().join("courier.toml"),
+        "[pools.default]\nmax_queued = 1\n[pools.\"default.lane\"]\nmax_queued = 50\n",
+    )
+    .unwrap();
+    let (out, stdout, stderr) = run(courier().args(["validate", "--config-dir"]).arg(dir.path()));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.starts_with("error: pools.default.lane: a pool's name is a slug"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn validate_checks_parameter_defaults_against_the_task_limits() {
     let dir = tempfile::TempDir::new().unwrap();
     copy_dir(&example_config(), dir.path());

@@ -226,6 +226,11 @@ impl Settings {
         if settings.quorum_group_size == Some(0) {
             anyhow::bail!("quorum_group_size must be at least 1 (leave it out for every node)");
         }
+        if let Some(pool) = settings.pools.keys().find(|p| !courier_config::is_slug(p)) {
+            anyhow::bail!(
+                "pools.{pool}: a pool's name is a slug (lowercase letters, digits and '-'); a pool's lane has no settings of its own, [pools.<pool>] covers both its queues"
+            );
+        }
         if let Some((pool, _)) = settings.pools.iter().find(|(_, p)| p.max_in_flight == Some(0)) {
             anyhow::bail!("pools.{pool}.max_in_flight must be at least 1 (leave it out for none)");
         }

@@ -58,8 +58,8 @@ struct Gate {
     /// A pass that stopped at its bound of rows read, before the steps
     /// waiting here (others, of higher priority or earlier turns, waited at
     /// other gates before them): no pass is worth it for this gate until
-    /// one reaches them, the clock's full pass at the latest (each would
-    /// read as many rows again for nothing).
+    /// one reaches them (each would read as many rows again for nothing);
+    /// the clock's full pass, every 5 s, tries again.
     unreached: AtomicBool,
 }
 
