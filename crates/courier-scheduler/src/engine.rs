@@ -142,13 +142,13 @@ pub fn small(wf: &Workflow) -> bool {
     wf.steps().len() <= LANE_STEPS && wf.steps().iter().all(|s| s.foreach.is_none())
 }
 
-/// The routing key of a step's tasks, also its gate's key: its pool, or its
-/// pool's lane for a small run.
-fn route<'a>(wf: &Workflow, step: &'a Step) -> std::borrow::Cow<'a, str> {
+/// The routing key of the tasks a workflow's step of `pool` sends, also
+/// their gate's key: the pool, or its lane for a small run.
+fn route<'a>(wf: &Workflow, pool: &'a str) -> std::borrow::Cow<'a, str> {
     if small(wf) {
-        courier_amqp::lane_key(&step.queue).into()
+        courier_amqp::lane_key(pool).into()
     } else {
-        step.queue.as_str().into()
+        pool.into()
     }
 }
 /// The priority of a run that asks for none.
@@ -1958,7 +1958,7 @@ impl Engine {
         if self.held(c, wf, run_row, step, delay.is_zero())?.is_some() {
             // Its gate holds it from when it is due (the clock's pass alone
             // might not reach it behind another pool's backlog for 5 s).
-            self.gates.hold_at(&route(wf, step), due);
+            self.gates.hold_at(&route(wf, &step.queue), due);
             let why = format!("retry after {}", courier_wire::humanize(delay));
             let turn = self.turn(c, run, &step.queue)?;
             tx::wait_step(c.t, run, name, Some(&why), Some(due), turn)?;
@@ -2059,7 +2059,7 @@ impl Engine {
     /// The gate's reason, if it holds a step of a small run or not
     /// (`route`) at admission (it is shut).
     fn gate_holds(&self, wf: &Workflow, step: &Step) -> Option<(String, String)> {
-        let key = route(wf, step);
+        let key = route(wf, &step.queue);
         let max = self.gates.limit(&key)?;
         self.gate_shut(&key)
             .then(|| (gate_reason(wf, step, max), key.into_owned()))
@@ -2091,7 +2091,7 @@ impl Engine {
         }
         // Last: the step goes now unless its pool's gate holds it (it takes
         // a place in the queue); then the gate is named at once.
-        let key = route(wf, step);
+        let key = route(wf, &step.queue);
         let Some(max) = self.gates.limit(&key) else {
             return Ok(None);
         };
@@ -2145,8 +2145,8 @@ impl Engine {
             if !chunk.is_empty() {
                 let counts = counts.get_or_insert_with(Counts::default);
                 pools.extend(chunk.iter().map(|w| match self.config.workflows.get(&w.workflow) {
-                    Some(wf) if small(wf) => courier_amqp::lane_key(&w.queue),
-                    _ => w.queue.clone(),
+                    Some(wf) => route(wf, &w.queue).into_owned(),
+                    None => w.queue.clone(),
                 }));
                 self.admit_each(c, counts, chunk)?;
                 // Nothing further can go: every pool met is shut, and no
@@ -2294,7 +2294,7 @@ impl Engine {
             let priority = MAX_PRIORITY.saturating_sub(u8::try_from(w.turn / TURNS).unwrap_or(MAX_PRIORITY));
             let turned = counts.turned.entry((priority, w.queue.clone())).or_insert(w.turn);
             *turned = (*turned).max(w.turn);
-            c.gates.dispatched(&route(wf, step));
+            c.gates.dispatched(&route(wf, &step.queue));
             write_task(c, &w.run, step, &w.step, task, false)?;
         }
         Ok(())
@@ -2844,7 +2844,7 @@ fn write_tasks<'s>(
 /// What a step held at its gate waits on (its `waiting_on`): the gate's
 /// key names the pool, or the pool's lane (`default.lane`).
 fn gate_reason(wf: &Workflow, step: &Step, max: i64) -> String {
-    format!("pool {} max_queued ({max})", route(wf, step))
+    format!("pool {} max_queued ({max})", route(wf, &step.queue))
 }
 
 /// The run's priority (for its tasks' outbox rows), read once per
