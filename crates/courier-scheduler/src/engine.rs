@@ -1081,6 +1081,7 @@ impl Engine {
         let mut rows = Vec::with_capacity(wf.steps().len());
         let (mut approvals, mut dispatched) = (Vec::new(), Vec::new());
         let mut reasons = Vec::new();
+        let lane = small(wf);
         for (i, step) in wf.steps().iter().enumerate() {
             let mut row = tx::NewStep {
                 name: &step.name,
@@ -1089,6 +1090,7 @@ impl Engine {
                 depends: step.depends.len(),
                 started_ms: None,
                 waiting: None,
+                lane,
             };
             if let Some((_, task)) = first.next_if(|(f, _)| *f == i) {
                 row.depends = 0;
@@ -2125,13 +2127,17 @@ impl Engine {
     /// An admission pass: waiting steps in turn order, a chunk at a time.
     /// Unless `full` (the clock's, every [`FULL_ADMISSION`]), it stops
     /// after a chunk that dispatched nothing once the gates of every pool
-    /// it met are shut and no gate holding steps is open: a backlog at the
-    /// gates costs a chunk or two per pass, not a read of every waiting
-    /// step. Steps further on held by other limits (a model's concurrency)
-    /// wait for the next full pass or a pass that reaches them.
+    /// it met are shut: a backlog at the gates costs a chunk per pass, not
+    /// a read of every waiting step. A pass that stopped before the end
+    /// then reads, from their own turn order (an index of each pool's and
+    /// lane's waiting steps), the steps further on of each gate with room
+    /// for those waiting there (`Gates::to_reach`): they are not held behind
+    /// any number of steps at shut gates. Steps further on held by other
+    /// limits (a model's concurrency) wait for the next full pass or a pass
+    /// that reaches them.
     fn admission(&self, c: &mut Change<'_, '_>, full: bool) -> Result<(), DbError> {
-        let mut counts = None;
-        let mut pools = BTreeSet::new();
+        let mut counts = Counts::default();
+        let mut met = BTreeSet::new();
         let (mut after, mut read, mut size) = (None::<(i64, String, String)>, 0, ADMIT_FIRST / 2);
         let complete = loop {
             let key = after.as_ref().map(|(t, r, n)| (*t, r.as_str(), n.as_str()));
@@ -2141,20 +2147,18 @@ impl Engine {
             let chunk = tx::waiting_steps(c.t, c.now, key, size)?;
             let end = chunk.len() < size;
             read += chunk.len();
-            after = chunk.last().map(|w| (w.turn, w.run.clone(), w.step.clone()));
+            if let Some(w) = chunk.last() {
+                after = Some((w.turn, w.run.clone(), w.step.clone()));
+            }
             if !chunk.is_empty() {
-                let counts = counts.get_or_insert_with(Counts::default);
-                pools.extend(chunk.iter().map(|w| match self.config.workflows.get(&w.workflow) {
+                met.extend(chunk.iter().map(|w| match self.config.workflows.get(&w.workflow) {
                     Some(wf) => route(wf, &w.queue).into_owned(),
                     None => w.queue.clone(),
                 }));
-                self.admit_each(c, counts, chunk)?;
-                // Nothing further can go: every pool met is shut, and no
-                // gate with steps waiting at it is open (those may be further).
-                if !full
-                    && pools.iter().all(|p| self.gate_shut(p))
-                    && !(self.publishing.load(Ordering::Relaxed) && c.gates.open_holding())
-                {
+                self.admit_each(c, &mut counts, chunk)?;
+                // Nothing further can go but at gates the pass did not meet:
+                // every pool met is shut.
+                if !full && met.iter().all(|p| self.gate_shut(p)) {
                     break false;
                 }
             }
@@ -2162,11 +2166,22 @@ impl Engine {
                 break end;
             }
         };
-        let counts = counts.unwrap_or_default();
+        let mut drained = BTreeSet::new();
+        if !complete && self.publishing.load(Ordering::Relaxed) {
+            let key = after.as_ref().map(|(t, r, n)| (*t, r.as_str(), n.as_str()));
+            for (gate, pool, lane, room) in self.gates.to_reach(full) {
+                let size = room.clamp(1, ADMIT_CHUNK);
+                let steps = tx::waiting_at(c.t, c.now, (pool, lane), key, size)?;
+                if steps.len() < size {
+                    drained.insert(gate);
+                }
+                self.admit_each(c, &mut counts, steps)?;
+            }
+        }
         for ((priority, pool), turn) in &counts.turned {
             tx::advance_virtual_time(c.t, *priority, pool, *turn)?;
         }
-        c.gates.passed(&counts.gated, &pools, complete, read >= ADMIT_BATCH);
+        c.gates.passed(&counts.gated, complete, &drained);
         Ok(())
     }
 

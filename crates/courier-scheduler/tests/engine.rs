@@ -7,7 +7,7 @@ use std::path::Path;
 
 use courier_config::Config;
 use courier_scheduler::db::{Db, RunStatus, StepStatus};
-use courier_scheduler::engine::{Engine, EngineLimits, NORMAL_PRIORITY};
+use courier_scheduler::engine::{Engine, EngineLimits, MAX_PRIORITY, NORMAL_PRIORITY};
 use courier_wire::{StepRun, Task, TaskResult, TaskStatus};
 use uuid::Uuid;
 
@@ -831,6 +831,50 @@ fn a_pools_lane_has_a_gate_of_its_own_and_small_runs_wait_there_in_turn() {
         routes,
         [(runs[1].clone(), "only".to_string(), "default.lane".to_string())]
     );
+}
+
+#[test]
+fn small_runs_at_their_lanes_gate_go_as_it_empties_past_any_number_of_higher_priority_steps_at_the_pools() {
+    let dir = tempfile::TempDir::new().unwrap();
+    // More steps held at the pool's gate than an admission pass reads in
+    // turn order (10,000), all of them ahead of the small runs' turns.
+    let config = wide_and_small(dir.path(), 10_100);
+    let limits = EngineLimits {
+        default_queued: 4,
+        ..EngineLimits::default()
+    };
+    let engine = Engine::new(config, support::store(&dir.path().join("courier.db")), limits);
+    let gates = engine.gates();
+    let small: Vec<String> = (0..6)
+        .map(|_| engine.submit("small", &BTreeMap::new(), 0).unwrap().id)
+        .collect();
+    engine.submit("wide", &BTreeMap::new(), MAX_PRIORITY).unwrap();
+    let routes = support::routes(&engine);
+    let (lane, pool): (Vec<_>, Vec<_>) = routes.iter().partition(|(_, _, route)| route == "default.lane");
+    assert_eq!((lane.len(), pool.len()), (4, 4));
+    let ids: Vec<String> = due(&engine).into_iter().map(|(t, _)| t.task_id.to_string()).collect();
+    engine.with_db(|db| db.mark_published(&ids)).unwrap();
+    for (_, _, route) in &routes {
+        gates.sent(route, true);
+    }
+    // The workers took the lane's four; the pool's queue stays full.
+    for (key, before) in gates.to_read() {
+        let ready = if key == "default" { 4 } else { 0 };
+        assert_eq!(gates.observed(&key, ready, before), key == "default.lane", "{key}");
+    }
+    assert_eq!(engine.admit().unwrap(), 2, "the two small runs held at the lane's gate");
+    let mut next: Vec<String> = support::routes(&engine)
+        .into_iter()
+        .map(|(run, _, route)| {
+            assert_eq!(route, "default.lane");
+            run
+        })
+        .collect();
+    next.sort();
+    assert_eq!(next, small[4..]);
+    // None waits at the lane's gate now: a new small run goes at once.
+    let another = engine.submit("small", &BTreeMap::new(), 0).unwrap();
+    assert_eq!(another.steps[0].waiting_on, None);
 }
 
 #[test]

@@ -187,6 +187,15 @@ CREATE TABLE turns (priority INTEGER NOT NULL, pool TEXT NOT NULL, vtime INTEGER
 DROP INDEX steps_waiting;
 CREATE INDEX steps_waiting ON steps (run_id, queue, turn) WHERE status = 'waiting';
 ",
+    // 10: whether a step goes through its pool's lane (its run is small),
+    // so admission reads the steps waiting at one gate in turn order from
+    // an index, past any number waiting at other gates before them. Steps
+    // from before count as their pool's (admission still routes each by its
+    // workflow).
+    "
+ALTER TABLE steps ADD COLUMN lane INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX steps_gated ON steps (queue, lane, turn, run_id, name) WHERE status = 'waiting';
+",
 ];
 
 /// PostgreSQL's schema as of version [`PG_BASELINE`]: PostgreSQL support
@@ -332,6 +341,11 @@ CREATE TABLE turns (priority BIGINT NOT NULL, pool TEXT NOT NULL, vtime BIGINT N
     "
 DROP INDEX steps_waiting;
 CREATE INDEX steps_waiting ON steps (run_id, queue, turn) WHERE status = 'waiting';
+",
+    // 10: as SQLite's.
+    "
+ALTER TABLE steps ADD COLUMN lane BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX steps_gated ON steps (queue, lane, turn, run_id, name) WHERE status = 'waiting';
 ",
 ];
 

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use courier_wire::TaskStatus;
 
-use super::sql::{Batched, DbError, Param, Tx, p, values};
+use super::sql::{Batched, DbError, Param, Row, Tx, p, values};
 use super::{DISPATCHED, RunStatus, StepStatus, TaskRow};
 
 /// A run as the engine needs it.
@@ -120,6 +120,8 @@ pub struct NewStep<'a> {
     /// Inserted waiting, in this turn, for the limit named (if named):
     /// as [`wait_step`] would mark it.
     pub waiting: Option<(Option<&'a str>, i64)>,
+    /// It goes through its pool's lane (its run is small).
+    pub lane: bool,
 }
 
 /// Insert a run's steps, many per statement ([`Batched`]).
@@ -135,7 +137,7 @@ pub fn insert_steps(tx: &Tx<'_>, run: &str, steps: &[NewStep<'_>]) -> Result<(),
     let params: Vec<&dyn Param> = steps
         .iter()
         .zip(&states)
-        .flat_map(|(step, (status, attempts, waiting_on, turn))| -> [&dyn Param; 10] {
+        .flat_map(|(step, (status, attempts, waiting_on, turn))| -> [&dyn Param; 11] {
             [
                 &run,
                 &step.name,
@@ -147,18 +149,19 @@ pub fn insert_steps(tx: &Tx<'_>, run: &str, steps: &[NewStep<'_>]) -> Result<(),
                 &step.started_ms,
                 waiting_on,
                 turn,
+                &step.lane,
             ]
         })
         .collect();
-    tx.exec_batched(&INSERT_STEPS, 10, &params)?;
+    tx.exec_batched(&INSERT_STEPS, 11, &params)?;
     Ok(())
 }
 
 static INSERT_STEPS: Batched = Batched::new(|rows| {
     format!(
         "INSERT INTO steps (run_id, name, position, queue, status, pending_deps, attempts, started_ms, waiting_on,
-                            turn) {}",
-        values(10, rows)
+                            turn, lane) {}",
+        values(11, rows)
     )
 });
 
@@ -893,26 +896,51 @@ pub fn waiting_steps(
     // A literal limit (see `Db::unpublished_tasks`).
     tx.all(
         &format!(
-            "SELECT s.run_id, r.workflow, s.name, r.admitted, s.waiting_on, s.attempts, s.turn, s.queue
-         FROM steps s JOIN runs r ON r.id = s.run_id
-         WHERE s.status = 'waiting' AND (s.turn, s.run_id, s.name) > (?2, ?3, ?4)
-           AND (s.not_before_ms IS NULL OR s.not_before_ms <= ?1)
-         ORDER BY s.turn, s.run_id, s.name LIMIT {limit}"
+            "{WAITING} WHERE s.status = 'waiting' AND {AFTER_DUE} ORDER BY s.turn, s.run_id, s.name LIMIT {limit}"
         ),
         p![now, turn, run, name],
-        |r| {
-            Ok(WaitingStep {
-                run: r.get(0)?,
-                workflow: r.get(1)?,
-                step: r.get(2)?,
-                admitted: r.get(3)?,
-                waiting_on: r.get(4)?,
-                attempts: r.get(5)?,
-                turn: r.get(6)?,
-                queue: r.get(7)?,
-            })
-        },
+        waiting_step,
     )
+}
+
+/// As [`waiting_steps`], those of one pool's queue or (`lane`) its lane's
+/// only: from an index of them, past any number waiting at other gates.
+pub fn waiting_at(
+    tx: &Tx<'_>,
+    now: i64,
+    (pool, lane): (&str, bool),
+    after: Option<(i64, &str, &str)>,
+    limit: usize,
+) -> Result<Vec<WaitingStep>, DbError> {
+    let (turn, run, name) = after.unwrap_or((i64::MIN, "", ""));
+    tx.all(
+        &format!(
+            "{WAITING} WHERE s.status = 'waiting' AND s.queue = ?5 AND s.lane = ?6 AND {AFTER_DUE}
+             ORDER BY s.turn, s.run_id, s.name LIMIT {limit}"
+        ),
+        p![now, turn, run, name, pool, lane],
+        waiting_step,
+    )
+}
+
+const WAITING: &str = "SELECT s.run_id, r.workflow, s.name, r.admitted, s.waiting_on, s.attempts, s.turn, s.queue
+    FROM steps s JOIN runs r ON r.id = s.run_id";
+
+/// After `(?2, ?3, ?4)` in turn order, and due by `?1`.
+const AFTER_DUE: &str =
+    "(s.turn, s.run_id, s.name) > (?2, ?3, ?4) AND (s.not_before_ms IS NULL OR s.not_before_ms <= ?1)";
+
+fn waiting_step(r: &Row<'_>) -> Result<WaitingStep, DbError> {
+    Ok(WaitingStep {
+        run: r.get(0)?,
+        workflow: r.get(1)?,
+        step: r.get(2)?,
+        admitted: r.get(3)?,
+        waiting_on: r.get(4)?,
+        attempts: r.get(5)?,
+        turn: r.get(6)?,
+        queue: r.get(7)?,
+    })
 }
 
 /// Name the limit that holds a waiting step.

@@ -44,6 +44,9 @@ pub struct Gates {
 
 #[derive(Debug)]
 struct Gate {
+    /// The pool, and whether this is its lane's gate.
+    pool: String,
+    lane: bool,
     limit: i64,
     /// Tasks dispatched through the gate and not yet published.
     unpublished: AtomicI64,
@@ -55,12 +58,6 @@ struct Gate {
     /// broker has not confirmed, until a read succeeds (one that cannot
     /// count must not stall its pool).
     blind: AtomicBool,
-    /// A pass that stopped at its bound of rows read, before the steps
-    /// waiting here (others, of higher priority or earlier turns, waited at
-    /// other gates before them): no pass is worth it for this gate until
-    /// one reaches them (each would read as many rows again for nothing);
-    /// the clock's full pass, every 5 s, tries again.
-    unreached: AtomicBool,
 }
 
 impl Gate {
@@ -91,9 +88,9 @@ impl Gate {
         self.counted() <= self.limit - (self.limit / 2).max(1)
     }
 
-    /// Steps wait here, within reach, and it has room for them.
+    /// Steps wait here and it has room for them.
     fn open_holding(&self) -> bool {
-        self.holding.load(Ordering::Relaxed) && !self.unreached.load(Ordering::Relaxed) && self.refills()
+        self.holding.load(Ordering::Relaxed) && self.refills()
     }
 }
 
@@ -105,17 +102,23 @@ impl Gates {
         let pools = limits
             .into_iter()
             .filter(|(_, limit)| *limit > 0)
-            .flat_map(|(pool, limit)| [(courier_amqp::lane_key(&pool), limit), (pool, limit)])
-            .map(|(pool, limit)| {
+            .flat_map(|(pool, limit)| [(pool.clone(), true, limit), (pool, false, limit)])
+            .map(|(pool, lane, limit)| {
+                let key = if lane {
+                    courier_amqp::lane_key(&pool)
+                } else {
+                    pool.clone()
+                };
                 let gate = Gate {
+                    pool,
+                    lane,
                     limit: i64::from(limit),
                     unpublished: AtomicI64::new(0),
                     ready: AtomicI64::new(0),
                     holding: AtomicBool::new(false),
                     blind: AtomicBool::new(false),
-                    unreached: AtomicBool::new(false),
                 };
-                (pool, gate)
+                (key, gate)
             })
             .collect();
         Self {
@@ -186,30 +189,39 @@ impl Gates {
         }
     }
 
+    /// The gates an admission pass that stopped before reading every
+    /// waiting step must read the steps of, from their own turn order: those
+    /// with room for steps waiting there (`holding`, or any with room for a
+    /// full pass: a standby wrote steps the leader was not told of). Their
+    /// steps lie further on than the pass read, behind any number waiting at
+    /// other, shut gates (of higher priority or earlier turns). With each,
+    /// its pool, whether it is the lane's, and its room.
+    pub fn to_reach(&self, full: bool) -> Vec<(&str, &str, bool, usize)> {
+        self.pools
+            .iter()
+            .filter(|(_, g)| g.refills() && (full || g.holding.load(Ordering::Relaxed)))
+            .map(|(key, g)| {
+                let room = usize::try_from(g.limit - g.counted()).unwrap_or(0);
+                (key.as_str(), g.pool.as_str(), g.lane, room)
+            })
+            .collect()
+    }
+
     /// An admission pass is over: steps of the gates in `held` wait at
     /// them, and new steps of those gates wait behind them; at the other
-    /// gates none does, if the pass read every waiting step (`complete`;
-    /// otherwise some may, further on). A gate holding steps that a pass
-    /// stopped by its bound of rows (`bounded`) did not meet (`met`: the
-    /// gates of the steps it read) is out of reach (see `Gate::unreached`)
-    /// until a pass meets it or reads every waiting step.
+    /// gates none does if the pass read every waiting step (`complete`) or
+    /// every one of theirs (`drained`); otherwise some may, further on.
     pub fn passed(
         &self,
         held: &std::collections::BTreeSet<String>,
-        met: &std::collections::BTreeSet<String>,
         complete: bool,
-        bounded: bool,
+        drained: &std::collections::BTreeSet<&str>,
     ) {
         for (key, g) in &self.pools {
             if held.contains(key) {
                 self.held(key);
-            } else if complete {
+            } else if complete || drained.contains(key.as_str()) {
                 g.holding.store(false, Ordering::Relaxed);
-            }
-            if complete || met.contains(key) {
-                g.unreached.store(false, Ordering::Relaxed);
-            } else if bounded {
-                g.unreached.store(g.holding.load(Ordering::Relaxed), Ordering::Relaxed);
             }
         }
     }
@@ -337,17 +349,12 @@ mod tests {
         assert!(gates.observed("default", 1, before), "1 + 1 < 3, and a step waits");
         assert!(!gates.shut("default"));
         assert!(!gates.admits("default"), "new steps wait behind the held one");
-        gates.passed(
-            &["default".to_string()].into(),
-            &["default".to_string()].into(),
-            false,
-            false,
-        );
+        gates.passed(&["default".to_string()].into(), false, &Default::default());
         assert!(!gates.admits("default"), "a pass held steps at the gate");
         assert!(gates.open_holding());
-        gates.passed(&Default::default(), &Default::default(), false, false);
+        gates.passed(&Default::default(), false, &Default::default());
         assert!(!gates.admits("default"), "a pass that did not read them all");
-        gates.passed(&Default::default(), &Default::default(), true, false);
+        gates.passed(&Default::default(), true, &Default::default());
         assert!(gates.to_read().is_empty());
         assert!(gates.admits("default"));
         assert_eq!(gates.to_read().len(), 1, "its queue is full again");
@@ -358,39 +365,35 @@ mod tests {
     }
 
     #[test]
-    fn a_gate_whose_steps_a_bounded_pass_did_not_reach_is_not_worth_a_pass_until_one_does() {
-        let gates = Gates::new([("default".to_string(), 4)]);
+    fn a_pass_reads_the_steps_of_each_gate_with_room_for_those_waiting_there() {
+        let gates = Gates::new([("default".to_string(), 4), ("gpu".to_string(), 2)]);
         let lane = courier_amqp::lane_key("default");
-        // The pool's queue is full of a wide backlog's tasks; small runs'
-        // steps wait at the lane's gate, which has room.
+        // The pool's queue is full of a wide backlog's tasks, and steps wait
+        // at its gate; small runs' steps wait at the lane's, which has room.
         for _ in 0..4 {
             assert!(gates.admits("default"));
         }
+        gates.held("default");
         gates.held(&lane);
-        assert!(gates.open_holding());
-        let none = std::collections::BTreeSet::new();
-        let default: std::collections::BTreeSet<String> = ["default".to_string()].into();
-        // A pass that stopped early (every gate it met shut) says nothing
-        // of the lane's steps.
-        gates.passed(&default, &default, false, false);
-        assert!(gates.open_holding());
-        // One that read its bound of rows, all of the pool's, did not reach
-        // them: no pass for them (a result's, the gate loop's) until one does.
-        gates.passed(&default, &default, false, true);
-        assert!(!gates.open_holding());
-        let reads = gates.to_read();
-        let (_, before) = reads.iter().find(|(key, _)| *key == lane).unwrap();
-        assert!(
-            !gates.observed(&lane, 0, *before),
-            "the gate loop admits nothing for it"
+        assert_eq!(gates.to_reach(false), [(lane.as_str(), "default", true, 4)]);
+        assert!(gates.admits("gpu"));
+        let mut full = gates.to_reach(true);
+        full.sort();
+        assert_eq!(
+            full,
+            [
+                (lane.as_str(), "default", true, 4),
+                ("gpu", "gpu", false, 1),
+                ("gpu.lane", "gpu", true, 2)
+            ],
+            "a full pass reads every gate with room, holding or not"
         );
-        // A pass that met them (the clock's full pass, say).
-        gates.passed(&none, &[lane.clone()].into(), false, true);
-        assert!(gates.open_holding());
-        gates.passed(&default, &default, false, true);
-        assert!(!gates.open_holding());
-        gates.passed(&none, &none, true, false);
-        assert!(!gates.open_holding() && gates.admits(&lane), "none waits there");
+        // A pass read every step waiting at the lane's gate and held none.
+        let default: std::collections::BTreeSet<String> = ["default".to_string()].into();
+        gates.passed(&default, false, &[lane.as_str()].into());
+        assert!(gates.admits(&lane), "none waits at the lane's gate");
+        assert!(!gates.admits("default"));
+        assert!(gates.to_reach(false).is_empty(), "the pool's gate is shut");
     }
 
     #[test]
@@ -406,7 +409,7 @@ mod tests {
             !gates.shut("default") && gates.open_holding(),
             "blind: what is confirmed is not counted"
         );
-        gates.passed(&Default::default(), &Default::default(), true, false);
+        gates.passed(&Default::default(), true, &Default::default());
         assert!(gates.admits("default"));
         // Still read, and what was confirmed meanwhile is in the estimate.
         let [(_, before)] = gates.to_read().try_into().unwrap();
