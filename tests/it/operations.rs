@@ -348,6 +348,7 @@ fn status_shows_this_deployments_queues_and_recent_runs() {
     let lane = format!("{}.tasks.default.lane", cluster.namespace);
     let results = format!("{}.results", cluster.namespace);
     let dead = format!("{}.dead", cluster.namespace);
+    let watch = format!("{}.dead.watch", cluster.namespace);
     let control = format!("{}.control", cluster.namespace);
 
     // The management API samples every few seconds: wait for both workers.
@@ -386,6 +387,7 @@ fn status_shows_this_deployments_queues_and_recent_runs() {
             lane.as_str(),
             results.as_str(),
             dead.as_str(),
+            watch.as_str(),
             control.as_str()
         ])
     );

@@ -1,6 +1,6 @@
 //! Faults caused for real: poison messages, bad signatures, killed workers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -8,7 +8,7 @@ use courier_amqp::Header;
 use courier_wire::{Limits, Snapshot, StepRun, StepSpec, Task, encode, headers};
 use serde_json::Value;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, block_on};
 use crate::support::run;
 
 /// A valid task frame for the `fanout` workflow, with the hash header it needs.
@@ -275,6 +275,92 @@ fn a_worker_killed_mid_step_loses_nothing() {
     assert_eq!(
         step["attempts"], 1,
         "a redelivery, not a retry: the result was applied once"
+    );
+}
+
+#[test]
+fn a_task_the_broker_dead_letters_at_its_delivery_limit_fails_its_attempt_at_once_and_a_retry_runs_it() {
+    let retried = "steps:\n  - name: a\n    retry: {limit: 1, backoff: 100ms, max_backoff: 100ms}\n    echo: done\n";
+    let mut cluster = Cluster::builder()
+        .workers(0)
+        .env("COURIER_DELIVERY_LIMIT", "1")
+        .workflow("once", "steps:\n  - name: a\n    echo: done\n")
+        .workflow("retried", retried)
+        .start();
+    let names = courier_amqp::Names::new(cluster.namespace.clone());
+    let lane = names.task_queue(&courier_amqp::lane_key("default"));
+    // A worker that takes the task and is lost before it answers (its
+    // channel closes): the broker gives the task again, until its delivery
+    // limit (1 redelivery) is passed and it dead-letters it.
+    let lose_until_dead = |dead: u32| {
+        block_on(async {
+            let broker = courier_amqp::Broker::connect(&crate::cluster::amqp_url(), names.clone(), "it-lost-worker")
+                .await
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut lost = 0;
+            while broker.queue_depth(&names.dead()).await.unwrap().0 < dead {
+                assert!(Instant::now() < deadline, "lost {lost} times\n{}", cluster.logs());
+                let taker = broker.taker(&lane).await.unwrap();
+                if taker.take().await.unwrap().is_some() {
+                    lost += 1;
+                }
+                let _ = taker.close().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let _ = broker.close().await;
+            lost
+        })
+    };
+    let once = cluster.submit("once", &[]).unwrap();
+    assert_eq!(lose_until_dead(1), 2, "delivered, then once more");
+    // No worker ever answers it: the scheduler fails it at once, not at the
+    // run's deadline (a day away), and says why.
+    let run = cluster.wait_run(&once, Duration::from_secs(15));
+    assert_eq!(run["status"], "failed", "{run:#}");
+    let error = run["steps"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("lost: the broker dead-lettered the task at the delivery limit") && error.contains(&lane),
+        "{error}"
+    );
+    // The dead letter stays for `courier dead`, with the broker's reason.
+    let reasons = dead_reasons(&cluster);
+    assert_eq!(
+        reasons.values().collect::<Vec<_>>(),
+        ["dead-lettered by the broker: delivery_limit"]
+    );
+    // With a retry left, the step's next attempt goes out at once (through
+    // a delay queue, whose expiry is a death too: the dead letter's reason
+    // is the latest); lost as well, the run fails.
+    let twice = cluster.submit("retried", &[]).unwrap();
+    lose_until_dead(3);
+    let run = cluster.wait_run(&twice, Duration::from_secs(15));
+    assert_eq!(
+        (&run["status"], &run["steps"][0]["attempts"]),
+        (&"failed".into(), &2.into()),
+        "{run:#}"
+    );
+    let reasons = dead_reasons(&cluster);
+    assert_eq!(
+        reasons.values().collect::<BTreeSet<_>>(),
+        BTreeSet::from([&"dead-lettered by the broker: delivery_limit".to_string()]),
+        "{reasons:?}"
+    );
+    assert_eq!(reasons.len(), 3);
+    // The retry goes to a worker that is there, and the run succeeds.
+    let retried = cluster.submit("retried", &[]).unwrap();
+    lose_until_dead(4);
+    cluster.start_worker("w1", 1);
+    let run = cluster.wait_run(&retried, Duration::from_secs(30));
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(
+        (&run["steps"][0]["output"], &run["steps"][0]["attempts"]),
+        (&"done".into(), &2.into())
+    );
+    assert!(
+        cluster.scheduler_metrics().contains("courier_tasks_lost_total 4"),
+        "{}",
+        cluster.scheduler_metrics()
     );
 }
 

@@ -170,7 +170,18 @@ impl Names {
     pub fn dead(&self) -> String {
         format!("{}.dead", self.namespace)
     }
+
+    /// Queue of copies of every dead letter, for the scheduler: it fails
+    /// the steps whose tasks the broker dead-lettered (their queue's
+    /// delivery limit reached), which no worker answered.
+    pub fn dead_watch(&self) -> String {
+        format!("{}.dead.watch", self.namespace)
+    }
 }
+
+/// Copies of dead letters kept for the scheduler at most (the oldest are
+/// dropped: their steps then wait for their runs' deadlines).
+pub const DEAD_WATCH_MAX: i64 = 100_000;
 
 /// A header value: the two kinds Courier uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -360,19 +371,21 @@ impl Broker {
                 .exchange_declare(exchange.as_str().into(), kind, durable, FieldTable::default())
                 .await?;
         }
-        let dead_args = self.quorum_args();
-        channel
-            .queue_declare(names.dead().as_str().into(), queue_opts, dead_args)
-            .await?;
-        channel
-            .queue_bind(
-                names.dead().as_str().into(),
-                names.dead().as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let mut watch_args = self.quorum_args();
+        watch_args.insert("x-max-length".into(), AMQPValue::LongLongInt(DEAD_WATCH_MAX));
+        watch_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        for (queue, args) in [(names.dead(), self.quorum_args()), (names.dead_watch(), watch_args)] {
+            channel.queue_declare(queue.as_str().into(), queue_opts, args).await?;
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    names.dead().as_str().into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
 
         // The control stream: kept `CONTROL_MAX_AGE` (longer than any task
         // can live: its deadline comes first), bounded in bytes.
@@ -437,7 +450,7 @@ impl Broker {
     pub async fn delete_topology(&self, pools: &[String]) -> Result<(), AmqpError> {
         let channel = self.connection.create_channel().await?;
         let names = &self.names;
-        let mut queues = vec![names.results_queue(), names.dead(), names.control()];
+        let mut queues = vec![names.results_queue(), names.dead(), names.dead_watch(), names.control()];
         queues.extend(pools.iter().flat_map(|p| names.pool_queues(p)));
         for queue in queues {
             channel
@@ -850,6 +863,8 @@ pub struct Delivery {
     pub redelivered: bool,
     /// The routing key it was published with (the pool, for tasks).
     pub routing_key: String,
+    /// The broker's latest dead-lettering of it, if it dead-lettered it.
+    pub death: Option<Death>,
     acker: lapin::Acker,
     /// lapin closes a channel when its last handle is dropped, which would
     /// requeue this delivery: keep the channel open while it can be acked.
@@ -884,11 +899,13 @@ impl Delivery {
                     .collect()
             })
             .unwrap_or_default();
+        let death = d.properties.headers().as_ref().and_then(Death::latest);
         Self {
             body: d.data,
             message_id: d.properties.message_id().as_ref().map(|s| s.as_str().to_string()),
             correlation_id: d.properties.correlation_id().as_ref().map(|s| s.as_str().to_string()),
             headers,
+            death,
             redelivered: d.redelivered,
             routing_key: d.routing_key.as_str().to_string(),
             acker: d.acker,
@@ -943,6 +960,37 @@ impl Delivery {
     /// The channel is gone; the broker will redeliver the message.
     pub async fn requeue(&self) -> Result<(), AmqpError> {
         settled(self.acker.reject(BasicRejectOptions { requeue: true })).await
+    }
+}
+
+/// Why and from where the broker dead-lettered a message, from its latest
+/// `x-death` entry (the first: a retry's task was dead-lettered from its
+/// delay queue before, `expired`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Death {
+    /// `delivery_limit`, `expired`, `rejected` or `maxlen`.
+    pub reason: String,
+    /// The queue it died in.
+    pub queue: String,
+}
+
+impl Death {
+    fn latest(headers: &FieldTable) -> Option<Self> {
+        let AMQPValue::FieldArray(deaths) = headers.inner().get("x-death")? else {
+            return None;
+        };
+        let AMQPValue::FieldTable(latest) = deaths.as_slice().first()? else {
+            return None;
+        };
+        let text = |key: &str| match latest.inner().get(key) {
+            Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_string()),
+            _ => None,
+        };
+        Some(Self {
+            reason: text("reason")?,
+            queue: text("queue").unwrap_or_default(),
+        })
     }
 }
 

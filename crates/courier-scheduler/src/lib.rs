@@ -520,6 +520,22 @@ async fn serve(
             r
         }
     });
+    let mut watch = broker
+        .consumer(&broker.names().dead_watch(), DEAD_WATCH_PREFETCH, "courier-scheduler")
+        .await?;
+    loops.spawn({
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        let (limits, key, delivery_limit) = (sc.limits.task, sc.signing_key.clone(), sc.delivery_limit);
+        async move {
+            let r = tokio::select! {
+                r = dead_watch_loop(&shared, &mut watch, limits, key, delivery_limit) => r,
+                () = shutdown.cancelled() => Ok(()),
+            };
+            let _ = watch.close().await;
+            r
+        }
+    });
     let result = tokio::select! {
         Some(joined) = loops.join_next() => joined.unwrap_or(Err(AmqpError::Closed)),
         () = shutdown.cancelled() => Ok(()),
@@ -1127,6 +1143,107 @@ struct Held {
 
 /// How often held results are dead-lettered again.
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
+
+/// Dead letters' copies the watch takes at a time.
+const DEAD_WATCH_PREFETCH: u16 = 16;
+
+/// Fail the attempts whose tasks the broker dead-lettered at their queue's
+/// delivery limit: the worker holding such a task was lost every time
+/// (crashed, killed, or taken down by another task it held), and no worker
+/// will answer it; its step fails (and retries, as its policy says) instead
+/// of waiting for its run's deadline. Every dead letter's copy comes
+/// through `<ns>.dead.watch`; the others (a worker's refusal, answered by
+/// the worker when it could be; a refused result; an expired task, whose
+/// run's deadline is the clock's) are only acknowledged, the dead-letter
+/// queue keeps them. A task speaks for itself only signed, with a key set:
+/// its ids come from its verified body, never from the message's headers.
+async fn dead_watch_loop(
+    shared: &Arc<Shared>,
+    watch: &mut Consumer,
+    limits: Limits,
+    key: Option<courier_wire::SigningKey>,
+    delivery_limit: u32,
+) -> Result<(), AmqpError> {
+    loop {
+        let mut delivery = watch.next().await.ok_or(AmqpError::Closed)??;
+        if let Some(death) = delivery.death.clone().filter(|d| d.reason == "delivery_limit") {
+            let engine = shared.engine.clone();
+            let key = key.clone();
+            let outcome;
+            (delivery, outcome) = tokio::task::spawn_blocking(move || {
+                let outcome = lost(&limits, key.as_ref(), &delivery, &death.queue, delivery_limit)
+                    .map(|result| (engine.apply(std::slice::from_ref(&result)), result));
+                (delivery, outcome)
+            })
+            .await
+            .map_err(|_| AmqpError::Closed)?;
+            match outcome {
+                Ok((Ok(applied), result)) => {
+                    if applied.refused.is_empty() && applied.duplicates == 0 {
+                        warn!(task = %result.task_id, run = %result.run_id, step = %result.step,
+                              "the broker dead-lettered a task at its delivery limit; its attempt failed");
+                        shared.metrics.tasks_lost.inc();
+                    } else {
+                        info!(task = %result.task_id, "a task the broker dead-lettered was answered already");
+                    }
+                    shared.count(&applied);
+                    if applied.dispatched > 0 {
+                        shared.outbox.notify_one();
+                    }
+                    if applied.cancelled_runs > 0 {
+                        shared.controls.notify_one();
+                    }
+                }
+                Ok((Err(e), _)) => {
+                    // Not applied: unacked, the broker gives it again.
+                    error!(error = %e, "cannot fail a task the broker dead-lettered; reconnecting to get it again");
+                    return Err(AmqpError::Closed);
+                }
+                Err(reason) => {
+                    warn!(%reason, message_id = ?delivery.message_id, "a dead letter from the broker speaks for no task");
+                }
+            }
+        }
+        delivery.ack().await?;
+    }
+}
+
+/// The failure of the task a dead letter holds (verified with a key), lost
+/// at the delivery limit of `queue`; why it speaks for no task otherwise.
+fn lost(
+    limits: &Limits,
+    key: Option<&courier_wire::SigningKey>,
+    delivery: &courier_amqp::Delivery,
+    queue: &str,
+    delivery_limit: u32,
+) -> Result<TaskResult, String> {
+    if let Some(key) = key {
+        key.verify("task", &delivery.body, delivery.header_str(headers::SIGNATURE))
+            .map_err(|e| e.to_string())?;
+    }
+    let task: courier_wire::Task = decode(&delivery.body, limits).map_err(|e| e.to_string())?;
+    let now = u64::try_from(now_ms()).unwrap_or(0);
+    Ok(TaskResult {
+        task_id: task.task_id,
+        run_id: task.run_id,
+        step: task.step,
+        attempt: task.attempt,
+        status: courier_wire::TaskStatus::Failed,
+        output: String::new(),
+        error: Some(format!(
+            "lost: the broker dead-lettered the task at the delivery limit of {queue} ({delivery_limit} redeliveries); \
+             each time, the worker holding it was lost (crashed, killed, or taken down by another task it held)"
+        )),
+        started_unix_ms: now,
+        finished_unix_ms: now,
+        worker_id: "broker".into(),
+        memory_updates: Vec::new(),
+        model: None,
+        usage: None,
+        transcript: Vec::new(),
+        rate_limited_ms: None,
+    })
+}
 
 /// Apply results in batches: verify and decode, one transaction, wake the
 /// outbox, ack. A result that is unsigned or forged (with a key set),

@@ -49,6 +49,7 @@ pub struct Metrics {
     pub results_duplicate: Counter,
     pub results_refused: Family<Reason, Counter>,
     pub tasks_retried: Counter,
+    pub tasks_lost: Counter,
     pub memory_not_written: Counter,
     pub runs_submitted: Counter,
     pub runs_finished: Counter,
@@ -110,6 +111,11 @@ impl Metrics {
             "courier_tasks_retried",
             "Failed attempts scheduled again",
             self.tasks_retried.clone(),
+        );
+        registry.register(
+            "courier_tasks_lost",
+            "Tasks the broker dead-lettered at their queue's delivery limit (the worker holding each was lost every time), whose attempts failed",
+            self.tasks_lost.clone(),
         );
         registry.register(
             "courier_memory_updates_failed",

@@ -62,14 +62,12 @@ impl DeadLetter {
         self.delivery.header_str(headers::KIND) == Some("result")
     }
 
-    /// Why it died: Courier's reason, else the broker's.
+    /// Why it died: Courier's reason, else the broker's latest (a retry's
+    /// task died of `expired` in its delay queue first).
     pub fn reason(&self) -> String {
-        match (
-            self.delivery.header_str(headers::DEAD_REASON),
-            self.delivery.header_str(headers::BROKER_DEATH_REASON),
-        ) {
+        match (self.delivery.header_str(headers::DEAD_REASON), &self.delivery.death) {
             (Some(reason), _) => reason.to_string(),
-            (None, Some(broker)) => format!("dead-lettered by the broker: {broker}"),
+            (None, Some(death)) => format!("dead-lettered by the broker: {}", death.reason),
             (None, None) => "unknown".into(),
         }
     }

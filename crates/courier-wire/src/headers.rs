@@ -14,9 +14,6 @@ pub const DEAD_REASON: &str = "x-courier-dead-reason";
 pub const KIND: &str = "x-courier-kind";
 /// The pool (task queue) a dead-lettered task came from (string).
 pub const POOL: &str = "x-courier-pool";
-/// Set by RabbitMQ when it dead-letters a message itself (for example at the
-/// delivery limit): why it did (string).
-pub const BROKER_DEATH_REASON: &str = "x-first-death-reason";
 /// W3C trace context of the task (string, `00-<trace-id>-<parent-id>-<flags>`;
 /// see [`crate::TraceParent`]).
 pub const TRACEPARENT: &str = "traceparent";
