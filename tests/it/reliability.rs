@@ -250,9 +250,16 @@ fn with_a_signing_key_unsigned_and_badly_signed_tasks_are_refused() {
 }
 
 #[test]
-fn a_worker_killed_mid_step_loses_nothing() {
-    let yaml = "steps:\n  - name: slow\n    command: [\"sh\", \"-c\", \"sleep 2; echo finished\"]\n";
-    let mut cluster = Cluster::builder().workers(2).workflow("slow", yaml).start();
+fn a_worker_killed_mid_step_loses_nothing_and_leaves_no_step_process_behind() {
+    let pids = tempfile::NamedTempFile::new().unwrap();
+    // The step's shell and its child, in the step's process group, write
+    // their pids (`$$` is a template's `$`).
+    let script = format!(
+        "echo $$$$ >> {0}; sleep 4 & echo $$! >> {0}; wait; echo finished",
+        pids.path().display()
+    );
+    let yaml = format!("steps:\n  - name: slow\n    command: [\"sh\", \"-c\", \"{script}\"]\n");
+    let mut cluster = Cluster::builder().workers(2).workflow("slow", &yaml).start();
     let id = cluster.submit("slow", &[]).unwrap();
     // Find the worker running it, and kill it outright.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -266,7 +273,37 @@ fn a_worker_killed_mid_step_loses_nothing() {
         assert!(Instant::now() < deadline, "nobody started the step\n{}", cluster.logs());
         std::thread::sleep(Duration::from_millis(50));
     };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let victims = loop {
+        let pids: Vec<i32> = std::fs::read_to_string(pids.path())
+            .unwrap()
+            .lines()
+            .map(|l| l.parse().unwrap_or_else(|_| panic!("{l:?}")))
+            .collect();
+        if pids.len() >= 2 {
+            break pids[..2].to_vec();
+        }
+        assert!(Instant::now() < deadline, "the step never wrote its pids");
+        std::thread::sleep(Duration::from_millis(20));
+    };
     cluster.kill_worker(victim);
+    // Its step's processes die with it (its reaper kills their group), long
+    // before the step would have ended (4 s).
+    let alive = |pid: &i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while victims.iter().any(alive) {
+        assert!(
+            Instant::now() < deadline,
+            "the killed worker's step processes {victims:?} still run"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let run = cluster.wait_run(&id, Duration::from_secs(60));
     assert_eq!(run["status"], "succeeded", "{run:#}");
     let step = &run["steps"][0];

@@ -65,6 +65,8 @@ pub struct Sandbox {
     pub env: BTreeMap<String, String>,
     /// Run steps as this user and group instead of the worker's.
     pub user: Option<(u32, u32)>,
+    /// Kills the steps' process groups should the worker die.
+    pub reaper: Option<std::sync::Arc<crate::reaper::Reaper>>,
 }
 
 /// How long a cancelled step's process group has between SIGTERM and SIGKILL.
@@ -110,6 +112,7 @@ pub async fn run(
         Err(e) => return not_started(format!("cannot start \"{program}\": {e}")),
     };
     let group = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
+    let _watched = group.map(|group| crate::reaper::Watched::new(sandbox.reaper.as_deref(), group));
     let stdout = tokio::spawn(capture(child.stdout.take(), limits.stdout));
     let stderr = tokio::spawn(capture(child.stderr.take(), limits.stderr));
 
@@ -208,6 +211,7 @@ mod tests {
         Sandbox {
             env: BTreeMap::from([("PATH".to_string(), "/usr/bin:/bin".to_string())]),
             user: None,
+            reaper: None,
         }
     }
 

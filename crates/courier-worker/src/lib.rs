@@ -12,6 +12,7 @@
 pub mod command;
 pub mod control;
 pub mod metrics;
+pub mod reaper;
 
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;

@@ -188,6 +188,9 @@ enum Command {
         /// A `/healthz` URL.
         url: String,
     },
+    /// Internal: a worker's step reaper (see `courier_worker::reaper`).
+    #[command(hide = true)]
+    ReapSteps,
 }
 
 fn main() -> ExitCode {
@@ -271,6 +274,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(args) => {
             let settings = Settings::load(flags.0)?;
             bench::run(&settings, &args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ReapSteps => {
+            courier_worker::reaper::serve(std::io::stdin().lock());
             Ok(ExitCode::SUCCESS)
         }
         Command::Healthcheck { url } => runtime()?.block_on(async {

@@ -278,6 +278,7 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// What command steps start from: [`STEP_BASE_ENV`], `HOME` (and `USER`,
 /// `LOGNAME` with `step_user`), and the `worker_env_passthrough` names.
 fn sandbox(settings: &Settings, env: &BTreeMap<String, String>) -> anyhow::Result<courier_worker::command::Sandbox> {
+    use courier_worker::reaper::Reaper;
     let mut step_env: BTreeMap<String, String> = STEP_BASE_ENV
         .iter()
         .filter_map(|k| env.get(*k).map(|v| ((*k).to_string(), v.clone())))
@@ -328,5 +329,17 @@ fn sandbox(settings: &Settings, env: &BTreeMap<String, String>) -> anyhow::Resul
             Some((found.uid.as_raw(), found.gid.as_raw()))
         }
     };
-    Ok(courier_worker::command::Sandbox { env: step_env, user })
+    // The binary itself, as `courier reap-steps`.
+    let reaper = match std::env::current_exe().and_then(|exe| Reaper::start(&exe, &["reap-steps"])) {
+        Ok(reaper) => Some(std::sync::Arc::new(reaper)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the step reaper: a killed worker's steps would outlive it");
+            None
+        }
+    };
+    Ok(courier_worker::command::Sandbox {
+        env: step_env,
+        user,
+        reaper,
+    })
 }
