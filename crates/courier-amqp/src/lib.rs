@@ -179,9 +179,11 @@ impl Names {
     }
 }
 
-/// Copies of dead letters kept for the scheduler at most (the oldest are
-/// dropped: their steps then wait for their runs' deadlines).
+/// Copies of dead letters kept for the scheduler at most, and their bytes
+/// (the oldest are dropped: their steps then wait for their tasks'
+/// deadlines).
 pub const DEAD_WATCH_MAX: i64 = 100_000;
+const DEAD_WATCH_MAX_BYTES: i64 = 256 << 20;
 
 /// A header value: the two kinds Courier uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -373,6 +375,11 @@ impl Broker {
         }
         let mut watch_args = self.quorum_args();
         watch_args.insert("x-max-length".into(), AMQPValue::LongLongInt(DEAD_WATCH_MAX));
+        watch_args.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(DEAD_WATCH_MAX_BYTES),
+        );
+        watch_args.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
         watch_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         for (queue, args) in [(names.dead(), self.quorum_args()), (names.dead_watch(), watch_args)] {
             channel.queue_declare(queue.as_str().into(), queue_opts, args).await?;

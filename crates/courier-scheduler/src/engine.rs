@@ -1441,6 +1441,10 @@ impl Engine {
                     stuck(c, &run, &format!("workflow \"{workflow}\" is no longer configured"))?;
                     continue;
                 };
+                // Its steps' gate as this config routes them (an edit may
+                // have made its workflow small or not; a database from
+                // before `steps.lane` counts every step as its pool's).
+                tx::set_lane(c.t, &run, small(wf))?;
                 let mut states = Statuses::new(&run);
                 let mut params = None;
                 for (name, status) in tx::open_steps(c.t, &run)? {
@@ -2131,10 +2135,11 @@ impl Engine {
     /// a read of every waiting step. A pass that stopped before the end
     /// then reads, from their own turn order (an index of each pool's and
     /// lane's waiting steps), the steps further on of each gate with room
-    /// for those waiting there (`Gates::to_reach`): they are not held behind
-    /// any number of steps at shut gates. Steps further on held by other
-    /// limits (a model's concurrency) wait for the next full pass or a pass
-    /// that reaches them.
+    /// for those waiting there (`Gates::to_reach`), chunk after chunk while
+    /// it has room: they are not held behind any number of steps at shut
+    /// gates. Each part reads at most [`ADMIT_BATCH`] rows, so steps behind
+    /// more than that many held by other limits (a model's concurrency) at
+    /// an open gate wait for a pass that reaches them.
     fn admission(&self, c: &mut Change<'_, '_>, full: bool) -> Result<(), DbError> {
         let mut counts = Counts::default();
         let mut met = BTreeSet::new();
@@ -2168,14 +2173,28 @@ impl Engine {
         };
         let mut drained = BTreeSet::new();
         if !complete && self.publishing.load(Ordering::Relaxed) {
-            let key = after.as_ref().map(|(t, r, n)| (*t, r.as_str(), n.as_str()));
+            let mut reached = 0;
             for (gate, pool, lane, room) in self.gates.to_reach(full) {
-                let size = room.clamp(1, ADMIT_CHUNK);
-                let steps = tx::waiting_at(c.t, c.now, (pool, lane), key, size)?;
-                if steps.len() < size {
-                    drained.insert(gate);
+                // Chunks of the gate's steps, as long as it has room (steps
+                // held by other limits take none) and the gates their bound.
+                let mut from = after.clone();
+                let mut size = room.clamp(1, ADMIT_CHUNK);
+                while reached < ADMIT_BATCH && !self.gates.shut(gate) {
+                    let key = from.as_ref().map(|(t, r, n)| (*t, r.as_str(), n.as_str()));
+                    size = size.min(ADMIT_BATCH - reached);
+                    let steps = tx::waiting_at(c.t, c.now, (pool, lane), key, size)?;
+                    reached += steps.len();
+                    let end = steps.len() < size;
+                    if let Some(w) = steps.last() {
+                        from = Some((w.turn, w.run.clone(), w.step.clone()));
+                    }
+                    self.admit_each(c, &mut counts, steps)?;
+                    if end {
+                        drained.insert(gate);
+                        break;
+                    }
+                    size = (size * 2).min(ADMIT_CHUNK);
                 }
-                self.admit_each(c, &mut counts, steps)?;
             }
         }
         for ((priority, pool), turn) in &counts.turned {

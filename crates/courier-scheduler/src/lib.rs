@@ -527,9 +527,10 @@ async fn serve(
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         let (limits, key, delivery_limit) = (sc.limits.task, sc.signing_key.clone(), sc.delivery_limit);
+        let names = broker.names().clone();
         async move {
             let r = tokio::select! {
-                r = dead_watch_loop(&shared, &mut watch, limits, key, delivery_limit) => r,
+                r = dead_watch_loop(&shared, &mut watch, (limits, key), &names, delivery_limit) => r,
                 () = shutdown.cancelled() => Ok(()),
             };
             let _ = watch.close().await;
@@ -1156,22 +1157,26 @@ const DEAD_WATCH_PREFETCH: u16 = 16;
 /// the worker when it could be; a refused result; an expired task, whose
 /// run's deadline is the clock's) are only acknowledged, the dead-letter
 /// queue keeps them. A task speaks for itself only signed, with a key set:
-/// its ids come from its verified body, never from the message's headers.
+/// its ids come from its verified body, never from the message's headers,
+/// and it must have died in a queue of its own pool. That it died is the
+/// broker's `x-death` header, which a publisher can write too: anyone who
+/// may publish to `<ns>.dead` and holds a copy of a live signed task can
+/// fail its attempt, as anyone who may read the task queues can withhold
+/// their tasks (only Courier should have those rights).
 async fn dead_watch_loop(
     shared: &Arc<Shared>,
     watch: &mut Consumer,
-    limits: Limits,
-    key: Option<courier_wire::SigningKey>,
+    (limits, key): (Limits, Option<courier_wire::SigningKey>),
+    names: &Names,
     delivery_limit: u32,
 ) -> Result<(), AmqpError> {
     loop {
         let mut delivery = watch.next().await.ok_or(AmqpError::Closed)??;
         if let Some(death) = delivery.death.clone().filter(|d| d.reason == "delivery_limit") {
-            let engine = shared.engine.clone();
-            let key = key.clone();
+            let (engine, key, names) = (shared.engine.clone(), key.clone(), names.clone());
             let outcome;
             (delivery, outcome) = tokio::task::spawn_blocking(move || {
-                let outcome = lost(&limits, key.as_ref(), &delivery, &death.queue, delivery_limit)
+                let outcome = lost(&limits, key.as_ref(), &delivery, &death.queue, &names, delivery_limit)
                     .map(|result| (engine.apply(std::slice::from_ref(&result)), result));
                 (delivery, outcome)
             })
@@ -1209,12 +1214,14 @@ async fn dead_watch_loop(
 }
 
 /// The failure of the task a dead letter holds (verified with a key), lost
-/// at the delivery limit of `queue`; why it speaks for no task otherwise.
+/// at the delivery limit of `queue`, one of its pool's two; why it speaks
+/// for no task otherwise.
 fn lost(
     limits: &Limits,
     key: Option<&courier_wire::SigningKey>,
     delivery: &courier_amqp::Delivery,
     queue: &str,
+    names: &Names,
     delivery_limit: u32,
 ) -> Result<TaskResult, String> {
     if let Some(key) = key {
@@ -1222,27 +1229,24 @@ fn lost(
             .map_err(|e| e.to_string())?;
     }
     let task: courier_wire::Task = decode(&delivery.body, limits).map_err(|e| e.to_string())?;
-    let now = u64::try_from(now_ms()).unwrap_or(0);
-    Ok(TaskResult {
-        task_id: task.task_id,
-        run_id: task.run_id,
-        step: task.step,
-        attempt: task.attempt,
-        status: courier_wire::TaskStatus::Failed,
-        output: String::new(),
-        error: Some(format!(
-            "lost: the broker dead-lettered the task at the delivery limit of {queue} ({delivery_limit} redeliveries); \
-             each time, the worker holding it was lost (crashed, killed, or taken down by another task it held)"
-        )),
-        started_unix_ms: now,
-        finished_unix_ms: now,
-        worker_id: "broker".into(),
-        memory_updates: Vec::new(),
-        model: None,
-        usage: None,
-        transcript: Vec::new(),
-        rate_limited_ms: None,
-    })
+    if !names.pool_queues(&task.pool).iter().any(|q| q == queue) {
+        return Err(format!(
+            "it died in {queue}, not in a queue of its pool \"{}\"",
+            task.pool
+        ));
+    }
+    Ok(engine::scheduler_result(
+        task.task_id,
+        task.run_id,
+        task.step,
+        task.attempt,
+        courier_wire::TaskStatus::Failed,
+        format!(
+            "lost: the broker dead-lettered the task at the delivery limit of {queue} ({delivery_limit} \
+             redeliveries): each time, the worker holding it let it go unanswered (it crashed, was killed or cut off, \
+             or was taken down by another task it held)"
+        ),
+    ))
 }
 
 /// Apply results in batches: verify and decode, one transaction, wake the

@@ -878,6 +878,98 @@ fn small_runs_at_their_lanes_gate_go_as_it_empties_past_any_number_of_higher_pri
 }
 
 #[test]
+fn small_runs_steps_a_database_from_before_lanes_counts_as_their_pools_take_their_lane_once_reconciled() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let db = dir.path().join("courier.db");
+    let limits = || EngineLimits {
+        default_queued: 4,
+        ..EngineLimits::default()
+    };
+    let engine = Engine::new(wide_and_small(dir.path(), 10_100), support::store(&db), limits());
+    let small: Vec<String> = (0..6)
+        .map(|_| engine.submit("small", &BTreeMap::new(), 0).unwrap().id)
+        .collect();
+    engine.submit("wide", &BTreeMap::new(), MAX_PRIORITY).unwrap();
+    let ids: Vec<String> = due(&engine).into_iter().map(|(t, _)| t.task_id.to_string()).collect();
+    engine.with_db(|db| db.mark_published(&ids)).unwrap();
+    drop(engine);
+    // As migration 10 leaves a database: every step counted as its pool's.
+    support::execute(&db, "UPDATE steps SET lane = 0");
+    let engine = Engine::new(
+        Config::load(&dir.path().join("config")).unwrap(),
+        support::store(&db),
+        limits(),
+    );
+    engine.reconcile().unwrap();
+    // The clock's first pass (a full one) reads the lane's steps, past the
+    // 10,096 held at the pool's gate.
+    engine.tick(false).unwrap();
+    let mut lane: Vec<String> = support::routes(&engine)
+        .into_iter()
+        .filter(|(_, _, route)| route == "default.lane")
+        .map(|(run, _, _)| run)
+        .collect();
+    lane.sort();
+    assert_eq!(lane, small[4..]);
+}
+
+#[test]
+fn a_gates_steps_are_read_chunk_after_chunk_past_those_other_limits_hold_while_it_has_room() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let wide: String = std::iter::once("steps:\n".to_string())
+        .chain((0..10_100).map(|i| format!("  - name: s{i}\n    echo: s{i}\n")))
+        .collect();
+    let config = config_with(
+        dir.path(),
+        &[
+            ("wide", &wide),
+            ("small", "steps:\n  - name: only\n    echo: only\n"),
+            ("capped", "max_active_runs: 1\nsteps:\n  - name: only\n    echo: only\n"),
+        ],
+    );
+    let limits = EngineLimits {
+        default_queued: 4,
+        ..EngineLimits::default()
+    };
+    let engine = Engine::new(config, support::store(&dir.path().join("courier.db")), limits);
+    let gates = engine.gates();
+    // The lane's queue full; five capped runs: the first held at the lane's
+    // gate, the four others by their workflow's max_active_runs; a wide run
+    // of higher priority held at the pool's gate; then a small run, held at
+    // the lane's gate behind the capped ones.
+    for _ in 0..4 {
+        engine.submit("small", &BTreeMap::new(), 0).unwrap();
+    }
+    let capped: Vec<String> = (0..5)
+        .map(|_| engine.submit("capped", &BTreeMap::new(), 0).unwrap().id)
+        .collect();
+    engine.submit("wide", &BTreeMap::new(), MAX_PRIORITY).unwrap();
+    let last = engine.submit("small", &BTreeMap::new(), 0).unwrap();
+    assert_eq!(
+        last.steps[0].waiting_on.as_deref(),
+        Some("pool default.lane max_queued (4)")
+    );
+    let routes = support::routes(&engine);
+    let ids: Vec<String> = due(&engine).into_iter().map(|(t, _)| t.task_id.to_string()).collect();
+    engine.with_db(|db| db.mark_published(&ids)).unwrap();
+    for (_, _, route) in &routes {
+        gates.sent(route, true);
+    }
+    for (key, before) in gates.to_read() {
+        let ready = if key == "default" { 4 } else { 0 };
+        gates.observed(&key, ready, before);
+    }
+    // The lane's room is 4: its first four steps (the capped runs') leave
+    // three of it, and the next chunk reaches the small run.
+    assert_eq!(engine.admit().unwrap(), 2);
+    let mut next: Vec<String> = support::routes(&engine).into_iter().map(|(run, _, _)| run).collect();
+    next.sort();
+    let mut expected = vec![capped[0].clone(), last.id.clone()];
+    expected.sort();
+    assert_eq!(next, expected);
+}
+
+#[test]
 fn a_runs_turns_in_one_pool_do_not_put_its_steps_in_another_pool_behind_that_pools_backlog() {
     let dir = tempfile::TempDir::new().unwrap();
     let wide: String = std::iter::once("steps:\n".to_string())

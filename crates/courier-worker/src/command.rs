@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
@@ -112,21 +112,24 @@ pub async fn run(
         Err(e) => return not_started(format!("cannot start \"{program}\": {e}")),
     };
     let group = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
-    let _watched = group.map(|group| crate::reaper::Watched::new(sandbox.reaper.as_deref(), group));
+    let mut group = group.map(|group| crate::reaper::Watched::new(sandbox.reaper.as_deref(), group));
+    let mut signal = |signal| {
+        if let Some(group) = group.as_mut() {
+            group.signal(signal);
+        }
+    };
     let stdout = tokio::spawn(capture(child.stdout.take(), limits.stdout));
     let stderr = tokio::spawn(capture(child.stderr.take(), limits.stderr));
 
     let waited = tokio::select! {
         waited = tokio::time::timeout(timeout, child.wait()) => waited,
         () = stop => {
-            if let Some(group) = group {
-                let _ = killpg(group, Signal::SIGTERM);
-                if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
-                    let _ = killpg(group, Signal::SIGKILL);
-                }
-                // Whatever of the group outlived its leader.
-                let _ = killpg(group, Signal::SIGKILL);
+            signal(Signal::SIGTERM);
+            if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+                signal(Signal::SIGKILL);
             }
+            // Whatever of the group outlived its leader.
+            signal(Signal::SIGKILL);
             let _ = child.wait().await;
             return finish(Exit::Cancelled, stdout, stderr).await;
         }
@@ -138,9 +141,7 @@ pub async fn run(
         Err(_) => match child.try_wait() {
             Ok(Some(status)) => Ok(status),
             _ => {
-                if let Some(group) = group {
-                    let _ = killpg(group, Signal::SIGKILL);
-                }
+                signal(Signal::SIGKILL);
                 let _ = child.wait().await;
                 return finish(Exit::TimedOut(timeout), stdout, stderr).await;
             }
@@ -156,9 +157,7 @@ pub async fn run(
     };
     // Kill what is left of the group: any background process that would hold
     // the pipes open.
-    if let Some(group) = group {
-        let _ = killpg(group, Signal::SIGKILL);
-    }
+    signal(Signal::SIGKILL);
     let _ = child.wait().await;
     finish(exit, stdout, stderr).await
 }

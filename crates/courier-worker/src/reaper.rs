@@ -21,12 +21,25 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tracing::warn;
 
+/// What the worker keeps unwritten while the helper's pipe is full, at
+/// most: beyond it, what it is told is dropped, whole lines (a warning).
+const PENDING_MAX: usize = 1 << 20;
+
 /// The worker's end: tells the helper of each step's process group.
 #[derive(Debug)]
 pub struct Reaper {
-    /// `None` once the helper is gone (a write failed).
-    pipe: Mutex<Option<ChildStdin>>,
-    _helper: Child,
+    link: Mutex<Link>,
+}
+
+#[derive(Debug)]
+struct Link {
+    /// `None` once the helper is gone (its end closed).
+    pipe: Option<ChildStdin>,
+    /// Lines not yet written: the pipe was full (a helper slow to read).
+    pending: Vec<u8>,
+    /// Lines dropped since the last warning, the pending ones at their bound.
+    dropped: usize,
+    helper: Child,
 }
 
 impl Reaper {
@@ -53,8 +66,12 @@ impl Reaper {
             fcntl(pipe, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(std::io::Error::from)?;
         }
         Ok(Self {
-            pipe: Mutex::new(pipe),
-            _helper: helper,
+            link: Mutex::new(Link {
+                pipe,
+                pending: Vec::new(),
+                dropped: 0,
+                helper,
+            }),
         })
     }
 
@@ -68,15 +85,44 @@ impl Reaper {
         self.tell('-', group);
     }
 
+    /// Write the line, after those pending. A full pipe keeps them pending
+    /// (never closed for it: the helper would take that for the worker's
+    /// end and kill every step); only a helper that is gone loses them.
     fn tell(&self, sign: char, group: Pid) {
-        let mut pipe = self.pipe.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some(writer) = pipe.as_mut() else {
+        let mut link = self.link.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let link = &mut *link;
+        let Some(pipe) = link.pipe.as_mut() else {
             return;
         };
-        // A line is far under PIPE_BUF: written whole or not at all.
-        if let Err(e) = writer.write_all(format!("{sign}{group}\n").as_bytes()) {
-            warn!(error = %e, "the step reaper is gone: a killed worker's steps would outlive it");
-            *pipe = None;
+        if link.pending.len() < PENDING_MAX {
+            link.pending.extend_from_slice(format!("{sign}{group}\n").as_bytes());
+        } else {
+            link.dropped += 1;
+        }
+        while !link.pending.is_empty() {
+            match pipe.write(&link.pending) {
+                Ok(n) => {
+                    link.pending.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if link.dropped > 0 {
+                        warn!(
+                            dropped = link.dropped,
+                            "the step reaper reads too slowly: steps it was not told of would outlive a killed worker"
+                        );
+                        link.dropped = 0;
+                    }
+                    return;
+                }
+                Err(e) => {
+                    let status = link.helper.try_wait().ok().flatten();
+                    warn!(error = %e, ?status, "the step reaper is gone: a killed worker's steps would outlive it");
+                    link.pipe = None;
+                    link.pending = Vec::new();
+                    return;
+                }
+            }
         }
     }
 }
@@ -105,12 +151,14 @@ pub fn serve(input: impl BufRead) {
     }
 }
 
-/// A step's process group, watched while it lives: released when dropped,
-/// and killed too (a step whose future is dropped mid-way must not outlive
-/// it; after a step ends, its group is killed already).
+/// A step's process group, watched while it lives: signalled through
+/// [`Watched::signal`] (killed as the step ends, as soon as its leader
+/// exits); dropped, it is released, and killed first if it was not (a step
+/// whose future is dropped mid-way must not outlive it).
 pub(crate) struct Watched<'a> {
     reaper: Option<&'a Reaper>,
     group: Pid,
+    killed: bool,
 }
 
 impl<'a> Watched<'a> {
@@ -118,13 +166,25 @@ impl<'a> Watched<'a> {
         if let Some(reaper) = reaper {
             reaper.watch(group);
         }
-        Self { reaper, group }
+        Self {
+            reaper,
+            group,
+            killed: false,
+        }
+    }
+
+    /// Send the group `signal`; SIGKILL marks it killed.
+    pub(crate) fn signal(&mut self, signal: Signal) {
+        let _ = killpg(self.group, signal);
+        self.killed |= signal == Signal::SIGKILL;
     }
 }
 
 impl Drop for Watched<'_> {
     fn drop(&mut self) {
-        let _ = killpg(self.group, Signal::SIGKILL);
+        if !self.killed {
+            let _ = killpg(self.group, Signal::SIGKILL);
+        }
         if let Some(reaper) = self.reaper {
             reaper.release(self.group);
         }
@@ -157,5 +217,18 @@ mod tests {
         assert!(released.try_wait().unwrap().is_none(), "released: left alone");
         released.kill().unwrap();
         released.wait().unwrap();
+    }
+
+    #[test]
+    fn a_full_pipe_keeps_the_lines_pending_and_is_never_closed_for_it() {
+        // A helper that reads nothing for a while: 80 KB of lines fill its
+        // pipe (64 KiB). Closing it would make a real helper kill them all.
+        let reaper = Reaper::start(Path::new("/bin/sh"), &["-c", "sleep 1; exec cat >/dev/null"]).unwrap();
+        for group in 0..10_000 {
+            reaper.watch(Pid::from_raw(100_000 + group));
+        }
+        let link = reaper.link.lock().unwrap();
+        assert!(link.pipe.is_some(), "still open");
+        assert!(!link.pending.is_empty() && link.pending.ends_with(b"+109999\n"));
     }
 }

@@ -188,13 +188,18 @@ DROP INDEX steps_waiting;
 CREATE INDEX steps_waiting ON steps (run_id, queue, turn) WHERE status = 'waiting';
 ",
     // 10: whether a step goes through its pool's lane (its run is small),
-    // so admission reads the steps waiting at one gate in turn order from
-    // an index, past any number waiting at other gates before them. Steps
-    // from before count as their pool's (admission still routes each by its
-    // workflow).
+    // so admission reads the steps waiting at one gate in turn order, past
+    // any number waiting at other gates before them: a lane's from an index
+    // of their own (wide runs' steps, held at their pools' gates, are not in
+    // it: no write for them), a pool's from the turn order's index, which
+    // holds their pool and lane to skip the others' without reading their
+    // rows. Steps from before count as their pool's until the scheduler's
+    // start sets them from its config (`Engine::reconcile`).
     "
 ALTER TABLE steps ADD COLUMN lane INTEGER NOT NULL DEFAULT 0;
-CREATE INDEX steps_gated ON steps (queue, lane, turn, run_id, name) WHERE status = 'waiting';
+DROP INDEX steps_turns;
+CREATE INDEX steps_turns ON steps (turn, run_id, name, queue, lane) WHERE status = 'waiting';
+CREATE INDEX steps_lane ON steps (queue, turn, run_id, name) WHERE status = 'waiting' AND lane = 1;
 ",
 ];
 
@@ -345,7 +350,9 @@ CREATE INDEX steps_waiting ON steps (run_id, queue, turn) WHERE status = 'waitin
     // 10: as SQLite's.
     "
 ALTER TABLE steps ADD COLUMN lane BIGINT NOT NULL DEFAULT 0;
-CREATE INDEX steps_gated ON steps (queue, lane, turn, run_id, name) WHERE status = 'waiting';
+DROP INDEX steps_turns;
+CREATE INDEX steps_turns ON steps (turn, run_id, name, queue, lane) WHERE status = 'waiting';
+CREATE INDEX steps_lane ON steps (queue, turn, run_id, name) WHERE status = 'waiting' AND lane = 1;
 ",
 ];
 

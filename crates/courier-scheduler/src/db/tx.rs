@@ -904,7 +904,9 @@ pub fn waiting_steps(
 }
 
 /// As [`waiting_steps`], those of one pool's queue or (`lane`) its lane's
-/// only: from an index of them, past any number waiting at other gates.
+/// only, past any number waiting at other gates: a lane's from an index of
+/// them (`steps_lane`), a pool's from the turn order's, which holds the
+/// pool and lane of each (others' steps skipped without reading their rows).
 pub fn waiting_at(
     tx: &Tx<'_>,
     now: i64,
@@ -913,12 +915,14 @@ pub fn waiting_at(
     limit: usize,
 ) -> Result<Vec<WaitingStep>, DbError> {
     let (turn, run, name) = after.unwrap_or((i64::MIN, "", ""));
+    // A literal lane: a partial index's condition must be the query's.
+    let lane = i32::from(lane);
     tx.all(
         &format!(
-            "{WAITING} WHERE s.status = 'waiting' AND s.queue = ?5 AND s.lane = ?6 AND {AFTER_DUE}
+            "{WAITING} WHERE s.status = 'waiting' AND s.queue = ?5 AND s.lane = {lane} AND {AFTER_DUE}
              ORDER BY s.turn, s.run_id, s.name LIMIT {limit}"
         ),
-        p![now, turn, run, name, pool, lane],
+        p![now, turn, run, name, pool],
         waiting_step,
     )
 }
@@ -941,6 +945,15 @@ fn waiting_step(r: &Row<'_>) -> Result<WaitingStep, DbError> {
         turn: r.get(6)?,
         queue: r.get(7)?,
     })
+}
+
+/// Whether a run's steps yet to start go through their pools' lanes.
+pub fn set_lane(tx: &Tx<'_>, run: &str, lane: bool) -> Result<(), DbError> {
+    tx.exec(
+        "UPDATE steps SET lane = ?2 WHERE run_id = ?1 AND lane != ?2 AND status IN ('pending', 'waiting')",
+        p![run, lane],
+    )?;
+    Ok(())
 }
 
 /// Name the limit that holds a waiting step.
