@@ -196,6 +196,22 @@ fn poison_tasks_are_dead_lettered_with_their_reason_and_the_worker_keeps_serving
     let (out, _, stderr) = run(cluster.courier().args(["dead", "requeue", "no-such-task"]));
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(stderr, "error: no dead-lettered task with id \"no-such-task\"\n");
+
+    // Junk published straight to the dead letters (anyone who can reach the
+    // broker could) is skipped, named, and left; the tasks are requeued.
+    let dead = courier_amqp::Names::new(cluster.namespace.clone()).dead();
+    cluster.publish(&dead, "", b"junk", ("junk-letter", "not-a-run"), vec![]);
+    wait_dead(&cluster, poisons.len() as u32 + 1);
+    let (out, stdout, stderr) = run(cluster.courier().args(["dead", "requeue", "--all"]));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert_eq!(stdout, format!("requeued {} task(s)\n", poisons.len()));
+    assert!(
+        stderr.starts_with("skipped junk-letter: it names no pool")
+            && stderr.ends_with(&format!("1 dead letter(s) skipped, left in {dead}\n")),
+        "{stderr}"
+    );
+    // Refused again by the worker, they are back beside the junk.
+    wait_dead(&cluster, poisons.len() as u32 + 1);
 }
 
 /// A poison message: its id, body, headers, and the reason expected for it.

@@ -1189,7 +1189,7 @@ async fn dead_watch_loop(
                               "the broker dead-lettered a task at its delivery limit; its attempt failed");
                         shared.metrics.tasks_lost.inc();
                     } else {
-                        info!(task = %result.task_id, "a task the broker dead-lettered was answered already");
+                        tracing::debug!(task = %result.task_id, "a task the broker dead-lettered was answered already");
                     }
                     shared.count(&applied);
                     if applied.dispatched > 0 {

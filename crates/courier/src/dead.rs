@@ -70,7 +70,7 @@ pub async fn run(settings: &Settings, cmd: DeadCommand) -> anyhow::Result<ExitCo
         }
         DeadCommand::Requeue { id, all } => {
             let publisher = broker.publisher(256).await?;
-            let mut requeued = 0;
+            let (mut requeued, mut skipped) = (0, 0);
             // A refused result carries its task's id: the task is looked
             // for past it.
             let mut only_results = false;
@@ -87,10 +87,25 @@ pub async fn run(settings: &Settings, cmd: DeadCommand) -> anyhow::Result<ExitCo
                     continue;
                 }
                 let body = d.body().context("the dead letter was read without its body")?;
-                ops::requeue(&broker, &publisher, &d, body)
-                    .await
-                    .with_context(|| format!("requeueing {} (after requeueing {requeued} task(s))", d.id()))?;
-                requeued += 1;
+                let outcome = if d.pool().is_empty() {
+                    Err(anyhow::anyhow!("it names no pool (not a task Courier dead-lettered)"))
+                } else {
+                    ops::requeue(&broker, &publisher, &d, body)
+                        .await
+                        .map_err(anyhow::Error::from)
+                };
+                match outcome {
+                    Ok(()) => requeued += 1,
+                    // One bad letter does not stop the others: it stays, and is named.
+                    Err(e) if all => {
+                        eprintln!("skipped {}: {e:#}", d.id());
+                        skipped += 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(e.context(format!("requeueing {}", d.id())));
+                    }
+                }
                 if !all {
                     break;
                 }
@@ -103,7 +118,12 @@ pub async fn run(settings: &Settings, cmd: DeadCommand) -> anyhow::Result<ExitCo
                 bail!("no dead-lettered task with id \"{id}\"");
             }
             println!("requeued {requeued} task(s)");
-            ExitCode::SUCCESS
+            if skipped > 0 {
+                eprintln!("{skipped} dead letter(s) skipped, left in {queue}");
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
         }
     };
     // Whatever was not acknowledged goes back to the dead queue.
