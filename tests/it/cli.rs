@@ -352,6 +352,15 @@ fn dev_starts_a_scheduler_and_workers_that_run_the_triage_example_and_stops_them
         reqwest::blocking::get(format!("{api}/healthz")).is_err(),
         "the scheduler stopped too"
     );
+    // Its queues go (idle quorum queues left behind slow the broker down).
+    crate::cluster::block_on(async {
+        let names = courier_amqp::Names::new(namespace.clone());
+        let broker = courier_amqp::Broker::connect(&crate::cluster::amqp_url(), names, "it-dev-cleanup")
+            .await
+            .unwrap();
+        broker.delete_topology(&["default".to_string()]).await.unwrap();
+        let _ = broker.close().await;
+    });
 }
 
 #[test]
