@@ -833,6 +833,18 @@ fn a_pools_lane_has_a_gate_of_its_own_and_small_runs_wait_there_in_turn() {
     );
 }
 
+/// Publish every due task as the outbox would, the broker confirming each
+/// into its queue: their routes (run, step, routing key).
+fn publish(engine: &Engine) -> Vec<(String, String, String)> {
+    let routes = support::routes(engine);
+    let ids: Vec<String> = due(engine).into_iter().map(|(t, _)| t.task_id.to_string()).collect();
+    engine.with_db(|db| db.mark_published(&ids)).unwrap();
+    for (_, _, route) in &routes {
+        engine.gates().sent(route, true);
+    }
+    routes
+}
+
 #[test]
 fn small_runs_at_their_lanes_gate_go_as_it_empties_past_any_number_of_higher_priority_steps_at_the_pools() {
     let dir = tempfile::TempDir::new().unwrap();
@@ -849,14 +861,9 @@ fn small_runs_at_their_lanes_gate_go_as_it_empties_past_any_number_of_higher_pri
         .map(|_| engine.submit("small", &BTreeMap::new(), 0).unwrap().id)
         .collect();
     engine.submit("wide", &BTreeMap::new(), MAX_PRIORITY).unwrap();
-    let routes = support::routes(&engine);
+    let routes = publish(&engine);
     let (lane, pool): (Vec<_>, Vec<_>) = routes.iter().partition(|(_, _, route)| route == "default.lane");
     assert_eq!((lane.len(), pool.len()), (4, 4));
-    let ids: Vec<String> = due(&engine).into_iter().map(|(t, _)| t.task_id.to_string()).collect();
-    engine.with_db(|db| db.mark_published(&ids)).unwrap();
-    for (_, _, route) in &routes {
-        gates.sent(route, true);
-    }
     // The workers took the lane's four; the pool's queue stays full.
     for (key, before) in gates.to_read() {
         let ready = if key == "default" { 4 } else { 0 };
@@ -890,8 +897,7 @@ fn small_runs_steps_a_database_from_before_lanes_counts_as_their_pools_take_thei
         .map(|_| engine.submit("small", &BTreeMap::new(), 0).unwrap().id)
         .collect();
     engine.submit("wide", &BTreeMap::new(), MAX_PRIORITY).unwrap();
-    let ids: Vec<String> = due(&engine).into_iter().map(|(t, _)| t.task_id.to_string()).collect();
-    engine.with_db(|db| db.mark_published(&ids)).unwrap();
+    publish(&engine);
     drop(engine);
     // As migration 10 leaves a database: every step counted as its pool's.
     support::execute(&db, "UPDATE steps SET lane = 0");
@@ -949,12 +955,7 @@ fn a_gates_steps_are_read_chunk_after_chunk_past_those_other_limits_hold_while_i
         last.steps[0].waiting_on.as_deref(),
         Some("pool default.lane max_queued (4)")
     );
-    let routes = support::routes(&engine);
-    let ids: Vec<String> = due(&engine).into_iter().map(|(t, _)| t.task_id.to_string()).collect();
-    engine.with_db(|db| db.mark_published(&ids)).unwrap();
-    for (_, _, route) in &routes {
-        gates.sent(route, true);
-    }
+    publish(&engine);
     for (key, before) in gates.to_read() {
         let ready = if key == "default" { 4 } else { 0 };
         gates.observed(&key, ready, before);

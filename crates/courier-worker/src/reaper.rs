@@ -57,7 +57,8 @@ impl Reaper {
     /// The helper or the thread could not be started.
     pub fn start(program: &Path, args: &[&str]) -> std::io::Result<Self> {
         let spawn = {
-            let (program, args) = (program.to_path_buf(), args.iter().map(ToString::to_string).collect());
+            let (program, args): (PathBuf, Vec<String>) =
+                (program.into(), args.iter().map(ToString::to_string).collect());
             move || helper(&program, &args)
         };
         let first = spawn()?;
@@ -111,7 +112,7 @@ impl Reaper {
     }
 }
 
-fn helper(program: &PathBuf, args: &Vec<String>) -> std::io::Result<Child> {
+fn helper(program: &Path, args: &[String]) -> std::io::Result<Child> {
     Command::new(program)
         .args(args)
         .env_clear()
