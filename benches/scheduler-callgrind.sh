@@ -11,7 +11,7 @@
 #   RUNS=1000 STEPS=1 bash benches/scheduler-callgrind.sh   # one-step runs: the cost per run
 #   KEEP=/tmp/cg bash benches/scheduler-callgrind.sh        # keep the profile, for callgrind_annotate
 #   ROLE=worker bash benches/scheduler-callgrind.sh         # count the two workers instead (one line each)
-#   MAX_QUEUED=0 bash benches/scheduler-callgrind.sh        # the pool's max_queued (default 64; 0: no gate)
+#   MAX_QUEUED=0 bash benches/scheduler-callgrind.sh        # the pool's max_queued (default 256; 0: no gate)
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 runs="${RUNS:-20}"

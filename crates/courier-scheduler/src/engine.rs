@@ -217,8 +217,8 @@ pub struct EngineLimits {
     pub max_queue_wait: Duration,
     /// Tasks without a result per pool at most (`pools.<name>.max_in_flight`).
     pub pool_in_flight: BTreeMap<String, u32>,
-    /// Tasks waiting in a pool's broker queue at most
-    /// (`pools.<name>.max_queued`; 0: no limit), see [`gate`].
+    /// Tasks waiting in a pool's broker queue at most (a quarter of it in
+    /// its lane's; `pools.<name>.max_queued`; 0: no limit), see [`gate`].
     pub pool_queued: BTreeMap<String, u32>,
     /// The same, for pools `pool_queued` does not name.
     pub default_queued: u32,

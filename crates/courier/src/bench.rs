@@ -57,8 +57,9 @@ pub struct BenchArgs {
     /// too): how much a wide run delays small ones.
     #[arg(long, requires = "rate")]
     beside: Option<usize>,
-    /// The pool's `max_queued` (tasks waiting in its broker queue at most;
-    /// 0: no limit), to measure what it costs and what it buys.
+    /// The pool's `max_queued` (tasks waiting in its broker queue at most,
+    /// a quarter of it in its lane's; 0: no limit), to measure what it
+    /// costs and what it buys.
     #[arg(long)]
     max_queued: Option<u32>,
     /// Keep the schedulers' state on this PostgreSQL server instead of
