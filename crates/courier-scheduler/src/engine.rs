@@ -217,11 +217,15 @@ pub struct EngineLimits {
     pub max_queue_wait: Duration,
     /// Tasks without a result per pool at most (`pools.<name>.max_in_flight`).
     pub pool_in_flight: BTreeMap<String, u32>,
-    /// Tasks waiting in a pool's broker queue at most (a quarter of it in
-    /// its lane's; `pools.<name>.max_queued`; 0: no limit), see [`gate`].
+    /// Tasks waiting in a pool's broker queue at most
+    /// (`pools.<name>.max_queued`; 0: no limit; its lane's and, while the
+    /// lane is busy, its own up to [`gate::LANE_MAX_QUEUED`]), see [`gate`].
     pub pool_queued: BTreeMap<String, u32>,
     /// The same, for pools `pool_queued` does not name.
     pub default_queued: u32,
+    /// How long a pool's lane stays busy after its last use
+    /// ([`gate::LANE_QUIET`]).
+    pub lane_quiet: Duration,
     /// How long after its deadline a task without a result counts as lost.
     pub lost_task_grace: Duration,
 }
@@ -235,6 +239,7 @@ impl Default for EngineLimits {
             pool_in_flight: BTreeMap::new(),
             pool_queued: BTreeMap::new(),
             default_queued: 0,
+            lane_quiet: gate::LANE_QUIET,
             lost_task_grace: LOST_TASK_GRACE,
         }
     }
@@ -469,10 +474,13 @@ impl Engine {
             })
             .collect();
         // The pools the broker has queues for (see `Engine::pools`).
-        let gates = gate::Gates::new(pools_of(&config).into_iter().map(|pool| {
-            let limit = limits.pool_queued.get(&pool).copied().unwrap_or(limits.default_queued);
-            (pool, limit)
-        }));
+        let gates = gate::Gates::with_quiet(
+            pools_of(&config).into_iter().map(|pool| {
+                let limit = limits.pool_queued.get(&pool).copied().unwrap_or(limits.default_queued);
+                (pool, limit)
+            }),
+            limits.lane_quiet,
+        );
         let counted_limits = !limits.pool_in_flight.is_empty()
             || models.values().any(|m| m.limits.any())
             || config
@@ -2066,9 +2074,9 @@ impl Engine {
     /// (`route`) at admission (it is shut).
     fn gate_holds(&self, wf: &Workflow, step: &Step) -> Option<(String, String)> {
         let key = route(wf, &step.queue);
-        let max = self.gates.limit(&key)?;
+        self.gates.limit(&key)?;
         self.gate_shut(&key)
-            .then(|| (gate_reason(wf, step, max), key.into_owned()))
+            .then(|| (gate_reason(&self.gates, &key), key.into_owned()))
     }
 
     /// Whether a ready step must wait for admission (`Some`): a limit
@@ -2098,9 +2106,9 @@ impl Engine {
         // Last: the step goes now unless its pool's gate holds it (it takes
         // a place in the queue); then the gate is named at once.
         let key = route(wf, &step.queue);
-        let Some(max) = self.gates.limit(&key) else {
+        if self.gates.limit(&key).is_none() {
             return Ok(None);
-        };
+        }
         let publishing = self.publishing.load(Ordering::Relaxed);
         if publishing && self.gates.admits(&key) {
             return Ok(None);
@@ -2108,7 +2116,7 @@ impl Engine {
         if publishing && due_now {
             self.gates.held(&key);
         }
-        Ok(Some(Some(gate_reason(wf, step, max))))
+        Ok(Some(Some(gate_reason(&self.gates, &key))))
     }
 
     /// Dispatch waiting steps, highest priority first, as every limit allows;
@@ -2876,9 +2884,10 @@ fn write_tasks<'s>(
 }
 
 /// What a step held at its gate waits on (its `waiting_on`): the gate's
-/// key names the pool, or the pool's lane (`default.lane`).
-fn gate_reason(wf: &Workflow, step: &Step, max: i64) -> String {
-    format!("pool {} max_queued ({max})", route(wf, &step.queue))
+/// key names the pool, or the pool's lane (`default.lane`), and its limits
+/// (`256; 64 while its lane is busy`).
+fn gate_reason(gates: &gate::Gates, key: &str) -> String {
+    format!("pool {key} max_queued ({})", gates.described(key).unwrap_or_default())
 }
 
 /// The run's priority (for its tasks' outbox rows), read once per

@@ -737,15 +737,15 @@ fn a_pools_gate_holds_steps_past_its_queue_and_lets_them_go_in_turn_as_the_broke
     let dir = tempfile::TempDir::new().unwrap();
     let config = wide_and_small(dir.path(), 10);
     let limits = EngineLimits {
-        default_queued: 8,
+        default_queued: 2,
         ..EngineLimits::default()
     };
     let engine = Engine::new(config, support::store(&dir.path().join("courier.db")), limits);
     let gates = engine.gates();
     let wide = engine.submit("wide", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
     let reasons: Vec<Option<&str>> = wide.steps.iter().map(|s| s.waiting_on.as_deref()).collect();
-    let gate = Some("pool default max_queued (8)");
-    assert_eq!(reasons, [None, None, None, None, None, None, None, None, gate, gate]);
+    let gate = Some("pool default max_queued (2)");
+    assert_eq!(reasons, [None, None, gate, gate, gate, gate, gate, gate, gate, gate]);
     let second = engine.submit("wide", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
     assert_eq!(
         second.steps[0].waiting_on.as_deref(),
@@ -758,12 +758,14 @@ fn a_pools_gate_holds_steps_past_its_queue_and_lets_them_go_in_turn_as_the_broke
     assert_eq!(small.steps[0].waiting_on, None);
     let mut routes = support::routes(&engine);
     routes.sort();
-    let mut expected: Vec<(String, String, String)> = (0..8)
-        .map(|i| (wide.id.clone(), format!("s{i}"), "default".to_string()))
-        .chain([(small.id.clone(), "only".to_string(), "default.lane".to_string())])
-        .collect();
-    expected.sort();
-    assert_eq!(routes, expected);
+    assert_eq!(
+        routes,
+        [
+            (wide.id.clone(), "s0".to_string(), "default".to_string()),
+            (wide.id.clone(), "s1".to_string(), "default".to_string()),
+            (small.id.clone(), "only".to_string(), "default.lane".to_string()),
+        ]
+    );
     // The outbox publishes the three tasks; the broker confirms them.
     let first: Vec<Task> = due(&engine).into_iter().map(|(t, _)| t).collect();
     let ids: Vec<String> = first.iter().map(|t| t.task_id.to_string()).collect();
@@ -775,12 +777,10 @@ fn a_pools_gate_holds_steps_past_its_queue_and_lets_them_go_in_turn_as_the_broke
     // none go (the lane's, with one task of its two, is not read).
     let [(pool, before)] = gates.to_read().try_into().unwrap();
     assert_eq!(pool, "default");
-    assert!(!gates.observed(&pool, 8, before));
+    assert!(!gates.observed(&pool, 2, before));
     assert_eq!(engine.admit().unwrap(), 0);
-    // The workers took them: the gate opens, and the next two in turn go
-    // (two: while its lane is busy, the pool's queue is kept to the lane's
-    // limit, a quarter of 8), the first wide run's next step and the
-    // second's, not the first's two.
+    // The workers took them: the gate opens, and the next two in turn go,
+    // the first wide run's next step and the second's, not the first's two.
     let [(pool, before)] = gates.to_read().try_into().unwrap();
     assert!(gates.observed(&pool, 0, before));
     assert_eq!(engine.admit().unwrap(), 2);
@@ -791,10 +791,52 @@ fn a_pools_gate_holds_steps_past_its_queue_and_lets_them_go_in_turn_as_the_broke
     assert_eq!(
         next,
         [
-            (wide.id.clone(), "s8".to_string()),
+            (wide.id.clone(), "s2".to_string()),
             (second.id.clone(), "s0".to_string())
         ]
     );
+}
+
+#[test]
+fn a_pools_queue_is_kept_to_its_lanes_limit_while_small_runs_are_about() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = wide_and_small(dir.path(), 100);
+    let limits = EngineLimits {
+        default_queued: 80,
+        // Busy for the whole test, however slow the machine.
+        lane_quiet: std::time::Duration::from_secs(3600),
+        ..EngineLimits::default()
+    };
+    let engine = Engine::new(config, support::store(&dir.path().join("courier.db")), limits);
+    let gates = engine.gates();
+    // A quiet lane: the pool's queue takes 80 of the wide run's 100 steps.
+    let wide = engine.submit("wide", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    let gate = "pool default max_queued (80; 64 while its lane is busy)";
+    let held = |run: &courier_scheduler::db::RunView| {
+        run.steps
+            .iter()
+            .filter(|s| s.waiting_on.as_deref() == Some(gate))
+            .count()
+    };
+    assert_eq!(held(&wide), 20);
+    // A small run's step goes to the lane at once; the lane is busy now.
+    let small = engine.submit("small", &BTreeMap::new(), NORMAL_PRIORITY).unwrap();
+    assert_eq!(small.steps[0].waiting_on, None);
+    let routes = publish(&engine);
+    assert_eq!(routes.len(), 81);
+    // The workers took 10 of the pool's 80: 70 is over the lane's limit, 64,
+    // so none of the 20 goes.
+    let reads = gates.to_read();
+    let (_, before) = reads.iter().find(|(key, _)| key == "default").unwrap();
+    assert!(!gates.observed("default", 70, *before));
+    assert_eq!(engine.admit().unwrap(), 0);
+    // 20 queued: half of 64 free, a pass fills it, all 20 go.
+    let reads = gates.to_read();
+    let (_, before) = reads.iter().find(|(key, _)| key == "default").unwrap();
+    assert!(gates.observed("default", 20, *before));
+    assert_eq!(engine.admit().unwrap(), 20);
+    let wide = engine.with_db(|db| db.run(&wide.id)).unwrap().unwrap();
+    assert_eq!(held(&wide), 0);
 }
 
 #[test]
@@ -852,7 +894,7 @@ fn small_runs_at_their_lanes_gate_go_as_it_empties_past_any_number_of_higher_pri
     // turn order (10,000), all of them ahead of the small runs' turns.
     let config = wide_and_small(dir.path(), 10_100);
     let limits = EngineLimits {
-        default_queued: 16,
+        default_queued: 4,
         ..EngineLimits::default()
     };
     let engine = Engine::new(config, support::store(&dir.path().join("courier.db")), limits);
@@ -889,7 +931,7 @@ fn small_runs_steps_a_database_from_before_lanes_counts_as_their_pools_take_thei
     let dir = tempfile::TempDir::new().unwrap();
     let db = dir.path().join("courier.db");
     let limits = || EngineLimits {
-        default_queued: 16,
+        default_queued: 4,
         ..EngineLimits::default()
     };
     let engine = Engine::new(wide_and_small(dir.path(), 10_100), support::store(&db), limits());
@@ -934,7 +976,7 @@ fn a_gates_steps_are_read_chunk_after_chunk_past_those_other_limits_hold_while_i
         ],
     );
     let limits = EngineLimits {
-        default_queued: 16,
+        default_queued: 4,
         ..EngineLimits::default()
     };
     let engine = Engine::new(config, support::store(&dir.path().join("courier.db")), limits);

@@ -58,8 +58,8 @@ pub struct BenchArgs {
     #[arg(long, requires = "rate")]
     beside: Option<usize>,
     /// The pool's `max_queued` (tasks waiting in its broker queue at most,
-    /// a quarter of it in its lane's; 0: no limit), to measure what it
-    /// costs and what it buys.
+    /// up to 64 of it in its lane's; 0: no limit), to measure what it costs
+    /// and what it buys.
     #[arg(long)]
     max_queued: Option<u32>,
     /// Keep the schedulers' state on this PostgreSQL server instead of

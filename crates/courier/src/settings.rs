@@ -94,8 +94,8 @@ pub struct Settings {
 pub struct PoolSettings {
     /// Tasks of the pool dispatched and without a result at most; more steps wait.
     pub max_in_flight: Option<u32>,
-    /// Tasks waiting in the pool's broker queue at most (256 by default; a
-    /// quarter of it in its lane's, and in the pool's own while the lane is
+    /// Tasks waiting in the pool's broker queue at most (256 by default; up
+    /// to 64 of it in its lane's, and in the pool's own while the lane is
     /// busy); more steps wait at the scheduler, taking turns between runs.
     /// 0: no limit (the broker's queues hold the backlog, first come first
     /// served).

@@ -3,18 +3,20 @@
 //! first-served queue (where a small run waits behind a wide one).
 //! A pool's lane (its second queue, for small runs' tasks) has a gate of its
 //! own, under the lane's key: the gates are keyed by routing key. The lane's
-//! limit is a quarter of the pool's `max_queued`, and so is the pool's own
-//! while its lane is busy (a task dispatched or a step held there in the last
-//! [`LANE_QUIET`]): small runs' tasks cross a broker that a wide backlog
-//! keeps busy, and their latency grows with the pool's queue (measured: p50
-//! 30 ms beside a 10,000-step run with 64 queued, 60-78 ms with 256), while
-//! a wide backlog alone goes faster with the longer queue (a third more
-//! tasks a second, a fifth less of the scheduler's CPU).
+//! limit is the pool's `max_queued` up to [`LANE_MAX_QUEUED`], and so is the
+//! pool's own while its lane is busy (steps wait at the lane's gate, or a
+//! task was dispatched or a step held there in the last [`LANE_QUIET`]):
+//! small runs' tasks and results cross a broker that a wide backlog keeps
+//! busy, and their time there grows with the pool's queue (measured beside
+//! a 10,000-step run: p50 25-35 ms with 64 queued, 60-78 ms with 256),
+//! while a wide backlog with no small run beside it goes faster with the
+//! longer queue (15-35% more tasks a second, 9% fewer of the scheduler's
+//! instructions).
 //!
 //! A pool's gate estimates the tasks waiting in its queue: those dispatched
 //! and not yet confirmed by the broker, plus the broker's count when last
-//! read and what it confirmed since. At its limit (`pools.<name>.max_queued`)
-//! the gate shuts: new steps of the pool wait, `waiting_on` naming it, and
+//! read and what it confirmed since. At its limit (`pools.<name>.max_queued`,
+//! or the lane's as above) the gate shuts: new steps of the pool wait, `waiting_on` naming it, and
 //! admission lets them go in turn as the queue empties. The scheduler's gate
 //! loop reads the broker's count while a gate is shut or steps wait at it.
 //! A gate whose count cannot be read (the broker refuses the read) goes
@@ -32,9 +34,12 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use tokio::sync::Notify;
 
 /// A pool's `max_queued` when its settings give none: at 3,000 tasks a
-/// second, about 85 ms of work for its workers (a quarter of it, the limit
-/// of its lane and of the pool while the lane is busy, about 20 ms).
+/// second, about 85 ms of work for its workers.
 pub const DEFAULT_MAX_QUEUED: u32 = 256;
+
+/// A lane's limit at most (a smaller `max_queued` is the lane's too), and
+/// its pool's while the lane is busy: at 3,000 tasks a second, about 20 ms.
+pub const LANE_MAX_QUEUED: u32 = 64;
 
 /// How long a lane stays busy after its last task dispatched or step held:
 /// meanwhile its pool's queue is kept to the lane's limit.
@@ -50,6 +55,8 @@ pub struct Gates {
     wake: Notify,
     /// The clock of the gates' `busy_until`.
     epoch: std::time::Instant,
+    /// How long a lane stays busy ([`LANE_QUIET`]; ms).
+    quiet_ms: i64,
     /// Retries waiting out their backoff: when each is due, and its pool
     /// (whose gate then holds it). In memory: after a restart the clock's
     /// full pass finds them.
@@ -67,7 +74,7 @@ struct Gate {
     /// The pool, and whether this is its lane's gate.
     pool: String,
     lane: bool,
-    /// The pool's `max_queued`, or a quarter of it for the lane.
+    /// The pool's `max_queued`, or the lane's limit for the lane.
     limit: i64,
     /// The limit while the pool's lane is busy: the lane's.
     busy_limit: i64,
@@ -131,9 +138,14 @@ impl Gate {
 
 impl Gates {
     /// Gates of the given limits, one for each pool's queue and one for its
-    /// lane's ([`courier_amqp::lane_key`], a quarter of the pool's limit);
-    /// pools with a limit of 0 have none.
+    /// lane's ([`courier_amqp::lane_key`], the pool's limit up to
+    /// [`LANE_MAX_QUEUED`]); pools with a limit of 0 have none.
     pub fn new(limits: impl IntoIterator<Item = (String, u32)>) -> Self {
+        Self::with_quiet(limits, LANE_QUIET)
+    }
+
+    /// The same, a lane staying busy for `quiet` after its last use.
+    pub fn with_quiet(limits: impl IntoIterator<Item = (String, u32)>, quiet: std::time::Duration) -> Self {
         let pools = limits
             .into_iter()
             .filter(|(_, limit)| *limit > 0)
@@ -144,7 +156,7 @@ impl Gates {
                 } else {
                     pool.clone()
                 };
-                let busy_limit = i64::from(limit / 4).max(1);
+                let busy_limit = i64::from(limit.min(LANE_MAX_QUEUED));
                 let gate = Gate {
                     pool,
                     lane,
@@ -164,6 +176,7 @@ impl Gates {
             seq: Default::default(),
             wake: Notify::new(),
             epoch: std::time::Instant::now(),
+            quiet_ms: i64::try_from(quiet.as_millis()).unwrap_or(i64::MAX),
             due: Default::default(),
         }
     }
@@ -173,22 +186,34 @@ impl Gates {
         i64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(i64::MAX)
     }
 
-    /// A task was dispatched or a step held at `g`: if it is a lane's, the
-    /// lane is busy for [`LANE_QUIET`] from now, and its pool's queue is
-    /// kept to the lane's limit meanwhile.
+    /// A task was dispatched or a step held at `g`, or steps still wait
+    /// there: if it is a lane's, the lane is busy for [`LANE_QUIET`] from
+    /// now, and its pool's queue is kept to the lane's limit meanwhile.
     fn lane_used(&self, g: &Gate) {
         if g.lane
             && let Some(pool) = self.pools.get(&g.pool)
         {
-            let until = self.now() + i64::try_from(LANE_QUIET.as_millis()).unwrap_or(i64::MAX);
-            pool.busy_until.store(until, Ordering::Relaxed);
+            pool.busy_until
+                .store(self.now().saturating_add(self.quiet_ms), Ordering::Relaxed);
         }
     }
 
-    /// The limit of a pool's gate (its `max_queued`, a lane's a quarter of
-    /// it), if it has one.
+    /// The limit of a pool's gate (its `max_queued`, a lane's up to
+    /// [`LANE_MAX_QUEUED`]), if it has one.
     pub fn limit(&self, pool: &str) -> Option<i64> {
         self.pools.get(pool).map(|g| g.limit)
+    }
+
+    /// The limits of a gate as a step held there names them: `256`, or for
+    /// a pool whose lane's is lower `256; 64 while its lane is busy`.
+    pub fn described(&self, pool: &str) -> Option<String> {
+        self.pools.get(pool).map(|g| {
+            if g.busy_limit < g.limit {
+                format!("{}; {} while its lane is busy", g.limit, g.busy_limit)
+            } else {
+                g.limit.to_string()
+            }
+        })
     }
 
     /// Whether a pool's queue is at its limit.
@@ -361,6 +386,7 @@ impl Gates {
         };
         g.ready.fetch_add(i64::from(ready) - before, Ordering::Relaxed);
         g.blind.store(false, Ordering::Relaxed);
+        self.still_held(g);
         g.open_holding(self.now())
     }
 
@@ -372,7 +398,17 @@ impl Gates {
             return false;
         };
         g.blind.store(true, Ordering::Relaxed);
+        self.still_held(g);
         g.open_holding(self.now())
+    }
+
+    /// A lane whose steps still wait (its count read while it holds them,
+    /// every few ms by the gate loop) stays busy: a shut lane runs no pass
+    /// that would mark it.
+    fn still_held(&self, g: &Gate) {
+        if g.holding.load(Ordering::Relaxed) {
+            self.lane_used(g);
+        }
     }
 
     /// Wait until a gate shuts or a step waits at one.
@@ -430,11 +466,11 @@ mod tests {
 
     #[test]
     fn a_pass_reads_the_steps_of_each_gate_with_room_for_those_waiting_there() {
-        let gates = Gates::new([("default".to_string(), 16), ("gpu".to_string(), 8)]);
+        let gates = Gates::new([("default".to_string(), 4), ("gpu".to_string(), 2)]);
         let lane = courier_amqp::lane_key("default");
         // The pool's queue is full of a wide backlog's tasks, and steps wait
         // at its gate; small runs' steps wait at the lane's, which has room.
-        for _ in 0..16 {
+        for _ in 0..4 {
             assert!(gates.admits("default"));
         }
         gates.held("default");
@@ -447,7 +483,7 @@ mod tests {
             full,
             [
                 (lane.as_str(), "default", true, 4),
-                ("gpu", "gpu", false, 7),
+                ("gpu", "gpu", false, 1),
                 ("gpu.lane", "gpu", true, 2)
             ],
             "a full pass reads every gate with room, holding or not"
@@ -462,25 +498,38 @@ mod tests {
 
     #[test]
     fn a_pools_queue_is_kept_to_its_lanes_limit_while_the_lane_is_busy() {
-        let gates = Gates::new([("default".to_string(), 8), ("one".to_string(), 1)]);
+        let quiet = std::time::Duration::from_millis(50);
+        let gates = Gates::with_quiet([("default".to_string(), 100), ("small".to_string(), 3)], quiet);
         let lane = courier_amqp::lane_key("default");
-        assert_eq!((gates.limit("default"), gates.limit(&lane)), (Some(8), Some(2)));
-        assert_eq!(gates.limit("one.lane"), Some(1), "a quarter, at least 1");
-        for _ in 0..3 {
+        assert_eq!((gates.limit("default"), gates.limit(&lane)), (Some(100), Some(64)));
+        assert_eq!((gates.limit("small"), gates.limit("small.lane")), (Some(3), Some(3)));
+        assert_eq!(gates.described("default").unwrap(), "100; 64 while its lane is busy");
+        assert_eq!(gates.described("small").unwrap(), "3");
+        for _ in 0..70 {
             assert!(gates.admits("default"));
         }
-        assert!(!gates.shut("default"), "3 of 8 while the lane is quiet");
+        assert!(!gates.shut("default"), "70 of 100 while the lane is quiet");
         assert!(gates.admits(&lane), "a small run's task");
-        assert!(gates.shut("default"), "3 of 2 while the lane is busy");
+        assert!(gates.shut("default"), "70 of 64 while the lane is busy");
         assert!(!gates.admits("default"));
-        assert!(!gates.shut(&lane), "1 of 2");
-        std::thread::sleep(LANE_QUIET + std::time::Duration::from_millis(50));
-        assert!(!gates.shut("default"), "quiet again: 3 of 8");
-        // A step held at the lane's gate (a small run waiting) makes it busy too.
+        assert!(!gates.shut(&lane), "1 of 64");
+        std::thread::sleep(quiet * 2);
+        assert!(!gates.shut("default"), "quiet again: 70 of 100");
+        // Steps held at the lane's gate keep it busy for as long as they
+        // wait there, its count read (by the gate loop) while they do.
         gates.held(&lane);
         assert!(gates.shut("default"));
-        assert!(!gates.admits(&lane), "new steps wait behind the held one");
-        assert!(gates.shut("default"));
+        for _ in 0..2 {
+            std::thread::sleep(quiet * 2);
+            let (_, before) = gates.to_read().into_iter().find(|(key, _)| *key == lane).unwrap();
+            assert!(!gates.observed(&lane, 64, before), "the lane's queue is full");
+            assert!(gates.shut("default"), "steps still wait at the lane");
+        }
+        // None waits there any more: quiet once the time has passed.
+        gates.passed(&Default::default(), true, &Default::default());
+        std::thread::sleep(quiet * 2);
+        assert!(!gates.shut("default"));
+        assert!(gates.admits("default"));
     }
 
     #[test]
