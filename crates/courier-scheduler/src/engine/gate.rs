@@ -10,7 +10,7 @@
 //! busy, and their time there grows with the pool's queue (measured beside
 //! a 10,000-step run: p50 25-35 ms with 64 queued, 60-78 ms with 256),
 //! while a wide backlog with no small run beside it goes faster with the
-//! longer queue (15-35% more tasks a second, 9% fewer of the scheduler's
+//! longer queue (15-35% more tasks a second, 8% fewer of the scheduler's
 //! instructions).
 //!
 //! A pool's gate estimates the tasks waiting in its queue: those dispatched
@@ -42,8 +42,10 @@ pub const DEFAULT_MAX_QUEUED: u32 = 256;
 pub const LANE_MAX_QUEUED: u32 = 64;
 
 /// How long a lane stays busy after its last task dispatched or step held:
-/// meanwhile its pool's queue is kept to the lane's limit.
-pub const LANE_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
+/// meanwhile its pool's queue is kept to the lane's limit. Long enough that
+/// small runs coming every few seconds find the short queue (with 1 s, one
+/// every 2 s beside a wide run took p50 50 ms against 28 ms with 64 queued).
+pub const LANE_QUIET: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The gates of every pool the config names (none for a limit of 0).
 #[derive(Debug)]
