@@ -230,11 +230,8 @@ impl Gates {
         let Some(g) = self.pools.get(pool) else {
             return true;
         };
-        if g.holding.load(Ordering::Relaxed) {
-            self.lane_used(g);
-            return false;
-        }
-        if g.full(self.now()) {
+        if g.holding.load(Ordering::Relaxed) || g.full(self.now()) {
+            // A lane's step held: the lane is busy (a dispatch marks it too).
             self.lane_used(g);
             return false;
         }
