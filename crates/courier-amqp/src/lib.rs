@@ -179,11 +179,23 @@ impl Names {
     }
 }
 
-/// Copies of dead letters kept for the scheduler at most, and their bytes
-/// (the oldest are dropped: their steps then wait for their tasks'
-/// deadlines).
-pub const DEAD_WATCH_MAX: i64 = 100_000;
-const DEAD_WATCH_MAX_BYTES: i64 = 256 << 20;
+/// Dead letters `<ns>.dead` keeps at most, and `<ns>.dead.watch` copies of
+/// them for the scheduler; past this count or [`DEAD_MAX_BYTES`] the oldest
+/// are dropped. A dropped dead letter's attempt was failed when it died
+/// (the scheduler read the watch's copy); a dropped copy's step waits for
+/// its task's deadline. `<ns>.dead` has no overflow mode of its own, so a
+/// policy can lower its bounds or choose `reject-publish`.
+pub const DEAD_MAX: i64 = 100_000;
+/// See [`DEAD_MAX`].
+pub const DEAD_MAX_BYTES: i64 = 256 << 20;
+
+/// Whether the broker refused a declaration as inequivalent to what
+/// exists (406 PRECONDITION_FAILED).
+fn is_precondition_failed(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
+}
 
 /// A header value: the two kinds Courier uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -346,6 +358,49 @@ impl Broker {
         &self.names
     }
 
+    /// The arguments of `<ns>.dead`: bounded ([`DEAD_MAX`], [`DEAD_MAX_BYTES`]).
+    #[must_use]
+    fn dead_args(&self) -> FieldTable {
+        let mut args = self.quorum_args();
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(DEAD_MAX));
+        args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(DEAD_MAX_BYTES));
+        args
+    }
+
+    /// Declare `<ns>.dead` bounded. One declared unbounded by a Courier
+    /// before 2026-11-28 cannot be given arguments in place (the broker
+    /// refuses the declaration and closes the channel): it is kept as it is,
+    /// with its dead letters, and a warning says how to bound it. The
+    /// channel to go on with (a new one after a refusal).
+    async fn declare_dead(&self, channel: Channel, opts: QueueDeclareOptions) -> Result<Channel, AmqpError> {
+        let dead = self.names.dead();
+        match channel
+            .queue_declare(dead.as_str().into(), opts, self.dead_args())
+            .await
+        {
+            Ok(_) => Ok(channel),
+            Err(e) if is_precondition_failed(&e) => {
+                let channel = self.connection.create_channel().await?;
+                let passive = QueueDeclareOptions { passive: true, ..opts };
+                let queue = channel
+                    .queue_declare(dead.as_str().into(), passive, FieldTable::default())
+                    .await?;
+                tracing::warn!(
+                    queue = %dead,
+                    dead_letters = queue.message_count(),
+                    refused = %e,
+                    "the dead-letter queue was declared by an earlier Courier without bounds and is kept as it is; \
+                     bound it with a policy (rabbitmqctl set_policy <name> '^{}$' \
+                     '{{\"max-length\":{DEAD_MAX},\"max-length-bytes\":{DEAD_MAX_BYTES}}}' --apply-to queues), \
+                     or delete it once empty (courier dead list shows what it holds): the next start declares it bounded",
+                    dead.replace('.', "\\."),
+                );
+                Ok(channel)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Declare every exchange and queue Courier needs, idempotently: task
     /// exchange and two quorum queues per pool, its own and its lane's
     /// (explicit delivery limit, dead-lettering), results queue (single active consumer), dead letters.
@@ -373,16 +428,14 @@ impl Broker {
                 .exchange_declare(exchange.as_str().into(), kind, durable, FieldTable::default())
                 .await?;
         }
-        let mut watch_args = self.quorum_args();
-        watch_args.insert("x-max-length".into(), AMQPValue::LongLongInt(DEAD_WATCH_MAX));
-        watch_args.insert(
-            "x-max-length-bytes".into(),
-            AMQPValue::LongLongInt(DEAD_WATCH_MAX_BYTES),
-        );
+        let mut watch_args = self.dead_args();
         watch_args.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
         watch_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-        for (queue, args) in [(names.dead(), self.quorum_args()), (names.dead_watch(), watch_args)] {
-            channel.queue_declare(queue.as_str().into(), queue_opts, args).await?;
+        let channel = self.declare_dead(channel, queue_opts).await?;
+        channel
+            .queue_declare(names.dead_watch().as_str().into(), queue_opts, watch_args)
+            .await?;
+        for queue in [names.dead(), names.dead_watch()] {
             channel
                 .queue_bind(
                     queue.as_str().into(),

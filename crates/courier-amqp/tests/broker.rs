@@ -248,3 +248,117 @@ async fn a_pools_lane_is_a_queue_of_its_own_routed_by_the_lane_key_and_deleted_w
     // Gone with the pool's topology.
     assert!(broker.queue_depth(&lane).await.is_err());
 }
+
+/// A raw channel, to declare queues the way another client (or an earlier
+/// Courier) would.
+async fn raw_channel() -> lapin::Channel {
+    let connection = lapin::Connection::connect(&url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    connection.create_channel().await.unwrap()
+}
+
+fn quorum(bounds: Option<(i64, i64)>) -> lapin::types::FieldTable {
+    use lapin::types::AMQPValue;
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    if let Some((count, bytes)) = bounds {
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(count));
+        args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(bytes));
+    }
+    args
+}
+
+fn durable() -> lapin::options::QueueDeclareOptions {
+    lapin::options::QueueDeclareOptions {
+        durable: true,
+        ..lapin::options::QueueDeclareOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn the_dead_letter_queue_is_bounded_in_count_and_bytes() {
+    let broker = broker().await;
+    let pools = vec!["default".to_string()];
+    broker.declare_topology(&pools, 5).await.unwrap();
+    let dead = broker.names().dead();
+    // The broker compares arguments on each declaration: the queue's are
+    // exactly these bounds (without them, or with others, it refuses).
+    let channel = raw_channel().await;
+    let bounds = (courier_amqp::DEAD_MAX, courier_amqp::DEAD_MAX_BYTES);
+    channel
+        .queue_declare(dead.as_str().into(), durable(), quorum(Some(bounds)))
+        .await
+        .unwrap();
+    for other in [None, Some((bounds.0 + 1, bounds.1))] {
+        let channel = raw_channel().await;
+        let refused = channel
+            .queue_declare(dead.as_str().into(), durable(), quorum(other))
+            .await
+            .unwrap_err();
+        assert!(refused.to_string().contains("PRECONDITION_FAILED"), "{refused}");
+    }
+    broker.delete_topology(&pools).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unbounded_dead_letter_queue_from_an_earlier_courier_is_kept_with_its_letters() {
+    let broker = broker().await;
+    let pools = vec!["default".to_string()];
+    let names = broker.names().clone();
+    // As Courier declared it before it was bounded, holding a dead letter.
+    let channel = raw_channel().await;
+    channel
+        .queue_declare(names.dead().as_str().into(), durable(), quorum(None))
+        .await
+        .unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    channel
+        .basic_publish(
+            "".into(),
+            names.dead().as_str().into(),
+            Default::default(),
+            b"an old dead letter",
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // Declared again (and again) around it: the rest of the topology too.
+    broker.declare_topology(&pools, 5).await.unwrap();
+    broker.declare_topology(&pools, 5).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while broker.queue_depth(&names.dead()).await.unwrap().0 != 1 {
+        assert!(std::time::Instant::now() < deadline, "the old dead letter is gone");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Dead letters still reach it, and the pool's queues are there.
+    let publisher = broker.publisher(16).await.unwrap();
+    publisher
+        .publish(Outgoing {
+            exchange: &names.tasks_exchange(),
+            routing_key: "default",
+            body: b"poison",
+            message_id: "p-1",
+            correlation_id: "r",
+            headers: vec![],
+        })
+        .await
+        .unwrap();
+    let mut tasks = broker.consumer(&names.task_queue("default"), 1, "t").await.unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(10), tasks.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    delivery.reject().await.unwrap();
+    while broker.queue_depth(&names.dead()).await.unwrap().0 != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new dead letter did not arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    broker.delete_topology(&pools).await.unwrap();
+}
