@@ -1039,3 +1039,87 @@ fn a_step_inherits_no_file_descriptor_from_the_worker() {
     // stdin, stdout, stderr, and ls's own listing.
     assert_eq!(run["steps"][0]["output"], "0 1 2 3 no-fd-7");
 }
+
+/// Any AMQP publisher can send headers up to the broker's frame size
+/// (128 KiB by default): one whose headers outgrow a consumer's frames cuts
+/// that consumer's connection, and it gets the message again on reconnect.
+/// Courier's connections take frames as large as the broker's default, so
+/// such junk on every queue Courier reads is refused like any other.
+#[test]
+fn junk_with_headers_as_large_as_the_brokers_frames_is_refused_and_service_goes_on() {
+    let cluster = Cluster::builder().workers(1).start();
+    let names = Names::new(cluster.namespace.clone());
+    let large = || vec![("x-junk", Header::Str("R".repeat(100 * 1024)))];
+    cluster.publish_raw("default", b"junk", "junk-task", large());
+    cluster.publish(
+        &names.results_exchange(),
+        "results",
+        b"junk",
+        ("junk-result", "r"),
+        large(),
+    );
+    cluster.publish("", &names.control(), b"junk", ("junk-control", "r"), large());
+    wait_dead(&cluster, 2);
+    let id = cluster.submit("fanout", &[("text", "a b")]).unwrap();
+    let run = cluster.wait_run(&id, Duration::from_secs(60));
+    assert_eq!(run["status"], "succeeded", "{run:#}\n{}", cluster.logs());
+    assert_eq!(cluster.dead_depth(), 2);
+    let logs = cluster.logs();
+    assert!(!logs.contains("frame too large"), "{logs}");
+}
+
+/// RabbitMQ's management API (and protocols other than AMQP) can put a
+/// message whose headers outgrow any frame on a queue: the process reading
+/// it loses its connection at each delivery. It must go on reconnecting
+/// (lapin left an operation unresolved on one such failure, and the
+/// scheduler hung for good), and resume once the message is removed.
+#[test]
+fn a_message_no_frame_can_carry_cuts_its_reader_off_until_it_is_removed_and_never_hangs_it() {
+    let cluster = Cluster::builder().workers(1).start();
+    let names = Names::new(cluster.namespace.clone());
+    let results = names.results_queue();
+    let body = serde_json::json!({
+        "properties": {"headers": {"x-junk": "R".repeat(200_000)}},
+        "routing_key": results,
+        "payload": "w",
+        "payload_encoding": "string",
+    });
+    let answer = reqwest::blocking::Client::new()
+        .post("http://127.0.0.1:15672/api/exchanges/%2f/amq.default/publish")
+        .basic_auth("guest", Some("guest"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .unwrap();
+    assert!(answer.status().is_success(), "{}", answer.text().unwrap_or_default());
+    // Long enough for dozens of reconnects: the hang came after 5-25 s.
+    let lost = |cluster: &Cluster| cluster.log("scheduler").matches("lost the broker").count();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lost(&cluster) < 20 {
+        assert!(Instant::now() < deadline, "{}", cluster.log("scheduler"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(10));
+    let before = lost(&cluster);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        lost(&cluster) > before,
+        "the scheduler stopped reconnecting:\n{}",
+        cluster.log("scheduler")
+    );
+    // Removed: the message is ready between two reconnects, nearly always.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        rabbitmqctl(&["purge_queue", &results]);
+        std::thread::sleep(Duration::from_secs(2));
+        let quiet = lost(&cluster);
+        std::thread::sleep(Duration::from_secs(2));
+        if lost(&cluster) == quiet {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", cluster.log("scheduler"));
+    }
+    let id = cluster.submit("fanout", &[("text", "a b")]).unwrap();
+    let run = cluster.wait_run(&id, Duration::from_secs(60));
+    assert_eq!(run["status"], "succeeded", "{run:#}\n{}", cluster.logs());
+}

@@ -57,6 +57,9 @@ pub enum AmqpError {
     /// The publisher was shut down.
     #[error("the publisher is closed")]
     Closed,
+    /// The connection failed under an operation (see [`Broker::lost`]).
+    #[error("the connection to the broker failed")]
+    Lost,
     /// A mandatory publish matched no queue.
     #[error("no queue is bound to {exchange} with routing key \"{routing_key}\"")]
     Unroutable { exchange: String, routing_key: String },
@@ -76,12 +79,17 @@ impl AmqpError {
 }
 
 /// The largest AMQP frame asked for when the URL does not say
-/// (`?frame_max=`): lapin keeps a receive and a send buffer of 32 frames
-/// per connection, each written in full, so RabbitMQ's default of 128 KiB
-/// made 8 MiB of every process's memory (a third of an idle worker's). A
-/// message larger than a frame travels in several; tasks and results of a
-/// few KiB fit in one.
-pub const FRAME_MAX: u32 = 32 * 1024;
+/// (`?frame_max=`): RabbitMQ's default, the largest frame any AMQP publisher
+/// on a default broker can send. A message's headers travel in one frame,
+/// and a frame larger than the connection's makes lapin drop the connection:
+/// with smaller frames, anyone who can publish could cut a Courier process
+/// off with one message of large headers, received again on each reconnect
+/// (the hostile test of 2026-11-28 did, at 40 KB, with 32 KiB frames).
+/// lapin keeps a receive and a send buffer of 32 frames per connection, so
+/// this costs each process about 6 MiB more than 32 KiB frames did (workers
+/// 23 MiB in `courier bench --tasks 20000`). A broker configured with a
+/// larger `frame_max` needs the same in the URL.
+pub const FRAME_MAX: u32 = 128 * 1024;
 
 /// `url` parsed, with [`FRAME_MAX`] unless it names a frame size.
 fn broker_uri(url: &str) -> Result<lapin::uri::AMQPUri, AmqpError> {
@@ -658,9 +666,11 @@ impl Broker {
     /// # Errors
     /// The channel could not be opened.
     pub async fn taker(&self, queue: &str) -> Result<Taker, AmqpError> {
+        let connection = self.connection.status().clone();
         Ok(Taker {
-            channel: self.connection.create_channel().await?,
+            channel: guarded(&connection, self.connection.create_channel()).await?,
             queue: queue.to_string(),
+            connection,
         })
     }
 
@@ -695,21 +705,62 @@ impl Broker {
     }
 
     async fn consume(&self, queue: &str, prefetch: u16, tag: &str, args: FieldTable) -> Result<Consumer, AmqpError> {
-        let channel = self.connection.create_channel().await?;
-        channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
-        let consumer = channel
-            .basic_consume(queue.into(), tag.into(), BasicConsumeOptions::default(), args)
-            .await?;
+        let status = self.connection.status();
+        let channel = guarded(status, self.connection.create_channel()).await?;
+        guarded(status, channel.basic_qos(prefetch, BasicQosOptions::default())).await?;
+        let consumer = guarded(
+            status,
+            channel.basic_consume(queue.into(), tag.into(), BasicConsumeOptions::default(), args),
+        )
+        .await?;
         Ok(Consumer { channel, consumer })
     }
 
-    /// Close the connection.
+    /// Resolves once this connection has failed or closed. lapin 4.12 leaves
+    /// some operations unresolved when their connection dies under them (a
+    /// consumer or channel being opened, a close): a service runs its work
+    /// on a connection against this, so that none waits forever on a dead
+    /// one (seen with a message whose headers outgrow the frames: the
+    /// scheduler's connection dropped in a loop until one reconnect hung,
+    /// deaf to SIGTERM, with `/healthz` still saying `ok`).
+    pub async fn lost(&self) {
+        lost(self.connection.status()).await;
+    }
+
+    /// Close the connection, waiting at most [`CLOSE_TIMEOUT`] for the
+    /// broker's answer.
     ///
     /// # Errors
-    /// The close handshake failed (the connection is gone either way).
+    /// The close handshake failed or timed out (the connection is gone
+    /// either way).
     pub async fn close(&self) -> Result<(), AmqpError> {
-        self.connection.close(200, "bye".into()).await?;
+        tokio::time::timeout(CLOSE_TIMEOUT, self.connection.close(200, "bye".into()))
+            .await
+            .map_err(|_| AmqpError::Closed)??;
         Ok(())
+    }
+}
+
+/// Longest wait for the broker to answer a connection's close.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Resolves once the connection of `status` has failed or closed (read every
+/// 100 ms: lapin has no future for it).
+async fn lost(status: &lapin::ConnectionStatus) {
+    while status.connected() || status.connecting() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `op`, or [`AmqpError::Closed`] should the connection of `status` fail
+/// first (see [`Broker::lost`]).
+async fn guarded<T>(
+    status: &lapin::ConnectionStatus,
+    op: impl std::future::Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, AmqpError> {
+    tokio::select! {
+        r = op => Ok(r?),
+        () = lost(status) => Err(AmqpError::Lost),
     }
 }
 
@@ -882,6 +933,7 @@ impl Gauge {
 pub struct Taker {
     channel: Channel,
     queue: String,
+    connection: lapin::ConnectionStatus,
 }
 
 impl Taker {
@@ -890,10 +942,12 @@ impl Taker {
     /// # Errors
     /// The channel or connection failed.
     pub async fn take(&self) -> Result<Option<Delivery>, AmqpError> {
-        let got = self
-            .channel
-            .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: false })
-            .await?;
+        let got = guarded(
+            &self.connection,
+            self.channel
+                .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: false }),
+        )
+        .await?;
         Ok(got.map(|m| Delivery::new(m.delivery, self.channel.clone())))
     }
 

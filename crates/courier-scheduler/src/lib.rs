@@ -395,7 +395,13 @@ async fn lead_while(
                 break;
             }
         };
-        match serve(&broker, shared, &pools, sc, lead).await {
+        // A connection that fails under an operation lapin never resolves
+        // ends its work here (see `Broker::lost`).
+        let served = tokio::select! {
+            r = serve(&broker, shared, &pools, sc, lead) => r,
+            () = broker.lost() => Err(AmqpError::Lost),
+        };
+        match served {
             Ok(()) => {}
             Err(e) => {
                 warn!(error = %e, "lost the broker; reconnecting");
@@ -493,11 +499,12 @@ async fn serve(
     // Not one of `loops`: a failed read of a queue's count does not end the
     // connection's work (the results loop would be stopped mid-batch); the
     // loops that own the connection notice its failure.
-    let gate = tokio::spawn({
+    // Stopped with this connection's work, even when that is dropped.
+    let gate = tokio_util::task::AbortOnDropHandle::new(tokio::spawn({
         let shared = shared.clone();
         let broker = broker.clone();
         async move { gate_loop(&shared, &broker).await }
-    });
+    }));
     let mut intake = ResultIntake {
         limits: sc.result_limits,
         signing_key: sc.signing_key.clone(),

@@ -28,7 +28,7 @@ use courier_wire::{
 };
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::{Instrument, error, info, info_span, warn};
 
 /// Everything a worker is told at start.
@@ -116,7 +116,13 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
             metrics: metrics.clone(),
             cancellations: cancellations.clone(),
         };
-        let served = serve(&broker, &shared, &slots, &tracker, &shutdown, &connected).await;
+        // A connection that fails under an operation lapin never resolves
+        // ends its work here (see `Broker::lost`); steps in flight go on,
+        // in the tracker.
+        let served = tokio::select! {
+            r = serve(&broker, &shared, &slots, &tracker, &shutdown, &connected) => r,
+            () = broker.lost() => Err(courier_amqp::AmqpError::Lost),
+        };
         connected.store(false, std::sync::atomic::Ordering::Relaxed);
         match served {
             Ok(()) => {
@@ -172,7 +178,8 @@ async fn serve(
     let prefetch = u16::try_from(config.concurrency).unwrap_or(u16::MAX);
     let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel(1);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let follower = tokio::spawn({
+    // This connection's tasks stop with its work, even when that is dropped.
+    let follower = AbortOnDropHandle::new(tokio::spawn({
         let (broker, publisher, shared, failed_tx) =
             (broker.clone(), publisher.clone(), shared.clone(), failed_tx.clone());
         async move {
@@ -190,7 +197,7 @@ async fn serve(
                 .send(followed.err().unwrap_or(courier_amqp::AmqpError::Closed))
                 .await;
         }
-    });
+    }));
     tokio::select! {
         caught_up = ready_rx => if caught_up.is_err() {
             // The follower failed before catching up; its error is in the channel.
@@ -225,7 +232,7 @@ async fn serve(
             shutdown.clone(),
             failed_tx.clone(),
         );
-        consumers.push(tokio::spawn(async move {
+        consumers.push(AbortOnDropHandle::new(tokio::spawn(async move {
             loop {
                 let next = tokio::select! {
                     next = consumer.next() => next,
@@ -264,7 +271,7 @@ async fn serve(
             // Stop intake; deliveries already received finish and are acked.
             let _ = consumer.cancel().await;
             consumer
-        }));
+        })));
     }
     drop(failed_tx);
     connected.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -276,7 +283,7 @@ async fn serve(
     follower.abort();
     if result.is_err() {
         // A broken connection: do not wait for consumers stuck on it.
-        consumers.iter().for_each(tokio::task::JoinHandle::abort);
+        consumers.iter().for_each(AbortOnDropHandle::abort);
         return result;
     }
     let mut stopped = Vec::new();
