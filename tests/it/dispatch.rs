@@ -461,3 +461,35 @@ fn settings_layer_file_then_environment_then_flags() {
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains("unknown field: found `amqp_uri`"), "{stderr}");
 }
+
+/// A step's output and error are anyone's to write: the CLI shows escape
+/// sequences in them, never sends them to the terminal.
+#[test]
+fn escape_sequences_in_a_steps_output_and_error_are_printed_escaped() {
+    let cluster = Cluster::builder()
+        .workers(1)
+        .workflow(
+            "esc",
+            concat!(
+                "steps:\n",
+                "  - name: loud\n",
+                "    command: [\"sh\", \"-c\", \"printf 'ok\\\\033]0;pwned\\\\007\\\\033[2Jline2'\"]\n",
+                "  - name: bad\n",
+                "    depends: [loud]\n",
+                "    command: [\"sh\", \"-c\", \"printf '\\\\033[31mRED' >&2; exit 3\"]\n",
+            ),
+        )
+        .start();
+    let (out, stdout, stderr) = run(cluster.courier().args(["submit", "esc", "--wait"]));
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    let id = stdout.split_whitespace().nth(1).unwrap().to_string();
+    let (_, shown, _) = run(cluster.courier().args(["runs", &id]));
+    for printed in [&stdout, &shown] {
+        assert!(!printed.contains('\u{1b}') && !printed.contains('\u{7}'), "{printed:?}");
+    }
+    assert!(stdout.contains("ok\\u{1b}]0;pwned\\u{7}\\u{1b}[2Jline2"), "{stdout}");
+    assert!(stdout.contains("\\u{1b}[31mRED"), "{stdout}");
+    // The API keeps them as they were.
+    let run_json = cluster.run(&id);
+    assert_eq!(step(&run_json, "loud")["output"], "ok\u{1b}]0;pwned\u{7}\u{1b}[2Jline2");
+}

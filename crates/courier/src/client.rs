@@ -142,7 +142,7 @@ pub async fn submit(
         body["priority"] = priority.into();
     }
     let run: Run = api.read(api.post("/api/runs").json(&body)).await?;
-    println!("run {} ({}) submitted", run.id, run.workflow);
+    crate::term::out!("run {} ({}) submitted", run.id, run.workflow);
     if !wait {
         return Ok(ExitCode::SUCCESS);
     }
@@ -166,7 +166,7 @@ pub async fn submit(
                 } else {
                     String::new()
                 };
-                bar.suspend(|| println!("  {:<9} {}{attempt}", step.status, step.name));
+                bar.suspend(|| crate::term::out!("  {:<9} {}{attempt}", step.status, step.name));
                 seen.insert(step.name.clone(), step.status);
             }
         }
@@ -187,7 +187,7 @@ pub async fn submit(
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     bar.finish_and_clear();
-    println!(
+    crate::term::out!(
         "run {} {} in {:.1}s",
         run.id,
         run.status,
@@ -195,15 +195,17 @@ pub async fn submit(
     );
     for step in &run.steps {
         match (&step.output, &step.error) {
-            (Some(output), _) if step.status == StepStatus::Succeeded => println!("\n[{}]\n{output}", step.name),
-            (None, _) if step.left_out_bytes.is_some() => println!(
+            (Some(output), _) if step.status == StepStatus::Succeeded => {
+                crate::term::out!("\n[{}]\n{output}", step.name)
+            }
+            (None, _) if step.left_out_bytes.is_some() => crate::term::out!(
                 "\n[{}] {} bytes of output and transcript, left out of the run's view (GET /api/runs/{}/steps/{})",
                 step.name,
                 step.left_out_bytes.unwrap_or(0),
                 run.id,
                 step.name
             ),
-            (_, Some(error)) => println!("\n[{}] {}: {error}", step.name, step.status),
+            (_, Some(error)) => crate::term::out!("\n[{}] {}: {error}", step.name, step.status),
             _ => {}
         }
     }
@@ -246,7 +248,7 @@ fn print_step(run: &Run, step: &str) {
         .iter()
         .find(|s| s.name == step)
         .map_or("?", |s| s.status.as_str());
-    println!("step {step} of run {} {status}; the run is {}", run.id, run.status);
+    crate::term::out!("step {step} of run {} {status}; the run is {}", run.id, run.status);
 }
 
 /// Cancel a run, or one step of it; says what became of it.
@@ -263,7 +265,7 @@ pub async fn cancel(api: &Api, run: &str, step: Option<&str>, reason: Option<&st
         .await?;
     match step {
         Some(step) => print_step(&run, step),
-        None => println!(
+        None => crate::term::out!(
             "run {} {} by {}",
             run.id,
             run.status,
@@ -282,29 +284,35 @@ pub async fn runs(
     if let Some(id) = id {
         let value: serde_json::Value = api.read(api.get(&format!("/api/runs/{id}"))).await?;
         if json {
-            println!("{}", serde_json::to_string_pretty(&value)?);
+            crate::term::out!("{}", serde_json::to_string_pretty(&value)?);
             return Ok(ExitCode::SUCCESS);
         }
         let run: Run = serde_json::from_value(value)?;
-        println!("run       {}", run.id);
-        println!("workflow  {}", run.workflow);
-        println!("status    {}", run.status);
-        println!("duration  {}", duration(Some(run.created_ms), run.finished_ms));
+        crate::term::out!("run       {}", run.id);
+        crate::term::out!("workflow  {}", run.workflow);
+        crate::term::out!("status    {}", run.status);
+        crate::term::out!("duration  {}", duration(Some(run.created_ms), run.finished_ms));
         if let Some(error) = &run.error {
-            println!("error     {error}");
+            crate::term::out!("error     {error}");
         }
         if let Some(by) = &run.cancelled_by {
-            println!("cancelled by {by}");
+            crate::term::out!("cancelled by {by}");
         }
         if run.input_tokens + run.output_tokens > 0 {
-            println!(
+            crate::term::out!(
                 "tokens    {} input + {} output, cost {:.4}",
-                run.input_tokens, run.output_tokens, run.cost
+                run.input_tokens,
+                run.output_tokens,
+                run.cost
             );
         }
-        println!(
+        crate::term::out!(
             "\n{:<24} {:<10} {:>8} {:>9}  {:<20} OUTPUT / ERROR",
-            "STEP", "STATUS", "ATTEMPTS", "DURATION", "WORKER"
+            "STEP",
+            "STATUS",
+            "ATTEMPTS",
+            "DURATION",
+            "WORKER"
         );
         for s in &run.steps {
             let waiting = s.waiting_on.as_ref().map(|w| format!("waiting on {w}"));
@@ -317,7 +325,7 @@ pub async fn runs(
                 .or(s.output.as_deref())
                 .or(left_out.as_deref())
                 .unwrap_or("");
-            println!(
+            crate::term::out!(
                 "{:<24} {:<10} {:>8} {:>9}  {:<20} {}",
                 s.name,
                 s.status,
@@ -328,7 +336,7 @@ pub async fn runs(
             );
         }
         for s in run.steps.iter().filter(|s| s.model.is_some()) {
-            println!(
+            crate::term::out!(
                 "\n{}: model {}, {} input + {} output tokens{} (transcript: courier runs {} --json)",
                 s.name,
                 s.model.as_deref().unwrap_or("-"),
@@ -343,7 +351,7 @@ pub async fn runs(
     let query: Vec<(&str, String)> = filters.iter().filter_map(|(k, v)| v.clone().map(|v| (*k, v))).collect();
     let runs = list_runs(api, &query).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&runs)?);
+        crate::term::out!("{}", serde_json::to_string_pretty(&runs)?);
     } else {
         print_runs(&runs)?;
     }
@@ -362,12 +370,17 @@ pub async fn list_runs(api: &Api, query: &[(&str, String)]) -> anyhow::Result<se
 /// The API returned something that is not a list of runs.
 pub fn print_runs(runs: &serde_json::Value) -> anyhow::Result<()> {
     let runs: Vec<Run> = serde_json::from_value(runs.clone()).context("unexpected list of runs")?;
-    println!(
+    crate::term::out!(
         "{:<38} {:<20} {:<10} {:>9} {:>9} {:>9}  ERROR",
-        "RUN", "WORKFLOW", "STATUS", "DURATION", "TOKENS", "COST"
+        "RUN",
+        "WORKFLOW",
+        "STATUS",
+        "DURATION",
+        "TOKENS",
+        "COST"
     );
     for r in runs {
-        println!(
+        crate::term::out!(
             "{:<38} {:<20} {:<10} {:>9} {:>9} {:>9.4}  {}",
             r.id,
             r.workflow,

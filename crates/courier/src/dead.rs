@@ -58,13 +58,13 @@ pub async fn run(settings: &Settings, cmd: DeadCommand) -> anyhow::Result<ExitCo
                         })
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                crate::term::out!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!("{:<38} {:<12} {:>8}  REASON", "TASK", "POOL", "BYTES");
+                crate::term::out!("{:<38} {:<12} {:>8}  REASON", "TASK", "POOL", "BYTES");
                 for d in &dead {
-                    println!("{:<38} {:<12} {:>8}  {}", d.id(), d.pool(), d.bytes(), d.reason());
+                    crate::term::out!("{:<38} {:<12} {:>8}  {}", d.id(), d.pool(), d.bytes(), d.reason());
                 }
-                println!("{} dead-lettered task(s) in {queue}", dead.len());
+                crate::term::out!("{} dead-lettered task(s) in {queue}", dead.len());
             }
             ExitCode::SUCCESS
         }
@@ -98,7 +98,7 @@ pub async fn run(settings: &Settings, cmd: DeadCommand) -> anyhow::Result<ExitCo
                     Ok(()) => requeued += 1,
                     // One bad letter does not stop the others: it stays, and is named.
                     Err(e) if all => {
-                        eprintln!("skipped {}: {e:#}", d.id());
+                        eprintln!("{}", crate::term::printable(&format!("skipped {}: {e:#}", d.id())));
                         skipped += 1;
                         continue;
                     }
@@ -117,7 +117,7 @@ pub async fn run(settings: &Settings, cmd: DeadCommand) -> anyhow::Result<ExitCo
                 }
                 bail!("no dead-lettered task with id \"{id}\"");
             }
-            println!("requeued {requeued} task(s)");
+            crate::term::out!("requeued {requeued} task(s)");
             if skipped > 0 {
                 eprintln!("{skipped} dead letter(s) skipped, left in {queue}");
                 ExitCode::FAILURE

@@ -15,6 +15,7 @@ mod service;
 mod settings;
 mod snapshot_cmd;
 mod status;
+mod term;
 mod validate;
 
 use settings::{Flags, Settings};

@@ -26,30 +26,42 @@ pub async fn run(settings: &Settings, limit: usize, json: bool) -> anyhow::Resul
             "runs": runs.as_ref().ok(),
             "runs_error": runs.as_ref().err().map(|e| format!("{e:#}")),
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        crate::term::out!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         match &queues {
             Ok(queues) => {
-                println!(
+                crate::term::out!(
                     "{:<44} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8}",
-                    "QUEUE", "READY", "UNACKED", "CONSUMERS", "IN/s", "OUT/s", "ACK/s"
+                    "QUEUE",
+                    "READY",
+                    "UNACKED",
+                    "CONSUMERS",
+                    "IN/s",
+                    "OUT/s",
+                    "ACK/s"
                 );
                 for q in queues {
-                    println!(
+                    crate::term::out!(
                         "{:<44} {:>8} {:>8} {:>9} {:>8.1} {:>8.1} {:>8.1}",
-                        q.name, q.ready, q.unacked, q.consumers, q.publish_rate, q.deliver_rate, q.ack_rate
+                        q.name,
+                        q.ready,
+                        q.unacked,
+                        q.consumers,
+                        q.publish_rate,
+                        q.deliver_rate,
+                        q.ack_rate
                     );
                 }
                 if queues.is_empty() {
-                    println!("(no queues named {}.*: has the scheduler started?)", settings.namespace);
+                    crate::term::out!("(no queues named {}.*: has the scheduler started?)", settings.namespace);
                 }
             }
-            Err(e) => println!("queues: {e:#}"),
+            Err(e) => crate::term::out!("queues: {e:#}"),
         }
         println!();
         match &runs {
             Ok(runs) => client::print_runs(runs)?,
-            Err(e) => println!("runs: {e:#}"),
+            Err(e) => crate::term::out!("runs: {e:#}"),
         }
     }
     Ok(if queues.is_ok() && runs.is_ok() {
