@@ -493,3 +493,32 @@ fn escape_sequences_in_a_steps_output_and_error_are_printed_escaped() {
     let run_json = cluster.run(&id);
     assert_eq!(step(&run_json, "loud")["output"], "ok\u{1b}]0;pwned\u{7}\u{1b}[2Jline2");
 }
+
+/// A command's output past `output_max_bytes` fails its step, naming the
+/// limit, instead of passing a cut output on as the step's.
+#[test]
+fn a_step_writing_more_than_output_max_bytes_fails_naming_the_limit() {
+    let cluster = Cluster::builder()
+        .workers(1)
+        .env("COURIER_OUTPUT_MAX_BYTES", "1000")
+        .workflow(
+            "big",
+            concat!(
+                "steps:\n",
+                "  - name: fits\n",
+                "    command: [\"sh\", \"-c\", \"head -c 1000 /dev/zero | tr '\\\\0' x\"]\n",
+                "  - name: over\n",
+                "    depends: [fits]\n",
+                "    command: [\"sh\", \"-c\", \"head -c 1001 /dev/zero | tr '\\\\0' x\"]\n",
+            ),
+        )
+        .start();
+    let id = cluster.submit("big", &[]).unwrap();
+    let run = cluster.wait_run(&id, Duration::from_secs(60));
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert_eq!(step(&run, "fits")["status"], "succeeded", "{run:#}");
+    assert_eq!(step(&run, "fits")["output"].as_str().unwrap().len(), 1000);
+    assert_eq!(step(&run, "over")["status"], "failed", "{run:#}");
+    let error = step(&run, "over")["error"].as_str().unwrap();
+    assert!(error.contains("more than output_max_bytes (1000 bytes)"), "{error}");
+}

@@ -579,6 +579,16 @@ async fn execute(
                 }
             };
             (result.status, result.error) = match out.exit {
+                // Never a cut output passed on as the step's: what reads it
+                // would see data that is not what the step wrote.
+                Exit::Success if out.stdout_truncated => (
+                    TaskStatus::Failed,
+                    Some(format!(
+                        "the step wrote more than output_max_bytes ({} bytes) to stdout, its output; \
+                         write large data to a file and print less",
+                        config.capture.stdout
+                    )),
+                ),
                 Exit::Success => (TaskStatus::Succeeded, None),
                 Exit::Failure(why) => (TaskStatus::Failed, Some(with_stderr(why))),
                 Exit::TimedOut(after) => (
