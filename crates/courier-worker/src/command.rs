@@ -14,7 +14,7 @@ use tokio::process::Command;
 /// Bounds on what a command may print.
 #[derive(Debug, Clone, Copy)]
 pub struct CaptureLimits {
-    /// Bytes of stdout kept (the step's output).
+    /// Bytes of stdout kept (the step's output; a step writing more fails).
     pub stdout: usize,
     /// Bytes of stderr kept (shown in failures).
     pub stderr: usize,

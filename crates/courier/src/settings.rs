@@ -58,7 +58,7 @@ pub struct Settings {
     /// Seconds a due task may wait for a worker before it expires (workers
     /// refuse a task after that plus its step's timeout).
     pub task_max_wait_secs: u64,
-    /// Bytes of a command's stdout kept as its output.
+    /// The most a command may write to stdout, its output: more fails the step.
     pub output_max_bytes: usize,
     /// Seconds in-flight steps get to finish after SIGTERM.
     pub shutdown_grace_secs: u64,
