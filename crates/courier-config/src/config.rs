@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{ConfigError, ConfigErrors};
 use crate::store::FsStore;
-use crate::workflow::Workflow;
+use crate::workflow::{MAX_WORKFLOW_DEPTH, Workflow};
 
 /// A loaded and validated config folder.
 #[derive(Debug)]
@@ -55,6 +55,7 @@ impl Config {
         }
         check_sub_workflows(&workflows, &mut errors);
         check_runs_started(&workflows, &mut errors);
+        check_depth(&workflows, &mut errors);
         match store {
             Some(store) if errors.is_empty() => Ok(Self {
                 dir: dir.to_path_buf(),
@@ -129,6 +130,63 @@ fn check_runs_started(workflows: &BTreeMap<String, Workflow>, errors: &mut Vec<C
             ));
         }
     }
+}
+
+/// No workflow's sub-workflows nest deeper than a run may start them
+/// ([`MAX_WORKFLOW_DEPTH`]): such a chain would load, and fail only at run
+/// time, deep inside it.
+fn check_depth(workflows: &BTreeMap<String, Workflow>, errors: &mut Vec<ConfigError>) {
+    let mut memo = BTreeMap::new();
+    for wf in workflows.values() {
+        let levels = levels(workflows, &wf.name, &mut memo, &mut Vec::new());
+        if levels > MAX_WORKFLOW_DEPTH + 1 {
+            // The chain, from each workflow's deepest sub-workflow.
+            let mut chain = vec![wf.name.as_str()];
+            while let Some((_, Some(next))) = chain.last().and_then(|n| memo.get(*n)) {
+                chain.push(next.as_str());
+            }
+            errors.push(ConfigError::file(
+                &wf.file,
+                format!(
+                    "sub-workflows of workflow \"{}\" nest {} deep ({}); at most {MAX_WORKFLOW_DEPTH}",
+                    wf.name,
+                    levels - 1,
+                    chain.join(" -> ")
+                ),
+            ));
+        }
+    }
+}
+
+/// The longest chain of runs a run of `name` starts through `workflow:`
+/// steps, itself included; `memo` keeps each workflow's, with its deepest
+/// sub-workflow. A cycle (an error of its own) adds nothing.
+fn levels(
+    workflows: &BTreeMap<String, Workflow>,
+    name: &str,
+    memo: &mut BTreeMap<String, (u32, Option<String>)>,
+    visiting: &mut Vec<String>,
+) -> u32 {
+    if let Some((n, _)) = memo.get(name) {
+        return *n;
+    }
+    if visiting.iter().any(|v| v == name) {
+        return 0;
+    }
+    visiting.push(name.to_string());
+    let mut deepest = (0, None);
+    for step in workflows.get(name).map(|w| w.steps()).unwrap_or_default() {
+        if let Some(sub) = &step.workflow {
+            let below = levels(workflows, &sub.name, memo, visiting);
+            if below > deepest.0 {
+                deepest = (below, Some(sub.name.clone()));
+            }
+        }
+    }
+    visiting.pop();
+    let n = deepest.0.saturating_add(1);
+    memo.insert(name.to_string(), (n, deepest.1));
+    n
 }
 
 /// Runs a run of `name` starts, itself included, saturating; a cycle (an

@@ -1174,3 +1174,29 @@ fn an_output_schema_is_checked_at_load() {
     );
     assert!(has("c", "not a valid JSON Schema"), "{errors:#?}");
 }
+
+#[test]
+fn sub_workflows_nesting_deeper_than_a_run_may_start_them_are_refused_at_load() {
+    let dir = fixture();
+    // n0 -> n1 -> ... -> n9: nine levels below n0, one more than runs may go.
+    for i in 0..10 {
+        let steps = if i < 9 {
+            format!("steps:\n  - name: k\n    workflow: {{name: n{}}}\n", i + 1)
+        } else {
+            "steps:\n  - name: k\n    echo: deep\n".to_string()
+        };
+        write(&dir, &format!("workflows/n{i}.yaml"), &steps);
+    }
+    let errors = errors(&dir);
+    let deep: Vec<_> = errors.iter().filter(|e| e.contains("nest")).collect();
+    assert_eq!(deep.len(), 1, "{errors:#?}");
+    assert!(
+        deep[0].ends_with(
+            "sub-workflows of workflow \"n0\" nest 9 deep (n0 -> n1 -> n2 -> n3 -> n4 -> n5 -> n6 -> n7 -> n8 -> n9); at most 8"
+        ),
+        "{errors:#?}"
+    );
+    // Eight levels load.
+    std::fs::remove_file(dir.path().join("workflows/n0.yaml")).unwrap();
+    Config::load(dir.path()).unwrap();
+}

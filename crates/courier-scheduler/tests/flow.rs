@@ -735,23 +735,35 @@ fn a_failed_child_fails_its_parent_step_and_cancelling_the_parent_cancels_the_ch
 }
 
 #[test]
-fn sub_workflows_nest_at_most_eight_deep() {
+fn sub_workflows_nest_at_most_eight_deep_even_through_a_config_changed_under_a_run() {
+    // A config nesting deeper is refused at load; one changed under a
+    // running run can still make its chain deeper: that stops at run time.
     let dir = tempfile::TempDir::new().unwrap();
-    // w0 starts w1 ... starts w9: a chain, not a cycle, but too deep.
-    let chain: Vec<(String, String)> = (0..10)
-        .map(|i| {
-            let yaml = if i < 9 {
-                format!("steps:\n  - name: down\n    workflow: {{name: w{}}}\n", i + 1)
-            } else {
-                "steps:\n  - name: leaf\n    echo: leaf\n".to_string()
-            };
-            (format!("w{i}"), yaml)
-        })
-        .collect();
-    let files: Vec<(&str, &str)> = chain.iter().map(|(n, y)| (n.as_str(), y.as_str())).collect();
-    let engine = engine_over(config_with(dir.path(), &files), &dir.path().join("c.db"));
-    let run = submit(&engine, "w0", &[]);
-    assert!(publish_all(&engine).is_empty(), "the leaf is never reached");
+    let db = dir.path().join("c.db");
+    // w<i> starts w<next> (w7 after its gate), or is a leaf.
+    let wf = |i: usize, next: Option<usize>| -> (String, String) {
+        let gate = if i == 7 { "  - name: gate\n    echo: go\n" } else { "" };
+        let body = match next {
+            Some(n) if i == 7 => format!("  - name: down\n    depends: [gate]\n    workflow: {{name: w{n}}}\n"),
+            Some(n) => format!("  - name: down\n    workflow: {{name: w{n}}}\n"),
+            None => "  - name: leaf\n    echo: leaf\n".to_string(),
+        };
+        (format!("w{i}"), format!("steps:\n{gate}{body}"))
+    };
+    let config = |name: &str, chain: &[(String, String)]| {
+        let files: Vec<(&str, &str)> = chain.iter().map(|(n, y)| (n.as_str(), y.as_str())).collect();
+        let at = dir.path().join(name);
+        std::fs::create_dir_all(&at).unwrap();
+        config_with(&at, &files)
+    };
+    // Before: w0 -> ... -> w8, a leaf; the run waits on w7's gate.
+    let before: Vec<_> = (0..9).map(|i| wf(i, (i < 8).then_some(i + 1))).collect();
+    let run = submit(&engine_over(config("before", &before), &db), "w0", &[]);
+    // After: w8 starts w9; w0 is a leaf now (its child is started already),
+    // so the config nests eight deep and loads.
+    let after: Vec<_> = (0..10).map(|i| wf(i, (i > 0 && i < 9).then_some(i + 1))).collect();
+    let engine = engine_over(config("after", &after), &db);
+    drive_echo(&engine);
     let v = view(&engine, &run);
     assert_eq!(v.status, RunStatus::Failed);
     let deepest = runs_of(&engine, "w8");
