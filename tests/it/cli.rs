@@ -295,6 +295,9 @@ fn dev_starts_a_scheduler_and_workers_that_run_the_triage_example_and_stops_them
     };
     let mut dev = courier();
     with_env(&mut dev);
+    // Started without api_url: it finds the scheduler where it listens, and
+    // says what the CLI needs to find it too.
+    dev.env_remove("COURIER_API_URL");
     let mut dev = dev
         .args(["dev", "--workers", "2"])
         .stdout(std::process::Stdio::piped())
@@ -306,7 +309,7 @@ fn dev_starts_a_scheduler_and_workers_that_run_the_triage_example_and_stops_them
     stdout.read_line(&mut line).unwrap();
     assert!(
         line.starts_with(&format!(
-            "courier dev: the scheduler answers on {api} and 2 worker(s) run"
+            "courier dev: the scheduler answers on {api} and 2 worker(s) run. Try: COURIER_API_URL={api} courier submit"
         )),
         "{line}"
     );

@@ -45,12 +45,20 @@ pub fn run(settings: &Settings, workers: usize) -> anyhow::Result<ExitCode> {
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let code = runtime.block_on(async {
-        let ready = wait_ready(&settings.api_url, &mut children).await;
+        let ready = wait_ready(settings, &mut children).await;
         match ready {
-            Ok(()) => println!(
-                "courier dev: the scheduler answers on {} and {workers} worker(s) run. Try: courier submit triage --wait   (Ctrl-C stops them all)",
-                settings.api_url
-            ),
+            Ok(api) => {
+                // The CLI looks at api_url: say so when it is not where
+                // this scheduler listens.
+                let cli = if api == settings.api_url.trim_end_matches('/') {
+                    String::new()
+                } else {
+                    format!("COURIER_API_URL={api} ")
+                };
+                println!(
+                    "courier dev: the scheduler answers on {api} and {workers} worker(s) run. Try: {cli}courier submit triage --wait   (Ctrl-C stops them all)"
+                );
+            }
             Err(e) => {
                 eprintln!("courier dev: {e:#}");
                 return ExitCode::FAILURE;
@@ -90,20 +98,42 @@ fn exited(children: &mut [(String, Child)]) -> Option<String> {
         .find_map(|(name, child)| child.try_wait().ok().flatten().map(|_| name.clone()))
 }
 
-/// Wait until the scheduler's API answers `/healthz` (30 s at most).
-async fn wait_ready(api_url: &str, children: &mut [(String, Child)]) -> anyhow::Result<()> {
+/// Wait until the scheduler started here answers `/healthz` where it
+/// listens (`api_listen`; the address it wrote to `api.addr` for port 0),
+/// 30 s at most: the URL it answers on.
+async fn wait_ready(settings: &Settings, children: &mut [(String, Child)]) -> anyhow::Result<String> {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let url = format!("{}/healthz", api_url.trim_end_matches('/'));
+    let listening = || {
+        let mut addr = settings.api_listen;
+        if addr.port() == 0 {
+            addr = std::fs::read_to_string(settings.data_dir.join("api.addr"))
+                .ok()
+                .and_then(|a| a.trim().parse().ok())?;
+        }
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        Some(format!("http://{addr}"))
+    };
     loop {
-        if client.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
-            return Ok(());
+        if let Some(api) = listening()
+            && client
+                .get(format!("{api}/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        {
+            return Ok(api);
         }
         if let Some(name) = exited(children) {
             bail!("{name} stopped while starting (its error is above)");
         }
         if Instant::now() > deadline {
-            bail!("the scheduler did not answer on {url} within 30 s");
+            bail!(
+                "the scheduler did not answer on {} within 30 s",
+                listening().unwrap_or_else(|| settings.api_listen.to_string())
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
