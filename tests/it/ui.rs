@@ -350,6 +350,20 @@ fn the_web_ui_logs_in_submits_updates_live_and_shows_outputs_as_text() {
         "{answer}"
     );
     assert_eq!(runs(), before);
+    // So is a field the form does not have, as the API refuses it.
+    let answer = browser.rt.block_on(browser.client.execute_async(
+        "const done = arguments[0]; const csrf = document.querySelector('input[name=csrf]').value; \
+         fetch('/ui/workflows/show/runs', {method: 'POST', body: new URLSearchParams([['csrf', csrf], ['foo', 'bar']])}) \
+           .then(r => r.text().then(t => done([r.status, t])))",
+        vec![],
+    ));
+    let answer = answer.unwrap();
+    assert_eq!(answer[0], 400, "{answer}");
+    assert!(
+        answer[1].as_str().unwrap().contains("unknown field &quot;foo&quot;"),
+        "{answer}"
+    );
+    assert_eq!(runs(), before);
 
     // Logged out: back to the login form.
     browser.click("nav form button[type=submit]");

@@ -949,6 +949,20 @@ async fn submit(
     if fields.len() > 256 || fields.iter().any(|(k, v)| k.len() > 256 || v.len() > MAX_FIELD) {
         return page_error(StatusCode::BAD_REQUEST, "too many or too long fields");
     }
+    // A field the form does not have, or one of its own given twice, is
+    // refused, as the API refuses an unknown field.
+    for (k, _) in &fields {
+        let known = k == "csrf" || k == "priority" || k.starts_with("param.");
+        if !known {
+            return page_error(StatusCode::BAD_REQUEST, &format!("unknown field {}", crate::quoted(k)));
+        }
+        if !k.starts_with("param.") && fields.iter().filter(|(other, _)| other == k).count() > 1 {
+            return page_error(
+                StatusCode::BAD_REQUEST,
+                &format!("the field {} is given twice", crate::quoted(k)),
+            );
+        }
+    }
     // A param given twice is refused, as the API does, not settled by
     // whichever came last.
     let mut params = BTreeMap::new();
