@@ -461,6 +461,12 @@ impl Cluster {
             .expect("GET /metrics")
     }
 
+    /// The pid of the scheduler.
+    pub fn scheduler_pid(&self) -> Pid {
+        let child = self.scheduler.as_ref().expect("no scheduler");
+        Pid::from_raw(i32::try_from(child.id()).expect("pid"))
+    }
+
     /// Wait for the scheduler to exit by itself; its exit status.
     pub fn wait_scheduler_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + timeout;

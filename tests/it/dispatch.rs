@@ -473,7 +473,7 @@ fn escape_sequences_in_a_steps_output_and_error_are_printed_escaped() {
             concat!(
                 "steps:\n",
                 "  - name: loud\n",
-                "    command: [\"sh\", \"-c\", \"printf 'ok\\\\033]0;pwned\\\\007\\\\033[2Jline2'\"]\n",
+                "    command: [\"sh\", \"-c\", \"printf 'ok\\\\033]0;pwned\\\\007\\\\033[2Jline2\\\\342\\\\200\\\\217'\"]\n",
                 "  - name: bad\n",
                 "    depends: [loud]\n",
                 "    command: [\"sh\", \"-c\", \"printf '\\\\033[31mRED' >&2; exit 3\"]\n",
@@ -487,15 +487,29 @@ fn escape_sequences_in_a_steps_output_and_error_are_printed_escaped() {
     for printed in [&stdout, &shown] {
         assert!(!printed.contains('\u{1b}') && !printed.contains('\u{7}'), "{printed:?}");
     }
-    assert!(stdout.contains("ok\\u{1b}]0;pwned\\u{7}\\u{1b}[2Jline2"), "{stdout}");
+    assert!(
+        stdout.contains("ok\\u{1b}]0;pwned\\u{7}\\u{1b}[2Jline2\\u{200f}"),
+        "{stdout}"
+    );
     assert!(stdout.contains("\\u{1b}[31mRED"), "{stdout}");
+    // `--json` is JSON, with them escaped as JSON escapes them.
+    let (_, json, _) = run(cluster.courier().args(["runs", &id, "--json"]));
+    let parsed: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        step(&parsed, "loud")["output"],
+        "ok\u{1b}]0;pwned\u{7}\u{1b}[2Jline2\u{200f}"
+    );
     // The API keeps them as they were.
     let run_json = cluster.run(&id);
-    assert_eq!(step(&run_json, "loud")["output"], "ok\u{1b}]0;pwned\u{7}\u{1b}[2Jline2");
+    assert_eq!(
+        step(&run_json, "loud")["output"],
+        "ok\u{1b}]0;pwned\u{7}\u{1b}[2Jline2\u{200f}"
+    );
 }
 
 /// A command's output past `output_max_bytes` fails its step, naming the
-/// limit, instead of passing a cut output on as the step's.
+/// limit, instead of passing a cut output on as the step's (a trailing
+/// newline, not part of the output, does not count).
 #[test]
 fn a_step_writing_more_than_output_max_bytes_fails_naming_the_limit() {
     let cluster = Cluster::builder()
@@ -506,7 +520,7 @@ fn a_step_writing_more_than_output_max_bytes_fails_naming_the_limit() {
             concat!(
                 "steps:\n",
                 "  - name: fits\n",
-                "    command: [\"sh\", \"-c\", \"head -c 1000 /dev/zero | tr '\\\\0' x\"]\n",
+                "    command: [\"sh\", \"-c\", \"head -c 1000 /dev/zero | tr '\\\\0' x; echo\"]\n",
                 "  - name: over\n",
                 "    depends: [fits]\n",
                 "    command: [\"sh\", \"-c\", \"head -c 1001 /dev/zero | tr '\\\\0' x\"]\n",

@@ -393,16 +393,22 @@ impl Broker {
                 let queue = channel
                     .queue_declare(dead.as_str().into(), passive, FieldTable::default())
                     .await?;
-                tracing::warn!(
-                    queue = %dead,
-                    dead_letters = queue.message_count(),
-                    refused = %e,
-                    "the dead-letter queue was declared by an earlier Courier without bounds and is kept as it is; \
-                     bound it with a policy (rabbitmqctl set_policy <name> '^{}$' \
-                     '{{\"max-length\":{DEAD_MAX},\"max-length-bytes\":{DEAD_MAX_BYTES}}}' --apply-to queues), \
-                     or delete it once empty (courier dead list shows what it holds): the next start declares it bounded",
-                    dead.replace('.', "\\."),
-                );
+                // Once per process: a connection dropped in a loop would
+                // say it every half second.
+                static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+                if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(
+                        queue = %dead,
+                        dead_letters = queue.message_count(),
+                        refused = %e,
+                        "the dead-letter queue exists with other arguments than this Courier's bounds (an earlier \
+                         Courier declared it unbounded) and is kept as it is; bound it with a policy (rabbitmqctl \
+                         set_policy <name> '^{}$' '{{\"max-length\":{DEAD_MAX},\"max-length-bytes\":{DEAD_MAX_BYTES}}}' \
+                         --apply-to queues), or, once every Courier process is upgraded, delete it when empty \
+                         (courier dead list shows what it holds): the next start declares it bounded",
+                        dead.replace('.', "\\."),
+                    );
+                }
                 Ok(channel)
             }
             Err(e) => Err(e.into()),
@@ -417,97 +423,100 @@ impl Broker {
     /// A declaration the broker refuses (for example a queue that exists with
     /// other arguments).
     pub async fn declare_topology(&self, pools: &[String], delivery_limit: u32) -> Result<(), AmqpError> {
-        let channel = self.connection.create_channel().await?;
-        let names = &self.names;
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        let queue_opts = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
-        for (exchange, kind) in [
-            (names.tasks_exchange(), ExchangeKind::Direct),
-            (names.results_exchange(), ExchangeKind::Direct),
-            (names.dead(), ExchangeKind::Fanout),
-        ] {
+        self.guard(async {
+            let channel = self.connection.create_channel().await?;
+            let names = &self.names;
+            let durable = ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            };
+            let queue_opts = QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            };
+            for (exchange, kind) in [
+                (names.tasks_exchange(), ExchangeKind::Direct),
+                (names.results_exchange(), ExchangeKind::Direct),
+                (names.dead(), ExchangeKind::Fanout),
+            ] {
+                channel
+                    .exchange_declare(exchange.as_str().into(), kind, durable, FieldTable::default())
+                    .await?;
+            }
+            let mut watch_args = self.dead_args();
+            watch_args.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
+            watch_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+            let channel = self.declare_dead(channel, queue_opts).await?;
             channel
-                .exchange_declare(exchange.as_str().into(), kind, durable, FieldTable::default())
+                .queue_declare(names.dead_watch().as_str().into(), queue_opts, watch_args)
                 .await?;
-        }
-        let mut watch_args = self.dead_args();
-        watch_args.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
-        watch_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-        let channel = self.declare_dead(channel, queue_opts).await?;
-        channel
-            .queue_declare(names.dead_watch().as_str().into(), queue_opts, watch_args)
-            .await?;
-        for queue in [names.dead(), names.dead_watch()] {
+            for queue in [names.dead(), names.dead_watch()] {
+                channel
+                    .queue_bind(
+                        queue.as_str().into(),
+                        names.dead().as_str().into(),
+                        "".into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
+
+            // The control stream: kept `CONTROL_MAX_AGE` (longer than any task
+            // can live: its deadline comes first), bounded in bytes.
+            let mut control_args = FieldTable::default();
+            control_args.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
+            control_args.insert("x-max-age".into(), AMQPValue::LongString(CONTROL_MAX_AGE.into()));
+            control_args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(CONTROL_MAX_BYTES));
+            control_args.insert(
+                "x-stream-max-segment-size-bytes".into(),
+                AMQPValue::LongInt(CONTROL_SEGMENT_BYTES),
+            );
+            channel
+                .queue_declare(names.control().as_str().into(), queue_opts, control_args)
+                .await?;
+
+            let mut results_args = self.quorum_args();
+            results_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+            channel
+                .queue_declare(names.results_queue().as_str().into(), queue_opts, results_args)
+                .await?;
             channel
                 .queue_bind(
-                    queue.as_str().into(),
-                    names.dead().as_str().into(),
-                    "".into(),
+                    names.results_queue().as_str().into(),
+                    names.results_exchange().as_str().into(),
+                    "results".into(),
                     QueueBindOptions::default(),
                     FieldTable::default(),
                 )
                 .await?;
-        }
 
-        // The control stream: kept `CONTROL_MAX_AGE` (longer than any task
-        // can live: its deadline comes first), bounded in bytes.
-        let mut control_args = FieldTable::default();
-        control_args.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
-        control_args.insert("x-max-age".into(), AMQPValue::LongString(CONTROL_MAX_AGE.into()));
-        control_args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(CONTROL_MAX_BYTES));
-        control_args.insert(
-            "x-stream-max-segment-size-bytes".into(),
-            AMQPValue::LongInt(CONTROL_SEGMENT_BYTES),
-        );
-        channel
-            .queue_declare(names.control().as_str().into(), queue_opts, control_args)
-            .await?;
-
-        let mut results_args = self.quorum_args();
-        results_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-        channel
-            .queue_declare(names.results_queue().as_str().into(), queue_opts, results_args)
-            .await?;
-        channel
-            .queue_bind(
-                names.results_queue().as_str().into(),
-                names.results_exchange().as_str().into(),
-                "results".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-
-        for key in pools.iter().flat_map(|p| [p.clone(), lane_key(p)]) {
-            let mut args = self.quorum_args();
-            args.insert(
-                "x-delivery-limit".into(),
-                AMQPValue::LongInt(delivery_limit.min(i32::MAX as u32) as i32),
-            );
-            args.insert(
-                "x-dead-letter-exchange".into(),
-                AMQPValue::LongString(names.dead().as_str().into()),
-            );
-            let queue = names.task_queue(&key);
-            channel.queue_declare(queue.as_str().into(), queue_opts, args).await?;
-            channel
-                .queue_bind(
-                    queue.as_str().into(),
-                    names.tasks_exchange().as_str().into(),
-                    key.as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-        }
-        channel.close(200, "topology declared".into()).await?;
-        Ok(())
+            for key in pools.iter().flat_map(|p| [p.clone(), lane_key(p)]) {
+                let mut args = self.quorum_args();
+                args.insert(
+                    "x-delivery-limit".into(),
+                    AMQPValue::LongInt(delivery_limit.min(i32::MAX as u32) as i32),
+                );
+                args.insert(
+                    "x-dead-letter-exchange".into(),
+                    AMQPValue::LongString(names.dead().as_str().into()),
+                );
+                let queue = names.task_queue(&key);
+                channel.queue_declare(queue.as_str().into(), queue_opts, args).await?;
+                channel
+                    .queue_bind(
+                        queue.as_str().into(),
+                        names.tasks_exchange().as_str().into(),
+                        key.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
+            channel.close(200, "topology declared".into()).await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Delete every queue and exchange of this namespace for the given pools
@@ -516,25 +525,28 @@ impl Broker {
     /// # Errors
     /// A deletion the broker refuses.
     pub async fn delete_topology(&self, pools: &[String]) -> Result<(), AmqpError> {
-        let channel = self.connection.create_channel().await?;
-        let names = &self.names;
-        let mut queues = vec![names.results_queue(), names.dead(), names.dead_watch(), names.control()];
-        queues.extend(pools.iter().flat_map(|p| names.pool_queues(p)));
-        for queue in queues {
-            channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await?;
-        }
-        for exchange in [names.tasks_exchange(), names.results_exchange(), names.dead()] {
-            channel
-                .exchange_delete(
-                    exchange.as_str().into(),
-                    lapin::options::ExchangeDeleteOptions::default(),
-                )
-                .await?;
-        }
-        channel.close(200, "topology deleted".into()).await?;
-        Ok(())
+        self.guard(async {
+            let channel = self.connection.create_channel().await?;
+            let names = &self.names;
+            let mut queues = vec![names.results_queue(), names.dead(), names.dead_watch(), names.control()];
+            queues.extend(pools.iter().flat_map(|p| names.pool_queues(p)));
+            for queue in queues {
+                channel
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await?;
+            }
+            for exchange in [names.tasks_exchange(), names.results_exchange(), names.dead()] {
+                channel
+                    .exchange_delete(
+                        exchange.as_str().into(),
+                        lapin::options::ExchangeDeleteOptions::default(),
+                    )
+                    .await?;
+            }
+            channel.close(200, "topology deleted".into()).await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Declare (idempotently) the delay queue for `pool` and `delay_ms` and
@@ -548,29 +560,32 @@ impl Broker {
     /// # Errors
     /// A declaration the broker refuses.
     pub async fn declare_delay(&self, pool: &str, delay_ms: u64) -> Result<String, AmqpError> {
-        let queue = self.names.delay_queue(pool, delay_ms);
-        let ttl = i64::try_from(delay_ms).unwrap_or(i64::MAX);
-        let mut args = FieldTable::default();
-        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
-        args.insert("x-expires".into(), AMQPValue::LongLongInt(ttl.saturating_add(60_000)));
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(self.names.tasks_exchange().as_str().into()),
-        );
-        args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(pool.into()));
-        let channel = self.connection.create_channel().await?;
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                args,
-            )
-            .await?;
-        let _ = channel.close(200, "delay queue declared".into()).await;
-        Ok(queue)
+        self.guard(async {
+            let queue = self.names.delay_queue(pool, delay_ms);
+            let ttl = i64::try_from(delay_ms).unwrap_or(i64::MAX);
+            let mut args = FieldTable::default();
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+            args.insert("x-expires".into(), AMQPValue::LongLongInt(ttl.saturating_add(60_000)));
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(self.names.tasks_exchange().as_str().into()),
+            );
+            args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(pool.into()));
+            let channel = self.connection.create_channel().await?;
+            channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    args,
+                )
+                .await?;
+            let _ = channel.close(200, "delay queue declared".into()).await;
+            Ok(queue)
+        })
+        .await
     }
 
     /// Declare a tap: a queue that receives a copy of every task (of `pools`)
@@ -579,29 +594,32 @@ impl Broker {
     /// # Errors
     /// A declaration the broker refuses.
     pub async fn declare_tap(&self, queue: &str, pools: &[String]) -> Result<(), AmqpError> {
-        let channel = self.connection.create_channel().await?;
-        channel
-            .queue_declare(queue.into(), QueueDeclareOptions::default(), FieldTable::default())
-            .await?;
-        let mut routes: Vec<(String, String)> = pools
-            .iter()
-            .flat_map(|p| [p.clone(), lane_key(p)])
-            .map(|key| (self.names.tasks_exchange(), key))
-            .collect();
-        routes.push((self.names.results_exchange(), "results".into()));
-        for (exchange, key) in routes {
+        self.guard(async {
+            let channel = self.connection.create_channel().await?;
             channel
-                .queue_bind(
-                    queue.into(),
-                    exchange.as_str().into(),
-                    key.as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
+                .queue_declare(queue.into(), QueueDeclareOptions::default(), FieldTable::default())
                 .await?;
-        }
-        let _ = channel.close(200, "tap declared".into()).await;
-        Ok(())
+            let mut routes: Vec<(String, String)> = pools
+                .iter()
+                .flat_map(|p| [p.clone(), lane_key(p)])
+                .map(|key| (self.names.tasks_exchange(), key))
+                .collect();
+            routes.push((self.names.results_exchange(), "results".into()));
+            for (exchange, key) in routes {
+                channel
+                    .queue_bind(
+                        queue.into(),
+                        exchange.as_str().into(),
+                        key.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
+            let _ = channel.close(200, "tap declared".into()).await;
+            Ok(())
+        })
+        .await
     }
 
     /// Delete a queue (a tap).
@@ -609,12 +627,15 @@ impl Broker {
     /// # Errors
     /// The broker refuses.
     pub async fn delete_queue(&self, queue: &str) -> Result<(), AmqpError> {
-        let channel = self.connection.create_channel().await?;
-        channel
-            .queue_delete(queue.into(), QueueDeleteOptions::default())
-            .await?;
-        let _ = channel.close(200, "queue deleted".into()).await;
-        Ok(())
+        self.guard(async {
+            let channel = self.connection.create_channel().await?;
+            channel
+                .queue_delete(queue.into(), QueueDeleteOptions::default())
+                .await?;
+            let _ = channel.close(200, "queue deleted".into()).await;
+            Ok(())
+        })
+        .await
     }
 
     /// Messages ready in `queue` and consumers attached to it.
@@ -622,10 +643,13 @@ impl Broker {
     /// # Errors
     /// The queue does not exist, or the channel failed.
     pub async fn queue_depth(&self, queue: &str) -> Result<(u32, u32), AmqpError> {
-        let gauge = self.gauge().await?;
-        let depth = gauge.depth(queue).await;
-        let _ = gauge.channel.close(200, "depth read".into()).await;
-        depth
+        self.guard(async {
+            let gauge = self.gauge().await?;
+            let depth = gauge.depth(queue).await;
+            let _ = gauge.channel.close(200, "depth read".into()).await;
+            depth
+        })
+        .await
     }
 
     /// A channel of its own to read queues' depths on, again and again.
@@ -633,9 +657,12 @@ impl Broker {
     /// # Errors
     /// The channel could not be opened.
     pub async fn gauge(&self) -> Result<Gauge, AmqpError> {
-        Ok(Gauge {
-            channel: self.connection.create_channel().await?,
+        self.guard(async {
+            Ok(Gauge {
+                channel: self.connection.create_channel().await?,
+            })
         })
+        .await
     }
 
     /// A publisher on its own confirm-mode channel, allowing `window`
@@ -644,12 +671,15 @@ impl Broker {
     /// # Errors
     /// The channel could not be opened.
     pub async fn publisher(&self, window: usize) -> Result<Publisher, AmqpError> {
-        let channel = self.connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok(Publisher {
-            channel,
-            window: Arc::new(Semaphore::new(window.max(1))),
+        self.guard(async {
+            let channel = self.connection.create_channel().await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            Ok(Publisher {
+                channel,
+                window: Arc::new(Semaphore::new(window.max(1))),
+            })
         })
+        .await
     }
 
     /// A consumer of `queue` on its own channel, with at most `prefetch`
@@ -716,6 +746,41 @@ impl Broker {
         Ok(Consumer { channel, consumer })
     }
 
+    /// `work` (a service's on this connection) to its end, unless the
+    /// connection fails under it outside a shutdown: it then has
+    /// [`LOST_GRACE`] more to settle what it can (an outbox marking what
+    /// the broker confirmed, so that it is not published again), and is
+    /// dropped past it with [`AmqpError::Lost`]. During a shutdown `work`
+    /// is its own bound (its drain; closes wait [`CLOSE_TIMEOUT`] at most).
+    ///
+    /// # Errors
+    /// `work`'s, or [`AmqpError::Lost`].
+    pub async fn serve<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, AmqpError>>,
+        shutting_down: impl Fn() -> bool,
+    ) -> Result<T, AmqpError> {
+        let mut work = std::pin::pin!(work);
+        let lost = async {
+            self.lost().await;
+            if shutting_down() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            r = &mut work => r,
+            () = lost => tokio::time::timeout(LOST_GRACE, work).await.unwrap_or(Err(AmqpError::Lost)),
+        }
+    }
+
+    /// `op`, or [`AmqpError::Lost`] should this connection fail first.
+    async fn guard<T>(&self, op: impl std::future::Future<Output = Result<T, AmqpError>>) -> Result<T, AmqpError> {
+        tokio::select! {
+            r = op => r,
+            () = self.lost() => Err(AmqpError::Lost),
+        }
+    }
+
     /// Resolves once this connection has failed or closed. lapin 4.12 leaves
     /// some operations unresolved when their connection dies under them (a
     /// consumer or channel being opened, a close): a service runs its work
@@ -741,6 +806,10 @@ impl Broker {
     }
 }
 
+/// How long a service's work on a failed connection may go on settling
+/// what it can before it is dropped (see [`Broker::serve`]).
+pub const LOST_GRACE: Duration = Duration::from_secs(2);
+
 /// Longest wait for the broker to answer a connection's close.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -752,7 +821,7 @@ async fn lost(status: &lapin::ConnectionStatus) {
     }
 }
 
-/// `op`, or [`AmqpError::Closed`] should the connection of `status` fail
+/// `op`, or [`AmqpError::Lost`] should the connection of `status` fail
 /// first (see [`Broker::lost`]).
 async fn guarded<T>(
     status: &lapin::ConnectionStatus,
@@ -849,9 +918,12 @@ impl Publisher {
     /// Close the channel every clone of this publisher shares.
     ///
     /// # Errors
-    /// The close failed (the channel is gone either way).
+    /// The close failed or was not answered within [`CLOSE_TIMEOUT`] (the
+    /// channel is gone either way).
     pub async fn close(&self) -> Result<(), AmqpError> {
-        self.channel.close(200, "publisher closed".into()).await?;
+        tokio::time::timeout(CLOSE_TIMEOUT, self.channel.close(200, "publisher closed".into()))
+            .await
+            .map_err(|_| AmqpError::Lost)??;
         Ok(())
     }
 }
@@ -879,20 +951,28 @@ impl Consumer {
     /// Stop receiving new deliveries; unacknowledged ones stay ackable.
     ///
     /// # Errors
-    /// The cancel failed (the channel is gone).
+    /// The cancel failed or was not answered within [`CLOSE_TIMEOUT`] (the
+    /// channel is gone).
     pub async fn cancel(&self) -> Result<(), AmqpError> {
-        self.channel
-            .basic_cancel(self.consumer.tag(), lapin::options::BasicCancelOptions::default())
-            .await?;
+        tokio::time::timeout(
+            CLOSE_TIMEOUT,
+            self.channel
+                .basic_cancel(self.consumer.tag(), lapin::options::BasicCancelOptions::default()),
+        )
+        .await
+        .map_err(|_| AmqpError::Lost)??;
         Ok(())
     }
 
     /// Close the consumer's channel (unacknowledged deliveries are requeued).
     ///
     /// # Errors
-    /// The close failed (the channel is gone either way).
+    /// The close failed or was not answered within [`CLOSE_TIMEOUT`] (the
+    /// channel is gone either way).
     pub async fn close(&self) -> Result<(), AmqpError> {
-        self.channel.close(200, "consumer closed".into()).await?;
+        tokio::time::timeout(CLOSE_TIMEOUT, self.channel.close(200, "consumer closed".into()))
+            .await
+            .map_err(|_| AmqpError::Lost)??;
         Ok(())
     }
 }
@@ -955,9 +1035,12 @@ impl Taker {
     /// the queue.
     ///
     /// # Errors
-    /// The close failed (the channel is gone either way).
+    /// The close failed or was not answered within [`CLOSE_TIMEOUT`] (the
+    /// channel is gone either way).
     pub async fn close(&self) -> Result<(), AmqpError> {
-        self.channel.close(200, "taker closed".into()).await?;
+        tokio::time::timeout(CLOSE_TIMEOUT, self.channel.close(200, "taker closed".into()))
+            .await
+            .map_err(|_| AmqpError::Lost)??;
         Ok(())
     }
 }

@@ -1231,7 +1231,7 @@ impl Engine {
                 self.advance_foreach(c, wf, run, step, &mut Statuses::new(run), &mut None)?;
             }
         }
-        tracing::info!(%run, step = %name, ?reason, "step cancelled");
+        tracing::info!(%run, step = %name, reason = %reason.escape_debug(), "step cancelled");
         Ok(())
     }
 
@@ -1386,7 +1386,7 @@ impl Engine {
             if c.effects.admit {
                 self.admit_in(c)?;
             }
-            tracing::info!(%run, %step, approve, ?by, "approval decided");
+            tracing::info!(%run, %step, approve, by = %by.escape_debug(), "approval decided");
             Ok(())
         })?;
         let view = self
@@ -2933,7 +2933,7 @@ fn cancel_run(c: &mut Change<'_, '_>, run: &str, by: &str, reason: &str) -> Resu
     tx::insert_control(c.t, run, None, reason, c.now)?;
     cancel_children(c, run, None, &format!("its parent run {run} was cancelled: {reason}"))?;
     c.effects.admit = true;
-    tracing::info!(%run, trace_id = %trace_id(run), ?by, ?reason, "run cancelled");
+    tracing::info!(%run, trace_id = %trace_id(run), by = %by.escape_debug(), reason = %reason.escape_debug(), "run cancelled");
     Ok(())
 }
 

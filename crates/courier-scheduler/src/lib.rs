@@ -396,11 +396,10 @@ async fn lead_while(
             }
         };
         // A connection that fails under an operation lapin never resolves
-        // ends its work here (see `Broker::lost`).
-        let served = tokio::select! {
-            r = serve(&broker, shared, &pools, sc, lead) => r,
-            () = broker.lost() => Err(AmqpError::Lost),
-        };
+        // ends its work here (see `Broker::serve`).
+        let served = broker
+            .serve(serve(&broker, shared, &pools, sc, lead), || lead.is_cancelled())
+            .await;
         match served {
             Ok(()) => {}
             Err(e) => {

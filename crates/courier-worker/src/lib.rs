@@ -117,12 +117,13 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
             cancellations: cancellations.clone(),
         };
         // A connection that fails under an operation lapin never resolves
-        // ends its work here (see `Broker::lost`); steps in flight go on,
+        // ends its work here (see `Broker::serve`); steps in flight go on,
         // in the tracker.
-        let served = tokio::select! {
-            r = serve(&broker, &shared, &slots, &tracker, &shutdown, &connected) => r,
-            () = broker.lost() => Err(courier_amqp::AmqpError::Lost),
-        };
+        let served = broker
+            .serve(serve(&broker, &shared, &slots, &tracker, &shutdown, &connected), || {
+                shutdown.is_cancelled()
+            })
+            .await;
         connected.store(false, std::sync::atomic::Ordering::Relaxed);
         match served {
             Ok(()) => {
@@ -560,16 +561,15 @@ async fn execute(
     let timeout = task.spec.timeout.min(left);
     match &task.spec.run {
         StepRun::Command { argv, env } => {
-            let out = command::run(
-                argv,
-                env,
-                timeout,
-                config.capture,
-                &config.sandbox,
-                guard.stop.cancelled(),
-            )
-            .await;
+            // One byte over the limit kept: a trailing newline, trimmed
+            // below, does not count.
+            let capture = CaptureLimits {
+                stdout: config.capture.stdout.saturating_add(1),
+                ..config.capture
+            };
+            let out = command::run(argv, env, timeout, capture, &config.sandbox, guard.stop.cancelled()).await;
             result.output = out.stdout.trim_end_matches(['\n', '\r']).to_string();
+            let over = out.stdout_truncated || result.output.len() > config.capture.stdout;
             let stderr = out.stderr.trim_end();
             let with_stderr = |what: String| {
                 if stderr.is_empty() {
@@ -581,7 +581,7 @@ async fn execute(
             (result.status, result.error) = match out.exit {
                 // Never a cut output passed on as the step's: what reads it
                 // would see data that is not what the step wrote.
-                Exit::Success if out.stdout_truncated => (
+                Exit::Success if over => (
                     TaskStatus::Failed,
                     Some(format!(
                         "the step wrote more than output_max_bytes ({} bytes) to stdout, its output; \

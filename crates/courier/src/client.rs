@@ -284,7 +284,7 @@ pub async fn runs(
     if let Some(id) = id {
         let value: serde_json::Value = api.read(api.get(&format!("/api/runs/{id}"))).await?;
         if json {
-            crate::term::out!("{}", serde_json::to_string_pretty(&value)?);
+            println!("{}", serde_json::to_string_pretty(&value)?);
             return Ok(ExitCode::SUCCESS);
         }
         let run: Run = serde_json::from_value(value)?;
@@ -351,7 +351,7 @@ pub async fn runs(
     let query: Vec<(&str, String)> = filters.iter().filter_map(|(k, v)| v.clone().map(|v| (*k, v))).collect();
     let runs = list_runs(api, &query).await?;
     if json {
-        crate::term::out!("{}", serde_json::to_string_pretty(&runs)?);
+        println!("{}", serde_json::to_string_pretty(&runs)?);
     } else {
         print_runs(&runs)?;
     }

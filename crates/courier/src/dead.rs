@@ -58,7 +58,7 @@ pub async fn run(settings: &Settings, cmd: DeadCommand) -> anyhow::Result<ExitCo
                         })
                     })
                     .collect();
-                crate::term::out!("{}", serde_json::to_string_pretty(&list)?);
+                println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 crate::term::out!("{:<38} {:<12} {:>8}  REASON", "TASK", "POOL", "BYTES");
                 for d in &dead {

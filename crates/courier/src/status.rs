@@ -26,7 +26,7 @@ pub async fn run(settings: &Settings, limit: usize, json: bool) -> anyhow::Resul
             "runs": runs.as_ref().ok(),
             "runs_error": runs.as_ref().err().map(|e| format!("{e:#}")),
         });
-        crate::term::out!("{}", serde_json::to_string_pretty(&value)?);
+        println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         match &queues {
             Ok(queues) => {
