@@ -696,12 +696,14 @@ impl Broker {
     /// # Errors
     /// The channel could not be opened.
     pub async fn taker(&self, queue: &str) -> Result<Taker, AmqpError> {
-        let connection = self.connection.status().clone();
-        Ok(Taker {
-            channel: guarded(&connection, self.connection.create_channel()).await?,
-            queue: queue.to_string(),
-            connection,
+        self.guard(async {
+            Ok(Taker {
+                channel: self.connection.create_channel().await?,
+                queue: queue.to_string(),
+                connection: self.connection.status().clone(),
+            })
         })
+        .await
     }
 
     /// Like [`Broker::consumer`], and the broker lets each delivery stay
@@ -735,15 +737,15 @@ impl Broker {
     }
 
     async fn consume(&self, queue: &str, prefetch: u16, tag: &str, args: FieldTable) -> Result<Consumer, AmqpError> {
-        let status = self.connection.status();
-        let channel = guarded(status, self.connection.create_channel()).await?;
-        guarded(status, channel.basic_qos(prefetch, BasicQosOptions::default())).await?;
-        let consumer = guarded(
-            status,
-            channel.basic_consume(queue.into(), tag.into(), BasicConsumeOptions::default(), args),
-        )
-        .await?;
-        Ok(Consumer { channel, consumer })
+        self.guard(async {
+            let channel = self.connection.create_channel().await?;
+            channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+            let consumer = channel
+                .basic_consume(queue.into(), tag.into(), BasicConsumeOptions::default(), args)
+                .await?;
+            Ok(Consumer { channel, consumer })
+        })
+        .await
     }
 
     /// `work` (a service's on this connection) to its end, unless the
@@ -775,10 +777,7 @@ impl Broker {
 
     /// `op`, or [`AmqpError::Lost`] should this connection fail first.
     async fn guard<T>(&self, op: impl std::future::Future<Output = Result<T, AmqpError>>) -> Result<T, AmqpError> {
-        tokio::select! {
-            r = op => r,
-            () = self.lost() => Err(AmqpError::Lost),
-        }
+        guarded(self.connection.status(), op).await
     }
 
     /// Resolves once this connection has failed or closed. lapin 4.12 leaves
@@ -823,12 +822,12 @@ async fn lost(status: &lapin::ConnectionStatus) {
 
 /// `op`, or [`AmqpError::Lost`] should the connection of `status` fail
 /// first (see [`Broker::lost`]).
-async fn guarded<T>(
+async fn guarded<T, E: Into<AmqpError>>(
     status: &lapin::ConnectionStatus,
-    op: impl std::future::Future<Output = Result<T, lapin::Error>>,
+    op: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, AmqpError> {
     tokio::select! {
-        r = op => Ok(r?),
+        r = op => r.map_err(Into::into),
         () = lost(status) => Err(AmqpError::Lost),
     }
 }

@@ -141,12 +141,10 @@ async fn publishing_to_a_pool_without_a_queue_is_unroutable() {
     broker.delete_topology(&pools).await.unwrap();
 }
 
-#[tokio::test]
-async fn rejected_messages_are_dead_lettered() {
-    let broker = broker().await;
-    let pools = vec!["default".to_string()];
-    broker.declare_topology(&pools, 5).await.unwrap();
-    let names = broker.names().clone();
+/// Publish a task `poison` (message id `p-1`) to the pool `default` and
+/// reject it, as a worker refuses junk: the broker dead-letters it.
+async fn reject_a_poison_task(broker: &Broker) {
+    let names = broker.names();
     let publisher = broker.publisher(16).await.unwrap();
     publisher
         .publish(Outgoing {
@@ -166,6 +164,15 @@ async fn rejected_messages_are_dead_lettered() {
         .unwrap()
         .unwrap();
     delivery.reject().await.unwrap();
+}
+
+#[tokio::test]
+async fn rejected_messages_are_dead_lettered() {
+    let broker = broker().await;
+    let pools = vec!["default".to_string()];
+    broker.declare_topology(&pools, 5).await.unwrap();
+    let names = broker.names().clone();
+    reject_a_poison_task(&broker).await;
     let mut dead = broker.consumer(&names.dead(), 1, "d").await.unwrap();
     let dead_letter = tokio::time::timeout(Duration::from_secs(10), dead.next())
         .await
@@ -334,25 +341,7 @@ async fn an_unbounded_dead_letter_queue_from_an_earlier_courier_is_kept_with_its
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Dead letters still reach it, and the pool's queues are there.
-    let publisher = broker.publisher(16).await.unwrap();
-    publisher
-        .publish(Outgoing {
-            exchange: &names.tasks_exchange(),
-            routing_key: "default",
-            body: b"poison",
-            message_id: "p-1",
-            correlation_id: "r",
-            headers: vec![],
-        })
-        .await
-        .unwrap();
-    let mut tasks = broker.consumer(&names.task_queue("default"), 1, "t").await.unwrap();
-    let delivery = tokio::time::timeout(Duration::from_secs(10), tasks.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    delivery.reject().await.unwrap();
+    reject_a_poison_task(&broker).await;
     while broker.queue_depth(&names.dead()).await.unwrap().0 != 2 {
         assert!(
             std::time::Instant::now() < deadline,
