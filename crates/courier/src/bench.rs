@@ -82,6 +82,15 @@ pub struct BenchArgs {
     repeat: usize,
 }
 
+/// The raw ceiling, and the CPU its two sides spent per task: the
+/// publisher's and collector's (what any scheduler on this AMQP client
+/// spends at the least), and all its workers' together.
+struct RawReport {
+    report: Report,
+    scheduler_side_us: f64,
+    worker_side_us: f64,
+}
+
 struct Report {
     rate: f64,
     p50_ms: f64,
@@ -167,9 +176,13 @@ pub fn run(settings: &Settings, args: &BenchArgs) -> anyhow::Result<()> {
     );
     let mut ratios = Vec::with_capacity(args.repeat);
     for _ in 0..args.repeat {
-        let raw = runtime.block_on(raw_ceiling(&settings.amqp_url, args))?;
+        let RawReport {
+            report: raw,
+            scheduler_side_us,
+            worker_side_us,
+        } = runtime.block_on(raw_ceiling(&settings.amqp_url, args))?;
         println!(
-            "raw ceiling   {:>8.0} tasks/s   p50 {:>7.1} ms   p99 {:>7.1} ms",
+            "raw ceiling   {:>8.0} tasks/s   p50 {:>7.1} ms   p99 {:>7.1} ms   CPU per task: publisher and collector {scheduler_side_us:.0} µs, workers {worker_side_us:.0} µs",
             raw.rate, raw.p50_ms, raw.p99_ms
         );
         let (courier, rss) = courier_end_to_end(settings, args, &runtime)?;
@@ -210,7 +223,7 @@ fn payload(size: usize) -> String {
     (0..size).map(|_| rng.alphanumeric()).collect()
 }
 
-async fn raw_ceiling(url: &str, args: &BenchArgs) -> anyhow::Result<Report> {
+async fn raw_ceiling(url: &str, args: &BenchArgs) -> anyhow::Result<RawReport> {
     let names = Names::new(format!("bench-raw-{}", uuid::Uuid::now_v7()));
     let pools = vec!["default".to_string()];
     let admin = Broker::connect(url, names.clone(), "bench-admin").await?;
@@ -219,36 +232,35 @@ async fn raw_ceiling(url: &str, args: &BenchArgs) -> anyhow::Result<Report> {
     let body = payload(args.size.max(8));
     let prefetch = u16::try_from(args.concurrency).unwrap_or(u16::MAX);
 
-    // Workers: reply (confirmed), then ack.
-    let mut workers = Vec::new();
+    // Workers: processes of their own (as Courier's are), so that this
+    // process's CPU is the publisher's and collector's alone.
+    let exe = std::env::current_exe().context("locating the courier binary")?;
+    let mut workers = Processes(Vec::new());
     for i in 0..args.workers {
-        let broker = Broker::connect(url, names.clone(), &format!("bench-worker-{i}")).await?;
-        let publisher = broker.publisher(args.concurrency * 2).await?;
-        let mut consumer = broker
-            .consumer(&names.task_queue("default"), prefetch, &format!("w{i}"))
-            .await?;
-        let exchange = names.results_exchange();
-        workers.push(tokio::spawn(async move {
-            while let Some(Ok(delivery)) = consumer.next().await {
-                let (publisher, exchange) = (publisher.clone(), exchange.clone());
-                tokio::spawn(async move {
-                    let id = delivery.message_id.clone().unwrap_or_default();
-                    let reply = Outgoing {
-                        exchange: &exchange,
-                        routing_key: "results",
-                        body: &delivery.body,
-                        message_id: &id,
-                        correlation_id: &id,
-                        headers: Vec::new(),
-                    };
-                    if publisher.publish(reply).await.is_ok() {
-                        let _ = delivery.ack().await;
-                    }
-                });
-            }
-            drop(broker);
-        }));
+        let child = Command::new(&exe)
+            .args([
+                "bench-raw-worker",
+                names.namespace(),
+                &i.to_string(),
+                &prefetch.to_string(),
+            ])
+            .env("COURIER_AMQP_URL", url)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        workers.0.push((format!("raw worker {i}"), child));
     }
+    // Started when each consumes (a process can fail before it does).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while admin.queue_depth(&names.task_queue("default")).await?.1 < u32::try_from(args.workers)? {
+        if Instant::now() > deadline {
+            bail!("the raw ceiling's workers did not start consuming within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let own_cpu = cpu_seconds(std::process::id());
+    let workers_cpu: Vec<_> = workers.0.iter().map(|(_, c)| cpu_seconds(c.id())).collect();
 
     // Collector: latency from the send time carried in the message id.
     let collector_broker = Broker::connect(url, names.clone(), "bench-collector").await?;
@@ -305,19 +317,67 @@ async fn raw_ceiling(url: &str, args: &BenchArgs) -> anyhow::Result<Report> {
         r??;
     }
     let (mut latencies, t_end) = collector.await?;
-    for w in workers {
-        w.abort();
-    }
+    let cpu = |pid: u32, before: Option<(f64, f64)>| {
+        let (user, system) = cpu_seconds(pid)?;
+        let (u0, s0) = before?;
+        Some((user - u0 + system - s0) * 1e6 / total as f64)
+    };
+    let scheduler_side = cpu(std::process::id(), own_cpu).unwrap_or(f64::NAN);
+    let worker_side: f64 = workers
+        .0
+        .iter()
+        .zip(workers_cpu)
+        .filter_map(|((_, c), before)| cpu(c.id(), before))
+        .sum();
+    drop(workers);
     admin.delete_topology(&pools).await?;
     latencies.sort_by(f64::total_cmp);
     if latencies.len() < total {
         bail!("raw run collected {} of {total} replies", latencies.len());
     }
-    Ok(Report {
-        rate: total as f64 / (t_end - t0).as_secs_f64(),
-        p50_ms: percentile(&latencies, 0.50),
-        p99_ms: percentile(&latencies, 0.99),
+    Ok(RawReport {
+        report: Report {
+            rate: total as f64 / (t_end - t0).as_secs_f64(),
+            p50_ms: percentile(&latencies, 0.50),
+            p99_ms: percentile(&latencies, 0.99),
+        },
+        scheduler_side_us: scheduler_side,
+        worker_side_us: worker_side,
     })
+}
+
+/// One raw worker (`courier bench-raw-worker`): each task it is given is
+/// replied to (confirmed), then acked; until it is killed.
+///
+/// # Errors
+/// The broker could not be reached, or the consumer failed.
+pub async fn raw_worker(url: &str, namespace: String, index: usize, prefetch: u16) -> anyhow::Result<()> {
+    let names = Names::new(namespace);
+    let broker = Broker::connect(url, names.clone(), &format!("bench-worker-{index}")).await?;
+    let publisher = broker.publisher(usize::from(prefetch) * 2).await?;
+    let mut consumer = broker
+        .consumer(&names.task_queue("default"), prefetch, &format!("w{index}"))
+        .await?;
+    let exchange = Arc::new(names.results_exchange());
+    while let Some(delivery) = consumer.next().await {
+        let delivery = delivery?;
+        let (publisher, exchange) = (publisher.clone(), exchange.clone());
+        tokio::spawn(async move {
+            let id = delivery.message_id.clone().unwrap_or_default();
+            let reply = Outgoing {
+                exchange: &exchange,
+                routing_key: "results",
+                body: &delivery.body,
+                message_id: &id,
+                correlation_id: &id,
+                headers: Vec::new(),
+            };
+            if publisher.publish(reply).await.is_ok() {
+                let _ = delivery.ack().await;
+            }
+        });
+    }
+    Ok(())
 }
 
 /// Kills the processes it holds when dropped.
@@ -378,6 +438,8 @@ fn rss_mib(pid: u32) -> Option<f64> {
 struct RssSampler {
     pids: Vec<u32>,
     idle: Vec<f64>,
+    /// Each process's CPU (user, system) when it was idle.
+    idle_cpu: Vec<Option<(f64, f64)>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     handle: std::thread::JoinHandle<Vec<Vec<f64>>>,
 }
@@ -388,6 +450,8 @@ struct Rss {
     quarter: f64,
     end: f64,
     peak: f64,
+    /// Its CPU seconds (user, system) when idle: before the load.
+    idle_cpu: Option<(f64, f64)>,
 }
 
 impl RssSampler {
@@ -410,6 +474,7 @@ impl RssSampler {
         Self {
             pids,
             idle: Vec::new(),
+            idle_cpu: Vec::new(),
             stop,
             handle,
         }
@@ -418,12 +483,13 @@ impl RssSampler {
     /// Record each process's idle level: now, before the load.
     fn mark_idle(&mut self) {
         self.idle = self.pids.iter().map(|&pid| rss_mib(pid).unwrap_or(f64::NAN)).collect();
+        self.idle_cpu = self.pids.iter().map(|&pid| cpu_seconds(pid)).collect();
     }
 
     /// Per process: RSS idle, at a quarter of the run, at the end, and the peak.
     fn finish(self) -> Vec<Rss> {
         self.stop.store(true, Ordering::Relaxed);
-        let idle = self.idle;
+        let (idle, idle_cpu) = (self.idle, self.idle_cpu);
         self.handle
             .join()
             .unwrap_or_default()
@@ -440,6 +506,7 @@ impl RssSampler {
                     quarter: at(0.25),
                     end: at(1.0),
                     peak: s.iter().copied().fold(f64::NAN, f64::max),
+                    idle_cpu: idle_cpu.get(i).copied().flatten(),
                 }
             })
             .collect()
@@ -663,8 +730,9 @@ impl Stack {
         Ok(())
     }
 
-    /// Memory and CPU of each process, as a report's lines.
-    fn usage(&self, samples: Vec<Rss>) -> String {
+    /// Memory and CPU of each process, as a report's lines; CPU per task
+    /// counts from the idle mark, over `tasks`.
+    fn usage(&self, samples: Vec<Rss>, tasks: usize) -> String {
         self.procs
             .0
             .iter()
@@ -672,12 +740,14 @@ impl Stack {
             .map(|((name, child), rss)| {
                 let peak = peak_rss_mib(child.id()).unwrap_or(rss.peak);
                 let (user, system) = cpu_seconds(child.id()).unwrap_or((f64::NAN, f64::NAN));
+                let (idle_user, idle_system) = rss.idle_cpu.unwrap_or((f64::NAN, f64::NAN));
+                let per_task = (user - idle_user + system - idle_system) * 1e6 / tasks.max(1) as f64;
                 let switches = thread_switches(child.id()).map_or_else(
                     || "unknown".to_string(),
                     |(waits, preempted)| format!("{waits} voluntary, {preempted} involuntary"),
                 );
                 format!(
-                    "\n  {name:<10} RSS idle {:.1} MiB, {:.1} MiB at 25% of the run, {:.1} MiB at the end, peak {peak:.1} MiB ({:+.1} MiB over idle); {:.1} CPU-s ({user:.1} user, {system:.1} system); thread switches (live threads) {switches}",
+                    "\n  {name:<10} RSS idle {:.1} MiB, {:.1} MiB at 25% of the run, {:.1} MiB at the end, peak {peak:.1} MiB ({:+.1} MiB over idle); {:.1} CPU-s ({user:.1} user, {system:.1} system), {per_task:.0} µs per task under load; thread switches (live threads) {switches}",
                     rss.idle,
                     rss.quarter,
                     rss.end,
@@ -789,7 +859,7 @@ fn courier_end_to_end(
         }
         Ok(())
     })?;
-    let usage = stack.usage(sampler.finish());
+    let usage = stack.usage(sampler.finish(), runs * args.steps_per_run);
     // Rate and latency from the scheduler's own records.
     let mut db = stack.stop()?;
     let latencies = db.task_latencies_ms()?;
@@ -895,7 +965,7 @@ fn open_loop(
             late.as_millis()
         );
     }
-    let usage = stack.usage(sampler.finish());
+    let usage = stack.usage(sampler.finish(), total + args.beside.unwrap_or(0));
     let mut db = stack.stop()?;
     let runs = db.runs(Some("bench"), None, None, usize::MAX)?;
     let wide_ms = db

@@ -192,6 +192,14 @@ enum Command {
     /// Internal: a worker's step reaper (see `courier_worker::reaper`).
     #[command(hide = true)]
     ReapSteps,
+    /// Internal: one worker of `courier bench`'s raw ceiling, a process of
+    /// its own as Courier's workers are (see `bench::raw_worker`).
+    #[command(hide = true)]
+    BenchRawWorker {
+        namespace: String,
+        index: usize,
+        prefetch: u16,
+    },
 }
 
 fn main() -> ExitCode {
@@ -275,6 +283,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(args) => {
             let settings = Settings::load(flags.0)?;
             bench::run(&settings, &args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchRawWorker {
+            namespace,
+            index,
+            prefetch,
+        } => {
+            let settings = Settings::load(flags.0)?;
+            runtime()?.block_on(bench::raw_worker(&settings.amqp_url, namespace, index, prefetch))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::ReapSteps => {
