@@ -715,7 +715,8 @@ fn a_runs_spans_reach_an_otlp_receiver_as_one_trace_across_processes() {
 }
 
 /// `courier bench`, the source of the README's figures, runs end to end:
-/// the raw ceiling and Courier alternated with their median ratio, the
+/// the raw ceiling (with its two sides' CPU per task) and Courier
+/// alternated with their median ratio, the
 /// open-loop latency mode, alone and beside a wide run; a bad argument is
 /// refused with the reason.
 #[test]
@@ -747,6 +748,17 @@ fn bench_measures_the_ratio_repeatedly_and_the_open_loop_latency() {
     let median = stdout.lines().find(|l| l.starts_with("median ratio")).expect(&stdout);
     assert!(median.contains("over 2 measurements"), "{median}");
     assert!(stdout.contains("CPU-s (") && stdout.contains(" user, "), "{stdout}");
+    assert!(stdout.contains(" µs per task under load"), "{stdout}");
+    // The raw side's CPU per task, each side counted: its workers are
+    // processes of their own.
+    for line in stdout.lines().filter(|l| l.starts_with("raw ceiling ")) {
+        let after = |label: &str| -> f64 {
+            let rest = &line[line.find(label).expect(line) + label.len()..];
+            rest.split_whitespace().next().unwrap().parse().expect(line)
+        };
+        assert!(after("publisher and collector ") > 0.0, "{line}");
+        assert!(after("workers ") > 0.0, "{line}");
+    }
 
     let (out, stdout, stderr) = run(courier().args(["bench", "--rate", "40", "--duration", "1", "--amqp-url", &url]));
     assert!(out.status.success(), "{stdout}\n{stderr}");
