@@ -1,8 +1,9 @@
 //! `courier bench`: Courier's end-to-end rate against the raw AMQP ceiling,
 //! measured in one run against the same broker.
 //!
-//! (a) Raw ceiling: a publisher with confirms, workers that publish a
-//!     confirmed reply and then ack, a collector; messages of `--size` bytes.
+//! (a) Raw ceiling: a publisher with confirms and a collector on one
+//!     connection, worker processes that publish a confirmed reply and then
+//!     ack; messages of `--size` bytes; the CPU per task of either side.
 //! (b) Courier: a real scheduler and `--workers` worker processes (this same
 //!     binary) running `echo` steps whose tasks carry `--size` bytes of
 //!     payload; rate from the first dispatch to the last result applied.
@@ -83,8 +84,8 @@ pub struct BenchArgs {
 }
 
 /// The raw ceiling, and the CPU its two sides spent per task: the
-/// publisher's and collector's (what any scheduler on this AMQP client
-/// spends at the least), and all its workers' together.
+/// publisher's and collector's (what publishing and consuming alone cost a
+/// scheduler on this AMQP client), and all its workers' together.
 struct RawReport {
     report: Report,
     scheduler_side_us: f64,
@@ -223,11 +224,20 @@ fn payload(size: usize) -> String {
     (0..size).map(|_| rng.alphanumeric()).collect()
 }
 
+/// The raw ceiling in a namespace of its own, whose queues are deleted
+/// after, whatever the outcome.
 async fn raw_ceiling(url: &str, args: &BenchArgs) -> anyhow::Result<RawReport> {
     let names = Names::new(format!("bench-raw-{}", uuid::Uuid::now_v7()));
     let pools = vec!["default".to_string()];
-    let admin = Broker::connect(url, names.clone(), "bench-admin").await?;
-    admin.declare_topology(&pools, 5).await?;
+    // One connection publishes and collects, as a scheduler's does.
+    let broker = Broker::connect(url, names.clone(), "bench-raw-scheduler").await?;
+    broker.declare_topology(&pools, 5).await?;
+    let measured = raw_measure(url, &names, &broker, args).await;
+    broker.delete_topology(&pools).await?;
+    measured
+}
+
+async fn raw_measure(url: &str, names: &Names, broker: &Broker, args: &BenchArgs) -> anyhow::Result<RawReport> {
     let started = Instant::now();
     let body = payload(args.size.max(8));
     let prefetch = u16::try_from(args.concurrency).unwrap_or(u16::MAX);
@@ -253,7 +263,7 @@ async fn raw_ceiling(url: &str, args: &BenchArgs) -> anyhow::Result<RawReport> {
     }
     // Started when each consumes (a process can fail before it does).
     let deadline = Instant::now() + Duration::from_secs(30);
-    while admin.queue_depth(&names.task_queue("default")).await?.1 < u32::try_from(args.workers)? {
+    while broker.queue_depth(&names.task_queue("default")).await?.1 < u32::try_from(args.workers)? {
         if Instant::now() > deadline {
             bail!("the raw ceiling's workers did not start consuming within 30 s");
         }
@@ -262,16 +272,15 @@ async fn raw_ceiling(url: &str, args: &BenchArgs) -> anyhow::Result<RawReport> {
     let own_cpu = cpu_seconds(std::process::id());
     let workers_cpu: Vec<_> = workers.0.iter().map(|(_, c)| cpu_seconds(c.id())).collect();
 
-    // Collector: latency from the send time carried in the message id.
-    let collector_broker = Broker::connect(url, names.clone(), "bench-collector").await?;
-    let mut results = collector_broker
-        .consumer(&names.results_queue(), 1000, "collector")
-        .await?;
+    // Collector: latency from the send time carried in the message id;
+    // acknowledged 100 at a time (as the scheduler acknowledges a batch).
+    let mut results = broker.consumer(&names.results_queue(), 1000, "collector").await?;
     let total = args.tasks;
     let collector = tokio::spawn(async move {
         let mut latencies = Vec::with_capacity(total);
         while latencies.len() < total {
-            let Some(Ok(delivery)) = results.next().await else {
+            // A minute without a result: a worker is gone (reported below).
+            let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_secs(60), results.next()).await else {
                 break;
             };
             let sent: f64 = delivery
@@ -280,14 +289,15 @@ async fn raw_ceiling(url: &str, args: &BenchArgs) -> anyhow::Result<RawReport> {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(0.0);
             latencies.push(started.elapsed().as_secs_f64() * 1000.0 - sent);
-            let _ = delivery.ack().await;
+            if latencies.len() % 100 == 0 || latencies.len() == total {
+                let _ = delivery.ack_all_up_to().await;
+            }
         }
         (latencies, started.elapsed())
     });
 
     // Publisher: confirmed, up to 1024 in flight.
-    let publish_broker = Broker::connect(url, names.clone(), "bench-publisher").await?;
-    let publisher = publish_broker.publisher(1024).await?;
+    let publisher = broker.publisher(1024).await?;
     let exchange = Arc::new(names.tasks_exchange());
     let body = Arc::new(body);
     let t0 = started.elapsed();
@@ -330,7 +340,6 @@ async fn raw_ceiling(url: &str, args: &BenchArgs) -> anyhow::Result<RawReport> {
         .filter_map(|((_, c), before)| cpu(c.id(), before))
         .sum();
     drop(workers);
-    admin.delete_topology(&pools).await?;
     latencies.sort_by(f64::total_cmp);
     if latencies.len() < total {
         bail!("raw run collected {} of {total} replies", latencies.len());
