@@ -233,8 +233,11 @@ async fn raw_ceiling(url: &str, args: &BenchArgs) -> anyhow::Result<RawReport> {
     let broker = Broker::connect(url, names.clone(), "bench-raw-scheduler").await?;
     broker.declare_topology(&pools, 5).await?;
     let measured = raw_measure(url, &names, &broker, args).await;
-    broker.delete_topology(&pools).await?;
-    measured
+    // The measurement's own error first, should both fail.
+    let deleted = broker.delete_topology(&pools).await;
+    let report = measured?;
+    deleted?;
+    Ok(report)
 }
 
 async fn raw_measure(url: &str, names: &Names, broker: &Broker, args: &BenchArgs) -> anyhow::Result<RawReport> {
@@ -263,7 +266,8 @@ async fn raw_measure(url: &str, names: &Names, broker: &Broker, args: &BenchArgs
     }
     // Started when each consumes (a process can fail before it does).
     let deadline = Instant::now() + Duration::from_secs(30);
-    while broker.queue_depth(&names.task_queue("default")).await?.1 < u32::try_from(args.workers)? {
+    let gauge = broker.gauge().await?;
+    while gauge.depth(&names.task_queue("default")).await?.1 < u32::try_from(args.workers)? {
         if Instant::now() > deadline {
             bail!("the raw ceiling's workers did not start consuming within 30 s");
         }
