@@ -760,6 +760,11 @@ fn bench_measures_the_ratio_repeatedly_and_the_open_loop_latency() {
         assert!(after("workers ") > 0.0, "{line}");
     }
 
+    // Its internal worker takes no real pool's tasks.
+    let (out, _, stderr) = run(courier().args(["bench-raw-worker", "courier", "0", "64", "--amqp-url", &url]));
+    assert!(!out.status.success());
+    assert!(stderr.contains("serves only a raw ceiling's namespace"), "{stderr}");
+
     let (out, stdout, stderr) = run(courier().args(["bench", "--rate", "40", "--duration", "1", "--amqp-url", &url]));
     assert!(out.status.success(), "{stdout}\n{stderr}");
     let latency = stdout.lines().find(|l| l.starts_with("latency")).expect(&stdout);

@@ -224,10 +224,13 @@ fn payload(size: usize) -> String {
     (0..size).map(|_| rng.alphanumeric()).collect()
 }
 
+/// What every raw ceiling's namespace starts with.
+const RAW_NAMESPACE: &str = "bench-raw-";
+
 /// The raw ceiling in a namespace of its own, whose queues are deleted
 /// after, whatever the outcome.
 async fn raw_ceiling(url: &str, args: &BenchArgs) -> anyhow::Result<RawReport> {
-    let names = Names::new(format!("bench-raw-{}", uuid::Uuid::now_v7()));
+    let names = Names::new(format!("{RAW_NAMESPACE}{}", uuid::Uuid::now_v7()));
     let pools = vec!["default".to_string()];
     // One connection publishes and collects, as a scheduler's does.
     let broker = Broker::connect(url, names.clone(), "bench-raw-scheduler").await?;
@@ -363,8 +366,12 @@ async fn raw_measure(url: &str, names: &Names, broker: &Broker, args: &BenchArgs
 /// replied to (confirmed), then acked; until it is killed.
 ///
 /// # Errors
-/// The broker could not be reached, or the consumer failed.
+/// A namespace not the raw ceiling's (it would take a real pool's tasks),
+/// the broker could not be reached, or the consumer failed.
 pub async fn raw_worker(url: &str, namespace: String, index: usize, prefetch: u16) -> anyhow::Result<()> {
+    if !namespace.starts_with(RAW_NAMESPACE) {
+        bail!("bench-raw-worker serves only a raw ceiling's namespace ({RAW_NAMESPACE}...), not {namespace:?}");
+    }
     let names = Names::new(namespace);
     let broker = Broker::connect(url, names.clone(), &format!("bench-worker-{index}")).await?;
     let publisher = broker.publisher(usize::from(prefetch) * 2).await?;
