@@ -323,7 +323,11 @@ fn a_postgresql_restart_mid_run_loses_nothing() {
         return;
     };
     let log = tempfile::NamedTempFile::new().unwrap();
-    let yaml = wide(100).replace("sleep 0.05", "sleep 0.5").replacen(
+    // About 19 s of steps on 8 slots: longer than a restart and the
+    // reconnections after it take on a slow machine (with 0.5 s steps, 6 s
+    // of them, every task could end during the outage and the run with
+    // the first results applied after it).
+    let yaml = wide(100).replace("sleep 0.05", "sleep 1.5").replacen(
         "steps:\n",
         &format!("params:\n  log: \"{}\"\nsteps:\n", log.path().display()),
         1,
