@@ -463,21 +463,34 @@ fn a_broker_restart_mid_run_loses_nothing_and_applies_each_result_once() {
         assert_eq!(step["output"], i.to_string());
         assert_eq!(step["attempts"], 1, "step s{i} was retried instead of redelivered");
     }
-    // Each result was applied once; any duplicate delivery was counted and ignored.
-    let metrics = reqwest::blocking::get(format!("{}/metrics", cluster.api))
-        .unwrap()
-        .text()
-        .unwrap();
-    let received: u64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("courier_results_received_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
-    let duplicates: u64 = metrics
-        .lines()
-        .find(|l| l.starts_with("courier_results_duplicate_total"))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .unwrap_or(0);
+    // Each result was applied once; any duplicate delivery was counted and
+    // ignored. The counters follow a batch's commit, which the run's end
+    // shows first: read until the last batch is counted (a few ms).
+    let counted = || {
+        let metrics = reqwest::blocking::get(format!("{}/metrics", cluster.api))
+            .unwrap()
+            .text()
+            .unwrap();
+        let received: u64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("courier_results_received_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        let duplicates: u64 = metrics
+            .lines()
+            .find(|l| l.starts_with("courier_results_duplicate_total"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        (received, duplicates)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (received, duplicates) = loop {
+        let (received, duplicates) = counted();
+        if received - duplicates >= 500 || std::time::Instant::now() > deadline {
+            break (received, duplicates);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     eprintln!(
         "broker restart: {done_before} of 500 done before; results received {received}, duplicates ignored {duplicates}"
     );
